@@ -1,0 +1,71 @@
+"""Configs: every shipped YAML loads, overrides are typed, typos are errors with a suggestion."""
+
+from pathlib import Path
+
+import pytest
+
+from fastemp.config import Config, ConfigError, apply_overrides, load_config, save_config
+
+CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_are_the_documented_ones():
+    assert {"quickstart", "cifar10_n20_1ep", "cifar10_n200_1ep", "cifar10_n20_10ep", "cifar100_n20_1ep",
+            "imagefolder_example"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_shipped_config_loads(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.train.n_patches >= 2 and cfg.train.batch_size >= 1
+
+
+def test_reference_defaults():
+    cfg = Config()
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.3, 0.9, True, 1e-4)
+    assert (cfg.optim.lars_eta, cfg.optim.lars_clip, cfg.optim.warmup_steps) == (0.005, True, 0)
+    assert (cfg.loss.eps, cfg.loss.invariance_weight, cfg.loss.tcr_weight) == (0.2, 200.0, 1.0)
+    assert (cfg.train.batch_size, cfg.train.n_patches) == (100, 20)
+    assert (cfg.model.hidden_dim, cfg.model.z_dim, cfg.model.width) == (4096, 1024, 64)
+    assert cfg.augment.crop_scale == (0.25, 0.25) and cfg.augment.hue == 0.2
+    assert (cfg.eval.patches, cfg.eval.probe_epochs, cfg.eval.probe_lr, cfg.eval.knn_k) == (128, 100, 0.03, 20)
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(Config(), ["train.n_patches=8", "optim.lr=0.1", "eval.knn=true",
+                                     "augment.crop_scale=[0.2, 0.3]", "data.source=cifar10"])
+    assert cfg.train.n_patches == 8 and cfg.optim.lr == 0.1 and cfg.eval.knn is True
+    assert cfg.augment.crop_scale == (0.2, 0.3) and cfg.data.source == "cifar10"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.n_pathces=8", "unknown config key 'train.n_pathces'; did you mean 'n_patches'?"),
+    ("trian.epochs=2", "unknown config key 'trian'; did you mean 'train'?"),
+    ("train.n_patches=eight", "train.n_patches: expected an integer"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("augment.crop_scale=0.2", "augment.crop_scale: expected a list of 2 numbers"),
+    ("train.epochs", "not of the form section.key=value"),
+])
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("[", r"\[")):
+        apply_overrides(Config(), [override])
+
+
+def test_bad_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batchsize: 64\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.batchsize'; did you mean 'batch_size'"):
+        load_config(path)
+
+
+def test_unknown_builtin_name_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'quickstart'"):
+        load_config("quikstart")
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config("cifar10_n200_1ep", ["train.seed=3"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
