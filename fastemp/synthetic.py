@@ -1,0 +1,258 @@
+"""The embedded synthetic dataset: 10 classes defined by SHAPE and TEXTURE, never by colour.
+
+Every image is one object on a background. The class is the object's shape or texture:
+
+    0 disc           1 ring               2 square-outline      3 filled-square
+    4 triangle       5 cross              6 horizontal-stripes  7 vertical-stripes
+    8 checkerboard   9 diagonal-stripes
+
+Everything else is a random nuisance, drawn independently of the class: foreground and
+background colour (any RGB pair whose luminances differ by at least `min_contrast`), which of the
+two is brighter, position, scale, aspect ratio, a small rotation, stripe period and phase, a
+brightness gradient across the image, and per-pixel noise. Colour carries no class information,
+so a method has to become colour-invariant and look at structure, which is what EMP-SSL's colour
+jitter / grayscale augmentations teach. Every class covers the same expected area (2 s^2 for an
+object of half-size s), so even the per-class mean colour is the same. The object spans ~60-90%
+of the image width, so a random 16x16 crop (the EMP-SSL CIFAR patch) usually still shows part
+of an edge, a corner or a few stripes.
+
+Bit-identical for the same seed on any machine (with the same torch version, whose CPU
+generator defines the random stream): all random draws come from a CPU `torch.Generator` through
+`torch.rand` / `torch.randint` (serial kernels), geometry uses only elementwise IEEE-exact
+operations (+, -, *, /, floor, comparisons; no FMA-fusing ops, no transcendental functions:
+cos/sin of the rotation are evaluated as explicit Taylor sums), edges are anti-aliased by 2x2
+supersampling of binary masks (coverage counts are exact small integers) and compositing,
+gradient and noise are integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CLASSES: tuple[str, ...] = (
+    "disc",
+    "ring",
+    "square-outline",
+    "filled-square",
+    "triangle",
+    "cross",
+    "horizontal-stripes",
+    "vertical-stripes",
+    "checkerboard",
+    "diagonal-stripes",
+)
+N_CLASSES = len(CLASSES)
+
+_CHUNK = 1024  # images rendered at a time (bounds memory; the result does not depend on it)
+
+# Shape constants chosen so that every class covers an expected area of 2 s^2, i.e. half of the
+# (2s x 2s) bounding square of the texture classes (s: the object's half-size in pixels).
+_DISC_R = math.sqrt(2.0 / math.pi)  # pi r^2 = 2
+_RING_INNER = math.sqrt(1.0 - 2.0 / math.pi)  # outer radius 1: pi (1 - ri^2) = 2
+_OUTLINE_INNER = math.sqrt(0.5)  # 4 - 4 t^2 = 2
+_FILLED_HALF = math.sqrt(0.5)  # 4 h^2 = 2
+_CROSS_HALF_WIDTH = 1.0 - math.sqrt(0.5)  # 8 w - 4 w^2 = 2
+# triangle: apex (0, -1), base from (-1, 1) to (1, 1): area 2
+
+
+def _cos_sin(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of float64 angles in [-pi, pi] as explicit Taylor sums (machine-independent)."""
+    t2 = theta * theta
+    c = torch.ones_like(theta)
+    s = theta.clone()
+    term_c = torch.ones_like(theta)
+    term_s = theta.clone()
+    for k in range(1, 20):  # pi^39 / 39! < 1e-26: exact to float64 rounding
+        term_c = term_c * (-t2) / float((2 * k - 1) * (2 * k))
+        term_s = term_s * (-t2) / float((2 * k) * (2 * k + 1))
+        c = c + term_c
+        s = s + term_s
+    return c, s
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo)
+
+
+def _colour_pairs(gen: torch.Generator, n: int, min_contrast: int, fg_brighter_p: float):
+    """(fg, bg): (n, 3) int64 RGB pairs whose luminances differ by >= min_contrast (0..255 scale).
+
+    Both colours come from the same distribution; the brighter one is the foreground with
+    probability fg_brighter_p. Rejection sampling, redrawing only the failing rows.
+    """
+    a = torch.randint(0, 256, (n, 3), generator=gen)
+    b = torch.randint(0, 256, (n, 3), generator=gen)
+    weights = torch.tensor([299, 587, 114])  # integer Rec.601 luma x 1000: exact
+    threshold = int(min_contrast) * 1000
+    for _ in range(1000):
+        bad = ((a * weights).sum(1) - (b * weights).sum(1)).abs() < threshold
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            break
+        a[bad] = torch.randint(0, 256, (n_bad, 3), generator=gen)
+        b[bad] = torch.randint(0, 256, (n_bad, 3), generator=gen)
+    else:
+        raise ValueError(f"min_contrast={min_contrast} is too large to satisfy (max 255)")
+    a_brighter = (a * weights).sum(1) > (b * weights).sum(1)
+    fg_bright = torch.rand(n, generator=gen) < fg_brighter_p
+    swap = a_brighter != fg_bright  # make fg the brighter colour exactly when fg_bright
+    fg = torch.where(swap[:, None], b, a)
+    bg = torch.where(swap[:, None], a, b)
+    return fg, bg
+
+
+def _class_mask(cls: int, u: torch.Tensor, v: torch.Tensor, tu: torch.Tensor, tv: torch.Tensor,
+                flip: torch.Tensor) -> torch.Tensor:
+    """Binary mask of class `cls`.
+
+    u, v: coordinates in the object frame normalised by the half-size (|u|,|v| <= 1 is the
+    bounding square); tu, tv: the same frame in stripe periods (for textures, phase included);
+    flip: (n, 1, 1) bool, mirrors the diagonal of diagonal-stripes.
+    """
+    if cls == 0:  # disc
+        r2 = u * u + v * v
+        return r2 <= _DISC_R * _DISC_R
+    if cls == 1:  # ring
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= _RING_INNER * _RING_INNER)
+    au, av = u.abs(), v.abs()
+    inside = (au <= 1.0) & (av <= 1.0)
+    if cls == 2:  # square outline
+        return inside & ((au >= _OUTLINE_INNER) | (av >= _OUTLINE_INNER))
+    if cls == 3:  # filled square
+        return (au <= _FILLED_HALF) & (av <= _FILLED_HALF)
+    if cls == 4:  # triangle, apex up
+        return (v <= 1.0) & (v >= au + au - 1.0)
+    if cls == 5:  # cross (plus sign)
+        return inside & ((au <= _CROSS_HALF_WIDTH) | (av <= _CROSS_HALF_WIDTH))
+    if cls == 6:  # horizontal stripes: the stripe index runs along v
+        return inside & ((torch.floor(tv).to(torch.int64) & 1) == 0)
+    if cls == 7:  # vertical stripes
+        return inside & ((torch.floor(tu).to(torch.int64) & 1) == 0)
+    if cls == 8:  # checkerboard
+        return inside & (((torch.floor(tu).to(torch.int64) + torch.floor(tv).to(torch.int64)) & 1) == 0)
+    if cls == 9:  # diagonal stripes, "/" or "\" (a nuisance: horizontal flips swap them anyway)
+        d = torch.where(flip, tu - tv, tu + tv) * math.sqrt(0.5)  # same period as the others
+        return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
+    raise ValueError(cls)
+
+
+def make_synthetic(
+    n_images: int,
+    seed: int,
+    size: int = 32,
+    *,
+    scale: tuple[float, float] = (0.30, 0.45),
+    aspect: float = 0.15,
+    max_rotation: float = 20.0,
+    position_slack: float = 0.06,
+    period: tuple[float, float] = (5.0, 8.0),
+    min_contrast: int = 48,
+    fg_brighter_p: float = 0.8,
+    gradient: int = 40,
+    noise: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render `n_images` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU.
+
+    Labels are balanced (counts differ by at most one) and shuffled. Nuisance strengths:
+      scale          object half-size as a fraction of `size`, drawn uniformly from this range
+                     (0.30-0.45: the object's box spans 60-90% of the width)
+      aspect         width/height stretch: half-sizes s*(1+e), s/(1+e) with e in [-aspect, aspect]
+      max_rotation   degrees, uniform in [-max_rotation, max_rotation]
+      position_slack how far (fraction of `size`) the object may stick out of the image; centres
+                     are uniform over the range that keeps the object inside plus this slack
+      period         stripe / checker period in pixels (before aspect stretch), uniform in range
+      min_contrast   minimum luminance difference of foreground and background (0..255)
+      fg_brighter_p  probability that the object is the brighter of the two colours (0.5: no
+                     polarity cue at all; raw-pixel class means then carry no signal)
+      gradient       peak-to-peak brightness change of a random linear illumination gradient
+      noise          per-pixel, per-channel integer noise, uniform in [-noise, noise]
+    """
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    if size < 4:
+        raise ValueError(f"size must be >= 4, got {size}")
+    if not 0.0 <= max_rotation <= 180.0:
+        raise ValueError(f"max_rotation must be in [0, 180] degrees, got {max_rotation}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    n = int(n_images)
+    S = int(size)
+
+    # ---- per-image parameters (a fixed draw order defines the dataset) ----
+    labels = (torch.arange(n) % N_CLASSES)[torch.randperm(n, generator=gen)]
+    half = _uniform(gen, n, scale[0], scale[1]) * S  # half-size s in pixels
+    stretch = 1.0 + _uniform(gen, n, -aspect, aspect)
+    half_u, half_v = half * stretch, half / stretch  # area preserved: s_u s_v = s^2
+    theta = _uniform(gen, n, -1.0, 1.0) * (max_rotation * math.pi / 180.0)
+    cos_t, sin_t = _cos_sin(theta)
+    # centre: keep the rotated bounding box inside, give or take the slack
+    ext_u = half_u * cos_t.abs() + half_v * sin_t.abs()
+    ext_v = half_u * sin_t.abs() + half_v * cos_t.abs()
+    room_x = (S / 2.0 - ext_u + position_slack * S).clamp(min=0.0)
+    room_y = (S / 2.0 - ext_v + position_slack * S).clamp(min=0.0)
+    cx = S / 2.0 + _uniform(gen, n, -1.0, 1.0) * room_x
+    cy = S / 2.0 + _uniform(gen, n, -1.0, 1.0) * room_y
+    per = _uniform(gen, n, period[0], period[1])
+    phase_u = _uniform(gen, n, 0.0, 1.0)
+    phase_v = _uniform(gen, n, 0.0, 1.0)
+    flip = torch.rand(n, generator=gen) < 0.5
+    fg, bg = _colour_pairs(gen, n, min_contrast, fg_brighter_p)
+    g = int(gradient)
+    grad_x = torch.randint(-g, g + 1, (n,), generator=gen)
+    grad_y = torch.randint(-g, g + 1, (n,), generator=gen)
+
+    # float32 per-image geometry, as (n, 1, 1) for broadcasting over the supersampled grid
+    def col(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32).view(-1, 1, 1)
+
+    cx32, cy32, c32, s32 = col(cx), col(cy), col(cos_t), col(sin_t)
+    inv_hu, inv_hv = col(1.0 / half_u), col(1.0 / half_v)
+    # texture coordinates: periods along the object's axes, stretched with the object
+    inv_pu, inv_pv = col(2.0 / (per * stretch)), col(2.0 * stretch / per)
+    # (index 2k and 2k+1 are the two half-periods: stripe on / off)
+    ph_u, ph_v = col(phase_u * 2.0), col(phase_v * 2.0)
+    flip3 = flip.view(-1, 1, 1)
+
+    # supersampled pixel-centre grid: sample (2i + a) sits at pixel i + (2a + 1) / 4
+    grid = (torch.arange(2 * S, dtype=torch.float32) * 2.0 + 1.0) / 4.0
+    gy, gx = grid.view(1, -1, 1), grid.view(1, 1, -1)
+
+    # integer illumination gradient over pixel centres: in [-g/2, g/2] at the image edges
+    pos = torch.arange(S, dtype=torch.int64) * 2 + 1 - S  # 2 * (centre - S/2)
+    illum = torch.div(
+        grad_x.view(-1, 1, 1) * pos.view(1, 1, -1) + grad_y.view(-1, 1, 1) * pos.view(1, -1, 1),
+        4 * S,
+        rounding_mode="floor",
+    )  # (n, S, S)
+
+    images = torch.empty((n, S, S, 3), dtype=torch.uint8)
+    for start in range(0, n, _CHUNK):
+        sl = slice(start, min(n, start + _CHUNK))
+        lab = labels[sl]
+        cover = torch.empty((lab.numel(), 2 * S, 2 * S), dtype=torch.bool)
+        for cls in range(N_CLASSES):
+            idx = (lab == cls).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            gi = idx + start
+            dx = gx - cx32[gi]
+            dy = gy - cy32[gi]
+            c, s = c32[gi], s32[gi]
+            pu = dx * c + dy * s  # rotate into the object frame (pixels)
+            pv = dy * c - dx * s
+            u, v = pu * inv_hu[gi], pv * inv_hv[gi]
+            tu, tv = pu * inv_pu[gi] + ph_u[gi], pv * inv_pv[gi] + ph_v[gi]
+            cover[idx] = _class_mask(cls, u, v, tu, tv, flip3[gi])
+        k = cover.view(-1, S, 2, S, 2).to(torch.int32).sum(dim=(2, 4), dtype=torch.int32)  # 0..4
+        k = k.unsqueeze(-1)
+        f = fg[sl].to(torch.int32).view(-1, 1, 1, 3)
+        b = bg[sl].to(torch.int32).view(-1, 1, 1, 3)
+        val = torch.div(f * k + b * (4 - k) + 2, 4, rounding_mode="floor")
+        val = val + illum[sl].to(torch.int32).unsqueeze(-1)
+        if noise > 0:
+            val = val + torch.randint(-int(noise), int(noise) + 1, val.shape, generator=gen, dtype=torch.int32)
+        images[sl] = val.clamp_(0, 255).to(torch.uint8)
+    return images, labels.to(torch.int64)
