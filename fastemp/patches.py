@@ -1,0 +1,56 @@
+"""The augmentation-backend seam: something that turns image indices into n patches per image.
+
+A backend is built once over a dataset that lives on the device as one uint8 tensor
+(N, H, W, 3) and is then called once per step:
+
+    patches = backend(index, n, seed)   # index: (B,) int64 on the images' device
+
+It returns (n*B, 3, S, S) float32 in channels_last memory format, normalized, patch-major:
+row i*B + b is patch i of image index[b], so `z.view(n, B, d)` groups patch i of every image
+the way the loss expects. Every patch draws its augmentation independently. `seed` makes a call
+reproducible (the torch backend is bit-exact for a given seed; DALI seeds its pipeline once).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .config import AugmentConfig
+
+
+class PatchBackend(Protocol):
+    name: str
+
+    def __call__(self, index: torch.Tensor, n: int, seed: int) -> torch.Tensor: ...
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA/driver underneath
+        return False
+    return True
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "torch"
+    if name not in ("torch", "dali"):
+        raise ValueError(f"unknown patch backend '{name}' (choose auto, torch or dali)")
+    if name == "dali" and not dali_available():
+        raise RuntimeError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 (or -cuda120)")
+    return name
+
+
+def make_patch_backend(name: str, images: torch.Tensor, aug: AugmentConfig, seed: int = 0) -> PatchBackend:
+    """Build the backend `name` (auto | torch | dali) over device-resident uint8 NHWC images."""
+    name = resolve_backend_name(name, images.device)
+    if name == "dali":
+        from .patches_dali import DaliPatches
+
+        return DaliPatches(images, aug, seed=seed)
+    from .patches_torch import TorchPatches
+
+    return TorchPatches(images, aug)

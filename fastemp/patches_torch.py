@@ -1,0 +1,365 @@
+"""The torch patch backend: the EMP-SSL augmentation recipe as one batched pass on the device.
+
+Each call draws every random number of every patch at once (`sample_params`) and then applies
+the recipe to all n*B patches together (`augment`), in float32, following torchvision's tensor
+semantics op by op:
+
+    crop_resize (+ horizontal flip) -> color_jitter (p) -> grayscale (p) -> gaussian_blur (p)
+    -> solarize (p) -> normalize
+
+There are no per-sample Python loops, no host<->device synchronisations (no `.item()`, no boolean
+indexing), no matmuls or convolutions (so global TF32 / autocast / cuDNN settings cannot change
+the result), and all randomness comes from one torch.Generator seeded per call: the same
+(index, n, seed) on the same device gives bit-identical output. An op a patch does not draw is
+skipped with `torch.where`, so such a patch comes out exactly unchanged by it.
+
+Deliberate differences from the official recipe (torchvision on PIL images) are listed in the
+README section "Augmentation backends"; in short: float32 throughout instead of uint8 rounding
+after every PIL op, a true sampled Gaussian instead of PIL's box-blur approximation, and a clamped
+crop size instead of torchvision's rejection loop when crop_scale / crop_ratio are ranges.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import AugmentConfig
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as written in torchvision).
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+# Columns of the single uniform draw that parameterises a patch.
+_SCALE, _RATIO, _TOP, _LEFT, _FLIP, _JITTER = 0, 1, 2, 3, 4, 5
+_FACTORS = slice(6, 10)  # brightness, contrast, saturation, hue
+_ORDER = slice(10, 14)  # sort keys of a random permutation of the four jitter ops
+_GRAY, _BLUR, _SIGMA, _SOLARIZE = 14, 15, 16, 17
+_N_UNIFORMS = 18
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor on `device`, copied there once (a host->device copy can block)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@dataclass
+class PatchParams:
+    """Every random choice of one call, one row per patch (P = n*B rows, on the images' device)."""
+
+    image: torch.Tensor  # (P,) int64: dataset index of the patch's image
+    box: torch.Tensor  # (P, 4) int64: top, left, height, width of the crop window
+    flip: torch.Tensor  # (P,) bool: horizontal flip
+    jitter: torch.Tensor  # (P,) bool: colour jitter applied
+    factors: torch.Tensor  # (P, 4) float32: brightness, contrast, saturation factors, hue shift (turns)
+    order: torch.Tensor  # (P, 4) int64: the jitter ops (0 b, 1 c, 2 s, 3 h) in the order applied
+    gray: torch.Tensor  # (P,) bool: random grayscale applied
+    blur: torch.Tensor  # (P,) bool: Gaussian blur applied
+    sigma: torch.Tensor  # (P,) float32: blur sigma (drawn for every patch, used where blur)
+    solarize: torch.Tensor  # (P,) bool: solarize applied
+
+
+# ----------------------------------------------------------------------------- random parameters
+
+
+def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
+    """Crop windows from four uniforms per patch (columns: scale, log-ratio, top, left).
+
+    As torchvision's RandomResizedCrop.get_params: area fraction s ~ U[scale], aspect ratio
+    r = exp(U[log ratio]), w = round(sqrt(H*W*s*r)), h = round(sqrt(H*W*s/r)) (round half to
+    even, like Python's round), then a uniform integer offset. torchvision retries up to 10 times
+    when the window does not fit and then falls back to a centre crop; here w and h are clamped to
+    the image instead (identical whenever the window always fits, e.g. the default fixed 0.25
+    scale and ratio 1 on a square image). Returns (P, 4) int64: top, left, h, w.
+    """
+    u = u.double()
+    s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    area = height * width * s
+    w = torch.round(torch.sqrt(area * torch.exp(log_r))).clamp(1, width)
+    h = torch.round(torch.sqrt(area / torch.exp(log_r))).clamp(1, height)
+    top = torch.minimum(torch.floor(u[:, 2] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 3] * (width - w + 1)), width - w)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def sample_params(image: torch.Tensor, height: int, width: int, aug: AugmentConfig,
+                  generator: torch.Generator) -> PatchParams:
+    """Draw every patch's parameters with one `torch.rand` call on the generator's device.
+
+    `image` (P,) holds the dataset index of each patch, patch-major. Gates are `u < p`; jitter
+    factors are U[max(0, 1-x), 1+x] (hue U[-hue, hue]) and the jitter order is a uniformly random
+    permutation per patch, both as torchvision's ColorJitter.get_params; sigma ~ U[blur_sigma].
+    Everything but `image` lives on the generator's device.
+    """
+    p, device = image.shape[0], generator.device
+    u = torch.rand(p, _N_UNIFORMS, generator=generator, device=device)
+    lo = _constant((max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation),
+                    -aug.hue), device, torch.float32)
+    hi = _constant((1 + aug.brightness, 1 + aug.contrast, 1 + aug.saturation, aug.hue), device, torch.float32)
+    s0, s1 = aug.blur_sigma
+    return PatchParams(
+        image=image,
+        box=crop_boxes(u[:, [_SCALE, _RATIO, _TOP, _LEFT]], height, width, aug.crop_scale, aug.crop_ratio),
+        flip=u[:, _FLIP] < aug.flip_p,
+        jitter=u[:, _JITTER] < aug.jitter_p,
+        factors=lo + (hi - lo) * u[:, _FACTORS],
+        order=torch.argsort(u[:, _ORDER], dim=1, stable=True),
+        gray=u[:, _GRAY] < aug.grayscale_p,
+        blur=u[:, _BLUR] < aug.blur_p,
+        sigma=s0 + (s1 - s0) * u[:, _SIGMA],
+        solarize=u[:, _SOLARIZE] < aug.solarize_p,
+    )
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def resample_taps(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int):
+    """Separable bilinear taps resizing the window [start, start+length) of an axis to out_size.
+
+    The weights are torch's antialiased bilinear resize (`F.interpolate(..., mode="bilinear",
+    align_corners=False, antialias=True)`, the same triangle filter as PIL's BILINEAR): plain
+    bilinear with edge clamping when upsampling, a widened triangle when downsampling. Only
+    pixels inside the window get weight, as when cropping first. start, length: (P,) int64.
+    Returns (index, weight), both (P, out_size, K): indices into [0, in_size), float32 weights
+    summing to 1 over K.
+    """
+    taps = max(2, math.ceil(2 * in_size / out_size))  # covers the widest possible filter support
+    length_f = length.float()[:, None, None]
+    scale = length_f / out_size
+    support = scale.clamp(min=1.0)
+    center = scale * (torch.arange(out_size, device=start.device).float()[None, :, None] + 0.5)
+    first = torch.floor(center - support + 0.5).clamp(min=0)
+    k = first + torch.arange(taps, device=start.device).float()  # window-relative pixel of each tap
+    weight = (1 - ((k - center + 0.5) / support).abs()).clamp(min=0) * (k < length_f)
+    weight = weight / weight.sum(-1, keepdim=True)
+    index = start[:, None, None] + torch.minimum(k, length_f - 1).long()
+    return index, weight
+
+
+def crop_resize(images: torch.Tensor, image: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
+                size: int) -> torch.Tensor:
+    """Crop each patch's window, resize it to size x size, flip it horizontally where `flip`.
+
+    Same result as torchvision's `resized_crop` (bilinear, antialias) on the float image followed
+    by `hflip`, computed as two gathers (rows, then columns) straight from the uint8 dataset; the
+    flip reverses the column taps. images: (N, H, W, 3) uint8; image: (P,); box: (P, 4) top, left,
+    h, w; flip: (P,) bool. Returns (P, 3, size, size) float32 in [0, 1], channels_last.
+    """
+    _, height, width, _ = images.shape
+    row_idx, row_w = resample_taps(box[:, 0], box[:, 2], height, size)  # (P, S, Ky)
+    col_idx, col_w = resample_taps(box[:, 1], box[:, 3], width, size)  # (P, S, Kx)
+    flip = flip[:, None, None]
+    col_idx = torch.where(flip, col_idx.flip(1), col_idx)
+    col_w = torch.where(flip, col_w.flip(1), col_w)
+    rows = images[image[:, None, None], row_idx].float()  # (P, S, Ky, W, 3)
+    rows = (rows * row_w[..., None, None]).sum(2)  # (P, S, W, 3)
+    p, s, kx = col_idx.shape
+    cols = rows.gather(2, col_idx.reshape(p, 1, s * kx, 1).expand(p, s, s * kx, 3)).view(p, s, s, kx, 3)
+    out = (cols * col_w[:, None, :, :, None]).sum(3)  # (P, S, S, 3): NHWC memory
+    return out.div_(255).permute(0, 3, 1, 2)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale for float images: 0.2989 R + 0.587 G + 0.114 B, (P, 1, H, W)."""
+    r, g, b = x.unbind(dim=-3)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's _blend for float images: clamp(ratio * x + (1 - ratio) * other, 0, 1)."""
+    return (ratio * x + (1.0 - ratio) * other).clamp(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with black (torchvision adjust_brightness). factor: (P, 1, 1, 1)."""
+    return blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the mean of the grayscale image (torchvision adjust_contrast). factor: (P, 1, 1, 1)."""
+    return blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the per-pixel grayscale image (torchvision adjust_saturation). factor: (P, 1, 1, 1)."""
+    return blend(x, grayscale(x), factor)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's _rgb2hsv: (..., 3, H, W) RGB in [0, 1] -> HSV with hue in turns [0, 1)."""
+    r, g, b = x.unbind(dim=-3)
+    maxc = torch.max(x, dim=-3).values
+    minc = torch.min(x, dim=-3).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc = (maxc - r) / cr_divisor
+    gc = (maxc - g) / cr_divisor
+    bc = (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+# For each hue sector i (0..5), which of (v, q, p, t) becomes R, G and B (torchvision's _hsv2rgb).
+_SECTOR_SOURCES = ((0, 1, 2, 2, 3, 0), (3, 0, 0, 1, 2, 2), (2, 2, 3, 0, 0, 1))
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's _hsv2rgb, with its one-hot einsum replaced by the equivalent (exact) gather."""
+    h, s, v = x.unbind(dim=-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
+    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
+    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    sources = _constant(_SECTOR_SOURCES, x.device, torch.int64)[:, i].movedim(0, -3)  # (..., 3, H, W)
+    return torch.stack((v, q, p, t), dim=-3).gather(-3, sources)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by `shift` turns via HSV (torchvision adjust_hue). shift: (P, 1, 1)."""
+    h, s, v = rgb_to_hsv(x).unbind(dim=-3)
+    return hsv_to_rgb(torch.stack(((h + shift) % 1.0, s, v), dim=-3))
+
+
+def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast or saturation (op 0, 1, 2 per patch) as one blend with that op's target."""
+    gray = grayscale(x)
+    op = op.view(-1, 1, 1, 1)
+    target = torch.where(op == SATURATION, gray, gray.mean(dim=(-3, -2, -1), keepdim=True))
+    target = torch.where(op == BRIGHTNESS, torch.zeros_like(target), target)
+    return blend(x, target, factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                 enabled: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> torch.Tensor:
+    """torchvision's ColorJitter with explicit per-patch factors and op order.
+
+    factors: (P, 4) brightness, contrast, saturation factors and hue shift (turns); order: (P, 4)
+    the op ids (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order each patch applies
+    them. `enabled[k]` False skips op k for every patch (torchvision skips an op whose jitter
+    amount is 0). The hue, the one expensive op, runs once: each patch applies its blend ops that
+    come before its hue in the first three slots, then the hue, then the rest; a slot a patch does
+    not use leaves it exactly unchanged.
+    """
+    position = torch.argsort(order, dim=1)  # position[:, op] = when op is applied
+    blend_order = torch.argsort(position[:, :3], dim=1)  # the three blend ops, in the order applied
+    hue_position = position[:, HUE]
+    on = _constant(tuple(enabled[:3]), x.device, torch.bool)
+    for after_hue in (False, True):
+        for k in range(3):
+            op = blend_order[:, k]
+            use = ((k >= hue_position) if after_hue else (k < hue_position)) & on[op]
+            x = torch.where(use.view(-1, 1, 1, 1), _blend_op(x, op, factors), x)
+        if not after_hue and enabled[HUE]:
+            x = adjust_hue(x, factors[:, HUE].view(-1, 1, 1))
+    return x
+
+
+def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Normalised sampled 1-D Gaussians exp(-x^2 / 2 sigma^2): (P, 2*radius+1), x = -radius..radius.
+
+    Each kernel is truncated at its own ceil(3 sigma) (zero beyond, as DALI's gaussian_blur and
+    OpenCV's default size do), so `radius` only needs to cover 3 * max(sigma).
+    """
+    x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    pdf = torch.exp(-0.5 * (x / sigma[:, None]).pow(2))
+    pdf = pdf * (x.abs() <= torch.ceil(3 * sigma[:, None]))
+    return pdf / pdf.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-patch sigma and replicated edges (PIL extends edges).
+
+    Computed as a sum over the 2*radius+1 shifted views per axis (exact float32, deterministic,
+    independent of cuDNN/TF32 settings). radius should cover 3 * max(sigma). x: (P, C, H, W).
+    """
+    kernel = gaussian_kernels(sigma, radius)[:, None, None, None, :]  # (P, 1, 1, 1, K)
+    for dim in (-1, -2):
+        size = x.shape[dim]
+        pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
+        padded = torch.nn.functional.pad(x, pad, mode="replicate")
+        out = torch.zeros_like(x)
+        for j in range(2 * radius + 1):
+            out.addcmul_(kernel[..., j], padded.narrow(dim, j, size))
+        x = out
+    return x
+
+
+def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Invert pixels >= threshold (on the 0..1 scale): torchvision's solarize for float images."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel (torchvision Normalize). mean, std: sequences of C floats."""
+    mean = _constant(tuple(mean), x.device, x.dtype).view(-1, 1, 1)
+    std = _constant(tuple(std), x.device, x.dtype).view(-1, 1, 1)
+    return x.sub(mean).div(std)
+
+
+def normalize_images(images_uint8_nhwc: torch.Tensor, mean, std) -> torch.Tensor:
+    """Whole images, no augmentation: (N, H, W, 3) uint8 -> (N, 3, H, W) float32, channels_last.
+
+    ToTensor (x / 255) then Normalize, for "plain" evaluation.
+    """
+    x = images_uint8_nhwc.permute(0, 3, 1, 2).float().div(255)  # NHWC memory = channels_last
+    return normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+
+
+def _gate(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.view(-1, 1, 1, 1), new, old)
+
+
+def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> torch.Tensor:
+    """The whole recipe for given parameters: (P, 3, S, S) float32, normalized, channels_last."""
+    x = crop_resize(images, params.image, params.box, params.flip, aug.crop_size)
+    enabled = (aug.brightness > 0, aug.contrast > 0, aug.saturation > 0, aug.hue > 0)
+    if aug.jitter_p > 0 and any(enabled):
+        x = _gate(params.jitter, color_jitter(x, params.factors, params.order, enabled), x)
+    if aug.grayscale_p > 0:
+        x = _gate(params.gray, grayscale(x).expand_as(x), x)
+    if aug.blur_p > 0:
+        radius = max(1, math.ceil(3 * max(aug.blur_sigma)))
+        x = _gate(params.blur, gaussian_blur(x, params.sigma, radius), x)
+    if aug.solarize_p > 0:
+        x = _gate(params.solarize, solarize(x, aug.solarize_threshold / 255), x)
+    return normalize(x, aug.mean, aug.std).contiguous(memory_format=torch.channels_last)
+
+
+class TorchPatches:
+    """The batched torch backend: (index, n, seed) -> (n*B, 3, S, S), bit-exact for a given seed.
+
+    images: (N, H, W, 3) uint8 on the device (CPU or CUDA); everything runs there, asynchronously.
+    """
+
+    name = "torch"
+
+    def __init__(self, images: torch.Tensor, aug: AugmentConfig):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        self.images, self.aug = images, aug
+
+    def params(self, index: torch.Tensor, n: int, seed: int) -> PatchParams:
+        """The parameters a call with these arguments uses (patch-major: row i*B + b)."""
+        generator = torch.Generator(device=self.images.device)
+        generator.manual_seed(seed)
+        image = index.to(self.images.device).repeat(n)
+        return sample_params(image, self.images.shape[1], self.images.shape[2], self.aug, generator)
+
+    def __call__(self, index: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False):
+            return augment(self.images, self.params(index, n, seed), self.aug)
