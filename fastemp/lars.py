@@ -1,0 +1,83 @@
+"""LARS over SGD, as the official EMP-SSL code uses it, and the per-iteration cosine schedule.
+
+For each weight with ndim > 1 (convolutions, linear weights):
+
+    trust = eta * |p| / (|g| + wd * |p| + 1e-8)
+    trust = min(trust / lr, 1)            (clip=True, the official setting)
+    g    <- (g + wd * p) * trust
+
+then a plain SGD step (momentum 0.9, nesterov) whose own weight decay is off. Biases and
+BatchNorm parameters (ndim 1) get neither LARS nor weight decay. A weight whose norm or gradient
+norm is zero is left untouched (no decay either), as in the official wrapper. Everything stays on
+the device: no host sync per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.SGD):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.3,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 1e-4,
+        eta: float = 0.005,
+        clip: bool = True,
+        eps: float = 1e-8,
+    ):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+        for group in self.param_groups:
+            group.setdefault("lars", True)
+            group.setdefault("lars_weight_decay", weight_decay)
+        self.eta, self.clip, self.eps = eta, clip, eps
+
+    @torch.no_grad()
+    def adapt_gradients(self) -> None:
+        """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p.ndim > 1] if group["lars"] else []
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd = group["lars_weight_decay"]
+            p_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
+            if self.clip:
+                trust = torch.clamp(trust / group["lr"], max=1.0)
+            active = (p_norm != 0) & (g_norm != 0)
+            scale = torch.where(active, trust, torch.ones_like(trust))
+            decay = torch.where(active, scale * wd, torch.zeros_like(trust))
+            # g <- g * scale + p * (scale * wd)
+            torch._foreach_mul_(grads, list(scale.unbind()))
+            torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.adapt_gradients()
+        return super().step(closure)
+
+
+def lars_param_groups(model: nn.Module) -> list[dict]:
+    """Weights (ndim > 1) under LARS with weight decay; biases and norm parameters without either."""
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    others = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": weights, "lars": True}, {"params": others, "lars": False}]
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
+    """Learning rate at iteration `step`: linear warmup, then cosine from base_lr to min_lr.
+
+    With warmup_steps=0 this is torch's CosineAnnealingLR(T_max=total_steps) stepped per iteration.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))

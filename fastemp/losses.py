@@ -1,0 +1,124 @@
+"""The EMP-SSL loss: invariance (cosine of each patch to its image's mean) + Total Coding Rate.
+
+Shapes: z is (n, B, d), patch-major -- group i holds patch i of every image in the batch.
+
+    loss_sim = -mean_i mean_b cos(z_i[b], zbar[b]),   zbar = mean_i z_i (not detached)
+    R(Z_i)   = 1/2 logdet(I_d + d/(B*eps) Z_i^T Z_i),  loss_tcr = -mean_i R(Z_i)
+    total    = invariance_weight * loss_sim + tcr_weight * loss_tcr     (200 and 1 by default)
+
+Both terms are negative by design: training drives cosines up (towards -1 for loss_sim) and
+coding rate up. The batch dimension B may be a gathered global batch (DDP): both terms are
+written over whatever batch they are given.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import LossConfig
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor
+    invariance: torch.Tensor  # loss_sim, in [-1, 1]
+    tcr: torch.Tensor  # loss_tcr = -mean_i R(Z_i)
+
+
+class _CholeskyCodingRate(torch.autograd.Function):
+    """R(Z_i) for all groups with one batched Cholesky, gradient in closed form.
+
+    Sylvester: logdet(I_d + c Z^T Z) = logdet(I_B + c Z Z^T), so the Gram matrix is formed on the
+    smaller side. With M = I + c G = L L^T: logdet M = 2 sum log diag L, and
+    dR/dZ = c M^{-1} Z (B side) or c Z M^{-1} (d side): one triangular solve pair.
+    A failed factorisation (only possible for non-finite or absurd inputs: M's eigenvalues are
+    >= 1) yields NaN for that group, never a wrong finite number; there is no host sync here.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, eps: float):
+        n, b, d = z.shape
+        c = d / (b * eps)
+        zf = z.float()
+        b_side = b < d
+        gram = zf @ zf.transpose(1, 2) if b_side else zf.transpose(1, 2) @ zf
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        chol, info = torch.linalg.cholesky_ex(eye + c * gram)
+        rate = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # 1/2 logdet
+        rate = torch.where(info == 0, rate, torch.full_like(rate, float("nan")))
+        ctx.save_for_backward(zf, chol)
+        ctx.c, ctx.b_side, ctx.in_dtype = c, b_side, z.dtype
+        return rate
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rate: torch.Tensor):
+        zf, chol = ctx.saved_tensors
+        scale = (ctx.c * grad_rate.float())[:, None, None]
+        if ctx.b_side:
+            grad = torch.cholesky_solve(zf, chol)
+        else:
+            grad = torch.cholesky_solve(zf.transpose(1, 2), chol).transpose(1, 2)
+        return (scale * grad).to(ctx.in_dtype), None
+
+
+def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
+    """Per-group coding rates R(Z_i), shape (n,), computed in fp32 with autocast off."""
+    if z.dim() != 3:
+        raise ValueError(f"z must be (n_patches, batch, dim), got shape {tuple(z.shape)}")
+    with torch.autocast(z.device.type, enabled=False):
+        return _CholeskyCodingRate.apply(z, eps)
+
+
+def invariance_loss(z: torch.Tensor) -> torch.Tensor:
+    """loss_sim = -mean_i mean_b cos(z_i[b], zbar[b]); z need not be normalised."""
+    zbar = z.mean(dim=0, keepdim=True)
+    return -F.cosine_similarity(z, zbar, dim=-1).mean()
+
+
+def emp_ssl_terms(
+    z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0, tcr_weight: float = 1.0
+) -> LossTerms:
+    """All three loss values for unit-row z of shape (n, B, d)."""
+    z = z.float()
+    sim = invariance_loss(z)
+    tcr = -total_coding_rate(z, eps).mean()
+    return LossTerms(invariance_weight * sim + tcr_weight * tcr, sim, tcr)
+
+
+def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0) -> torch.Tensor:
+    """The scalar EMP-SSL objective for unit-row z of shape (n, B, d)."""
+    return emp_ssl_terms(z, eps, invariance_weight).total
+
+
+def use_fused(cfg: LossConfig, device: torch.device) -> bool:
+    """Resolve loss.fused: the Triton cosine-to-mean kernel on CUDA by default."""
+    from fastemp.kernels.cosine_to_mean import triton_usable
+
+    if cfg.fused == "off":
+        return False
+    if cfg.fused == "on":
+        if not triton_usable(device):
+            raise RuntimeError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on CPU")
+        return True
+    if cfg.fused != "auto":
+        raise ValueError(f"loss.fused must be auto, on or off, got '{cfg.fused}'")
+    return device.type == "cuda" and triton_usable(device)
+
+
+def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False) -> LossTerms:
+    """The loss from raw projector outputs p (n, B, d): z = p / |p| per row.
+
+    fused=True computes the invariance term (and its gradient) with the Triton kernel straight
+    from p; the TCR term always sees the normalised z through autograd.
+    """
+    z = F.normalize(p.float(), dim=-1)
+    if not fused:
+        return emp_ssl_terms(z, cfg.eps, cfg.invariance_weight, cfg.tcr_weight)
+    from fastemp.kernels.cosine_to_mean import cosine_to_mean
+
+    sim, _ = cosine_to_mean(p)
+    tcr = -total_coding_rate(z, cfg.eps).mean()
+    return LossTerms(cfg.invariance_weight * sim + cfg.tcr_weight * tcr, sim, tcr)

@@ -1,0 +1,130 @@
+"""The loss against the float64 reference formulas (fastemp.reference), values and gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastemp.config import LossConfig
+from fastemp.losses import (emp_ssl_loss, emp_ssl_terms, invariance_loss, projection_loss_terms,
+                            total_coding_rate)
+from fastemp.reference import (reference_emp_ssl_loss, reference_invariance_loss,
+                               reference_total_coding_rate)
+
+# (n, B, d): B < d, B > d, B == d, d not a power of two, the real d with a small n
+SHAPES = [(3, 5, 17), (4, 40, 12), (2, 7, 7), (5, 10, 100), (2, 3, 1), (3, 64, 1024)]
+
+
+def unit(n, b, d, dtype=torch.float64):
+    return F.normalize(torch.randn(n, b, d, dtype=dtype), dim=-1)
+
+
+def rel(a, b):
+    """Relative error; near-zero references (d=1 has an identically zero gradient) count absolutely."""
+    return ((a.double() - b.double()).norm() / max(b.double().norm().item(), 1e-2)).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_total_coding_rate_matches_reference(shape):
+    z = unit(*shape).requires_grad_()
+    weights = torch.rand(shape[0], dtype=torch.float64)  # a non-uniform upstream gradient
+    ref = reference_total_coding_rate(z, eps=0.2)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), z)
+
+    z32 = z.detach().float().requires_grad_()
+    got = total_coding_rate(z32, eps=0.2)
+    (got_grad,) = torch.autograd.grad((got * weights.float()).sum(), z32)
+    assert got.shape == (shape[0],) and got.dtype == torch.float32
+    assert rel(got, ref) < 1e-5
+    assert rel(got_grad, ref_grad) < 1e-4
+
+
+def test_total_coding_rate_closed_form():
+    # rows e_1..e_B: Z^T Z is a projection of rank B, so R = B/2 * log(1 + d/(B eps))
+    n, b, d, eps = 2, 6, 20, 0.2
+    z = torch.zeros(n, b, d)
+    z[:, torch.arange(b), torch.arange(b)] = 1.0
+    expected = b / 2 * math.log(1 + d / (b * eps))
+    assert torch.allclose(total_coding_rate(z, eps), torch.full((n,), expected), rtol=1e-6)
+
+
+def test_total_coding_rate_any_scale_and_eps():
+    z = torch.randn(3, 9, 30, dtype=torch.float64) * 0.3  # not unit rows: the formula still holds
+    for eps in (0.05, 0.2, 1.0):
+        assert rel(total_coding_rate(z.float(), eps), reference_total_coding_rate(z, eps)) < 1e-5
+
+
+def test_total_coding_rate_bf16_input_and_autocast():
+    z = unit(4, 16, 64).to(torch.bfloat16)
+    ref = reference_total_coding_rate(z.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = total_coding_rate(z)
+    assert got.dtype == torch.float32
+    assert rel(got, ref) < 1e-5  # fp32 math on the bf16-rounded input
+
+
+def test_total_coding_rate_failure_is_nan_not_wrong():
+    z = unit(3, 8, 16).float()
+    z[1, 2, 3] = float("nan")
+    rate = total_coding_rate(z)
+    assert torch.isnan(rate[1])
+    assert torch.isfinite(rate[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_invariance_matches_reference(shape):
+    z = (torch.randn(*shape, dtype=torch.float64) * 2).requires_grad_()  # not unit: cosine is scale-free
+    ref = reference_invariance_loss(z)
+    (ref_grad,) = torch.autograd.grad(ref, z)
+    z32 = z.detach().float().requires_grad_()
+    got = invariance_loss(z32)
+    (got_grad,) = torch.autograd.grad(got, z32)
+    assert abs(got.item() - ref.item()) < 1e-6
+    assert rel(got_grad, ref_grad) < 1e-5
+
+
+def test_mean_cosine_is_norm_of_mean_for_unit_rows():
+    z = unit(7, 5, 33)
+    assert torch.allclose(-invariance_loss(z), z.mean(0).norm(dim=-1).mean(), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 17), (4, 40, 12), (6, 20, 64)])
+def test_emp_ssl_loss_matches_reference(shape):
+    z = unit(*shape).requires_grad_()
+    ref = reference_emp_ssl_loss(z, eps=0.2, invariance_weight=200.0)
+    (ref_grad,) = torch.autograd.grad(ref, z)
+    z32 = z.detach().float().requires_grad_()
+    got = emp_ssl_loss(z32, eps=0.2, invariance_weight=200.0)
+    (got_grad,) = torch.autograd.grad(got, z32)
+    assert abs(got.item() - ref.item()) < 1e-4 * abs(ref.item())
+    assert rel(got_grad, ref_grad) < 1e-4
+
+
+def test_terms_are_negative_and_weighted():
+    z = unit(5, 32, 64).float()
+    terms = emp_ssl_terms(z, eps=0.2, invariance_weight=200.0, tcr_weight=1.0)
+    assert -1.0 <= terms.invariance.item() < 0 and terms.tcr.item() < 0
+    assert torch.allclose(terms.total, 200 * terms.invariance + terms.tcr)
+
+
+def test_projection_loss_normalises_raw_outputs():
+    p = (torch.randn(4, 12, 40, dtype=torch.float64) * 3).requires_grad_()
+    ref = reference_emp_ssl_loss(F.normalize(p, dim=-1), 0.2, 200.0)
+    (ref_grad,) = torch.autograd.grad(ref, p)
+    p32 = p.detach().float().requires_grad_()
+    got = projection_loss_terms(p32, LossConfig(), fused=False).total
+    (got_grad,) = torch.autograd.grad(got, p32)
+    assert abs(got.item() - ref.item()) < 1e-4 * abs(ref.item())
+    assert rel(got_grad, ref_grad) < 1e-4
+
+
+def test_projection_loss_fused_matches_unfused():
+    # the Triton kernel runs in interpreter mode here (conftest sets TRITON_INTERPRET=1)
+    p = torch.randn(3, 4, 24).requires_grad_()
+    a = projection_loss_terms(p, LossConfig(), fused=False)
+    (ga,) = torch.autograd.grad(a.total, p)
+    b = projection_loss_terms(p, LossConfig(), fused=True)
+    (gb,) = torch.autograd.grad(b.total, p)
+    assert abs(a.total.item() - b.total.item()) < 1e-4
+    assert rel(gb, ga) < 1e-5

@@ -1,0 +1,53 @@
+"""Architecture and FLOP count of the encoder."""
+
+import torch
+from torch import nn
+
+from fastemp.config import ModelConfig
+from fastemp.model import EMPEncoder, build_model, flops_per_patch
+
+
+def test_reference_architecture():
+    model = build_model(ModelConfig())
+    conv1 = model.backbone.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert [type(m) for m in model.pre_feature] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    assert [type(m) for m in model.projection] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert model.pre_feature[0].in_features == 512 and model.projection[-1].out_features == 1024
+    n_backbone = sum(p.numel() for p in model.backbone.parameters())
+    assert n_backbone == 11_168_832  # torchvision resnet18 (11,689,512) - fc (513,000) - 7x7 stem + 3x3 stem
+
+
+def test_shapes():
+    model = EMPEncoder(width=8, hidden_dim=32, z_dim=16).eval()
+    x = torch.randn(5, 3, 32, 32)
+    assert model.encode(x).shape == (5, 32) and model(x).shape == (5, 16)
+    assert (model.encode(x) >= 0).all()  # h is post-ReLU
+
+
+def independent_flops(width=64, hidden=4096, z=1024, size=32):
+    """Per-layer count written out by hand: 2 FLOPs per multiply-add."""
+    macs = 3 * width * 9 * size * size  # stem
+    chans, res = [width, 2 * width, 4 * width, 8 * width], size
+    c_in = width
+    for i, c in enumerate(chans):
+        if i > 0:
+            res //= 2
+        hw = res * res
+        macs += c_in * c * 9 * hw + c * c * 9 * hw  # block 1
+        if c_in != c:
+            macs += c_in * c * hw  # 1x1 downsample
+        macs += 2 * c * c * 9 * hw  # block 2
+        c_in = c
+    macs += 8 * width * hidden + hidden * hidden + hidden * z
+    return 2 * macs
+
+
+def test_flops_match_independent_count():
+    assert flops_per_patch(ModelConfig(), training=False) == independent_flops()
+    train = flops_per_patch(ModelConfig(), training=True)
+    assert train == 3 * independent_flops()
+    assert abs(train / 1e9 - 3.47) < 0.01  # the figure benchmarks use for MFU
+    small = ModelConfig(width=16, hidden_dim=256, z_dim=64)
+    assert flops_per_patch(small, training=False) == independent_flops(16, 256, 64)
