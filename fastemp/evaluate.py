@@ -1,0 +1,137 @@
+"""Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
+
+Features are h = ReLU(BN(Linear(512, 4096))) with the model in eval mode, averaged over k
+augmented patches per image (the official protocol, k = 128), or computed once on the whole
+un-augmented image ("plain", a cheap mode). The probe trains Linear(4096, C) on the cached
+features on the same device with SGD (lr 0.03, momentum 0.9, wd 5e-5), cosine over 100 epochs,
+batch 100, and reports the FINAL-epoch test accuracy. The official script prints the best
+epoch's test accuracy; we log that too, labelled `best_top1_on_test` (it is selected on test).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AugmentConfig, EvalConfig
+from .data import ImageSet
+from .patches import make_patch_backend
+from .patches_torch import normalize_images
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    cfg: EvalConfig,
+    aug: AugmentConfig,
+    backend: str = "torch",
+    seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """(N, hidden) fp32 features of uint8 NHWC `images`, model in eval mode for the duration."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    patches = make_patch_backend(backend, images, aug, seed=seed) if cfg.mode == "patches" else None
+    if cfg.mode not in ("patches", "plain"):
+        raise ValueError(f"eval.mode must be patches or plain, got '{cfg.mode}'")
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    out = []
+    for start in range(0, images.shape[0], cfg.batch_size):
+        index = torch.arange(start, min(start + cfg.batch_size, images.shape[0]), device=device)
+        if patches is None:
+            x = normalize_images(images[index], aug.mean, aug.std)
+        else:
+            x = patches(index, cfg.patches, seed=seed + start)
+        if not channels_last:
+            x = x.contiguous()
+        with amp:
+            h = model.encode(x).float()
+        k = 1 if patches is None else cfg.patches
+        out.append(h.view(k, index.numel(), -1).mean(0))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@dataclass
+class ProbeResult:
+    final_top1: float
+    best_top1_on_test: float
+    curve: list[float]  # test top-1 after every epoch
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    cfg: EvalConfig,
+    seed: int = 0,
+) -> ProbeResult:
+    """Train Linear(dim, C) on cached features; report final-epoch (and best) test top-1."""
+    device = train_x.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    probe = nn.Linear(train_x.shape[1], num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe.reset_parameters()
+    opt = torch.optim.SGD(probe.parameters(), lr=cfg.probe_lr, momentum=cfg.probe_momentum,
+                          weight_decay=cfg.probe_weight_decay)
+    steps = train_x.shape[0] // cfg.probe_batch_size  # drop_last, as the official loader
+    curve = []
+    for epoch in range(cfg.probe_epochs):
+        for g in opt.param_groups:  # cosine over epochs, stepped per epoch (CosineAnnealingLR(T_max=epochs))
+            g["lr"] = cfg.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.probe_epochs))
+        order = torch.randperm(train_x.shape[0], generator=gen).to(device)
+        for i in range(steps):
+            idx = order[i * cfg.probe_batch_size:(i + 1) * cfg.probe_batch_size]
+            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            curve.append((probe(test_x).argmax(1) == test_y).float().mean().item())
+    return ProbeResult(curve[-1], max(curve), curve)
+
+
+@torch.no_grad()
+def knn_top1(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+    num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+) -> float:
+    """Weighted kNN on cosine similarity: votes exp(sim / T) from the k nearest train features."""
+    train_x = F.normalize(train_x, dim=1)
+    test_x = F.normalize(test_x, dim=1)
+    k = min(k, train_x.shape[0])
+    correct = 0
+    for start in range(0, test_x.shape[0], chunk):
+        sim, idx = (test_x[start:start + chunk] @ train_x.T).topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return correct / test_x.shape[0]
+
+
+def evaluate_encoder(
+    model: nn.Module, train: ImageSet, test: ImageSet, cfg: EvalConfig, aug: AugmentConfig,
+    backend: str = "torch", seed: int = 0, autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False, prefix: str = "",
+) -> dict:
+    """Features for both splits, then the probe (and kNN when cfg.knn). Keys get `prefix`."""
+    feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last)
+             for i, s in enumerate((train, test))]
+    num_classes = len(train.classes)
+    probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
+    out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test}
+    if cfg.knn:
+        out[f"{prefix}knn_top1"] = knn_top1(feats[0], train.labels, feats[1], test.labels, num_classes,
+                                            cfg.knn_k, cfg.knn_temperature)
+    return out

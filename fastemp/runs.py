@@ -1,0 +1,145 @@
+"""A run folder: what ran (config), how it went (metrics, plots), where it stands (checkpoint).
+
+    RUN/config.yaml      resolved config
+    RUN/metrics.jsonl    one JSON line per logged step
+    RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename)
+    RUN/summary.json     final numbers
+    RUN/losses.png       loss terms over steps (when matplotlib is installed)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .config import Config, save_config
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def create_run_dir(path: str | Path, force: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not force:
+            raise RunExistsError(f"run folder {path} exists and is not empty; pass --force to overwrite it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop metric lines past `after_step` (a resumed run re-logs the steps it redoes)."""
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
+    (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """The commit of the fastemp checkout (with '+dirty' when modified), or 'unknown'."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, recorded beside every absolute number."""
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "commit": git_commit(),
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    try:
+        import nvidia.dali
+
+        env["dali"] = nvidia.dali.__version__
+    except Exception:
+        env["dali"] = None
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["driver"] = None
+    return env
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """losses.png from metrics.jsonl; None when matplotlib is not installed or nothing was logged."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, title in zip(axes, ["loss", "loss_sim", "loss_tcr"],
+                              ["total", "invariance (-mean cos to image mean)", "TCR (-mean R)"]):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "losses.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,204 @@
+"""The EMP-SSL train loop. Data flows one way: config -> data -> patches -> model -> loss -> LARS.
+
+Reproducibility: the image order of epoch e is a permutation drawn from (seed, e) and the
+augmentation of step t is seeded from (seed, t), so a run resumed from a checkpoint replays
+exactly the data and randomness of the uninterrupted run (bit-identical on CPU with the torch
+backend).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import runs
+from .config import Config, to_dict
+from .data import load_split
+from .evaluate import evaluate_encoder
+from .lars import LARS, cosine_lr, lars_param_groups
+from .losses import LossTerms, projection_loss_terms, use_fused
+from .model import build_model
+from .patches import make_patch_backend, resolve_backend_name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def mix_seed(seed: int, stream: int, index: int) -> int:
+    """A distinct, reproducible seed for (run seed, random stream, step or epoch)."""
+    return (seed * 1_000_003 + stream * 7_919 + index * 104_729) % (2**63 - 1)
+
+
+class Trainer:
+    """Builds everything from a Config, trains step by step, checkpoints, evaluates."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True):
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = resolve_device(cfg.train.device)
+        on_cuda = self.device.type == "cuda"
+        self.precision = {"auto": "bf16" if on_cuda else "fp32"}.get(cfg.model.precision, cfg.model.precision)
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.channels_last = cfg.model.channels_last
+        self.compile_mode = {"auto": "default" if on_cuda else "none"}.get(cfg.model.compile, cfg.model.compile)
+
+        self.train_set = load_split(cfg.data, "train", self.device)
+        self.backend_name = resolve_backend_name(cfg.data.backend, self.device)
+        self.patches = make_patch_backend(self.backend_name, self.train_set.images, cfg.augment, cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = self.model if self.compile_mode == "none" else torch.compile(self.model, mode=self.compile_mode)
+        o = cfg.optim
+        self.optimizer = LARS(lars_param_groups(self.model), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                              weight_decay=o.weight_decay, eta=o.lars_eta, clip=o.lars_clip)
+        self.fused = use_fused(cfg.loss, self.device)
+        self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} exceeds the {self.train_set.images.shape[0]} training images")
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.step, self._perm = 0, (-1, None)
+        # wall clock: the first step a process runs (compilation, allocator warm-up) is kept apart
+        self.warmup_seconds, self.train_seconds, self.timed_images = 0.0, 0.0, 0
+        self.last_record: dict | None = None
+
+    # -- data order -------------------------------------------------------------------------
+    def batch_index(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 1, epoch))
+            self._perm = (epoch, torch.randperm(self.train_set.images.shape[0], generator=gen).to(self.device))
+        b = self.cfg.train.batch_size
+        return self._perm[1][k * b:(k + 1) * b]
+
+    # -- one step ---------------------------------------------------------------------------
+    def forward_backward(self, patches: torch.Tensor) -> LossTerms:
+        """Loss terms of one step, with gradients accumulated into the model."""
+        n = self.cfg.train.n_patches
+        amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        if self.cfg.train.grad_chunks > 1:
+            from .gradcache import gradient_cache_step
+
+            return gradient_cache_step(self.forward, patches, n, self.cfg.train.grad_chunks,
+                                       lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), amp,
+                                       model=self.model)
+        with amp:
+            p = self.forward(patches)
+        terms = projection_loss_terms(p.view(n, -1, p.shape[-1]), self.cfg.loss, self.fused)
+        terms.total.backward()
+        return terms
+
+    def train_until(self, stop_step: int | None = None) -> None:
+        """Train from self.step up to stop_step (default: the end of the run)."""
+        cfg, t = self.cfg, self.cfg.train
+        stop_step = min(stop_step or self.total_steps, self.total_steps)
+        bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=cfg.name, unit="step")
+        tick, images, warm = time.perf_counter(), 0, self.step
+        for step in range(self.step, stop_step):
+            lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step))
+            terms = self.forward_backward(patches if self.channels_last else patches.contiguous())
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step, images = step + 1, images + t.batch_size
+            if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
+                record = self._log(terms, lr, images, time.perf_counter() - tick, warmup=step == warm)
+                bar.set_postfix(sim=f"{record['loss_sim']:.3f}", tcr=f"{record['loss_tcr']:.1f}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                tick, images = time.perf_counter(), 0
+            if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
+                self.save_checkpoint()
+            bar.update(1)
+        bar.close()
+
+    def _log(self, terms: LossTerms, lr: float, images: int, seconds: float, warmup: bool) -> dict:
+        values = torch.stack([terms.total, terms.invariance, terms.tcr]).tolist()  # the one sync per log
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step} (total, sim, tcr = {values}): the TCR Cholesky failed "
+                "or the model diverged; lower optim.lr or check the data")
+        if warmup:
+            self.warmup_seconds += seconds
+        else:
+            self.train_seconds, self.timed_images = self.train_seconds + seconds, self.timed_images + images
+        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": values[0],
+                  "loss_sim": values[1], "loss_tcr": values[2], "lr": lr, "images_per_s": images / max(seconds, 1e-9),
+                  "elapsed_s": self.warmup_seconds + self.train_seconds}
+        if self.run_dir:
+            runs.append_metrics(self.run_dir, record)
+        self.last_record = record
+        return record
+
+    def images_per_second(self) -> float:
+        """Training throughput over all timed steps (warm-up steps excluded)."""
+        return self.timed_images / self.train_seconds if self.train_seconds else float("nan")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "clock": (self.warmup_seconds, self.train_seconds, self.timed_images),
+                 "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        runs.atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.warmup_seconds, self.train_seconds, self.timed_images = state["clock"]
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+        test_set = load_split(self.cfg.data, "test", self.device)
+        return evaluate_encoder(model or self.model, self.train_set, test_set, self.cfg.eval, self.cfg.augment,
+                                self.backend_name, self.cfg.train.seed, self.autocast_dtype,
+                                self.channels_last, prefix)
+
+    def random_init_model(self) -> torch.nn.Module:
+        """The same architecture at the run's initialisation seed, never trained."""
+        torch.manual_seed(self.cfg.train.seed)
+        model = build_model(self.cfg.model).to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
+    trainer = Trainer(cfg, run_dir, progress)
+    if resume:
+        trainer.load_checkpoint(run_dir / "checkpoint.pt")
+        runs.truncate_metrics(run_dir, trainer.step)
+    trainer.train_until()
+    trainer.save_checkpoint()
+    last = trainer.last_record or runs.read_metrics(run_dir)[-1]
+    summary = {"name": cfg.name, "steps": trainer.step, "epochs": trainer.step / trainer.steps_per_epoch,
+               "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size,
+               "final_loss": last["loss"], "final_loss_sim": last["loss_sim"], "final_loss_tcr": last["loss_tcr"],
+               "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
+               "warmup_seconds": trainer.warmup_seconds, "images_per_s": trainer.images_per_second(),
+               "data": trainer.train_set.description, "backend": trainer.backend_name,
+               "precision": trainer.precision, "compile": trainer.compile_mode, "fused_loss": trainer.fused,
+               "environment": runs.environment(trainer.device)}
+    if cfg.eval.at_end:
+        t0 = time.perf_counter()
+        summary.update(trainer.evaluate())
+        if cfg.eval.random_init:
+            summary.update(trainer.evaluate(trainer.random_init_model(), prefix="random_init_"))
+        summary["eval_seconds"] = time.perf_counter() - t0
+    runs.write_json(run_dir / "summary.json", summary)
+    runs.plot_losses(run_dir)
+    return summary
