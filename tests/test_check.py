@@ -1,0 +1,119 @@
+"""`fastemp check`: the full CPU run through the CLI (once), and that the checks can fail.
+
+tests/conftest.py sets TRITON_INTERPRET=1, so the Triton kernel runs in the interpreter and the
+`cos_to_mean` and fused-loss rows run rather than skip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import fastemp.kernels.cosine_to_mean as ctm
+from fastemp import check, losses
+from fastemp.cli import main
+from fastemp.patches import dali_available
+
+
+def run_cli(tmp_path, *extra):
+    out = tmp_path / "check.json"
+    rc = main(["check", "--device", "cpu", "--json", str(out), *extra])
+    return rc, json.loads(out.read_text())
+
+
+def test_full_cpu_check_passes_and_writes_json(tmp_path, capsys):
+    rc, doc = run_cli(tmp_path)
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert doc["passed"] is True and doc["device"] == "cpu" and not doc["quick"]
+    assert isinstance(doc["seed"], int) and f"seed {doc['seed']}" in printed
+    assert doc["torch"] == torch.__version__ and doc["triton"] and doc["device_name"]
+    assert "dali" in doc and set(doc["check_seconds"]) == set(check.CHECKS)
+    rows = doc["results"]
+    assert all(r["status"] in ("pass", "skipped") for r in rows)
+    ops = {r["op"] for r in rows if r["status"] == "pass"}
+    expected = {"cos_to_mean loss", "cos_to_mean cos", "cos_to_mean grad", "tcr value", "tcr grad",
+                "loss unfused total", "loss unfused grad", "loss fused total", "loss fused grad",
+                "compile h", "compile p", "compile grads", "compile BN stats",
+                "gradcache loss", "gradcache grads", "gradcache BN stats", "checkpoint grads", "checkpoint BN stats"}
+    if dali_available():
+        expected |= {"augment paired", "augment independent"}
+    assert expected <= ops, expected - ops
+    for r in rows:
+        if r["status"] == "pass":
+            assert r["err"] is not None and 0 <= r["err"] <= r["tol"], r
+            assert r["shape"] and r["dtype"] in ("fp32", "bf16", "fp64")
+    # the grid: n in {2, 20, 200}, d in {1024, 1000, 33}, both dtypes; B < d and B > d for the TCR
+    kernel = {(r["shape"], r["dtype"]) for r in rows if r["op"] == "cos_to_mean grad"}
+    assert {s.split("x")[0] for s, _ in kernel} == {"2", "20", "200"}
+    assert {s.split("x")[2] for s, _ in kernel} == {"1024", "1000", "33"}
+    assert {d for _, d in kernel} == {"fp32", "bf16"}
+    assert {r["note"] for r in rows if r["op"] == "tcr grad"} == {"B<d", "B>d"}
+    # the printed table has a row per result and a summary line
+    assert printed.count(" pass ") >= len([r for r in rows if r["status"] == "pass"])
+    assert "OK:" in printed
+
+
+@pytest.mark.parametrize("target", ["tcr", "cosine_to_mean"])
+def test_a_broken_fast_path_fails(tmp_path, monkeypatch, capsys, target):
+    """A fast path off by 0.1% (well above every tolerance for values) is caught: FAIL rows, exit 1."""
+    if target == "tcr":
+        real = losses.total_coding_rate
+        monkeypatch.setattr(losses, "total_coding_rate", lambda z, eps=0.2: real(z, eps) * 1.001)
+    else:
+        real = ctm.cosine_to_mean
+        monkeypatch.setattr(ctm, "cosine_to_mean", lambda p: (real(p)[0] * 1.001, real(p)[1]))
+    rc, doc = run_cli(tmp_path, "--quick", "--only", target)
+    assert rc == 1 and doc["passed"] is False
+    failed = {r["op"] for r in doc["results"] if r["status"] == "FAIL"}
+    assert failed == ({"tcr value", "tcr grad"} if target == "tcr" else {"cos_to_mean loss", "cos_to_mean grad"})
+    assert "FAILED:" in capsys.readouterr().out
+
+
+def test_a_crashing_check_is_a_failure_and_nan_never_passes(tmp_path, monkeypatch):
+    def boom(z, eps=0.2):
+        raise RuntimeError("cholesky exploded")
+
+    monkeypatch.setattr(losses, "total_coding_rate", boom)
+    rc, doc = run_cli(tmp_path, "--quick", "--only", "tcr")
+    assert rc == 1 and doc["results"][0]["status"] == "FAIL" and "cholesky exploded" in doc["results"][0]["note"]
+
+    ref = torch.ones(4)
+    nan = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    assert check.compare("x", (4,), "fp32", nan, ref, tol=math.inf).status == "FAIL"
+    assert check.compare("x", (4,), "fp32", ref, nan, tol=math.inf).status == "FAIL"
+    assert check.compare("x", (4,), "fp32", ref * (1 + 1e-6), ref, tol=1e-5).status == "pass"
+    assert check.compare("x", (4,), "fp32", ref * (1 + 1e-4), ref, tol=1e-5).status == "FAIL"
+    assert check.compare("x", (4,), "fp32", ref[:3], ref, tol=1.0).status == "FAIL"  # shape mismatch
+
+
+def test_skips_are_visible_and_not_failures(tmp_path, monkeypatch, capsys):
+    import fastemp.patches
+
+    monkeypatch.setattr(fastemp.patches, "dali_available", lambda: False)
+    monkeypatch.setattr(ctm, "triton_usable", lambda device: False)
+    rc, doc = run_cli(tmp_path, "--quick", "--only", "augment,cosine_to_mean,compile")
+    assert rc == 0 and doc["passed"] is True
+    assert [r["status"] for r in doc["results"]] == ["skipped"] * 3
+    assert all(r["note"] for r in doc["results"])  # the reason is given
+    assert capsys.readouterr().out.count("skipped") >= 3
+
+
+def test_seed_replays_the_same_inputs(tmp_path):
+    _, a = run_cli(tmp_path, "--quick", "--only", "tcr", "--seed", "1234")
+    _, b = run_cli(tmp_path, "--quick", "--only", "tcr,gradcache", "--seed", "1234")
+    assert a["seed"] == b["seed"] == 1234
+    tcr = [r for r in b["results"] if r["op"].startswith("tcr")]
+    assert [r["err"] for r in a["results"]] == [r["err"] for r in tcr]  # independent of the other checks
+    _, c = run_cli(tmp_path, "--quick", "--only", "tcr")
+    assert c["seed"] != 1234 and [r["err"] for r in c["results"]] != [r["err"] for r in a["results"]]
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(Exception, match="unknown check"):
+        check.run_checks("cpu", only=["nope"])
+    if not torch.cuda.is_available():
+        assert main(["check", "--device", "cuda"]) == 2  # a one-line error, not a traceback
