@@ -1,0 +1,225 @@
+"""`fastemp bench {throughput, time-to-accuracy, kernels, report}` and `fastemp tune`.
+
+Every benchmark writes <out>/<name>.json (every number, the environment and the config) and
+<out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from fastemp.config import load_config
+
+from . import common
+
+SWEEP_HELP = "comma-separated values (default: the config's)"
+
+
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _load(args):
+    _threads(args)
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={args.device}")
+    return load_config(args.config, overrides)
+
+
+def _out_dir(args, result: dict) -> Path:
+    return Path(args.out) if args.out else common.default_out_dir(result["environment"])
+
+
+def _written(paths) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def _status(rows) -> int:
+    """1 when a point failed with an error (an out-of-memory point is a result, not a failure)."""
+    return 1 if any(r.get("status") == "error" for r in rows) else 0
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_throughput(args) -> int:
+    from .throughput import run_throughput, throughput_markdown
+
+    base = _load(args)
+    axes = {"n_patches": common.parse_list(args.n, int), "batch_size": common.parse_list(args.batch, int),
+            "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
+            "precision": common.parse_list(args.precision), "grad_chunks": common.parse_list(args.grad_chunks, int)}
+    result = run_throughput(base, axes, base.train.device, args.warmup, args.steps, args.split_steps,
+                            args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size)
+    markdown = throughput_markdown(result)
+    print(markdown)
+    _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
+    return _status(result["points"] + result["baselines"])
+
+
+def cmd_time_to_accuracy(args) -> int:
+    from .time_to_accuracy import plot_accuracy, run_time_to_accuracy, tta_markdown
+
+    result = run_time_to_accuracy(_load(args), args.target, args.eval_every, args.max_wall_seconds)
+    markdown = tta_markdown(result)
+    print(markdown)
+    out = _out_dir(args, result)
+    paths = common.write_results(out, args.name, result, markdown)
+    png = plot_accuracy(result, out / f"{args.name}.png")
+    _written([*paths, png] if png else paths)
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    from .kernels_bench import kernels_markdown, run_kernels
+
+    _threads(args)
+    result = run_kernels(args.device, common.parse_list(args.n, int), common.parse_list(args.batch, int),
+                         common.parse_list(args.dim, int), args.warmup, args.iters, not args.no_compile,
+                         not args.no_augmentation, args.images, args.baseline_aug_patches)
+    markdown = kernels_markdown(result)
+    print(markdown)
+    _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
+    return _status(result["rows"] + result["augmentation"])
+
+
+def cmd_report(args) -> int:
+    from .report import update_readme
+
+    return update_readme(Path(args.results), Path(args.readme), args.check)
+
+
+def cmd_tune(args) -> int:
+    from .tune import run_tune, tuned_config, tune_markdown, write_tuned_yaml
+
+    base = _load(args)
+    axes = {"n_patches": common.parse_list(args.n, int), "batch_size": common.parse_list(args.batch, int),
+            "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
+            "precision": None, "grad_chunks": common.parse_list(args.grad_chunks, int)}
+    if axes["batch_size"] is None:
+        axes["batch_size"] = [base.train.batch_size, 2 * base.train.batch_size]
+    if axes["backend"] is None:
+        axes["backend"] = _available_backends(base.train.device)
+    if axes["compile"] is None:
+        axes["compile"] = ["none", "default"] if _on_cuda(base.train.device) else ["none"]
+    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps)
+    markdown = tune_markdown(result)
+    print(markdown)
+    out = Path(args.out)
+    common.write_results(out.parent, out.stem, result, markdown)
+    if result["best"] is None:
+        print("fastemp tune: no point ran within the memory budget; nothing written to", out)
+        return 1
+    write_tuned_yaml(tuned_config(base, result["best"]), result["best"], result["environment"], out)
+    print(f"wrote {out} ({result['best']['images_per_s']:.1f} images/s); train with: fastemp train --config {out}")
+    return 0
+
+
+def _on_cuda(device: str) -> bool:
+    from fastemp.train import resolve_device
+
+    return resolve_device(device).type == "cuda"
+
+
+def _available_backends(device: str) -> list[str]:
+    from fastemp.patches import dali_available
+
+    return ["torch", "dali"] if _on_cuda(device) and dali_available() else ["torch"]
+
+
+# ------------------------------------------------------------------------------ parsers
+
+
+def _common_config_args(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument("--config", default=default_config, help=f"YAML file or built-in name (default: {default_config})")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.source=synthetic")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
+    _threads_arg(p)
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a busy shared machine)")
+
+
+def _output_args(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
+    p.add_argument("--name", default=name, help=f"file name stem (default: {name})")
+
+
+def register_cli(subparsers) -> None:
+    """Add `bench` (throughput, time-to-accuracy, kernels, report) and `tune` to fastemp's CLI."""
+    bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, report")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = sub.add_parser("throughput", help="images/s, MFU, memory and step split over a sweep (+ baseline)",
+                       description="Data content does not change throughput: data.source=synthetic avoids a "
+                                   "download. MFU uses fastemp.model.flops_per_patch.")
+    _common_config_args(p, "cifar10_n20_1ep")
+    p.add_argument("--n", help="n_patches: " + SWEEP_HELP)
+    p.add_argument("--batch", help="batch sizes: " + SWEEP_HELP)
+    p.add_argument("--backend", help="patch backends (torch, dali, auto): " + SWEEP_HELP)
+    p.add_argument("--compile", help="compile modes (none, default, max-autotune, ...): " + SWEEP_HELP)
+    p.add_argument("--precision", help="precisions (bf16, fp32, auto): " + SWEEP_HELP)
+    p.add_argument("--grad-chunks", help="gradient-cache chunks: " + SWEEP_HELP)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")
+    p.add_argument("--steps", type=int, default=20, help="timed end-to-end steps (median; default 20)")
+    p.add_argument("--split-steps", type=int, default=20, help="instrumented steps for the split (0: skip)")
+    p.add_argument("--baseline", action="store_true", help="also measure the reference-style baseline")
+    p.add_argument("--baseline-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="DataLoader workers of the baseline (default: min(16, cores))")
+    p.add_argument("--baseline-steps", type=int, help="timed baseline steps (default: max(20, 2 x workers))")
+    p.add_argument("--peak-size", type=int, help="matmul size for the measured peak (default 8192 GPU, 1024 CPU)")
+    _output_args(p, "throughput")
+    p.set_defaults(func=cmd_throughput)
+
+    p = sub.add_parser("time-to-accuracy", help="training seconds until the linear probe reaches --target")
+    _common_config_args(p, "cifar10_n20_10ep")
+    p.add_argument("--target", type=float, default=0.85, help="linear-probe top-1 to reach (default 0.85)")
+    p.add_argument("--eval-every", type=int, help="training steps between evaluations (default: half an epoch)")
+    p.add_argument("--max-wall-seconds", type=float,
+                   help="stop (target not reached) once this much wall time has passed, results still written")
+    _output_args(p, "time_to_accuracy")
+    p.set_defaults(func=cmd_time_to_accuracy)
+
+    p = sub.add_parser("kernels", help="cosine-to-mean, TCR and augmentation backends in isolation")
+    p.add_argument("--device", default="auto")
+    _threads_arg(p)
+    p.add_argument("--n", default="20,50,200", help="patches per image (default 20,50,200)")
+    p.add_argument("--batch", default="100,256", help="images per batch (default 100,256)")
+    p.add_argument("--dim", default="1024", help="projection dimension d (default 1024)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--no-augmentation", action="store_true", help="skip the augmentation backends")
+    p.add_argument("--images", type=int, default=10_000, help="random 32x32 images for the augmentation runs")
+    p.add_argument("--baseline-aug-patches", type=int, default=200, help="patches for the per-patch CPU rate")
+    _output_args(p, "kernels")
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("report", help="regenerate the README performance table from benchmarks/results")
+    from .report import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("tune", help="find the fastest settings for this card; write them as a config",
+                              description="Objective: end-to-end images/s at your n (n is swept only with --n: "
+                                          "it changes the method). See fastemp/benchmarks/tune.py.")
+    _common_config_args(p, "cifar10_n20_1ep")
+    p.add_argument("--batch", help="batch sizes (default: the config's B and 2B; B changes the method too)")
+    p.add_argument("--n", help="n_patches to try (opt-in; default: the config's only)")
+    p.add_argument("--backend", help="patch backends (default: every available one)")
+    p.add_argument("--compile", help="compile modes (default: none,default on CUDA; none on CPU)")
+    p.add_argument("--grad-chunks", help="gradient-cache chunks (default: the config's; doubled when over budget)")
+    p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per point")
+    p.add_argument("--out", default="tuned.yaml", help="the config to write (default: tuned.yaml; JSON beside it)")
+    p.set_defaults(func=cmd_tune)

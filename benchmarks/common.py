@@ -1,0 +1,396 @@
+"""Shared benchmark plumbing: clocks, medians, peak FLOP/s, MFU, memory, targets, result files.
+
+Clocks. On CUDA every interval is measured with CUDA events recorded on the current stream, so
+timing never adds a host sync inside the measured work (one synchronize at the end reads them).
+On the CPU, torch ops run synchronously, so time.perf_counter() at the same points is exact.
+
+MFU. achieved TFLOP/s = patches/s x FLOPs per training patch (fastemp.model.flops_per_patch:
+3.47 GFLOP for the standard model on 32x32 patches: convolutions and linear layers, forward and
+backward). These are model FLOPs: recomputation (gradient cache pass 2's forward, activation
+checkpointing) is not counted, as usual for MFU. MFU = achieved / peak, where the peak is a large
+square matmul measured on the same device in the same run (bf16 on GPU, fp32 on CPU); the
+datasheet peak is shown beside it when the device is in DATASHEET_TFLOPS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import itertools
+import json
+import math
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) BF16 tensor-core TFLOP/s from NVIDIA's product datasheets. Matched against
+# torch.cuda.get_device_name() in order: the first pattern that matches wins.
+DATASHEET_SOURCE = "NVIDIA datasheet, dense BF16 tensor-core TFLOP/s (no sparsity)"
+DATASHEET_TFLOPS: tuple[tuple[str, str, float], ...] = (
+    (r"H100.*PCIe", "H100 PCIe", 756.0),
+    (r"H100.*NVL", "H100 NVL", 835.0),
+    (r"H100", "H100 SXM", 989.0),
+    (r"H200", "H200", 989.0),
+    (r"A100", "A100", 312.0),
+    (r"RTX 4090", "GeForce RTX 4090", 165.0),
+    (r"\bL4\b", "L4", 121.0),
+)
+
+# What the project promises (H100, CIFAR-10, B=100); every report says where it stands on each.
+TARGETS = {
+    "n20_patches_per_s": 115_000.0,  # end to end, n=20, B=100 (about 50% of a measured 798 TFLOP/s)
+    "speedup_vs_baseline": 30.0,  # fastemp images/s over the reference-style baseline, same run
+    "time_to_85_seconds": 45.0,  # training seconds to 85% linear-probe top-1, n=20
+    "n200_memory_gib": 78.0,  # n=200 fits on one 80 GB card
+}
+
+
+# -------------------------------------------------------------------------------------- basics
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of a non-empty sequence of numbers."""
+    values = list(values)
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for all queued work on `device` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_list(text: str | None, kind: Callable = str) -> list | None:
+    """'20,200' -> [20, 200]; None or '' -> None (the axis keeps the config's value)."""
+    if text is None or str(text).strip() == "":
+        return None
+    return [kind(item.strip()) for item in str(text).split(",") if item.strip()]
+
+
+def grid(axes: dict[str, Sequence]) -> list[dict]:
+    """Cartesian product of named axes, in the order given: [{'n': 20, 'b': 100}, ...]."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[k] for k in names))]
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line() -> str:
+    return " ".join(["fastemp", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("fastemp") else " ".join(sys.argv)
+
+
+# -------------------------------------------------------------------------------------- clocks
+
+
+class PhaseClock:
+    """Timestamps at named points of a step, read back as durations once the work is done.
+
+    CUDA: one timing event per mark on the current stream (no sync while marking). CPU:
+    perf_counter. `durations()` synchronizes once and returns [(name, seconds)] for each
+    interval between consecutive marks, named after the mark that ends it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def durations(self) -> list[tuple[str, float]]:
+        synchronize(self.device)
+        out = []
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
+            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+            out.append((name, seconds))
+        return out
+
+
+class StepMarks:
+    """Wraps a patch backend and marks the clock each time it is called (= each step's start).
+
+    Installed on a Trainer (`trainer.patches = StepMarks(trainer.patches, clock)`) it times the
+    uninstrumented Trainer.train_until step by step without adding any synchronization.
+    """
+
+    def __init__(self, backend, clock: PhaseClock):
+        self.backend, self.clock = backend, clock
+        self.name = getattr(backend, "name", "?")
+
+    def __call__(self, index, n, seed):
+        self.clock.mark("step")
+        return self.backend(index, n, seed=seed)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of fn() for `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    clock = PhaseClock(device)
+    clock.mark("start")
+    for _ in range(iters):
+        fn()
+        clock.mark("call")
+    return [seconds for _, seconds in clock.durations()]
+
+
+# ---------------------------------------------------------------------------------- peak, MFU
+
+
+def datasheet_peak(device_name: str) -> tuple[str, float] | None:
+    """(label, dense bf16 TFLOP/s) for a known GPU name, else None."""
+    for pattern, label, tflops in DATASHEET_TFLOPS:
+        if re.search(pattern, device_name or ""):
+            return label, tflops
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, size: int | None = None, iters: int = 10) -> dict:
+    """The peak this run compares against: median TFLOP/s of a size^3 matmul (bf16 GPU, fp32 CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = size or (8192 if device.type == "cuda" else 1024)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    seconds = median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters))
+    del a, b, out
+    return {"measured_tflops": 2.0 * size**3 / seconds / 1e12, "dtype": str(dtype).replace("torch.", ""),
+            "matmul_size": size, "iters": iters}
+
+
+def peak_info(device: torch.device, device_name: str, size: int | None = None) -> dict:
+    """Measured matmul peak plus the datasheet value beside it (None when the device is unknown)."""
+    info = measure_matmul_tflops(device, size)
+    sheet = datasheet_peak(device_name) if device.type == "cuda" else None
+    info.update(datasheet_label=sheet[0] if sheet else None, datasheet_tflops=sheet[1] if sheet else None,
+                datasheet_source=DATASHEET_SOURCE if sheet else None)
+    return info
+
+
+def achieved_tflops(patches_per_s: float, flops_per_patch: float) -> float:
+    """Model TFLOP/s actually delivered: patches/s x FLOPs per training patch / 1e12."""
+    return patches_per_s * flops_per_patch / 1e12
+
+
+def mfu(patches_per_s: float, flops_per_patch: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilization in [0, 1]: achieved TFLOP/s over a peak (None without a peak)."""
+    if not peak_tflops or peak_tflops <= 0:
+        return None
+    return achieved_tflops(patches_per_s, flops_per_patch) / peak_tflops
+
+
+# -------------------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory over a region: torch.cuda.max_memory_allocated on GPU, ru_maxrss delta on CPU.
+
+    ru_maxrss is the process's high-water mark, so on the CPU the delta is a lower bound (0 when an
+    earlier region already went higher); `source` says which one a number is.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.source = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss delta (lower bound)"
+        self.start_rss = 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.start_rss = _rss_bytes()
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return max(0, _rss_bytes() - self.start_rss)
+
+
+def _rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Drop cached blocks and compiled graphs between sweep points (fresh start per point)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()  # else recompilations pile up across points and hit the cache limit
+    except Exception:  # pragma: no cover - dynamo missing on exotic builds
+        pass
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA OOM, including the ones that surface as RuntimeError (cuDNN, inductor autotuning)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom) or "out of memory" in str(err).lower()
+
+
+@contextmanager
+def cached_datasets():
+    """Load each (data config, split, device) once while active: every Trainer of a sweep shares it.
+
+    Trainer and Trainer.evaluate call fastemp.train.load_split; this memoizes that name only.
+    """
+    import fastemp.train as train_module
+
+    original = train_module.load_split
+    cache: dict = {}
+
+    def load(cfg, split, device="cpu"):
+        key = (dataclasses.astuple(cfg), split, str(torch.device(device)))
+        if key not in cache:
+            cache[key] = original(cfg, split, device)
+        return cache[key]
+
+    train_module.load_split = load
+    try:
+        yield cache
+    finally:
+        train_module.load_split = original
+
+
+# -------------------------------------------------------------------------------------- targets
+
+
+def target_row(name: str, description: str, threshold: float, measured: float | None, higher_is_better: bool,
+               on_target_hardware: bool, note: str = "") -> dict:
+    """One line of 'where this run stands': measured vs threshold, met is None when not measured."""
+    met = None
+    if measured is not None:
+        met = bool(measured >= threshold) if higher_is_better else bool(measured <= threshold)
+    return {"name": name, "description": description, "threshold": threshold, "measured": measured,
+            "met": met, "on_target_hardware": on_target_hardware, "note": note}
+
+
+def on_h100(environment: dict) -> bool:
+    return "H100" in str(environment.get("device_name", ""))
+
+
+# -------------------------------------------------------------------------------------- results
+
+
+def device_slug(environment: dict) -> str:
+    """Folder name for a device: 'cpu', or e.g. 'h100-80gb-hbm3' from 'NVIDIA H100 80GB HBM3'."""
+    if not str(environment.get("device", "cpu")).startswith("cuda"):
+        return "cpu"
+    name = re.sub(r"^nvidia\s+", "", str(environment.get("device_name", "gpu")).strip(), flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def default_out_dir(environment: dict) -> Path:
+    """benchmarks/results/<device>/, relative to the current directory (the repo root)."""
+    return Path("benchmarks") / "results" / device_slug(environment)
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A table cell: numbers with sensible precision, None as 'n/a'."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """A GitHub markdown table; cells go through fmt()."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def device_label(environment: dict) -> str:
+    """'NVIDIA H100 80GB HBM3', or for the CPU its model name ('cpu' when unknown)."""
+    if str(environment.get("device", "cpu")).startswith("cuda"):
+        return str(environment.get("device_name"))
+    return f"CPU: {environment.get('cpu_model') or environment.get('device_name') or 'unknown'}"
+
+
+def environment_markdown(environment: dict) -> str:
+    keys = ["device_name", "device", "cpu_model", "driver", "cuda", "torch", "triton", "dali", "python", "cpu_threads", "commit"]
+    return "\n".join(f"- {k}: {environment.get(k)}" for k in keys if k in environment)
+
+
+def targets_markdown(targets: list[dict]) -> str:
+    if not targets:
+        return ""
+    rows = [[t["description"], t["threshold"], t["measured"],
+             {True: "met", False: "NOT met", None: "not measured"}[t["met"]],
+             "yes" if t["on_target_hardware"] else "no (targets are for H100)", t["note"]] for t in targets]
+    return "## Targets\n\n" + markdown_table(["target", "threshold", "measured", "status", "on H100", "note"], rows)
+
+
+def finite_or_none(obj):
+    """A copy of a JSON-ready structure with NaN/inf floats replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_results(out_dir: Path, name: str, result: dict, markdown: str) -> tuple[Path, Path]:
+    """<out_dir>/<name>.json (every number; strict JSON, no NaN) and <name>.md; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    text = json.dumps(finite_or_none(result), indent=2, default=_json_default, allow_nan=False)
+    json_path.write_text(text + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def cpu_model() -> str | None:
+    """The processor's marketing name from /proc/cpuinfo (Linux), else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def base_result(benchmark: str, environment: dict) -> dict:
+    """The fields every result file starts with."""
+    environment = {**environment, "device_slug": device_slug(environment), "cpu_model": cpu_model()}
+    return {"benchmark": benchmark, "schema_version": 1, "created": now_iso(), "command": command_line(),
+            "environment": environment}

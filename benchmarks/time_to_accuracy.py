@@ -1,0 +1,162 @@
+"""`fastemp bench time-to-accuracy`: training seconds until the linear probe reaches a target.
+
+Trains with Trainer.train_until in chunks of `eval_every` steps and runs Trainer.evaluate (the
+config's eval protocol: eval.mode, eval.patches, eval.probe_epochs) after each chunk. Evaluation
+time is kept off the training clock and reported separately. The training clock is the Trainer's
+own (warm-up + timed steps, each chunk ending in a sync); the very first step, which includes
+compilation, is reported apart and the target is judged on the clock without it (both are in
+the JSON). The reported time is that of the first evaluation at or above the target, so it is an
+upper bound at the resolution of `eval_every` steps. Stops at the target or at the end of the
+config's schedule (train.epochs / train.max_steps; the cosine schedule spans all of it).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from fastemp import runs
+from fastemp.config import Config, to_dict
+from fastemp.train import Trainer
+
+from . import common
+
+
+def eval_schedule(total_steps: int, eval_every: int) -> list[int]:
+    """The steps after which to evaluate: every eval_every steps, and the last step."""
+    if eval_every <= 0:
+        raise ValueError(f"eval_every must be positive, got {eval_every}")
+    stops = list(range(eval_every, total_steps, eval_every))
+    return stops + [total_steps]
+
+
+def training_clock(trainer: Trainer) -> float:
+    """Seconds spent in training steps so far (the Trainer's clock; evaluation is never on it)."""
+    return trainer.warmup_seconds + trainer.train_seconds
+
+
+def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = None,
+                         max_wall_seconds: float | None = None) -> dict:
+    """Train until the linear probe reaches `target` top-1; every number of the run.
+
+    max_wall_seconds (training + evaluation + setup) stops an unfinished run early, still
+    writing its results (for remote calls with a hard time limit).
+    """
+    wall_start = time.perf_counter()
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.at_end = False
+    with common.cached_datasets():
+        trainer = Trainer(cfg, None, progress=False)
+        environment = runs.environment(trainer.device)
+        eval_every = eval_every or max(1, trainer.steps_per_epoch // 2)
+        trainer.train_until(1)
+        first_step = training_clock(trainer)
+        evals, reached, stopped_early = [], None, False
+        for stop in eval_schedule(trainer.total_steps, eval_every):
+            trainer.train_until(stop)
+            start = time.perf_counter()
+            metrics = trainer.evaluate()
+            eval_seconds = time.perf_counter() - start
+            clock = training_clock(trainer)
+            evals.append({"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch,
+                          "images_seen": trainer.step * cfg.train.batch_size, "train_seconds": clock,
+                          "train_seconds_excl_first_step": clock - first_step, "eval_seconds": eval_seconds,
+                          **metrics})
+            print(f"step {trainer.step}: linear top-1 {metrics['linear_top1']:.4f} after "
+                  f"{clock - first_step:.1f} s of training (+{first_step:.1f} s first step)", flush=True)
+            if metrics["linear_top1"] >= target:
+                reached = evals[-1]
+                break
+            if max_wall_seconds and time.perf_counter() - wall_start > max_wall_seconds:
+                stopped_early = True
+                break
+        data = trainer.train_set.description
+        test_data = describe_test_split(cfg, trainer)
+    result = {**common.base_result("time_to_accuracy", environment),
+              "config": to_dict(cfg), "target": target, "reached": reached is not None,
+              "stopped_at_wall_limit": stopped_early, "max_wall_seconds": max_wall_seconds,
+              "train_seconds": reached["train_seconds_excl_first_step"] if reached else None,
+              "train_seconds_incl_first_step": reached["train_seconds"] if reached else None,
+              "first_step_seconds": first_step,
+              "epochs": reached["epoch"] if reached else None,
+              "steps": reached["step"] if reached else None,
+              "images_seen": reached["images_seen"] if reached else None,
+              "eval_seconds_total": sum(e["eval_seconds"] for e in evals),
+              "final_linear_top1": evals[-1]["linear_top1"],
+              "protocol": {"eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches if cfg.eval.mode == "patches" else None,
+                           "probe_epochs": cfg.eval.probe_epochs, "probe_lr": cfg.eval.probe_lr,
+                           "eval_every_steps": eval_every, "metric": "linear_top1 (final probe epoch, test split)"},
+              "data": data, "test_data": test_data,
+              "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size,
+              "images_per_s": trainer.images_per_second(),
+              "evals": evals}
+    result["targets"] = tta_targets(result, environment)
+    return result
+
+
+def describe_test_split(cfg: Config, trainer: Trainer) -> str:
+    import fastemp.train as train_module
+
+    return train_module.load_split(cfg.data, "test", trainer.device).description
+
+
+def tta_targets(result: dict, environment: dict) -> list[dict]:
+    """Where the run stands on 'time to 85% <= 45 s' (only when this run's target is 85% at n=20)."""
+    if abs(result["target"] - 0.85) > 1e-9 or result["n_patches"] != 20:
+        return []
+    row = common.target_row("time_to_85_seconds", "training seconds to 85% linear probe (n=20)",
+                            common.TARGETS["time_to_85_seconds"], result["train_seconds"], False,
+                            common.on_h100(environment) and result["batch_size"] == 100,
+                            "first step (compile) excluded; data: " + result["data"])
+    if not result["reached"]:
+        why = "the wall-clock limit" if result["stopped_at_wall_limit"] else "the schedule"
+        row.update(met=False, note=f"target not reached within {why}")
+    return [row]
+
+
+def tta_markdown(result: dict) -> str:
+    env, proto = result["environment"], result["protocol"]
+    status = (f"reached {result['target']:.0%} after **{result['train_seconds']:.1f} s** of training "
+              f"({result['epochs']:.2f} epochs, {result['images_seen']:,} images; first step "
+              f"{result['first_step_seconds']:.1f} s excluded)" if result["reached"]
+              else f"did NOT reach {result['target']:.0%} (final linear top-1 {result['final_linear_top1']:.4f}"
+                   + (", stopped at the wall-clock limit)" if result["stopped_at_wall_limit"] else ")"))
+    lines = [f"# Time to {result['target']:.0%}: {common.device_label(env)} ({env.get('device')})", "",
+             f"- result: {status}",
+             f"- data: {result['data']}; test: {result['test_data']}",
+             f"- n={result['n_patches']}, B={result['batch_size']}, {result['images_per_s']:.0f} images/s while training",
+             f"- evaluation: {proto['eval_mode']}, eval patches {proto['eval_patches']}, probe epochs "
+             f"{proto['probe_epochs']}, every {proto['eval_every_steps']} steps; evaluation time "
+             f"{result['eval_seconds_total']:.1f} s in total, not on the training clock", ""]
+    rows = [[e["step"], e["epoch"], e["images_seen"], e["train_seconds_excl_first_step"], e["linear_top1"],
+             e["eval_seconds"]] for e in result["evals"]]
+    lines += [common.markdown_table(["step", "epoch", "images", "train s", "linear top-1", "eval s"], rows), ""]
+    if result["targets"]:
+        lines += [common.targets_markdown(result["targets"]), ""]
+    lines += ["## Environment", "", common.environment_markdown(env)]
+    return "\n".join(lines)
+
+
+def plot_accuracy(result: dict, path: Path) -> Path | None:
+    """PNG of linear top-1 vs training seconds with the target line; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    evals = result["evals"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["train_seconds_excl_first_step"] for e in evals], [e["linear_top1"] for e in evals], marker="o")
+    ax.axhline(result["target"], color="gray", linestyle="--", label=f"target {result['target']:.0%}")
+    ax.set_xlabel("training seconds (first step excluded)")
+    ax.set_ylabel("linear probe top-1")
+    ax.set_title(f"{common.device_label(result['environment'])}, n={result['n_patches']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,127 @@
+"""`fastemp tune`: find the fastest settings for your card and write them as a config you can train.
+
+Objective: end-to-end training images/s (the uninstrumented Trainer.train_until, median step
+time, as `fastemp bench throughput` measures it) at YOUR n_patches. n is part of the method (it
+changes what the model learns and the accuracy per epoch), so it is only swept when you pass
+--n. The batch size is swept, but it is part of the method too: the TCR term and BatchNorm see
+B images and an epoch has N/B steps, and the learning rate is NOT rescaled; pass --batch with a
+single value to keep yours. Backend and compile mode change only speed (and, for DALI, the
+augmentation's small documented differences).
+
+Memory: a point whose peak (torch.cuda.max_memory_allocated, dataset and model included) exceeds
+the budget (default 90% of the card, leaving room for the CUDA context and allocator caching) or
+runs out of memory is retried with twice the gradient-cache chunks (exact same gradients, less
+memory, some recompute), up to n chunks. On the CPU there is no budget.
+
+The winner is written as YAML (the base config with the winning values; train with
+`fastemp train --config tuned.yaml`) and every point as JSON beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+
+from fastemp import runs
+from fastemp.config import Config, apply_overrides, to_dict
+from fastemp.train import resolve_device
+
+from . import common
+from .throughput import AXES, run_point, sweep_points
+
+
+def default_budget_bytes(device: torch.device) -> int | None:
+    """90% of the card's memory on CUDA, no budget on the CPU."""
+    if device.type != "cuda":
+        return None
+    return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+
+
+def fits(row: dict, budget: int | None) -> bool:
+    """A measured point that ran and stayed within the memory budget."""
+    if row["status"] != "ok":
+        return False
+    return budget is None or row["peak_memory_bytes"] <= budget
+
+
+def measure_fitting(base: Config, point: dict, device: str, budget: int | None, warmup: int, steps: int,
+                    peak: dict, max_doublings: int = 3) -> list[dict]:
+    """Measure a point; when it does not fit, retry with doubled grad_chunks. All attempts returned."""
+    attempts = []
+    point = dict(point)
+    for _ in range(max_doublings + 1):
+        row = run_point(base, point, device, warmup, steps, split_steps=0, peak=peak)
+        row["fits_budget"] = fits(row, budget)
+        attempts.append(row)
+        over = row["status"] == "oom" or (row["status"] == "ok" and not row["fits_budget"])
+        if not over or point["grad_chunks"] >= point["n_patches"]:
+            break
+        point["grad_chunks"] = min(point["n_patches"], 2 * point["grad_chunks"])
+    return attempts
+
+
+def best_point(rows: list[dict]) -> dict | None:
+    """The fastest point that fits, by end-to-end images/s."""
+    candidates = [r for r in rows if r.get("fits_budget")]
+    return max(candidates, key=lambda r: r["images_per_s"], default=None)
+
+
+def tuned_config(base: Config, best: dict) -> Config:
+    """The base config with the winning values, 'auto' resolved (device, schedule, the rest kept)."""
+    cfg = copy.deepcopy(base)
+    values = {**{axis: best[axis] for axis in AXES}, **{k: best["resolved"][k] for k in ("backend", "compile", "precision")}}
+    apply_overrides(cfg, [f"{key}={values[axis]}" for axis, key in AXES.items()])
+    cfg.name = f"{base.name}_tuned"
+    return cfg
+
+
+def write_tuned_yaml(cfg: Config, best: dict, environment: dict, path: Path) -> Path:
+    """The config as YAML, headed by a comment saying what was measured where."""
+    header = [f"# Written by `fastemp tune` on {common.device_label(environment)} ({environment.get('device')}), "
+              f"{common.now_iso()}.",
+              f"# Fastest point within the memory budget: {best['images_per_s']:.1f} images/s end to end "
+              f"(n={best['n_patches']}, B={best['batch_size']}, backend={best['resolved']['backend']}, "
+              f"compile={best['resolved']['compile']}, grad_chunks={best['grad_chunks']}).",
+              "# Train with: fastemp train --config <this file>"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def run_tune(base: Config, axes: dict[str, list | None], device: str = "auto", budget_gib: float | None = None,
+             warmup: int = 3, steps: int = 20) -> dict:
+    """Sweep, pick the fastest point that fits; returns the JSON-ready result with 'best' and 'config'."""
+    dev = resolve_device(device)
+    environment = runs.environment(dev)
+    budget = int(budget_gib * 2**30) if budget_gib else default_budget_bytes(dev)
+    peak = common.peak_info(dev, environment.get("device_name", ""))
+    rows = []
+    with common.cached_datasets():
+        for point in sweep_points(base, axes):
+            rows += measure_fitting(base, point, device, budget, warmup, steps, peak)
+    best = best_point(rows)
+    result = {**common.base_result("tune", environment),
+              "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
+              "memory_budget_bytes": budget, "axes": {k: v for k, v in axes.items() if v},
+              "settings": {"warmup_steps": warmup, "timed_steps": steps},
+              "points": rows, "best": best,
+              "config": to_dict(tuned_config(base, best)) if best else None}
+    return result
+
+
+def tune_markdown(result: dict) -> str:
+    env = result["environment"]
+    budget = result["memory_budget_bytes"]
+    rows = [[r["n_patches"], r["batch_size"], r["backend"], r["compile"], r["grad_chunks"], r["status"],
+             r.get("images_per_s"), r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") is not None else None,
+             r.get("fits_budget")] for r in result["points"]]
+    lines = [f"# Tune: {common.device_label(env)} ({env.get('device')})", "",
+             f"- objective: {result['objective']}",
+             f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)", "",
+             common.markdown_table(["n", "B", "backend", "compile", "chunks", "status", "images/s", "peak GiB",
+                                    "fits"], rows)]
+    return "\n".join(lines)
