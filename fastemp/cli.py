@@ -106,7 +106,14 @@ def _extensions():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`eval RUN --knn eval.probe_epochs=10`): argparse leaves those over
+    args, rest = parser.parse_known_args(argv)
+    late = [a for a in rest if "=" in a and not a.startswith("-")]
+    if len(late) < len(rest) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = list(args.overrides) + late
     try:
         return args.func(args)
     except (ConfigError, FileExistsError) as err:

@@ -46,7 +46,10 @@ class Trainer:
         on_cuda = self.device.type == "cuda"
         self.precision = {"auto": "bf16" if on_cuda else "fp32"}.get(cfg.model.precision, cfg.model.precision)
         self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
-        self.channels_last = cfg.model.channels_last
+        # oneDNN's NHWC 1x1 stride-2 conv backward-weights hangs or returns wrong gradients when the input has
+        # fewer channels than its ISA block (8 on AVX2, 16 on AVX-512): uxlfoundation/oneDNN#6035. The first
+        # downsample shortcut sees `width` channels, so toy widths stay NCHW on CPU.
+        self.channels_last = cfg.model.channels_last and (on_cuda or cfg.model.width >= 16)
         self.compile_mode = {"auto": "default" if on_cuda else "none"}.get(cfg.model.compile, cfg.model.compile)
 
         self.train_set = load_split(cfg.data, "train", self.device)
