@@ -293,7 +293,7 @@ def throughput_markdown(result: dict) -> str:
     lines = [f"# Throughput: {common.device_label(env)} ({env.get('device')})", "",
              f"- data: {result['data']}",
              f"- FLOPs per training patch: {result['flops_per_patch'] / 1e9:.3f} GFLOP (fastemp.model.flops_per_patch)",
-             f"- measured peak: {peak['measured_tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['matmul_size']}^3 matmul, "
+             f"- measured peak: {common.fmt(peak['measured_tflops'])} TFLOP/s ({peak['dtype']} {peak['matmul_size']}^3 matmul, "
              f"this run); datasheet: {sheet}",
              f"- timing: median over {result['settings']['timed_steps']} timed steps after "
              f"{result['settings']['warmup_steps']} warm-up steps; first step (compile) reported apart", ""]
