@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,9 +45,27 @@ def _pct(x):
 
 def _mem(point: dict, env: dict) -> str:
     nbytes = point.get("peak_memory_bytes")
-    if nbytes is None or not str(env.get("device", "")).startswith("cuda"):
+    if nbytes is None:
         return "n/a"
-    return f"{nbytes / 2**30:.1f}"
+    if str(env.get("device", "")).startswith("cuda"):
+        return f"{nbytes / 2**30:.1f}"
+    return f">= {nbytes / 2**30:.2f} (RSS)"  # a process's RSS growth: a lower bound of what the step needs
+
+
+def _short_data(description: str) -> str:
+    """'imagefolder (/x/cifar10-jpeg.tar.gz, decoded ...), train, 50000 images, ...' -> 'imagefolder cifar10-jpeg.tar.gz, 50000 images'."""
+    source = description.split(" ", 1)[0]
+    detail = re.match(r"\S+ \(([^,)]*)", description)
+    if detail and "/" in detail.group(1):
+        source += " " + detail.group(1).rsplit("/", 1)[-1]
+    images = re.search(r"(\d+) images", description)
+    return f"{source}, {images.group(1)} images" if images else source
+
+
+def _large_n(r: dict, point: dict) -> str:
+    if point["grad_chunks"] > 1:
+        return f"grad cache x{point['grad_chunks']}"
+    return "act. checkpoint" if r["config"]["train"].get("checkpoint_activations") else "-"
 
 
 def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
@@ -59,8 +78,8 @@ def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
         for p in r["points"]:
             if p["status"] != "ok":
                 continue
-            rows.append([device_label(env), r["data"], p["n_patches"], p["batch_size"],
-                         p["resolved"]["backend"], p["resolved"]["compile"], p["resolved"]["precision"],
+            rows.append([device_label(env), _short_data(r["data"]), p["n_patches"], p["batch_size"],
+                         p["resolved"]["backend"], p["resolved"]["compile"], p["resolved"]["precision"], _large_n(r, p),
                          p["images_per_s"], p["patches_per_s"], p["achieved_tflops"],
                          f"{_pct(p['mfu'])} of {fmt(peak['measured_tflops'])}",
                          _mem(p, env), fmt(p.get("speedup_vs_baseline")), _rel(path, root)])
@@ -74,7 +93,7 @@ def tta_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
         if r["benchmark"] != "time_to_accuracy":
             continue
         proto = r["protocol"]
-        rows.append([device_label(r["environment"]), r["data"], r["n_patches"], f"{r['target']:.0%}",
+        rows.append([device_label(r["environment"]), _short_data(r["data"]), r["n_patches"], f"{r['target']:.0%}",
                      fmt(r["train_seconds"]) if r["reached"] else "not reached", fmt(r["epochs"]),
                      _protocol(proto),
                      _rel(path, root)])
@@ -102,7 +121,7 @@ def render_tables(results_dir: Path, root: Path | None = None) -> str:
     if rows:
         lines += ["Throughput (end to end, median step; MFU against a matmul measured in the same run, bf16 on GPU, "
                   "fp32 on CPU; CPU numbers are noisy, shared cores):", "",
-                  markdown_table(["device", "data", "n", "B", "backend", "compile", "precision", "images/s",
+                  markdown_table(["device", "data", "n", "B", "backend", "compile", "precision", "large n", "images/s",
                                   "patches/s", "TFLOP/s", "MFU", "peak GiB", "x baseline", "source"], rows), ""]
     rows = tta_rows(results, root)
     if rows:

@@ -7,6 +7,9 @@ and the baseline and instrumented step are checked to compute what fastemp compu
 
 import json
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +110,11 @@ def check_common(result: dict, benchmark: str) -> None:
     check_keys(result["environment"], ENVIRONMENT, "environment")
 
 
+def check_each(result: dict, key: str, schema) -> None:
+    for i, row in enumerate(result[key]):
+        check_keys(row, schema, f"{key}[{i}]")
+
+
 def check_throughput_schema(result: dict) -> None:
     check_common(result, "throughput")
     check_keys(result, THROUGHPUT, "throughput")
@@ -121,25 +129,21 @@ def check_throughput_schema(result: dict) -> None:
     for i, base in enumerate(result["baselines"]):
         if base["status"] == "ok":
             check_keys(base, BASELINE_OK, f"baselines[{i}]")
-    for i, target in enumerate(result["targets"]):
-        check_keys(target, TARGET, f"targets[{i}]")
+    check_each(result, "targets", TARGET)
 
 
 def check_kernels_schema(result: dict) -> None:
     check_common(result, "kernels")
     check_keys(result, KERNELS, "kernels")
-    for i, row in enumerate(result["rows"]):
-        check_keys(row, KERNEL_ROW, f"rows[{i}]")
-    for i, row in enumerate(result["augmentation"]):
-        check_keys(row, AUG_ROW, f"augmentation[{i}]")
+    check_each(result, "rows", KERNEL_ROW)
+    check_each(result, "augmentation", AUG_ROW)
 
 
 def check_tta_schema(result: dict) -> None:
     check_common(result, "time_to_accuracy")
     check_keys(result, TTA, "time_to_accuracy")
     check_keys(result["protocol"], PROTOCOL, "protocol")
-    for i, row in enumerate(result["evals"]):
-        check_keys(row, EVAL, f"evals[{i}]")
+    check_each(result, "evals", EVAL)
 
 
 def test_schema_check_rejects_bad_results():
@@ -399,3 +403,27 @@ def test_report_regenerates_the_readme_table(throughput_run, tmp_path, capsys):
 def test_strict_json_has_no_nan(tmp_path):
     json_path, _ = common.write_results(tmp_path, "x", {"a": float("nan"), "b": [math.inf, 1.0]}, "# x")
     assert load_strict_json(json_path) == {"a": None, "b": [None, 1.0]}
+
+
+GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+def test_gpu_suite_rejects_unknown_parts_and_writes_the_environment_anywhere(tmp_path):
+    bad = subprocess.run(["bash", str(GPU_SUITE), "bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    env = subprocess.run(["bash", str(GPU_SUITE), "env", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "FASTEMP_CIFAR10_JPEG": str(tmp_path / "absent.tar.gz")})
+    assert env.returncode == 0, env.stderr
+    assert "DALI" in (tmp_path / "dali-status.txt").read_text()
+    assert "torch" in (tmp_path / "pip-freeze.txt").read_text()
+    assert (tmp_path / "nvidia-smi.txt").is_file()
+
+
+def test_report_shortens_data_descriptions():
+    from fastemp.benchmarks.report import _short_data
+
+    long = ("imagefolder (/data/x/cifar10-jpeg.tar.gz, decoded with DALI on cpu, from cache /c/a.npy), train, "
+            "50000 images, 10 classes")
+    assert _short_data(long) == "imagefolder cifar10-jpeg.tar.gz, 50000 images"
+    assert _short_data("synthetic (shapes and textures, 32x32, seed 0), train, 2000 images, 10 classes") == \
+        "synthetic, 2000 images"

@@ -15,18 +15,7 @@ from fastemp import patches_torch as pt
 from fastemp.config import AugmentConfig
 from fastemp.patches import make_patch_backend
 
-OFF = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-def aug_off(**kw) -> AugmentConfig:
-    """Every random op off and normalisation the identity, except what `kw` turns back on."""
-    return dataclasses.replace(AugmentConfig(), **{**OFF, **kw})
-
-
-def random_images(n=8, h=32, w=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+from augment_helpers import aug_off, binomial_ok, random_images
 
 
 def rand01(shape, seed=0):
@@ -302,10 +291,6 @@ def test_augment_matches_composed_reference():
         if prm.solarize[p]:
             x = torch.where(x >= 128 / 255, 1 - x, x)
         torch.testing.assert_close(out[p].double(), (x - mean) / std, rtol=0, atol=1e-4)
-
-
-def binomial_ok(count, n, p, k=5.0):
-    return abs(count - n * p) <= k * math.sqrt(n * p * (1 - p)) + 1
 
 
 def test_parameter_frequencies_and_ranges():
