@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.config import AugmentConfig, Config
-from fastemp.lars import LARS, lars_param_groups
+from fastemp.lars import build_lars
 from fastemp.losses import LossTerms
 from fastemp.model import build_model
 from fastemp.patches_torch import augment, sample_params
@@ -44,13 +44,18 @@ def coding_rate_dxd(z_i: torch.Tensor, eps: float) -> torch.Tensor:
     return 0.5 * torch.logdet(eye + (d / (b * eps)) * (w @ w.T))
 
 
+def loop_tcr(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
+    """The baseline's -mean_i R(Z_i): one d x d logdet per patch group in Python."""
+    return -sum(coding_rate_dxd(z[i], eps) for i in range(z.shape[0])) / z.shape[0]
+
+
 def baseline_loss_terms(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0,
                         tcr_weight: float = 1.0) -> LossTerms:
     """The EMP-SSL loss of unit rows z (n, B, d), one patch group at a time in Python loops."""
     n = z.shape[0]
     zbar = z.mean(dim=0)
     sim = sum(-F.cosine_similarity(z[i], zbar, dim=1).mean() for i in range(n)) / n
-    tcr = sum(-coding_rate_dxd(z[i], eps) for i in range(n)) / n
+    tcr = loop_tcr(z, eps)
     return LossTerms(invariance_weight * sim + tcr_weight * tcr, sim, tcr)
 
 
@@ -112,9 +117,7 @@ class BaselineStep:
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.device = cfg, device
         self.model = build_model(cfg.model).to(device)
-        o = cfg.optim
-        self.optimizer = LARS(lars_param_groups(self.model), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                              weight_decay=o.weight_decay, eta=o.lars_eta, clip=o.lars_clip)
+        self.optimizer = build_lars(self.model, cfg.optim)
 
     def __call__(self, batch: torch.Tensor) -> LossTerms:
         n = batch.shape[1]

@@ -18,8 +18,6 @@ import dataclasses
 import datetime
 import gc
 import itertools
-import json
-import math
 import re
 import resource
 import statistics
@@ -30,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from fastemp import runs
 
 # Dense (no sparsity) BF16 tensor-core TFLOP/s from NVIDIA's product datasheets. Matched against
 # torch.cuda.get_device_name() in order: the first pattern that matches wins.
@@ -348,34 +348,14 @@ def targets_markdown(targets: list[dict]) -> str:
     return "## Targets\n\n" + markdown_table(["target", "threshold", "measured", "status", "on H100", "note"], rows)
 
 
-def finite_or_none(obj):
-    """A copy of a JSON-ready structure with NaN/inf floats replaced by None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
 def write_results(out_dir: Path, name: str, result: dict, markdown: str) -> tuple[Path, Path]:
     """<out_dir>/<name>.json (every number; strict JSON, no NaN) and <name>.md; returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    text = json.dumps(finite_or_none(result), indent=2, default=_json_default, allow_nan=False)
-    json_path.write_text(text + "\n")
+    runs.write_json(json_path, result)
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
-
-
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 def cpu_model() -> str | None:

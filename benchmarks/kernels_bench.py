@@ -32,7 +32,7 @@ from fastemp.patches import dali_available, make_patch_backend
 from fastemp.train import resolve_device
 
 from . import common
-from .baseline import augmentation_patches_per_s, coding_rate_dxd
+from .baseline import augmentation_patches_per_s, loop_tcr
 
 
 # ------------------------------------------------------------------------------ implementations
@@ -50,11 +50,6 @@ def triton_invariance(p: torch.Tensor) -> torch.Tensor:
 def cholesky_tcr(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
     """fastemp: -mean_i R(Z_i) with one batched Cholesky."""
     return -total_coding_rate(z, eps).mean()
-
-
-def loop_tcr(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
-    """The baseline: -mean_i R(Z_i), one d x d logdet per patch group in Python."""
-    return -sum(coding_rate_dxd(z[i], eps) for i in range(z.shape[0])) / z.shape[0]
 
 
 def cosine_impls(device: torch.device, compile_torch: bool) -> list[tuple[str, object, bool, str]]:

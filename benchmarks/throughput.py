@@ -23,19 +23,14 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from contextlib import nullcontext
-
-import torch
 
 import fastemp.train as train_module
 from fastemp import runs
 from fastemp.config import Config, apply_overrides, to_dict
-from fastemp.gradcache import chunk_bounds
-from fastemp.lars import cosine_lr
 from fastemp.losses import LossTerms, projection_loss_terms
-from fastemp.model import flops_per_patch, frozen_batchnorm_stats
+from fastemp.model import flops_per_patch
 from fastemp.patches import dali_available
-from fastemp.train import Trainer, mix_seed, resolve_device
+from fastemp.train import Trainer, resolve_device
 
 from . import common
 from .baseline import measure_baseline
@@ -83,42 +78,22 @@ def instrumented_step(trainer: Trainer, clock: common.PhaseClock) -> LossTerms:
     Computes the same update as an uninstrumented train_until step (tests check parameters
     agree after one step): same batch, augmentation seed, learning rate and loss.
     """
-    cfg, t = trainer.cfg, trainer.cfg.train
-    n, step = t.n_patches, trainer.step
-    lr = cosine_lr(step, trainer.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
-    amp = (torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype) if trainer.autocast_dtype
-           else nullcontext())
-
+    n, step = trainer.cfg.train.n_patches, trainer.step
     clock.mark("start")
-    patches = trainer.patches(trainer.batch_index(step), n, seed=mix_seed(t.seed, 2, step))
-    patches = patches if trainer.channels_last else patches.contiguous()
+    patches = trainer.begin_step(step)
     clock.mark("data")
-    bounds = chunk_bounds(n, patches.shape[0] // n, t.grad_chunks) if t.grad_chunks > 1 else None
-    if bounds:  # gradient cache pass 1: no-grad forward of every chunk
-        with torch.no_grad(), frozen_batchnorm_stats(trainer.model):
-            outs = []
-            for lo, hi in bounds:
-                with amp:
-                    outs.append(trainer.forward(patches[lo:hi]))
-        p = torch.cat(outs)
-    else:
-        with amp:
+    if trainer.cfg.train.grad_chunks > 1:  # the gradient cache marks its own phases
+        terms = trainer.forward_backward(patches, mark=clock.mark)
+    else:  # the loss's backward apart from the model's, through a leaf at p
+        with trainer.autocast():
             p = trainer.forward(patches)
-    clock.mark("forward")
-    leaf = p.detach().requires_grad_(True)
-    terms = projection_loss_terms(leaf.view(n, -1, leaf.shape[-1]), cfg.loss, trainer.fused)
-    terms.total.backward()
-    clock.mark("loss")
-    if bounds:  # pass 2: re-forward each chunk with grad and backprop its slice of dL/dp
-        for lo, hi in bounds:
-            with amp:
-                p_chunk = trainer.forward(patches[lo:hi])
-            p_chunk.backward(leaf.grad[lo:hi].to(p_chunk.dtype))
-    else:
+        clock.mark("forward")
+        leaf = p.detach().requires_grad_(True)
+        terms = projection_loss_terms(leaf.view(n, -1, leaf.shape[-1]), trainer.cfg.loss, trainer.fused)
+        terms.total.backward()
+        clock.mark("loss")
         p.backward(leaf.grad)
-    clock.mark("backward")
+        clock.mark("backward")
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     clock.mark("optimizer")

@@ -46,33 +46,32 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
     wall_start = time.perf_counter()
     cfg = copy.deepcopy(cfg)
     cfg.eval.at_end = False
-    with common.cached_datasets():
-        trainer = Trainer(cfg, None, progress=False)
-        environment = runs.environment(trainer.device)
-        eval_every = eval_every or max(1, trainer.steps_per_epoch // 2)
-        trainer.train_until(1)
-        first_step = training_clock(trainer)
-        evals, reached, stopped_early = [], None, False
-        for stop in eval_schedule(trainer.total_steps, eval_every):
-            trainer.train_until(stop)
-            start = time.perf_counter()
-            metrics = trainer.evaluate()
-            eval_seconds = time.perf_counter() - start
-            clock = training_clock(trainer)
-            evals.append({"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch,
-                          "images_seen": trainer.step * cfg.train.batch_size, "train_seconds": clock,
-                          "train_seconds_excl_first_step": clock - first_step, "eval_seconds": eval_seconds,
-                          **metrics})
-            print(f"step {trainer.step}: linear top-1 {metrics['linear_top1']:.4f} after "
-                  f"{clock - first_step:.1f} s of training (+{first_step:.1f} s first step)", flush=True)
-            if metrics["linear_top1"] >= target:
-                reached = evals[-1]
-                break
-            if max_wall_seconds and time.perf_counter() - wall_start > max_wall_seconds:
-                stopped_early = True
-                break
-        data = trainer.train_set.description
-        test_data = describe_test_split(cfg, trainer)
+    trainer = Trainer(cfg, None, progress=False)
+    environment = runs.environment(trainer.device)
+    eval_every = eval_every or max(1, trainer.steps_per_epoch // 2)
+    trainer.train_until(1)
+    first_step = training_clock(trainer)
+    evals, reached, stopped_early = [], None, False
+    for stop in eval_schedule(trainer.total_steps, eval_every):
+        trainer.train_until(stop)
+        start = time.perf_counter()
+        metrics = trainer.evaluate()
+        eval_seconds = time.perf_counter() - start
+        clock = training_clock(trainer)
+        evals.append({"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch,
+                      "images_seen": trainer.step * cfg.train.batch_size, "train_seconds": clock,
+                      "train_seconds_excl_first_step": clock - first_step, "eval_seconds": eval_seconds,
+                      **metrics})
+        print(f"step {trainer.step}: linear top-1 {metrics['linear_top1']:.4f} after "
+              f"{clock - first_step:.1f} s of training (+{first_step:.1f} s first step)", flush=True)
+        if metrics["linear_top1"] >= target:
+            reached = evals[-1]
+            break
+        if max_wall_seconds and time.perf_counter() - wall_start > max_wall_seconds:
+            stopped_early = True
+            break
+    data = trainer.train_set.description
+    test_data = trainer.test_set.description
     result = {**common.base_result("time_to_accuracy", environment),
               "config": to_dict(cfg), "target": target, "reached": reached is not None,
               "stopped_at_wall_limit": stopped_early, "max_wall_seconds": max_wall_seconds,
@@ -93,12 +92,6 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
               "evals": evals}
     result["targets"] = tta_targets(result, environment)
     return result
-
-
-def describe_test_split(cfg: Config, trainer: Trainer) -> str:
-    import fastemp.train as train_module
-
-    return train_module.load_split(cfg.data, "test", trainer.device).description
 
 
 def tta_targets(result: dict, environment: dict) -> list[dict]:

@@ -171,10 +171,7 @@ def _cosine_reference(p: torch.Tensor):
     """float64 loss, gradient and cosines on p's exact (possibly bf16-rounded) values."""
     p64 = p.detach().double()
     loss, grad = _grad_of(lambda q: reference.reference_invariance_loss(F.normalize(q, dim=-1)), p64)
-    z = F.normalize(p64, dim=-1)
-    zbar = z.mean(0)
-    cos = (z * zbar).sum(-1) / (z.norm(dim=-1) * zbar.norm(dim=-1))
-    return loss, grad, cos
+    return loss, grad, reference.reference_cosines(F.normalize(p64, dim=-1))
 
 
 def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:

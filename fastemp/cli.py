@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, save_config
 
 
 def _print_summary(summary: dict) -> None:
@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = runs.create_run_dir(args.out or Path("runs") / cfg.name, force=args.force)
-    runs.write_config(run_dir, cfg)
+    save_config(cfg, run_dir / "config.yaml")
     summary = run_training(cfg, run_dir, progress=not args.no_progress)
     print(f"run folder: {run_dir}")
     _print_summary(summary)

@@ -98,7 +98,8 @@ def linear_probe(
             loss.backward()
             opt.step()
         with torch.no_grad():
-            curve.append((probe(test_x).argmax(1) == test_y).float().mean().item())
+            curve.append((probe(test_x).argmax(1) == test_y).float().mean())
+    curve = torch.stack(curve).tolist()  # one host sync, not one per epoch
     return ProbeResult(curve[-1], max(curve), curve)
 
 
@@ -111,13 +112,13 @@ def knn_top1(
     train_x = F.normalize(train_x, dim=1)
     test_x = F.normalize(test_x, dim=1)
     k = min(k, train_x.shape[0])
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=test_x.device)
     for start in range(0, test_x.shape[0], chunk):
         sim, idx = (test_x[start:start + chunk] @ train_x.T).topk(k, dim=1)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
-    return correct / test_x.shape[0]
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum()
+    return correct.item() / test_x.shape[0]
 
 
 def evaluate_encoder(

@@ -38,12 +38,15 @@ def gradient_cache_step(
     loss_fn: Callable[[torch.Tensor], LossTerms],
     amp: AbstractContextManager,
     model: nn.Module | None = None,
+    mark: Callable[[str], None] | None = None,
 ) -> LossTerms:
     """Loss terms of one step; parameter gradients accumulated as if all patches ran at once.
 
     `forward` may be the compiled model; `model` is the module whose BatchNorm layers it runs
-    (defaults to `forward` itself when that is an nn.Module).
+    (defaults to `forward` itself when that is an nn.Module). `mark(phase)` is called after each
+    phase ("forward", "loss", "backward"): the benchmarks' step split times them.
     """
+    mark = mark or (lambda phase: None)
     model = model if model is not None else forward
     batch = patches.shape[0] // n
     bounds = chunk_bounds(n, batch, chunks)
@@ -53,11 +56,14 @@ def gradient_cache_step(
             with amp:
                 outs.append(forward(patches[lo:hi]))
     p = torch.cat(outs).detach().requires_grad_(True)
+    mark("forward")
     terms = loss_fn(p.view(n, batch, -1))
     terms.total.backward()
     grad = p.grad
+    mark("loss")
     for lo, hi in bounds:
         with amp:
             p_chunk = forward(patches[lo:hi])
         p_chunk.backward(grad[lo:hi].to(p_chunk.dtype))
+    mark("backward")
     return LossTerms(terms.total.detach(), terms.invariance.detach(), terms.tcr.detach())

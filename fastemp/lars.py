@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from .config import OptimConfig
+
 
 class LARS(torch.optim.SGD):
     def __init__(
@@ -70,6 +72,12 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
     weights = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": weights, "lars": True}, {"params": others, "lars": False}]
+
+
+def build_lars(model: nn.Module, optim: OptimConfig) -> LARS:
+    """LARS over the model's parameter groups with the config's hyperparameters."""
+    return LARS(lars_param_groups(model), lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                weight_decay=optim.weight_decay, eta=optim.lars_eta, clip=optim.lars_clip)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:

@@ -115,10 +115,11 @@ def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False)
     from p; the TCR term always sees the normalised z through autograd.
     """
     z = F.normalize(p.float(), dim=-1)
-    if not fused:
-        return emp_ssl_terms(z, cfg.eps, cfg.invariance_weight, cfg.tcr_weight)
-    from fastemp.kernels.cosine_to_mean import cosine_to_mean
+    if fused:
+        from fastemp.kernels.cosine_to_mean import cosine_to_mean
 
-    sim, _ = cosine_to_mean(p)
+        sim = cosine_to_mean(p)[0]
+    else:
+        sim = invariance_loss(z)
     tcr = -total_coding_rate(z, cfg.eps).mean()
     return LossTerms(cfg.invariance_weight * sim + cfg.tcr_weight * tcr, sim, tcr)

@@ -119,7 +119,6 @@ def flops_per_patch(cfg: ModelConfig, image_size: int = 32, training: bool = Tru
     """
     model = build_model(cfg)
     macs = 0
-    size = image_size
     hooks = []
 
     def conv_hook(m: nn.Conv2d, inp, out):
@@ -137,7 +136,7 @@ def flops_per_patch(cfg: ModelConfig, image_size: int = 32, training: bool = Tru
             hooks.append(m.register_forward_hook(linear_hook))
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, 3, image_size, image_size))
     for h in hooks:
         h.remove()
     return 2.0 * macs * (3.0 if training else 1.0)

@@ -8,8 +8,9 @@ A backend is built once over a dataset that lives on the device as one uint8 ten
 It returns (n*B, 3, S, S) float32 in channels_last memory format, normalized, patch-major:
 row i*B + b is patch i of image index[b], so `z.view(n, B, d)` groups patch i of every image
 the way the loss expects. Every patch draws its augmentation independently. `seed` alone makes a
-call reproducible: both backends draw every patch's parameters from a CPU generator seeded with it
-(`patches_torch.sample_params`), so a resumed run sees the same patches as an uninterrupted one.
+call reproducible: both backends draw every patch's parameters with `patches_torch.sample_params`
+from a generator seeded with it (torch: on the images' device; DALI: on the host), so a resumed run
+sees the same patches as an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from .config import AugmentConfig
-from .patches_torch import BRIGHTNESS, CONTRAST, HUE, SATURATION, GRAY_WEIGHTS, PatchParams, sample_params
+from .patches_torch import (BRIGHTNESS, CONTRAST, HUE, SATURATION, GRAY_WEIGHTS, PatchParams, jitter_enabled,
+                            sample_params)
 
 # Columns of the per-patch float parameter vector fed to the pipeline.
 _B, _C, _S, _HUE, _JITTER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(9)
@@ -150,18 +151,18 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig) -> dict[str, np.nda
 
     jitter = params.jitter.cpu().numpy()
     factors = params.factors.cpu().numpy().astype(np.float32)
-    enabled = (aug.brightness > 0, aug.contrast > 0, aug.saturation > 0, aug.hue > 0)
+    enabled = jitter_enabled(aug)
     prm = np.zeros((box.shape[0], _N_COLUMNS), np.float32)
     for column, op in ((_B, BRIGHTNESS), (_C, CONTRAST), (_S, SATURATION)):
         prm[:, column] = np.where(jitter & enabled[op], factors[:, op], 1.0)
     prm[:, _HUE] = np.where(jitter & enabled[HUE], factors[:, HUE], 0.0)  # turns
-    prm[:, _JITTER] = jitter & (aug.jitter_p > 0)
+    prm[:, _JITTER] = jitter
     prm[:, _GRAY] = params.gray.cpu().numpy()
     blur = params.blur.cpu().numpy()
     prm[:, _BLUR] = blur
     prm[:, _SIGMA] = np.where(blur, params.sigma.cpu().numpy(), _IDLE_SIGMA)
     prm[:, _SOLARIZE] = params.solarize.cpu().numpy()
-    return {"window": box, "roi": roi, "params": prm}
+    return {"window": box, "roi": roi, **({"params": prm} if _uses_params(aug) else {})}
 
 
 class DaliPatches:
@@ -203,11 +204,9 @@ class DaliPatches:
     def __call__(self, index: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         params = self.params(index, n, seed)  # on the host, without waiting for the device
         with torch.no_grad():
-            gathered = self.images[index.to(self.device).repeat(n)]  # (P, H, W, 3), patch-major
+            gathered = self.images[params.image.to(self.device)]  # (P, H, W, 3), patch-major
         self._inputs = gathered
         feed = pipeline_inputs(params, self.aug)
-        if not _uses_params(self.aug):
-            del feed["params"]
         pipe = self._pipeline(gathered.shape[0])
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)

@@ -103,9 +103,10 @@ def sample_params(image: torch.Tensor, height: int, width: int, aug: AugmentConf
                     -aug.hue), device, torch.float32)
     hi = _constant((1 + aug.brightness, 1 + aug.contrast, 1 + aug.saturation, aug.hue), device, torch.float32)
     s0, s1 = aug.blur_sigma
+    # columns by slice, not by list: a list index becomes a host tensor copied to the device (a sync)
     return PatchParams(
         image=image,
-        box=crop_boxes(u[:, [_SCALE, _RATIO, _TOP, _LEFT]], height, width, aug.crop_scale, aug.crop_ratio),
+        box=crop_boxes(u[:, _SCALE:_LEFT + 1], height, width, aug.crop_scale, aug.crop_ratio),
         flip=u[:, _FLIP] < aug.flip_p,
         jitter=u[:, _JITTER] < aug.jitter_p,
         factors=lo + (hi - lo) * u[:, _FACTORS],
@@ -324,10 +325,15 @@ def _gate(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Ten
     return torch.where(mask.view(-1, 1, 1, 1), new, old)
 
 
+def jitter_enabled(aug: AugmentConfig) -> tuple[bool, bool, bool, bool]:
+    """Which jitter ops exist (brightness, contrast, saturation, hue): an amount of 0 skips the op."""
+    return aug.brightness > 0, aug.contrast > 0, aug.saturation > 0, aug.hue > 0
+
+
 def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> torch.Tensor:
     """The whole recipe for given parameters: (P, 3, S, S) float32, normalized, channels_last."""
     x = crop_resize(images, params.image, params.box, params.flip, aug.crop_size)
-    enabled = (aug.brightness > 0, aug.contrast > 0, aug.saturation > 0, aug.hue > 0)
+    enabled = jitter_enabled(aug)
     if aug.jitter_p > 0 and any(enabled):
         x = _gate(params.jitter, color_jitter(x, params.factors, params.order, enabled), x)
     if aug.grayscale_p > 0:

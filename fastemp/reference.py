@@ -21,12 +21,16 @@ def reference_total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tens
     return torch.stack([0.5 * torch.logdet(eye + scale * z[i].T @ z[i]) for i in range(n)])
 
 
-def reference_invariance_loss(z: torch.Tensor) -> torch.Tensor:
-    """-mean_i mean_b cos(z_i[b], zbar[b]) with zbar = mean_i z_i (not detached), in float64."""
+def reference_cosines(z: torch.Tensor) -> torch.Tensor:
+    """cos(z_i[b], zbar[b]) with zbar = mean_i z_i (not detached), in float64: shape (n, B)."""
     z = z.double()
     zbar = z.mean(dim=0)
-    cos = (z * zbar).sum(-1) / (z.norm(dim=-1) * zbar.norm(dim=-1))
-    return -cos.mean()
+    return (z * zbar).sum(-1) / (z.norm(dim=-1) * zbar.norm(dim=-1))
+
+
+def reference_invariance_loss(z: torch.Tensor) -> torch.Tensor:
+    """-mean_i mean_b cos(z_i[b], zbar[b]) with zbar = mean_i z_i (not detached), in float64."""
+    return -reference_cosines(z).mean()
 
 
 def reference_emp_ssl_loss(

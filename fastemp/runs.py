@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -17,8 +18,6 @@ import subprocess
 from pathlib import Path
 
 import torch
-
-from .config import Config, save_config
 
 
 class RunExistsError(FileExistsError):
@@ -33,10 +32,6 @@ def create_run_dir(path: str | Path, force: bool = False) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_config(run_dir: Path, cfg: Config) -> None:
-    save_config(cfg, run_dir / "config.yaml")
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -63,15 +58,27 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def finite_or_none(obj):
+    """A copy of a JSON-ready structure with NaN/inf floats replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: dict) -> None:
+    """Strict JSON (a NaN, e.g. images/s of a run too short to time, becomes null), written atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
-def git_commit(repo: Path | None = None) -> str:
+def git_commit() -> str:
     """The commit of the fastemp checkout (with '+dirty' when modified), or 'unknown'."""
-    repo = repo or Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:

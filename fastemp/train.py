@@ -8,6 +8,7 @@ backend).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
@@ -20,10 +21,11 @@ from . import runs
 from .config import Config, to_dict
 from .data import load_split
 from .evaluate import evaluate_encoder
-from .lars import LARS, cosine_lr, lars_param_groups
+from .gradcache import gradient_cache_step
+from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms, use_fused
 from .model import build_model
-from .patches import make_patch_backend, resolve_backend_name
+from .patches import make_patch_backend
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,17 +55,15 @@ class Trainer:
         self.compile_mode = {"auto": "default" if on_cuda else "none"}.get(cfg.model.compile, cfg.model.compile)
 
         self.train_set = load_split(cfg.data, "train", self.device)
-        self.backend_name = resolve_backend_name(cfg.data.backend, self.device)
-        self.patches = make_patch_backend(self.backend_name, self.train_set.images, cfg.augment, cfg.train.seed)
+        self.patches = make_patch_backend(cfg.data.backend, self.train_set.images, cfg.augment, cfg.train.seed)
+        self.backend_name = self.patches.name
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = self.model if self.compile_mode == "none" else torch.compile(self.model, mode=self.compile_mode)
-        o = cfg.optim
-        self.optimizer = LARS(lars_param_groups(self.model), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                              weight_decay=o.weight_decay, eta=o.lars_eta, clip=o.lars_clip)
+        self.optimizer = build_lars(self.model, cfg.optim)
         self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -84,17 +84,26 @@ class Trainer:
         return self._perm[1][k * b:(k + 1) * b]
 
     # -- one step ---------------------------------------------------------------------------
-    def forward_backward(self, patches: torch.Tensor) -> LossTerms:
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+    def begin_step(self, step: int) -> torch.Tensor:
+        """Set the learning rate of `step` and return its patches (same for a resumed run)."""
+        cfg, t = self.cfg, self.cfg.train
+        lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step))
+        return patches if self.channels_last else patches.contiguous()
+
+    def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         n = self.cfg.train.n_patches
-        amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         if self.cfg.train.grad_chunks > 1:
-            from .gradcache import gradient_cache_step
-
             return gradient_cache_step(self.forward, patches, n, self.cfg.train.grad_chunks,
-                                       lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), amp,
-                                       model=self.model)
-        with amp:
+                                       lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), self.autocast(),
+                                       model=self.model, mark=mark)
+        with self.autocast():
             p = self.forward(patches)
         terms = projection_loss_terms(p.view(n, -1, p.shape[-1]), self.cfg.loss, self.fused)
         terms.total.backward()
@@ -107,16 +116,12 @@ class Trainer:
         bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=cfg.name, unit="step")
         tick, images, warm = time.perf_counter(), 0, self.step
         for step in range(self.step, stop_step):
-            lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step))
-            terms = self.forward_backward(patches if self.channels_last else patches.contiguous())
+            terms = self.forward_backward(self.begin_step(step))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step, images = step + 1, images + t.batch_size
             if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
-                record = self._log(terms, lr, images, time.perf_counter() - tick, warmup=step == warm)
+                record = self._log(terms, images, time.perf_counter() - tick, warmup=step == warm)
                 bar.set_postfix(sim=f"{record['loss_sim']:.3f}", tcr=f"{record['loss_tcr']:.1f}",
                                 img_s=f"{record['images_per_s']:.0f}")
                 tick, images = time.perf_counter(), 0
@@ -125,7 +130,7 @@ class Trainer:
             bar.update(1)
         bar.close()
 
-    def _log(self, terms: LossTerms, lr: float, images: int, seconds: float, warmup: bool) -> dict:
+    def _log(self, terms: LossTerms, images: int, seconds: float, warmup: bool) -> dict:
         values = torch.stack([terms.total, terms.invariance, terms.tcr]).tolist()  # the one sync per log
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(
@@ -136,7 +141,8 @@ class Trainer:
         else:
             self.train_seconds, self.timed_images = self.train_seconds + seconds, self.timed_images + images
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": values[0],
-                  "loss_sim": values[1], "loss_tcr": values[2], "lr": lr, "images_per_s": images / max(seconds, 1e-9),
+                  "loss_sim": values[1], "loss_tcr": values[2], "lr": self.optimizer.param_groups[0]["lr"],
+                  "images_per_s": images / max(seconds, 1e-9),
                   "elapsed_s": self.warmup_seconds + self.train_seconds}
         if self.run_dir:
             runs.append_metrics(self.run_dir, record)
@@ -166,9 +172,13 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     # -- evaluation -------------------------------------------------------------------------
+    @functools.cached_property
+    def test_set(self):
+        """The test split, loaded on first use (only evaluation needs it)."""
+        return load_split(self.cfg.data, "test", self.device)
+
     def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
-        test_set = load_split(self.cfg.data, "test", self.device)
-        return evaluate_encoder(model or self.model, self.train_set, test_set, self.cfg.eval, self.cfg.augment,
+        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg.eval, self.cfg.augment,
                                 self.backend_name, self.cfg.train.seed, self.autocast_dtype,
                                 self.channels_last, prefix)
 

@@ -76,6 +76,7 @@ if HAVE_TRITON:
         stride_pd,
         grad_scale,  # -1 / (n * B)
         eps,
+        zbar_tiny,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         WRITE_GRAD: tl.constexpr,
@@ -99,7 +100,7 @@ if HAVE_TRITON:
         zbar = acc / n
         zbar_norm = tl.sqrt(tl.sum(zbar * zbar, axis=0))
         tl.store(zbar_norm_ptr + b, zbar_norm)
-        u = zbar / tl.maximum(zbar_norm, 1e-30)  # == 0 when zbar == 0 (keep in sync with _ZBAR_TINY)
+        u = zbar / tl.maximum(zbar_norm, zbar_tiny)  # == 0 when zbar == 0
 
         # ---- sweep 2: cos_ib = z_ib . u_b and dL/dp_ib ----
         for i0 in range(0, n, BLOCK_N):
@@ -208,6 +209,7 @@ def _launch(p: torch.Tensor, write_grad: bool) -> tuple[torch.Tensor, torch.Tens
             x.stride(2),
             -1.0 / (n * B),
             NORM_EPS,
+            _ZBAR_TINY,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             WRITE_GRAD=write_grad,
