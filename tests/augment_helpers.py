@@ -24,3 +24,23 @@ def random_images(n=8, h=32, w=32, seed=0):
 def binomial_ok(count, n, p, k=5.0):
     """A count of hits in n Bernoulli(p) draws within k standard deviations (+1 for tiny n*p)."""
     return abs(count - n * p) <= k * math.sqrt(n * p * (1 - p)) + 1
+
+
+def assert_ops_change_exactly_the_drawn_patches(backend_cls, images_count: int) -> None:
+    """Each op alone at its default p: the patches it changes are exactly those whose gate fired,
+    the others come out bit-identical; the observed frequency is near p. 20 patches per image."""
+    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    img = torch.stack([x * 8, 255 - y * 8, (x * y) % 256], -1).to(torch.uint8)[None]  # coloured, asymmetric
+    index = torch.zeros(images_count, dtype=torch.long)
+    base = aug_off(blur_sigma=(0.5, 2.0))  # sigma near 0.1 would leave a blurred patch unchanged in float32
+    plain = backend_cls(img, base)(index, 20, seed=2)
+    defaults = AugmentConfig()
+    for field, flag in (("flip_p", "flip"), ("jitter_p", "jitter"), ("grayscale_p", "gray"),
+                        ("blur_p", "blur"), ("solarize_p", "solarize")):
+        aug = dataclasses.replace(base, **{field: getattr(defaults, field)})
+        backend = backend_cls(img, aug)
+        out = backend(index, 20, seed=2)
+        fired = getattr(backend.params(index, 20, seed=2), flag)
+        changed = (out != plain).flatten(1).any(1)
+        assert torch.equal(changed, fired), field
+        assert binomial_ok(int(fired.sum()), 20 * images_count, getattr(defaults, field)), field

@@ -133,13 +133,16 @@ def test_cifar_bad_md5_present_file(cifar_root, monkeypatch):
     assert "\n" not in msg and str(root / spec.filename) in msg and "md5" in msg and spec.url in msg
 
 
+def assert_one_line_naming_file_and_url(msg, root, filename):
+    assert "\n" not in msg
+    assert str(root / filename) in msg
+    assert f"https://www.cs.toronto.edu/~kriz/{filename}" in msg
+
+
 def test_cifar_missing_without_download(tmp_path):
     with pytest.raises(DataError) as e:
         load_split(DataConfig(source="cifar100", root=str(tmp_path), download=False), "train")
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert str(tmp_path / "cifar-100-python.tar.gz") in msg
-    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in msg
+    assert_one_line_naming_file_and_url(str(e.value), tmp_path, "cifar-100-python.tar.gz")
 
 
 def test_cifar_offline(tmp_path, monkeypatch):
@@ -151,10 +154,7 @@ def test_cifar_offline(tmp_path, monkeypatch):
     root = tmp_path / "fresh" / "data"  # not there yet
     with pytest.raises(DataError) as e:
         load_split(DataConfig(source="cifar10", root=str(root), download=True), "test")
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert str(root / "cifar-10-python.tar.gz") in msg
-    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in msg
+    assert_one_line_naming_file_and_url(str(e.value), root, "cifar-10-python.tar.gz")
     assert list(root.iterdir()) == []  # the partial download is gone
 
 

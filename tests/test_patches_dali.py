@@ -10,7 +10,6 @@ checks the patch distributions agree.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -25,7 +24,7 @@ from fastemp.patches_dali import DaliPatches  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from augment_helpers import aug_off, binomial_ok, random_images  # noqa: E402
+from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, random_images  # noqa: E402
 
 
 def ref_blur(x, sigma, mode):
@@ -143,21 +142,7 @@ def test_fn_hue_option_uses_degrees():
 
 
 def test_ops_are_applied_exactly_where_drawn():
-    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
-    img = torch.stack([x * 8, 255 - y * 8, (x * y) % 256], -1).to(torch.uint8)[None]
-    index = torch.zeros(25, dtype=torch.long)
-    base = aug_off(blur_sigma=(0.5, 2.0))
-    plain = DaliPatches(img, base)(index, 20, seed=2)
-    defaults = AugmentConfig()
-    for field, flag in (("flip_p", "flip"), ("jitter_p", "jitter"), ("grayscale_p", "gray"),
-                        ("blur_p", "blur"), ("solarize_p", "solarize")):
-        aug = dataclasses.replace(base, **{field: getattr(defaults, field)})
-        backend = DaliPatches(img, aug)
-        out = backend(index, 20, seed=2)
-        fired = getattr(backend.params(index, 20, seed=2), flag)
-        changed = (out != plain).flatten(1).any(1)
-        assert torch.equal(changed, fired), field
-        assert binomial_ok(int(fired.sum()), 500, getattr(defaults, field)), field
+    assert_ops_change_exactly_the_drawn_patches(DaliPatches, images_count=25)
 
 
 def test_reproducible_per_call():

@@ -15,7 +15,7 @@ from fastemp import patches_torch as pt
 from fastemp.config import AugmentConfig
 from fastemp.patches import make_patch_backend
 
-from augment_helpers import aug_off, binomial_ok, random_images
+from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, binomial_ok, random_images
 
 
 def rand01(shape, seed=0):
@@ -314,23 +314,7 @@ def test_parameter_frequencies_and_ranges():
 
 
 def test_ops_are_applied_exactly_where_drawn():
-    """Each op alone at its default p: the patches it changes are exactly those whose gate fired,
-    the others come out bit-identical; the observed frequency is near p."""
-    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
-    img = torch.stack([x * 8, 255 - y * 8, (x * y) % 256], -1).to(torch.uint8)[None]  # coloured, asymmetric
-    index = torch.zeros(50, dtype=torch.long)
-    base = aug_off(blur_sigma=(0.5, 2.0))  # sigma near 0.1 would leave a blurred patch unchanged in float32
-    plain = pt.TorchPatches(img, base)(index, 20, seed=2)
-    defaults = AugmentConfig()
-    for field, flag in (("flip_p", "flip"), ("jitter_p", "jitter"), ("grayscale_p", "gray"),
-                        ("blur_p", "blur"), ("solarize_p", "solarize")):
-        aug = dataclasses.replace(base, **{field: getattr(defaults, field)})
-        backend = pt.TorchPatches(img, aug)
-        out = backend(index, 20, seed=2)
-        fired = getattr(backend.params(index, 20, seed=2), flag)
-        changed = (out != plain).flatten(1).any(1)
-        assert torch.equal(changed, fired), field
-        assert binomial_ok(int(fired.sum()), 1000, getattr(defaults, field)), field
+    assert_ops_change_exactly_the_drawn_patches(pt.TorchPatches, images_count=50)
 
 
 def test_determinism():
