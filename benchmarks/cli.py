@@ -36,6 +36,16 @@ def _out_dir(args, result: dict) -> Path:
     return Path(args.out) if args.out else common.default_out_dir(result["environment"])
 
 
+def _partial_writer(args, to_markdown):
+    """Writes a benchmark's result so far after each finished piece: a run cut at a time limit keeps
+    every number it measured (the file says "partial": true until the run completes)."""
+
+    def write(result: dict) -> None:
+        common.write_results(_out_dir(args, result), args.name, result, to_markdown(result))
+
+    return write
+
+
 def _written(paths) -> None:
     for path in paths:
         print(f"wrote {path}")
@@ -57,7 +67,8 @@ def cmd_throughput(args) -> int:
             "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
             "precision": common.parse_list(args.precision), "grad_chunks": common.parse_list(args.grad_chunks, int)}
     result = run_throughput(base, axes, base.train.device, args.warmup, args.steps, args.split_steps,
-                            args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size)
+                            args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size,
+                            on_progress=_partial_writer(args, throughput_markdown))
     markdown = throughput_markdown(result)
     print(markdown)
     _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
@@ -67,7 +78,9 @@ def cmd_throughput(args) -> int:
 def cmd_time_to_accuracy(args) -> int:
     from .time_to_accuracy import plot_accuracy, run_time_to_accuracy, tta_markdown
 
-    result = run_time_to_accuracy(_load(args), args.target, args.eval_every, args.max_wall_seconds)
+    milestones = common.parse_list(args.milestones, float) or []
+    result = run_time_to_accuracy(_load(args), args.target, args.eval_every, args.max_wall_seconds, milestones,
+                                  on_progress=_partial_writer(args, tta_markdown))
     markdown = tta_markdown(result)
     print(markdown)
     out = _out_dir(args, result)
@@ -184,7 +197,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--target", type=float, default=0.85, help="linear-probe top-1 to reach (default 0.85)")
     p.add_argument("--eval-every", type=int, help="training steps between evaluations (default: half an epoch)")
     p.add_argument("--max-wall-seconds", type=float,
-                   help="stop (target not reached) once this much wall time has passed, results still written")
+                   help="stop (target not reached) before the next chunk of training and evaluation would end past "
+                        "this much wall time; the results are still written")
+    p.add_argument("--milestones", help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
     _output_args(p, "time_to_accuracy")
     p.set_defaults(func=cmd_time_to_accuracy)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Callable
 
 import fastemp.train as train_module
 from fastemp import runs
@@ -200,24 +201,22 @@ def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, s
 # ------------------------------------------------------------------------------ baselines
 
 
-def run_baselines(base: Config, points: list[dict], device: str, workers: int, steps: int | None) -> list[dict]:
-    """The reference-style pipeline once per distinct (n, B) of the sweep."""
-    out = []
+def run_baselines(base: Config, points: list[dict], device: str, workers: int, steps: int | None):
+    """The reference-style pipeline once per distinct (n, B) of the sweep, yielded as each finishes."""
     for n, batch in sorted({(p["n_patches"], p["batch_size"]) for p in points}):
         print(f"fastemp bench: measuring the baseline at n={n}, B={batch}", file=sys.stderr, flush=True)
         cfg = point_config(base, {"n_patches": n, "batch_size": batch}, device, total_steps=1)
         dev = resolve_device(device)
         try:
             images = train_module.load_split(cfg.data, "train", "cpu").images
-            out.append(measure_baseline(cfg, images, dev, workers, steps=steps))
+            yield measure_baseline(cfg, images, dev, workers, steps=steps)
         except Exception as err:
             status = "oom" if common.is_out_of_memory(err) else "error"
             print(f"fastemp bench: baseline n={n} B={batch} failed ({status}): {err}", file=sys.stderr)
-            out.append({"n_patches": n, "batch_size": batch, "status": status,
-                        "reason": f"{type(err).__name__}: {err}"[:500]})
+            yield {"n_patches": n, "batch_size": batch, "status": status,
+                   "reason": f"{type(err).__name__}: {err}"[:500]}
         finally:
             common.free_device_memory(dev)
-    return out
 
 
 def attach_ratios(points: list[dict], baselines: list[dict]) -> None:
@@ -322,31 +321,49 @@ def _gib(nbytes, env):
 
 def run_throughput(base: Config, axes: dict[str, list | None], device: str = "auto", warmup: int = 3,
                    steps: int = 20, split_steps: int = 20, baseline: bool = False, baseline_workers: int = 4,
-                   baseline_steps: int | None = None, peak_size: int | None = None) -> dict:
-    """The whole sweep; returns the result dict (JSON-ready)."""
+                   baseline_steps: int | None = None, peak_size: int | None = None,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+    """The whole sweep; returns the result dict (JSON-ready).
+
+    on_progress(result) is called after every point and baseline with the result so far ("partial":
+    true), so a run cut at a time limit still leaves every number it measured.
+    """
     dev = resolve_device(device)
     environment = runs.environment(dev)
     peak = common.peak_info(dev, environment.get("device_name", ""), peak_size)
     points_in = sweep_points(base, axes)
+    points: list[dict] = []
+    baselines: list[dict] = []
+
+    def assemble(partial: bool) -> dict:
+        attach_ratios(points, baselines)
+        data = next((p["data"] for p in points if p.get("data")), base.data.source)
+        notes = []
+        if dev.type == "cpu":
+            notes.append("CPU timings are noisy: the machine's cores are shared with other work; MFU is "
+                         "relative to an fp32 matmul measured in the same run.")
+        if any(p["status"] == "skipped" for p in points):
+            notes.append("DALI does not import here: the DALI points were not run (torch backend only).")
+        result = {**common.base_result("throughput", environment), "partial": partial,
+                  "config": to_dict(base), "axes": {k: v for k, v in axes.items() if v}, "data": data,
+                  "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
+                  "peak": peak,
+                  "settings": {"warmup_steps": warmup, "timed_steps": steps, "split_steps": split_steps,
+                               "baseline_workers": baseline_workers if baseline else None},
+                  "points": points, "baselines": baselines,
+                  "baseline_description": baselines[0].get("description", "") if baselines else "",
+                  "notes": notes}
+        result["targets"] = throughput_targets(points, environment)
+        return result
+
     with common.cached_datasets():
-        points = [run_point(base, p, device, warmup, steps, split_steps, peak) for p in points_in]
-        baselines = run_baselines(base, points_in, device, baseline_workers, baseline_steps) if baseline else []
-    attach_ratios(points, baselines)
-    data = next((p["data"] for p in points if p.get("data")), base.data.source)
-    notes = []
-    if dev.type == "cpu":
-        notes.append("CPU timings are noisy: the machine's cores are shared with other work; MFU is "
-                     "relative to an fp32 matmul measured in the same run.")
-    if any(p["status"] == "skipped" for p in points):
-        notes.append("DALI does not import here: the DALI points were not run (torch backend only).")
-    result = {**common.base_result("throughput", environment),
-              "config": to_dict(base), "axes": {k: v for k, v in axes.items() if v}, "data": data,
-              "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
-              "peak": peak,
-              "settings": {"warmup_steps": warmup, "timed_steps": steps, "split_steps": split_steps,
-                           "baseline_workers": baseline_workers if baseline else None},
-              "points": points, "baselines": baselines,
-              "baseline_description": baselines[0].get("description", "") if baselines else "",
-              "notes": notes}
-    result["targets"] = throughput_targets(points, environment)
-    return result
+        for point in points_in:
+            points.append(run_point(base, point, device, warmup, steps, split_steps, peak))
+            if on_progress:
+                on_progress(assemble(partial=True))
+        if baseline:
+            for done in run_baselines(base, points_in, device, baseline_workers, baseline_steps):
+                baselines.append(done)
+                if on_progress:
+                    on_progress(assemble(partial=True))
+    return assemble(partial=False)

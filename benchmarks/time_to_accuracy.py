@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastemp import runs
@@ -37,11 +38,15 @@ def training_clock(trainer: Trainer) -> float:
 
 
 def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = None,
-                         max_wall_seconds: float | None = None) -> dict:
+                         max_wall_seconds: float | None = None, milestones: Sequence[float] = (),
+                         on_progress: Callable[[dict], None] | None = None) -> dict:
     """Train until the linear probe reaches `target` top-1; every number of the run.
 
-    max_wall_seconds (training + evaluation + setup) stops an unfinished run early, still
-    writing its results (for remote calls with a hard time limit).
+    max_wall_seconds (training + evaluation + setup) stops an unfinished run before the next chunk
+    of training and its evaluation would end past it (predicted from the last chunk's), still
+    writing its results (for remote calls with a hard time limit). `milestones` are lower
+    accuracies whose first-reached times are reported too. on_progress(result) is called after
+    every evaluation with the result so far ("partial": true).
     """
     wall_start = time.perf_counter()
     cfg = copy.deepcopy(cfg)
@@ -51,8 +56,40 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
     eval_every = eval_every or max(1, trainer.steps_per_epoch // 2)
     trainer.train_until(1)
     first_step = training_clock(trainer)
-    evals, reached, stopped_early = [], None, False
+    evals: list[dict] = []
+    state = {"reached": None, "stopped_early": False}
+
+    def assemble(partial: bool) -> dict:
+        reached = state["reached"]
+        result = {**common.base_result("time_to_accuracy", environment), "partial": partial,
+                  "config": to_dict(cfg), "target": target, "reached": reached is not None,
+                  "stopped_at_wall_limit": state["stopped_early"], "max_wall_seconds": max_wall_seconds,
+                  "train_seconds": reached["train_seconds_excl_first_step"] if reached else None,
+                  "train_seconds_incl_first_step": reached["train_seconds"] if reached else None,
+                  "first_step_seconds": first_step,
+                  "epochs": reached["epoch"] if reached else None,
+                  "steps": reached["step"] if reached else None,
+                  "images_seen": reached["images_seen"] if reached else None,
+                  "eval_seconds_total": sum(e["eval_seconds"] for e in evals),
+                  "final_linear_top1": evals[-1]["linear_top1"] if evals else None,
+                  "best_linear_top1": max((e["linear_top1"] for e in evals), default=None),
+                  "milestones": milestone_times(evals, sorted(set(milestones) | {target})),
+                  "protocol": {"eval_mode": cfg.eval.mode,
+                               "eval_patches": cfg.eval.patches if cfg.eval.mode == "patches" else None,
+                               "probe_epochs": cfg.eval.probe_epochs, "probe_lr": cfg.eval.probe_lr,
+                               "eval_every_steps": eval_every,
+                               "metric": "linear_top1 (final probe epoch, test split)"},
+                  "data": trainer.train_set.description,
+                  "test_data": trainer.test_set.description if evals else None,
+                  "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size,
+                  "epochs_scheduled": trainer.total_steps / trainer.steps_per_epoch,
+                  "images_per_s": trainer.images_per_second(),
+                  "evals": evals}
+        result["targets"] = tta_targets(result, environment)
+        return result
+
     for stop in eval_schedule(trainer.total_steps, eval_every):
+        chunk_start = time.perf_counter()
         trainer.train_until(stop)
         start = time.perf_counter()
         metrics = trainer.evaluate()
@@ -65,33 +102,26 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
         print(f"step {trainer.step}: linear top-1 {metrics['linear_top1']:.4f} after "
               f"{clock - first_step:.1f} s of training (+{first_step:.1f} s first step)", flush=True)
         if metrics["linear_top1"] >= target:
-            reached = evals[-1]
+            state["reached"] = evals[-1]
             break
-        if max_wall_seconds and time.perf_counter() - wall_start > max_wall_seconds:
-            stopped_early = True
+        chunk_seconds = time.perf_counter() - chunk_start
+        if max_wall_seconds and time.perf_counter() - wall_start + chunk_seconds > max_wall_seconds:
+            state["stopped_early"] = trainer.step < trainer.total_steps
             break
-    data = trainer.train_set.description
-    test_data = trainer.test_set.description
-    result = {**common.base_result("time_to_accuracy", environment),
-              "config": to_dict(cfg), "target": target, "reached": reached is not None,
-              "stopped_at_wall_limit": stopped_early, "max_wall_seconds": max_wall_seconds,
-              "train_seconds": reached["train_seconds_excl_first_step"] if reached else None,
-              "train_seconds_incl_first_step": reached["train_seconds"] if reached else None,
-              "first_step_seconds": first_step,
-              "epochs": reached["epoch"] if reached else None,
-              "steps": reached["step"] if reached else None,
-              "images_seen": reached["images_seen"] if reached else None,
-              "eval_seconds_total": sum(e["eval_seconds"] for e in evals),
-              "final_linear_top1": evals[-1]["linear_top1"],
-              "protocol": {"eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches if cfg.eval.mode == "patches" else None,
-                           "probe_epochs": cfg.eval.probe_epochs, "probe_lr": cfg.eval.probe_lr,
-                           "eval_every_steps": eval_every, "metric": "linear_top1 (final probe epoch, test split)"},
-              "data": data, "test_data": test_data,
-              "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size,
-              "images_per_s": trainer.images_per_second(),
-              "evals": evals}
-    result["targets"] = tta_targets(result, environment)
-    return result
+        if on_progress:
+            on_progress(assemble(partial=True))
+    return assemble(partial=False)
+
+
+def milestone_times(evals: list[dict], levels: Sequence[float]) -> list[dict]:
+    """For each accuracy level: the first evaluation at or above it (training seconds, first step
+    excluded, and the epoch), or None when no evaluation got there."""
+    out = []
+    for level in levels:
+        first = next((e for e in evals if e["linear_top1"] >= level), None)
+        out.append({"top1": level, "train_seconds": first["train_seconds_excl_first_step"] if first else None,
+                    "epoch": first["epoch"] if first else None, "step": first["step"] if first else None})
+    return out
 
 
 def tta_targets(result: dict, environment: dict) -> list[dict]:
@@ -113,11 +143,17 @@ def tta_markdown(result: dict) -> str:
     status = (f"reached {result['target']:.0%} after **{result['train_seconds']:.1f} s** of training "
               f"({result['epochs']:.2f} epochs, {result['images_seen']:,} images; first step "
               f"{result['first_step_seconds']:.1f} s excluded)" if result["reached"]
-              else f"did NOT reach {result['target']:.0%} (final linear top-1 {result['final_linear_top1']:.4f}"
+              else f"did NOT reach {result['target']:.0%} (best linear top-1 {common.fmt(result['best_linear_top1'])}"
                    + (", stopped at the wall-clock limit)" if result["stopped_at_wall_limit"] else ")"))
+    reached = [f"{m['top1']:.0%} after {m['train_seconds']:.1f} s (epoch {m['epoch']:.2f})"
+               for m in result.get("milestones", []) if m["train_seconds"] is not None]
+    levels = ", ".join(f"{m['top1']:.0%}" for m in result.get("milestones", []))
     lines = [f"# Time to {result['target']:.0%}: {common.device_label(env)} ({env.get('device')})", "",
              f"- result: {status}",
+             f"- first reached: {'; '.join(reached) if reached else 'none of ' + levels}",
              f"- data: {result['data']}; test: {result['test_data']}",
+             f"- schedule: {result.get('epochs_scheduled', 0):g} epochs (cosine over all of them)"
+             + (" (partial: the run was still going when this was written)" if result.get("partial") else ""),
              f"- n={result['n_patches']}, B={result['batch_size']}, {result['images_per_s']:.0f} images/s while training",
              f"- evaluation: {proto['eval_mode']}, eval patches {proto['eval_patches']}, probe epochs "
              f"{proto['probe_epochs']}, every {proto['eval_every_steps']} steps; evaluation time "

@@ -405,20 +405,6 @@ def test_strict_json_has_no_nan(tmp_path):
     assert load_strict_json(json_path) == {"a": None, "b": [None, 1.0]}
 
 
-GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
-
-
-def test_gpu_suite_rejects_unknown_parts_and_writes_the_environment_anywhere(tmp_path):
-    bad = subprocess.run(["bash", str(GPU_SUITE), "bogus"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage" in bad.stderr
-    env = subprocess.run(["bash", str(GPU_SUITE), "env", str(tmp_path)], capture_output=True, text=True,
-                         env={**os.environ, "FASTEMP_CIFAR10_JPEG": str(tmp_path / "absent.tar.gz")})
-    assert env.returncode == 0, env.stderr
-    assert "DALI" in (tmp_path / "dali-status.txt").read_text()
-    assert "torch" in (tmp_path / "pip-freeze.txt").read_text()
-    assert (tmp_path / "nvidia-smi.txt").is_file()
-
-
 def test_report_shortens_data_descriptions():
     from fastemp.benchmarks.report import _short_data
 
