@@ -14,3 +14,7 @@ class DataError(UserError, RuntimeError):
 def one_line(text: object) -> str:
     lines = [s.strip() for s in str(text).splitlines() if s.strip()]
     return " ".join(lines) if lines else type(text).__name__
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training diverged: a loss term or the gradient became NaN/inf (nothing non-finite is saved)."""
