@@ -184,11 +184,11 @@ def load_cifar(cfg: DataConfig, name: str, split: str):
         labels = np.concatenate([np.asarray(batches[m][spec.label_key], dtype=np.int64) for m in members])
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in batches[spec.meta_member][spec.names_key]]
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} does not have the CIFAR python layout ({_one_line(e)})") from e
+        raise DataError(f"{path} does not have the CIFAR python layout ({_one_line(e)}); delete it and download it again") from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path}: unexpected data shape {data.shape} with {len(labels)} labels")
+        raise DataError(f"{path}: unexpected data shape {data.shape} with {len(labels)} labels; delete it and download it again")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise DataError(f"{path}: labels outside 0..{len(classes) - 1}")
+        raise DataError(f"{path}: labels outside 0..{len(classes) - 1}; delete it and download it again")
     # rows are channel-major (R plane, G plane, B plane), each 32x32 row-major
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return torch.from_numpy(images), torch.from_numpy(labels), classes, f"{name} (python archive {path})"

@@ -48,12 +48,12 @@ class ImageSet:
 def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") -> ImageSet:
     """Load one split ("train" or "test") of the dataset that `cfg` describes onto `device`."""
     if split not in SPLITS:
-        raise DataError(f"unknown split '{split}' (choose train or test)")
+        raise DataError(f"unknown split '{split}' ; choose train or test")
     source = cfg.source
     if source not in SOURCES:
         close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.3)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"unknown data.source '{source}'{hint} (choose {', '.join(SOURCES)})")
+        raise DataError(f"unknown data.source '{source}'{hint} ; choose {', '.join(SOURCES)}")
     device = torch.device(device)
     if source == "synthetic":
         images, labels, classes, desc = _load_synthetic(cfg, split)
@@ -81,7 +81,7 @@ def _load_synthetic(cfg: DataConfig, split: str):
 
     n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
     if n <= 0:
-        raise DataError(f"data.synthetic_{split} must be a positive number of images, got {n}")
+        raise DataError(f"data.synthetic_{split} must be a positive number of images, got {n}; set it to e.g. 1000")
     seed = synthetic_seed(cfg, split)
     images, labels = make_synthetic(n, seed, size=cfg.image_size)
     desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"

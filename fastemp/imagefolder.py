@@ -106,7 +106,7 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
                 assert f is not None
                 out[split].append((cls, member.name, f.read()))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read the archive {path} ({_one_line(e)})") from e
+        raise DataError(f"cannot read the archive {path} ({_one_line(e)}); check that it is a complete .tar/.tar.gz") from e
     if len(prefixes) > 1:
         raise DataError(f"{path} holds several train/test trees ({', '.join(sorted(p or '.' for p in prefixes))}); keep one")
     for items in out.values():
@@ -121,7 +121,7 @@ def _decoder_for(device: torch.device) -> str:
     if _pil_importable():
         return "pil"
     raise DataError(
-        "imagefolder needs an image decoder: install nvidia-dali-cuda130 (or -cuda120) or pillow"
+        "imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow"
     )
 
 
@@ -162,7 +162,7 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         p = pipe()
         p.build()
     except Exception as e:
-        raise DataError(f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]})") from e
+        raise DataError(f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]}); install pillow and uninstall DALI to decode with Pillow") from e
     out: list[np.ndarray] = []
     for start in bar(range(0, len(blobs), batch), desc="decoding images", unit="batch"):
         chunk = blobs[start : start + batch]
@@ -172,7 +172,7 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         except Exception as e:
             bad = _first_undecodable(chunk, names[start : start + batch])
             where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
-            raise DataError(f"cannot decode {where} ({_one_line(e)[:200]})") from e
+            raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
         if mixed:
             decoded = decoded.as_cpu()
         if decoded.is_dense_tensor():
@@ -205,7 +205,7 @@ def _decode_pil(blobs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
             with Image.open(io.BytesIO(blob.tobytes())) as im:
                 out.append(np.asarray(im.convert("RGB")))
         except Exception as e:
-            raise DataError(f"cannot decode {name} ({_one_line(e)[:200]})") from e
+            raise DataError(f"cannot decode {name} ({_one_line(e)[:200]}); remove or replace that file") from e
     return out
 
 
@@ -306,14 +306,14 @@ def _classes_of(listing: dict[str, list]) -> list[str]:
 
 def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
     if not cfg.path:
-        raise DataError("data.source=imagefolder needs data.path: a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*")
+        raise DataError("data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*")
     source = Path(cfg.path).expanduser().resolve()
     if not source.exists():
-        raise DataError(f"data.path {source} does not exist")
+        raise DataError(f"data.path {source} does not exist; check the path (a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*)")
     if not (source.is_dir() or _is_archive(source)):
-        raise DataError(f"data.path {source} is neither a directory nor a .tar/.tar.gz/.tgz archive")
+        raise DataError(f"data.path {source} is neither a directory nor a .tar/.tar.gz/.tgz archive; point data.path at one")
     if cfg.image_size < 1:
-        raise DataError(f"data.image_size must be positive, got {cfg.image_size}")
+        raise DataError(f"data.image_size must be positive, got {cfg.image_size}; set data.image_size=32")
     decoder = _decoder_for(device)
     size = int(cfg.image_size)
     how = f"decoded with {'Pillow' if decoder == 'pil' else 'DALI on ' + decoder.split('-')[1]}"
@@ -322,7 +322,7 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
         base, listing = _list_directory(source)
         items = listing[split]
         if not items:
-            raise DataError(f"no images in {base / split}/<class>/ (expected train/<class>/* and test/<class>/*)")
+            raise DataError(f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)")
         classes = _classes_of(listing)
         fingerprint = [[rel, sz, mt] for _, rel, sz, mt in items]
         paths = _cache_paths(cfg, source, split, fingerprint, decoder)
@@ -347,7 +347,7 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
         return torch.from_numpy(hit[0]), torch.from_numpy(hit[1]), hit[2], f"imagefolder ({source}, {how}, from cache {paths[split][0]})"
     listing = _read_archive(source)
     if not listing[split]:
-        raise DataError(f"no images under {split}/<class>/ in {source} (expected train/<class>/* and test/<class>/*)")
+        raise DataError(f"no images under {split}/<class>/ in {source}; add them (expected train/<class>/* and test/<class>/*)")
     classes = _classes_of(listing)
     result = None
     for s in SPLITS:  # one pass read both splits: decode and cache both
