@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from fastemp.config import load_config
+from fastemp.validate import check_config
 
 from . import common
 
@@ -30,7 +31,9 @@ def _load(args):
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"train.device={args.device}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    check_config(cfg)
+    return cfg
 
 
 def _target(args, device: str, suffixes=(".json", ".md")) -> tuple[Path, str]:

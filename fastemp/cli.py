@@ -30,7 +30,7 @@ def _set_progress(args) -> bool:
 def cmd_train(args) -> int:
     from . import runs
     from .train import Trainer, run_training
-    from .validate import check_config
+    from .validate import check_config, check_probe
 
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
@@ -38,6 +38,7 @@ def cmd_train(args) -> int:
     # validation and data loading write nothing: a run that fails them leaves no folder behind
     trainer = Trainer(cfg, run_dir, progress=_set_progress(args))
     if cfg.eval.at_end:
+        check_probe(cfg, len(trainer.train_set))
         trainer.test_set  # both splits before training: a missing test split fails now, not after the run
     aside = runs.replace_run_dir(run_dir)
     try:
@@ -83,7 +84,7 @@ def cmd_resume(args) -> int:
 def cmd_eval(args) -> int:
     from . import runs
     from .train import Trainer
-    from .validate import check_architecture, read_checkpoint
+    from .validate import check_architecture, check_probe, read_checkpoint
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides)
@@ -96,6 +97,7 @@ def cmd_eval(args) -> int:
     cfg = _run_config(run_dir, overrides)
     check_architecture(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     trainer = Trainer(cfg, None, progress=_set_progress(args))
+    check_probe(cfg, len(trainer.train_set))
     trainer.test_set
     trainer.load_checkpoint(run_dir / "checkpoint.pt")
     result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,

@@ -159,11 +159,15 @@ def check_config(cfg: Config) -> None:
 
 
 def check_data(cfg: Config, train_images: int) -> None:
-    """Batch sizes against the loaded training split (before any model is built)."""
+    """The batch size against the loaded training split (before any model is built)."""
     if cfg.train.batch_size > train_images:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {train_images} training images; "
                           f"set train.batch_size <= {train_images}")
-    if (cfg.eval.at_end or cfg.eval.knn) and cfg.eval.probe_batch_size > train_images:
+
+
+def check_probe(cfg: Config, train_images: int) -> None:
+    """The linear probe would never take a step (it drops the last partial batch)."""
+    if cfg.eval.probe_batch_size > train_images:
         raise ConfigError(f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
                           f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}")
 
