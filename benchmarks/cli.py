@@ -1,7 +1,8 @@
 """`fastemp bench {throughput, time-to-accuracy, kernels, report}` and `fastemp tune`.
 
 Every benchmark writes <out>/<name>.json (every number, the environment and the config) and
-<out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory.
+<out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory. An
+existing result is never overwritten without --force: the new one gets <name>-2, -3, ...
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 from fastemp.config import load_config
+from fastemp.validate import check_config
 
 from . import common
 
@@ -29,19 +31,21 @@ def _load(args):
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"train.device={args.device}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    check_config(cfg)
+    return cfg
 
 
-def _out_dir(args, result: dict) -> Path:
-    return Path(args.out) if args.out else common.default_out_dir(result["environment"])
+def _target(args, device: str, suffixes=(".json", ".md")) -> tuple[Path, str]:
+    return common.results_target(args.out, args.name, device, args.force, suffixes)
 
 
-def _partial_writer(args, to_markdown):
+def _partial_writer(out: Path, name: str, to_markdown):
     """Writes a benchmark's result so far after each finished piece: a run cut at a time limit keeps
     every number it measured (the file says "partial": true until the run completes)."""
 
     def write(result: dict) -> None:
-        common.write_results(_out_dir(args, result), args.name, result, to_markdown(result))
+        common.write_results(out, name, result, to_markdown(result))
 
     return write
 
@@ -63,29 +67,31 @@ def cmd_throughput(args) -> int:
     from .throughput import run_throughput, throughput_markdown
 
     base = _load(args)
+    out, name = _target(args, base.train.device)
     axes = {"n_patches": common.parse_list(args.n, int), "batch_size": common.parse_list(args.batch, int),
             "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
             "precision": common.parse_list(args.precision), "grad_chunks": common.parse_list(args.grad_chunks, int)}
     result = run_throughput(base, axes, base.train.device, args.warmup, args.steps, args.split_steps,
                             args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size,
-                            on_progress=_partial_writer(args, throughput_markdown))
+                            on_progress=_partial_writer(out, name, throughput_markdown))
     markdown = throughput_markdown(result)
     print(markdown)
-    _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
+    _written(common.write_results(out, name, result, markdown))
     return _status(result["points"] + result["baselines"])
 
 
 def cmd_time_to_accuracy(args) -> int:
     from .time_to_accuracy import plot_accuracy, run_time_to_accuracy, tta_markdown
 
+    cfg = _load(args)
+    out, name = _target(args, cfg.train.device, (".json", ".md", ".png"))
     milestones = common.parse_list(args.milestones, float) or []
-    result = run_time_to_accuracy(_load(args), args.target, args.eval_every, args.max_wall_seconds, milestones,
-                                  on_progress=_partial_writer(args, tta_markdown))
+    result = run_time_to_accuracy(cfg, args.target, args.eval_every, args.max_wall_seconds, milestones,
+                                  on_progress=_partial_writer(out, name, tta_markdown))
     markdown = tta_markdown(result)
     print(markdown)
-    out = _out_dir(args, result)
-    paths = common.write_results(out, args.name, result, markdown)
-    png = plot_accuracy(result, out / f"{args.name}.png")
+    paths = common.write_results(out, name, result, markdown)
+    png = plot_accuracy(result, out / f"{name}.png")
     _written([*paths, png] if png else paths)
     return 0
 
@@ -94,12 +100,13 @@ def cmd_kernels(args) -> int:
     from .kernels_bench import kernels_markdown, run_kernels
 
     _threads(args)
+    out, name = _target(args, args.device)
     result = run_kernels(args.device, common.parse_list(args.n, int), common.parse_list(args.batch, int),
                          common.parse_list(args.dim, int), args.warmup, args.iters, not args.no_compile,
                          not args.no_augmentation, args.images, args.baseline_aug_patches)
     markdown = kernels_markdown(result)
     print(markdown)
-    _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
+    _written(common.write_results(out, name, result, markdown))
     return _status(result["rows"] + result["augmentation"])
 
 
@@ -113,6 +120,10 @@ def cmd_tune(args) -> int:
     from .tune import run_tune, tuned_config, tune_markdown, write_tuned_yaml
 
     base = _load(args)
+    requested = Path(args.out)
+    folder, stem = common.results_target(str(requested.parent), requested.stem, base.train.device, args.force,
+                                         (requested.suffix or ".yaml", ".json", ".md"))
+    out = folder / f"{stem}{requested.suffix}"
     axes = {"n_patches": common.parse_list(args.n, int), "batch_size": common.parse_list(args.batch, int),
             "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
             "precision": None, "grad_chunks": common.parse_list(args.grad_chunks, int)}
@@ -125,7 +136,6 @@ def cmd_tune(args) -> int:
     result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps)
     markdown = tune_markdown(result)
     print(markdown)
-    out = Path(args.out)
     common.write_results(out.parent, out.stem, result, markdown)
     if result["best"] is None:
         print("fastemp tune: no point ran within the memory budget; nothing written to", out)
@@ -164,6 +174,8 @@ def _threads_arg(p: argparse.ArgumentParser) -> None:
 def _output_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     p.add_argument("--name", default=name, help=f"file name stem (default: {name})")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing result files (default: write <name>-2, -3, ... beside them)")
 
 
 def register_cli(subparsers) -> None:
@@ -237,4 +249,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")
     p.add_argument("--out", default="tuned.yaml", help="the config to write (default: tuned.yaml; JSON beside it)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing config and its JSON (default: write tuned-2.yaml, ... beside them)")
     p.set_defaults(func=cmd_tune)

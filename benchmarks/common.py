@@ -348,6 +348,28 @@ def targets_markdown(targets: list[dict]) -> str:
     return "## Targets\n\n" + markdown_table(["target", "threshold", "measured", "status", "on H100", "note"], rows)
 
 
+def results_target(out: str | None, name: str, device: str, force: bool,
+                   suffixes: Sequence[str] = (".json", ".md")) -> tuple[Path, str]:
+    """(folder, file stem) for a benchmark's results, decided BEFORE measuring so that no measured
+    number is lost and no committed result is overwritten by accident: when <stem><suffix> exists
+    and force is false, the stem gets the first free '-2', '-3', ... and a note says so."""
+    if out:
+        folder = Path(out)
+    else:
+        from fastemp.train import resolve_device
+
+        dev = resolve_device(device)
+        name_of = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+        folder = default_out_dir({"device": str(dev), "device_name": name_of})
+    stem, k = name, 2
+    while not force and any((folder / f"{stem}{s}").exists() for s in suffixes):
+        stem, k = f"{name}-{k}", k + 1
+    if stem != name:
+        print(f"fastemp bench: {folder / name}{suffixes[0]} exists; results will go to {folder / stem}{suffixes[0]} "
+              "(--force replaces the existing file)", file=sys.stderr, flush=True)
+    return folder, stem
+
+
 def write_results(out_dir: Path, name: str, result: dict, markdown: str) -> tuple[Path, Path]:
     """<out_dir>/<name>.json (every number; strict JSON, no NaN) and <name>.md; returns both paths."""
     out_dir = Path(out_dir)

@@ -68,7 +68,9 @@ SITE="$(mktemp -d)/site"
 mkdir -p "$SITE/fastemp"
 for f in "$REPO"/fastemp/*; do ln -s "$f" "$SITE/fastemp/"; done
 for sub in kernels configs benchmarks; do ln -s "$REPO/$sub" "$SITE/fastemp/$sub"; done
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PIP_NO_INDEX=1 PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: `python -m` must not put the working directory (this checkout, whose fastemp/ lacks the
+# mapped subpackages) ahead of the links
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PIP_NO_INDEX=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 if [ -z "${FASTEMP_COMMIT:-}" ] && ! git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
   log "no git checkout here and FASTEMP_COMMIT is unset: results record commit 'unknown'"
 fi
@@ -177,7 +179,7 @@ part_throughput20() {
   [ "$DRY" = 1 ] && args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" --device cpu --n 4 --batch 16
     --backend torch --compile none --steps 2 --warmup 0 --split-steps 1 --baseline --baseline-workers 0
     --baseline-steps 2 --peak-size 64)
-  "${FASTEMP[@]}" bench throughput "${args[@]}" --out "$DETAILS" --name throughput_n20
+  "${FASTEMP[@]}" bench throughput "${args[@]}" --force --out "$DETAILS" --name throughput_n20
 }
 
 part_throughput200() {
@@ -185,14 +187,14 @@ part_throughput200() {
     --backend "$BACKENDS" --steps 10 --split-steps 5)
   [ "$DRY" = 1 ] && args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" --device cpu --n 8 --batch 16
     --grad-chunks 2 --backend torch --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64)
-  "${FASTEMP[@]}" bench throughput "${args[@]}" --out "$DETAILS" --name throughput_n200
+  "${FASTEMP[@]}" bench throughput "${args[@]}" --force --out "$DETAILS" --name throughput_n200
 }
 
 part_kernels() {
   local args=(--device "$DEVICE" --n "${KERNELS_N:-20,50,200}" --batch "${KERNELS_BATCH:-100,256}")
   [ "$DRY" = 1 ] && args=(--device cpu --n 4 --batch 16 --dim 32 --warmup 0 --iters 2 --no-compile --images 64
     --baseline-aug-patches 4)
-  "${FASTEMP[@]}" bench kernels "${args[@]}" --out "$DETAILS"
+  "${FASTEMP[@]}" bench kernels "${args[@]}" --force --out "$DETAILS"
 }
 
 part_tta() {
@@ -210,7 +212,7 @@ part_tta() {
   "${FASTEMP[@]}" bench time-to-accuracy --config cifar10_n20_10ep "${data_args[@]}" \
     train.epochs="${TTA_EPOCHS:-3}" eval.patches="${TTA_EVAL_PATCHES:-16}" \
     eval.probe_epochs="${TTA_PROBE_EPOCHS:-20}" eval.knn=false --device "$DEVICE" --target 0.85 \
-    --milestones 0.70,0.75,0.80 --eval-every "${TTA_EVAL_EVERY:-250}" --max-wall-seconds "$budget" \
+    --milestones 0.70,0.75,0.80 --eval-every "${TTA_EVAL_EVERY:-250}" --max-wall-seconds "$budget" --force \
     --out "$DETAILS" --name time_to_85_n20
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -19,27 +20,62 @@ def _print_summary(summary: dict) -> None:
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
 
+def _set_progress(args) -> bool:
+    from . import progress
+
+    progress.enabled = not args.no_progress
+    return progress.enabled
+
+
 def cmd_train(args) -> int:
     from . import runs
-    from .train import run_training
+    from .train import Trainer, run_training
+    from .validate import check_config, check_probe
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = runs.create_run_dir(args.out or Path("runs") / cfg.name, force=args.force)
-    save_config(cfg, run_dir / "config.yaml")
-    summary = run_training(cfg, run_dir, progress=not args.no_progress)
+    check_config(cfg)
+    run_dir = runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force)
+    # validation and data loading write nothing: a run that fails them leaves no folder behind
+    trainer = Trainer(cfg, run_dir, progress=_set_progress(args))
+    if cfg.eval.at_end:
+        check_probe(cfg, len(trainer.train_set))
+        trainer.test_set  # both splits before training: a missing test split fails now, not after the run
+    aside = runs.replace_run_dir(run_dir)
+    try:
+        save_config(cfg, run_dir / "config.yaml")
+    except BaseException:
+        runs.restore_old_run(run_dir, aside)
+        raise
+    runs.discard_old_run(aside)  # the new run is validated, has its data and has started
+    summary = run_training(cfg, run_dir, progress=trainer.progress, trainer=trainer)
     print(f"run folder: {run_dir}")
     _print_summary(summary)
     return 0
 
 
+def _run_config(run_dir: Path, overrides=()):
+    from .validate import check_config
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a "
+                          "fastemp train run")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    check_config(cfg)
+    return cfg
+
+
 def cmd_resume(args) -> int:
+    from . import runs
     from .train import run_training
+    from .validate import check_resume, read_checkpoint
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"{run_dir} has no checkpoint.pt to resume from")
-    cfg = load_config(run_dir / "config.yaml")
-    summary = run_training(cfg, run_dir, resume=True, progress=not args.no_progress)
+    cfg = _run_config(run_dir)
+    check_resume(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir)
+    runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
+    summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args))
     print(f"run folder: {run_dir}")
     _print_summary(summary)
     return 0
@@ -48,6 +84,7 @@ def cmd_resume(args) -> int:
 def cmd_eval(args) -> int:
     from . import runs
     from .train import Trainer
+    from .validate import check_architecture, check_probe, read_checkpoint
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides)
@@ -57,8 +94,11 @@ def cmd_eval(args) -> int:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.plain:
         overrides.append("eval.mode=plain")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    trainer = Trainer(cfg, None, progress=False)
+    cfg = _run_config(run_dir, overrides)
+    check_architecture(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
+    trainer = Trainer(cfg, None, progress=_set_progress(args))
+    check_probe(cfg, len(trainer.train_set))
+    trainer.test_set
     trainer.load_checkpoint(run_dir / "checkpoint.pt")
     result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,
               "probe_epochs": cfg.eval.probe_epochs, **trainer.evaluate()}
@@ -67,21 +107,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user error (argparse prints usage + error)
+        self.exit(2, f"fastemp: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastemp", description="EMP-SSL training, evaluation and benchmarks")
+    parser = _Parser(prog="fastemp", description="EMP-SSL training, evaluation and benchmarks")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run (default config: quickstart, synthetic data)")
     p.add_argument("--config", default="quickstart", help="YAML file or built-in name (quickstart, cifar10_n20_1ep, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing run folder (only a fastemp run folder; the old run is removed once "
+                        "the new one has started)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("eval", help="linear probe (and kNN) on a run's checkpoint")
@@ -90,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", action="store_true", help="also run the weighted kNN (k=20, T=0.07)")
     p.add_argument("--eval-patches", type=int, help="average h over K augmented patches per image")
     p.add_argument("--plain", action="store_true", help="features of the whole un-augmented image")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
     p.set_defaults(func=cmd_eval)
 
     for register in _extensions():
@@ -105,7 +155,21 @@ def _extensions():
     return [check_cli, bench_cli]
 
 
+def user_error_message(err: BaseException) -> str | None:
+    """The one line to print for a user error; None for a bug (which keeps its traceback)."""
+    from .errors import UserError, one_line
+
+    if isinstance(err, UserError):
+        return one_line(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full writing {err.filename or 'a file'}; free space on that disk and run again"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # overrides may come after options (`eval RUN --knn eval.probe_epochs=10`): argparse leaves those over
     args, rest = parser.parse_known_args(argv)
@@ -116,13 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + late
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError) as err:
-        print(f"fastemp: error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None or debug:
+            raise
+        print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
-    except Exception as err:  # data errors etc.: one line for the user, not a traceback
-        from .data import DataError
-
-        if isinstance(err, DataError):
-            print(f"fastemp: error: {err}", file=sys.stderr)
-            return 2
-        raise

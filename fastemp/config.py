@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
@@ -133,34 +136,73 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+class _Raw(str):
+    """An override's text, parsed only once the declared type of its key is known."""
+
+
+def _read_yaml(text: str, where: str):
+    """YAML with every scalar kept as text (BaseLoader): the schema, not YAML 1.1's guesses, decides
+    types, so `1e-3` is a number, `on` stays the string 'on' and `2024` can be a name."""
+    try:
+        return yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at} ({problem}); fix the YAML") from None
+
+
+BOOLEAN_WORDS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+
+
 def _coerce(value, tp, where: str):
-    """Convert a YAML value to the annotated type, or raise ConfigError."""
+    """Convert a value (text from YAML or an override, or already typed) to the annotated type."""
+    if isinstance(value, _Raw):
+        if tp is str:
+            return str(value)
+        value = _read_yaml(value, where)
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}; "
+                              f"write it as [{', '.join('x' for _ in args)}]")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "on", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
+            return BOOLEAN_WORDS[value.strip().lower()]
+        raise ConfigError(f"{where}: expected true/false, got {value!r}; write true or false")
     if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                try:
+                    value = float(value.strip())
+                except ValueError:
+                    pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}; write a whole number such as 8")
         return value
     if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}; write a number such as 0.3 or 1e-3")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}; write a finite number")
         return float(value)
     if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+        if isinstance(value, (dict, list, tuple)) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}; write plain text")
+        return str(value)
     raise TypeError(f"unsupported config type {tp}")  # a schema bug, not a user error
 
 
@@ -169,11 +211,14 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown config key '{where}'{_suggest(key, hints)}")
+            hint = _suggest(key, hints) or f"; valid keys here: {', '.join(hints)}"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, _Raw):
+                value = _read_yaml(value, where)
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+                raise ConfigError(f"{where}: expected a section (mapping), got {value!r}; set its keys, e.g. {where}.<key>=value")
             _apply(current, value, where + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
@@ -181,9 +226,9 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
 
 def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        raise ConfigError(f"override '{item}' is not of the form section.key=value; write e.g. train.epochs=2")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _Raw(raw.strip())
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
@@ -215,7 +260,7 @@ def builtin_config_path(name: str) -> Path:
     path = Path(str(resources.files("fastemp.configs").joinpath(f"{name}.yaml")))
     if not path.is_file():
         names = sorted(p.name[:-5] for p in Path(str(resources.files("fastemp.configs"))).glob("*.yaml"))
-        raise ConfigError(f"no built-in config '{name}'{_suggest(name, names)} (built-ins: {', '.join(names)})")
+        raise ConfigError(f"no config file or built-in config '{name}'{_suggest(name, names) or '; use a YAML path or a built-in'} (built-ins: {', '.join(names)})")
     return path
 
 
@@ -225,16 +270,23 @@ def resolve_config_path(spec: str) -> Path:
     if path.is_file():
         return path
     if path.suffix in (".yaml", ".yml") and "/" in spec:
-        raise ConfigError(f"config file not found: {spec}")
+        raise ConfigError(f"config file not found: {spec}; check the path or use a built-in name such as quickstart")
     return builtin_config_path(path.stem)
 
 
 def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str] = ()) -> Config:
     """Load a YAML config (a path or a built-in name) and apply `section.key=value` overrides."""
     path = resolve_config_path(str(spec))
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read the config file {path} ({err}); check the path") from None
+    values = _read_yaml(text, str(path))
+    if values is None or values == "":
+        raise ConfigError(f"config file {path} is empty; write the sections to change "
+                          "(e.g. `train:` with `epochs: 2`) or use a built-in such as --config quickstart")
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections; write e.g. `train:` then indented keys")
     values.setdefault("name", path.stem)
     cfg = Config()
     _apply(cfg, values)

@@ -22,6 +22,7 @@ from .config import AugmentConfig, EvalConfig
 from .data import ImageSet
 from .patches import make_patch_backend
 from .patches_torch import normalize_images
+from .progress import bar
 
 
 @torch.no_grad()
@@ -34,6 +35,7 @@ def extract_features(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    desc: str = "features",
 ) -> torch.Tensor:
     """(N, hidden) fp32 features of uint8 NHWC `images`, model in eval mode for the duration."""
     was_training = model.training
@@ -44,7 +46,7 @@ def extract_features(
         raise ValueError(f"eval.mode must be patches or plain, got '{cfg.mode}'")
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
-    for start in range(0, images.shape[0], cfg.batch_size):
+    for start in bar(range(0, images.shape[0], cfg.batch_size), desc=desc, unit="batch"):
         index = torch.arange(start, min(start + cfg.batch_size, images.shape[0]), device=device)
         if patches is None:
             x = normalize_images(images[index], aug.mean, aug.std)
@@ -87,7 +89,7 @@ def linear_probe(
                           weight_decay=cfg.probe_weight_decay)
     steps = train_x.shape[0] // cfg.probe_batch_size  # drop_last, as the official loader
     curve = []
-    for epoch in range(cfg.probe_epochs):
+    for epoch in bar(range(cfg.probe_epochs), desc="linear probe", unit="epoch"):
         for g in opt.param_groups:  # cosine over epochs, stepped per epoch (CosineAnnealingLR(T_max=epochs))
             g["lr"] = cfg.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.probe_epochs))
         order = torch.randperm(train_x.shape[0], generator=gen).to(device)
@@ -113,7 +115,7 @@ def knn_top1(
     test_x = F.normalize(test_x, dim=1)
     k = min(k, train_x.shape[0])
     correct = torch.zeros((), dtype=torch.long, device=test_x.device)
-    for start in range(0, test_x.shape[0], chunk):
+    for start in bar(range(0, test_x.shape[0], chunk), desc="kNN", unit="chunk"):
         sim, idx = (test_x[start:start + chunk] @ train_x.T).topk(k, dim=1)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
@@ -127,8 +129,9 @@ def evaluate_encoder(
     channels_last: bool = False, prefix: str = "",
 ) -> dict:
     """Features for both splits, then the probe (and kNN when cfg.knn). Keys get `prefix`."""
-    feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last)
-             for i, s in enumerate((train, test))]
+    feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last,
+                              desc=f"{prefix}features ({name})")
+             for i, (name, s) in enumerate((("train", train), ("test", test)))]
     num_classes = len(train.classes)
     probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
     out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test}

@@ -9,7 +9,6 @@ backend).
 from __future__ import annotations
 
 import functools
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,12 +19,14 @@ from tqdm import tqdm
 from . import runs
 from .config import Config, to_dict
 from .data import load_split
+from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms, use_fused
 from .model import build_model
 from .patches import make_patch_backend
+from .validate import check_data, read_checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +56,7 @@ class Trainer:
         self.compile_mode = {"auto": "default" if on_cuda else "none"}.get(cfg.model.compile, cfg.model.compile)
 
         self.train_set = load_split(cfg.data, "train", self.device)
+        check_data(cfg, len(self.train_set))  # before the model is built
         self.patches = make_patch_backend(cfg.data.backend, self.train_set.images, cfg.augment, cfg.train.seed)
         self.backend_name = self.patches.name
         torch.manual_seed(cfg.train.seed)
@@ -66,13 +68,13 @@ class Trainer:
         self.optimizer = build_lars(self.model, cfg.optim)
         self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} exceeds the {self.train_set.images.shape[0]} training images")
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
         # wall clock: the first step a process runs (compilation, allocator warm-up) is kept apart
         self.warmup_seconds, self.train_seconds, self.timed_images = 0.0, 0.0, 0
         self.last_record: dict | None = None
+        # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
+        self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
 
     # -- data order -------------------------------------------------------------------------
     def batch_index(self, step: int) -> torch.Tensor:
@@ -117,6 +119,7 @@ class Trainer:
         tick, images, warm = time.perf_counter(), 0, self.step
         for step in range(self.step, stop_step):
             terms = self.forward_backward(self.begin_step(step))
+            self._watch_finite(terms, step + 1)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step, images = step + 1, images + t.batch_size
@@ -130,12 +133,34 @@ class Trainer:
             bar.update(1)
         bar.close()
 
+    def _watch_finite(self, terms: LossTerms, step: int) -> None:
+        """Record on the device the first step whose sim, tcr or gradient is not finite.
+
+        Checking on the host every step would add a sync per step; this keeps the verdict on the
+        device and reads it once on logged steps and before every checkpoint write (raise_if_nonfinite),
+        so nothing non-finite is ever saved and the error still names the first bad step and term."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_max = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else terms.tcr.detach()
+        ok = torch.stack([terms.invariance.detach().isfinite(), terms.tcr.detach().isfinite(), grad_max.isfinite()])
+        here = torch.stack([torch.full((), step, dtype=torch.long, device=self.device),
+                            torch.argmin(ok.to(torch.uint8)).to(torch.long)])  # argmin: the first False
+        first = (self._nonfinite[0] < 0) & ~ok.all()
+        self._nonfinite = torch.where(first, here, self._nonfinite)
+
+    def raise_if_nonfinite(self, nonfinite: list[int] | None = None) -> None:
+        step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
+        if step >= 0:
+            what = ("the invariance loss (sim)", "the coding-rate loss (tcr)", "the gradients")[int(term)]
+            saved = "checkpoint.pt holds the last finite state" if self.run_dir else "nothing was saved"
+            raise NonFiniteError(f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
+                                 "lower optim.lr, raise loss.eps or check the data, then train again")
+
     def _log(self, terms: LossTerms, images: int, seconds: float, warmup: bool) -> dict:
-        values = torch.stack([terms.total, terms.invariance, terms.tcr]).tolist()  # the one sync per log
-        if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(
-                f"non-finite loss at step {self.step} (total, sim, tcr = {values}): the TCR Cholesky failed "
-                "or the model diverged; lower optim.lr or check the data")
+        # the one sync per log: the three loss values and the non-finite record together
+        flat = torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(),
+                          self._nonfinite.double()]).tolist()
+        values = flat[:3]
+        self.raise_if_nonfinite(flat[3:])
         if warmup:
             self.warmup_seconds += seconds
         else:
@@ -155,6 +180,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        self.raise_if_nonfinite()  # never write non-finite weights over the last good checkpoint
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "clock": (self.warmup_seconds, self.train_seconds, self.timed_images),
                  "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(),
@@ -162,7 +188,7 @@ class Trainer:
         runs.atomic_torch_save(state, self.run_dir / "checkpoint.pt")
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
@@ -189,9 +215,12 @@ class Trainer:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
-def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+                 trainer: Trainer | None = None) -> dict:
     """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
-    trainer = Trainer(cfg, run_dir, progress)
+    trainer = trainer or Trainer(cfg, run_dir, progress)
+    if cfg.eval.at_end:
+        trainer.test_set  # load it now: a missing test split fails before training, not after it
     if resume:
         trainer.load_checkpoint(run_dir / "checkpoint.pt")
         runs.truncate_metrics(run_dir, trainer.step)

@@ -413,3 +413,17 @@ def test_report_shortens_data_descriptions():
     assert _short_data(long) == "imagefolder cifar10-jpeg.tar.gz, 50000 images"
     assert _short_data("synthetic (shapes and textures, 32x32, seed 0), train, 2000 images, 10 classes") == \
         "synthetic, 2000 images"
+
+
+def test_results_never_overwrite_without_force(tmp_path, capsys):
+    # decided before measuring: a fresh --out folder keeps the plain name, an existing result gets -2, -3
+    assert common.results_target(str(tmp_path / "fresh"), "throughput", "cpu", False) == (tmp_path / "fresh", "throughput")
+    assert capsys.readouterr().err == ""
+    (tmp_path / "throughput.json").write_text("{}")
+    assert common.results_target(str(tmp_path), "throughput", "cpu", False) == (tmp_path, "throughput-2")
+    assert "throughput.json exists" in capsys.readouterr().err
+    (tmp_path / "throughput-2.md").write_text("")
+    assert common.results_target(str(tmp_path), "throughput", "cpu", False)[1] == "throughput-3"
+    assert common.results_target(str(tmp_path), "throughput", "cpu", True)[1] == "throughput"
+    # the default folder is benchmarks/results/<device> under the working directory
+    assert common.results_target(None, "kernels", "cpu", False)[0] == Path("benchmarks/results/cpu")

@@ -69,3 +69,45 @@ def test_round_trip(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("optim.lr=1e-3", "lr", 1e-3),  # YAML 1.1 reads these as strings
+    ("optim.weight_decay=5e-4", "weight_decay", 5e-4),
+    ("optim.lr=1e30", "lr", 1e30),
+    ("loss.fused=on", "fused", "on"),  # ...and these as booleans
+    ("loss.fused=off", "fused", "off"),
+    ("name=2024", "name", "2024"),
+    ("data.path=2024", "path", "2024"),
+    ("data.path=/data/a: b.tar", "path", "/data/a: b.tar"),
+    ("eval.knn=on", "knn", True),
+    ("train.epochs=2.0", "epochs", 2),
+])
+def test_values_are_coerced_by_the_declared_type(override, key, value):
+    cfg = apply_overrides(Config(), [override])
+    section = cfg if override.startswith("name") else getattr(cfg, override.split(".")[0])
+    assert getattr(section, key) == value and type(getattr(section, key)) is type(value)
+
+
+def test_yaml_file_values_as_users_type_them(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: 2024\noptim:\n  lr: 1e-3\n  weight_decay: 5e-4\nloss:\n  fused: off\n"
+                    "augment:\n  crop_scale: [0.2, 3e-1]\n")
+    cfg = load_config(path)
+    assert (cfg.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.fused) == ("2024", 1e-3, 5e-4, "off")
+    assert cfg.augment.crop_scale == (0.2, 0.3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty"),
+    ("# only a comment\n", "is empty"),
+    ("train:\n  epochs: [1\n", "YAML syntax error at line"),
+    ("- 1\n- 2\n", "top level must be a mapping"),
+    ("optim:\n  lr: inf\n", "optim.lr: expected a finite number"),
+])
+def test_bad_yaml_file_names_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value) or "optim.lr" in str(err.value)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import fastemp.data as data
+import fastemp.cifar as cifar
+import fastemp.imagefolder as imagefolder
 from fastemp.config import DataConfig
 from fastemp.data import DataError, load_split
 
@@ -26,7 +27,7 @@ def _no_network(monkeypatch):
     def refuse(url, dest):
         raise AssertionError(f"a test tried to download {url}")
 
-    monkeypatch.setattr(data, "_download", refuse)
+    monkeypatch.setattr(cifar, "_download", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,10 +86,10 @@ def cifar_root(tmp_path, monkeypatch):
     root.mkdir()
     built = {"cifar10": build_cifar10(root / "cifar-10-python.tar.gz"),
              "cifar100": build_cifar100(root / "cifar-100-python.tar.gz")}
-    archives = dict(data.CIFAR_ARCHIVES)
+    archives = dict(cifar.CIFAR_ARCHIVES)
     for name, spec in archives.items():
-        archives[name] = dataclasses.replace(spec, md5=data._md5(root / spec.filename))
-    monkeypatch.setattr(data, "CIFAR_ARCHIVES", archives)
+        archives[name] = dataclasses.replace(spec, md5=cifar._md5(root / spec.filename))
+    monkeypatch.setattr(cifar, "CIFAR_ARCHIVES", archives)
     return root, built
 
 
@@ -125,8 +126,8 @@ def test_cifar100_fine_labels(cifar_root):
 
 def test_cifar_bad_md5_present_file(cifar_root, monkeypatch):
     root, _ = cifar_root
-    spec = data.CIFAR_ARCHIVES["cifar10"]
-    monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(spec, md5="0" * 32))
+    spec = cifar.CIFAR_ARCHIVES["cifar10"]
+    monkeypatch.setitem(cifar.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(spec, md5="0" * 32))
     with pytest.raises(DataError) as e:
         load_split(DataConfig(source="cifar10", root=str(root)), "train")
     msg = str(e.value)
@@ -150,7 +151,7 @@ def test_cifar_offline(tmp_path, monkeypatch):
         Path(dest).write_bytes(b"partial")
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "_download", offline)
+    monkeypatch.setattr(cifar, "_download", offline)
     root = tmp_path / "fresh" / "data"  # not there yet
     with pytest.raises(DataError) as e:
         load_split(DataConfig(source="cifar10", root=str(root), download=True), "test")
@@ -167,10 +168,10 @@ def test_cifar_download(cifar_root, tmp_path, monkeypatch):
         calls.append(url)
         Path(dest).write_bytes(source.read_bytes())
 
-    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(cifar, "_download", fake_download)
     root = tmp_path / "dl"
     te = load_split(DataConfig(source="cifar10", root=str(root)), "test")
-    assert calls == [data.CIFAR_ARCHIVES["cifar10"].url]
+    assert calls == [cifar.CIFAR_ARCHIVES["cifar10"].url]
     assert te.images.shape == (4, 32, 32, 3)
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]
     load_split(DataConfig(source="cifar10", root=str(root)), "train")
@@ -178,7 +179,7 @@ def test_cifar_download(cifar_root, tmp_path, monkeypatch):
 
 
 def test_cifar_download_md5_mismatch(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_download", lambda url, dest: Path(dest).write_bytes(b"not an archive"))
+    monkeypatch.setattr(cifar, "_download", lambda url, dest: Path(dest).write_bytes(b"not an archive"))
     root = tmp_path / "dl"
     with pytest.raises(DataError) as e:
         load_split(DataConfig(source="cifar10", root=str(root)), "train")
@@ -193,8 +194,8 @@ def test_cifar_pickle_is_restricted(tmp_path, monkeypatch):
     with tarfile.open(path, "w:gz") as tar:
         _add(tar, "cifar-10-batches-py/test_batch", {b"data": os.system, b"labels": []})
         _add(tar, "cifar-10-batches-py/batches.meta", {b"label_names": []})
-    spec = dataclasses.replace(data.CIFAR_ARCHIVES["cifar10"], md5=data._md5(path))
-    monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10", spec)
+    spec = dataclasses.replace(cifar.CIFAR_ARCHIVES["cifar10"], md5=cifar._md5(path))
+    monkeypatch.setitem(cifar.CIFAR_ARCHIVES, "cifar10", spec)
     with pytest.raises(DataError, match="cannot read"):
         load_split(DataConfig(source="cifar10", root=str(tmp_path)), "test")
 
@@ -301,7 +302,7 @@ def test_imagefolder_nested_directory(tmp_path):
 
 def test_imagefolder_pillow_fallback(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
-    monkeypatch.setattr(data, "_dali_importable", lambda: False)
+    monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
     src = write_dir(tmp_path / "tree", tree_files())
     s = load_split(folder_cfg(src, tmp_path), "train")
     check_tree(s, "train")
@@ -309,8 +310,8 @@ def test_imagefolder_pillow_fallback(tmp_path, monkeypatch):
 
 
 def test_imagefolder_without_any_decoder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_dali_importable", lambda: False)
-    monkeypatch.setattr(data, "_pil_importable", lambda: False)
+    monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
+    monkeypatch.setattr(imagefolder, "_pil_importable", lambda: False)
     src = write_dir(tmp_path / "tree", tree_files())
     with pytest.raises(DataError, match="pillow"):
         load_split(folder_cfg(src, tmp_path), "train")
@@ -397,7 +398,7 @@ def test_imagefolder_cache(tmp_path, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("decoded although the cache holds this split")
 
-    monkeypatch.setattr(data, "_decode", no_decode)
+    monkeypatch.setattr(imagefolder, "_decode", no_decode)
     second = load_split(cfg, "train")
     assert "from cache" in second.description
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
@@ -418,7 +419,7 @@ def test_imagefolder_archive_cache(tmp_path, monkeypatch):
     def no_read(*a, **k):
         raise AssertionError("read the archive although the cache holds this split")
 
-    monkeypatch.setattr(data, "_read_archive", no_read)
+    monkeypatch.setattr(imagefolder, "_read_archive", no_read)
     test = load_split(cfg, "test")
     check_tree(test, "test")
     again = load_split(cfg, "train")

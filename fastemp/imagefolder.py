@@ -1,0 +1,364 @@
+"""ImageFolder data: list a directory or a tar archive, decode once (DALI or Pillow), cache as .npy.
+
+imagefolder
+    `train/<class>/*` and `test/<class>/*` image files (JPEG, PNG, BMP, ...) under `data.path`,
+    a directory or a `.tar` / `.tar.gz` / `.tgz` archive read directly into memory (an optional
+    single top-level folder above train/ and test/ is allowed). Classes are the sorted names of
+    the class folders that hold at least one image in either split; the label is the index in
+    that list, so both splits agree. Files are decoded with NVIDIA DALI (`fn.decoders.image`,
+    RGB; device="cpu" for CPU targets, device="mixed" i.e. nvJPEG on CUDA), in batches fed
+    through `fn.external_source`; without DALI, with Pillow; without either, DataError.
+    Resize: an image that is not `image_size` x `image_size` is resized once at load, keeping
+    its aspect ratio: the shorter side is resized to `image_size` (torch bilinear interpolation
+    with antialiasing, rounded back to uint8), then the centre square is cropped.
+    Cache: a decoded split is saved under `<data.root>/cache/` as a pair of .npy files (uint8
+    images (N, S, S, 3), int64 labels (N,)) plus a small .json with the class names, named
+    `imagefolder-<name>-<split>-<S>px-<key>`, where key hashes the resolved source path, the
+    image size, the decoder, and the source's fingerprint: size and mtime of an archive, or for a
+    directory the relative path, size and mtime of every image file in the split. Changing any
+    file therefore re-decodes; delete the folder to reclaim space. Reading an archive is one
+    streaming pass, so on a cache miss both splits are decoded and cached together. An
+    unwritable cache only costs a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import DataError
+from .errors import one_line as _one_line
+from .progress import bar
+
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
+DECODE_BATCH = 512  # encoded files per DALI pipeline run
+_CACHE_VERSION = 1
+
+
+
+def _is_image(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _split_parts(relpath: str) -> tuple[str, str, str] | None:
+    """(prefix, split, class) of `[prefix/]split/class/file`, or None."""
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    if len(parts) < 3 or len(parts) > 4 or parts[-3] not in SPLITS:
+        return None
+    return "/".join(parts[:-3]), parts[-3], parts[-2]
+
+
+def _is_archive(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _list_directory(root: Path) -> tuple[Path, dict[str, list[tuple[str, str, int, int]]]]:
+    """(base, {split: [(class, path relative to base, size, mtime_ns)]}) of a directory tree;
+    base is `root`, or its only subfolder when train/ and test/ sit one level down."""
+    base = root
+    if not any((root / s).is_dir() for s in SPLITS):
+        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in SPLITS):
+            base = subdirs[0]
+    out: dict[str, list[tuple[str, str, int, int]]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        split_dir = base / split
+        if not split_dir.is_dir():
+            continue
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            with os.scandir(class_dir) as it:
+                for entry in it:
+                    if entry.is_file() and _is_image(entry.name):
+                        st = entry.stat()
+                        rel = f"{split}/{class_dir.name}/{entry.name}"
+                        out[split].append((class_dir.name, rel, st.st_size, st.st_mtime_ns))
+        out[split].sort(key=lambda t: (t[0], t[1]))
+    return base, out
+
+
+def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
+    """{split: [(class, member name, encoded bytes)]} of a .tar/.tar.gz, in one streaming pass."""
+    out: dict[str, list[tuple[str, str, bytes]]] = {s: [] for s in SPLITS}
+    prefixes: set[str] = set()
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in bar(tar, desc=f"reading {path.name}", unit="file"):
+                if not member.isfile() or not _is_image(member.name):
+                    continue
+                parts = _split_parts(member.name)
+                if parts is None:
+                    continue
+                prefix, split, cls = parts
+                prefixes.add(prefix)
+                f = tar.extractfile(member)
+                assert f is not None
+                out[split].append((cls, member.name, f.read()))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read the archive {path} ({_one_line(e)}); check that it is a complete .tar/.tar.gz") from e
+    if len(prefixes) > 1:
+        raise DataError(f"{path} holds several train/test trees ({', '.join(sorted(p or '.' for p in prefixes))}); keep one")
+    for items in out.values():
+        items.sort(key=lambda t: (t[0], t[1]))
+    return out
+
+
+def _decoder_for(device: torch.device) -> str:
+    """dali-cpu | dali-mixed | pil, the decoder this process would use for `device`."""
+    if _dali_importable():
+        return "dali-mixed" if device.type == "cuda" else "dali-cpu"
+    if _pil_importable():
+        return "pil"
+    raise DataError(
+        "imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow"
+    )
+
+
+def _dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.fn  # noqa: F401
+    except Exception:  # ImportError or a broken CUDA / driver stack underneath
+        return False
+    return True
+
+
+def _pil_importable() -> bool:
+    try:
+        import PIL.Image  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_index: int) -> list[np.ndarray]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    batch = min(DECODE_BATCH, max(1, len(blobs)))
+
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=max(1, min(8, os.cpu_count() or 1)),
+        device_id=device_index if mixed else None,
+        prefetch_queue_depth=1,
+        exec_dynamic=True,
+    )
+    def pipe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
+
+    try:
+        p = pipe()
+        p.build()
+    except Exception as e:
+        raise DataError(f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]}); install pillow and uninstall DALI to decode with Pillow") from e
+    out: list[np.ndarray] = []
+    for start in bar(range(0, len(blobs), batch), desc="decoding images", unit="batch"):
+        chunk = blobs[start : start + batch]
+        p.feed_input("encoded", chunk)
+        try:
+            (decoded,) = p.run()
+        except Exception as e:
+            bad = _first_undecodable(chunk, names[start : start + batch])
+            where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
+            raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
+        if mixed:
+            decoded = decoded.as_cpu()
+        if decoded.is_dense_tensor():
+            arr = np.array(decoded.as_array())
+            out.extend(arr[i] for i in range(arr.shape[0]))
+        else:
+            out.extend(np.array(decoded[i]) for i in range(len(chunk)))
+    return out
+
+
+def _first_undecodable(blobs: list[np.ndarray], names: list[str]) -> str | None:
+    if not _pil_importable():
+        return None
+    from PIL import Image
+
+    for blob, name in zip(blobs, names):
+        try:
+            Image.open(io.BytesIO(blob.tobytes())).convert("RGB")
+        except Exception:
+            return name
+    return None
+
+
+def _decode_pil(blobs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    for blob, name in bar(zip(blobs, names), total=len(blobs), desc="decoding images", unit="image"):
+        try:
+            with Image.open(io.BytesIO(blob.tobytes())) as im:
+                out.append(np.asarray(im.convert("RGB")))
+        except Exception as e:
+            raise DataError(f"cannot decode {name} ({_one_line(e)[:200]}); remove or replace that file") from e
+    return out
+
+
+def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
+    """Stack decoded HWC uint8 images into (N, size, size, 3), resizing those of another size:
+    shorter side to `size` (bilinear, antialiased), then a centre crop."""
+    import torch.nn.functional as F
+
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        if im.ndim == 2:
+            im = images[i] = np.repeat(im[:, :, None], 3, axis=2)
+        if im.shape[:2] == (size, size):
+            out[i] = im[:, :, :3]
+        else:
+            groups.setdefault(im.shape[:2], []).append(i)
+    for (h, w), idx in groups.items():
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        for start in range(0, len(idx), 256):
+            part = idx[start : start + 256]
+            x = torch.from_numpy(np.stack([images[i][:, :, :3] for i in part])).permute(0, 3, 1, 2).float()
+            y = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+            top, left = (nh - size) // 2, (nw - size) // 2
+            y = y[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+            out[part] = y.permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _decode(items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
+    blobs = [np.frombuffer(b, dtype=np.uint8) for _, _, b in items]
+    names = [n for _, n, _ in items]
+    if decoder == "pil":
+        decoded = _decode_pil(blobs, names)
+    else:
+        mixed = decoder == "dali-mixed"
+        index = device.index if device.index is not None else (torch.cuda.current_device() if mixed else 0)
+        decoded = _decode_dali(blobs, names, mixed=mixed, device_index=index)
+    return _resize_square(decoded, size), labels
+
+
+def _cache_paths(cfg: DataConfig, source: Path, split: str, fingerprint: object, decoder: str) -> tuple[Path, Path, Path]:
+    key = hashlib.sha256(
+        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, fingerprint]).encode()
+    ).hexdigest()[:16]
+    name = source.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    stem = f"imagefolder-{name}-{split}-{cfg.image_size}px-{key}"
+    cache = Path(cfg.root).expanduser() / "cache"
+    return cache / f"{stem}.images.npy", cache / f"{stem}.labels.npy", cache / f"{stem}.json"
+
+
+def _cache_load(paths: tuple[Path, Path, Path], size: int):
+    img_path, lab_path, meta_path = paths
+    if not (img_path.is_file() and lab_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        images = np.load(img_path)
+        labels = np.load(lab_path)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring unreadable cache {img_path} ({_one_line(e)})", stacklevel=3)
+        return None
+    if (images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or labels.dtype != np.int64
+            or labels.shape != (images.shape[0],) or meta.get("n") != images.shape[0]):
+        warnings.warn(f"ignoring inconsistent cache {img_path}", stacklevel=3)
+        return None
+    return images, labels, list(meta["classes"])
+
+
+def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    img_path, lab_path, meta_path = paths
+    try:
+        img_path.parent.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}"
+        for path, arr in ((img_path, images), (lab_path, labels)):
+            with open(path.with_name(path.name + tag), "wb") as f:
+                np.save(f, arr)
+        meta_tmp = meta_path.with_name(meta_path.name + tag)
+        meta_tmp.write_text(json.dumps({"classes": classes, "n": int(len(labels))}))
+        # the .json last: its presence marks a complete entry
+        os.replace(img_path.with_name(img_path.name + tag), img_path)
+        os.replace(lab_path.with_name(lab_path.name + tag), lab_path)
+        os.replace(meta_tmp, meta_path)
+    except OSError as e:
+        warnings.warn(f"could not write the dataset cache under {img_path.parent} ({_one_line(e)})", stacklevel=3)
+
+
+def _classes_of(listing: dict[str, list]) -> list[str]:
+    return sorted({item[0] for items in listing.values() for item in items})
+
+
+def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
+    if not cfg.path:
+        raise DataError("data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*")
+    source = Path(cfg.path).expanduser().resolve()
+    if not source.exists():
+        raise DataError(f"data.path {source} does not exist; check the path (a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*)")
+    if not (source.is_dir() or _is_archive(source)):
+        raise DataError(f"data.path {source} is neither a directory nor a .tar/.tar.gz/.tgz archive; point data.path at one")
+    if cfg.image_size < 1:
+        raise DataError(f"data.image_size must be positive, got {cfg.image_size}; set data.image_size=32")
+    decoder = _decoder_for(device)
+    size = int(cfg.image_size)
+    how = f"decoded with {'Pillow' if decoder == 'pil' else 'DALI on ' + decoder.split('-')[1]}"
+
+    if source.is_dir():
+        base, listing = _list_directory(source)
+        items = listing[split]
+        if not items:
+            raise DataError(f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)")
+        classes = _classes_of(listing)
+        fingerprint = [[rel, sz, mt] for _, rel, sz, mt in items]
+        paths = _cache_paths(cfg, source, split, fingerprint, decoder)
+        hit = _cache_load(paths, size)
+        if hit is not None and hit[2] == classes:
+            return torch.from_numpy(hit[0]), torch.from_numpy(hit[1]), classes, f"imagefolder ({source}, {how}, from cache {paths[0]})"
+        encoded = []
+        for cls, rel, _, _ in items:
+            try:
+                encoded.append((cls, rel, (base / rel).read_bytes()))
+            except OSError as e:
+                raise DataError(f"cannot read {base / rel} ({_one_line(e)})") from e
+        images, labels = _decode(encoded, classes, size, decoder, device)
+        _cache_save(paths, images, labels, classes)
+        return torch.from_numpy(images), torch.from_numpy(labels), classes, f"imagefolder ({source}, {how})"
+
+    st = source.stat()
+    fingerprint = [st.st_size, st.st_mtime_ns]
+    paths = {s: _cache_paths(cfg, source, s, fingerprint, decoder) for s in SPLITS}
+    hit = _cache_load(paths[split], size)
+    if hit is not None:
+        return torch.from_numpy(hit[0]), torch.from_numpy(hit[1]), hit[2], f"imagefolder ({source}, {how}, from cache {paths[split][0]})"
+    listing = _read_archive(source)
+    if not listing[split]:
+        raise DataError(f"no images under {split}/<class>/ in {source}; add them (expected train/<class>/* and test/<class>/*)")
+    classes = _classes_of(listing)
+    result = None
+    for s in SPLITS:  # one pass read both splits: decode and cache both
+        if not listing[s]:
+            continue
+        if s != split and _cache_load(paths[s], size) is not None:
+            continue
+        images, labels = _decode(listing[s], classes, size, decoder, device)
+        listing[s] = []  # free the encoded bytes
+        _cache_save(paths[s], images, labels, classes)
+        if s == split:
+            result = images, labels
+    assert result is not None
+    return torch.from_numpy(result[0]), torch.from_numpy(result[1]), classes, f"imagefolder ({source}, {how})"

@@ -1,0 +1,245 @@
+"""Start-up validation: every user mistake found before any work, as one line saying how to fix it.
+
+`check_config` runs over the whole config (ranges, enumerated choices, the machine: CUDA, DALI,
+Triton) before a run folder is touched or a model is built. `check_data` runs on the loaded train
+split (sizes against batch sizes); the trainer loads the test split at start-up too, so a missing
+split fails before training, not after it. Checkpoints are read through `read_checkpoint`
+(missing, empty, truncated, corrupt, non-finite weights) and compared with the config before
+their weights are loaded (`check_resume`, `check_architecture`), so a mismatch is a line, not a
+100-line size-mismatch dump.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, to_dict
+from .errors import UserError, one_line
+
+SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
+BACKENDS = ("auto", "torch", "dali")
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PRECISIONS = ("auto", "fp32", "bf16")
+FUSED = ("auto", "on", "off")
+EVAL_MODES = ("patches", "plain")
+
+# Keys a resumed run may change without mixing two runs (README, "Run folders"): where data and
+# outputs live, where it runs, how often it logs and checkpoints, and all of evaluation. Anything
+# else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
+# run that never happened.
+RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "train.device", "train.log_every",
+                    "train.ckpt_every", "model.compile", "eval.*")
+ARCHITECTURE_KEYS = ("model.width", "model.hidden_dim", "model.z_dim")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, empty, corrupt, non-finite or for another config."""
+
+
+def _rule(key: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}; set {key} to a value that is {rule}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}; {hint}set {key} to one of them")
+
+
+def _positive(section, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _rule(f"{prefix}.{name}", value, value > 0, "> 0")
+
+
+def _range(key: str, pair: tuple[float, float], low: float, high: float) -> None:
+    _rule(key, list(pair), low <= pair[0] <= pair[1] <= high, f"[lo, hi] with {low} <= lo <= hi <= {high}")
+
+
+def check_device(name: str) -> torch.device:
+    """The device `train.device` names, if this machine has it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
+                              "(or auto), or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name} but there are {torch.cuda.device_count()} CUDA devices; "
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_config(cfg: Config) -> None:
+    """Every value of cfg is in range and every enumerated option is one of its choices."""
+    _rule("name", cfg.name, bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
+          "a non-empty folder name without '/'")
+    d, a, m, lo, o, t, e = cfg.data, cfg.augment, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
+
+    _choice("data.source", d.source, SOURCES)
+    _choice("data.backend", d.backend, BACKENDS)
+    _positive(d, "data", "image_size")
+    if d.source == "synthetic":
+        _positive(d, "data", "synthetic_train", "synthetic_test")
+    if d.source == "imagefolder" and not d.path.strip():
+        raise ConfigError("data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz "
+                          "with train/<class>/* and test/<class>/*")
+
+    _positive(a, "augment", "crop_size")
+    _range("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
+    _rule("augment.crop_ratio", list(a.crop_ratio), 0 < a.crop_ratio[0] <= a.crop_ratio[1], "[lo, hi] with 0 < lo <= hi")
+    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        value = getattr(a, name)
+        _rule(f"augment.{name}", value, 0 <= value <= 1, "a probability in [0, 1]")
+    for name in ("brightness", "contrast", "saturation"):
+        value = getattr(a, name)
+        _rule(f"augment.{name}", value, value >= 0, ">= 0")
+    _rule("augment.hue", a.hue, 0 <= a.hue <= 0.5, "in [0, 0.5]")
+    _rule("augment.blur_sigma", list(a.blur_sigma), 0 < a.blur_sigma[0] <= a.blur_sigma[1], "[lo, hi] with 0 < lo <= hi")
+    _rule("augment.solarize_threshold", a.solarize_threshold, 0 <= a.solarize_threshold <= 256, "in 0..256")
+    _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
+
+    _positive(m, "model", "width", "hidden_dim", "z_dim")
+    _choice("model.compile", m.compile, COMPILE_MODES)
+    _choice("model.precision", m.precision, PRECISIONS)
+
+    _positive(lo, "loss", "eps")
+    for name in ("invariance_weight", "tcr_weight"):
+        value = getattr(lo, name)
+        _rule(f"loss.{name}", value, value >= 0, ">= 0")
+    _choice("loss.fused", lo.fused, FUSED)
+
+    _positive(o, "optim", "lr", "lars_eta")
+    _rule("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
+    _rule("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0")
+    _rule("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0")
+    _rule("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, "in [0, optim.lr]")
+
+    # one patch per image makes the invariance term a constant (every patch is its image's mean)
+    _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2 (the invariance term needs two patches per image)")
+    _positive(t, "train", "batch_size", "epochs", "grad_chunks", "log_every")
+    for name in ("max_steps", "ckpt_every", "seed"):
+        value = getattr(t, name)
+        _rule(f"train.{name}", value, value >= 0, ">= 0")
+    _rule("train.checkpoint_activations", t.checkpoint_activations,
+          not (t.checkpoint_activations and t.grad_chunks > 1), "false when train.grad_chunks > 1 (pick one)")
+
+    _choice("eval.mode", e.mode, EVAL_MODES)
+    _positive(e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k",
+              "knn_temperature")
+    _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
+    _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
+
+    device = check_device(t.device)
+    if d.backend == "dali":
+        from .patches import dali_available
+
+        if not dali_available():
+            raise ConfigError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
+                              "(or -cuda120), or use data.backend=torch")
+    if lo.fused == "on":
+        from fastemp.kernels.cosine_to_mean import triton_usable
+
+        if not triton_usable(device):
+            raise ConfigError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
+                              "use loss.fused=auto or set TRITON_INTERPRET=1")
+
+
+def check_data(cfg: Config, train_images: int) -> None:
+    """The batch size against the loaded training split (before any model is built)."""
+    if cfg.train.batch_size > train_images:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {train_images} training images; "
+                          f"set train.batch_size <= {train_images}")
+
+
+def check_probe(cfg: Config, train_images: int) -> None:
+    """The linear probe would never take a step (it drops the last partial batch)."""
+    if cfg.eval.probe_batch_size > train_images:
+        raise ConfigError(f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
+                          f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}")
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint's state, or CheckpointError saying what is wrong with the file."""
+    path = Path(path)
+    redo = f"retrain with fastemp train --out {path.parent} --force"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; train the run first (fastemp train --out {path.parent})")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); {redo}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # truncated zip, not a checkpoint, unpickling error
+        raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {redo}") from err
+    missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a fastemp checkpoint (no {', '.join(missing)}); {redo}")
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more); {redo}")
+    return state
+
+
+def _flat(cfg_dict: dict) -> dict:
+    out = {}
+    for key, value in cfg_dict.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def _differences(cfg: Config, state: dict, keys=None) -> list[str]:
+    now, then = _flat(to_dict(cfg)), _flat(state["config"])
+    keys = keys or [k for k in now if k in then]
+    return [k for k in keys if k in then and not _same(now[k], then[k])]
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in RESUME_SAFE_KEYS)
+
+
+def check_resume(cfg: Config, state: dict, path: Path) -> None:
+    """Refuse to resume when config.yaml changed a key that is not safe to change mid-run."""
+    then = _flat(state["config"])
+    changed = [k for k in _differences(cfg, state) if not _safe(k)]
+    if changed:
+        now = _flat(to_dict(cfg))
+        what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
+        raise ConfigError(f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
+                          "back, or start a new run with fastemp train (resume may change only "
+                          f"{', '.join(RESUME_SAFE_KEYS)})")
+
+
+def check_architecture(cfg: Config, state: dict, path: Path) -> None:
+    """Refuse to load weights into a model of another shape."""
+    changed = _differences(cfg, state, ARCHITECTURE_KEYS)
+    if changed:
+        then, now = _flat(state["config"]), _flat(to_dict(cfg))
+        what = ", ".join(f"{k}={then[k]!r} (config says {now[k]!r})" for k in changed)
+        raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")

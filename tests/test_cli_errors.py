@@ -1,0 +1,285 @@
+"""The bad-input and fault catalog: every user mistake is one line, exit 2, no traceback, and no
+file outside the run folder (nor a good old run) is touched.
+
+Most cases run through fastemp.cli.main inside ONE subprocess (a torch import costs seconds per
+process), each with its own captured stderr, exit code and before/after snapshot of the
+workspace; a few run as real `python -m fastemp` processes to check the process exit code and
+--debug.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastemp import runs
+from fastemp.cli import main
+
+TINY = ["data.synthetic_train=120", "data.synthetic_test=60", "model.width=4", "model.hidden_dim=32",
+        "model.z_dim=16", "train.n_patches=4", "train.batch_size=20", "train.log_every=2",
+        "eval.mode=plain", "eval.probe_epochs=2", "eval.probe_batch_size=20", "--no-progress"]
+
+# Runs each case through fastemp.cli.main with its own stderr; reports exit code, stderr and the
+# files that changed outside the folder the case may write to.
+HARNESS = r"""
+import contextlib, io, json, os, sys, traceback
+from fastemp.cli import main
+
+def snapshot(root, skip):
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if skip and os.path.abspath(dirpath).startswith(skip):
+            continue
+        for name in filenames + dirnames:
+            path = os.path.join(dirpath, name)
+            if skip and os.path.abspath(path).startswith(skip):
+                continue
+            st = os.lstat(path)
+            out[path] = (st.st_size, st.st_mtime_ns)
+    return out
+
+cases, root = json.load(sys.stdin), sys.argv[1]
+results = []
+for case in cases:
+    os.chdir(case["cwd"])
+    skip = os.path.abspath(case["may_write"]) if case["may_write"] else None
+    before = snapshot(root, skip)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(case["argv"])
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = "exception"
+    after = snapshot(root, skip)
+    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    results.append({"code": code, "stderr": err.getvalue(), "changed": changed})
+print(json.dumps(results))
+"""
+
+
+def _file_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A project folder (the working directory) and a finished 4-step run with a step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("catalog")
+    project = root / "project"
+    project.mkdir()
+    (project / "important.txt").write_text("an unrelated project\n")
+    old = root / "old"
+    assert main(["train", *TINY, "train.max_steps=4", "train.ckpt_every=2", "eval.at_end=false",
+                 "--out", str(old)]) == 0
+    return root, project, old
+
+
+def _variant(root: Path, old: Path, name: str, edit=None) -> Path:
+    run = root / name
+    shutil.copytree(old, run)
+    if edit:
+        edit(run)
+    return run
+
+
+def _corrupt(run):
+    (run / "checkpoint.pt").write_bytes(b"this is not a checkpoint" * 10)
+
+
+def _truncate(run):
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+
+
+def _empty(run):
+    (run / "checkpoint.pt").write_bytes(b"")
+
+
+def _nan_weights(run):
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    first = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][first].fill_(float("nan"))
+    torch.save(state, run / "checkpoint.pt")
+
+
+def _edit_n_patches(run):
+    path = run / "config.yaml"
+    path.write_text(path.read_text().replace("n_patches: 4", "n_patches: 6"))
+
+
+def _no_checkpoint(run):
+    (run / "checkpoint.pt").unlink()
+
+
+def _partial_metrics(run):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": -1')  # killed in the middle of a line
+
+
+def test_catalog_of_bad_inputs(workspace):
+    root, project, old = workspace
+    yaml_bad = root / "bad.yaml"
+    yaml_bad.write_text("train:\n  epochs: [1\n")
+    yaml_empty = root / "empty.yaml"
+    yaml_empty.write_text("")
+    no_test = root / "images"
+    (no_test / "train" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(no_test / "train" / "a" / "x.png")
+    not_a_run = root / "notes"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("mine\n")
+
+    train = ["train", *TINY]
+    fresh = str(root / "fresh")
+    # (argv, a phrase the message must contain, the folder the case may write to)
+    cases = [
+        (train + ["train.batch_size=500", "--out", fresh], "exceeds the 120 training images", None),
+        (train + ["train.batch_size=0", "--out", fresh], "train.batch_size must be > 0", None),
+        (train + ["train.n_patches=0", "--out", fresh], "train.n_patches must be >= 2", None),
+        (train + ["train.n_patches=-3", "--out", fresh], "train.n_patches must be >= 2", None),
+        (train + ["train.n_patches=1", "--out", fresh], "needs two patches per image", None),
+        (train + ["train.epochs=0", "--out", fresh], "train.epochs must be > 0", None),
+        (train + ["train.log_every=0", "--out", fresh], "train.log_every must be > 0", None),
+        (train + ["loss.eps=0", "--out", fresh], "loss.eps must be > 0", None),
+        (train + ["augment.crop_size=0", "--out", fresh], "augment.crop_size must be > 0", None),
+        (train + ["model.width=0", "--out", fresh], "model.width must be > 0", None),
+        (train + ["optim.lr=-0.1", "--out", fresh], "optim.lr must be > 0", None),
+        (train + ["model.compile=fast", "--out", fresh], "model.compile must be one of", None),
+        (train + ["model.precision=fp16", "--out", fresh], "model.precision must be one of", None),
+        (train + ["data.backend=jax", "--out", fresh], "data.backend must be one of", None),
+        (train + ["eval.mode=full", "--out", fresh], "eval.mode must be one of", None),
+        (train + ["eval.patches=0", "--out", fresh], "eval.patches must be > 0", None),
+        (train + ["train.device=gpu", "--out", fresh], "train.device must be", None),
+        (train + ["name=a/b", "--out", fresh], "name must be", None),
+        (train + ["optim.lr=fast", "--out", fresh], "optim.lr: expected a number", None),
+        (["train", "--config", str(yaml_bad), "--out", fresh], f"{yaml_bad}: YAML syntax error at line", None),
+        (["train", "--config", str(yaml_empty), "--out", fresh], "is empty", None),
+        (train + ["data.source=imagefolder", f"data.path={no_test}", "train.batch_size=1", "eval.probe_batch_size=1",
+                  f"data.root={root / 'cache'}", "--out", fresh], "no images in", str(root / "cache")),
+        # ^ the test split is checked before training (the decoded train split may be cached)
+        (train + ["data.source=imagefolder", "data.path=/no/such/data", "--out", fresh], "does not exist", None),
+        (train + ["--bogus-flag"], "unrecognized arguments", None),
+        # data loss: --force never empties the working directory, an ancestor, or a folder of other files
+        (train + ["--out", ".", "--force"], "working directory", None),
+        (train + ["--out", str(root), "--force"], "ancestor", None),
+        (train + ["--out", str(not_a_run), "--force"], "not a fastemp run folder", None),
+        (train + ["--out", str(old)], "pass --force", None),
+        # --force with a typo in the new config leaves the old run exactly as it was
+        (train + ["data.source=imagefolder", "data.path=/no/such/data", "--out", str(old), "--force"],
+         "does not exist", None),
+        (train + ["train.batch_size=500", "--out", str(old), "--force"], "exceeds", None),
+        # checkpoints
+        (["resume", str(_variant(root, old, "corrupt", _corrupt))], "corrupt or truncated", None),
+        (["resume", str(_variant(root, old, "truncated", _truncate))], "corrupt or truncated", None),
+        (["resume", str(_variant(root, old, "empty", _empty))], "is empty (0 bytes)", None),
+        (["eval", str(_variant(root, old, "corrupt_eval", _corrupt))], "corrupt or truncated", None),
+        (["eval", str(_variant(root, old, "nan", _nan_weights))], "non-finite weights", None),
+        (["eval", str(_variant(root, old, "nockpt", _no_checkpoint))], "not found; train the run first", None),
+        (["eval", str(old), "model.width=8"], "was trained with model.width=4", None),
+        (["resume", str(_variant(root, old, "edited", _edit_n_patches))], "train.n_patches (4 -> 6)", None),
+        (["resume", str(not_a_run)], "no config.yaml", None),
+        (["resume", str(root / "missing")], "does not exist", None),
+        (["train", "data.source=cifar10", f"data.root={root / 'nodata'}", "data.download=false", "--out", fresh],
+         "not found and data.download=false", None),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((train + ["train.device=cuda", "--out", fresh], "no CUDA device", None))
+
+    payload = [{"argv": argv, "cwd": str(project), "may_write": may} for argv, _, may in cases]
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(root)], input=json.dumps(payload),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    failures = []
+    for (argv, phrase, _), got in zip(cases, results):
+        lines = got["stderr"].strip().splitlines()
+        ok = (got["code"] == 2 and len(lines) == 1 and lines[0].startswith("fastemp: error: ")
+              and "; " in lines[0] and phrase in lines[0] and not got["changed"])
+        if not ok:
+            failures.append(f"{argv[-4:]}: code {got['code']}, changed {got['changed'][:3]}, stderr {got['stderr'][-400:]!r}")
+    assert not failures, "\n".join(failures)
+    assert (project / "important.txt").read_text() == "an unrelated project\n"
+    assert not (root / "fresh").exists()  # a run that failed validation leaves no folder behind
+    assert (not_a_run / "notes.txt").is_file()
+
+
+def test_resume_with_a_partial_metrics_line_and_force_replaces_only_after_validation(workspace):
+    root, _, old = workspace
+    run = _variant(root, old, "partial", _partial_metrics)
+    (run / "checkpoint.pt").write_bytes((old / "checkpoint.pt").read_bytes())
+    assert main(["resume", str(run), "--no-progress"]) == 0
+    assert [r["step"] for r in runs.read_metrics(run)] == [1, 2, 4]
+
+    target = _variant(root, old, "replaced")
+    (target / "eval.json").write_text("{}")
+    assert main(["train", *TINY, "train.max_steps=2", "eval.at_end=false", "--out", str(target), "--force"]) == 0
+    assert not (target / "eval.json").exists()  # the old run is gone, and so is the folder it was moved to
+    assert not [p for p in root.iterdir() if ".replaced-" in p.name]
+    assert torch.load(target / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastemp", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
+    # lr 1e30 makes the weights inf after step 1; checkpoints every step, logs every 5: the run must
+    # stop at the first checkpoint write after the blow-up, naming step 2, with step 1 still saved
+    out = tmp_path / "run"
+    proc = cli("train", *TINY, "optim.lr=1e30", "train.max_steps=6", "train.ckpt_every=1", "train.log_every=5",
+               "--out", str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "became non-finite at step 2" in lines[0] and "(sim)" in lines[0]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    # --debug shows the traceback of the same error
+    debug = cli("train", *TINY, "optim.lr=1e30", "train.max_steps=3", "--out", str(tmp_path / "d"), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "NonFiniteError" in debug.stderr
+
+
+def test_force_on_the_working_directory_is_refused_by_the_process(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    proc = cli("train", *TINY, "--out", ".", "--force", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "working directory" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_dali_backend_without_dali_is_a_config_error(monkeypatch):
+    import fastemp.patches
+    from fastemp.config import ConfigError, load_config
+    from fastemp.validate import check_config
+
+    monkeypatch.setattr(fastemp.patches, "dali_available", lambda: False)
+    with pytest.raises(ConfigError, match="data.backend=dali but nvidia.dali does not import; install"):
+        check_config(load_config("quickstart", ["data.backend=dali"]))
+
+
+def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
+    from fastemp.errors import UserError
+
+    path = tmp_path / "checkpoint.pt"
+    runs.atomic_torch_save({"step": 1}, path)
+    good = path.read_bytes()
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=f"disk full: could not write {path}.*free space on the disk holding"):
+        runs.atomic_torch_save({"step": 2}, path)
+    assert path.read_bytes() == good and not (tmp_path / "checkpoint.pt.tmp").exists()
