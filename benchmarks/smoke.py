@@ -60,7 +60,7 @@ def _config(spec: str, dry_run: bool, overrides: list[str]):
     base = ["data.source=synthetic", "data.synthetic_train=200", "data.synthetic_test=100", "eval.at_end=false",
             "train.log_every=1"]
     tiny = ["model.width=8", "model.hidden_dim=64", "model.z_dim=32", "train.n_patches=4", "train.batch_size=16",
-            "train.grad_chunks=2", "model.compile=none", "loss.fused='off'", "train.device=cpu"] if dry_run else []
+            "train.grad_chunks=2", "model.compile=none", "loss.fused=off", "train.device=cpu"] if dry_run else []
     return load_config(spec, base + overrides + tiny)
 
 
