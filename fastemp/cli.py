@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import distributed
 from .config import ConfigError, load_config, save_config
 
 
@@ -24,11 +25,18 @@ def cmd_train(args) -> int:
     from .train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = runs.create_run_dir(args.out or Path("runs") / cfg.name, force=args.force)
-    save_config(cfg, run_dir / "config.yaml")
+    distributed.require_divisible(cfg.train.batch_size)
+
+    def create():  # rank 0 only: the other ranks get its folder, or its error
+        run_dir = runs.create_run_dir(args.out or Path("runs") / cfg.name, force=args.force)
+        save_config(cfg, run_dir / "config.yaml")
+        return run_dir
+
+    run_dir = distributed.run_on_main(create)
     summary = run_training(cfg, run_dir, progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    _print_summary(summary)
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        _print_summary(summary)
     return 0
 
 
@@ -40,8 +48,9 @@ def cmd_resume(args) -> int:
         raise ConfigError(f"{run_dir} has no checkpoint.pt to resume from")
     cfg = load_config(run_dir / "config.yaml")
     summary = run_training(cfg, run_dir, resume=True, progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    _print_summary(summary)
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        _print_summary(summary)
     return 0
 
 
@@ -62,8 +71,9 @@ def cmd_eval(args) -> int:
     trainer.load_checkpoint(run_dir / "checkpoint.pt")
     result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,
               "probe_epochs": cfg.eval.probe_epochs, **trainer.evaluate()}
-    runs.write_json(run_dir / "eval.json", result)
-    print(json.dumps(result, indent=2))
+    if distributed.is_main():
+        runs.write_json(run_dir / "eval.json", result)
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -115,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if late:
         args.overrides = list(args.overrides) + late
     try:
+        distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
-    except (ConfigError, FileExistsError) as err:
+    except (ConfigError, FileExistsError, distributed.DistributedError) as err:
         print(f"fastemp: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # data errors etc.: one line for the user, not a traceback
@@ -126,3 +137,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastemp: error: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        distributed.shutdown()
