@@ -1,6 +1,13 @@
 """Two gloo processes against one: the same patches, loss, gradients and weights on the global batch."""
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +19,7 @@ from fastemp.config import AugmentConfig
 from fastemp.patches import dali_available
 from fastemp.patches_torch import TorchPatches
 from fastemp.train import Trainer
-from test_train import tiny_config
+from test_train import TINY, assert_same_state, model_state, tiny_config
 
 from augment_helpers import random_images
 
@@ -101,3 +108,92 @@ def test_a_batch_that_does_not_divide_by_the_world_is_a_config_error(monkeypatch
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(distributed.ConfigError, match="train.batch_size=20 does not divide by the world size 3"):
         Trainer(tiny_config(), progress=False)
+
+
+# ------------------------------------------------------------------------------ under torchrun
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+            "-m", "fastemp", *args]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, **kw)
+
+
+TRAIN = ["train", *TINY, "train.max_steps=10", "train.ckpt_every=2", "eval.at_end=false", "--no-progress"]
+
+
+def test_torchrun_writes_one_run_folder_with_the_one_process_summary(tmp_path):
+    args = ["train", *TINY, "train.max_steps=4", "--no-progress"]
+    two = run(torchrun(*args, "--out", str(tmp_path / "two")))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("run folder:") == 1  # rank 0 alone prints
+    one = run([sys.executable, "-m", "fastemp", *args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("two", "one")]
+    assert summaries[0].keys() == summaries[1].keys()
+    assert (summaries[0]["world_size"], summaries[1]["world_size"]) == (2, 1)
+    assert [r["step"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())] \
+        == [1, 2, 4]  # one line per logged step, not one per rank
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (torchrun's workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted_weights(tmp_path):
+    whole = run(torchrun(*TRAIN, "--out", str(tmp_path / "whole")))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(*TRAIN, "--out", str(killed)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    workers = worker_pids(proc.pid)
+    assert workers, "torchrun has no workers to kill"
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun tears the group down
+    assert proc.wait(timeout=120) != 0
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert step < 10, "the run finished before it could be killed"
+
+    done = run(torchrun("resume", str(killed), "--no-progress"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_state(model_state(killed / "checkpoint.pt"), model_state(tmp_path / "whole" / "checkpoint.pt"))
+
+
+def test_bad_world_size_and_missing_rendezvous_are_one_line_errors(tmp_path):
+    bad = run(torchrun("train", *TINY, "train.batch_size=9", "--out", str(tmp_path / "bad"), "--no-progress"))
+    assert bad.returncode != 0
+    line = ("fastemp: error: train.batch_size=9 does not divide by the world size 2: each rank takes an equal "
+            "shard of the global batch; use a multiple of 2")
+    assert line in bad.stderr.splitlines()
+    assert not (tmp_path / "bad").exists()  # refused before the run folder (or any device buffer)
+
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
+    lone = subprocess.run([sys.executable, "-m", "fastemp", "train", *TINY, "--out", str(tmp_path / "lone")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert lone.returncode == 2
+    assert lone.stderr.strip().splitlines() == [
+        "fastemp: error: WORLD_SIZE is set but MASTER_ADDR, MASTER_PORT are not: no rendezvous to join; "
+        "launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"]
