@@ -59,8 +59,11 @@ def cmd_throughput(args) -> int:
     result = run_throughput(base, axes, base.train.device, args.warmup, args.steps, args.split_steps,
                             args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size)
     markdown = throughput_markdown(result)
-    print(markdown)
-    _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
+    from fastemp import distributed
+
+    if distributed.is_main():  # under torchrun every rank measured; rank 0 reports
+        print(markdown)
+        _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
     return _status(result["points"] + result["baselines"])
 
 
