@@ -75,8 +75,16 @@ def cmd_throughput(args) -> int:
                             args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size,
                             on_progress=_partial_writer(out, name, throughput_markdown))
     markdown = throughput_markdown(result)
+<<<<<<< HEAD
     print(markdown)
     _written(common.write_results(out, name, result, markdown))
+=======
+    from fastemp import distributed
+
+    if distributed.is_main():  # under torchrun every rank measured; rank 0 reports
+        print(markdown)
+        _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
+>>>>>>> issue10
     return _status(result["points"] + result["baselines"])
 
 

@@ -135,9 +135,9 @@ class StepMarks:
         self.backend, self.clock = backend, clock
         self.name = getattr(backend, "name", "?")
 
-    def __call__(self, index, n, seed):
+    def __call__(self, index, n, seed, shard=slice(None)):
         self.clock.mark("step")
-        return self.backend(index, n, seed=seed)
+        return self.backend(index, n, seed=seed, shard=shard)
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:

@@ -16,6 +16,12 @@ For every point of a sweep over (n_patches, batch_size, backend, compile, precis
    forward_backward = forward + backward. Medians over `split_steps` steps.
 3. Optionally the reference-style baseline (benchmarks/baseline.py) at each distinct (n, B) of
    the sweep, in the same run, and the ratio fastemp / baseline images/s.
+
+Under torchrun (K processes) every point is measured twice in the same invocation: first rank 0
+alone, as a one-process run of the same config (same global batch B), while the other ranks wait;
+then all K ranks together. It reports each rank's images/s (B/K over that rank's median step), their
+sum, and the scaling efficiency total / (K x the one-process figure): strong scaling, the speed-up
+a user gets for the same run. The baseline is not run under torchrun.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import fastemp.train as train_module
-from fastemp import runs
+from fastemp import distributed, runs
 from fastemp.config import Config, apply_overrides, to_dict
 from fastemp.losses import LossTerms, projection_loss_terms
 from fastemp.model import flops_per_patch
@@ -179,6 +185,19 @@ def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops:
     return result
 
 
+def measure_scaling(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict) -> dict:
+    """One point under torchrun: rank 0 alone first (one process, same config), then all ranks."""
+    with distributed.alone() as measuring:
+        single = measure_point(cfg, warmup, steps, 0, flops, peak)["images_per_s"] if measuring else None
+    single = distributed.run_on_main(lambda: single)
+    result = measure_point(cfg, warmup, steps, split_steps, flops, peak)
+    world = distributed.world_size()
+    per_rank = [cfg.train.batch_size / world / s for s in distributed.gather_objects(result["step_seconds_median"])]
+    total = sum(per_rank)
+    return {**result, "world_size": world, "per_rank_images_per_s": per_rank, "total_images_per_s": total,
+            "single_process_images_per_s": single, "scaling_efficiency": total / (world * single)}
+
+
 def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, split_steps: int,
               peak: dict) -> dict:
     """measure_point with skips (DALI missing), OOM and errors recorded instead of raised."""
@@ -189,6 +208,8 @@ def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, s
     if point["backend"] == "dali" and not dali_available():
         return {**row, "status": "skipped", "reason": "nvidia.dali does not import: no DALI number was measured"}
     try:
+        if distributed.world_size() > 1:
+            return {**row, **measure_scaling(cfg, warmup, steps, split_steps, flops, peak)}
         return {**row, **measure_point(cfg, warmup, steps, split_steps, flops, peak)}
     except Exception as err:  # one bad point must not lose the rest of the sweep
         status = "oom" if common.is_out_of_memory(err) else "error"
@@ -287,6 +308,14 @@ def throughput_markdown(result: dict) -> str:
         lines += [f"## Step split (ms, medians, {clock})", "",
                   common.markdown_table(["n", "B", "backend", "compile", "data", "fwd+bwd", "loss", "optimizer",
                                          "sum", "end-to-end step"], split_rows), ""]
+    scaled = [p for p in ok if p.get("world_size")]
+    if scaled:
+        rows = [[p["n_patches"], p["batch_size"], p["world_size"], p["single_process_images_per_s"],
+                 ", ".join(f"{x:.3g}" for x in p["per_rank_images_per_s"]), p["total_images_per_s"],
+                 _pct(p["scaling_efficiency"])] for p in scaled]
+        lines += ["## Scaling under torchrun (same invocation; 1 process = rank 0 alone, same global batch)", "",
+                  common.markdown_table(["n", "B (global)", "processes", "1-process images/s", "per-rank images/s",
+                                         "total images/s", "scaling efficiency"], rows), ""]
     other = [p for p in result["points"] if p["status"] != "ok"]
     if other:
         lines += ["## Points without numbers", ""]
@@ -357,6 +386,7 @@ def run_throughput(base: Config, axes: dict[str, list | None], device: str = "au
         return result
 
     with common.cached_datasets():
+<<<<<<< HEAD
         for point in points_in:
             points.append(run_point(base, point, device, warmup, steps, split_steps, peak))
             if on_progress:
@@ -367,3 +397,29 @@ def run_throughput(base: Config, axes: dict[str, list | None], device: str = "au
                 if on_progress:
                     on_progress(assemble(partial=True))
     return assemble(partial=False)
+=======
+        points = [run_point(base, p, device, warmup, steps, split_steps, peak) for p in points_in]
+        run_baseline = baseline and distributed.world_size() == 1
+        baselines = run_baselines(base, points_in, device, baseline_workers, baseline_steps) if run_baseline else []
+    attach_ratios(points, baselines)
+    data = next((p["data"] for p in points if p.get("data")), base.data.source)
+    notes = []
+    if dev.type == "cpu":
+        notes.append("CPU timings are noisy: the machine's cores are shared with other work; MFU is "
+                     "relative to an fp32 matmul measured in the same run.")
+    if baseline and not run_baseline:
+        notes.append("the reference-style baseline is not run under torchrun")
+    if any(p["status"] == "skipped" for p in points):
+        notes.append("DALI does not import here: the DALI points were not run (torch backend only).")
+    result = {**common.base_result("throughput", environment),
+              "config": to_dict(base), "axes": {k: v for k, v in axes.items() if v}, "data": data,
+              "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
+              "peak": peak,
+              "settings": {"warmup_steps": warmup, "timed_steps": steps, "split_steps": split_steps,
+                           "baseline_workers": baseline_workers if baseline else None},
+              "points": points, "baselines": baselines,
+              "baseline_description": baselines[0].get("description", "") if baselines else "",
+              "notes": notes}
+    result["targets"] = throughput_targets(points, environment)
+    return result
+>>>>>>> issue10

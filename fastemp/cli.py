@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import distributed
 from .config import ConfigError, load_config, save_config
 
 
@@ -34,22 +35,29 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
-    run_dir = runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force)
+    distributed.require_divisible(cfg.train.batch_size)  # before any rank allocates a device buffer
+    # rank 0 alone touches the run folder; the other ranks get its path, or its error
+    run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
-    trainer = Trainer(cfg, run_dir, progress=_set_progress(args))
+    trainer = Trainer(cfg, run_dir, progress=_set_progress(args) and distributed.is_main())
     if cfg.eval.at_end:
         check_probe(cfg, len(trainer.train_set))
         trainer.test_set  # both splits before training: a missing test split fails now, not after the run
-    aside = runs.replace_run_dir(run_dir)
-    try:
-        save_config(cfg, run_dir / "config.yaml")
-    except BaseException:
-        runs.restore_old_run(run_dir, aside)
-        raise
-    runs.discard_old_run(aside)  # the new run is validated, has its data and has started
+
+    def start() -> None:
+        aside = runs.replace_run_dir(run_dir)
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+        except BaseException:
+            runs.restore_old_run(run_dir, aside)
+            raise
+        runs.discard_old_run(aside)  # the new run is validated, has its data and has started
+
+    distributed.run_on_main(start)
     summary = run_training(cfg, run_dir, progress=trainer.progress, trainer=trainer)
-    print(f"run folder: {run_dir}")
-    _print_summary(summary)
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        _print_summary(summary)
     return 0
 
 
@@ -73,11 +81,13 @@ def cmd_resume(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir)
+    distributed.require_divisible(cfg.train.batch_size)
     check_resume(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir)
     runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
-    summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args))
-    print(f"run folder: {run_dir}")
-    _print_summary(summary)
+    summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args) and distributed.is_main())
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        _print_summary(summary)
     return 0
 
 
@@ -102,8 +112,9 @@ def cmd_eval(args) -> int:
     trainer.load_checkpoint(run_dir / "checkpoint.pt")
     result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,
               "probe_epochs": cfg.eval.probe_epochs, **trainer.evaluate()}
-    runs.write_json(run_dir / "eval.json", result)
-    print(json.dumps(result, indent=2))
+    if distributed.is_main():
+        runs.write_json(run_dir / "eval.json", result)
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if late:
         args.overrides = list(args.overrides) + late
     try:
+        distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
     except Exception as err:
         message = user_error_message(err)
@@ -186,3 +198,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()

@@ -6,6 +6,10 @@ un-augmented image ("plain", a cheap mode). The probe trains Linear(4096, C) on 
 features on the same device with SGD (lr 0.03, momentum 0.9, wd 5e-5), cosine over 100 epochs,
 batch 100, and reports the FINAL-epoch test accuracy. The official script prints the best
 epoch's test accuracy; we log that too, labelled `best_top1_on_test` (it is selected on test).
+
+Under torchrun the feature batches are dealt round-robin to the ranks (each batch is computed
+exactly as on one process) and summed into every rank's feature matrix; the probe and kNN run
+on rank 0 and every rank returns rank 0's result.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import AugmentConfig, EvalConfig
 from .data import ImageSet
 from .patches import make_patch_backend
@@ -46,7 +51,10 @@ def extract_features(
         raise ValueError(f"eval.mode must be patches or plain, got '{cfg.mode}'")
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
-    for start in bar(range(0, images.shape[0], cfg.batch_size), desc=desc, unit="batch"):
+    world, rank = distributed.world_size(), distributed.rank()
+    for number, start in enumerate(bar(range(0, images.shape[0], cfg.batch_size), desc=desc, unit="batch")):
+        if number % world != rank:
+            continue
         index = torch.arange(start, min(start + cfg.batch_size, images.shape[0]), device=device)
         if patches is None:
             x = normalize_images(images[index], aug.mean, aug.std)
@@ -57,9 +65,15 @@ def extract_features(
         with amp:
             h = model.encode(x).float()
         k = 1 if patches is None else cfg.patches
-        out.append(h.view(k, index.numel(), -1).mean(0))
+        out.append((start, h.view(k, index.numel(), -1).mean(0)))
     model.train(was_training)
-    return torch.cat(out)
+    if world == 1:
+        return torch.cat([h for _, h in out])
+    # every row is filled by exactly one rank and is zero elsewhere, so the sum is exact
+    feats = torch.zeros(images.shape[0], model.pre_feature[0].out_features, device=device)
+    for start, h in out:
+        feats[start:start + h.shape[0]] = h
+    return distributed.sum_across_ranks(feats)
 
 
 @dataclass
@@ -132,6 +146,11 @@ def evaluate_encoder(
     feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last,
                               desc=f"{prefix}features ({name})")
              for i, (name, s) in enumerate((("train", train), ("test", test)))]
+    return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, cfg, seed, prefix))
+
+
+def _probe_and_knn(feats: list[torch.Tensor], train: ImageSet, test: ImageSet, cfg: EvalConfig, seed: int,
+                   prefix: str) -> dict:
     num_classes = len(train.classes)
     probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
     out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test}

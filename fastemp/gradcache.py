@@ -15,7 +15,7 @@ statistics are updated once per chunk, in pass 2 only (momentum is 0 during pass
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -43,11 +43,14 @@ def gradient_cache_step(
     """Loss terms of one step; parameter gradients accumulated as if all patches ran at once.
 
     `forward` may be the compiled model; `model` is the module whose BatchNorm layers it runs
-    (defaults to `forward` itself when that is an nn.Module). `mark(phase)` is called after each
-    phase ("forward", "loss", "backward"): the benchmarks' step split times them.
+    (defaults to `forward` itself when that is an nn.Module). When `model` is DDP, every chunk's
+    backward but the last runs under its no_sync, so gradients are all-reduced once per step.
+    `mark(phase)` is called after each phase ("forward", "loss", "backward"): the benchmarks' step
+    split times them.
     """
     mark = mark or (lambda phase: None)
     model = model if model is not None else forward
+    no_sync = getattr(model, "no_sync", nullcontext)
     batch = patches.shape[0] // n
     bounds = chunk_bounds(n, batch, chunks)
     with torch.no_grad(), frozen_batchnorm_stats(model):
@@ -61,9 +64,10 @@ def gradient_cache_step(
     terms.total.backward()
     grad = p.grad
     mark("loss")
-    for lo, hi in bounds:
-        with amp:
-            p_chunk = forward(patches[lo:hi])
-        p_chunk.backward(grad[lo:hi].to(p_chunk.dtype))
+    for k, (lo, hi) in enumerate(bounds):
+        with no_sync() if k < len(bounds) - 1 else nullcontext():
+            with amp:
+                p_chunk = forward(patches[lo:hi])
+            p_chunk.backward(grad[lo:hi].to(p_chunk.dtype))
     mark("backward")
     return LossTerms(terms.total.detach(), terms.invariance.detach(), terms.tcr.detach())

@@ -7,8 +7,9 @@ Shapes: z is (n, B, d), patch-major -- group i holds patch i of every image in t
     total    = invariance_weight * loss_sim + tcr_weight * loss_tcr     (200 and 1 by default)
 
 Both terms are negative by design: training drives cosines up (towards -1 for loss_sim) and
-coding rate up. The batch dimension B may be a gathered global batch (DDP): both terms are
-written over whatever batch they are given.
+coding rate up. Both terms are written over whatever batch they are given. Under torchrun,
+`projection_loss_terms` computes the invariance over this rank's images and the TCR over the
+batch gathered from every rank (fastemp.distributed explains why that gives the exact gradient).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LossConfig
+from .distributed import gather_batch
 
 
 class LossTerms(NamedTuple):
@@ -113,6 +115,13 @@ def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False)
 
     fused=True computes the invariance term (and its gradient) with the Triton kernel straight
     from p; the TCR term always sees the normalised z through autograd.
+
+    Under torchrun p is this rank's shard: `invariance` (and so `total`) is this rank's, the mean
+    over ranks of either is the global value; `tcr` is the global batch's, identical on every rank.
+    Every rank runs the TCR's Cholesky on the gathered z: it is n factorisations of a B x B Gram
+    matrix (cheap), each rank needs dR/dz for its own rows anyway, and this saves a broadcast of the
+    result and a scatter of its gradient. The closed-form backward composes with the gather like
+    any autograd op.
     """
     z = F.normalize(p.float(), dim=-1)
     if fused:
@@ -121,5 +130,5 @@ def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False)
         sim = cosine_to_mean(p)[0]
     else:
         sim = invariance_loss(z)
-    tcr = -total_coding_rate(z, cfg.eps).mean()
+    tcr = -total_coding_rate(gather_batch(z), cfg.eps).mean()
     return LossTerms(cfg.invariance_weight * sim + cfg.tcr_weight * tcr, sim, tcr)

@@ -8,9 +8,13 @@ A backend is built once over a dataset that lives on the device as one uint8 ten
 It returns (n*B, 3, S, S) float32 in channels_last memory format, normalized, patch-major:
 row i*B + b is patch i of image index[b], so `z.view(n, B, d)` groups patch i of every image
 the way the loss expects. Every patch draws its augmentation independently. `seed` alone makes a
-call reproducible: both backends draw every patch's parameters with `patches_torch.sample_params`
+call reproducible: both backends draw every patch's parameters with `patches_torch.sharded_params`
 from a generator seeded with it (torch: on the images' device; DALI: on the host), so a resumed run
 sees the same patches as an uninterrupted one.
+
+Under torchrun each rank passes the global batch's `index` and its `shard` (a slice of it) and gets
+the n*b patches of its b images only; their randomness is the global batch's rows for those
+images, so K ranks see bit-identical patches to one process (on the same device type).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .config import AugmentConfig
 class PatchBackend(Protocol):
     name: str
 
-    def __call__(self, index: torch.Tensor, n: int, seed: int) -> torch.Tensor: ...
+    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor: ...
 
 
 def dali_available() -> bool:

@@ -40,7 +40,7 @@ import torch
 
 from .config import AugmentConfig
 from .patches_torch import (BRIGHTNESS, CONTRAST, HUE, SATURATION, GRAY_WEIGHTS, PatchParams, jitter_enabled,
-                            sample_params)
+                            sharded_params)
 
 # Columns of the per-patch float parameter vector fed to the pipeline.
 _B, _C, _S, _HUE, _JITTER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(9)
@@ -194,15 +194,15 @@ class DaliPatches:
                                                       "gpu" if on_cuda else "cpu", self.seed, self.exact_hue)
         return self._pipes[batch_size]
 
-    def params(self, index: torch.Tensor, n: int, seed: int) -> PatchParams:
+    def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a call with these arguments uses: the torch backend's, drawn on the CPU
-        (`image` stays on the index's device)."""
+        (`image` stays on the index's device); a rank feeds only its shard's rows."""
         generator = torch.Generator()
         generator.manual_seed(seed)
-        return sample_params(index.repeat(n), self.images.shape[1], self.images.shape[2], self.aug, generator)
+        return sharded_params(index, n, shard, self.images.shape[1], self.images.shape[2], self.aug, generator)
 
-    def __call__(self, index: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-        params = self.params(index, n, seed)  # on the host, without waiting for the device
+    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
+        params = self.params(index, n, seed, shard)  # on the host, without waiting for the device
         with torch.no_grad():
             gathered = self.images[params.image.to(self.device)]  # (P, H, W, 3), patch-major
         self._inputs = gathered

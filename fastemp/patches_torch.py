@@ -97,8 +97,28 @@ def sample_params(image: torch.Tensor, height: int, width: int, aug: AugmentConf
     permutation per patch, both as torchvision's ColorJitter.get_params; sigma ~ U[blur_sigma].
     Everything but `image` lives on the generator's device.
     """
-    p, device = image.shape[0], generator.device
-    u = torch.rand(p, _N_UNIFORMS, generator=generator, device=device)
+    u = torch.rand(image.shape[0], _N_UNIFORMS, generator=generator, device=generator.device)
+    return params_from_uniforms(u, image, height, width, aug)
+
+
+def sharded_params(index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig,
+                   generator: torch.Generator) -> PatchParams:
+    """The parameters of the patches of images index[shard] of the global batch `index`.
+
+    Every patch of the global batch draws its row (row i*B + b, exactly the single-process draw)
+    and the shard keeps its own rows, so a patch's randomness depends on (seed, global image
+    position, patch index) and never on how the batch is split over ranks. Drawing n*B x 18
+    floats on every rank costs nothing next to the patches themselves.
+    """
+    u = torch.rand(n * index.shape[0], _N_UNIFORMS, generator=generator, device=generator.device)
+    u = u.view(n, index.shape[0], _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
+    return params_from_uniforms(u, index[shard].repeat(n), height, width, aug)
+
+
+def params_from_uniforms(u: torch.Tensor, image: torch.Tensor, height: int, width: int,
+                         aug: AugmentConfig) -> PatchParams:
+    """Every patch's parameters from its row of 18 uniforms (see sample_params)."""
+    device = u.device
     lo = _constant((max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation),
                     -aug.hue), device, torch.float32)
     hi = _constant((1 + aug.brightness, 1 + aug.contrast, 1 + aug.saturation, aug.hue), device, torch.float32)
@@ -359,13 +379,13 @@ class TorchPatches:
             raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
         self.images, self.aug = images, aug
 
-    def params(self, index: torch.Tensor, n: int, seed: int) -> PatchParams:
-        """The parameters a call with these arguments uses (patch-major: row i*B + b)."""
+    def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
+        """The parameters a call with these arguments uses (patch-major: row i*b + j for image index[shard][j])."""
         generator = torch.Generator(device=self.images.device)
         generator.manual_seed(seed)
-        image = index.to(self.images.device).repeat(n)
-        return sample_params(image, self.images.shape[1], self.images.shape[2], self.aug, generator)
+        return sharded_params(index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2],
+                              self.aug, generator)
 
-    def __call__(self, index: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False):
-            return augment(self.images, self.params(index, n, seed), self.aug)
+            return augment(self.images, self.params(index, n, seed, shard), self.aug)

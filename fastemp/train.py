@@ -4,6 +4,9 @@ Reproducibility: the image order of epoch e is a permutation drawn from (seed, e
 augmentation of step t is seeded from (seed, t), so a run resumed from a checkpoint replays
 exactly the data and randomness of the uninterrupted run (bit-identical on CPU with the torch
 backend).
+
+Under torchrun (fastemp.distributed) every rank builds the same Trainer: it trains on its shard
+of each global batch through DDP, logs global metrics, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import runs
+from . import distributed, runs
 from .config import Config, to_dict
 from .data import load_split
 from .errors import NonFiniteError
@@ -31,7 +34,9 @@ from .validate import check_data, read_checkpoint
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())  # one GPU per local rank
     return torch.device(name)
 
 
@@ -44,7 +49,9 @@ class Trainer:
     """Builds everything from a Config, trains step by step, checkpoints, evaluates."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True):
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
+        self.world, self.shard = distributed.world_size(), distributed.batch_shard(cfg.train.batch_size)
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = resolve_device(cfg.train.device)
         on_cuda = self.device.type == "cuda"
         self.precision = {"auto": "bf16" if on_cuda else "fp32"}.get(cfg.model.precision, cfg.model.precision)
@@ -61,10 +68,14 @@ class Trainer:
         self.backend_name = self.patches.name
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
+        if self.world > 1 and cfg.model.sync_bn:
+            self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = self.model if self.compile_mode == "none" else torch.compile(self.model, mode=self.compile_mode)
+        self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world > 1 else None
+        wrapped = self.ddp or self.model
+        self.forward = wrapped if self.compile_mode == "none" else torch.compile(wrapped, mode=self.compile_mode)
         self.optimizer = build_lars(self.model, cfg.optim)
         self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
@@ -95,7 +106,7 @@ class Trainer:
         lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step))
+        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=self.shard)
         return patches if self.channels_last else patches.contiguous()
 
     def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
@@ -104,7 +115,7 @@ class Trainer:
         if self.cfg.train.grad_chunks > 1:
             return gradient_cache_step(self.forward, patches, n, self.cfg.train.grad_chunks,
                                        lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), self.autocast(),
-                                       model=self.model, mark=mark)
+                                       model=self.ddp or self.model, mark=mark)
         with self.autocast():
             p = self.forward(patches)
         terms = projection_loss_terms(p.view(n, -1, p.shape[-1]), self.cfg.loss, self.fused)
@@ -156,9 +167,11 @@ class Trainer:
                                  "lower optim.lr, raise loss.eps or check the data, then train again")
 
     def _log(self, terms: LossTerms, images: int, seconds: float, warmup: bool) -> dict:
-        # the one sync per log: the three loss values and the non-finite record together
-        flat = torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(),
-                          self._nonfinite.double()]).tolist()
+        # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
+        # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
+        # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
+        losses = distributed.mean_across_ranks(torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double())
+        flat = torch.cat([losses, self._nonfinite.double()]).tolist()
         values = flat[:3]
         self.raise_if_nonfinite(flat[3:])
         if warmup:
@@ -169,7 +182,7 @@ class Trainer:
                   "loss_sim": values[1], "loss_tcr": values[2], "lr": self.optimizer.param_groups[0]["lr"],
                   "images_per_s": images / max(seconds, 1e-9),
                   "elapsed_s": self.warmup_seconds + self.train_seconds}
-        if self.run_dir:
+        if self.run_dir and distributed.is_main():
             runs.append_metrics(self.run_dir, record)
         self.last_record = record
         return record
@@ -185,7 +198,9 @@ class Trainer:
                  "clock": (self.warmup_seconds, self.train_seconds, self.timed_images),
                  "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        runs.atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+        if distributed.is_main():  # every rank holds the same weights and optimizer state
+            runs.atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+        distributed.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
         state = read_checkpoint(path, self.device)
@@ -204,6 +219,8 @@ class Trainer:
         return load_split(self.cfg.data, "test", self.device)
 
     def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+        if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
+            distributed.broadcast_buffers(self.model)
         return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg.eval, self.cfg.augment,
                                 self.backend_name, self.cfg.train.seed, self.autocast_dtype,
                                 self.channels_last, prefix)
@@ -223,12 +240,13 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: boo
         trainer.test_set  # load it now: a missing test split fails before training, not after it
     if resume:
         trainer.load_checkpoint(run_dir / "checkpoint.pt")
-        runs.truncate_metrics(run_dir, trainer.step)
+        if distributed.is_main():
+            runs.truncate_metrics(run_dir, trainer.step)
     trainer.train_until()
     trainer.save_checkpoint()
     last = trainer.last_record or runs.read_metrics(run_dir)[-1]
     summary = {"name": cfg.name, "steps": trainer.step, "epochs": trainer.step / trainer.steps_per_epoch,
-               "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size,
+               "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size, "world_size": trainer.world,
                "final_loss": last["loss"], "final_loss_sim": last["loss_sim"], "final_loss_tcr": last["loss_tcr"],
                "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
                "warmup_seconds": trainer.warmup_seconds, "images_per_s": trainer.images_per_second(),
@@ -241,6 +259,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: boo
         if cfg.eval.random_init:
             summary.update(trainer.evaluate(trainer.random_init_model(), prefix="random_init_"))
         summary["eval_seconds"] = time.perf_counter() - t0
-    runs.write_json(run_dir / "summary.json", summary)
-    runs.plot_losses(run_dir)
+    if distributed.is_main():
+        runs.write_json(run_dir / "summary.json", summary)
+        runs.plot_losses(run_dir)
     return summary

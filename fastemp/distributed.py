@@ -1,0 +1,301 @@
+"""Many processes under torchrun: the process group, rank helpers, the batch gather, SyncBatchNorm, shards.
+
+Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment),
+`init_from_env` joins the process group: NCCL for CUDA tensors (one GPU per LOCAL_RANK), gloo for
+CPU tensors. Without torchrun nothing is initialised and every helper here is the identity of a
+world of one process, so the single-process path runs exactly the code it ran before.
+
+What is global and what is per rank: `train.batch_size` is the global batch B. Rank r takes the
+contiguous images [r*B/K, (r+1)*B/K) of every global batch (`batch_shard`), draws its patches'
+randomness as rows of the global batch's draw (patches_torch.sharded_params), and computes the
+invariance term over its own images. The TCR needs every image: it runs on the z gathered from all
+ranks (`gather_batch`). DDP averages the parameter gradients once per step.
+
+Gradient scale. Every collective used in the loss has the adjoint backward (the gather's backward
+sums each rank's gradient of its slice over all ranks; the all-reduce's backward all-reduces), so
+autograd on K ranks computes, per rank, the gradient of sum_r loss_r through that rank's
+parameters, and DDP divides by K: the step follows grad (1/K) sum_r loss_r. Each rank's loss is
+`w * sim_r + tcr(gathered z)`, where sim_r is the mean over its B/K images and tcr is identical on
+every rank; then (1/K) sum_r loss_r = w * mean_r sim_r + tcr = the single-process loss of the
+global batch, because the shards are equal. (A gather without the backward sum drops the other
+ranks' paths into tcr and under-scales its gradient by K.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError
+from .errors import UserError
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_alone = False  # rank 0 runs as a world of one (the benchmark's one-process figure); the others wait
+
+
+class DistributedError(UserError, RuntimeError):
+    """torchrun's environment is incomplete, or the rendezvous failed: shown as one line."""
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+def init_from_env(timeout_s: float = 1800.0) -> None:
+    """Join the process group that torchrun set up; nothing when not launched by torchrun."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: no rendezvous "
+            "to join; launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as err:  # a refused or timed-out rendezvous: one line, not a C++ traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed "
+                               f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {first}; check that every rank was started "
+                               "and can reach MASTER_ADDR:MASTER_PORT") from err
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return 1 if _alone or not dist.is_initialized() else dist.get_world_size()
+
+
+def rank() -> int:
+    return 0 if _alone or not dist.is_initialized() else dist.get_rank()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+@contextmanager
+def alone():
+    """On rank 0: run the body as a one-process world; every other rank waits at the end barrier."""
+    global _alone
+    if dist.is_initialized() and dist.get_rank() == 0:
+        _alone = True
+        try:
+            yield True
+        finally:
+            _alone = False
+    else:
+        yield False
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------- the batch
+
+
+def require_divisible(batch_size: int) -> None:
+    """Every rank takes an equal shard of the global batch; checked before anything touches a device."""
+    world = world_size()
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} does not divide by the world size {world}: each rank "
+                          f"takes an equal shard of the global batch; use a multiple of {world}")
+
+
+def batch_shard(batch_size: int) -> slice:
+    """This rank's contiguous images of a global batch of `batch_size`."""
+    require_divisible(batch_size)
+    per_rank = batch_size // world_size()
+    return slice(rank() * per_rank, (rank() + 1) * per_rank)
+
+
+class _GatherBatch(torch.autograd.Function):
+    """(n, b, d) per rank -> (n, K*b, d), ranks in order along dim 1; backward: the gradient of each
+    rank's slice summed over all ranks (reduce-scatter), the adjoint of the gather."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, (n, b, d) = dist.get_world_size(), x.shape
+        out = x.new_empty((world * n, b, d))
+        dist.all_gather_into_tensor(out, x.contiguous())  # (K*n, b, d): rank-major
+        return out.view(world, n, b, d).transpose(0, 1).reshape(n, world * b, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, big_b, d = grad.shape
+        world = dist.get_world_size()
+        per_rank = grad.view(n, world, big_b // world, d).transpose(0, 1).contiguous()  # (K, n, b, d)
+        out = grad.new_empty((n, big_b // world, d))
+        dist.reduce_scatter_tensor(out, per_rank.view(world * n, big_b // world, d))
+        return out
+
+
+def gather_batch(z: torch.Tensor) -> torch.Tensor:
+    """The global batch of z (n, b, d) from every rank, differentiable; z itself in a world of one."""
+    return z if world_size() == 1 else _GatherBatch.apply(z)
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of equal-shaped values (no autograd): global metrics from per-rank ones."""
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out)
+    return out / world_size()
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def run_on_main(fn):
+    """fn() on rank 0 only; every rank returns its result or raises its exception, so all ranks act alike."""
+    if world_size() == 1:
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box[0] = (True, fn())
+        except Exception as err:  # re-raised below, on every rank
+            box[0] = (False, err)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def gather_objects(obj) -> list:
+    """obj from every rank, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# ---------------------------------------------------------------------------- BatchNorm, DDP
+
+
+def _all_reduced(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm over the global batch: per-channel sums accumulated in float64 (as
+    torch's CPU batch_norm does; float32 sums over ~10^5 elements lose the 1e-5 agreement) and
+    all-reduced, one all-reduce in forward (sum, sum of squares) and one in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, world: int):
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // x.shape[1] * world  # equal shards on every rank
+        sums = _all_reduced(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
+        mean = sums[0] / count
+        var = (sums[1] / count - mean * mean).clamp(min=0)  # biased, in float64
+        rstd = (var + eps).rsqrt().to(x.dtype)
+        xhat = (x - mean.to(x.dtype).view(shape)) * rstd.view(shape)
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.count, ctx.shape, ctx.dims = count, shape, dims
+        ctx.mark_non_differentiable(mean, var)
+        return xhat * weight.view(shape) + bias.view(shape), mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _mean, _var):
+        xhat, rstd, weight = ctx.saved_tensors
+        shape, dims, count = ctx.shape, ctx.dims, ctx.count
+        local = torch.stack([grad.sum(dims, dtype=torch.float64), (grad * xhat).sum(dims, dtype=torch.float64)])
+        grad_bias, grad_weight = local[0].to(grad.dtype), local[1].to(grad.dtype)  # this rank's (DDP averages)
+        total = _all_reduced(local.clone()) / count
+        mean_g, mean_gx = (t.to(grad.dtype).view(shape) for t in total)
+        grad_x = (grad - mean_g - xhat * mean_gx) * (weight * rstd).view(shape)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with the statistics of the global batch on the CPU, with gloo (torch's
+    SyncBatchNorm is GPU-only, and DDP refuses it on CPU modules). Affine, as every BatchNorm of
+    the model. Running statistics get the unbiased global variance."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        y, mean, var = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, world_size())
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                count = x.numel() // x.shape[1] * world_size()
+                self.running_mean.mul_(1 - m).add_(mean.to(x.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_((var * count / max(count - 1, 1)).to(x.dtype), alpha=m)
+        return y
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm layer synchronised over the world (same parameters, buffers, state-dict keys):
+    torch's SyncBatchNorm on CUDA, CpuSyncBatchNorm on the CPU."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            sync.to(next(iter(child.state_dict().values())).device)
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the world: gradients averaged once per backward (bucketed).
+
+    broadcast_buffers=False: with sync_bn every rank's running statistics are already the global
+    ones; without it each rank keeps its shard's, and rank 0's are the ones that are saved and
+    evaluated (broadcast_buffers before evaluation), as with the official DataParallel run, whose
+    running statistics are those of GPU 0's replica. Buffers are never broadcast per forward,
+    which would cost one broadcast per gradient-cache chunk.
+    """
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel
+    # torch >= 2.12 renamed the switch (the old name warns); the buffers are equal at init either way
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(model, device_ids=ids, **no_buffer_sync)
