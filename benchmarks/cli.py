@@ -45,7 +45,10 @@ def _partial_writer(out: Path, name: str, to_markdown):
     every number it measured (the file says "partial": true until the run completes)."""
 
     def write(result: dict) -> None:
-        common.write_results(out, name, result, to_markdown(result))
+        from fastemp import distributed
+
+        if distributed.is_main():
+            common.write_results(out, name, result, to_markdown(result))
 
     return write
 
@@ -75,16 +78,11 @@ def cmd_throughput(args) -> int:
                             args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size,
                             on_progress=_partial_writer(out, name, throughput_markdown))
     markdown = throughput_markdown(result)
-<<<<<<< HEAD
-    print(markdown)
-    _written(common.write_results(out, name, result, markdown))
-=======
     from fastemp import distributed
 
     if distributed.is_main():  # under torchrun every rank measured; rank 0 reports
         print(markdown)
-        _written(common.write_results(_out_dir(args, result), args.name, result, markdown))
->>>>>>> issue10
+        _written(common.write_results(out, name, result, markdown))
     return _status(result["points"] + result["baselines"])
 
 

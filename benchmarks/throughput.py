@@ -371,6 +371,8 @@ def run_throughput(base: Config, axes: dict[str, list | None], device: str = "au
         if dev.type == "cpu":
             notes.append("CPU timings are noisy: the machine's cores are shared with other work; MFU is "
                          "relative to an fp32 matmul measured in the same run.")
+        if baseline and distributed.world_size() > 1:
+            notes.append("the reference-style baseline is not run under torchrun")
         if any(p["status"] == "skipped" for p in points):
             notes.append("DALI does not import here: the DALI points were not run (torch backend only).")
         result = {**common.base_result("throughput", environment), "partial": partial,
@@ -386,40 +388,13 @@ def run_throughput(base: Config, axes: dict[str, list | None], device: str = "au
         return result
 
     with common.cached_datasets():
-<<<<<<< HEAD
         for point in points_in:
             points.append(run_point(base, point, device, warmup, steps, split_steps, peak))
             if on_progress:
                 on_progress(assemble(partial=True))
-        if baseline:
+        if baseline and distributed.world_size() == 1:
             for done in run_baselines(base, points_in, device, baseline_workers, baseline_steps):
                 baselines.append(done)
                 if on_progress:
                     on_progress(assemble(partial=True))
     return assemble(partial=False)
-=======
-        points = [run_point(base, p, device, warmup, steps, split_steps, peak) for p in points_in]
-        run_baseline = baseline and distributed.world_size() == 1
-        baselines = run_baselines(base, points_in, device, baseline_workers, baseline_steps) if run_baseline else []
-    attach_ratios(points, baselines)
-    data = next((p["data"] for p in points if p.get("data")), base.data.source)
-    notes = []
-    if dev.type == "cpu":
-        notes.append("CPU timings are noisy: the machine's cores are shared with other work; MFU is "
-                     "relative to an fp32 matmul measured in the same run.")
-    if baseline and not run_baseline:
-        notes.append("the reference-style baseline is not run under torchrun")
-    if any(p["status"] == "skipped" for p in points):
-        notes.append("DALI does not import here: the DALI points were not run (torch backend only).")
-    result = {**common.base_result("throughput", environment),
-              "config": to_dict(base), "axes": {k: v for k, v in axes.items() if v}, "data": data,
-              "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
-              "peak": peak,
-              "settings": {"warmup_steps": warmup, "timed_steps": steps, "split_steps": split_steps,
-                           "baseline_workers": baseline_workers if baseline else None},
-              "points": points, "baselines": baselines,
-              "baseline_description": baselines[0].get("description", "") if baselines else "",
-              "notes": notes}
-    result["targets"] = throughput_targets(points, environment)
-    return result
->>>>>>> issue10
