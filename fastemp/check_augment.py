@@ -1,0 +1,78 @@
+"""`fastemp check`: the DALI patch backend against the torch one, by the channel statistics of the
+patches they cut from the same images."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .check_core import AUGMENT_TOL, CheckResult, Context, fmt_shape, skipped
+from .config import AugmentConfig
+
+def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
+    """uint8 (N, H, W, 3) natural-ish images: smooth random colour fields, some saturated (the recipe
+    of tests/test_patches_dali.py), on the check's device."""
+    low = torch.rand(count, 3, 6, 6, generator=ctx.gen) * 1.2 - 0.1
+    img = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().to(ctx.device)
+
+
+def channel_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean r, g, b, std r, g, b) over every pixel of every patch, and their standard
+    errors estimated from the per-patch values (patches are independent draws), float64."""
+    x = patches.detach().double().cpu().transpose(0, 1).reshape(3, patches.shape[0], -1)  # (3, P, pixels)
+    mean = x.mean((1, 2))
+    std = x.var((1, 2)).sqrt()
+    per_patch_mean = x.mean(2)  # (3, P)
+    per_patch_var = ((x - mean[:, None, None]) ** 2).mean(2)
+    p = x.shape[1]
+    se_mean = per_patch_mean.std(1) / math.sqrt(p)
+    se_std = per_patch_var.std(1) / math.sqrt(p) / (2 * std)  # delta method: d std = d var / (2 std)
+    return torch.cat([mean, std]), torch.cat([se_mean, se_std])
+
+
+def _stats_note(got: torch.Tensor, ref: torch.Tensor) -> str:
+    return "dali/torch mean rgb, std rgb: " + " ".join(f"{a:+.3f}/{b:+.3f}" for a, b in zip(got.tolist(), ref.tolist()))
+
+
+def check_augment_stats(ctx: Context) -> list[CheckResult]:
+    """DALI vs torch patches of the same images, default recipe (tolerances of tests/test_patches_dali.py).
+
+    paired: the same seed. DALI draws its parameters with the torch backend's sample_params on a CPU
+      generator, so the torch backend run on a CPU copy of the images uses identical parameters; the
+      documented semantic differences (fixed jitter order, reflect-101 blur borders) move the channel
+      statistics by ~0.002-0.005, so |dali - torch| <= 0.01 (absolute, normalised pixel scale).
+    independent: the torch backend with another seed on the check's device; |dali - torch| must be
+      within 5 standard errors (from the per-patch values) + 0.01; err is the worst |diff| / that bound.
+    """
+    from .patches import dali_available
+
+    if not dali_available():
+        return [skipped("augment dali-vs-torch", "nvidia.dali does not import")]
+    from .patches_dali import DaliPatches
+    from .patches_torch import TorchPatches
+
+    aug = AugmentConfig()
+    batch, n = 16, (50 if ctx.quick else 100)
+    images = smooth_images(ctx, batch)
+    index = torch.arange(batch, device=ctx.device)
+    seed, other_seed = ctx.seed(), ctx.seed()
+    dali, se_dali = channel_stats(DaliPatches(images, aug, seed=seed)(index, n, seed))
+    paired, _ = channel_stats(TorchPatches(images.cpu(), aug)(index.cpu(), n, seed))
+    indep, se_indep = channel_stats(TorchPatches(images, aug)(index, n, other_seed))
+    shape = (n * batch, 3, aug.crop_size, aug.crop_size)
+    rows = []
+    diff = (dali - paired).abs()
+    err = diff.max().item()
+    rows.append(CheckResult("augment paired", fmt_shape(shape), "fp32", err, AUGMENT_TOL, err, math.nan,
+                            "pass" if math.isfinite(err) and err <= AUGMENT_TOL else "FAIL",
+                            "abs diff of channel mean/std, same seed; " + _stats_note(dali, paired)))
+    bound = 5 * torch.sqrt(se_dali**2 + se_indep**2) + AUGMENT_TOL
+    diff = (dali - indep).abs()
+    err = (diff / bound).max().item()
+    rows.append(CheckResult("augment independent", fmt_shape(shape), "fp32", err, 1.0, diff.max().item(), math.nan,
+                            "pass" if math.isfinite(err) and err <= 1.0 else "FAIL",
+                            "|diff| / (5 SE + 0.01), other seed; " + _stats_note(dali, indep)))
+    return rows

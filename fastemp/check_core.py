@@ -1,0 +1,117 @@
+"""`fastemp check` building blocks: the result row, the per-check context, the comparison that makes
+a row, the tolerances, and the random inputs shared by the checks (see fastemp/check.py for the
+criteria and why each tolerance has its value)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP32_TOL = 1e-5  # fp32 math vs float64: values; gradients of the cosine kernel
+SOLVE_TOL = 1e-4  # gradients through the Cholesky solve
+BF16_TOL = 2.0**-8  # anything stored in bf16 (one rounding <= 2^-9)
+BF16_FUSED_TOL = 2.0**-7  # the fused loss's bf16 gradient: up to three roundings (see fastemp/check.py)
+COMPILE_FP64_TOL = 1e-9  # CPU: compiled vs eager, both float64 (measured <= 5e-13)
+COMPILE_BF16_TOL = 3e-2  # CUDA, bf16 autocast: h, p, running stats
+COMPILE_BF16_GRAD_TOL = 1e-1  # CUDA, bf16 autocast: gradients (see fastemp/check.py)
+AUGMENT_TOL = 0.01  # absolute, on normalised pixel values (std ~0.45): see check_augment_stats
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class CheckResult:
+    op: str
+    shape: str
+    dtype: str
+    err: float  # the pass criterion (relative-norm error unless the note says otherwise)
+    tol: float
+    max_abs: float
+    max_rel: float
+    status: str  # "pass" | "FAIL" | "skipped"
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAIL"
+
+
+@dataclass
+class Context:
+    """What every check gets: the device, the grid size, and its own random stream (from the run's seed)."""
+
+    device: torch.device
+    quick: bool
+    gen: torch.Generator  # CPU generator: the same seed gives the same inputs on any device
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen)
+
+    def seed(self) -> int:
+        """A seed drawn from the check's stream (model initialisation, augmentation calls)."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
+
+
+# ------------------------------------------------------------------------------ comparison
+
+
+def fmt_shape(shape) -> str:
+    return "x".join(str(s) for s in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
+
+
+def compare(op: str, shape, dtype: str, out: torch.Tensor, ref: torch.Tensor, tol: float,
+            floor: float = 1e-12, note: str = "") -> CheckResult:
+    """One table row: relative-norm error of out vs ref (float64), pass iff finite and <= tol."""
+    shape = fmt_shape(shape)
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
+    if out.shape != ref.shape:
+        return CheckResult(op, shape, dtype, math.nan, tol, math.nan, math.nan, "FAIL",
+                           f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    diff = (out - ref).abs()
+    ref_abs = ref.abs()
+    err = (diff.norm() / ref.norm().clamp_min(floor)).item()
+    max_abs = diff.max().item()
+    max_rel = (diff / ref_abs.clamp_min(max(1e-3 * ref_abs.max().item(), floor))).max().item()
+    finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(ref).all())
+    if not finite:
+        note = ("non-finite output" if not torch.isfinite(out).all() else "non-finite reference") + \
+            (f"; {note}" if note else "")
+    ok = finite and math.isfinite(err) and err <= tol
+    return CheckResult(op, shape, dtype, err, tol, max_abs, max_rel, "pass" if ok else "FAIL", note)
+
+
+def skipped(op: str, reason: str, shape="-", dtype: str = "-") -> CheckResult:
+    return CheckResult(op, fmt_shape(shape), dtype, math.nan, math.nan, math.nan, math.nan, "skipped", reason)
+
+
+def grad_of(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, d(value . weights)/dx) for a leaf copy of x."""
+    x = x.detach().clone().requires_grad_(True)
+    value = fn(x)
+    target = value.sum() if weights is None else (value * weights.to(value.dtype)).sum()
+    (grad,) = torch.autograd.grad(target, x)
+    return value.detach(), grad
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def projections(ctx: Context, n: int, b: int, d: int) -> torch.Tensor:
+    """Raw projector-like outputs p (n, B, d) in fp32: the patches of an image share a direction
+    (cosines ~0.6), row norms spread over ~2 decades; never zero."""
+    p = ctx.randn(1, b, d) + 0.8 * ctx.randn(n, b, d)
+    return (p * torch.exp(ctx.randn(n, b, 1))).to(ctx.device)
+
+
+def unit_rows(ctx: Context, n: int, b: int, d: int) -> torch.Tensor:
+    """Unit-norm rows (n, B, d) as the TCR sees them: different images, mildly correlated."""
+    z = ctx.randn(n, b, d) + 0.3 * ctx.randn(n, 1, d)
+    return F.normalize(z, dim=-1).to(ctx.device)

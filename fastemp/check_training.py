@@ -1,0 +1,158 @@
+"""`fastemp check`: the training-step fast paths against the plain step -- torch.compile vs eager,
+the two-pass gradient cache vs one autograd graph, activation checkpointing vs plain."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import gradcache, losses, model as model_lib, reference
+from .check_core import (COMPILE_BF16_GRAD_TOL, COMPILE_BF16_TOL, COMPILE_FP64_TOL, FP32_TOL, SOLVE_TOL,
+                         CheckResult, Context, compare, skipped)
+from .config import LossConfig
+
+# ------------------------------------------------------------------------------ compile
+
+
+class FeaturesAndProjection(nn.Module):
+    """EMPEncoder.forward returning (h, p): the same modules and ops as model(x), h kept as an output
+    so one compiled graph gives both."""
+
+    def __init__(self, encoder: model_lib.EMPEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder.encode(x)
+        return h, self.encoder.projection(h)
+
+
+def compile_case(device: torch.device) -> dict:
+    """The model and input of the compile check.
+
+    CUDA: the real model as the trainer runs it (bf16 autocast, channels_last).
+    CPU: a tiny model in float64 (the trainer does not compile on CPU; this checks graph capture,
+    decompositions, fusion and BatchNorm buffer updates). Not fp32: a gradient of a ReLU network is
+    discontinuous where a pre-activation crosses 0, and the ~1e-6 relative differences between
+    compiled and eager fp32 activations flip such a ReLU in about 4 of 10 random draws at this size;
+    one flip (a pre-activation at 6e-7 std) moved conv1's gradient by 2.9% in both the compiled model
+    and in an eager float64 model whose ReLU mask was shifted by 1e-6 std. In float64 the differences
+    are ~1e-16 and no flip happens.
+    """
+    if device.type == "cuda":
+        return dict(model=dict(), n=4, batch=32, size=32, dtype=torch.float32, amp=torch.bfloat16,
+                    channels_last=True)
+    return dict(model=dict(width=8, hidden_dim=64, z_dim=32), n=4, batch=8, size=16, dtype=torch.float64,
+                amp=None, channels_last=False)
+
+
+def train_step(forward: Callable, encoder: nn.Module, x: torch.Tensor, n: int, amp_dtype=None) -> dict:
+    """One forward/backward of the EMP loss (the float64 reference formula on p, so the loss itself
+    adds no rounding); returns h, p, the parameter gradients and the BatchNorm running stats."""
+    amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with amp:
+        h, p = forward(x)
+    z = F.normalize(p.double().view(n, -1, p.shape[-1]), dim=-1)
+    reference.reference_emp_ssl_loss(z).backward()
+    return {"h": h.detach().double(), "p": p.detach().double(),
+            "grads": {name: q.grad.detach().double() for name, q in encoder.named_parameters()},
+            "stats": torch.cat([b.detach().double().flatten() for name, b in encoder.named_buffers()
+                                if "running" in name])}
+
+
+def _grad_row(op: str, shape, dtype: str, grads: dict, ref_grads: dict, tol: float) -> CheckResult:
+    """All parameter gradients as one vector; the worst single tensor is named in the note (its error
+    relative to max(its norm, 1e-3 x the total norm): a Linear bias before BatchNorm has zero gradient)."""
+    names = list(ref_grads)
+    total = torch.cat([ref_grads[k].flatten() for k in names]).norm().item()
+
+    def err(k):
+        return (grads[k] - ref_grads[k]).norm().item() / max(ref_grads[k].norm().item(), 1e-3 * total)
+
+    worst = max(names, key=err)
+    row = compare(op, shape, dtype, torch.cat([grads[k].flatten() for k in names]),
+                  torch.cat([ref_grads[k].flatten() for k in names]), tol)
+    row.note = f"worst tensor {worst}: {err(worst):.1e}" + (f"; {row.note}" if row.note else "")
+    return row
+
+
+def check_compile(ctx: Context) -> list[CheckResult]:
+    if ctx.quick:
+        return [skipped("compile", "--quick skips compilation")]
+    case = compile_case(ctx.device)
+    fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    torch.manual_seed(ctx.seed())
+    eager = model_lib.EMPEncoder(**case["model"]).to(ctx.device, case["dtype"]).train()
+    eager = eager.to(memory_format=fmt)
+    compiled_model = copy.deepcopy(eager)
+    n, batch, size = case["n"], case["batch"], case["size"]
+    x = ctx.randn(n * batch, 3, size, size).to(ctx.device, case["dtype"]).contiguous(memory_format=fmt)
+    got = train_step(torch.compile(FeaturesAndProjection(compiled_model)), compiled_model, x, n, case["amp"])
+    ref = train_step(FeaturesAndProjection(eager), eager, x, n, case["amp"])
+    if case["amp"]:
+        dtype, tol, grad_tol = "bf16-amp", COMPILE_BF16_TOL, COMPILE_BF16_GRAD_TOL
+    else:
+        dtype, tol, grad_tol = "fp64", COMPILE_FP64_TOL, COMPILE_FP64_TOL
+    shape = (n * batch, 3, size, size)
+    return [compare("compile h", shape, dtype, got["h"], ref["h"], tol),
+            compare("compile p", shape, dtype, got["p"], ref["p"], tol),
+            _grad_row("compile grads", shape, dtype, got["grads"], ref["grads"], grad_tol),
+            compare("compile BN stats", shape, dtype, got["stats"], ref["stats"], tol)]
+
+
+# ------------------------------------------------------------------------------ gradient cache, checkpointing
+
+
+def _small_model(ctx: Context, seed: int) -> model_lib.EMPEncoder:
+    torch.manual_seed(seed)
+    return model_lib.EMPEncoder(width=4, hidden_dim=32, z_dim=16).to(ctx.device).train()
+
+
+def _grads(m: nn.Module) -> torch.Tensor:
+    return torch.cat([q.grad.flatten() for q in m.parameters()])
+
+
+def _stats(m: nn.Module) -> torch.Tensor:
+    return torch.cat([b.flatten().float() for name, b in m.named_buffers() if "running" in name])
+
+
+def _emp_loss(p: torch.Tensor):
+    return losses.projection_loss_terms(p.float(), LossConfig(), fused=False)
+
+
+def _small_case(ctx: Context):
+    n, batch = (8, 8) if ctx.cuda else (6, 4)
+    return n, batch, ctx.randn(n * batch, 3, 16, 16).to(ctx.device), ctx.seed()
+
+
+def check_gradient_cache(ctx: Context) -> list[CheckResult]:
+    """Two-pass gradient cache vs one autograd graph with the same chunk-wise BatchNorm (fp32, small model)."""
+    n, batch, x, seed = _small_case(ctx)
+    chunks = 3
+    ref, got = _small_model(ctx, seed), _small_model(ctx, seed)
+    p = torch.cat([ref(x[lo:hi]) for lo, hi in gradcache.chunk_bounds(n, batch, chunks)])
+    ref_terms = _emp_loss(p.view(n, batch, -1))
+    ref_terms.total.backward()
+    terms = gradcache.gradient_cache_step(got, x, n, chunks, _emp_loss, nullcontext())
+    shape, note = tuple(x.shape), f"{chunks} chunks"
+    return [compare("gradcache loss", shape, "fp32", terms.total, ref_terms.total, FP32_TOL, note=note),
+            compare("gradcache grads", shape, "fp32", _grads(got), _grads(ref), SOLVE_TOL, note=note),
+            compare("gradcache BN stats", shape, "fp32", _stats(got), _stats(ref), FP32_TOL, note=note)]
+
+
+def check_checkpointing(ctx: Context) -> list[CheckResult]:
+    """Activation checkpointing (model.backbone.checkpoint_activations) vs plain (fp32, small model)."""
+    n, batch, x, seed = _small_case(ctx)
+    plain = _small_model(ctx, seed)
+    ckpt = copy.deepcopy(plain)
+    ckpt.backbone.checkpoint_activations = True
+    for m in (plain, ckpt):
+        _emp_loss(m(x).view(n, batch, -1)).total.backward()
+    shape = tuple(x.shape)
+    return [compare("checkpoint grads", shape, "fp32", _grads(ckpt), _grads(plain), SOLVE_TOL),
+            compare("checkpoint BN stats", shape, "fp32", _stats(ckpt), _stats(plain), FP32_TOL)]
