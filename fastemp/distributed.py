@@ -275,9 +275,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
-            sync.load_state_dict(child.state_dict())
-            sync.to(next(iter(child.state_dict().values())).device)
+                                    child.track_running_stats, device="meta")
+            # the layer's own parameters and buffers, as torch's convert_sync_batchnorm does: same
+            # objects, so their dtype and device are kept (a copy into a fresh module would be float32)
+            for key, value in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                setattr(sync, key, value)
+            sync.train(child.training)
             setattr(model, name, sync)
         else:
             convert_sync_batchnorm(child, device)

@@ -7,86 +7,129 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
-from fastemp import distributed
+from fastemp import distributed, train
 from fastemp.config import AugmentConfig
 from fastemp.patches import dali_available
-from fastemp.patches_torch import TorchPatches
 from fastemp.train import Trainer
 from test_train import TINY, assert_same_state, model_state, tiny_config
 
 from augment_helpers import random_images
 
 
-def _spawned(rank: int, world: int, init_file: str, out: str, overrides: list[str]) -> None:
+@contextmanager
+def float64():
+    """The Trainer's model and patches in float64: a test-only cast (no config flag for it).
+
+    In fp32 this toy ReLU network is discontinuous at the rounding level: a 6e-8 relative change of
+    the initial weights (one fp32 ulp) flips ReLU masks and moves some gradients by up to 4e-3 (no
+    chunks) or 6e-4 (2 chunks), measured in float64. fp32 reduction-order differences between 1 and
+    2 processes do the same, so in fp32 no tolerance separates them from a real difference. In
+    float64 they are ~1e-15 and 2 vs 1 processes agree to <= 3e-13 (gradients) and 5e-13 (weights
+    after 3 steps), measured; a semantic difference (gradient scale, a missing gradient path, other
+    BatchNorm statistics) shows orders of magnitude above rtol 1e-5. The loss itself stays fp32
+    (projection_loss_terms casts p to float): its inputs are the fp32 roundings of float64 p that
+    agree to ~1e-15, so they are bitwise the same on both sides.
+    """
+    build, begin = train.build_model, Trainer.begin_step
+    with mock.patch.object(train, "build_model", lambda cfg: build(cfg).double()), \
+            mock.patch.object(Trainer, "begin_step", lambda self, step: begin(self, step).double()):
+        yield
+
+
+def one_step_and_three(overrides: list[str]) -> dict:
+    """Step 0's loss, tcr and gradients; then the weights after 3 optimizer steps (the same run)."""
+    with float64():
+        trainer = Trainer(tiny_config(*overrides), progress=False)
+        terms = trainer.forward_backward(trainer.begin_step(0))
+        out = {"loss": distributed.mean_across_ranks(terms.total.detach()), "tcr": terms.tcr.detach(),
+               "grads": {name: p.grad.clone() for name, p in trainer.model.named_parameters()},
+               "initial": {name: v.clone() for name, v in trainer.model.state_dict().items()}}
+        trainer.optimizer.step()  # as train_until's step 0
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step = 1
+        trainer.train_until(3)
+        out["weights"] = trainer.model.state_dict()
+    return out
+
+
+def _spawned(rank: int, world: int, init_file: str, out: str, cases: list[list[str]]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        trainer = Trainer(tiny_config(*overrides), progress=False)
-        terms = trainer.forward_backward(trainer.begin_step(0))
-        loss = distributed.mean_across_ranks(terms.total.detach())
-        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
-        trained = Trainer(tiny_config(*overrides), progress=False)
-        trained.train_until(3)
-        torch.save({"loss": loss, "tcr": terms.tcr, "grads": grads, "weights": trained.model.state_dict()},
-                   os.path.join(out, f"rank{rank}.pt"))
+        for k, overrides in enumerate(cases):
+            torch.save(one_step_and_three(overrides), os.path.join(out, f"case{k}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run_two_ranks(tmp_path, overrides: list[str]) -> list[dict]:
-    mp.spawn(_spawned, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), overrides), nprocs=2)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+SYNC_BN = ["model.sync_bn=true", "train.max_steps=3", "optim.lr=1.0"]
+CHUNKS = (1, 2)  # without and with the gradient cache (train.grad_chunks)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[int, list[dict]]:
+    """Both cases from one spawn of 2 gloo processes (process start-up is most of the time)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    cases = [[*SYNC_BN, f"train.grad_chunks={c}"] for c in CHUNKS]
+    mp.spawn(_spawned, args=(2, str(tmp / "rendezvous"), str(tmp), cases), nprocs=2)
+    return {c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=False) for r in range(2)]
+            for k, c in enumerate(CHUNKS)}
 
 
 # Linear biases followed by BatchNorm: their exact gradient is 0 (BN removes the mean), so both sides
-# hold rounding noise, compared at the scale of the same layer's weight gradient.
+# hold float64 rounding noise (~1e-15 of the same layer's weight gradient, measured): compared with
+# an atol of 1e-9 of that scale instead of rtol. Everything else: rtol 1e-5 and no atol.
 BIASES_BEFORE_BN = ("pre_feature.0.bias", "projection.0.bias")
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, scale: float | None = None,
-                 atol_of_scale: float = 5e-5) -> None:
-    """rtol 1e-5 (fp32), with entries near 0 compared at 5e-5 of the tensor's largest entry.
-
-    Measured at this width: the worst tensor (an early conv) differs between 1 and 2 processes by
-    2.5e-5 of its largest entry, while the fp32 single-process gradient itself is 8e-4 of it away
-    from a float64 run, so this is well inside fp32's own rounding; a wrong gradient scale (x2, x1/2)
-    or a missing gradient path fails by orders of magnitude.
-    """
-    scale = float(want.abs().max()) if scale is None else scale
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol_of_scale * scale + 1e-12, msg=what)
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, atol: float = 0.0) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=what)
 
 
-def test_two_ranks_with_sync_bn_equal_one_process_on_the_global_batch(tmp_path):
-    overrides = ["model.sync_bn=true", "train.max_steps=3", "optim.lr=1.0"]
-    ranks = run_two_ranks(tmp_path, overrides)
-
-    one = Trainer(tiny_config(*overrides), progress=False)
-    terms = one.forward_backward(one.begin_step(0))
-    trained = Trainer(tiny_config(*overrides), progress=False)
-    trained.train_until(3)
-    for r, got in enumerate(ranks):
-        assert_close(got["loss"], terms.total.detach(), f"loss on rank {r}")
-        assert_close(got["tcr"], terms.tcr.detach(), f"tcr on rank {r}")
-        grads = {name: p.grad for name, p in one.model.named_parameters()}
-        for name, grad in grads.items():
-            scale = float(grads[name[:-4] + "weight"].abs().max()) if name in BIASES_BEFORE_BN else None
-            assert_close(got["grads"][name], grad, f"grad {name} on rank {r}", scale)
-        # Three steps of this toy model amplify rounding: a 1e-7 relative change of the initial weights
-        # (about one ulp) changes the weights after 3 steps by ~1e-2 of their scale (measured), so the
-        # weights are compared at 1e-3 of each tensor's scale; 1 vs 2 processes differ by 1.4e-4.
-        weights = trained.model.state_dict()
-        for name, value in weights.items():
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_two_ranks_with_sync_bn_equal_one_process_on_the_global_batch(two_ranks, chunks):
+    """float64, sync_bn: loss, tcr and every gradient of one step on each rank, and the weights
+    after 3 optimizer steps, equal the single-process run on the global batch at rtol 1e-5; with
+    chunks=2 the gradient cache runs per rank (chunk-wise synced BatchNorm, no_sync)."""
+    one = one_step_and_three([*SYNC_BN, f"train.grad_chunks={chunks}"])
+    for r, got in enumerate(two_ranks[chunks]):
+        assert_close(got["loss"], one["loss"], f"loss on rank {r}")
+        assert_close(got["tcr"], one["tcr"], f"tcr on rank {r}")
+        assert got["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():
+            assert grad.dtype == torch.float64, name
+            atol = 1e-9 * float(one["grads"][name[:-4] + "weight"].abs().max()) if name in BIASES_BEFORE_BN else 0.0
+            assert_close(got["grads"][name], grad, f"grad {name} on rank {r}", atol)
+        assert got["weights"].keys() == one["weights"].keys()
+        for name, value in one["weights"].items():
             if value.is_floating_point():
-                assert_close(got["weights"][name], value, f"{name} after 3 steps on rank {r}", atol_of_scale=1e-3)
-        assert not torch.equal(got["weights"]["backbone.conv1.weight"],
-                               one.model.state_dict()["backbone.conv1.weight"])  # the 3 steps moved it
+                assert value.dtype == torch.float64, name
+                assert_close(got["weights"][name], value, f"{name} after 3 steps on rank {r}")
+            else:
+                assert torch.equal(got["weights"][name], value), name  # num_batches_tracked
+        assert not torch.equal(got["weights"]["backbone.conv1.weight"], one["initial"]["backbone.conv1.weight"])
+
+
+def test_cpu_sync_batchnorm_conversion_keeps_each_layers_own_tensors():
+    """Same parameter and buffer objects (so their dtype: a float64 model stays float64), same mode."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    model = model.double().eval()
+    before = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    distributed.convert_sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], distributed.CpuSyncBatchNorm) and isinstance(model[2][1], distributed.CpuSyncBatchNorm)
+    after = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert not model[1].training and model[1].weight.dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
