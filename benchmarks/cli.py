@@ -102,6 +102,18 @@ def cmd_time_to_accuracy(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile import profile_markdown, profile_steps
+
+    cfg = _load(args)
+    out, name = _target(args, cfg.train.device)
+    result = profile_steps(cfg, args.warmup, args.steps, args.top, args.trace)
+    markdown = profile_markdown(result)
+    print(markdown)
+    _written(common.write_results(out, name, result, markdown))
+    return 0
+
+
 def cmd_kernels(args) -> int:
     from .kernels_bench import kernels_markdown, run_kernels
 
@@ -235,6 +247,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--baseline-aug-patches", type=int, default=200, help="patches for the per-patch CPU rate")
     _output_args(p, "kernels")
     p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("profile", help="where a training step's time goes, op by op (torch.profiler)")
+    _common_config_args(p, "cifar10_n20_1ep")
+    p.add_argument("--warmup", type=int, default=3, help="untraced steps after the first (compile) step")
+    p.add_argument("--steps", type=int, default=5, help="traced steps (default 5)")
+    p.add_argument("--top", type=int, default=25, help="ops listed (default 25)")
+    p.add_argument("--trace", help="also write the Chrome trace (JSON) here")
+    _output_args(p, "profile")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="regenerate the README performance table from benchmarks/results")
     from .report import add_arguments

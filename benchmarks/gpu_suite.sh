@@ -3,9 +3,10 @@
 #
 #   benchmarks/gpu_suite.sh [PARTS] [OUT_DIR]
 #
-#   PARTS    comma-separated, run in order; default `all` = smoke,throughput20,throughput200,kernels,tta
+#   PARTS    comma-separated, run in order; default `all` = smoke,throughput20,profile,throughput200,kernels,tta
 #              smoke          every GPU path once, <= 90 s on an H100; one PASS/FAIL/SKIP line per item
 #              throughput20   n=20, B=100: torch (and DALI) backends + the reference-style baseline
+#              profile        where an n=20 step's time goes, kernel by kernel (torch.profiler; in details/)
 #              throughput200  n=200, B=100 with cifar10_n200_1ep's large-n option: speed and peak memory
 #              kernels        cosine-to-mean, TCR and the augmentation backends in isolation
 #              tta            time to 85% linear probe, n=20, on the CIFAR-10 JPEG copy; short of 85%
@@ -37,13 +38,13 @@
 set -uo pipefail
 
 PARTS="${1:-all}"
-[ "$PARTS" = all ] && PARTS=smoke,throughput20,throughput200,kernels,tta
+[ "$PARTS" = all ] && PARTS=smoke,throughput20,profile,throughput200,kernels,tta
 IFS=, read -r -a PART_LIST <<<"$PARTS"
 for part in "${PART_LIST[@]}"; do
   case "$part" in
-    smoke | throughput20 | throughput200 | kernels | tta) ;;
+    smoke | throughput20 | profile | throughput200 | kernels | tta) ;;
     *)
-      echo "usage: benchmarks/gpu_suite.sh [all|smoke,throughput20,throughput200,kernels,tta] [OUT_DIR]" >&2
+      echo "usage: benchmarks/gpu_suite.sh [all|smoke,throughput20,profile,throughput200,kernels,tta] [OUT_DIR]" >&2
       exit 2
       ;;
   esac
@@ -182,6 +183,13 @@ part_throughput20() {
   "${FASTEMP[@]}" bench throughput "${args[@]}" --force --out "$DETAILS" --name throughput_n20
 }
 
+part_profile() {
+  local args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" --device "$DEVICE")
+  [ "$DRY" = 1 ] && args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" --device cpu train.n_patches=4
+    train.batch_size=16 model.compile=none --warmup 0 --steps 2)
+  "${FASTEMP[@]}" bench profile "${args[@]}" --force --out "$DETAILS" --name profile
+}
+
 part_throughput200() {
   local args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" --device "$DEVICE" --n 200 --batch 100
     --backend "$BACKENDS" --steps 10 --split-steps 5)
@@ -216,8 +224,8 @@ part_tta() {
     --out "$DETAILS" --name time_to_85_n20
 }
 
-declare -A DEFAULT_LIMIT=([smoke]=400 [throughput20]=420 [throughput200]=300 [kernels]=240 [tta]=420)
-[ "$DRY" = 1 ] && DEFAULT_LIMIT=([smoke]=300 [throughput20]=240 [throughput200]=240 [kernels]=240 [tta]=240)
+declare -A DEFAULT_LIMIT=([smoke]=400 [throughput20]=420 [profile]=180 [throughput200]=300 [kernels]=240 [tta]=420)
+[ "$DRY" = 1 ] && DEFAULT_LIMIT=([smoke]=300 [throughput20]=240 [profile]=240 [throughput200]=240 [kernels]=240 [tta]=240)
 
 # Publishes what is there: JSON per part, suite.json/suite.md, details.tar.gz (at most 8 files in OUT).
 publish() {

@@ -19,7 +19,8 @@ from fastemp import runs
 from . import common
 
 # part -> the name of its result files
-RESULT_NAMES = {"smoke": "smoke", "throughput20": "throughput_n20", "throughput200": "throughput_n200",
+RESULT_NAMES = {"smoke": "smoke", "throughput20": "throughput_n20", "profile": "profile",
+                "throughput200": "throughput_n200",
                 "kernels": "kernels", "tta": "time_to_85_n20"}
 
 
@@ -53,6 +54,7 @@ def summarize(details: Path) -> tuple[dict, str]:
         result = results[p["part"]]
         written = "none" if result is None else ("partial" if result.get("partial") else "complete")
         p.update(result_file=f"{RESULT_NAMES[p['part']]}.json" if result else None, result=written)
+        # the profile stays in details.tar.gz: its JSON is long and the folder holds at most 8 files
         rows.append([p["part"], p["status"], p["seconds"], p["limit_seconds"], written])
         md = details / f"{RESULT_NAMES[p['part']]}.md"
         if md.exists():

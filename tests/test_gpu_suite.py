@@ -28,12 +28,12 @@ def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(tmp_path):
 
 def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_path):
     out = tmp_path / "results"
-    result = run_suite("throughput20,throughput200,kernels,tta", out, LIMIT_THROUGHPUT20="3")
+    result = run_suite("throughput20,profile,throughput200,kernels,tta", out, LIMIT_THROUGHPUT20="3")
     assert result.returncode == 1, result.stdout + result.stderr  # one part timed out
     assert "part throughput20: TIMEOUT" in result.stdout
     parts = {p["part"]: p for p in json.loads((out / "suite.json").read_text())["parts"]}
     assert parts["throughput20"]["status"] == "TIMEOUT" and parts["throughput20"]["limit_seconds"] == 3
-    assert [parts[p]["status"] for p in ("throughput200", "kernels", "tta")] == ["PASS"] * 3
+    assert [parts[p]["status"] for p in ("profile", "throughput200", "kernels", "tta")] == ["PASS"] * 4
     assert "throughput20" in (out / "suite.md").read_text() and "TIMEOUT" in (out / "suite.md").read_text()
     # at most 8 files, every part's JSON beside the summary, the details packed
     files = sorted(p.name for p in out.iterdir() if p.is_file())
@@ -43,6 +43,7 @@ def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_pa
     with tarfile.open(out / "details.tar.gz") as tar:
         names = tar.getnames()
     assert "./throughput20.log" in names and "./time_to_85_n20.md" in names and "./pip-freeze.txt" in names
+    assert "./profile.md" in names and "## Profile" in (out / "suite.md").read_text()
     tta = json.loads((out / "time_to_85_n20.json").read_text())
     assert tta["partial"] is False and [m["top1"] for m in tta["milestones"]] == [0.7, 0.75, 0.8, 0.85]
     assert tta["best_linear_top1"] is not None
@@ -76,3 +77,16 @@ def test_a_hung_smoke_item_fails_at_its_limit_and_the_others_still_run(tmp_path)
     statuses = {i["item"]: i["status"] for i in result["items"]}
     assert statuses == {"environment": "PASS", "check": "FAIL", "train": "FAIL", "large_n": "FAIL", "dali": "FAIL"}
     assert result["verdict"] == "FAIL"
+
+
+def test_profile_categories_name_the_kind_of_work():
+    from fastemp.benchmarks.profile import category
+
+    assert category("sm90_xmma_fprop_implicit_gemm_bf16") == "convolution"
+    assert category("aten::convolution_backward") == "convolution"
+    assert category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert category("triton_per_fused_native_batch_norm_0") == "triton"
+    assert category("_cosine_to_mean_kernel") == "triton"
+    assert category("aten::native_batch_norm") == "batchnorm"
+    assert category("Memcpy DtoD (Device -> Device)") == "copy"
+    assert category("aten::where") == "other"
