@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastemp.kernels.cosine_to_mean as ctm
-from fastemp import check, losses
+from fastemp import check, check_core, check_training, losses
 from fastemp.cli import main
 from fastemp.patches import dali_available
 
@@ -88,6 +88,66 @@ def test_a_crashing_check_is_a_failure_and_nan_never_passes(tmp_path, monkeypatc
     assert check.compare("x", (4,), "fp32", ref * (1 + 1e-6), ref, tol=1e-5).status == "pass"
     assert check.compare("x", (4,), "fp32", ref * (1 + 1e-4), ref, tol=1e-5).status == "FAIL"
     assert check.compare("x", (4,), "fp32", ref[:3], ref, tol=1.0).status == "FAIL"  # shape mismatch
+
+
+def test_compile_criterion_compiled_no_worse_than_eager():
+    """CUDA compile rows: compiled and eager bf16 both against a float64 reference; compiled may be at
+    most COMPILE_BF16_FACTOR x eager's error (+ floor) off it. Pure tensors, no model."""
+    factor, floor = check_core.COMPILE_BF16_FACTOR, check_core.COMPILE_BF16_FLOOR
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(10_000, generator=gen, dtype=torch.float64)
+
+    def off_by(scale):  # ref with relative-norm error ~scale
+        return ref + scale * torch.randn(10_000, generator=gen, dtype=torch.float64)
+
+    def row(out, eager, reference=ref):
+        return check_core.compare_with_baseline("compile h", (10_000,), "bf16-amp", out, eager, reference,
+                                                factor, floor, "eager")
+
+    eager = off_by(1e-2)
+    same = row(off_by(1e-2), eager)  # another rounding pattern, the same size of error
+    assert same.status == "pass" and same.err == pytest.approx(1e-2, rel=0.05)
+    assert same.tol == pytest.approx(factor * 1e-2 + floor, rel=0.05) and same.note.startswith("eager err 1.0")
+    assert row(ref, eager).status == "pass"  # more accurate than eager is fine
+    assert row(off_by(1e-1), eager).status == "FAIL"  # 10x eager's error
+    assert row(ref, ref).status == "pass" and row(off_by(5e-5), ref).status == "pass"  # the floor
+    nan = ref.clone()
+    nan[7] = math.nan
+    assert row(nan, eager).status == "FAIL"
+    assert row(off_by(1e-2), nan).status == "FAIL" and "non-finite" in row(off_by(1e-2), nan).note
+    assert row(off_by(1e-2), eager, nan).status == "FAIL"
+
+
+TINY_BF16_CASE = dict(model=dict(width=4, hidden_dim=32, z_dim=16), n=4, batch=8, size=16, dtype=torch.float32,
+                      amp=torch.bfloat16, channels_last=False)
+
+
+def test_compile_bf16_pipeline_runs_on_cpu_without_compiling():
+    """The CUDA branch of the compile check (autocast + float64 reference) on CPU bf16 autocast, with the
+    eager model standing in for the compiled one: the three-way step runs and passes; a "compiled"
+    forward with the wrong semantics (BatchNorm in eval mode) fails."""
+    def ctx():
+        return check_core.Context(torch.device("cpu"), False, torch.Generator().manual_seed(0))
+
+    rows = check_training.compile_rows(ctx(), TINY_BF16_CASE, compile_fn=lambda m: m)
+    assert [r.op for r in rows] == ["compile h", "compile p", "compile grads", "compile BN stats"]
+    assert all(r.status == "pass" and r.dtype == "bf16-amp" for r in rows), rows
+    for r in rows:  # identical computations: the same error as eager, which is bf16-sized (not 0)
+        assert f"eager err {r.err:.2e}" in r.note
+        assert r.tol == pytest.approx(check_core.COMPILE_BF16_FACTOR * r.err + check_core.COMPILE_BF16_FLOOR)
+    assert 1e-3 < rows[0].err < 0.2 and "worst tensor" in rows[2].note
+
+    def eval_mode(module):
+        def forward(x):
+            module.eval()
+            try:
+                return module(x)
+            finally:
+                module.train()
+        return forward
+
+    broken = {r.op: r.status for r in check_training.compile_rows(ctx(), TINY_BF16_CASE, compile_fn=eval_mode)}
+    assert broken["compile h"] == broken["compile p"] == broken["compile BN stats"] == "FAIL"
 
 
 def test_skips_are_visible_and_not_failures(tmp_path, monkeypatch, capsys):
