@@ -39,9 +39,10 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, empty, corrupt, non-finite or for another config."""
 
 
-def _rule(key: str, value, ok: bool, rule: str) -> None:
+def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
     if not ok:
-        raise ConfigError(f"{key} must be {rule}, got {value!r}; set {key} to a value that is {rule}")
+        why = f" ({why})" if why else ""
+        raise ConfigError(f"{key} must be {rule}{why}, got {value!r}; set {key} to a value that is {rule}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -129,7 +130,7 @@ def check_config(cfg: Config) -> None:
     _rule("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, "in [0, optim.lr]")
 
     # one patch per image makes the invariance term a constant (every patch is its image's mean)
-    _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2 (the invariance term needs two patches per image)")
+    _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2", "the invariance term needs two patches per image")
     _positive(t, "train", "batch_size", "epochs", "grad_chunks", "log_every")
     for name in ("max_steps", "ckpt_every", "seed"):
         value = getattr(t, name)
