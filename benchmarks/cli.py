@@ -11,6 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
+from fastemp import distributed
 from fastemp.config import load_config
 from fastemp.validate import check_config
 
@@ -45,8 +46,6 @@ def _partial_writer(out: Path, name: str, to_markdown):
     every number it measured (the file says "partial": true until the run completes)."""
 
     def write(result: dict) -> None:
-        from fastemp import distributed
-
         if distributed.is_main():
             common.write_results(out, name, result, to_markdown(result))
 
@@ -78,8 +77,6 @@ def cmd_throughput(args) -> int:
                             args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size,
                             on_progress=_partial_writer(out, name, throughput_markdown))
     markdown = throughput_markdown(result)
-    from fastemp import distributed
-
     if distributed.is_main():  # under torchrun every rank measured; rank 0 reports
         print(markdown)
         _written(common.write_results(out, name, result, markdown))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from fastemp import runs
@@ -58,8 +59,7 @@ def summarize(details: Path) -> tuple[dict, str]:
         rows.append([p["part"], p["status"], p["seconds"], p["limit_seconds"], written])
         md = details / f"{RESULT_NAMES[p['part']]}.md"
         if md.exists():
-            sections.append(md.read_text().replace("\n# ", "\n## ").replace("\n## ", "\n### ").strip()
-                            .replace("# ", "## ", 1))
+            sections.append(re.sub(r"^(#+) ", r"#\1 ", md.read_text().strip(), flags=re.M))  # one level down
     summary = {"benchmark": "gpu_suite", "created": common.now_iso(), "environment": environment,
                "dry_run": any(p.get("dry_run") for p in parts), "parts": parts}
     lines = [f"# GPU suite: {common.device_label(environment) if environment else 'unknown device'}", "",

@@ -40,7 +40,7 @@ def _stats_note(got: torch.Tensor, ref: torch.Tensor) -> str:
 def check_augment_stats(ctx: Context) -> list[CheckResult]:
     """DALI vs torch patches of the same images, default recipe (tolerances of tests/test_patches_dali.py).
 
-    paired: the same seed. DALI draws its parameters with the torch backend's sample_params on a CPU
+    paired: the same seed. DALI draws its parameters with the torch backend's sharded_params on a CPU
       generator, so the torch backend run on a CPU copy of the images uses identical parameters; the
       documented semantic differences (fixed jitter order, reflect-101 blur borders) move the channel
       statistics by ~0.002-0.005, so |dali - torch| <= 0.01 (absolute, normalised pixel scale).

@@ -22,9 +22,10 @@ def _print_summary(summary: dict) -> None:
 
 
 def _set_progress(args) -> bool:
+    """Bars on, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
     from . import progress
 
-    progress.enabled = not args.no_progress
+    progress.enabled = not args.no_progress and distributed.is_main()
     return progress.enabled
 
 
@@ -39,7 +40,7 @@ def cmd_train(args) -> int:
     # rank 0 alone touches the run folder; the other ranks get its path, or its error
     run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
-    trainer = Trainer(cfg, run_dir, progress=_set_progress(args) and distributed.is_main())
+    trainer = Trainer(cfg, run_dir, progress=_set_progress(args))
     if cfg.eval.at_end:
         check_probe(cfg, len(trainer.train_set))
         trainer.test_set  # both splits before training: a missing test split fails now, not after the run
@@ -84,7 +85,7 @@ def cmd_resume(args) -> int:
     distributed.require_divisible(cfg.train.batch_size)
     check_resume(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir)
     runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
-    summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args) and distributed.is_main())
+    summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args))
     if distributed.is_main():
         print(f"run folder: {run_dir}")
         _print_summary(summary)

@@ -1,7 +1,7 @@
 """The DALI patch backend: one NVIDIA DALI pipeline emits all n*B patches of a step.
 
 The random parameters of every patch are drawn on the host by the torch backend's own
-`sample_params` (a CPU torch.Generator seeded with the call's seed) and fed to the pipeline as
+`sharded_params` (a CPU torch.Generator seeded with the call's seed) and fed to the pipeline as
 per-sample arguments, so the two backends share their random semantics (crop-size formula,
 factor ranges, gates), the DALI pipeline itself holds no random state, and a call is
 reproducible from (index, n, seed) alone, like the torch backend (including after a resume).
