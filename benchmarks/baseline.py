@@ -4,7 +4,7 @@ It makes the official implementation's choices, written here from the method's d
 official code is copied, and neither torchvision nor PIL is used):
 
     data       per-image Dataset whose __getitem__ augments n patches one at a time on the CPU
-               (fastemp.patches_torch's recipe applied to a single patch per call), batched by
+               (fastemp.patches.torch_backend's recipe applied to a single patch per call), batched by
                a torch DataLoader with worker processes, then copied to the device
     model      eager fp32: no torch.compile, no channels_last, no autocast
     loss       invariance: a Python loop over patches of F.cosine_similarity to the mean;
@@ -28,7 +28,8 @@ from fastemp.config import AugmentConfig, Config
 from fastemp.lars import build_lars
 from fastemp.losses import LossTerms
 from fastemp.model import build_model
-from fastemp.patches_torch import augment, sample_params
+from fastemp.patches.draw import sample_params
+from fastemp.patches.torch_backend import augment
 
 from .common import PeakMemory, synchronize
 

@@ -192,7 +192,7 @@ def run_kernels(device: str = "auto", ns=(20, 50, 200), batches=(100, 256), dims
         notes.append("CPU timings are noisy: the machine's cores are shared with other work.")
         notes.append("Triton on the CPU runs interpreted (TRITON_INTERPRET=1): a correctness smoke, never timed.")
         notes.append(f"torch ran with {torch.get_num_threads()} CPU thread(s); the DALI pipeline uses its own "
-                     "worker threads (fastemp/patches_dali.py), so the augmentation rows are not thread-matched.")
+                     "worker threads (fastemp/patches/dali_backend.py), so the augmentation rows are not thread-matched.")
     result = {**common.base_result("kernels", environment),
               "settings": {"n": list(ns), "B": list(batches), "d": list(dims), "warmup": warmup, "iters": iters,
                            "compile_torch": compile_torch, "cosine_dtype": str(low).replace("torch.", ""),

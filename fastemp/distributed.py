@@ -7,7 +7,7 @@ world of one process, so the single-process path runs exactly the code it ran be
 
 What is global and what is per rank: `train.batch_size` is the global batch B. Rank r takes the
 contiguous images [r*B/K, (r+1)*B/K) of every global batch (`batch_shard`), draws its patches'
-randomness as rows of the global batch's draw (patches_torch.sharded_params), and computes the
+randomness as rows of the global batch's draw (patches.draw.sharded_params), and computes the
 invariance term over its own images. The TCR needs every image: it runs on the z gathered from all
 ranks (`gather_batch`). DDP averages the parameter gradients once per step.
 

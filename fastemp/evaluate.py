@@ -25,8 +25,7 @@ from torch import nn
 from . import distributed
 from .config import AugmentConfig, EvalConfig
 from .data import ImageSet
-from .patches import make_patch_backend
-from .patches_torch import normalize_images
+from .patches import make_patch_backend, normalize_images
 from .progress import bar
 
 

@@ -27,7 +27,7 @@ from fastemp.config import AugmentConfig, LossConfig, load_config
 from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
 from fastemp.model import flops_per_patch
-from fastemp.reference import reference_total_coding_rate
+from fastemp.check.reference import reference_total_coding_rate
 from fastemp.train import Trainer
 
 TINY = ["model.width=8", "model.hidden_dim=64", "model.z_dim=32", "data.synthetic_train=64",

@@ -3,7 +3,7 @@
 Float64, not fp32: the gradient of a ReLU network jumps where a pre-activation crosses 0, and the
 ~1e-6 relative differences between compiled and eager fp32 activations flip such a ReLU in about 4
 of 10 random draws at this size, moving early-layer gradients by up to ~3% (measured; see
-fastemp.check_training.compile_case). In float64 the compiled graph -- the same capture, decompositions,
+fastemp.check.training.compile_case). In float64 the compiled graph -- the same capture, decompositions,
 fusions and BatchNorm buffer updates -- agrees with eager to ~1e-14, so the tolerance can be tight.
 One compilation (~25-75 s on two cores when the inductor cache is cold), reused by all three calls.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from fastemp.model import EMPEncoder
-from fastemp.reference import reference_emp_ssl_loss
+from fastemp.check.reference import reference_emp_ssl_loss
 
 N, B, SIZE = 4, 8, 16
 TOL = 1e-9  # float64 compiled vs eager: measured <= 5e-13

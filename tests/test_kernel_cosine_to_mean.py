@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastemp.kernels.cosine_to_mean as ctm
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, cosine_to_mean_torch, launch_params, triton_usable
-from fastemp.reference import reference_cosines, reference_invariance_loss
+from fastemp.check.reference import reference_cosines, reference_invariance_loss
 
 FP32_TOL = 1e-5
 BF16_GRAD_TOL = 2.0**-8

@@ -1,4 +1,4 @@
-"""The loss against the float64 reference formulas (fastemp.reference), values and gradients."""
+"""The loss against the float64 reference formulas (fastemp.check.reference), values and gradients."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastemp.config import LossConfig
 from fastemp.losses import (emp_ssl_loss, emp_ssl_terms, invariance_loss, projection_loss_terms,
                             total_coding_rate)
-from fastemp.reference import (reference_emp_ssl_loss, reference_invariance_loss,
+from fastemp.check.reference import (reference_emp_ssl_loss, reference_invariance_loss,
                                reference_total_coding_rate)
 
 # (n, B, d): B < d, B > d, B == d, d not a power of two, the real d with a small n

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import losses, reference
-from .check_core import (BF16_FUSED_TOL, BF16_TOL, DTYPES, FP32_TOL, SOLVE_TOL, CheckResult, Context, compare,
+from .. import losses
+from . import reference
+from .core import (BF16_FUSED_TOL, BF16_TOL, DTYPES, FP32_TOL, SOLVE_TOL, CheckResult, Context, compare,
                          grad_of, projections, skipped, unit_rows)
-from .config import LossConfig
+from ..config import LossConfig
 
 # ------------------------------------------------------------------------------ cosine-to-mean
 

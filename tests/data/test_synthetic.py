@@ -13,7 +13,7 @@ import torch
 
 from fastemp.config import DataConfig
 from fastemp.data import load_split, synthetic_seed
-from fastemp.synthetic import CLASSES, N_CLASSES, make_synthetic
+from fastemp.data.synthetic import CLASSES, N_CLASSES, make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ GOLDEN_SEED0_N100 = "4d68378917c7f1042a6c0d9b4c3c0add221c092900451a8333ac0564f76
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
-    import fastemp.synthetic as synthetic
+    import fastemp.data.synthetic as synthetic
 
     a = make_synthetic(150, seed=2)
     monkeypatch.setattr(synthetic, "_CHUNK", 64)

@@ -1,5 +1,5 @@
 """`fastemp check` building blocks: the result row, the per-check context, the comparison that makes
-a row, the tolerances, and the random inputs shared by the checks (see fastemp/check.py for the
+a row, the tolerances, and the random inputs shared by the checks (see fastemp/check/__init__.py for the
 criteria and why each tolerance has its value)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 FP32_TOL = 1e-5  # fp32 math vs float64: values; gradients of the cosine kernel
 SOLVE_TOL = 1e-4  # gradients through the Cholesky solve
 BF16_TOL = 2.0**-8  # anything stored in bf16 (one rounding <= 2^-9)
-BF16_FUSED_TOL = 2.0**-7  # the fused loss's bf16 gradient: up to three roundings (see fastemp/check.py)
+BF16_FUSED_TOL = 2.0**-7  # the fused loss's bf16 gradient: up to three roundings (see fastemp/check/__init__.py)
 COMPILE_FP64_TOL = 1e-9  # CPU: compiled vs eager, both float64 (measured <= 5e-13)
 COMPILE_BF16_FACTOR = 2.0  # CUDA, bf16 autocast: compiled's error vs float64 <= 2 x eager's error ...
 COMPILE_BF16_FLOOR = 1e-4  # ... + this (an eager error near 0 would leave no room for fp32 reordering)

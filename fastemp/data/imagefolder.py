@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import DataError
-from .errors import one_line as _one_line
-from .progress import bar
+from ..config import DataConfig
+from ..errors import DataError
+from ..errors import one_line as _one_line
+from ..progress import bar
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")

@@ -38,8 +38,8 @@ import os
 import numpy as np
 import torch
 
-from .config import AugmentConfig
-from .patches_torch import (BRIGHTNESS, CONTRAST, HUE, SATURATION, GRAY_WEIGHTS, PatchParams, jitter_enabled,
+from ..config import AugmentConfig
+from .draw import (BRIGHTNESS, CONTRAST, HUE, SATURATION, GRAY_WEIGHTS, PatchParams, jitter_enabled,
                             sharded_params)
 
 # Columns of the per-patch float parameter vector fed to the pipeline.

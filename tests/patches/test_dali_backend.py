@@ -17,10 +17,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from fastemp import patches_torch as pt  # noqa: E402
+from fastemp.patches import draw, torch_backend as pt  # noqa: E402
 from fastemp.config import AugmentConfig  # noqa: E402
 from fastemp.patches import make_patch_backend  # noqa: E402
-from fastemp.patches_dali import DaliPatches  # noqa: E402
+from fastemp.patches.dali_backend import DaliPatches  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 

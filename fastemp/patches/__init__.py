@@ -8,7 +8,7 @@ A backend is built once over a dataset that lives on the device as one uint8 ten
 It returns (n*B, 3, S, S) float32 in channels_last memory format, normalized, patch-major:
 row i*B + b is patch i of image index[b], so `z.view(n, B, d)` groups patch i of every image
 the way the loss expects. Every patch draws its augmentation independently. `seed` alone makes a
-call reproducible: both backends draw every patch's parameters with `patches_torch.sharded_params`
+call reproducible: both backends draw every patch's parameters with `draw.sharded_params`
 from a generator seeded with it (torch: on the images' device; DALI: on the host), so a resumed run
 sees the same patches as an uninterrupted one.
 
@@ -23,7 +23,8 @@ from typing import Protocol
 
 import torch
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
+from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
 
 
 class PatchBackend(Protocol):
@@ -57,9 +58,7 @@ def make_patch_backend(name: str, images: torch.Tensor, aug: AugmentConfig, seed
     """Build the backend `name` (auto | torch | dali) over device-resident uint8 NHWC images."""
     name = resolve_backend_name(name, images.device)
     if name == "dali":
-        from .patches_dali import DaliPatches
+        from .dali_backend import DaliPatches
 
         return DaliPatches(images, aug, seed=seed)
-    from .patches_torch import TorchPatches
-
     return TorchPatches(images, aug)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fastemp.kernels.cosine_to_mean as ctm
-from fastemp import check, check_core, check_training, losses
+from fastemp import check, losses
+from fastemp.check import core as check_core, training as check_training
 from fastemp.cli import main
 from fastemp.patches import dali_available
 

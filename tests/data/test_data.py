@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import fastemp.cifar as cifar
-import fastemp.imagefolder as imagefolder
+import fastemp.data.cifar as cifar
+import fastemp.data.imagefolder as imagefolder
 from fastemp.config import DataConfig
 from fastemp.data import DataError, load_split
 

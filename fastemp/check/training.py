@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gradcache, losses, model as model_lib, reference
-from .check_core import (COMPILE_BF16_FACTOR, COMPILE_BF16_FLOOR, COMPILE_FP64_TOL, FP32_TOL, SOLVE_TOL,
+from .. import gradcache, losses, model as model_lib
+from . import reference
+from .core import (COMPILE_BF16_FACTOR, COMPILE_BF16_FLOOR, COMPILE_FP64_TOL, FP32_TOL, SOLVE_TOL,
                          CheckResult, Context, compare, compare_with_baseline, skipped)
-from .config import LossConfig
+from ..config import LossConfig
 
 # ------------------------------------------------------------------------------ compile
 

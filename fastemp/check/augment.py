@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .check_core import AUGMENT_TOL, CheckResult, Context, fmt_shape, skipped
-from .config import AugmentConfig
+from .core import AUGMENT_TOL, CheckResult, Context, fmt_shape, skipped
+from ..config import AugmentConfig
 
 def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
     """uint8 (N, H, W, 3) natural-ish images: smooth random colour fields, some saturated (the recipe
@@ -51,8 +51,8 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
 
     if not dali_available():
         return [skipped("augment dali-vs-torch", "nvidia.dali does not import")]
-    from .patches_dali import DaliPatches
-    from .patches_torch import TorchPatches
+    from ..patches.dali_backend import DaliPatches
+    from ..patches.torch_backend import TorchPatches
 
     aug = AugmentConfig()
     batch, n = 16, (50 if ctx.quick else 100)

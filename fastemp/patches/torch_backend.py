@@ -21,122 +21,13 @@ crop size instead of torchvision's rejection loop when crop_scale / crop_ratio a
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .config import AugmentConfig
-
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as written in torchvision).
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-
-# Columns of the single uniform draw that parameterises a patch.
-_SCALE, _RATIO, _TOP, _LEFT, _FLIP, _JITTER = 0, 1, 2, 3, 4, 5
-_FACTORS = slice(6, 10)  # brightness, contrast, saturation, hue
-_ORDER = slice(10, 14)  # sort keys of a random permutation of the four jitter ops
-_GRAY, _BLUR, _SIGMA, _SOLARIZE = 14, 15, 16, 17
-_N_UNIFORMS = 18
-
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
-
-
-@functools.lru_cache(maxsize=None)
-def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A small constant tensor on `device`, copied there once (a host->device copy can block)."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-@dataclass
-class PatchParams:
-    """Every random choice of one call, one row per patch (P = n*B rows, on the images' device)."""
-
-    image: torch.Tensor  # (P,) int64: dataset index of the patch's image
-    box: torch.Tensor  # (P, 4) int64: top, left, height, width of the crop window
-    flip: torch.Tensor  # (P,) bool: horizontal flip
-    jitter: torch.Tensor  # (P,) bool: colour jitter applied
-    factors: torch.Tensor  # (P, 4) float32: brightness, contrast, saturation factors, hue shift (turns)
-    order: torch.Tensor  # (P, 4) int64: the jitter ops (0 b, 1 c, 2 s, 3 h) in the order applied
-    gray: torch.Tensor  # (P,) bool: random grayscale applied
-    blur: torch.Tensor  # (P,) bool: Gaussian blur applied
-    sigma: torch.Tensor  # (P,) float32: blur sigma (drawn for every patch, used where blur)
-    solarize: torch.Tensor  # (P,) bool: solarize applied
-
-
-# ----------------------------------------------------------------------------- random parameters
-
-
-def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
-    """Crop windows from four uniforms per patch (columns: scale, log-ratio, top, left).
-
-    As torchvision's RandomResizedCrop.get_params: area fraction s ~ U[scale], aspect ratio
-    r = exp(U[log ratio]), w = round(sqrt(H*W*s*r)), h = round(sqrt(H*W*s/r)) (round half to
-    even, like Python's round), then a uniform integer offset. torchvision retries up to 10 times
-    when the window does not fit and then falls back to a centre crop; here w and h are clamped to
-    the image instead (identical whenever the window always fits, e.g. the default fixed 0.25
-    scale and ratio 1 on a square image). Returns (P, 4) int64: top, left, h, w.
-    """
-    u = u.double()
-    s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    area = height * width * s
-    w = torch.round(torch.sqrt(area * torch.exp(log_r))).clamp(1, width)
-    h = torch.round(torch.sqrt(area / torch.exp(log_r))).clamp(1, height)
-    top = torch.minimum(torch.floor(u[:, 2] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[:, 3] * (width - w + 1)), width - w)
-    return torch.stack([top, left, h, w], dim=1).long()
-
-
-def sample_params(image: torch.Tensor, height: int, width: int, aug: AugmentConfig,
-                  generator: torch.Generator) -> PatchParams:
-    """Draw every patch's parameters with one `torch.rand` call on the generator's device.
-
-    `image` (P,) holds the dataset index of each patch, patch-major. Gates are `u < p`; jitter
-    factors are U[max(0, 1-x), 1+x] (hue U[-hue, hue]) and the jitter order is a uniformly random
-    permutation per patch, both as torchvision's ColorJitter.get_params; sigma ~ U[blur_sigma].
-    Everything but `image` lives on the generator's device.
-    """
-    u = torch.rand(image.shape[0], _N_UNIFORMS, generator=generator, device=generator.device)
-    return params_from_uniforms(u, image, height, width, aug)
-
-
-def sharded_params(index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig,
-                   generator: torch.Generator) -> PatchParams:
-    """The parameters of the patches of images index[shard] of the global batch `index`.
-
-    Every patch of the global batch draws its row (row i*B + b, exactly the single-process draw)
-    and the shard keeps its own rows, so a patch's randomness depends on (seed, global image
-    position, patch index) and never on how the batch is split over ranks. Drawing n*B x 18
-    floats on every rank costs nothing next to the patches themselves.
-    """
-    u = torch.rand(n * index.shape[0], _N_UNIFORMS, generator=generator, device=generator.device)
-    u = u.view(n, index.shape[0], _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
-    return params_from_uniforms(u, index[shard].repeat(n), height, width, aug)
-
-
-def params_from_uniforms(u: torch.Tensor, image: torch.Tensor, height: int, width: int,
-                         aug: AugmentConfig) -> PatchParams:
-    """Every patch's parameters from its row of 18 uniforms (see sample_params)."""
-    device = u.device
-    lo = _constant((max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation),
-                    -aug.hue), device, torch.float32)
-    hi = _constant((1 + aug.brightness, 1 + aug.contrast, 1 + aug.saturation, aug.hue), device, torch.float32)
-    s0, s1 = aug.blur_sigma
-    # columns by slice, not by list: a list index becomes a host tensor copied to the device (a sync)
-    return PatchParams(
-        image=image,
-        box=crop_boxes(u[:, _SCALE:_LEFT + 1], height, width, aug.crop_scale, aug.crop_ratio),
-        flip=u[:, _FLIP] < aug.flip_p,
-        jitter=u[:, _JITTER] < aug.jitter_p,
-        factors=lo + (hi - lo) * u[:, _FACTORS],
-        order=torch.argsort(u[:, _ORDER], dim=1, stable=True),
-        gray=u[:, _GRAY] < aug.grayscale_p,
-        blur=u[:, _BLUR] < aug.blur_p,
-        sigma=s0 + (s1 - s0) * u[:, _SIGMA],
-        solarize=u[:, _SOLARIZE] < aug.solarize_p,
-    )
-
+from ..config import AugmentConfig
+from .draw import (BRIGHTNESS, GRAY_WEIGHTS, HUE, PatchParams, device_constant, jitter_enabled,
+                   sharded_params)
 
 # ----------------------------------------------------------------------------- the ops
 
@@ -246,7 +137,7 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
     q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
     t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    sources = _constant(_SECTOR_SOURCES, x.device, torch.int64)[:, i].movedim(0, -3)  # (..., 3, H, W)
+    sources = device_constant(_SECTOR_SOURCES, x.device, torch.int64)[:, i].movedim(0, -3)  # (..., 3, H, W)
     return torch.stack((v, q, p, t), dim=-3).gather(-3, sources)
 
 
@@ -279,7 +170,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
     position = torch.argsort(order, dim=1)  # position[:, op] = when op is applied
     blend_order = torch.argsort(position[:, :3], dim=1)  # the three blend ops, in the order applied
     hue_position = position[:, HUE]
-    on = _constant(tuple(enabled[:3]), x.device, torch.bool)
+    on = device_constant(tuple(enabled[:3]), x.device, torch.bool)
     for after_hue in (False, True):
         for k in range(3):
             op = blend_order[:, k]
@@ -327,8 +218,8 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """(x - mean) / std per channel (torchvision Normalize). mean, std: sequences of C floats."""
-    mean = _constant(tuple(mean), x.device, x.dtype).view(-1, 1, 1)
-    std = _constant(tuple(std), x.device, x.dtype).view(-1, 1, 1)
+    mean = device_constant(tuple(mean), x.device, x.dtype).view(-1, 1, 1)
+    std = device_constant(tuple(std), x.device, x.dtype).view(-1, 1, 1)
     return x.sub(mean).div(std)
 
 
@@ -343,11 +234,6 @@ def normalize_images(images_uint8_nhwc: torch.Tensor, mean, std) -> torch.Tensor
 
 def _gate(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), new, old)
-
-
-def jitter_enabled(aug: AugmentConfig) -> tuple[bool, bool, bool, bool]:
-    """Which jitter ops exist (brightness, contrast, saturation, hue): an amount of 0 skips the op."""
-    return aug.brightness > 0, aug.contrast > 0, aug.saturation > 0, aug.hue > 0
 
 
 def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> torch.Tensor:

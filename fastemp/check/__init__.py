@@ -16,7 +16,7 @@ dtypes, prints one table row per compared quantity and exits 1 if any row fails.
 
 Pass criterion of a row (column `err`): the relative-norm error ||out - ref|| / max(||ref||, floor)
 in float64 (the floor only guards a reference that is exactly zero), except `augment` (absolute
-differences of the six channel statistics, see check_augment.check_augment_stats). `max_abs` and
+differences of the six channel statistics, see check.augment.check_augment_stats). `max_abs` and
 `max_rel` are elementwise: max |out - ref| and max |out - ref| / max(|ref|, 1e-3 max|ref|). NaN
 never passes. A check that cannot run here (no Triton on CPU, no DALI, `--quick`) is reported as
 `skipped` with the reason: visible, but not a failure. An exception inside a fast path is a failure.
@@ -28,7 +28,7 @@ Tolerances (relative-norm unless noted):
   tolerance; gradients w.r.t. a bf16 tensor are stored in bf16: 2^-8 (one rounding is <= 2^-9;
   measured ~1.7e-3). The fused loss's bf16 gradient is rounded up to three times (kernel dp, its
   fp32 scaling, the sum with the TCR gradient at the bf16 leaf; measured ~3e-3): 2^-7.
-  compile, CPU: a tiny model in float64, compiled vs eager at 1e-9 (see check_training.compile_case
+  compile, CPU: a tiny model in float64, compiled vs eager at 1e-9 (see check.training.compile_case
   for why not fp32). CUDA: the real model under bf16 autocast. Compiled and eager bf16 round at
   different places (and flip the ReLUs whose pre-activation lies within that rounding of 0), so
   they are not compared with each other: each is compared with an eager float64 step of the same
@@ -57,11 +57,11 @@ from pathlib import Path
 
 import torch
 
-from .check_augment import check_augment_stats
-from .check_core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
-from .check_loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
-from .check_training import check_checkpointing, check_compile, check_gradient_cache
-from .config import ConfigError
+from .augment import check_augment_stats
+from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
+from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
+from .training import check_checkpointing, check_compile, check_gradient_cache
+from ..config import ConfigError
 
 # ------------------------------------------------------------------------------ driver
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastemp import patches_torch as pt
+from fastemp.patches import draw, torch_backend as pt
 from fastemp.config import AugmentConfig
 from fastemp.patches import make_patch_backend
 
@@ -168,7 +168,7 @@ def test_crop_size_formula_matches_torchvision_get_params():
     """w = round(sqrt(A*s*r)), h = round(sqrt(A*s/r)) for draws that fit (torchvision's first try)."""
     u = rand01((2000, 4), seed=5)
     scale, ratio = (0.1, 0.6), (0.5, 2.0)
-    boxes = pt.crop_boxes(u, 30, 40, scale, ratio)
+    boxes = draw.crop_boxes(u, 30, 40, scale, ratio)
     for row, (top, left, h, w) in zip(u.tolist(), boxes.tolist()):
         s = scale[0] + (scale[1] - scale[0]) * row[0]
         r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * row[1])

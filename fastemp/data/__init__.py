@@ -3,16 +3,16 @@
 Sources (`data.source`):
 
 synthetic
-    The embedded procedural dataset (fastemp/synthetic.py): 10 shape/texture classes, no files.
+    The embedded procedural dataset (fastemp/data/synthetic.py): 10 shape/texture classes, no files.
     Train and test use different seeds derived from `data.synthetic_seed` (2*seed and 2*seed+1,
     so no seed's test set is another seed's training set) and sizes `synthetic_train` /
     `synthetic_test`.
 
 cifar10, cifar100
-    fastemp/cifar.py.
+    fastemp/data/cifar.py.
 
 imagefolder
-    fastemp/imagefolder.py.
+    fastemp/data/imagefolder.py.
 
 Every user-facing failure raises DataError with a one-line message saying what to do.
 """
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .cifar import CIFAR_ARCHIVES, load_cifar
-from .config import DataConfig
-from .errors import DataError
+from ..config import DataConfig
+from ..errors import DataError
 from .imagefolder import SPLITS, load_imagefolder
 
 __all__ = ["SOURCES", "SPLITS", "DataError", "ImageSet", "load_split", "synthetic_seed"]
