@@ -147,7 +147,7 @@ def _json_safe(value):
 
 
 def check_environment(device: torch.device) -> dict:
-    from .runs import environment
+    from ..runs import environment
 
     env = environment(device)
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")

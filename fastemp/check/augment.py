@@ -47,7 +47,7 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
     independent: the torch backend with another seed on the check's device; |dali - torch| must be
       within 5 standard errors (from the per-patch values) + 0.01; err is the worst |diff| / that bound.
     """
-    from .patches import dali_available
+    from ..patches import dali_available
 
     if not dali_available():
         return [skipped("augment dali-vs-torch", "nvidia.dali does not import")]

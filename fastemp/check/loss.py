@@ -23,7 +23,7 @@ def _cosine_reference(p: torch.Tensor):
 
 
 def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:
-    from .kernels import cosine_to_mean as ctm
+    from ..kernels import cosine_to_mean as ctm
 
     if not ctm.triton_usable(ctx.device):
         why = ("Triton is not installed" if not ctm.HAVE_TRITON else
@@ -86,7 +86,7 @@ def check_total_coding_rate(ctx: Context) -> list[CheckResult]:
 
 
 def check_projection_loss(ctx: Context) -> list[CheckResult]:
-    from .kernels.cosine_to_mean import triton_usable
+    from ..kernels.cosine_to_mean import triton_usable
 
     if ctx.cuda:
         shapes = [(20, 100, 1024), (2, 100, 1000), (200, 100, 1024)]

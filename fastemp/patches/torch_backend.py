@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..config import AugmentConfig
-from .draw import (BRIGHTNESS, GRAY_WEIGHTS, HUE, PatchParams, device_constant, jitter_enabled,
+from .draw import (BRIGHTNESS, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, device_constant, jitter_enabled,
                    sharded_params)
 
 # ----------------------------------------------------------------------------- the ops

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from fastemp.patches import draw, torch_backend as pt  # noqa: E402
+from fastemp.patches import torch_backend as pt  # noqa: E402
 from fastemp.config import AugmentConfig  # noqa: E402
 from fastemp.patches import make_patch_backend  # noqa: E402
 from fastemp.patches.dali_backend import DaliPatches  # noqa: E402
