@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastemp import distributed
 from fastemp.config import load_config
+from fastemp.runtime import resolve
 from fastemp.validate import check_config
 
 from . import common
@@ -34,6 +35,7 @@ def _load(args):
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides)
     check_config(cfg)
+    resolve(cfg)  # the machine has what the config asks for: a one-line error now, not one per point
     return cfg
 
 
@@ -161,7 +163,7 @@ def cmd_tune(args) -> int:
 
 
 def _on_cuda(device: str) -> bool:
-    from fastemp.train import resolve_device
+    from fastemp.runtime import resolve_device
 
     return resolve_device(device).type == "cuda"
 

@@ -24,12 +24,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from fastemp import runs
+from fastemp.data import load_split
 
 # Dense (no sparsity) BF16 tensor-core TFLOP/s from NVIDIA's product datasheets. Matched against
 # torch.cuda.get_device_name() in order: the first pattern that matches wins.
@@ -95,19 +95,23 @@ def command_line() -> str:
 
 
 class PhaseClock:
-    """Timestamps at named points of a step, read back as durations once the work is done.
+    """Timestamps at named points of a step, read back as durations once the work is done: the clock
+    Trainer.train_step and train_until take.
 
     CUDA: one timing event per mark on the current stream (no sync while marking). CPU:
     perf_counter. `durations()` synchronizes once and returns [(name, seconds)] for each
-    interval between consecutive marks, named after the mark that ends it.
+    interval between consecutive marks, named after the mark that ends it. `only`: the mark names
+    kept (e.g. ("start",): whole steps), all when None.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, only: tuple[str, ...] | None = None):
         self.cuda = device.type == "cuda"
-        self.device = device
+        self.device, self.only = device, only
         self.marks: list[tuple[str, object]] = []
 
     def mark(self, name: str) -> None:
+        if self.only is not None and name not in self.only:
+            return
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -122,22 +126,6 @@ class PhaseClock:
             seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
             out.append((name, seconds))
         return out
-
-
-class StepMarks:
-    """Wraps a patch backend and marks the clock each time it is called (= each step's start).
-
-    Installed on a Trainer (`trainer.patches = StepMarks(trainer.patches, clock)`) it times the
-    uninstrumented Trainer.train_until step by step without adding any synchronization.
-    """
-
-    def __init__(self, backend, clock: PhaseClock):
-        self.backend, self.clock = backend, clock
-        self.name = getattr(backend, "name", "?")
-
-    def __call__(self, index, n, seed, shard=slice(None)):
-        self.clock.mark("step")
-        return self.backend(index, n, seed=seed, shard=shard)
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
@@ -246,28 +234,17 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, oom) or "out of memory" in str(err).lower()
 
 
-@contextmanager
-def cached_datasets():
-    """Load each (data config, split, device) once while active: every Trainer of a sweep shares it.
+class DatasetCache:
+    """Each (data config, split, device) loaded once: every Trainer of a sweep is handed the same split."""
 
-    Trainer and Trainer.evaluate call fastemp.train.load_split; this memoizes that name only.
-    """
-    import fastemp.train as train_module
+    def __init__(self):
+        self.splits: dict = {}
 
-    original = train_module.load_split
-    cache: dict = {}
-
-    def load(cfg, split, device="cpu"):
+    def load(self, cfg, split: str, device: torch.device | str = "cpu"):
         key = (dataclasses.astuple(cfg), split, str(torch.device(device)))
-        if key not in cache:
-            cache[key] = original(cfg, split, device)
-        return cache[key]
-
-    train_module.load_split = load
-    try:
-        yield cache
-    finally:
-        train_module.load_split = original
+        if key not in self.splits:
+            self.splits[key] = load_split(cfg, split, device)
+        return self.splits[key]
 
 
 # -------------------------------------------------------------------------------------- targets
@@ -356,7 +333,7 @@ def results_target(out: str | None, name: str, device: str, force: bool,
     if out:
         folder = Path(out)
     else:
-        from fastemp.train import resolve_device
+        from fastemp.runtime import resolve_device
 
         dev = resolve_device(device)
         name_of = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""

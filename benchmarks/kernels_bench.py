@@ -29,7 +29,7 @@ from fastemp.config import AugmentConfig
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, triton_usable
 from fastemp.losses import invariance_loss, total_coding_rate
 from fastemp.patches import dali_available, make_patch_backend
-from fastemp.train import resolve_device
+from fastemp.runtime import resolve_device
 
 from . import common
 from .baseline import augmentation_patches_per_s, loop_tcr

@@ -2,7 +2,7 @@
 
 The step split of `fastemp bench throughput` says which phase costs what; this says which kernels.
 It builds the Trainer of a config (as a throughput point does), runs the first step (compilation)
-and `warmup` steps untraced, then traces `steps` steps of the uninstrumented train_until and
+and `warmup` steps untraced, then traces `steps` steps of the Trainer's own train_until and
 reports the ops with the most self time on the device (CUDA kernels on a GPU, CPU ops on the CPU),
 per step, with a coarse category per op (convolution, matmul, Triton, BatchNorm, copy, other) so the
 totals say what kind of work the step is made of. `--trace FILE` also writes the Chrome trace.
@@ -71,8 +71,7 @@ def profile_steps(cfg: Config, warmup: int = 3, steps: int = 5, top: int = 25, t
     for row in rows:
         by_category[row["category"]] += row["ms_per_step"]
     return {**common.base_result("profile", environment), "config": to_dict(cfg),
-            "resolved": {"backend": trainer.backend_name, "compile": trainer.compile_mode,
-                         "precision": trainer.precision, "fused_loss": trainer.fused},
+            "resolved": trainer.runtime.resolved(),
             "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
             "steps": steps, "ms_per_step": total_us / steps / 1e3,
             "categories": {k: {"ms_per_step": v, "share": v * steps * 1e3 / total_us if total_us else None}

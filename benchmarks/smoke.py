@@ -80,8 +80,7 @@ def _steps(cfg, steps: int) -> dict:
     record = trainer.last_record
     finite = all(math.isfinite(record[k]) for k in ("loss", "loss_sim", "loss_tcr"))
     later = common.median(seconds[1:]) if len(seconds) > 1 else None
-    return {"backend": trainer.backend_name, "compile": trainer.compile_mode, "precision": trainer.precision,
-            "channels_last": trainer.channels_last, "fused_loss": trainer.fused, "n_patches": cfg.train.n_patches,
+    return {**trainer.runtime.resolved(), "n_patches": cfg.train.n_patches,
             "batch_size": cfg.train.batch_size, "grad_chunks": cfg.train.grad_chunks, "width": cfg.model.width,
             "first_step_seconds": seconds[0], "step_seconds": later,
             "compile_seconds": max(0.0, seconds[0] - later) if later is not None else None,

@@ -2,17 +2,16 @@
 
 For every point of a sweep over (n_patches, batch_size, backend, compile, precision, grad_chunks):
 
-1. End to end: a fresh Trainer runs its own, uninstrumented train_until. The first step (compile,
-   allocator warm-up) is timed apart, then `warmup` untimed steps, then `steps` timed steps. Each
-   timed step's start is marked by wrapping the patch backend (a CUDA event on GPU, perf_counter on
-   CPU), which adds no synchronization; images/s = B / median step seconds.
-2. Step split: an instrumented step built from the same Trainer's parts computes exactly what
-   train_until does, with a clock mark between phases:
-       data       the patch backend
+1. End to end: a fresh Trainer runs its own train_until. The first step (compile, allocator
+   warm-up) is timed apart, then `warmup` untimed steps, then `steps` timed steps. The clock given
+   to train_until marks each step's start (a CUDA event on GPU, perf_counter on CPU), which adds no
+   synchronization; images/s = B / median step seconds.
+2. Step split: the same Trainer's train_step with a clock that marks every phase:
+       data       the patch backend (and announcing the next step's batch to it)
        forward    model forward (gradient cache: pass 1, all chunks, no grad)
        loss       loss forward + backward to dL/dp on a detached p
        backward   p.backward(dL/dp) (gradient cache: pass 2, re-forward + backward per chunk)
-       optimizer  LARS step + zero_grad
+       optimizer  the finiteness watch, LARS step + zero_grad
    forward_backward = forward + backward. Medians over `split_steps` steps.
 3. Optionally the reference-style baseline (benchmarks/baseline.py) at each distinct (n, B) of
    the sweep, in the same run, and the ratio fastemp / baseline images/s.
@@ -31,13 +30,12 @@ import sys
 import time
 from collections.abc import Callable
 
-import fastemp.train as train_module
 from fastemp import distributed, runs
 from fastemp.config import Config, apply_overrides, to_dict
-from fastemp.losses import LossTerms, projection_loss_terms
 from fastemp.model import flops_per_patch
 from fastemp.patches import dali_available
-from fastemp.train import Trainer, resolve_device
+from fastemp.runtime import resolve_device
+from fastemp.train import Trainer
 
 from . import common
 from .baseline import measure_baseline
@@ -76,45 +74,16 @@ def point_config(base: Config, point: dict, device: str, total_steps: int) -> Co
     return cfg
 
 
-# ------------------------------------------------------------------------------ instrumented
-
-
-def instrumented_step(trainer: Trainer, clock: common.PhaseClock) -> LossTerms:
-    """One training step from the Trainer's parts, marking the clock after each phase.
-
-    Computes the same update as an uninstrumented train_until step (tests check parameters
-    agree after one step): same batch, augmentation seed, learning rate and loss.
-    """
-    n, step = trainer.cfg.train.n_patches, trainer.step
-    clock.mark("start")
-    patches = trainer.begin_step(step)
-    clock.mark("data")
-    if trainer.cfg.train.grad_chunks > 1:  # the gradient cache marks its own phases
-        terms = trainer.forward_backward(patches, mark=clock.mark)
-    else:  # the loss's backward apart from the model's, through a leaf at p
-        with trainer.autocast():
-            p = trainer.forward(patches)
-        clock.mark("forward")
-        leaf = p.detach().requires_grad_(True)
-        terms = projection_loss_terms(leaf.view(n, -1, leaf.shape[-1]), trainer.cfg.loss, trainer.fused)
-        terms.total.backward()
-        clock.mark("loss")
-        p.backward(leaf.grad)
-        clock.mark("backward")
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    clock.mark("optimizer")
-    trainer.step = step + 1
-    return terms
+# ------------------------------------------------------------------------------ step split
 
 
 def measure_split(trainer: Trainer, steps: int, warmup: int = 2) -> dict:
-    """Median seconds of each phase over `steps` instrumented steps, after `warmup` untimed ones."""
+    """Median seconds of each phase over `steps` Trainer steps, after `warmup` untimed ones."""
     for _ in range(warmup):
-        instrumented_step(trainer, common.PhaseClock(trainer.device))
+        trainer.train_step()
     clocks = [common.PhaseClock(trainer.device) for _ in range(steps)]
     for clock in clocks:  # no sync between steps: the clocks are read once all steps are queued
-        instrumented_step(trainer, clock)
+        trainer.train_step(clock)
     per_phase: dict[str, list[float]] = {name: [] for name in PHASES}
     fwd_bwd, total = [], []
     for clock in clocks:
@@ -133,31 +102,27 @@ def measure_split(trainer: Trainer, steps: int, warmup: int = 2) -> dict:
 
 
 def measure_end_to_end(trainer: Trainer, warmup: int, steps: int) -> dict:
-    """First-step seconds, then per-step seconds of `steps` uninstrumented train_until steps."""
+    """First-step seconds, then per-step seconds of `steps` train_until steps."""
     start = time.perf_counter()
     trainer.train_until(1)
     first_step = time.perf_counter() - start
     trainer.train_until(1 + warmup)
-    clock = common.PhaseClock(trainer.device)
-    backend = trainer.patches
-    trainer.patches = common.StepMarks(backend, clock)
-    try:
-        start = time.perf_counter()
-        trainer.train_until(1 + warmup + steps)
-        clock.mark("end")
-        window = time.perf_counter() - start
-    finally:
-        trainer.patches = backend
+    clock = common.PhaseClock(trainer.device, only=("start",))
+    start = time.perf_counter()
+    trainer.train_until(1 + warmup + steps, clock)
+    clock.mark("start")  # the end of the last step
+    window = time.perf_counter() - start
     step_seconds = [s for _, s in clock.durations()]
     return {"first_step_seconds": first_step, "step_seconds": step_seconds, "window_seconds": window}
 
 
-def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict) -> dict:
+def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict,
+                  datasets: common.DatasetCache) -> dict:
     """Every number of one sweep point (raises on OOM; the caller records it)."""
     device = resolve_device(cfg.train.device)
     memory = common.PeakMemory(device)
     memory.reset()
-    trainer = Trainer(cfg, None, progress=False)
+    trainer = Trainer(cfg, None, progress=False, train_set=datasets.load(cfg.data, "train", device))
     e2e = measure_end_to_end(trainer, warmup, steps)
     peak_bytes = memory.peak_bytes()
     split = measure_split(trainer, split_steps) if split_steps > 0 else None
@@ -167,9 +132,7 @@ def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops:
     patches_per_s = images_per_s * n
     result = {
         "status": "ok", "reason": None,
-        "resolved": {"backend": trainer.backend_name, "compile": trainer.compile_mode,
-                     "precision": trainer.precision, "channels_last": trainer.channels_last,
-                     "fused_loss": trainer.fused},
+        "resolved": trainer.runtime.resolved(),
         "data": trainer.train_set.description,
         "step_seconds_median": step_s, "images_per_s": images_per_s, "patches_per_s": patches_per_s,
         "images_per_s_window_mean": steps * batch / e2e["window_seconds"],
@@ -185,12 +148,13 @@ def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops:
     return result
 
 
-def measure_scaling(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict) -> dict:
+def measure_scaling(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict,
+                    datasets: common.DatasetCache) -> dict:
     """One point under torchrun: rank 0 alone first (one process, same config), then all ranks."""
     with distributed.alone() as measuring:
-        single = measure_point(cfg, warmup, steps, 0, flops, peak)["images_per_s"] if measuring else None
+        single = measure_point(cfg, warmup, steps, 0, flops, peak, datasets)["images_per_s"] if measuring else None
     single = distributed.run_on_main(lambda: single)
-    result = measure_point(cfg, warmup, steps, split_steps, flops, peak)
+    result = measure_point(cfg, warmup, steps, split_steps, flops, peak, datasets)
     world = distributed.world_size()
     per_rank = [cfg.train.batch_size / world / s for s in distributed.gather_objects(result["step_seconds_median"])]
     total = sum(per_rank)
@@ -199,7 +163,7 @@ def measure_scaling(cfg: Config, warmup: int, steps: int, split_steps: int, flop
 
 
 def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, split_steps: int,
-              peak: dict) -> dict:
+              peak: dict, datasets: common.DatasetCache) -> dict:
     """measure_point with skips (DALI missing), OOM and errors recorded instead of raised."""
     print(f"fastemp bench: measuring {point}", file=sys.stderr, flush=True)
     cfg = point_config(base, point, device, total_steps=1 + warmup + steps + split_steps + 2 + 1)
@@ -209,8 +173,8 @@ def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, s
         return {**row, "status": "skipped", "reason": "nvidia.dali does not import: no DALI number was measured"}
     try:
         if distributed.world_size() > 1:
-            return {**row, **measure_scaling(cfg, warmup, steps, split_steps, flops, peak)}
-        return {**row, **measure_point(cfg, warmup, steps, split_steps, flops, peak)}
+            return {**row, **measure_scaling(cfg, warmup, steps, split_steps, flops, peak, datasets)}
+        return {**row, **measure_point(cfg, warmup, steps, split_steps, flops, peak, datasets)}
     except Exception as err:  # one bad point must not lose the rest of the sweep
         status = "oom" if common.is_out_of_memory(err) else "error"
         print(f"fastemp bench: point {point} failed ({status}): {err}", file=sys.stderr)
@@ -222,14 +186,15 @@ def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, s
 # ------------------------------------------------------------------------------ baselines
 
 
-def run_baselines(base: Config, points: list[dict], device: str, workers: int, steps: int | None):
+def run_baselines(base: Config, points: list[dict], device: str, workers: int, steps: int | None,
+                  datasets: common.DatasetCache):
     """The reference-style pipeline once per distinct (n, B) of the sweep, yielded as each finishes."""
     for n, batch in sorted({(p["n_patches"], p["batch_size"]) for p in points}):
         print(f"fastemp bench: measuring the baseline at n={n}, B={batch}", file=sys.stderr, flush=True)
         cfg = point_config(base, {"n_patches": n, "batch_size": batch}, device, total_steps=1)
         dev = resolve_device(device)
         try:
-            images = train_module.load_split(cfg.data, "train", "cpu").images
+            images = datasets.load(cfg.data, "train", "cpu").images
             yield measure_baseline(cfg, images, dev, workers, steps=steps)
         except Exception as err:
             status = "oom" if common.is_out_of_memory(err) else "error"
@@ -387,14 +352,14 @@ def run_throughput(base: Config, axes: dict[str, list | None], device: str = "au
         result["targets"] = throughput_targets(points, environment)
         return result
 
-    with common.cached_datasets():
-        for point in points_in:
-            points.append(run_point(base, point, device, warmup, steps, split_steps, peak))
+    datasets = common.DatasetCache()
+    for point in points_in:
+        points.append(run_point(base, point, device, warmup, steps, split_steps, peak, datasets))
+        if on_progress:
+            on_progress(assemble(partial=True))
+    if baseline and distributed.world_size() == 1:
+        for done in run_baselines(base, points_in, device, baseline_workers, baseline_steps, datasets):
+            baselines.append(done)
             if on_progress:
                 on_progress(assemble(partial=True))
-        if baseline and distributed.world_size() == 1:
-            for done in run_baselines(base, points_in, device, baseline_workers, baseline_steps):
-                baselines.append(done)
-                if on_progress:
-                    on_progress(assemble(partial=True))
     return assemble(partial=False)

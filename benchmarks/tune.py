@@ -27,7 +27,7 @@ import yaml
 
 from fastemp import runs
 from fastemp.config import Config, apply_overrides, to_dict
-from fastemp.train import resolve_device
+from fastemp.runtime import resolve_device
 
 from . import common
 from .throughput import AXES, run_point, sweep_points
@@ -48,12 +48,12 @@ def fits(row: dict, budget: int | None) -> bool:
 
 
 def measure_fitting(base: Config, point: dict, device: str, budget: int | None, warmup: int, steps: int,
-                    peak: dict, max_doublings: int = 3) -> list[dict]:
+                    peak: dict, datasets: common.DatasetCache, max_doublings: int = 3) -> list[dict]:
     """Measure a point; when it does not fit, retry with doubled grad_chunks. All attempts returned."""
     attempts = []
     point = dict(point)
     for _ in range(max_doublings + 1):
-        row = run_point(base, point, device, warmup, steps, split_steps=0, peak=peak)
+        row = run_point(base, point, device, warmup, steps, split_steps=0, peak=peak, datasets=datasets)
         row["fits_budget"] = fits(row, budget)
         attempts.append(row)
         over = row["status"] == "oom" or (row["status"] == "ok" and not row["fits_budget"])
@@ -99,10 +99,9 @@ def run_tune(base: Config, axes: dict[str, list | None], device: str = "auto", b
     environment = runs.environment(dev)
     budget = int(budget_gib * 2**30) if budget_gib else default_budget_bytes(dev)
     peak = common.peak_info(dev, environment.get("device_name", ""))
-    rows = []
-    with common.cached_datasets():
-        for point in sweep_points(base, axes):
-            rows += measure_fitting(base, point, device, budget, warmup, steps, peak)
+    rows, datasets = [], common.DatasetCache()
+    for point in sweep_points(base, axes):
+        rows += measure_fitting(base, point, device, budget, warmup, steps, peak, datasets)
     best = best_point(rows)
     result = {**common.base_result("tune", environment),
               "objective": "end-to-end images/s (median step) at the given n; n swept only on request",

@@ -36,11 +36,11 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
-    distributed.require_divisible(cfg.train.batch_size)  # before any rank allocates a device buffer
+    runtime = _resolve(cfg)  # before any rank allocates a device buffer
     # rank 0 alone touches the run folder; the other ranks get its path, or its error
     run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
-    trainer = Trainer(cfg, run_dir, progress=_set_progress(args))
+    trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
     if cfg.eval.at_end:
         check_probe(cfg, len(trainer.train_set))
         trainer.test_set  # both splits before training: a missing test split fails now, not after the run
@@ -62,6 +62,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _resolve(cfg):
+    """The run's Runtime (what "auto" means here), said in one line on rank 0."""
+    from .runtime import resolve
+
+    runtime = resolve(cfg)
+    if distributed.is_main():
+        print(f"runtime: {runtime.describe()}", flush=True)
+    return runtime
+
+
 def _run_config(run_dir: Path, overrides=()):
     from .validate import check_config
 
@@ -77,15 +87,16 @@ def _run_config(run_dir: Path, overrides=()):
 
 def cmd_resume(args) -> int:
     from . import runs
-    from .train import run_training
+    from .train import Trainer, run_training
     from .validate import check_resume, read_checkpoint
 
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir)
-    distributed.require_divisible(cfg.train.batch_size)
+    runtime = _resolve(cfg)
     check_resume(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir)
     runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
-    summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args))
+    trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
+    summary = run_training(cfg, run_dir, resume=True, progress=trainer.progress, trainer=trainer)
     if distributed.is_main():
         print(f"run folder: {run_dir}")
         _print_summary(summary)

@@ -23,9 +23,20 @@ class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def one_of(*choices: str) -> typing.Any:
+    """A string field allowed only the given values, the first being its default. The schema is the one
+    place the choices are written: validation (fastemp.validate) and every reader take them from here."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """The allowed values of an enumerated field, e.g. choices(DataConfig, "source")."""
+    return next(f.metadata["choices"] for f in dataclasses.fields(section) if f.name == name)
+
+
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | cifar10 | cifar100 | imagefolder
+    source: str = one_of("synthetic", "cifar10", "cifar100", "imagefolder")
     root: str = "~/.cache/fastemp/data"  # where cifar archives live (downloaded when missing)
     path: str = ""  # imagefolder: a directory or a .tar/.tar.gz with train/<class>/* and test/<class>/*
     download: bool = True
@@ -33,7 +44,7 @@ class DataConfig:
     synthetic_train: int = 5000
     synthetic_test: int = 1000
     synthetic_seed: int = 0
-    backend: str = "auto"  # patch backend: auto (= torch, the faster one measured on GPU) | torch | dali
+    backend: str = one_of("auto", "torch", "dali")  # patch backend; auto = torch (fastemp.runtime says why)
 
 
 @dataclass
@@ -63,8 +74,9 @@ class ModelConfig:
     width: int = 64  # ResNet-18 base width (64 = the standard network)
     hidden_dim: int = 4096  # projector hidden size; h (the evaluation feature) has this size
     z_dim: int = 1024
-    compile: str = "auto"  # auto (default mode on CUDA, off on CPU) | none | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: str = one_of("auto", "none", "default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs")  # auto: default mode on CUDA, none on CPU
+    precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
 
@@ -74,7 +86,7 @@ class LossConfig:
     eps: float = 0.2
     invariance_weight: float = 200.0
     tcr_weight: float = 1.0
-    fused: str = "auto"  # auto (Triton kernel on CUDA, torch on CPU) | on (CPU needs TRITON_INTERPRET=1) | off
+    fused: str = one_of("auto", "on", "off")  # auto: Triton kernel on CUDA, torch on CPU; on: CPU needs TRITON_INTERPRET=1
 
 
 @dataclass
@@ -105,7 +117,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    mode: str = "patches"  # patches (mean of h over `patches` augmented patches) | plain (the whole image once)
+    mode: str = one_of("patches", "plain")  # patches: mean of h over `patches` augmented patches; plain: the whole image once
     patches: int = 128
     batch_size: int = 100  # images per feature-extraction batch
     probe_epochs: int = 100

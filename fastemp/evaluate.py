@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import AugmentConfig, EvalConfig
+from .config import AugmentConfig, Config, EvalConfig
 from .data import ImageSet
 from .patches import make_patch_backend, normalize_images
 from .progress import bar
+from .runtime import Runtime
 
 
 @torch.no_grad()
@@ -46,8 +47,6 @@ def extract_features(
     model.eval()
     device = images.device
     patches = make_patch_backend(backend, images, aug, seed=seed) if cfg.mode == "patches" else None
-    if cfg.mode not in ("patches", "plain"):
-        raise ValueError(f"eval.mode must be patches or plain, got '{cfg.mode}'")
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
     world, rank = distributed.world_size(), distributed.rank()
@@ -136,16 +135,14 @@ def knn_top1(
     return correct.item() / test_x.shape[0]
 
 
-def evaluate_encoder(
-    model: nn.Module, train: ImageSet, test: ImageSet, cfg: EvalConfig, aug: AugmentConfig,
-    backend: str = "torch", seed: int = 0, autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False, prefix: str = "",
-) -> dict:
-    """Features for both splits, then the probe (and kNN when cfg.knn). Keys get `prefix`."""
-    feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last,
-                              desc=f"{prefix}features ({name})")
+def evaluate_encoder(model: nn.Module, train: ImageSet, test: ImageSet, cfg: Config, runtime: Runtime,
+                     prefix: str = "") -> dict:
+    """Features for both splits, then the probe (and kNN when cfg.eval.knn). Keys get `prefix`."""
+    seed = cfg.train.seed
+    feats = [extract_features(model, s.images, cfg.eval, cfg.augment, runtime.backend, seed + i,
+                              runtime.autocast_dtype, runtime.channels_last, desc=f"{prefix}features ({name})")
              for i, (name, s) in enumerate((("train", train), ("test", test)))]
-    return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, cfg, seed, prefix))
+    return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, cfg.eval, seed, prefix))
 
 
 def _probe_and_knn(feats: list[torch.Tensor], train: ImageSet, test: ImageSet, cfg: EvalConfig, seed: int,

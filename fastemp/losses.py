@@ -95,21 +95,6 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
     return emp_ssl_terms(z, eps, invariance_weight).total
 
 
-def use_fused(cfg: LossConfig, device: torch.device) -> bool:
-    """Resolve loss.fused: the Triton cosine-to-mean kernel on CUDA by default."""
-    from fastemp.kernels.cosine_to_mean import triton_usable
-
-    if cfg.fused == "off":
-        return False
-    if cfg.fused == "on":
-        if not triton_usable(device):
-            raise RuntimeError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on CPU")
-        return True
-    if cfg.fused != "auto":
-        raise ValueError(f"loss.fused must be auto, on or off, got '{cfg.fused}'")
-    return device.type == "cuda" and triton_usable(device)
-
-
 def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False) -> LossTerms:
     """The loss from raw projector outputs p (n, B, d): z = p / |p| per row.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,23 +20,16 @@ from tqdm import tqdm
 
 from . import distributed, runs
 from .config import Config, to_dict
-from .data import load_split
+from .data import ImageSet, load_split
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
-from .losses import LossTerms, projection_loss_terms, use_fused
+from .losses import LossTerms, projection_loss_terms
 from .model import build_model
 from .patches import make_patch_backend
+from .runtime import Runtime, resolve
 from .validate import check_data, read_checkpoint
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and distributed.world_size() > 1:
-        return torch.device("cuda", distributed.local_rank())  # one GPU per local rank
-    return torch.device(name)
 
 
 def mix_seed(seed: int, stream: int, index: int) -> int:
@@ -45,39 +37,39 @@ def mix_seed(seed: int, stream: int, index: int) -> int:
     return (seed * 1_000_003 + stream * 7_919 + index * 104_729) % (2**63 - 1)
 
 
+class _NoClock:
+    def mark(self, phase: str) -> None:
+        pass
+
+
 class Trainer:
-    """Builds everything from a Config, trains step by step, checkpoints, evaluates."""
+    """Builds everything from a Config, trains step by step, checkpoints, evaluates.
 
-    def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True):
-        distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
-        self.world, self.shard = distributed.world_size(), distributed.batch_shard(cfg.train.batch_size)
+    runtime: what "auto" resolves to (fastemp.runtime.resolve(cfg) when not given); train_set, test_set:
+    splits already loaded on runtime.device (loaded from cfg.data when not given), so that callers
+    building many Trainers over one dataset (the benchmarks' sweeps) load it once."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True,
+                 runtime: Runtime | None = None, train_set: ImageSet | None = None, test_set: ImageSet | None = None):
+        self.runtime = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
-        self.device = resolve_device(cfg.train.device)
-        on_cuda = self.device.type == "cuda"
-        self.precision = {"auto": "bf16" if on_cuda else "fp32"}.get(cfg.model.precision, cfg.model.precision)
-        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
-        # oneDNN's NHWC 1x1 stride-2 conv backward-weights hangs or returns wrong gradients when the input has
-        # fewer channels than its ISA block (8 on AVX2, 16 on AVX-512): uxlfoundation/oneDNN#6035. The first
-        # downsample shortcut sees `width` channels, so toy widths stay NCHW on CPU.
-        self.channels_last = cfg.model.channels_last and (on_cuda or cfg.model.width >= 16)
-        self.compile_mode = {"auto": "default" if on_cuda else "none"}.get(cfg.model.compile, cfg.model.compile)
-
-        self.train_set = load_split(cfg.data, "train", self.device)
+        self.device = self.runtime.device
+        self.train_set = train_set or load_split(cfg.data, "train", self.device)
+        if test_set is not None:
+            self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
-        self.patches = make_patch_backend(cfg.data.backend, self.train_set.images, cfg.augment, cfg.train.seed)
-        self.backend_name = self.patches.name
+        self.patches = make_patch_backend(self.runtime.backend, self.train_set.images, cfg.augment, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
-        if self.world > 1 and cfg.model.sync_bn:
+        if self.runtime.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
-        if self.channels_last:
+        if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world > 1 else None
-        wrapped = self.ddp or self.model
-        self.forward = wrapped if self.compile_mode == "none" else torch.compile(wrapped, mode=self.compile_mode)
+        self.ddp = distributed.wrap_ddp(self.model, self.device) if self.runtime.world_size > 1 else None
+        wrapped, mode = self.ddp or self.model, self.runtime.compile_mode
+        self.forward = wrapped if mode == "none" else torch.compile(wrapped, mode=mode)
         self.optimizer = build_lars(self.model, cfg.optim)
-        self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
@@ -97,43 +89,70 @@ class Trainer:
         return self._perm[1][k * b:(k + 1) * b]
 
     # -- one step ---------------------------------------------------------------------------
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+    def train_step(self, clock=None) -> LossTerms:
+        """Run step `self.step` (learning rate, patches, forward, loss, backward, LARS) and advance to the next.
 
-    def begin_step(self, step: int) -> torch.Tensor:
-        """Set the learning rate of `step` and return its patches (same for a resumed run)."""
+        The one training step: train_until runs it, and so do the benchmarks and the profiler. `clock`, when
+        given, has `mark(phase)` called at the start ("start") and after each phase: "data" (the patches),
+        "forward", "loss" (the loss and its backward to the projector outputs), "backward" (the model's
+        backward) and "optimizer" (the finiteness watch and the LARS step). The step computes the same
+        with or without it."""
+        clock = clock or _NoClock()
+        step = self.step
+        clock.mark("start")
+        patches = self._begin_step(step)
+        clock.mark("data")
+        terms = self._forward_backward(patches, clock)
+        self._watch_finite(terms, step + 1)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.mark("optimizer")
+        self.step = step + 1
+        return terms
+
+    def _begin_step(self, step: int) -> torch.Tensor:
+        """Set the learning rate of `step` and return its patches (same for a resumed run); announce step+1's."""
         cfg, t = self.cfg, self.cfg.train
         lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=self.shard)
-        return patches if self.channels_last else patches.contiguous()
+        shard = self.runtime.shard
+        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=shard)
+        if step + 1 < self.total_steps:  # the next batch is known from the epoch's permutation: start it now
+            self.patches.prefetch(self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1),
+                                  shard=shard)
+        return patches if self.runtime.channels_last else patches.contiguous()
 
-    def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
+    def _forward_backward(self, patches: torch.Tensor, clock) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
-        n = self.cfg.train.n_patches
-        if self.cfg.train.grad_chunks > 1:
-            return gradient_cache_step(self.forward, patches, n, self.cfg.train.grad_chunks,
-                                       lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), self.autocast(),
-                                       model=self.ddp or self.model, mark=mark)
-        with self.autocast():
+        t, runtime = self.cfg.train, self.runtime
+
+        def loss(p: torch.Tensor) -> LossTerms:
+            return projection_loss_terms(p, self.cfg.loss, runtime.fused_loss)
+
+        if t.grad_chunks > 1:
+            return gradient_cache_step(self.forward, patches, t.n_patches, t.grad_chunks, loss, runtime.autocast(),
+                                       model=self.ddp or self.model, clock=clock)
+        with runtime.autocast():
             p = self.forward(patches)
-        terms = projection_loss_terms(p.view(n, -1, p.shape[-1]), self.cfg.loss, self.fused)
+        clock.mark("forward")
+        leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
+        terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
         terms.total.backward()
+        clock.mark("loss")
+        p.backward(leaf.grad)
+        clock.mark("backward")
         return terms
 
-    def train_until(self, stop_step: int | None = None) -> None:
-        """Train from self.step up to stop_step (default: the end of the run)."""
+    def train_until(self, stop_step: int | None = None, clock=None) -> None:
+        """Train from self.step up to stop_step (default: the end of the run); clock: see train_step."""
         cfg, t = self.cfg, self.cfg.train
         stop_step = min(stop_step or self.total_steps, self.total_steps)
         bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=cfg.name, unit="step")
         tick, images, warm = time.perf_counter(), 0, self.step
         for step in range(self.step, stop_step):
-            terms = self.forward_backward(self.begin_step(step))
-            self._watch_finite(terms, step + 1)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step, images = step + 1, images + t.batch_size
+            terms = self.train_step(clock)
+            images += t.batch_size
             if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
                 record = self._log(terms, images, time.perf_counter() - tick, warmup=step == warm)
                 bar.set_postfix(sim=f"{record['loss_sim']:.3f}", tcr=f"{record['loss_tcr']:.1f}",
@@ -221,15 +240,13 @@ class Trainer:
     def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
         if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
             distributed.broadcast_buffers(self.model)
-        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg.eval, self.cfg.augment,
-                                self.backend_name, self.cfg.train.seed, self.autocast_dtype,
-                                self.channels_last, prefix)
+        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix)
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg.model).to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        return model.to(memory_format=torch.channels_last) if self.runtime.channels_last else model
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
@@ -246,12 +263,11 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: boo
     trainer.save_checkpoint()
     last = trainer.last_record or runs.read_metrics(run_dir)[-1]
     summary = {"name": cfg.name, "steps": trainer.step, "epochs": trainer.step / trainer.steps_per_epoch,
-               "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size, "world_size": trainer.world,
+               "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size, "world_size": trainer.runtime.world_size,
                "final_loss": last["loss"], "final_loss_sim": last["loss_sim"], "final_loss_tcr": last["loss_tcr"],
                "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
                "warmup_seconds": trainer.warmup_seconds, "images_per_s": trainer.images_per_second(),
-               "data": trainer.train_set.description, "backend": trainer.backend_name,
-               "precision": trainer.precision, "compile": trainer.compile_mode, "fused_loss": trainer.fused,
+               "data": trainer.train_set.description, **trainer.runtime.resolved(),
                "environment": runs.environment(trainer.device)}
     if cfg.eval.at_end:
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ their weights are loaded (`check_resume`, `check_architecture`), so a mismatch i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,13 +19,6 @@ import torch
 
 from .config import Config, ConfigError, to_dict
 from .errors import UserError, one_line
-
-SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
-BACKENDS = ("auto", "torch", "dali")
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-PRECISIONS = ("auto", "fp32", "bf16")
-FUSED = ("auto", "on", "off")
-EVAL_MODES = ("patches", "plain")
 
 # Keys a resumed run may change without mixing two runs (README, "Run folders"): where data and
 # outputs live, where it runs, how often it logs and checkpoints, and all of evaluation. Anything
@@ -64,34 +58,20 @@ def _range(key: str, pair: tuple[float, float], low: float, high: float) -> None
     _rule(key, list(pair), low <= pair[0] <= pair[1] <= high, f"[lo, hi] with {low} <= lo <= hi <= {high}")
 
 
-def check_device(name: str) -> torch.device:
-    """The device `train.device` names, if this machine has it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
-                              "(or auto), or install a CUDA build of torch")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name} but there are {torch.cuda.device_count()} CUDA devices; "
-                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
 def check_config(cfg: Config) -> None:
-    """Every value of cfg is in range and every enumerated option is one of its choices."""
+    """Every value of cfg is in range and every enumerated option is one of the choices its schema declares.
+
+    What the machine must have for the values (CUDA, DALI, Triton, a batch that divides by the world size)
+    is checked where "auto" is resolved: fastemp.runtime.resolve."""
     _rule("name", cfg.name, bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
           "a non-empty folder name without '/'")
     d, a, m, lo, o, t, e = cfg.data, cfg.augment, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
+    for name in (f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))):
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            if "choices" in f.metadata:
+                _choice(f"{name}.{f.name}", getattr(section, f.name), f.metadata["choices"])
 
-    _choice("data.source", d.source, SOURCES)
-    _choice("data.backend", d.backend, BACKENDS)
     _positive(d, "data", "image_size")
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
@@ -114,14 +94,11 @@ def check_config(cfg: Config) -> None:
     _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
 
     _positive(m, "model", "width", "hidden_dim", "z_dim")
-    _choice("model.compile", m.compile, COMPILE_MODES)
-    _choice("model.precision", m.precision, PRECISIONS)
 
     _positive(lo, "loss", "eps")
     for name in ("invariance_weight", "tcr_weight"):
         value = getattr(lo, name)
         _rule(f"loss.{name}", value, value >= 0, ">= 0")
-    _choice("loss.fused", lo.fused, FUSED)
 
     _positive(o, "optim", "lr", "lars_eta")
     _rule("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
@@ -138,25 +115,10 @@ def check_config(cfg: Config) -> None:
     _rule("train.checkpoint_activations", t.checkpoint_activations,
           not (t.checkpoint_activations and t.grad_chunks > 1), "false when train.grad_chunks > 1 (pick one)")
 
-    _choice("eval.mode", e.mode, EVAL_MODES)
     _positive(e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k",
               "knn_temperature")
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
-
-    device = check_device(t.device)
-    if d.backend == "dali":
-        from .patches import dali_available
-
-        if not dali_available():
-            raise ConfigError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
-                              "(or -cuda120), or use data.backend=torch")
-    if lo.fused == "on":
-        from fastemp.kernels.cosine_to_mean import triton_usable
-
-        if not triton_usable(device):
-            raise ConfigError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
-                              "use loss.fused=auto or set TRITON_INTERPRET=1")
 
 
 def check_data(cfg: Config, train_images: int) -> None:

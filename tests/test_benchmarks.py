@@ -19,7 +19,7 @@ from fastemp.benchmarks import common
 from fastemp.benchmarks.baseline import (PerPatchDataset, baseline_loss_terms, coding_rate_dxd, make_loader,
                                          to_patch_major)
 from fastemp.benchmarks.report import END, START, render_tables, splice, update_readme
-from fastemp.benchmarks.throughput import (attach_ratios, instrumented_step, point_config, run_point,
+from fastemp.benchmarks.throughput import (PHASES, attach_ratios, point_config, run_point,
                                            sweep_points, throughput_targets)
 from fastemp.benchmarks.time_to_accuracy import eval_schedule
 from fastemp.cli import main
@@ -202,7 +202,7 @@ def test_dali_point_is_skipped_without_dali(monkeypatch):
     monkeypatch.setattr(throughput, "dali_available", lambda: False)
     cfg = load_config("quickstart", TINY)
     point = {**sweep_points(cfg, {})[0], "backend": "dali"}
-    row = run_point(cfg, point, "cpu", 1, 2, 0, {"measured_tflops": 1.0})
+    row = run_point(cfg, point, "cpu", 1, 2, 0, {"measured_tflops": 1.0}, common.DatasetCache())
     assert row["status"] == "skipped" and "images_per_s" not in row  # never a number that was not measured
 
 
@@ -277,16 +277,18 @@ def test_to_patch_major_order():
 
 
 @pytest.mark.parametrize("grad_chunks", [1, 2])
-def test_instrumented_step_matches_train_until(grad_chunks):
-    """The split's step updates the model exactly as Trainer.train_until's step does."""
+def test_clocked_step_matches_train_until(grad_chunks):
+    """The split's clock marks every phase of a step and changes nothing it computes."""
     cfg = load_config("quickstart", TINY + ["train.device=cpu", "train.n_patches=2", "train.batch_size=8",
                                             f"train.grad_chunks={grad_chunks}", "train.max_steps=4"])
     plain, timed = Trainer(cfg, None, progress=False), Trainer(cfg, None, progress=False)
     plain.train_until(1)
-    terms = instrumented_step(timed, common.PhaseClock(torch.device("cpu")))
+    clock = common.PhaseClock(torch.device("cpu"))
+    terms = timed.train_step(clock)
     assert timed.step == 1 and torch.isfinite(terms.total)
+    assert [name for name, _ in clock.durations()] == list(PHASES)
     for (name, a), b in zip(plain.model.state_dict().items(), timed.model.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+        assert torch.equal(a, b), name
 
 
 # ------------------------------------------------------------------------------ CLI, end to end

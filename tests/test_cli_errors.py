@@ -261,11 +261,11 @@ def test_force_on_the_working_directory_is_refused_by_the_process(tmp_path):
 def test_dali_backend_without_dali_is_a_config_error(monkeypatch):
     import fastemp.patches
     from fastemp.config import ConfigError, load_config
-    from fastemp.validate import check_config
+    from fastemp.runtime import resolve
 
     monkeypatch.setattr(fastemp.patches, "dali_available", lambda: False)
     with pytest.raises(ConfigError, match="data.backend=dali but nvidia.dali does not import; install"):
-        check_config(load_config("quickstart", ["data.backend=dali"]))
+        resolve(load_config("quickstart", ["data.backend=dali"]))
 
 
 def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):

@@ -40,9 +40,9 @@ def float64():
     (projection_loss_terms casts p to float): its inputs are the fp32 roundings of float64 p that
     agree to ~1e-15, so they are bitwise the same on both sides.
     """
-    build, begin = train.build_model, Trainer.begin_step
+    build, begin = train.build_model, Trainer._begin_step
     with mock.patch.object(train, "build_model", lambda cfg: build(cfg).double()), \
-            mock.patch.object(Trainer, "begin_step", lambda self, step: begin(self, step).double()):
+            mock.patch.object(Trainer, "_begin_step", lambda self, step: begin(self, step).double()):
         yield
 
 
@@ -50,13 +50,15 @@ def one_step_and_three(overrides: list[str]) -> dict:
     """Step 0's loss, tcr and gradients; then the weights after 3 optimizer steps (the same run)."""
     with float64():
         trainer = Trainer(tiny_config(*overrides), progress=False)
-        terms = trainer.forward_backward(trainer.begin_step(0))
-        out = {"loss": distributed.mean_across_ranks(terms.total.detach()), "tcr": terms.tcr.detach(),
-               "grads": {name: p.grad.clone() for name, p in trainer.model.named_parameters()},
-               "initial": {name: v.clone() for name, v in trainer.model.state_dict().items()}}
-        trainer.optimizer.step()  # as train_until's step 0
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.step = 1
+        out = {"initial": {name: v.clone() for name, v in trainer.model.state_dict().items()}}
+
+        class GradientsAfterBackward:  # a clock that reads the gradients before the optimizer step
+            def mark(self, phase: str) -> None:
+                if phase == "backward":
+                    out["grads"] = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+
+        terms = trainer.train_step(GradientsAfterBackward())
+        out.update(loss=distributed.mean_across_ranks(terms.total.detach()), tcr=terms.tcr.detach())
         trainer.train_until(3)
         out["weights"] = trainer.model.state_dict()
     return out

@@ -14,6 +14,7 @@ import torch
 
 from fastemp.cli import main
 from fastemp.config import load_config
+from fastemp.runtime import resolve
 from fastemp.train import Trainer, run_training
 
 TINY = ["data.synthetic_train=120", "data.synthetic_test=60", "model.width=4", "model.hidden_dim=32",
@@ -38,9 +39,35 @@ def test_trainer_lowers_the_loss_and_follows_the_schedule():
     assert last["lr"] == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * 0.9)))
 
 
+def test_the_next_batch_is_announced_to_the_backend_before_each_step():
+    """Step t+1's (index, n, seed, shard) reach the backend's prefetch before step t runs, across an epoch
+    boundary too, and are exactly what step t+1 then asks for; the last step announces nothing."""
+    trainer = Trainer(tiny_config("train.max_steps=8"), progress=False)  # 6 steps per epoch
+    calls = []
+
+    class Recording:
+        name = "recording"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, index, n, seed, shard=slice(None)):
+            calls.append(("call", index.tolist(), n, seed, shard))
+            return self.inner(index, n, seed, shard)
+
+        def prefetch(self, index, n, seed, shard=slice(None)):
+            calls.append(("prefetch", index.tolist(), n, seed, shard))
+
+    trainer.patches = Recording(trainer.patches)
+    trainer.train_until()
+    assert [c[0] for c in calls] == ["call", "prefetch"] * 7 + ["call"]
+    for announced, made in zip(calls[1::2], calls[2::2]):
+        assert announced[1:] == made[1:]
+
+
 def test_toy_widths_avoid_the_onednn_nhwc_bug_on_cpu():
-    assert not Trainer(tiny_config(), progress=False).channels_last  # width 4 would hang in backward
-    assert Trainer(tiny_config("model.width=16"), progress=False).channels_last
+    assert not resolve(tiny_config()).channels_last  # width 4 would hang in backward
+    assert resolve(tiny_config("model.width=16")).channels_last
 
 
 def test_epochs_visit_every_image_once():

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from .cifar import CIFAR_ARCHIVES, load_cifar
-from ..config import DataConfig
+from ..config import DataConfig, choices
 from ..errors import DataError
 from .imagefolder import SPLITS, load_imagefolder
 
 __all__ = ["SOURCES", "SPLITS", "DataError", "ImageSet", "load_split", "synthetic_seed"]
 
-SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
+SOURCES = choices(DataConfig, "source")
 
 
 @dataclass

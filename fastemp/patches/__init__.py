@@ -32,6 +32,11 @@ class PatchBackend(Protocol):
 
     def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor: ...
 
+    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
+        """Start making the patches of a later call with these arguments (the Trainer announces step t+1's
+        batch before running step t), so they can be ready when asked for. Optional: a backend that makes
+        its patches on call does nothing; the later call returns the same patches either way."""
+
 
 def dali_available() -> bool:
     try:
@@ -41,22 +46,9 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
-    """auto is the torch backend everywhere: on the first GPU run (H200, DALI 2.4, n=20 x B=100) it made a
-    step's 2,000 patches in 4.9 ms against DALI's 181 ms (benchmarks/results/h200/kernels.json), and the
-    end-to-end step ran at 68.7k vs 9.9k patches/s. DALI stays available as data.backend=dali."""
-    if name == "auto":
-        return "torch"
-    if name not in ("torch", "dali"):
-        raise ValueError(f"unknown patch backend '{name}' (choose auto, torch or dali)")
-    if name == "dali" and not dali_available():
-        raise RuntimeError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 (or -cuda120)")
-    return name
-
-
 def make_patch_backend(name: str, images: torch.Tensor, aug: AugmentConfig, seed: int = 0) -> PatchBackend:
-    """Build the backend `name` (auto | torch | dali) over device-resident uint8 NHWC images."""
-    name = resolve_backend_name(name, images.device)
+    """Build the backend `name` (torch | dali, as fastemp.runtime resolved it) over device-resident uint8 NHWC
+    images."""
     if name == "dali":
         from .dali_backend import DaliPatches
 

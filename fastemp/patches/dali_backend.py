@@ -215,6 +215,9 @@ class DaliPatches:
             (out,) = pipe.run(images=gathered.numpy(), **feed)
         return _to_torch(out, self.device).permute(0, 3, 1, 2)
 
+    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
+        """Nothing started ahead: the patches are made on call (see PatchBackend.prefetch)."""
+
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:
     """A DALI output batch as one torch tensor: a DLPack view when DALI holds it densely, else a copy."""

@@ -275,3 +275,6 @@ class TorchPatches:
     def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False):
             return augment(self.images, self.params(index, n, seed, shard), self.aug)
+
+    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
+        """Nothing started ahead: the patches are made on call (see PatchBackend.prefetch)."""

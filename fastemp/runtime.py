@@ -1,0 +1,117 @@
+"""What the config's open choices ("auto") mean on this machine, resolved once per run.
+
+`resolve(cfg)` turns the config's device, precision, compile mode, channels_last, patch backend and
+fused loss into concrete settings, and takes the world size and this rank's shard of the batch
+from torchrun. It is the one place "auto" is decided and the one place the machine is checked for
+what the config asks (CUDA, DALI, Triton, a batch that divides by the world size); every consumer
+(the Trainer, evaluation, the summary, the benchmarks) reads the frozen Runtime it returns.
+`fastemp.validate.check_config` checks the values themselves, before this runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed, patches
+from .config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16
+    compile_mode: str  # none, or a torch.compile mode
+    channels_last: bool  # NHWC activations and patches
+    backend: str  # the patch backend: torch | dali
+    fused_loss: bool  # the Triton cosine-to-mean kernel for the invariance term
+    world_size: int  # processes under torchrun (1 without)
+    shard: slice  # this rank's images of every global batch
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    def autocast(self) -> AbstractContextManager:
+        """The forward pass's autocast region (nothing in fp32)."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    def resolved(self) -> dict:
+        """The resolved choices, as the summary and the benchmark results record them."""
+        return {"backend": self.backend, "compile": self.compile_mode, "precision": self.precision,
+                "channels_last": self.channels_last, "fused_loss": self.fused_loss}
+
+    def describe(self) -> str:
+        """One line saying what "auto" chose, logged when a run starts."""
+        where = f"{self.device}" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
+        return (f"{where}, {self.precision}, compile {self.compile_mode}, "
+                f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches, "
+                f"{'fused' if self.fused_loss else 'torch'} invariance loss")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `train.device` names (auto: CUDA when present), if this machine has it; under
+    torchrun a CUDA device is this process's GPU (one per local rank)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
+                              "(or auto), or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name} but there are {torch.cuda.device_count()} CUDA devices; "
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        if device.index is None and distributed.world_size() > 1:
+            return torch.device("cuda", distributed.local_rank())
+    return device
+
+
+def resolve_backend(name: str) -> str:
+    """The patch backend `data.backend` names. auto is the torch backend on every device: it was the
+    faster one on the GPU measured (docs/augmentation.md has the numbers); DALI is there when asked for."""
+    if name == "auto":
+        return "torch"
+    if name == "dali" and not patches.dali_available():
+        raise ConfigError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
+                          "(or -cuda120), or use data.backend=torch")
+    return name
+
+
+def resolve_fused(name: str, device: torch.device) -> bool:
+    """loss.fused: the Triton kernel on CUDA by default; on demands it (the CPU needs TRITON_INTERPRET=1)."""
+    from fastemp.kernels.cosine_to_mean import triton_usable
+
+    if name == "on" and not triton_usable(device):
+        raise ConfigError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
+                          "use loss.fused=auto or set TRITON_INTERPRET=1")
+    return name == "on" or (name == "auto" and device.type == "cuda" and triton_usable(device))
+
+
+def resolve(cfg: Config, device: torch.device | None = None) -> Runtime:
+    """The Runtime of cfg on this machine (device: the one train.device names unless given)."""
+    device = device or resolve_device(cfg.train.device)
+    on_cuda = device.type == "cuda"
+    m = cfg.model
+    distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
+    return Runtime(
+        device=device,
+        precision={"auto": "bf16" if on_cuda else "fp32"}.get(m.precision, m.precision),
+        compile_mode={"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile),
+        # oneDNN's NHWC 1x1 stride-2 conv backward-weights hangs or returns wrong gradients when the input has
+        # fewer channels than its ISA block (8 on AVX2, 16 on AVX-512): uxlfoundation/oneDNN#6035. The first
+        # downsample shortcut sees `width` channels, so toy widths stay NCHW on CPU.
+        channels_last=m.channels_last and (on_cuda or m.width >= 16),
+        backend=resolve_backend(cfg.data.backend),
+        fused_loss=resolve_fused(cfg.loss.fused, device),
+        world_size=distributed.world_size(),
+        shard=distributed.batch_shard(cfg.train.batch_size),
+    )
