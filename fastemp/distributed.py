@@ -36,7 +36,7 @@ from .config import ConfigError
 from .errors import UserError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_alone = False  # rank 0 runs as a world of one (the benchmark's one-process figure); the others wait
+_alone = False  # inside alone() on rank 0: every helper here answers as for a world of one
 
 
 class DistributedError(UserError, RuntimeError):
@@ -96,7 +96,12 @@ def barrier() -> None:
 
 @contextmanager
 def alone():
-    """On rank 0: run the body as a one-process world; every other rank waits at the end barrier."""
+    """On rank 0: run the body as a one-process world; every other rank waits at the end barrier.
+
+    Yields True on rank 0 (do the work) and False elsewhere. Inside it, on rank 0, world_size() is 1, so a
+    Trainer built there is the single-process run of the same config (no DDP, no gathers): how a torchrun
+    job measures its own one-process figure (`fastemp bench throughput`'s scaling efficiency). Without
+    torchrun it yields False: there is no larger world to step out of."""
     global _alone
     if dist.is_initialized() and dist.get_rank() == 0:
         _alone = True
