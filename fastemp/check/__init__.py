@@ -14,32 +14,10 @@ dtypes, prints one table row per compared quantity and exits 1 if any row fails.
     gradcache       two-pass gradient cache vs one autograd graph with the same chunk-wise BatchNorm
     checkpoint      activation checkpointing vs plain
 
-Pass criterion of a row (column `err`): the relative-norm error ||out - ref|| / max(||ref||, floor)
-in float64 (the floor only guards a reference that is exactly zero), except `augment` (absolute
-differences of the six channel statistics, see check.augment.check_augment_stats). `max_abs` and
-`max_rel` are elementwise: max |out - ref| and max |out - ref| / max(|ref|, 1e-3 max|ref|). NaN
-never passes. A check that cannot run here (no Triton on CPU, no DALI, `--quick`) is reported as
-`skipped` with the reason: visible, but not a failure. An exception inside a fast path is a failure.
-
-Tolerances (relative-norm unless noted):
-  fp32 math vs float64: values 1e-5; gradients 1e-5 (cosine kernel) and 1e-4 (anything through the
-  Cholesky solve, whose condition number reaches ~100 here).
-  bf16 inputs are compared with the reference on the bf16-rounded input, so values keep the fp32
-  tolerance; gradients w.r.t. a bf16 tensor are stored in bf16: 2^-8 (one rounding is <= 2^-9;
-  measured ~1.7e-3). The fused loss's bf16 gradient is rounded up to three times (kernel dp, its
-  fp32 scaling, the sum with the TCR gradient at the bf16 leaf; measured ~3e-3): 2^-7.
-  compile, CPU: a tiny model in float64, compiled vs eager at 1e-9 (see check.training.compile_case
-  for why not fp32). CUDA: the real model under bf16 autocast. Compiled and eager bf16 round at
-  different places (and flip the ReLUs whose pre-activation lies within that rounding of 0), so
-  they are not compared with each other: each is compared with an eager float64 step of the same
-  weights and input (no autocast), and a row passes iff the compiled error is at most 2 x eager's
-  error + 1e-4 -- compilation must not make bf16 worse than eager bf16 is. err is the compiled
-  error, tol 2 x eager's + 1e-4, the note gives eager's error. Measured on CPU bf16 autocast with
-  small models: eager is ~5% off float64 in h and p, ~2e-4 in the running stats and ~0.4 in the
-  gradients (the backward through train-mode BatchNorm amplifies p's error), so the gradient row
-  catches only gross errors (a zero gradient has error 1). Not yet run on a GPU.
-  augment: absolute 0.01 on the channel means / stds (the tolerance of tests/test_patches_dali.py).
-  gradcache / checkpointing (fp32, the same ops in both): gradients 1e-4, loss and running stats 1e-5.
+Not to be confused with start-up validation (fastemp.validate), which checks a config before a run.
+A row passes when its relative-norm error against the float64 reference is within its tolerance; a
+check that cannot run here is `skipped`, with the reason; an exception in a fast path is a failure.
+The pass criterion, every tolerance and why it is what it is: docs/check.md.
 """
 
 from __future__ import annotations
