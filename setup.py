@@ -38,7 +38,7 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.6"],
-        "dev": ["pytest>=7", "matplotlib>=3.6"],
+        "dev": ["pytest>=7", "matplotlib>=3.6", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["fastemp = fastemp.cli:main"]},
 )

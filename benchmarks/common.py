@@ -160,7 +160,6 @@ def measure_matmul_tflops(device: torch.device, size: int | None = None, iters: 
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     out = torch.empty(size, size, device=device, dtype=dtype)
     seconds = median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters))
-    del a, b, out
     return {"measured_tflops": 2.0 * size**3 / seconds / 1e12, "dtype": str(dtype).replace("torch.", ""),
             "matmul_size": size, "iters": iters}
 

@@ -128,7 +128,7 @@ def augmentation_rows(images: torch.Tensor, n: int, batch: int, device: torch.de
         try:
             backend = make_patch_backend(name, images, aug, seed=0)
             counter = iter(range(10**9))
-            seconds = common.median(common.time_calls(lambda: backend(index, n, seed=next(counter)), device,
+            seconds = common.median(common.time_calls(lambda b=backend, c=counter: b(index, n, seed=next(c)), device,
                                                       warmup, iters))
             row.update(seconds=seconds, patches_per_s=n * batch / seconds, timed=True)
         except Exception as err:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-import torch
 
 from fastemp import runs
 from fastemp.config import Config, to_dict

@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
     if cfg.eval.at_end:
         check_probe(cfg, len(trainer.train_set))
-        trainer.test_set  # both splits before training: a missing test split fails now, not after the run
+        _ = trainer.test_set  # both splits before training: a missing test split fails now, not after the run
 
     def start() -> None:
         aside = runs.replace_run_dir(run_dir)
@@ -120,7 +120,7 @@ def cmd_eval(args) -> int:
     check_architecture(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     trainer = Trainer(cfg, None, progress=_set_progress(args))
     check_probe(cfg, len(trainer.train_set))
-    trainer.test_set
+    _ = trainer.test_set
     trainer.load_checkpoint(run_dir / "checkpoint.pt")
     result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,
               "probe_epochs": cfg.eval.probe_epochs, **trainer.evaluate()}

@@ -254,7 +254,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: boo
     """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
     trainer = trainer or Trainer(cfg, run_dir, progress)
     if cfg.eval.at_end:
-        trainer.test_set  # load it now: a missing test split fails before training, not after it
+        _ = trainer.test_set  # load it now: a missing test split fails before training, not after it
     if resume:
         trainer.load_checkpoint(run_dir / "checkpoint.pt")
         if distributed.is_main():

@@ -7,8 +7,6 @@ and the baseline and instrumented step are checked to compute what fastemp compu
 
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest

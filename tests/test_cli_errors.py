@@ -8,7 +8,6 @@ workspace; a few run as real `python -m fastemp` processes to check the process 
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys

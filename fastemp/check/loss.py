@@ -111,7 +111,7 @@ def check_projection_loss(ctx: Context) -> list[CheckResult]:
             ref, ref_grad = grad_of(ref_fn, p.double())
             for fused in (False, True) if fused_ok else (False,):
                 op = "loss fused" if fused else "loss unfused"
-                got, grad = grad_of(lambda q: losses.projection_loss_terms(q, cfg, fused=fused).total, p)
+                got, grad = grad_of(lambda q, f=fused: losses.projection_loss_terms(q, cfg, fused=f).total, p)
                 grad_tol = SOLVE_TOL if dtype == torch.float32 else BF16_FUSED_TOL if fused else BF16_TOL
                 rows += [compare(f"{op} total", shape, name, got, ref, FP32_TOL),
                          compare(f"{op} grad", shape, name, grad, ref_grad, grad_tol)]

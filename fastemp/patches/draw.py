@@ -30,7 +30,7 @@ _N_UNIFORMS = 18
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A small constant tensor on `device`, copied there once (a host->device copy can block)."""
     return torch.tensor(values, dtype=dtype, device=device)
