@@ -38,6 +38,8 @@ def mix_seed(seed: int, stream: int, index: int) -> int:
 
 
 class _NoClock:
+    """The clock of an untimed step: marks nothing."""
+
     def mark(self, phase: str) -> None:
         pass
 
@@ -54,7 +56,7 @@ class Trainer:
         self.runtime = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = self.runtime.device
-        self.train_set = train_set or load_split(cfg.data, "train", self.device)
+        self.train_set = train_set if train_set is not None else load_split(cfg.data, "train", self.device)
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
