@@ -103,8 +103,25 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
 
 
+# Evaluation protocols by name (eval.protocol). "official" is the official EMP-SSL evaluation (evaluate.py +
+# func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but
+# the two costs (patches per image, probe epochs) for quick curves. Any other combination is "custom".
+EVAL_PROTOCOLS: dict[str, dict] = {
+    "official": {"mode": "patches", "patches": 128, "probe_epochs": 100, "probe_lr": 0.03, "probe_momentum": 0.9,
+                 "probe_weight_decay": 5e-5, "probe_batch_size": 100, "knn_k": 20, "knn_temperature": 0.07},
+    "cheap": {"mode": "patches", "patches": 16, "probe_epochs": 20, "probe_lr": 0.03, "probe_momentum": 0.9,
+              "probe_weight_decay": 5e-5, "probe_batch_size": 100, "knn_k": 20, "knn_temperature": 0.07},
+}
+EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
+
+
 @dataclass
 class EvalConfig:
+    """How a trained encoder is scored. `protocol` names the values of the protocol keys (EVAL_PROTOCOLS):
+    setting it to official or cheap sets all of them; changing one of them makes it the name that fits
+    (custom when none does). batch_size, knn, random_init and at_end are not part of a protocol."""
+
+    protocol: str = ""  # official | cheap | custom; "" = the name that fits the values (official by default)
     mode: str = "patches"  # patches (mean of h over `patches` augmented patches) | plain (the whole image once)
     patches: int = 128
     batch_size: int = 100  # images per feature-extraction batch
@@ -118,6 +135,29 @@ class EvalConfig:
     knn_temperature: float = 0.07
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
+
+    def __post_init__(self):
+        fits = eval_protocol_name(self)
+        if self.protocol in ("", "custom"):
+            self.protocol = fits
+        elif self.protocol in EVAL_PROTOCOLS and self.protocol != fits:
+            raise ValueError(f"EvalConfig(protocol={self.protocol!r}) with the values of {fits!r}; "
+                             f"build it with eval_config({self.protocol!r}, ...)")
+
+
+def eval_protocol_name(cfg: EvalConfig) -> str:
+    """The protocol whose values cfg has (official, cheap), or custom."""
+    for name, values in EVAL_PROTOCOLS.items():
+        if all(getattr(cfg, key) == value for key, value in values.items()):
+            return name
+    return "custom"
+
+
+def eval_config(protocol: str = "official", **changes) -> EvalConfig:
+    """The EvalConfig of a named protocol, with `changes` on top (relabelled when they leave it)."""
+    if protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them")
+    return EvalConfig(**{**EVAL_PROTOCOLS[protocol], **changes})
 
 
 @dataclass
@@ -209,6 +249,8 @@ def _coerce(value, tp, where: str):
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
+    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first; keys beside it change it
+        values = {"protocol": values["protocol"], **{k: v for k, v in values.items() if k != "protocol"}}
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in hints:
@@ -223,6 +265,19 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             _apply(current, value, where + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
+            if isinstance(obj, EvalConfig) and key == "protocol":
+                _use_protocol(obj, where)
+    if isinstance(obj, EvalConfig):
+        obj.protocol = eval_protocol_name(obj)
+
+
+def _use_protocol(cfg: EvalConfig, where: str) -> None:
+    """eval.protocol=NAME: every protocol key takes NAME's value (custom keeps the values as they are)."""
+    if cfg.protocol not in EVAL_PROTOCOL_NAMES:
+        hint = _suggest(cfg.protocol, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
+        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {cfg.protocol!r}{hint}")
+    for key, value in EVAL_PROTOCOLS.get(cfg.protocol, {}).items():
+        setattr(cfg, key, value)
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:

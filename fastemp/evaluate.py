@@ -1,11 +1,17 @@
 """Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
 
-Features are h = ReLU(BN(Linear(512, 4096))) with the model in eval mode, averaged over k
-augmented patches per image (the official protocol, k = 128), or computed once on the whole
-un-augmented image ("plain", a cheap mode). The probe trains Linear(4096, C) on the cached
-features on the same device with SGD (lr 0.03, momentum 0.9, wd 5e-5), cosine over 100 epochs,
-batch 100, and reports the FINAL-epoch test accuracy. The official script prints the best
-epoch's test accuracy; we log that too, labelled `best_top1_on_test` (it is selected on test).
+The protocol is named by eval.protocol (fastemp.config.EVAL_PROTOCOLS); "official" is the official
+code's evaluation (docs/evaluation.md cites its source line by line): features h = ReLU(BN(Linear(512,
+4096))) with the model in eval mode, averaged over 128 patches of the training augmentation per image,
+for every train and test image; the probe trains Linear(4096, C) on the cached features with SGD (lr 0.03,
+momentum 0.9, wd 5e-5), batch 100, shuffled, drop_last, cosine over 100 epochs stepped per epoch; kNN is
+the official weighted kNN (k 20, T 0.07, cosine). The headline is the FINAL probe epoch's test accuracy;
+the official script prints the best epoch too, which we log as `best_top1_on_test` (selected on test).
+"plain" mode (the whole un-augmented image once) is a cheap extra, not part of any named protocol.
+
+Feature extraction runs without gradients in large device batches (eval.batch_size images x patches per
+forward, the patches drawn on the device), under the trainer's precision and memory format, and through
+torch.compile when the trainer compiles (mode "default": one forward shape, no autotuning or CUDA graphs).
 
 Under torchrun the feature batches are dealt round-robin to the ranks (each batch is computed
 exactly as on one process) and summed into every rank's feature matrix; the probe and kNN run
@@ -40,10 +46,12 @@ def extract_features(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     desc: str = "features",
+    compile_mode: str = "none",
 ) -> torch.Tensor:
     """(N, hidden) fp32 features of uint8 NHWC `images`, model in eval mode for the duration."""
     was_training = model.training
     model.eval()
+    encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
     device = images.device
     patches = make_patch_backend(backend, images, aug, seed=seed) if cfg.mode == "patches" else None
     if cfg.mode not in ("patches", "plain"):
@@ -62,7 +70,7 @@ def extract_features(
         if not channels_last:
             x = x.contiguous()
         with amp:
-            h = model.encode(x).float()
+            h = encode(x).float()
         k = 1 if patches is None else cfg.patches
         out.append((start, h.view(k, index.numel(), -1).mean(0)))
     model.train(was_training)
@@ -73,6 +81,11 @@ def extract_features(
     for start, h in out:
         feats[start:start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)
+
+
+def eval_compile_mode(train_mode: str) -> str:
+    """The compile mode of feature extraction for a trainer's mode: none stays none, any other is default."""
+    return "none" if train_mode == "none" else "default"
 
 
 @dataclass
@@ -139,11 +152,11 @@ def knn_top1(
 def evaluate_encoder(
     model: nn.Module, train: ImageSet, test: ImageSet, cfg: EvalConfig, aug: AugmentConfig,
     backend: str = "torch", seed: int = 0, autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False, prefix: str = "",
+    channels_last: bool = False, prefix: str = "", compile_mode: str = "none",
 ) -> dict:
     """Features for both splits, then the probe (and kNN when cfg.knn). Keys get `prefix`."""
     feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last,
-                              desc=f"{prefix}features ({name})")
+                              desc=f"{prefix}features ({name})", compile_mode=compile_mode)
              for i, (name, s) in enumerate((("train", train), ("test", test)))]
     return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, cfg, seed, prefix))
 

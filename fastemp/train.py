@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, runs
-from .config import Config, to_dict
+from .config import Config, EvalConfig, to_dict
 from .data import load_split
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
@@ -218,12 +218,13 @@ class Trainer:
         """The test split, loaded on first use (only evaluation needs it)."""
         return load_split(self.cfg.data, "test", self.device)
 
-    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None) -> dict:
+        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval protocol)."""
         if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
             distributed.broadcast_buffers(self.model)
-        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg.eval, self.cfg.augment,
-                                self.backend_name, self.cfg.train.seed, self.autocast_dtype,
-                                self.channels_last, prefix)
+        return evaluate_encoder(model or self.model, self.train_set, self.test_set, eval_cfg or self.cfg.eval,
+                                self.cfg.augment, self.backend_name, self.cfg.train.seed, self.autocast_dtype,
+                                self.channels_last, prefix, self.compile_mode)
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, to_dict
+from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, to_dict
 from .errors import UserError, one_line
 
 SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
@@ -138,6 +138,7 @@ def check_config(cfg: Config) -> None:
     _rule("train.checkpoint_activations", t.checkpoint_activations,
           not (t.checkpoint_activations and t.grad_chunks > 1), "false when train.grad_chunks > 1 (pick one)")
 
+    _choice("eval.protocol", e.protocol, EVAL_PROTOCOL_NAMES)
     _choice("eval.mode", e.mode, EVAL_MODES)
     _positive(e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k",
               "knn_temperature")
