@@ -1,4 +1,4 @@
-"""`fastemp bench {throughput, time-to-accuracy, kernels, report}` and `fastemp tune`.
+"""`fastemp bench {throughput, time-to-accuracy, accuracy, kernels, report}` and `fastemp tune`.
 
 Every benchmark writes <out>/<name>.json (every number, the environment and the config) and
 <out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory. An
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastemp import distributed
 from fastemp.config import load_config
+from fastemp.errors import UserError
 from fastemp.validate import check_config
 
 from . import common
@@ -86,17 +87,45 @@ def cmd_throughput(args) -> int:
 def cmd_time_to_accuracy(args) -> int:
     from .time_to_accuracy import plot_accuracy, run_time_to_accuracy, tta_markdown
 
+    args.overrides = [f"eval.protocol={args.protocol}", *args.overrides]  # explicit eval keys still win
     cfg = _load(args)
     out, name = _target(args, cfg.train.device, (".json", ".md", ".png"))
     milestones = common.parse_list(args.milestones, float) or []
     result = run_time_to_accuracy(cfg, args.target, args.eval_every, args.max_wall_seconds, milestones,
-                                  on_progress=_partial_writer(out, name, tta_markdown))
+                                  on_progress=_partial_writer(out, name, tta_markdown),
+                                  compare_protocol=args.compare_protocol)
     markdown = tta_markdown(result)
     print(markdown)
     paths = common.write_results(out, name, result, markdown)
     png = plot_accuracy(result, out / f"{name}.png")
     _written([*paths, png] if png else paths)
     return 0
+
+
+def cmd_accuracy(args) -> int:
+    from .accuracy import accuracy_markdown, parse_seeds, plot_accuracy_vs_seconds, run_accuracy, select_rows
+
+    _threads(args)
+    if args.list_rows:
+        for row in select_rows(None):
+            print(f"{row.name}: {row.note}")
+        return 0
+    try:
+        rows = select_rows(common.parse_list(args.rows), args.variant or ())
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        raise UserError(f"{err}; see fastemp bench accuracy --list-rows") from None
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    device = args.device or load_config("quickstart", args.overrides).train.device
+    out, name = _target(args, device, (".json", ".md", ".png"))
+    result = run_accuracy(rows, seeds, overrides, {"cifar10": args.cifar10, "cifar100": args.cifar100},
+                          args.budget, on_progress=_partial_writer(out, name, accuracy_markdown))
+    markdown = accuracy_markdown(result)
+    print(markdown)
+    paths = common.write_results(out, name, result, markdown)
+    png = plot_accuracy_vs_seconds(result, out / f"{name}.png")
+    _written([*paths, png] if png else paths)
+    return 1 if any(r.get("status") == "error" for r in result["rows"]) else 0
 
 
 def cmd_profile(args) -> int:
@@ -227,8 +256,31 @@ def register_cli(subparsers) -> None:
                    help="stop (target not reached) before the next chunk of training and evaluation would end past "
                         "this much wall time; the results are still written")
     p.add_argument("--milestones", help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
+    p.add_argument("--protocol", choices=("official", "cheap"), default="official",
+                   help="evaluation protocol (default official; docs/evaluation.md); eval.* overrides refine it")
+    p.add_argument("--compare-protocol", choices=("official", "cheap"),
+                   help="also score every evaluated checkpoint under this protocol: the offset on the same weights")
     _output_args(p, "time_to_accuracy")
     p.set_defaults(func=cmd_time_to_accuracy)
+
+    p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures",
+                       description="Rows: fastemp bench accuracy --list-rows. Evaluation: each row's eval protocol "
+                                   "(official by default; docs/evaluation.md).")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the configs' train.device)")
+    _threads_arg(p)
+    p.add_argument("--rows", help="comma-separated row names (default: all); see --list-rows")
+    p.add_argument("--list-rows", action="store_true", help="print the rows and what each reproduces, then exit")
+    p.add_argument("--seeds", default="3", help="a count (seeds 0..N-1) or a comma-separated list (default 3)")
+    p.add_argument("--budget", type=float, help="wall seconds: seeds predicted to end past it are skipped")
+    p.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"),
+                   help='run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 '
+                        '"model.precision=fp32 model.compile=none" (repeatable)')
+    p.add_argument("--cifar10", help="CIFAR-10: the JPEG copy (.tar.gz or folder, ImageFolder layout) or the folder "
+                                     "or path of cifar-10-python.tar.gz (default: the archive under data.root)")
+    p.add_argument("--cifar100", help="CIFAR-100, likewise (its rows are skipped when there is none)")
+    _output_args(p, "accuracy")
+    p.set_defaults(func=cmd_accuracy)
 
     p = sub.add_parser("kernels", help="cosine-to-mean, TCR and augmentation backends in isolation")
     p.add_argument("--device", default="auto")

@@ -153,11 +153,13 @@ def eval_protocol_name(cfg: EvalConfig) -> str:
     return "custom"
 
 
-def eval_config(protocol: str = "official", **changes) -> EvalConfig:
-    """The EvalConfig of a named protocol, with `changes` on top (relabelled when they leave it)."""
+def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
+    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top (relabelled
+    when they leave the protocol)."""
     if protocol not in EVAL_PROTOCOLS:
         raise ConfigError(f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them")
-    return EvalConfig(**{**EVAL_PROTOCOLS[protocol], **changes})
+    kept = dataclasses.asdict(base) if base is not None else {}
+    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes, "protocol": ""})
 
 
 @dataclass
