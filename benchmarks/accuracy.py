@@ -18,8 +18,10 @@ until the end), so a run cut by a timeout keeps every finished seed.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -79,11 +81,20 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def select_rows(names: Sequence[str] | None, variants: Sequence[tuple[str, str]] = ()) -> list[Row]:
-    """The rows named (all when None), then each again per variant as ROW+LABEL with its overrides."""
-    unknown = [n for n in names or () if n not in ROW_NAMES]
-    if unknown:
-        raise ValueError(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROW_NAMES)}")
-    base = [r for r in ROWS if names is None or r.name in names]
+    """The rows named (all when None; ROW@E keeps only ROW's evaluation after epoch E and trains no
+    further), then each again per variant as ROW+LABEL with its overrides."""
+    by_name = {r.name: r for r in ROWS}
+    base = []
+    for spec in names if names is not None else ROW_NAMES:
+        name, _, epoch = spec.partition("@")
+        row = by_name.get(name)
+        if row is None or (epoch and (not epoch.isdigit() or int(epoch) not in row.eval_epochs)):
+            raise ValueError(f"unknown rows {spec}; choose from {', '.join(ROW_NAMES)} (ROW@E for one of its "
+                             "evaluated epochs)")
+        if epoch:
+            keep = row.eval_epochs.index(int(epoch))
+            row = dataclasses.replace(row, name=spec, eval_epochs=(int(epoch),), official=(row.official[keep],))
+        base.append(row)
     out = list(base)
     for label, overrides in variants:
         out += [dataclasses.replace(r, name=f"{r.name}+{label}", overrides=r.overrides + tuple(overrides.split()),
@@ -367,3 +378,40 @@ def plot_accuracy_vs_seconds(result: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def attach_peer(accuracy_path: Path, peer_path: Path) -> dict:
+    """Put the official code's peer run (official_peer.json, or why it did not run) into the accuracy result and
+    its markdown, so the suite publishes both as one file. A missing accuracy result becomes a stub saying so."""
+    try:
+        result = json.loads(accuracy_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        result = {"benchmark": "accuracy", "partial": True, "rows": [], "note": "fastemp's accuracy run wrote nothing"}
+    try:
+        peer = json.loads(peer_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        peer = {"benchmark": "official_peer", "status": "SKIP", "reason": f"no readable {peer_path.name}"}
+    result["official_peer"] = peer
+    runs.write_json(accuracy_path, result)
+    scalars = [f"- {key}: {common.fmt(value)}" for key, value in peer.items()
+               if isinstance(value, (int, float, str, bool)) and key not in ("command", "created")]
+    md = accuracy_path.with_suffix(".md")
+    text = md.read_text().rstrip() + "\n\n" if md.exists() else "# Accuracy\n\n"
+    md.write_text(text + "## The official code on the same data (benchmarks/official_peer.py)\n\n"
+                  + "\n".join(scalars) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastemp.benchmarks.accuracy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("attach-peer", help="put official_peer.json into accuracy.json and accuracy.md")
+    p.add_argument("--accuracy", required=True, type=Path)
+    p.add_argument("--peer", required=True, type=Path)
+    args = parser.parse_args(argv)
+    attach_peer(args.accuracy, args.peer)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ from fastemp import runs
 from . import common
 
 # part -> the name of its result files
-RESULT_NAMES = {"smoke": "smoke", "throughput20": "throughput_n20", "profile": "profile",
+RESULT_NAMES = {"smoke": "smoke", "accuracy": "accuracy", "throughput20": "throughput_n20", "profile": "profile",
                 "throughput200": "throughput_n200",
                 "kernels": "kernels", "tta": "time_to_85_n20"}
 

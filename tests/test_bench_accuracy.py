@@ -1,7 +1,6 @@
 """`fastemp bench accuracy` and the protocol options of `bench time-to-accuracy`, on tiny synthetic runs."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +80,11 @@ def test_rows_seeds_and_data_copies(tmp_path):
     variants = select_rows(["c10_n20_1ep", "c10_n20_10ep"], [("bn", "train.grad_chunks=2")])
     assert [r.name for r in variants][2:] == ["c10_n20_1ep+bn", "c10_n20_10ep+bn"]
     assert variants[2].overrides == ("train.grad_chunks=2",)
+    first = select_rows(["c10_n20_official_1ep@1"])[0]
+    assert (first.name, first.eval_epochs, first.official, first.schedule_epochs) == (
+        "c10_n20_official_1ep@1", (1,), (0.842,), 2)
+    with pytest.raises(ValueError, match="unknown rows c10_n20_1ep@3"):
+        select_rows(["c10_n20_1ep@3"])
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"")
     assert data_overrides("cifar10", {"cifar10": str(tmp_path)}) == [
         "data.source=cifar10", f"data.root={tmp_path}", "data.download=false"]

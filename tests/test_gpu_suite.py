@@ -90,3 +90,25 @@ def test_profile_categories_name_the_kind_of_work():
     assert category("aten::native_batch_norm") == "batchnorm"
     assert category("Memcpy DtoD (Device -> Device)") == "copy"
     assert category("aten::where") == "other"
+
+
+def test_accuracy_part_writes_fastemp_seeds_and_the_peer_status_within_eight_files(tmp_path):
+    out = tmp_path / "results"
+    (out / "details").mkdir(parents=True)
+    for name in ("smoke", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels"):  # earlier parts' results
+        (out / "details" / f"{name}.json").write_text("{}")
+    result = run_suite("accuracy", out, ACCURACY_SEEDS="2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "part accuracy: PASS" in result.stdout and "official peer SKIP: dry run" in result.stdout
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    (row,) = accuracy["rows"]
+    assert row["row"] == "c10_n20_official_1ep@1" and row["status"] == "complete" and row["seeds"] == [0, 1]
+    assert row["epochs_trained"] == 1 and row["schedule_epochs"] == 2 and row["official_linear_top1"] == 0.842
+    assert accuracy["official_peer"]["status"] == "SKIP"
+    assert "official code on the same data" in (out / "suite.md").read_text()
+    # six result files: the first five are published, the sixth travels in details.tar.gz
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert len(files) == 8 and "kernels.json" not in files and "accuracy.json" in files, files
+    with tarfile.open(out / "details.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./kernels.json" in names and "./official_peer.json" in names and "./accuracy.json" not in names
