@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import AugmentConfig, EvalConfig
+from .config import AugmentConfig, EvalConfig, eval_protocol_name
 from .data import ImageSet
 from .patches import make_patch_backend, normalize_images
 from .progress import bar
@@ -165,7 +165,8 @@ def _probe_and_knn(feats: list[torch.Tensor], train: ImageSet, test: ImageSet, c
                    prefix: str) -> dict:
     num_classes = len(train.classes)
     probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
-    out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test}
+    out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test,
+           f"{prefix}eval_protocol": eval_protocol_name(cfg)}
     if cfg.knn:
         out[f"{prefix}knn_top1"] = knn_top1(feats[0], train.labels, feats[1], test.labels, num_classes,
                                             cfg.knn_k, cfg.knn_temperature)
