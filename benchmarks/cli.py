@@ -116,7 +116,9 @@ def cmd_accuracy(args) -> int:
     except ValueError as err:
         raise UserError(f"{err}; see fastemp bench accuracy --list-rows") from None
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
-    device = args.device or load_config("quickstart", args.overrides).train.device
+    for _, variant in args.variant or ():  # a typo is one line now, not an error row after an hour
+        load_config("quickstart", [*overrides, *variant.split()])
+    device = load_config("quickstart", overrides).train.device
     out, name = _target(args, device, (".json", ".md", ".png"))
     result = run_accuracy(rows, seeds, overrides, {"cifar10": args.cifar10, "cifar100": args.cifar100},
                           args.budget, on_progress=_partial_writer(out, name, accuracy_markdown))

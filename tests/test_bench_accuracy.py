@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from fastemp.benchmarks.accuracy import (ROWS, data_copy, data_overrides, parse_seeds, run_accuracy, select_rows)
 from fastemp.cli import main
@@ -18,16 +17,8 @@ ROW_KEYS = ("dataset", "data_copy", "n_patches", "epochs_trained", "schedule_epo
             "knn_top1_mean", "official_linear_top1", "train_seconds", "train_seconds_mean", "eval_seconds")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cli_accuracy_writes_every_seed_beside_the_official_figure(tmp_path):
-    rc = main(["bench", "accuracy", "--device", "cpu", "--threads", "1", "--rows", "c10_n20_official_1ep",
+    rc = main(["bench", "accuracy", "--device", "cpu", "--rows", "c10_n20_official_1ep",
                "--seeds", "2", "--variant", "fp32", "model.precision=fp32 eval.protocol=cheap", *TINY,
                "--out", str(tmp_path)])
     assert rc == 0
@@ -95,7 +86,7 @@ def test_rows_seeds_and_data_copies(tmp_path):
 
 
 def test_time_to_accuracy_states_its_protocol_and_the_offset_on_the_same_weights(tmp_path):
-    rc = main(["bench", "time-to-accuracy", "--config", "quickstart", "--device", "cpu", "--threads", "1",
+    rc = main(["bench", "time-to-accuracy", "--config", "quickstart", "--device", "cpu",
                *[o for o in TINY if not o.startswith("eval.")], "data.synthetic_train=100", "train.epochs=1",
                "--protocol", "official", "eval.patches=2", "eval.probe_epochs=2", "--compare-protocol", "cheap",
                "--target", "1.01", "--eval-every", "3", "--out", str(tmp_path)])
@@ -117,3 +108,11 @@ def test_time_to_accuracy_defaults_to_the_official_protocol():
 
     args = build_parser().parse_args(["bench", "time-to-accuracy"])
     assert args.protocol == "official" and args.compare_protocol is None
+
+
+def test_a_misspelt_variant_or_row_is_one_line_before_anything_runs(tmp_path, capsys):
+    assert main(["bench", "accuracy", "--device", "cpu", "--variant", "x", "train.n_pathces=3",
+                 "--out", str(tmp_path)]) == 2
+    assert main(["bench", "accuracy", "--device", "cpu", "--rows", "c10_n21", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'n_patches'" in err and "unknown rows c10_n21" in err and not list(tmp_path.iterdir())
