@@ -192,8 +192,10 @@ def tta_markdown(result: dict) -> str:
             for e in result["evals"]]
     lines += [common.markdown_table(headers, rows), ""]
     if offset:
+        seconds = sum(e[f"{other}_eval_seconds"] for e in result["evals"])
         lines += [f"Offset {proto.get('name')} - {other} on the same weights: mean {offset['mean']:+.4f} over "
-                  f"{len(offset['per_evaluation'])} checkpoints.", ""]
+                  f"{len(offset['per_evaluation'])} checkpoints ('eval s' is the {proto.get('name')} protocol's; "
+                  f"the {other} evaluations took {seconds:.1f} s more, also off the clock).", ""]
     if result["targets"]:
         lines += [common.targets_markdown(result["targets"]), ""]
     lines += ["## Environment", "", common.environment_markdown(env)]
