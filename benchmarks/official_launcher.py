@@ -18,8 +18,10 @@ Before main.py runs, and without touching any official file, it changes only the
 --cpu-dry-run .cuda() becomes a no-op, so the harness can be exercised on a machine without a GPU. Never a
               peer result: official_peer.py marks such runs as dry runs.
 
-It also asks Linux to end it when its parent dies (PR_SET_PDEATHSIG), so a killed benchmark never leaves
-an official training run behind on the GPU.
+Two things that only keep the platform as the official code assumes it: on Linux the multiprocessing start
+method is `fork` (its default up to Python 3.13; main.py builds its dataset and model at module level, which
+its DataLoader workers must inherit rather than re-run), and Linux ends this process when its parent dies
+(PR_SET_PDEATHSIG), so a killed benchmark never leaves an official training run behind on the GPU.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     official_args = args.official_args[1:] if args.official_args[:1] == ["--"] else args.official_args
     die_with_parent()
+    if sys.platform.startswith("linux"):
+        import multiprocessing
+
+        multiprocessing.set_start_method("fork", force=True)
     official_dir = os.path.abspath(args.official_dir)
     script = os.path.join(official_dir, "main.py")
     # main.py imports its siblings (model/, dataset/, lars.py, ...) from its own folder, which

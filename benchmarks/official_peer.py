@@ -90,17 +90,31 @@ def check_official_dir(path: Path) -> dict[str, str]:
     return {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in OFFICIAL_FILES}
 
 
-def missing_modules(python: str, modules: tuple[str, ...] = OFFICIAL_REQUIREMENTS) -> list[str]:
-    """The modules `python` cannot find (found is not proof that they import; the run's log says the rest)."""
-    probe = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
+IMPORT_PROBE = """
+import importlib, json, sys
+missing, versions = [], {}
+for name in sys.argv[1:]:
     try:
-        out = subprocess.run([python, "-c", probe, *modules], capture_output=True, text=True, timeout=120)
+        versions[name] = str(getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as err:  # missing, or present but broken (e.g. a torchvision built for another torch)
+        missing.append(f"{name} ({type(err).__name__})")
+print(json.dumps({"missing": missing, "versions": versions}))
+"""
+
+
+def probe_imports(python: str, modules: tuple[str, ...] = ("torch", *OFFICIAL_REQUIREMENTS)) -> dict:
+    """{"missing": ["name (error)"], "versions": {name: version}} of `python` importing each module."""
+    try:
+        out = subprocess.run([python, "-c", IMPORT_PROBE, *modules], capture_output=True, text=True, timeout=300)
+        found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError) as err:
         raise PeerError(f"cannot run the interpreter {python} ({err}); pass --python with a working one") from None
-    if out.returncode != 0:
-        raise PeerError(f"the interpreter {python} failed ({last_line(out.stderr)}); "
+    except (ValueError, IndexError):
+        found = None
+    if found is None:
+        raise PeerError(f"the interpreter {python} failed to check its modules ({last_line(out.stderr)}); "
                         "pass --python with a working one")
-    return out.stdout.split()
+    return found
 
 
 def last_line(text: str) -> str:
@@ -585,8 +599,8 @@ def _config(args, device: str):
     return cfg
 
 
-def preflight(args) -> dict[str, str]:
-    """Every cheap check before anything heavy starts; the official files' sha256 sums."""
+def preflight(args) -> tuple[dict[str, str], dict[str, str]]:
+    """Every check before anything heavy starts: (the official files' sha256 sums, its interpreter's versions)."""
     sums = check_official_dir(Path(args.official_dir))
     check_data_path(Path(args.data))
     if args.epochs < 1 or args.epochs > args.schedule_epochs:
@@ -594,28 +608,30 @@ def preflight(args) -> dict[str, str]:
                         "train at least one epoch of the schedule")
     if args.work and (Path(args.work) / "logs").exists():
         raise PeerError(f"--work {args.work} already holds logs/ of an earlier run; pass an empty or new folder")
-    missing = missing_modules(args.python)
-    if missing:
-        raise PeerError(f"the official code needs {', '.join(missing)}, which {args.python} cannot import; install "
-                        "them there (pip install torchvision torchmetrics scikit-learn) or pass --python")
+    imports = probe_imports(args.python)
+    if imports["missing"]:
+        raise PeerError(f"the official code needs {', '.join(imports['missing'])}, which {args.python} cannot "
+                        "import; install them there (pip install torchvision torchmetrics scikit-learn) or pass "
+                        "--python")
     if not args.cpu_dry_run and not torch.cuda.is_available():
         raise PeerError("the official code needs a CUDA GPU (main.py calls .cuda()); run this on a GPU machine, or "
                         "pass --cpu-dry-run with tiny --train-images to check the harness")
-    return sums
+    return sums, imports["versions"]
 
 
 def run_official_peer(args) -> dict:
     from fastemp import runs
     from fastemp.train import resolve_device
 
-    sums = preflight(args)
+    sums, versions = preflight(args)
     device = resolve_device("cpu" if args.cpu_dry_run else args.device)
     cfg = _config(args, str(device))
     out = Path(args.out)
     result = common.base_result(NAME, runs.environment(device))
     result.update(partial=True, status="running", dry_run=bool(args.cpu_dry_run), data={},
                   official={"repo": OFFICIAL_REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums,
-                            "python": args.python, "arguments": official_arguments(args.n, args.schedule_epochs),
+                            "python": args.python, "versions": versions,
+                            "arguments": official_arguments(args.n, args.schedule_epochs),
                             "readme_command": "python main.py " + " ".join(official_arguments(20, 2)),
                             "n_patches": args.n, "schedule_epochs": args.schedule_epochs, "seed": args.seed,
                             "batch_size": OFFICIAL_BATCH_SIZE,
@@ -736,7 +752,12 @@ def add_neighbours(args, cfg, device: torch.device, train, result: dict) -> None
 
 def run_from_args(args) -> int:
     """`fastemp bench official-peer`: 0 when the official run trained and (unless --no-eval) was evaluated."""
-    result = run_official_peer(args)
+    try:
+        result = run_official_peer(args)
+    except KeyboardInterrupt as reason:  # SIGTERM (`timeout`) or Ctrl-C: the partial result is written
+        print(f"fastemp: official-peer stopped ({reason or 'interrupted'}); what it measured is in "
+              f"{Path(args.out) / (NAME + '.json')}", file=sys.stderr)
+        return 1
     print(peer_markdown(result))
     print(f"wrote {Path(args.out) / (NAME + '.json')}")
     return 0 if result["status"] == "ok" else 1

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.benchmarks import official_launcher
-from fastemp.benchmarks.official_peer import (MODULE_TABLE, MappingError, OfficialClock, evenly_spaced,
-                                              map_official_state_dict, run_official, split_output, subset,
-                                              write_cifar_batches)
+from fastemp.benchmarks.official_peer import (MODULE_TABLE, MappingError, OfficialClock, attach_ratios,
+                                              evenly_spaced, from_throughput_json, map_official_state_dict,
+                                              run_official, split_output, subset, write_cifar_batches)
 from fastemp.benchmarks.official_peer import main as peer_main
 from fastemp.config import DataConfig
 from fastemp.data import load_split
@@ -306,6 +306,23 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
     assert "5it" in (tmp_path / "official.log").read_text()
 
 
+def test_fastemp_and_baseline_rates_beside_the_official_one(tmp_path):
+    point = {"status": "ok", "n_patches": 20, "batch_size": 100, "backend": "torch", "compile": "default",
+             "precision": "bf16", "grad_chunks": 1}
+    throughput = {"environment": {"device_name": "GPU X"},
+                  "points": [{**point, "images_per_s": 3000.0}, {**point, "images_per_s": 3400.0, "backend": "dali"},
+                             {**point, "images_per_s": 9999.0, "n_patches": 200}],
+                  "baselines": [{"status": "ok", "n_patches": 20, "batch_size": 100, "images_per_s": 340.0}]}
+    (tmp_path / "throughput.json").write_text(json.dumps(throughput))
+    result = {"training": {"images_per_s": 170.0},
+              "throughput": from_throughput_json(tmp_path / "throughput.json", 20)}
+    assert result["throughput"]["fastemp_images_per_s"] == 3400.0
+    assert result["throughput"]["fastemp_point"]["backend"] == "dali"
+    attach_ratios(result)
+    assert result["baseline"]["images_per_s"] == 340.0
+    assert result["ratios"] == {"fastemp_over_official": 20.0, "baseline_over_official": 2.0}
+
+
 # ------------------------------------------------------------------------------ one-line errors
 
 
@@ -345,10 +362,10 @@ def test_one_line_errors(tmp_path, capsys):
                                                              str(tmp_path / "data.txt"), "--out", "x"])
     bare = executable(tmp_path / "bare-python", f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')  # stdlib only
     err = one_line_error(capsys, ["--official-dir", str(stub), *base, "--python", str(bare)])
-    assert "needs torchvision" in err and "--python" in err
+    assert "torchvision (ModuleNotFoundError)" in err and "--python" in err
     assert not (tmp_path / "out").exists()  # nothing is written before the checks pass
     if not torch.cuda.is_available():
-        ready = executable(tmp_path / "ready-python", "#!/bin/sh\necho\n")  # finds every module
+        ready = executable(tmp_path / "ready-python", "#!/bin/sh\necho '{\"missing\": [], \"versions\": {}}'\n")
         assert "needs a CUDA GPU" in one_line_error(capsys, ["--official-dir", str(stub), *base, "--python",
                                                              str(ready)])
 
