@@ -512,7 +512,8 @@ def peer_markdown(result: dict) -> str:
     seeded = f" (seeded {official['seed']})" if official.get("seed") is not None else " (unseeded, as the README)"
     lines = [f"# Official EMP-SSL code, peer run ({result.get('status')})", "",
              f"- device: {common.device_label(result['environment'])}",
-             f"- official code: {OFFICIAL_REPO}, `python main.py {' '.join(official['arguments'])}`{seeded}",
+             f"- official code: {OFFICIAL_REPO}, `python main.py {' '.join(official['arguments'])}`{seeded}; "
+             f"its interpreter: {', '.join(f'{k} {v}' for k, v in official.get('versions', {}).items()) or 'n/a'}",
              f"- data: {result['data'].get('copy')}; {result['data'].get('description', '')}",
              f"- trained {training.get('epochs_trained', 0)} of the schedule's {official['schedule_epochs']} epochs, "
              f"n={official['n_patches']}, B={OFFICIAL_BATCH_SIZE}; startup {fmt(training.get('startup_seconds'))} s "
@@ -655,7 +656,7 @@ def run_official_peer(args) -> dict:
             checkpoint = find_checkpoint(work, args.epochs - 1)
             if checkpoint is None:
                 raise PeerError(f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; "
-                                "see official.log there (--work keeps it)")
+                                f"see {out / NAME}.log")
             result["evaluation"] = {**evaluate_official(checkpoint, cfg, train, test, not args.no_progress),
                                     "eval_config": dataclasses.asdict(cfg.eval), "config": args.config,
                                     "overrides": [*args.override, *args.overrides]}
@@ -672,6 +673,8 @@ def run_official_peer(args) -> dict:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if (work / "official.log").is_file():  # the official process's output, timestamped, beside the results
+            shutil.copyfile(work / "official.log", out / f"{NAME}.log")
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     return result
@@ -717,7 +720,7 @@ def train_official(args, work: Path, result: dict, write) -> dict:
         command += ["--cpu-dry-run"]
     command += ["--", *official_arguments(args.n, args.schedule_epochs)]
     result["official"]["command"] = command
-    result["official"]["log"] = str(work / "official.log")
+    result["official"]["log"] = str(Path(args.out) / f"{NAME}.log")
 
     def progress(report: dict) -> None:
         result["training"] = summarize_training(report, args.epochs)
@@ -728,7 +731,7 @@ def train_official(args, work: Path, result: dict, write) -> dict:
     if report["status"] == "error":
         raise PeerError(f"the official run failed (exit {report['exit_code']}): "
                         f"{report['output_tail'][-1] if report['output_tail'] else 'no output'}; "
-                        f"see {work / 'official.log'} (--work keeps it)")
+                        f"see {Path(args.out) / NAME}.log")
     return report
 
 

@@ -466,3 +466,4 @@ def test_end_to_end_around_a_stand_in_checkout(tmp_path):
     assert evaluation["mapped_tensors"] == len(EMPEncoder(8, 32, 16).state_dict())
     assert 0 <= evaluation["linear_top1"] <= 1 and evaluation["eval_config"]["patches"] == 2
     assert "official encoder (0.pt)" in (out / "official_peer.md").read_text()
+    assert "At epoch: 0" in (out / "official_peer.log").read_text()
