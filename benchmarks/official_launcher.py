@@ -31,8 +31,8 @@ import sys
 
 # Run as a script, this file's folder (benchmarks/) comes first on sys.path, and its profile.py would
 # shadow the standard library's (cProfile imports it): the official code must not see this folder.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402

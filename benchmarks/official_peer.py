@@ -196,7 +196,7 @@ def extract_canonical(archive: Path, root: Path) -> None:
     """Unpack cifar-10-python.tar.gz under root (it holds cifar-10-batches-py/), as torchvision would."""
     root.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")
+        tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
 # ------------------------------------------------------------------------------ progress and timing
