@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastemp import runs
+from fastemp import checkpoint, runs
 from fastemp.cli import main
 
 TINY = ["data.synthetic_train=120", "data.synthetic_test=60", "model.width=4", "model.hidden_dim=32",
@@ -104,9 +104,10 @@ def _empty(run):
 
 
 def _nan_weights(run):
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
     first = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][first].fill_(float("nan"))
+    state["sha256"] = checkpoint.digest(state)  # a consistent file: the weights themselves are bad
     torch.save(state, run / "checkpoint.pt")
 
 
@@ -184,7 +185,7 @@ def test_catalog_of_bad_inputs(workspace):
         (["resume", str(_variant(root, old, "empty", _empty))], "is empty (0 bytes)", None),
         (["eval", str(_variant(root, old, "corrupt_eval", _corrupt))], "corrupt or truncated", None),
         (["eval", str(_variant(root, old, "nan", _nan_weights))], "non-finite weights", None),
-        (["eval", str(_variant(root, old, "nockpt", _no_checkpoint))], "not found; train the run first", None),
+        (["eval", str(_variant(root, old, "nockpt", _no_checkpoint))], "not found: the run stopped before its first checkpoint", None),
         (["eval", str(old), "model.width=8"], "was trained with model.width=4", None),
         (["resume", str(_variant(root, old, "edited", _edit_n_patches))], "train.n_patches (4 -> 6)", None),
         (["resume", str(not_a_run)], "no config.yaml", None),
@@ -225,7 +226,7 @@ def test_resume_with_a_partial_metrics_line_and_force_replaces_only_after_valida
     assert main(["train", *TINY, "train.max_steps=2", "eval.at_end=false", "--out", str(target), "--force"]) == 0
     assert not (target / "eval.json").exists()  # the old run is gone, and so is the folder it was moved to
     assert not [p for p in root.iterdir() if ".replaced-" in p.name]
-    assert torch.load(target / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(target / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def cli(*args, cwd=None):
@@ -242,7 +243,7 @@ def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "became non-finite at step 2" in lines[0] and "(sim)" in lines[0]
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -272,14 +273,18 @@ def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     from fastemp.errors import UserError
 
     path = tmp_path / "checkpoint.pt"
-    runs.atomic_torch_save({"step": 1}, path)
+    checkpoint.save({"step": 1}, path)
     good = path.read_bytes()
 
     def full_disk(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=f"disk full: could not write {path}.*free space on the disk holding"):
-        runs.atomic_torch_save({"step": 2}, path)
+    with pytest.raises(UserError, match=f"disk full: could not write {path} \\(the previous checkpoint.pt is intact\\); "
+                                        "free space on the disk holding .*, then run fastemp resume"):
+        checkpoint.save({"step": 2}, path)
     assert path.read_bytes() == good and not (tmp_path / "checkpoint.pt.tmp").exists()
+    with pytest.raises(UserError, match="no checkpoint of this run exists yet"):
+        checkpoint.save({"step": 2}, tmp_path / "other.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
