@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it was run
-        what = one_line(err).split("Weights only load failed.")[-1].strip()[:120]
+        found = re.search(r"WeightsUnpickler error: ([^.]*)", str(err))  # e.g. "Unsupported global: GLOBAL exec ..."
+        what = found.group(1).strip()[:120] if found else "an object weights_only refuses"
         raise CheckpointError(f"{path} holds Python objects that are not plain data ({what}) and was not loaded: "
                               f"fastemp never writes those and loading one could run code; {_redo(path)}") from None
     except Exception as err:  # truncated zip, not a checkpoint

@@ -55,10 +55,9 @@ def _contents(path: Path) -> list[Path]:
 
 
 def _name_too_long(path: Path) -> str | None:
-    existing = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
     try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
+        limit = os.pathconf(next(p for p in path.parents if p.is_dir()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
         limit = 255
     long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
     return f"a name in it is {len(os.fsencode(long))} bytes, over the filesystem's limit of {limit}" if long else None
@@ -88,6 +87,11 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
     if path.is_dir():
         probe_lock(path)
         _check_replaceable(path, force)
+    else:
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunExistsError(f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a "
+                                 "writable folder")
     return path
 
 
