@@ -153,8 +153,12 @@ def cmd_eval(args) -> int:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.plain:
         overrides.append("eval.mode=plain")
-    if run_dir.is_dir():
-        distributed.run_on_main(lambda: (runs.probe_lock(run_dir), _settle(run_dir, "fastemp eval")) and None)
+    def claim() -> None:
+        if run_dir.is_dir():
+            runs.probe_lock(run_dir)
+            _settle(run_dir, "fastemp eval")
+
+    distributed.run_on_main(claim)
     cfg = _run_config(run_dir, overrides)
     path = run_dir / "checkpoint.pt"
     checkpoint.check_architecture(cfg, checkpoint.read(path), path)
