@@ -298,7 +298,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop metric lines past `after_step` (a resumed run re-logs the steps it redoes)."""
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
-    (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    path = Path(run_dir) / "metrics.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # a rename, so a full disk or a kill never leaves the log half written
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def finite_or_none(obj):

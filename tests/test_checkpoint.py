@@ -31,11 +31,6 @@ def fastemp(*args, **kw):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-def finish(proc, timeout=120):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
 def wait_for(path: Path, proc, timeout=120):
     deadline = time.time() + timeout
     while not path.exists() and time.time() < deadline and proc.poll() is None:

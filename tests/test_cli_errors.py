@@ -427,3 +427,26 @@ def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no checkpoint of this run exists yet"):
         checkpoint.save({"step": 2}, tmp_path / "other.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_imagefolder_cache_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from fastemp.data import imagefolder
+
+    cache = tmp_path / "cache"
+    paths = (cache / "x.images.npy", cache / "x.labels.npy", cache / "x.json")
+    real_save = np.save
+
+    def full_disk_at_the_second_file(f, arr):
+        if f.name.startswith(str(paths[1])):
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(f, arr)
+
+    monkeypatch.setattr(np, "save", full_disk_at_the_second_file)
+    with pytest.warns(UserWarning, match="could not write the dataset cache"):
+        imagefolder._cache_save(paths, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), ["a", "b"])
+    assert list(cache.iterdir()) == []
