@@ -18,6 +18,7 @@ not a 100-line size-mismatch dump.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -100,14 +101,12 @@ def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None
         return None
     k, k_now = then["world_size"], world
     if then["bn_images"] != now["bn_images"]:
+        how = (f"torchrun --nproc-per-node={k} -m fastemp resume {path.parent}" if k > 1 else
+               f"fastemp resume {path.parent}")
         raise CheckpointError(
             f"{path} was written by {k} process(es) with model.sync_bn={str(then['sync_bn']).lower()}: BatchNorm "
             f"normalised over {then['bn_images']} images per call, on {k_now} it would be {now['bn_images']}, a "
-            f"different recipe mid-run; resume it with {k} process(es) (torchrun --nproc-per-node={k} -m fastemp "
-            f"resume {path.parent})" if k > 1 else
-            f"{path} was written by 1 process: BatchNorm normalised over {then['bn_images']} images per call, with "
-            f"model.sync_bn=false on {k_now} processes it would be {now['bn_images']}, a different recipe mid-run; "
-            f"resume it in one process (fastemp resume {path.parent})")
+            f"different recipe mid-run; resume it with {k} process(es) ({how})")
     return (f"resuming {path} (written by {k} process(es)) on {k_now}: BatchNorm still normalises over "
             f"{now['bn_images']} images per call and every rank draws its rows of the same global batch, so the "
             "recipe is unchanged (float sums may differ in the last bits)")
@@ -119,7 +118,7 @@ def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None
 def _disk_full(err: BaseException, where: Path) -> bool:
     # torch's zip writer reports ENOSPC as "unexpected pos" / "failed writing", not as an errno
     text = str(err)
-    if getattr(err, "errno", None) == 28 or "No space left" in text or "unexpected pos" in text:
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
         return True
     try:
         return shutil.disk_usage(where).free < (64 << 20)
@@ -212,11 +211,13 @@ def check_tensors(expected: dict, state: dict, path: Path) -> None:
     got = state["model"]
     missing = [k for k in expected if k not in got]
     extra = [k for k in got if k not in expected]
-    shaped = [k for k in expected if k in got and (got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype)]
+    shaped = [k for k in expected
+              if k in got and (got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype)]
     if missing or extra or shaped:
         if shaped:
             k = shaped[0]
-            what = f"{k} is {tuple(got[k].shape)} {got[k].dtype}, the model's is {tuple(expected[k].shape)} {expected[k].dtype}"
+            what = (f"{k} is {tuple(got[k].shape)} {got[k].dtype}, "
+                    f"the model's is {tuple(expected[k].shape)} {expected[k].dtype}")
         else:
             k = (missing or extra)[0]
             what = f"{k} is {'missing' if missing else 'not a tensor of this model'}"
@@ -313,8 +314,9 @@ def load_into(trainer, path: Path) -> None:
     check_tensors(trainer.model.state_dict(), state, path)
     check_optimizer([p for group in trainer.optimizer.param_groups for p in group["params"]], state, path)
     clock, rng = state["clock"], state["rng_cpu"]
-    if not (isinstance(clock, (list, tuple)) and len(clock) == 3 and all(isinstance(c, (int, float)) for c in clock)
-            and isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+    clock_ok = isinstance(clock, (list, tuple)) and len(clock) == 3 and all(isinstance(c, (int, float)) for c in clock)
+    rng_ok = isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape
+    if not (clock_ok and rng_ok):
         raise CheckpointError(f"{path} has a malformed clock or random state; {_redo(path)}")
     trainer.model.load_state_dict(state["model"])
     try:

@@ -62,9 +62,11 @@ def cmd_train(args) -> int:
         try:
             save_config(cfg, run_dir / "config.yaml")
         except OSError as err:
-            runs.outcome_of_failed_run(run_dir, "")
-            raise UserError(f"could not write {run_dir / 'config.yaml'}: {err.strerror or err}; free space or make "
-                            f"{run_dir} writable, then run {_retry_command(args, force=False)}") from None
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+            back = runs.restore_replaced(run_dir)
+            kept = f"{run_dir} again holds the run --force was replacing, unchanged" if back else "nothing was kept"
+            raise UserError(f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
+                            f"or make {run_dir} writable, then run {_retry_command(args, force=back)}") from None
 
     distributed.run_on_main(start)
     try:
@@ -153,6 +155,7 @@ def cmd_eval(args) -> int:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.plain:
         overrides.append("eval.mode=plain")
+
     def claim() -> None:
         if run_dir.is_dir():
             runs.probe_lock(run_dir)

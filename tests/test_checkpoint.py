@@ -73,7 +73,8 @@ def test_saved_state_reads_back_verified_and_every_flipped_bit_of_a_weight_is_ca
     assert state["format"] == checkpoint.FORMAT and state["layout"]["world_size"] == 1
     assert state["layout"]["bn_images"] == 20 and state["sha256"] == checkpoint.digest(state)
     data = path.read_bytes()
-    weight = max((v for v in state["model"].values() if v.is_floating_point()), key=torch.Tensor.numel).numpy().tobytes()
+    weight = max((v for v in state["model"].values() if v.is_floating_point()), key=torch.Tensor.numel)
+    weight = weight.numpy().tobytes()
     at = data.find(weight)
     for bit in (0, 7, 8 * len(weight) - 1, 8 * (len(weight) // 3) + 5):
         bad = bytearray(data)
