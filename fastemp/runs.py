@@ -138,6 +138,19 @@ def probe_lock(run_dir: Path) -> None:
         os.close(fd)  # also drops the shared lock
 
 
+def _flock_briefly(fd: int, tries: int = 5) -> bool:
+    """An exclusive flock, retried for ~0.1 s: another command's probe_lock holds a shared one for
+    microseconds, which must not read as a live holder."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(0.02)
+    return False
+
+
 def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> bool:
     """Hold run_dir's lock (an exclusive flock on run_dir/.lock) until this process exits.
 
@@ -154,17 +167,12 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
         except OSError as err:
             if not (read_only_ok and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
                 raise
-            try:  # a read-only folder: nobody can write it, but a live holder is still worth naming
-                probe_lock(run_dir)
-            except RunLockedError:
-                raise
+            probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_briefly(fd):
             owner = _owner(fd)
             os.close(fd)
-            raise RunLockedError(_locked_message(run_dir, owner)) from None
+            raise RunLockedError(_locked_message(run_dir, owner))
         try:  # the file we locked must still be the one at `path` (not one its last holder just removed)
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

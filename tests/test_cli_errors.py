@@ -313,7 +313,7 @@ def test_catalog_of_bad_inputs(workspace):
          "holds this run's config.yaml and metrics but no checkpoint; to try again: fastemp train", str(disk_fresh),
          "full_disk"),
     ]
-    read_only = _read_only(ro_parent) and _read_only(ro_run)
+    read_only = all([_read_only(ro_parent), _read_only(ro_run)])  # both tried: the finally below undoes both
     if read_only:
         cases += [
             (train + ["--out", str(ro_parent / "run")], "is read-only; choose an --out in a writable folder", None),
@@ -328,9 +328,8 @@ def test_catalog_of_bad_inputs(workspace):
                               capture_output=True, text=True, timeout=300)
     finally:
         runs.unlock_all()
-        if read_only:
-            _writable(ro_parent)
-            _writable(ro_run)
+        _writable(ro_parent)
+        _writable(ro_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
     failures = []
