@@ -237,8 +237,13 @@ def begin_run(run_dir: Path, force: bool, command: str) -> bool:
 def discard_replaced(run_dir: Path) -> None:
     """The new run has its first checkpoint: the run it replaced is no longer needed."""
     aside = Path(run_dir) / REPLACED
-    if aside.is_dir():
-        shutil.rmtree(aside)
+    if not aside.is_dir():
+        return
+    for p in aside.iterdir():  # MOVED goes last: a kill midway leaves a discard that settle_replaced finishes
+        if p.name != MOVED:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (aside / MOVED).unlink(missing_ok=True)
+    aside.rmdir()
 
 
 def restore_replaced(run_dir: Path) -> bool:

@@ -204,3 +204,37 @@ def test_a_torchrun_checkpoint_records_its_layout_and_resumes_on_one_process_wit
                                "bn_images": 20}
     assert main(["resume", str(out), "--no-progress"]) == 0  # model.sync_bn=true: the same BatchNorm groups
     assert "written by 2 process(es)) on 1" in capsys.readouterr().out
+
+
+def test_every_interrupted_step_of_a_replace_settles_to_one_whole_run(tmp_path):
+    """A kill between any two file operations of --force (move aside, discard, restore) leaves a
+    folder that settle_replaced turns into exactly the old run or exactly the new one."""
+    old, new = {"config.yaml": b"old", "checkpoint.pt": b"old ckpt", "metrics.jsonl": b"1"}, {"config.yaml": b"new"}
+
+    def folder(name, top, aside, moved):
+        run = tmp_path / name
+        (run / runs.REPLACED).mkdir(parents=True)
+        for where, content in ((run, top), (run / runs.REPLACED, aside)):
+            for key, value in content.items():
+                (where / key).write_bytes(value)
+        if moved:
+            (run / runs.REPLACED / runs.MOVED).touch()
+        return run
+
+    def content(run):
+        assert not (run / runs.REPLACED).exists()
+        return {p.name: p.read_bytes() for p in run.iterdir()}
+
+    # moving aside, killed after the first file: everything goes back
+    run = folder("moving", {"checkpoint.pt": b"old ckpt", "metrics.jsonl": b"1"}, {"config.yaml": b"old"}, False)
+    assert runs.settle_replaced(run) and content(run) == old
+    # the new run started, no checkpoint yet: the old run comes back
+    run = folder("started", new, old, True)
+    assert runs.settle_replaced(run) and content(run) == old
+    # the new run has its checkpoint; discard killed midway (some old files already gone, MOVED still there)
+    with_ckpt = {**new, "checkpoint.pt": b"new ckpt"}
+    run = folder("discarding", with_ckpt, {"metrics.jsonl": b"1"}, True)
+    assert runs.settle_replaced(run) is None and content(run) == with_ckpt
+    # restoring, killed after MOVED went and part of the old run came back
+    run = folder("restoring", {"config.yaml": b"old"}, {"checkpoint.pt": b"old ckpt", "metrics.jsonl": b"1"}, False)
+    assert runs.settle_replaced(run) and content(run) == old
