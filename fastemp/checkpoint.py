@@ -141,8 +141,10 @@ def save(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except BaseException as err:  # Ctrl-C too: the temp file never outlives the write
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
         kept, then = ((f"the previous {path.name} is intact", f"run fastemp resume {path.parent}") if had else
                       ("no checkpoint of this run exists yet", "start the run again"))
         if _disk_full(err, path.parent):
