@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from .draw import BRIGHTNESS, CONTRAST, HUE, SATURATION, jitter_enabled, params_from_uniforms, sharded_uniforms
+from .draw import BRIGHTNESS, CONTRAST, SATURATION, jitter_enabled, params_from_uniforms, sharded_uniforms
 from .torch_backend import normalize
 
 RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR, BICUBIC
