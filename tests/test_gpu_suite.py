@@ -90,3 +90,15 @@ def test_profile_categories_name_the_kind_of_work():
     assert category("aten::native_batch_norm") == "batchnorm"
     assert category("Memcpy DtoD (Device -> Device)") == "copy"
     assert category("aten::where") == "other"
+
+
+def test_the_data_part_rides_inside_suite_json(tmp_path):
+    out = tmp_path / "results"
+    result = run_suite("data", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    part = json.loads((out / "suite.json").read_text())["parts"][0]
+    assert part["part"] == "data" and part["status"] == "PASS" and part["result_file"] == "suite.json"
+    arms = {r["arm"] for r in part["result_json"]["rows"]}
+    assert {"pillow", "resident", "step_only"} <= arms
+    assert "# Data path" in (out / "suite.md").read_text()
+    assert len([p for p in out.iterdir() if p.is_file()]) <= 8

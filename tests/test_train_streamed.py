@@ -52,3 +52,20 @@ def test_streamed_dali_cpu_twin_trains(folder):
     assert trainer.backend_name == "dali"
     trainer.train_until()
     assert trainer.step == 2 and math.isfinite(trainer.last_record["loss"])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.backend=torch"], "needs the images resident"),
+    (["data.streamed=false", "data.backend=pillow"], "needs data.streamed=true"),
+    (["data.source=synthetic"], "data.streamed=true reads image files"),
+    (["model.stem=imagnet"], "did you mean 'imagenet'"),
+    (["augment.interpolation=cubic"], "augment.interpolation must be one of"),
+    (["data.workers=-1"], "data.workers must be >= 0"),
+])
+def test_streamed_config_mistakes_are_one_line(folder, overrides, words):
+    from fastemp.config import ConfigError
+    from fastemp.validate import check_config
+
+    with pytest.raises(ConfigError, match=words) as err:
+        check_config(tiny(folder, *overrides))
+    assert "\n" not in str(err.value)
