@@ -66,12 +66,18 @@ def extract_features(
             x = normalize_images(images[index], aug.mean, aug.std)
         else:
             x = patches(index, cfg.patches, seed=seed + start)
+            following = start + world * cfg.batch_size  # this rank's next batch: decoded while this one runs
+            if hasattr(patches, "prefetch") and following < count:
+                patches.prefetch(torch.arange(following, min(following + cfg.batch_size, count)), cfg.patches,
+                                 seed=seed + following)
         if not channels_last:
             x = x.contiguous()
         with amp:
             h = model.encode(x).float()
         k = 1 if patches is None else cfg.patches
         out.append((start, h.view(k, index.numel(), -1).mean(0)))
+    if hasattr(patches, "close"):  # a streamed backend's worker processes
+        patches.close()
     model.train(was_training)
     if world == 1:
         return torch.cat([h for _, h in out])

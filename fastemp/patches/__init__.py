@@ -101,7 +101,8 @@ def make_patch_backend(name: str, images, aug: AugmentConfig, seed: int = 0, wor
     images = getattr(images, "images", images)  # an ImageSet: its tensor
     streamed = isinstance(images, StreamedSet)
     device = images.device
-    chosen, reason = choose_backend(name, streamed, device.type, dali_available() if name != "torch" else False)
+    asks_dali = name == "dali" or (streamed and name == "auto")  # importing DALI costs a second: only when it matters
+    chosen, reason = choose_backend(name, streamed, device.type, asks_dali and dali_available())
     if streamed and chosen == "dali":
         from .dali_images import DaliImagePatches
 
