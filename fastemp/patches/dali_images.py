@@ -78,7 +78,9 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
             col = fn.reshape(prm[:, k], shape=[n, 1, 1, 1])
             return col.gpu() if on_gpu else col
 
-        image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        # pixels as stored, like PIL (and the official ImageFolder): the crop windows are drawn for the stored size
+        image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                  adjust_orientation=False)
         crops = []
         for i in range(n):
             crop = fn.slice(image, start=window[i, 0:2], shape=window[i, 2:4], axes=[0, 1])

@@ -138,3 +138,25 @@ def test_dali_cpu_twin_matches_pillow_in_distribution_and_resumes(images):
     params = backend.params(index, 8, seed=101)  # the crops are drawn for each image's own size
     widths = torch.tensor([open_rgb(p).width for p in images.paths]).repeat(8)
     assert params.box.shape == (96, 4) and bool(((params.box[:, 1] + params.box[:, 3]) <= widths).all())
+
+
+def test_exif_orientation_is_ignored_like_pil(tmp_path):
+    """A JPEG with an EXIF rotation tag: both backends cut from the stored pixels (PIL does not rotate,
+    so neither does the official ImageFolder), so the windows drawn for the stored size fit."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from fastemp.patches.dali_images import DaliImagePatches
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    y, x = np.mgrid[0:40, 0:64]
+    pixels = np.stack([x * 4, y * 6, (x + y) * 2], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(pixels).save(folder / "r.jpg", quality=95, exif=exif)
+    data = load_split(DataConfig(source="imagefolder", path=str(tmp_path), streamed=True), "train", "cpu")
+    aug = aug_off(crop_size=16, crop_scale=(0.5, 0.5), crop_ratio=(0.5, 2.0))
+    a = PillowPatches(data, aug, workers=0)(torch.tensor([0]), 4, seed=0)
+    b = DaliImagePatches(data, aug)(torch.tensor([0]), 4, seed=0)
+    assert (a - b).abs().mean() < 0.01
