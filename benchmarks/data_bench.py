@@ -159,9 +159,18 @@ def measure_source(source_px: int, patch_px: int, args: dict, device: torch.devi
             "bytes_per_image": bytes_per_image, "images": len(files), "stem": cfg.model.stem}
     print(f"fastemp bench data: {source_px} px sources -> {patch_px} px patches, n={n}, B={batch}",
           file=sys.stderr, flush=True)
-    trainer = Trainer(cfg, progress=False)
-    fixed = trainer.patches(trainer.batch_index(0), n, seed=1).clone()
-    reference = step_seconds(trainer, FixedPatches(fixed), warmup, steps)
+    try:
+        trainer = Trainer(cfg, progress=False)
+        fixed = trainer.patches(trainer.batch_index(0), n, seed=1).clone()
+        reference = step_seconds(trainer, FixedPatches(fixed), warmup, steps)
+    except Exception as err:  # the step itself does not run (e.g. out of memory): every arm says so
+        status = "oom" if common.is_out_of_memory(err) else "error"
+        print(f"fastemp bench data: the step at {source_px} px failed: {err}", file=sys.stderr, flush=True)
+        common.free_device_memory(device)
+        return [{**base, "arm": arm, "status": status, "images_per_s": None, "data_seconds": None,
+                 "step_seconds": None, "step_only_seconds": None, "data_added_fraction": None, "cpu_workers": None,
+                 "cpu_cores_busy": None, "note": f"the step failed: {type(err).__name__}: {err}"[:300]}
+                for arm in ARMS]
     rows = [{**base, "arm": "step_only", "status": "ok", "images_per_s": batch / reference, "data_seconds": 0.0,
              "step_seconds": reference, "step_only_seconds": reference, "data_added_fraction": 0.0,
              "cpu_workers": 0, "cpu_cores_busy": None, "note": "patches made once; the step alone"}]

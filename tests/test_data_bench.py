@@ -27,3 +27,14 @@ def test_data_bench_rows_and_output_contract(tmp_path):
         assert 0.0 <= r["data_added_fraction"] < 1.0 and isinstance(r["cpu_workers"], int)
     assert rows["step_only"]["data_added_fraction"] == 0.0
     assert "| 24 | 16 | pillow |" in (tmp_path / "data.md").read_text()
+
+
+def test_a_step_that_cannot_run_marks_every_arm(tmp_path):
+    from fastemp.benchmarks.data_bench import ARMS, run_data_bench
+
+    # a batch larger than the folder: the trainer refuses it, and the source still gets its four rows
+    result = run_data_bench("cpu", sources=(16,), n=2, batch=4, workers=0, warmup=0, steps=1, classes=1,
+                            per_class=1, patch=8, overrides=["model.width=8", "train.batch_size=64"],
+                            folder_root=str(tmp_path))
+    assert [r["arm"] for r in result["rows"]] == list(ARMS)
+    assert all(r["status"] == "error" and "batch_size" in r["note"] for r in result["rows"])
