@@ -156,7 +156,8 @@ def measure_source(source_px: int, patch_px: int, args: dict, device: torch.devi
     bytes_per_image = sum(p.stat().st_size for p in files) / len(files)
     cfg = bench_config(folder, source_px, patch_px, n, batch, device, args["compile"], args["overrides"])
     base = {"source_px": source_px, "patch_px": patch_px, "n_patches": n, "batch_size": batch,
-            "bytes_per_image": bytes_per_image, "images": len(files), "stem": cfg.model.stem}
+            "bytes_per_image": bytes_per_image, "images": len(files), "stem": cfg.model.stem,
+            "device": args["device_name"]}
     print(f"fastemp bench data: {source_px} px sources -> {patch_px} px patches, n={n}, B={batch}",
           file=sys.stderr, flush=True)
     try:
@@ -209,7 +210,8 @@ def run_data_bench(device: str = "auto", sources=(32, 64, 400), n: int = 20, bat
     dev = resolve_device(device)
     environment = runs.environment(dev)
     args = {"n": n, "batch": batch, "workers": workers, "warmup": warmup, "steps": steps, "classes": classes,
-            "per_class": per_class, "compile": compile_mode, "overrides": list(overrides)}
+            "per_class": per_class, "compile": compile_mode, "overrides": list(overrides),
+            "device_name": environment.get("device_name")}
     notes = [f"step without torch.compile (model.compile={compile_mode})" if compile_mode == "none"
              else f"model.compile={compile_mode}",
              "synthetic JPEGs (fastemp.data.synthetic_jpeg, quality 90 + pixel noise): see bytes_per_image; "
@@ -218,7 +220,8 @@ def run_data_bench(device: str = "auto", sources=(32, 64, 400), n: int = 20, bat
         notes.append("CPU run: every arm shares this machine's cores with the training step; DALI runs its CPU "
                      "operators. These numbers describe the CPU, not a GPU.")
     result = {**common.base_result("data", environment), "partial": True,
-              "settings": {**{k: v for k, v in args.items() if k != "overrides"}, "sources": list(sources),
+              "settings": {**{k: v for k, v in args.items() if k not in ("overrides", "device_name")},
+                           "sources": list(sources),
                            "patch": patch, "overrides": list(overrides)},
               "rows": [], "notes": notes}
     with tempfile.TemporaryDirectory(dir=folder_root) as tmp:
