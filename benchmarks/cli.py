@@ -1,4 +1,4 @@
-"""`fastemp bench {throughput, time-to-accuracy, accuracy, kernels, report}` and `fastemp tune`.
+"""`fastemp bench {throughput, time-to-accuracy, accuracy, kernels, data, report}` and `fastemp tune`.
 
 Every benchmark writes <out>/<name>.json (every number, the environment and the config) and
 <out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory. An
@@ -156,6 +156,20 @@ def cmd_kernels(args) -> int:
     return _status(result["rows"] + result["augmentation"])
 
 
+def cmd_data(args) -> int:
+    from .data_bench import data_markdown, run_data_bench
+
+    _threads(args)
+    out, name = _target(args, args.device)
+    result = run_data_bench(args.device, common.parse_list(args.sources, int), args.n, args.batch, args.workers,
+                            args.warmup, args.steps, args.classes, args.per_class, args.patch, args.compile,
+                            args.overrides, args.folder_root, on_progress=_partial_writer(out, name, data_markdown))
+    markdown = data_markdown(result)
+    print(markdown)
+    _written(common.write_results(out, name, result, markdown))
+    return _status(result["rows"])
+
+
 def cmd_report(args) -> int:
     from .report import update_readme
 
@@ -225,8 +239,8 @@ def _output_args(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def register_cli(subparsers) -> None:
-    """Add `bench` (throughput, time-to-accuracy, kernels, report) and `tune` to fastemp's CLI."""
-    bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, report")
+    """Add `bench` (throughput, time-to-accuracy, kernels, data, report) and `tune` to fastemp's CLI."""
+    bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, data, report")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     p = sub.add_parser("throughput", help="images/s, MFU, memory and step split over a sweep (+ baseline)",
@@ -298,6 +312,27 @@ def register_cli(subparsers) -> None:
     p.add_argument("--baseline-aug-patches", type=int, default=200, help="patches for the per-patch CPU rate")
     _output_args(p, "kernels")
     p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone",
+                       description="Synthetic JPEG folders at each source size (made here, no download); "
+                                   "see fastemp/benchmarks/data_bench.py and docs/data-backends.md.")
+    p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
+    p.add_argument("--device", default="auto")
+    _threads_arg(p)
+    p.add_argument("--sources", default="32,64,400", help="source image sizes in px (default 32,64,400)")
+    p.add_argument("--patch", type=int, help="patch size for every source (default: 32 up to 64 px sources, else 224)")
+    p.add_argument("--n", type=int, default=20, help="patches per image (default 20)")
+    p.add_argument("--batch", type=int, default=100, help="images per step (default 100)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="Pillow worker processes (default: min(16, cores))")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per arm (default 2)")
+    p.add_argument("--steps", type=int, default=10, help="timed calls/steps per arm (default 10)")
+    p.add_argument("--classes", type=int, default=10, help="classes of each synthetic folder (default 10)")
+    p.add_argument("--per-class", type=int, default=20, help="training images per class (at least 2 batches in all)")
+    p.add_argument("--compile", default="none", help="model.compile of the step (default none)")
+    p.add_argument("--folder-root", help="where the temporary JPEG folders go (default: the system temp dir)")
+    _output_args(p, "data")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("profile", help="where a training step's time goes, op by op (torch.profiler)")
     _common_config_args(p, "cifar10_n20_1ep")

@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_suite.sh [PARTS] [OUT_DIR]
 #
-#   PARTS    comma-separated, run in order; default `all` = smoke,accuracy,throughput20,profile,throughput200,kernels,tta
+#   PARTS    comma-separated, run in order; default `all` = smoke,accuracy,throughput20,profile,throughput200,kernels,tta,data
 #              smoke          every GPU path once, <= 90 s on an H100; one PASS/FAIL/SKIP line per item
 #              accuracy       <= 8 min: fastemp's n=20 official 1-epoch recipe x ACCURACY_SEEDS (2), official
 #                             evaluation protocol, on the CIFAR-10 JPEG copy; then the official code's own 1-epoch
@@ -14,6 +14,10 @@
 #              kernels        cosine-to-mean, TCR and the augmentation backends in isolation
 #              tta            time to 85% linear probe, n=20, on the CIFAR-10 JPEG copy; short of 85%
 #                             within its limit it reports the best accuracy and the times to 70/75/80%
+#              data           the data path (fastemp bench data): Pillow workers vs DALI (nvJPEG, prefetch) vs
+#                             resident images vs the step alone, on synthetic JPEGs of 32, 64 and 400 px
+#                             (n=20, B=100; 224-px patches and the ImageNet stem for 400 px); its rows go
+#                             into suite.json (a data.json of its own would be a 9th file)
 #   OUT_DIR  default benchmarks/results/<device>/ (e.g. benchmarks/results/h100-80gb-hbm3/)
 #
 # OUT_DIR ends up with at most 8 files, so a remote node's results can be fetched whole: one JSON per
@@ -38,17 +42,18 @@
 #                        smoke part showed a fast path failing on this card (recorded in the results' config)
 #   SUITE_BACKENDS       patch backends of the throughput parts (default: torch, plus dali when it imports)
 #   ACCURACY_SEEDS (2), TTA_EPOCHS (3), TTA_EVAL_EVERY (250), TTA_PROTOCOL (cheap: 16 patches, 20 probe epochs),
-#   BASELINE_WORKERS, KERNELS_N (20,50,200), KERNELS_BATCH (100,256)
+#   BASELINE_WORKERS, KERNELS_N (20,50,200), KERNELS_BATCH (100,256), DATA_SOURCES (32,64,400), DATA_BATCH (100),
+#   DATA_WORKERS (min(16, cores): the Pillow arm's processes)
 set -uo pipefail
 
 PARTS="${1:-all}"
-[ "$PARTS" = all ] && PARTS=smoke,accuracy,throughput20,profile,throughput200,kernels,tta
+[ "$PARTS" = all ] && PARTS=smoke,accuracy,throughput20,profile,throughput200,kernels,tta,data
 IFS=, read -r -a PART_LIST <<<"$PARTS"
 for part in "${PART_LIST[@]}"; do
   case "$part" in
-    smoke | accuracy | throughput20 | profile | throughput200 | kernels | tta) ;;
+    smoke | accuracy | throughput20 | profile | throughput200 | kernels | tta | data) ;;
     *)
-      echo "usage: benchmarks/gpu_suite.sh [all|smoke,accuracy,throughput20,profile,throughput200,kernels,tta] [OUT_DIR]" >&2
+      echo "usage: benchmarks/gpu_suite.sh [all|smoke,accuracy,throughput20,profile,throughput200,kernels,tta,data] [OUT_DIR]" >&2
       exit 2
       ;;
   esac
@@ -276,10 +281,21 @@ part_tta() {
     --out "$DETAILS" --name time_to_85_n20
 }
 
+part_data() {  # DALI's arm runs when nvidia.dali imports on this box (staged like the other parts), else SKIPPED
+  local cores workers
+  cores="$(nproc)"
+  workers="${DATA_WORKERS:-$((cores < 16 ? cores : 16))}"
+  local args=(--device "$DEVICE" --sources "${DATA_SOURCES:-32,64,400}" --n 20 --batch "${DATA_BATCH:-100}"
+    --workers "$workers" --warmup 2 --steps 10 "${OVERRIDES[@]}")
+  [ "$DRY" = 1 ] && args=(--device cpu --sources 24 --patch 16 --n 2 --batch 4 --workers 0 --warmup 0 --steps 1
+    --classes 2 --per-class 2 model.width=8 model.hidden_dim=16 model.z_dim=8)
+  "${FASTEMP[@]}" bench data "${args[@]}" --force --out "$DETAILS" --name data
+}
+
 declare -A DEFAULT_LIMIT=([smoke]=400 [accuracy]=480 [throughput20]=420 [profile]=180 [throughput200]=300 [kernels]=240
-  [tta]=420)
+  [tta]=420 [data]=540)
 [ "$DRY" = 1 ] && DEFAULT_LIMIT=([smoke]=300 [accuracy]=240 [throughput20]=240 [profile]=240 [throughput200]=240
-  [kernels]=240 [tta]=240)
+  [kernels]=240 [tta]=240 [data]=240)
 
 # Publishes what is there: JSON per part, suite.json/suite.md, details.tar.gz (at most 8 files in OUT).
 publish() {

@@ -39,9 +39,9 @@ REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout"
 # outputs live, where it runs, how often it logs and checkpoints, and all of evaluation. Anything
 # else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
 # run that never happened.
-RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "train.device", "train.log_every",
+RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "data.workers", "train.device", "train.log_every",
                     "train.ckpt_every", "model.compile", "eval.*")
-ARCHITECTURE_KEYS = ("model.width", "model.hidden_dim", "model.z_dim")
+ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
 
 
 class CheckpointError(UserError):

@@ -33,14 +33,16 @@ class DataConfig:
     synthetic_train: int = 5000
     synthetic_test: int = 1000
     synthetic_seed: int = 0
-    backend: str = "auto"  # patch backend: auto (= torch, the faster one measured on GPU) | torch | dali
+    backend: str = "auto"  # patch backend: auto | torch | dali | pillow (docs/data-backends.md: what auto picks)
+    streamed: bool = False  # imagefolder: read the full-size files every epoch (ImageNet) instead of decoding once
+    workers: int = 8  # streamed data on the pillow backend: decoding processes (0 = in the training process)
 
 
 @dataclass
 class AugmentConfig:
     """Per-patch augmentation; defaults are the official EMP-SSL CIFAR recipe."""
 
-    crop_size: int = 32
+    crop_size: int = 32  # patch side S (224 for the official ImageNet-100 recipe)
     crop_scale: tuple[float, float] = (0.25, 0.25)
     crop_ratio: tuple[float, float] = (1.0, 1.0)
     flip_p: float = 0.5
@@ -56,11 +58,13 @@ class AugmentConfig:
     solarize_threshold: int = 128  # on the 0..255 scale: pixels >= threshold are inverted
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bilinear"  # crop resize of the streamed backends: bilinear | bicubic (resident: bilinear)
 
 
 @dataclass
 class ModelConfig:
     width: int = 64  # ResNet-18 base width (64 = the standard network)
+    stem: str = "cifar"  # cifar (3x3 stride-1 conv, no maxpool) | imagenet (7x7 stride-2 conv + 3x3 stride-2 maxpool)
     hidden_dim: int = 4096  # projector hidden size; h (the evaluation feature) has this size
     z_dim: int = 1024
     compile: str = "auto"  # auto (default mode on CUDA, off on CPU) | none | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs

@@ -47,37 +47,50 @@ def extract_features(
     channels_last: bool = False,
     desc: str = "features",
     compile_mode: str = "none",
+    workers: int = 0,
 ) -> torch.Tensor:
-    """(N, hidden) fp32 features of uint8 NHWC `images`, model in eval mode for the duration."""
+    """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files, read through a
+    streamed backend with `workers` processes), model in eval mode for the duration."""
     was_training = model.training
     model.eval()
     encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
     device = images.device
-    patches = make_patch_backend(backend, images, aug, seed=seed) if cfg.mode == "patches" else None
+    count = len(images)
+    patches = make_patch_backend(backend, images, aug, seed=seed, workers=workers) if cfg.mode == "patches" else None
     if cfg.mode not in ("patches", "plain"):
         raise ValueError(f"eval.mode must be patches or plain, got '{cfg.mode}'")
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
     world, rank = distributed.world_size(), distributed.rank()
-    for number, start in enumerate(bar(range(0, images.shape[0], cfg.batch_size), desc=desc, unit="batch")):
+    for number, start in enumerate(bar(range(0, count, cfg.batch_size), desc=desc, unit="batch")):
         if number % world != rank:
             continue
-        index = torch.arange(start, min(start + cfg.batch_size, images.shape[0]), device=device)
-        if patches is None:
+        index = torch.arange(start, min(start + cfg.batch_size, count), device=device)
+        if patches is None and not isinstance(images, torch.Tensor):
+            from .patches.pillow_images import whole_images
+
+            x = whole_images(images, index, aug)
+        elif patches is None:
             x = normalize_images(images[index], aug.mean, aug.std)
         else:
             x = patches(index, cfg.patches, seed=seed + start)
+            following = start + world * cfg.batch_size  # this rank's next batch: decoded while this one runs
+            if hasattr(patches, "prefetch") and following < count:
+                patches.prefetch(torch.arange(following, min(following + cfg.batch_size, count)), cfg.patches,
+                                 seed=seed + following)
         if not channels_last:
             x = x.contiguous()
         with amp:
             h = encode(x).float()
         k = 1 if patches is None else cfg.patches
         out.append((start, h.view(k, index.numel(), -1).mean(0)))
+    if hasattr(patches, "close"):  # a streamed backend's worker processes
+        patches.close()
     model.train(was_training)
     if world == 1:
         return torch.cat([h for _, h in out])
     # every row is filled by exactly one rank and is zero elsewhere, so the sum is exact
-    feats = torch.zeros(images.shape[0], model.pre_feature[0].out_features, device=device)
+    feats = torch.zeros(count, model.pre_feature[0].out_features, device=device)
     for start, h in out:
         feats[start:start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)
@@ -152,11 +165,12 @@ def knn_top1(
 def evaluate_encoder(
     model: nn.Module, train: ImageSet, test: ImageSet, cfg: EvalConfig, aug: AugmentConfig,
     backend: str = "torch", seed: int = 0, autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False, prefix: str = "", compile_mode: str = "none",
+    channels_last: bool = False, prefix: str = "", compile_mode: str = "none", workers: int = 0,
 ) -> dict:
     """Features for both splits, then the probe (and kNN when cfg.knn). Keys get `prefix`."""
-    feats = [extract_features(model, s.images, cfg, aug, backend, seed + i, autocast_dtype, channels_last,
-                              desc=f"{prefix}features ({name})", compile_mode=compile_mode)
+    feats = [extract_features(model, getattr(s, "images", s), cfg, aug, backend, seed + i, autocast_dtype,
+                              channels_last, desc=f"{prefix}features ({name})", compile_mode=compile_mode,
+                              workers=workers)
              for i, (name, s) in enumerate((("train", train), ("test", test)))]
     return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, cfg, seed, prefix))
 

@@ -1,7 +1,8 @@
-"""ResNet-18 with the CIFAR stem, and the EMP-SSL projector.
+"""ResNet-18 with the CIFAR or the ImageNet stem, and the EMP-SSL projector.
 
 Matches the official encoder: torchvision's ResNet-18 with conv1 = 3x3 stride 1 pad 1, no
-maxpool, fc removed (512-d); then h = ReLU(BN(Linear(512, 4096))) -- the evaluation feature --
+maxpool (arch resnet18-cifar), or torchvision's own 7x7 stride 2 pad 3 conv1 + 3x3 stride 2
+maxpool (arch resnet18-imagenet, model.stem=imagenet), fc removed (512-d); then h = ReLU(BN(Linear(512, 4096))) -- the evaluation feature --
 and Linear(4096, 4096) -> BN -> ReLU -> Linear(4096, 1024). The official forward returns the
 L2-normalised z; here `forward` returns the raw projector output p, because the fused
 cosine-to-mean kernel normalises p itself and the loss normalises it for the TCR term.
@@ -51,15 +52,26 @@ class BasicBlock(nn.Module):
         return F.relu(out + identity)
 
 
-class ResNet18Cifar(nn.Module):
-    """torchvision-style ResNet-18 (same layer names) with the CIFAR stem; returns pooled features."""
+STEMS = ("cifar", "imagenet")
 
-    def __init__(self, width: int = 64):
+
+class ResNet18Cifar(nn.Module):
+    """torchvision-style ResNet-18 (same layer names) with the CIFAR (default) or the ImageNet stem;
+    returns pooled features."""
+
+    def __init__(self, width: int = 64, stem: str = "cifar"):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem '{stem}' (choose {' or '.join(STEMS)})")
         # Activation checkpointing per stage: keep only stage inputs, recompute the rest in backward.
         # BatchNorm keeps full-batch statistics; the recomputation leaves running stats alone.
         self.checkpoint_activations = False
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         chans = [width, 2 * width, 4 * width, 8 * width]
         in_ch = width
@@ -76,7 +88,7 @@ class ResNet18Cifar(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
@@ -90,9 +102,9 @@ class ResNet18Cifar(nn.Module):
 class EMPEncoder(nn.Module):
     """Backbone + projector. `encode` gives h (evaluation feature), `forward` the raw projection p."""
 
-    def __init__(self, width: int = 64, hidden_dim: int = 4096, z_dim: int = 1024):
+    def __init__(self, width: int = 64, hidden_dim: int = 4096, z_dim: int = 1024, stem: str = "cifar"):
         super().__init__()
-        self.backbone = ResNet18Cifar(width)
+        self.backbone = ResNet18Cifar(width, stem)
         self.pre_feature = nn.Sequential(
             nn.Linear(self.backbone.out_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU()
         )
@@ -108,14 +120,15 @@ class EMPEncoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> EMPEncoder:
-    return EMPEncoder(cfg.width, cfg.hidden_dim, cfg.z_dim)
+    return EMPEncoder(cfg.width, cfg.hidden_dim, cfg.z_dim, cfg.stem)
 
 
 def flops_per_patch(cfg: ModelConfig, image_size: int = 32, training: bool = True) -> float:
     """Matmul/conv FLOPs (2 per multiply-add) for one patch: forward, or forward+backward (x3).
 
     Counts convolutions and linear layers only (BN, ReLU, pooling and adds are <1% and memory-
-    bound). For the standard model at 32x32 this is 3.47 GFLOP per training patch.
+    bound). The count follows the stem and `image_size` (the patch side): the standard model
+    on 32x32 patches is 3.47 GFLOP per training patch; benchmarks pass augment.crop_size.
     """
     model = build_model(cfg)
     macs = 0

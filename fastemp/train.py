@@ -12,6 +12,7 @@ of each global batch through DDP, logs global metrics, and rank 0 alone writes t
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -64,8 +65,11 @@ class Trainer:
 
         self.train_set = load_split(cfg.data, "train", self.device)
         check_data(cfg, len(self.train_set))  # before the model is built
-        self.patches = make_patch_backend(cfg.data.backend, self.train_set.images, cfg.augment, cfg.train.seed)
+        self.patches = make_patch_backend(cfg.data.backend, self.train_set, cfg.augment, cfg.train.seed,
+                                          workers=cfg.data.workers)
         self.backend_name = self.patches.name
+        if self.progress:
+            print(f"fastemp: patches: {self.backend_name} ({self.patches.reason})", file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
         if self.world > 1 and cfg.model.sync_bn:
@@ -78,7 +82,7 @@ class Trainer:
         self.forward = wrapped if self.compile_mode == "none" else torch.compile(wrapped, mode=self.compile_mode)
         self.optimizer = build_lars(self.model, cfg.optim)
         self.fused = use_fused(cfg.loss, self.device)
-        self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
+        self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
         # wall clock: the first step a process runs (compilation, allocator warm-up) is kept apart
@@ -92,7 +96,7 @@ class Trainer:
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 1, epoch))
-            self._perm = (epoch, torch.randperm(self.train_set.images.shape[0], generator=gen).to(self.device))
+            self._perm = (epoch, torch.randperm(len(self.train_set), generator=gen).to(self.device))
         b = self.cfg.train.batch_size
         return self._perm[1][k * b:(k + 1) * b]
 
@@ -107,6 +111,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=self.shard)
+        prefetch = getattr(self.patches, "prefetch", None)  # streamed backends: read step t+1's files meanwhile
+        if prefetch is not None and step + 1 < self.total_steps:
+            prefetch(self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1), shard=self.shard)
         return patches if self.channels_last else patches.contiguous()
 
     def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
@@ -220,7 +227,7 @@ class Trainer:
             distributed.broadcast_buffers(self.model)
         return evaluate_encoder(model or self.model, self.train_set, self.test_set, eval_cfg or self.cfg.eval,
                                 self.cfg.augment, self.backend_name, self.cfg.train.seed, self.autocast_dtype,
-                                self.channels_last, prefix, self.compile_mode)
+                                self.channels_last, prefix, self.compile_mode, self.cfg.data.workers)
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""

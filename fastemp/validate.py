@@ -14,7 +14,9 @@ import torch
 from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError
 
 SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
-BACKENDS = ("auto", "torch", "dali")
+BACKENDS = ("auto", "torch", "dali", "pillow")
+STEMS = ("cifar", "imagenet")
+INTERPOLATIONS = ("bilinear", "bicubic")
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("auto", "fp32", "bf16")
 FUSED = ("auto", "on", "off")
@@ -75,6 +77,16 @@ def check_config(cfg: Config) -> None:
     _choice("data.source", d.source, SOURCES)
     _choice("data.backend", d.backend, BACKENDS)
     _positive(d, "data", "image_size")
+    _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
+    if d.streamed and d.source != "imagefolder":
+        raise ConfigError(f"data.streamed=true reads image files, but data.source={d.source}; "
+                          "use data.source=imagefolder with a directory, or data.streamed=false")
+    if d.streamed and d.backend == "torch":
+        raise ConfigError("data.backend=torch needs the images resident in memory, but data.streamed=true; "
+                          "use data.backend=auto, dali or pillow, or data.streamed=false")
+    if not d.streamed and d.backend == "pillow":
+        raise ConfigError("data.backend=pillow reads image files, so it needs data.streamed=true "
+                          "(with data.source=imagefolder); use data.backend=auto for resident data")
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
     if d.source == "imagefolder" and not d.path.strip():
@@ -82,6 +94,7 @@ def check_config(cfg: Config) -> None:
                           "with train/<class>/* and test/<class>/*")
 
     _positive(a, "augment", "crop_size")
+    _choice("augment.interpolation", a.interpolation, INTERPOLATIONS)
     _range("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
     _rule("augment.crop_ratio", list(a.crop_ratio), 0 < a.crop_ratio[0] <= a.crop_ratio[1], "[lo, hi] with 0 < lo <= hi")
     for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
@@ -96,6 +109,7 @@ def check_config(cfg: Config) -> None:
     _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
 
     _positive(m, "model", "width", "hidden_dim", "z_dim")
+    _choice("model.stem", m.stem, STEMS)
     _choice("model.compile", m.compile, COMPILE_MODES)
     _choice("model.precision", m.precision, PRECISIONS)
 
@@ -128,7 +142,7 @@ def check_config(cfg: Config) -> None:
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
 
     device = check_device(t.device)
-    if d.backend == "dali":
+    if d.backend == "dali" and not d.streamed:  # streamed data falls back to Pillow, saying so
         from .patches import dali_available
 
         if not dali_available():

@@ -28,12 +28,16 @@ def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(tmp_path):
 
 def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_path):
     out = tmp_path / "results"
-    result = run_suite("throughput20,profile,throughput200,kernels,tta", out, LIMIT_THROUGHPUT20="3")
+    result = run_suite("throughput20,profile,throughput200,kernels,tta,data", out, LIMIT_THROUGHPUT20="3")
     assert result.returncode == 1, result.stdout + result.stderr  # one part timed out
     assert "part throughput20: TIMEOUT" in result.stdout
     parts = {p["part"]: p for p in json.loads((out / "suite.json").read_text())["parts"]}
     assert parts["throughput20"]["status"] == "TIMEOUT" and parts["throughput20"]["limit_seconds"] == 3
-    assert [parts[p]["status"] for p in ("profile", "throughput200", "kernels", "tta")] == ["PASS"] * 4
+    assert [parts[p]["status"] for p in ("profile", "throughput200", "kernels", "tta", "data")] == ["PASS"] * 5
+    # the data part's rows ride inside suite.json (its own file would be a 9th)
+    assert parts["data"]["result_file"] == "suite.json"
+    assert {"pillow", "resident", "step_only"} <= {r["arm"] for r in parts["data"]["result_json"]["rows"]}
+    assert "# Data path" in (out / "suite.md").read_text()
     assert "throughput20" in (out / "suite.md").read_text() and "TIMEOUT" in (out / "suite.md").read_text()
     # at most 8 files, every part's JSON beside the summary, the details packed
     files = sorted(p.name for p in out.iterdir() if p.is_file())
