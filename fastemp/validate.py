@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, shown, to_dict
 from .errors import UserError, one_line
 
 SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
@@ -42,7 +42,7 @@ class CheckpointError(UserError):
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
     if not ok:
         why = f" ({why})" if why else ""
-        raise ConfigError(f"{key} must be {rule}{why}, got {value!r}; set {key} to a value that is {rule}")
+        raise ConfigError(f"{key} must be {rule}{why}, got {shown(value)}; set {key} to a value that is {rule}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -51,7 +51,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}; {hint}set {key} to one of them")
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {shown(value)}; {hint}set {key} to one of them")
 
 
 def _positive(section, prefix: str, *names: str) -> None:
@@ -71,9 +71,9 @@ def check_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them") from None
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {shown(name)}; set one of them") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {shown(name)}; set one of them")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
