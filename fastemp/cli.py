@@ -22,11 +22,10 @@ def _print_summary(summary: dict) -> None:
 
 
 def _set_progress(args) -> bool:
-    """Bars on, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
+    """Bars on a terminal, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
     from . import progress
 
-    progress.enabled = not args.no_progress and distributed.is_main()
-    return progress.enabled
+    return progress.decide(not args.no_progress and distributed.is_main())
 
 
 def cmd_train(args) -> int:
