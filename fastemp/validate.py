@@ -12,6 +12,7 @@ their weights are loaded (`check_resume`, `check_architecture`), so a mismatch i
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -157,6 +158,23 @@ def check_config(cfg: Config) -> None:
         if not triton_usable(device):
             raise ConfigError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
                               "use loss.fused=auto or set TRITON_INTERPRET=1")
+
+
+def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> None:
+    """The output folder `path` (or the folder of the output file `path`) exists or can be made: its
+    nearest existing ancestor is a writable folder, not a file. Checked before any measuring, so a
+    typo in an output path costs nothing."""
+    path = Path(path).expanduser()
+    if is_file and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name such as {path / 'result.json'}")
+    for parent in (path.parent, *path.parent.parents) if is_file else (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = f"{path} is a file" if parent == path else f"{path} lies under {parent}, which is a file"
+                raise ConfigError(f"{flag} {what}, not a folder; choose another {flag}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
+            return
 
 
 def check_data(cfg: Config, train_images: int) -> None:
