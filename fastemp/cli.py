@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import ConfigError, load_config, save_config
+from .memory import check_run_memory
 
 
 def _print_summary(summary: dict) -> None:
@@ -34,8 +35,10 @@ def cmd_train(args) -> int:
     from .validate import check_config, check_probe
 
     cfg = load_config(args.config, args.overrides)
+    distributed.check_same_config(cfg)
     check_config(cfg)
     distributed.require_divisible(cfg.train.batch_size)  # before any rank allocates a device buffer
+    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
     # rank 0 alone touches the run folder; the other ranks get its path, or its error
     run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
@@ -70,6 +73,7 @@ def _run_config(run_dir: Path, overrides=()):
         raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a "
                           "fastemp train run")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    distributed.check_same_config(cfg)
     check_config(cfg)
     return cfg
 
@@ -82,6 +86,7 @@ def cmd_resume(args) -> int:
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir)
     distributed.require_divisible(cfg.train.batch_size)
+    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
     check_resume(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir)
     runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
     summary = run_training(cfg, run_dir, resume=True, progress=_set_progress(args))
@@ -105,6 +110,7 @@ def cmd_eval(args) -> int:
     if args.plain:
         overrides.append("eval.mode=plain")
     cfg = _run_config(run_dir, overrides)
+    check_run_memory(cfg, train=False, evaluate=True)
     check_architecture(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     trainer = Trainer(cfg, None, progress=_set_progress(args))
     check_probe(cfg, len(trainer.train_set))
@@ -193,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
     except Exception as err:
-        message = user_error_message(err)
+        message = user_error_message(distributed.explain(err) or err)
         if message is None or debug:
             raise
-        print(f"fastemp: error: {message}", file=sys.stderr)
+        if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
+            print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()
