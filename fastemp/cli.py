@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         message = user_error_message(distributed.explain(err) or err)
         if message is None or debug:
+            from .errors import one_line
+
+            # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
+            distributed.report_error(f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is "
+                                     "in that rank's output)")
             raise
         if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
             print(f"fastemp: error: {message}", file=sys.stderr)

@@ -279,16 +279,29 @@ distributed.shutdown()
 print("done", flush=True)
 """
 
+# rank 1 fails with a user error (as cli.main reports it) while rank 0 waits in a collective: rank 0
+# prints rank 1's line at once, long before the (here 60 s) timeout
+FAILS = r"""
+import sys, torch
+from fastemp import distributed
+distributed.init_from_env()
+if distributed.rank() == 1:
+    if distributed.report_error("data.path /x does not exist; check the path"):
+        print("fastemp: error: printed by rank 1 itself", file=sys.stderr)
+    sys.exit(2)
+distributed.mean_across_ranks(torch.ones(1))
+"""
+
 
 @contextmanager
-def agent_store():
+def agent_store(timeout_s: float = HANG_TIMEOUT_S):
     """A rendezvous store hosted by this process, as torchrun's agent hosts it (the ranks are
     clients, so a rank that exits first does not take the store with it): the ranks' environment."""
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     try:
         yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_VARIABLE: str(HANG_TIMEOUT_S)}
+               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_VARIABLE: str(timeout_s)}
     finally:
         del store
 
@@ -300,15 +313,17 @@ def start_ranks(env: dict, commands: list[list[str]]) -> list[subprocess.Popen]:
 
 
 def test_a_stuck_rank_is_named_in_one_line_within_the_timeout_and_a_long_solo_phase_is_not_a_hang():
-    with agent_store() as env, agent_store() as env_slow:
+    with agent_store() as env, agent_store() as env_slow, agent_store(60.0) as env_fails:
         stuck = start_ranks(env, [[sys.executable, "-c", STUCK, "1"]] * 2)
         slow = start_ranks(env_slow, [[sys.executable, "-c", SLOW_MAIN]] * 2)
+        fails = start_ranks(env_fails, [[sys.executable, "-c", FAILS]] * 2)
         try:
             out, err = stuck[0].communicate(timeout=120)
             ended = time.time()
             slow_results = [p.communicate(timeout=120) for p in slow]
+            fails_results = [p.communicate(timeout=50) for p in fails]  # well before the 60 s timeout
         finally:
-            for p in stuck + slow:
+            for p in stuck + slow + fails:
                 p.kill()
     waited = ended - float(out.split("waiting since ")[1].split()[0])
     assert stuck[0].returncode == 2 and "not reached" not in out, (out, err)
@@ -320,6 +335,9 @@ def test_a_stuck_rank_is_named_in_one_line_within_the_timeout_and_a_long_solo_ph
     assert HANG_TIMEOUT_S <= waited < HANG_TIMEOUT_S + 10, waited  # slack: process exit on a loaded machine
     for p, (o, e) in zip(slow, slow_results):
         assert p.returncode == 0 and "done" in o, e[-2000:]
+    assert [p.returncode for p in fails] == [2, 2], fails_results
+    assert [e.strip() for _, e in fails_results] == [
+        "fastemp: error: rank 1 of 2: data.path /x does not exist; check the path", ""], fails_results
 
 
 def test_ranks_with_different_configs_stop_with_one_line_naming_the_keys(tmp_path):

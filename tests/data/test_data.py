@@ -458,30 +458,16 @@ def test_imagefolder_errors(tmp_path):
         load_split(folder_cfg(bad, tmp_path), "train")
 
 
-def huge_png(side: int = 30000) -> bytes:
-    """A valid 1-bit grayscale PNG of side x side pixels (all black) that is ~0.1 MB on disk and
-    would decode to side^2 x 3 bytes (2.7 GB for 30000) as RGB; built row block by row block."""
-    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
-    packer, block = zlib.compressobj(9), row * 1000
-    data = b"".join(packer.compress(block) for _ in range(side // 1000)) + packer.compress(row * (side % 1000))
-    data += packer.flush()
-
-    def chunk(tag: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("pillow_only", [False, True])
-def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch, pillow_only):
+def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch, pillow_only,
+                                                                                huge_png):
     import time
     import tracemalloc
 
     if pillow_only:
         monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
     files = {k: v for k, v in tree_files().items()}
-    files["train/bee/bomb.png"] = huge_png()
+    files["train/bee/bomb.png"] = huge_png
     assert len(files["train/bee/bomb.png"]) < 1 << 20
     src = write_dir(tmp_path / "tree", files)
     tracemalloc.start()
