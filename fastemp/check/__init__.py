@@ -60,7 +60,7 @@ import torch
 from .augment import check_augment_stats
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
-from .training import check_checkpointing, check_compile, check_gradient_cache
+from .training import check_activation_checkpointing, check_compile, check_gradient_cache
 from ..config import ConfigError
 
 # ------------------------------------------------------------------------------ driver
@@ -72,7 +72,7 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "compile": check_compile,
     "augment": check_augment_stats,
     "gradcache": check_gradient_cache,
-    "checkpoint": check_checkpointing,
+    "checkpoint": check_activation_checkpointing,
 }
 
 
