@@ -21,6 +21,33 @@ from . import common
 SWEEP_HELP = "comma-separated values (default: the config's)"
 
 
+def _list_of(kind, what: str, example: str):
+    """An argparse type: the text, once every comma-separated item parses as `kind` and is > 0 (else one line)."""
+    def parse(text: str) -> str:
+        try:
+            values = common.parse_list(text, kind) or []
+        except ValueError:
+            values = [0]
+        if not all(v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} > 0 such as {example}, got {text[:80]!r}")
+        return text
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text[:80]!r}")
+    return value
+
+
+INTEGERS, NUMBERS = _list_of(int, "whole numbers", "20,200"), _list_of(float, "numbers", "0.7,0.8")
+
+
 def _threads(args) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -228,7 +255,7 @@ def _common_config_args(p: argparse.ArgumentParser, default_config: str) -> None
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a busy shared machine)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (e.g. 1 on a busy shared machine)")
 
 
 def _output_args(p: argparse.ArgumentParser, name: str) -> None:
@@ -247,12 +274,12 @@ def register_cli(subparsers) -> None:
                        description="Data content does not change throughput: data.source=synthetic avoids a "
                                    "download. MFU uses fastemp.model.flops_per_patch.")
     _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--n", help="n_patches: " + SWEEP_HELP)
-    p.add_argument("--batch", help="batch sizes: " + SWEEP_HELP)
+    p.add_argument("--n", type=INTEGERS, help="n_patches: " + SWEEP_HELP)
+    p.add_argument("--batch", type=INTEGERS, help="batch sizes: " + SWEEP_HELP)
     p.add_argument("--backend", help="patch backends (torch, dali, auto): " + SWEEP_HELP)
     p.add_argument("--compile", help="compile modes (none, default, max-autotune, ...): " + SWEEP_HELP)
     p.add_argument("--precision", help="precisions (bf16, fp32, auto): " + SWEEP_HELP)
-    p.add_argument("--grad-chunks", help="gradient-cache chunks: " + SWEEP_HELP)
+    p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks: " + SWEEP_HELP)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")
     p.add_argument("--steps", type=int, default=20, help="timed end-to-end steps (median; default 20)")
     p.add_argument("--split-steps", type=int, default=20, help="instrumented steps for the split (0: skip)")
@@ -271,7 +298,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-wall-seconds", type=float,
                    help="stop (target not reached) before the next chunk of training and evaluation would end past "
                         "this much wall time; the results are still written")
-    p.add_argument("--milestones", help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
+    p.add_argument("--milestones", type=NUMBERS, help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
     p.add_argument("--protocol", choices=("official", "cheap"), default="official",
                    help="evaluation protocol (default official; docs/evaluation.md); eval.* overrides refine it")
     p.add_argument("--compare-protocol", choices=("official", "cheap"),
@@ -301,9 +328,9 @@ def register_cli(subparsers) -> None:
     p = sub.add_parser("kernels", help="cosine-to-mean, TCR and augmentation backends in isolation")
     p.add_argument("--device", default="auto")
     _threads_arg(p)
-    p.add_argument("--n", default="20,50,200", help="patches per image (default 20,50,200)")
-    p.add_argument("--batch", default="100,256", help="images per batch (default 100,256)")
-    p.add_argument("--dim", default="1024", help="projection dimension d (default 1024)")
+    p.add_argument("--n", type=INTEGERS, default="20,50,200", help="patches per image (default 20,50,200)")
+    p.add_argument("--batch", type=INTEGERS, default="100,256", help="images per batch (default 100,256)")
+    p.add_argument("--dim", type=INTEGERS, default="1024", help="projection dimension d (default 1024)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
@@ -360,11 +387,11 @@ def register_cli(subparsers) -> None:
                               description="Objective: end-to-end images/s at your n (n is swept only with --n: "
                                           "it changes the method). See fastemp/benchmarks/tune.py.")
     _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--batch", help="batch sizes (default: the config's B and 2B; B changes the method too)")
-    p.add_argument("--n", help="n_patches to try (opt-in; default: the config's only)")
+    p.add_argument("--batch", type=INTEGERS, help="batch sizes (default: the config's B and 2B; B changes the method too)")
+    p.add_argument("--n", type=INTEGERS, help="n_patches to try (opt-in; default: the config's only)")
     p.add_argument("--backend", help="patch backends (default: every available one)")
     p.add_argument("--compile", help="compile modes (default: none,default on CUDA; none on CPU)")
-    p.add_argument("--grad-chunks", help="gradient-cache chunks (default: the config's; doubled when over budget)")
+    p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks (default: the config's; doubled when over budget)")
     p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")

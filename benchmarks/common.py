@@ -361,6 +361,9 @@ def results_target(out: str | None, name: str, device: str, force: bool,
         dev = resolve_device(device)
         name_of = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
         folder = default_out_dir({"device": str(dev), "device_name": name_of})
+    from fastemp.validate import check_output_path
+
+    check_output_path(folder, "--out")
     stem, k = name, 2
     while not force and any((folder / f"{stem}{s}").exists() for s in suffixes):
         stem, k = f"{name}-{k}", k + 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import ConfigError, load_config, save_config
+from .memory import check_run_memory
 
 
 def _print_summary(summary: dict) -> None:
@@ -23,11 +24,10 @@ def _print_summary(summary: dict) -> None:
 
 
 def _set_progress(args) -> bool:
-    """Bars on, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
+    """Bars on a terminal, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
     from . import progress
 
-    progress.enabled = not args.no_progress and distributed.is_main()
-    return progress.enabled
+    return progress.decide(not args.no_progress and distributed.is_main())
 
 
 def _retry_command(args, force: bool = True) -> str:
@@ -45,8 +45,10 @@ def cmd_train(args) -> int:
     from .validate import check_config, check_probe
 
     cfg = load_config(args.config, args.overrides)
+    distributed.check_same_config(cfg)
     check_config(cfg)
     distributed.require_divisible(cfg.train.batch_size)  # before any rank allocates a device buffer
+    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
     # rank 0 alone touches the run folder; the other ranks get its path, or its error
     run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
@@ -92,6 +94,7 @@ def _run_config(run_dir: Path, overrides=()):
         raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a "
                           "fastemp train run")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    distributed.check_same_config(cfg)
     check_config(cfg)
     return cfg
 
@@ -126,6 +129,7 @@ def cmd_resume(args) -> int:
     distributed.run_on_main(claim)
     cfg = _run_config(run_dir)
     distributed.require_divisible(cfg.train.batch_size)
+    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
     path = run_dir / "checkpoint.pt"
     state = checkpoint.read(path)
     checkpoint.check_resume(cfg, state, run_dir)
@@ -163,6 +167,7 @@ def cmd_eval(args) -> int:
 
     distributed.run_on_main(claim)
     cfg = _run_config(run_dir, overrides)
+    check_run_memory(cfg, train=False, evaluate=True)
     path = run_dir / "checkpoint.pt"
     checkpoint.check_architecture(cfg, checkpoint.read(path), path)
     # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
@@ -259,10 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
     except Exception as err:
-        message = user_error_message(err)
+        message = user_error_message(distributed.explain(err) or err)
         if message is None or debug:
+            from .errors import one_line
+
+            # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
+            distributed.report_error(f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is "
+                                     "in that rank's output)")
             raise
-        print(f"fastemp: error: {message}", file=sys.stderr)
+        if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
+            print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
     finally:
         from . import runs

@@ -50,8 +50,7 @@ class Trainer:
     """Builds everything from a Config, trains step by step, checkpoints, evaluates."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True):
-        distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
-        self.world, self.shard = distributed.world_size(), distributed.batch_shard(cfg.train.batch_size)
+        self.world = distributed.world_size()  # the batch shard is a training matter (begin_step): eval needs none
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = resolve_device(cfg.train.device)
         on_cuda = self.device.type == "cuda"
@@ -110,10 +109,11 @@ class Trainer:
         lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=self.shard)
+        shard = distributed.batch_shard(t.batch_size)
+        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=shard)
         prefetch = getattr(self.patches, "prefetch", None)  # streamed backends: read step t+1's files meanwhile
         if prefetch is not None and step + 1 < self.total_steps:
-            prefetch(self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1), shard=self.shard)
+            prefetch(self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1), shard=shard)
         return patches if self.channels_last else patches.contiguous()
 
     def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:

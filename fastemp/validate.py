@@ -9,9 +9,12 @@ the config in fastemp.checkpoint.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
-from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError
+from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, shown
 
 SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
 BACKENDS = ("auto", "torch", "dali", "pillow")
@@ -26,7 +29,7 @@ EVAL_MODES = ("patches", "plain")
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
     if not ok:
         why = f" ({why})" if why else ""
-        raise ConfigError(f"{key} must be {rule}{why}, got {value!r}; set {key} to a value that is {rule}")
+        raise ConfigError(f"{key} must be {rule}{why}, got {shown(value)}; set {key} to a value that is {rule}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -35,7 +38,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}; {hint}set {key} to one of them")
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {shown(value)}; {hint}set {key} to one of them")
 
 
 def _positive(section, prefix: str, *names: str) -> None:
@@ -55,9 +58,9 @@ def check_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them") from None
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {shown(name)}; set one of them") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {shown(name)}; set one of them")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
@@ -154,6 +157,23 @@ def check_config(cfg: Config) -> None:
         if not triton_usable(device):
             raise ConfigError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
                               "use loss.fused=auto or set TRITON_INTERPRET=1")
+
+
+def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> None:
+    """The output folder `path` (or the folder of the output file `path`) exists or can be made: its
+    nearest existing ancestor is a writable folder, not a file. Checked before any measuring, so a
+    typo in an output path costs nothing."""
+    path = Path(path).expanduser()
+    if is_file and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name such as {path / 'result.json'}")
+    for parent in (path.parent, *path.parent.parents) if is_file else (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = f"{path} is a file" if parent == path else f"{path} lies under {parent}, which is a file"
+                raise ConfigError(f"{flag} {what}, not a folder; choose another {flag}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
+            return
 
 
 def check_data(cfg: Config, train_images: int) -> None:

@@ -205,7 +205,7 @@ def _writable(path: Path) -> None:
         path.chmod(0o755)
 
 
-def test_catalog_of_bad_inputs(workspace):
+def test_catalog_of_bad_inputs(workspace, huge_png):
     root, project, old = workspace
     yaml_bad = root / "bad.yaml"
     yaml_bad.write_text("train:\n  epochs: [1\n")
@@ -216,6 +216,28 @@ def test_catalog_of_bad_inputs(workspace):
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 10, 10)).save(no_test / "train" / "a" / "x.png")
+    (no_test / "train" / "b").mkdir()
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(no_test / "train" / "b" / "x.png")
+    # issue 14: YAML that parses but is refused; ImageFolders a probe cannot score; an image bomb
+    yaml_twice = root / "twice.yaml"
+    yaml_twice.write_text("train:\n  epochs: 1\nmodel:\n  width: 4\ntrain:\n  batch_size: 20\n")
+    yaml_bomb = root / "bomb.yaml"
+    yaml_bomb.write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                         + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+                         + "train: {epochs: *i}\n")
+    folders = {}
+    for name, layout in [("one_class", {"train/a": 2, "test/a": 1}),
+                         ("test_only_class", {"train/a": 1, "train/b": 1, "test/a": 1, "test/z": 1}),
+                         ("bomb", {"train/a": 1, "train/b": 1, "test/a": 1})]:
+        for where, count in layout.items():
+            (root / name / where).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (40 * i, 90, 10)).save(root / name / where / f"{i}.png")
+        folders[name] = ["data.source=imagefolder", f"data.path={root / name}", f"data.root={root / 'cache14'}",
+                         "train.batch_size=1", "eval.probe_batch_size=1"]
+    (root / "bomb" / "train" / "b" / "huge.png").write_bytes(huge_png)
+    a_file = root / "a_file.txt"
+    a_file.write_text("not a folder\n")
     not_a_run = root / "notes"
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("mine\n")
@@ -272,6 +294,29 @@ def test_catalog_of_bad_inputs(workspace):
         (["resume", str(root / "missing")], "does not exist", None),
         (["train", "data.source=cifar10", f"data.root={root / 'nodata'}", "data.download=false", "--out", fresh],
          "not found and data.download=false", None),
+        # issue 14: YAML, value ranges, data a probe cannot score, memory, bad CLI numbers and output paths
+        (["train", "--config", str(yaml_twice), "--out", fresh], "duplicate key 'train' at line 5 (first at line 1)",
+         None),
+        (["train", "--config", str(yaml_bomb), "--out", fresh], "YAML aliases expand to more than 100,000 values", None),
+        (train + ["optim.lr=" + "9x" * 50_000, "--out", fresh], "optim.lr: expected a number, got '9x9x", None),
+        (train + ["train.seed=1e30", "--out", fresh], "train.seed: '1e30' is out of range", None),
+        (train + ["data.synthetic_seed=-99999999999999999999", "--out", fresh], "is out of range", None),
+        (train + folders["one_class"] + ["--out", fresh], "a linear probe needs at least 2 classes", None),
+        (train + folders["test_only_class"] + ["--out", fresh], "test/ has classes with no training images: z", None),
+        (train + folders["bomb"] + ["--out", fresh], "huge.png decodes to 900,000,000 pixels, over the limit", None),
+        (train + ["train.n_patches=1000000", "--out", fresh], "this run needs about", None),
+        (train + ["data.synthetic_train=1000000000", "--out", fresh], "this run needs about", None),
+        (train + ["eval.mode=patches", "eval.patches=100000000", "--out", fresh], "this run needs about", None),
+        (["eval", str(old), "eval.mode=patches", "eval.patches=100000000"], "this run needs about", None),
+        (["bench", "throughput", "--n", "abc", "--out", str(root / "bench")], "argument --n: expected comma-separated",
+         None),
+        (["bench", "kernels", "--threads", "many", "--out", str(root / "bench")], "argument --threads", None),
+        (["tune", "--batch", "1.5", "--out", str(root / "tuned.yaml")], "argument --batch", None),
+        (["bench", "throughput", "--out", str(a_file / "results"), "data.source=synthetic"],
+         "lies under", None),
+        (["bench", "kernels", "--out", str(a_file)], "is a file, not a folder", None),
+        (["tune", "--out", str(a_file / "tuned.yaml"), "data.source=synthetic"], "is a file, not a folder", None),
+        (["check", "--json", str(a_file / "check.json"), "--only", "tcr", "--quick"], "lies under", None),
     ]
     if not torch.cuda.is_available():
         cases.append((train + ["train.device=cuda", "--out", fresh], "no CUDA device", None))
@@ -350,6 +395,7 @@ def test_catalog_of_bad_inputs(workspace):
     assert (project / "important.txt").read_text() == "an unrelated project\n"
     assert not (root / "fresh").exists()  # a run that failed validation leaves no folder behind
     assert (not_a_run / "notes.txt").is_file()
+    assert not (root / "cache14").exists() and not (root / "bench").exists()  # refused before any cache or result
 
 
 def test_resume_with_a_partial_metrics_line_and_force_replaces_only_after_validation(workspace):

@@ -159,6 +159,10 @@ def cmd_check(args) -> int:
         raise ConfigError("--device cuda, but CUDA is not available (use --device cpu)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    if args.json:  # before the checks run, not after
+        from ..validate import check_output_path
+
+        check_output_path(args.json, "--json", is_file=True)
     seed = new_seed() if args.seed is None else args.seed
     env = check_environment(device)
     print(f"fastemp check on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "
