@@ -44,6 +44,10 @@ from .errors import UserError
 
 ACTIVATION_UNITS = 24  # training: saved activations per patch, in units of width x c^2 elements
 EVAL_UNITS = 6  # no-grad forward: live activations per patch, same units
+# The ImageNet stem (7x7 stride-2 conv, BN, ReLU, stride-2 max-pool) leaves the stages a quarter of the
+# side, and keeps three w-channel maps at half the side: 12 units at the stages' side when training,
+# about two of them live at once (8 units) in a no-grad forward. Counted from the architecture, not measured.
+STEM_UNITS, STEM_EVAL_UNITS = 12, 8
 SAFETY_MARGIN = 1.25
 KNOWN_SIZES = {"cifar10": (50_000, 10_000, 32), "cifar100": (50_000, 10_000, 32)}  # train, test, side
 GIB = 2**30
@@ -78,13 +82,17 @@ def estimate(cfg: Config, device_type: str = "cpu", world: int = 1, train: bool 
     params = parameter_count(cfg)
     n_train, n_test, side = dataset_sizes(cfg)
     crop = cfg.augment.crop_size
+    imagenet_stem = m.stem == "imagenet"
+    train_units = ACTIVATION_UNITS + (STEM_UNITS if imagenet_stem else 0)
+    eval_units = EVAL_UNITS + (STEM_EVAL_UNITS if imagenet_stem else 0)
     out = {"model": 16 * params, "dataset": n_train * side * side * 3 + (n_test * side * side * 3 if evaluate else 0)}
     if device_type == "cpu":
         out["dataset"] *= 2  # the loader's copy before the tensor
     if train:
         patches = t.n_patches * t.batch_size // world
         per_pass = -(-patches // t.grad_chunks)
-        out["step"] = (per_pass * ACTIVATION_UNITS * m.width * crop * crop * elt
+        stage = crop // 4 if imagenet_stem else crop
+        out["step"] = (per_pass * train_units * m.width * stage * stage * elt
                        + patches * 3 * crop * crop * 4
                        + (patches * m.z_dim * 4 if t.grad_chunks > 1 else 0)
                        + 3 * t.n_patches * m.z_dim * m.z_dim * 4)
@@ -93,7 +101,8 @@ def estimate(cfg: Config, device_type: str = "cpu", world: int = 1, train: bool 
         per_batch = e.batch_size * (e.patches if e.mode == "patches" else 1)
         out["features"] = ((n_train + n_test) * m.hidden_dim * 4 * (2 if world > 1 else 1)
                            + (1024 * n_train * 4 * 3 if e.knn else 0))
-        out["evaluation"] = per_batch * (EVAL_UNITS * m.width + 3) * side_in * side_in * elt
+        stage = side_in // 4 if imagenet_stem else side_in
+        out["evaluation"] = per_batch * (eval_units * m.width * stage * stage + 3 * side_in * side_in) * elt
     evaluation = out.get("features", 0) + out.get("evaluation", 0)
     out["total"] = out["model"] + out["dataset"] + max(out.get("step", 0), evaluation)
     return out
