@@ -130,8 +130,8 @@ class Trainer:
         tick, images, warm = time.perf_counter(), 0, self.step
         for step in range(self.step, stop_step):
             terms = self.forward_backward(self.begin_step(step))
-            self._watch_finite(terms, step + 1)
             self.optimizer.step()
+            self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
             self.optimizer.zero_grad(set_to_none=True)
             self.step, images = step + 1, images + t.batch_size
             if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
@@ -149,10 +149,11 @@ class Trainer:
 
         Checking on the host every step would add a sync per step; this keeps the verdict on the
         device and reads it once on logged steps and before every checkpoint write (raise_if_nonfinite),
-        so nothing non-finite is ever saved and the error still names the first bad step and term."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_max = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else terms.tcr.detach()
-        ok = torch.stack([terms.invariance.detach().isfinite(), terms.tcr.detach().isfinite(), grad_max.isfinite()])
+        so nothing non-finite is ever saved and the error still names the first bad step and term.
+        The gradients' verdict is the optimizer's, from the norms its step computed (LARS.gradients_finite)."""
+        grads_ok = self.optimizer.gradients_finite()
+        tcr_ok = terms.tcr.detach().isfinite()
+        ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
         here = torch.stack([torch.full((), step, dtype=torch.long, device=self.device),
                             torch.argmin(ok.to(torch.uint8)).to(torch.long)])  # argmin: the first False
         first = (self._nonfinite[0] < 0) & ~ok.all()
