@@ -34,6 +34,7 @@ class DataConfig:
     synthetic_test: int = 1000
     synthetic_seed: int = 0
     backend: str = "auto"  # patch backend: auto (= torch, the faster one measured on GPU) | torch | dali
+    patch_compile: str = "auto"  # torch backend: the recipe through torch.compile: auto (on CUDA) | on | off
 
 
 @dataclass

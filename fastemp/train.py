@@ -29,6 +29,7 @@ from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms, use_fused
 from .model import build_model
 from .patches import make_patch_backend
+from .patches.torch_backend import resolve_patch_compile
 from .validate import check_data, read_checkpoint
 
 
@@ -64,7 +65,8 @@ class Trainer:
 
         self.train_set = load_split(cfg.data, "train", self.device)
         check_data(cfg, len(self.train_set))  # before the model is built
-        self.patches = make_patch_backend(cfg.data.backend, self.train_set.images, cfg.augment, cfg.train.seed)
+        self.patches = make_patch_backend(cfg.data.backend, self.train_set.images, cfg.augment, cfg.train.seed,
+                                          resolve_patch_compile(cfg.data.patch_compile, self.device, self.compile_mode))
         self.backend_name = self.patches.name
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)

@@ -92,6 +92,7 @@ def check_config(cfg: Config) -> None:
 
     _choice("data.source", d.source, SOURCES)
     _choice("data.backend", d.backend, BACKENDS)
+    _choice("data.patch_compile", d.patch_compile, FUSED)
     _positive(d, "data", "image_size")
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")

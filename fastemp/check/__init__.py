@@ -11,6 +11,7 @@ dtypes, prints one table row per compared quantity and exits 1 if any row fails.
     loss            projection_loss_terms (unfused and fused) vs reference_emp_ssl_loss(F.normalize(p))
     compile         torch.compile(model) vs eager: h, p, parameter gradients, BatchNorm running stats
     augment         DALI vs torch patch backend: per-channel mean / std of the same patches
+    patches         the torch backend's compiled recipe (data.patch_compile) vs eager, same draw
     gradcache       two-pass gradient cache vs one autograd graph with the same chunk-wise BatchNorm
     checkpoint      activation checkpointing vs plain
 
@@ -39,6 +40,8 @@ Tolerances (relative-norm unless noted):
   gradients (the backward through train-mode BatchNorm amplifies p's error), so the gradient row
   catches only gross errors (a zero gradient has error 1). Not yet run on a GPU.
   augment: absolute 0.01 on the channel means / stds (the tolerance of tests/test_patches_dali.py).
+  patches: 1e-5 on patches without solarize; solarized ones by the fraction of pixels off by > 1e-4
+  (<= 1e-3: a pixel within rounding of the threshold may invert in one and not the other).
   gradcache / checkpointing (fp32, the same ops in both): gradients 1e-4, loss and running stats 1e-5.
 """
 
@@ -57,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from .augment import check_augment_stats
+from .augment import check_augment_stats, check_patches_compiled
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
 from .training import check_checkpointing, check_compile, check_gradient_cache
@@ -71,6 +74,7 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "loss": check_projection_loss,
     "compile": check_compile,
     "augment": check_augment_stats,
+    "patches": check_patches_compiled,
     "gradcache": check_gradient_cache,
     "checkpoint": check_checkpointing,
 }

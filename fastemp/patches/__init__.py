@@ -54,11 +54,13 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     return name
 
 
-def make_patch_backend(name: str, images: torch.Tensor, aug: AugmentConfig, seed: int = 0) -> PatchBackend:
-    """Build the backend `name` (auto | torch | dali) over device-resident uint8 NHWC images."""
+def make_patch_backend(name: str, images: torch.Tensor, aug: AugmentConfig, seed: int = 0,
+                       compile_recipe: bool = False) -> PatchBackend:
+    """Build the backend `name` (auto | torch | dali) over device-resident uint8 NHWC images.
+    compile_recipe: the torch backend's recipe through torch.compile (ignored by DALI)."""
     name = resolve_backend_name(name, images.device)
     if name == "dali":
         from .dali_backend import DaliPatches
 
         return DaliPatches(images, aug, seed=seed)
-    return TorchPatches(images, aug)
+    return TorchPatches(images, aug, compile_recipe)
