@@ -191,10 +191,12 @@ part_profile() {
 }
 
 part_throughput200() {
+  # grad chunks 0: one pass with ghost BatchNorm when it fits (chosen from free memory), 10: the two-pass
+  # gradient cache with the same BatchNorm groups (the same gradients): both in one run, for the ratio
   local args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" --device "$DEVICE" --n 200 --batch 100
-    --backend "$BACKENDS" --steps 10 --split-steps 5)
-  [ "$DRY" = 1 ] && args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" --device cpu --n 8 --batch 16
-    --grad-chunks 2 --backend torch --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64)
+    --grad-chunks "${N200_GRAD_CHUNKS:-0,10}" --backend torch --steps 10 --split-steps 5)
+  [ "$DRY" = 1 ] && args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" train.bn_groups=2 --device cpu --n 8
+    --batch 16 --grad-chunks 0,2 --backend torch --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64)
   "${FASTEMP[@]}" bench throughput "${args[@]}" --force --out "$DETAILS" --name throughput_n200
 }
 

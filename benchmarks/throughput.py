@@ -89,7 +89,7 @@ def instrumented_step(trainer: Trainer, clock: common.PhaseClock) -> LossTerms:
     clock.mark("start")
     patches = trainer.begin_step(step)
     clock.mark("data")
-    if trainer.cfg.train.grad_chunks > 1:  # the gradient cache marks its own phases
+    if trainer.grad_chunks > 1:  # the gradient cache marks its own phases (chunks as the Trainer resolved them)
         terms = trainer.forward_backward(patches, mark=clock.mark)
     else:  # the loss's backward apart from the model's, through a leaf at p
         with trainer.autocast():

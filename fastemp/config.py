@@ -96,7 +96,8 @@ class TrainConfig:
     batch_size: int = 100
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs * steps_per_epoch; the cosine schedule spans the whole run
-    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups (n=200 on one GPU)
+    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups; 0: from free memory
+    bn_groups: int = 0  # BatchNorm statistics per group of n/bn_groups patch groups (ghost BN); 0: per grad chunk
     checkpoint_activations: bool = False  # recompute each ResNet stage in backward (full-batch BatchNorm)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

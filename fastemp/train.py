@@ -24,7 +24,7 @@ from .config import Config, to_dict
 from .data import load_split
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
-from .gradcache import gradient_cache_step
+from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms, use_fused
 from .model import build_model
@@ -73,6 +73,8 @@ class Trainer:
         if self.world > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
+        self.grad_chunks = resolve_chunks(self.model, cfg, self.device, self.world, self.precision,
+                                          self.compile_mode)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world > 1 else None
@@ -114,8 +116,8 @@ class Trainer:
     def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         n = self.cfg.train.n_patches
-        if self.cfg.train.grad_chunks > 1:
-            return gradient_cache_step(self.forward, patches, n, self.cfg.train.grad_chunks,
+        if self.grad_chunks > 1:
+            return gradient_cache_step(self.forward, patches, n, self.grad_chunks,
                                        lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), self.autocast(),
                                        model=self.ddp or self.model, mark=mark)
         with self.autocast():
