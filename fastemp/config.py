@@ -68,6 +68,7 @@ class ModelConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
+    cudnn_benchmark: bool = False  # CUDA: cuDNN autotunes each convolution's algorithm (fastemp tune measures it)
 
 
 @dataclass

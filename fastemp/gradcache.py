@@ -109,8 +109,8 @@ def gradient_cache_step(
     with torch.no_grad(), frozen_batchnorm_stats(model):
         outs = []
         for lo, hi in bounds:
-            with amp:
-                outs.append(forward(patches[lo:hi]))
+            with amp:  # a copy: under CUDA graphs (compile mode reduce-overhead) the next replay reuses the output
+                outs.append(forward(patches[lo:hi]).clone())
     p = torch.cat(outs).detach().requires_grad_(True)
     mark("forward")
     terms = loss_fn(p.view(n, batch, -1))

@@ -189,6 +189,19 @@ class EMPEncoder(nn.Module):
         return self.projection(self.encode(x))
 
 
+def compile_model(module: nn.Module, mode: str, device: torch.device, cudnn_benchmark: bool = False):
+    """The forward the Trainer calls: `module` through torch.compile in `mode` ('none': eager), with cuDNN's
+    autotuning set as asked on CUDA (process-wide: torch has one switch).
+
+    mode reduce-overhead replays the model's forward and backward as CUDA graphs. Only the model is in
+    the graph (the loss, its Cholesky and custom autograd Function run eagerly after it); a replay
+    reuses the memory of the previous replay's outputs, so a caller that keeps outputs of several
+    calls (the gradient cache's first pass) copies them, and the Trainer marks each step's start."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    return module if mode == "none" else torch.compile(module, mode=mode)
+
+
 def build_model(cfg: ModelConfig) -> EMPEncoder:
     return EMPEncoder(cfg.width, cfg.hidden_dim, cfg.z_dim)
 

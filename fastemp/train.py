@@ -27,7 +27,7 @@ from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms, use_fused
-from .model import build_model
+from .model import build_model, compile_model
 from .patches import make_patch_backend
 from .patches.torch_backend import resolve_patch_compile
 from .validate import check_data, read_checkpoint
@@ -79,7 +79,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world > 1 else None
         wrapped = self.ddp or self.model
-        self.forward = wrapped if self.compile_mode == "none" else torch.compile(wrapped, mode=self.compile_mode)
+        self.forward = compile_model(wrapped, self.compile_mode, self.device, cfg.model.cudnn_benchmark)
         self.optimizer = build_lars(self.model, cfg.optim)
         self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
@@ -116,6 +116,8 @@ class Trainer:
     def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         n = self.cfg.train.n_patches
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
         if self.grad_chunks > 1:
             return gradient_cache_step(self.forward, patches, n, self.grad_chunks,
                                        lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), self.autocast(),
