@@ -151,7 +151,9 @@ def cmd_tune(args) -> int:
         axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
     settings = {"cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
                 "patch_compile": common.parse_list(args.patch_compile) or (["off", "on"] if cuda else None)}
-    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps, settings)
+    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps, settings,
+                      on_point=lambda partial: common.write_results(out.parent, out.stem, partial,
+                                                                    tune_markdown(partial)))
     markdown = tune_markdown(result)
     print(markdown)
     common.write_results(out.parent, out.stem, result, markdown)

@@ -123,30 +123,36 @@ def write_tuned_yaml(cfg: Config, best: dict, environment: dict, path: Path) -> 
 
 
 def run_tune(base: Config, axes: dict[str, list | None], device: str = "auto", budget_gib: float | None = None,
-             warmup: int = 3, steps: int = 20, settings: dict[str, list | None] | None = None) -> dict:
+             warmup: int = 3, steps: int = 20, settings: dict[str, list | None] | None = None,
+             on_point=None) -> dict:
     """Sweep, pick the fastest point that fits; returns the JSON-ready result with 'best' and 'config'.
 
     settings: values of the SETTINGS to try (cudnn_benchmark, patch_compile), each combination a
-    sweep of `axes` of its own; every row records the combination it ran with."""
+    sweep of `axes` of its own; every row records the combination it ran with. on_point(result), when
+    given, gets the result so far (marked partial) after every point: a run cut short keeps its rows."""
     dev = resolve_device(device)
     environment = runs.environment(dev)
     budget = int(budget_gib * 2**30) if budget_gib else default_budget_bytes(dev)
     peak = common.peak_info(dev, environment.get("device_name", ""))
     rows = []
+
+    def result(partial: bool) -> dict:
+        best = best_point(rows)
+        return {**common.base_result("tune", environment),
+                "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
+                "memory_budget_bytes": budget, "axes": {k: v for k, v in {**axes, **(settings or {})}.items() if v},
+                "settings": {"warmup_steps": warmup, "timed_steps": steps}, "partial": partial,
+                "points": rows, "best": best, "config": to_dict(tuned_config(base, best)) if best else None}
+
     with common.cached_datasets():
         for setting in settings_variants(base, settings or {}):
             variant = with_settings(base, setting)
             for point in sweep_points(variant, axes):
                 rows += [{**row, **setting} for row in measure_fitting(variant, point, device, budget, warmup, steps,
                                                                         peak)]
-    best = best_point(rows)
-    result = {**common.base_result("tune", environment),
-              "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
-              "memory_budget_bytes": budget, "axes": {k: v for k, v in {**axes, **(settings or {})}.items() if v},
-              "settings": {"warmup_steps": warmup, "timed_steps": steps},
-              "points": rows, "best": best,
-              "config": to_dict(tuned_config(base, best)) if best else None}
-    return result
+                if on_point:
+                    on_point(result(partial=True))
+    return result(partial=False)
 
 
 def tune_markdown(result: dict) -> str:

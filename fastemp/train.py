@@ -80,7 +80,7 @@ class Trainer:
         self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world > 1 else None
         wrapped = self.ddp or self.model
         self.forward = compile_model(wrapped, self.compile_mode, self.device, cfg.model.cudnn_benchmark)
-        self.optimizer = build_lars(self.model, cfg.optim)
+        self.optimizer = build_lars(self.model, cfg.optim, fused_update=self.compile_mode != "none")  # compiled with the model
         self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch

@@ -205,3 +205,33 @@ def test_trainer_names_a_non_finite_gradient_of_a_parameter_outside_lars():
     trainer._watch_finite(terms, 1)
     with pytest.raises(NonFiniteError, match="the gradients became non-finite at step 1"):
         trainer.raise_if_nonfinite()
+
+
+def test_fused_compiled_update_matches_the_per_tensor_rule():
+    # the one compiled test here (slow on CPU): float32, a few ulp per step, over three steps
+    ref_net, net = lars_net(torch.float32, True), lars_net(torch.float32, True)
+    kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-2, eta=0.005, clip=True)
+    ref_opt, opt = ReferenceLARS(lars_param_groups(ref_net), **kw), LARS(lars_param_groups(net), fused_update=True, **kw)
+    gen = torch.Generator().manual_seed(2)
+    for step, lr in enumerate([0.3, 0.2, 0.1]):
+        for o in (ref_opt, opt):
+            for group in o.param_groups:
+                group["lr"] = lr
+        for k, (p_ref, p) in enumerate(zip(ref_net.parameters(), net.parameters())):
+            g = torch.randn(p.shape, generator=gen) * 10.0 ** (k % 3 - 1)
+            if k == 2 and step == 1:
+                g.zero_()
+            p_ref.grad = g.clone(memory_format=torch.preserve_format).to(memory_format=torch.channels_last) \
+                if g.ndim == 4 else g.clone()
+            p.grad = p_ref.grad.clone(memory_format=torch.preserve_format)
+        ref_opt.step()
+        opt.step()
+        assert bool(opt.gradients_finite())
+        for p_ref, p in zip(ref_net.parameters(), net.parameters()):
+            torch.testing.assert_close(p, p_ref, rtol=8 * 2**-23, atol=1e-7)
+    for p_ref, p in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"],
+                                   rtol=8 * 2**-23, atol=1e-7)
+    net[0].weight.grad = torch.full_like(net[0].weight, float("nan"))
+    opt.step()
+    assert not bool(opt.gradients_finite())
