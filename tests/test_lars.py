@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastemp.check.reference import ReferenceLARS
 from fastemp.lars import LARS, cosine_lr, lars_param_groups, segment_views
 
 
@@ -88,42 +89,6 @@ def test_warmup_then_cosine():
 
 
 # ----------------------------------------------------------------- the foreach fast path vs the old rule
-
-
-class ReferenceLARS(torch.optim.SGD):
-    """fastemp.lars.LARS as it was before the foreach fast path (per-tensor 0-d factors): the reference."""
-
-    def __init__(self, params, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True,
-                 eps=1e-8):
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
-        for group in self.param_groups:
-            group.setdefault("lars", True)
-            group.setdefault("lars_weight_decay", weight_decay)
-        self.eta, self.clip, self.eps = eta, clip, eps
-
-    @torch.no_grad()
-    def adapt_gradients(self):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and p.ndim > 1] if group["lars"] else []
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            wd = group["lars_weight_decay"]
-            p_norm = torch.stack(torch._foreach_norm(params))
-            g_norm = torch.stack(torch._foreach_norm(grads))
-            trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
-            if self.clip:
-                trust = torch.clamp(trust / group["lr"], max=1.0)
-            active = (p_norm != 0) & (g_norm != 0)
-            scale = torch.where(active, trust, torch.ones_like(trust))
-            decay = torch.where(active, scale * wd, torch.zeros_like(trust))
-            torch._foreach_mul_(grads, list(scale.unbind()))
-            torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.adapt_gradients()
-        return super().step(closure)
 
 
 def lars_net(dtype, channels_last):
