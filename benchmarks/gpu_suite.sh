@@ -205,7 +205,7 @@ tune_part() {
   local args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" --device "$DEVICE" --batch 100 --backend torch
     --warmup 3 --steps 10 "$@")
   [ "$DRY" = 1 ] && args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" train.n_patches=4 --device cpu --batch 16
-    --backend torch --compile none --cudnn-benchmark off,on --patch-compile off --warmup 0 --steps 1)
+    --backend torch --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1)
   "${FASTEMP[@]}" tune "${args[@]}" --force --out "$DETAILS/$name.yaml"
 }
 

@@ -141,8 +141,10 @@ def item_train(dry_run: bool) -> tuple[str, dict]:
 
 
 def item_large_n(dry_run: bool) -> tuple[str, dict]:
-    cfg = _config("cifar10_n200_1ep", dry_run, ["model.compile=none"])
-    result = _steps(cfg, 1)  # grad_chunks: as the Trainer chose them (from free memory when the config says 0)
+    # the memory-lean option (one chunk per BatchNorm group), which must fit an 80 GB card; the one-pass
+    # ghost-BN path uses whatever memory is free and is measured by the suite's throughput200 part
+    cfg = _config("cifar10_n200_1ep", dry_run, ["model.compile=none", "train.grad_chunks=10"])
+    result = _steps(cfg, 1)
     option = f"grad cache x{result['grad_chunks']}" if result["grad_chunks"] > 1 else (
         "activation checkpointing" if cfg.train.checkpoint_activations else
         f"one pass, BatchNorm per {cfg.train.n_patches // cfg.train.bn_groups} patch groups" if cfg.train.bn_groups > 1
