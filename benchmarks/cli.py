@@ -150,7 +150,7 @@ def cmd_tune(args) -> int:
     if axes["compile"] is None:
         axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
     settings = {"cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
-                "patch_compile": common.parse_list(args.patch_compile) or (["off", "on"] if cuda else None)}
+                "patch_compile": common.parse_list(args.patch_compile)}
     result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps, settings,
                       on_point=lambda partial: common.write_results(out.parent, out.stem, partial,
                                                                     tune_markdown(partial)))
@@ -275,7 +275,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--compile", help="compile modes (default on CUDA: default,max-autotune-no-cudagraphs,"
                                      "reduce-overhead; none on CPU)")
     p.add_argument("--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)")
-    p.add_argument("--patch-compile", help="data.patch_compile values (default: off,on on CUDA; the config's on CPU)")
+    p.add_argument("--patch-compile", help="data.patch_compile values, e.g. off,on (default: the config's)")
     p.add_argument("--grad-chunks", help="gradient-cache chunks (default: the config's; doubled when over budget)")
     p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
     p.add_argument("--warmup", type=int, default=3)

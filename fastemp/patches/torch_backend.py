@@ -305,14 +305,16 @@ class TorchPatches:
 
         On CUDA they are made on a side stream, after the work already queued on the current stream
         (which produced `index`), so they overlap the step that runs meanwhile; the call that takes
-        them makes its stream wait for them. On the CPU they are made now. Only the last prefetch is
-        kept; a call with other arguments computes afresh and drops it."""
+        them makes its stream wait for them. On the CPU, and for the first prefetch on CUDA, they are
+        made now. Only the last prefetch is kept; a call with other arguments computes afresh and drops it."""
         device = self.images.device
-        if device.type != "cuda":
+        if device.type != "cuda" or self._stream is None:
+            # the first CUDA prefetch runs here too: it creates the recipe's cached device constants on this
+            # stream, so that no later kernel on it can read one before its host copy has landed
             self._ahead = (_cache_key(index, n, seed, shard), index, self.make(index, n, seed, shard), None)
+            if device.type == "cuda":
+                self._stream = torch.cuda.Stream(device)
             return
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
         side = self._stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
