@@ -27,11 +27,12 @@ FUSED = ("auto", "on", "off")
 EVAL_MODES = ("patches", "plain")
 
 # Keys a resumed run may change without mixing two runs (README, "Run folders"): where data and
-# outputs live, where it runs, how often it logs and checkpoints, and all of evaluation. Anything
+# outputs live, where it runs, how often it logs and checkpoints, the speed-only compile settings (they
+# change float rounding at most), and all of evaluation. Anything
 # else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
 # run that never happened.
 RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "train.device", "train.log_every",
-                    "train.ckpt_every", "model.compile", "eval.*")
+                    "train.ckpt_every", "model.compile", "model.cudnn_benchmark", "data.patch_compile", "eval.*")
 ARCHITECTURE_KEYS = ("model.width", "model.hidden_dim", "model.z_dim")
 
 
