@@ -265,6 +265,13 @@ def register_cli(subparsers) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("official-peer", help="the official EMP-SSL code trained on this GPU and data, evaluated by "
+                                             "fastemp (docs/official_peer.md)")
+    from .official_peer import add_arguments as add_peer_arguments, run_from_args as cmd_official_peer
+
+    add_peer_arguments(p)
+    p.set_defaults(func=cmd_official_peer)
+
     p = subparsers.add_parser("tune", help="find the fastest settings for this card; write them as a config",
                               description="Objective: end-to-end images/s at your n (n is swept only with --n: "
                                           "it changes the method). See fastemp/benchmarks/tune.py.")

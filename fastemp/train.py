@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed, runs
-from .config import Config, to_dict
+from . import checkpoint, distributed, runs
+from .config import Config
 from .data import load_split
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
@@ -30,7 +30,7 @@ from .losses import LossTerms, projection_loss_terms, use_fused
 from .model import build_model, compile_model
 from .patches import make_patch_backend
 from .patches.torch_backend import resolve_patch_compile
-from .validate import check_data, read_checkpoint
+from .validate import check_data
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,7 +169,8 @@ class Trainer:
         step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
         if step >= 0:
             what = ("the invariance loss (sim)", "the coding-rate loss (tcr)", "the gradients")[int(term)]
-            saved = "checkpoint.pt holds the last finite state" if self.run_dir else "nothing was saved"
+            saved = (f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
+                     if self.run_dir and self.saved_step is not None else "no checkpoint of this run was written")
             raise NonFiniteError(f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
                                  "lower optim.lr, raise loss.eps or check the data, then train again")
 
@@ -199,25 +200,20 @@ class Trainer:
         return self.timed_images / self.train_seconds if self.train_seconds else float("nan")
 
     # -- checkpoints ------------------------------------------------------------------------
+    saved_step: int | None = None  # the step checkpoint.pt in run_dir holds (None: there is none)
+
     def save_checkpoint(self) -> None:
         self.raise_if_nonfinite()  # never write non-finite weights over the last good checkpoint
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "clock": (self.warmup_seconds, self.train_seconds, self.timed_images),
-                 "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        state = checkpoint.trainer_state(self)
         if distributed.is_main():  # every rank holds the same weights and optimizer state
-            runs.atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+            checkpoint.save(state, self.run_dir / "checkpoint.pt")
+            runs.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
+        self.saved_step = self.step
         distributed.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
-        state = read_checkpoint(path, self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.warmup_seconds, self.train_seconds, self.timed_images = state["clock"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        checkpoint.load_into(self, path)
+        self.saved_step = self.step
 
     # -- evaluation -------------------------------------------------------------------------
     @functools.cached_property

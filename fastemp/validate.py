@@ -3,21 +3,15 @@
 `check_config` runs over the whole config (ranges, enumerated choices, the machine: CUDA, DALI,
 Triton) before a run folder is touched or a model is built. `check_data` runs on the loaded train
 split (sizes against batch sizes); the trainer loads the test split at start-up too, so a missing
-split fails before training, not after it. Checkpoints are read through `read_checkpoint`
-(missing, empty, truncated, corrupt, non-finite weights) and compared with the config before
-their weights are loaded (`check_resume`, `check_architecture`), so a mismatch is a line, not a
-100-line size-mismatch dump.
+split fails before training, not after it. Checkpoints are read, verified and compared with
+the config in fastemp.checkpoint.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import torch
 
-from .config import Config, ConfigError, to_dict
-from .errors import UserError, one_line
+from .config import Config, ConfigError
 
 SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder")
 BACKENDS = ("auto", "torch", "dali")
@@ -25,19 +19,6 @@ COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "
 PRECISIONS = ("auto", "fp32", "bf16")
 FUSED = ("auto", "on", "off")
 EVAL_MODES = ("patches", "plain")
-
-# Keys a resumed run may change without mixing two runs (README, "Run folders"): where data and
-# outputs live, where it runs, how often it logs and checkpoints, the speed-only compile settings (they
-# change float rounding at most), and all of evaluation. Anything
-# else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
-# run that never happened.
-RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "train.device", "train.log_every",
-                    "train.ckpt_every", "model.compile", "model.cudnn_benchmark", "data.patch_compile", "eval.*")
-ARCHITECTURE_KEYS = ("model.width", "model.hidden_dim", "model.z_dim")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, empty, corrupt, non-finite or for another config."""
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -180,76 +161,3 @@ def check_probe(cfg: Config, train_images: int) -> None:
     if cfg.eval.probe_batch_size > train_images:
         raise ConfigError(f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
                           f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}")
-
-
-# -------------------------------------------------------------------------------- checkpoints
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint's state, or CheckpointError saying what is wrong with the file."""
-    path = Path(path)
-    redo = f"retrain with fastemp train --out {path.parent} --force"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; train the run first (fastemp train --out {path.parent})")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); {redo}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # truncated zip, not a checkpoint, unpickling error
-        raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {redo}") from err
-    missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a fastemp checkpoint (no {', '.join(missing)}); {redo}")
-    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more); {redo}")
-    return state
-
-
-def _flat(cfg_dict: dict) -> dict:
-    out = {}
-    for key, value in cfg_dict.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
-    return a == b
-
-
-def _differences(cfg: Config, state: dict, keys=None) -> list[str]:
-    now, then = _flat(to_dict(cfg)), _flat(state["config"])
-    keys = keys or [k for k in now if k in then]
-    return [k for k in keys if k in then and not _same(now[k], then[k])]
-
-
-def _safe(key: str) -> bool:
-    return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in RESUME_SAFE_KEYS)
-
-
-def check_resume(cfg: Config, state: dict, path: Path) -> None:
-    """Refuse to resume when config.yaml changed a key that is not safe to change mid-run."""
-    then = _flat(state["config"])
-    changed = [k for k in _differences(cfg, state) if not _safe(k)]
-    if changed:
-        now = _flat(to_dict(cfg))
-        what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
-        raise ConfigError(f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
-                          "back, or start a new run with fastemp train (resume may change only "
-                          f"{', '.join(RESUME_SAFE_KEYS)})")
-
-
-def check_architecture(cfg: Config, state: dict, path: Path) -> None:
-    """Refuse to load weights into a model of another shape."""
-    changed = _differences(cfg, state, ARCHITECTURE_KEYS)
-    if changed:
-        then, now = _flat(state["config"]), _flat(to_dict(cfg))
-        what = ", ".join(f"{k}={then[k]!r} (config says {now[k]!r})" for k in changed)
-        raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")

@@ -82,7 +82,7 @@ def two_ranks(tmp_path_factory) -> dict[int, list[dict]]:
     tmp = tmp_path_factory.mktemp("two_ranks")
     cases = [[*SYNC_BN, f"train.grad_chunks={c}"] for c in CHUNKS]
     mp.spawn(_spawned, args=(2, str(tmp / "rendezvous"), str(tmp), cases), nprocs=2)
-    return {c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=False) for r in range(2)]
+    return {c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=True) for r in range(2)]
             for k, c in enumerate(CHUNKS)}
 
 
@@ -216,7 +216,7 @@ def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted
     assert workers, "torchrun has no workers to kill"
     os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun tears the group down
     assert proc.wait(timeout=120) != 0
-    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert step < 10, "the run finished before it could be killed"
 
     done = run(torchrun("resume", str(killed), "--no-progress"))

@@ -66,7 +66,7 @@ import torch
 from .augment import check_augment_stats, check_patches_compiled
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
-from .training import (check_checkpointing, check_compile, check_ghost_batchnorm, check_gradient_cache,
+from .training import (check_activation_checkpointing, check_compile, check_ghost_batchnorm, check_gradient_cache,
                        check_lars_fused)
 from ..config import ConfigError
 
@@ -80,7 +80,7 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "augment": check_augment_stats,
     "patches": check_patches_compiled,
     "gradcache": check_gradient_cache,
-    "checkpoint": check_checkpointing,
+    "checkpoint": check_activation_checkpointing,
     "ghostbn": check_ghost_batchnorm,
     "lars": check_lars_fused,
 }

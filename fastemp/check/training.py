@@ -181,7 +181,7 @@ def check_gradient_cache(ctx: Context) -> list[CheckResult]:
             compare("gradcache BN stats", shape, "fp32", _stats(got), _stats(ref), FP32_TOL, note=note)]
 
 
-def check_checkpointing(ctx: Context) -> list[CheckResult]:
+def check_activation_checkpointing(ctx: Context) -> list[CheckResult]:
     """Activation checkpointing (model.backbone.checkpoint_activations) vs plain (fp32, small model)."""
     n, batch, x, seed = _small_case(ctx)
     plain = _small_model(ctx, seed)

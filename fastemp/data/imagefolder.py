@@ -284,9 +284,9 @@ def _cache_load(paths: tuple[Path, Path, Path], size: int):
 
 def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
     img_path, lab_path, meta_path = paths
+    tag = f".tmp-{os.getpid()}"
     try:
         img_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
         for path, arr in ((img_path, images), (lab_path, labels)):
             with open(path.with_name(path.name + tag), "wb") as f:
                 np.save(f, arr)
@@ -296,7 +296,14 @@ def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.n
         os.replace(img_path.with_name(img_path.name + tag), img_path)
         os.replace(lab_path.with_name(lab_path.name + tag), lab_path)
         os.replace(meta_tmp, meta_path)
-    except OSError as e:
+    except BaseException as e:  # a partial temp file (a full disk, Ctrl-C) would stay behind
+        for path in paths:
+            try:
+                path.with_name(path.name + tag).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if not isinstance(e, OSError):
+            raise
         warnings.warn(f"could not write the dataset cache under {img_path.parent} ({_one_line(e)})", stacklevel=3)
 
 
