@@ -218,9 +218,14 @@ def cmd_tune(args) -> int:
         axes["batch_size"] = [base.train.batch_size, 2 * base.train.batch_size]
     if axes["backend"] is None:
         axes["backend"] = _available_backends(base.train.device)
+    cuda = _on_cuda(base.train.device)
     if axes["compile"] is None:
-        axes["compile"] = ["none", "default"] if _on_cuda(base.train.device) else ["none"]
-    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps)
+        axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
+    settings = {"cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
+                "patch_compile": common.parse_list(args.patch_compile)}
+    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps, settings,
+                      on_point=lambda partial: common.write_results(out.parent, out.stem, partial,
+                                                                    tune_markdown(partial)))
     markdown = tune_markdown(result)
     print(markdown)
     common.write_results(out.parent, out.stem, result, markdown)
@@ -390,7 +395,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--batch", type=INTEGERS, help="batch sizes (default: the config's B and 2B; B changes the method too)")
     p.add_argument("--n", type=INTEGERS, help="n_patches to try (opt-in; default: the config's only)")
     p.add_argument("--backend", help="patch backends (default: every available one)")
-    p.add_argument("--compile", help="compile modes (default: none,default on CUDA; none on CPU)")
+    p.add_argument("--compile", help="compile modes (default on CUDA: default,max-autotune-no-cudagraphs,"
+                                     "reduce-overhead; none on CPU)")
+    p.add_argument("--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)")
+    p.add_argument("--patch-compile", help="data.patch_compile values, e.g. off,on (default: the config's)")
     p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks (default: the config's; doubled when over budget)")
     p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
     p.add_argument("--warmup", type=int, default=3)

@@ -3,14 +3,20 @@
 #
 #   benchmarks/gpu_suite.sh [PARTS] [OUT_DIR]
 #
-#   PARTS    comma-separated, run in order; default `all` = smoke,accuracy,throughput20,profile,throughput200,kernels,tta,data
+#   PARTS    comma-separated, run in order; default `all` =
+#            smoke,accuracy,throughput20,profile,tune,tune_modes,throughput200,kernels,tta,data
 #              smoke          every GPU path once, <= 90 s on an H100; one PASS/FAIL/SKIP line per item
 #              accuracy       <= 8 min: fastemp's n=20 official 1-epoch recipe x ACCURACY_SEEDS (2), official
 #                             evaluation protocol, on the CIFAR-10 JPEG copy; then the official code's own 1-epoch
 #                             run (benchmarks/official_peer.py) when its checkout .official/ is in this tree
 #              throughput20   n=20, B=100: torch (and DALI) backends + the reference-style baseline
 #              profile        where an n=20 step's time goes, kernel by kernel (torch.profiler; in details/)
-#              throughput200  n=200, B=100 with cifar10_n200_1ep's large-n option: speed and peak memory
+#              tune           n=20, B=100, compile default: cudnn.benchmark off/on x compiled patch recipe
+#                             off/on (fastemp tune; tuned_n20.md/.yaml say which won, in details/)
+#              tune_modes     n=20, B=100: compile modes default, reduce-overhead (CUDA graphs),
+#                             max-autotune-no-cudagraphs (tune_modes_n20.md/.yaml in details/)
+#              throughput200  n=200, B=100 with cifar10_n200_1ep: one pass with ghost BatchNorm (grad chunks
+#                             chosen from free memory) and the 10-chunk gradient cache: speed and peak memory
 #              kernels        cosine-to-mean, TCR and the augmentation backends in isolation
 #              tta            time to 85% linear probe, n=20, on the CIFAR-10 JPEG copy; short of 85%
 #                             within its limit it reports the best accuracy and the times to 70/75/80%
@@ -47,13 +53,14 @@
 set -uo pipefail
 
 PARTS="${1:-all}"
-[ "$PARTS" = all ] && PARTS=smoke,accuracy,throughput20,profile,throughput200,kernels,tta,data
+[ "$PARTS" = all ] && PARTS=smoke,accuracy,throughput20,profile,tune,tune_modes,throughput200,kernels,tta,data
 IFS=, read -r -a PART_LIST <<<"$PARTS"
 for part in "${PART_LIST[@]}"; do
   case "$part" in
-    smoke | accuracy | throughput20 | profile | throughput200 | kernels | tta | data) ;;
+    smoke | accuracy | throughput20 | profile | tune | tune_modes | throughput200 | kernels | tta | data) ;;
     *)
-      echo "usage: benchmarks/gpu_suite.sh [all|smoke,accuracy,throughput20,profile,throughput200,kernels,tta,data] [OUT_DIR]" >&2
+      echo "usage: benchmarks/gpu_suite.sh [all|smoke,accuracy,throughput20,profile,tune,tune_modes,throughput200,kernels,tta,data]" \
+        "[OUT_DIR]" >&2
       exit 2
       ;;
   esac
@@ -248,11 +255,34 @@ part_profile() {
   "${FASTEMP[@]}" bench profile "${args[@]}" --force --out "$DETAILS" --name profile
 }
 
+# fastemp tune at n=20, B=100 over the speed-only settings ($1: name, then tune's arguments); its JSON stays in
+# details/ (the folder holds at most 8 files), its markdown goes into suite.md, the winning config into details/
+tune_part() {
+  local name="$1"
+  shift
+  local args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" --device "$DEVICE" --batch 100 --backend torch
+    --warmup 3 --steps 10 "$@")
+  [ "$DRY" = 1 ] && args=(--config cifar10_n20_1ep "${THROUGHPUT_DATA[@]}" train.n_patches=4 --device cpu --batch 16
+    --backend torch --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1)
+  "${FASTEMP[@]}" tune "${args[@]}" --force --out "$DETAILS/$name.yaml"
+}
+
+part_tune() {
+  tune_part tuned_n20 --compile default --cudnn-benchmark off,on --patch-compile off,on
+}
+
+part_tune_modes() {
+  tune_part tune_modes_n20 --compile default,reduce-overhead,max-autotune-no-cudagraphs --cudnn-benchmark on \
+    --patch-compile on
+}
+
 part_throughput200() {
+  # grad chunks 0: one pass with ghost BatchNorm when it fits (chosen from free memory), 10: the two-pass
+  # gradient cache with the same BatchNorm groups (the same gradients): both in one run, for the ratio
   local args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" --device "$DEVICE" --n 200 --batch 100
-    --backend "$BACKENDS" --steps 10 --split-steps 5)
-  [ "$DRY" = 1 ] && args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" --device cpu --n 8 --batch 16
-    --grad-chunks 2 --backend torch --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64)
+    --grad-chunks "${N200_GRAD_CHUNKS:-0,10}" --backend torch --steps 10 --split-steps 5)
+  [ "$DRY" = 1 ] && args=(--config cifar10_n200_1ep "${THROUGHPUT_DATA[@]}" train.bn_groups=2 --device cpu --n 8
+    --batch 16 --grad-chunks 0,2 --backend torch --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64)
   "${FASTEMP[@]}" bench throughput "${args[@]}" --force --out "$DETAILS" --name throughput_n200
 }
 
@@ -292,10 +322,10 @@ part_data() {  # DALI's arm runs when nvidia.dali imports on this box (staged li
   "${FASTEMP[@]}" bench data "${args[@]}" --force --out "$DETAILS" --name data
 }
 
-declare -A DEFAULT_LIMIT=([smoke]=400 [accuracy]=480 [throughput20]=420 [profile]=180 [throughput200]=300 [kernels]=240
-  [tta]=420 [data]=540)
-[ "$DRY" = 1 ] && DEFAULT_LIMIT=([smoke]=300 [accuracy]=240 [throughput20]=240 [profile]=240 [throughput200]=240
-  [kernels]=240 [tta]=240 [data]=240)
+declare -A DEFAULT_LIMIT=([smoke]=400 [accuracy]=480 [throughput20]=420 [profile]=180 [tune]=540 [tune_modes]=600
+  [throughput200]=480 [kernels]=240 [tta]=420 [data]=540)
+[ "$DRY" = 1 ] && DEFAULT_LIMIT=([smoke]=300 [accuracy]=240 [throughput20]=240 [profile]=240 [tune]=240 [tune_modes]=240
+  [throughput200]=240 [kernels]=240 [tta]=240 [data]=240)
 
 # Publishes what is there: JSON per part, suite.json/suite.md, details.tar.gz (at most 8 files in OUT).
 publish() {

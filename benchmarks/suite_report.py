@@ -21,7 +21,7 @@ from . import common
 
 # part -> the name of its result files
 RESULT_NAMES = {"smoke": "smoke", "accuracy": "accuracy", "throughput20": "throughput_n20", "profile": "profile",
-                "throughput200": "throughput_n200",
+                "tune": "tuned_n20", "tune_modes": "tune_modes_n20", "throughput200": "throughput_n200",
                 "kernels": "kernels", "tta": "time_to_85_n20", "data": "data"}
 # parts whose whole result goes inside suite.json: a file of their own would pass the 8-file limit
 EMBEDDED = ("data",)

@@ -36,11 +36,12 @@ FORMAT = 2  # 2: weights_only plain data, with `sha256` and `layout`
 REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout", "sha256")
 
 # Keys a resumed run may change without mixing two runs (docs/reliability.md): where data and
-# outputs live, where it runs, how often it logs and checkpoints, and all of evaluation. Anything
+# outputs live, where it runs, how often it logs and checkpoints, the speed-only compile settings (they
+# change float rounding at most), and all of evaluation. Anything
 # else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
 # run that never happened.
 RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "data.workers", "train.device", "train.log_every",
-                    "train.ckpt_every", "model.compile", "eval.*")
+                    "train.ckpt_every", "model.compile", "model.cudnn_benchmark", "data.patch_compile", "eval.*")
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
 
 

@@ -36,6 +36,7 @@ class DataConfig:
     backend: str = "auto"  # patch backend: auto | torch | dali | pillow (docs/data-backends.md: what auto picks)
     streamed: bool = False  # imagefolder: read the full-size files every epoch (ImageNet) instead of decoding once
     workers: int = 8  # streamed data on the pillow backend: decoding processes (0 = in the training process)
+    patch_compile: str = "auto"  # torch backend: the recipe through torch.compile: auto (on CUDA) | on | off
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ModelConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
+    cudnn_benchmark: bool = False  # CUDA: cuDNN autotunes each convolution's algorithm (fastemp tune measures it)
 
 
 @dataclass
@@ -99,7 +101,8 @@ class TrainConfig:
     batch_size: int = 100
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs * steps_per_epoch; the cosine schedule spans the whole run
-    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups (n=200 on one GPU)
+    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups; 0: from free memory
+    bn_groups: int = 0  # BatchNorm statistics per group of n/bn_groups patch groups (ghost BN); 0: per grad chunk
     checkpoint_activations: bool = False  # recompute each ResNet stage in backward (full-batch BatchNorm)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -90,11 +90,13 @@ def estimate(cfg: Config, device_type: str = "cpu", world: int = 1, train: bool 
         out["dataset"] *= 2  # the loader's copy before the tensor
     if train:
         patches = t.n_patches * t.batch_size // world
-        per_pass = -(-patches // t.grad_chunks)
+        # grad_chunks 0 picks the chunks from free memory; the least it can need is one BatchNorm group a pass
+        chunks = t.grad_chunks or max(1, t.bn_groups)
+        per_pass = -(-patches // chunks)
         stage = crop // 4 if imagenet_stem else crop
         out["step"] = (per_pass * train_units * m.width * stage * stage * elt
                        + patches * 3 * crop * crop * 4
-                       + (patches * m.z_dim * 4 if t.grad_chunks > 1 else 0)
+                       + (patches * m.z_dim * 4 if chunks > 1 else 0)
                        + 3 * t.n_patches * m.z_dim * m.z_dim * 4)
     if evaluate:
         side_in = crop if e.mode == "patches" else side

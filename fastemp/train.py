@@ -25,11 +25,12 @@ from .config import Config, EvalConfig
 from .data import load_split
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
-from .gradcache import gradient_cache_step
+from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms, use_fused
-from .model import build_model
+from .model import build_model, compile_model
 from .patches import make_patch_backend
+from .patches.torch_backend import resolve_patch_compile
 from .validate import check_data
 
 
@@ -65,7 +66,9 @@ class Trainer:
         self.train_set = load_split(cfg.data, "train", self.device)
         check_data(cfg, len(self.train_set))  # before the model is built
         self.patches = make_patch_backend(cfg.data.backend, self.train_set, cfg.augment, cfg.train.seed,
-                                          workers=cfg.data.workers)
+                                          workers=cfg.data.workers,
+                                          compile_recipe=resolve_patch_compile(cfg.data.patch_compile, self.device,
+                                                                               self.compile_mode))
         self.backend_name = self.patches.name
         if self.progress:
             print(f"fastemp: patches: {self.backend_name} ({self.patches.reason})", file=sys.stderr, flush=True)
@@ -74,12 +77,14 @@ class Trainer:
         if self.world > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
+        self.grad_chunks = resolve_chunks(self.model, cfg, self.device, self.world, self.precision,
+                                          self.compile_mode)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if self.world > 1 else None
         wrapped = self.ddp or self.model
-        self.forward = wrapped if self.compile_mode == "none" else torch.compile(wrapped, mode=self.compile_mode)
-        self.optimizer = build_lars(self.model, cfg.optim)
+        self.forward = compile_model(wrapped, self.compile_mode, self.device, cfg.model.cudnn_benchmark)
+        self.optimizer = build_lars(self.model, cfg.optim, fused_update=self.compile_mode != "none")  # compiled with the model
         self.fused = use_fused(cfg.loss, self.device)
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -119,8 +124,10 @@ class Trainer:
     def forward_backward(self, patches: torch.Tensor, mark=None) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         n = self.cfg.train.n_patches
-        if self.cfg.train.grad_chunks > 1:
-            return gradient_cache_step(self.forward, patches, n, self.cfg.train.grad_chunks,
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
+        if self.grad_chunks > 1:
+            return gradient_cache_step(self.forward, patches, n, self.grad_chunks,
                                        lambda p: projection_loss_terms(p, self.cfg.loss, self.fused), self.autocast(),
                                        model=self.ddp or self.model, mark=mark)
         with self.autocast():
@@ -137,8 +144,8 @@ class Trainer:
         tick, images, warm = time.perf_counter(), 0, self.step
         for step in range(self.step, stop_step):
             terms = self.forward_backward(self.begin_step(step))
-            self._watch_finite(terms, step + 1)
             self.optimizer.step()
+            self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
             self.optimizer.zero_grad(set_to_none=True)
             self.step, images = step + 1, images + t.batch_size
             if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
@@ -156,10 +163,11 @@ class Trainer:
 
         Checking on the host every step would add a sync per step; this keeps the verdict on the
         device and reads it once on logged steps and before every checkpoint write (raise_if_nonfinite),
-        so nothing non-finite is ever saved and the error still names the first bad step and term."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_max = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else terms.tcr.detach()
-        ok = torch.stack([terms.invariance.detach().isfinite(), terms.tcr.detach().isfinite(), grad_max.isfinite()])
+        so nothing non-finite is ever saved and the error still names the first bad step and term.
+        The gradients' verdict is the optimizer's, from the norms its step computed (LARS.gradients_finite)."""
+        grads_ok = self.optimizer.gradients_finite()
+        tcr_ok = terms.tcr.detach().isfinite()
+        ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
         here = torch.stack([torch.full((), step, dtype=torch.long, device=self.device),
                             torch.argmin(ok.to(torch.uint8)).to(torch.long)])  # argmin: the first False
         first = (self._nonfinite[0] < 0) & ~ok.all()

@@ -79,6 +79,7 @@ def check_config(cfg: Config) -> None:
 
     _choice("data.source", d.source, SOURCES)
     _choice("data.backend", d.backend, BACKENDS)
+    _choice("data.patch_compile", d.patch_compile, FUSED)
     _positive(d, "data", "image_size")
     _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
     if d.streamed and d.source != "imagefolder":
@@ -130,12 +131,19 @@ def check_config(cfg: Config) -> None:
 
     # one patch per image makes the invariance term a constant (every patch is its image's mean)
     _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2", "the invariance term needs two patches per image")
-    _positive(t, "train", "batch_size", "epochs", "grad_chunks", "log_every")
+    _positive(t, "train", "batch_size", "epochs", "log_every")
+    _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks >= 0, ">= 0 (0: chosen from free memory)")
+    _rule("train.bn_groups", t.bn_groups, t.bn_groups >= 0 and (t.bn_groups == 0 or t.n_patches % t.bn_groups == 0),
+          "0 or a divisor of train.n_patches")
+    _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks > 0 or t.bn_groups > 0, "> 0 when train.bn_groups is 0",
+          "the chunks then decide the BatchNorm groups, so they cannot depend on memory")
+    _rule("train.grad_chunks", t.grad_chunks, t.bn_groups == 0 or t.grad_chunks == 0 or t.bn_groups % t.grad_chunks == 0,
+          "0 or a divisor of train.bn_groups", "each chunk holds whole BatchNorm groups")
     for name in ("max_steps", "ckpt_every", "seed"):
         value = getattr(t, name)
         _rule(f"train.{name}", value, value >= 0, ">= 0")
     _rule("train.checkpoint_activations", t.checkpoint_activations,
-          not (t.checkpoint_activations and t.grad_chunks > 1), "false when train.grad_chunks > 1 (pick one)")
+          not (t.checkpoint_activations and t.grad_chunks != 1), "false unless train.grad_chunks is 1 (pick one)")
 
     _choice("eval.protocol", e.protocol, EVAL_PROTOCOL_NAMES)
     _choice("eval.mode", e.mode, EVAL_MODES)

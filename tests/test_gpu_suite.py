@@ -116,3 +116,17 @@ def test_accuracy_part_writes_fastemp_seeds_and_the_peer_status_within_eight_fil
     with tarfile.open(out / "details.tar.gz") as tar:
         names = tar.getnames()
     assert "./kernels.json" in names and "./official_peer.json" in names and "./accuracy.json" not in names
+
+
+def test_tune_parts_write_the_winner_into_the_details_and_suite_md(tmp_path):
+    out = tmp_path / "results"
+    result = run_suite("tune,tune_modes", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    parts = {p["part"]: p["status"] for p in json.loads((out / "suite.json").read_text())["parts"]}
+    assert parts == {"tune": "PASS", "tune_modes": "PASS"}
+    suite_md = (out / "suite.md").read_text()
+    assert suite_md.count("- winner:") == 2 and "cudnn bench" in suite_md
+    with tarfile.open(out / "details.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./tuned_n20.yaml" in names and "./tune_modes_n20.yaml" in names
+    assert len([p for p in out.iterdir() if p.is_file()]) <= 8

@@ -11,8 +11,11 @@ dtypes, prints one table row per compared quantity and exits 1 if any row fails.
     loss            projection_loss_terms (unfused and fused) vs reference_emp_ssl_loss(F.normalize(p))
     compile         torch.compile(model) vs eager: h, p, parameter gradients, BatchNorm running stats
     augment         DALI vs torch patch backend: per-channel mean / std of the same patches
+    patches         the torch backend's compiled recipe (data.patch_compile) vs eager, same draw
     gradcache       two-pass gradient cache vs one autograd graph with the same chunk-wise BatchNorm
     checkpoint      activation checkpointing vs plain
+    ghostbn         one pass with ghost BatchNorm (train.bn_groups) vs the gradient cache with the same groups
+    lars            LARS's compiled one-pass update vs the plain per-tensor rule + torch SGD (CUDA only)
 
 Pass criterion of a row (column `err`): the relative-norm error ||out - ref|| / max(||ref||, floor)
 in float64 (the floor only guards a reference that is exactly zero), except `augment` (absolute
@@ -39,7 +42,10 @@ Tolerances (relative-norm unless noted):
   gradients (the backward through train-mode BatchNorm amplifies p's error), so the gradient row
   catches only gross errors (a zero gradient has error 1). Not yet run on a GPU.
   augment: absolute 0.01 on the channel means / stds (the tolerance of tests/test_patches_dali.py).
-  gradcache / checkpointing (fp32, the same ops in both): gradients 1e-4, loss and running stats 1e-5.
+  patches: 1e-5 on patches without solarize; solarized ones by the fraction of pixels off by > 1e-4
+  (<= 1e-3: a pixel within rounding of the threshold may invert in one and not the other).
+  gradcache / checkpointing / ghostbn (fp32, the same ops in both): gradients 1e-4, loss and running stats 1e-5.
+  lars: parameters and momentum buffers after 3 steps 1e-5 (fp32; Inductor may round differently).
 """
 
 from __future__ import annotations
@@ -57,10 +63,11 @@ from pathlib import Path
 
 import torch
 
-from .augment import check_augment_stats
+from .augment import check_augment_stats, check_patches_compiled
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
-from .training import check_activation_checkpointing, check_compile, check_gradient_cache
+from .training import (check_activation_checkpointing, check_compile, check_ghost_batchnorm, check_gradient_cache,
+                       check_lars_fused)
 from ..config import ConfigError
 
 # ------------------------------------------------------------------------------ driver
@@ -71,8 +78,11 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "loss": check_projection_loss,
     "compile": check_compile,
     "augment": check_augment_stats,
+    "patches": check_patches_compiled,
     "gradcache": check_gradient_cache,
     "checkpoint": check_activation_checkpointing,
+    "ghostbn": check_ghost_batchnorm,
+    "lars": check_lars_fused,
 }
 
 

@@ -92,10 +92,12 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     return choose_backend(name, False, torch.device(device).type, name == "dali" and dali_available())[0]
 
 
-def make_patch_backend(name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0) -> PatchBackend:
+def make_patch_backend(name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0,
+                       compile_recipe: bool = False) -> PatchBackend:
     """Build the backend `name` (auto | torch | dali | pillow) over the data: a device-resident uint8
     NHWC tensor (or an ImageSet holding one), or a StreamedSet of files. The backend's `reason`
-    says why it was chosen (one line for the log)."""
+    says why it was chosen (one line for the log). compile_recipe: the torch backend's recipe through
+    torch.compile (the other backends ignore it)."""
     from ..data.streamed import StreamedSet
 
     images = getattr(images, "images", images)  # an ImageSet: its tensor
@@ -116,6 +118,6 @@ def make_patch_backend(name: str, images, aug: AugmentConfig, seed: int = 0, wor
 
         backend = DaliPatches(images, aug, seed=seed)
     else:
-        backend = TorchPatches(images, aug)
+        backend = TorchPatches(images, aug, compile_recipe)
     backend.reason = reason
     return backend
