@@ -1,4 +1,4 @@
-"""`fastemp bench {throughput, time-to-accuracy, kernels, report}` and `fastemp tune`.
+"""`fastemp bench {throughput, time-to-accuracy, accuracy, kernels, data, report}` and `fastemp tune`.
 
 Every benchmark writes <out>/<name>.json (every number, the environment and the config) and
 <out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory. An
@@ -14,11 +14,39 @@ from pathlib import Path
 from fastemp import distributed
 from fastemp.config import load_config
 from fastemp.runtime import resolve
+from fastemp.errors import UserError
 from fastemp.validate import check_config
 
 from . import common
 
 SWEEP_HELP = "comma-separated values (default: the config's)"
+
+
+def _list_of(kind, what: str, example: str):
+    """An argparse type: the text, once every comma-separated item parses as `kind` and is > 0 (else one line)."""
+    def parse(text: str) -> str:
+        try:
+            values = common.parse_list(text, kind) or []
+        except ValueError:
+            values = [0]
+        if not all(v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} > 0 such as {example}, got {text[:80]!r}")
+        return text
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text[:80]!r}")
+    return value
+
+
+INTEGERS, NUMBERS = _list_of(int, "whole numbers", "20,200"), _list_of(float, "numbers", "0.7,0.8")
 
 
 def _threads(args) -> None:
@@ -88,17 +116,47 @@ def cmd_throughput(args) -> int:
 def cmd_time_to_accuracy(args) -> int:
     from .time_to_accuracy import plot_accuracy, run_time_to_accuracy, tta_markdown
 
+    args.overrides = [f"eval.protocol={args.protocol}", *args.overrides]  # explicit eval keys still win
     cfg = _load(args)
     out, name = _target(args, cfg.train.device, (".json", ".md", ".png"))
     milestones = common.parse_list(args.milestones, float) or []
     result = run_time_to_accuracy(cfg, args.target, args.eval_every, args.max_wall_seconds, milestones,
-                                  on_progress=_partial_writer(out, name, tta_markdown))
+                                  on_progress=_partial_writer(out, name, tta_markdown),
+                                  compare_protocol=args.compare_protocol)
     markdown = tta_markdown(result)
     print(markdown)
     paths = common.write_results(out, name, result, markdown)
     png = plot_accuracy(result, out / f"{name}.png")
     _written([*paths, png] if png else paths)
     return 0
+
+
+def cmd_accuracy(args) -> int:
+    from .accuracy import accuracy_markdown, parse_seeds, plot_accuracy_vs_seconds, run_accuracy, select_rows
+
+    _threads(args)
+    if args.list_rows:
+        for row in select_rows(None):
+            print(f"{row.name}: {row.note}")
+        return 0
+    try:
+        rows = select_rows(common.parse_list(args.rows), args.variant or ())
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        raise UserError(f"{err}; see fastemp bench accuracy --list-rows") from None
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    for _, variant in args.variant or ():  # a typo is one line now, not an error row after an hour
+        load_config("quickstart", [*overrides, *variant.split()])
+    device = load_config("quickstart", overrides).train.device
+    out, name = _target(args, device, (".json", ".md", ".png"))
+    result = run_accuracy(rows, seeds, overrides, {"cifar10": args.cifar10, "cifar100": args.cifar100},
+                          args.budget, on_progress=_partial_writer(out, name, accuracy_markdown))
+    markdown = accuracy_markdown(result)
+    print(markdown)
+    paths = common.write_results(out, name, result, markdown)
+    png = plot_accuracy_vs_seconds(result, out / f"{name}.png")
+    _written([*paths, png] if png else paths)
+    return 1 if any(r.get("status") == "error" for r in result["rows"]) else 0
 
 
 def cmd_profile(args) -> int:
@@ -127,6 +185,20 @@ def cmd_kernels(args) -> int:
     return _status(result["rows"] + result["augmentation"])
 
 
+def cmd_data(args) -> int:
+    from .data_bench import data_markdown, run_data_bench
+
+    _threads(args)
+    out, name = _target(args, args.device)
+    result = run_data_bench(args.device, common.parse_list(args.sources, int), args.n, args.batch, args.workers,
+                            args.warmup, args.steps, args.classes, args.per_class, args.patch, args.compile,
+                            args.overrides, args.folder_root, on_progress=_partial_writer(out, name, data_markdown))
+    markdown = data_markdown(result)
+    print(markdown)
+    _written(common.write_results(out, name, result, markdown))
+    return _status(result["rows"])
+
+
 def cmd_report(args) -> int:
     from .report import update_readme
 
@@ -148,9 +220,14 @@ def cmd_tune(args) -> int:
         axes["batch_size"] = [base.train.batch_size, 2 * base.train.batch_size]
     if axes["backend"] is None:
         axes["backend"] = _available_backends(base.train.device)
+    cuda = _on_cuda(base.train.device)
     if axes["compile"] is None:
-        axes["compile"] = ["none", "default"] if _on_cuda(base.train.device) else ["none"]
-    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps)
+        axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
+    settings = {"cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
+                "patch_compile": common.parse_list(args.patch_compile)}
+    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps, settings,
+                      on_point=lambda partial: common.write_results(out.parent, out.stem, partial,
+                                                                    tune_markdown(partial)))
     markdown = tune_markdown(result)
     print(markdown)
     common.write_results(out.parent, out.stem, result, markdown)
@@ -185,7 +262,7 @@ def _common_config_args(p: argparse.ArgumentParser, default_config: str) -> None
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a busy shared machine)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (e.g. 1 on a busy shared machine)")
 
 
 def _output_args(p: argparse.ArgumentParser, name: str) -> None:
@@ -196,20 +273,20 @@ def _output_args(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def register_cli(subparsers) -> None:
-    """Add `bench` (throughput, time-to-accuracy, kernels, report) and `tune` to fastemp's CLI."""
-    bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, report")
+    """Add `bench` (throughput, time-to-accuracy, kernels, data, report) and `tune` to fastemp's CLI."""
+    bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, data, report")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     p = sub.add_parser("throughput", help="images/s, MFU, memory and step split over a sweep (+ baseline)",
                        description="Data content does not change throughput: data.source=synthetic avoids a "
                                    "download. MFU uses fastemp.model.flops_per_patch.")
     _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--n", help="n_patches: " + SWEEP_HELP)
-    p.add_argument("--batch", help="batch sizes: " + SWEEP_HELP)
+    p.add_argument("--n", type=INTEGERS, help="n_patches: " + SWEEP_HELP)
+    p.add_argument("--batch", type=INTEGERS, help="batch sizes: " + SWEEP_HELP)
     p.add_argument("--backend", help="patch backends (torch, dali, auto): " + SWEEP_HELP)
     p.add_argument("--compile", help="compile modes (none, default, max-autotune, ...): " + SWEEP_HELP)
     p.add_argument("--precision", help="precisions (bf16, fp32, auto): " + SWEEP_HELP)
-    p.add_argument("--grad-chunks", help="gradient-cache chunks: " + SWEEP_HELP)
+    p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks: " + SWEEP_HELP)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")
     p.add_argument("--steps", type=int, default=20, help="timed end-to-end steps (median; default 20)")
     p.add_argument("--split-steps", type=int, default=20, help="instrumented steps for the split (0: skip)")
@@ -228,16 +305,39 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-wall-seconds", type=float,
                    help="stop (target not reached) before the next chunk of training and evaluation would end past "
                         "this much wall time; the results are still written")
-    p.add_argument("--milestones", help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
+    p.add_argument("--milestones", type=NUMBERS, help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
+    p.add_argument("--protocol", choices=("official", "cheap"), default="official",
+                   help="evaluation protocol (default official; docs/evaluation.md); eval.* overrides refine it")
+    p.add_argument("--compare-protocol", choices=("official", "cheap"),
+                   help="also score every evaluated checkpoint under this protocol: the offset on the same weights")
     _output_args(p, "time_to_accuracy")
     p.set_defaults(func=cmd_time_to_accuracy)
+
+    p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures",
+                       description="Rows: fastemp bench accuracy --list-rows. Evaluation: each row's eval protocol "
+                                   "(official by default; docs/evaluation.md).")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the configs' train.device)")
+    _threads_arg(p)
+    p.add_argument("--rows", help="comma-separated row names (default: all); see --list-rows")
+    p.add_argument("--list-rows", action="store_true", help="print the rows and what each reproduces, then exit")
+    p.add_argument("--seeds", default="3", help="a count (seeds 0..N-1) or a comma-separated list (default 3)")
+    p.add_argument("--budget", type=float, help="wall seconds: seeds predicted to end past it are skipped")
+    p.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"),
+                   help='run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 '
+                        '"model.precision=fp32 model.compile=none" (repeatable)')
+    p.add_argument("--cifar10", help="CIFAR-10: the JPEG copy (.tar.gz or folder, ImageFolder layout) or the folder "
+                                     "or path of cifar-10-python.tar.gz (default: the archive under data.root)")
+    p.add_argument("--cifar100", help="CIFAR-100, likewise (its rows are skipped when there is none)")
+    _output_args(p, "accuracy")
+    p.set_defaults(func=cmd_accuracy)
 
     p = sub.add_parser("kernels", help="cosine-to-mean, TCR and augmentation backends in isolation")
     p.add_argument("--device", default="auto")
     _threads_arg(p)
-    p.add_argument("--n", default="20,50,200", help="patches per image (default 20,50,200)")
-    p.add_argument("--batch", default="100,256", help="images per batch (default 100,256)")
-    p.add_argument("--dim", default="1024", help="projection dimension d (default 1024)")
+    p.add_argument("--n", type=INTEGERS, default="20,50,200", help="patches per image (default 20,50,200)")
+    p.add_argument("--batch", type=INTEGERS, default="100,256", help="images per batch (default 100,256)")
+    p.add_argument("--dim", type=INTEGERS, default="1024", help="projection dimension d (default 1024)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
@@ -246,6 +346,27 @@ def register_cli(subparsers) -> None:
     p.add_argument("--baseline-aug-patches", type=int, default=200, help="patches for the per-patch CPU rate")
     _output_args(p, "kernels")
     p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone",
+                       description="Synthetic JPEG folders at each source size (made here, no download); "
+                                   "see fastemp/benchmarks/data_bench.py and docs/data-backends.md.")
+    p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
+    p.add_argument("--device", default="auto")
+    _threads_arg(p)
+    p.add_argument("--sources", default="32,64,400", help="source image sizes in px (default 32,64,400)")
+    p.add_argument("--patch", type=int, help="patch size for every source (default: 32 up to 64 px sources, else 224)")
+    p.add_argument("--n", type=int, default=20, help="patches per image (default 20)")
+    p.add_argument("--batch", type=int, default=100, help="images per step (default 100)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="Pillow worker processes (default: min(16, cores))")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per arm (default 2)")
+    p.add_argument("--steps", type=int, default=10, help="timed calls/steps per arm (default 10)")
+    p.add_argument("--classes", type=int, default=10, help="classes of each synthetic folder (default 10)")
+    p.add_argument("--per-class", type=int, default=20, help="training images per class (at least 2 batches in all)")
+    p.add_argument("--compile", default="none", help="model.compile of the step (default none)")
+    p.add_argument("--folder-root", help="where the temporary JPEG folders go (default: the system temp dir)")
+    _output_args(p, "data")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("profile", help="where a training step's time goes, op by op (torch.profiler)")
     _common_config_args(p, "cifar10_n20_1ep")
@@ -262,15 +383,25 @@ def register_cli(subparsers) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("official-peer", help="the official EMP-SSL code trained on this GPU and data, evaluated by "
+                                             "fastemp (docs/official_peer.md)")
+    from .official_peer import add_arguments as add_peer_arguments, run_from_args as cmd_official_peer
+
+    add_peer_arguments(p)
+    p.set_defaults(func=cmd_official_peer)
+
     p = subparsers.add_parser("tune", help="find the fastest settings for this card; write them as a config",
                               description="Objective: end-to-end images/s at your n (n is swept only with --n: "
                                           "it changes the method). See fastemp/benchmarks/tune.py.")
     _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--batch", help="batch sizes (default: the config's B and 2B; B changes the method too)")
-    p.add_argument("--n", help="n_patches to try (opt-in; default: the config's only)")
+    p.add_argument("--batch", type=INTEGERS, help="batch sizes (default: the config's B and 2B; B changes the method too)")
+    p.add_argument("--n", type=INTEGERS, help="n_patches to try (opt-in; default: the config's only)")
     p.add_argument("--backend", help="patch backends (default: every available one)")
-    p.add_argument("--compile", help="compile modes (default: none,default on CUDA; none on CPU)")
-    p.add_argument("--grad-chunks", help="gradient-cache chunks (default: the config's; doubled when over budget)")
+    p.add_argument("--compile", help="compile modes (default on CUDA: default,max-autotune-no-cudagraphs,"
+                                     "reduce-overhead; none on CPU)")
+    p.add_argument("--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)")
+    p.add_argument("--patch-compile", help="data.patch_compile values, e.g. off,on (default: the config's)")
+    p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks (default: the config's; doubled when over budget)")
     p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")

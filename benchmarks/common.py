@@ -47,7 +47,6 @@ DATASHEET_TFLOPS: tuple[tuple[str, str, float], ...] = (
 # What the project promises (H100, CIFAR-10, B=100); every report says where it stands on each.
 TARGETS = {
     "n20_patches_per_s": 115_000.0,  # end to end, n=20, B=100 (about 50% of a measured 798 TFLOP/s)
-    "speedup_vs_baseline": 30.0,  # fastemp images/s over the reference-style baseline, same run
     "time_to_85_seconds": 45.0,  # training seconds to 85% linear-probe top-1, n=20
     "n200_memory_gib": 78.0,  # n=200 fits on one 80 GB card
 }
@@ -337,6 +336,9 @@ def results_target(out: str | None, name: str, device: str, force: bool,
         dev = resolve_device(device)
         name_of = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
         folder = default_out_dir({"device": str(dev), "device_name": name_of})
+    from fastemp.validate import check_output_path
+
+    check_output_path(folder, "--out")
     stem, k = name, 2
     while not force and any((folder / f"{stem}{s}").exists() for s in suffixes):
         stem, k = f"{name}-{k}", k + 1

@@ -60,7 +60,8 @@ def _config(spec: str, dry_run: bool, overrides: list[str]):
     base = ["data.source=synthetic", "data.synthetic_train=200", "data.synthetic_test=100", "eval.at_end=false",
             "train.log_every=1"]
     tiny = ["model.width=8", "model.hidden_dim=64", "model.z_dim=32", "train.n_patches=4", "train.batch_size=16",
-            "train.grad_chunks=2", "model.compile=none", "loss.fused=off", "train.device=cpu"] if dry_run else []
+            "train.grad_chunks=2", "train.bn_groups=2", "model.compile=none", "loss.fused=off",
+            "train.device=cpu"] if dry_run else []
     return load_config(spec, base + overrides + tiny)
 
 
@@ -81,7 +82,8 @@ def _steps(cfg, steps: int) -> dict:
     finite = all(math.isfinite(record[k]) for k in ("loss", "loss_sim", "loss_tcr"))
     later = common.median(seconds[1:]) if len(seconds) > 1 else None
     return {**trainer.runtime.resolved(), "n_patches": cfg.train.n_patches,
-            "batch_size": cfg.train.batch_size, "grad_chunks": cfg.train.grad_chunks, "width": cfg.model.width,
+            "batch_size": cfg.train.batch_size, "grad_chunks": trainer.grad_chunks, "bn_groups": cfg.train.bn_groups,
+            "width": cfg.model.width,
             "first_step_seconds": seconds[0], "step_seconds": later,
             "compile_seconds": max(0.0, seconds[0] - later) if later is not None else None,
             "loss": record["loss"], "loss_sim": record["loss_sim"], "loss_tcr": record["loss_tcr"], "finite": finite,
@@ -138,10 +140,14 @@ def item_train(dry_run: bool) -> tuple[str, dict]:
 
 
 def item_large_n(dry_run: bool) -> tuple[str, dict]:
-    cfg = _config("cifar10_n200_1ep", dry_run, ["model.compile=none"])
-    option = f"grad cache x{cfg.train.grad_chunks}" if cfg.train.grad_chunks > 1 else (
-        "activation checkpointing" if cfg.train.checkpoint_activations else "none")
+    # the memory-lean option (one chunk per BatchNorm group), which must fit an 80 GB card; the one-pass
+    # ghost-BN path uses whatever memory is free and is measured by the suite's throughput200 part
+    cfg = _config("cifar10_n200_1ep", dry_run, ["model.compile=none", "train.grad_chunks=10"])
     result = _steps(cfg, 1)
+    option = f"grad cache x{result['grad_chunks']}" if result["grad_chunks"] > 1 else (
+        "activation checkpointing" if cfg.train.checkpoint_activations else
+        f"one pass, BatchNorm per {cfg.train.n_patches // cfg.train.bn_groups} patch groups" if cfg.train.bn_groups > 1
+        else "none")
     result["large_n_option"] = option
     if not result["finite"]:
         raise AssertionError(f"non-finite loss: {result['loss']}")

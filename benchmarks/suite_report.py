@@ -20,9 +20,11 @@ from fastemp import runs
 from . import common
 
 # part -> the name of its result files
-RESULT_NAMES = {"smoke": "smoke", "throughput20": "throughput_n20", "profile": "profile",
-                "throughput200": "throughput_n200",
-                "kernels": "kernels", "tta": "time_to_85_n20"}
+RESULT_NAMES = {"smoke": "smoke", "accuracy": "accuracy", "throughput20": "throughput_n20", "profile": "profile",
+                "tune": "tuned_n20", "tune_modes": "tune_modes_n20", "throughput200": "throughput_n200",
+                "kernels": "kernels", "tta": "time_to_85_n20", "data": "data"}
+# parts whose whole result goes inside suite.json: a file of their own would pass the 8-file limit
+EMBEDDED = ("data",)
 
 
 def read_parts(details: Path) -> list[dict]:
@@ -55,6 +57,8 @@ def summarize(details: Path) -> tuple[dict, str]:
         result = results[p["part"]]
         written = "none" if result is None else ("partial" if result.get("partial") else "complete")
         p.update(result_file=f"{RESULT_NAMES[p['part']]}.json" if result else None, result=written)
+        if p["part"] in EMBEDDED:
+            p.update(result_file="suite.json" if result else None, result_json=result)
         # the profile stays in details.tar.gz: its JSON is long and the folder holds at most 8 files
         rows.append([p["part"], p["status"], p["seconds"], p["limit_seconds"], written])
         md = details / f"{RESULT_NAMES[p['part']]}.md"

@@ -217,7 +217,9 @@ def attach_ratios(points: list[dict], baselines: list[dict]) -> None:
 
 
 def throughput_targets(points: list[dict], environment: dict) -> list[dict]:
-    """Rows for the targets this sweep measured (n=20 speed and ratio, n=200 memory), at B=100."""
+    """Rows for the targets this sweep measured (n=20 speed, n=200 memory), at B=100. The ratio to the
+    reference-style baseline is reported with each point but is no target: against a baseline fed by
+    16 CPU workers, 30x would need ~94% of the GPU's peak (issue 17)."""
     h100, rows = common.on_h100(environment), []
     n20 = [p for p in points if p["n_patches"] == 20 and p["batch_size"] == 100]
     if n20:
@@ -226,10 +228,6 @@ def throughput_targets(points: list[dict], environment: dict) -> list[dict]:
         rows.append(common.target_row("n20_patches_per_s", "n=20 end to end patches/s (B=100)",
                                       common.TARGETS["n20_patches_per_s"], best, True, h100,
                                       "best point of this sweep"))
-        ratios = [p["speedup_vs_baseline"] for p in ok if p.get("speedup_vs_baseline")]
-        if ratios:
-            rows.append(common.target_row("speedup_vs_baseline", "n=20 images/s over the baseline, same run",
-                                          common.TARGETS["speedup_vs_baseline"], max(ratios), True, h100))
     n200 = [p for p in points if p["n_patches"] == 200 and p["batch_size"] == 100]
     if n200:
         fits = [p["peak_memory_bytes"] / 2**30 for p in n200 if p["status"] == "ok" and p["peak_memory_bytes"]]

@@ -1,7 +1,10 @@
 """`fastemp bench time-to-accuracy`: training seconds until the linear probe reaches a target.
 
-Trains with Trainer.train_until in chunks of `eval_every` steps and runs Trainer.evaluate (the
-config's eval protocol: eval.mode, eval.patches, eval.probe_epochs) after each chunk. Evaluation
+Trains with Trainer.train_until in chunks of `eval_every` steps and runs Trainer.evaluate after each
+chunk under the config's eval protocol: official by default (docs/evaluation.md; `--protocol cheap` for
+quick curves). The headline accuracy is the FINAL probe epoch; the best probe epoch, selected on the test
+split, is reported apart. `compare_protocol` also scores every evaluated checkpoint under a second
+protocol, so the offset between the two is measured on the same weights. Evaluation
 time is kept off the training clock and reported separately. The training clock is the Trainer's
 own (warm-up + timed steps, each chunk ending in a sync); the very first step, which includes
 compilation, is reported apart and the target is judged on the clock without it (both are in
@@ -18,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastemp import runs
-from fastemp.config import Config, to_dict
+from fastemp.config import Config, eval_config, eval_protocol_name, to_dict
 from fastemp.train import Trainer
 
 from . import common
@@ -39,7 +42,8 @@ def training_clock(trainer: Trainer) -> float:
 
 def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = None,
                          max_wall_seconds: float | None = None, milestones: Sequence[float] = (),
-                         on_progress: Callable[[dict], None] | None = None) -> dict:
+                         on_progress: Callable[[dict], None] | None = None,
+                         compare_protocol: str | None = None) -> dict:
     """Train until the linear probe reaches `target` top-1; every number of the run.
 
     max_wall_seconds (training + evaluation + setup) stops an unfinished run before the next chunk
@@ -51,6 +55,7 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
     wall_start = time.perf_counter()
     cfg = copy.deepcopy(cfg)
     cfg.eval.at_end = False
+    compare = eval_config(compare_protocol, base=cfg.eval) if compare_protocol else None
     trainer = Trainer(cfg, None, progress=False)
     environment = runs.environment(trainer.device)
     eval_every = eval_every or max(1, trainer.steps_per_epoch // 2)
@@ -72,13 +77,17 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
                   "images_seen": reached["images_seen"] if reached else None,
                   "eval_seconds_total": sum(e["eval_seconds"] for e in evals),
                   "final_linear_top1": evals[-1]["linear_top1"] if evals else None,
+                  "final_best_top1_on_test": evals[-1]["best_top1_on_test"] if evals else None,
                   "best_linear_top1": max((e["linear_top1"] for e in evals), default=None),
+                  "protocol_offset": protocol_offset(evals, compare_protocol),
                   "milestones": milestone_times(evals, sorted(set(milestones) | {target})),
-                  "protocol": {"eval_mode": cfg.eval.mode,
+                  "protocol": {"name": eval_protocol_name(cfg.eval), "eval_mode": cfg.eval.mode,
                                "eval_patches": cfg.eval.patches if cfg.eval.mode == "patches" else None,
                                "probe_epochs": cfg.eval.probe_epochs, "probe_lr": cfg.eval.probe_lr,
                                "eval_every_steps": eval_every,
-                               "metric": "linear_top1 (final probe epoch, test split)"},
+                               "probe_batch_size": cfg.eval.probe_batch_size,
+                               "metric": "linear_top1 (final probe epoch, test split); best_top1_on_test is "
+                                         "the best probe epoch, selected on the test split"},
                   "data": trainer.train_set.description,
                   "test_data": trainer.test_set.description if evals else None,
                   "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size,
@@ -94,6 +103,10 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
         start = time.perf_counter()
         metrics = trainer.evaluate()
         eval_seconds = time.perf_counter() - start
+        if compare is not None:  # the same weights under the second protocol, also off the clock
+            other = trainer.evaluate(eval_cfg=compare)
+            metrics.update({f"{compare_protocol}_{k}": v for k, v in other.items()},
+                           **{f"{compare_protocol}_eval_seconds": time.perf_counter() - start - eval_seconds})
         clock = training_clock(trainer)
         evals.append({"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch,
                       "images_seen": trainer.step * cfg.train.batch_size, "train_seconds": clock,
@@ -111,6 +124,15 @@ def run_time_to_accuracy(cfg: Config, target: float, eval_every: int | None = No
         if on_progress:
             on_progress(assemble(partial=True))
     return assemble(partial=False)
+
+
+def protocol_offset(evals: list[dict], other: str | None) -> dict | None:
+    """Headline protocol minus `other` on the same checkpoints: linear top-1 per evaluation and its mean."""
+    if not other or not evals:
+        return None
+    offsets = [e["linear_top1"] - e[f"{other}_linear_top1"] for e in evals]
+    return {"versus": other, "per_evaluation": offsets, "mean": sum(offsets) / len(offsets),
+            "note": "linear_top1 (headline protocol) - linear_top1 (versus), same weights, final probe epochs"}
 
 
 def milestone_times(evals: list[dict], levels: Sequence[float]) -> list[dict]:
@@ -155,12 +177,25 @@ def tta_markdown(result: dict) -> str:
              f"- schedule: {result.get('epochs_scheduled', 0):g} epochs (cosine over all of them)"
              + (" (partial: the run was still going when this was written)" if result.get("partial") else ""),
              f"- n={result['n_patches']}, B={result['batch_size']}, {result['images_per_s']:.0f} images/s while training",
-             f"- evaluation: {proto['eval_mode']}, eval patches {proto['eval_patches']}, probe epochs "
-             f"{proto['probe_epochs']}, every {proto['eval_every_steps']} steps; evaluation time "
-             f"{result['eval_seconds_total']:.1f} s in total, not on the training clock", ""]
+             f"- evaluation: **{proto.get('name', 'custom')} protocol** ({proto['eval_mode']}, eval patches "
+             f"{proto['eval_patches']}, probe epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} "
+             f"steps; evaluation time {result['eval_seconds_total']:.1f} s in total, not on the training clock",
+             "- linear top-1 = the final probe epoch (the headline); 'best on test' = the best probe epoch, "
+             "selected on the test split (what the official script prints too)", ""]
+    offset = result.get("protocol_offset")
+    other = offset["versus"] if offset else None
+    headers = ["step", "epoch", "images", "train s", "linear top-1", "best on test", "eval s"]
+    headers += [f"{other} linear top-1", f"offset ({proto.get('name')} - {other})"] if other else []
     rows = [[e["step"], e["epoch"], e["images_seen"], e["train_seconds_excl_first_step"], e["linear_top1"],
-             e["eval_seconds"]] for e in result["evals"]]
-    lines += [common.markdown_table(["step", "epoch", "images", "train s", "linear top-1", "eval s"], rows), ""]
+             e.get("best_top1_on_test"), e["eval_seconds"]]
+            + ([e[f"{other}_linear_top1"], e["linear_top1"] - e[f"{other}_linear_top1"]] if other else [])
+            for e in result["evals"]]
+    lines += [common.markdown_table(headers, rows), ""]
+    if offset:
+        seconds = sum(e[f"{other}_eval_seconds"] for e in result["evals"])
+        lines += [f"Offset {proto.get('name')} - {other} on the same weights: mean {offset['mean']:+.4f} over "
+                  f"{len(offset['per_evaluation'])} checkpoints ('eval s' is the {proto.get('name')} protocol's; "
+                  f"the {other} evaluations took {seconds:.1f} s more, also off the clock).", ""]
     if result["targets"]:
         lines += [common.targets_markdown(result["targets"]), ""]
     lines += ["## Environment", "", common.environment_markdown(env)]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from . import distributed
 from .config import ConfigError, load_config, save_config
+from .memory import check_run_memory
 
 
 def _print_summary(summary: dict) -> None:
@@ -22,21 +24,31 @@ def _print_summary(summary: dict) -> None:
 
 
 def _set_progress(args) -> bool:
-    """Bars on, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
+    """Bars on a terminal, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
     from . import progress
 
-    progress.enabled = not args.no_progress and distributed.is_main()
-    return progress.enabled
+    return progress.decide(not args.no_progress and distributed.is_main())
+
+
+def _retry_command(args, force: bool = True) -> str:
+    """The command line that ran, with --force when asked: a command that starts the run again."""
+    argv = list(args.argv) + (["--force"] if force and "--force" not in args.argv else [])
+    world = distributed.world_size()
+    launcher = f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
+    return f"{launcher} {shlex.join(argv)}"
 
 
 def cmd_train(args) -> int:
     from . import runs
+    from .errors import UserError, one_line
     from .train import Trainer, run_training
     from .validate import check_config, check_probe
 
     cfg = load_config(args.config, args.overrides)
+    distributed.check_same_config(cfg)
     check_config(cfg)
     runtime = _resolve(cfg)  # before any rank allocates a device buffer
+    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
     # rank 0 alone touches the run folder; the other ranks get its path, or its error
     run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
@@ -46,29 +58,40 @@ def cmd_train(args) -> int:
         _ = trainer.test_set  # both splits before training: a missing test split fails now, not after the run
 
     def start() -> None:
-        aside = runs.replace_run_dir(run_dir)
+        # lock the folder for the life of this process; under --force the old run moves into
+        # RUN/replaced-run and stays there until this run's first checkpoint
+        runs.begin_run(run_dir, args.force, "fastemp train")
         try:
             save_config(cfg, run_dir / "config.yaml")
-        except BaseException:
-            runs.restore_old_run(run_dir, aside)
-            raise
-        runs.discard_old_run(aside)  # the new run is validated, has its data and has started
+        except OSError as err:
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+            back = runs.restore_replaced(run_dir)
+            kept = f"{run_dir} again holds the run --force was replacing, unchanged" if back else "nothing was kept"
+            raise UserError(f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
+                            f"or make {run_dir} writable, then run {_retry_command(args, force=back)}") from None
 
     distributed.run_on_main(start)
-    summary = run_training(cfg, run_dir, progress=trainer.progress, trainer=trainer)
+    try:
+        summary = run_training(cfg, run_dir, progress=trainer.progress, trainer=trainer)
+    except BaseException as err:
+        if distributed.is_main():
+            outcome = runs.outcome_of_failed_run(run_dir, _retry_command(args))
+            if outcome and isinstance(err, UserError):
+                err.args = (f"{one_line(err)}; {outcome}",)
+        raise
     if distributed.is_main():
         print(f"run folder: {run_dir}")
         _print_summary(summary)
     return 0
 
 
-def _resolve(cfg):
-    """The run's Runtime (what "auto" means here), said in one line on rank 0."""
+def _resolve(cfg, training: bool = True):
+    """The run's Runtime (what "auto" means here), said in one line on rank 0 (stderr: eval's stdout is JSON)."""
     from .runtime import resolve
 
-    runtime = resolve(cfg)
+    runtime = resolve(cfg, training=training)
     if distributed.is_main():
-        print(f"runtime: {runtime.describe()}", flush=True)
+        print(f"runtime: {runtime.describe()}", file=sys.stderr, flush=True)
     return runtime
 
 
@@ -81,20 +104,50 @@ def _run_config(run_dir: Path, overrides=()):
         raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a "
                           "fastemp train run")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    distributed.check_same_config(cfg)
     check_config(cfg)
     return cfg
 
 
-def cmd_resume(args) -> int:
+def _settle(run_dir: Path, command: str) -> None:
+    """Under the lock, finish what a --force that died left in run_dir; when that put an old run
+    back, stop: the run this command was meant for no longer exists."""
     from . import runs
+    from .errors import UserError
+
+    if not (run_dir / runs.REPLACED).is_dir():
+        return
+    runs.lock_run_dir(run_dir, command)
+    restored = runs.settle_replaced(run_dir)
+    if restored:
+        raise UserError(f"{restored}; run fastemp {command.split()[-1]} {run_dir} again to use that run, or rerun "
+                        "the fastemp train --force command to replace it")
+
+
+def cmd_resume(args) -> int:
+    from . import checkpoint, runs
     from .train import Trainer, run_training
-    from .validate import check_resume, read_checkpoint
 
     run_dir = Path(args.run_dir)
+
+    def claim() -> None:
+        if run_dir.is_dir():
+            runs.require_writable(run_dir, "resume writes checkpoint.pt and metrics.jsonl there")
+            runs.probe_lock(run_dir)
+            _settle(run_dir, "fastemp resume")
+
+    distributed.run_on_main(claim)
     cfg = _run_config(run_dir)
     runtime = _resolve(cfg)
-    check_resume(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir)
+    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
+    path = run_dir / "checkpoint.pt"
+    state = checkpoint.read(path)
+    checkpoint.check_resume(cfg, state, run_dir)
+    note = checkpoint.check_layout(cfg, state, distributed.world_size(), path)
     runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
+    distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp resume") and None)
+    if note and distributed.is_main():
+        print(note)
     trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
     summary = run_training(cfg, run_dir, resume=True, progress=trainer.progress, trainer=trainer)
     if distributed.is_main():
@@ -104,9 +157,10 @@ def cmd_resume(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import runs
+    from . import checkpoint, runs
+    from .errors import UserError
     from .train import Trainer
-    from .validate import check_architecture, check_probe, read_checkpoint
+    from .validate import check_probe
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides)
@@ -116,17 +170,32 @@ def cmd_eval(args) -> int:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.plain:
         overrides.append("eval.mode=plain")
+
+    def claim() -> None:
+        if run_dir.is_dir():
+            runs.probe_lock(run_dir)
+            _settle(run_dir, "fastemp eval")
+
+    distributed.run_on_main(claim)
     cfg = _run_config(run_dir, overrides)
-    check_architecture(cfg, read_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-    trainer = Trainer(cfg, None, progress=_set_progress(args))
+    check_run_memory(cfg, train=False, evaluate=True)
+    path = run_dir / "checkpoint.pt"
+    checkpoint.check_architecture(cfg, checkpoint.read(path), path)
+    # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
+    distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
+    trainer = Trainer(cfg, None, progress=_set_progress(args), runtime=_resolve(cfg, training=False))
     check_probe(cfg, len(trainer.train_set))
     _ = trainer.test_set
-    trainer.load_checkpoint(run_dir / "checkpoint.pt")
+    trainer.load_checkpoint(path)
     result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,
               "probe_epochs": cfg.eval.probe_epochs, **trainer.evaluate()}
     if distributed.is_main():
-        runs.write_json(run_dir / "eval.json", result)
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))  # first: a folder that cannot take eval.json loses nothing
+        try:
+            runs.write_json(run_dir / "eval.json", result)
+        except OSError as err:
+            raise UserError(f"could not write {run_dir / 'eval.json'}: {err.strerror or err}; the evaluation is "
+                            f"printed above, make {run_dir} writable to keep it there") from None
     return 0
 
 
@@ -146,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing run folder (only a fastemp run folder; the old run is removed once "
-                        "the new one has started)")
+                   help="replace an existing run folder (only a fastemp run folder; the old run is kept in "
+                        "RUN/replaced-run until the new run's first checkpoint, and put back if it fails before)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
     p.set_defaults(func=cmd_train)
 
@@ -201,14 +270,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if late:
         args.overrides = list(args.overrides) + late
+    args.argv = argv
     try:
         distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
     except Exception as err:
-        message = user_error_message(err)
+        message = user_error_message(distributed.explain(err) or err)
         if message is None or debug:
+            from .errors import one_line
+
+            # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
+            distributed.report_error(f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is "
+                                     "in that rank's output)")
             raise
-        print(f"fastemp: error: {message}", file=sys.stderr)
+        if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
+            print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
     finally:
+        from . import runs
+
+        runs.unlock_all()
         distributed.shutdown()

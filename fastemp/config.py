@@ -44,14 +44,17 @@ class DataConfig:
     synthetic_train: int = 5000
     synthetic_test: int = 1000
     synthetic_seed: int = 0
-    backend: str = one_of("auto", "torch", "dali")  # patch backend; auto = torch (fastemp.runtime says why)
+    backend: str = one_of("auto", "torch", "dali", "pillow")  # patch backend (docs/data-backends.md: what auto picks)
+    streamed: bool = False  # imagefolder: read the full-size files every epoch (ImageNet) instead of decoding once
+    workers: int = 8  # streamed data on the pillow backend: decoding processes (0 = in the training process)
+    patch_compile: str = one_of("auto", "on", "off")  # torch backend: the recipe through torch.compile (auto: on CUDA)
 
 
 @dataclass
 class AugmentConfig:
     """Per-patch augmentation; defaults are the official EMP-SSL CIFAR recipe."""
 
-    crop_size: int = 32
+    crop_size: int = 32  # patch side S (224 for the official ImageNet-100 recipe)
     crop_scale: tuple[float, float] = (0.25, 0.25)
     crop_ratio: tuple[float, float] = (1.0, 1.0)
     flip_p: float = 0.5
@@ -67,11 +70,13 @@ class AugmentConfig:
     solarize_threshold: int = 128  # on the 0..255 scale: pixels >= threshold are inverted
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = one_of("bilinear", "bicubic")  # crop resize of the streamed backends (resident: bilinear)
 
 
 @dataclass
 class ModelConfig:
     width: int = 64  # ResNet-18 base width (64 = the standard network)
+    stem: str = one_of("cifar", "imagenet")  # cifar: 3x3 stride-1 conv, no maxpool; imagenet: 7x7 stride-2 conv + maxpool
     hidden_dim: int = 4096  # projector hidden size; h (the evaluation feature) has this size
     z_dim: int = 1024
     compile: str = one_of("auto", "none", "default", "reduce-overhead", "max-autotune",
@@ -79,6 +84,7 @@ class ModelConfig:
     precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
+    cudnn_benchmark: bool = False  # CUDA: cuDNN autotunes each convolution's algorithm (fastemp tune measures it)
 
 
 @dataclass
@@ -107,7 +113,8 @@ class TrainConfig:
     batch_size: int = 100
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs * steps_per_epoch; the cosine schedule spans the whole run
-    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups (n=200 on one GPU)
+    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups; 0: from free memory
+    bn_groups: int = 0  # BatchNorm statistics per group of n/bn_groups patch groups (ghost BN); 0: per grad chunk
     checkpoint_activations: bool = False  # recompute each ResNet stage in backward (full-batch BatchNorm)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -115,8 +122,25 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
 
 
+# Evaluation protocols by name (eval.protocol). "official" is the official EMP-SSL evaluation (evaluate.py +
+# func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but
+# the two costs (patches per image, probe epochs) for quick curves. Any other combination is "custom".
+EVAL_PROTOCOLS: dict[str, dict] = {
+    "official": {"mode": "patches", "patches": 128, "probe_epochs": 100, "probe_lr": 0.03, "probe_momentum": 0.9,
+                 "probe_weight_decay": 5e-5, "probe_batch_size": 100, "knn_k": 20, "knn_temperature": 0.07},
+    "cheap": {"mode": "patches", "patches": 16, "probe_epochs": 20, "probe_lr": 0.03, "probe_momentum": 0.9,
+              "probe_weight_decay": 5e-5, "probe_batch_size": 100, "knn_k": 20, "knn_temperature": 0.07},
+}
+EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
+
+
 @dataclass
 class EvalConfig:
+    """How a trained encoder is scored. `protocol` names the values of the protocol keys (EVAL_PROTOCOLS):
+    setting it to official or cheap sets all of them; changing one of them makes it the name that fits
+    (custom when none does). batch_size, knn, random_init and at_end are not part of a protocol."""
+
+    protocol: str = ""  # official | cheap | custom; "" = the name that fits the values (official by default)
     mode: str = one_of("patches", "plain")  # patches: mean of h over `patches` augmented patches; plain: the whole image once
     patches: int = 128
     batch_size: int = 100  # images per feature-extraction batch
@@ -130,6 +154,31 @@ class EvalConfig:
     knn_temperature: float = 0.07
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
+
+    def __post_init__(self):
+        fits = eval_protocol_name(self)
+        if self.protocol in ("", "custom"):
+            self.protocol = fits
+        elif self.protocol in EVAL_PROTOCOLS and self.protocol != fits:
+            raise ValueError(f"EvalConfig(protocol={self.protocol!r}) with the values of {fits!r}; "
+                             f"build it with eval_config({self.protocol!r}, ...)")
+
+
+def eval_protocol_name(cfg: EvalConfig) -> str:
+    """The protocol whose values cfg has (official, cheap), or custom."""
+    for name, values in EVAL_PROTOCOLS.items():
+        if all(getattr(cfg, key) == value for key, value in values.items()):
+            return name
+    return "custom"
+
+
+def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
+    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top (relabelled
+    when they leave the protocol)."""
+    if protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them")
+    kept = dataclasses.asdict(base) if base is not None else {}
+    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes, "protocol": ""})
 
 
 @dataclass
@@ -153,16 +202,86 @@ class _Raw(str):
     """An override's text, parsed only once the declared type of its key is known."""
 
 
+# A config holds ~100 values; an alias graph that expands past this many nodes is an alias bomb
+# (10 lines of nested aliases expand to ~10^9 values), refused before anything walks or prints it.
+MAX_EXPANDED_NODES = 100_000
+QUOTE_CHARS = 80  # error messages quote at most this much of a value
+INT_LIMIT = 2**63
+
+
+def shown(value) -> str:
+    """repr(value) cut to QUOTE_CHARS, without rendering more of a nested value than that."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 8, 8, 8
+    short.maxstring = short.maxother = QUOTE_CHARS
+    text = short.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
+class _YamlRefused(yaml.YAMLError):
+    """A YAML document that parses but is refused: a repeated key, an alias bomb."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Nodes in the tree the alias graph `node` expands to (memoised per node: linear in the graph)."""
+    if id(node) in sizes:
+        if sizes[id(node)] is None:
+            raise _YamlRefused("a YAML alias refers to itself (a recursive value); write the value out")
+        return sizes[id(node)]
+    sizes[id(node)] = None  # in progress: meeting it again is a cycle
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        for item in child if isinstance(child, tuple) else (child,):
+            total += _expanded_size(item, sizes)
+            if total > MAX_EXPANDED_NODES:
+                raise _YamlRefused(f"YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); "
+                                   "write the config without nested aliases")
+    sizes[id(node)] = total
+    return total
+
+
+class _StrictLoader(yaml.BaseLoader):
+    """BaseLoader that refuses repeated keys (at any level) and alias graphs that expand too far."""
+
+    def construct_document(self, node):
+        _expanded_size(node, {})
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None:
+                continue
+            if key in first_line:
+                raise _YamlRefused(f"duplicate key '{shown(key)[1:-1]}' at line {key_node.start_mark.line + 1} "
+                                   f"(first at line {first_line[key]}); keep one of them")
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(text: str, where: str):
     """YAML with every scalar kept as text (BaseLoader): the schema, not YAML 1.1's guesses, decides
-    types, so `1e-3` is a number, `on` stays the string 'on' and `2024` can be a name."""
+    types, so `1e-3` is a number, `on` stays the string 'on' and `2024` can be a name. A repeated key
+    or an alias bomb is an error, not a silent last-wins or minutes of expansion."""
     try:
-        return yaml.load(text, Loader=yaml.BaseLoader)
+        return yaml.load(text, Loader=_StrictLoader)
+    except _YamlRefused as err:
+        raise ConfigError(f"{where}: {err.message}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply for a config; write sections one level deep") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error{at} ({problem}); fix the YAML") from None
+        raise ConfigError(f"{where}: YAML syntax error{at} ({problem[:QUOTE_CHARS]}); fix the YAML") from None
 
 
 BOOLEAN_WORDS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
@@ -178,7 +297,7 @@ def _coerce(value, tp, where: str):
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}; "
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {shown(value)}; "
                               f"write it as [{', '.join('x' for _ in args)}]")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if tp is bool:
@@ -186,8 +305,9 @@ def _coerce(value, tp, where: str):
             return value
         if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
             return BOOLEAN_WORDS[value.strip().lower()]
-        raise ConfigError(f"{where}: expected true/false, got {value!r}; write true or false")
+        raise ConfigError(f"{where}: expected true/false, got {shown(value)}; write true or false")
     if tp is int:
+        given = value
         if isinstance(value, str):
             try:
                 value = int(value.strip())
@@ -199,7 +319,10 @@ def _coerce(value, tp, where: str):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}; write a whole number such as 8")
+            raise ConfigError(f"{where}: expected an integer, got {shown(value)}; write a whole number such as 8")
+        if not -INT_LIMIT < value < INT_LIMIT:  # torch and numpy take 64-bit integers
+            raise ConfigError(f"{where}: {shown(given)} is out of range; write a whole number between "
+                              f"-2^63 and 2^63 (e.g. 8)")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -208,21 +331,23 @@ def _coerce(value, tp, where: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}; write a number such as 0.3 or 1e-3")
+            raise ConfigError(f"{where}: expected a number, got {shown(value)}; write a number such as 0.3 or 1e-3")
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}; write a finite number")
+            raise ConfigError(f"{where}: expected a finite number, got {shown(value)}; write a finite number")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list, tuple)) or value is None:
-            raise ConfigError(f"{where}: expected a string, got {value!r}; write plain text")
+            raise ConfigError(f"{where}: expected a string, got {shown(value)}; write plain text")
         return str(value)
     raise TypeError(f"unsupported config type {tp}")  # a schema bug, not a user error
 
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
+    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first; keys beside it change it
+        values = {"protocol": values["protocol"], **{k: v for k, v in values.items() if k != "protocol"}}
     for key, value in values.items():
-        where = f"{prefix}{key}"
+        where = f"{prefix}{key}"[:QUOTE_CHARS]
         if key not in hints:
             hint = _suggest(key, hints) or f"; valid keys here: {', '.join(hints)}"
             raise ConfigError(f"unknown config key '{where}'{hint}")
@@ -231,15 +356,28 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             if isinstance(value, _Raw):
                 value = _read_yaml(value, where)
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a section (mapping), got {value!r}; set its keys, e.g. {where}.<key>=value")
+                raise ConfigError(f"{where}: expected a section (mapping), got {shown(value)}; set its keys, e.g. {where}.<key>=value")
             _apply(current, value, where + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
+            if isinstance(obj, EvalConfig) and key == "protocol":
+                _use_protocol(obj, where)
+    if isinstance(obj, EvalConfig):
+        obj.protocol = eval_protocol_name(obj)
+
+
+def _use_protocol(cfg: EvalConfig, where: str) -> None:
+    """eval.protocol=NAME: every protocol key takes NAME's value (custom keeps the values as they are)."""
+    if cfg.protocol not in EVAL_PROTOCOL_NAMES:
+        hint = _suggest(cfg.protocol, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
+        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {cfg.protocol!r}{hint}")
+    for key, value in EVAL_PROTOCOLS.get(cfg.protocol, {}).items():
+        setattr(cfg, key, value)
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form section.key=value; write e.g. train.epochs=2")
+        raise ConfigError(f"override {shown(item)} is not of the form section.key=value; write e.g. train.epochs=2")
     key, raw = item.split("=", 1)
     return key.strip().split("."), _Raw(raw.strip())
 

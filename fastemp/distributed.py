@@ -19,12 +19,28 @@ parameters, and DDP divides by K: the step follows grad (1/K) sum_r loss_r. Each
 every rank; then (1/K) sum_r loss_r = w * mean_r sim_r + tcr = the single-process loss of the
 global batch, because the shards are equal. (A gather without the backward sum drops the other
 ranks' paths into tcr and under-scales its gradient by K.)
+
+Hangs and errors. Every collective waits at most FASTEMP_COLLECTIVE_TIMEOUT seconds (default 300)
+for the other ranks. A watchdog thread per rank (`_Watchdog`) publishes how many collectives the
+rank has issued (the process group's sequence number, which counts DDP's, SyncBatchNorm's and ours,
+on gloo and NCCL alike) and a heartbeat in the rendezvous store; a rank that has waited past the
+timeout names the ranks that are behind it or silent, in one line, and the run exits 2 (before
+torch's own, later, process-group timeout; with NCCL that one would abort with a C++ dump). Work
+that rank 0 does alone (`run_on_main`, `alone`) is waited for through the store, not in a
+collective, so a long probe on rank 0 is not a hang. A user error is printed once: rank 0 prints
+its own or, from the store, the first error of another rank (`report_error`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import math
 import os
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -32,11 +48,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, shown, to_dict
 from .errors import UserError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_alone = False  # inside alone() on rank 0: every helper here answers as for a world of one
+TIMEOUT_VARIABLE = "FASTEMP_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0  # minutes, not torch's 30: long enough for a first-step compile on every rank
+_alone = False  # rank 0 runs as a world of one (the benchmark's one-process figure); the others wait
+_watch: "_Watchdog | None" = None  # set by init_from_env
 
 
 class DistributedError(UserError, RuntimeError):
@@ -47,8 +66,25 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def init_from_env(timeout_s: float = 1800.0) -> None:
-    """Join the process group that torchrun set up; nothing when not launched by torchrun."""
+def collective_timeout_s() -> float:
+    """Seconds a rank waits in a collective for the others (FASTEMP_COLLECTIVE_TIMEOUT, default 300)."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise DistributedError(f"{TIMEOUT_VARIABLE}={shown(text)} is not a number of seconds > 0; "
+                               f"set it to e.g. {int(DEFAULT_TIMEOUT_S)}, or unset it")
+    return value
+
+
+def init_from_env() -> None:
+    """Join the process group that torchrun set up and start the watchdog; nothing when not
+    launched by torchrun."""
+    global _watch
     if not launched_by_torchrun() or dist.is_initialized():
         return
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
@@ -56,21 +92,184 @@ def init_from_env(timeout_s: float = 1800.0) -> None:
         raise DistributedError(
             f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: no rendezvous "
             "to join; launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)")
+    timeout = collective_timeout_s()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        # torch's own limit comes later than the watchdog's verdict, as the backstop
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout + max(10.0, timeout / 4)))
     except Exception as err:  # a refused or timed-out rendezvous: one line, not a C++ traceback
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistributedError(f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed "
                                f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {first}; check that every rank was started "
                                "and can reach MASTER_ADDR:MASTER_PORT") from err
+    if dist.get_world_size() > 1:
+        _watch = _Watchdog(timeout)
 
 
 def shutdown() -> None:
+    global _watch
+    if _watch is not None:
+        _watch.close()
+        _watch = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------ hangs and errors
+
+
+def collectives_issued() -> int:
+    """Collectives this rank has issued on the default group (its backends' sequence numbers, which
+    count DDP's and SyncBatchNorm's too); equal on every rank that is in step."""
+    group = dist.distributed_c10d._get_default_group()
+    total = 0
+    for device in ("cpu", "cuda"):
+        try:
+            total += group._get_backend(torch.device(device))._get_sequence_number_for_group()
+        except Exception:  # no backend for that device
+            pass
+    return total
+
+
+def stalled_ranks(my_issued: int, others: dict, now: float, timeout_s: float) -> dict[int, str]:
+    """The ranks a rank that waited past the timeout names, with why: behind it (fewer collectives
+    issued), silent (no heartbeat for timeout_s, by wall clock) or never seen. `others`: rank ->
+    (collectives issued, heartbeat time) or None. A pure function of what the store says."""
+    out = {}
+    for r, beat in sorted(others.items()):
+        if beat is None:
+            out[r] = "it never reported"
+        elif beat[0] < my_issued:
+            out[r] = "it has not joined the collective the others wait in"
+        elif now - beat[1] > timeout_s:
+            out[r] = f"no sign of life for {now - beat[1]:.0f} s"
+    return out
+
+
+class _Watchdog:
+    """One thread per rank: a heartbeat with the collectives issued, forwarding of other ranks'
+    errors (rank 0), and the verdict on a rank that waited past the timeout (see the module doc)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s, self.interval = timeout_s, min(1.0, timeout_s / 10)
+        self.store = dist.PrefixStore("fastemp", dist.distributed_c10d._get_default_store())
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.issued, self.since = collectives_issued(), time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fastemp-watchdog", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        try:
+            self.store.set(f"finished/{self.rank}", "1")  # a rank that ended cleanly is never named
+        except Exception:
+            pass
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                verdict = self._check()
+            except Exception:  # the store is gone: the run is ending anyway
+                return
+            if verdict:
+                if self.claim_report():
+                    print(f"fastemp: error: {verdict}", file=sys.stderr, flush=True)
+                os._exit(2)
+
+    def _check(self) -> str | None:
+        issued, now = collectives_issued(), time.monotonic()
+        if issued != self.issued:
+            self.issued, self.since = issued, now
+        self.store.set(f"beat/{self.rank}", f"{issued} {time.time()}")
+        if self.rank == 0 and int(self.store.add("errors", 0)) > 0:
+            first = next(r for r in range(1, self.world) if self.store.check([f"error/{r}"]))
+            return f"rank {first} of {self.world}: {self.store.get(f'error/{first}').decode()}"
+        waited = now - self.since
+        if waited <= self.timeout_s:
+            return None
+        others = {}
+        for r in range(self.world):
+            if r == self.rank or self.store.check([f"finished/{r}"]):
+                continue
+            if self.store.check([f"beat/{r}"]):
+                issued_r, at = self.store.get(f"beat/{r}").decode().split()
+                others[r] = (int(issued_r), float(at))
+            else:
+                others[r] = None
+        stalled = stalled_ranks(issued, others, time.time(), self.timeout_s)
+        if not stalled:
+            return None  # every rank is alive and as far along: a long phase, not a hang
+        who = "; ".join(f"rank {r}: {why}" for r, why in stalled.items())
+        return (f"{'rank' if len(stalled) == 1 else 'ranks'} {', '.join(map(str, stalled))} of {self.world} stopped "
+                f"answering ({who}); rank {self.rank} waited {waited:.0f} s ({TIMEOUT_VARIABLE}="
+                f"{self.timeout_s:g}); look for that rank's own error, or raise {TIMEOUT_VARIABLE} if it is only slow")
+
+    def claim_report(self) -> bool:
+        """True for the first rank to claim the one printed error line of the run."""
+        return int(self.store.add("reported", 1)) == 1
+
+    def post_error(self, message: str) -> bool:
+        """On a rank other than 0: hand the error to rank 0 to print; True when another rank printed
+        it within a few seconds, False when this rank should print it itself."""
+        self.store.set(f"error/{self.rank}", message)
+        self.store.add("errors", 1)
+        deadline = time.monotonic() + min(10.0, 3 * self.timeout_s)
+        while time.monotonic() < deadline:
+            if int(self.store.add("reported", 0)) > 0:
+                return True
+            time.sleep(0.05)
+        return not self.claim_report()
+
+
+def report_error(message: str) -> bool:
+    """Whether this rank prints the user error `message`: under torchrun one rank prints for the
+    run (rank 0 its own, or the first error another rank posted), so K ranks give one line."""
+    if _watch is None:
+        return True
+    try:
+        return _watch.claim_report() if _watch.rank == 0 else not _watch.post_error(message)
+    except Exception:  # the store is gone
+        return True
+
+
+COLLECTIVE_FAILURES = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
+                       "process group", "processgroup")
+
+
+def explain(err: BaseException) -> "DistributedError | None":
+    """A collective that failed because another rank is gone, as a one-line error; None otherwise."""
+    text = str(err).strip()
+    lost = isinstance(err, getattr(dist, "DistError", ())) or (
+        isinstance(err, RuntimeError) and any(w in text.lower() for w in COLLECTIVE_FAILURES))
+    if world_size() == 1 or isinstance(err, UserError) or not lost:
+        return None
+    first = text.splitlines()[0][:160] if text else type(err).__name__
+    return DistributedError(f"rank {rank()} of {world_size()} lost contact with the other ranks ({first}); another "
+                            f"rank probably stopped: look for its error above")
+
+
+def check_same_config(cfg) -> None:
+    """Every rank runs the same config (compared by hash; the differing keys are named)."""
+    if world_size() == 1:
+        return
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        flat.update({f"{section}.{k}": v for k, v in values.items()} if isinstance(values, dict) else {section: values})
+    digests = gather_objects(hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    configs = gather_objects(flat)  # only when they differ: cheap, and names the keys
+    for r, other in enumerate(configs):
+        keys = sorted(k for k in {*other, *configs[0]} if other.get(k) != configs[0].get(k))
+        if keys:
+            what = ", ".join(f"{k} ({shown(configs[0].get(k))} vs {shown(other.get(k))})" for k in keys[:3])
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise ConfigError(f"the ranks started with different configs: rank {r} differs from rank 0 in {what}{more}; "
+                              "start every rank with the same --config and overrides")
 
 
 def world_size() -> int:
@@ -94,6 +293,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _main_done_key() -> str | None:
+    """The store key rank 0 sets when its solo work is done (None without the watchdog)."""
+    return f"main/{collectives_issued()}" if _watch is not None else None
+
+
+def _after_main(key: str | None) -> None:
+    """Rank 0 signals that its solo work is done; the others wait for that in the store, where the
+    watchdog sees a silent rank 0, rather than in a collective that times out on a long probe."""
+    if key is None:
+        return
+    if dist.get_rank() == 0:
+        _watch.store.set(key, "1")
+    else:
+        while not _watch.store.check([key]):
+            time.sleep(0.05)
+
+
 @contextmanager
 def alone():
     """On rank 0: run the body as a one-process world; every other rank waits at the end barrier.
@@ -103,6 +319,7 @@ def alone():
     job measures its own one-process figure (`fastemp bench throughput`'s scaling efficiency). Without
     torchrun it yields False: there is no larger world to step out of."""
     global _alone
+    key = _main_done_key() if dist.is_initialized() else None
     if dist.is_initialized() and dist.get_rank() == 0:
         _alone = True
         try:
@@ -112,6 +329,7 @@ def alone():
     else:
         yield False
     if dist.is_initialized():
+        _after_main(key)
         dist.barrier()
 
 
@@ -132,6 +350,11 @@ def batch_shard(batch_size: int) -> slice:
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
 
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherBatch(torch.autograd.Function):
     """(n, b, d) per rank -> (n, K*b, d), ranks in order along dim 1; backward: the gradient of each
     rank's slice summed over all ranks (reduce-scatter), the adjoint of the gather."""
@@ -140,7 +363,7 @@ class _GatherBatch(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world, (n, b, d) = dist.get_world_size(), x.shape
         out = x.new_empty((world * n, b, d))
-        dist.all_gather_into_tensor(out, x.contiguous())  # (K*n, b, d): rank-major
+        _all_gather_single(out, x.contiguous())  # (K*n, b, d): rank-major
         return out.view(world, n, b, d).transpose(0, 1).reshape(n, world * b, d)
 
     @staticmethod
@@ -149,7 +372,7 @@ class _GatherBatch(torch.autograd.Function):
         world = dist.get_world_size()
         per_rank = grad.view(n, world, big_b // world, d).transpose(0, 1).contiguous()  # (K, n, b, d)
         out = grad.new_empty((n, big_b // world, d))
-        dist.reduce_scatter_tensor(out, per_rank.view(world * n, big_b // world, d))
+        _reduce_scatter_single(out, per_rank.view(world * n, big_b // world, d))
         return out
 
 
@@ -179,12 +402,13 @@ def run_on_main(fn):
     """fn() on rank 0 only; every rank returns its result or raises its exception, so all ranks act alike."""
     if world_size() == 1:
         return fn()
-    box = [None]
+    box, key = [None], _main_done_key()
     if is_main():
         try:
             box[0] = (True, fn())
         except Exception as err:  # re-raised below, on every rank
             box[0] = (False, err)
+    _after_main(key)
     dist.broadcast_object_list(box, src=0)
     ok, value = box[0]
     if not ok:

@@ -1,11 +1,17 @@
 """Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
 
-Features are h = ReLU(BN(Linear(512, 4096))) with the model in eval mode, averaged over k
-augmented patches per image (the official protocol, k = 128), or computed once on the whole
-un-augmented image ("plain", a cheap mode). The probe trains Linear(4096, C) on the cached
-features on the same device with SGD (lr 0.03, momentum 0.9, wd 5e-5), cosine over 100 epochs,
-batch 100, and reports the FINAL-epoch test accuracy. The official script prints the best
-epoch's test accuracy; we log that too, labelled `best_top1_on_test` (it is selected on test).
+The protocol is named by eval.protocol (fastemp.config.EVAL_PROTOCOLS); "official" is the official
+code's evaluation (docs/evaluation.md cites its source line by line): features h = ReLU(BN(Linear(512,
+4096))) with the model in eval mode, averaged over 128 patches of the training augmentation per image,
+for every train and test image; the probe trains Linear(4096, C) on the cached features with SGD (lr 0.03,
+momentum 0.9, wd 5e-5), batch 100, shuffled, drop_last, cosine over 100 epochs stepped per epoch; kNN is
+the official weighted kNN (k 20, T 0.07, cosine). The headline is the FINAL probe epoch's test accuracy;
+the official script prints the best epoch too, which we log as `best_top1_on_test` (selected on test).
+"plain" mode (the whole un-augmented image once) is a cheap extra, not part of any named protocol.
+
+Feature extraction runs without gradients in large device batches (eval.batch_size images x patches per
+forward, the patches drawn on the device), under the trainer's precision and memory format, and through
+torch.compile when the trainer compiles (mode "default": one forward shape, no autotuning or CUDA graphs).
 
 Under torchrun the feature batches are dealt round-robin to the ranks (each batch is computed
 exactly as on one process) and summed into every rank's feature matrix; the probe and kNN run
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import AugmentConfig, Config, EvalConfig
+from .config import AugmentConfig, Config, EvalConfig, eval_protocol_name
 from .data import ImageSet
 from .patches import make_patch_backend, normalize_images
 from .progress import bar
@@ -41,37 +47,57 @@ def extract_features(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     desc: str = "features",
+    compile_mode: str = "none",
+    workers: int = 0,
 ) -> torch.Tensor:
-    """(N, hidden) fp32 features of uint8 NHWC `images`, model in eval mode for the duration."""
+    """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files, read through a
+    streamed backend with `workers` processes), model in eval mode for the duration."""
     was_training = model.training
     model.eval()
+    encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
     device = images.device
-    patches = make_patch_backend(backend, images, aug, seed=seed) if cfg.mode == "patches" else None
+    count = len(images)
+    patches = make_patch_backend(backend, images, aug, seed=seed, workers=workers) if cfg.mode == "patches" else None
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
     world, rank = distributed.world_size(), distributed.rank()
-    for number, start in enumerate(bar(range(0, images.shape[0], cfg.batch_size), desc=desc, unit="batch")):
+    for number, start in enumerate(bar(range(0, count, cfg.batch_size), desc=desc, unit="batch")):
         if number % world != rank:
             continue
-        index = torch.arange(start, min(start + cfg.batch_size, images.shape[0]), device=device)
-        if patches is None:
+        index = torch.arange(start, min(start + cfg.batch_size, count), device=device)
+        if patches is None and not isinstance(images, torch.Tensor):
+            from .patches.pillow_images import whole_images
+
+            x = whole_images(images, index, aug)
+        elif patches is None:
             x = normalize_images(images[index], aug.mean, aug.std)
         else:
             x = patches(index, cfg.patches, seed=seed + start)
+            following = start + world * cfg.batch_size  # this rank's next batch: decoded while this one runs
+            if hasattr(patches, "prefetch") and following < count:
+                patches.prefetch(torch.arange(following, min(following + cfg.batch_size, count)), cfg.patches,
+                                 seed=seed + following)
         if not channels_last:
             x = x.contiguous()
         with amp:
-            h = model.encode(x).float()
+            h = encode(x).float()
         k = 1 if patches is None else cfg.patches
         out.append((start, h.view(k, index.numel(), -1).mean(0)))
+    if hasattr(patches, "close"):  # a streamed backend's worker processes
+        patches.close()
     model.train(was_training)
     if world == 1:
         return torch.cat([h for _, h in out])
     # every row is filled by exactly one rank and is zero elsewhere, so the sum is exact
-    feats = torch.zeros(images.shape[0], model.pre_feature[0].out_features, device=device)
+    feats = torch.zeros(count, model.pre_feature[0].out_features, device=device)
     for start, h in out:
         feats[start:start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)
+
+
+def eval_compile_mode(train_mode: str) -> str:
+    """The compile mode of feature extraction for a trainer's mode: none stays none, any other is default."""
+    return "none" if train_mode == "none" else "default"
 
 
 @dataclass
@@ -136,20 +162,23 @@ def knn_top1(
 
 
 def evaluate_encoder(model: nn.Module, train: ImageSet, test: ImageSet, cfg: Config, runtime: Runtime,
-                     prefix: str = "") -> dict:
-    """Features for both splits, then the probe (and kNN when cfg.eval.knn). Keys get `prefix`."""
-    seed = cfg.train.seed
-    feats = [extract_features(model, s.images, cfg.eval, cfg.augment, runtime.backend, seed + i,
-                              runtime.autocast_dtype, runtime.channels_last, desc=f"{prefix}features ({name})")
+                     prefix: str = "", eval_cfg: EvalConfig | None = None) -> dict:
+    """Features for both splits, then the probe (and kNN when eval.knn) under eval_cfg (default: cfg.eval).
+    Keys get `prefix`."""
+    seed, protocol = cfg.train.seed, eval_cfg or cfg.eval
+    feats = [extract_features(model, getattr(s, "images", s), protocol, cfg.augment, runtime.backend, seed + i,
+                              runtime.autocast_dtype, runtime.channels_last, desc=f"{prefix}features ({name})",
+                              compile_mode=runtime.compile_mode, workers=cfg.data.workers)
              for i, (name, s) in enumerate((("train", train), ("test", test)))]
-    return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, cfg.eval, seed, prefix))
+    return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, protocol, seed, prefix))
 
 
 def _probe_and_knn(feats: list[torch.Tensor], train: ImageSet, test: ImageSet, cfg: EvalConfig, seed: int,
                    prefix: str) -> dict:
     num_classes = len(train.classes)
     probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
-    out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test}
+    out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test,
+           f"{prefix}eval_protocol": eval_protocol_name(cfg)}
     if cfg.knn:
         out[f"{prefix}knn_top1"] = knn_top1(feats[0], train.labels, feats[1], test.labels, num_classes,
                                             cfg.knn_k, cfg.knn_temperature)

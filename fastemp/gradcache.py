@@ -10,6 +10,10 @@ statistics -- the same as the official code, whose DataParallel run normalises e
 of the patch-major batch separately. Both passes see the same statistics (same data, same
 weights), so the gradient is exactly that of a single graph with chunk-wise BatchNorm. Running
 statistics are updated once per chunk, in pass 2 only (momentum is 0 during pass 1).
+
+With train.bn_groups the BatchNorm groups are fixed by the config instead ("ghost" BN in
+fastemp.model), and the chunks only decide memory: `plan_chunks` picks the fewest chunks of
+whole groups that fit (often one pass: no second forward), with the same gradients.
 """
 
 from __future__ import annotations
@@ -20,8 +24,57 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .losses import LossTerms
 from .model import frozen_batchnorm_stats
+
+
+def plan_chunks(n: int, batch: int, grad_chunks: int, bn_groups: int, device: torch.device,
+                bytes_per_patch: float, world: int = 1, sync_bn: bool = False,
+                free_bytes: int | None = None) -> tuple[int, int]:
+    """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches.
+
+    bn_groups 0 is the gradient cache's own semantics: BatchNorm per chunk, grad_chunks chunks.
+    bn_groups k > 0 fixes the semantics whatever the memory: k groups of n/k patch groups, each
+    normalised on its own ("ghost" BN; k=10 at n=200 is the official multi-GPU run's 2,000 patches
+    per GPU). The chunks then hold whole groups (k/chunks per forward); grad_chunks 0 picks them:
+    on CUDA the fewest (a divisor of k) whose estimated activations, chunk * bytes_per_patch * 1.5,
+    fit in 80% of the free memory (torch.cuda.mem_get_info, or free_bytes); on the CPU and under
+    torchrun, k chunks (BatchNorm per chunk, as before: SyncBatchNorm has no groups).
+    """
+    if bn_groups == 0:
+        return max(grad_chunks, 1), 1
+    if grad_chunks == 0:
+        grad_chunks = bn_groups
+        if device.type == "cuda" and world == 1:
+            free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+            fitting = [c for c in range(1, bn_groups + 1)
+                       if bn_groups % c == 0 and n * batch / c * bytes_per_patch * 1.5 <= 0.8 * free]
+            grad_chunks = fitting[0] if fitting else bn_groups
+    per_forward = bn_groups // grad_chunks
+    if world > 1 and sync_bn and per_forward > 1:
+        raise ConfigError(f"train.bn_groups={bn_groups} with train.grad_chunks={grad_chunks} needs ghost BatchNorm, "
+                          "which SyncBatchNorm does not have; under torchrun set train.grad_chunks to "
+                          "train.bn_groups (or 0)")
+    return grad_chunks, per_forward
+
+
+def resolve_chunks(model: nn.Module, cfg, device: torch.device, world: int, precision: str, compile_mode: str) -> int:
+    """The Trainer's gradient-cache chunks (plan_chunks); sets the model's BatchNorm groups per forward.
+
+    Eager ghost BatchNorm keeps float32 temporaries of a bf16 step for its backward (compiled, Inductor
+    fuses them away), so without compilation the estimate is tripled."""
+    from .model import activation_bytes_per_patch, set_batchnorm_groups
+
+    t = cfg.train
+    bytes_per_patch = 0.0
+    if t.grad_chunks == 0 and t.bn_groups > 0 and device.type == "cuda" and world == 1:
+        bytes_per_patch = activation_bytes_per_patch(cfg.model, cfg.augment.crop_size, 2 if precision == "bf16" else 4)
+        bytes_per_patch *= 3 if compile_mode == "none" else 1
+    chunks, per_forward = plan_chunks(t.n_patches, t.batch_size // world, t.grad_chunks, t.bn_groups, device,
+                                      bytes_per_patch, world, cfg.model.sync_bn)
+    set_batchnorm_groups(model, per_forward)
+    return chunks
 
 
 def chunk_bounds(n: int, batch: int, chunks: int) -> list[tuple[int, int]]:
@@ -56,8 +109,8 @@ def gradient_cache_step(
     with torch.no_grad(), frozen_batchnorm_stats(model):
         outs = []
         for lo, hi in bounds:
-            with amp:
-                outs.append(forward(patches[lo:hi]))
+            with amp:  # a copy: under CUDA graphs (compile mode reduce-overhead) the next replay reuses the output
+                outs.append(forward(patches[lo:hi]).clone())
     p = torch.cat(outs).detach().requires_grad_(True)
     mark("forward")
     terms = loss_fn(p.view(n, batch, -1))

@@ -9,7 +9,7 @@ For each weight with ndim > 1 (convolutions, linear weights):
 then a plain SGD step (momentum 0.9, nesterov) whose own weight decay is off. Biases and
 BatchNorm parameters (ndim 1) get neither LARS nor weight decay. A weight whose norm or gradient
 norm is zero is left untouched (no decay either), as in the official wrapper. Everything stays on
-the device: no host sync per parameter.
+the device: no host sync, and a few multi-tensor kernels per step rather than some per parameter.
 """
 
 from __future__ import annotations
@@ -22,7 +22,42 @@ from torch import nn
 from .config import OptimConfig
 
 
+def segment_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive segments of `flat`, each with the size and strides of the matching tensor.
+
+    The strides are the tensors' own (channels_last weights included), so a foreach op over `like`
+    and these views passes torch's fast-route check (same sizes and strides pairwise) and runs as a
+    few multi-tensor kernels instead of one kernel per tensor. Every tensor must be dense."""
+    views, offset = [], flat.storage_offset()
+    for t in like:
+        views.append(flat.as_strided(t.shape, t.stride(), offset))
+        offset += t.numel()
+    return views
+
+
+def fused_lars_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                   scale: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor, momentum: float,
+                   nesterov: bool) -> None:
+    """The whole update of one group in one pass per tensor, meant for torch.compile (Inductor fuses it
+    into a few multi-tensor kernels: read p, g, buf; write p, buf):
+
+        d = g * scale_i + p * decay_i;  buf = momentum * buf + d;  p += -lr_i * (d + momentum * buf if nesterov else d)
+
+    torch's SGD starts the buffer at d; a zero buffer gives exactly that (0 * m + d = d)."""
+    d = torch._foreach_add(torch._foreach_mul(grads, list(scale.unbind())),
+                           torch._foreach_mul(params, list(decay.unbind())))
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, d)
+    step = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else d
+    torch._foreach_add_(params, torch._foreach_mul(step, list(neg_lr.unbind())))
+
+
 class LARS(torch.optim.SGD):
+    """LARS over SGD. fused_update=True runs the adaptation and the SGD step as one compiled pass per
+    tensor (`fused_lars_sgd`, the CUDA path when the model is compiled); otherwise the adaptation is
+    `adapt_gradients` (eager multi-tensor kernels) followed by torch's SGD step. Same update either
+    way, up to float rounding; the momentum buffers are torch SGD's state (checkpoints carry over)."""
+
     def __init__(
         self,
         params,
@@ -33,38 +68,126 @@ class LARS(torch.optim.SGD):
         eta: float = 0.005,
         clip: bool = True,
         eps: float = 1e-8,
+        fused_update: bool = False,
     ):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("lars", True)
             group.setdefault("lars_weight_decay", weight_decay)
         self.eta, self.clip, self.eps = eta, clip, eps
+        self._finite: torch.Tensor | None = None
+        self._sizes: dict[tuple, torch.Tensor] = {}  # per-tensor element counts, copied to the device once
+        self._fused = torch.compile(fused_lars_sgd, fullgraph=True, dynamic=False) if fused_update else None
+
+    def _numels(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        key = tuple(p.numel() for p in params)
+        if key not in self._sizes:
+            self._sizes[key] = torch.tensor(key, dtype=torch.long, device=params[0].device)
+        return self._sizes[key], sum(key)
+
+    def _factors(self, group: dict, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, decay, all gradients finite) of LARS weights: g <- g * scale + p * decay.
+
+        Two foreach norm passes (weights, gradients); a non-finite gradient entry makes its 2-norm
+        non-finite, so the finiteness verdict costs nothing more."""
+        wd = group["lars_weight_decay"]
+        p_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm([p.grad for p in params]))
+        trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
+        if self.clip:
+            trust = torch.clamp(trust / group["lr"], max=1.0)
+        active = (p_norm != 0) & (g_norm != 0)
+        scale = torch.where(active, trust, torch.ones_like(trust))
+        decay = torch.where(active, scale * wd, torch.zeros_like(trust))
+        return scale, decay, g_norm.isfinite().all()
+
+    @staticmethod
+    def _split(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(LARS weights, the other parameters) of a group, those with a gradient only."""
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        lars = [p for p in with_grad if p.ndim > 1] if group["lars"] else []
+        return lars, [p for p in with_grad if not (group["lars"] and p.ndim > 1)]
+
+    @staticmethod
+    def _max_norm_finite(params: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm([p.grad for p in params], float("inf"))).isfinite().all()
 
     @torch.no_grad()
-    def adapt_gradients(self) -> None:
-        """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version."""
+    def adapt_gradients(self) -> torch.Tensor | None:
+        """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version.
+
+        One update pass whose per-tensor factors are expanded to segments of one flat tensor
+        (`segment_views`): a list of 0-d tensors would send foreach to its one-kernel-per-tensor
+        path. Same roundings as the plain per-tensor rule (g * scale, then + p * decay). Returns
+        whether every gradient was finite (0-d bool on the device, None without gradients), from
+        the norms computed here (max-norms for the parameters outside LARS: small)."""
+        finite = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and p.ndim > 1] if group["lars"] else []
+            params, others = self._split(group)
+            if others:
+                finite.append(self._max_norm_finite(others))
             if not params:
                 continue
             grads = [p.grad for p in params]
-            wd = group["lars_weight_decay"]
-            p_norm = torch.stack(torch._foreach_norm(params))
-            g_norm = torch.stack(torch._foreach_norm(grads))
-            trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
-            if self.clip:
-                trust = torch.clamp(trust / group["lr"], max=1.0)
-            active = (p_norm != 0) & (g_norm != 0)
-            scale = torch.where(active, trust, torch.ones_like(trust))
-            decay = torch.where(active, scale * wd, torch.zeros_like(trust))
-            # g <- g * scale + p * (scale * wd)
-            torch._foreach_mul_(grads, list(scale.unbind()))
-            torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
+            scale, decay, ok = self._factors(group, params)
+            finite.append(ok)
+            # g <- g * scale + p * (scale * wd), with each factor repeated over its tensor's elements
+            sizes, total = self._numels(params)
+            scale_full, decay_full = torch.stack([scale, decay]).repeat_interleave(sizes, dim=1, output_size=total)
+            torch._foreach_mul_(grads, segment_views(scale_full, grads))
+            torch._foreach_add_(grads, torch._foreach_mul(params, segment_views(decay_full, params)))
+        return torch.stack(finite).all() if finite else None
+
+    @torch.no_grad()
+    def _fused_step(self) -> torch.Tensor | None:
+        """Every group's tensors in one compiled call (per-tensor lr, so groups may differ in lr)."""
+        finite, every, scales, decays, lrs = [], [], [], [], []
+        momentum, nesterov = self.param_groups[0]["momentum"], self.param_groups[0]["nesterov"]
+        for group in self.param_groups:
+            if group["dampening"] or group["maximize"] or group["weight_decay"] or \
+                    (group["momentum"], group["nesterov"]) != (momentum, nesterov):
+                raise ValueError("LARS's fused update needs plain momentum SGD with one momentum and nesterov "
+                                 "setting (no dampening, maximize or SGD weight decay)")
+            params, others = self._split(group)
+            if params:
+                scale, decay, ok = self._factors(group, params)
+                finite.append(ok)
+                every, scales, decays = every + params, scales + [scale], decays + [decay]
+            if others:  # outside LARS: scale 1, no decay
+                finite.append(self._max_norm_finite(others))
+                ones = torch.ones(len(others), device=others[0].device, dtype=others[0].dtype)
+                every, scales, decays = every + others, scales + [ones], decays + [torch.zeros_like(ones)]
+            lrs += [group["lr"]] * (len(params) + len(others))
+        if not every:
+            return None
+        bufs = []
+        for p in every:
+            state = self.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        # -lr per tensor, made on the device (no host copy); equal lrs (the usual case) in one fill
+        device, dtype = every[0].device, every[0].dtype
+        neg_lr = (torch.full((len(every),), -lrs[0], device=device, dtype=dtype) if len(set(lrs)) == 1 else
+                  torch.cat([torch.full((1,), -lr, device=device, dtype=dtype) for lr in lrs]))
+        self._fused(every, [p.grad for p in every], bufs, torch.cat(scales), torch.cat(decays), neg_lr, momentum,
+                    nesterov)
+        return torch.stack(finite).all()
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.adapt_gradients()
+        if self._fused is not None:
+            if closure is not None:
+                raise ValueError("LARS's fused update takes no closure")
+            self._finite = self._fused_step()
+            return None
+        self._finite = self.adapt_gradients()
         return super().step(closure)
+
+    def gradients_finite(self) -> torch.Tensor | None:
+        """Whether every gradient of the last step was finite (0-d bool on the device; None before a step
+        or when no parameter had a gradient). Costs nothing: LARS computed the norms anyway."""
+        return self._finite
 
 
 def lars_param_groups(model: nn.Module) -> list[dict]:
@@ -74,10 +197,10 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
     return [{"params": weights, "lars": True}, {"params": others, "lars": False}]
 
 
-def build_lars(model: nn.Module, optim: OptimConfig) -> LARS:
-    """LARS over the model's parameter groups with the config's hyperparameters."""
+def build_lars(model: nn.Module, optim: OptimConfig, fused_update: bool = False) -> LARS:
+    """LARS over the model's parameter groups with the config's hyperparameters (fused_update: see LARS)."""
     return LARS(lars_param_groups(model), lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                weight_decay=optim.weight_decay, eta=optim.lars_eta, clip=optim.lars_clip)
+                weight_decay=optim.weight_decay, eta=optim.lars_eta, clip=optim.lars_clip, fused_update=fused_update)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:

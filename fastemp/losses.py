@@ -45,11 +45,12 @@ class _CholeskyCodingRate(torch.autograd.Function):
         c = d / (b * eps)
         zf = z.float()
         b_side = b < d
-        gram = zf @ zf.transpose(1, 2) if b_side else zf.transpose(1, 2) @ zf
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        chol, info = torch.linalg.cholesky_ex(eye + c * gram)
-        rate = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # 1/2 logdet
-        rate = torch.where(info == 0, rate, torch.full_like(rate, float("nan")))
+        left, right = (zf, zf.transpose(1, 2)) if b_side else (zf.transpose(1, 2), zf)
+        eye = torch.eye(min(b, d), dtype=zf.dtype, device=zf.device)
+        # I + c Z Z^T as one batched GEMM with the identity as its addend (no separate scale and add)
+        chol, info = torch.linalg.cholesky_ex(torch.baddbmm(eye, left, right, alpha=c))
+        rate = torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)  # 1/2 logdet
+        rate = rate.masked_fill(info != 0, float("nan"))
         ctx.save_for_backward(zf, chol)
         ctx.c, ctx.b_side, ctx.in_dtype = c, b_side, z.dtype
         return rate
@@ -63,7 +64,7 @@ class _CholeskyCodingRate(torch.autograd.Function):
             grad = torch.cholesky_solve(zf, chol)
         else:
             grad = torch.cholesky_solve(zf.transpose(1, 2), chol).transpose(1, 2)
-        return (scale * grad).to(ctx.in_dtype), None
+        return grad.mul_(scale).to(ctx.in_dtype), None
 
 
 def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:

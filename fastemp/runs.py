@@ -2,7 +2,9 @@
 
     RUN/config.yaml      resolved config
     RUN/metrics.jsonl    one JSON line per logged step
-    RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename)
+    RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename; fastemp.checkpoint)
+    RUN/.lock            held (flock) by the process that writes the folder; names its pid and host
+    RUN/replaced-run/    under --force: the old run, until the new run's first checkpoint
     RUN/summary.json     final numbers
     RUN/losses.png       loss terms over steps (when matplotlib is installed)
 """
@@ -10,24 +12,36 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
-from .errors import UserError, one_line
+from .errors import UserError
 
 
-RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "losses.png", "eval.json"}
+LOCK = ".lock"  # flock'ed for the life of the process that writes the folder; holds that process's pid and host
+REPLACED = "replaced-run"  # under --force: the old run, kept until the new run's first checkpoint
+MOVED = ".moved"  # in REPLACED: the old run is wholly there (without it, a move was interrupted)
+RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "losses.png", "eval.json", LOCK}
+
+_locks: dict[Path, int] = {}  # resolved run folder -> the descriptor that holds its lock
 
 
 class RunExistsError(UserError, FileExistsError):
     pass
+
+
+class RunLockedError(UserError):
+    """Another live process holds the run folder's lock."""
 
 
 def _is_run_file(name: str) -> bool:
@@ -35,13 +49,34 @@ def _is_run_file(name: str) -> bool:
     return name in RUN_FILES or (name.endswith(".tmp") and name[:-4] in RUN_FILES)
 
 
+def _contents(path: Path) -> list[Path]:
+    """What a run folder holds besides its lock and a replaced run."""
+    return [p for p in path.iterdir() if p.name not in (LOCK, REPLACED)]
+
+
+def _name_too_long(path: Path) -> str | None:
+    try:
+        limit = os.pathconf(next(p for p in path.parents if p.is_dir()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
+        limit = 255
+    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    return f"a name in it is {len(os.fsencode(long))} bytes, over the filesystem's limit of {limit}" if long else None
+
+
 def check_run_dir(path: str | Path, force: bool = False) -> Path:
     """The run folder `path`, after checking it may be used; changes nothing on disk.
 
     A folder that already holds something is replaced only with --force, and only when it is
     recognisably a fastemp run folder: never the working directory, an ancestor of it, the home
-    folder or /, and never a folder with files fastemp did not write."""
+    folder or /, and never a folder with files fastemp did not write. A folder that a live
+    process holds is refused at once. A symlink is followed: the run lives in its target."""
     path = Path(path)
+    too_long = _name_too_long(path.expanduser().absolute())
+    if too_long:
+        raise RunExistsError(f"--out {path}: {too_long}; choose a shorter --out (or name)")
+    if path.is_symlink() and not path.exists():
+        raise RunExistsError(f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; create that "
+                             "folder, or choose another --out")
     resolved = path.expanduser().resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
@@ -49,39 +84,206 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
                              "a run needs a folder of its own, e.g. --out runs/NAME")
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"--out {path} is a file, not a folder; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
-        if not force:
-            raise RunExistsError(f"run folder {path} exists and is not empty; pass --force to replace it, "
-                                 "or choose another --out")
-        foreign = sorted(p.name for p in path.iterdir() if not (p.is_file() and _is_run_file(p.name)))
-        if foreign or not (path / "config.yaml").is_file():
-            what = f"holds {', '.join(foreign[:3])}" if foreign else "has no config.yaml"
-            raise RunExistsError(f"--force refuses to replace {path}: it {what}, so it is not a fastemp run "
-                                 "folder; move those files away or choose another --out")
+    if path.is_dir():
+        probe_lock(path)
+        _check_replaceable(path, force)
+    else:
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunExistsError(f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a "
+                                 "writable folder")
     return path
 
 
-def replace_run_dir(path: Path) -> Path | None:
-    """Make `path` an empty run folder; an old run there is moved aside (returned) rather than
-    deleted, so that discard_old_run removes it only once the new run has started."""
-    aside = None
-    if path.is_dir() and any(path.iterdir()):
-        aside = path.with_name(f".{path.name}.replaced-{os.getpid()}")
-        os.replace(path, aside)
-    path.mkdir(parents=True, exist_ok=True)
-    return aside
+def _check_replaceable(path: Path, force: bool) -> None:
+    if not _contents(path) and not (path / REPLACED).exists():
+        return
+    if not force:
+        raise RunExistsError(f"run folder {path} exists and is not empty; pass --force to replace it, "
+                             "or choose another --out")
+    foreign = sorted(p.name for p in _contents(path) if not (p.is_file() and _is_run_file(p.name)))
+    if foreign or not ((path / "config.yaml").is_file() or (path / REPLACED / "config.yaml").is_file()):
+        what = f"holds {', '.join(foreign[:3])}" if foreign else "has no config.yaml"
+        raise RunExistsError(f"--force refuses to replace {path}: it {what}, so it is not a fastemp run "
+                             "folder; move those files away or choose another --out")
 
 
-def restore_old_run(path: Path, aside: Path | None) -> None:
-    """Undo replace_run_dir after a failure before training started."""
-    if aside is not None and aside.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(aside, path)
+# -------------------------------------------------------------------------------- the lock
 
 
-def discard_old_run(aside: Path | None) -> None:
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+def _owner(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _locked_message(run_dir: Path, owner: str) -> str:
+    return (f"run folder {run_dir} is in use by {owner}; wait for it to finish or stop it, then try again, "
+            "or choose another folder")
+
+
+def probe_lock(run_dir: Path) -> None:
+    """RunLockedError when a live process holds run_dir; changes nothing (not even the lock file)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody has written the folder through fastemp since it was made
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLockedError(_locked_message(run_dir, _owner(fd))) from None
+    finally:
+        os.close(fd)  # also drops the shared lock
+
+
+def _flock_briefly(fd: int, tries: int = 5) -> bool:
+    """An exclusive flock, retried for ~0.1 s: another command's probe_lock holds a shared one for
+    microseconds, which must not read as a live holder."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(0.02)
+    return False
+
+
+def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> bool:
+    """Hold run_dir's lock (an exclusive flock on run_dir/.lock) until this process exits.
+
+    The kernel drops a flock when its holder dies, so the lock of a killed process is free at
+    once; the pid and host written into the file only name the holder in the message. False
+    (and no lock) when read_only_ok and the folder cannot be written at all."""
+    key = run_dir.resolve()
+    if key in _locks:
+        return True
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if not (read_only_ok and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise
+            probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
+            return False
+        if not _flock_briefly(fd):
+            owner = _owner(fd)
+            os.close(fd)
+            raise RunLockedError(_locked_message(run_dir, owner))
+        try:  # the file we locked must still be the one at `path` (not one its last holder just removed)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:
+        pass  # a full disk: the lock holds all the same, the message just cannot name us
+    _locks[key] = fd
+    return True
+
+
+def unlock_all() -> None:
+    """Release every run folder this process holds (a CLI command is over; its process may go on, e.g. in tests)."""
+    while _locks:
+        os.close(_locks.popitem()[1])
+
+
+def require_writable(run_dir: Path, why: str) -> None:
+    """UserError when run_dir, or a run file in it, cannot be written (read-only mount, permissions)."""
+    paths = [run_dir, *(p for p in run_dir.iterdir() if _is_run_file(p.name) and p.is_file())]
+    bad = next((p for p in paths if not os.access(p, os.W_OK)), None)
+    if bad is not None:
+        raise UserError(f"{bad} is read-only and {why}; make it writable (chmod -R u+w {run_dir}), or copy the "
+                        "folder and use the copy")
+
+
+# -------------------------------------------------------------------------------- --force
+
+
+def begin_run(run_dir: Path, force: bool, command: str) -> bool:
+    """Create and lock run_dir for a new run; under --force move an old run into run_dir/replaced-run.
+
+    The folder itself is never renamed (so a mount point or a symlink's target works); the old run
+    is deleted by discard_replaced at the new run's first checkpoint, or put back by restore_replaced.
+    Returns whether an old run was moved aside."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir, command)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}; choose an --out in a "
+                        "writable folder") from None
+    settle_replaced(run_dir)
+    _check_replaceable(run_dir, force)  # again, under the lock: another process may have written meanwhile
+    aside = run_dir / REPLACED
+    old = _contents(run_dir)
+    if not old:
+        return False
+    aside.mkdir()
+    for p in old:
+        os.replace(p, aside / p.name)
+    (aside / MOVED).touch()
+    return True
+
+
+def discard_replaced(run_dir: Path) -> None:
+    """The new run has its first checkpoint: the run it replaced is no longer needed."""
+    aside = Path(run_dir) / REPLACED
+    if not aside.is_dir():
+        return
+    for p in aside.iterdir():  # MOVED goes last: a kill midway leaves a discard that settle_replaced finishes
+        if p.name != MOVED:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (aside / MOVED).unlink(missing_ok=True)
+    aside.rmdir()
+
+
+def restore_replaced(run_dir: Path) -> bool:
+    """Put the run that --force moved aside back in place of the new run's files; False if there is none."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return False
+    if (aside / MOVED).exists():  # the new run's files go first; then the old run's come back
+        for p in _contents(run_dir):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        (aside / MOVED).unlink()
+    for p in aside.iterdir():  # without MOVED every file here or in run_dir is the old run's
+        os.replace(p, run_dir / p.name)
+    aside.rmdir()
+    return True
+
+
+def settle_replaced(run_dir: Path) -> str | None:
+    """Finish what a --force that died (kill -9, power loss) left; under the lock. A description
+    of what was done when the old run was put back, else None."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return None
+    if (aside / MOVED).exists() and (run_dir / "checkpoint.pt").is_file():
+        discard_replaced(run_dir)  # the new run reached its first checkpoint
+        return None
+    restore_replaced(run_dir)
+    return (f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
+            "stopped before its first checkpoint, so nothing of it was kept)")
+
+
+def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
+    """After a new run failed: put back the run it replaced if it has no checkpoint yet, and say
+    what is on disk now and the command that tries again."""
+    if (run_dir / "checkpoint.pt").is_file():
+        return ""
+    if restore_replaced(run_dir):
+        return (f"nothing of the new run was kept: {run_dir} again holds the run --force was replacing, unchanged; "
+                f"to try again: {retry}")
+    return f"{run_dir} holds this run's config.yaml and metrics but no checkpoint; to try again: {retry}"
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -109,33 +311,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop metric lines past `after_step` (a resumed run re-logs the steps it redoes)."""
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
-    (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _disk_full(err: BaseException, where: Path) -> bool:
-    # torch's zip writer reports ENOSPC as "unexpected pos" / "failed writing", not as an errno
-    text = str(err)
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
-        return True
-    try:
-        return shutil.disk_usage(where).free < (64 << 20)
-    except OSError:
-        return False
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write via a temp file and a rename, so `path` is always the old or the new checkpoint; on
-    failure the temp file is removed (it would otherwise keep filling a full disk)."""
+    path = Path(run_dir) / "metrics.jsonl"
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
+    try:  # a rename, so a full disk or a kill never leaves the log half written
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if _disk_full(err, path.parent):
-            raise UserError(f"disk full: could not write {path} (the previous {path.name} is intact); free space "
-                            f"on the disk holding {path.parent.resolve()} and run fastemp resume {path.parent}") from err
-        raise UserError(f"could not write {path} ({one_line(err)[:160]}); check that the folder is writable") from err
+        raise
 
 
 def finite_or_none(obj):
@@ -152,8 +335,12 @@ def finite_or_none(obj):
 def write_json(path: Path, obj: dict) -> None:
     """Strict JSON (a NaN, e.g. images/s of a run too short to time, becomes null), written atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def git_commit() -> str:

@@ -17,6 +17,7 @@ import torch
 
 from . import distributed, patches
 from .config import Config, ConfigError
+from .patches.torch_backend import resolve_patch_compile
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,12 @@ class Runtime:
     precision: str  # fp32 | bf16
     compile_mode: str  # none, or a torch.compile mode
     channels_last: bool  # NHWC activations and patches
-    backend: str  # the patch backend: torch | dali
+    backend: str  # the patch backend: torch | dali | pillow
+    backend_reason: str  # why: what auto saw (resident or streamed data, CUDA, DALI), or the config's choice
+    patch_compile: bool  # the torch backend's recipe through torch.compile
     fused_loss: bool  # the Triton cosine-to-mean kernel for the invariance term
     world_size: int  # processes under torchrun (1 without)
-    shard: slice  # this rank's images of every global batch
+    shard: slice | None  # this rank's images of every global batch (None: resolved for evaluation only)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -42,13 +45,14 @@ class Runtime:
     def resolved(self) -> dict:
         """The resolved choices, as the summary and the benchmark results record them."""
         return {"backend": self.backend, "compile": self.compile_mode, "precision": self.precision,
-                "channels_last": self.channels_last, "fused_loss": self.fused_loss}
+                "channels_last": self.channels_last, "fused_loss": self.fused_loss, "patch_compile": self.patch_compile}
 
     def describe(self) -> str:
         """One line saying what "auto" chose, logged when a run starts."""
         where = f"{self.device}" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
         return (f"{where}, {self.precision}, compile {self.compile_mode}, "
-                f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches, "
+                f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches "
+                f"({self.backend_reason}{', compiled' if self.patch_compile else ''}), "
                 f"{'fused' if self.fused_loss else 'torch'} invariance loss")
 
 
@@ -75,15 +79,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_backend(name: str) -> str:
-    """The patch backend `data.backend` names. auto is the torch backend on every device: it was the
-    faster one on the GPU measured (docs/augmentation.md has the numbers); DALI is there when asked for."""
-    if name == "auto":
-        return "torch"
-    if name == "dali" and not patches.dali_available():
+def resolve_backend(name: str, streamed: bool, device: torch.device) -> tuple[str, str]:
+    """The patch backend `data.backend` names, and why (patches.choose_backend decides; DALI is imported
+    only where it could be chosen). Resident images: auto is the torch backend (docs/augmentation.md has
+    the numbers); streamed files: DALI on CUDA when it imports, else Pillow workers."""
+    asks_dali = name == "dali" or (streamed and name == "auto")
+    try:
+        return patches.choose_backend(name, streamed, device.type, asks_dali and patches.dali_available())
+    except RuntimeError:  # resident images asked for DALI, which does not import
         raise ConfigError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
-                          "(or -cuda120), or use data.backend=torch")
-    return name
+                          "(or -cuda120), or use data.backend=torch") from None
 
 
 def resolve_fused(name: str, device: torch.device) -> bool:
@@ -96,22 +101,28 @@ def resolve_fused(name: str, device: torch.device) -> bool:
     return name == "on" or (name == "auto" and device.type == "cuda" and triton_usable(device))
 
 
-def resolve(cfg: Config, device: torch.device | None = None) -> Runtime:
-    """The Runtime of cfg on this machine (device: the one train.device names unless given)."""
+def resolve(cfg: Config, device: torch.device | None = None, training: bool = True) -> Runtime:
+    """The Runtime of cfg on this machine (device: the one train.device names unless given). training=False
+    (evaluation only) takes no batch shard, so train.batch_size need not divide by the world size."""
     device = device or resolve_device(cfg.train.device)
     on_cuda = device.type == "cuda"
     m = cfg.model
-    distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
+    if training:
+        distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
+    compile_mode = {"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile)
+    backend, backend_reason = resolve_backend(cfg.data.backend, cfg.data.streamed, device)
     return Runtime(
         device=device,
         precision={"auto": "bf16" if on_cuda else "fp32"}.get(m.precision, m.precision),
-        compile_mode={"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile),
+        compile_mode=compile_mode,
         # oneDNN's NHWC 1x1 stride-2 conv backward-weights hangs or returns wrong gradients when the input has
         # fewer channels than its ISA block (8 on AVX2, 16 on AVX-512): uxlfoundation/oneDNN#6035. The first
         # downsample shortcut sees `width` channels, so toy widths stay NCHW on CPU.
         channels_last=m.channels_last and (on_cuda or m.width >= 16),
-        backend=resolve_backend(cfg.data.backend),
+        backend=backend,
+        backend_reason=backend_reason,
+        patch_compile=resolve_patch_compile(cfg.data.patch_compile, device, compile_mode),
         fused_loss=resolve_fused(cfg.loss.fused, device),
         world_size=distributed.world_size(),
-        shard=distributed.batch_shard(cfg.train.batch_size),
+        shard=distributed.batch_shard(cfg.train.batch_size) if training else None,
     )

@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed, runs
-from .config import Config, to_dict
+from . import checkpoint, distributed, runs
+from .config import Config, EvalConfig
 from .data import ImageSet, load_split
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
-from .gradcache import gradient_cache_step
+from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
-from .model import build_model
+from .model import build_model, compile_model
 from .patches import make_patch_backend
 from .runtime import Runtime, resolve
-from .validate import check_data, read_checkpoint
+from .validate import check_data
 
 
 def mix_seed(seed: int, stream: int, index: int) -> int:
@@ -60,19 +60,21 @@ class Trainer:
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
-        self.patches = make_patch_backend(self.runtime.backend, self.train_set.images, cfg.augment, cfg.train.seed)
+        self.patches = make_patch_backend(self.runtime.backend, self.train_set, cfg.augment, cfg.train.seed,
+                                          workers=cfg.data.workers, compile_recipe=self.runtime.patch_compile)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
         if self.runtime.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
-        if self.runtime.channels_last:
+        rt = self.runtime
+        self.grad_chunks = resolve_chunks(self.model, cfg, self.device, rt.world_size, rt.precision, rt.compile_mode)
+        if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ddp = distributed.wrap_ddp(self.model, self.device) if self.runtime.world_size > 1 else None
-        wrapped, mode = self.ddp or self.model, self.runtime.compile_mode
-        self.forward = wrapped if mode == "none" else torch.compile(wrapped, mode=mode)
-        self.optimizer = build_lars(self.model, cfg.optim)
-        self.steps_per_epoch = self.train_set.images.shape[0] // cfg.train.batch_size
+        self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
+        self.forward = compile_model(self.ddp or self.model, rt.compile_mode, self.device, cfg.model.cudnn_benchmark)
+        self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.compile_mode != "none")  # compiled with the model
+        self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
         # wall clock: the first step a process runs (compilation, allocator warm-up) is kept apart
@@ -86,7 +88,7 @@ class Trainer:
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 1, epoch))
-            self._perm = (epoch, torch.randperm(self.train_set.images.shape[0], generator=gen).to(self.device))
+            self._perm = (epoch, torch.randperm(len(self.train_set), generator=gen).to(self.device))
         b = self.cfg.train.batch_size
         return self._perm[1][k * b:(k + 1) * b]
 
@@ -97,7 +99,7 @@ class Trainer:
         The one training step: train_until runs it, and so do the benchmarks and the profiler. `clock`, when
         given, has `mark(phase)` called at the start ("start") and after each phase: "data" (the patches),
         "forward", "loss" (the loss and its backward to the projector outputs), "backward" (the model's
-        backward) and "optimizer" (the finiteness watch and the LARS step). The step computes the same
+        backward) and "optimizer" (the LARS step and the finiteness watch). The step computes the same
         with or without it."""
         clock = clock or _NoClock()
         step = self.step
@@ -105,8 +107,8 @@ class Trainer:
         patches = self._begin_step(step)
         clock.mark("data")
         terms = self._forward_backward(patches, clock)
-        self._watch_finite(terms, step + 1)
         self.optimizer.step()
+        self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
         self.optimizer.zero_grad(set_to_none=True)
         clock.mark("optimizer")
         self.step = step + 1
@@ -132,8 +134,10 @@ class Trainer:
         def loss(p: torch.Tensor) -> LossTerms:
             return projection_loss_terms(p, self.cfg.loss, runtime.fused_loss)
 
-        if t.grad_chunks > 1:
-            return gradient_cache_step(self.forward, patches, t.n_patches, t.grad_chunks, loss, runtime.autocast(),
+        if runtime.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
+        if self.grad_chunks > 1:
+            return gradient_cache_step(self.forward, patches, t.n_patches, self.grad_chunks, loss, runtime.autocast(),
                                        model=self.ddp or self.model, clock=clock)
         with runtime.autocast():
             p = self.forward(patches)
@@ -170,10 +174,11 @@ class Trainer:
 
         Checking on the host every step would add a sync per step; this keeps the verdict on the
         device and reads it once on logged steps and before every checkpoint write (raise_if_nonfinite),
-        so nothing non-finite is ever saved and the error still names the first bad step and term."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_max = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else terms.tcr.detach()
-        ok = torch.stack([terms.invariance.detach().isfinite(), terms.tcr.detach().isfinite(), grad_max.isfinite()])
+        so nothing non-finite is ever saved and the error still names the first bad step and term.
+        The gradients' verdict is the optimizer's, from the norms its step computed (LARS.gradients_finite)."""
+        grads_ok = self.optimizer.gradients_finite()
+        tcr_ok = terms.tcr.detach().isfinite()
+        ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
         here = torch.stack([torch.full((), step, dtype=torch.long, device=self.device),
                             torch.argmin(ok.to(torch.uint8)).to(torch.long)])  # argmin: the first False
         first = (self._nonfinite[0] < 0) & ~ok.all()
@@ -183,7 +188,8 @@ class Trainer:
         step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
         if step >= 0:
             what = ("the invariance loss (sim)", "the coding-rate loss (tcr)", "the gradients")[int(term)]
-            saved = "checkpoint.pt holds the last finite state" if self.run_dir else "nothing was saved"
+            saved = (f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
+                     if self.run_dir and self.saved_step is not None else "no checkpoint of this run was written")
             raise NonFiniteError(f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
                                  "lower optim.lr, raise loss.eps or check the data, then train again")
 
@@ -213,25 +219,20 @@ class Trainer:
         return self.timed_images / self.train_seconds if self.train_seconds else float("nan")
 
     # -- checkpoints ------------------------------------------------------------------------
+    saved_step: int | None = None  # the step checkpoint.pt in run_dir holds (None: there is none)
+
     def save_checkpoint(self) -> None:
         self.raise_if_nonfinite()  # never write non-finite weights over the last good checkpoint
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "clock": (self.warmup_seconds, self.train_seconds, self.timed_images),
-                 "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        state = checkpoint.trainer_state(self)
         if distributed.is_main():  # every rank holds the same weights and optimizer state
-            runs.atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+            checkpoint.save(state, self.run_dir / "checkpoint.pt")
+            runs.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
+        self.saved_step = self.step
         distributed.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
-        state = read_checkpoint(path, self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.warmup_seconds, self.train_seconds, self.timed_images = state["clock"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        checkpoint.load_into(self, path)
+        self.saved_step = self.step
 
     # -- evaluation -------------------------------------------------------------------------
     @functools.cached_property
@@ -239,10 +240,12 @@ class Trainer:
         """The test split, loaded on first use (only evaluation needs it)."""
         return load_split(self.cfg.data, "test", self.device)
 
-    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None) -> dict:
+        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval protocol)."""
         if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
             distributed.broadcast_buffers(self.model)
-        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix)
+        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix,
+                                eval_cfg)
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""

@@ -3,40 +3,25 @@
 `check_config` runs over the whole config (ranges, enumerated choices, the machine: CUDA, DALI,
 Triton) before a run folder is touched or a model is built. `check_data` runs on the loaded train
 split (sizes against batch sizes); the trainer loads the test split at start-up too, so a missing
-split fails before training, not after it. Checkpoints are read through `read_checkpoint`
-(missing, empty, truncated, corrupt, non-finite weights) and compared with the config before
-their weights are loaded (`check_resume`, `check_architecture`), so a mismatch is a line, not a
-100-line size-mismatch dump.
+split fails before training, not after it. Checkpoints are read, verified and compared with
+the config in fastemp.checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from pathlib import Path
 
-import torch
 
-from .config import Config, ConfigError, to_dict
-from .errors import UserError, one_line
+from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, shown
 
-# Keys a resumed run may change without mixing two runs (README, "Run folders"): where data and
-# outputs live, where it runs, how often it logs and checkpoints, and all of evaluation. Anything
-# else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
-# run that never happened.
-RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "train.device", "train.log_every",
-                    "train.ckpt_every", "model.compile", "eval.*")
-ARCHITECTURE_KEYS = ("model.width", "model.hidden_dim", "model.z_dim")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, empty, corrupt, non-finite or for another config."""
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
     if not ok:
         why = f" ({why})" if why else ""
-        raise ConfigError(f"{key} must be {rule}{why}, got {value!r}; set {key} to a value that is {rule}")
+        raise ConfigError(f"{key} must be {rule}{why}, got {shown(value)}; set {key} to a value that is {rule}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -45,7 +30,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}; {hint}set {key} to one of them")
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {shown(value)}; {hint}set {key} to one of them")
 
 
 def _positive(section, prefix: str, *names: str) -> None:
@@ -73,6 +58,16 @@ def check_config(cfg: Config) -> None:
                 _choice(f"{name}.{f.name}", getattr(section, f.name), f.metadata["choices"])
 
     _positive(d, "data", "image_size")
+    _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
+    if d.streamed and d.source != "imagefolder":
+        raise ConfigError(f"data.streamed=true reads image files, but data.source={d.source}; "
+                          "use data.source=imagefolder with a directory, or data.streamed=false")
+    if d.streamed and d.backend == "torch":
+        raise ConfigError("data.backend=torch needs the images resident in memory, but data.streamed=true; "
+                          "use data.backend=auto, dali or pillow, or data.streamed=false")
+    if not d.streamed and d.backend == "pillow":
+        raise ConfigError("data.backend=pillow reads image files, so it needs data.streamed=true "
+                          "(with data.source=imagefolder); use data.backend=auto for resident data")
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
     if d.source == "imagefolder" and not d.path.strip():
@@ -108,17 +103,42 @@ def check_config(cfg: Config) -> None:
 
     # one patch per image makes the invariance term a constant (every patch is its image's mean)
     _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2", "the invariance term needs two patches per image")
-    _positive(t, "train", "batch_size", "epochs", "grad_chunks", "log_every")
+    _positive(t, "train", "batch_size", "epochs", "log_every")
+    _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks >= 0, ">= 0 (0: chosen from free memory)")
+    _rule("train.bn_groups", t.bn_groups, t.bn_groups >= 0 and (t.bn_groups == 0 or t.n_patches % t.bn_groups == 0),
+          "0 or a divisor of train.n_patches")
+    _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks > 0 or t.bn_groups > 0, "> 0 when train.bn_groups is 0",
+          "the chunks then decide the BatchNorm groups, so they cannot depend on memory")
+    _rule("train.grad_chunks", t.grad_chunks, t.bn_groups == 0 or t.grad_chunks == 0 or t.bn_groups % t.grad_chunks == 0,
+          "0 or a divisor of train.bn_groups", "each chunk holds whole BatchNorm groups")
     for name in ("max_steps", "ckpt_every", "seed"):
         value = getattr(t, name)
         _rule(f"train.{name}", value, value >= 0, ">= 0")
     _rule("train.checkpoint_activations", t.checkpoint_activations,
-          not (t.checkpoint_activations and t.grad_chunks > 1), "false when train.grad_chunks > 1 (pick one)")
+          not (t.checkpoint_activations and t.grad_chunks != 1), "false unless train.grad_chunks is 1 (pick one)")
 
+    _choice("eval.protocol", e.protocol, EVAL_PROTOCOL_NAMES)
     _positive(e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k",
               "knn_temperature")
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
+
+
+def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> None:
+    """The output folder `path` (or the folder of the output file `path`) exists or can be made: its
+    nearest existing ancestor is a writable folder, not a file. Checked before any measuring, so a
+    typo in an output path costs nothing."""
+    path = Path(path).expanduser()
+    if is_file and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name such as {path / 'result.json'}")
+    for parent in (path.parent, *path.parent.parents) if is_file else (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = f"{path} is a file" if parent == path else f"{path} lies under {parent}, which is a file"
+                raise ConfigError(f"{flag} {what}, not a folder; choose another {flag}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
+            return
 
 
 def check_data(cfg: Config, train_images: int) -> None:
@@ -133,76 +153,3 @@ def check_probe(cfg: Config, train_images: int) -> None:
     if cfg.eval.probe_batch_size > train_images:
         raise ConfigError(f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
                           f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}")
-
-
-# -------------------------------------------------------------------------------- checkpoints
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint's state, or CheckpointError saying what is wrong with the file."""
-    path = Path(path)
-    redo = f"retrain with fastemp train --out {path.parent} --force"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; train the run first (fastemp train --out {path.parent})")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); {redo}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # truncated zip, not a checkpoint, unpickling error
-        raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {redo}") from err
-    missing = [k for k in ("model", "optimizer", "step", "config") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a fastemp checkpoint (no {', '.join(missing)}); {redo}")
-    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more); {redo}")
-    return state
-
-
-def _flat(cfg_dict: dict) -> dict:
-    out = {}
-    for key, value in cfg_dict.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
-    return a == b
-
-
-def _differences(cfg: Config, state: dict, keys=None) -> list[str]:
-    now, then = _flat(to_dict(cfg)), _flat(state["config"])
-    keys = keys or [k for k in now if k in then]
-    return [k for k in keys if k in then and not _same(now[k], then[k])]
-
-
-def _safe(key: str) -> bool:
-    return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in RESUME_SAFE_KEYS)
-
-
-def check_resume(cfg: Config, state: dict, path: Path) -> None:
-    """Refuse to resume when config.yaml changed a key that is not safe to change mid-run."""
-    then = _flat(state["config"])
-    changed = [k for k in _differences(cfg, state) if not _safe(k)]
-    if changed:
-        now = _flat(to_dict(cfg))
-        what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
-        raise ConfigError(f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
-                          "back, or start a new run with fastemp train (resume may change only "
-                          f"{', '.join(RESUME_SAFE_KEYS)})")
-
-
-def check_architecture(cfg: Config, state: dict, path: Path) -> None:
-    """Refuse to load weights into a model of another shape."""
-    changed = _differences(cfg, state, ARCHITECTURE_KEYS)
-    if changed:
-        then, now = _flat(state["config"]), _flat(to_dict(cfg))
-        what = ", ".join(f"{k}={then[k]!r} (config says {now[k]!r})" for k in changed)
-        raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")

@@ -23,3 +23,22 @@ def cifar10_jpeg_tar() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def huge_png() -> bytes:
+    """A valid 1-bit grayscale PNG of 30000 x 30000 pixels (all black): ~0.1 MB on disk, 2.7 GB as
+    RGB once decoded (a decompression bomb); compressed row block by row block."""
+    import struct
+    import zlib
+
+    side = 30_000
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")

@@ -111,3 +111,58 @@ def test_bad_yaml_file_names_the_file(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value) or "optim.lr" in str(err.value)
+
+
+# ---------------------------------------------------------------- YAML that parses but is refused
+
+ALIAS_BOMB = "".join(
+    [f"a: &a [{', '.join(['lol'] * 9)}]\n"]
+    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")]
+    + ["train: {epochs: *i}\n"])  # 10 lines that expand to 9^9 (~3.9e8) strings
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  epochs: 2\nmodel:\n  width: 8\ntrain:\n  batch_size: 10\n",
+     "duplicate key 'train' at line 5 (first at line 1); keep one of them"),
+    ("train:\n  epochs: 2\n  epochs: 3\n", "duplicate key 'epochs' at line 3 (first at line 2)"),
+    ("a: &a [*a]\ntrain: {epochs: *a}\n", "a YAML alias refers to itself"),
+    ("train: {epochs: " + "[" * 3000 + "]" * 3000 + "}\n", "YAML nested too deeply"),
+])
+def test_repeated_keys_and_recursive_values_are_errors(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)
+
+
+def test_an_alias_bomb_is_refused_in_well_under_a_second(tmp_path):
+    import time
+    import tracemalloc
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB.splitlines()) == 10
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="YAML aliases expand to more than 100,000 values"):
+        load_config(path)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 5 and peak < 50 << 20, (seconds, peak)  # generous bounds for a loaded CI machine
+
+
+def test_messages_quote_a_bounded_prefix_of_a_value():
+    from fastemp.config import QUOTE_CHARS, shown
+
+    nested = [[["x" * 1000] * 1000] * 1000] * 1000  # shared lists: rendering it whole would take hours
+    assert len(shown(nested)) <= QUOTE_CHARS + 3 and len(shown("y" * 10**6)) <= QUOTE_CHARS + 3
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), ["optim.lr=" + "z" * 100_000])
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("override", ["train.seed=1e30", "train.epochs=-1e19", "train.max_steps=9223372036854775808"])
+def test_integers_outside_64_bits_are_errors(override):
+    with pytest.raises(ConfigError, match="is out of range; write a whole number between -2\\^63 and 2\\^63"):
+        apply_overrides(Config(), [override])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,7 +85,7 @@ def two_ranks(tmp_path_factory) -> dict[int, list[dict]]:
     tmp = tmp_path_factory.mktemp("two_ranks")
     cases = [[*SYNC_BN, f"train.grad_chunks={c}"] for c in CHUNKS]
     mp.spawn(_spawned, args=(2, str(tmp / "rendezvous"), str(tmp), cases), nprocs=2)
-    return {c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=False) for r in range(2)]
+    return {c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=True) for r in range(2)]
             for k, c in enumerate(CHUNKS)}
 
 
@@ -152,7 +153,7 @@ def test_a_shards_patches_are_the_global_batchs_rows(backend):
 def test_a_batch_that_does_not_divide_by_the_world_is_a_config_error(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(distributed.ConfigError, match="train.batch_size=20 does not divide by the world size 3"):
-        Trainer(tiny_config(), progress=False)
+        distributed.batch_shard(20)  # taken by every training step (Trainer.begin_step); evaluation takes none
 
 
 # ------------------------------------------------------------------------------ under torchrun
@@ -181,6 +182,7 @@ def test_torchrun_writes_one_run_folder_with_the_one_process_summary(tmp_path):
     two = run(torchrun(*args, "--out", str(tmp_path / "two")))
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("run folder:") == 1  # rank 0 alone prints
+    assert "Warning" not in two.stderr, two.stderr[-2000:]  # torch 2.13's FutureWarnings for the renamed collectives
     one = run([sys.executable, "-m", "fastemp", *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("two", "one")]
@@ -218,7 +220,7 @@ def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted
     assert workers, "torchrun has no workers to kill"
     os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun tears the group down
     assert proc.wait(timeout=120) != 0
-    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert step < 10, "the run finished before it could be killed"
 
     done = run(torchrun("resume", str(killed), "--no-progress"))
@@ -242,3 +244,147 @@ def test_bad_world_size_and_missing_rendezvous_are_one_line_errors(tmp_path):
     assert lone.stderr.strip().splitlines() == [
         "fastemp: error: WORLD_SIZE is set but MASTER_ADDR, MASTER_PORT are not: no rendezvous to join; "
         "launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"]
+
+
+# ------------------------------------------------------------------- hangs, mismatches, one line
+
+HANG_TIMEOUT_S = 3.0
+
+# rank `stuck` sleeps instead of joining the second collective (a plain all_reduce: the watchdog
+# counts every collective, not only fastemp's); the other rank must name it once the timeout passed
+STUCK = r"""
+import sys, time, torch
+import torch.distributed as dist
+from fastemp import distributed
+distributed.init_from_env()
+x = torch.ones(1)
+distributed.mean_across_ranks(x)
+if distributed.rank() == int(sys.argv[1]):
+    time.sleep(120)
+print(f"waiting since {time.time()}", flush=True)
+dist.all_reduce(x)
+print("not reached", flush=True)
+"""
+
+# rank 0 works alone for twice the timeout (a long probe): not a hang, the others wait in the store
+SLOW_MAIN = r"""
+import time, torch
+from fastemp import distributed
+distributed.init_from_env()
+timeout = distributed.collective_timeout_s()
+value = distributed.run_on_main(lambda: time.sleep(1.3 * timeout) or 7)
+with distributed.alone() as measuring:
+    if measuring:
+        time.sleep(1.3 * timeout)
+assert value == 7 and distributed.mean_across_ranks(torch.ones(1)).item() == 1.0
+distributed.shutdown()
+print("done", flush=True)
+"""
+
+# rank 1 fails with a user error (as cli.main reports it) while rank 0 waits in a collective: rank 0
+# prints rank 1's line at once, long before the (here 60 s) timeout
+FAILS = r"""
+import sys, torch
+from fastemp import distributed
+distributed.init_from_env()
+if distributed.rank() == 1:
+    if distributed.report_error("data.path /x does not exist; check the path"):
+        print("fastemp: error: printed by rank 1 itself", file=sys.stderr)
+    sys.exit(2)
+distributed.mean_across_ranks(torch.ones(1))
+"""
+
+
+@contextmanager
+def agent_store(timeout_s: float = HANG_TIMEOUT_S):
+    """A rendezvous store hosted by this process, as torchrun's agent hosts it (the ranks are
+    clients, so a rank that exits first does not take the store with it): the ranks' environment."""
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_VARIABLE: str(timeout_s)}
+    finally:
+        del store
+
+
+def start_ranks(env: dict, commands: list[list[str]]) -> list[subprocess.Popen]:
+    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r, cmd in enumerate(commands)]
+
+
+def test_a_stuck_rank_is_named_in_one_line_within_the_timeout_and_a_long_solo_phase_is_not_a_hang():
+    with agent_store() as env, agent_store() as env_slow, agent_store(60.0) as env_fails:
+        stuck = start_ranks(env, [[sys.executable, "-c", STUCK, "1"]] * 2)
+        slow = start_ranks(env_slow, [[sys.executable, "-c", SLOW_MAIN]] * 2)
+        fails = start_ranks(env_fails, [[sys.executable, "-c", FAILS]] * 2)
+        try:
+            out, err = stuck[0].communicate(timeout=120)
+            ended = time.time()
+            slow_results = [p.communicate(timeout=120) for p in slow]
+            fails_results = [p.communicate(timeout=50) for p in fails]  # well before the 60 s timeout
+        finally:
+            for p in stuck + slow + fails:
+                p.kill()
+    waited = ended - float(out.split("waiting since ")[1].split()[0])
+    assert stuck[0].returncode == 2 and "not reached" not in out, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"fastemp: error: rank 1 of 2 stopped answering \(rank 1: it has not joined the collective the others wait "
+        r"in\); rank 0 waited \d+ s \(FASTEMP_COLLECTIVE_TIMEOUT=3\); look for that rank's own error, or raise "
+        r"FASTEMP_COLLECTIVE_TIMEOUT if it is only slow", lines[0]), err
+    assert HANG_TIMEOUT_S <= waited < HANG_TIMEOUT_S + 10, waited  # slack: process exit on a loaded machine
+    for p, (o, e) in zip(slow, slow_results):
+        assert p.returncode == 0 and "done" in o, e[-2000:]
+    assert [p.returncode for p in fails] == [2, 2], fails_results
+    assert [e.strip() for _, e in fails_results] == [
+        "fastemp: error: rank 1 of 2: data.path /x does not exist; check the path", ""], fails_results
+
+
+def test_ranks_with_different_configs_stop_with_one_line_naming_the_keys(tmp_path):
+    train = [sys.executable, "-m", "fastemp", "train", *TINY, "--out", str(tmp_path / "run"), "--no-progress"]
+    with agent_store() as env:
+        ranks = start_ranks(env, [train + ["train.epochs=1"], train + ["train.epochs=2", "optim.lr=0.5"]])
+        results = [p.communicate(timeout=180) for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2], [e[-2000:] for _, e in results]
+    lines = [line for _, e in results for line in e.strip().splitlines()]
+    assert lines == ["fastemp: error: the ranks started with different configs: rank 1 differs from rank 0 in optim.lr "
+                     "(0.3 vs 0.5), train.epochs (1 vs 2); start every rank with the same --config and overrides"], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_stalled_ranks_are_those_behind_silent_or_never_seen():
+    others = {1: (10, 100.0), 2: (9, 100.0), 3: (10, 80.0), 4: None}
+    assert distributed.stalled_ranks(10, others, now=101.0, timeout_s=5.0) == {
+        2: "it has not joined the collective the others wait in", 3: "no sign of life for 21 s",
+        4: "it never reported"}
+    assert distributed.stalled_ranks(10, {1: (10, 100.0)}, now=101.0, timeout_s=5.0) == {}
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "inf"])
+def test_a_bad_collective_timeout_is_a_one_line_error(monkeypatch, value):
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, value)
+    with pytest.raises(distributed.DistributedError, match=f"{distributed.TIMEOUT_VARIABLE}=.* is not a number of "
+                                                           "seconds > 0; set it to e.g. 300"):
+        distributed.collective_timeout_s()
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "45")
+    assert distributed.collective_timeout_s() == 45.0
+
+
+def test_eval_on_two_ranks_needs_no_divisible_training_batch_and_prints_an_error_once(tmp_path):
+    from fastemp.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.batch_size=9", "train.max_steps=2", "eval.at_end=false", "--no-progress",
+                 "--out", str(run)]) == 0
+    evaluate = [sys.executable, "-m", "fastemp", "eval", str(run), "--no-progress"]
+    with agent_store() as env, agent_store() as env_bad:
+        good = start_ranks(env, [evaluate] * 2)
+        bad = start_ranks(env_bad, [evaluate + ["model.width=8"]] * 2)
+        good_out, bad_out = [p.communicate(timeout=180) for p in good], [p.communicate(timeout=180) for p in bad]
+    assert [p.returncode for p in good] == [0, 0], [e[-2000:] for _, e in good_out]
+    assert json.loads((run / "eval.json").read_text())["step"] == 2
+    assert [p.returncode for p in bad] == [2, 2]
+    lines = [line for _, e in bad_out for line in e.strip().splitlines()]
+    assert len(lines) == 1 and lines[0].startswith("fastemp: error: ") and "model.width=4" in lines[0], lines

@@ -1,9 +1,14 @@
 """Linear probe and weighted kNN against independent computations."""
 
+import re
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fastemp.config import AugmentConfig, EvalConfig
+from fastemp.config import EVAL_PROTOCOLS, AugmentConfig, Config, ConfigError, EvalConfig, apply_overrides, \
+    eval_config, eval_protocol_name
 from fastemp.evaluate import extract_features, knn_top1, linear_probe
 from fastemp.model import EMPEncoder
 
@@ -61,3 +66,121 @@ def test_features_average_patches_in_eval_mode():
     again = extract_features(model, images, cfg, AugmentConfig(), seed=1)
     assert feats.shape == (10, 24) and torch.equal(feats, again)
     assert not torch.allclose(feats, plain)
+
+
+# -- the official protocol ------------------------------------------------------------------------------------
+
+
+def official_style_probe(train_x, train_y, test_x, test_y, classes, epochs, lr, seed):
+    """The official linear() of func.py written out plainly: nn.Linear, torch's SGD and CosineAnnealingLR
+    stepped per epoch, shuffled full batches of 100, test accuracy averaged over test batches of 100."""
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(train_x.shape[1], classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe.reset_parameters()
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    curve = []
+    for _ in range(epochs):
+        order = torch.randperm(train_x.shape[0], generator=gen)
+        for i in range(train_x.shape[0] // 100):  # drop_last
+            idx = order[i * 100:(i + 1) * 100]
+            loss = torch.nn.CrossEntropyLoss()(probe(train_x[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            batches = [(probe(test_x[i:i + 100]).argmax(1) == test_y[i:i + 100]).float().mean().item()
+                       for i in range(0, test_x.shape[0], 100)]
+        curve.append(sum(batches) / len(batches))
+    return curve, probe
+
+
+def test_linear_probe_equals_the_official_probe_on_fixed_features():
+    x, y = blobs(500, classes=5, dim=12, spread=2.5)
+    tx, ty = blobs(300, classes=5, dim=12, spread=2.5, seed=3)
+    cfg = eval_config("official", probe_epochs=6)
+    result = linear_probe(x, y, tx, ty, 5, cfg, seed=7)
+    curve, _ = official_style_probe(x, y, tx, ty, 5, epochs=6, lr=0.03, seed=7)
+    assert result.curve == pytest.approx(curve, abs=1e-6)  # test accuracies: equal (300 test points)
+    assert result.final_top1 == pytest.approx(curve[-1]) and result.best_top1_on_test == pytest.approx(max(curve))
+    assert 0.4 < result.final_top1 < 1.0  # not a trivial task
+
+
+def official_knn_top1(train_x, train_y, test_x, test_y, k=20, T=0.07, max_distance_matrix_size=int(5e6)):
+    """WeightedKNNClassifier.compute of the official func.py (cosine distance), transcribed."""
+    train_x, test_x = F.normalize(train_x), F.normalize(test_x)
+    num_classes = torch.unique(test_y).numel()
+    chunk_size = min(max(1, max_distance_matrix_size // train_y.size(0)), test_y.size(0))
+    k = min(k, train_y.size(0))
+    top1, total = 0.0, 0
+    retrieval_one_hot = torch.zeros(k, num_classes)
+    for idx in range(0, test_y.size(0), chunk_size):
+        features, targets = test_x[idx:idx + chunk_size], test_y[idx:idx + chunk_size]
+        batch_size = targets.size(0)
+        similarities, indices = torch.mm(features, train_x.t()).topk(k, largest=True, sorted=True)
+        retrieved = torch.gather(train_y.view(1, -1).expand(batch_size, -1), 1, indices)
+        retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
+        retrieval_one_hot.scatter_(1, retrieved.view(-1, 1), 1)
+        similarities = similarities.clone().div_(T).exp_()
+        probs = torch.sum(torch.mul(retrieval_one_hot.view(batch_size, -1, num_classes),
+                                    similarities.view(batch_size, -1, 1)), 1)
+        _, predictions = probs.sort(1, True)
+        top1 += predictions.eq(targets.view(-1, 1)).narrow(1, 0, 1).sum().item()
+        total += batch_size
+    return top1 * 100.0 / total
+
+
+def test_knn_equals_the_official_classifier_on_fixed_features():
+    x, y = blobs(600, classes=6, dim=10, spread=3.5)
+    tx, ty = blobs(250, classes=6, dim=10, spread=3.5, seed=4)
+    ours = knn_top1(x, y, tx, ty, 6, k=20, temperature=0.07, chunk=64)
+    official = official_knn_top1(x, y, tx, ty, max_distance_matrix_size=600 * 37)  # chunks of 37 test rows
+    assert ours * 100 == pytest.approx(official, abs=1e-9)
+    assert 30 < official < 100
+
+
+def documented_protocol_values() -> dict[str, dict[str, str]]:
+    """{protocol: {key: value}} from the table of docs/evaluation.md."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    table = {"official": {}, "cheap": {}}
+    for line in doc.splitlines():
+        m = re.match(r"\| `eval\.(\w+)` \| ([^|]+) \| ([^|]+) \|", line)
+        if m:
+            table["official"][m[1]], table["cheap"][m[1]] = m[2].strip(), m[3].strip()
+    return table
+
+
+@pytest.mark.parametrize("name", ["official", "cheap"])
+def test_protocol_presets_resolve_to_the_documented_values(name):
+    documented = documented_protocol_values()[name]
+    assert set(documented) == set(EVAL_PROTOCOLS[name])  # every preset key is documented, and only those
+    for source in (eval_config(name), apply_overrides(Config(), [f"eval.protocol={name}"]).eval):
+        assert source.protocol == name
+        for key, text in documented.items():
+            value = getattr(source, key)
+            assert (value == text) if isinstance(value, str) else value == pytest.approx(float(text), rel=0, abs=0)
+
+
+def test_the_default_is_official_and_a_changed_value_is_relabelled():
+    assert Config().eval.protocol == "official" and eval_protocol_name(Config().eval) == "official"
+    cfg = apply_overrides(Config(), ["eval.protocol=cheap", "eval.patches=32"])
+    assert cfg.eval.protocol == "custom" and cfg.eval.patches == 32 and cfg.eval.probe_epochs == 20
+    cfg = apply_overrides(cfg, ["eval.protocol=official"])
+    assert (cfg.eval.protocol, cfg.eval.patches, cfg.eval.probe_epochs) == ("official", 128, 100)
+    with pytest.raises(ConfigError, match="eval.protocol must be one of official, cheap, custom"):
+        apply_overrides(Config(), ["eval.protocol=offical"])
+    with pytest.raises(ValueError, match="eval_config"):
+        EvalConfig(protocol="cheap")
+
+
+def test_compiled_feature_extraction_equals_eager():
+    torch.manual_seed(0)
+    model = EMPEncoder(width=4, hidden_dim=16, z_dim=8)
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    cfg = EvalConfig(mode="patches", patches=2, batch_size=3)
+    eager = extract_features(model, images, cfg, AugmentConfig(), seed=2)
+    compiled = extract_features(model, images, cfg, AugmentConfig(), seed=2, compile_mode="max-autotune")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -28,12 +28,16 @@ def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(tmp_path):
 
 def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_path):
     out = tmp_path / "results"
-    result = run_suite("throughput20,profile,throughput200,kernels,tta", out, LIMIT_THROUGHPUT20="3")
+    result = run_suite("throughput20,profile,throughput200,kernels,tta,data", out, LIMIT_THROUGHPUT20="3")
     assert result.returncode == 1, result.stdout + result.stderr  # one part timed out
     assert "part throughput20: TIMEOUT" in result.stdout
     parts = {p["part"]: p for p in json.loads((out / "suite.json").read_text())["parts"]}
     assert parts["throughput20"]["status"] == "TIMEOUT" and parts["throughput20"]["limit_seconds"] == 3
-    assert [parts[p]["status"] for p in ("profile", "throughput200", "kernels", "tta")] == ["PASS"] * 4
+    assert [parts[p]["status"] for p in ("profile", "throughput200", "kernels", "tta", "data")] == ["PASS"] * 5
+    # the data part's rows ride inside suite.json (its own file would be a 9th)
+    assert parts["data"]["result_file"] == "suite.json"
+    assert {"pillow", "resident", "step_only"} <= {r["arm"] for r in parts["data"]["result_json"]["rows"]}
+    assert "# Data path" in (out / "suite.md").read_text()
     assert "throughput20" in (out / "suite.md").read_text() and "TIMEOUT" in (out / "suite.md").read_text()
     # at most 8 files, every part's JSON beside the summary, the details packed
     files = sorted(p.name for p in out.iterdir() if p.is_file())
@@ -90,3 +94,39 @@ def test_profile_categories_name_the_kind_of_work():
     assert category("aten::native_batch_norm") == "batchnorm"
     assert category("Memcpy DtoD (Device -> Device)") == "copy"
     assert category("aten::where") == "other"
+
+
+def test_accuracy_part_writes_fastemp_seeds_and_the_peer_status_within_eight_files(tmp_path):
+    out = tmp_path / "results"
+    (out / "details").mkdir(parents=True)
+    for name in ("smoke", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels"):  # earlier parts' results
+        (out / "details" / f"{name}.json").write_text("{}")
+    result = run_suite("accuracy", out, ACCURACY_SEEDS="2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "part accuracy: PASS" in result.stdout and "official peer SKIP: dry run" in result.stdout
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    (row,) = accuracy["rows"]
+    assert row["row"] == "c10_n20_official_1ep@1" and row["status"] == "complete" and row["seeds"] == [0, 1]
+    assert row["epochs_trained"] == 1 and row["schedule_epochs"] == 2 and row["official_linear_top1"] == 0.842
+    assert accuracy["official_peer"]["status"] == "SKIP"
+    assert "official code on the same data" in (out / "suite.md").read_text()
+    # six result files: the first five are published, the sixth travels in details.tar.gz
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert len(files) == 8 and "kernels.json" not in files and "accuracy.json" in files, files
+    with tarfile.open(out / "details.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./kernels.json" in names and "./official_peer.json" in names and "./accuracy.json" not in names
+
+
+def test_tune_parts_write_the_winner_into_the_details_and_suite_md(tmp_path):
+    out = tmp_path / "results"
+    result = run_suite("tune,tune_modes", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    parts = {p["part"]: p["status"] for p in json.loads((out / "suite.json").read_text())["parts"]}
+    assert parts == {"tune": "PASS", "tune_modes": "PASS"}
+    suite_md = (out / "suite.md").read_text()
+    assert suite_md.count("- winner:") == 2 and "cudnn bench" in suite_md
+    with tarfile.open(out / "details.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./tuned_n20.yaml" in names and "./tune_modes_n20.yaml" in names
+    assert len([p for p in out.iterdir() if p.is_file()]) <= 8

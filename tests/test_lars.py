@@ -2,11 +2,14 @@
 
 import math
 
+import pytest
+
 import numpy as np
 import torch
 from torch import nn
 
-from fastemp.lars import LARS, cosine_lr, lars_param_groups
+from fastemp.check.reference import ReferenceLARS
+from fastemp.lars import LARS, cosine_lr, lars_param_groups, segment_views
 
 
 def hand_lars(w, g, lr, wd=1e-4, eta=0.005, eps=1e-8):
@@ -83,3 +86,120 @@ def test_warmup_then_cosine():
     assert cosine_lr(9, 100, 1.0, warmup_steps=10) == 1.0
     assert cosine_lr(10, 100, 1.0, warmup_steps=10) == 1.0
     assert cosine_lr(100, 100, 1.0, warmup_steps=10, min_lr=0.01) == 0.01
+
+
+# ----------------------------------------------------------------- the foreach fast path vs the old rule
+
+
+def lars_net(dtype, channels_last):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 1), nn.Flatten(),
+                        nn.Linear(16, 5), nn.BatchNorm1d(5), nn.Linear(5, 7)).to(dtype)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 4 * 2**-23)])
+@pytest.mark.parametrize("clip, wd, channels_last", [(True, 1e-4, True), (False, 5e-2, False)])
+def test_fast_path_matches_the_per_tensor_rule_over_steps(dtype, rtol, clip, wd, channels_last):
+    ref_net, net = lars_net(dtype, channels_last), lars_net(dtype, channels_last)
+    kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=wd, eta=0.005, clip=clip)
+    ref_opt, opt = ReferenceLARS(lars_param_groups(ref_net), **kw), LARS(lars_param_groups(net), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for step, lr in enumerate([0.3, 0.25, 0.1, 0.05]):
+        for o in (ref_opt, opt):
+            for group in o.param_groups:
+                group["lr"] = lr
+        for k, (p_ref, p) in enumerate(zip(ref_net.parameters(), net.parameters())):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype) * 10.0 ** (k % 3 - 1)
+            if k == 2 and step == 1:
+                g.zero_()  # a zero gradient: left untouched, no decay
+            p_ref.grad = g.clone().to(memory_format=torch.channels_last) if g.ndim == 4 and channels_last else g.clone()
+            p.grad = p_ref.grad.clone(memory_format=torch.preserve_format)
+        ref_opt.step()
+        opt.step()
+        assert bool(opt.gradients_finite())
+        for p_ref, p in zip(ref_net.parameters(), net.parameters()):
+            torch.testing.assert_close(p, p_ref, rtol=rtol, atol=0)
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=0)
+    for p_ref, p in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"],
+                                   rtol=rtol, atol=0)
+
+
+def test_segment_views_have_the_strides_of_each_tensor():
+    conv = torch.empty(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    flat = torch.arange(48 + 6, dtype=torch.float32)
+    views = segment_views(flat, [conv, torch.empty(2, 3)])
+    assert views[0].stride() == conv.stride() and views[1].stride() == (3, 1)
+    assert views[1].flatten().tolist() == list(range(48, 54))
+    rows = torch.arange(2 * 54.0).view(2, 54)
+    assert segment_views(rows[1], [torch.empty(2, 3)])[0].flatten().tolist() == list(range(54, 60))  # row offset
+
+
+@pytest.mark.parametrize("where, bad", [(0, float("nan")), (0, float("inf")), (1, float("nan")), (3, float("-inf"))])
+def test_gradients_finite_covers_lars_weights_and_excluded_parameters(where, bad):
+    # parameters 0 and 2 are conv weights (LARS), 1 and 3 are BatchNorm weight and bias (excluded)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1, bias=False))
+    params = list(net.parameters())
+    assert [p.ndim for p in params] == [4, 1, 1, 4]
+    opt = LARS(lars_param_groups(net))
+    assert opt.gradients_finite() is None
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert bool(opt.gradients_finite())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[where].grad.view(-1)[1] = bad
+    opt.step()
+    assert not bool(opt.gradients_finite())
+
+
+def test_trainer_names_a_non_finite_gradient_of_a_parameter_outside_lars():
+    from fastemp.config import load_config
+    from fastemp.errors import NonFiniteError
+    from fastemp.train import Trainer
+
+    cfg = load_config("quickstart", ["data.synthetic_train=40", "data.synthetic_test=20", "model.width=4",
+                                     "model.hidden_dim=16", "model.z_dim=8", "train.n_patches=2",
+                                     "train.batch_size=10", "eval.at_end=false"])
+    trainer = Trainer(cfg, progress=False)
+
+    class PoisonAfterBackward:  # a step clock: its "backward" mark comes between the backward and LARS
+        def mark(self, phase: str) -> None:
+            if phase == "backward":
+                trainer.model.backbone.bn1.bias.grad[0] = float("nan")  # BatchNorm: no LARS, no decay, still watched
+
+    trainer.train_step(PoisonAfterBackward())
+    with pytest.raises(NonFiniteError, match="the gradients became non-finite at step 1"):
+        trainer.raise_if_nonfinite()
+
+
+def test_fused_compiled_update_matches_the_per_tensor_rule():
+    # the one compiled test here (slow on CPU): float32, a few ulp per step, over three steps
+    ref_net, net = lars_net(torch.float32, True), lars_net(torch.float32, True)
+    kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-2, eta=0.005, clip=True)
+    ref_opt, opt = ReferenceLARS(lars_param_groups(ref_net), **kw), LARS(lars_param_groups(net), fused_update=True, **kw)
+    gen = torch.Generator().manual_seed(2)
+    for step, lr in enumerate([0.3, 0.2, 0.1]):
+        for o in (ref_opt, opt):
+            for group in o.param_groups:
+                group["lr"] = lr
+        for k, (p_ref, p) in enumerate(zip(ref_net.parameters(), net.parameters())):
+            g = torch.randn(p.shape, generator=gen) * 10.0 ** (k % 3 - 1)
+            if k == 2 and step == 1:
+                g.zero_()
+            p_ref.grad = g.clone(memory_format=torch.preserve_format).to(memory_format=torch.channels_last) \
+                if g.ndim == 4 else g.clone()
+            p.grad = p_ref.grad.clone(memory_format=torch.preserve_format)
+        ref_opt.step()
+        opt.step()
+        assert bool(opt.gradients_finite())
+        for p_ref, p in zip(ref_net.parameters(), net.parameters()):
+            torch.testing.assert_close(p, p_ref, rtol=8 * 2**-23, atol=1e-7)
+    for p_ref, p in zip(ref_net.parameters(), net.parameters()):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"],
+                                   rtol=8 * 2**-23, atol=1e-7)
+    net[0].weight.grad = torch.full_like(net[0].weight, float("nan"))
+    opt.step()
+    assert not bool(opt.gradients_finite())

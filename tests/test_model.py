@@ -12,8 +12,10 @@ def test_reference_architecture():
     conv1 = model.backbone.conv1
     assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
-    assert [type(m) for m in model.pre_feature] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
-    assert [type(m) for m in model.projection] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    # BatchNorm: torch's, with ghost groups (fastemp.model.BatchNorm1d; plain unless groups are set)
+    assert all(isinstance(m, t) for m, t in zip(model.pre_feature, [nn.Linear, nn.BatchNorm1d, nn.ReLU], strict=True))
+    assert all(isinstance(m, t) for m, t in zip(model.projection, [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear],
+                                                strict=True))
     assert model.pre_feature[0].in_features == 512 and model.projection[-1].out_features == 1024
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     assert n_backbone == 11_168_832  # torchvision resnet18 (11,689,512) - fc (513,000) - 7x7 stem + 3x3 stem
@@ -51,3 +53,39 @@ def test_flops_match_independent_count():
     assert abs(train / 1e9 - 3.47) < 0.01  # the figure benchmarks use for MFU
     small = ModelConfig(width=16, hidden_dim=256, z_dim=64)
     assert flops_per_patch(small, training=False) == independent_flops(16, 256, 64)
+
+
+def imagenet_stem_flops(width=64, hidden=4096, z=1024, size=224):
+    """The ImageNet stem by hand: 7x7 stride-2 conv (pad 3), 3x3 stride-2 maxpool (pad 1), then the stages."""
+    conv_out = (size + 2 * 3 - 7) // 2 + 1
+    res = (conv_out + 2 * 1 - 3) // 2 + 1
+    macs = 3 * width * 49 * conv_out * conv_out
+    c_in = width
+    for i, c in enumerate([width, 2 * width, 4 * width, 8 * width]):
+        if i > 0:
+            res = (res - 1) // 2 + 1  # 3x3 stride-2 pad-1 conv
+        hw = res * res
+        macs += c_in * c * 9 * hw + c * c * 9 * hw + 2 * c * c * 9 * hw + (c_in * c * hw if c_in != c else 0)
+        c_in = c
+    macs += 8 * width * hidden + hidden * hidden + hidden * z
+    return 2 * macs
+
+
+def test_imagenet_stem_architecture_and_flops_follow_size():
+    cfg = ModelConfig(stem="imagenet")
+    model = build_model(cfg)
+    conv1 = model.backbone.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    pool = model.backbone.maxpool
+    assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    # torchvision resnet18 (11,689,512) minus fc (513,000): the official resnet18-imagenet backbone
+    assert sum(p.numel() for p in model.backbone.parameters()) == 11_176_512
+    for size in (224, 64, 97):
+        assert flops_per_patch(cfg, image_size=size, training=False) == imagenet_stem_flops(size=size)
+    # torchvision's ResNet-18 at 224 is 1.81 GMAC of which fc is 0.5 MMAC: the backbone here must agree
+    backbone_macs = imagenet_stem_flops(size=224) / 2 - (512 * 4096 + 4096 * 4096 + 4096 * 1024)
+    assert abs(backbone_macs / 1e9 - 1.8141) < 0.001
+    assert flops_per_patch(ModelConfig(), image_size=64, training=False) == independent_flops(size=64)
+    x = torch.randn(2, 3, 64, 64)
+    small = EMPEncoder(width=8, hidden_dim=32, z_dim=16, stem="imagenet").eval()
+    assert small(x).shape == (2, 16)

@@ -11,8 +11,11 @@ dtypes, prints one table row per compared quantity and exits 1 if any row fails.
     loss            projection_loss_terms (unfused and fused) vs reference_emp_ssl_loss(F.normalize(p))
     compile         torch.compile(model) vs eager: h, p, parameter gradients, BatchNorm running stats
     augment         DALI vs torch patch backend: per-channel mean / std of the same patches
+    patches         the torch backend's compiled recipe (data.patch_compile) vs eager, same draw
     gradcache       two-pass gradient cache vs one autograd graph with the same chunk-wise BatchNorm
     checkpoint      activation checkpointing vs plain
+    ghostbn         one pass with ghost BatchNorm (train.bn_groups) vs the gradient cache with the same groups
+    lars            LARS's compiled one-pass update vs the plain per-tensor rule + torch SGD (CUDA only)
 
 Not to be confused with start-up validation (fastemp.validate), which checks a config before a run.
 A row passes when its relative-norm error against the float64 reference is within its tolerance; a
@@ -35,10 +38,11 @@ from pathlib import Path
 
 import torch
 
-from .augment import check_augment_stats
+from .augment import check_augment_stats, check_patches_compiled
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
-from .training import check_activation_checkpointing, check_compile, check_gradient_cache
+from .training import (check_activation_checkpointing, check_compile, check_ghost_batchnorm, check_gradient_cache,
+                       check_lars_fused)
 from ..config import ConfigError
 
 # ------------------------------------------------------------------------------ driver
@@ -49,8 +53,11 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "loss": check_projection_loss,
     "compile": check_compile,
     "augment": check_augment_stats,
+    "patches": check_patches_compiled,
     "gradcache": check_gradient_cache,
     "checkpoint": check_activation_checkpointing,
+    "ghostbn": check_ghost_batchnorm,
+    "lars": check_lars_fused,
 }
 
 
@@ -137,6 +144,10 @@ def cmd_check(args) -> int:
         raise ConfigError("--device cuda, but CUDA is not available (use --device cpu)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    if args.json:  # before the checks run, not after
+        from ..validate import check_output_path
+
+        check_output_path(args.json, "--json", is_file=True)
     seed = new_seed() if args.seed is None else args.seed
     env = check_environment(device)
     print(f"fastemp check on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "

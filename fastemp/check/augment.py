@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import AUGMENT_TOL, CheckResult, Context, fmt_shape, skipped
+from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, fmt_shape, skipped
 from ..config import AugmentConfig
 
 def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
@@ -75,4 +75,36 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
     rows.append(CheckResult("augment independent", fmt_shape(shape), "fp32", err, 1.0, diff.max().item(), math.nan,
                             "pass" if math.isfinite(err) and err <= 1.0 else "FAIL",
                             "|diff| / (5 SE + 0.01), other seed; " + _stats_note(dali, indep)))
+    return rows
+
+
+def check_patches_compiled(ctx: Context) -> list[CheckResult]:
+    """The torch backend with its recipe compiled (data.patch_compile) vs eager, same images and seed.
+
+    The random draw is eager in both, so the parameters are identical and the pixels differ only by
+    Inductor's reordered float math. Solarize is a threshold: a pixel within that rounding of it can
+    invert in one and not the other, so solarized patches are compared apart, by the fraction of
+    pixels that differ by more than 1e-4 (tol 1e-3); every other patch by the relative-norm error.
+    """
+    from ..patches.torch_backend import TorchPatches
+
+    if ctx.quick:
+        return [skipped("patches compiled", "--quick skips compilation")]
+    aug = AugmentConfig()
+    batch, n = (100, 20) if ctx.cuda else (8, 4)
+    images = smooth_images(ctx, 4 * batch)
+    index = torch.randperm(4 * batch, generator=ctx.gen)[:batch].to(ctx.device)
+    seed = ctx.seed()
+    eager = TorchPatches(images, aug)
+    compiled = TorchPatches(images, aug, compile_recipe=True)
+    ref, got = eager(index, n, seed), compiled(index, n, seed)
+    solarized = eager.params(index, n, seed).solarize
+    shape = fmt_shape(tuple(ref.shape))
+    rows = [compare("patches compiled", shape, "fp32", got[~solarized], ref[~solarized], FP32_TOL,
+                    note=f"{int((~solarized).sum())} patches without solarize")]
+    flipped = ((got[solarized] - ref[solarized]).abs() > 1e-4).double().mean().nan_to_num(0.0).item()
+    max_abs = (got[solarized] - ref[solarized]).abs().max().item() if bool(solarized.any()) else 0.0
+    rows.append(CheckResult("patches compiled solarized", shape, "fp32", flipped, 1e-3, max_abs, math.nan,
+                            "pass" if flipped <= 1e-3 else "FAIL",
+                            f"fraction of pixels off by > 1e-4 in {int(solarized.sum())} solarized patches"))
     return rows

@@ -1,7 +1,8 @@
 """Float64 reference implementations of the EMP-SSL loss, written as literally as the formulas.
 
 These are slow on purpose: no Sylvester trick, no Cholesky, no fusion. Every fast path in fastemp
-is tested against them (tests/) and checked on the user's card by `fastemp check`.
+is tested against them (tests/) and checked on the user's card by `fastemp check`. ReferenceLARS is
+the optimizer's plain per-tensor rule, the reference of fastemp.lars's fast paths.
 """
 
 from __future__ import annotations
@@ -38,3 +39,40 @@ def reference_emp_ssl_loss(
 ) -> torch.Tensor:
     """invariance_weight * loss_sim + tcr_weight * loss_tcr, with loss_tcr = -mean_i R(Z_i)."""
     return invariance_weight * reference_invariance_loss(z) - tcr_weight * reference_total_coding_rate(z, eps).mean()
+
+
+class ReferenceLARS(torch.optim.SGD):
+    """fastemp.lars.LARS as it was before its fast paths (issue 17), kept as their reference: the per-tensor
+    rule with lists of 0-d factors (one kernel per tensor on CUDA), then torch's SGD step. Any dtype."""
+
+    def __init__(self, params, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True,
+                 eps=1e-8):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+        for group in self.param_groups:
+            group.setdefault("lars", True)
+            group.setdefault("lars_weight_decay", weight_decay)
+        self.eta, self.clip, self.eps = eta, clip, eps
+
+    @torch.no_grad()
+    def adapt_gradients(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p.ndim > 1] if group["lars"] else []
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd = group["lars_weight_decay"]
+            p_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
+            if self.clip:
+                trust = torch.clamp(trust / group["lr"], max=1.0)
+            active = (p_norm != 0) & (g_norm != 0)
+            scale = torch.where(active, trust, torch.ones_like(trust))
+            decay = torch.where(active, scale * wd, torch.zeros_like(trust))
+            torch._foreach_mul_(grads, list(scale.unbind()))
+            torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.adapt_gradients()
+        return super().step(closure)

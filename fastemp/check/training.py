@@ -192,3 +192,57 @@ def check_activation_checkpointing(ctx: Context) -> list[CheckResult]:
     shape = tuple(x.shape)
     return [compare("checkpoint grads", shape, "fp32", _grads(ckpt), _grads(plain), SOLVE_TOL),
             compare("checkpoint BN stats", shape, "fp32", _stats(ckpt), _stats(plain), FP32_TOL)]
+
+
+def check_ghost_batchnorm(ctx: Context) -> list[CheckResult]:
+    """One pass with ghost BatchNorm (train.bn_groups) vs the two-pass gradient cache with the same groups
+    (fp32, small model): the n=200 one-pass path against the one it replaces."""
+    n, batch, x, seed = _small_case(ctx)
+    groups = 2
+    ref, got = _small_model(ctx, seed), _small_model(ctx, seed)
+    ref_terms = gradcache.gradient_cache_step(ref, x, n, groups, _emp_loss, nullcontext())
+    model_lib.set_batchnorm_groups(got, groups)
+    terms = _emp_loss(got(x).view(n, batch, -1))
+    terms.total.backward()
+    shape, note = tuple(x.shape), f"{groups} groups"
+    return [compare("ghost BN loss", shape, "fp32", terms.total, ref_terms.total, FP32_TOL, note=note),
+            compare("ghost BN grads", shape, "fp32", _grads(got), _grads(ref), SOLVE_TOL, note=note),
+            compare("ghost BN stats", shape, "fp32", _stats(got), _stats(ref), FP32_TOL, note=note)]
+
+
+def check_lars_fused(ctx: Context) -> list[CheckResult]:
+    """LARS's compiled one-pass update (the Trainer's whenever the model is compiled) vs the plain per-tensor
+    rule + torch SGD (check.reference.ReferenceLARS): the standard model's parameters, random gradients,
+    3 steps (fp32).
+    CUDA only: compiling it on a CPU takes a minute (tests/test_lars.py runs it there)."""
+    from ..config import ModelConfig, OptimConfig
+    from ..lars import build_lars, lars_param_groups
+
+    if not ctx.cuda:
+        return [skipped("lars fused", "compiled LARS is checked on CUDA; tests/test_lars.py covers the CPU")]
+    if ctx.quick:
+        return [skipped("lars fused", "--quick skips compilation")]
+    seed = ctx.seed()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        models.append(model_lib.build_model(ModelConfig()).to(ctx.device).to(memory_format=torch.channels_last))
+    o = OptimConfig()
+    eager = reference.ReferenceLARS(lars_param_groups(models[0]), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                    weight_decay=o.weight_decay, eta=o.lars_eta, clip=o.lars_clip)
+    fused = build_lars(models[1], o, fused_update=True)
+    for lr in (0.3, 0.2, 0.1):
+        for opt in (eager, fused):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            a.grad = torch.empty_like(a).copy_(ctx.randn(*a.shape) * 1e-2)  # the parameter's layout
+            b.grad = a.grad.clone(memory_format=torch.preserve_format)
+        eager.step()
+        fused.step()
+    flat = [torch.cat([q.detach().flatten() for q in m.parameters()]) for m in models]
+    bufs = [torch.cat([o.state[q]["momentum_buffer"].flatten() for q in m.parameters()])
+            for o, m in ((eager, models[0]), (fused, models[1]))]
+    shape = f"{flat[0].numel()} params"
+    return [compare("lars fused params", shape, "fp32", flat[1], flat[0], FP32_TOL, note="3 steps"),
+            compare("lars fused momentum", shape, "fp32", bufs[1], bufs[0], FP32_TOL, note="3 steps")]

@@ -12,7 +12,8 @@ cifar10, cifar100
     fastemp/data/cifar.py.
 
 imagefolder
-    fastemp/data/imagefolder.py.
+    fastemp/data/imagefolder.py; with data.streamed=true, fastemp/data/streamed.py (a StreamedSet:
+    paths and labels, the files read every epoch by a streamed patch backend).
 
 Every user-facing failure raises DataError with a one-line message saying what to do.
 """
@@ -28,8 +29,9 @@ from .cifar import CIFAR_ARCHIVES, load_cifar
 from ..config import DataConfig, choices
 from ..errors import DataError
 from .imagefolder import SPLITS, load_imagefolder
+from .streamed import StreamedSet, load_streamed
 
-__all__ = ["SOURCES", "SPLITS", "DataError", "ImageSet", "load_split", "synthetic_seed"]
+__all__ = ["SOURCES", "SPLITS", "DataError", "ImageSet", "StreamedSet", "load_split", "synthetic_seed"]
 
 SOURCES = choices(DataConfig, "source")
 
@@ -45,8 +47,9 @@ class ImageSet:
         return int(self.labels.shape[0])
 
 
-def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") -> ImageSet:
-    """Load one split ("train" or "test") of the dataset that `cfg` describes onto `device`."""
+def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") -> ImageSet | StreamedSet:
+    """Load one split ("train" or "test") of the dataset that `cfg` describes onto `device`
+    (a StreamedSet of file paths when cfg.streamed)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' ; choose train or test")
     source = cfg.source
@@ -55,6 +58,13 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise DataError(f"unknown data.source '{source}'{hint} ; choose {', '.join(SOURCES)}")
     device = torch.device(device)
+    if cfg.streamed:
+        if source != "imagefolder":
+            raise DataError(f"data.streamed=true reads image files, but data.source={source}; "
+                            "use data.source=imagefolder or data.streamed=false")
+        streamed = load_streamed(cfg, split, device)
+        streamed.description = f"{streamed.description}, {split}, {len(streamed)} images, {len(streamed.classes)} classes"
+        return streamed
     if source == "synthetic":
         images, labels, classes, desc = _load_synthetic(cfg, split)
     elif source in CIFAR_ARCHIVES:

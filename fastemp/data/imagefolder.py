@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import warnings
 from pathlib import Path
@@ -42,7 +43,10 @@ from ..progress import bar
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
 DECODE_BATCH = 512  # encoded files per DALI pipeline run
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: a cached split passed the class checks
+# Pillow's default decompression-bomb limit (about 9459 x 9459): a 3 MB PNG can declare 30000 x 30000
+# pixels (2.7 GB as RGB); such a file is refused from its header, before any decoder allocates.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 
@@ -236,12 +240,50 @@ def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
+def _check_pixels(blobs: list[np.ndarray], names: list[str]) -> None:
+    """Refuse, from its header alone, an image that decodes to more than MAX_IMAGE_PIXELS (Pillow
+    reads only the header here; a file whose header it cannot read is left to the decoder)."""
+    if not _pil_importable():
+        return
+    from PIL import Image
+
+    for blob, name in zip(blobs, names):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below, as an error
+                with Image.open(io.BytesIO(blob)) as im:
+                    pixels = im.size[0] * im.size[1]
+        except Image.DecompressionBombError as err:  # Pillow's own check, at twice its limit, names the count
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            pixels = int(found.group(1)) if found else 2 * MAX_IMAGE_PIXELS + 1
+        except Exception:
+            continue
+        if pixels > MAX_IMAGE_PIXELS:
+            raise DataError(f"{name} decodes to {pixels:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} pixels for one "
+                            "image (a decompression bomb?); shrink or remove that file")
+
+
+def _check_classes(listing: dict[str, list], where: str) -> None:
+    """A probe needs two classes to tell apart, and can only score test classes it was trained on."""
+    train = {item[0] for item in listing["train"]}
+    test = {item[0] for item in listing["test"]}
+    if listing["train"] and len(train) < 2:
+        raise DataError(f"{where}: train/ has {len(train)} class ({', '.join(sorted(train))}); a linear probe needs "
+                        "at least 2 classes: add train/<class>/ folders")
+    missing = sorted(test - train) if listing["train"] else []
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{where}: test/ has classes with no training images: {', '.join(missing[:3])}{more}; "
+                        "add train/<class>/ images for them or remove them from test/")
+
+
 def _decode(items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str,
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
     blobs = [np.frombuffer(b, dtype=np.uint8) for _, _, b in items]
     names = [n for _, n, _ in items]
+    _check_pixels(blobs, names)
     if decoder == "pil":
         decoded = _decode_pil(blobs, names)
     else:
@@ -284,9 +326,9 @@ def _cache_load(paths: tuple[Path, Path, Path], size: int):
 
 def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
     img_path, lab_path, meta_path = paths
+    tag = f".tmp-{os.getpid()}"
     try:
         img_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
         for path, arr in ((img_path, images), (lab_path, labels)):
             with open(path.with_name(path.name + tag), "wb") as f:
                 np.save(f, arr)
@@ -296,7 +338,14 @@ def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.n
         os.replace(img_path.with_name(img_path.name + tag), img_path)
         os.replace(lab_path.with_name(lab_path.name + tag), lab_path)
         os.replace(meta_tmp, meta_path)
-    except OSError as e:
+    except BaseException as e:  # a partial temp file (a full disk, Ctrl-C) would stay behind
+        for path in paths:
+            try:
+                path.with_name(path.name + tag).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if not isinstance(e, OSError):
+            raise
         warnings.warn(f"could not write the dataset cache under {img_path.parent} ({_one_line(e)})", stacklevel=3)
 
 
@@ -323,6 +372,7 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
         items = listing[split]
         if not items:
             raise DataError(f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)")
+        _check_classes(listing, str(base))
         classes = _classes_of(listing)
         fingerprint = [[rel, sz, mt] for _, rel, sz, mt in items]
         paths = _cache_paths(cfg, source, split, fingerprint, decoder)
@@ -348,6 +398,7 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
     listing = _read_archive(source)
     if not listing[split]:
         raise DataError(f"no images under {split}/<class>/ in {source}; add them (expected train/<class>/* and test/<class>/*)")
+    _check_classes(listing, str(source))
     classes = _classes_of(listing)
     result = None
     for s in SPLITS:  # one pass read both splits: decode and cache both

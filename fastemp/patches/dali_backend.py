@@ -48,9 +48,17 @@ _N_COLUMNS = 9
 _IDLE_SIGMA = 0.1  # a patch that is not blurred gets this sigma: a 3-tap window, cheap (its result is unused)
 
 
-def _gray(x):
-    """torchvision's grayscale weights as a DALI expression: (H, W, 1)."""
-    return GRAY_WEIGHTS[0] * x[:, :, 0:1] + GRAY_WEIGHTS[1] * x[:, :, 1:2] + GRAY_WEIGHTS[2] * x[:, :, 2:3]
+def _rgb(x, frames: bool = False):
+    """The R, G, B channels of an HWC (or, with frames, FHWC) DALI node, each keeping a channel axis of 1."""
+    if frames:
+        return x[:, :, :, 0:1], x[:, :, :, 1:2], x[:, :, :, 2:3]
+    return x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
+
+
+def _gray(x, frames: bool = False):
+    """torchvision's grayscale weights as a DALI expression: (H, W, 1), or (F, H, W, 1) with frames."""
+    r, g, b = _rgb(x, frames)
+    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
 
 
 def _uses_params(aug: AugmentConfig) -> bool:
@@ -63,17 +71,18 @@ def _gate(g, new, old):
     return g * new + (1.0 - g) * old
 
 
-def _hue_hsv(x, shift):
+def _hue_hsv(x, shift, frames: bool = False):
     """torchvision's adjust_hue as DALI arithmetic: RGB -> HSV (_rgb2hsv), h = (h + shift) mod 1, -> RGB.
 
-    x: (H, W, 3) float in [0, 1]; shift: per-sample scalar, in turns. HSV -> RGB uses the closed
+    x: (H, W, 3) float in [0, 1] (or (F, H, W, 3) with frames); shift: per-sample scalar (per-frame
+    (F, 1, 1, 1) with frames), in turns. HSV -> RGB uses the closed
     form channel = v * (1 - s * clamp(min(k, 4 - k), 0, 1)), k = (n + 6h) mod 6, n = 5, 3, 1 for
     R, G, B, which equals torchvision's sector table (v, q, p, p, t, v ...) up to float rounding.
     """
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
 
-    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
+    r, g, b = _rgb(x, frames)
     maxc = dmath.max(dmath.max(r, g), b)
     minc = dmath.min(dmath.min(r, g), b)
     eqc = maxc == minc

@@ -63,14 +63,16 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
     even, like Python's round), then a uniform integer offset. torchvision retries up to 10 times
     when the window does not fit and then falls back to a centre crop; here w and h are clamped to
     the image instead (identical whenever the window always fits, e.g. the default fixed 0.25
-    scale and ratio 1 on a square image). Returns (P, 4) int64: top, left, h, w.
+    scale and ratio 1 on a square image). height, width: ints, or (P,) tensors of each patch's
+    image size. Returns (P, 4) int64: top, left, h, w.
     """
     u = u.double()
     s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     area = height * width * s
-    w = torch.round(torch.sqrt(area * torch.exp(log_r))).clamp(1, width)
-    h = torch.round(torch.sqrt(area / torch.exp(log_r))).clamp(1, height)
+    # clamp_min then minimum: height and width may be per-patch tensors (streamed images differ in size)
+    w = torch.minimum(torch.round(torch.sqrt(area * torch.exp(log_r))).clamp_min(1), torch.as_tensor(width).double())
+    h = torch.minimum(torch.round(torch.sqrt(area / torch.exp(log_r))).clamp_min(1), torch.as_tensor(height).double())
     top = torch.minimum(torch.floor(u[:, 2] * (height - h + 1)), height - h)
     left = torch.minimum(torch.floor(u[:, 3] * (width - w + 1)), width - w)
     return torch.stack([top, left, h, w], dim=1).long()
@@ -98,9 +100,16 @@ def sharded_params(index: torch.Tensor, n: int, shard: slice, height: int, width
     position, patch index) and never on how the batch is split over ranks. Drawing n*B x 18
     floats on every rank costs nothing next to the patches themselves.
     """
-    u = torch.rand(n * index.shape[0], _N_UNIFORMS, generator=generator, device=generator.device)
-    u = u.view(n, index.shape[0], _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
+    u = sharded_uniforms(index.shape[0], n, shard, generator)
     return params_from_uniforms(u, index[shard].repeat(n), height, width, aug)
+
+
+def sharded_uniforms(batch: int, n: int, shard: slice, generator: torch.Generator) -> torch.Tensor:
+    """The rows of 18 uniforms of the shard's patches (patch-major, (n*b, 18)) out of the global
+    batch's n*batch rows: the draw of `sharded_params`, before any image size is known (streamed
+    backends turn a row into a crop once they have read the image's size)."""
+    u = torch.rand(n * batch, _N_UNIFORMS, generator=generator, device=generator.device)
+    return u.view(n, batch, _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
 
 
 def params_from_uniforms(u: torch.Tensor, image: torch.Tensor, height: int, width: int,

@@ -22,6 +22,7 @@ crop size instead of torchvision's rejection loop when crop_scale / crop_ratio a
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -252,18 +253,38 @@ def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> to
     return normalize(x, aug.mean, aug.std).contiguous(memory_format=torch.channels_last)
 
 
+def resolve_patch_compile(setting: str, device: torch.device, model_compile: str) -> bool:
+    """data.patch_compile: auto compiles the recipe on CUDA whenever the model is compiled too."""
+    if setting == "auto":
+        return device.type == "cuda" and model_compile != "none"
+    return setting == "on"
+
+
+def _cache_key(index: torch.Tensor, n: int, seed: int, shard: slice) -> tuple:
+    """What makes two calls the same: the index tensor's memory and contents version (the backend
+    holds the tensor meanwhile, so its memory cannot be reused), n, seed and the shard."""
+    return (index.device, index.dtype, index.data_ptr(), tuple(index.shape), index.stride(), index._version,
+            n, seed, shard.start, shard.stop, shard.step)
+
+
 class TorchPatches:
     """The batched torch backend: (index, n, seed) -> (n*B, 3, S, S), bit-exact for a given seed.
 
     images: (N, H, W, 3) uint8 on the device (CPU or CUDA); everything runs there, asynchronously.
+    compile_recipe: run `augment` through torch.compile (one graph; Inductor fuses the recipe's
+    full-tensor passes). The random draw stays eager, so the parameters are the same either way;
+    the pixels agree with the eager recipe to float rounding (`fastemp check`, row "patches compiled").
     """
 
     name = "torch"
 
-    def __init__(self, images: torch.Tensor, aug: AugmentConfig):
+    def __init__(self, images: torch.Tensor, aug: AugmentConfig, compile_recipe: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
         self.images, self.aug = images, aug
+        self.recipe = torch.compile(augment, dynamic=False) if compile_recipe else augment
+        self._ahead = None  # (key, index, patches, event) of the last prefetch
+        self._stream = None
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a call with these arguments uses (patch-major: row i*b + j for image index[shard][j])."""
@@ -272,9 +293,45 @@ class TorchPatches:
         return sharded_params(index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2],
                               self.aug, generator)
 
-    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False):
-            return augment(self.images, self.params(index, n, seed, shard), self.aug)
+    def make(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
+        """The patches of these arguments, computed now on the current stream."""
+        with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False), warnings.catch_warnings():
+            # dynamo traces through device_constant's lru_cache (a pure constant) and warns that it did
+            warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
+            return self.recipe(self.images, self.params(index, n, seed, shard), self.aug)
 
     def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
-        """Nothing started ahead: the patches are made on call (see PatchBackend.prefetch)."""
+        """Start making the patches of a later call with the same arguments (the Trainer's next step).
+
+        On CUDA they are made on a side stream, after the work already queued on the current stream
+        (which produced `index`), so they overlap the step that runs meanwhile; the call that takes
+        them makes its stream wait for them. On the CPU, and for the first prefetch on CUDA, they are
+        made now. Only the last prefetch is kept; a call with other arguments computes afresh and drops it."""
+        device = self.images.device
+        if device.type != "cuda" or self._stream is None:
+            # the first CUDA prefetch runs here too: it creates the recipe's cached device constants on this
+            # stream, so that no later kernel on it can read one before its host copy has landed
+            self._ahead = (_cache_key(index, n, seed, shard), index, self.make(index, n, seed, shard), None)
+            if device.type == "cuda":
+                self._stream = torch.cuda.Stream(device)
+            return
+        side = self._stream
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            patches = self.make(index, n, seed, shard)
+            event = torch.cuda.Event()
+            event.record(side)
+        if index.device.type == "cuda":
+            index.record_stream(side)  # read on the side stream: not to be reused before it is done
+        self._ahead = (_cache_key(index, n, seed, shard), index, patches, event)
+
+    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != _cache_key(index, n, seed, shard):
+            return self.make(index, n, seed, shard)
+        _, _, patches, event = ahead
+        if event is not None:
+            stream = torch.cuda.current_stream(self.images.device)
+            stream.wait_event(event)
+            patches.record_stream(stream)  # made on the side stream, used and freed on this one
+        return patches

@@ -39,7 +39,8 @@ def test_full_cpu_check_passes_and_writes_json(tmp_path, capsys):
     expected = {"cos_to_mean loss", "cos_to_mean cos", "cos_to_mean grad", "tcr value", "tcr grad",
                 "loss unfused total", "loss unfused grad", "loss fused total", "loss fused grad",
                 "compile h", "compile p", "compile grads", "compile BN stats",
-                "gradcache loss", "gradcache grads", "gradcache BN stats", "checkpoint grads", "checkpoint BN stats"}
+                "gradcache loss", "gradcache grads", "gradcache BN stats", "checkpoint grads", "checkpoint BN stats",
+                "patches compiled", "patches compiled solarized", "ghost BN loss", "ghost BN grads", "ghost BN stats"}
     if dali_available():
         expected |= {"augment paired", "augment independent"}
     assert expected <= ops, expected - ops

@@ -359,7 +359,7 @@ def test_imagefolder_jpeg(tmp_path):
     smooth = np.stack([xx * 8, yy * 8, np.full_like(xx, 128)], -1).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(smooth).save(buf, format="JPEG", quality=95)
-    files = {"train/only/a.jpg": buf.getvalue(), "test/only/b.jpeg": buf.getvalue()}
+    files = {"train/only/a.jpg": buf.getvalue(), "train/other/c.jpg": buf.getvalue(), "test/only/b.jpeg": buf.getvalue()}
     src = write_tar(tmp_path / "jpeg.tar", files)
     s = load_split(folder_cfg(src, tmp_path), "train")
     err = (s.images[0].int() - torch.from_numpy(smooth).int()).abs().float()
@@ -452,9 +452,45 @@ def test_imagefolder_errors(tmp_path):
     tar = write_tar(tmp_path / "t.tar", only_train)
     with pytest.raises(DataError, match="no images"):
         load_split(folder_cfg(tar, tmp_path), "test")
-    bad = write_dir(tmp_path / "bad", {"train/a/x.png": b"\x89PNG garbage", "test/a/y.png": b"junk"})
+    bad = write_dir(tmp_path / "bad", {"train/a/x.png": b"\x89PNG garbage", "train/b/x.png": b"junk",
+                                       "test/a/y.png": b"junk"})
     with pytest.raises(DataError, match="cannot decode"):
         load_split(folder_cfg(bad, tmp_path), "train")
+
+
+@pytest.mark.parametrize("pillow_only", [False, True])
+def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch, pillow_only,
+                                                                                huge_png):
+    import time
+    import tracemalloc
+
+    if pillow_only:
+        monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
+    files = {k: v for k, v in tree_files().items()}
+    files["train/bee/bomb.png"] = huge_png
+    assert len(files["train/bee/bomb.png"]) < 1 << 20
+    src = write_dir(tmp_path / "tree", files)
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="train/bee/bomb.png decodes to 900,000,000 pixels, over the limit of "
+                                        "89,478,485 pixels") as err:
+        load_split(folder_cfg(src, tmp_path), "train")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "\n" not in str(err.value) and time.perf_counter() - start < 30 and peak < 200 << 20, peak
+
+
+def test_one_class_or_a_test_class_without_training_images_is_an_error(tmp_path):
+    one = {k: v for k, v in tree_files().items() if k.startswith(("train/cat/", "test/cat/"))}
+    for where in (write_dir(tmp_path / "one", one), write_tar(tmp_path / "one.tar", one)):
+        with pytest.raises(DataError, match=r"train/ has 1 class \(cat\); a linear probe needs at least 2 classes"):
+            load_split(folder_cfg(where, tmp_path), "train")
+    extra = {**tree_files(), "test/dog/000.png": png_bytes(tagged_image(0, 0, "test")),
+             "test/eel/000.png": png_bytes(tagged_image(0, 0, "test"))}
+    for where in (write_dir(tmp_path / "extra", extra), write_tar(tmp_path / "extra.tar.gz", extra)):
+        for split in ("train", "test"):
+            with pytest.raises(DataError, match="test/ has classes with no training images: dog, eel; add train"):
+                load_split(folder_cfg(where, tmp_path), split)
 
 
 def test_unknown_source_and_split():

@@ -327,3 +327,35 @@ def test_determinism():
     assert not torch.equal(a, backend(index, 6, seed=124))
     # patches of one call draw independently: two copies of the same image differ
     assert not torch.equal(a[1], a[2])
+
+
+def test_prefetch_then_call_is_bit_identical_and_other_arguments_recompute():
+    aug = AugmentConfig()
+    images = random_images(12, 32, seed=3)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    plain, ahead = pt.TorchPatches(images, aug), pt.TorchPatches(images, aug)
+
+    ahead.prefetch(perm[4:8], 3, seed=11)
+    made = ahead._ahead[2]
+    got = ahead(perm[4:8], 3, seed=11)  # a new view of the same slice: the prefetched tensor
+    assert got is made and torch.equal(got, plain(perm[4:8], 3, seed=11))
+    assert ahead._ahead is None  # taken once
+
+    for args in [(perm[4:8], 3, 12), (perm[4:8], 2, 11), (perm[0:4], 3, 11)]:  # seed, n, other images
+        ahead.prefetch(perm[4:8], 3, seed=11)
+        out = ahead(*args)
+        assert out is not made and torch.equal(out, plain(*args))
+    ahead.prefetch(perm[4:8], 3, seed=11, shard=slice(0, 2))
+    assert torch.equal(ahead(perm[4:8], 3, seed=11), plain(perm[4:8], 3, seed=11))  # other shard
+
+    index = perm[4:8].clone()
+    ahead.prefetch(index, 3, seed=11)
+    index[0] = perm[0]  # changed in place after the prefetch: recomputed
+    assert torch.equal(ahead(index, 3, seed=11), plain(index, 3, seed=11))
+
+
+def test_patch_compile_resolves_on_cuda_with_a_compiled_model_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pt.resolve_patch_compile("auto", cuda, "default") and not pt.resolve_patch_compile("auto", cuda, "none")
+    assert not pt.resolve_patch_compile("auto", cpu, "default") and pt.resolve_patch_compile("on", cpu, "none")
+    assert not pt.resolve_patch_compile("off", cuda, "default")

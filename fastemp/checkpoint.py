@@ -1,0 +1,334 @@
+"""Checkpoints: what one holds, how it is written and read, and whether it fits a config.
+
+A checkpoint is a torch zip file (RUN/checkpoint.pt) of plain data: tensors, numbers, strings,
+lists and dicts. It is read with `torch.load(weights_only=True)`, which refuses any other pickled
+object, so a crafted file cannot run code. It carries `sha256`, a digest of everything else in
+it (`digest`), checked on every read: a flipped bit in a weight is an error naming the file, not
+a silently wrong model that a resumed run would save again with a fresh zip CRC. The digest lives
+inside the file, so payload and checksum are replaced by one rename and can never disagree.
+
+It also records how the run was laid out (`layout`): world size, per-rank batch, gradient
+chunks and the images one BatchNorm call normalises over; a resume under another world size is
+allowed only when those BatchNorm groups stay the same (`check_layout`).
+
+Before weights are loaded the checkpoint is compared with the config (`check_resume`,
+`check_architecture`) and with the model's tensors (`check_tensors`), so a mismatch is one line,
+not a 100-line size-mismatch dump.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, to_dict
+from .errors import UserError, one_line
+
+FORMAT = 2  # 2: weights_only plain data, with `sha256` and `layout`
+REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout", "sha256")
+
+# Keys a resumed run may change without mixing two runs (docs/reliability.md): where data and
+# outputs live, where it runs, how often it logs and checkpoints, the speed-only compile settings (they
+# change float rounding at most), and all of evaluation. Anything
+# else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
+# run that never happened.
+RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "data.workers", "train.device", "train.log_every",
+                    "train.ckpt_every", "model.compile", "model.cudnn_benchmark", "data.patch_compile", "eval.*")
+ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, empty, corrupt, unsafe, non-finite or for another config."""
+
+
+# -------------------------------------------------------------------------------- integrity
+
+
+def _feed(h, obj) -> None:
+    """Hash obj in a canonical form: the same content gives the same bytes, whatever the dict order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _feed(h, item)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"a checkpoint holds only plain data, not {type(obj).__name__}")
+
+
+def digest(state: dict) -> str:
+    """sha256 of every entry of state but `sha256` itself."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------- layout
+
+
+def layout(cfg: Config, world: int) -> dict:
+    """How a run's batch is split: what decides which images one BatchNorm call sees.
+
+    With model.sync_bn (or one process) BatchNorm normalises over all B images of a gradient
+    chunk's patch groups, whatever the world size; without it over each rank's B/K images."""
+    per_rank = cfg.train.batch_size // world
+    return {"world_size": world, "sync_bn": bool(cfg.model.sync_bn), "grad_chunks": cfg.train.grad_chunks,
+            "images_per_rank": per_rank,
+            "bn_images": cfg.train.batch_size if cfg.model.sync_bn or world == 1 else per_rank}
+
+
+def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None:
+    """None when the checkpoint's world size is this one; a note when another world size resumes
+    the same recipe; CheckpointError when it would change BatchNorm's groups mid-run."""
+    then, now = state["layout"], layout(cfg, world)
+    if then["world_size"] == world:
+        return None
+    k, k_now = then["world_size"], world
+    if then["bn_images"] != now["bn_images"]:
+        how = (f"torchrun --nproc-per-node={k} -m fastemp resume {path.parent}" if k > 1 else
+               f"fastemp resume {path.parent}")
+        raise CheckpointError(
+            f"{path} was written by {k} process(es) with model.sync_bn={str(then['sync_bn']).lower()}: BatchNorm "
+            f"normalised over {then['bn_images']} images per call, on {k_now} it would be {now['bn_images']}, a "
+            f"different recipe mid-run; resume it with {k} process(es) ({how})")
+    return (f"resuming {path} (written by {k} process(es)) on {k_now}: BatchNorm still normalises over "
+            f"{now['bn_images']} images per call and every rank draws its rows of the same global batch, so the "
+            "recipe is unchanged (float sums may differ in the last bits)")
+
+
+# -------------------------------------------------------------------------------- writing
+
+
+def _disk_full(err: BaseException, where: Path) -> bool:
+    # torch's zip writer reports ENOSPC as "unexpected pos" / "failed writing", not as an errno
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
+        return True
+    try:
+        return shutil.disk_usage(where).free < (64 << 20)
+    except OSError:
+        return False
+
+
+def save(state: dict, path: Path) -> None:
+    """Write state (plus its format and digest) via a temp file, fsync and a rename, so `path` is
+    always the old or the new checkpoint; on failure the temp file is removed (it would otherwise
+    keep filling a full disk)."""
+    path = Path(path)
+    state = {**state, "format": FORMAT}
+    state["sha256"] = digest(state)
+    tmp = path.with_name(path.name + ".tmp")
+    had = path.is_file()
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:  # Ctrl-C too: the temp file never outlives the write
+        tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
+        kept, then = ((f"the previous {path.name} is intact", f"run fastemp resume {path.parent}") if had else
+                      ("no checkpoint of this run exists yet", "start the run again"))
+        if _disk_full(err, path.parent):
+            raise UserError(f"disk full: could not write {path} ({kept}); free space on the disk holding "
+                            f"{path.parent.resolve()}, then {then}") from err
+        raise UserError(f"could not write {path}: {one_line(err)[:160]} ({kept}); make {path.parent} writable, "
+                        f"then {then}") from err
+    try:  # the rename is durable only once the folder's entry is on disk
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+# -------------------------------------------------------------------------------- reading
+
+
+def _redo(path: Path) -> str:
+    run = path.parent
+    return f"start the run again with fastemp train --config {run / 'config.yaml'} --out {run} --force"
+
+
+def read(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A verified checkpoint's state, or CheckpointError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the run stopped before its first checkpoint (or never started), "
+                              f"so there is nothing to resume or evaluate; {_redo(path)}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); {_redo(path)}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it was run
+        found = re.search(r"WeightsUnpickler error: ([^.]*)", str(err))  # e.g. "Unsupported global: GLOBAL exec ..."
+        what = found.group(1).strip()[:120] if found else "an object weights_only refuses"
+        raise CheckpointError(f"{path} holds Python objects that are not plain data ({what}) and was not loaded: "
+                              f"fastemp never writes those and loading one could run code; {_redo(path)}") from None
+    except Exception as err:  # truncated zip, not a checkpoint
+        raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {_redo(path)}") from None
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        why = ("it has no checksum: written by a fastemp before checksums, or not by fastemp"
+               if isinstance(state, dict) and "model" in state else "not a fastemp checkpoint")
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} ({why}); {_redo(path)}")
+    try:
+        ok = digest(state) == state["sha256"]
+    except TypeError:
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path} is corrupt: its sha256 does not match its contents (a changed byte on disk "
+                              f"or in transit); use a good copy of the file, or {_redo(path)}")
+    bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
+    if bad or not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"{path} has a malformed {'model entry ' + bad[0] if bad else 'step'}; {_redo(path)}")
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more); {_redo(path)}")
+    return state
+
+
+def check_tensors(expected: dict, state: dict, path: Path) -> None:
+    """The checkpoint's model tensors are exactly the model's: same names, shapes and dtypes."""
+    got = state["model"]
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    shaped = [k for k in expected
+              if k in got and (got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype)]
+    if missing or extra or shaped:
+        if shaped:
+            k = shaped[0]
+            what = (f"{k} is {tuple(got[k].shape)} {got[k].dtype}, "
+                    f"the model's is {tuple(expected[k].shape)} {expected[k].dtype}")
+        else:
+            k = (missing or extra)[0]
+            what = f"{k} is {'missing' if missing else 'not a tensor of this model'}"
+        count = len(missing) + len(extra) + len(shaped)
+        raise CheckpointError(f"{path} does not fit the model: {what} ({count} tensor(s) differ); {_redo(path)}")
+
+
+def check_optimizer(params: list[torch.Tensor], state: dict, path: Path) -> None:
+    """Optimizer state for exactly these parameters (in the optimizer's group order), each buffer
+    shaped like its parameter."""
+    opt = state["optimizer"]
+    try:
+        indices = [i for g in opt["param_groups"] for i in g["params"]]
+        per_param = opt["state"]
+    except (TypeError, KeyError):
+        raise CheckpointError(f"{path} has a malformed optimizer state; {_redo(path)}") from None
+    if len(indices) != len(params):
+        raise CheckpointError(f"{path} holds optimizer state for {len(indices)} parameters, the model has "
+                              f"{len(params)}; {_redo(path)}")
+    for index, param in zip(indices, params):
+        for name, value in per_param.get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise CheckpointError(f"{path} has optimizer {name} of shape {tuple(value.shape)} for a parameter of "
+                                      f"shape {tuple(param.shape)}; {_redo(path)}")
+
+
+# -------------------------------------------------------------------------------- config comparison
+
+
+def _flat(cfg_dict: dict) -> dict:
+    out = {}
+    for key, value in cfg_dict.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def _differences(cfg: Config, state: dict, keys=None) -> list[str]:
+    now, then = _flat(to_dict(cfg)), _flat(state["config"])
+    keys = keys or [k for k in now if k in then]
+    return [k for k in keys if k in then and not _same(now[k], then[k])]
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in RESUME_SAFE_KEYS)
+
+
+def check_resume(cfg: Config, state: dict, path: Path) -> None:
+    """Refuse to resume when config.yaml changed a key that is not safe to change mid-run."""
+    then = _flat(state["config"])
+    changed = [k for k in _differences(cfg, state) if not _safe(k)]
+    if changed:
+        now = _flat(to_dict(cfg))
+        what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
+        raise ConfigError(f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
+                          "back, or start a new run with fastemp train (resume may change only "
+                          f"{', '.join(RESUME_SAFE_KEYS)})")
+
+
+def check_architecture(cfg: Config, state: dict, path: Path) -> None:
+    """Refuse to load weights into a model of another shape."""
+    changed = _differences(cfg, state, ARCHITECTURE_KEYS)
+    if changed:
+        then, now = _flat(state["config"]), _flat(to_dict(cfg))
+        what = ", ".join(f"{k}={then[k]!r} (config says {now[k]!r})" for k in changed)
+        raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")
+
+
+# -------------------------------------------------------------------------------- the trainer's state
+
+
+def trainer_state(trainer) -> dict:
+    """Everything a resumed run needs to continue bit-identically."""
+    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "step": trainer.step,
+            "clock": (trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images),
+            "config": to_dict(trainer.cfg), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "layout": layout(trainer.cfg, trainer.runtime.world_size)}
+
+
+def load_into(trainer, path: Path) -> None:
+    """Read, verify and check path, then restore the trainer from it (nothing changes on an error)."""
+    state = read(path, trainer.device)
+    check_tensors(trainer.model.state_dict(), state, path)
+    check_optimizer([p for group in trainer.optimizer.param_groups for p in group["params"]], state, path)
+    clock, rng = state["clock"], state["rng_cpu"]
+    clock_ok = isinstance(clock, (list, tuple)) and len(clock) == 3 and all(isinstance(c, (int, float)) for c in clock)
+    rng_ok = isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape
+    if not (clock_ok and rng_ok):
+        raise CheckpointError(f"{path} has a malformed clock or random state; {_redo(path)}")
+    trainer.model.load_state_dict(state["model"])
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path} has optimizer state this optimizer cannot take ({one_line(err)[:120]}); "
+                              f"{_redo(path)}") from None
+    trainer.step = state["step"]
+    trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images = clock
+    torch.set_rng_state(rng.cpu())
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -1,0 +1,162 @@
+"""Streamed backends: the Pillow reference (the official recipe on PIL images) and the DALI graph's
+CPU twin, op by op and in distribution, on the shared draw; exact resume; what auto chooses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fastemp.config import AugmentConfig, DataConfig
+from fastemp.data import load_split
+from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.patches import choose_backend, make_patch_backend
+from fastemp.patches.pillow_images import PillowPatches, draw_uniforms, image_patches, official_patch, open_rgb
+
+from augment_helpers import aug_off
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("jpegs"), classes=3, per_class=4, size=96, seed=0, test_per_class=1)
+
+
+@pytest.fixture(scope="module")
+def images(folder):
+    return load_split(DataConfig(source="imagefolder", path=str(folder), streamed=True), "train", "cpu")
+
+
+def test_choose_backend_is_decided_by_data_device_and_dali():
+    assert choose_backend("auto", False, "cuda", True)[0] == "torch"  # resident: torch, even with DALI on CUDA
+    assert choose_backend("auto", True, "cuda", True)[0] == "dali"
+    assert choose_backend("auto", True, "cpu", True)[0] == "pillow"
+    assert choose_backend("auto", True, "cuda", False)[0] == "pillow"
+    name, reason = choose_backend("dali", True, "cuda", False)
+    assert name == "pillow" and "does not import" in reason and "\n" not in reason  # the fallback says so
+    assert choose_backend("dali", True, "cpu", True) == ("dali", "data.backend=dali (CPU operators: no GPU)")
+    with pytest.raises(RuntimeError, match="does not import"):
+        choose_backend("dali", False, "cuda", False)
+    for requested, streamed in (("torch", True), ("pillow", False), ("nope", False)):
+        with pytest.raises(ValueError):
+            choose_backend(requested, streamed, "cpu", True)
+
+
+def test_official_patch_crop_is_pil_crop_then_resize(images):
+    from PIL import Image
+
+    img = open_rgb(images.paths[0])
+    aug = aug_off(crop_size=24, interpolation="bicubic")
+    out = official_patch(img, (5, 7, 40, 30), True, False, [1, 1, 1, 0], [0, 1, 2, 3], False, False, 1.0, False, aug)
+    expected = img.crop((7, 5, 37, 45)).resize((24, 24), Image.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert np.array_equal(out, np.asarray(expected))
+    # the hue shift wraps PIL's uint8 hue channel like torchvision (+0.5 turn twice = +255/256... of a turn)
+    shifted = official_patch(img, (0, 0, 48, 48), False, True, [1, 1, 1, 0.5], [3, 0, 1, 2], False, False, 1.0,
+                             False, aug_off(crop_size=24, brightness=0, contrast=0, saturation=0))
+    assert not np.array_equal(shifted, official_patch(img, (0, 0, 48, 48), False, False, [1, 1, 1, 0], [0, 1, 2, 3],
+                                                        False, False, 1.0, False, aug_off(crop_size=24)))
+
+
+def test_pillow_uses_the_shared_draw_with_each_images_own_size(images):
+    aug = aug_off(crop_size=16, crop_ratio=(0.75, 4 / 3))
+    index = torch.tensor([5, 2, 9])
+    u = draw_uniforms(index, 4, seed=7, shard=slice(None))
+    assert u.shape == (3, 4, 18)
+    generator = torch.Generator().manual_seed(7)
+    assert torch.equal(u.transpose(0, 1).reshape(-1, 18), torch.rand(12, 18, generator=generator))
+    out = PillowPatches(images, aug, workers=0)(index, 4, seed=7)
+    for j, i in enumerate(index.tolist()):  # patch-major: row k*3 + j is patch k of image index[j]
+        per_image = image_patches(images.paths[i], u[j].numpy(), aug)
+        assert torch.allclose(out[j::3], torch.from_numpy(per_image).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_same_patches_after_restart_prefetch_workers_and_shards(images):
+    aug = AugmentConfig(crop_size=16, interpolation="bicubic")
+    index = torch.tensor([3, 0, 7, 11])
+    first = PillowPatches(images, aug, workers=0)(index, 3, seed=11)
+    again = PillowPatches(images, aug, workers=0)(index, 3, seed=11)  # a resumed run: a new backend
+    assert torch.equal(first, again)
+    assert first.shape == (12, 3, 16, 16) and first.is_contiguous(memory_format=torch.channels_last)
+    pooled = PillowPatches(images, aug, workers=1)
+    pooled.prefetch(index, 3, seed=11)
+    assert torch.equal(pooled(index, 3, seed=11), first)  # decoded ahead in a worker process: the same
+    pooled.close()
+    shard = PillowPatches(images, aug, workers=0)(index, 3, seed=11, shard=slice(2, 4))
+    assert torch.equal(shard, first.view(3, 4, 3, 16, 16)[:, 2:4].reshape(6, 3, 16, 16))
+    assert not torch.equal(PillowPatches(images, aug, workers=0)(index, 3, seed=12), first)
+
+
+OPS = {"crop": {}, "flip": dict(flip_p=0.5),
+       "brightness": dict(jitter_p=1.0, contrast=0, saturation=0, hue=0),
+       "contrast": dict(jitter_p=1.0, brightness=0, saturation=0, hue=0),
+       "saturation": dict(jitter_p=1.0, brightness=0, contrast=0, hue=0),
+       "hue": dict(jitter_p=1.0, brightness=0, contrast=0, saturation=0),
+       "grayscale": dict(grayscale_p=1.0), "blur": dict(blur_p=1.0), "solarize": dict(solarize_p=1.0)}
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_dali_cpu_twin_matches_pillow_op_by_op(images, interpolation):
+    """Each op alone, on the same drawn parameters: DALI (float, its own filters) against Pillow (uint8
+    after every op). Normalized scale [-1, 1]: 0.01 is 1.3/255. The blur's tail (PIL's box approximation
+    vs a sampled Gaussian) and the hue (uint8 HSV vs float HSV) differ most."""
+    pytest.importorskip("nvidia.dali")
+    from fastemp.patches.dali_images import DaliImagePatches
+
+    index = torch.arange(12)
+    for op, kw in OPS.items():
+        aug = aug_off(crop_size=32, interpolation=interpolation, crop_ratio=(0.75, 4 / 3), **kw)
+        a = PillowPatches(images, aug, workers=0)(index, 4, seed=3)
+        b = DaliImagePatches(images, aug)(index, 4, seed=3)
+        diff = (a - b).abs()
+        mean_tol, max_tol = (0.006, 0.08) if op == "hue" else (0.004, 0.15) if op == "blur" else (0.004, 0.04)
+        assert diff.mean() < mean_tol and diff.max() < max_tol, (op, diff.mean().item(), diff.max().item())
+
+
+def test_dali_cpu_twin_matches_pillow_in_distribution_and_resumes(images):
+    """The whole default recipe at independent seeds: per-channel means and stds agree (the DALI graph
+    runs the jitter ops in a fixed order, Pillow in the drawn one); the same call repeats exactly,
+    prefetched or not, on a new backend (a resumed run)."""
+    pytest.importorskip("nvidia.dali")
+    from fastemp.patches.dali_images import DaliImagePatches
+
+    aug = dataclasses.replace(AugmentConfig(), crop_size=24, interpolation="bicubic", crop_ratio=(0.75, 4 / 3))
+    index = torch.arange(12)
+    a = torch.cat([PillowPatches(images, aug, workers=0)(index, 16, seed=s) for s in range(1, 5)])
+    backend = make_patch_backend("dali", images, aug)
+    assert isinstance(backend, DaliImagePatches) and "CPU operators" in backend.reason
+    for seeds, mean_tol in ((range(1, 5), 0.015), (range(101, 105), 0.07)):  # same draw; independent draws
+        b = torch.cat([backend(index, 16, seed=s) for s in seeds])
+        assert b.shape == a.shape == (768, 3, 24, 24)
+        assert (a.mean((0, 2, 3)) - b.mean((0, 2, 3))).abs().max() < mean_tol
+        assert (a.std((0, 2, 3)) - b.std((0, 2, 3))).abs().max() < 0.03
+    once = backend(index, 8, seed=101)
+    backend.prefetch(index, 8, seed=102)
+    backend.prefetch(index, 8, seed=101)
+    assert torch.equal(backend(index, 8, seed=101), once)  # the queue skips the request nobody collected
+    assert torch.equal(DaliImagePatches(images, aug)(index, 8, seed=101), once)
+    params = backend.params(index, 8, seed=101)  # the crops are drawn for each image's own size
+    widths = torch.tensor([open_rgb(p).width for p in images.paths]).repeat(8)
+    assert params.box.shape == (96, 4) and bool(((params.box[:, 1] + params.box[:, 3]) <= widths).all())
+
+
+def test_exif_orientation_is_ignored_like_pil(tmp_path):
+    """A JPEG with an EXIF rotation tag: both backends cut from the stored pixels (PIL does not rotate,
+    so neither does the official ImageFolder), so the windows drawn for the stored size fit."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from fastemp.patches.dali_images import DaliImagePatches
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    y, x = np.mgrid[0:40, 0:64]
+    pixels = np.stack([x * 4, y * 6, (x + y) * 2], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(pixels).save(folder / "r.jpg", quality=95, exif=exif)
+    data = load_split(DataConfig(source="imagefolder", path=str(tmp_path), streamed=True), "train", "cpu")
+    aug = aug_off(crop_size=16, crop_scale=(0.5, 0.5), crop_ratio=(0.5, 2.0))
+    a = PillowPatches(data, aug, workers=0)(torch.tensor([0]), 4, seed=0)
+    b = DaliImagePatches(data, aug)(torch.tensor([0]), 4, seed=0)
+    assert (a - b).abs().mean() < 0.01

@@ -1,0 +1,469 @@
+"""`bench official-peer`: the weight mapping (against an explicit float64 reference and, when its checkout and
+torchvision are here, the official model itself), the data the official loader reads, the output clock, the
+one-line errors, and the whole harness end to end around a stand-in for the official checkout."""
+
+import hashlib
+import importlib
+import io
+import json
+import pickle
+import stat
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastemp.benchmarks import official_launcher
+from fastemp.benchmarks.official_peer import (MODULE_TABLE, MappingError, OfficialClock, attach_ratios,
+                                              evenly_spaced, from_throughput_json, map_official_state_dict,
+                                              run_official, split_output, subset, write_cifar_batches)
+from fastemp.benchmarks.official_peer import main as peer_main
+from fastemp.config import DataConfig
+from fastemp.data import load_split
+from fastemp.model import EMPEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL = REPO / ".official"  # git-ignored checkout of tsb0601/EMP-SSL, when a developer fetched it
+
+
+# ------------------------------------------------------------------------------ the mapping
+
+
+def official_shapes(width: int, hidden: int, z_dim: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the official model/model.py encoder as main.py saves it (nn.DataParallel: `module.`),
+    written out from its definition: torchvision's resnet18 names with a 3x3 conv1, maxpool and fc replaced
+    by Identity (no tensors); pre_feature = Linear, BatchNorm1d, ReLU; projection = Linear, BatchNorm1d, ReLU,
+    Linear."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, c_out, c_in, k):
+        shapes[f"{name}.weight"] = (c_out, c_in, k, k)
+
+    def bn(name, c):
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.{leaf}"] = (c,)
+        shapes[f"{name}.num_batches_tracked"] = ()
+
+    def linear(name, c_out, c_in):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c_out, c_in), (c_out,)
+
+    conv("module.backbone.conv1", width, 3, 3)
+    bn("module.backbone.bn1", width)
+    c_in = width
+    for layer, c in enumerate([width, 2 * width, 4 * width, 8 * width], start=1):
+        for block in (0, 1):
+            p = f"module.backbone.layer{layer}.{block}"
+            conv(f"{p}.conv1", c, c_in if block == 0 else c, 3)
+            bn(f"{p}.bn1", c)
+            conv(f"{p}.conv2", c, c, 3)
+            bn(f"{p}.bn2", c)
+            if block == 0 and layer > 1:
+                conv(f"{p}.downsample.0", c, c_in, 1)
+                bn(f"{p}.downsample.1", c)
+        c_in = c
+    linear("module.pre_feature.0", hidden, 8 * width)
+    bn("module.pre_feature.1", hidden)
+    linear("module.projection.0", hidden, hidden)
+    bn("module.projection.1", hidden)
+    linear("module.projection.3", z_dim, hidden)
+    return shapes
+
+
+def random_official_state(width=8, hidden=32, z_dim=16, seed=0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in official_shapes(width, hidden, z_dim).items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(7)
+        elif name.endswith("running_var"):
+            state[name] = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+        else:
+            state[name] = 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return state
+
+
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature, z) of the official encoder in eval mode, computed straight from its tensors by name."""
+
+    def bn(t, name):
+        return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                            sd[f"{name}.bias"], training=False, eps=1e-5)
+
+    def conv(t, name, stride=1, padding=1):
+        return F.conv2d(t, sd[f"{name}.weight"], stride=stride, padding=padding)
+
+    def linear(t, name):
+        return F.linear(t, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    h = F.relu(bn(conv(x, "module.backbone.conv1"), "module.backbone.bn1"))
+    for layer in range(1, 5):
+        for block in (0, 1):
+            p = f"module.backbone.layer{layer}.{block}"
+            stride = 2 if layer > 1 and block == 0 else 1
+            out = F.relu(bn(conv(h, f"{p}.conv1", stride), f"{p}.bn1"))
+            out = bn(conv(out, f"{p}.conv2"), f"{p}.bn2")
+            if layer > 1 and block == 0:
+                h = bn(conv(h, f"{p}.downsample.0", stride, 0), f"{p}.downsample.1")
+            h = F.relu(out + h)
+    feature = F.relu(bn(linear(h.mean((2, 3)), "module.pre_feature.0"), "module.pre_feature.1"))
+    z = linear(F.relu(bn(linear(feature, "module.projection.0"), "module.projection.1")), "module.projection.3")
+    return feature, F.normalize(z, dim=1)
+
+
+def test_mapped_official_weights_give_the_official_outputs():
+    official = random_official_state()
+    model = EMPEncoder(width=8, hidden_dim=32, z_dim=16).double().eval()
+    model.load_state_dict(map_official_state_dict(official, model.state_dict()))
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    feature, z = reference_forward(official, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x), feature, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(F.normalize(model(x), dim=1), z, rtol=1e-10, atol=1e-10)
+
+
+def test_mapping_table_is_one_to_one_and_covers_the_model():
+    official, ours = zip(*MODULE_TABLE)
+    assert len(set(official)) == len(set(ours)) == len(MODULE_TABLE)
+    modules_with_tensors = {name for name, m in EMPEncoder(width=8, hidden_dim=32, z_dim=16).named_modules()
+                            if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))}
+    assert set(ours) == modules_with_tensors
+    assert {k.rpartition(".")[0] for k in official_shapes(8, 32, 16)} == set(official)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("module.backbone.layer3.0.downsample.1.running_var"), "has no official source"),
+    (lambda s: s.update({"module.backbone.fc.weight": torch.zeros(10, 64)}), "in no row of the mapping table"),
+    (lambda s: s.update({"module.projection.3.weight": torch.zeros(16, 31)}), "has shape (16, 31)"),
+    (lambda s: s.update({"module.backbone.bn1.extra": torch.zeros(8)}), "which fastemp's model lacks"),
+])
+def test_mapping_is_strict(change, message):
+    official = random_official_state()
+    change(official)
+    with pytest.raises(MappingError) as err:
+        map_official_state_dict(official, EMPEncoder(width=8, hidden_dim=32, z_dim=16).state_dict())
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def official_encoder_class():
+    """model.model.encoder from the fetched checkout, or a skip (no checkout, as in CI, or no torchvision)."""
+    if not (OFFICIAL / "model" / "model.py").is_file():
+        pytest.skip(f"no official checkout at {OFFICIAL}")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # missing, or a build that does not match this torch
+        pytest.skip(f"torchvision does not import ({type(err).__name__})")
+    sys.path.insert(0, str(OFFICIAL))
+    try:
+        return importlib.import_module("model.model").encoder
+    finally:
+        sys.path.remove(str(OFFICIAL))
+        for name in [m for m in sys.modules if m == "model" or m.startswith("model.")]:
+            del sys.modules[name]
+
+
+def test_official_model_from_its_checkout_maps_exactly():
+    net = torch.nn.DataParallel(official_encoder_class()(arch="resnet18-cifar")).double()
+    with torch.no_grad():  # random BatchNorm statistics, so eval mode checks they are mapped too
+        for name, buf in net.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buf.copy_(torch.rand_like(buf) + 0.5)
+    model = EMPEncoder().double()
+    model.load_state_dict(map_official_state_dict(net.state_dict(), model.state_dict()))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for train in (False, True):
+        net.train(train)
+        model.train(train)
+        with torch.no_grad():
+            z, feature = net.module(x, is_test=True)
+            torch.testing.assert_close(model.encode(x), feature, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(F.normalize(model(x), dim=1), z, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ data for the official loader
+
+
+def fake_jpeg_tar(path: Path, train_per_class: int, test_per_class: int, classes=("cat", "dog")) -> Path:
+    """A tiny ImageFolder tar.gz of random 32x32 JPEGs: train/<class>/*.jpg, test/<class>/*.jpg."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for cls in classes:
+                for i in range(count):
+                    buf = io.BytesIO()
+                    Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                    info = tarfile.TarInfo(f"{split}/{cls}/{i:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+    return path
+
+
+def read_like_torchvision(folder: Path, files: list[str]) -> tuple[np.ndarray, list[int]]:
+    """What torchvision's CIFAR10 does with the batch files: unpickle, stack, to HWC."""
+    data, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data.append(entry["data"])
+        labels.extend(entry["labels"])
+    return np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1)), labels
+
+
+def test_cifar_batches_hold_fastemps_pixels(tmp_path):
+    tar = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 6, 2)
+    cfg = DataConfig(source="imagefolder", path=str(tar), root=str(tmp_path / "cache"))
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    folder = tmp_path / "cifar-10-batches-py"
+    sums = write_cifar_batches(train, test, folder)
+    assert set(sums) == {*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"}
+    assert all(hashlib.md5((folder / n).read_bytes()).hexdigest() == s for n, s in sums.items())
+    images, labels = read_like_torchvision(folder, [f"data_batch_{i}" for i in range(1, 6)])
+    assert np.array_equal(images, train.images.numpy()) and labels == train.labels.tolist()
+    images, labels = read_like_torchvision(folder, ["test_batch"])
+    assert np.array_equal(images, test.images.numpy()) and labels == test.labels.tolist()
+    with open(folder / "batches.meta", "rb") as f:
+        assert pickle.load(f, encoding="latin1")["label_names"] == ["cat", "dog"]
+    assert len(subset(train, 4)) == 4 and subset(train, 4).labels.tolist() == [0, 0, 1, 1]  # both classes kept
+    assert evenly_spaced(4, 10).tolist() == [0, 3, 6, 9] and evenly_spaced(0, 3).tolist() == [0, 1, 2]
+
+
+def test_launcher_points_the_cifar_check_at_the_prepared_files(tmp_path, monkeypatch):
+    canonical = types.SimpleNamespace(train_list=[[f"data_batch_{i}", "canonical"] for i in range(1, 6)],
+                                      test_list=[["test_batch", "canonical"]],
+                                      meta={"filename": "batches.meta", "key": "label_names", "md5": "canonical"})
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.CIFAR10 = canonical
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+    sums = {**{f"data_batch_{i}": f"md5-{i}" for i in range(1, 6)}, "test_batch": "md5-t", "batches.meta": "md5-m"}
+    (tmp_path / "sums.json").write_text(json.dumps(sums))
+    official_launcher.use_prepared_cifar(str(tmp_path / "sums.json"))
+    assert canonical.train_list == [[f"data_batch_{i}", f"md5-{i}"] for i in range(1, 6)]
+    assert canonical.test_list == [["test_batch", "md5-t"]]
+    assert canonical.meta == {"filename": "batches.meta", "key": "label_names", "md5": "md5-m"}
+
+
+# ------------------------------------------------------------------------------ the official run's clock
+
+
+def test_lines_are_stamped_when_their_text_arrives():
+    # tqdm writes "\r<line>" and ends a line only with its next write
+    lines, rest, t = split_output("", 0.0, "\r0it [00:00, ?it/s]", 1.0)
+    assert lines == [] and rest == "0it [00:00, ?it/s]" and t == 1.0
+    lines, rest, t = split_output(rest, t, "\r1it [00:02, 2.00s/it]", 3.0)
+    assert lines == [(1.0, "0it [00:00, ?it/s]")] and rest == "1it [00:02, 2.00s/it]"
+    lines, rest, _ = split_output(rest, t, " more\nAt epoch: 0\n", 4.0)
+    assert lines == [(4.0, "1it [00:02, 2.00s/it] more"), (4.0, "At epoch: 0")] and rest == ""
+
+
+def test_clock_separates_startup_first_step_and_steady_steps():
+    clock = OfficialClock(launched=0.0)
+    for t, line in [(5.0, "0it [00:00, ?it/s]"), (8.0, "1it [00:03, 3.00s/it]"), (9.0, "11it [00:04]"),
+                    (10.0, "21it [00:05]")]:
+        assert clock.feed(t, line) is None
+    ended = clock.feed(10.5, "At epoch: 0 loss similarity is -0.9 ,loss TCR is: -150.5 and learning rate is: 0.15")
+    assert ended["steps"] == 21 and ended["steady_steps"] == 20 and ended["steady_seconds"] == 2.0
+    assert ended["images_per_s"] == 20 * 100 / 2.0 and ended["images_per_s_whole_loop"] == 21 * 100 / 5.0
+    assert (ended["loss_similarity"], ended["loss_tcr"], ended["lr_after"]) == (-0.9, -150.5, 0.15)
+    clock.feed(12.0, "0it [00:00, ?it/s]")  # the next epoch's bar
+    report = clock.report()
+    assert report["startup_seconds"] == 5.0 and [e["done"] for e in report["epochs"]] == [True, False]
+
+
+FAKE_RUN = r"""
+import sys, time
+for step in range(6):
+    sys.stderr.write(f"\r{step}it [00:00, 10.00it/s]"); sys.stderr.flush(); time.sleep(0.05)
+if sys.argv[1] == "fail":
+    print("Traceback (most recent call last):\nValueError: boom"); sys.exit(1)
+if sys.argv[1] == "hang":
+    time.sleep(60)
+print("\nAt epoch: 0 loss similarity is -0.5 ,loss TCR is: -100.0 and learning rate is: 0.15", flush=True)
+time.sleep(60)  # the harness stops it once the epochs it wants have ended
+"""
+
+
+@pytest.mark.parametrize("mode, status", [("ok", "ok"), ("hang", "timeout"), ("fail", "error")])
+def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, status):
+    script = tmp_path / "fake_main.py"
+    script.write_text(FAKE_RUN)
+    reports = []
+    report = run_official([sys.executable, str(script), mode], tmp_path, epochs=1, time_limit=3.0,
+                          log_path=tmp_path / "official.log", on_progress=reports.append)
+    assert report["status"] == status and report["wall_seconds"] < 30
+    assert report["epochs"][0]["steps"] == 5
+    if mode == "ok":
+        assert report["epochs"][0]["done"] and report["epochs"][0]["steady_steps"] == 4 and reports
+    if mode == "fail":
+        assert report["exit_code"] == 1 and report["output_tail"][-1] == "ValueError: boom"
+    assert "5it" in (tmp_path / "official.log").read_text()
+
+
+def test_fastemp_and_baseline_rates_beside_the_official_one(tmp_path):
+    point = {"status": "ok", "n_patches": 20, "batch_size": 100, "backend": "torch", "compile": "default",
+             "precision": "bf16", "grad_chunks": 1}
+    throughput = {"environment": {"device_name": "GPU X"},
+                  "points": [{**point, "images_per_s": 3000.0}, {**point, "images_per_s": 3400.0, "backend": "dali"},
+                             {**point, "images_per_s": 9999.0, "n_patches": 200}],
+                  "baselines": [{"status": "ok", "n_patches": 20, "batch_size": 100, "images_per_s": 340.0}]}
+    (tmp_path / "throughput.json").write_text(json.dumps(throughput))
+    result = {"training": {"images_per_s": 170.0},
+              "throughput": from_throughput_json(tmp_path / "throughput.json", 20)}
+    assert result["throughput"]["fastemp_images_per_s"] == 3400.0
+    assert result["throughput"]["fastemp_point"]["backend"] == "dali"
+    attach_ratios(result)
+    assert result["baseline"]["images_per_s"] == 340.0
+    assert result["ratios"] == {"fastemp_over_official": 20.0, "baseline_over_official": 2.0}
+
+
+# ------------------------------------------------------------------------------ one-line errors
+
+
+def executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def official_stub(folder: Path) -> Path:
+    """A folder with the official files the harness checks for (empty: enough for the checks before a run)."""
+    for name in ("main.py", "model/model.py", "dataset/datasets.py", "dataset/aug.py", "lars.py", "loss.py", "func.py"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return folder
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert peer_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastemp: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_one_line_errors(tmp_path, capsys):
+    data = fake_jpeg_tar(tmp_path / "tiny.tar.gz", 1, 1)
+    stub = official_stub(tmp_path / "official")
+    base = ["--data", str(data), "--out", str(tmp_path / "out")]
+    assert "does not exist" in one_line_error(capsys, ["--official-dir", str(tmp_path / "nowhere"), *base])
+    (tmp_path / "partial").mkdir()
+    assert "no main.py" in one_line_error(capsys, ["--official-dir", str(tmp_path / "partial"), *base])
+    err = one_line_error(capsys, ["--official-dir", str(stub), "--data", str(tmp_path / "none.tar.gz"),
+                                  "--out", str(tmp_path / "out")])
+    assert "--data" in err and "does not exist" in err
+    (tmp_path / "data.txt").write_text("not an archive")
+    assert "neither a folder nor" in one_line_error(capsys, ["--official-dir", str(stub), "--data",
+                                                             str(tmp_path / "data.txt"), "--out", "x"])
+    bare = executable(tmp_path / "bare-python", f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')  # stdlib only
+    err = one_line_error(capsys, ["--official-dir", str(stub), *base, "--python", str(bare)])
+    assert "torchvision (ModuleNotFoundError)" in err and "--python" in err
+    assert not (tmp_path / "out").exists()  # nothing is written before the checks pass
+    if not torch.cuda.is_available():
+        ready = executable(tmp_path / "ready-python", "#!/bin/sh\necho '{\"missing\": [], \"versions\": {}}'\n")
+        assert "needs a CUDA GPU" in one_line_error(capsys, ["--official-dir", str(stub), *base, "--python",
+                                                             str(ready)])
+
+
+def test_registered_as_a_bench_command(tmp_path, capsys):
+    from fastemp.cli import main
+
+    assert main(["bench", "official-peer", "--official-dir", str(tmp_path / "nowhere"), "--data", "x",
+                 "--out", str(tmp_path)]) == 2
+    assert "fastemp: error: --official-dir" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ end to end around a stand-in
+
+STAND_IN_MAIN = r'''
+"""Stands in for the official main.py: same arguments, the same dataset class and call, tqdm-style progress,
+the same checkpoint path and DataParallel names (taken from fastemp's model: the names are tested above)."""
+import argparse, os, sys, time
+import torch
+from torchvision.datasets import CIFAR10
+from fastemp.model import EMPEncoder
+
+p = argparse.ArgumentParser()
+for name in ("--data", "--patch_sim", "--arch", "--lr"):
+    p.add_argument(name)
+p.add_argument("--epoch", type=int)
+p.add_argument("--num_patches", type=int)
+args = p.parse_args()
+train = CIFAR10(root=os.path.join("./data/", "CIFAR10"), train=True, download=True)
+net = EMPEncoder(width=8, hidden_dim=32, z_dim=16)
+for epoch in range(args.epoch):
+    for step in range(len(train) // 100 + 1):
+        sys.stderr.write(f"\r{step}it [00:00, 10.00it/s]"); sys.stderr.flush(); time.sleep(0.05)
+    sys.stderr.write("\n"); sys.stderr.flush()  # tqdm's close
+    folder = f"./logs/EMP-SSL-Training/patchsim200_numpatch{args.num_patches}_bs100_lr0.3_NONE/save_models/"
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, folder + str(epoch) + ".pt")
+    print("At epoch:", epoch, "loss similarity is", -0.5, ",loss TCR is:", -100.0, "and learning rate is:", 0.15)
+'''
+
+STAND_IN_CIFAR10 = r'''
+"""torchvision.datasets.CIFAR10's file checks: the canonical md5 sums, a download when one differs."""
+import hashlib, os, pickle
+import numpy as np
+
+class CIFAR10:
+    base_folder = "cifar-10-batches-py"
+    train_list = [[f"data_batch_{i}", "canonical"] for i in range(1, 6)]
+    test_list = [["test_batch", "canonical"]]
+    meta = {"filename": "batches.meta", "key": "label_names", "md5": "canonical"}
+
+    def __init__(self, root, train=True, transform=None, download=False):
+        self.root = root
+        for name, md5 in self.train_list + self.test_list + [[self.meta["filename"], self.meta["md5"]]]:
+            with open(os.path.join(root, self.base_folder, name), "rb") as f:
+                if hashlib.md5(f.read()).hexdigest() != md5:
+                    raise RuntimeError(f"{name}: md5 mismatch, torchvision would download the archive")
+        data = []
+        for name, _ in self.train_list if train else self.test_list:
+            with open(os.path.join(root, self.base_folder, name), "rb") as f:
+                data.append(pickle.load(f, encoding="latin1")["data"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+
+    def __len__(self):
+        return len(self.data)
+'''
+
+
+def test_end_to_end_around_a_stand_in_checkout(tmp_path):
+    official = official_stub(tmp_path / "official")
+    (official / "main.py").write_text(STAND_IN_MAIN)
+    (official / "torchvision" / "datasets").mkdir(parents=True)
+    (official / "torchvision" / "__init__.py").touch()
+    (official / "torchvision" / "datasets" / "__init__.py").write_text(STAND_IN_CIFAR10)
+    modules = tmp_path / "modules"  # the requirement check must find torchmetrics and sklearn too
+    for name in ("torchvision", "torchmetrics", "sklearn"):
+        (modules / name).mkdir(parents=True)
+        (modules / name / "__init__.py").touch()
+    python = executable(tmp_path / "python", f'#!/bin/sh\nPYTHONPATH="{modules}${{PYTHONPATH:+:$PYTHONPATH}}" '
+                                             f'exec "{sys.executable}" "$@"\n')
+    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 10)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = peer_main(["--official-dir", str(official), "--data", str(data), "--out", str(out), "--work", str(work),
+                    "--python", str(python), "--cpu-dry-run", "--n", "2", "--seed", "3", "--no-progress",
+                    "--override", "model.width=8", "--override", "model.hidden_dim=32", "--override", "model.z_dim=16",
+                    "eval.patches=2", "eval.probe_epochs=2", f"data.root={tmp_path / 'cache'}"])
+    assert rc == 0
+    result = json.loads((out / "official_peer.json").read_text())
+    assert result["status"] == "ok" and result["partial"] is False and result["dry_run"] is True
+    assert result["official"]["arguments"] == ["--data", "cifar10", "--epoch", "2", "--patch_sim", "200", "--arch",
+                                               "resnet18-cifar", "--num_patches", "2", "--lr", "0.3"]
+    assert result["data"]["train_images"] == 220 and result["data"]["test_images"] == 20
+    training = result["training"]
+    assert training["epochs_trained"] == 1 and training["epochs"][0]["steps"] == 2
+    assert training["images_per_s"] > 0 and training["startup_seconds"] > 0
+    evaluation = result["evaluation"]
+    assert evaluation["checkpoint"].endswith("save_models/0.pt")
+    assert evaluation["mapped_tensors"] == len(EMPEncoder(8, 32, 16).state_dict())
+    assert 0 <= evaluation["linear_top1"] <= 1 and evaluation["eval_config"]["patches"] == 2
+    assert "official encoder (0.pt)" in (out / "official_peer.md").read_text()
+    assert "At epoch: 0" in (out / "official_peer.log").read_text()
