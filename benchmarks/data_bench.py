@@ -118,8 +118,10 @@ def data_alone(trainer: Trainer, backend, warmup: int, steps: int) -> tuple[floa
 
 
 def step_seconds(trainer: Trainer, backend, warmup: int, steps: int) -> float:
-    """Seconds per real training step (patches, forward, backward, LARS) fed by `backend`."""
-    trainer.patches = backend
+    """Seconds per real training step (patches, forward, backward, LARS) of a Trainer like `trainer` (same
+    config and data) fed by `backend`."""
+    trainer = Trainer(trainer.cfg, progress=False, runtime=trainer.runtime, train_set=trainer.train_set,
+                      patches=backend)
     trainer.train_until(trainer.step + max(1, warmup))
     common.synchronize(trainer.device)
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
 from .model import build_model, compile_model
-from .patches import make_patch_backend
+from .patches import PatchBackend, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
 
@@ -49,10 +49,13 @@ class Trainer:
 
     runtime: what "auto" resolves to (fastemp.runtime.resolve(cfg) when not given); train_set, test_set:
     splits already loaded on runtime.device (loaded from cfg.data when not given), so that callers
-    building many Trainers over one dataset (the benchmarks' sweeps) load it once."""
+    building many Trainers over one dataset (the benchmarks' sweeps) load it once; patches: a ready
+    patch backend over train_set (made from the runtime's choice when not given), so a benchmark can
+    feed the real step from the data path it measures."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True,
-                 runtime: Runtime | None = None, train_set: ImageSet | None = None, test_set: ImageSet | None = None):
+                 runtime: Runtime | None = None, train_set: ImageSet | None = None, test_set: ImageSet | None = None,
+                 patches: PatchBackend | None = None):
         self.runtime = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = self.runtime.device
@@ -60,8 +63,9 @@ class Trainer:
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
-        self.patches = make_patch_backend(self.runtime.backend, self.train_set, cfg.augment, cfg.train.seed,
-                                          workers=cfg.data.workers, compile_recipe=self.runtime.patch_compile)
+        self.patches = patches or make_patch_backend(self.runtime.backend, self.train_set, cfg.augment,
+                                                     cfg.train.seed, workers=cfg.data.workers,
+                                                     compile_recipe=self.runtime.patch_compile)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
         if self.runtime.world_size > 1 and cfg.model.sync_bn:
