@@ -22,15 +22,19 @@ from . import common
 SWEEP_HELP = "comma-separated values (default: the config's)"
 
 
-def _list_of(kind, what: str, example: str):
-    """An argparse type: the text, once every comma-separated item parses as `kind` and is > 0 (else one line)."""
+def _list_of(kind, what: str, example: str, zero_ok: bool = False):
+    """An argparse type: the text, once every comma-separated item parses as `kind` and is > 0 (>= 0 with
+    zero_ok), else a one-line error."""
+    bound = ">= 0" if zero_ok else "> 0"
+
     def parse(text: str) -> str:
         try:
             values = common.parse_list(text, kind) or []
         except ValueError:
-            values = [0]
-        if not all(v > 0 for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what} > 0 such as {example}, got {text[:80]!r}")
+            values = [-1]
+        if not all(v > 0 or (zero_ok and v == 0) for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} {bound} such as {example}, "
+                                             f"got {text[:80]!r}")
         return text
 
     return parse
@@ -47,6 +51,7 @@ def _positive_int(text: str) -> int:
 
 
 INTEGERS, NUMBERS = _list_of(int, "whole numbers", "20,200"), _list_of(float, "numbers", "0.7,0.8")
+CHUNKS = _list_of(int, "whole numbers", "0,10", zero_ok=True)  # gradient-cache chunks: 0 = chosen from free memory
 
 
 def _threads(args) -> None:
@@ -286,7 +291,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--backend", help="patch backends (torch, dali, auto): " + SWEEP_HELP)
     p.add_argument("--compile", help="compile modes (none, default, max-autotune, ...): " + SWEEP_HELP)
     p.add_argument("--precision", help="precisions (bf16, fp32, auto): " + SWEEP_HELP)
-    p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks: " + SWEEP_HELP)
+    p.add_argument("--grad-chunks", type=CHUNKS, help="gradient-cache chunks (0: from free memory): " + SWEEP_HELP)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")
     p.add_argument("--steps", type=int, default=20, help="timed end-to-end steps (median; default 20)")
     p.add_argument("--split-steps", type=int, default=20, help="instrumented steps for the split (0: skip)")
@@ -401,7 +406,8 @@ def register_cli(subparsers) -> None:
                                      "reduce-overhead; none on CPU)")
     p.add_argument("--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)")
     p.add_argument("--patch-compile", help="data.patch_compile values, e.g. off,on (default: the config's)")
-    p.add_argument("--grad-chunks", type=INTEGERS, help="gradient-cache chunks (default: the config's; doubled when over budget)")
+    p.add_argument("--grad-chunks", type=CHUNKS,
+                   help="gradient-cache chunks (default: the config's; more when over budget; 0: from free memory)")
     p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")

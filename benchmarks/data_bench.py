@@ -93,6 +93,9 @@ class FixedPatches:
     def __call__(self, index, n, seed, shard=slice(None)):
         return self.patches
 
+    def prefetch(self, index, n, seed, shard=slice(None)) -> None:
+        """Nothing to start ahead: the patches are made already."""
+
 
 def data_alone(trainer: Trainer, backend, warmup: int, steps: int) -> tuple[float, float]:
     """(seconds per batch, CPU cores busy) of the backend called as the trainer would, with its prefetch."""

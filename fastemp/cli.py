@@ -86,12 +86,13 @@ def cmd_train(args) -> int:
 
 
 def _resolve(cfg, training: bool = True):
-    """The run's Runtime (what "auto" means here), said in one line on rank 0 (stderr: eval's stdout is JSON)."""
+    """The run's Runtime (what "auto" means here), said in one line on rank 0 when training (eval's output
+    is its JSON alone)."""
     from .runtime import resolve
 
     runtime = resolve(cfg, training=training)
-    if distributed.is_main():
-        print(f"runtime: {runtime.describe()}", file=sys.stderr, flush=True)
+    if training and distributed.is_main():
+        print(f"runtime: {runtime.describe()}", flush=True)
     return runtime
 
 

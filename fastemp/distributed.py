@@ -345,7 +345,8 @@ def require_divisible(batch_size: int) -> None:
 
 
 def batch_shard(batch_size: int) -> slice:
-    """This rank's contiguous images of a global batch of `batch_size` (require_divisible holds)."""
+    """This rank's contiguous images of a global batch of `batch_size`."""
+    require_divisible(batch_size)
     per_rank = batch_size // world_size()
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
 

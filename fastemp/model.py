@@ -153,7 +153,7 @@ class ResNet18Cifar(nn.Module):
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         else:
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
+            self.maxpool = None  # no module: activation counts (gradcache.bytes_per_patch) see only real layers
         self.bn1 = BatchNorm2d(width)
         chans = [width, 2 * width, 4 * width, 8 * width]
         in_ch = width
@@ -170,7 +170,9 @@ class ResNet18Cifar(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = F.relu(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(

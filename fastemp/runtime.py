@@ -107,8 +107,6 @@ def resolve(cfg: Config, device: torch.device | None = None, training: bool = Tr
     device = device or resolve_device(cfg.train.device)
     on_cuda = device.type == "cuda"
     m = cfg.model
-    if training:
-        distributed.require_divisible(cfg.train.batch_size)  # before anything touches a device
     compile_mode = {"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile)
     backend, backend_reason = resolve_backend(cfg.data.backend, cfg.data.streamed, device)
     return Runtime(
@@ -124,5 +122,5 @@ def resolve(cfg: Config, device: torch.device | None = None, training: bool = Tr
         patch_compile=resolve_patch_compile(cfg.data.patch_compile, device, compile_mode),
         fused_loss=resolve_fused(cfg.loss.fused, device),
         world_size=distributed.world_size(),
-        shard=distributed.batch_shard(cfg.train.batch_size) if training else None,
+        shard=distributed.batch_shard(cfg.train.batch_size) if training else None,  # checks B divides by the world
     )

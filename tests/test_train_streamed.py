@@ -39,10 +39,10 @@ def test_streamed_patches_are_the_same_after_a_restart(folder):
     """A resumed run rebuilds its trainer: step t's patches (epoch permutation, then the step's draw)
     must be the same, including across the epoch boundary (4 steps per epoch), and with prefetch."""
     first = Trainer(tiny(folder, "train.max_steps=8"), progress=False)
-    patches = [first.begin_step(t) for t in (2, 3, 4, 5)]  # begin_step prefetches step t+1
+    patches = [first._begin_step(t) for t in (2, 3, 4, 5)]  # _begin_step prefetches step t+1
     again = Trainer(tiny(folder, "train.max_steps=8"), progress=False)
     for t, expected in zip((4, 5), patches[2:]):
-        assert torch.equal(again.begin_step(t), expected)
+        assert torch.equal(again._begin_step(t), expected)
     assert not torch.equal(patches[0], patches[1])
 
 

@@ -196,18 +196,21 @@ def check_activation_checkpointing(ctx: Context) -> list[CheckResult]:
 
 def check_ghost_batchnorm(ctx: Context) -> list[CheckResult]:
     """One pass with ghost BatchNorm (train.bn_groups) vs the two-pass gradient cache with the same groups
-    (fp32, small model): the n=200 one-pass path against the one it replaces."""
+    (small model): the n=200 one-pass path against the one it replaces. In float64: with groups this small
+    a channel's variance can be tiny, and BatchNorm's backward then amplifies fp32 rounding (and the ReLU
+    masks it flips) far past any fixed tolerance, while the two computations are exactly the same maths."""
     n, batch, x, seed = _small_case(ctx)
     groups = 2
-    ref, got = _small_model(ctx, seed), _small_model(ctx, seed)
+    ref, got = _small_model(ctx, seed).double(), _small_model(ctx, seed).double()
+    x = x.double()
     ref_terms = gradcache.gradient_cache_step(ref, x, n, groups, _emp_loss, nullcontext())
     model_lib.set_batchnorm_groups(got, groups)
     terms = _emp_loss(got(x).view(n, batch, -1))
     terms.total.backward()
     shape, note = tuple(x.shape), f"{groups} groups"
-    return [compare("ghost BN loss", shape, "fp32", terms.total, ref_terms.total, FP32_TOL, note=note),
-            compare("ghost BN grads", shape, "fp32", _grads(got), _grads(ref), SOLVE_TOL, note=note),
-            compare("ghost BN stats", shape, "fp32", _stats(got), _stats(ref), FP32_TOL, note=note)]
+    return [compare("ghost BN loss", shape, "fp64", terms.total, ref_terms.total, COMPILE_FP64_TOL, note=note),
+            compare("ghost BN grads", shape, "fp64", _grads(got), _grads(ref), COMPILE_FP64_TOL, note=note),
+            compare("ghost BN stats", shape, "fp64", _stats(got), _stats(ref), COMPILE_FP64_TOL, note=note)]
 
 
 def check_lars_fused(ctx: Context) -> list[CheckResult]:
