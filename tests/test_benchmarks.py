@@ -214,8 +214,13 @@ def test_targets_and_ratios():
     assert rows["n20_patches_per_s"]["met"] is True and rows["n20_patches_per_s"]["on_target_hardware"]
     assert "speedup_vs_baseline" not in rows  # reported per point, no longer a target
     assert rows["n200_memory_gib"]["met"] is False and rows["n200_memory_gib"]["note"] == "out of memory"
-    points[0]["patches_per_s"] = 100_000.0
+    assert rows["n200_epoch_seconds"]["measured"] is None and rows["n200_epoch_seconds"]["met"] is None
+    points[0]["patches_per_s"] = 80_000.0
     assert {r["name"]: r for r in throughput_targets(points, env)}["n20_patches_per_s"]["met"] is False
+    points[1].update(status="ok", images_per_s=500.0, peak_memory_bytes=6 * 2**30)  # 50,000 images in 100 s
+    rows = {r["name"]: r for r in throughput_targets(points, {**env, "device_name": "NVIDIA H200"})}
+    assert rows["n200_epoch_seconds"]["measured"] == pytest.approx(100.0) and rows["n200_epoch_seconds"]["met"] is True
+    assert rows["n200_memory_gib"]["met"] is True and rows["n200_epoch_seconds"]["on_target_hardware"]
 
 
 def test_eval_schedule():
