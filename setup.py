@@ -20,7 +20,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastemp", "fastemp.check", "fastemp.data", "fastemp.patches", "fastemp.kernels", "fastemp.configs", "fastemp.benchmarks"],
+    packages=[
+        "fastemp",
+        "fastemp.check",
+        "fastemp.data",
+        "fastemp.patches",
+        "fastemp.kernels",
+        "fastemp.configs",
+        "fastemp.benchmarks",
+    ],
     package_dir={
         "fastemp": "fastemp",
         "fastemp.kernels": "kernels",

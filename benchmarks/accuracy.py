@@ -55,19 +55,49 @@ class Row:
 # The official README (tsb0601/EMP-SSL): 1-epoch table from `main.py --epoch 2` (cosine over 1,000 steps,
 # first-epoch checkpoint); multi-epoch table from `main.py --epoch 30` (its 1-epoch column is epoch 1 of 30).
 ROWS: tuple[Row, ...] = (
-    Row("c10_n20_official_1ep", "cifar10_n20_1ep", 2, (1, 2), (0.842, None),
+    Row(
+        "c10_n20_official_1ep",
+        "cifar10_n20_1ep",
+        2,
+        (1, 2),
+        (0.842, None),
         "the official 1-epoch command (--epoch 2: cosine over 2 epochs), evaluated after epochs 1 and 2; "
-        "84.2% is its first-epoch checkpoint"),
-    Row("c10_n20_1ep", "cifar10_n20_1ep", 1, (1,), (None,),
-        "fastemp's 1-epoch schedule (cosine over 1 epoch); the official table has no such row"),
+        "84.2% is its first-epoch checkpoint",
+    ),
+    Row(
+        "c10_n20_1ep",
+        "cifar10_n20_1ep",
+        1,
+        (1,),
+        (None,),
+        "fastemp's 1-epoch schedule (cosine over 1 epoch); the official table has no such row",
+    ),
     Row("c10_n20_1of30", "cifar10_n20_1ep", 30, (1,), (0.806,), "epoch 1 of the official 30-epoch schedule"),
-    Row("c10_n20_10ep", "cifar10_n20_10ep", 10, (10,), (0.907,),
+    Row(
+        "c10_n20_10ep",
+        "cifar10_n20_10ep",
+        10,
+        (10,),
+        (0.907,),
         "10 epochs, cosine over 10 (the official table does not say whether its 10-epoch column is epoch 10 "
-        "of the 30-epoch run; a variant with train.epochs=30 would be that)"),
-    Row("c10_n200_1of30", "cifar10_n200_1ep", 30, (1,), (0.826,),
-        "n=200, epoch 1 of the official 30-epoch schedule (the README's starred figure)"),
-    Row("c100_n20_official_1ep", "cifar100_n20_1ep", 2, (1,), (0.585,),
-        "CIFAR-100, the official 1-epoch command (--epoch 2), first-epoch checkpoint; skipped without its data"),
+        "of the 30-epoch run; a variant with train.epochs=30 would be that)",
+    ),
+    Row(
+        "c10_n200_1of30",
+        "cifar10_n200_1ep",
+        30,
+        (1,),
+        (0.826,),
+        "n=200, epoch 1 of the official 30-epoch schedule (the README's starred figure)",
+    ),
+    Row(
+        "c100_n20_official_1ep",
+        "cifar100_n20_1ep",
+        2,
+        (1,),
+        (0.585,),
+        "CIFAR-100, the official 1-epoch command (--epoch 2), first-epoch checkpoint; skipped without its data",
+    ),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -90,16 +120,24 @@ def select_rows(names: Sequence[str] | None, variants: Sequence[tuple[str, str]]
         name, _, epoch = spec.partition("@")
         row = by_name.get(name)
         if row is None or (epoch and (not epoch.isdigit() or int(epoch) not in row.eval_epochs)):
-            raise ValueError(f"unknown rows {spec}; choose from {', '.join(ROW_NAMES)} (ROW@E for one of its "
-                             "evaluated epochs)")
+            raise ValueError(
+                f"unknown rows {spec}; choose from {', '.join(ROW_NAMES)} (ROW@E for one of its evaluated epochs)"
+            )
         if epoch:
             keep = row.eval_epochs.index(int(epoch))
             row = dataclasses.replace(row, name=spec, eval_epochs=(int(epoch),), official=(row.official[keep],))
         base.append(row)
     out = list(base)
     for label, overrides in variants:
-        out += [dataclasses.replace(r, name=f"{r.name}+{label}", overrides=r.overrides + tuple(overrides.split()),
-                                    note=f"{r.note}; variant {label}: {overrides}") for r in base]
+        out += [
+            dataclasses.replace(
+                r,
+                name=f"{r.name}+{label}",
+                overrides=r.overrides + tuple(overrides.split()),
+                note=f"{r.note}; variant {label}: {overrides}",
+            )
+            for r in base
+        ]
     return out
 
 
@@ -136,9 +174,19 @@ def data_copy(data) -> str:
 
 def row_config(row: Row, seed: int, data: list[str], overrides: Sequence[str]):
     """The resolved config of one seed of a row (validated)."""
-    cfg = load_config(row.config, [*data, f"train.epochs={row.schedule_epochs}", "train.max_steps=0",
-                                   "eval.knn=true", *overrides, *row.overrides, f"train.seed={seed}",
-                                   "eval.at_end=false"])
+    cfg = load_config(
+        row.config,
+        [
+            *data,
+            f"train.epochs={row.schedule_epochs}",
+            "train.max_steps=0",
+            "eval.knn=true",
+            *overrides,
+            *row.overrides,
+            f"train.seed={seed}",
+            "eval.at_end=false",
+        ],
+    )
     check_config(cfg)
     return cfg
 
@@ -147,7 +195,7 @@ def run_seed(cfg, row: Row) -> list[dict]:
     """Train one seed of a row; one record per evaluated epoch."""
     trainer = Trainer(cfg, None, progress=False)
     try:
-        trainer.test_set  # a missing test split fails before training
+        _ = trainer.test_set  # a missing test split fails before training
         trainer.train_until(1)
         first_step = trainer.warmup_seconds + trainer.train_seconds
         records = []
@@ -157,10 +205,19 @@ def run_seed(cfg, row: Row) -> list[dict]:
             metrics = trainer.evaluate()
             eval_seconds = time.perf_counter() - start
             clock = trainer.warmup_seconds + trainer.train_seconds
-            records.append({"epoch": epoch, "step": trainer.step, "train_seconds": clock - first_step,
-                            "train_seconds_incl_first_step": clock, "first_step_seconds": first_step,
-                            "eval_seconds": eval_seconds, "images_per_s": trainer.images_per_second(),
-                            "data": trainer.train_set.description, **metrics})
+            records.append(
+                {
+                    "epoch": epoch,
+                    "step": trainer.step,
+                    "train_seconds": clock - first_step,
+                    "train_seconds_incl_first_step": clock,
+                    "first_step_seconds": first_step,
+                    "eval_seconds": eval_seconds,
+                    "images_per_s": trainer.images_per_second(),
+                    "data": trainer.train_set.description,
+                    **metrics,
+                }
+            )
         return records
     finally:
         del trainer
@@ -179,34 +236,48 @@ def _std(values: list[float | None]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarise(row: Row, epoch_index: int, cfg, seeds: list[int], records: list[dict], status: str,
-              reason: str = "") -> dict:
+def summarise(
+    row: Row, epoch_index: int, cfg, seeds: list[int], records: list[dict], status: str, reason: str = ""
+) -> dict:
     """One JSON row: a (row, evaluated epoch) over its seeds."""
     epoch = row.eval_epochs[epoch_index]
     official = row.official[epoch_index]
     linear = [r["linear_top1"] for r in records]
     mean = _mean(linear)
     name = row.name if len(row.eval_epochs) == 1 else f"{row.name}@{epoch}"
-    return {"row": name, "recipe": row.name, "note": row.note, "status": status, "reason": reason,
-            "dataset": dataset_of(row.config), "data_copy": data_copy(cfg.data) if cfg else None,
-            "n_patches": cfg.train.n_patches if cfg else None, "batch_size": cfg.train.batch_size if cfg else None,
-            "epochs_trained": epoch, "schedule_epochs": row.schedule_epochs,
-            "protocol": eval_protocol_name(cfg.eval) if cfg else None,
-            "eval_patches": cfg.eval.patches if cfg and cfg.eval.mode == "patches" else None,
-            "probe_epochs": cfg.eval.probe_epochs if cfg else None,
-            "overrides": list(row.overrides), "seeds": seeds[:len(records)],
-            "linear_top1": linear, "linear_top1_mean": mean, "linear_top1_std": _std(linear),
-            "best_top1_on_test": [r["best_top1_on_test"] for r in records],
-            "best_top1_on_test_mean": _mean([r["best_top1_on_test"] for r in records]),
-            "knn_top1": [r.get("knn_top1") for r in records], "knn_top1_mean": _mean([r.get("knn_top1") for r in records]),
-            "official_linear_top1": official,
-            "delta_vs_official": mean - official if mean is not None and official is not None else None,
-            "train_seconds": [r["train_seconds"] for r in records],
-            "train_seconds_mean": _mean([r["train_seconds"] for r in records]),
-            "first_step_seconds": [r["first_step_seconds"] for r in records],
-            "eval_seconds": [r["eval_seconds"] for r in records],
-            "eval_seconds_mean": _mean([r["eval_seconds"] for r in records]),
-            "images_per_s_mean": _mean([r["images_per_s"] for r in records])}
+    return {
+        "row": name,
+        "recipe": row.name,
+        "note": row.note,
+        "status": status,
+        "reason": reason,
+        "dataset": dataset_of(row.config),
+        "data_copy": data_copy(cfg.data) if cfg else None,
+        "n_patches": cfg.train.n_patches if cfg else None,
+        "batch_size": cfg.train.batch_size if cfg else None,
+        "epochs_trained": epoch,
+        "schedule_epochs": row.schedule_epochs,
+        "protocol": eval_protocol_name(cfg.eval) if cfg else None,
+        "eval_patches": cfg.eval.patches if cfg and cfg.eval.mode == "patches" else None,
+        "probe_epochs": cfg.eval.probe_epochs if cfg else None,
+        "overrides": list(row.overrides),
+        "seeds": seeds[: len(records)],
+        "linear_top1": linear,
+        "linear_top1_mean": mean,
+        "linear_top1_std": _std(linear),
+        "best_top1_on_test": [r["best_top1_on_test"] for r in records],
+        "best_top1_on_test_mean": _mean([r["best_top1_on_test"] for r in records]),
+        "knn_top1": [r.get("knn_top1") for r in records],
+        "knn_top1_mean": _mean([r.get("knn_top1") for r in records]),
+        "official_linear_top1": official,
+        "delta_vs_official": mean - official if mean is not None and official is not None else None,
+        "train_seconds": [r["train_seconds"] for r in records],
+        "train_seconds_mean": _mean([r["train_seconds"] for r in records]),
+        "first_step_seconds": [r["first_step_seconds"] for r in records],
+        "eval_seconds": [r["eval_seconds"] for r in records],
+        "eval_seconds_mean": _mean([r["eval_seconds"] for r in records]),
+        "images_per_s_mean": _mean([r["images_per_s"] for r in records]),
+    }
 
 
 class BudgetClock:
@@ -225,8 +296,11 @@ class BudgetClock:
             return self.by_row[row.name]
         if not self.train_patch_seconds or cfg is None:
             return None
-        patches = row.eval_epochs[-1] * 50_000 * cfg.train.n_patches if cfg.data.source != "synthetic" else \
-            row.eval_epochs[-1] * cfg.data.synthetic_train * cfg.train.n_patches
+        patches = (
+            row.eval_epochs[-1] * 50_000 * cfg.train.n_patches
+            if cfg.data.source != "synthetic"
+            else row.eval_epochs[-1] * cfg.data.synthetic_train * cfg.train.n_patches
+        )
         return statistics.fmean(self.train_patch_seconds) * patches
 
     def fits(self, row: Row, cfg) -> bool:
@@ -240,8 +314,14 @@ class BudgetClock:
             self.train_patch_seconds.append(seconds / (images * cfg.train.n_patches))
 
 
-def run_accuracy(rows: Sequence[Row], seeds: Sequence[int], overrides: Sequence[str], data_paths: dict,
-                 budget: float | None = None, on_progress: Callable[[dict], None] | None = None) -> dict:
+def run_accuracy(
+    rows: Sequence[Row],
+    seeds: Sequence[int],
+    overrides: Sequence[str],
+    data_paths: dict,
+    budget: float | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
     """Every seed of every row; the result after each seed goes to on_progress (partial until the end)."""
     clock = BudgetClock(budget)
     environment: dict = {}
@@ -250,11 +330,18 @@ def run_accuracy(rows: Sequence[Row], seeds: Sequence[int], overrides: Sequence[
 
     def assemble(partial: bool) -> dict:
         env = environment or runs.environment(torch.device("cpu"))
-        result = {**common.base_result("accuracy", env), "partial": partial, "budget_seconds": budget,
-                  "wall_seconds": clock.elapsed(), "seeds": seeds, "overrides": list(overrides),
-                  "device": env.get("device_name") or env.get("device"),
-                  "versions": {k: env.get(k) for k in ("torch", "triton", "dali", "cuda", "python")},
-                  "commit": env.get("commit"), "rows": table}
+        result = {
+            **common.base_result("accuracy", env),
+            "partial": partial,
+            "budget_seconds": budget,
+            "wall_seconds": clock.elapsed(),
+            "seeds": seeds,
+            "overrides": list(overrides),
+            "device": env.get("device_name") or env.get("device"),
+            "versions": {k: env.get(k) for k in ("torch", "triton", "dali", "cuda", "python")},
+            "commit": env.get("commit"),
+            "rows": table,
+        }
         return result
 
     for row in rows:
@@ -262,8 +349,18 @@ def run_accuracy(rows: Sequence[Row], seeds: Sequence[int], overrides: Sequence[
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))
         data = [] if chosen else data_overrides(dataset_of(row.config), data_paths)
         if data is None:
-            table.extend(summarise(row, i, None, seeds, [], "skipped", f"no {dataset_of(row.config)} data given "
-                                   "and no canonical archive under data.root") for i in range(len(row.eval_epochs)))
+            table.extend(
+                summarise(
+                    row,
+                    i,
+                    None,
+                    seeds,
+                    [],
+                    "skipped",
+                    f"no {dataset_of(row.config)} data given and no canonical archive under data.root",
+                )
+                for i in range(len(row.eval_epochs))
+            )
             continue
         per_epoch: list[list[dict]] = [[] for _ in row.eval_epochs]
         slots = [len(table) + i for i in range(len(row.eval_epochs))]
@@ -290,9 +387,12 @@ def run_accuracy(rows: Sequence[Row], seeds: Sequence[int], overrides: Sequence[
             for i, record in enumerate(records):
                 per_epoch[i].append(record)
                 table[slots[i]] = summarise(row, i, cfg, seeds, per_epoch[i], "running")
-            print(f"accuracy {row.name} seed {seed}: " + ", ".join(
-                f"epoch {r['epoch']} linear {r['linear_top1']:.4f}" for r in records)
-                + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"accuracy {row.name} seed {seed}: "
+                + ", ".join(f"epoch {r['epoch']} linear {r['linear_top1']:.4f}" for r in records)
+                + f" ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
             if on_progress:
                 on_progress(assemble(partial=True))
         if status == "partial" and not per_epoch[0]:
@@ -319,32 +419,59 @@ def accuracy_markdown(result: dict) -> str:
     cpu = not str(env.get("device", "cpu")).startswith("cuda")
     lines = [f"# Accuracy vs the official table: {common.device_label(env)}", ""]
     if cpu:
-        lines += ["**CPU run: a pipeline check of the benchmark, not an accuracy claim** (tiny model, few "
-                  "steps; the official figures are for the full recipe).", ""]
-    lines += [f"- seeds: {', '.join(map(str, result['seeds']))}; overrides on every row: "
-              f"{' '.join(result['overrides']) or 'none'}"
-              + (f"; budget {result['budget_seconds']:g} s" if result["budget_seconds"] else "")
-              + (" (partial: still running when written)" if result["partial"] else ""),
-              "- linear top-1 = the FINAL probe epoch (the official script also prints the best epoch on test: "
-              "column 'best on test', selected on the test split)",
-              "- train s: training clock without the first step (compilation); evaluation is off the clock", ""]
-    headers = ["row", "data copy", "n", "epochs / schedule", "protocol (patches, probe epochs)",
-               "linear top-1 % (mean ± std)", "per seed", "best on test %", "kNN %", "official %", "Δ", "train s",
-               "eval s", "status"]
+        lines += [
+            "**CPU run: a pipeline check of the benchmark, not an accuracy claim** (tiny model, few "
+            "steps; the official figures are for the full recipe).",
+            "",
+        ]
+    lines += [
+        f"- seeds: {', '.join(map(str, result['seeds']))}; overrides on every row: "
+        f"{' '.join(result['overrides']) or 'none'}"
+        + (f"; budget {result['budget_seconds']:g} s" if result["budget_seconds"] else "")
+        + (" (partial: still running when written)" if result["partial"] else ""),
+        "- linear top-1 = the FINAL probe epoch (the official script also prints the best epoch on test: "
+        "column 'best on test', selected on the test split)",
+        "- train s: training clock without the first step (compilation); evaluation is off the clock",
+        "",
+    ]
+    headers = [
+        "row",
+        "data copy",
+        "n",
+        "epochs / schedule",
+        "protocol (patches, probe epochs)",
+        "linear top-1 % (mean ± std)",
+        "per seed",
+        "best on test %",
+        "kNN %",
+        "official %",
+        "Δ",
+        "train s",
+        "eval s",
+        "status",
+    ]
     body = []
     for r in result["rows"]:
         if not r:
             continue
-        body.append([r["row"], r["data_copy"] or "—", r["n_patches"] or "—",
-                     f"{r['epochs_trained']} / {r['schedule_epochs']}",
-                     f"{r['protocol']} ({r['eval_patches']}, {r['probe_epochs']})" if r["protocol"] else "—",
-                     _pm(r["linear_top1_mean"], r["linear_top1_std"]),
-                     " ".join(f"{100 * v:.2f}" for v in r["linear_top1"]) or "—",
-                     _pct(r["best_top1_on_test_mean"]), _pct(r["knn_top1_mean"]), _pct(r["official_linear_top1"]),
-                     "—" if r["delta_vs_official"] is None else f"{100 * r['delta_vs_official']:+.1f}",
-                     "—" if r["train_seconds_mean"] is None else f"{r['train_seconds_mean']:.1f}",
-                     "—" if r["eval_seconds_mean"] is None else f"{r['eval_seconds_mean']:.1f}",
-                     r["status"] + (f": {r['reason']}" if r["reason"] else "")])
+        body.append(
+            [
+                r["row"],
+                r["data_copy"] or "—",
+                r["n_patches"] or "—",
+                f"{r['epochs_trained']} / {r['schedule_epochs']}",
+                f"{r['protocol']} ({r['eval_patches']}, {r['probe_epochs']})" if r["protocol"] else "—",
+                _pm(r["linear_top1_mean"], r["linear_top1_std"]),
+                " ".join(f"{100 * v:.2f}" for v in r["linear_top1"]) or "—",
+                _pct(r["best_top1_on_test_mean"]),
+                _pct(r["knn_top1_mean"]),
+                _pct(r["official_linear_top1"]),
+                "—" if r["delta_vs_official"] is None else f"{100 * r['delta_vs_official']:+.1f}",
+                "—" if r["train_seconds_mean"] is None else f"{r['train_seconds_mean']:.1f}",
+                "—" if r["eval_seconds_mean"] is None else f"{r['eval_seconds_mean']:.1f}",
+                r["status"] + (f": {r['reason']}" if r["reason"] else ""),
+            ]
+        )
     lines += [common.markdown_table(headers, body), "", "## Rows", ""]
     lines += [f"- `{r['row']}`: {r['note']}" for r in result["rows"] if r]
     lines += ["", "## Environment", "", common.environment_markdown(env)]
@@ -394,12 +521,16 @@ def attach_peer(accuracy_path: Path, peer_path: Path) -> dict:
         peer = {"benchmark": "official_peer", "status": "SKIP", "reason": f"no readable {peer_path.name}"}
     result["official_peer"] = peer
     runs.write_json(accuracy_path, result)
-    scalars = [f"- {key}: {common.fmt(value)}" for key, value in peer.items()
-               if isinstance(value, (int, float, str, bool)) and key not in ("command", "created")]
+    scalars = [
+        f"- {key}: {common.fmt(value)}"
+        for key, value in peer.items()
+        if isinstance(value, (int, float, str, bool)) and key not in ("command", "created")
+    ]
     md = accuracy_path.with_suffix(".md")
     text = md.read_text().rstrip() + "\n\n" if md.exists() else "# Accuracy\n\n"
-    md.write_text(text + "## The official code on the same data (benchmarks/official_peer.py)\n\n"
-                  + "\n".join(scalars) + "\n")
+    md.write_text(
+        text + "## The official code on the same data (benchmarks/official_peer.py)\n\n" + "\n".join(scalars) + "\n"
+    )
     return result
 
 

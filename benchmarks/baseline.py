@@ -33,7 +33,6 @@ from fastemp.patches.torch_backend import augment
 
 from .common import PeakMemory, synchronize
 
-
 # ------------------------------------------------------------------------------------- loss
 
 
@@ -50,8 +49,9 @@ def loop_tcr(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
     return -sum(coding_rate_dxd(z[i], eps) for i in range(z.shape[0])) / z.shape[0]
 
 
-def baseline_loss_terms(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0,
-                        tcr_weight: float = 1.0) -> LossTerms:
+def baseline_loss_terms(
+    z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0, tcr_weight: float = 1.0
+) -> LossTerms:
     """The EMP-SSL loss of unit rows z (n, B, d), one patch group at a time in Python loops."""
     n = z.shape[0]
     zbar = z.mean(dim=0)
@@ -63,8 +63,7 @@ def baseline_loss_terms(z: torch.Tensor, eps: float = 0.2, invariance_weight: fl
 # ------------------------------------------------------------------------------------- data
 
 
-def augment_one_patch(images: torch.Tensor, image: int, aug: AugmentConfig,
-                      generator: torch.Generator) -> torch.Tensor:
+def augment_one_patch(images: torch.Tensor, image: int, aug: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """One augmented patch of dataset image `image`: (3, S, S) float32, normalized."""
     params = sample_params(torch.tensor([image]), images.shape[1], images.shape[2], aug, generator)
     return augment(images, params, aug)[0].contiguous()
@@ -99,13 +98,21 @@ def to_patch_major(batch: torch.Tensor) -> torch.Tensor:
     return batch.transpose(0, 1).reshape(-1, *batch.shape[2:])
 
 
-def make_loader(images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, workers: int,
-                pin_memory: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(
+    images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, workers: int, pin_memory: bool, seed: int = 0
+) -> torch.utils.data.DataLoader:
     """Shuffled, drop_last DataLoader over PerPatchDataset with `workers` processes."""
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        PerPatchDataset(images, n, aug), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-        pin_memory=pin_memory, generator=gen, persistent_workers=workers > 0)
+        PerPatchDataset(images, n, aug),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=gen,
+        persistent_workers=workers > 0,
+    )
 
 
 # ------------------------------------------------------------------------------------- step
@@ -124,8 +131,9 @@ class BaselineStep:
         n = batch.shape[1]
         x = to_patch_major(batch).to(self.device, non_blocking=True)
         z = F.normalize(self.model(x), dim=-1)
-        terms = baseline_loss_terms(z.view(n, -1, z.shape[-1]), self.cfg.loss.eps,
-                                    self.cfg.loss.invariance_weight, self.cfg.loss.tcr_weight)
+        terms = baseline_loss_terms(
+            z.view(n, -1, z.shape[-1]), self.cfg.loss.eps, self.cfg.loss.invariance_weight, self.cfg.loss.tcr_weight
+        )
         terms.total.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -145,8 +153,14 @@ class _TorchDefaults:
         b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = self.saved
 
 
-def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, workers: int,
-                     warmup: int | None = None, steps: int | None = None) -> dict:
+def measure_baseline(
+    cfg: Config,
+    images: torch.Tensor,
+    device: torch.device,
+    workers: int,
+    warmup: int | None = None,
+    steps: int | None = None,
+) -> dict:
     """Images/s of the reference-style pipeline at cfg's n and batch size.
 
     Workers deliver batches in bursts, so the rate is total images / total seconds over a window
@@ -180,12 +194,23 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
         loss = float(terms.total.detach())
     del loader
     images_per_s = steps * batch / seconds
-    return {"n_patches": n, "batch_size": batch, "status": "ok", "workers": workers, "warmup_steps": warmup,
-            "timed_steps": steps, "seconds": seconds, "images_per_s": images_per_s,
-            "patches_per_s": images_per_s * n, "data_wait_fraction": wait / seconds,
-            "peak_memory_bytes": memory.peak_bytes(), "peak_memory_source": memory.source, "final_loss": loss,
-            "description": "per-patch CPU augmentation in DataLoader workers, eager fp32 model, "
-                           "d x d logdet loop, unfused cosine loop, LARS"}
+    return {
+        "n_patches": n,
+        "batch_size": batch,
+        "status": "ok",
+        "workers": workers,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "seconds": seconds,
+        "images_per_s": images_per_s,
+        "patches_per_s": images_per_s * n,
+        "data_wait_fraction": wait / seconds,
+        "peak_memory_bytes": memory.peak_bytes(),
+        "peak_memory_source": memory.source,
+        "final_loss": loss,
+        "description": "per-patch CPU augmentation in DataLoader workers, eager fp32 model, "
+        "d x d logdet loop, unfused cosine loop, LARS",
+    }
 
 
 def augmentation_patches_per_s(images: torch.Tensor, aug: AugmentConfig, patches: int = 200) -> float:

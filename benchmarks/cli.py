@@ -13,8 +13,8 @@ from pathlib import Path
 
 from fastemp import distributed
 from fastemp.config import load_config
-from fastemp.runtime import resolve
 from fastemp.errors import UserError
+from fastemp.runtime import resolve
 from fastemp.validate import check_config
 
 from . import common
@@ -33,8 +33,9 @@ def _list_of(kind, what: str, example: str, zero_ok: bool = False):
         except ValueError:
             values = [-1]
         if not all(v > 0 or (zero_ok and v == 0) for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what} {bound} such as {example}, "
-                                             f"got {text[:80]!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} {bound} such as {example}, got {text[:80]!r}"
+            )
         return text
 
     return parse
@@ -105,12 +106,27 @@ def cmd_throughput(args) -> int:
 
     base = _load(args)
     out, name = _target(args, base.train.device)
-    axes = {"n_patches": common.parse_list(args.n, int), "batch_size": common.parse_list(args.batch, int),
-            "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
-            "precision": common.parse_list(args.precision), "grad_chunks": common.parse_list(args.grad_chunks, int)}
-    result = run_throughput(base, axes, base.train.device, args.warmup, args.steps, args.split_steps,
-                            args.baseline, args.baseline_workers, args.baseline_steps, args.peak_size,
-                            on_progress=_partial_writer(out, name, throughput_markdown))
+    axes = {
+        "n_patches": common.parse_list(args.n, int),
+        "batch_size": common.parse_list(args.batch, int),
+        "backend": common.parse_list(args.backend),
+        "compile": common.parse_list(args.compile),
+        "precision": common.parse_list(args.precision),
+        "grad_chunks": common.parse_list(args.grad_chunks, int),
+    }
+    result = run_throughput(
+        base,
+        axes,
+        base.train.device,
+        args.warmup,
+        args.steps,
+        args.split_steps,
+        args.baseline,
+        args.baseline_workers,
+        args.baseline_steps,
+        args.peak_size,
+        on_progress=_partial_writer(out, name, throughput_markdown),
+    )
     markdown = throughput_markdown(result)
     if distributed.is_main():  # under torchrun every rank measured; rank 0 reports
         print(markdown)
@@ -125,9 +141,15 @@ def cmd_time_to_accuracy(args) -> int:
     cfg = _load(args)
     out, name = _target(args, cfg.train.device, (".json", ".md", ".png"))
     milestones = common.parse_list(args.milestones, float) or []
-    result = run_time_to_accuracy(cfg, args.target, args.eval_every, args.max_wall_seconds, milestones,
-                                  on_progress=_partial_writer(out, name, tta_markdown),
-                                  compare_protocol=args.compare_protocol)
+    result = run_time_to_accuracy(
+        cfg,
+        args.target,
+        args.eval_every,
+        args.max_wall_seconds,
+        milestones,
+        on_progress=_partial_writer(out, name, tta_markdown),
+        compare_protocol=args.compare_protocol,
+    )
     markdown = tta_markdown(result)
     print(markdown)
     paths = common.write_results(out, name, result, markdown)
@@ -154,8 +176,14 @@ def cmd_accuracy(args) -> int:
         load_config("quickstart", [*overrides, *variant.split()])
     device = load_config("quickstart", overrides).train.device
     out, name = _target(args, device, (".json", ".md", ".png"))
-    result = run_accuracy(rows, seeds, overrides, {"cifar10": args.cifar10, "cifar100": args.cifar100},
-                          args.budget, on_progress=_partial_writer(out, name, accuracy_markdown))
+    result = run_accuracy(
+        rows,
+        seeds,
+        overrides,
+        {"cifar10": args.cifar10, "cifar100": args.cifar100},
+        args.budget,
+        on_progress=_partial_writer(out, name, accuracy_markdown),
+    )
     markdown = accuracy_markdown(result)
     print(markdown)
     paths = common.write_results(out, name, result, markdown)
@@ -181,9 +209,18 @@ def cmd_kernels(args) -> int:
 
     _threads(args)
     out, name = _target(args, args.device)
-    result = run_kernels(args.device, common.parse_list(args.n, int), common.parse_list(args.batch, int),
-                         common.parse_list(args.dim, int), args.warmup, args.iters, not args.no_compile,
-                         not args.no_augmentation, args.images, args.baseline_aug_patches)
+    result = run_kernels(
+        args.device,
+        common.parse_list(args.n, int),
+        common.parse_list(args.batch, int),
+        common.parse_list(args.dim, int),
+        args.warmup,
+        args.iters,
+        not args.no_compile,
+        not args.no_augmentation,
+        args.images,
+        args.baseline_aug_patches,
+    )
     markdown = kernels_markdown(result)
     print(markdown)
     _written(common.write_results(out, name, result, markdown))
@@ -195,9 +232,22 @@ def cmd_data(args) -> int:
 
     _threads(args)
     out, name = _target(args, args.device)
-    result = run_data_bench(args.device, common.parse_list(args.sources, int), args.n, args.batch, args.workers,
-                            args.warmup, args.steps, args.classes, args.per_class, args.patch, args.compile,
-                            args.overrides, args.folder_root, on_progress=_partial_writer(out, name, data_markdown))
+    result = run_data_bench(
+        args.device,
+        common.parse_list(args.sources, int),
+        args.n,
+        args.batch,
+        args.workers,
+        args.warmup,
+        args.steps,
+        args.classes,
+        args.per_class,
+        args.patch,
+        args.compile,
+        args.overrides,
+        args.folder_root,
+        on_progress=_partial_writer(out, name, data_markdown),
+    )
     markdown = data_markdown(result)
     print(markdown)
     _written(common.write_results(out, name, result, markdown))
@@ -211,16 +261,26 @@ def cmd_report(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tune import run_tune, tuned_config, tune_markdown, write_tuned_yaml
+    from .tune import run_tune, tune_markdown, tuned_config, write_tuned_yaml
 
     base = _load(args)
     requested = Path(args.out)
-    folder, stem = common.results_target(str(requested.parent), requested.stem, base.train.device, args.force,
-                                         (requested.suffix or ".yaml", ".json", ".md"))
+    folder, stem = common.results_target(
+        str(requested.parent),
+        requested.stem,
+        base.train.device,
+        args.force,
+        (requested.suffix or ".yaml", ".json", ".md"),
+    )
     out = folder / f"{stem}{requested.suffix}"
-    axes = {"n_patches": common.parse_list(args.n, int), "batch_size": common.parse_list(args.batch, int),
-            "backend": common.parse_list(args.backend), "compile": common.parse_list(args.compile),
-            "precision": None, "grad_chunks": common.parse_list(args.grad_chunks, int)}
+    axes = {
+        "n_patches": common.parse_list(args.n, int),
+        "batch_size": common.parse_list(args.batch, int),
+        "backend": common.parse_list(args.backend),
+        "compile": common.parse_list(args.compile),
+        "precision": None,
+        "grad_chunks": common.parse_list(args.grad_chunks, int),
+    }
     if axes["batch_size"] is None:
         axes["batch_size"] = [base.train.batch_size, 2 * base.train.batch_size]
     if axes["backend"] is None:
@@ -228,11 +288,20 @@ def cmd_tune(args) -> int:
     cuda = _on_cuda(base.train.device)
     if axes["compile"] is None:
         axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
-    settings = {"cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
-                "patch_compile": common.parse_list(args.patch_compile)}
-    result = run_tune(base, axes, base.train.device, args.memory_budget_gib, args.warmup, args.steps, settings,
-                      on_point=lambda partial: common.write_results(out.parent, out.stem, partial,
-                                                                    tune_markdown(partial)))
+    settings = {
+        "cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
+        "patch_compile": common.parse_list(args.patch_compile),
+    }
+    result = run_tune(
+        base,
+        axes,
+        base.train.device,
+        args.memory_budget_gib,
+        args.warmup,
+        args.steps,
+        settings,
+        on_point=lambda partial: common.write_results(out.parent, out.stem, partial, tune_markdown(partial)),
+    )
     markdown = tune_markdown(result)
     print(markdown)
     common.write_results(out.parent, out.stem, result, markdown)
@@ -273,8 +342,11 @@ def _threads_arg(p: argparse.ArgumentParser) -> None:
 def _output_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     p.add_argument("--name", default=name, help=f"file name stem (default: {name})")
-    p.add_argument("--force", action="store_true",
-                   help="replace existing result files (default: write <name>-2, -3, ... beside them)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing result files (default: write <name>-2, -3, ... beside them)",
+    )
 
 
 def register_cli(subparsers) -> None:
@@ -282,9 +354,12 @@ def register_cli(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, data, report")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
-    p = sub.add_parser("throughput", help="images/s, MFU, memory and step split over a sweep (+ baseline)",
-                       description="Data content does not change throughput: data.source=synthetic avoids a "
-                                   "download. MFU uses fastemp.model.flops_per_patch.")
+    p = sub.add_parser(
+        "throughput",
+        help="images/s, MFU, memory and step split over a sweep (+ baseline)",
+        description="Data content does not change throughput: data.source=synthetic avoids a "
+        "download. MFU uses fastemp.model.flops_per_patch.",
+    )
     _common_config_args(p, "cifar10_n20_1ep")
     p.add_argument("--n", type=INTEGERS, help="n_patches: " + SWEEP_HELP)
     p.add_argument("--batch", type=INTEGERS, help="batch sizes: " + SWEEP_HELP)
@@ -296,8 +371,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed end-to-end steps (median; default 20)")
     p.add_argument("--split-steps", type=int, default=20, help="instrumented steps for the split (0: skip)")
     p.add_argument("--baseline", action="store_true", help="also measure the reference-style baseline")
-    p.add_argument("--baseline-workers", type=int, default=min(16, os.cpu_count() or 1),
-                   help="DataLoader workers of the baseline (default: min(16, cores))")
+    p.add_argument(
+        "--baseline-workers",
+        type=int,
+        default=min(16, os.cpu_count() or 1),
+        help="DataLoader workers of the baseline (default: min(16, cores))",
+    )
     p.add_argument("--baseline-steps", type=int, help="timed baseline steps (default: max(20, 2 x workers))")
     p.add_argument("--peak-size", type=int, help="matmul size for the measured peak (default 8192 GPU, 1024 CPU)")
     _output_args(p, "throughput")
@@ -307,20 +386,37 @@ def register_cli(subparsers) -> None:
     _common_config_args(p, "cifar10_n20_10ep")
     p.add_argument("--target", type=float, default=0.85, help="linear-probe top-1 to reach (default 0.85)")
     p.add_argument("--eval-every", type=int, help="training steps between evaluations (default: half an epoch)")
-    p.add_argument("--max-wall-seconds", type=float,
-                   help="stop (target not reached) before the next chunk of training and evaluation would end past "
-                        "this much wall time; the results are still written")
-    p.add_argument("--milestones", type=NUMBERS, help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8")
-    p.add_argument("--protocol", choices=("official", "cheap"), default="official",
-                   help="evaluation protocol (default official; docs/evaluation.md); eval.* overrides refine it")
-    p.add_argument("--compare-protocol", choices=("official", "cheap"),
-                   help="also score every evaluated checkpoint under this protocol: the offset on the same weights")
+    p.add_argument(
+        "--max-wall-seconds",
+        type=float,
+        help="stop (target not reached) before the next chunk of training and evaluation would end past "
+        "this much wall time; the results are still written",
+    )
+    p.add_argument(
+        "--milestones",
+        type=NUMBERS,
+        help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("official", "cheap"),
+        default="official",
+        help="evaluation protocol (default official; docs/evaluation.md); eval.* overrides refine it",
+    )
+    p.add_argument(
+        "--compare-protocol",
+        choices=("official", "cheap"),
+        help="also score every evaluated checkpoint under this protocol: the offset on the same weights",
+    )
     _output_args(p, "time_to_accuracy")
     p.set_defaults(func=cmd_time_to_accuracy)
 
-    p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures",
-                       description="Rows: fastemp bench accuracy --list-rows. Evaluation: each row's eval protocol "
-                                   "(official by default; docs/evaluation.md).")
+    p = sub.add_parser(
+        "accuracy",
+        help="the official table's rows over seeds, beside the official figures",
+        description="Rows: fastemp bench accuracy --list-rows. Evaluation: each row's eval protocol "
+        "(official by default; docs/evaluation.md).",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the configs' train.device)")
     _threads_arg(p)
@@ -328,11 +424,19 @@ def register_cli(subparsers) -> None:
     p.add_argument("--list-rows", action="store_true", help="print the rows and what each reproduces, then exit")
     p.add_argument("--seeds", default="3", help="a count (seeds 0..N-1) or a comma-separated list (default 3)")
     p.add_argument("--budget", type=float, help="wall seconds: seeds predicted to end past it are skipped")
-    p.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"),
-                   help='run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 '
-                        '"model.precision=fp32 model.compile=none" (repeatable)')
-    p.add_argument("--cifar10", help="CIFAR-10: the JPEG copy (.tar.gz or folder, ImageFolder layout) or the folder "
-                                     "or path of cifar-10-python.tar.gz (default: the archive under data.root)")
+    p.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        metavar=("LABEL", "OVERRIDES"),
+        help="run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 "
+        '"model.precision=fp32 model.compile=none" (repeatable)',
+    )
+    p.add_argument(
+        "--cifar10",
+        help="CIFAR-10: the JPEG copy (.tar.gz or folder, ImageFolder layout) or the folder "
+        "or path of cifar-10-python.tar.gz (default: the archive under data.root)",
+    )
     p.add_argument("--cifar100", help="CIFAR-100, likewise (its rows are skipped when there is none)")
     _output_args(p, "accuracy")
     p.set_defaults(func=cmd_accuracy)
@@ -352,9 +456,12 @@ def register_cli(subparsers) -> None:
     _output_args(p, "kernels")
     p.set_defaults(func=cmd_kernels)
 
-    p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone",
-                       description="Synthetic JPEG folders at each source size (made here, no download); "
-                                   "see fastemp/benchmarks/data_bench.py and docs/data-backends.md.")
+    p = sub.add_parser(
+        "data",
+        help="the data path: Pillow workers vs DALI vs resident images vs the step alone",
+        description="Synthetic JPEG folders at each source size (made here, no download); "
+        "see fastemp/benchmarks/data_bench.py and docs/data-backends.md.",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
     p.add_argument("--device", default="auto")
     _threads_arg(p)
@@ -362,8 +469,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--patch", type=int, help="patch size for every source (default: 32 up to 64 px sources, else 224)")
     p.add_argument("--n", type=int, default=20, help="patches per image (default 20)")
     p.add_argument("--batch", type=int, default=100, help="images per step (default 100)")
-    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
-                   help="Pillow worker processes (default: min(16, cores))")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(16, os.cpu_count() or 1),
+        help="Pillow worker processes (default: min(16, cores))",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per arm (default 2)")
     p.add_argument("--steps", type=int, default=10, help="timed calls/steps per arm (default 10)")
     p.add_argument("--classes", type=int, default=10, help="classes of each synthetic folder (default 10)")
@@ -388,30 +499,48 @@ def register_cli(subparsers) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("official-peer", help="the official EMP-SSL code trained on this GPU and data, evaluated by "
-                                             "fastemp (docs/official_peer.md)")
-    from .official_peer import add_arguments as add_peer_arguments, run_from_args as cmd_official_peer
+    p = sub.add_parser(
+        "official-peer",
+        help="the official EMP-SSL code trained on this GPU and data, evaluated by fastemp (docs/official_peer.md)",
+    )
+    from .official_peer import add_arguments as add_peer_arguments
+    from .official_peer import run_from_args as cmd_official_peer
 
     add_peer_arguments(p)
     p.set_defaults(func=cmd_official_peer)
 
-    p = subparsers.add_parser("tune", help="find the fastest settings for this card; write them as a config",
-                              description="Objective: end-to-end images/s at your n (n is swept only with --n: "
-                                          "it changes the method). See fastemp/benchmarks/tune.py.")
+    p = subparsers.add_parser(
+        "tune",
+        help="find the fastest settings for this card; write them as a config",
+        description="Objective: end-to-end images/s at your n (n is swept only with --n: "
+        "it changes the method). See fastemp/benchmarks/tune.py.",
+    )
     _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--batch", type=INTEGERS, help="batch sizes (default: the config's B and 2B; B changes the method too)")
+    p.add_argument(
+        "--batch", type=INTEGERS, help="batch sizes (default: the config's B and 2B; B changes the method too)"
+    )
     p.add_argument("--n", type=INTEGERS, help="n_patches to try (opt-in; default: the config's only)")
     p.add_argument("--backend", help="patch backends (default: every available one)")
-    p.add_argument("--compile", help="compile modes (default on CUDA: default,max-autotune-no-cudagraphs,"
-                                     "reduce-overhead; none on CPU)")
-    p.add_argument("--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)")
+    p.add_argument(
+        "--compile",
+        help="compile modes (default on CUDA: default,max-autotune-no-cudagraphs,reduce-overhead; none on CPU)",
+    )
+    p.add_argument(
+        "--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)"
+    )
     p.add_argument("--patch-compile", help="data.patch_compile values, e.g. off,on (default: the config's)")
-    p.add_argument("--grad-chunks", type=CHUNKS,
-                   help="gradient-cache chunks (default: the config's; more when over budget; 0: from free memory)")
+    p.add_argument(
+        "--grad-chunks",
+        type=CHUNKS,
+        help="gradient-cache chunks (default: the config's; more when over budget; 0: from free memory)",
+    )
     p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point")
     p.add_argument("--out", default="tuned.yaml", help="the config to write (default: tuned.yaml; JSON beside it)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing config and its JSON (default: write tuned-2.yaml, ... beside them)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing config and its JSON (default: write tuned-2.yaml, ... beside them)",
+    )
     p.set_defaults(func=cmd_tune)

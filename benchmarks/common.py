@@ -160,16 +160,23 @@ def measure_matmul_tflops(device: torch.device, size: int | None = None, iters: 
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     out = torch.empty(size, size, device=device, dtype=dtype)
     seconds = median(time_calls(lambda: torch.matmul(a, b, out=out), device, warmup=3, iters=iters))
-    return {"measured_tflops": 2.0 * size**3 / seconds / 1e12, "dtype": str(dtype).replace("torch.", ""),
-            "matmul_size": size, "iters": iters}
+    return {
+        "measured_tflops": 2.0 * size**3 / seconds / 1e12,
+        "dtype": str(dtype).replace("torch.", ""),
+        "matmul_size": size,
+        "iters": iters,
+    }
 
 
 def peak_info(device: torch.device, device_name: str, size: int | None = None) -> dict:
     """Measured matmul peak plus the datasheet value beside it (None when the device is unknown)."""
     info = measure_matmul_tflops(device, size)
     sheet = datasheet_peak(device_name) if device.type == "cuda" else None
-    info.update(datasheet_label=sheet[0] if sheet else None, datasheet_tflops=sheet[1] if sheet else None,
-                datasheet_source=DATASHEET_SOURCE if sheet else None)
+    info.update(
+        datasheet_label=sheet[0] if sheet else None,
+        datasheet_tflops=sheet[1] if sheet else None,
+        datasheet_source=DATASHEET_SOURCE if sheet else None,
+    )
     return info
 
 
@@ -249,14 +256,28 @@ class DatasetCache:
 # -------------------------------------------------------------------------------------- targets
 
 
-def target_row(name: str, description: str, threshold: float, measured: float | None, higher_is_better: bool,
-               on_target_hardware: bool, note: str = "") -> dict:
+def target_row(
+    name: str,
+    description: str,
+    threshold: float,
+    measured: float | None,
+    higher_is_better: bool,
+    on_target_hardware: bool,
+    note: str = "",
+) -> dict:
     """One line of 'where this run stands': measured vs threshold, met is None when not measured."""
     met = None
     if measured is not None:
         met = bool(measured >= threshold) if higher_is_better else bool(measured <= threshold)
-    return {"name": name, "description": description, "threshold": threshold, "measured": measured,
-            "met": met, "on_target_hardware": on_target_hardware, "note": note}
+    return {
+        "name": name,
+        "description": description,
+        "threshold": threshold,
+        "measured": measured,
+        "met": met,
+        "on_target_hardware": on_target_hardware,
+        "note": note,
+    }
 
 
 def on_h100(environment: dict) -> bool:
@@ -312,21 +333,42 @@ def device_label(environment: dict) -> str:
 
 
 def environment_markdown(environment: dict) -> str:
-    keys = ["device_name", "device", "cpu_model", "driver", "cuda", "torch", "triton", "dali", "python", "cpu_threads", "commit"]
+    keys = [
+        "device_name",
+        "device",
+        "cpu_model",
+        "driver",
+        "cuda",
+        "torch",
+        "triton",
+        "dali",
+        "python",
+        "cpu_threads",
+        "commit",
+    ]
     return "\n".join(f"- {k}: {environment.get(k)}" for k in keys if k in environment)
 
 
 def targets_markdown(targets: list[dict]) -> str:
     if not targets:
         return ""
-    rows = [[t["description"], t["threshold"], t["measured"],
-             {True: "met", False: "NOT met", None: "not measured"}[t["met"]],
-             "yes" if t["on_target_hardware"] else "no (targets are for H100)", t["note"]] for t in targets]
+    rows = [
+        [
+            t["description"],
+            t["threshold"],
+            t["measured"],
+            {True: "met", False: "NOT met", None: "not measured"}[t["met"]],
+            "yes" if t["on_target_hardware"] else "no (targets are for H100)",
+            t["note"],
+        ]
+        for t in targets
+    ]
     return "## Targets\n\n" + markdown_table(["target", "threshold", "measured", "status", "on H100", "note"], rows)
 
 
-def results_target(out: str | None, name: str, device: str, force: bool,
-                   suffixes: Sequence[str] = (".json", ".md")) -> tuple[Path, str]:
+def results_target(
+    out: str | None, name: str, device: str, force: bool, suffixes: Sequence[str] = (".json", ".md")
+) -> tuple[Path, str]:
     """(folder, file stem) for a benchmark's results, decided BEFORE measuring so that no measured
     number is lost and no committed result is overwritten by accident: when <stem><suffix> exists
     and force is false, the stem gets the first free '-2', '-3', ... and a note says so."""
@@ -345,8 +387,12 @@ def results_target(out: str | None, name: str, device: str, force: bool,
     while not force and any((folder / f"{stem}{s}").exists() for s in suffixes):
         stem, k = f"{name}-{k}", k + 1
     if stem != name:
-        print(f"fastemp bench: {folder / name}{suffixes[0]} exists; results will go to {folder / stem}{suffixes[0]} "
-              "(--force replaces the existing file)", file=sys.stderr, flush=True)
+        print(
+            f"fastemp bench: {folder / name}{suffixes[0]} exists; results will go to {folder / stem}{suffixes[0]} "
+            "(--force replaces the existing file)",
+            file=sys.stderr,
+            flush=True,
+        )
     return folder, stem
 
 
@@ -374,5 +420,10 @@ def cpu_model() -> str | None:
 def base_result(benchmark: str, environment: dict) -> dict:
     """The fields every result file starts with."""
     environment = {**environment, "device_slug": device_slug(environment), "cpu_model": cpu_model()}
-    return {"benchmark": benchmark, "schema_version": 1, "created": now_iso(), "command": command_line(),
-            "environment": environment}
+    return {
+        "benchmark": benchmark,
+        "schema_version": 1,
+        "created": now_iso(),
+        "command": command_line(),
+        "environment": environment,
+    }

@@ -52,16 +52,36 @@ def patch_size_for(source_px: int) -> int:
     return 32 if source_px <= 64 else 224
 
 
-def bench_config(folder: Path, source_px: int, patch_px: int, n: int, batch: int, device: torch.device,
-                 compile_mode: str, overrides=()):
+def bench_config(
+    folder: Path,
+    source_px: int,
+    patch_px: int,
+    n: int,
+    batch: int,
+    device: torch.device,
+    compile_mode: str,
+    overrides=(),
+):
     """The imagenet100_n20 recipe on `folder`, at this patch size (CIFAR stem for 32-px patches)."""
     stem = "cifar" if patch_px <= 64 else "imagenet"
-    return load_config("imagenet100_n20", [f"data.path={folder}", f"train.device={device}", "data.backend=pillow",
-                                           "data.workers=0",
-                                           f"augment.crop_size={patch_px}", f"model.stem={stem}",
-                                           f"train.n_patches={n}", f"train.batch_size={batch}",
-                                           "train.max_steps=1000000", "train.log_every=1000000",
-                                           f"model.compile={compile_mode}", "eval.at_end=false", *overrides])
+    return load_config(
+        "imagenet100_n20",
+        [
+            f"data.path={folder}",
+            f"train.device={device}",
+            "data.backend=pillow",
+            "data.workers=0",
+            f"augment.crop_size={patch_px}",
+            f"model.stem={stem}",
+            f"train.n_patches={n}",
+            f"train.batch_size={batch}",
+            "train.max_steps=1000000",
+            "train.log_every=1000000",
+            f"model.compile={compile_mode}",
+            "eval.at_end=false",
+            *overrides,
+        ],
+    )
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -123,8 +143,9 @@ def data_alone(trainer: Trainer, backend, warmup: int, steps: int) -> tuple[floa
 def step_seconds(trainer: Trainer, backend, warmup: int, steps: int) -> float:
     """Seconds per real training step (patches, forward, backward, LARS) of a Trainer like `trainer` (same
     config and data) fed by `backend`."""
-    trainer = Trainer(trainer.cfg, progress=False, runtime=trainer.runtime, train_set=trainer.train_set,
-                      patches=backend)
+    trainer = Trainer(
+        trainer.cfg, progress=False, runtime=trainer.runtime, train_set=trainer.train_set, patches=backend
+    )
     trainer.train_until(trainer.step + max(1, warmup))
     common.synchronize(trainer.device)
     t0 = time.perf_counter()
@@ -145,8 +166,11 @@ def build_arm(arm: str, trainer: Trainer, folder: Path, source_px: int, workers:
 
         note = "" if trainer.device.type == "cuda" else "DALI CPU operators (no GPU)"
         threads = max(1, min(8, os.cpu_count() or 1))
-        return DaliImagePatches(trainer.train_set, cfg.augment, seed=cfg.train.seed), threads, \
-            f"{threads} DALI threads + {READ_THREADS} file-reading threads" + (f"; {note}" if note else "")
+        return (
+            DaliImagePatches(trainer.train_set, cfg.augment, seed=cfg.train.seed),
+            threads,
+            f"{threads} DALI threads + {READ_THREADS} file-reading threads" + (f"; {note}" if note else ""),
+        )
     data = dataclasses.replace(cfg.data, streamed=False, image_size=source_px, root=str(cache), backend="torch")
     images = load_split(data, "train", trainer.device).images
     aug = dataclasses.replace(cfg.augment, interpolation="bilinear")
@@ -161,11 +185,21 @@ def measure_source(source_px: int, patch_px: int, args: dict, device: torch.devi
     files = sorted((folder / "train").rglob("*.jpg"))
     bytes_per_image = sum(p.stat().st_size for p in files) / len(files)
     cfg = bench_config(folder, source_px, patch_px, n, batch, device, args["compile"], args["overrides"])
-    base = {"source_px": source_px, "patch_px": patch_px, "n_patches": n, "batch_size": batch,
-            "bytes_per_image": bytes_per_image, "images": len(files), "stem": cfg.model.stem,
-            "device": args["device_name"]}
-    print(f"fastemp bench data: {source_px} px sources -> {patch_px} px patches, n={n}, B={batch}",
-          file=sys.stderr, flush=True)
+    base = {
+        "source_px": source_px,
+        "patch_px": patch_px,
+        "n_patches": n,
+        "batch_size": batch,
+        "bytes_per_image": bytes_per_image,
+        "images": len(files),
+        "stem": cfg.model.stem,
+        "device": args["device_name"],
+    }
+    print(
+        f"fastemp bench data: {source_px} px sources -> {patch_px} px patches, n={n}, B={batch}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         trainer = Trainer(cfg, progress=False)
         fixed = trainer.patches(trainer.batch_index(0), n, seed=1).clone()
@@ -174,28 +208,68 @@ def measure_source(source_px: int, patch_px: int, args: dict, device: torch.devi
         status = "oom" if common.is_out_of_memory(err) else "error"
         print(f"fastemp bench data: the step at {source_px} px failed: {err}", file=sys.stderr, flush=True)
         common.free_device_memory(device)
-        return [{**base, "arm": arm, "status": status, "images_per_s": None, "data_seconds": None,
-                 "step_seconds": None, "step_only_seconds": None, "data_added_fraction": None, "cpu_workers": None,
-                 "cpu_cores_busy": None, "note": f"the step failed: {type(err).__name__}: {err}"[:300]}
-                for arm in ARMS]
-    rows = [{**base, "arm": "step_only", "status": "ok", "images_per_s": batch / reference, "data_seconds": 0.0,
-             "step_seconds": reference, "step_only_seconds": reference, "data_added_fraction": 0.0,
-             "cpu_workers": 0, "cpu_cores_busy": None, "note": "patches made once; the step alone"}]
+        return [
+            {
+                **base,
+                "arm": arm,
+                "status": status,
+                "images_per_s": None,
+                "data_seconds": None,
+                "step_seconds": None,
+                "step_only_seconds": None,
+                "data_added_fraction": None,
+                "cpu_workers": None,
+                "cpu_cores_busy": None,
+                "note": f"the step failed: {type(err).__name__}: {err}"[:300],
+            }
+            for arm in ARMS
+        ]
+    rows = [
+        {
+            **base,
+            "arm": "step_only",
+            "status": "ok",
+            "images_per_s": batch / reference,
+            "data_seconds": 0.0,
+            "step_seconds": reference,
+            "step_only_seconds": reference,
+            "data_added_fraction": 0.0,
+            "cpu_workers": 0,
+            "cpu_cores_busy": None,
+            "note": "patches made once; the step alone",
+        }
+    ]
     for arm in ("pillow", "dali", "resident"):
-        row = {**base, "arm": arm, "status": "ok", "images_per_s": None, "data_seconds": None, "step_seconds": None,
-               "step_only_seconds": reference, "data_added_fraction": None, "cpu_workers": None,
-               "cpu_cores_busy": None, "note": ""}
+        row = {
+            **base,
+            "arm": arm,
+            "status": "ok",
+            "images_per_s": None,
+            "data_seconds": None,
+            "step_seconds": None,
+            "step_only_seconds": reference,
+            "data_added_fraction": None,
+            "cpu_workers": None,
+            "cpu_cores_busy": None,
+            "note": "",
+        }
         if arm == "dali" and not dali_available():
             rows.append({**row, "status": "skipped", "note": "nvidia.dali does not import: not measured"})
             continue
         backend = None
         try:
-            backend, row["cpu_workers"], row["note"] = build_arm(arm, trainer, folder, source_px, workers,
-                                                                 root / "cache")
+            backend, row["cpu_workers"], row["note"] = build_arm(
+                arm, trainer, folder, source_px, workers, root / "cache"
+            )
             seconds, busy = data_alone(trainer, backend, warmup, steps)
             step = step_seconds(trainer, backend, warmup, steps)
-            row.update(images_per_s=batch / seconds, data_seconds=seconds, cpu_cores_busy=busy, step_seconds=step,
-                       data_added_fraction=max(0.0, 1.0 - reference / step))
+            row.update(
+                images_per_s=batch / seconds,
+                data_seconds=seconds,
+                cpu_cores_busy=busy,
+                step_seconds=step,
+                data_added_fraction=max(0.0, 1.0 - reference / step),
+            )
         except Exception as err:
             status = "oom" if common.is_out_of_memory(err) else "error"
             print(f"fastemp bench data: {arm} at {source_px} px failed: {err}", file=sys.stderr, flush=True)
@@ -209,27 +283,60 @@ def measure_source(source_px: int, patch_px: int, args: dict, device: torch.devi
     return rows
 
 
-def run_data_bench(device: str = "auto", sources=(32, 64, 400), n: int = 20, batch: int = 100, workers: int = 16,
-                   warmup: int = 2, steps: int = 10, classes: int = 10, per_class: int = 20, patch: int | None = None,
-                   compile_mode: str = "none", overrides=(), folder_root: str | None = None,
-                   on_progress=None) -> dict:
+def run_data_bench(
+    device: str = "auto",
+    sources=(32, 64, 400),
+    n: int = 20,
+    batch: int = 100,
+    workers: int = 16,
+    warmup: int = 2,
+    steps: int = 10,
+    classes: int = 10,
+    per_class: int = 20,
+    patch: int | None = None,
+    compile_mode: str = "none",
+    overrides=(),
+    folder_root: str | None = None,
+    on_progress=None,
+) -> dict:
     dev = resolve_device(device)
     environment = runs.environment(dev)
-    args = {"n": n, "batch": batch, "workers": workers, "warmup": warmup, "steps": steps, "classes": classes,
-            "per_class": per_class, "compile": compile_mode, "overrides": list(overrides),
-            "device_name": environment.get("device_name")}
-    notes = [f"step without torch.compile (model.compile={compile_mode})" if compile_mode == "none"
-             else f"model.compile={compile_mode}",
-             "synthetic JPEGs (fastemp.data.synthetic_jpeg, quality 90 + pixel noise): see bytes_per_image; "
-             "ImageNet photos average about 110 kB at ~400 x 350 px, so they decode somewhat slower"]
+    args = {
+        "n": n,
+        "batch": batch,
+        "workers": workers,
+        "warmup": warmup,
+        "steps": steps,
+        "classes": classes,
+        "per_class": per_class,
+        "compile": compile_mode,
+        "overrides": list(overrides),
+        "device_name": environment.get("device_name"),
+    }
+    notes = [
+        f"step without torch.compile (model.compile={compile_mode})"
+        if compile_mode == "none"
+        else f"model.compile={compile_mode}",
+        "synthetic JPEGs (fastemp.data.synthetic_jpeg, quality 90 + pixel noise): see bytes_per_image; "
+        "ImageNet photos average about 110 kB at ~400 x 350 px, so they decode somewhat slower",
+    ]
     if dev.type == "cpu":
-        notes.append("CPU run: every arm shares this machine's cores with the training step; DALI runs its CPU "
-                     "operators. These numbers describe the CPU, not a GPU.")
-    result = {**common.base_result("data", environment), "partial": True,
-              "settings": {**{k: v for k, v in args.items() if k not in ("overrides", "device_name")},
-                           "sources": list(sources),
-                           "patch": patch, "overrides": list(overrides)},
-              "rows": [], "notes": notes}
+        notes.append(
+            "CPU run: every arm shares this machine's cores with the training step; DALI runs its CPU "
+            "operators. These numbers describe the CPU, not a GPU."
+        )
+    result = {
+        **common.base_result("data", environment),
+        "partial": True,
+        "settings": {
+            **{k: v for k, v in args.items() if k not in ("overrides", "device_name")},
+            "sources": list(sources),
+            "patch": patch,
+            "overrides": list(overrides),
+        },
+        "rows": [],
+        "notes": notes,
+    }
     with tempfile.TemporaryDirectory(dir=folder_root) as tmp:
         for source_px in sources:
             result["rows"] += measure_source(source_px, patch or patch_size_for(source_px), args, dev, Path(tmp))
@@ -241,15 +348,49 @@ def run_data_bench(device: str = "auto", sources=(32, 64, 400), n: int = 20, bat
 
 def data_markdown(result: dict) -> str:
     env, s = result["environment"], result["settings"]
-    lines = [f"# Data path: {common.device_label(env)} ({env.get('device')})", "",
-             f"n={s['n']}, B={s['batch']}, {s['warmup']} warm-up + {s['steps']} timed steps per arm; "
-             "images/s of the data path alone (with its prefetch); step s = a real training step fed by the arm; "
-             "added = 1 - step_only / step.", ""]
-    rows = [[r["source_px"], r["patch_px"], r["arm"], r["images_per_s"], r["step_seconds"] * 1e3 if r["step_seconds"]
-             else None, r["data_added_fraction"], r["cpu_workers"], r["cpu_cores_busy"], r["bytes_per_image"] / 1e3,
-             r["status"], r["note"]] for r in result["rows"]]
-    lines += [common.markdown_table(["source px", "patch px", "arm", "images/s", "step ms", "added", "cpu workers",
-                                     "cores busy", "kB/image", "status", "note"], rows), ""]
+    lines = [
+        f"# Data path: {common.device_label(env)} ({env.get('device')})",
+        "",
+        f"n={s['n']}, B={s['batch']}, {s['warmup']} warm-up + {s['steps']} timed steps per arm; "
+        "images/s of the data path alone (with its prefetch); step s = a real training step fed by the arm; "
+        "added = 1 - step_only / step.",
+        "",
+    ]
+    rows = [
+        [
+            r["source_px"],
+            r["patch_px"],
+            r["arm"],
+            r["images_per_s"],
+            r["step_seconds"] * 1e3 if r["step_seconds"] else None,
+            r["data_added_fraction"],
+            r["cpu_workers"],
+            r["cpu_cores_busy"],
+            r["bytes_per_image"] / 1e3,
+            r["status"],
+            r["note"],
+        ]
+        for r in result["rows"]
+    ]
+    lines += [
+        common.markdown_table(
+            [
+                "source px",
+                "patch px",
+                "arm",
+                "images/s",
+                "step ms",
+                "added",
+                "cpu workers",
+                "cores busy",
+                "kB/image",
+                "status",
+                "note",
+            ],
+            rows,
+        ),
+        "",
+    ]
     lines += ["## Environment", "", common.environment_markdown(env), ""]
     if result["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in result["notes"]]

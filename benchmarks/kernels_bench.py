@@ -34,7 +34,6 @@ from fastemp.runtime import resolve_device
 from . import common
 from .baseline import augmentation_patches_per_s, loop_tcr
 
-
 # ------------------------------------------------------------------------------ implementations
 
 
@@ -59,8 +58,14 @@ def cosine_impls(device: torch.device, compile_torch: bool) -> list[tuple[str, o
         out.append(("compiled", torch.compile(unfused_invariance, dynamic=False), True, "torch.compile default"))
     if triton_usable(device):
         on_cpu = device.type == "cpu"
-        out.append(("triton", triton_invariance, not on_cpu,
-                    "TRITON_INTERPRET=1 correctness smoke, time not meaningful" if on_cpu else ""))
+        out.append(
+            (
+                "triton",
+                triton_invariance,
+                not on_cpu,
+                "TRITON_INTERPRET=1 correctness smoke, time not meaningful" if on_cpu else "",
+            )
+        )
     else:
         out.append(("triton", None, False, "Triton cannot run here (CPU without TRITON_INTERPRET=1)"))
     return out
@@ -88,14 +93,24 @@ def time_fwd_bwd(fn, x: torch.Tensor, device: torch.device, warmup: int, iters: 
     return common.median(common.time_calls(call, device, warmup, iters))
 
 
-def compare_impls(kernel: str, impls, x: torch.Tensor, shape: dict, device: torch.device, warmup: int,
-                  iters: int) -> list[dict]:
+def compare_impls(
+    kernel: str, impls, x: torch.Tensor, shape: dict, device: torch.device, warmup: int, iters: int
+) -> list[dict]:
     """Rows for each implementation of one kernel at one shape: time and agreement with the first."""
     rows, ref = [], None
     for name, fn, timed, note in impls:
-        row = {"kernel": kernel, "impl": name, **shape, "dtype": str(x.dtype).replace("torch.", ""),
-               "timed": bool(timed and fn is not None), "seconds": None, "note": note,
-               "loss_abs_diff": None, "grad_max_abs_diff": None, "status": "ok"}
+        row = {
+            "kernel": kernel,
+            "impl": name,
+            **shape,
+            "dtype": str(x.dtype).replace("torch.", ""),
+            "timed": bool(timed and fn is not None),
+            "seconds": None,
+            "note": note,
+            "loss_abs_diff": None,
+            "grad_max_abs_diff": None,
+            "status": "ok",
+        }
         if fn is None:
             rows.append({**row, "status": "skipped"})
             continue
@@ -114,22 +129,33 @@ def compare_impls(kernel: str, impls, x: torch.Tensor, shape: dict, device: torc
     return rows
 
 
-def augmentation_rows(images: torch.Tensor, n: int, batch: int, device: torch.device, warmup: int,
-                      iters: int) -> list[dict]:
+def augmentation_rows(
+    images: torch.Tensor, n: int, batch: int, device: torch.device, warmup: int, iters: int
+) -> list[dict]:
     """patches/s of the torch and DALI backends making n*B patches per call."""
     rows, aug = [], AugmentConfig()
     index = torch.arange(batch, device=device) % images.shape[0]
     for name in ("torch", "dali"):
-        row = {"kernel": "augmentation", "impl": name, "n": n, "B": batch, "seconds": None, "patches_per_s": None,
-               "timed": False, "status": "ok", "note": ""}
+        row = {
+            "kernel": "augmentation",
+            "impl": name,
+            "n": n,
+            "B": batch,
+            "seconds": None,
+            "patches_per_s": None,
+            "timed": False,
+            "status": "ok",
+            "note": "",
+        }
         if name == "dali" and not dali_available():
             rows.append({**row, "status": "skipped", "note": "nvidia.dali does not import: not measured"})
             continue
         try:
             backend = make_patch_backend(name, images, aug, seed=0)
             counter = iter(range(10**9))
-            seconds = common.median(common.time_calls(lambda b=backend, c=counter: b(index, n, seed=next(c)), device,
-                                                      warmup, iters))
+            seconds = common.median(
+                common.time_calls(lambda b=backend, c=counter: b(index, n, seed=next(c)), device, warmup, iters)
+            )
             row.update(seconds=seconds, patches_per_s=n * batch / seconds, timed=True)
         except Exception as err:
             print(f"fastemp bench kernels: augmentation/{name} failed: {err}", file=sys.stderr)
@@ -146,20 +172,50 @@ def speedups(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["kernel"] not in reference or not r["timed"] or r["impl"] == reference[r["kernel"]]:
             continue
-        ref = next((q for q in rows if q["kernel"] == r["kernel"] and q["impl"] == reference[r["kernel"]]
-                    and q["n"] == r["n"] and q["B"] == r["B"] and q.get("d") == r.get("d") and q["timed"]), None)
+        ref = next(
+            (
+                q
+                for q in rows
+                if q["kernel"] == r["kernel"]
+                and q["impl"] == reference[r["kernel"]]
+                and q["n"] == r["n"]
+                and q["B"] == r["B"]
+                and q.get("d") == r.get("d")
+                and q["timed"]
+            ),
+            None,
+        )
         if ref:
-            out.append({"kernel": r["kernel"], "impl": r["impl"], "vs": ref["impl"], "n": r["n"], "B": r["B"],
-                        "d": r.get("d"), "speedup": ref["seconds"] / r["seconds"]})
+            out.append(
+                {
+                    "kernel": r["kernel"],
+                    "impl": r["impl"],
+                    "vs": ref["impl"],
+                    "n": r["n"],
+                    "B": r["B"],
+                    "d": r.get("d"),
+                    "speedup": ref["seconds"] / r["seconds"],
+                }
+            )
     return out
 
 
 # ------------------------------------------------------------------------------------ the run
 
 
-def run_kernels(device: str = "auto", ns=(20, 50, 200), batches=(100, 256), dims=(1024,), warmup: int = 3,
-                iters: int = 20, compile_torch: bool = True, augmentation: bool = True,
-                images: int = 10_000, baseline_aug_patches: int = 200, seed: int = 0) -> dict:
+def run_kernels(
+    device: str = "auto",
+    ns=(20, 50, 200),
+    batches=(100, 256),
+    dims=(1024,),
+    warmup: int = 3,
+    iters: int = 20,
+    compile_torch: bool = True,
+    augmentation: bool = True,
+    images: int = 10_000,
+    baseline_aug_patches: int = 200,
+    seed: int = 0,
+) -> dict:
     dev = resolve_device(device)
     environment = runs.environment(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -172,9 +228,18 @@ def run_kernels(device: str = "auto", ns=(20, 50, 200), batches=(100, 256), dims
                 p = torch.randn(n, batch, d, device=dev, generator=gen).to(low)
                 rows += compare_impls("cosine_to_mean", cosine_impls(dev, compile_torch), p, shape, dev, warmup, iters)
                 z = F.normalize(torch.randn(n, batch, d, device=dev, generator=gen), dim=-1)
-                rows += compare_impls("tcr", [("cholesky", cholesky_tcr, True, "batched Cholesky, B x B side"),
-                                              ("loop", loop_tcr, True, "per-patch d x d torch.logdet")],
-                                      z, shape, dev, warmup, iters)
+                rows += compare_impls(
+                    "tcr",
+                    [
+                        ("cholesky", cholesky_tcr, True, "batched Cholesky, B x B side"),
+                        ("loop", loop_tcr, True, "per-patch d x d torch.logdet"),
+                    ],
+                    z,
+                    shape,
+                    dev,
+                    warmup,
+                    iters,
+                )
                 del p, z
                 common.free_device_memory(dev)
     aug_rows = []
@@ -184,39 +249,98 @@ def run_kernels(device: str = "auto", ns=(20, 50, 200), batches=(100, 256), dims
             for batch in batches:
                 aug_rows += augmentation_rows(pool, n, batch, dev, warmup, iters)
         rate = augmentation_patches_per_s(pool[:1000], AugmentConfig(), baseline_aug_patches)
-        aug_rows.append({"kernel": "augmentation", "impl": "baseline per-patch CPU (1 process)", "n": 1, "B": 1,
-                         "seconds": 1.0 / rate, "patches_per_s": rate, "timed": True, "status": "ok",
-                         "note": f"{baseline_aug_patches} patches, one at a time"})
+        aug_rows.append(
+            {
+                "kernel": "augmentation",
+                "impl": "baseline per-patch CPU (1 process)",
+                "n": 1,
+                "B": 1,
+                "seconds": 1.0 / rate,
+                "patches_per_s": rate,
+                "timed": True,
+                "status": "ok",
+                "note": f"{baseline_aug_patches} patches, one at a time",
+            }
+        )
     notes = []
     if dev.type == "cpu":
         notes.append("CPU timings are noisy: the machine's cores are shared with other work.")
         notes.append("Triton on the CPU runs interpreted (TRITON_INTERPRET=1): a correctness smoke, never timed.")
-        notes.append(f"torch ran with {torch.get_num_threads()} CPU thread(s); the DALI pipeline uses its own "
-                     "worker threads (fastemp/patches/dali_backend.py), so the augmentation rows are not thread-matched.")
-    result = {**common.base_result("kernels", environment),
-              "settings": {"n": list(ns), "B": list(batches), "d": list(dims), "warmup": warmup, "iters": iters,
-                           "compile_torch": compile_torch, "cosine_dtype": str(low).replace("torch.", ""),
-                           "augmentation_images": images if augmentation else None},
-              "rows": rows, "augmentation": aug_rows, "speedups": speedups(rows + aug_rows), "notes": notes}
+        notes.append(
+            f"torch ran with {torch.get_num_threads()} CPU thread(s); the DALI pipeline uses its own "
+            "worker threads (fastemp/patches/dali_backend.py), so the augmentation rows are not thread-matched."
+        )
+    result = {
+        **common.base_result("kernels", environment),
+        "settings": {
+            "n": list(ns),
+            "B": list(batches),
+            "d": list(dims),
+            "warmup": warmup,
+            "iters": iters,
+            "compile_torch": compile_torch,
+            "cosine_dtype": str(low).replace("torch.", ""),
+            "augmentation_images": images if augmentation else None,
+        },
+        "rows": rows,
+        "augmentation": aug_rows,
+        "speedups": speedups(rows + aug_rows),
+        "notes": notes,
+    }
     return result
 
 
 def kernels_markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# Kernels: {common.device_label(env)} ({env.get('device')})", "",
-             f"Median of {result['settings']['iters']} timed calls after {result['settings']['warmup']} warm-up calls; "
-             "forward + backward for the loss kernels. 'diff' columns: max abs difference from the first "
-             "implementation listed for that shape.", ""]
-    rows = [[r["kernel"], r["impl"], r["n"], r["B"], r["d"], r["dtype"],
-             r["seconds"] * 1e3 if r["seconds"] is not None else None, r["loss_abs_diff"], r["grad_max_abs_diff"],
-             r["status"], r["note"]] for r in result["rows"]]
-    lines += [common.markdown_table(["kernel", "impl", "n", "B", "d", "dtype", "ms", "loss diff", "grad diff",
-                                     "status", "note"], rows), ""]
+    lines = [
+        f"# Kernels: {common.device_label(env)} ({env.get('device')})",
+        "",
+        f"Median of {result['settings']['iters']} timed calls after {result['settings']['warmup']} warm-up calls; "
+        "forward + backward for the loss kernels. 'diff' columns: max abs difference from the first "
+        "implementation listed for that shape.",
+        "",
+    ]
+    rows = [
+        [
+            r["kernel"],
+            r["impl"],
+            r["n"],
+            r["B"],
+            r["d"],
+            r["dtype"],
+            r["seconds"] * 1e3 if r["seconds"] is not None else None,
+            r["loss_abs_diff"],
+            r["grad_max_abs_diff"],
+            r["status"],
+            r["note"],
+        ]
+        for r in result["rows"]
+    ]
+    lines += [
+        common.markdown_table(
+            ["kernel", "impl", "n", "B", "d", "dtype", "ms", "loss diff", "grad diff", "status", "note"], rows
+        ),
+        "",
+    ]
     if result["augmentation"]:
-        rows = [[r["impl"], r["n"], r["B"], r["patches_per_s"], r["seconds"] * 1e3 if r["seconds"] else None,
-                 r["status"], r["note"]] for r in result["augmentation"]]
-        lines += ["## Augmentation", "", common.markdown_table(["backend", "n", "B", "patches/s", "ms per call",
-                                                                "status", "note"], rows), ""]
+        rows = [
+            [
+                r["impl"],
+                r["n"],
+                r["B"],
+                r["patches_per_s"],
+                r["seconds"] * 1e3 if r["seconds"] else None,
+                r["status"],
+                r["note"],
+            ]
+            for r in result["augmentation"]
+        ]
+        lines += [
+            "## Augmentation",
+            "",
+            common.markdown_table(["backend", "n", "B", "patches/s", "ms per call", "status", "note"], rows),
+            "",
+        ]
     if result["speedups"]:
         rows = [[s["kernel"], s["impl"], s["vs"], s["n"], s["B"], s["d"], s["speedup"]] for s in result["speedups"]]
         lines += ["## Speed-ups", "", common.markdown_table(["kernel", "impl", "over", "n", "B", "d", "x"], rows), ""]

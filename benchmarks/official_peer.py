@@ -55,8 +55,7 @@ NAME = "official_peer"
 OFFICIAL_REPO = "tsb0601/EMP-SSL"
 # what main.py imports, directly or through func.py / model / dataset (module names as imported)
 OFFICIAL_REQUIREMENTS = ("torchvision", "torchmetrics", "sklearn", "tqdm", "matplotlib", "PIL", "numpy")
-OFFICIAL_FILES = ("main.py", "model/model.py", "dataset/datasets.py", "dataset/aug.py", "lars.py", "loss.py",
-                  "func.py")
+OFFICIAL_FILES = ("main.py", "model/model.py", "dataset/datasets.py", "dataset/aug.py", "lars.py", "loss.py", "func.py")
 OFFICIAL_BATCH_SIZE = 100  # main.py's --bs default; the README's command keeps it
 OFFICIAL_TRAIN_IMAGES = 50_000  # main.py's cosine length is (50000 // bs) * --epoch, whatever the data
 README_SCHEDULE_EPOCHS = 2  # the README's "1 epoch" command is `--epoch 2`, evaluated after its first epoch
@@ -74,19 +73,35 @@ class PeerError(UserError, RuntimeError):
 
 def official_arguments(n_patches: int, schedule_epochs: int) -> list[str]:
     """main.py's arguments: the README's CIFAR-10 command, with its patch count and schedule length."""
-    return ["--data", "cifar10", "--epoch", str(schedule_epochs), "--patch_sim", "200", "--arch", "resnet18-cifar",
-            "--num_patches", str(n_patches), "--lr", "0.3"]
+    return [
+        "--data",
+        "cifar10",
+        "--epoch",
+        str(schedule_epochs),
+        "--patch_sim",
+        "200",
+        "--arch",
+        "resnet18-cifar",
+        "--num_patches",
+        str(n_patches),
+        "--lr",
+        "0.3",
+    ]
 
 
 def check_official_dir(path: Path) -> dict[str, str]:
     """sha256 of the official files the run uses; PeerError when `path` is not such a checkout."""
     if not path.is_dir():
-        raise PeerError(f"--official-dir {path} does not exist; fetch {OFFICIAL_REPO} outside this project "
-                        "(e.g. git clone into .official/) and pass its folder")
+        raise PeerError(
+            f"--official-dir {path} does not exist; fetch {OFFICIAL_REPO} outside this project "
+            "(e.g. git clone into .official/) and pass its folder"
+        )
     missing = [f for f in OFFICIAL_FILES if not (path / f).is_file()]
     if missing:
-        raise PeerError(f"--official-dir {path} is not a checkout of {OFFICIAL_REPO} (no {', '.join(missing)}); "
-                        "pass the folder that holds its main.py")
+        raise PeerError(
+            f"--official-dir {path} is not a checkout of {OFFICIAL_REPO} (no {', '.join(missing)}); "
+            "pass the folder that holds its main.py"
+        )
     return {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in OFFICIAL_FILES}
 
 
@@ -112,8 +127,10 @@ def probe_imports(python: str, modules: tuple[str, ...] = ("torch", *OFFICIAL_RE
     except (ValueError, IndexError):
         found = None
     if found is None:
-        raise PeerError(f"the interpreter {python} failed to check its modules ({last_line(out.stderr)}); "
-                        "pass --python with a working one")
+        raise PeerError(
+            f"the interpreter {python} failed to check its modules ({last_line(out.stderr)}); "
+            "pass --python with a working one"
+        )
     return found
 
 
@@ -131,11 +148,15 @@ def is_canonical_archive(path: Path) -> bool:
 
 def check_data_path(path: Path) -> None:
     if not path.exists():
-        raise PeerError(f"--data {path} does not exist; pass the CIFAR-10 JPEG copy (an ImageFolder .tar.gz or "
-                        f"folder) or {CANONICAL_ARCHIVE}")
+        raise PeerError(
+            f"--data {path} does not exist; pass the CIFAR-10 JPEG copy (an ImageFolder .tar.gz or "
+            f"folder) or {CANONICAL_ARCHIVE}"
+        )
     if not (path.is_dir() or path.name.lower().endswith((".tar", ".tar.gz", ".tgz"))):
-        raise PeerError(f"--data {path} is neither a folder nor a .tar/.tar.gz/.tgz archive; pass the CIFAR-10 "
-                        f"JPEG copy (ImageFolder) or {CANONICAL_ARCHIVE}")
+        raise PeerError(
+            f"--data {path} is neither a folder nor a .tar/.tar.gz/.tgz archive; pass the CIFAR-10 "
+            f"JPEG copy (ImageFolder) or {CANONICAL_ARCHIVE}"
+        )
 
 
 def data_overrides(path: Path) -> list[str]:
@@ -159,8 +180,12 @@ def subset(images, count: int):
     if not count:
         return images
     index = evenly_spaced(count, len(images)).to(images.labels.device)
-    return ImageSet(images.images[index].contiguous(), images.labels[index].contiguous(), images.classes,
-                    f"{images.description}, evenly spaced subset of {index.numel()}")
+    return ImageSet(
+        images.images[index].contiguous(),
+        images.labels[index].contiguous(),
+        images.classes,
+        f"{images.description}, evenly spaced subset of {index.numel()}",
+    )
 
 
 def _cifar_rows(images: np.ndarray) -> np.ndarray:
@@ -172,18 +197,29 @@ def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
     """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets; {file: md5}."""
     for split, s in (("train", train), ("test", test)):
         if tuple(s.images.shape[1:]) != (32, 32, 3):
-            raise PeerError(f"the {split} images are {tuple(s.images.shape[1:])}, the official CIFAR loader needs "
-                            "32x32x3; keep data.image_size=32")
+            raise PeerError(
+                f"the {split} images are {tuple(s.images.shape[1:])}, the official CIFAR loader needs "
+                "32x32x3; keep data.image_size=32"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     train_x, train_y = train.images.cpu().numpy(), train.labels.cpu().tolist()
     contents = {}
     for i, idx in enumerate(np.array_split(np.arange(len(train_y)), 5), start=1):
-        contents[f"data_batch_{i}"] = {"batch_label": f"training batch {i} of 5", "data": _cifar_rows(train_x[idx]),
-                                       "labels": [train_y[j] for j in idx]}
-    contents["test_batch"] = {"batch_label": "testing batch 1 of 1", "data": _cifar_rows(test.images.cpu().numpy()),
-                              "labels": test.labels.cpu().tolist()}
-    contents["batches.meta"] = {"label_names": list(train.classes), "num_vis": 3072,
-                                "num_cases_per_batch": int(np.ceil(len(train_y) / 5))}
+        contents[f"data_batch_{i}"] = {
+            "batch_label": f"training batch {i} of 5",
+            "data": _cifar_rows(train_x[idx]),
+            "labels": [train_y[j] for j in idx],
+        }
+    contents["test_batch"] = {
+        "batch_label": "testing batch 1 of 1",
+        "data": _cifar_rows(test.images.cpu().numpy()),
+        "labels": test.labels.cpu().tolist(),
+    }
+    contents["batches.meta"] = {
+        "label_names": list(train.classes),
+        "num_vis": 3072,
+        "num_cases_per_batch": int(np.ceil(len(train_y) / 5)),
+    }
     sums = {}
     for name, value in contents.items():
         blob = pickle.dumps(value, protocol=2)
@@ -239,8 +275,13 @@ class OfficialClock:
         end = EPOCH_END.search(line)  # on its own line after tqdm's closing newline, or glued to tqdm's text
         if end and self.epochs:
             current = self.epochs[-1]
-            current.update(done=True, checkpoint_epoch=int(end.group(1)), loss_similarity=_number(end.group(2)),
-                           loss_tcr=_number(end.group(3)), lr_after=_number(end.group(4)))
+            current.update(
+                done=True,
+                checkpoint_epoch=int(end.group(1)),
+                loss_similarity=_number(end.group(2)),
+                loss_tcr=_number(end.group(3)),
+                lr_after=_number(end.group(4)),
+            )
             return self.summary(current)
         return None
 
@@ -248,20 +289,29 @@ class OfficialClock:
         """An epoch's public numbers (seconds, steps, images/s), complete or not."""
         start, (last_t, steps) = epoch["_start"], epoch["_last"]
         out = {k: v for k, v in epoch.items() if not k.startswith("_")}
-        out.update(done=bool(epoch.get("done")), steps=steps, loop_seconds=last_t - start,
-                   images_per_s_whole_loop=steps * self.batch_size / (last_t - start) if last_t > start else None)
+        out.update(
+            done=bool(epoch.get("done")),
+            steps=steps,
+            loop_seconds=last_t - start,
+            images_per_s_whole_loop=steps * self.batch_size / (last_t - start) if last_t > start else None,
+        )
         first = epoch["_first"]
         if first is not None and steps > first[1] and last_t > first[0]:
-            out.update(steady_steps=steps - first[1], steady_seconds=last_t - first[0],
-                       images_per_s=(steps - first[1]) * self.batch_size / (last_t - first[0]),
-                       first_steps_seconds=first[0] - start)
+            out.update(
+                steady_steps=steps - first[1],
+                steady_seconds=last_t - first[0],
+                images_per_s=(steps - first[1]) * self.batch_size / (last_t - first[0]),
+                first_steps_seconds=first[0] - start,
+            )
         else:
             out.update(steady_steps=0, steady_seconds=None, images_per_s=None, first_steps_seconds=None)
         return out
 
     def report(self) -> dict:
-        return {"startup_seconds": self.epochs[0]["_start"] - self.launched if self.epochs else None,
-                "epochs": [self.summary(e) for e in self.epochs]}
+        return {
+            "startup_seconds": self.epochs[0]["_start"] - self.launched if self.epochs else None,
+            "epochs": [self.summary(e) for e in self.epochs],
+        }
 
 
 def split_output(rest: str, rest_time: float, chunk: str, now: float) -> tuple[list[tuple[float, str]], str, float]:
@@ -290,8 +340,9 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float | None, log_path: Path,
-                 on_progress) -> dict:
+def run_official(
+    command: list[str], cwd: Path, epochs: int, time_limit: float | None, log_path: Path, on_progress
+) -> dict:
     """Run the official training until `epochs` epochs have ended (then stop it), it exits, or time runs out.
 
     on_progress(report) is called at every epoch end and every 30 s with the clock's report so far.
@@ -310,8 +361,9 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
                 tail[:] = (tail + [line])[-20:]
             return clock.feed(t, line)
 
-        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         reader = threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True)
         reader.start()
         last_report = launched
@@ -344,8 +396,13 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
     code = child.returncode
     if status == "running":  # the stream ended: the run finished or failed
         status = "ok" if code == 0 and clock.epochs and clock.epochs[-1].get("done") else "error"
-    return {**clock.report(), "status": status, "exit_code": code, "output_tail": tail[-5:],
-            "wall_seconds": time.perf_counter() - launched}
+    return {
+        **clock.report(),
+        "status": status,
+        "exit_code": code,
+        "output_tail": tail[-5:],
+        "wall_seconds": time.perf_counter() - launched,
+    }
 
 
 def stop(child: subprocess.Popen) -> None:
@@ -372,13 +429,17 @@ def _module_table() -> list[tuple[str, str]]:
     rows = [("module.backbone.conv1", "backbone.conv1"), ("module.backbone.bn1", "backbone.bn1")]
     for layer in range(1, 5):
         for block in range(2):
-            parts = ["conv1", "bn1", "conv2", "bn2"] + (["downsample.0", "downsample.1"]
-                                                        if layer > 1 and block == 0 else [])
-            rows += [(f"module.backbone.layer{layer}.{block}.{p}", f"backbone.layer{layer}.{block}.{p}")
-                     for p in parts]
-    rows += [("module.pre_feature.0", "pre_feature.0"), ("module.pre_feature.1", "pre_feature.1"),
-             ("module.projection.0", "projection.0"), ("module.projection.1", "projection.1"),
-             ("module.projection.3", "projection.3")]
+            parts = ["conv1", "bn1", "conv2", "bn2"] + (
+                ["downsample.0", "downsample.1"] if layer > 1 and block == 0 else []
+            )
+            rows += [(f"module.backbone.layer{layer}.{block}.{p}", f"backbone.layer{layer}.{block}.{p}") for p in parts]
+    rows += [
+        ("module.pre_feature.0", "pre_feature.0"),
+        ("module.pre_feature.1", "pre_feature.1"),
+        ("module.projection.0", "projection.0"),
+        ("module.projection.1", "projection.1"),
+        ("module.projection.3", "projection.3"),
+    ]
     return rows
 
 
@@ -389,8 +450,9 @@ class MappingError(PeerError):
     """The official state_dict does not map one-to-one onto fastemp's model."""
 
 
-def map_official_state_dict(official: Mapping[str, torch.Tensor],
-                            target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def map_official_state_dict(
+    official: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """fastemp names for every official tensor, through MODULE_TABLE; strict: every official tensor maps
     to a fastemp tensor of the same shape, and every fastemp tensor gets exactly one (MappingError else)."""
     table = dict(MODULE_TABLE)
@@ -412,8 +474,10 @@ def map_official_state_dict(official: Mapping[str, torch.Tensor],
     problems += [f"fastemp tensor {k} has no official source" for k in target if k not in claimed]
     if problems:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-        raise MappingError(f"the official checkpoint does not map onto fastemp's model: {'; '.join(problems[:2])}"
-                           f"{more}; is it main.py's save_models/<epoch>.pt of --arch resnet18-cifar?")
+        raise MappingError(
+            f"the official checkpoint does not map onto fastemp's model: {'; '.join(problems[:2])}"
+            f"{more}; is it main.py's save_models/<epoch>.pt of --arch resnet18-cifar?"
+        )
     return mapped
 
 
@@ -421,8 +485,7 @@ def load_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch file
-        raise PeerError(f"cannot read the official checkpoint {path} ({last_line(err)}); "
-                        "rerun the training") from None
+        raise PeerError(f"cannot read the official checkpoint {path} ({last_line(err)}); rerun the training") from None
     if not isinstance(state, Mapping):
         raise PeerError(f"{path} holds a {type(state).__name__}, not main.py's state_dict; pass main.py's checkpoint")
     return dict(state)
@@ -454,8 +517,14 @@ def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = True)
         trainer.model.load_state_dict(map_official_state_dict(state, trainer.model.state_dict()))
         start = time.perf_counter()
         metrics = trainer.evaluate()
-    return {**metrics, "eval_seconds": time.perf_counter() - start, "checkpoint": str(checkpoint),
-            "mapped_tensors": len(state), "precision": trainer.runtime.precision, "backend": trainer.runtime.backend}
+    return {
+        **metrics,
+        "eval_seconds": time.perf_counter() - start,
+        "checkpoint": str(checkpoint),
+        "mapped_tensors": len(state),
+        "precision": trainer.runtime.precision,
+        "backend": trainer.runtime.backend,
+    }
 
 
 def find_checkpoint(work: Path, epoch: int) -> Path | None:
@@ -473,16 +542,24 @@ def from_throughput_json(path: Path, n_patches: int) -> dict:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise PeerError(f"cannot read --throughput-json {path} ({last_line(err)}); pass a throughput.json") from None
-    match = [p for p in result.get("points", []) if p.get("status") == "ok" and p.get("n_patches") == n_patches
-             and p.get("batch_size") == OFFICIAL_BATCH_SIZE]
-    base = [b for b in result.get("baselines", []) if b.get("status") == "ok" and b.get("n_patches") == n_patches
-            and b.get("batch_size") == OFFICIAL_BATCH_SIZE]
+    match = [
+        p
+        for p in result.get("points", [])
+        if p.get("status") == "ok" and p.get("n_patches") == n_patches and p.get("batch_size") == OFFICIAL_BATCH_SIZE
+    ]
+    base = [
+        b
+        for b in result.get("baselines", [])
+        if b.get("status") == "ok" and b.get("n_patches") == n_patches and b.get("batch_size") == OFFICIAL_BATCH_SIZE
+    ]
     best = max(match, key=lambda p: p["images_per_s"]) if match else None
-    return {"source": str(path), "device_name": result.get("environment", {}).get("device_name"),
-            "fastemp_images_per_s": best["images_per_s"] if best else None,
-            "fastemp_point": {k: best.get(k) for k in ("backend", "compile", "precision", "grad_chunks")}
-            if best else None,
-            "baseline_images_per_s": base[0]["images_per_s"] if base else None}
+    return {
+        "source": str(path),
+        "device_name": result.get("environment", {}).get("device_name"),
+        "fastemp_images_per_s": best["images_per_s"] if best else None,
+        "fastemp_point": {k: best.get(k) for k in ("backend", "compile", "precision", "grad_chunks")} if best else None,
+        "baseline_images_per_s": base[0]["images_per_s"] if base else None,
+    }
 
 
 def measure_reference_baseline(cfg, images: torch.Tensor, device: torch.device, workers: int) -> dict:
@@ -497,8 +574,10 @@ def attach_ratios(result: dict) -> None:
     throughput = result.get("throughput") or {}
     if throughput.get("baseline_images_per_s") and not result.get("baseline"):
         result["baseline"] = {"source": throughput["source"], "images_per_s": throughput["baseline_images_per_s"]}
-    others = {"fastemp_over_official": throughput.get("fastemp_images_per_s"),
-              "baseline_over_official": (result.get("baseline") or {}).get("images_per_s")}
+    others = {
+        "fastemp_over_official": throughput.get("fastemp_images_per_s"),
+        "baseline_over_official": (result.get("baseline") or {}).get("images_per_s"),
+    }
     result["ratios"] = {k: rate / official for k, rate in others.items() if rate and official}
 
 
@@ -510,39 +589,90 @@ def peer_markdown(result: dict) -> str:
     fmt, official = common.fmt, result["official"]
     training, evaluation = result.get("training") or {}, result.get("evaluation") or {}
     seeded = f" (seeded {official['seed']})" if official.get("seed") is not None else " (unseeded, as the README)"
-    lines = [f"# Official EMP-SSL code, peer run ({result.get('status')})", "",
-             f"- device: {common.device_label(result['environment'])}",
-             f"- official code: {OFFICIAL_REPO}, `python main.py {' '.join(official['arguments'])}`{seeded}; "
-             f"its interpreter: {', '.join(f'{k} {v}' for k, v in official.get('versions', {}).items()) or 'n/a'}",
-             f"- data: {result['data'].get('copy')}; {result['data'].get('description', '')}",
-             f"- trained {training.get('epochs_trained', 0)} of the schedule's {official['schedule_epochs']} epochs, "
-             f"n={official['n_patches']}, B={OFFICIAL_BATCH_SIZE}; startup {fmt(training.get('startup_seconds'))} s "
-             "(imports, data, model, DataLoader workers; not in images/s)"]
+    lines = [
+        f"# Official EMP-SSL code, peer run ({result.get('status')})",
+        "",
+        f"- device: {common.device_label(result['environment'])}",
+        f"- official code: {OFFICIAL_REPO}, `python main.py {' '.join(official['arguments'])}`{seeded}; "
+        f"its interpreter: {', '.join(f'{k} {v}' for k, v in official.get('versions', {}).items()) or 'n/a'}",
+        f"- data: {result['data'].get('copy')}; {result['data'].get('description', '')}",
+        f"- trained {training.get('epochs_trained', 0)} of the schedule's {official['schedule_epochs']} epochs, "
+        f"n={official['n_patches']}, B={OFFICIAL_BATCH_SIZE}; startup {fmt(training.get('startup_seconds'))} s "
+        "(imports, data, model, DataLoader workers; not in images/s)",
+    ]
     if result.get("dry_run"):
         lines.insert(2, "- **CPU dry run of the harness: not a peer result**")
-    rows = [[e["epoch"], e["steps"], e["loop_seconds"], e.get("images_per_s"), e.get("images_per_s_whole_loop"),
-             e.get("loss_similarity"), e.get("loss_tcr"), e.get("lr_after")] for e in training.get("epochs", [])]
+    rows = [
+        [
+            e["epoch"],
+            e["steps"],
+            e["loop_seconds"],
+            e.get("images_per_s"),
+            e.get("images_per_s_whole_loop"),
+            e.get("loss_similarity"),
+            e.get("loss_tcr"),
+            e.get("lr_after"),
+        ]
+        for e in training.get("epochs", [])
+    ]
     if rows:
-        lines += ["", common.markdown_table(["epoch", "steps", "loop s", "images/s (steady)", "images/s (whole loop)",
-                                             "loss sim", "loss TCR", "lr after"], rows)]
+        lines += [
+            "",
+            common.markdown_table(
+                [
+                    "epoch",
+                    "steps",
+                    "loop s",
+                    "images/s (steady)",
+                    "images/s (whole loop)",
+                    "loss sim",
+                    "loss TCR",
+                    "lr after",
+                ],
+                rows,
+            ),
+        ]
     if evaluation:
         ev = evaluation.get("eval_config", {})
         name = Path(str(evaluation.get("checkpoint"))).name
-        lines += ["", f"## fastemp's evaluation of the official encoder ({name})", "",
-                  common.markdown_table(["linear top-1 (final probe epoch)", "best epoch on test", "kNN top-1",
-                                         "eval patches", "probe epochs", "eval s"],
-                                        [[evaluation.get("linear_top1"), evaluation.get("best_top1_on_test"),
-                                          evaluation.get("knn_top1"), ev.get("patches"), ev.get("probe_epochs"),
-                                          evaluation.get("eval_seconds")]])]
+        lines += [
+            "",
+            f"## fastemp's evaluation of the official encoder ({name})",
+            "",
+            common.markdown_table(
+                [
+                    "linear top-1 (final probe epoch)",
+                    "best epoch on test",
+                    "kNN top-1",
+                    "eval patches",
+                    "probe epochs",
+                    "eval s",
+                ],
+                [
+                    [
+                        evaluation.get("linear_top1"),
+                        evaluation.get("best_top1_on_test"),
+                        evaluation.get("knn_top1"),
+                        ev.get("patches"),
+                        ev.get("probe_epochs"),
+                        evaluation.get("eval_seconds"),
+                    ]
+                ],
+            ),
+        ]
     baseline, throughput = result.get("baseline") or {}, result.get("throughput") or {}
     if baseline or throughput:
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in (result.get("ratios") or {}).items()) or "n/a"
-        lines += ["", "## Beside it", "",
-                  f"- reference-style baseline: {fmt(baseline.get('images_per_s'))} images/s "
-                  f"({baseline.get('source', 'not measured')})",
-                  f"- fastemp: {fmt(throughput.get('fastemp_images_per_s'))} images/s "
-                  f"({throughput.get('source', 'no --throughput-json')})",
-                  f"- ratios: {ratios}"]
+        lines += [
+            "",
+            "## Beside it",
+            "",
+            f"- reference-style baseline: {fmt(baseline.get('images_per_s'))} images/s "
+            f"({baseline.get('source', 'not measured')})",
+            f"- fastemp: {fmt(throughput.get('fastemp_images_per_s'))} images/s "
+            f"({throughput.get('source', 'no --throughput-json')})",
+            f"- ratios: {ratios}",
+        ]
     if result.get("error"):
         lines += ["", f"error: {result['error']}"]
     lines += ["", "## Environment", "", common.environment_markdown(result["environment"])]
@@ -554,37 +684,71 @@ def peer_markdown(result: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--official-dir", required=True, help=f"a checkout of {OFFICIAL_REPO} (kept outside the project)")
-    p.add_argument("--data", required=True,
-                   help=f"the CIFAR-10 JPEG copy (ImageFolder .tar.gz or folder) or {CANONICAL_ARCHIVE}")
+    p.add_argument(
+        "--data", required=True, help=f"the CIFAR-10 JPEG copy (ImageFolder .tar.gz or folder) or {CANONICAL_ARCHIVE}"
+    )
     p.add_argument("--out", required=True, help=f"folder for {NAME}.json and {NAME}.md (rewritten as the run goes)")
-    p.add_argument("--epochs", type=int, default=1,
-                   help="epochs to train of the schedule (default 1); the last one's checkpoint is evaluated")
-    p.add_argument("--schedule-epochs", type=int, default=README_SCHEDULE_EPOCHS,
-                   help="main.py's --epoch, the cosine's length (default 2: the README's 1-epoch command)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        help="epochs to train of the schedule (default 1); the last one's checkpoint is evaluated",
+    )
+    p.add_argument(
+        "--schedule-epochs",
+        type=int,
+        default=README_SCHEDULE_EPOCHS,
+        help="main.py's --epoch, the cosine's length (default 2: the README's 1-epoch command)",
+    )
     p.add_argument("--n", type=int, default=20, help="patches per image, main.py's --num_patches (default 20)")
-    p.add_argument("--seed", type=int, help="seed torch/numpy/random before main.py (default: unseeded, as the "
-                                            "official command) and fastemp's evaluation (default 0)")
-    p.add_argument("--time-limit", type=float, help="stop the official training after this many seconds (the "
-                                                    "results keep what it measured; no evaluation then)")
-    p.add_argument("--config", default="cifar10_n20_1ep", help="fastemp config whose eval section evaluates the "
-                                                               "official encoder (default cifar10_n20_1ep)")
-    p.add_argument("--override", action="append", default=[], help="config override for the evaluation, e.g. "
-                                                                    "eval.patches=16 (repeatable)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed torch/numpy/random before main.py (default: unseeded, as the "
+        "official command) and fastemp's evaluation (default 0)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="stop the official training after this many seconds (the "
+        "results keep what it measured; no evaluation then)",
+    )
+    p.add_argument(
+        "--config",
+        default="cifar10_n20_1ep",
+        help="fastemp config whose eval section evaluates the official encoder (default cifar10_n20_1ep)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="config override for the evaluation, e.g. eval.patches=16 (repeatable)",
+    )
     p.add_argument("overrides", nargs="*", help="more section.key=value overrides")
     p.add_argument("--device", default="auto", help="device of fastemp's evaluation (default: cuda when present)")
-    p.add_argument("--python", default=sys.executable, help="interpreter with the official code's dependencies "
-                                                            "(default: this one)")
-    p.add_argument("--work", help="scratch folder for the official run's data, logs and checkpoints (default: a "
-                                  "temporary folder, removed at the end)")
+    p.add_argument(
+        "--python", default=sys.executable, help="interpreter with the official code's dependencies (default: this one)"
+    )
+    p.add_argument(
+        "--work",
+        help="scratch folder for the official run's data, logs and checkpoints (default: a "
+        "temporary folder, removed at the end)",
+    )
     p.add_argument("--no-eval", action="store_true", help="time the training only")
     p.add_argument("--baseline", action="store_true", help="also measure the reference-style baseline (minutes)")
     p.add_argument("--baseline-workers", type=int, default=min(16, os.cpu_count() or 1))
-    p.add_argument("--throughput-json", help="a `bench throughput` result of this machine: fastemp's and the "
-                                             "baseline's images/s at the same n, beside the official figure")
+    p.add_argument(
+        "--throughput-json",
+        help="a `bench throughput` result of this machine: fastemp's and the "
+        "baseline's images/s at the same n, beside the official figure",
+    )
     p.add_argument("--train-images", type=int, default=0, help="dry runs: an evenly spaced subset (0: all)")
     p.add_argument("--test-images", type=int, default=0, help="dry runs: an evenly spaced subset (0: all)")
-    p.add_argument("--cpu-dry-run", action="store_true", help="run the official code on the CPU to check the "
-                                                              "harness (tiny subsets; never a peer result)")
+    p.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="run the official code on the CPU to check the harness (tiny subsets; never a peer result)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -592,9 +756,15 @@ def _config(args, device: str):
     from fastemp.config import load_config
     from fastemp.validate import check_config
 
-    overrides = [*args.override, *args.overrides, *data_overrides(Path(args.data).resolve()),
-                 f"train.device={device}", f"train.n_patches={args.n}", f"train.batch_size={OFFICIAL_BATCH_SIZE}",
-                 f"train.seed={args.seed if args.seed is not None else 0}"]
+    overrides = [
+        *args.override,
+        *args.overrides,
+        *data_overrides(Path(args.data).resolve()),
+        f"train.device={device}",
+        f"train.n_patches={args.n}",
+        f"train.batch_size={OFFICIAL_BATCH_SIZE}",
+        f"train.seed={args.seed if args.seed is not None else 0}",
+    ]
     cfg = load_config(args.config, overrides)
     check_config(cfg)
     return cfg
@@ -605,18 +775,24 @@ def preflight(args) -> tuple[dict[str, str], dict[str, str]]:
     sums = check_official_dir(Path(args.official_dir))
     check_data_path(Path(args.data))
     if args.epochs < 1 or args.epochs > args.schedule_epochs:
-        raise PeerError(f"--epochs {args.epochs} is outside 1..--schedule-epochs ({args.schedule_epochs}); "
-                        "train at least one epoch of the schedule")
+        raise PeerError(
+            f"--epochs {args.epochs} is outside 1..--schedule-epochs ({args.schedule_epochs}); "
+            "train at least one epoch of the schedule"
+        )
     if args.work and (Path(args.work) / "logs").exists():
         raise PeerError(f"--work {args.work} already holds logs/ of an earlier run; pass an empty or new folder")
     imports = probe_imports(args.python)
     if imports["missing"]:
-        raise PeerError(f"the official code needs {', '.join(imports['missing'])}, which {args.python} cannot "
-                        "import; install them there (pip install torchvision torchmetrics scikit-learn) or pass "
-                        "--python")
+        raise PeerError(
+            f"the official code needs {', '.join(imports['missing'])}, which {args.python} cannot "
+            "import; install them there (pip install torchvision torchmetrics scikit-learn) or pass "
+            "--python"
+        )
     if not args.cpu_dry_run and not torch.cuda.is_available():
-        raise PeerError("the official code needs a CUDA GPU (main.py calls .cuda()); run this on a GPU machine, or "
-                        "pass --cpu-dry-run with tiny --train-images to check the harness")
+        raise PeerError(
+            "the official code needs a CUDA GPU (main.py calls .cuda()); run this on a GPU machine, or "
+            "pass --cpu-dry-run with tiny --train-images to check the harness"
+        )
     return sums, imports["versions"]
 
 
@@ -629,14 +805,26 @@ def run_official_peer(args) -> dict:
     cfg = _config(args, str(device))
     out = Path(args.out)
     result = common.base_result(NAME, runs.environment(device))
-    result.update(partial=True, status="running", dry_run=bool(args.cpu_dry_run), data={},
-                  official={"repo": OFFICIAL_REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums,
-                            "python": args.python, "versions": versions,
-                            "arguments": official_arguments(args.n, args.schedule_epochs),
-                            "readme_command": "python main.py " + " ".join(official_arguments(20, 2)),
-                            "n_patches": args.n, "schedule_epochs": args.schedule_epochs, "seed": args.seed,
-                            "batch_size": OFFICIAL_BATCH_SIZE,
-                            "cosine_steps": (OFFICIAL_TRAIN_IMAGES // OFFICIAL_BATCH_SIZE) * args.schedule_epochs})
+    result.update(
+        partial=True,
+        status="running",
+        dry_run=bool(args.cpu_dry_run),
+        data={},
+        official={
+            "repo": OFFICIAL_REPO,
+            "dir": str(Path(args.official_dir).resolve()),
+            "files_sha256": sums,
+            "python": args.python,
+            "versions": versions,
+            "arguments": official_arguments(args.n, args.schedule_epochs),
+            "readme_command": "python main.py " + " ".join(official_arguments(20, 2)),
+            "n_patches": args.n,
+            "schedule_epochs": args.schedule_epochs,
+            "seed": args.seed,
+            "batch_size": OFFICIAL_BATCH_SIZE,
+            "cosine_steps": (OFFICIAL_TRAIN_IMAGES // OFFICIAL_BATCH_SIZE) * args.schedule_epochs,
+        },
+    )
 
     def write(final: bool = False) -> None:
         result["partial"] = not final
@@ -655,11 +843,16 @@ def run_official_peer(args) -> dict:
         if training["status"] == "ok" and not args.no_eval:
             checkpoint = find_checkpoint(work, args.epochs - 1)
             if checkpoint is None:
-                raise PeerError(f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; "
-                                f"see {out / NAME}.log")
-            result["evaluation"] = {**evaluate_official(checkpoint, cfg, train, test, not args.no_progress),
-                                    "eval_config": dataclasses.asdict(cfg.eval), "config": args.config,
-                                    "overrides": [*args.override, *args.overrides]}
+                raise PeerError(
+                    f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; "
+                    f"see {out / NAME}.log"
+                )
+            result["evaluation"] = {
+                **evaluate_official(checkpoint, cfg, train, test, not args.no_progress),
+                "eval_config": dataclasses.asdict(cfg.eval),
+                "config": args.config,
+                "overrides": [*args.override, *args.overrides],
+            }
         add_neighbours(args, cfg, device, train, result)
         result["status"] = training["status"]
         write(final=training["status"] == "ok")
@@ -688,8 +881,10 @@ def prepare_data(args, cfg, device: torch.device, work: Path):
     train = subset(load_split(cfg.data, "train", device), args.train_images)
     test = subset(load_split(cfg.data, "test", device), args.test_images)
     if len(train) < OFFICIAL_BATCH_SIZE:
-        raise PeerError(f"{len(train)} training images are fewer than main.py's batch of {OFFICIAL_BATCH_SIZE}; "
-                        f"use --train-images >= {OFFICIAL_BATCH_SIZE}")
+        raise PeerError(
+            f"{len(train)} training images are fewer than main.py's batch of {OFFICIAL_BATCH_SIZE}; "
+            f"use --train-images >= {OFFICIAL_BATCH_SIZE}"
+        )
     root = work / "data" / "CIFAR10"
     canonical = is_canonical_archive(data) and not (args.train_images or args.test_images)
     if canonical:
@@ -699,13 +894,22 @@ def prepare_data(args, cfg, device: torch.device, work: Path):
         sums = write_cifar_batches(train, test, root / CIFAR_FOLDER)
         md5_file = work / "prepared_md5.json"
         md5_file.write_text(json.dumps(sums, indent=1))
-    info = {"path": str(data), "copy": "canonical cifar-10-python.tar.gz" if is_canonical_archive(data)
-            else "CIFAR-10 JPEG ImageFolder copy (lossy, q75)" if "jpeg" in data.name.lower() else "ImageFolder",
-            "train_images": len(train), "test_images": len(test), "classes": train.classes,
-            "description": train.description,
-            "official_reads": "the canonical archive, extracted" if canonical else
-            "CIFAR-10 python batches written from fastemp's decoded pixels; torchvision's md5 check pointed at them",
-            "md5_file": str(md5_file) if md5_file else None}
+    info = {
+        "path": str(data),
+        "copy": "canonical cifar-10-python.tar.gz"
+        if is_canonical_archive(data)
+        else "CIFAR-10 JPEG ImageFolder copy (lossy, q75)"
+        if "jpeg" in data.name.lower()
+        else "ImageFolder",
+        "train_images": len(train),
+        "test_images": len(test),
+        "classes": train.classes,
+        "description": train.description,
+        "official_reads": "the canonical archive, extracted"
+        if canonical
+        else "CIFAR-10 python batches written from fastemp's decoded pixels; torchvision's md5 check pointed at them",
+        "md5_file": str(md5_file) if md5_file else None,
+    }
     return train, test, info
 
 
@@ -729,9 +933,11 @@ def train_official(args, work: Path, result: dict, write) -> dict:
     report = run_official(command, work, args.epochs, args.time_limit, work / "official.log", progress)
     result["training"] = summarize_training(report, args.epochs)
     if report["status"] == "error":
-        raise PeerError(f"the official run failed (exit {report['exit_code']}): "
-                        f"{report['output_tail'][-1] if report['output_tail'] else 'no output'}; "
-                        f"see {Path(args.out) / NAME}.log")
+        raise PeerError(
+            f"the official run failed (exit {report['exit_code']}): "
+            f"{report['output_tail'][-1] if report['output_tail'] else 'no output'}; "
+            f"see {Path(args.out) / NAME}.log"
+        )
     return report
 
 
@@ -739,9 +945,13 @@ def summarize_training(report: dict, epochs: int) -> dict:
     """The training section: the clock's report plus the headline (the last finished epoch's steady images/s)."""
     done = [e for e in report.get("epochs", []) if e.get("done")]
     headline = done[-1] if done else (report.get("epochs") or [{}])[-1]
-    return {**report, "epochs_trained": len(done), "epochs_requested": epochs,
-            "images_per_s": headline.get("images_per_s"),
-            "images_per_s_whole_loop": headline.get("images_per_s_whole_loop")}
+    return {
+        **report,
+        "epochs_trained": len(done),
+        "epochs_requested": epochs,
+        "images_per_s": headline.get("images_per_s"),
+        "images_per_s_whole_loop": headline.get("images_per_s_whole_loop"),
+    }
 
 
 def add_neighbours(args, cfg, device: torch.device, train, result: dict) -> None:
@@ -758,8 +968,11 @@ def run_from_args(args) -> int:
     try:
         result = run_official_peer(args)
     except KeyboardInterrupt as reason:  # SIGTERM (`timeout`) or Ctrl-C: the partial result is written
-        print(f"fastemp: official-peer stopped ({reason or 'interrupted'}); what it measured is in "
-              f"{Path(args.out) / (NAME + '.json')}", file=sys.stderr)
+        print(
+            f"fastemp: official-peer stopped ({reason or 'interrupted'}); what it measured is in "
+            f"{Path(args.out) / (NAME + '.json')}",
+            file=sys.stderr,
+        )
         return 1
     print(peer_markdown(result))
     print(f"wrote {Path(args.out) / (NAME + '.json')}")
@@ -767,8 +980,9 @@ def run_from_args(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastemp.benchmarks.official_peer",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastemp.benchmarks.official_peer", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-
 from fastemp import runs
 from fastemp.config import Config, to_dict
 from fastemp.train import Trainer
@@ -62,35 +61,63 @@ def profile_steps(cfg: Config, warmup: int = 3, steps: int = 5, top: int = 25, t
         prof.export_chrome_trace(trace)
     events = [e for e in prof.key_averages() if _self_us(e, on_cuda) > 0]
     total_us = sum(_self_us(e, on_cuda) for e in events)
-    rows = sorted(({"name": e.key, "category": category(e.key), "calls_per_step": e.count / steps,
-                    "ms_per_step": _self_us(e, on_cuda) / steps / 1e3,
-                    "share": _self_us(e, on_cuda) / total_us if total_us else None} for e in events),
-                  key=lambda r: -r["ms_per_step"])
+    rows = sorted(
+        (
+            {
+                "name": e.key,
+                "category": category(e.key),
+                "calls_per_step": e.count / steps,
+                "ms_per_step": _self_us(e, on_cuda) / steps / 1e3,
+                "share": _self_us(e, on_cuda) / total_us if total_us else None,
+            }
+            for e in events
+        ),
+        key=lambda r: -r["ms_per_step"],
+    )
     by_category: dict[str, float] = defaultdict(float)
     for row in rows:
         by_category[row["category"]] += row["ms_per_step"]
-    return {**common.base_result("profile", environment), "config": to_dict(cfg),
-            "resolved": trainer.runtime.resolved(),
-            "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
-            "steps": steps, "ms_per_step": total_us / steps / 1e3,
-            "categories": {k: {"ms_per_step": v, "share": v * steps * 1e3 / total_us if total_us else None}
-                           for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-            "top": rows[:top]}
+    return {
+        **common.base_result("profile", environment),
+        "config": to_dict(cfg),
+        "resolved": trainer.runtime.resolved(),
+        "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
+        "steps": steps,
+        "ms_per_step": total_us / steps / 1e3,
+        "categories": {
+            k: {"ms_per_step": v, "share": v * steps * 1e3 / total_us if total_us else None}
+            for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])
+        },
+        "top": rows[:top],
+    }
 
 
 def profile_markdown(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"# Profile: {common.device_label(result['environment'])}", "",
-             f"- n={cfg['train']['n_patches']}, B={cfg['train']['batch_size']}, backend {result['resolved']['backend']}, "
-             f"compile {result['resolved']['compile']}, {result['resolved']['precision']}, "
-             f"fused loss {result['resolved']['fused_loss']}",
-             f"- {result['steps']} traced steps after compilation and warm-up; {result['clock']}: "
-             f"{result['ms_per_step']:.2f} ms per step in all", "",
-             common.markdown_table(["category", "ms per step", "share"],
-                                   [[k, v["ms_per_step"], f"{100 * v['share']:.1f}%"]
-                                    for k, v in result["categories"].items()]), "",
-             common.markdown_table(["op", "category", "calls per step", "ms per step", "share"],
-                                   [[r["name"][:90], r["category"], r["calls_per_step"], r["ms_per_step"],
-                                     f"{100 * r['share']:.1f}%"] for r in result["top"]]), "",
-             "## Environment", "", common.environment_markdown(result["environment"])]
+    lines = [
+        f"# Profile: {common.device_label(result['environment'])}",
+        "",
+        f"- n={cfg['train']['n_patches']}, B={cfg['train']['batch_size']}, backend {result['resolved']['backend']}, "
+        f"compile {result['resolved']['compile']}, {result['resolved']['precision']}, "
+        f"fused loss {result['resolved']['fused_loss']}",
+        f"- {result['steps']} traced steps after compilation and warm-up; {result['clock']}: "
+        f"{result['ms_per_step']:.2f} ms per step in all",
+        "",
+        common.markdown_table(
+            ["category", "ms per step", "share"],
+            [[k, v["ms_per_step"], f"{100 * v['share']:.1f}%"] for k, v in result["categories"].items()],
+        ),
+        "",
+        common.markdown_table(
+            ["op", "category", "calls per step", "ms per step", "share"],
+            [
+                [r["name"][:90], r["category"], r["calls_per_step"], r["ms_per_step"], f"{100 * r['share']:.1f}%"]
+                for r in result["top"]
+            ],
+        ),
+        "",
+        "## Environment",
+        "",
+        common.environment_markdown(result["environment"]),
+    ]
     return "\n".join(lines)

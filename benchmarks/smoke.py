@@ -57,11 +57,29 @@ def _device(dry_run: bool) -> torch.device:
 
 def _config(spec: str, dry_run: bool, overrides: list[str]):
     """A shipped recipe on synthetic data (content does not matter here), shrunk for --dry-run."""
-    base = ["data.source=synthetic", "data.synthetic_train=200", "data.synthetic_test=100", "eval.at_end=false",
-            "train.log_every=1"]
-    tiny = ["model.width=8", "model.hidden_dim=64", "model.z_dim=32", "train.n_patches=4", "train.batch_size=16",
-            "train.grad_chunks=2", "train.bn_groups=2", "model.compile=none", "loss.fused=off",
-            "train.device=cpu"] if dry_run else []
+    base = [
+        "data.source=synthetic",
+        "data.synthetic_train=200",
+        "data.synthetic_test=100",
+        "eval.at_end=false",
+        "train.log_every=1",
+    ]
+    tiny = (
+        [
+            "model.width=8",
+            "model.hidden_dim=64",
+            "model.z_dim=32",
+            "train.n_patches=4",
+            "train.batch_size=16",
+            "train.grad_chunks=2",
+            "train.bn_groups=2",
+            "model.compile=none",
+            "loss.fused=off",
+            "train.device=cpu",
+        ]
+        if dry_run
+        else []
+    )
     return load_config(spec, base + overrides + tiny)
 
 
@@ -81,13 +99,23 @@ def _steps(cfg, steps: int) -> dict:
     record = trainer.last_record
     finite = all(math.isfinite(record[k]) for k in ("loss", "loss_sim", "loss_tcr"))
     later = common.median(seconds[1:]) if len(seconds) > 1 else None
-    return {**trainer.runtime.resolved(), "n_patches": cfg.train.n_patches,
-            "batch_size": cfg.train.batch_size, "grad_chunks": trainer.grad_chunks, "bn_groups": cfg.train.bn_groups,
-            "width": cfg.model.width,
-            "first_step_seconds": seconds[0], "step_seconds": later,
-            "compile_seconds": max(0.0, seconds[0] - later) if later is not None else None,
-            "loss": record["loss"], "loss_sim": record["loss_sim"], "loss_tcr": record["loss_tcr"], "finite": finite,
-            "peak_memory_gib": memory.peak_bytes() / 2**30, "peak_memory_source": memory.source}
+    return {
+        **trainer.runtime.resolved(),
+        "n_patches": cfg.train.n_patches,
+        "batch_size": cfg.train.batch_size,
+        "grad_chunks": trainer.grad_chunks,
+        "bn_groups": cfg.train.bn_groups,
+        "width": cfg.model.width,
+        "first_step_seconds": seconds[0],
+        "step_seconds": later,
+        "compile_seconds": max(0.0, seconds[0] - later) if later is not None else None,
+        "loss": record["loss"],
+        "loss_sim": record["loss_sim"],
+        "loss_tcr": record["loss_tcr"],
+        "finite": finite,
+        "peak_memory_gib": memory.peak_bytes() / 2**30,
+        "peak_memory_source": memory.source,
+    }
 
 
 # ------------------------------------------------------------------------------------ items
@@ -101,10 +129,15 @@ def item_environment(dry_run: bool) -> tuple[str, dict]:
     env["numpy"] = numpy.__version__
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(memory_gib=props.total_memory / 2**30, multiprocessors=props.multi_processor_count,
-                   capability=f"{props.major}.{props.minor}")
-    summary = (f"{env['device_name']}, driver {env.get('driver')}, torch {env['torch']}, triton {env['triton']}, "
-               f"DALI {env['dali']}, numpy {env['numpy']}")
+        env.update(
+            memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+        )
+    summary = (
+        f"{env['device_name']}, driver {env.get('driver')}, torch {env['torch']}, triton {env['triton']}, "
+        f"DALI {env['dali']}, numpy {env['numpy']}"
+    )
     return summary, env
 
 
@@ -116,9 +149,22 @@ def item_check(dry_run: bool) -> tuple[str, dict]:
     rows = run_checks(device, quick=True, only=only)
     failed = [f"{r.op} {r.shape} {r.dtype} err {r.err:.2e} > tol {r.tol:.1e}" for r in rows if r.status == "FAIL"]
     counts = {s: sum(r.status == s for r in rows) for s in ("pass", "FAIL", "skipped")}
-    details = {"counts": counts, "failed": failed,
-               "rows": [{"op": r.op, "shape": r.shape, "dtype": r.dtype, "err": r.err, "tol": r.tol,
-                         "status": r.status, "note": r.note} for r in rows]}
+    details = {
+        "counts": counts,
+        "failed": failed,
+        "rows": [
+            {
+                "op": r.op,
+                "shape": r.shape,
+                "dtype": r.dtype,
+                "err": r.err,
+                "tol": r.tol,
+                "status": r.status,
+                "note": r.note,
+            }
+            for r in rows
+        ],
+    }
     if failed:
         raise AssertionError(f"{counts['FAIL']} of {len(rows)} rows failed: " + "; ".join(failed[:4]))
     return f"{counts['pass']} rows passed, {counts['skipped']} skipped (quick)", details
@@ -134,9 +180,11 @@ def item_train(dry_run: bool) -> tuple[str, dict]:
             raise AssertionError(f"the fast path was not taken: {off}")
     if not result["finite"]:
         raise AssertionError(f"non-finite loss after 3 steps: {result['loss']}")
-    return (f"3 steps, compile {result['compile']} {result['first_step_seconds']:.1f} s first step, then "
-            f"{result['step_seconds'] * 1e3:.0f} ms/step, loss {result['loss']:.2f}, "
-            f"peak {result['peak_memory_gib']:.2f} GiB"), result
+    return (
+        f"3 steps, compile {result['compile']} {result['first_step_seconds']:.1f} s first step, then "
+        f"{result['step_seconds'] * 1e3:.0f} ms/step, loss {result['loss']:.2f}, "
+        f"peak {result['peak_memory_gib']:.2f} GiB"
+    ), result
 
 
 def item_large_n(dry_run: bool) -> tuple[str, dict]:
@@ -144,17 +192,26 @@ def item_large_n(dry_run: bool) -> tuple[str, dict]:
     # ghost-BN path uses whatever memory is free and is measured by the suite's throughput200 part
     cfg = _config("cifar10_n200_1ep", dry_run, ["model.compile=none", "train.grad_chunks=10"])
     result = _steps(cfg, 1)
-    option = f"grad cache x{result['grad_chunks']}" if result["grad_chunks"] > 1 else (
-        "activation checkpointing" if cfg.train.checkpoint_activations else
-        f"one pass, BatchNorm per {cfg.train.n_patches // cfg.train.bn_groups} patch groups" if cfg.train.bn_groups > 1
-        else "none")
+    option = (
+        f"grad cache x{result['grad_chunks']}"
+        if result["grad_chunks"] > 1
+        else (
+            "activation checkpointing"
+            if cfg.train.checkpoint_activations
+            else f"one pass, BatchNorm per {cfg.train.n_patches // cfg.train.bn_groups} patch groups"
+            if cfg.train.bn_groups > 1
+            else "none"
+        )
+    )
     result["large_n_option"] = option
     if not result["finite"]:
         raise AssertionError(f"non-finite loss: {result['loss']}")
     if not dry_run and result["peak_memory_gib"] > N200_MEMORY_GIB:
         raise AssertionError(f"peak {result['peak_memory_gib']:.1f} GiB exceeds {N200_MEMORY_GIB} GiB")
-    return (f"n={cfg.train.n_patches} x B={cfg.train.batch_size}, {option}, eager, "
-            f"{result['first_step_seconds']:.1f} s, peak {result['peak_memory_gib']:.2f} GiB"), result
+    return (
+        f"n={cfg.train.n_patches} x B={cfg.train.batch_size}, {option}, eager, "
+        f"{result['first_step_seconds']:.1f} s, peak {result['peak_memory_gib']:.2f} GiB"
+    ), result
 
 
 def item_dali(dry_run: bool) -> tuple[str, dict]:
@@ -173,12 +230,19 @@ def item_dali(dry_run: bool) -> tuple[str, dict]:
     if result["backend"] != "dali" or not result["finite"]:
         raise AssertionError(f"backend {result['backend']}, loss {result['loss']}")
     result["augment_rows"] = [{"shape": r.shape, "err": r.err, "tol": r.tol, "status": r.status} for r in rows]
-    return (f"patch statistics match torch ({len(rows)} rows); a training step with DALI patches: "
-            f"{result['step_seconds'] * 1e3:.0f} ms eager, loss {result['loss']:.2f}"), result
+    return (
+        f"patch statistics match torch ({len(rows)} rows); a training step with DALI patches: "
+        f"{result['step_seconds'] * 1e3:.0f} ms eager, loss {result['loss']:.2f}"
+    ), result
 
 
-RUNNERS = {"environment": item_environment, "check": item_check, "train": item_train, "large_n": item_large_n,
-           "dali": item_dali}
+RUNNERS = {
+    "environment": item_environment,
+    "check": item_check,
+    "train": item_train,
+    "large_n": item_large_n,
+    "dali": item_dali,
+}
 
 
 def run_item(name: str, dry_run: bool) -> dict:
@@ -192,8 +256,14 @@ def run_item(name: str, dry_run: bool) -> dict:
     except Exception as err:  # the item failed: its one line says how, the log keeps the traceback
         traceback.print_exc(file=sys.stderr)
         status, reason, details = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:300], {}
-    return {"item": name, "status": status, "reason": reason, "seconds": round(time.perf_counter() - start, 2),
-            "dry_run": dry_run, "details": details}
+    return {
+        "item": name,
+        "status": status,
+        "reason": reason,
+        "seconds": round(time.perf_counter() - start, 2),
+        "dry_run": dry_run,
+        "details": details,
+    }
 
 
 # ----------------------------------------------------------------------------------- report
@@ -217,23 +287,39 @@ def format_line(record: dict) -> str:
 
 def smoke_markdown(result: dict) -> str:
     rows = [[r["item"], r["status"], f"{r['seconds']:.1f}", r["reason"]] for r in result["items"]]
-    return "\n".join([f"# Smoke: {common.device_label(result['environment'])}", "",
-                      f"- {result['verdict']}: {result['counts']['PASS']} PASS, {result['counts']['FAIL']} FAIL, "
-                      f"{result['counts']['SKIP']} SKIP in {result['seconds']:.1f} s",
-                      "", common.markdown_table(["item", "status", "seconds", "what"], rows), "",
-                      "## Environment", "", common.environment_markdown(result["environment"])])
+    return "\n".join(
+        [
+            f"# Smoke: {common.device_label(result['environment'])}",
+            "",
+            f"- {result['verdict']}: {result['counts']['PASS']} PASS, {result['counts']['FAIL']} FAIL, "
+            f"{result['counts']['SKIP']} SKIP in {result['seconds']:.1f} s",
+            "",
+            common.markdown_table(["item", "status", "seconds", "what"], rows),
+            "",
+            "## Environment",
+            "",
+            common.environment_markdown(result["environment"]),
+        ]
+    )
 
 
 def report(record_path: Path, out_dir: Path) -> int:
     records = read_records(record_path)
     missing = [name for name in ITEMS if name not in {r["item"] for r in records}]
-    records += [{"item": name, "status": "FAIL", "reason": "did not run (no record)", "seconds": 0.0,
-                 "details": {}} for name in missing]
+    records += [
+        {"item": name, "status": "FAIL", "reason": "did not run (no record)", "seconds": 0.0, "details": {}}
+        for name in missing
+    ]
     env_record = next((r for r in records if r["item"] == "environment" and r["status"] == "PASS"), None)
     environment = env_record["details"] if env_record else {"device": "unknown"}
     counts = {s: sum(r["status"] == s for r in records) for s in ("PASS", "FAIL", "SKIP")}
-    result = {**common.base_result("smoke", environment), "verdict": "FAIL" if counts["FAIL"] else "PASS",
-              "counts": counts, "seconds": sum(r["seconds"] for r in records), "items": records}
+    result = {
+        **common.base_result("smoke", environment),
+        "verdict": "FAIL" if counts["FAIL"] else "PASS",
+        "counts": counts,
+        "seconds": sum(r["seconds"] for r in records),
+        "items": records,
+    }
     print(f"smoke: {result['verdict']} ({counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP)")
     common.write_results(out_dir, "smoke", result, smoke_markdown(result))
     return 1 if counts["FAIL"] else 0

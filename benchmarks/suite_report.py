@@ -20,9 +20,18 @@ from fastemp import runs
 from . import common
 
 # part -> the name of its result files
-RESULT_NAMES = {"smoke": "smoke", "accuracy": "accuracy", "throughput20": "throughput_n20", "profile": "profile",
-                "tune": "tuned_n20", "tune_modes": "tune_modes_n20", "throughput200": "throughput_n200",
-                "kernels": "kernels", "tta": "time_to_85_n20", "data": "data"}
+RESULT_NAMES = {
+    "smoke": "smoke",
+    "accuracy": "accuracy",
+    "throughput20": "throughput_n20",
+    "profile": "profile",
+    "tune": "tuned_n20",
+    "tune_modes": "tune_modes_n20",
+    "throughput200": "throughput_n200",
+    "kernels": "kernels",
+    "tta": "time_to_85_n20",
+    "data": "data",
+}
 # parts whose whole result goes inside suite.json: a file of their own would pass the 8-file limit
 EMBEDDED = ("data",)
 
@@ -64,12 +73,22 @@ def summarize(details: Path) -> tuple[dict, str]:
         md = details / f"{RESULT_NAMES[p['part']]}.md"
         if md.exists():
             sections.append(re.sub(r"^(#+) ", r"#\1 ", md.read_text().strip(), flags=re.M))  # one level down
-    summary = {"benchmark": "gpu_suite", "created": common.now_iso(), "environment": environment,
-               "dry_run": any(p.get("dry_run") for p in parts), "parts": parts}
-    lines = [f"# GPU suite: {common.device_label(environment) if environment else 'unknown device'}", "",
-             "Parts in the order they ran; TIMEOUT means the part was cut at its limit and keeps what it had "
-             "written (results marked partial).", "",
-             common.markdown_table(["part", "status", "seconds", "limit s", "results"], rows), ""]
+    summary = {
+        "benchmark": "gpu_suite",
+        "created": common.now_iso(),
+        "environment": environment,
+        "dry_run": any(p.get("dry_run") for p in parts),
+        "parts": parts,
+    }
+    lines = [
+        f"# GPU suite: {common.device_label(environment) if environment else 'unknown device'}",
+        "",
+        "Parts in the order they ran; TIMEOUT means the part was cut at its limit and keeps what it had "
+        "written (results marked partial).",
+        "",
+        common.markdown_table(["part", "status", "seconds", "limit s", "results"], rows),
+        "",
+    ]
     if summary["dry_run"]:
         lines += ["**Dry run** (SUITE_DRY_RUN=1): CPU, toy sizes. These numbers measure nothing.", ""]
     lines += [s + "\n" for s in sections]
@@ -77,7 +96,9 @@ def summarize(details: Path) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m fastemp.benchmarks.suite_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m fastemp.benchmarks.suite_report", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--details", required=True, help="the suite's details folder")
     parser.add_argument("--out", required=True, help="where suite.json and suite.md go")
     args = parser.parse_args(argv)

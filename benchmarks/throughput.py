@@ -93,8 +93,12 @@ def measure_split(trainer: Trainer, steps: int, warmup: int = 2) -> dict:
         fwd_bwd.append(durations["forward"] + durations["backward"])
         total.append(sum(durations.values()))
     split = {name: common.median(v) for name, v in per_phase.items()}
-    split.update(forward_backward=common.median(fwd_bwd), total=common.median(total), steps=steps,
-                 clock="cuda events" if trainer.device.type == "cuda" else "wall clock (perf_counter)")
+    split.update(
+        forward_backward=common.median(fwd_bwd),
+        total=common.median(total),
+        steps=steps,
+        clock="cuda events" if trainer.device.type == "cuda" else "wall clock (perf_counter)",
+    )
     return split
 
 
@@ -116,8 +120,9 @@ def measure_end_to_end(trainer: Trainer, warmup: int, steps: int) -> dict:
     return {"first_step_seconds": first_step, "step_seconds": step_seconds, "window_seconds": window}
 
 
-def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict,
-                  datasets: common.DatasetCache) -> dict:
+def measure_point(
+    cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict, datasets: common.DatasetCache
+) -> dict:
     """Every number of one sweep point (raises on OOM; the caller records it)."""
     device = resolve_device(cfg.train.device)
     memory = common.PeakMemory(device)
@@ -131,25 +136,31 @@ def measure_point(cfg: Config, warmup: int, steps: int, split_steps: int, flops:
     images_per_s = batch / step_s
     patches_per_s = images_per_s * n
     result = {
-        "status": "ok", "reason": None,
+        "status": "ok",
+        "reason": None,
         "resolved": trainer.runtime.resolved(),
         "data": trainer.train_set.description,
-        "step_seconds_median": step_s, "images_per_s": images_per_s, "patches_per_s": patches_per_s,
+        "step_seconds_median": step_s,
+        "images_per_s": images_per_s,
+        "patches_per_s": patches_per_s,
         "images_per_s_window_mean": steps * batch / e2e["window_seconds"],
         "first_step_seconds": e2e["first_step_seconds"],
         "compile_seconds": max(0.0, e2e["first_step_seconds"] - step_s),
         "achieved_tflops": common.achieved_tflops(patches_per_s, flops),
         "mfu": common.mfu(patches_per_s, flops, peak["measured_tflops"]),
         "mfu_datasheet": common.mfu(patches_per_s, flops, peak.get("datasheet_tflops")),
-        "peak_memory_bytes": peak_bytes, "peak_memory_source": memory.source,
-        "split": split, "step_seconds": e2e["step_seconds"],
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory_source": memory.source,
+        "split": split,
+        "step_seconds": e2e["step_seconds"],
     }
     del trainer
     return result
 
 
-def measure_scaling(cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict,
-                    datasets: common.DatasetCache) -> dict:
+def measure_scaling(
+    cfg: Config, warmup: int, steps: int, split_steps: int, flops: float, peak: dict, datasets: common.DatasetCache
+) -> dict:
     """One point under torchrun: rank 0 alone first (one process, same config), then all ranks."""
     with distributed.alone() as measuring:
         single = measure_point(cfg, warmup, steps, 0, flops, peak, datasets)["images_per_s"] if measuring else None
@@ -158,12 +169,26 @@ def measure_scaling(cfg: Config, warmup: int, steps: int, split_steps: int, flop
     world = distributed.world_size()
     per_rank = [cfg.train.batch_size / world / s for s in distributed.gather_objects(result["step_seconds_median"])]
     total = sum(per_rank)
-    return {**result, "world_size": world, "per_rank_images_per_s": per_rank, "total_images_per_s": total,
-            "single_process_images_per_s": single, "scaling_efficiency": total / (world * single)}
+    return {
+        **result,
+        "world_size": world,
+        "per_rank_images_per_s": per_rank,
+        "total_images_per_s": total,
+        "single_process_images_per_s": single,
+        "scaling_efficiency": total / (world * single),
+    }
 
 
-def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, split_steps: int,
-              peak: dict, datasets: common.DatasetCache) -> dict:
+def run_point(
+    base: Config,
+    point: dict,
+    device: str,
+    warmup: int,
+    steps: int,
+    split_steps: int,
+    peak: dict,
+    datasets: common.DatasetCache,
+) -> dict:
     """measure_point with skips (DALI missing), OOM and errors recorded instead of raised."""
     print(f"fastemp bench: measuring {point}", file=sys.stderr, flush=True)
     cfg = point_config(base, point, device, total_steps=1 + warmup + steps + split_steps + 2 + 1)
@@ -186,8 +211,9 @@ def run_point(base: Config, point: dict, device: str, warmup: int, steps: int, s
 # ------------------------------------------------------------------------------ baselines
 
 
-def run_baselines(base: Config, points: list[dict], device: str, workers: int, steps: int | None,
-                  datasets: common.DatasetCache):
+def run_baselines(
+    base: Config, points: list[dict], device: str, workers: int, steps: int | None, datasets: common.DatasetCache
+):
     """The reference-style pipeline once per distinct (n, B) of the sweep, yielded as each finishes."""
     for n, batch in sorted({(p["n_patches"], p["batch_size"]) for p in points}):
         print(f"fastemp bench: measuring the baseline at n={n}, B={batch}", file=sys.stderr, flush=True)
@@ -199,8 +225,12 @@ def run_baselines(base: Config, points: list[dict], device: str, workers: int, s
         except Exception as err:
             status = "oom" if common.is_out_of_memory(err) else "error"
             print(f"fastemp bench: baseline n={n} B={batch} failed ({status}): {err}", file=sys.stderr)
-            yield {"n_patches": n, "batch_size": batch, "status": status,
-                   "reason": f"{type(err).__name__}: {err}"[:500]}
+            yield {
+                "n_patches": n,
+                "batch_size": batch,
+                "status": status,
+                "reason": f"{type(err).__name__}: {err}"[:500],
+            }
         finally:
             common.free_device_memory(dev)
 
@@ -225,22 +255,44 @@ def throughput_targets(points: list[dict], environment: dict) -> list[dict]:
     if n20:
         ok = [p for p in n20 if p["status"] == "ok"]
         best = max((p["patches_per_s"] for p in ok), default=None)
-        rows.append(common.target_row("n20_patches_per_s", "n=20 end to end patches/s (B=100)",
-                                      common.TARGETS["n20_patches_per_s"], best, True, h100,
-                                      "best point of this sweep"))
+        rows.append(
+            common.target_row(
+                "n20_patches_per_s",
+                "n=20 end to end patches/s (B=100)",
+                common.TARGETS["n20_patches_per_s"],
+                best,
+                True,
+                h100,
+                "best point of this sweep",
+            )
+        )
     n200 = [p for p in points if p["n_patches"] == 200 and p["batch_size"] == 100]
     if n200:
         fits = [p["peak_memory_bytes"] / 2**30 for p in n200 if p["status"] == "ok" and p["peak_memory_bytes"]]
-        row = common.target_row("n200_memory_gib", "n=200 peak memory (GiB)", common.TARGETS["n200_memory_gib"],
-                                min(fits) if fits else None, False, h100,
-                                "torch.cuda.max_memory_allocated" if fits else "no n=200 point ran")
+        row = common.target_row(
+            "n200_memory_gib",
+            "n=200 peak memory (GiB)",
+            common.TARGETS["n200_memory_gib"],
+            min(fits) if fits else None,
+            False,
+            h100,
+            "torch.cuda.max_memory_allocated" if fits else "no n=200 point ran",
+        )
         if not fits and any(p["status"] == "oom" for p in n200):
             row.update(met=False, note="out of memory")
         rows.append(row)
         speeds = [p["images_per_s"] for p in n200 if p["status"] == "ok" and p.get("images_per_s")]
-        rows.append(common.target_row("n200_epoch_seconds", "one CIFAR-10 epoch at n=200 (s, 50,000 images)",
-                                      common.TARGETS["n200_epoch_seconds"], 50_000 / max(speeds) if speeds else None,
-                                      False, h100, "fastest point of this sweep"))
+        rows.append(
+            common.target_row(
+                "n200_epoch_seconds",
+                "one CIFAR-10 epoch at n=200 (s, 50,000 images)",
+                common.TARGETS["n200_epoch_seconds"],
+                50_000 / max(speeds) if speeds else None,
+                False,
+                h100,
+                "fastest point of this sweep",
+            )
+        )
     return rows
 
 
@@ -250,50 +302,147 @@ def throughput_targets(points: list[dict], environment: dict) -> list[dict]:
 def throughput_markdown(result: dict) -> str:
     """The human-readable report: points, split, baseline, targets, environment."""
     env, peak = result["environment"], result["peak"]
-    sheet = (f"{peak['datasheet_tflops']:.0f} TFLOP/s ({peak['datasheet_label']}, {peak['datasheet_source']})"
-             if peak.get("datasheet_tflops") else "n/a (device not in the datasheet table)")
-    lines = [f"# Throughput: {common.device_label(env)} ({env.get('device')})", "",
-             f"- data: {result['data']}",
-             f"- FLOPs per training patch: {result['flops_per_patch'] / 1e9:.3f} GFLOP (fastemp.model.flops_per_patch)",
-             f"- measured peak: {common.fmt(peak['measured_tflops'])} TFLOP/s ({peak['dtype']} {peak['matmul_size']}^3 matmul, "
-             f"this run); datasheet: {sheet}",
-             f"- timing: median over {result['settings']['timed_steps']} timed steps after "
-             f"{result['settings']['warmup_steps']} warm-up steps; first step (compile) reported apart", ""]
+    sheet = (
+        f"{peak['datasheet_tflops']:.0f} TFLOP/s ({peak['datasheet_label']}, {peak['datasheet_source']})"
+        if peak.get("datasheet_tflops")
+        else "n/a (device not in the datasheet table)"
+    )
+    lines = [
+        f"# Throughput: {common.device_label(env)} ({env.get('device')})",
+        "",
+        f"- data: {result['data']}",
+        f"- FLOPs per training patch: {result['flops_per_patch'] / 1e9:.3f} GFLOP (fastemp.model.flops_per_patch)",
+        f"- measured peak: {common.fmt(peak['measured_tflops'])} TFLOP/s ({peak['dtype']} {peak['matmul_size']}^3 matmul, "
+        f"this run); datasheet: {sheet}",
+        f"- timing: median over {result['settings']['timed_steps']} timed steps after "
+        f"{result['settings']['warmup_steps']} warm-up steps; first step (compile) reported apart",
+        "",
+    ]
     ok = [p for p in result["points"] if p["status"] == "ok"]
-    rows = [[p["n_patches"], p["batch_size"], p["resolved"]["backend"], p["resolved"]["compile"],
-             p["resolved"]["precision"], p["grad_chunks"], p["images_per_s"], p["patches_per_s"],
-             p["achieved_tflops"], _pct(p["mfu"]), _pct(p["mfu_datasheet"]),
-             _gib(p["peak_memory_bytes"], env), p["compile_seconds"], p.get("speedup_vs_baseline")] for p in ok]
-    lines += [common.markdown_table(["n", "B", "backend", "compile", "precision", "chunks", "images/s", "patches/s",
-                                     "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)", "peak mem GiB",
-                                     "first-step extra s", "x baseline"], rows), ""]
-    split_rows = [[p["n_patches"], p["batch_size"], p["resolved"]["backend"], p["resolved"]["compile"],
-                   *[p["split"][k] * 1e3 for k in ("data", "forward_backward", "loss", "optimizer", "total")],
-                   p["step_seconds_median"] * 1e3] for p in ok if p.get("split")]
+    rows = [
+        [
+            p["n_patches"],
+            p["batch_size"],
+            p["resolved"]["backend"],
+            p["resolved"]["compile"],
+            p["resolved"]["precision"],
+            p["grad_chunks"],
+            p["images_per_s"],
+            p["patches_per_s"],
+            p["achieved_tflops"],
+            _pct(p["mfu"]),
+            _pct(p["mfu_datasheet"]),
+            _gib(p["peak_memory_bytes"], env),
+            p["compile_seconds"],
+            p.get("speedup_vs_baseline"),
+        ]
+        for p in ok
+    ]
+    lines += [
+        common.markdown_table(
+            [
+                "n",
+                "B",
+                "backend",
+                "compile",
+                "precision",
+                "chunks",
+                "images/s",
+                "patches/s",
+                "TFLOP/s",
+                "MFU (measured peak)",
+                "MFU (datasheet)",
+                "peak mem GiB",
+                "first-step extra s",
+                "x baseline",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    split_rows = [
+        [
+            p["n_patches"],
+            p["batch_size"],
+            p["resolved"]["backend"],
+            p["resolved"]["compile"],
+            *[p["split"][k] * 1e3 for k in ("data", "forward_backward", "loss", "optimizer", "total")],
+            p["step_seconds_median"] * 1e3,
+        ]
+        for p in ok
+        if p.get("split")
+    ]
     if split_rows:
         clock = ok[0]["split"]["clock"]
-        lines += [f"## Step split (ms, medians, {clock})", "",
-                  common.markdown_table(["n", "B", "backend", "compile", "data", "fwd+bwd", "loss", "optimizer",
-                                         "sum", "end-to-end step"], split_rows), ""]
+        lines += [
+            f"## Step split (ms, medians, {clock})",
+            "",
+            common.markdown_table(
+                ["n", "B", "backend", "compile", "data", "fwd+bwd", "loss", "optimizer", "sum", "end-to-end step"],
+                split_rows,
+            ),
+            "",
+        ]
     scaled = [p for p in ok if p.get("world_size")]
     if scaled:
-        rows = [[p["n_patches"], p["batch_size"], p["world_size"], p["single_process_images_per_s"],
-                 ", ".join(f"{x:.3g}" for x in p["per_rank_images_per_s"]), p["total_images_per_s"],
-                 _pct(p["scaling_efficiency"])] for p in scaled]
-        lines += ["## Scaling under torchrun (same invocation; 1 process = rank 0 alone, same global batch)", "",
-                  common.markdown_table(["n", "B (global)", "processes", "1-process images/s", "per-rank images/s",
-                                         "total images/s", "scaling efficiency"], rows), ""]
+        rows = [
+            [
+                p["n_patches"],
+                p["batch_size"],
+                p["world_size"],
+                p["single_process_images_per_s"],
+                ", ".join(f"{x:.3g}" for x in p["per_rank_images_per_s"]),
+                p["total_images_per_s"],
+                _pct(p["scaling_efficiency"]),
+            ]
+            for p in scaled
+        ]
+        lines += [
+            "## Scaling under torchrun (same invocation; 1 process = rank 0 alone, same global batch)",
+            "",
+            common.markdown_table(
+                [
+                    "n",
+                    "B (global)",
+                    "processes",
+                    "1-process images/s",
+                    "per-rank images/s",
+                    "total images/s",
+                    "scaling efficiency",
+                ],
+                rows,
+            ),
+            "",
+        ]
     other = [p for p in result["points"] if p["status"] != "ok"]
     if other:
         lines += ["## Points without numbers", ""]
-        lines += [f"- n={p['n_patches']} B={p['batch_size']} backend={p['backend']} compile={p['compile']} "
-                  f"precision={p['precision']} chunks={p['grad_chunks']}: {p['status']} ({p['reason']})"
-                  for p in other] + [""]
+        lines += [
+            f"- n={p['n_patches']} B={p['batch_size']} backend={p['backend']} compile={p['compile']} "
+            f"precision={p['precision']} chunks={p['grad_chunks']}: {p['status']} ({p['reason']})"
+            for p in other
+        ] + [""]
     if result["baselines"]:
-        rows = [[b["n_patches"], b["batch_size"], b["status"], b.get("images_per_s"), b.get("patches_per_s"),
-                 b.get("workers"), _pct(b.get("data_wait_fraction"))] for b in result["baselines"]]
-        lines += ["## Reference-style baseline (same run)", "", result["baseline_description"], "",
-                  common.markdown_table(["n", "B", "status", "images/s", "patches/s", "workers", "data wait"], rows), ""]
+        rows = [
+            [
+                b["n_patches"],
+                b["batch_size"],
+                b["status"],
+                b.get("images_per_s"),
+                b.get("patches_per_s"),
+                b.get("workers"),
+                _pct(b.get("data_wait_fraction")),
+            ]
+            for b in result["baselines"]
+        ]
+        lines += [
+            "## Reference-style baseline (same run)",
+            "",
+            result["baseline_description"],
+            "",
+            common.markdown_table(["n", "B", "status", "images/s", "patches/s", "workers", "data wait"], rows),
+            "",
+        ]
     if result["targets"]:
         lines += [common.targets_markdown(result["targets"]), ""]
     lines += ["## Environment", "", common.environment_markdown(env), ""]
@@ -315,10 +464,19 @@ def _gib(nbytes, env):
 # ------------------------------------------------------------------------------------ run
 
 
-def run_throughput(base: Config, axes: dict[str, list | None], device: str = "auto", warmup: int = 3,
-                   steps: int = 20, split_steps: int = 20, baseline: bool = False, baseline_workers: int = 4,
-                   baseline_steps: int | None = None, peak_size: int | None = None,
-                   on_progress: Callable[[dict], None] | None = None) -> dict:
+def run_throughput(
+    base: Config,
+    axes: dict[str, list | None],
+    device: str = "auto",
+    warmup: int = 3,
+    steps: int = 20,
+    split_steps: int = 20,
+    baseline: bool = False,
+    baseline_workers: int = 4,
+    baseline_steps: int | None = None,
+    peak_size: int | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
     """The whole sweep; returns the result dict (JSON-ready).
 
     on_progress(result) is called after every point and baseline with the result so far ("partial":
@@ -336,21 +494,33 @@ def run_throughput(base: Config, axes: dict[str, list | None], device: str = "au
         data = next((p["data"] for p in points if p.get("data")), base.data.source)
         notes = []
         if dev.type == "cpu":
-            notes.append("CPU timings are noisy: the machine's cores are shared with other work; MFU is "
-                         "relative to an fp32 matmul measured in the same run.")
+            notes.append(
+                "CPU timings are noisy: the machine's cores are shared with other work; MFU is "
+                "relative to an fp32 matmul measured in the same run."
+            )
         if baseline and distributed.world_size() > 1:
             notes.append("the reference-style baseline is not run under torchrun")
         if any(p["status"] == "skipped" for p in points):
             notes.append("DALI does not import here: the DALI points were not run (torch backend only).")
-        result = {**common.base_result("throughput", environment), "partial": partial,
-                  "config": to_dict(base), "axes": {k: v for k, v in axes.items() if v}, "data": data,
-                  "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
-                  "peak": peak,
-                  "settings": {"warmup_steps": warmup, "timed_steps": steps, "split_steps": split_steps,
-                               "baseline_workers": baseline_workers if baseline else None},
-                  "points": points, "baselines": baselines,
-                  "baseline_description": baselines[0].get("description", "") if baselines else "",
-                  "notes": notes}
+        result = {
+            **common.base_result("throughput", environment),
+            "partial": partial,
+            "config": to_dict(base),
+            "axes": {k: v for k, v in axes.items() if v},
+            "data": data,
+            "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
+            "peak": peak,
+            "settings": {
+                "warmup_steps": warmup,
+                "timed_steps": steps,
+                "split_steps": split_steps,
+                "baseline_workers": baseline_workers if baseline else None,
+            },
+            "points": points,
+            "baselines": baselines,
+            "baseline_description": baselines[0].get("description", "") if baselines else "",
+            "notes": notes,
+        }
         result["targets"] = throughput_targets(points, environment)
         return result
 

@@ -63,8 +63,17 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
     return min(n, 2 * chunks) if chunks < n else None
 
 
-def measure_fitting(base: Config, point: dict, device: str, budget: int | None, warmup: int, steps: int,
-                    peak: dict, datasets: common.DatasetCache, max_doublings: int = 3) -> list[dict]:
+def measure_fitting(
+    base: Config,
+    point: dict,
+    device: str,
+    budget: int | None,
+    warmup: int,
+    steps: int,
+    peak: dict,
+    datasets: common.DatasetCache,
+    max_doublings: int = 3,
+) -> list[dict]:
     """Measure a point; when it does not fit, retry with more grad_chunks (more_chunks). All attempts returned."""
     attempts = []
     point = dict(point)
@@ -101,7 +110,10 @@ def best_point(rows: list[dict]) -> dict | None:
 def tuned_config(base: Config, best: dict) -> Config:
     """The base config with the winning values, 'auto' resolved (device, schedule, the rest kept)."""
     cfg = with_settings(base, {name: best[name] for name in SETTINGS if name in best})
-    values = {**{axis: best[axis] for axis in AXES}, **{k: best["resolved"][k] for k in ("backend", "compile", "precision")}}
+    values = {
+        **{axis: best[axis] for axis in AXES},
+        **{k: best["resolved"][k] for k in ("backend", "compile", "precision")},
+    }
     apply_overrides(cfg, [f"{key}={values[axis]}" for axis, key in AXES.items()])
     cfg.name = f"{base.name}_tuned"
     return cfg
@@ -109,22 +121,31 @@ def tuned_config(base: Config, best: dict) -> Config:
 
 def write_tuned_yaml(cfg: Config, best: dict, environment: dict, path: Path) -> Path:
     """The config as YAML, headed by a comment saying what was measured where."""
-    header = [f"# Written by `fastemp tune` on {common.device_label(environment)} ({environment.get('device')}), "
-              f"{common.now_iso()}.",
-              f"# Fastest point within the memory budget: {best['images_per_s']:.1f} images/s end to end "
-              f"(n={best['n_patches']}, B={best['batch_size']}, backend={best['resolved']['backend']}, "
-              f"compile={best['resolved']['compile']}, grad_chunks={best['grad_chunks']}, "
-              f"cudnn_benchmark={best.get('cudnn_benchmark')}, patch_compile={best.get('patch_compile')}).",
-              "# Train with: fastemp train --config <this file>"]
+    header = [
+        f"# Written by `fastemp tune` on {common.device_label(environment)} ({environment.get('device')}), "
+        f"{common.now_iso()}.",
+        f"# Fastest point within the memory budget: {best['images_per_s']:.1f} images/s end to end "
+        f"(n={best['n_patches']}, B={best['batch_size']}, backend={best['resolved']['backend']}, "
+        f"compile={best['resolved']['compile']}, grad_chunks={best['grad_chunks']}, "
+        f"cudnn_benchmark={best.get('cudnn_benchmark')}, patch_compile={best.get('patch_compile')}).",
+        "# Train with: fastemp train --config <this file>",
+    ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 
-def run_tune(base: Config, axes: dict[str, list | None], device: str = "auto", budget_gib: float | None = None,
-             warmup: int = 3, steps: int = 20, settings: dict[str, list | None] | None = None,
-             on_point=None) -> dict:
+def run_tune(
+    base: Config,
+    axes: dict[str, list | None],
+    device: str = "auto",
+    budget_gib: float | None = None,
+    warmup: int = 3,
+    steps: int = 20,
+    settings: dict[str, list | None] | None = None,
+    on_point=None,
+) -> dict:
     """Sweep, pick the fastest point that fits; returns the JSON-ready result with 'best' and 'config'.
 
     settings: values of the SETTINGS to try (cudnn_benchmark, patch_compile), each combination a
@@ -138,17 +159,25 @@ def run_tune(base: Config, axes: dict[str, list | None], device: str = "auto", b
 
     def result(partial: bool) -> dict:
         best = best_point(rows)
-        return {**common.base_result("tune", environment),
-                "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
-                "memory_budget_bytes": budget, "axes": {k: v for k, v in {**axes, **(settings or {})}.items() if v},
-                "settings": {"warmup_steps": warmup, "timed_steps": steps}, "partial": partial,
-                "points": rows, "best": best, "config": to_dict(tuned_config(base, best)) if best else None}
+        return {
+            **common.base_result("tune", environment),
+            "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
+            "memory_budget_bytes": budget,
+            "axes": {k: v for k, v in {**axes, **(settings or {})}.items() if v},
+            "settings": {"warmup_steps": warmup, "timed_steps": steps},
+            "partial": partial,
+            "points": rows,
+            "best": best,
+            "config": to_dict(tuned_config(base, best)) if best else None,
+        }
 
     for setting in settings_variants(base, settings or {}):
         variant = with_settings(base, setting)
         for point in sweep_points(variant, axes):
-            rows += [{**row, **setting} for row in measure_fitting(variant, point, device, budget, warmup, steps, peak,
-                                                                    datasets)]
+            rows += [
+                {**row, **setting}
+                for row in measure_fitting(variant, point, device, budget, warmup, steps, peak, datasets)
+            ]
             if on_point:
                 on_point(result(partial=True))
     return result(partial=False)
@@ -157,18 +186,52 @@ def run_tune(base: Config, axes: dict[str, list | None], device: str = "auto", b
 def tune_markdown(result: dict) -> str:
     env = result["environment"]
     budget = result["memory_budget_bytes"]
-    rows = [[r["n_patches"], r["batch_size"], r["backend"], r["compile"], r["grad_chunks"], r.get("cudnn_benchmark"),
-             r.get("patch_compile"), r["status"], r.get("images_per_s"),
-             r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") is not None else None,
-             r.get("fits_budget")] for r in result["points"]]
+    rows = [
+        [
+            r["n_patches"],
+            r["batch_size"],
+            r["backend"],
+            r["compile"],
+            r["grad_chunks"],
+            r.get("cudnn_benchmark"),
+            r.get("patch_compile"),
+            r["status"],
+            r.get("images_per_s"),
+            r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") is not None else None,
+            r.get("fits_budget"),
+        ]
+        for r in result["points"]
+    ]
     best = result["best"]
-    won = ("- winner: none within the memory budget" if best is None else
-           f"- winner: {best['images_per_s']:.1f} images/s with compile={best['resolved']['compile']}, "
-           f"cudnn_benchmark={best.get('cudnn_benchmark')}, patch_compile={best.get('patch_compile')}, "
-           f"backend={best['resolved']['backend']}, B={best['batch_size']}, grad_chunks={best['grad_chunks']}")
-    lines = [f"# Tune: {common.device_label(env)} ({env.get('device')})", "",
-             f"- objective: {result['objective']}",
-             f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)", won, "",
-             common.markdown_table(["n", "B", "backend", "compile", "chunks", "cudnn bench", "patch compile", "status",
-                                    "images/s", "peak GiB", "fits"], rows)]
+    won = (
+        "- winner: none within the memory budget"
+        if best is None
+        else f"- winner: {best['images_per_s']:.1f} images/s with compile={best['resolved']['compile']}, "
+        f"cudnn_benchmark={best.get('cudnn_benchmark')}, patch_compile={best.get('patch_compile')}, "
+        f"backend={best['resolved']['backend']}, B={best['batch_size']}, grad_chunks={best['grad_chunks']}"
+    )
+    lines = [
+        f"# Tune: {common.device_label(env)} ({env.get('device')})",
+        "",
+        f"- objective: {result['objective']}",
+        f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)",
+        won,
+        "",
+        common.markdown_table(
+            [
+                "n",
+                "B",
+                "backend",
+                "compile",
+                "chunks",
+                "cudnn bench",
+                "patch compile",
+                "status",
+                "images/s",
+                "peak GiB",
+                "fits",
+            ],
+            rows,
+        ),
+    ]
     return "\n".join(lines)

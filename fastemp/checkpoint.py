@@ -40,8 +40,19 @@ REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout"
 # change float rounding at most), and all of evaluation. Anything
 # else (n, B, lr, schedule length, data, model, augmentation) would make the summary describe a
 # run that never happened.
-RESUME_SAFE_KEYS = ("name", "data.root", "data.download", "data.workers", "train.device", "train.log_every",
-                    "train.ckpt_every", "model.compile", "model.cudnn_benchmark", "data.patch_compile", "eval.*")
+RESUME_SAFE_KEYS = (
+    "name",
+    "data.root",
+    "data.download",
+    "data.workers",
+    "train.device",
+    "train.log_every",
+    "train.ckpt_every",
+    "model.compile",
+    "model.cudnn_benchmark",
+    "data.patch_compile",
+    "eval.*",
+)
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
 
 
@@ -89,9 +100,13 @@ def layout(cfg: Config, world: int) -> dict:
     With model.sync_bn (or one process) BatchNorm normalises over all B images of a gradient
     chunk's patch groups, whatever the world size; without it over each rank's B/K images."""
     per_rank = cfg.train.batch_size // world
-    return {"world_size": world, "sync_bn": bool(cfg.model.sync_bn), "grad_chunks": cfg.train.grad_chunks,
-            "images_per_rank": per_rank,
-            "bn_images": cfg.train.batch_size if cfg.model.sync_bn or world == 1 else per_rank}
+    return {
+        "world_size": world,
+        "sync_bn": bool(cfg.model.sync_bn),
+        "grad_chunks": cfg.train.grad_chunks,
+        "images_per_rank": per_rank,
+        "bn_images": cfg.train.batch_size if cfg.model.sync_bn or world == 1 else per_rank,
+    }
 
 
 def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None:
@@ -102,15 +117,21 @@ def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None
         return None
     k, k_now = then["world_size"], world
     if then["bn_images"] != now["bn_images"]:
-        how = (f"torchrun --nproc-per-node={k} -m fastemp resume {path.parent}" if k > 1 else
-               f"fastemp resume {path.parent}")
+        how = (
+            f"torchrun --nproc-per-node={k} -m fastemp resume {path.parent}"
+            if k > 1
+            else f"fastemp resume {path.parent}"
+        )
         raise CheckpointError(
             f"{path} was written by {k} process(es) with model.sync_bn={str(then['sync_bn']).lower()}: BatchNorm "
             f"normalised over {then['bn_images']} images per call, on {k_now} it would be {now['bn_images']}, a "
-            f"different recipe mid-run; resume it with {k} process(es) ({how})")
-    return (f"resuming {path} (written by {k} process(es)) on {k_now}: BatchNorm still normalises over "
-            f"{now['bn_images']} images per call and every rank draws its rows of the same global batch, so the "
-            "recipe is unchanged (float sums may differ in the last bits)")
+            f"different recipe mid-run; resume it with {k} process(es) ({how})"
+        )
+    return (
+        f"resuming {path} (written by {k} process(es)) on {k_now}: BatchNorm still normalises over "
+        f"{now['bn_images']} images per call and every rank draws its rows of the same global batch, so the "
+        "recipe is unchanged (float sums may differ in the last bits)"
+    )
 
 
 # -------------------------------------------------------------------------------- writing
@@ -146,13 +167,19 @@ def save(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         if not isinstance(err, (OSError, RuntimeError)):
             raise
-        kept, then = ((f"the previous {path.name} is intact", f"run fastemp resume {path.parent}") if had else
-                      ("no checkpoint of this run exists yet", "start the run again"))
+        kept, then = (
+            (f"the previous {path.name} is intact", f"run fastemp resume {path.parent}")
+            if had
+            else ("no checkpoint of this run exists yet", "start the run again")
+        )
         if _disk_full(err, path.parent):
-            raise UserError(f"disk full: could not write {path} ({kept}); free space on the disk holding "
-                            f"{path.parent.resolve()}, then {then}") from err
-        raise UserError(f"could not write {path}: {one_line(err)[:160]} ({kept}); make {path.parent} writable, "
-                        f"then {then}") from err
+            raise UserError(
+                f"disk full: could not write {path} ({kept}); free space on the disk holding "
+                f"{path.parent.resolve()}, then {then}"
+            ) from err
+        raise UserError(
+            f"could not write {path}: {one_line(err)[:160]} ({kept}); make {path.parent} writable, then {then}"
+        ) from err
     try:  # the rename is durable only once the folder's entry is on disk
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -175,8 +202,10 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     """A verified checkpoint's state, or CheckpointError saying what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: the run stopped before its first checkpoint (or never started), "
-                              f"so there is nothing to resume or evaluate; {_redo(path)}")
+        raise CheckpointError(
+            f"{path} not found: the run stopped before its first checkpoint (or never started), "
+            f"so there is nothing to resume or evaluate; {_redo(path)}"
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); {_redo(path)}")
     try:
@@ -184,22 +213,29 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it was run
         found = re.search(r"WeightsUnpickler error: ([^.]*)", str(err))  # e.g. "Unsupported global: GLOBAL exec ..."
         what = found.group(1).strip()[:120] if found else "an object weights_only refuses"
-        raise CheckpointError(f"{path} holds Python objects that are not plain data ({what}) and was not loaded: "
-                              f"fastemp never writes those and loading one could run code; {_redo(path)}") from None
+        raise CheckpointError(
+            f"{path} holds Python objects that are not plain data ({what}) and was not loaded: "
+            f"fastemp never writes those and loading one could run code; {_redo(path)}"
+        ) from None
     except Exception as err:  # truncated zip, not a checkpoint
         raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {_redo(path)}") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
-        why = ("it has no checksum: written by a fastemp before checksums, or not by fastemp"
-               if isinstance(state, dict) and "model" in state else "not a fastemp checkpoint")
+        why = (
+            "it has no checksum: written by a fastemp before checksums, or not by fastemp"
+            if isinstance(state, dict) and "model" in state
+            else "not a fastemp checkpoint"
+        )
         raise CheckpointError(f"{path} lacks {', '.join(missing)} ({why}); {_redo(path)}")
     try:
         ok = digest(state) == state["sha256"]
     except TypeError:
         ok = False
     if not ok:
-        raise CheckpointError(f"{path} is corrupt: its sha256 does not match its contents (a changed byte on disk "
-                              f"or in transit); use a good copy of the file, or {_redo(path)}")
+        raise CheckpointError(
+            f"{path} is corrupt: its sha256 does not match its contents (a changed byte on disk "
+            f"or in transit); use a good copy of the file, or {_redo(path)}"
+        )
     bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
     if bad or not isinstance(state["step"], int) or state["step"] < 0:
         raise CheckpointError(f"{path} has a malformed {'model entry ' + bad[0] if bad else 'step'}; {_redo(path)}")
@@ -214,13 +250,16 @@ def check_tensors(expected: dict, state: dict, path: Path) -> None:
     got = state["model"]
     missing = [k for k in expected if k not in got]
     extra = [k for k in got if k not in expected]
-    shaped = [k for k in expected
-              if k in got and (got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype)]
+    shaped = [
+        k for k in expected if k in got and (got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype)
+    ]
     if missing or extra or shaped:
         if shaped:
             k = shaped[0]
-            what = (f"{k} is {tuple(got[k].shape)} {got[k].dtype}, "
-                    f"the model's is {tuple(expected[k].shape)} {expected[k].dtype}")
+            what = (
+                f"{k} is {tuple(got[k].shape)} {got[k].dtype}, "
+                f"the model's is {tuple(expected[k].shape)} {expected[k].dtype}"
+            )
         else:
             k = (missing or extra)[0]
             what = f"{k} is {'missing' if missing else 'not a tensor of this model'}"
@@ -238,13 +277,16 @@ def check_optimizer(params: list[torch.Tensor], state: dict, path: Path) -> None
     except (TypeError, KeyError):
         raise CheckpointError(f"{path} has a malformed optimizer state; {_redo(path)}") from None
     if len(indices) != len(params):
-        raise CheckpointError(f"{path} holds optimizer state for {len(indices)} parameters, the model has "
-                              f"{len(params)}; {_redo(path)}")
+        raise CheckpointError(
+            f"{path} holds optimizer state for {len(indices)} parameters, the model has {len(params)}; {_redo(path)}"
+        )
     for index, param in zip(indices, params):
         for name, value in per_param.get(index, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                raise CheckpointError(f"{path} has optimizer {name} of shape {tuple(value.shape)} for a parameter of "
-                                      f"shape {tuple(param.shape)}; {_redo(path)}")
+                raise CheckpointError(
+                    f"{path} has optimizer {name} of shape {tuple(value.shape)} for a parameter of "
+                    f"shape {tuple(param.shape)}; {_redo(path)}"
+                )
 
 
 # -------------------------------------------------------------------------------- config comparison
@@ -285,9 +327,11 @@ def check_resume(cfg: Config, state: dict, path: Path) -> None:
     if changed:
         now = _flat(to_dict(cfg))
         what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
-        raise ConfigError(f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
-                          "back, or start a new run with fastemp train (resume may change only "
-                          f"{', '.join(RESUME_SAFE_KEYS)})")
+        raise ConfigError(
+            f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
+            "back, or start a new run with fastemp train (resume may change only "
+            f"{', '.join(RESUME_SAFE_KEYS)})"
+        )
 
 
 def check_architecture(cfg: Config, state: dict, path: Path) -> None:
@@ -304,11 +348,16 @@ def check_architecture(cfg: Config, state: dict, path: Path) -> None:
 
 def trainer_state(trainer) -> dict:
     """Everything a resumed run needs to continue bit-identically."""
-    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "step": trainer.step,
-            "clock": (trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images),
-            "config": to_dict(trainer.cfg), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "layout": layout(trainer.cfg, trainer.runtime.world_size)}
+    return {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "step": trainer.step,
+        "clock": (trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images),
+        "config": to_dict(trainer.cfg),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "layout": layout(trainer.cfg, trainer.runtime.world_size),
+    }
 
 
 def load_into(trainer, path: Path) -> None:
@@ -325,8 +374,9 @@ def load_into(trainer, path: Path) -> None:
     try:
         trainer.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise CheckpointError(f"{path} has optimizer state this optimizer cannot take ({one_line(err)[:120]}); "
-                              f"{_redo(path)}") from None
+        raise CheckpointError(
+            f"{path} has optimizer state this optimizer cannot take ({one_line(err)[:120]}); {_redo(path)}"
+        ) from None
     trainer.step = state["step"]
     trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images = clock
     torch.set_rng_state(rng.cpu())

@@ -15,8 +15,19 @@ from .memory import check_run_memory
 
 
 def _print_summary(summary: dict) -> None:
-    keys = ["steps", "train_seconds", "images_per_s", "final_loss", "final_loss_sim", "final_loss_tcr",
-            "linear_top1", "best_top1_on_test", "knn_top1", "random_init_linear_top1", "random_init_knn_top1"]
+    keys = [
+        "steps",
+        "train_seconds",
+        "images_per_s",
+        "final_loss",
+        "final_loss_sim",
+        "final_loss_tcr",
+        "linear_top1",
+        "best_top1_on_test",
+        "knn_top1",
+        "random_init_linear_top1",
+        "random_init_knn_top1",
+    ]
     for key in keys:
         if key in summary:
             value = summary[key]
@@ -67,8 +78,10 @@ def cmd_train(args) -> int:
             (run_dir / "config.yaml").unlink(missing_ok=True)
             back = runs.restore_replaced(run_dir)
             kept = f"{run_dir} again holds the run --force was replacing, unchanged" if back else "nothing was kept"
-            raise UserError(f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
-                            f"or make {run_dir} writable, then run {_retry_command(args, force=back)}") from None
+            raise UserError(
+                f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
+                f"or make {run_dir} writable, then run {_retry_command(args, force=back)}"
+            ) from None
 
     distributed.run_on_main(start)
     try:
@@ -102,8 +115,9 @@ def _run_config(run_dir: Path, overrides=()):
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a "
-                          "fastemp train run")
+        raise ConfigError(
+            f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a fastemp train run"
+        )
     cfg = load_config(run_dir / "config.yaml", overrides)
     distributed.check_same_config(cfg)
     check_config(cfg)
@@ -121,8 +135,10 @@ def _settle(run_dir: Path, command: str) -> None:
     runs.lock_run_dir(run_dir, command)
     restored = runs.settle_replaced(run_dir)
     if restored:
-        raise UserError(f"{restored}; run fastemp {command.split()[-1]} {run_dir} again to use that run, or rerun "
-                        "the fastemp train --force command to replace it")
+        raise UserError(
+            f"{restored}; run fastemp {command.split()[-1]} {run_dir} again to use that run, or rerun "
+            "the fastemp train --force command to replace it"
+        )
 
 
 def cmd_resume(args) -> int:
@@ -188,15 +204,22 @@ def cmd_eval(args) -> int:
     check_probe(cfg, len(trainer.train_set))
     _ = trainer.test_set
     trainer.load_checkpoint(path)
-    result = {"step": trainer.step, "eval_mode": cfg.eval.mode, "eval_patches": cfg.eval.patches,
-              "probe_epochs": cfg.eval.probe_epochs, **trainer.evaluate()}
+    result = {
+        "step": trainer.step,
+        "eval_mode": cfg.eval.mode,
+        "eval_patches": cfg.eval.patches,
+        "probe_epochs": cfg.eval.probe_epochs,
+        **trainer.evaluate(),
+    }
     if distributed.is_main():
         print(json.dumps(result, indent=2))  # first: a folder that cannot take eval.json loses nothing
         try:
             runs.write_json(run_dir / "eval.json", result)
         except OSError as err:
-            raise UserError(f"could not write {run_dir / 'eval.json'}: {err.strerror or err}; the evaluation is "
-                            f"printed above, make {run_dir} writable to keep it there") from None
+            raise UserError(
+                f"could not write {run_dir / 'eval.json'}: {err.strerror or err}; the evaluation is "
+                f"printed above, make {run_dir} writable to keep it there"
+            ) from None
     return 0
 
 
@@ -207,17 +230,23 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastemp", description="EMP-SSL training, evaluation and benchmarks")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (accepted anywhere on the command line)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (accepted anywhere on the command line)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run (default config: quickstart, synthetic data)")
-    p.add_argument("--config", default="quickstart", help="YAML file or built-in name (quickstart, cifar10_n20_1ep, ...)")
+    p.add_argument(
+        "--config", default="quickstart", help="YAML file or built-in name (quickstart, cifar10_n20_1ep, ...)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing run folder (only a fastemp run folder; the old run is kept in "
-                        "RUN/replaced-run until the new run's first checkpoint, and put back if it fails before)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing run folder (only a fastemp run folder; the old run is kept in "
+        "RUN/replaced-run until the new run's first checkpoint, and put back if it fails before)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
     p.set_defaults(func=cmd_train)
 
@@ -242,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands that live beside their implementation (check, bench, tune)."""
-    from .check import register_cli as check_cli
     from fastemp.benchmarks.cli import register_cli as bench_cli
+
+    from .check import register_cli as check_cli
 
     return [check_cli, bench_cli]
 
@@ -281,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             from .errors import one_line
 
             # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
-            distributed.report_error(f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is "
-                                     "in that rank's output)")
+            distributed.report_error(
+                f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is in that rank's output)"
+            )
             raise
         if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
             print(f"fastemp: error: {message}", file=sys.stderr)

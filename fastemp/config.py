@@ -76,11 +76,14 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     width: int = 64  # ResNet-18 base width (64 = the standard network)
-    stem: str = one_of("cifar", "imagenet")  # cifar: 3x3 stride-1 conv, no maxpool; imagenet: 7x7 stride-2 conv + maxpool
+    stem: str = one_of(
+        "cifar", "imagenet"
+    )  # cifar: 3x3 stride-1 conv, no maxpool; imagenet: 7x7 stride-2 conv + maxpool
     hidden_dim: int = 4096  # projector hidden size; h (the evaluation feature) has this size
     z_dim: int = 1024
-    compile: str = one_of("auto", "none", "default", "reduce-overhead", "max-autotune",
-                          "max-autotune-no-cudagraphs")  # auto: default mode on CUDA, none on CPU
+    compile: str = one_of(
+        "auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    )  # auto: default mode on CUDA, none on CPU
     precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
@@ -92,7 +95,9 @@ class LossConfig:
     eps: float = 0.2
     invariance_weight: float = 200.0
     tcr_weight: float = 1.0
-    fused: str = one_of("auto", "on", "off")  # auto: Triton kernel on CUDA, torch on CPU; on: CPU needs TRITON_INTERPRET=1
+    fused: str = one_of(
+        "auto", "on", "off"
+    )  # auto: Triton kernel on CUDA, torch on CPU; on: CPU needs TRITON_INTERPRET=1
 
 
 @dataclass
@@ -126,10 +131,28 @@ class TrainConfig:
 # func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but
 # the two costs (patches per image, probe epochs) for quick curves. Any other combination is "custom".
 EVAL_PROTOCOLS: dict[str, dict] = {
-    "official": {"mode": "patches", "patches": 128, "probe_epochs": 100, "probe_lr": 0.03, "probe_momentum": 0.9,
-                 "probe_weight_decay": 5e-5, "probe_batch_size": 100, "knn_k": 20, "knn_temperature": 0.07},
-    "cheap": {"mode": "patches", "patches": 16, "probe_epochs": 20, "probe_lr": 0.03, "probe_momentum": 0.9,
-              "probe_weight_decay": 5e-5, "probe_batch_size": 100, "knn_k": 20, "knn_temperature": 0.07},
+    "official": {
+        "mode": "patches",
+        "patches": 128,
+        "probe_epochs": 100,
+        "probe_lr": 0.03,
+        "probe_momentum": 0.9,
+        "probe_weight_decay": 5e-5,
+        "probe_batch_size": 100,
+        "knn_k": 20,
+        "knn_temperature": 0.07,
+    },
+    "cheap": {
+        "mode": "patches",
+        "patches": 16,
+        "probe_epochs": 20,
+        "probe_lr": 0.03,
+        "probe_momentum": 0.9,
+        "probe_weight_decay": 5e-5,
+        "probe_batch_size": 100,
+        "knn_k": 20,
+        "knn_temperature": 0.07,
+    },
 }
 EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
 
@@ -141,7 +164,9 @@ class EvalConfig:
     (custom when none does). batch_size, knn, random_init and at_end are not part of a protocol."""
 
     protocol: str = ""  # official | cheap | custom; "" = the name that fits the values (official by default)
-    mode: str = one_of("patches", "plain")  # patches: mean of h over `patches` augmented patches; plain: the whole image once
+    mode: str = one_of(
+        "patches", "plain"
+    )  # patches: mean of h over `patches` augmented patches; plain: the whole image once
     patches: int = 128
     batch_size: int = 100  # images per feature-extraction batch
     probe_epochs: int = 100
@@ -160,8 +185,10 @@ class EvalConfig:
         if self.protocol in ("", "custom"):
             self.protocol = fits
         elif self.protocol in EVAL_PROTOCOLS and self.protocol != fits:
-            raise ValueError(f"EvalConfig(protocol={self.protocol!r}) with the values of {fits!r}; "
-                             f"build it with eval_config({self.protocol!r}, ...)")
+            raise ValueError(
+                f"EvalConfig(protocol={self.protocol!r}) with the values of {fits!r}; "
+                f"build it with eval_config({self.protocol!r}, ...)"
+            )
 
 
 def eval_protocol_name(cfg: EvalConfig) -> str:
@@ -176,7 +203,9 @@ def eval_config(protocol: str = "official", base: EvalConfig | None = None, **ch
     """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top (relabelled
     when they leave the protocol)."""
     if protocol not in EVAL_PROTOCOLS:
-        raise ConfigError(f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them")
+        raise ConfigError(
+            f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them"
+        )
     kept = dataclasses.asdict(base) if base is not None else {}
     return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes, "protocol": ""})
 
@@ -241,8 +270,10 @@ def _expanded_size(node, sizes: dict) -> int:
         for item in child if isinstance(child, tuple) else (child,):
             total += _expanded_size(item, sizes)
             if total > MAX_EXPANDED_NODES:
-                raise _YamlRefused(f"YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); "
-                                   "write the config without nested aliases")
+                raise _YamlRefused(
+                    f"YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); "
+                    "write the config without nested aliases"
+                )
     sizes[id(node)] = total
     return total
 
@@ -261,8 +292,10 @@ class _StrictLoader(yaml.BaseLoader):
             if key is None:
                 continue
             if key in first_line:
-                raise _YamlRefused(f"duplicate key '{shown(key)[1:-1]}' at line {key_node.start_mark.line + 1} "
-                                   f"(first at line {first_line[key]}); keep one of them")
+                raise _YamlRefused(
+                    f"duplicate key '{shown(key)[1:-1]}' at line {key_node.start_mark.line + 1} "
+                    f"(first at line {first_line[key]}); keep one of them"
+                )
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -284,7 +317,16 @@ def _read_yaml(text: str, where: str):
         raise ConfigError(f"{where}: YAML syntax error{at} ({problem[:QUOTE_CHARS]}); fix the YAML") from None
 
 
-BOOLEAN_WORDS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+BOOLEAN_WORDS = {
+    "true": True,
+    "on": True,
+    "yes": True,
+    "1": True,
+    "false": False,
+    "off": False,
+    "no": False,
+    "0": False,
+}
 
 
 def _coerce(value, tp, where: str):
@@ -297,8 +339,10 @@ def _coerce(value, tp, where: str):
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {shown(value)}; "
-                              f"write it as [{', '.join('x' for _ in args)}]")
+            raise ConfigError(
+                f"{where}: expected a list of {len(args)} numbers, got {shown(value)}; "
+                f"write it as [{', '.join('x' for _ in args)}]"
+            )
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if tp is bool:
         if isinstance(value, bool):
@@ -321,8 +365,9 @@ def _coerce(value, tp, where: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {shown(value)}; write a whole number such as 8")
         if not -INT_LIMIT < value < INT_LIMIT:  # torch and numpy take 64-bit integers
-            raise ConfigError(f"{where}: {shown(given)} is out of range; write a whole number between "
-                              f"-2^63 and 2^63 (e.g. 8)")
+            raise ConfigError(
+                f"{where}: {shown(given)} is out of range; write a whole number between -2^63 and 2^63 (e.g. 8)"
+            )
         return value
     if tp is float:
         if isinstance(value, str):
@@ -356,7 +401,9 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             if isinstance(value, _Raw):
                 value = _read_yaml(value, where)
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a section (mapping), got {shown(value)}; set its keys, e.g. {where}.<key>=value")
+                raise ConfigError(
+                    f"{where}: expected a section (mapping), got {shown(value)}; set its keys, e.g. {where}.<key>=value"
+                )
             _apply(current, value, where + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
@@ -411,7 +458,9 @@ def builtin_config_path(name: str) -> Path:
     path = Path(str(resources.files("fastemp.configs").joinpath(f"{name}.yaml")))
     if not path.is_file():
         names = sorted(p.name[:-5] for p in Path(str(resources.files("fastemp.configs"))).glob("*.yaml"))
-        raise ConfigError(f"no config file or built-in config '{name}'{_suggest(name, names) or '; use a YAML path or a built-in'} (built-ins: {', '.join(names)})")
+        raise ConfigError(
+            f"no config file or built-in config '{name}'{_suggest(name, names) or '; use a YAML path or a built-in'} (built-ins: {', '.join(names)})"
+        )
     return path
 
 
@@ -434,10 +483,14 @@ def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str]
         raise ConfigError(f"cannot read the config file {path} ({err}); check the path") from None
     values = _read_yaml(text, str(path))
     if values is None or values == "":
-        raise ConfigError(f"config file {path} is empty; write the sections to change "
-                          "(e.g. `train:` with `epochs: 2`) or use a built-in such as --config quickstart")
+        raise ConfigError(
+            f"config file {path} is empty; write the sections to change "
+            "(e.g. `train:` with `epochs: 2`) or use a built-in such as --config quickstart"
+        )
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections; write e.g. `train:` then indented keys")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections; write e.g. `train:` then indented keys"
+        )
     values.setdefault("name", path.stem)
     cfg = Config()
     _apply(cfg, values)

@@ -55,7 +55,7 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 TIMEOUT_VARIABLE = "FASTEMP_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0  # minutes, not torch's 30: long enough for a first-step compile on every rank
 _alone = False  # rank 0 runs as a world of one (the benchmark's one-process figure); the others wait
-_watch: "_Watchdog | None" = None  # set by init_from_env
+_watch: _Watchdog | None = None  # set by init_from_env
 
 
 class DistributedError(UserError, RuntimeError):
@@ -76,8 +76,10 @@ def collective_timeout_s() -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise DistributedError(f"{TIMEOUT_VARIABLE}={shown(text)} is not a number of seconds > 0; "
-                               f"set it to e.g. {int(DEFAULT_TIMEOUT_S)}, or unset it")
+        raise DistributedError(
+            f"{TIMEOUT_VARIABLE}={shown(text)} is not a number of seconds > 0; "
+            f"set it to e.g. {int(DEFAULT_TIMEOUT_S)}, or unset it"
+        )
     return value
 
 
@@ -91,7 +93,8 @@ def init_from_env() -> None:
     if missing:
         raise DistributedError(
             f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: no rendezvous "
-            "to join; launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)")
+            "to join; launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"
+        )
     timeout = collective_timeout_s()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
@@ -101,9 +104,11 @@ def init_from_env() -> None:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout + max(10.0, timeout / 4)))
     except Exception as err:  # a refused or timed-out rendezvous: one line, not a C++ traceback
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DistributedError(f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed "
-                               f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {first}; check that every rank was started "
-                               "and can reach MASTER_ADDR:MASTER_PORT") from err
+        raise DistributedError(
+            f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed "
+            f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {first}; check that every rank was started "
+            "and can reach MASTER_ADDR:MASTER_PORT"
+        ) from err
     if dist.get_world_size() > 1:
         _watch = _Watchdog(timeout)
 
@@ -204,9 +209,11 @@ class _Watchdog:
         if not stalled:
             return None  # every rank is alive and as far along: a long phase, not a hang
         who = "; ".join(f"rank {r}: {why}" for r, why in stalled.items())
-        return (f"{'rank' if len(stalled) == 1 else 'ranks'} {', '.join(map(str, stalled))} of {self.world} stopped "
-                f"answering ({who}); rank {self.rank} waited {waited:.0f} s ({TIMEOUT_VARIABLE}="
-                f"{self.timeout_s:g}); look for that rank's own error, or raise {TIMEOUT_VARIABLE} if it is only slow")
+        return (
+            f"{'rank' if len(stalled) == 1 else 'ranks'} {', '.join(map(str, stalled))} of {self.world} stopped "
+            f"answering ({who}); rank {self.rank} waited {waited:.0f} s ({TIMEOUT_VARIABLE}="
+            f"{self.timeout_s:g}); look for that rank's own error, or raise {TIMEOUT_VARIABLE} if it is only slow"
+        )
 
     def claim_report(self) -> bool:
         """True for the first rank to claim the one printed error line of the run."""
@@ -236,20 +243,31 @@ def report_error(message: str) -> bool:
         return True
 
 
-COLLECTIVE_FAILURES = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
-                       "process group", "processgroup")
+COLLECTIVE_FAILURES = (
+    "gloo",
+    "nccl",
+    "connection closed",
+    "connection reset",
+    "timed out",
+    "broken pipe",
+    "process group",
+    "processgroup",
+)
 
 
-def explain(err: BaseException) -> "DistributedError | None":
+def explain(err: BaseException) -> DistributedError | None:
     """A collective that failed because another rank is gone, as a one-line error; None otherwise."""
     text = str(err).strip()
     lost = isinstance(err, getattr(dist, "DistError", ())) or (
-        isinstance(err, RuntimeError) and any(w in text.lower() for w in COLLECTIVE_FAILURES))
+        isinstance(err, RuntimeError) and any(w in text.lower() for w in COLLECTIVE_FAILURES)
+    )
     if world_size() == 1 or isinstance(err, UserError) or not lost:
         return None
     first = text.splitlines()[0][:160] if text else type(err).__name__
-    return DistributedError(f"rank {rank()} of {world_size()} lost contact with the other ranks ({first}); another "
-                            f"rank probably stopped: look for its error above")
+    return DistributedError(
+        f"rank {rank()} of {world_size()} lost contact with the other ranks ({first}); another "
+        f"rank probably stopped: look for its error above"
+    )
 
 
 def check_same_config(cfg) -> None:
@@ -268,8 +286,10 @@ def check_same_config(cfg) -> None:
         if keys:
             what = ", ".join(f"{k} ({shown(configs[0].get(k))} vs {shown(other.get(k))})" for k in keys[:3])
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            raise ConfigError(f"the ranks started with different configs: rank {r} differs from rank 0 in {what}{more}; "
-                              "start every rank with the same --config and overrides")
+            raise ConfigError(
+                f"the ranks started with different configs: rank {r} differs from rank 0 in {what}{more}; "
+                "start every rank with the same --config and overrides"
+            )
 
 
 def world_size() -> int:
@@ -340,8 +360,10 @@ def require_divisible(batch_size: int) -> None:
     """Every rank takes an equal shard of the global batch; checked before anything touches a device."""
     world = world_size()
     if batch_size % world:
-        raise ConfigError(f"train.batch_size={batch_size} does not divide by the world size {world}: each rank "
-                          f"takes an equal shard of the global batch; use a multiple of {world}")
+        raise ConfigError(
+            f"train.batch_size={batch_size} does not divide by the world size {world}: each rank "
+            f"takes an equal shard of the global batch; use a multiple of {world}"
+        )
 
 
 def batch_shard(batch_size: int) -> slice:
@@ -503,8 +525,9 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, device="meta")
+            sync = CpuSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, device="meta"
+            )
             # the layer's own parameters and buffers, as torch's convert_sync_batchnorm does: same
             # objects, so their dtype and device are kept (a copy into a fresh module would be float32)
             for key, value in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
@@ -528,6 +551,9 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
     # torch >= 2.12 renamed the switch (the old name warns); the buffers are equal at init either way
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                      else {"broadcast_buffers": False})
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )
     return ddp(model, device_ids=ids, **no_buffer_sync)

@@ -54,7 +54,9 @@ def extract_features(
     streamed backend with `workers` processes), model in eval mode for the duration."""
     was_training = model.training
     model.eval()
-    encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
+    encode = (
+        model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
+    )
     device = images.device
     count = len(images)
     patches = make_patch_backend(backend, images, aug, seed=seed, workers=workers) if cfg.mode == "patches" else None
@@ -75,8 +77,9 @@ def extract_features(
             x = patches(index, cfg.patches, seed=seed + start)
             following = start + world * cfg.batch_size  # this rank's next batch: decoded while this one runs
             if hasattr(patches, "prefetch") and following < count:
-                patches.prefetch(torch.arange(following, min(following + cfg.batch_size, count)), cfg.patches,
-                                 seed=seed + following)
+                patches.prefetch(
+                    torch.arange(following, min(following + cfg.batch_size, count)), cfg.patches, seed=seed + following
+                )
         if not channels_last:
             x = x.contiguous()
         with amp:
@@ -91,7 +94,7 @@ def extract_features(
     # every row is filled by exactly one rank and is zero elsewhere, so the sum is exact
     feats = torch.zeros(count, model.pre_feature[0].out_features, device=device)
     for start, h in out:
-        feats[start:start + h.shape[0]] = h
+        feats[start : start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)
 
 
@@ -123,8 +126,9 @@ def linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe.reset_parameters()
-    opt = torch.optim.SGD(probe.parameters(), lr=cfg.probe_lr, momentum=cfg.probe_momentum,
-                          weight_decay=cfg.probe_weight_decay)
+    opt = torch.optim.SGD(
+        probe.parameters(), lr=cfg.probe_lr, momentum=cfg.probe_momentum, weight_decay=cfg.probe_weight_decay
+    )
     steps = train_x.shape[0] // cfg.probe_batch_size  # drop_last, as the official loader
     curve = []
     for epoch in bar(range(cfg.probe_epochs), desc="linear probe", unit="epoch"):
@@ -132,7 +136,7 @@ def linear_probe(
             g["lr"] = cfg.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.probe_epochs))
         order = torch.randperm(train_x.shape[0], generator=gen).to(device)
         for i in range(steps):
-            idx = order[i * cfg.probe_batch_size:(i + 1) * cfg.probe_batch_size]
+            idx = order[i * cfg.probe_batch_size : (i + 1) * cfg.probe_batch_size]
             loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -145,8 +149,14 @@ def linear_probe(
 
 @torch.no_grad()
 def knn_top1(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
 ) -> float:
     """Weighted kNN on cosine similarity: votes exp(sim / T) from the k nearest train features."""
     train_x = F.normalize(train_x, dim=1)
@@ -154,32 +164,56 @@ def knn_top1(
     k = min(k, train_x.shape[0])
     correct = torch.zeros((), dtype=torch.long, device=test_x.device)
     for start in bar(range(0, test_x.shape[0], chunk), desc="kNN", unit="chunk"):
-        sim, idx = (test_x[start:start + chunk] @ train_x.T).topk(k, dim=1)
+        sim, idx = (test_x[start : start + chunk] @ train_x.T).topk(k, dim=1)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum()
+        correct += (votes.argmax(1) == test_y[start : start + chunk]).sum()
     return correct.item() / test_x.shape[0]
 
 
-def evaluate_encoder(model: nn.Module, train: ImageSet, test: ImageSet, cfg: Config, runtime: Runtime,
-                     prefix: str = "", eval_cfg: EvalConfig | None = None) -> dict:
+def evaluate_encoder(
+    model: nn.Module,
+    train: ImageSet,
+    test: ImageSet,
+    cfg: Config,
+    runtime: Runtime,
+    prefix: str = "",
+    eval_cfg: EvalConfig | None = None,
+) -> dict:
     """Features for both splits, then the probe (and kNN when eval.knn) under eval_cfg (default: cfg.eval).
     Keys get `prefix`."""
     seed, protocol = cfg.train.seed, eval_cfg or cfg.eval
-    feats = [extract_features(model, getattr(s, "images", s), protocol, cfg.augment, runtime.backend, seed + i,
-                              runtime.autocast_dtype, runtime.channels_last, desc=f"{prefix}features ({name})",
-                              compile_mode=runtime.compile_mode, workers=cfg.data.workers)
-             for i, (name, s) in enumerate((("train", train), ("test", test)))]
+    feats = [
+        extract_features(
+            model,
+            getattr(s, "images", s),
+            protocol,
+            cfg.augment,
+            runtime.backend,
+            seed + i,
+            runtime.autocast_dtype,
+            runtime.channels_last,
+            desc=f"{prefix}features ({name})",
+            compile_mode=runtime.compile_mode,
+            workers=cfg.data.workers,
+        )
+        for i, (name, s) in enumerate((("train", train), ("test", test)))
+    ]
     return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, protocol, seed, prefix))
 
 
-def _probe_and_knn(feats: list[torch.Tensor], train: ImageSet, test: ImageSet, cfg: EvalConfig, seed: int,
-                   prefix: str) -> dict:
+def _probe_and_knn(
+    feats: list[torch.Tensor], train: ImageSet, test: ImageSet, cfg: EvalConfig, seed: int, prefix: str
+) -> dict:
     num_classes = len(train.classes)
     probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
-    out = {f"{prefix}linear_top1": probe.final_top1, f"{prefix}best_top1_on_test": probe.best_top1_on_test,
-           f"{prefix}eval_protocol": eval_protocol_name(cfg)}
+    out = {
+        f"{prefix}linear_top1": probe.final_top1,
+        f"{prefix}best_top1_on_test": probe.best_top1_on_test,
+        f"{prefix}eval_protocol": eval_protocol_name(cfg),
+    }
     if cfg.knn:
-        out[f"{prefix}knn_top1"] = knn_top1(feats[0], train.labels, feats[1], test.labels, num_classes,
-                                            cfg.knn_k, cfg.knn_temperature)
+        out[f"{prefix}knn_top1"] = knn_top1(
+            feats[0], train.labels, feats[1], test.labels, num_classes, cfg.knn_k, cfg.knn_temperature
+        )
     return out

@@ -29,9 +29,17 @@ from .losses import LossTerms
 from .model import frozen_batchnorm_stats
 
 
-def plan_chunks(n: int, batch: int, grad_chunks: int, bn_groups: int, device: torch.device,
-                bytes_per_patch: float, world: int = 1, sync_bn: bool = False,
-                free_bytes: int | None = None) -> tuple[int, int]:
+def plan_chunks(
+    n: int,
+    batch: int,
+    grad_chunks: int,
+    bn_groups: int,
+    device: torch.device,
+    bytes_per_patch: float,
+    world: int = 1,
+    sync_bn: bool = False,
+    free_bytes: int | None = None,
+) -> tuple[int, int]:
     """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches.
 
     bn_groups 0 is the gradient cache's own semantics: BatchNorm per chunk, grad_chunks chunks.
@@ -48,14 +56,19 @@ def plan_chunks(n: int, batch: int, grad_chunks: int, bn_groups: int, device: to
         grad_chunks = bn_groups
         if device.type == "cuda" and world == 1:
             free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-            fitting = [c for c in range(1, bn_groups + 1)
-                       if bn_groups % c == 0 and n * batch / c * bytes_per_patch * 1.5 <= 0.8 * free]
+            fitting = [
+                c
+                for c in range(1, bn_groups + 1)
+                if bn_groups % c == 0 and n * batch / c * bytes_per_patch * 1.5 <= 0.8 * free
+            ]
             grad_chunks = fitting[0] if fitting else bn_groups
     per_forward = bn_groups // grad_chunks
     if world > 1 and sync_bn and per_forward > 1:
-        raise ConfigError(f"train.bn_groups={bn_groups} with train.grad_chunks={grad_chunks} needs ghost BatchNorm, "
-                          "which SyncBatchNorm does not have; under torchrun set train.grad_chunks to "
-                          "train.bn_groups (or 0)")
+        raise ConfigError(
+            f"train.bn_groups={bn_groups} with train.grad_chunks={grad_chunks} needs ghost BatchNorm, "
+            "which SyncBatchNorm does not have; under torchrun set train.grad_chunks to "
+            "train.bn_groups (or 0)"
+        )
     return grad_chunks, per_forward
 
 
@@ -71,8 +84,16 @@ def resolve_chunks(model: nn.Module, cfg, device: torch.device, world: int, prec
     if t.grad_chunks == 0 and t.bn_groups > 0 and device.type == "cuda" and world == 1:
         bytes_per_patch = activation_bytes_per_patch(cfg.model, cfg.augment.crop_size, 2 if precision == "bf16" else 4)
         bytes_per_patch *= 3 if compile_mode == "none" else 1
-    chunks, per_forward = plan_chunks(t.n_patches, t.batch_size // world, t.grad_chunks, t.bn_groups, device,
-                                      bytes_per_patch, world, cfg.model.sync_bn)
+    chunks, per_forward = plan_chunks(
+        t.n_patches,
+        t.batch_size // world,
+        t.grad_chunks,
+        t.bn_groups,
+        device,
+        bytes_per_patch,
+        world,
+        cfg.model.sync_bn,
+    )
     set_batchnorm_groups(model, per_forward)
     return chunks
 

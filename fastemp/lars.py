@@ -35,17 +35,25 @@ def segment_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Te
     return views
 
 
-def fused_lars_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
-                   scale: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor, momentum: float,
-                   nesterov: bool) -> None:
+def fused_lars_sgd(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    scale: torch.Tensor,
+    decay: torch.Tensor,
+    neg_lr: torch.Tensor,
+    momentum: float,
+    nesterov: bool,
+) -> None:
     """The whole update of one group in one pass per tensor, meant for torch.compile (Inductor fuses it
     into a few multi-tensor kernels: read p, g, buf; write p, buf):
 
         d = g * scale_i + p * decay_i;  buf = momentum * buf + d;  p += -lr_i * (d + momentum * buf if nesterov else d)
 
     torch's SGD starts the buffer at d; a zero buffer gives exactly that (0 * m + d = d)."""
-    d = torch._foreach_add(torch._foreach_mul(grads, list(scale.unbind())),
-                           torch._foreach_mul(params, list(decay.unbind())))
+    d = torch._foreach_add(
+        torch._foreach_mul(grads, list(scale.unbind())), torch._foreach_mul(params, list(decay.unbind()))
+    )
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, d)
     step = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else d
@@ -144,10 +152,16 @@ class LARS(torch.optim.SGD):
         finite, every, scales, decays, lrs = [], [], [], [], []
         momentum, nesterov = self.param_groups[0]["momentum"], self.param_groups[0]["nesterov"]
         for group in self.param_groups:
-            if group["dampening"] or group["maximize"] or group["weight_decay"] or \
-                    (group["momentum"], group["nesterov"]) != (momentum, nesterov):
-                raise ValueError("LARS's fused update needs plain momentum SGD with one momentum and nesterov "
-                                 "setting (no dampening, maximize or SGD weight decay)")
+            if (
+                group["dampening"]
+                or group["maximize"]
+                or group["weight_decay"]
+                or (group["momentum"], group["nesterov"]) != (momentum, nesterov)
+            ):
+                raise ValueError(
+                    "LARS's fused update needs plain momentum SGD with one momentum and nesterov "
+                    "setting (no dampening, maximize or SGD weight decay)"
+                )
             params, others = self._split(group)
             if params:
                 scale, decay, ok = self._factors(group, params)
@@ -168,10 +182,14 @@ class LARS(torch.optim.SGD):
             bufs.append(state["momentum_buffer"])
         # -lr per tensor, made on the device (no host copy); equal lrs (the usual case) in one fill
         device, dtype = every[0].device, every[0].dtype
-        neg_lr = (torch.full((len(every),), -lrs[0], device=device, dtype=dtype) if len(set(lrs)) == 1 else
-                  torch.cat([torch.full((1,), -lr, device=device, dtype=dtype) for lr in lrs]))
-        self._fused(every, [p.grad for p in every], bufs, torch.cat(scales), torch.cat(decays), neg_lr, momentum,
-                    nesterov)
+        neg_lr = (
+            torch.full((len(every),), -lrs[0], device=device, dtype=dtype)
+            if len(set(lrs)) == 1
+            else torch.cat([torch.full((1,), -lr, device=device, dtype=dtype) for lr in lrs])
+        )
+        self._fused(
+            every, [p.grad for p in every], bufs, torch.cat(scales), torch.cat(decays), neg_lr, momentum, nesterov
+        )
         return torch.stack(finite).all()
 
     @torch.no_grad()
@@ -199,8 +217,16 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
 
 def build_lars(model: nn.Module, optim: OptimConfig, fused_update: bool = False) -> LARS:
     """LARS over the model's parameter groups with the config's hyperparameters (fused_update: see LARS)."""
-    return LARS(lars_param_groups(model), lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                weight_decay=optim.weight_decay, eta=optim.lars_eta, clip=optim.lars_clip, fused_update=fused_update)
+    return LARS(
+        lars_param_groups(model),
+        lr=optim.lr,
+        momentum=optim.momentum,
+        nesterov=optim.nesterov,
+        weight_decay=optim.weight_decay,
+        eta=optim.lars_eta,
+        clip=optim.lars_clip,
+        fused_update=fused_update,
+    )
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:

@@ -73,8 +73,9 @@ def dataset_sizes(cfg: Config) -> tuple[int, int, int]:
     return KNOWN_SIZES.get(d.source, (0, 0, d.image_size))
 
 
-def estimate(cfg: Config, device_type: str = "cpu", world: int = 1, train: bool = True,
-             evaluate: bool = True) -> dict[str, int]:
+def estimate(
+    cfg: Config, device_type: str = "cpu", world: int = 1, train: bool = True, evaluate: bool = True
+) -> dict[str, int]:
     """Bytes per rank by term (see the module doc); "total" is the peak before the margin."""
     m, t, e = cfg.model, cfg.train, cfg.eval
     bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and device_type == "cuda")
@@ -94,15 +95,18 @@ def estimate(cfg: Config, device_type: str = "cpu", world: int = 1, train: bool 
         chunks = t.grad_chunks or max(1, t.bn_groups)
         per_pass = -(-patches // chunks)
         stage = crop // 4 if imagenet_stem else crop
-        out["step"] = (per_pass * train_units * m.width * stage * stage * elt
-                       + patches * 3 * crop * crop * 4
-                       + (patches * m.z_dim * 4 if chunks > 1 else 0)
-                       + 3 * t.n_patches * m.z_dim * m.z_dim * 4)
+        out["step"] = (
+            per_pass * train_units * m.width * stage * stage * elt
+            + patches * 3 * crop * crop * 4
+            + (patches * m.z_dim * 4 if chunks > 1 else 0)
+            + 3 * t.n_patches * m.z_dim * m.z_dim * 4
+        )
     if evaluate:
         side_in = crop if e.mode == "patches" else side
         per_batch = e.batch_size * (e.patches if e.mode == "patches" else 1)
-        out["features"] = ((n_train + n_test) * m.hidden_dim * 4 * (2 if world > 1 else 1)
-                           + (1024 * n_train * 4 * 3 if e.knn else 0))
+        out["features"] = (n_train + n_test) * m.hidden_dim * 4 * (2 if world > 1 else 1) + (
+            1024 * n_train * 4 * 3 if e.knn else 0
+        )
         stage = side_in // 4 if imagenet_stem else side_in
         out["evaluation"] = per_batch * (eval_units * m.width * stage * stage + 3 * side_in * side_in) * elt
     evaluation = out.get("features", 0) + out.get("evaluation", 0)
@@ -137,8 +141,14 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def check_memory(cfg: Config, device: torch.device, world: int = 1, train: bool = True,
-                 evaluate: bool = True, available: int | None = None) -> dict[str, int]:
+def check_memory(
+    cfg: Config,
+    device: torch.device,
+    world: int = 1,
+    train: bool = True,
+    evaluate: bool = True,
+    available: int | None = None,
+) -> dict[str, int]:
     """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate.
     `available` (bytes) models a machine; by default it is measured. On the CPU every rank of the
     world shares the host's memory."""
@@ -150,14 +160,18 @@ def check_memory(cfg: Config, device: torch.device, world: int = 1, train: bool 
     what = "GPU memory" if device.type == "cuda" else "RAM"
     biggest = max((k for k in parts if k != "total"), key=parts.get)
     terms = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if k != "total")
-    advice = {"step": "lower train.n_patches or train.batch_size, or raise train.grad_chunks",
-              "evaluation": "lower eval.patches or eval.batch_size (or use eval.mode=plain)",
-              "dataset": "use fewer images (data.synthetic_train/test) or a smaller data.image_size",
-              "features": "use fewer images (data.synthetic_train/test) or a smaller model.hidden_dim",
-              "model": "use a smaller model (model.width, model.hidden_dim)"}[biggest]
+    advice = {
+        "step": "lower train.n_patches or train.batch_size, or raise train.grad_chunks",
+        "evaluation": "lower eval.patches or eval.batch_size (or use eval.mode=plain)",
+        "dataset": "use fewer images (data.synthetic_train/test) or a smaller data.image_size",
+        "features": "use fewer images (data.synthetic_train/test) or a smaller model.hidden_dim",
+        "model": "use a smaller model (model.width, model.hidden_dim)",
+    }[biggest]
     ranks = f" x {world} ranks" if device.type == "cpu" and world > 1 else ""
-    raise MemoryEstimateError(f"this run needs about {_gib(need)} of {what} ({terms}; x{SAFETY_MARGIN} margin{ranks}) "
-                              f"but {_gib(have)} is available on {device}; {advice}")
+    raise MemoryEstimateError(
+        f"this run needs about {_gib(need)} of {what} ({terms}; x{SAFETY_MARGIN} margin{ranks}) "
+        f"but {_gib(have)} is available on {device}; {advice}"
+    )
 
 
 def check_run_memory(cfg: Config, train: bool, evaluate: bool) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
@@ -176,8 +176,11 @@ class ResNet18Cifar(nn.Module):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
-                    stage, x, use_reentrant=False,
-                    context_fn=lambda stage=stage: (nullcontext(), frozen_batchnorm_stats(stage)))
+                    stage,
+                    x,
+                    use_reentrant=False,
+                    context_fn=lambda stage=stage: (nullcontext(), frozen_batchnorm_stats(stage)),
+                )
             else:
                 x = stage(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)

@@ -1,12 +1,12 @@
 """A run folder: what ran (config), how it went (metrics, plots), where it stands (checkpoint).
 
-    RUN/config.yaml      resolved config
-    RUN/metrics.jsonl    one JSON line per logged step
-    RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename; fastemp.checkpoint)
-    RUN/.lock            held (flock) by the process that writes the folder; names its pid and host
-    RUN/replaced-run/    under --force: the old run, until the new run's first checkpoint
-    RUN/summary.json     final numbers
-    RUN/losses.png       loss terms over steps (when matplotlib is installed)
+RUN/config.yaml      resolved config
+RUN/metrics.jsonl    one JSON line per logged step
+RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename; fastemp.checkpoint)
+RUN/.lock            held (flock) by the process that writes the folder; names its pid and host
+RUN/replaced-run/    under --force: the old run, until the new run's first checkpoint
+RUN/summary.json     final numbers
+RUN/losses.png       loss terms over steps (when matplotlib is installed)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-
 
 LOCK = ".lock"  # flock'ed for the life of the process that writes the folder; holds that process's pid and host
 REPLACED = "replaced-run"  # under --force: the old run, kept until the new run's first checkpoint
@@ -75,13 +74,22 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
     if too_long:
         raise RunExistsError(f"--out {path}: {too_long}; choose a shorter --out (or name)")
     if path.is_symlink() and not path.exists():
-        raise RunExistsError(f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; create that "
-                             "folder, or choose another --out")
+        raise RunExistsError(
+            f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; create that "
+            "folder, or choose another --out"
+        )
     resolved = path.expanduser().resolve()
     cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
-        raise RunExistsError(f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
-                             "a run needs a folder of its own, e.g. --out runs/NAME")
+    if (
+        resolved == cwd
+        or resolved in cwd.parents
+        or resolved == Path.home().resolve()
+        or resolved == Path(resolved.anchor)
+    ):
+        raise RunExistsError(
+            f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
+            "a run needs a folder of its own, e.g. --out runs/NAME"
+        )
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"--out {path} is a file, not a folder; choose another --out")
     if path.is_dir():
@@ -90,8 +98,9 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
     else:
         parent = next(p for p in path.absolute().parents if p.exists())
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunExistsError(f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a "
-                                 "writable folder")
+            raise RunExistsError(
+                f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a writable folder"
+            )
     return path
 
 
@@ -99,13 +108,16 @@ def _check_replaceable(path: Path, force: bool) -> None:
     if not _contents(path) and not (path / REPLACED).exists():
         return
     if not force:
-        raise RunExistsError(f"run folder {path} exists and is not empty; pass --force to replace it, "
-                             "or choose another --out")
+        raise RunExistsError(
+            f"run folder {path} exists and is not empty; pass --force to replace it, or choose another --out"
+        )
     foreign = sorted(p.name for p in _contents(path) if not (p.is_file() and _is_run_file(p.name)))
     if foreign or not ((path / "config.yaml").is_file() or (path / REPLACED / "config.yaml").is_file()):
         what = f"holds {', '.join(foreign[:3])}" if foreign else "has no config.yaml"
-        raise RunExistsError(f"--force refuses to replace {path}: it {what}, so it is not a fastemp run "
-                             "folder; move those files away or choose another --out")
+        raise RunExistsError(
+            f"--force refuses to replace {path}: it {what}, so it is not a fastemp run "
+            "folder; move those files away or choose another --out"
+        )
 
 
 # -------------------------------------------------------------------------------- the lock
@@ -120,8 +132,10 @@ def _owner(fd: int) -> str:
 
 
 def _locked_message(run_dir: Path, owner: str) -> str:
-    return (f"run folder {run_dir} is in use by {owner}; wait for it to finish or stop it, then try again, "
-            "or choose another folder")
+    return (
+        f"run folder {run_dir} is in use by {owner}; wait for it to finish or stop it, then try again, "
+        "or choose another folder"
+    )
 
 
 def probe_lock(run_dir: Path) -> None:
@@ -180,8 +194,12 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
         if same:
             break
         os.close(fd)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -202,8 +220,10 @@ def require_writable(run_dir: Path, why: str) -> None:
     paths = [run_dir, *(p for p in run_dir.iterdir() if _is_run_file(p.name) and p.is_file())]
     bad = next((p for p in paths if not os.access(p, os.W_OK)), None)
     if bad is not None:
-        raise UserError(f"{bad} is read-only and {why}; make it writable (chmod -R u+w {run_dir}), or copy the "
-                        "folder and use the copy")
+        raise UserError(
+            f"{bad} is read-only and {why}; make it writable (chmod -R u+w {run_dir}), or copy the "
+            "folder and use the copy"
+        )
 
 
 # -------------------------------------------------------------------------------- --force
@@ -219,8 +239,9 @@ def begin_run(run_dir: Path, force: bool, command: str) -> bool:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir, command)
     except OSError as err:
-        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}; choose an --out in a "
-                        "writable folder") from None
+        raise UserError(
+            f"cannot create the run folder {run_dir}: {err.strerror or err}; choose an --out in a writable folder"
+        ) from None
     settle_replaced(run_dir)
     _check_replaceable(run_dir, force)  # again, under the lock: another process may have written meanwhile
     aside = run_dir / REPLACED
@@ -271,8 +292,10 @@ def settle_replaced(run_dir: Path) -> str | None:
         discard_replaced(run_dir)  # the new run reached its first checkpoint
         return None
     restore_replaced(run_dir)
-    return (f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
-            "stopped before its first checkpoint, so nothing of it was kept)")
+    return (
+        f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
+        "stopped before its first checkpoint, so nothing of it was kept)"
+    )
 
 
 def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
@@ -281,8 +304,10 @@ def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
     if (run_dir / "checkpoint.pt").is_file():
         return ""
     if restore_replaced(run_dir):
-        return (f"nothing of the new run was kept: {run_dir} again holds the run --force was replacing, unchanged; "
-                f"to try again: {retry}")
+        return (
+            f"nothing of the new run was kept: {run_dir} again holds the run --force was replacing, unchanged; "
+            f"to try again: {retry}"
+        )
     return f"{run_dir} holds this run's config.yaml and metrics but no checkpoint; to try again: {retry}"
 
 
@@ -304,7 +329,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise UserError(f"{path} line {i + 1} is not JSON; delete that line (or the file) and resume again") from None
+            raise UserError(
+                f"{path} line {i + 1} is not JSON; delete that line (or the file) and resume again"
+            ) from None
     return records
 
 
@@ -355,8 +382,13 @@ def git_commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -389,8 +421,12 @@ def environment(device: torch.device) -> dict:
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError, IndexError):
             env["driver"] = None
@@ -411,8 +447,9 @@ def plot_losses(run_dir: Path) -> Path | None:
         return None
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in zip(axes, ["loss", "loss_sim", "loss_tcr"],
-                              ["total", "invariance (-mean cos to image mean)", "TCR (-mean R)"]):
+    for ax, key, title in zip(
+        axes, ["loss", "loss_sim", "loss_tcr"], ["total", "invariance (-mean cos to image mean)", "TCR (-mean R)"]
+    ):
         ax.plot(steps, [r[key] for r in rows])
         ax.set_title(title)
         ax.set_xlabel("step")

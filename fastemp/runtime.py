@@ -44,16 +44,24 @@ class Runtime:
 
     def resolved(self) -> dict:
         """The resolved choices, as the summary and the benchmark results record them."""
-        return {"backend": self.backend, "compile": self.compile_mode, "precision": self.precision,
-                "channels_last": self.channels_last, "fused_loss": self.fused_loss, "patch_compile": self.patch_compile}
+        return {
+            "backend": self.backend,
+            "compile": self.compile_mode,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "fused_loss": self.fused_loss,
+            "patch_compile": self.patch_compile,
+        }
 
     def describe(self) -> str:
         """One line saying what "auto" chose, logged when a run starts."""
         where = f"{self.device}" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
-        return (f"{where}, {self.precision}, compile {self.compile_mode}, "
-                f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches "
-                f"({self.backend_reason}{', compiled' if self.patch_compile else ''}), "
-                f"{'fused' if self.fused_loss else 'torch'} invariance loss")
+        return (
+            f"{where}, {self.precision}, compile {self.compile_mode}, "
+            f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches "
+            f"({self.backend_reason}{', compiled' if self.patch_compile else ''}), "
+            f"{'fused' if self.fused_loss else 'torch'} invariance loss"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,11 +77,15 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
-                              "(or auto), or install a CUDA build of torch")
+            raise ConfigError(
+                f"train.device={name} but torch sees no CUDA device; use train.device=cpu "
+                "(or auto), or install a CUDA build of torch"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name} but there are {torch.cuda.device_count()} CUDA devices; "
-                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise ConfigError(
+                f"train.device={name} but there are {torch.cuda.device_count()} CUDA devices; "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
         if device.index is None and distributed.world_size() > 1:
             return torch.device("cuda", distributed.local_rank())
     return device
@@ -87,8 +99,10 @@ def resolve_backend(name: str, streamed: bool, device: torch.device) -> tuple[st
     try:
         return patches.choose_backend(name, streamed, device.type, asks_dali and patches.dali_available())
     except RuntimeError:  # resident images asked for DALI, which does not import
-        raise ConfigError("data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
-                          "(or -cuda120), or use data.backend=torch") from None
+        raise ConfigError(
+            "data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
+            "(or -cuda120), or use data.backend=torch"
+        ) from None
 
 
 def resolve_fused(name: str, device: torch.device) -> bool:
@@ -96,8 +110,10 @@ def resolve_fused(name: str, device: torch.device) -> bool:
     from fastemp.kernels.cosine_to_mean import triton_usable
 
     if name == "on" and not triton_usable(device):
-        raise ConfigError("loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
-                          "use loss.fused=auto or set TRITON_INTERPRET=1")
+        raise ConfigError(
+            "loss.fused=on needs CUDA with Triton, or TRITON_INTERPRET=1 on the CPU; "
+            "use loss.fused=auto or set TRITON_INTERPRET=1"
+        )
     return name == "on" or (name == "auto" and device.type == "cuda" and triton_usable(device))
 
 

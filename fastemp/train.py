@@ -53,9 +53,16 @@ class Trainer:
     patch backend over train_set (made from the runtime's choice when not given), so a benchmark can
     feed the real step from the data path it measures."""
 
-    def __init__(self, cfg: Config, run_dir: Path | None = None, progress: bool = True,
-                 runtime: Runtime | None = None, train_set: ImageSet | None = None, test_set: ImageSet | None = None,
-                 patches: PatchBackend | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path | None = None,
+        progress: bool = True,
+        runtime: Runtime | None = None,
+        train_set: ImageSet | None = None,
+        test_set: ImageSet | None = None,
+        patches: PatchBackend | None = None,
+    ):
         self.runtime = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = self.runtime.device
@@ -63,9 +70,14 @@ class Trainer:
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
-        self.patches = patches or make_patch_backend(self.runtime.backend, self.train_set, cfg.augment,
-                                                     cfg.train.seed, workers=cfg.data.workers,
-                                                     compile_recipe=self.runtime.patch_compile)
+        self.patches = patches or make_patch_backend(
+            self.runtime.backend,
+            self.train_set,
+            cfg.augment,
+            cfg.train.seed,
+            workers=cfg.data.workers,
+            compile_recipe=self.runtime.patch_compile,
+        )
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
         if self.runtime.world_size > 1 and cfg.model.sync_bn:
@@ -77,7 +89,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
         self.forward = compile_model(self.ddp or self.model, rt.compile_mode, self.device, cfg.model.cudnn_benchmark)
-        self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.compile_mode != "none")  # compiled with the model
+        self.optimizer = build_lars(
+            self.model, cfg.optim, fused_update=rt.compile_mode != "none"
+        )  # compiled with the model
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
@@ -94,7 +108,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 1, epoch))
             self._perm = (epoch, torch.randperm(len(self.train_set), generator=gen).to(self.device))
         b = self.cfg.train.batch_size
-        return self._perm[1][k * b:(k + 1) * b]
+        return self._perm[1][k * b : (k + 1) * b]
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, clock=None) -> LossTerms:
@@ -127,8 +141,9 @@ class Trainer:
         shard = self.runtime.shard
         patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=shard)
         if step + 1 < self.total_steps:  # the next batch is known from the epoch's permutation: start it now
-            self.patches.prefetch(self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1),
-                                  shard=shard)
+            self.patches.prefetch(
+                self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1), shard=shard
+            )
         return patches if self.runtime.channels_last else patches.contiguous()
 
     def _forward_backward(self, patches: torch.Tensor, clock) -> LossTerms:
@@ -141,8 +156,16 @@ class Trainer:
         if runtime.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
         if self.grad_chunks > 1:
-            return gradient_cache_step(self.forward, patches, t.n_patches, self.grad_chunks, loss, runtime.autocast(),
-                                       model=self.ddp or self.model, clock=clock)
+            return gradient_cache_step(
+                self.forward,
+                patches,
+                t.n_patches,
+                self.grad_chunks,
+                loss,
+                runtime.autocast(),
+                model=self.ddp or self.model,
+                clock=clock,
+            )
         with runtime.autocast():
             p = self.forward(patches)
         clock.mark("forward")
@@ -165,8 +188,11 @@ class Trainer:
             images += t.batch_size
             if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
                 record = self._log(terms, images, time.perf_counter() - tick, warmup=step == warm)
-                bar.set_postfix(sim=f"{record['loss_sim']:.3f}", tcr=f"{record['loss_tcr']:.1f}",
-                                img_s=f"{record['images_per_s']:.0f}")
+                bar.set_postfix(
+                    sim=f"{record['loss_sim']:.3f}",
+                    tcr=f"{record['loss_tcr']:.1f}",
+                    img_s=f"{record['images_per_s']:.0f}",
+                )
                 tick, images = time.perf_counter(), 0
             if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save_checkpoint()
@@ -183,8 +209,12 @@ class Trainer:
         grads_ok = self.optimizer.gradients_finite()
         tcr_ok = terms.tcr.detach().isfinite()
         ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
-        here = torch.stack([torch.full((), step, dtype=torch.long, device=self.device),
-                            torch.argmin(ok.to(torch.uint8)).to(torch.long)])  # argmin: the first False
+        here = torch.stack(
+            [
+                torch.full((), step, dtype=torch.long, device=self.device),
+                torch.argmin(ok.to(torch.uint8)).to(torch.long),
+            ]
+        )  # argmin: the first False
         first = (self._nonfinite[0] < 0) & ~ok.all()
         self._nonfinite = torch.where(first, here, self._nonfinite)
 
@@ -192,16 +222,23 @@ class Trainer:
         step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
         if step >= 0:
             what = ("the invariance loss (sim)", "the coding-rate loss (tcr)", "the gradients")[int(term)]
-            saved = (f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
-                     if self.run_dir and self.saved_step is not None else "no checkpoint of this run was written")
-            raise NonFiniteError(f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
-                                 "lower optim.lr, raise loss.eps or check the data, then train again")
+            saved = (
+                f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
+                if self.run_dir and self.saved_step is not None
+                else "no checkpoint of this run was written"
+            )
+            raise NonFiniteError(
+                f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
+                "lower optim.lr, raise loss.eps or check the data, then train again"
+            )
 
     def _log(self, terms: LossTerms, images: int, seconds: float, warmup: bool) -> dict:
         # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
         # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
         # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
-        losses = distributed.mean_across_ranks(torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double())
+        losses = distributed.mean_across_ranks(
+            torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double()
+        )
         flat = torch.cat([losses, self._nonfinite.double()]).tolist()
         values = flat[:3]
         self.raise_if_nonfinite(flat[3:])
@@ -209,10 +246,16 @@ class Trainer:
             self.warmup_seconds += seconds
         else:
             self.train_seconds, self.timed_images = self.train_seconds + seconds, self.timed_images + images
-        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": values[0],
-                  "loss_sim": values[1], "loss_tcr": values[2], "lr": self.optimizer.param_groups[0]["lr"],
-                  "images_per_s": images / max(seconds, 1e-9),
-                  "elapsed_s": self.warmup_seconds + self.train_seconds}
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": values[0],
+            "loss_sim": values[1],
+            "loss_tcr": values[2],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": images / max(seconds, 1e-9),
+            "elapsed_s": self.warmup_seconds + self.train_seconds,
+        }
         if self.run_dir and distributed.is_main():
             runs.append_metrics(self.run_dir, record)
         self.last_record = record
@@ -244,12 +287,15 @@ class Trainer:
         """The test split, loaded on first use (only evaluation needs it)."""
         return load_split(self.cfg.data, "test", self.device)
 
-    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None) -> dict:
+    def evaluate(
+        self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
+    ) -> dict:
         """Score `model` (default: the trained one) under eval_cfg (default: the config's eval protocol)."""
         if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
             distributed.broadcast_buffers(self.model)
-        return evaluate_encoder(model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix,
-                                eval_cfg)
+        return evaluate_encoder(
+            model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
+        )
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""
@@ -258,8 +304,9 @@ class Trainer:
         return model.to(memory_format=torch.channels_last) if self.runtime.channels_last else model
 
 
-def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-                 trainer: Trainer | None = None) -> dict:
+def run_training(
+    cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True, trainer: Trainer | None = None
+) -> dict:
     """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
     trainer = trainer or Trainer(cfg, run_dir, progress)
     if cfg.eval.at_end:
@@ -271,13 +318,23 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, progress: boo
     trainer.train_until()
     trainer.save_checkpoint()
     last = trainer.last_record or runs.read_metrics(run_dir)[-1]
-    summary = {"name": cfg.name, "steps": trainer.step, "epochs": trainer.step / trainer.steps_per_epoch,
-               "n_patches": cfg.train.n_patches, "batch_size": cfg.train.batch_size, "world_size": trainer.runtime.world_size,
-               "final_loss": last["loss"], "final_loss_sim": last["loss_sim"], "final_loss_tcr": last["loss_tcr"],
-               "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
-               "warmup_seconds": trainer.warmup_seconds, "images_per_s": trainer.images_per_second(),
-               "data": trainer.train_set.description, **trainer.runtime.resolved(),
-               "environment": runs.environment(trainer.device)}
+    summary = {
+        "name": cfg.name,
+        "steps": trainer.step,
+        "epochs": trainer.step / trainer.steps_per_epoch,
+        "n_patches": cfg.train.n_patches,
+        "batch_size": cfg.train.batch_size,
+        "world_size": trainer.runtime.world_size,
+        "final_loss": last["loss"],
+        "final_loss_sim": last["loss_sim"],
+        "final_loss_tcr": last["loss_tcr"],
+        "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
+        "warmup_seconds": trainer.warmup_seconds,
+        "images_per_s": trainer.images_per_second(),
+        "data": trainer.train_set.description,
+        **trainer.runtime.resolved(),
+        "environment": runs.environment(trainer.device),
+    }
     if cfg.eval.at_end:
         t0 = time.perf_counter()
         summary.update(trainer.evaluate())

@@ -13,9 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-
 from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, shown
-
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -30,7 +28,9 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {shown(value)}; {hint}set {key} to one of them")
+        raise ConfigError(
+            f"{key} must be one of {', '.join(choices)}, got {shown(value)}; {hint}set {key} to one of them"
+        )
 
 
 def _positive(section, prefix: str, *names: str) -> None:
@@ -48,8 +48,12 @@ def check_config(cfg: Config) -> None:
 
     What the machine must have for the values (CUDA, DALI, Triton, a batch that divides by the world size)
     is checked where "auto" is resolved: fastemp.runtime.resolve."""
-    _rule("name", cfg.name, bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
-          "a non-empty folder name without '/'")
+    _rule(
+        "name",
+        cfg.name,
+        bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
+        "a non-empty folder name without '/'",
+    )
     d, a, m, lo, o, t, e = cfg.data, cfg.augment, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
     for name in (f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))):
         section = getattr(cfg, name)
@@ -60,23 +64,33 @@ def check_config(cfg: Config) -> None:
     _positive(d, "data", "image_size")
     _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
     if d.streamed and d.source != "imagefolder":
-        raise ConfigError(f"data.streamed=true reads image files, but data.source={d.source}; "
-                          "use data.source=imagefolder with a directory, or data.streamed=false")
+        raise ConfigError(
+            f"data.streamed=true reads image files, but data.source={d.source}; "
+            "use data.source=imagefolder with a directory, or data.streamed=false"
+        )
     if d.streamed and d.backend == "torch":
-        raise ConfigError("data.backend=torch needs the images resident in memory, but data.streamed=true; "
-                          "use data.backend=auto, dali or pillow, or data.streamed=false")
+        raise ConfigError(
+            "data.backend=torch needs the images resident in memory, but data.streamed=true; "
+            "use data.backend=auto, dali or pillow, or data.streamed=false"
+        )
     if not d.streamed and d.backend == "pillow":
-        raise ConfigError("data.backend=pillow reads image files, so it needs data.streamed=true "
-                          "(with data.source=imagefolder); use data.backend=auto for resident data")
+        raise ConfigError(
+            "data.backend=pillow reads image files, so it needs data.streamed=true "
+            "(with data.source=imagefolder); use data.backend=auto for resident data"
+        )
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
     if d.source == "imagefolder" and not d.path.strip():
-        raise ConfigError("data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz "
-                          "with train/<class>/* and test/<class>/*")
+        raise ConfigError(
+            "data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz "
+            "with train/<class>/* and test/<class>/*"
+        )
 
     _positive(a, "augment", "crop_size")
     _range("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
-    _rule("augment.crop_ratio", list(a.crop_ratio), 0 < a.crop_ratio[0] <= a.crop_ratio[1], "[lo, hi] with 0 < lo <= hi")
+    _rule(
+        "augment.crop_ratio", list(a.crop_ratio), 0 < a.crop_ratio[0] <= a.crop_ratio[1], "[lo, hi] with 0 < lo <= hi"
+    )
     for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
         value = getattr(a, name)
         _rule(f"augment.{name}", value, 0 <= value <= 1, "a probability in [0, 1]")
@@ -84,7 +98,9 @@ def check_config(cfg: Config) -> None:
         value = getattr(a, name)
         _rule(f"augment.{name}", value, value >= 0, ">= 0")
     _rule("augment.hue", a.hue, 0 <= a.hue <= 0.5, "in [0, 0.5]")
-    _rule("augment.blur_sigma", list(a.blur_sigma), 0 < a.blur_sigma[0] <= a.blur_sigma[1], "[lo, hi] with 0 < lo <= hi")
+    _rule(
+        "augment.blur_sigma", list(a.blur_sigma), 0 < a.blur_sigma[0] <= a.blur_sigma[1], "[lo, hi] with 0 < lo <= hi"
+    )
     _rule("augment.solarize_threshold", a.solarize_threshold, 0 <= a.solarize_threshold <= 256, "in 0..256")
     _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
 
@@ -105,21 +121,40 @@ def check_config(cfg: Config) -> None:
     _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2", "the invariance term needs two patches per image")
     _positive(t, "train", "batch_size", "epochs", "log_every")
     _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks >= 0, ">= 0 (0: chosen from free memory)")
-    _rule("train.bn_groups", t.bn_groups, t.bn_groups >= 0 and (t.bn_groups == 0 or t.n_patches % t.bn_groups == 0),
-          "0 or a divisor of train.n_patches")
-    _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks > 0 or t.bn_groups > 0, "> 0 when train.bn_groups is 0",
-          "the chunks then decide the BatchNorm groups, so they cannot depend on memory")
-    _rule("train.grad_chunks", t.grad_chunks, t.bn_groups == 0 or t.grad_chunks == 0 or t.bn_groups % t.grad_chunks == 0,
-          "0 or a divisor of train.bn_groups", "each chunk holds whole BatchNorm groups")
+    _rule(
+        "train.bn_groups",
+        t.bn_groups,
+        t.bn_groups >= 0 and (t.bn_groups == 0 or t.n_patches % t.bn_groups == 0),
+        "0 or a divisor of train.n_patches",
+    )
+    _rule(
+        "train.grad_chunks",
+        t.grad_chunks,
+        t.grad_chunks > 0 or t.bn_groups > 0,
+        "> 0 when train.bn_groups is 0",
+        "the chunks then decide the BatchNorm groups, so they cannot depend on memory",
+    )
+    _rule(
+        "train.grad_chunks",
+        t.grad_chunks,
+        t.bn_groups == 0 or t.grad_chunks == 0 or t.bn_groups % t.grad_chunks == 0,
+        "0 or a divisor of train.bn_groups",
+        "each chunk holds whole BatchNorm groups",
+    )
     for name in ("max_steps", "ckpt_every", "seed"):
         value = getattr(t, name)
         _rule(f"train.{name}", value, value >= 0, ">= 0")
-    _rule("train.checkpoint_activations", t.checkpoint_activations,
-          not (t.checkpoint_activations and t.grad_chunks != 1), "false unless train.grad_chunks is 1 (pick one)")
+    _rule(
+        "train.checkpoint_activations",
+        t.checkpoint_activations,
+        not (t.checkpoint_activations and t.grad_chunks != 1),
+        "false unless train.grad_chunks is 1 (pick one)",
+    )
 
     _choice("eval.protocol", e.protocol, EVAL_PROTOCOL_NAMES)
-    _positive(e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k",
-              "knn_temperature")
+    _positive(
+        e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k", "knn_temperature"
+    )
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
 
@@ -144,12 +179,16 @@ def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> Non
 def check_data(cfg: Config, train_images: int) -> None:
     """The batch size against the loaded training split (before any model is built)."""
     if cfg.train.batch_size > train_images:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {train_images} training images; "
-                          f"set train.batch_size <= {train_images}")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} exceeds the {train_images} training images; "
+            f"set train.batch_size <= {train_images}"
+        )
 
 
 def check_probe(cfg: Config, train_images: int) -> None:
     """The linear probe would never take a step (it drops the last partial batch)."""
     if cfg.eval.probe_batch_size > train_images:
-        raise ConfigError(f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
-                          f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}")
+        raise ConfigError(
+            f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
+            f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}"
+        )

@@ -7,8 +7,9 @@ import torch
 
 from fastemp.config import AugmentConfig
 
-OFF = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
-           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+OFF = dict(
+    flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
+)
 
 
 def aug_off(**kw) -> AugmentConfig:
@@ -35,8 +36,13 @@ def assert_ops_change_exactly_the_drawn_patches(backend_cls, images_count: int) 
     base = aug_off(blur_sigma=(0.5, 2.0))  # sigma near 0.1 would leave a blurred patch unchanged in float32
     plain = backend_cls(img, base)(index, 20, seed=2)
     defaults = AugmentConfig()
-    for field, flag in (("flip_p", "flip"), ("jitter_p", "jitter"), ("grayscale_p", "gray"),
-                        ("blur_p", "blur"), ("solarize_p", "solarize")):
+    for field, flag in (
+        ("flip_p", "flip"),
+        ("jitter_p", "jitter"),
+        ("grayscale_p", "gray"),
+        ("blur_p", "blur"),
+        ("solarize_p", "solarize"),
+    ):
         aug = dataclasses.replace(base, **{field: getattr(defaults, field)})
         backend = backend_cls(img, aug)
         out = backend(index, 20, seed=2)

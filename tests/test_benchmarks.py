@@ -14,24 +14,41 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.benchmarks import common
-from fastemp.benchmarks.baseline import (PerPatchDataset, baseline_loss_terms, coding_rate_dxd, make_loader,
-                                         to_patch_major)
+from fastemp.benchmarks.baseline import (
+    PerPatchDataset,
+    baseline_loss_terms,
+    coding_rate_dxd,
+    make_loader,
+    to_patch_major,
+)
 from fastemp.benchmarks.report import END, START, render_tables, splice, update_readme
-from fastemp.benchmarks.throughput import (PHASES, attach_ratios, point_config, run_point,
-                                           sweep_points, throughput_targets)
+from fastemp.benchmarks.throughput import (
+    PHASES,
+    attach_ratios,
+    point_config,
+    run_point,
+    sweep_points,
+    throughput_targets,
+)
 from fastemp.benchmarks.time_to_accuracy import eval_schedule
+from fastemp.check.reference import reference_total_coding_rate
 from fastemp.cli import main
 from fastemp.config import AugmentConfig, LossConfig, load_config
 from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
 from fastemp.model import flops_per_patch
-from fastemp.check.reference import reference_total_coding_rate
 from fastemp.train import Trainer
 
-TINY = ["model.width=8", "model.hidden_dim=64", "model.z_dim=32", "data.synthetic_train=64",
-        "data.synthetic_test=32", "eval.knn=false", "eval.random_init=false"]
+TINY = [
+    "model.width=8",
+    "model.hidden_dim=64",
+    "model.z_dim=32",
+    "data.synthetic_train=64",
+    "data.synthetic_test=32",
+    "eval.knn=false",
+    "eval.random_init=false",
+]
 CPU = ["--config", "quickstart", "--device", "cpu", "--threads", "1"]
-
 
 
 @pytest.fixture(autouse=True)
@@ -50,37 +67,152 @@ OPT_NUM = (int, float, type(None))
 OPT_STR = (str, type(None))
 
 COMMON = {"benchmark": str, "schema_version": int, "created": str, "command": str, "environment": dict}
-ENVIRONMENT = {"device": str, "device_name": str, "device_slug": str, "torch": str, "triton": OPT_STR,
-               "dali": OPT_STR, "python": str, "commit": str, "cpu_threads": int}
-THROUGHPUT = {"config": dict, "axes": dict, "data": str, "flops_per_patch": NUM, "peak": dict, "settings": dict,
-              "points": list, "baselines": list, "targets": list, "notes": list}
-PEAK = {"measured_tflops": NUM, "dtype": str, "matmul_size": int, "datasheet_tflops": OPT_NUM,
-        "datasheet_label": OPT_STR}
-POINT = {"n_patches": int, "batch_size": int, "backend": str, "compile": str, "precision": str, "grad_chunks": int,
-         "status": str, "reason": OPT_STR, "flops_per_patch": NUM}
-POINT_OK = {"resolved": dict, "data": str, "images_per_s": NUM, "patches_per_s": NUM, "step_seconds_median": NUM,
-            "images_per_s_window_mean": NUM, "first_step_seconds": NUM, "compile_seconds": NUM,
-            "achieved_tflops": NUM, "mfu": OPT_NUM, "mfu_datasheet": OPT_NUM, "peak_memory_bytes": (int, type(None)),
-            "peak_memory_source": str, "split": (dict, type(None)), "step_seconds": list,
-            "speedup_vs_baseline": OPT_NUM}
-SPLIT = {"data": NUM, "forward": NUM, "loss": NUM, "backward": NUM, "optimizer": NUM, "forward_backward": NUM,
-         "total": NUM, "steps": int, "clock": str}
-BASELINE_OK = {"n_patches": int, "batch_size": int, "status": str, "workers": int, "timed_steps": int,
-               "seconds": NUM, "images_per_s": NUM, "patches_per_s": NUM, "data_wait_fraction": NUM}
-TARGET = {"name": str, "description": str, "threshold": NUM, "measured": OPT_NUM, "met": (bool, type(None)),
-          "on_target_hardware": bool, "note": str}
+ENVIRONMENT = {
+    "device": str,
+    "device_name": str,
+    "device_slug": str,
+    "torch": str,
+    "triton": OPT_STR,
+    "dali": OPT_STR,
+    "python": str,
+    "commit": str,
+    "cpu_threads": int,
+}
+THROUGHPUT = {
+    "config": dict,
+    "axes": dict,
+    "data": str,
+    "flops_per_patch": NUM,
+    "peak": dict,
+    "settings": dict,
+    "points": list,
+    "baselines": list,
+    "targets": list,
+    "notes": list,
+}
+PEAK = {
+    "measured_tflops": NUM,
+    "dtype": str,
+    "matmul_size": int,
+    "datasheet_tflops": OPT_NUM,
+    "datasheet_label": OPT_STR,
+}
+POINT = {
+    "n_patches": int,
+    "batch_size": int,
+    "backend": str,
+    "compile": str,
+    "precision": str,
+    "grad_chunks": int,
+    "status": str,
+    "reason": OPT_STR,
+    "flops_per_patch": NUM,
+}
+POINT_OK = {
+    "resolved": dict,
+    "data": str,
+    "images_per_s": NUM,
+    "patches_per_s": NUM,
+    "step_seconds_median": NUM,
+    "images_per_s_window_mean": NUM,
+    "first_step_seconds": NUM,
+    "compile_seconds": NUM,
+    "achieved_tflops": NUM,
+    "mfu": OPT_NUM,
+    "mfu_datasheet": OPT_NUM,
+    "peak_memory_bytes": (int, type(None)),
+    "peak_memory_source": str,
+    "split": (dict, type(None)),
+    "step_seconds": list,
+    "speedup_vs_baseline": OPT_NUM,
+}
+SPLIT = {
+    "data": NUM,
+    "forward": NUM,
+    "loss": NUM,
+    "backward": NUM,
+    "optimizer": NUM,
+    "forward_backward": NUM,
+    "total": NUM,
+    "steps": int,
+    "clock": str,
+}
+BASELINE_OK = {
+    "n_patches": int,
+    "batch_size": int,
+    "status": str,
+    "workers": int,
+    "timed_steps": int,
+    "seconds": NUM,
+    "images_per_s": NUM,
+    "patches_per_s": NUM,
+    "data_wait_fraction": NUM,
+}
+TARGET = {
+    "name": str,
+    "description": str,
+    "threshold": NUM,
+    "measured": OPT_NUM,
+    "met": (bool, type(None)),
+    "on_target_hardware": bool,
+    "note": str,
+}
 KERNELS = {"settings": dict, "rows": list, "augmentation": list, "speedups": list, "notes": list}
-KERNEL_ROW = {"kernel": str, "impl": str, "n": int, "B": int, "d": int, "dtype": str, "timed": bool,
-              "seconds": OPT_NUM, "loss_abs_diff": OPT_NUM, "grad_max_abs_diff": OPT_NUM, "status": str, "note": str}
-AUG_ROW = {"kernel": str, "impl": str, "n": int, "B": int, "seconds": OPT_NUM, "patches_per_s": OPT_NUM,
-           "timed": bool, "status": str, "note": str}
-TTA = {"config": dict, "target": NUM, "reached": bool, "train_seconds": OPT_NUM,
-       "train_seconds_incl_first_step": OPT_NUM, "first_step_seconds": NUM, "epochs": OPT_NUM, "steps": (int, type(None)),
-       "images_seen": (int, type(None)), "eval_seconds_total": NUM, "final_linear_top1": NUM, "protocol": dict,
-       "data": str, "test_data": str, "n_patches": int, "batch_size": int, "evals": list, "targets": list}
+KERNEL_ROW = {
+    "kernel": str,
+    "impl": str,
+    "n": int,
+    "B": int,
+    "d": int,
+    "dtype": str,
+    "timed": bool,
+    "seconds": OPT_NUM,
+    "loss_abs_diff": OPT_NUM,
+    "grad_max_abs_diff": OPT_NUM,
+    "status": str,
+    "note": str,
+}
+AUG_ROW = {
+    "kernel": str,
+    "impl": str,
+    "n": int,
+    "B": int,
+    "seconds": OPT_NUM,
+    "patches_per_s": OPT_NUM,
+    "timed": bool,
+    "status": str,
+    "note": str,
+}
+TTA = {
+    "config": dict,
+    "target": NUM,
+    "reached": bool,
+    "train_seconds": OPT_NUM,
+    "train_seconds_incl_first_step": OPT_NUM,
+    "first_step_seconds": NUM,
+    "epochs": OPT_NUM,
+    "steps": (int, type(None)),
+    "images_seen": (int, type(None)),
+    "eval_seconds_total": NUM,
+    "final_linear_top1": NUM,
+    "protocol": dict,
+    "data": str,
+    "test_data": str,
+    "n_patches": int,
+    "batch_size": int,
+    "evals": list,
+    "targets": list,
+}
 PROTOCOL = {"eval_mode": str, "eval_patches": (int, type(None)), "probe_epochs": int, "eval_every_steps": int}
-EVAL = {"step": int, "epoch": NUM, "images_seen": int, "train_seconds": NUM, "train_seconds_excl_first_step": NUM,
-        "eval_seconds": NUM, "linear_top1": NUM}
+EVAL = {
+    "step": int,
+    "epoch": NUM,
+    "images_seen": int,
+    "train_seconds": NUM,
+    "train_seconds_excl_first_step": NUM,
+    "eval_seconds": NUM,
+    "linear_top1": NUM,
+}
 
 
 def check_keys(obj: dict, spec: dict, where: str) -> None:
@@ -96,6 +228,7 @@ def check_keys(obj: dict, spec: dict, where: str) -> None:
 
 def load_strict_json(path) -> dict:
     """Parse a result file, refusing NaN / Infinity (not JSON)."""
+
     def no_constants(name):
         raise ValueError(f"{path}: non-standard JSON constant {name}")
 
@@ -206,8 +339,10 @@ def test_dali_point_is_skipped_without_dali(monkeypatch):
 
 def test_targets_and_ratios():
     env = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
-    points = [{"n_patches": 20, "batch_size": 100, "status": "ok", "images_per_s": 6000.0, "patches_per_s": 120_000.0},
-              {"n_patches": 200, "batch_size": 100, "status": "oom"}]
+    points = [
+        {"n_patches": 20, "batch_size": 100, "status": "ok", "images_per_s": 6000.0, "patches_per_s": 120_000.0},
+        {"n_patches": 200, "batch_size": 100, "status": "oom"},
+    ]
     attach_ratios(points, [{"n_patches": 20, "batch_size": 100, "status": "ok", "images_per_s": 150.0}])
     assert points[0]["speedup_vs_baseline"] == pytest.approx(40.0) and points[1]["speedup_vs_baseline"] is None
     rows = {r["name"]: r for r in throughput_targets(points, env)}
@@ -282,8 +417,17 @@ def test_to_patch_major_order():
 @pytest.mark.parametrize("grad_chunks", [1, 2])
 def test_clocked_step_matches_train_until(grad_chunks):
     """The split's clock marks every phase of a step and changes nothing it computes."""
-    cfg = load_config("quickstart", TINY + ["train.device=cpu", "train.n_patches=2", "train.batch_size=8",
-                                            f"train.grad_chunks={grad_chunks}", "train.max_steps=4"])
+    cfg = load_config(
+        "quickstart",
+        TINY
+        + [
+            "train.device=cpu",
+            "train.n_patches=2",
+            "train.batch_size=8",
+            f"train.grad_chunks={grad_chunks}",
+            "train.max_steps=4",
+        ],
+    )
     plain, timed = Trainer(cfg, None, progress=False), Trainer(cfg, None, progress=False)
     plain.train_until(1)
     clock = common.PhaseClock(torch.device("cpu"))
@@ -300,9 +444,35 @@ def test_clocked_step_matches_train_until(grad_chunks):
 @pytest.fixture(scope="module")
 def throughput_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput")
-    rc = main(["bench", "throughput", *CPU, *TINY, "--n", "2", "--batch", "8", "--grad-chunks", "1,2",
-               "--warmup", "1", "--steps", "3", "--split-steps", "2", "--baseline", "--baseline-workers", "1",
-               "--baseline-steps", "2", "--peak-size", "256", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "throughput",
+            *CPU,
+            *TINY,
+            "--n",
+            "2",
+            "--batch",
+            "8",
+            "--grad-chunks",
+            "1,2",
+            "--warmup",
+            "1",
+            "--steps",
+            "3",
+            "--split-steps",
+            "2",
+            "--baseline",
+            "--baseline-workers",
+            "1",
+            "--baseline-steps",
+            "2",
+            "--peak-size",
+            "256",
+            "--out",
+            str(out),
+        ]
+    )
     return rc, out
 
 
@@ -333,9 +503,33 @@ def test_cli_throughput(throughput_run):
 
 
 def test_cli_kernels(tmp_path):
-    rc = main(["bench", "kernels", "--device", "cpu", "--threads", "1", "--n", "3", "--batch", "8", "--dim", "16",
-               "--warmup", "1", "--iters", "2", "--no-compile", "--images", "32", "--baseline-aug-patches", "4",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "kernels",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--n",
+            "3",
+            "--batch",
+            "8",
+            "--dim",
+            "16",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--no-compile",
+            "--images",
+            "32",
+            "--baseline-aug-patches",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     result = load_strict_json(tmp_path / "kernels.json")
     check_kernels_schema(result)
@@ -350,9 +544,25 @@ def test_cli_kernels(tmp_path):
 
 
 def test_cli_time_to_accuracy(tmp_path):
-    rc = main(["bench", "time-to-accuracy", *CPU, *TINY, "train.n_patches=2", "train.batch_size=16",
-               "train.epochs=2", "eval.mode=plain", "eval.probe_epochs=1", "--target", "0.0", "--eval-every", "2",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "time-to-accuracy",
+            *CPU,
+            *TINY,
+            "train.n_patches=2",
+            "train.batch_size=16",
+            "train.epochs=2",
+            "eval.mode=plain",
+            "eval.probe_epochs=1",
+            "--target",
+            "0.0",
+            "--eval-every",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     result = load_strict_json(tmp_path / "time_to_accuracy.json")
     check_tta_schema(result)
@@ -365,8 +575,21 @@ def test_cli_time_to_accuracy(tmp_path):
 
 def test_cli_tune_writes_a_loadable_config(tmp_path):
     out = tmp_path / "tuned.yaml"
-    rc = main(["tune", *CPU, *TINY, "train.n_patches=2", "train.batch_size=8", "--warmup", "1", "--steps", "2",
-               "--out", str(out)])
+    rc = main(
+        [
+            "tune",
+            *CPU,
+            *TINY,
+            "train.n_patches=2",
+            "train.batch_size=8",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = load_strict_json(tmp_path / "tuned.json")
     best = report["best"]
@@ -413,16 +636,23 @@ def test_strict_json_has_no_nan(tmp_path):
 def test_report_shortens_data_descriptions():
     from fastemp.benchmarks.report import _short_data
 
-    long = ("imagefolder (/data/x/cifar10-jpeg.tar.gz, decoded with DALI on cpu, from cache /c/a.npy), train, "
-            "50000 images, 10 classes")
+    long = (
+        "imagefolder (/data/x/cifar10-jpeg.tar.gz, decoded with DALI on cpu, from cache /c/a.npy), train, "
+        "50000 images, 10 classes"
+    )
     assert _short_data(long) == "imagefolder cifar10-jpeg.tar.gz, 50000 images"
-    assert _short_data("synthetic (shapes and textures, 32x32, seed 0), train, 2000 images, 10 classes") == \
-        "synthetic, 2000 images"
+    assert (
+        _short_data("synthetic (shapes and textures, 32x32, seed 0), train, 2000 images, 10 classes")
+        == "synthetic, 2000 images"
+    )
 
 
 def test_results_never_overwrite_without_force(tmp_path, capsys):
     # decided before measuring: a fresh --out folder keeps the plain name, an existing result gets -2, -3
-    assert common.results_target(str(tmp_path / "fresh"), "throughput", "cpu", False) == (tmp_path / "fresh", "throughput")
+    assert common.results_target(str(tmp_path / "fresh"), "throughput", "cpu", False) == (
+        tmp_path / "fresh",
+        "throughput",
+    )
     assert capsys.readouterr().err == ""
     (tmp_path / "throughput.json").write_text("{}")
     assert common.results_target(str(tmp_path), "throughput", "cpu", False) == (tmp_path, "throughput-2")

@@ -21,14 +21,31 @@ from fastemp.checkpoint import CheckpointError
 from fastemp.cli import main
 from fastemp.config import load_config
 
-TINY = ["data.synthetic_train=120", "data.synthetic_test=60", "model.width=4", "model.hidden_dim=32",
-        "model.z_dim=16", "train.n_patches=4", "train.batch_size=20", "train.log_every=2",
-        "eval.mode=plain", "eval.probe_epochs=2", "eval.probe_batch_size=20", "--no-progress"]
+TINY = [
+    "data.synthetic_train=120",
+    "data.synthetic_test=60",
+    "model.width=4",
+    "model.hidden_dim=32",
+    "model.z_dim=16",
+    "train.n_patches=4",
+    "train.batch_size=20",
+    "train.log_every=2",
+    "eval.mode=plain",
+    "eval.probe_epochs=2",
+    "eval.probe_batch_size=20",
+    "--no-progress",
+]
 
 
 def fastemp(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fastemp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastemp", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **kw,
+    )
 
 
 def wait_for(path: Path, proc, timeout=120):
@@ -53,16 +70,27 @@ def finished_run(tmp_path_factory):
 
 
 def test_digest_covers_every_value_and_ignores_dict_order():
-    state = {"model": {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)},
-             "step": 3, "clock": (1.5, 2.0, 7), "config": {"train": {"lr": 0.3}}, "rng_cuda": None}
+    state = {
+        "model": {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)},
+        "step": 3,
+        "clock": (1.5, 2.0, 7),
+        "config": {"train": {"lr": 0.3}},
+        "rng_cuda": None,
+    }
     reordered = {k: state[k] for k in reversed(state)}
     assert checkpoint.digest(state) == checkpoint.digest(reordered)
-    for change in (lambda s: s["model"]["w"].view(-1).__setitem__(4, 4.0000005),
-                   lambda s: s.__setitem__("step", 4), lambda s: s["config"]["train"].__setitem__("lr", 0.30001),
-                   lambda s: s.__setitem__("clock", (1.5, 2.0, 8)),
-                   lambda s: s["model"].__setitem__("b", torch.zeros(2))):  # same values, another dtype
-        changed = {**state, "model": {k: v.clone() for k, v in state["model"].items()},
-                   "config": {"train": dict(state["config"]["train"])}}
+    for change in (
+        lambda s: s["model"]["w"].view(-1).__setitem__(4, 4.0000005),
+        lambda s: s.__setitem__("step", 4),
+        lambda s: s["config"]["train"].__setitem__("lr", 0.30001),
+        lambda s: s.__setitem__("clock", (1.5, 2.0, 8)),
+        lambda s: s["model"].__setitem__("b", torch.zeros(2)),
+    ):  # same values, another dtype
+        changed = {
+            **state,
+            "model": {k: v.clone() for k, v in state["model"].items()},
+            "config": {"train": dict(state["config"]["train"])},
+        }
         change(changed)
         assert checkpoint.digest(changed) != checkpoint.digest(state)
 
@@ -103,13 +131,18 @@ def test_layout_allows_another_world_size_only_with_the_same_batchnorm_groups(fi
 
 def test_a_second_process_on_a_running_folder_is_refused_at_once_and_a_dead_holder_frees_it(tmp_path, capsys):
     run = tmp_path / "run"
-    first = fastemp("train", *TINY, "train.max_steps=100000", "train.ckpt_every=5", "eval.at_end=false",
-                    "--out", str(run))
+    first = fastemp(
+        "train", *TINY, "train.max_steps=100000", "train.ckpt_every=5", "eval.at_end=false", "--out", str(run)
+    )
     try:
         wait_for(run / "checkpoint.pt", first)
         # this (pytest) process is the second one: a train, a --force, a resume and an eval
-        for argv in (["train", *TINY, "--out", str(run)], ["train", *TINY, "--out", str(run), "--force"],
-                     ["resume", str(run), "--no-progress"], ["eval", str(run), "--no-progress"]):
+        for argv in (
+            ["train", *TINY, "--out", str(run)],
+            ["train", *TINY, "--out", str(run), "--force"],
+            ["resume", str(run), "--no-progress"],
+            ["eval", str(run), "--no-progress"],
+        ):
             t0 = time.perf_counter()
             assert main(argv) == 2
             lines = capsys.readouterr().err.strip().splitlines()
@@ -168,19 +201,29 @@ def test_force_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path
     target = tmp_path / "target"
     shutil.copytree(finished_run, target)
     (tmp_path / "link").symlink_to(target)
-    assert main(["train", *TINY, "train.max_steps=3", "eval.at_end=false", "--out", str(tmp_path / "link"),
-                 "--force"]) == 0
+    assert (
+        main(["train", *TINY, "train.max_steps=3", "eval.at_end=false", "--out", str(tmp_path / "link"), "--force"])
+        == 0
+    )
     assert (tmp_path / "link").is_symlink() and checkpoint.read(target / "checkpoint.pt")["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
-    assert sorted(p.name for p in target.iterdir()) == [".lock", "checkpoint.pt", "config.yaml", "losses.png",
-                                                          "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        ".lock",
+        "checkpoint.pt",
+        "config.yaml",
+        "losses.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
 
 
 def test_force_on_a_mount_point_replaces_its_contents(tmp_path, finished_run):
     mount = tmp_path / "mnt"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
         for p in finished_run.iterdir():
@@ -200,8 +243,13 @@ def test_a_torchrun_checkpoint_records_its_layout_and_resumes_on_one_process_wit
     two = run_quietly(torchrun("train", *TINY, "train.max_steps=2", "eval.at_end=false", "--out", str(out)))
     assert two.returncode == 0, two.stderr[-2000:]
     state = checkpoint.read(out / "checkpoint.pt")
-    assert state["layout"] == {"world_size": 2, "sync_bn": True, "grad_chunks": 1, "images_per_rank": 10,
-                               "bn_images": 20}
+    assert state["layout"] == {
+        "world_size": 2,
+        "sync_bn": True,
+        "grad_chunks": 1,
+        "images_per_rank": 10,
+        "bn_images": 20,
+    }
     assert main(["resume", str(out), "--no-progress"]) == 0  # model.sync_bn=true: the same BatchNorm groups
     assert "written by 2 process(es)) on 1" in capsys.readouterr().out
 

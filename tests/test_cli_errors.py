@@ -20,9 +20,20 @@ import torch
 from fastemp import checkpoint, runs
 from fastemp.cli import main
 
-TINY = ["data.synthetic_train=120", "data.synthetic_test=60", "model.width=4", "model.hidden_dim=32",
-        "model.z_dim=16", "train.n_patches=4", "train.batch_size=20", "train.log_every=2",
-        "eval.mode=plain", "eval.probe_epochs=2", "eval.probe_batch_size=20", "--no-progress"]
+TINY = [
+    "data.synthetic_train=120",
+    "data.synthetic_test=60",
+    "model.width=4",
+    "model.hidden_dim=32",
+    "model.z_dim=16",
+    "train.n_patches=4",
+    "train.batch_size=20",
+    "train.log_every=2",
+    "eval.mode=plain",
+    "eval.probe_epochs=2",
+    "eval.probe_batch_size=20",
+    "--no-progress",
+]
 
 # Runs each case through fastemp.cli.main with its own stderr; reports exit code, stderr and the
 # files that changed outside the folder the case may write to.
@@ -86,8 +97,9 @@ def workspace(tmp_path_factory):
     project.mkdir()
     (project / "important.txt").write_text("an unrelated project\n")
     old = root / "old"
-    assert main(["train", *TINY, "train.max_steps=4", "train.ckpt_every=2", "eval.at_end=false",
-                 "--out", str(old)]) == 0
+    assert (
+        main(["train", *TINY, "train.max_steps=4", "train.ckpt_every=2", "eval.at_end=false", "--out", str(old)]) == 0
+    )
     return root, project, old
 
 
@@ -146,6 +158,7 @@ class _RunsCode:
 
 def _edit_state(edit, sign=True):
     """A variant edit of checkpoint.pt's state; signed again (a consistent file) unless sign=False."""
+
     def apply(run):
         path = run / "checkpoint.pt"
         state = torch.load(path, weights_only=True)
@@ -153,6 +166,7 @@ def _edit_state(edit, sign=True):
         if sign:
             state["sha256"] = checkpoint.digest(state)
         torch.save(state, path)
+
     return apply
 
 
@@ -164,7 +178,9 @@ def _flip_bit(run):
     path = run / "checkpoint.pt"
     data = bytearray(path.read_bytes())
     state = torch.load(path, weights_only=True)
-    weight = max((v for v in state["model"].values() if v.is_floating_point()), key=torch.Tensor.numel).numpy().tobytes()
+    weight = (
+        max((v for v in state["model"].values() if v.is_floating_point()), key=torch.Tensor.numel).numpy().tobytes()
+    )
     at = data.find(weight)
     assert at >= 0
     data[at + len(weight) // 2] ^= 0x40  # one bit of one weight
@@ -187,6 +203,7 @@ def _two_ranks_without_sync_bn(run):
     def edit(state):
         state["config"]["model"]["sync_bn"] = False
         state["layout"].update(world_size=2, sync_bn=False, images_per_rank=10, bn_images=10)
+
     _edit_state(edit)(run)
 
 
@@ -222,19 +239,28 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
     yaml_twice = root / "twice.yaml"
     yaml_twice.write_text("train:\n  epochs: 1\nmodel:\n  width: 4\ntrain:\n  batch_size: 20\n")
     yaml_bomb = root / "bomb.yaml"
-    yaml_bomb.write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
-                         + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
-                         + "train: {epochs: *i}\n")
+    yaml_bomb.write_text(
+        "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        + "train: {epochs: *i}\n"
+    )
     folders = {}
-    for name, layout in [("one_class", {"train/a": 2, "test/a": 1}),
-                         ("test_only_class", {"train/a": 1, "train/b": 1, "test/a": 1, "test/z": 1}),
-                         ("bomb", {"train/a": 1, "train/b": 1, "test/a": 1})]:
+    for name, layout in [
+        ("one_class", {"train/a": 2, "test/a": 1}),
+        ("test_only_class", {"train/a": 1, "train/b": 1, "test/a": 1, "test/z": 1}),
+        ("bomb", {"train/a": 1, "train/b": 1, "test/a": 1}),
+    ]:
         for where, count in layout.items():
             (root / name / where).mkdir(parents=True)
             for i in range(count):
                 Image.new("RGB", (32, 32), (40 * i, 90, 10)).save(root / name / where / f"{i}.png")
-        folders[name] = ["data.source=imagefolder", f"data.path={root / name}", f"data.root={root / 'cache14'}",
-                         "train.batch_size=1", "eval.probe_batch_size=1"]
+        folders[name] = [
+            "data.source=imagefolder",
+            f"data.path={root / name}",
+            f"data.root={root / 'cache14'}",
+            "train.batch_size=1",
+            "eval.probe_batch_size=1",
+        ]
     (root / "bomb" / "train" / "b" / "huge.png").write_bytes(huge_png)
     a_file = root / "a_file.txt"
     a_file.write_text("not a folder\n")
@@ -267,8 +293,20 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (train + ["optim.lr=fast", "--out", fresh], "optim.lr: expected a number", None),
         (["train", "--config", str(yaml_bad), "--out", fresh], f"{yaml_bad}: YAML syntax error at line", None),
         (["train", "--config", str(yaml_empty), "--out", fresh], "is empty", None),
-        (train + ["data.source=imagefolder", f"data.path={no_test}", "train.batch_size=1", "eval.probe_batch_size=1",
-                  f"data.root={root / 'cache'}", "--out", fresh], "no images in", str(root / "cache")),
+        (
+            train
+            + [
+                "data.source=imagefolder",
+                f"data.path={no_test}",
+                "train.batch_size=1",
+                "eval.probe_batch_size=1",
+                f"data.root={root / 'cache'}",
+                "--out",
+                fresh,
+            ],
+            "no images in",
+            str(root / "cache"),
+        ),
         # ^ the test split is checked before training (the decoded train split may be cached)
         (train + ["data.source=imagefolder", "data.path=/no/such/data", "--out", fresh], "does not exist", None),
         (train + ["--bogus-flag"], "unrecognized arguments", None),
@@ -278,8 +316,11 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (train + ["--out", str(not_a_run), "--force"], "not a fastemp run folder", None),
         (train + ["--out", str(old)], "pass --force", None),
         # --force with a typo in the new config leaves the old run exactly as it was
-        (train + ["data.source=imagefolder", "data.path=/no/such/data", "--out", str(old), "--force"],
-         "does not exist", None),
+        (
+            train + ["data.source=imagefolder", "data.path=/no/such/data", "--out", str(old), "--force"],
+            "does not exist",
+            None,
+        ),
         (train + ["train.batch_size=500", "--out", str(old), "--force"], "exceeds", None),
         # checkpoints
         (["resume", str(_variant(root, old, "corrupt", _corrupt))], "corrupt or truncated", None),
@@ -287,17 +328,31 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (["resume", str(_variant(root, old, "empty", _empty))], "is empty (0 bytes)", None),
         (["eval", str(_variant(root, old, "corrupt_eval", _corrupt))], "corrupt or truncated", None),
         (["eval", str(_variant(root, old, "nan", _nan_weights))], "non-finite weights", None),
-        (["eval", str(_variant(root, old, "nockpt", _no_checkpoint))], "not found: the run stopped before its first checkpoint", None),
+        (
+            ["eval", str(_variant(root, old, "nockpt", _no_checkpoint))],
+            "not found: the run stopped before its first checkpoint",
+            None,
+        ),
         (["eval", str(old), "model.width=8"], "was trained with model.width=4", None),
         (["resume", str(_variant(root, old, "edited", _edit_n_patches))], "train.n_patches (4 -> 6)", None),
         (["resume", str(not_a_run)], "no config.yaml", None),
         (["resume", str(root / "missing")], "does not exist", None),
-        (["train", "data.source=cifar10", f"data.root={root / 'nodata'}", "data.download=false", "--out", fresh],
-         "not found and data.download=false", None),
+        (
+            ["train", "data.source=cifar10", f"data.root={root / 'nodata'}", "data.download=false", "--out", fresh],
+            "not found and data.download=false",
+            None,
+        ),
         # issue 14: YAML, value ranges, data a probe cannot score, memory, bad CLI numbers and output paths
-        (["train", "--config", str(yaml_twice), "--out", fresh], "duplicate key 'train' at line 5 (first at line 1)",
-         None),
-        (["train", "--config", str(yaml_bomb), "--out", fresh], "YAML aliases expand to more than 100,000 values", None),
+        (
+            ["train", "--config", str(yaml_twice), "--out", fresh],
+            "duplicate key 'train' at line 5 (first at line 1)",
+            None,
+        ),
+        (
+            ["train", "--config", str(yaml_bomb), "--out", fresh],
+            "YAML aliases expand to more than 100,000 values",
+            None,
+        ),
         (train + ["optim.lr=" + "9x" * 50_000, "--out", fresh], "optim.lr: expected a number, got '9x9x", None),
         (train + ["train.seed=1e30", "--out", fresh], "train.seed: '1e30' is out of range", None),
         (train + ["data.synthetic_seed=-99999999999999999999", "--out", fresh], "is out of range", None),
@@ -308,12 +363,14 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (train + ["data.synthetic_train=1000000000", "--out", fresh], "this run needs about", None),
         (train + ["eval.mode=patches", "eval.patches=100000000", "--out", fresh], "this run needs about", None),
         (["eval", str(old), "eval.mode=patches", "eval.patches=100000000"], "this run needs about", None),
-        (["bench", "throughput", "--n", "abc", "--out", str(root / "bench")], "argument --n: expected comma-separated",
-         None),
+        (
+            ["bench", "throughput", "--n", "abc", "--out", str(root / "bench")],
+            "argument --n: expected comma-separated",
+            None,
+        ),
         (["bench", "kernels", "--threads", "many", "--out", str(root / "bench")], "argument --threads", None),
         (["tune", "--batch", "1.5", "--out", str(root / "tuned.yaml")], "argument --batch", None),
-        (["bench", "throughput", "--out", str(a_file / "results"), "data.source=synthetic"],
-         "lies under", None),
+        (["bench", "throughput", "--out", str(a_file / "results"), "data.source=synthetic"], "lies under", None),
         (["bench", "kernels", "--out", str(a_file)], "is a file, not a folder", None),
         (["tune", "--out", str(a_file / "tuned.yaml"), "data.source=synthetic"], "is a file, not a folder", None),
         (["check", "--json", str(a_file / "check.json"), "--only", "tcr", "--quick"], "lies under", None),
@@ -336,12 +393,22 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (["resume", str(_variant(root, old, "crafted_resume", _crafted(marker)))], "loading one could run code", None),
         (["eval", str(_variant(root, old, "flipped_eval", _flip_bit))], "is corrupt: its sha256 does not match", None),
         (["resume", str(_variant(root, old, "flipped", _flip_bit))], "is corrupt: its sha256 does not match", None),
-        (["resume", str(_variant(root, old, "unsigned", _edit_state(lambda s: s.pop("sha256"), sign=False)))],
-         "lacks sha256 (it has no checksum", None),
-        (["resume", str(_variant(root, old, "dropped", _edit_state(_drop_tensor)))], "is missing (1 tensor(s) differ)", None),
+        (
+            ["resume", str(_variant(root, old, "unsigned", _edit_state(lambda s: s.pop("sha256"), sign=False)))],
+            "lacks sha256 (it has no checksum",
+            None,
+        ),
+        (
+            ["resume", str(_variant(root, old, "dropped", _edit_state(_drop_tensor)))],
+            "is missing (1 tensor(s) differ)",
+            None,
+        ),
         (["eval", str(_variant(root, old, "reshaped", _edit_state(_reshape_tensor)))], "is (1, 1, 1, 1)", None),
-        (["resume", str(_variant(root, old, "two_ranks", _two_ranks_without_sync_bn))],
-         "a different recipe mid-run; resume it with 2 process(es)", None),
+        (
+            ["resume", str(_variant(root, old, "two_ranks", _two_ranks_without_sync_bn))],
+            "a different recipe mid-run; resume it with 2 process(es)",
+            None,
+        ),
         (train + ["--out", str(busy)], f"is in use by fastemp train (pid {os.getpid()}", None),
         (train + ["--out", str(busy), "--force"], "is in use by fastemp train", None),
         (["resume", str(busy)], "is in use by fastemp train", None),
@@ -350,13 +417,23 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (train + ["--out", str(root / ("n" * 300))], "over the filesystem's limit of 255", None),
         (train + [f"name={'n' * 300}"], "over the filesystem's limit", None),
         # --force: a new run that fails before its first checkpoint puts the old run back, byte for byte
-        (train + ["optim.lr=1e30", "train.max_steps=6", "--out", str(force_old[0]), "--force"],
-         "nothing of the new run was kept", str(force_old[0])),
-        (train + ["train.max_steps=2", "eval.at_end=false", "--out", str(force_old[1]), "--force"],
-         "(no checkpoint of this run exists yet); free space", str(force_old[1]), "full_disk"),
-        (train + ["train.max_steps=2", "eval.at_end=false", "--out", str(disk_fresh)],
-         "holds this run's config.yaml and metrics but no checkpoint; to try again: fastemp train", str(disk_fresh),
-         "full_disk"),
+        (
+            train + ["optim.lr=1e30", "train.max_steps=6", "--out", str(force_old[0]), "--force"],
+            "nothing of the new run was kept",
+            str(force_old[0]),
+        ),
+        (
+            train + ["train.max_steps=2", "eval.at_end=false", "--out", str(force_old[1]), "--force"],
+            "(no checkpoint of this run exists yet); free space",
+            str(force_old[1]),
+            "full_disk",
+        ),
+        (
+            train + ["train.max_steps=2", "eval.at_end=false", "--out", str(disk_fresh)],
+            "holds this run's config.yaml and metrics but no checkpoint; to try again: fastemp train",
+            str(disk_fresh),
+            "full_disk",
+        ),
     ]
     read_only = all([_read_only(ro_parent), _read_only(ro_run)])  # both tried: the finally below undoes both
     if read_only:
@@ -366,11 +443,18 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
             (["eval", str(ro_run)], "the evaluation is printed above", None),
         ]
 
-    payload = [{"argv": argv, "cwd": str(project), "may_write": may, "fault": rest[0] if rest else None}
-               for argv, _, may, *rest in cases]
+    payload = [
+        {"argv": argv, "cwd": str(project), "may_write": may, "fault": rest[0] if rest else None}
+        for argv, _, may, *rest in cases
+    ]
     try:
-        proc = subprocess.run([sys.executable, "-c", HARNESS, str(root)], input=json.dumps(payload),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", HARNESS, str(root)],
+            input=json.dumps(payload),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         runs.unlock_all()
         _writable(ro_parent)
@@ -380,14 +464,24 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
     failures = []
     for (argv, phrase, *_), got in zip(cases, results):
         lines = got["stderr"].strip().splitlines()
-        ok = (got["code"] == 2 and len(lines) == 1 and lines[0].startswith("fastemp: error: ")
-              and "; " in lines[0] and phrase in lines[0] and not got["changed"])
+        ok = (
+            got["code"] == 2
+            and len(lines) == 1
+            and lines[0].startswith("fastemp: error: ")
+            and "; " in lines[0]
+            and phrase in lines[0]
+            and not got["changed"]
+        )
         if not ok:
-            failures.append(f"{argv[-4:]}: code {got['code']}, changed {got['changed'][:3]}, stderr {got['stderr'][-400:]!r}")
+            failures.append(
+                f"{argv[-4:]}: code {got['code']}, changed {got['changed'][:3]}, stderr {got['stderr'][-400:]!r}"
+            )
     assert not failures, "\n".join(failures)
     assert not marker.exists()  # the crafted checkpoints ran nothing, on eval or on resume
     for run, files in zip(force_old, before_force):  # --force put the old run back, unchanged
-        assert {k: v for k, v in _file_bytes(run).items() if k != ".lock"} == {k: v for k, v in files.items() if k != ".lock"}
+        assert {k: v for k, v in _file_bytes(run).items() if k != ".lock"} == {
+            k: v for k, v in files.items() if k != ".lock"
+        }
     assert sorted(p.name for p in disk_fresh.iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]
     if read_only:
         assert '"linear_top1"' in results[-1]["stdout"]  # the finished evaluation was printed before the error
@@ -414,16 +508,25 @@ def test_resume_with_a_partial_metrics_line_and_force_replaces_only_after_valida
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastemp", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fastemp", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
     # lr 1e30 makes the weights inf after step 1; checkpoints every step, logs every 5: the run must
     # stop at the first checkpoint write after the blow-up, naming step 2, with step 1 still saved
     out = tmp_path / "run"
-    proc = cli("train", *TINY, "optim.lr=1e30", "train.max_steps=6", "train.ckpt_every=1", "train.log_every=5",
-               "--out", str(out))
+    proc = cli(
+        "train",
+        *TINY,
+        "optim.lr=1e30",
+        "train.max_steps=6",
+        "train.ckpt_every=1",
+        "train.log_every=5",
+        "--out",
+        str(out),
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "became non-finite at step 2" in lines[0] and "(sim)" in lines[0]
@@ -465,8 +568,11 @@ def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=f"disk full: could not write {path} \\(the previous checkpoint.pt is intact\\); "
-                                        "free space on the disk holding .*, then run fastemp resume"):
+    with pytest.raises(
+        UserError,
+        match=f"disk full: could not write {path} \\(the previous checkpoint.pt is intact\\); "
+        "free space on the disk holding .*, then run fastemp resume",
+    ):
         checkpoint.save({"step": 2}, path)
     assert path.read_bytes() == good and not (tmp_path / "checkpoint.pt.tmp").exists()
     with pytest.raises(UserError, match="no checkpoint of this run exists yet"):

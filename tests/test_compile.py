@@ -17,8 +17,8 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from fastemp.model import EMPEncoder
 from fastemp.check.reference import reference_emp_ssl_loss
+from fastemp.model import EMPEncoder
 
 N, B, SIZE = 4, 8, 16
 TOL = 1e-9  # float64 compiled vs eager: measured <= 5e-13

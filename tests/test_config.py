@@ -10,8 +10,14 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs
 
 
 def test_shipped_configs_are_the_documented_ones():
-    assert {"quickstart", "cifar10_n20_1ep", "cifar10_n200_1ep", "cifar10_n20_10ep", "cifar100_n20_1ep",
-            "imagefolder_example"} <= set(CONFIGS)
+    assert {
+        "quickstart",
+        "cifar10_n20_1ep",
+        "cifar10_n200_1ep",
+        "cifar10_n20_10ep",
+        "cifar100_n20_1ep",
+        "imagefolder_example",
+    } <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -33,20 +39,25 @@ def test_reference_defaults():
 
 
 def test_overrides_are_typed():
-    cfg = apply_overrides(Config(), ["train.n_patches=8", "optim.lr=0.1", "eval.knn=true",
-                                     "augment.crop_scale=[0.2, 0.3]", "data.source=cifar10"])
+    cfg = apply_overrides(
+        Config(),
+        ["train.n_patches=8", "optim.lr=0.1", "eval.knn=true", "augment.crop_scale=[0.2, 0.3]", "data.source=cifar10"],
+    )
     assert cfg.train.n_patches == 8 and cfg.optim.lr == 0.1 and cfg.eval.knn is True
     assert cfg.augment.crop_scale == (0.2, 0.3) and cfg.data.source == "cifar10"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.n_pathces=8", "unknown config key 'train.n_pathces'; did you mean 'n_patches'?"),
-    ("trian.epochs=2", "unknown config key 'trian'; did you mean 'train'?"),
-    ("train.n_patches=eight", "train.n_patches: expected an integer"),
-    ("optim.lr=fast", "optim.lr: expected a number"),
-    ("augment.crop_scale=0.2", "augment.crop_scale: expected a list of 2 numbers"),
-    ("train.epochs", "not of the form section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.n_pathces=8", "unknown config key 'train.n_pathces'; did you mean 'n_patches'?"),
+        ("trian.epochs=2", "unknown config key 'trian'; did you mean 'train'?"),
+        ("train.n_patches=eight", "train.n_patches: expected an integer"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("augment.crop_scale=0.2", "augment.crop_scale: expected a list of 2 numbers"),
+        ("train.epochs", "not of the form section.key=value"),
+    ],
+)
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("[", r"\[")):
         apply_overrides(Config(), [override])
@@ -71,18 +82,21 @@ def test_round_trip(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("override, key, value", [
-    ("optim.lr=1e-3", "lr", 1e-3),  # YAML 1.1 reads these as strings
-    ("optim.weight_decay=5e-4", "weight_decay", 5e-4),
-    ("optim.lr=1e30", "lr", 1e30),
-    ("loss.fused=on", "fused", "on"),  # ...and these as booleans
-    ("loss.fused=off", "fused", "off"),
-    ("name=2024", "name", "2024"),
-    ("data.path=2024", "path", "2024"),
-    ("data.path=/data/a: b.tar", "path", "/data/a: b.tar"),
-    ("eval.knn=on", "knn", True),
-    ("train.epochs=2.0", "epochs", 2),
-])
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("optim.lr=1e-3", "lr", 1e-3),  # YAML 1.1 reads these as strings
+        ("optim.weight_decay=5e-4", "weight_decay", 5e-4),
+        ("optim.lr=1e30", "lr", 1e30),
+        ("loss.fused=on", "fused", "on"),  # ...and these as booleans
+        ("loss.fused=off", "fused", "off"),
+        ("name=2024", "name", "2024"),
+        ("data.path=2024", "path", "2024"),
+        ("data.path=/data/a: b.tar", "path", "/data/a: b.tar"),
+        ("eval.knn=on", "knn", True),
+        ("train.epochs=2.0", "epochs", 2),
+    ],
+)
 def test_values_are_coerced_by_the_declared_type(override, key, value):
     cfg = apply_overrides(Config(), [override])
     section = cfg if override.startswith("name") else getattr(cfg, override.split(".")[0])
@@ -91,20 +105,25 @@ def test_values_are_coerced_by_the_declared_type(override, key, value):
 
 def test_yaml_file_values_as_users_type_them(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("name: 2024\noptim:\n  lr: 1e-3\n  weight_decay: 5e-4\nloss:\n  fused: off\n"
-                    "augment:\n  crop_scale: [0.2, 3e-1]\n")
+    path.write_text(
+        "name: 2024\noptim:\n  lr: 1e-3\n  weight_decay: 5e-4\nloss:\n  fused: off\n"
+        "augment:\n  crop_scale: [0.2, 3e-1]\n"
+    )
     cfg = load_config(path)
     assert (cfg.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.fused) == ("2024", 1e-3, 5e-4, "off")
     assert cfg.augment.crop_scale == (0.2, 0.3)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "is empty"),
-    ("# only a comment\n", "is empty"),
-    ("train:\n  epochs: [1\n", "YAML syntax error at line"),
-    ("- 1\n- 2\n", "top level must be a mapping"),
-    ("optim:\n  lr: inf\n", "optim.lr: expected a finite number"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("train:\n  epochs: [1\n", "YAML syntax error at line"),
+        ("- 1\n- 2\n", "top level must be a mapping"),
+        ("optim:\n  lr: inf\n", "optim.lr: expected a finite number"),
+    ],
+)
 def test_bad_yaml_file_names_the_file(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -118,16 +137,22 @@ def test_bad_yaml_file_names_the_file(tmp_path, text, message):
 ALIAS_BOMB = "".join(
     [f"a: &a [{', '.join(['lol'] * 9)}]\n"]
     + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")]
-    + ["train: {epochs: *i}\n"])  # 10 lines that expand to 9^9 (~3.9e8) strings
+    + ["train: {epochs: *i}\n"]
+)  # 10 lines that expand to 9^9 (~3.9e8) strings
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train:\n  epochs: 2\nmodel:\n  width: 8\ntrain:\n  batch_size: 10\n",
-     "duplicate key 'train' at line 5 (first at line 1); keep one of them"),
-    ("train:\n  epochs: 2\n  epochs: 3\n", "duplicate key 'epochs' at line 3 (first at line 2)"),
-    ("a: &a [*a]\ntrain: {epochs: *a}\n", "a YAML alias refers to itself"),
-    ("train: {epochs: " + "[" * 3000 + "]" * 3000 + "}\n", "YAML nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "train:\n  epochs: 2\nmodel:\n  width: 8\ntrain:\n  batch_size: 10\n",
+            "duplicate key 'train' at line 5 (first at line 1); keep one of them",
+        ),
+        ("train:\n  epochs: 2\n  epochs: 3\n", "duplicate key 'epochs' at line 3 (first at line 2)"),
+        ("a: &a [*a]\ntrain: {epochs: *a}\n", "a YAML alias refers to itself"),
+        ("train: {epochs: " + "[" * 3000 + "]" * 3000 + "}\n", "YAML nested too deeply"),
+    ],
+)
 def test_repeated_keys_and_recursive_values_are_errors(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)

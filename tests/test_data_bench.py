@@ -8,9 +8,37 @@ NUM = (int, float)
 
 
 def test_data_bench_rows_and_output_contract(tmp_path):
-    code = main(["bench", "data", "--device", "cpu", "--sources", "24", "--patch", "16", "--n", "2", "--batch", "4",
-                 "--workers", "0", "--warmup", "0", "--steps", "1", "--classes", "2", "--per-class", "2",
-                 "model.width=8", "model.hidden_dim=16", "model.z_dim=8", "--out", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "data",
+            "--device",
+            "cpu",
+            "--sources",
+            "24",
+            "--patch",
+            "16",
+            "--n",
+            "2",
+            "--batch",
+            "4",
+            "--workers",
+            "0",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--classes",
+            "2",
+            "--per-class",
+            "2",
+            "model.width=8",
+            "model.hidden_dim=16",
+            "model.z_dim=8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "data.json").read_text())
     assert result["benchmark"] == "data" and result["partial"] is False
@@ -33,8 +61,19 @@ def test_a_step_that_cannot_run_marks_every_arm(tmp_path):
     from fastemp.benchmarks.data_bench import ARMS, run_data_bench
 
     # a batch larger than the folder: the trainer refuses it, and the source still gets its four rows
-    result = run_data_bench("cpu", sources=(16,), n=2, batch=4, workers=0, warmup=0, steps=1, classes=1,
-                            per_class=1, patch=8, overrides=["model.width=8", "train.batch_size=64"],
-                            folder_root=str(tmp_path))
+    result = run_data_bench(
+        "cpu",
+        sources=(16,),
+        n=2,
+        batch=4,
+        workers=0,
+        warmup=0,
+        steps=1,
+        classes=1,
+        per_class=1,
+        patch=8,
+        overrides=["model.width=8", "train.batch_size=64"],
+        folder_root=str(tmp_path),
+    )
     assert [r["arm"] for r in result["rows"]] == list(ARMS)
     assert all(r["status"] == "error" and "batch_size" in r["note"] for r in result["rows"])

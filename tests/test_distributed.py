@@ -16,15 +16,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from augment_helpers import random_images
+from test_train import TINY, assert_same_state, model_state, tiny_config
 from torch import nn
 
 from fastemp import distributed, train
 from fastemp.config import AugmentConfig
 from fastemp.patches import dali_available
 from fastemp.train import Trainer
-from test_train import TINY, assert_same_state, model_state, tiny_config
-
-from augment_helpers import random_images
 
 
 @contextmanager
@@ -42,8 +41,10 @@ def float64():
     agree to ~1e-15, so they are bitwise the same on both sides.
     """
     build, begin = train.build_model, Trainer._begin_step
-    with mock.patch.object(train, "build_model", lambda cfg: build(cfg).double()), \
-            mock.patch.object(Trainer, "_begin_step", lambda self, step: begin(self, step).double()):
+    with (
+        mock.patch.object(train, "build_model", lambda cfg: build(cfg).double()),
+        mock.patch.object(Trainer, "_begin_step", lambda self, step: begin(self, step).double()),
+    ):
         yield
 
 
@@ -85,8 +86,9 @@ def two_ranks(tmp_path_factory) -> dict[int, list[dict]]:
     tmp = tmp_path_factory.mktemp("two_ranks")
     cases = [[*SYNC_BN, f"train.grad_chunks={c}"] for c in CHUNKS]
     mp.spawn(_spawned, args=(2, str(tmp / "rendezvous"), str(tmp), cases), nprocs=2)
-    return {c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=True) for r in range(2)]
-            for k, c in enumerate(CHUNKS)}
+    return {
+        c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=True) for r in range(2)] for k, c in enumerate(CHUNKS)
+    }
 
 
 # Linear biases followed by BatchNorm: their exact gradient is 0 (BN removes the mean), so both sides
@@ -158,6 +160,7 @@ def test_a_batch_that_does_not_divide_by_the_world_is_a_config_error(monkeypatch
 
 # ------------------------------------------------------------------------------ under torchrun
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,8 +168,16 @@ def free_port() -> int:
 
 
 def torchrun(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-            "-m", "fastemp", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        "-m",
+        "fastemp",
+        *args,
+    ]
 
 
 def run(cmd, **kw):
@@ -188,8 +199,11 @@ def test_torchrun_writes_one_run_folder_with_the_one_process_summary(tmp_path):
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("two", "one")]
     assert summaries[0].keys() == summaries[1].keys()
     assert (summaries[0]["world_size"], summaries[1]["world_size"]) == (2, 1)
-    assert [r["step"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())] \
-        == [1, 2, 4]  # one line per logged step, not one per rank
+    assert [r["step"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())] == [
+        1,
+        2,
+        4,
+    ]  # one line per logged step, not one per rank
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
@@ -211,8 +225,12 @@ def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun(*TRAIN, "--out", str(killed)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        torchrun(*TRAIN, "--out", str(killed)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 180
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -231,19 +249,26 @@ def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted
 def test_bad_world_size_and_missing_rendezvous_are_one_line_errors(tmp_path):
     bad = run(torchrun("train", *TINY, "train.batch_size=9", "--out", str(tmp_path / "bad"), "--no-progress"))
     assert bad.returncode != 0
-    line = ("fastemp: error: train.batch_size=9 does not divide by the world size 2: each rank takes an equal "
-            "shard of the global batch; use a multiple of 2")
+    line = (
+        "fastemp: error: train.batch_size=9 does not divide by the world size 2: each rank takes an equal "
+        "shard of the global batch; use a multiple of 2"
+    )
     assert line in bad.stderr.splitlines()
     assert not (tmp_path / "bad").exists()  # refused before the run folder (or any device buffer)
 
     env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
-    lone = subprocess.run([sys.executable, "-m", "fastemp", "train", *TINY, "--out", str(tmp_path / "lone")],
-                          capture_output=True, text=True, timeout=120,
-                          env={**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    lone = subprocess.run(
+        [sys.executable, "-m", "fastemp", "train", *TINY, "--out", str(tmp_path / "lone")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+    )
     assert lone.returncode == 2
     assert lone.stderr.strip().splitlines() == [
         "fastemp: error: WORLD_SIZE is set but MASTER_ADDR, MASTER_PORT are not: no rendezvous to join; "
-        "launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"]
+        "launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"
+    ]
 
 
 # ------------------------------------------------------------------- hangs, mismatches, one line
@@ -302,16 +327,29 @@ def agent_store(timeout_s: float = HANG_TIMEOUT_S):
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     try:
-        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_VARIABLE: str(timeout_s)}
+        yield {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1",
+            distributed.TIMEOUT_VARIABLE: str(timeout_s),
+        }
     finally:
         del store
 
 
 def start_ranks(env: dict, commands: list[list[str]]) -> list[subprocess.Popen]:
-    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)})
-            for r, cmd in enumerate(commands)]
+    return [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r, cmd in enumerate(commands)
+    ]
 
 
 def test_a_stuck_rank_is_named_in_one_line_within_the_timeout_and_a_long_solo_phase_is_not_a_hang():
@@ -333,13 +371,17 @@ def test_a_stuck_rank_is_named_in_one_line_within_the_timeout_and_a_long_solo_ph
     assert len(lines) == 1 and re.fullmatch(
         r"fastemp: error: rank 1 of 2 stopped answering \(rank 1: it has not joined the collective the others wait "
         r"in\); rank 0 waited \d+ s \(FASTEMP_COLLECTIVE_TIMEOUT=3\); look for that rank's own error, or raise "
-        r"FASTEMP_COLLECTIVE_TIMEOUT if it is only slow", lines[0]), err
+        r"FASTEMP_COLLECTIVE_TIMEOUT if it is only slow",
+        lines[0],
+    ), err
     assert HANG_TIMEOUT_S <= waited < HANG_TIMEOUT_S + 10, waited  # slack: process exit on a loaded machine
     for p, (o, e) in zip(slow, slow_results):
         assert p.returncode == 0 and "done" in o, e[-2000:]
     assert [p.returncode for p in fails] == [2, 2], fails_results
     assert [e.strip() for _, e in fails_results] == [
-        "fastemp: error: rank 1 of 2: data.path /x does not exist; check the path", ""], fails_results
+        "fastemp: error: rank 1 of 2: data.path /x does not exist; check the path",
+        "",
+    ], fails_results
 
 
 def test_ranks_with_different_configs_stop_with_one_line_naming_the_keys(tmp_path):
@@ -349,24 +391,30 @@ def test_ranks_with_different_configs_stop_with_one_line_naming_the_keys(tmp_pat
         results = [p.communicate(timeout=180) for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2], [e[-2000:] for _, e in results]
     lines = [line for _, e in results for line in e.strip().splitlines()]
-    assert lines == ["fastemp: error: the ranks started with different configs: rank 1 differs from rank 0 in optim.lr "
-                     "(0.3 vs 0.5), train.epochs (1 vs 2); start every rank with the same --config and overrides"], lines
+    assert lines == [
+        "fastemp: error: the ranks started with different configs: rank 1 differs from rank 0 in optim.lr "
+        "(0.3 vs 0.5), train.epochs (1 vs 2); start every rank with the same --config and overrides"
+    ], lines
     assert not (tmp_path / "run").exists()
 
 
 def test_stalled_ranks_are_those_behind_silent_or_never_seen():
     others = {1: (10, 100.0), 2: (9, 100.0), 3: (10, 80.0), 4: None}
     assert distributed.stalled_ranks(10, others, now=101.0, timeout_s=5.0) == {
-        2: "it has not joined the collective the others wait in", 3: "no sign of life for 21 s",
-        4: "it never reported"}
+        2: "it has not joined the collective the others wait in",
+        3: "no sign of life for 21 s",
+        4: "it never reported",
+    }
     assert distributed.stalled_ranks(10, {1: (10, 100.0)}, now=101.0, timeout_s=5.0) == {}
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-3", "inf"])
 def test_a_bad_collective_timeout_is_a_one_line_error(monkeypatch, value):
     monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, value)
-    with pytest.raises(distributed.DistributedError, match=f"{distributed.TIMEOUT_VARIABLE}=.* is not a number of "
-                                                           "seconds > 0; set it to e.g. 300"):
+    with pytest.raises(
+        distributed.DistributedError,
+        match=f"{distributed.TIMEOUT_VARIABLE}=.* is not a number of seconds > 0; set it to e.g. 300",
+    ):
         distributed.collective_timeout_s()
     monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "45")
     assert distributed.collective_timeout_s() == 45.0
@@ -376,8 +424,21 @@ def test_eval_on_two_ranks_needs_no_divisible_training_batch_and_prints_an_error
     from fastemp.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", *TINY, "train.batch_size=9", "train.max_steps=2", "eval.at_end=false", "--no-progress",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "train.batch_size=9",
+                "train.max_steps=2",
+                "eval.at_end=false",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     evaluate = [sys.executable, "-m", "fastemp", "eval", str(run), "--no-progress"]
     with agent_store() as env, agent_store() as env_bad:
         good = start_ranks(env, [evaluate] * 2)

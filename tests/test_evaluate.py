@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastemp.config import EVAL_PROTOCOLS, AugmentConfig, Config, ConfigError, EvalConfig, apply_overrides, \
-    eval_config, eval_protocol_name
+from fastemp.config import (
+    EVAL_PROTOCOLS,
+    AugmentConfig,
+    Config,
+    ConfigError,
+    EvalConfig,
+    apply_overrides,
+    eval_config,
+    eval_protocol_name,
+)
 from fastemp.evaluate import extract_features, knn_top1, linear_probe
 from fastemp.model import EMPEncoder
 
@@ -85,15 +93,17 @@ def official_style_probe(train_x, train_y, test_x, test_y, classes, epochs, lr, 
     for _ in range(epochs):
         order = torch.randperm(train_x.shape[0], generator=gen)
         for i in range(train_x.shape[0] // 100):  # drop_last
-            idx = order[i * 100:(i + 1) * 100]
+            idx = order[i * 100 : (i + 1) * 100]
             loss = torch.nn.CrossEntropyLoss()(probe(train_x[idx]), train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
         sched.step()
         with torch.no_grad():
-            batches = [(probe(test_x[i:i + 100]).argmax(1) == test_y[i:i + 100]).float().mean().item()
-                       for i in range(0, test_x.shape[0], 100)]
+            batches = [
+                (probe(test_x[i : i + 100]).argmax(1) == test_y[i : i + 100]).float().mean().item()
+                for i in range(0, test_x.shape[0], 100)
+            ]
         curve.append(sum(batches) / len(batches))
     return curve, probe
 
@@ -118,15 +128,16 @@ def official_knn_top1(train_x, train_y, test_x, test_y, k=20, T=0.07, max_distan
     top1, total = 0.0, 0
     retrieval_one_hot = torch.zeros(k, num_classes)
     for idx in range(0, test_y.size(0), chunk_size):
-        features, targets = test_x[idx:idx + chunk_size], test_y[idx:idx + chunk_size]
+        features, targets = test_x[idx : idx + chunk_size], test_y[idx : idx + chunk_size]
         batch_size = targets.size(0)
         similarities, indices = torch.mm(features, train_x.t()).topk(k, largest=True, sorted=True)
         retrieved = torch.gather(train_y.view(1, -1).expand(batch_size, -1), 1, indices)
         retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
         retrieval_one_hot.scatter_(1, retrieved.view(-1, 1), 1)
         similarities = similarities.clone().div_(T).exp_()
-        probs = torch.sum(torch.mul(retrieval_one_hot.view(batch_size, -1, num_classes),
-                                    similarities.view(batch_size, -1, 1)), 1)
+        probs = torch.sum(
+            torch.mul(retrieval_one_hot.view(batch_size, -1, num_classes), similarities.view(batch_size, -1, 1)), 1
+        )
         _, predictions = probs.sort(1, True)
         top1 += predictions.eq(targets.view(-1, 1)).narrow(1, 0, 1).sum().item()
         total += batch_size

@@ -12,11 +12,20 @@ GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
 
 def run_suite(parts: str, out: Path, **env) -> subprocess.CompletedProcess:
     # PIP_NO_INDEX and a dead proxy: any attempt to reach a package index fails instead of hanging
-    env = {**os.environ, "SUITE_DRY_RUN": "1", "FASTEMP_PYTHON": sys.executable, "PIP_NO_INDEX": "1",
-           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1",
-           "FASTEMP_CIFAR10_JPEG": str(out / "absent.tar.gz"), **env}
-    return subprocess.run(["bash", str(GPU_SUITE), parts, str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "SUITE_DRY_RUN": "1",
+        "FASTEMP_PYTHON": sys.executable,
+        "PIP_NO_INDEX": "1",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "OMP_NUM_THREADS": "1",
+        "FASTEMP_CIFAR10_JPEG": str(out / "absent.tar.gz"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(GPU_SUITE), parts, str(out)], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(tmp_path):
@@ -42,8 +51,14 @@ def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_pa
     # at most 8 files, every part's JSON beside the summary, the details packed
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     assert len(files) <= 8, files
-    assert {"throughput_n200.json", "kernels.json", "time_to_85_n20.json", "suite.json", "suite.md",
-            "details.tar.gz"} <= set(files)
+    assert {
+        "throughput_n200.json",
+        "kernels.json",
+        "time_to_85_n20.json",
+        "suite.json",
+        "suite.md",
+        "details.tar.gz",
+    } <= set(files)
     with tarfile.open(out / "details.tar.gz") as tar:
         names = tar.getnames()
     assert "./throughput20.log" in names and "./time_to_85_n20.md" in names and "./pip-freeze.txt" in names
@@ -72,10 +87,14 @@ def test_a_hung_smoke_item_fails_at_its_limit_and_the_others_still_run(tmp_path)
     from fastemp.benchmarks import smoke
 
     record = tmp_path / "smoke.jsonl"
-    record.write_text(json.dumps({"item": "environment", "status": "PASS", "reason": "x", "seconds": 1.0,
-                                  "details": {"device": "cpu"}}) + "\n"
-                      + '{"item": "check", "status": "FAIL", "reason": "timed out after 75 s", "seconds": 75, '
-                        '"details": {}}\n{"item": "train", "sta')  # a line cut by the kill
+    record.write_text(
+        json.dumps(
+            {"item": "environment", "status": "PASS", "reason": "x", "seconds": 1.0, "details": {"device": "cpu"}}
+        )
+        + "\n"
+        + '{"item": "check", "status": "FAIL", "reason": "timed out after 75 s", "seconds": 75, '
+        '"details": {}}\n{"item": "train", "sta'
+    )  # a line cut by the kill
     assert smoke.report(record, tmp_path) == 1
     result = json.loads((tmp_path / "smoke.json").read_text())
     statuses = {i["item"]: i["status"] for i in result["items"]}

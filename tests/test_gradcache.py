@@ -5,7 +5,6 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from fastemp.config import ConfigError, LossConfig, ModelConfig
@@ -151,12 +150,23 @@ def test_trainer_resolves_chunks_and_config_rules():
     from fastemp.train import Trainer
     from fastemp.validate import check_config
 
-    tiny = ["data.synthetic_train=40", "data.synthetic_test=20", "model.width=4", "model.hidden_dim=16",
-            "model.z_dim=8", "train.n_patches=4", "train.batch_size=10", "eval.at_end=false"]
+    tiny = [
+        "data.synthetic_train=40",
+        "data.synthetic_test=20",
+        "model.width=4",
+        "model.hidden_dim=16",
+        "model.z_dim=8",
+        "train.n_patches=4",
+        "train.batch_size=10",
+        "eval.at_end=false",
+    ]
     trainer = Trainer(load_config("quickstart", tiny + ["train.grad_chunks=0", "train.bn_groups=2"]), progress=False)
     assert trainer.grad_chunks == 2  # on the CPU: the gradient cache, one chunk per BatchNorm group
     assert {m.groups for m in trainer.model.modules() if isinstance(m, BatchNorm2d)} == {1}
-    for bad, match in [("train.bn_groups=3", "divisor of train.n_patches"), ("train.grad_chunks=0", "bn_groups is 0"),
-                       ("train.bn_groups=2 train.grad_chunks=4", "divisor of train.bn_groups")]:
+    for bad, match in [
+        ("train.bn_groups=3", "divisor of train.n_patches"),
+        ("train.grad_chunks=0", "bn_groups is 0"),
+        ("train.bn_groups=2 train.grad_chunks=4", "divisor of train.bn_groups"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             check_config(load_config("quickstart", tiny + bad.split()))

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import fastemp.kernels.cosine_to_mean as ctm
-from fastemp.kernels.cosine_to_mean import cosine_to_mean, cosine_to_mean_torch, launch_params, triton_usable
 from fastemp.check.reference import reference_cosines, reference_invariance_loss
+from fastemp.kernels.cosine_to_mean import cosine_to_mean, cosine_to_mean_torch, launch_params, triton_usable
 
 FP32_TOL = 1e-5
 BF16_GRAD_TOL = 2.0**-8

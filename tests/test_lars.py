@@ -2,9 +2,8 @@
 
 import math
 
-import pytest
-
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -93,8 +92,15 @@ def test_warmup_then_cosine():
 
 def lars_net(dtype, channels_last):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 1), nn.Flatten(),
-                        nn.Linear(16, 5), nn.BatchNorm1d(5), nn.Linear(5, 7)).to(dtype)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 16, 1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+        nn.BatchNorm1d(5),
+        nn.Linear(5, 7),
+    ).to(dtype)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -122,8 +128,9 @@ def test_fast_path_matches_the_per_tensor_rule_over_steps(dtype, rtol, clip, wd,
             torch.testing.assert_close(p, p_ref, rtol=rtol, atol=0)
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=0)
     for p_ref, p in zip(ref_net.parameters(), net.parameters()):
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"],
-                                   rtol=rtol, atol=0)
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"], rtol=rtol, atol=0
+        )
 
 
 def test_segment_views_have_the_strides_of_each_tensor():
@@ -160,9 +167,19 @@ def test_trainer_names_a_non_finite_gradient_of_a_parameter_outside_lars():
     from fastemp.errors import NonFiniteError
     from fastemp.train import Trainer
 
-    cfg = load_config("quickstart", ["data.synthetic_train=40", "data.synthetic_test=20", "model.width=4",
-                                     "model.hidden_dim=16", "model.z_dim=8", "train.n_patches=2",
-                                     "train.batch_size=10", "eval.at_end=false"])
+    cfg = load_config(
+        "quickstart",
+        [
+            "data.synthetic_train=40",
+            "data.synthetic_test=20",
+            "model.width=4",
+            "model.hidden_dim=16",
+            "model.z_dim=8",
+            "train.n_patches=2",
+            "train.batch_size=10",
+            "eval.at_end=false",
+        ],
+    )
     trainer = Trainer(cfg, progress=False)
 
     class PoisonAfterBackward:  # a step clock: its "backward" mark comes between the backward and LARS
@@ -179,7 +196,10 @@ def test_fused_compiled_update_matches_the_per_tensor_rule():
     # the one compiled test here (slow on CPU): float32, a few ulp per step, over three steps
     ref_net, net = lars_net(torch.float32, True), lars_net(torch.float32, True)
     kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-2, eta=0.005, clip=True)
-    ref_opt, opt = ReferenceLARS(lars_param_groups(ref_net), **kw), LARS(lars_param_groups(net), fused_update=True, **kw)
+    ref_opt, opt = (
+        ReferenceLARS(lars_param_groups(ref_net), **kw),
+        LARS(lars_param_groups(net), fused_update=True, **kw),
+    )
     gen = torch.Generator().manual_seed(2)
     for step, lr in enumerate([0.3, 0.2, 0.1]):
         for o in (ref_opt, opt):
@@ -189,8 +209,11 @@ def test_fused_compiled_update_matches_the_per_tensor_rule():
             g = torch.randn(p.shape, generator=gen) * 10.0 ** (k % 3 - 1)
             if k == 2 and step == 1:
                 g.zero_()
-            p_ref.grad = g.clone(memory_format=torch.preserve_format).to(memory_format=torch.channels_last) \
-                if g.ndim == 4 else g.clone()
+            p_ref.grad = (
+                g.clone(memory_format=torch.preserve_format).to(memory_format=torch.channels_last)
+                if g.ndim == 4
+                else g.clone()
+            )
             p.grad = p_ref.grad.clone(memory_format=torch.preserve_format)
         ref_opt.step()
         opt.step()
@@ -198,8 +221,9 @@ def test_fused_compiled_update_matches_the_per_tensor_rule():
         for p_ref, p in zip(ref_net.parameters(), net.parameters()):
             torch.testing.assert_close(p, p_ref, rtol=8 * 2**-23, atol=1e-7)
     for p_ref, p in zip(ref_net.parameters(), net.parameters()):
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"],
-                                   rtol=8 * 2**-23, atol=1e-7)
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"], rtol=8 * 2**-23, atol=1e-7
+        )
     net[0].weight.grad = torch.full_like(net[0].weight, float("nan"))
     opt.step()
     assert not bool(opt.gradients_finite())

@@ -6,11 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastemp.check.reference import reference_emp_ssl_loss, reference_invariance_loss, reference_total_coding_rate
 from fastemp.config import LossConfig
-from fastemp.losses import (emp_ssl_loss, emp_ssl_terms, invariance_loss, projection_loss_terms,
-                            total_coding_rate)
-from fastemp.check.reference import (reference_emp_ssl_loss, reference_invariance_loss,
-                               reference_total_coding_rate)
+from fastemp.losses import emp_ssl_loss, emp_ssl_terms, invariance_loss, projection_loss_terms, total_coding_rate
 
 # (n, B, d): B < d, B > d, B == d, d not a power of two, the real d with a small n
 SHAPES = [(3, 5, 17), (4, 40, 12), (2, 7, 7), (5, 10, 100), (2, 3, 1), (3, 64, 1024)]

@@ -28,11 +28,14 @@ def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it():
     memory.check_memory(load_config("quickstart"), torch.device("cpu"), world=2, available=4 * GIB)
 
 
-@pytest.mark.parametrize("override, term, advice", [
-    ("train.n_patches=1000000", "step", "lower train.n_patches or train.batch_size"),
-    ("data.synthetic_train=1000000000", "dataset", "use fewer images"),
-    ("eval.patches=1000000", "evaluation", "lower eval.patches or eval.batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, term, advice",
+    [
+        ("train.n_patches=1000000", "step", "lower train.n_patches or train.batch_size"),
+        ("data.synthetic_train=1000000000", "dataset", "use fewer images"),
+        ("eval.patches=1000000", "evaluation", "lower eval.patches or eval.batch_size"),
+    ],
+)
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, device):
     cfg = load_config("cifar10_n20_1ep" if term != "dataset" else "quickstart", [override])
@@ -93,12 +96,28 @@ def test_the_estimate_is_within_a_factor_of_two_of_a_peak_measured_on_the_cpu():
     512 patches, width 32, fp32, against the estimate's forward and step terms."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    proc = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout)
-    cfg = load_config("quickstart", ["model.width=32", "model.hidden_dim=64", "model.z_dim=32", "train.n_patches=16",
-                                     "train.batch_size=32", "eval.mode=patches", "eval.batch_size=32", "eval.patches=16"])
+    cfg = load_config(
+        "quickstart",
+        [
+            "model.width=32",
+            "model.hidden_dim=64",
+            "model.z_dim=32",
+            "train.n_patches=16",
+            "train.batch_size=32",
+            "eval.mode=patches",
+            "eval.batch_size=32",
+            "eval.patches=16",
+        ],
+    )
     step = memory.estimate(cfg, "cpu", evaluate=False)["step"]
     forward = memory.estimate(cfg, "cpu", train=False)["evaluation"]
     assert 0.5 <= measured["step"] / step <= 2.0, (measured, step)

@@ -14,8 +14,9 @@ def test_reference_architecture():
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     # BatchNorm: torch's, with ghost groups (fastemp.model.BatchNorm1d; plain unless groups are set)
     assert all(isinstance(m, t) for m, t in zip(model.pre_feature, [nn.Linear, nn.BatchNorm1d, nn.ReLU], strict=True))
-    assert all(isinstance(m, t) for m, t in zip(model.projection, [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear],
-                                                strict=True))
+    assert all(
+        isinstance(m, t) for m, t in zip(model.projection, [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear], strict=True)
+    )
     assert model.pre_feature[0].in_features == 512 and model.projection[-1].out_features == 1024
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     assert n_backbone == 11_168_832  # torchvision resnet18 (11,689,512) - fc (513,000) - 7x7 stem + 3x3 stem

@@ -19,9 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.benchmarks import official_launcher
-from fastemp.benchmarks.official_peer import (MODULE_TABLE, MappingError, OfficialClock, attach_ratios,
-                                              evenly_spaced, from_throughput_json, map_official_state_dict,
-                                              run_official, split_output, subset, write_cifar_batches)
+from fastemp.benchmarks.official_peer import (
+    MODULE_TABLE,
+    MappingError,
+    OfficialClock,
+    attach_ratios,
+    evenly_spaced,
+    from_throughput_json,
+    map_official_state_dict,
+    run_official,
+    split_output,
+    subset,
+    write_cifar_batches,
+)
 from fastemp.benchmarks.official_peer import main as peer_main
 from fastemp.config import DataConfig
 from fastemp.data import load_split
@@ -91,8 +101,15 @@ def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[tor
     """(feature, z) of the official encoder in eval mode, computed straight from its tensors by name."""
 
     def bn(t, name):
-        return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
-                            sd[f"{name}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            t,
+            sd[f"{name}.running_mean"],
+            sd[f"{name}.running_var"],
+            sd[f"{name}.weight"],
+            sd[f"{name}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     def conv(t, name, stride=1, padding=1):
         return F.conv2d(t, sd[f"{name}.weight"], stride=stride, padding=padding)
@@ -129,18 +146,24 @@ def test_mapped_official_weights_give_the_official_outputs():
 def test_mapping_table_is_one_to_one_and_covers_the_model():
     official, ours = zip(*MODULE_TABLE)
     assert len(set(official)) == len(set(ours)) == len(MODULE_TABLE)
-    modules_with_tensors = {name for name, m in EMPEncoder(width=8, hidden_dim=32, z_dim=16).named_modules()
-                            if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))}
+    modules_with_tensors = {
+        name
+        for name, m in EMPEncoder(width=8, hidden_dim=32, z_dim=16).named_modules()
+        if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))
+    }
     assert set(ours) == modules_with_tensors
     assert {k.rpartition(".")[0] for k in official_shapes(8, 32, 16)} == set(official)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s.pop("module.backbone.layer3.0.downsample.1.running_var"), "has no official source"),
-    (lambda s: s.update({"module.backbone.fc.weight": torch.zeros(10, 64)}), "in no row of the mapping table"),
-    (lambda s: s.update({"module.projection.3.weight": torch.zeros(16, 31)}), "has shape (16, 31)"),
-    (lambda s: s.update({"module.backbone.bn1.extra": torch.zeros(8)}), "which fastemp's model lacks"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("module.backbone.layer3.0.downsample.1.running_var"), "has no official source"),
+        (lambda s: s.update({"module.backbone.fc.weight": torch.zeros(10, 64)}), "in no row of the mapping table"),
+        (lambda s: s.update({"module.projection.3.weight": torch.zeros(16, 31)}), "has shape (16, 31)"),
+        (lambda s: s.update({"module.backbone.bn1.extra": torch.zeros(8)}), "which fastemp's model lacks"),
+    ],
+)
 def test_mapping_is_strict(change, message):
     official = random_official_state()
     change(official)
@@ -235,9 +258,11 @@ def test_cifar_batches_hold_fastemps_pixels(tmp_path):
 
 
 def test_launcher_points_the_cifar_check_at_the_prepared_files(tmp_path, monkeypatch):
-    canonical = types.SimpleNamespace(train_list=[[f"data_batch_{i}", "canonical"] for i in range(1, 6)],
-                                      test_list=[["test_batch", "canonical"]],
-                                      meta={"filename": "batches.meta", "key": "label_names", "md5": "canonical"})
+    canonical = types.SimpleNamespace(
+        train_list=[[f"data_batch_{i}", "canonical"] for i in range(1, 6)],
+        test_list=[["test_batch", "canonical"]],
+        meta={"filename": "batches.meta", "key": "label_names", "md5": "canonical"},
+    )
     datasets = types.ModuleType("torchvision.datasets")
     datasets.CIFAR10 = canonical
     monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
@@ -265,8 +290,12 @@ def test_lines_are_stamped_when_their_text_arrives():
 
 def test_clock_separates_startup_first_step_and_steady_steps():
     clock = OfficialClock(launched=0.0)
-    for t, line in [(5.0, "0it [00:00, ?it/s]"), (8.0, "1it [00:03, 3.00s/it]"), (9.0, "11it [00:04]"),
-                    (10.0, "21it [00:05]")]:
+    for t, line in [
+        (5.0, "0it [00:00, ?it/s]"),
+        (8.0, "1it [00:03, 3.00s/it]"),
+        (9.0, "11it [00:04]"),
+        (10.0, "21it [00:05]"),
+    ]:
         assert clock.feed(t, line) is None
     ended = clock.feed(10.5, "At epoch: 0 loss similarity is -0.9 ,loss TCR is: -150.5 and learning rate is: 0.15")
     assert ended["steps"] == 21 and ended["steady_steps"] == 20 and ended["steady_seconds"] == 2.0
@@ -295,8 +324,14 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
     script = tmp_path / "fake_main.py"
     script.write_text(FAKE_RUN)
     reports = []
-    report = run_official([sys.executable, str(script), mode], tmp_path, epochs=1, time_limit=3.0,
-                          log_path=tmp_path / "official.log", on_progress=reports.append)
+    report = run_official(
+        [sys.executable, str(script), mode],
+        tmp_path,
+        epochs=1,
+        time_limit=3.0,
+        log_path=tmp_path / "official.log",
+        on_progress=reports.append,
+    )
     assert report["status"] == status and report["wall_seconds"] < 30
     assert report["epochs"][0]["steps"] == 5
     if mode == "ok":
@@ -307,15 +342,26 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
 
 
 def test_fastemp_and_baseline_rates_beside_the_official_one(tmp_path):
-    point = {"status": "ok", "n_patches": 20, "batch_size": 100, "backend": "torch", "compile": "default",
-             "precision": "bf16", "grad_chunks": 1}
-    throughput = {"environment": {"device_name": "GPU X"},
-                  "points": [{**point, "images_per_s": 3000.0}, {**point, "images_per_s": 3400.0, "backend": "dali"},
-                             {**point, "images_per_s": 9999.0, "n_patches": 200}],
-                  "baselines": [{"status": "ok", "n_patches": 20, "batch_size": 100, "images_per_s": 340.0}]}
+    point = {
+        "status": "ok",
+        "n_patches": 20,
+        "batch_size": 100,
+        "backend": "torch",
+        "compile": "default",
+        "precision": "bf16",
+        "grad_chunks": 1,
+    }
+    throughput = {
+        "environment": {"device_name": "GPU X"},
+        "points": [
+            {**point, "images_per_s": 3000.0},
+            {**point, "images_per_s": 3400.0, "backend": "dali"},
+            {**point, "images_per_s": 9999.0, "n_patches": 200},
+        ],
+        "baselines": [{"status": "ok", "n_patches": 20, "batch_size": 100, "images_per_s": 340.0}],
+    }
     (tmp_path / "throughput.json").write_text(json.dumps(throughput))
-    result = {"training": {"images_per_s": 170.0},
-              "throughput": from_throughput_json(tmp_path / "throughput.json", 20)}
+    result = {"training": {"images_per_s": 170.0}, "throughput": from_throughput_json(tmp_path / "throughput.json", 20)}
     assert result["throughput"]["fastemp_images_per_s"] == 3400.0
     assert result["throughput"]["fastemp_point"]["backend"] == "dali"
     attach_ratios(result)
@@ -354,27 +400,43 @@ def test_one_line_errors(tmp_path, capsys):
     assert "does not exist" in one_line_error(capsys, ["--official-dir", str(tmp_path / "nowhere"), *base])
     (tmp_path / "partial").mkdir()
     assert "no main.py" in one_line_error(capsys, ["--official-dir", str(tmp_path / "partial"), *base])
-    err = one_line_error(capsys, ["--official-dir", str(stub), "--data", str(tmp_path / "none.tar.gz"),
-                                  "--out", str(tmp_path / "out")])
+    err = one_line_error(
+        capsys, ["--official-dir", str(stub), "--data", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "out")]
+    )
     assert "--data" in err and "does not exist" in err
     (tmp_path / "data.txt").write_text("not an archive")
-    assert "neither a folder nor" in one_line_error(capsys, ["--official-dir", str(stub), "--data",
-                                                             str(tmp_path / "data.txt"), "--out", "x"])
+    assert "neither a folder nor" in one_line_error(
+        capsys, ["--official-dir", str(stub), "--data", str(tmp_path / "data.txt"), "--out", "x"]
+    )
     bare = executable(tmp_path / "bare-python", f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')  # stdlib only
     err = one_line_error(capsys, ["--official-dir", str(stub), *base, "--python", str(bare)])
     assert "torchvision (ModuleNotFoundError)" in err and "--python" in err
     assert not (tmp_path / "out").exists()  # nothing is written before the checks pass
     if not torch.cuda.is_available():
-        ready = executable(tmp_path / "ready-python", "#!/bin/sh\necho '{\"missing\": [], \"versions\": {}}'\n")
-        assert "needs a CUDA GPU" in one_line_error(capsys, ["--official-dir", str(stub), *base, "--python",
-                                                             str(ready)])
+        ready = executable(tmp_path / "ready-python", '#!/bin/sh\necho \'{"missing": [], "versions": {}}\'\n')
+        assert "needs a CUDA GPU" in one_line_error(
+            capsys, ["--official-dir", str(stub), *base, "--python", str(ready)]
+        )
 
 
 def test_registered_as_a_bench_command(tmp_path, capsys):
     from fastemp.cli import main
 
-    assert main(["bench", "official-peer", "--official-dir", str(tmp_path / "nowhere"), "--data", "x",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "official-peer",
+                "--official-dir",
+                str(tmp_path / "nowhere"),
+                "--data",
+                "x",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "fastemp: error: --official-dir" in capsys.readouterr().err
 
 
@@ -444,19 +506,58 @@ def test_end_to_end_around_a_stand_in_checkout(tmp_path):
     for name in ("torchvision", "torchmetrics", "sklearn"):
         (modules / name).mkdir(parents=True)
         (modules / name / "__init__.py").touch()
-    python = executable(tmp_path / "python", f'#!/bin/sh\nPYTHONPATH="{modules}${{PYTHONPATH:+:$PYTHONPATH}}" '
-                                             f'exec "{sys.executable}" "$@"\n')
+    python = executable(
+        tmp_path / "python",
+        f'#!/bin/sh\nPYTHONPATH="{modules}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n',
+    )
     data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 10)
     out, work = tmp_path / "out", tmp_path / "work"
-    rc = peer_main(["--official-dir", str(official), "--data", str(data), "--out", str(out), "--work", str(work),
-                    "--python", str(python), "--cpu-dry-run", "--n", "2", "--seed", "3", "--no-progress",
-                    "--override", "model.width=8", "--override", "model.hidden_dim=32", "--override", "model.z_dim=16",
-                    "eval.patches=2", "eval.probe_epochs=2", f"data.root={tmp_path / 'cache'}"])
+    rc = peer_main(
+        [
+            "--official-dir",
+            str(official),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+            "--python",
+            str(python),
+            "--cpu-dry-run",
+            "--n",
+            "2",
+            "--seed",
+            "3",
+            "--no-progress",
+            "--override",
+            "model.width=8",
+            "--override",
+            "model.hidden_dim=32",
+            "--override",
+            "model.z_dim=16",
+            "eval.patches=2",
+            "eval.probe_epochs=2",
+            f"data.root={tmp_path / 'cache'}",
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "official_peer.json").read_text())
     assert result["status"] == "ok" and result["partial"] is False and result["dry_run"] is True
-    assert result["official"]["arguments"] == ["--data", "cifar10", "--epoch", "2", "--patch_sim", "200", "--arch",
-                                               "resnet18-cifar", "--num_patches", "2", "--lr", "0.3"]
+    assert result["official"]["arguments"] == [
+        "--data",
+        "cifar10",
+        "--epoch",
+        "2",
+        "--patch_sim",
+        "200",
+        "--arch",
+        "resnet18-cifar",
+        "--num_patches",
+        "2",
+        "--lr",
+        "0.3",
+    ]
     assert result["data"]["train_images"] == 220 and result["data"]["test_images"] == 20
     training = result["training"]
     assert training["epochs_trained"] == 1 and training["epochs"][0]["steps"] == 2

@@ -30,8 +30,22 @@ def test_a_redirected_training_log_gets_no_progress_bar(tmp_path):
 
     log = tmp_path / "train.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "fastemp", "train", *TINY, "train.max_steps=3",
-                               "eval.at_end=false", "--out", str(tmp_path / "run")], stdout=f, stderr=f, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fastemp",
+                "train",
+                *TINY,
+                "train.max_steps=3",
+                "eval.at_end=false",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            stdout=f,
+            stderr=f,
+            timeout=300,
+        )
     text = log.read_text()
     assert proc.returncode == 0, text[-2000:]
     assert "\r" not in text and "step/s" not in text and "it/s" not in text, text[-2000:]

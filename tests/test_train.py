@@ -16,9 +16,19 @@ from fastemp.config import load_config
 from fastemp.runtime import resolve
 from fastemp.train import Trainer, run_training
 
-TINY = ["data.synthetic_train=120", "data.synthetic_test=60", "model.width=4", "model.hidden_dim=32",
-        "model.z_dim=16", "train.n_patches=4", "train.batch_size=20", "train.log_every=2",
-        "eval.mode=plain", "eval.probe_epochs=3", "eval.probe_batch_size=20"]
+TINY = [
+    "data.synthetic_train=120",
+    "data.synthetic_test=60",
+    "model.width=4",
+    "model.hidden_dim=32",
+    "model.z_dim=16",
+    "train.n_patches=4",
+    "train.batch_size=20",
+    "train.log_every=2",
+    "eval.mode=plain",
+    "eval.probe_epochs=3",
+    "eval.probe_batch_size=20",
+]
 
 
 def tiny_config(*extra):
@@ -113,8 +123,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert cli(*args, "--out", str(tmp_path / "whole")).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fastemp", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastemp", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -130,13 +143,35 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 def test_cli_train_then_eval(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *TINY, "train.epochs=2", "eval.knn=true", "eval.random_init=true",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "train.epochs=2",
+                "eval.knn=true",
+                "eval.random_init=true",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "losses.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("final_loss", "final_loss_sim", "final_loss_tcr", "train_seconds", "images_per_s",
-                "linear_top1", "knn_top1", "random_init_linear_top1", "environment"):
+    for key in (
+        "final_loss",
+        "final_loss_sim",
+        "final_loss_tcr",
+        "train_seconds",
+        "images_per_s",
+        "linear_top1",
+        "knn_top1",
+        "random_init_linear_top1",
+        "environment",
+    ):
         assert key in summary, key
     assert summary["steps"] == 12 and summary["final_loss_sim"] < 0 and summary["final_loss_tcr"] < 0
     assert load_config(out / "config.yaml").train.epochs == 2
@@ -159,8 +194,17 @@ def test_bad_config_key_is_one_clear_line(capsys):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
-    code = main(["train", "data.source=cifar10", f"data.root={tmp_path}", "data.download=false",
-                 "--out", str(tmp_path / "run"), "--no-progress"])
+    code = main(
+        [
+            "train",
+            "data.source=cifar10",
+            f"data.root={tmp_path}",
+            "data.download=false",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "cifar-10-python.tar.gz") in err and "https://www.cs.toronto.edu/~kriz/" in err

@@ -17,12 +17,27 @@ def folder(tmp_path_factory):
 
 def tiny(folder, *extra):
     """The ImageNet-100 recipe shrunk: 64 px JPEGs, S=32, width 8, the ImageNet stem."""
-    return load_config("imagenet100_n20", [f"data.path={folder}", "data.workers=0", "train.device=cpu",
-                                           "augment.crop_size=32", "model.width=8", "model.hidden_dim=32",
-                                           "model.z_dim=16", "train.n_patches=4", "train.batch_size=4",
-                                           "train.log_every=1", "eval.patches=2", "eval.batch_size=4",
-                                           "eval.probe_epochs=2", "eval.probe_batch_size=4", "eval.knn=false",
-                                           *extra])
+    return load_config(
+        "imagenet100_n20",
+        [
+            f"data.path={folder}",
+            "data.workers=0",
+            "train.device=cpu",
+            "augment.crop_size=32",
+            "model.width=8",
+            "model.hidden_dim=32",
+            "model.z_dim=16",
+            "train.n_patches=4",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "eval.patches=2",
+            "eval.batch_size=4",
+            "eval.probe_epochs=2",
+            "eval.probe_batch_size=4",
+            "eval.knn=false",
+            *extra,
+        ],
+    )
 
 
 def test_imagenet_stem_trains_on_streamed_jpegs_and_evaluates(folder, tmp_path):
@@ -54,14 +69,17 @@ def test_streamed_dali_cpu_twin_trains(folder):
     assert trainer.step == 2 and math.isfinite(trainer.last_record["loss"])
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["data.backend=torch"], "needs the images resident"),
-    (["data.streamed=false", "data.backend=pillow"], "needs data.streamed=true"),
-    (["data.source=synthetic"], "data.streamed=true reads image files"),
-    (["model.stem=imagnet"], "did you mean 'imagenet'"),
-    (["augment.interpolation=cubic"], "augment.interpolation must be one of"),
-    (["data.workers=-1"], "data.workers must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["data.backend=torch"], "needs the images resident"),
+        (["data.streamed=false", "data.backend=pillow"], "needs data.streamed=true"),
+        (["data.source=synthetic"], "data.streamed=true reads image files"),
+        (["model.stem=imagnet"], "did you mean 'imagenet'"),
+        (["augment.interpolation=cubic"], "augment.interpolation must be one of"),
+        (["data.workers=-1"], "data.workers must be >= 0"),
+    ],
+)
 def test_streamed_config_mistakes_are_one_line(folder, overrides, words):
     from fastemp.config import ConfigError
     from fastemp.validate import check_config

@@ -6,15 +6,40 @@ from fastemp.benchmarks.tune import more_chunks, settings_variants
 from fastemp.cli import main
 from fastemp.config import load_config
 
-TINY = ["model.width=8", "model.hidden_dim=64", "model.z_dim=32", "data.synthetic_train=64",
-        "data.synthetic_test=32", "eval.knn=false", "eval.random_init=false"]
+TINY = [
+    "model.width=8",
+    "model.hidden_dim=64",
+    "model.z_dim=32",
+    "data.synthetic_train=64",
+    "data.synthetic_test=32",
+    "eval.knn=false",
+    "eval.random_init=false",
+]
 CPU = ["--config", "quickstart", "--device", "cpu", "--threads", "1"]
 
 
 def test_tune_sweeps_the_settings_and_writes_the_winner(tmp_path, capsys):
     out = tmp_path / "tuned.yaml"
-    rc = main(["tune", *CPU, *TINY, "train.n_patches=2", "--batch", "8", "--cudnn-benchmark", "off,on",
-               "--patch-compile", "off", "--warmup", "0", "--steps", "1", "--out", str(out)])
+    rc = main(
+        [
+            "tune",
+            *CPU,
+            *TINY,
+            "train.n_patches=2",
+            "--batch",
+            "8",
+            "--cudnn-benchmark",
+            "off,on",
+            "--patch-compile",
+            "off",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "tuned.json").read_text())
     assert [(p["cudnn_benchmark"], p["patch_compile"]) for p in report["points"]] == [("off", "off"), ("on", "off")]

@@ -38,12 +38,17 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from .augment import check_augment_stats, check_patches_compiled
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
-from .training import (check_activation_checkpointing, check_compile, check_ghost_batchnorm, check_gradient_cache,
-                       check_lars_fused)
-from ..config import ConfigError
+from .training import (
+    check_activation_checkpointing,
+    check_compile,
+    check_ghost_batchnorm,
+    check_gradient_cache,
+    check_lars_fused,
+)
 
 # ------------------------------------------------------------------------------ driver
 
@@ -65,10 +70,14 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
-def run_checks(device: str | torch.device, quick: bool = False, seed: int | None = None,
-               only: Sequence[str] | None = None,
-               report: Callable[[CheckResult], None] | None = None,
-               timings: dict[str, float] | None = None) -> list[CheckResult]:
+def run_checks(
+    device: str | torch.device,
+    quick: bool = False,
+    seed: int | None = None,
+    only: Sequence[str] | None = None,
+    report: Callable[[CheckResult], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[CheckResult]:
     """Run the checks (all, or those named in `only`) on `device`; `report` sees each row as it is
     made, `timings` (if given) receives each check's seconds.
 
@@ -93,8 +102,19 @@ def run_checks(device: str | torch.device, quick: bool = False, seed: int | None
                 rows = check(ctx)
             except Exception as err:  # a crash in a fast path is a failure, with its traceback shown
                 traceback.print_exc(file=sys.stderr)
-                rows = [CheckResult(name, "-", "-", math.nan, math.nan, math.nan, math.nan, "FAIL",
-                                    f"{type(err).__name__}: {err}".splitlines()[0][:200])]
+                rows = [
+                    CheckResult(
+                        name,
+                        "-",
+                        "-",
+                        math.nan,
+                        math.nan,
+                        math.nan,
+                        math.nan,
+                        "FAIL",
+                        f"{type(err).__name__}: {err}".splitlines()[0][:200],
+                    )
+                ]
             if timings is not None:
                 timings[name] = round(time.perf_counter() - t0, 3)
             for row in rows:
@@ -106,8 +126,16 @@ def run_checks(device: str | torch.device, quick: bool = False, seed: int | None
 
 # ------------------------------------------------------------------------------ output
 
-_COLUMNS = [("op", 24), ("shape", 16), ("dtype", 8), ("err", 9), ("tol", 9), ("max_abs", 9), ("max_rel", 9),
-            ("result", 7)]
+_COLUMNS = [
+    ("op", 24),
+    ("shape", 16),
+    ("dtype", 8),
+    ("err", 9),
+    ("tol", 9),
+    ("max_abs", 9),
+    ("max_rel", 9),
+    ("result", 7),
+]
 
 
 def _num(x: float) -> str:
@@ -150,24 +178,46 @@ def cmd_check(args) -> int:
         check_output_path(args.json, "--json", is_file=True)
     seed = new_seed() if args.seed is None else args.seed
     env = check_environment(device)
-    print(f"fastemp check on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "
-          f"DALI {env['dali']}; TRITON_INTERPRET={env['triton_interpret']}")
+    print(
+        f"fastemp check on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "
+        f"DALI {env['dali']}; TRITON_INTERPRET={env['triton_interpret']}"
+    )
     print(f"seed {seed} (replay with --seed {seed})")
     print(format_header())
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    results = run_checks(device, quick=args.quick, seed=seed, only=only,
-                         report=lambda r: print(format_row(r), flush=True), timings=timings)
+    results = run_checks(
+        device,
+        quick=args.quick,
+        seed=seed,
+        only=only,
+        report=lambda r: print(format_row(r), flush=True),
+        timings=timings,
+    )
     seconds = time.perf_counter() - t0
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "skipped")}
     ok = counts["FAIL"] == 0
-    print(f"{'OK' if ok else 'FAILED'}: {counts['pass']} passed, {counts['FAIL']} failed, "
-          f"{counts['skipped']} skipped in {seconds:.1f} s")
+    print(
+        f"{'OK' if ok else 'FAILED'}: {counts['pass']} passed, {counts['FAIL']} failed, "
+        f"{counts['skipped']} skipped in {seconds:.1f} s"
+    )
     if args.json:
-        doc = {"passed": ok, "seed": seed, "device": str(device), "device_name": env["device_name"],
-               "torch": env["torch"], "triton": env["triton"], "dali": env["dali"], "quick": bool(args.quick),
-               "only": only, "seconds": seconds, "check_seconds": timings, "counts": counts, "environment": env,
-               "results": [{k: _json_safe(v) for k, v in asdict(r).items()} for r in results]}
+        doc = {
+            "passed": ok,
+            "seed": seed,
+            "device": str(device),
+            "device_name": env["device_name"],
+            "torch": env["torch"],
+            "triton": env["triton"],
+            "dali": env["dali"],
+            "quick": bool(args.quick),
+            "only": only,
+            "seconds": seconds,
+            "check_seconds": timings,
+            "counts": counts,
+            "environment": env,
+            "results": [{k: _json_safe(v) for k, v in asdict(r).items()} for r in results],
+        }
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -177,8 +227,11 @@ def cmd_check(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add `check` to the fastemp command line (fastemp/cli.py)."""
-    p = subparsers.add_parser("check", help="check every fast path against its reference on this machine",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "check",
+        help="check every fast path against its reference on this machine",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     p.add_argument("--json", metavar="FILE", help="also write the table, versions and seed as JSON")
     p.add_argument("--quick", action="store_true", help="fewer shapes, no torch.compile")

@@ -8,8 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, fmt_shape, skipped
 from ..config import AugmentConfig
+from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, fmt_shape, skipped
+
 
 def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
     """uint8 (N, H, W, 3) natural-ish images: smooth random colour fields, some saturated (the recipe
@@ -66,15 +67,35 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
     rows = []
     diff = (dali - paired).abs()
     err = diff.max().item()
-    rows.append(CheckResult("augment paired", fmt_shape(shape), "fp32", err, AUGMENT_TOL, err, math.nan,
-                            "pass" if math.isfinite(err) and err <= AUGMENT_TOL else "FAIL",
-                            "abs diff of channel mean/std, same seed; " + _stats_note(dali, paired)))
+    rows.append(
+        CheckResult(
+            "augment paired",
+            fmt_shape(shape),
+            "fp32",
+            err,
+            AUGMENT_TOL,
+            err,
+            math.nan,
+            "pass" if math.isfinite(err) and err <= AUGMENT_TOL else "FAIL",
+            "abs diff of channel mean/std, same seed; " + _stats_note(dali, paired),
+        )
+    )
     bound = 5 * torch.sqrt(se_dali**2 + se_indep**2) + AUGMENT_TOL
     diff = (dali - indep).abs()
     err = (diff / bound).max().item()
-    rows.append(CheckResult("augment independent", fmt_shape(shape), "fp32", err, 1.0, diff.max().item(), math.nan,
-                            "pass" if math.isfinite(err) and err <= 1.0 else "FAIL",
-                            "|diff| / (5 SE + 0.01), other seed; " + _stats_note(dali, indep)))
+    rows.append(
+        CheckResult(
+            "augment independent",
+            fmt_shape(shape),
+            "fp32",
+            err,
+            1.0,
+            diff.max().item(),
+            math.nan,
+            "pass" if math.isfinite(err) and err <= 1.0 else "FAIL",
+            "|diff| / (5 SE + 0.01), other seed; " + _stats_note(dali, indep),
+        )
+    )
     return rows
 
 
@@ -100,11 +121,30 @@ def check_patches_compiled(ctx: Context) -> list[CheckResult]:
     ref, got = eager(index, n, seed), compiled(index, n, seed)
     solarized = eager.params(index, n, seed).solarize
     shape = fmt_shape(tuple(ref.shape))
-    rows = [compare("patches compiled", shape, "fp32", got[~solarized], ref[~solarized], FP32_TOL,
-                    note=f"{int((~solarized).sum())} patches without solarize")]
+    rows = [
+        compare(
+            "patches compiled",
+            shape,
+            "fp32",
+            got[~solarized],
+            ref[~solarized],
+            FP32_TOL,
+            note=f"{int((~solarized).sum())} patches without solarize",
+        )
+    ]
     flipped = ((got[solarized] - ref[solarized]).abs() > 1e-4).double().mean().nan_to_num(0.0).item()
     max_abs = (got[solarized] - ref[solarized]).abs().max().item() if bool(solarized.any()) else 0.0
-    rows.append(CheckResult("patches compiled solarized", shape, "fp32", flipped, 1e-3, max_abs, math.nan,
-                            "pass" if flipped <= 1e-3 else "FAIL",
-                            f"fraction of pixels off by > 1e-4 in {int(solarized.sum())} solarized patches"))
+    rows.append(
+        CheckResult(
+            "patches compiled solarized",
+            shape,
+            "fp32",
+            flipped,
+            1e-3,
+            max_abs,
+            math.nan,
+            "pass" if flipped <= 1e-3 else "FAIL",
+            f"fraction of pixels off by > 1e-4 in {int(solarized.sum())} solarized patches",
+        )
+    )
     return rows

@@ -66,14 +66,24 @@ def fmt_shape(shape) -> str:
     return "x".join(str(s) for s in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
 
 
-def compare(op: str, shape, dtype: str, out: torch.Tensor, ref: torch.Tensor, tol: float,
-            floor: float = 1e-12, note: str = "") -> CheckResult:
+def compare(
+    op: str, shape, dtype: str, out: torch.Tensor, ref: torch.Tensor, tol: float, floor: float = 1e-12, note: str = ""
+) -> CheckResult:
     """One table row: relative-norm error of out vs ref (float64), pass iff finite and <= tol."""
     shape = fmt_shape(shape)
     out, ref = out.detach().double(), ref.detach().double().to(out.device)
     if out.shape != ref.shape:
-        return CheckResult(op, shape, dtype, math.nan, tol, math.nan, math.nan, "FAIL",
-                           f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+        return CheckResult(
+            op,
+            shape,
+            dtype,
+            math.nan,
+            tol,
+            math.nan,
+            math.nan,
+            "FAIL",
+            f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}",
+        )
     diff = (out - ref).abs()
     ref_abs = ref.abs()
     err = (diff.norm() / ref.norm().clamp_min(floor)).item()
@@ -81,15 +91,25 @@ def compare(op: str, shape, dtype: str, out: torch.Tensor, ref: torch.Tensor, to
     max_rel = (diff / ref_abs.clamp_min(max(1e-3 * ref_abs.max().item(), floor))).max().item()
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(ref).all())
     if not finite:
-        note = ("non-finite output" if not torch.isfinite(out).all() else "non-finite reference") + \
-            (f"; {note}" if note else "")
+        note = ("non-finite output" if not torch.isfinite(out).all() else "non-finite reference") + (
+            f"; {note}" if note else ""
+        )
     ok = finite and math.isfinite(err) and err <= tol
     return CheckResult(op, shape, dtype, err, tol, max_abs, max_rel, "pass" if ok else "FAIL", note)
 
 
-def compare_with_baseline(op: str, shape, dtype: str, out: torch.Tensor, baseline: torch.Tensor,
-                          ref: torch.Tensor, factor: float, floor: float, baseline_name: str = "baseline",
-                          note: str = "") -> CheckResult:
+def compare_with_baseline(
+    op: str,
+    shape,
+    dtype: str,
+    out: torch.Tensor,
+    baseline: torch.Tensor,
+    ref: torch.Tensor,
+    factor: float,
+    floor: float,
+    baseline_name: str = "baseline",
+    note: str = "",
+) -> CheckResult:
     """One row for a fast path that may round but must not round worse than a baseline: out and
     baseline both approximate ref (e.g. compiled bf16 and eager bf16 vs float64). err = the relative-norm
     error of out vs ref; pass iff everything is finite and err <= factor x baseline's error + floor.
@@ -108,8 +128,9 @@ def skipped(op: str, reason: str, shape="-", dtype: str = "-") -> CheckResult:
     return CheckResult(op, fmt_shape(shape), dtype, math.nan, math.nan, math.nan, math.nan, "skipped", reason)
 
 
-def grad_of(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_of(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(value, d(value . weights)/dx) for a leaf copy of x."""
     x = x.detach().clone().requires_grad_(True)
     value = fn(x)

@@ -7,10 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses
-from . import reference
-from .core import (BF16_FUSED_TOL, BF16_TOL, DTYPES, FP32_TOL, SOLVE_TOL, CheckResult, Context, compare,
-                         grad_of, projections, skipped, unit_rows)
 from ..config import LossConfig
+from . import reference
+from .core import (
+    BF16_FUSED_TOL,
+    BF16_TOL,
+    DTYPES,
+    FP32_TOL,
+    SOLVE_TOL,
+    CheckResult,
+    Context,
+    compare,
+    grad_of,
+    projections,
+    skipped,
+    unit_rows,
+)
 
 # ------------------------------------------------------------------------------ cosine-to-mean
 
@@ -26,9 +38,13 @@ def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:
     from ..kernels import cosine_to_mean as ctm
 
     if not ctm.triton_usable(ctx.device):
-        why = ("Triton is not installed" if not ctm.HAVE_TRITON else
-               "set TRITON_INTERPRET=1 (before Python starts) to run the kernel in Triton's CPU interpreter"
-               if ctx.device.type == "cpu" else "CUDA is not available")
+        why = (
+            "Triton is not installed"
+            if not ctm.HAVE_TRITON
+            else "set TRITON_INTERPRET=1 (before Python starts) to run the kernel in Triton's CPU interpreter"
+            if ctx.device.type == "cpu"
+            else "CUDA is not available"
+        )
         return [skipped("cos_to_mean", why)]
     if ctx.cuda:  # the full grid
         shapes = [(n, b, d) for n in (2, 20, 200) for b in (1, 100) for d in (1024, 1000, 33)]
@@ -48,9 +64,11 @@ def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:
             loss, cos = ctm.cosine_to_mean(q)
             loss.backward()
             grad_tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-            rows += [compare("cos_to_mean loss", shape, name, loss, ref_loss, FP32_TOL),
-                     compare("cos_to_mean cos", shape, name, cos, ref_cos, FP32_TOL),
-                     compare("cos_to_mean grad", shape, name, q.grad, ref_grad, grad_tol)]
+            rows += [
+                compare("cos_to_mean loss", shape, name, loss, ref_loss, FP32_TOL),
+                compare("cos_to_mean cos", shape, name, cos, ref_cos, FP32_TOL),
+                compare("cos_to_mean grad", shape, name, q.grad, ref_grad, grad_tol),
+            ]
     return rows
 
 
@@ -76,9 +94,18 @@ def check_total_coding_rate(ctx: Context) -> list[CheckResult]:
             ref, ref_grad = grad_of(reference.reference_total_coding_rate, z.double(), weights.double())
             got, grad = grad_of(losses.total_coding_rate, z, weights)
             side = "B<d" if shape[1] < shape[2] else "B>d"
-            rows += [compare("tcr value", shape, name, got, ref, FP32_TOL, note=side),
-                     compare("tcr grad", shape, name, grad, ref_grad,
-                             SOLVE_TOL if dtype == torch.float32 else BF16_TOL, note=side)]
+            rows += [
+                compare("tcr value", shape, name, got, ref, FP32_TOL, note=side),
+                compare(
+                    "tcr grad",
+                    shape,
+                    name,
+                    grad,
+                    ref_grad,
+                    SOLVE_TOL if dtype == torch.float32 else BF16_TOL,
+                    note=side,
+                ),
+            ]
     return rows
 
 
@@ -101,8 +128,7 @@ def check_projection_loss(ctx: Context) -> list[CheckResult]:
     rows = [] if fused_ok else [skipped("loss fused", "the Triton kernel cannot run here (see cos_to_mean)")]
 
     def ref_fn(q):
-        return reference.reference_emp_ssl_loss(F.normalize(q, dim=-1), cfg.eps, cfg.invariance_weight,
-                                                cfg.tcr_weight)
+        return reference.reference_emp_ssl_loss(F.normalize(q, dim=-1), cfg.eps, cfg.invariance_weight, cfg.tcr_weight)
 
     for shape in shapes:
         base = projections(ctx, *shape)
@@ -113,6 +139,8 @@ def check_projection_loss(ctx: Context) -> list[CheckResult]:
                 op = "loss fused" if fused else "loss unfused"
                 got, grad = grad_of(lambda q, f=fused: losses.projection_loss_terms(q, cfg, fused=f).total, p)
                 grad_tol = SOLVE_TOL if dtype == torch.float32 else BF16_FUSED_TOL if fused else BF16_TOL
-                rows += [compare(f"{op} total", shape, name, got, ref, FP32_TOL),
-                         compare(f"{op} grad", shape, name, grad, ref_grad, grad_tol)]
+                rows += [
+                    compare(f"{op} total", shape, name, got, ref, FP32_TOL),
+                    compare(f"{op} grad", shape, name, grad, ref_grad, grad_tol),
+                ]
     return rows

@@ -45,8 +45,7 @@ class ReferenceLARS(torch.optim.SGD):
     """fastemp.lars.LARS as it was before its fast paths (issue 17), kept as their reference: the per-tensor
     rule with lists of 0-d factors (one kernel per tensor on CUDA), then torch's SGD step. Any dtype."""
 
-    def __init__(self, params, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True,
-                 eps=1e-8):
+    def __init__(self, params, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True, eps=1e-8):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("lars", True)

@@ -11,11 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import gradcache, losses, model as model_lib
-from . import reference
-from .core import (COMPILE_BF16_FACTOR, COMPILE_BF16_FLOOR, COMPILE_FP64_TOL, FP32_TOL, SOLVE_TOL,
-                         CheckResult, Context, compare, compare_with_baseline, skipped)
+from .. import gradcache, losses
+from .. import model as model_lib
 from ..config import LossConfig
+from . import reference
+from .core import (
+    COMPILE_BF16_FACTOR,
+    COMPILE_BF16_FLOOR,
+    COMPILE_FP64_TOL,
+    FP32_TOL,
+    SOLVE_TOL,
+    CheckResult,
+    Context,
+    compare,
+    compare_with_baseline,
+    skipped,
+)
 
 # ------------------------------------------------------------------------------ compile
 
@@ -48,10 +59,16 @@ def compile_case(device: torch.device) -> dict:
     std. In float64 the differences are ~1e-16 and no flip happens.
     """
     if device.type == "cuda":
-        return dict(model=dict(), n=4, batch=32, size=32, dtype=torch.float32, amp=torch.bfloat16,
-                    channels_last=True)
-    return dict(model=dict(width=8, hidden_dim=64, z_dim=32), n=4, batch=8, size=16, dtype=torch.float64,
-                amp=None, channels_last=False)
+        return dict(model=dict(), n=4, batch=32, size=32, dtype=torch.float32, amp=torch.bfloat16, channels_last=True)
+    return dict(
+        model=dict(width=8, hidden_dim=64, z_dim=32),
+        n=4,
+        batch=8,
+        size=16,
+        dtype=torch.float64,
+        amp=None,
+        channels_last=False,
+    )
 
 
 def train_step(forward: Callable, encoder: nn.Module, x: torch.Tensor, n: int, amp_dtype=None) -> dict:
@@ -62,10 +79,12 @@ def train_step(forward: Callable, encoder: nn.Module, x: torch.Tensor, n: int, a
         h, p = forward(x)
     z = F.normalize(p.double().view(n, -1, p.shape[-1]), dim=-1)
     reference.reference_emp_ssl_loss(z).backward()
-    return {"h": h.detach().double(), "p": p.detach().double(),
-            "grads": {name: q.grad.detach().double() for name, q in encoder.named_parameters()},
-            "stats": torch.cat([b.detach().double().flatten() for name, b in encoder.named_buffers()
-                                if "running" in name])}
+    return {
+        "h": h.detach().double(),
+        "p": p.detach().double(),
+        "grads": {name: q.grad.detach().double() for name, q in encoder.named_parameters()},
+        "stats": torch.cat([b.detach().double().flatten() for name, b in encoder.named_buffers() if "running" in name]),
+    }
 
 
 def _flat(grads: dict, names: list[str]) -> torch.Tensor:
@@ -78,8 +97,9 @@ def _tensor_err(grads: dict, ref_grads: dict, name: str, total: float) -> float:
     return (grads[name] - ref_grads[name]).norm().item() / max(ref_grads[name].norm().item(), 1e-3 * total)
 
 
-def _grad_row(op: str, shape, dtype: str, grads: dict, ref_grads: dict, tol: float | None = None,
-              eager_grads: dict | None = None) -> CheckResult:
+def _grad_row(
+    op: str, shape, dtype: str, grads: dict, ref_grads: dict, tol: float | None = None, eager_grads: dict | None = None
+) -> CheckResult:
     """All parameter gradients as one vector, against ref_grads at tol, or (eager_grads given) at most
     COMPILE_BF16_FACTOR x eager's error + floor; the worst single tensor is named in the note."""
     names = list(ref_grads)
@@ -91,12 +111,23 @@ def _grad_row(op: str, shape, dtype: str, grads: dict, ref_grads: dict, tol: flo
         row.note = note + (f"; {row.note}" if row.note else "")
         return row
     note += f" (eager {_tensor_err(eager_grads, ref_grads, worst, total):.1e})"
-    return compare_with_baseline(op, shape, dtype, _flat(grads, names), _flat(eager_grads, names),
-                                 _flat(ref_grads, names), COMPILE_BF16_FACTOR, COMPILE_BF16_FLOOR, "eager", note)
+    return compare_with_baseline(
+        op,
+        shape,
+        dtype,
+        _flat(grads, names),
+        _flat(eager_grads, names),
+        _flat(ref_grads, names),
+        COMPILE_BF16_FACTOR,
+        COMPILE_BF16_FLOOR,
+        "eager",
+        note,
+    )
 
 
-def compile_rows(ctx: Context, case: dict, compile_fn: Callable[[nn.Module], Callable] = torch.compile
-                 ) -> list[CheckResult]:
+def compile_rows(
+    ctx: Context, case: dict, compile_fn: Callable[[nn.Module], Callable] = torch.compile
+) -> list[CheckResult]:
     """One training step of compile_fn(model) against the eager model (case: see compile_case).
 
     Without autocast (float64): compiled vs eager at COMPILE_FP64_TOL. Under autocast: a third copy of
@@ -119,20 +150,26 @@ def compile_rows(ctx: Context, case: dict, compile_fn: Callable[[nn.Module], Cal
     ref = train_step(FeaturesAndProjection(eager), eager, x, n, case["amp"])
     if not case["amp"]:
         dtype, tol = "fp64", COMPILE_FP64_TOL
-        return [compare("compile h", shape, dtype, got["h"], ref["h"], tol),
-                compare("compile p", shape, dtype, got["p"], ref["p"], tol),
-                _grad_row("compile grads", shape, dtype, got["grads"], ref["grads"], tol),
-                compare("compile BN stats", shape, dtype, got["stats"], ref["stats"], tol)]
+        return [
+            compare("compile h", shape, dtype, got["h"], ref["h"], tol),
+            compare("compile p", shape, dtype, got["p"], ref["p"], tol),
+            _grad_row("compile grads", shape, dtype, got["grads"], ref["grads"], tol),
+            compare("compile BN stats", shape, dtype, got["stats"], ref["stats"], tol),
+        ]
     exact = train_step(FeaturesAndProjection(exact_model), exact_model, x.double(), n)
     dtype = {torch.bfloat16: "bf16-amp", torch.float16: "fp16-amp"}.get(case["amp"], f"{case['amp']}-amp")
 
     def row(op, key):
-        return compare_with_baseline(op, shape, dtype, got[key], ref[key], exact[key], COMPILE_BF16_FACTOR,
-                                     COMPILE_BF16_FLOOR, "eager")
+        return compare_with_baseline(
+            op, shape, dtype, got[key], ref[key], exact[key], COMPILE_BF16_FACTOR, COMPILE_BF16_FLOOR, "eager"
+        )
 
-    return [row("compile h", "h"), row("compile p", "p"),
-            _grad_row("compile grads", shape, dtype, got["grads"], exact["grads"], eager_grads=ref["grads"]),
-            row("compile BN stats", "stats")]
+    return [
+        row("compile h", "h"),
+        row("compile p", "p"),
+        _grad_row("compile grads", shape, dtype, got["grads"], exact["grads"], eager_grads=ref["grads"]),
+        row("compile BN stats", "stats"),
+    ]
 
 
 def check_compile(ctx: Context) -> list[CheckResult]:
@@ -176,9 +213,11 @@ def check_gradient_cache(ctx: Context) -> list[CheckResult]:
     ref_terms.total.backward()
     terms = gradcache.gradient_cache_step(got, x, n, chunks, _emp_loss, nullcontext())
     shape, note = tuple(x.shape), f"{chunks} chunks"
-    return [compare("gradcache loss", shape, "fp32", terms.total, ref_terms.total, FP32_TOL, note=note),
-            compare("gradcache grads", shape, "fp32", _grads(got), _grads(ref), SOLVE_TOL, note=note),
-            compare("gradcache BN stats", shape, "fp32", _stats(got), _stats(ref), FP32_TOL, note=note)]
+    return [
+        compare("gradcache loss", shape, "fp32", terms.total, ref_terms.total, FP32_TOL, note=note),
+        compare("gradcache grads", shape, "fp32", _grads(got), _grads(ref), SOLVE_TOL, note=note),
+        compare("gradcache BN stats", shape, "fp32", _stats(got), _stats(ref), FP32_TOL, note=note),
+    ]
 
 
 def check_activation_checkpointing(ctx: Context) -> list[CheckResult]:
@@ -190,8 +229,10 @@ def check_activation_checkpointing(ctx: Context) -> list[CheckResult]:
     for m in (plain, ckpt):
         _emp_loss(m(x).view(n, batch, -1)).total.backward()
     shape = tuple(x.shape)
-    return [compare("checkpoint grads", shape, "fp32", _grads(ckpt), _grads(plain), SOLVE_TOL),
-            compare("checkpoint BN stats", shape, "fp32", _stats(ckpt), _stats(plain), FP32_TOL)]
+    return [
+        compare("checkpoint grads", shape, "fp32", _grads(ckpt), _grads(plain), SOLVE_TOL),
+        compare("checkpoint BN stats", shape, "fp32", _stats(ckpt), _stats(plain), FP32_TOL),
+    ]
 
 
 def check_ghost_batchnorm(ctx: Context) -> list[CheckResult]:
@@ -208,9 +249,11 @@ def check_ghost_batchnorm(ctx: Context) -> list[CheckResult]:
     terms = _emp_loss(got(x).view(n, batch, -1))
     terms.total.backward()
     shape, note = tuple(x.shape), f"{groups} groups"
-    return [compare("ghost BN loss", shape, "fp64", terms.total, ref_terms.total, COMPILE_FP64_TOL, note=note),
-            compare("ghost BN grads", shape, "fp64", _grads(got), _grads(ref), COMPILE_FP64_TOL, note=note),
-            compare("ghost BN stats", shape, "fp64", _stats(got), _stats(ref), COMPILE_FP64_TOL, note=note)]
+    return [
+        compare("ghost BN loss", shape, "fp64", terms.total, ref_terms.total, COMPILE_FP64_TOL, note=note),
+        compare("ghost BN grads", shape, "fp64", _grads(got), _grads(ref), COMPILE_FP64_TOL, note=note),
+        compare("ghost BN stats", shape, "fp64", _stats(got), _stats(ref), COMPILE_FP64_TOL, note=note),
+    ]
 
 
 def check_lars_fused(ctx: Context) -> list[CheckResult]:
@@ -231,8 +274,15 @@ def check_lars_fused(ctx: Context) -> list[CheckResult]:
         torch.manual_seed(seed)
         models.append(model_lib.build_model(ModelConfig()).to(ctx.device).to(memory_format=torch.channels_last))
     o = OptimConfig()
-    eager = reference.ReferenceLARS(lars_param_groups(models[0]), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                    weight_decay=o.weight_decay, eta=o.lars_eta, clip=o.lars_clip)
+    eager = reference.ReferenceLARS(
+        lars_param_groups(models[0]),
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        eta=o.lars_eta,
+        clip=o.lars_clip,
+    )
     fused = build_lars(models[1], o, fused_update=True)
     for lr in (0.3, 0.2, 0.1):
         for opt in (eager, fused):
@@ -244,8 +294,12 @@ def check_lars_fused(ctx: Context) -> list[CheckResult]:
         eager.step()
         fused.step()
     flat = [torch.cat([q.detach().flatten() for q in m.parameters()]) for m in models]
-    bufs = [torch.cat([o.state[q]["momentum_buffer"].flatten() for q in m.parameters()])
-            for o, m in ((eager, models[0]), (fused, models[1]))]
+    bufs = [
+        torch.cat([o.state[q]["momentum_buffer"].flatten() for q in m.parameters()])
+        for o, m in ((eager, models[0]), (fused, models[1]))
+    ]
     shape = f"{flat[0].numel()} params"
-    return [compare("lars fused params", shape, "fp32", flat[1], flat[0], FP32_TOL, note="3 steps"),
-            compare("lars fused momentum", shape, "fp32", bufs[1], bufs[0], FP32_TOL, note="3 steps")]
+    return [
+        compare("lars fused params", shape, "fp32", flat[1], flat[0], FP32_TOL, note="3 steps"),
+        compare("lars fused momentum", shape, "fp32", bufs[1], bufs[0], FP32_TOL, note="3 steps"),
+    ]

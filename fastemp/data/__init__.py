@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cifar import CIFAR_ARCHIVES, load_cifar
 from ..config import DataConfig, choices
 from ..errors import DataError
+from .cifar import CIFAR_ARCHIVES, load_cifar
 from .imagefolder import SPLITS, load_imagefolder
 from .streamed import StreamedSet, load_streamed
 
@@ -60,10 +60,14 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
     device = torch.device(device)
     if cfg.streamed:
         if source != "imagefolder":
-            raise DataError(f"data.streamed=true reads image files, but data.source={source}; "
-                            "use data.source=imagefolder or data.streamed=false")
+            raise DataError(
+                f"data.streamed=true reads image files, but data.source={source}; "
+                "use data.source=imagefolder or data.streamed=false"
+            )
         streamed = load_streamed(cfg, split, device)
-        streamed.description = f"{streamed.description}, {split}, {len(streamed)} images, {len(streamed.classes)} classes"
+        streamed.description = (
+            f"{streamed.description}, {split}, {len(streamed)} images, {len(streamed.classes)} classes"
+        )
         return streamed
     if source == "synthetic":
         images, labels, classes, desc = _load_synthetic(cfg, split)
@@ -96,4 +100,3 @@ def _load_synthetic(cfg: DataConfig, split: str):
     images, labels = make_synthetic(n, seed, size=cfg.image_size)
     desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
     return images, labels, list(CLASSES), desc
-

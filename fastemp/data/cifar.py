@@ -66,8 +66,10 @@ CIFAR_ARCHIVES: dict[str, CifarArchive] = {
 
 def _md5(path: Path) -> str:
     h = hashlib.md5()
-    with open(path, "rb") as f, bar(total=path.stat().st_size, desc=f"checksum {path.name}", unit="B",
-                                    unit_scale=True) as progress:
+    with (
+        open(path, "rb") as f,
+        bar(total=path.stat().st_size, desc=f"checksum {path.name}", unit="B", unit_scale=True) as progress,
+    ):
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
             progress.update(len(block))
@@ -108,9 +110,7 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
             )
         return path
     if not download:
-        raise DataError(
-            f"{name}: {path} not found and data.download=false; download {spec.url} and put it at {path}"
-        )
+        raise DataError(f"{name}: {path} not found and data.download=false; download {spec.url} and put it at {path}")
     print(f"{name}: downloading {spec.url} to {path}", file=sys.stderr, flush=True)
     tmp = path.with_name(f"{spec.filename}.part-{os.getpid()}")
     try:
@@ -119,8 +119,7 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
     except Exception as e:  # offline, DNS, HTTP error, disk full, ...
         tmp.unlink(missing_ok=True)
         raise DataError(
-            f"{name}: could not download {spec.url} ({_one_line(e)}); "
-            f"put {spec.filename} from that URL at {path}"
+            f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
         ) from e
     got = _md5(tmp)
     if got != spec.md5:
@@ -184,12 +183,15 @@ def load_cifar(cfg: DataConfig, name: str, split: str):
         labels = np.concatenate([np.asarray(batches[m][spec.label_key], dtype=np.int64) for m in members])
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in batches[spec.meta_member][spec.names_key]]
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} does not have the CIFAR python layout ({_one_line(e)}); delete it and download it again") from e
+        raise DataError(
+            f"{path} does not have the CIFAR python layout ({_one_line(e)}); delete it and download it again"
+        ) from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path}: unexpected data shape {data.shape} with {len(labels)} labels; delete it and download it again")
+        raise DataError(
+            f"{path}: unexpected data shape {data.shape} with {len(labels)} labels; delete it and download it again"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DataError(f"{path}: labels outside 0..{len(classes) - 1}; delete it and download it again")
     # rows are channel-major (R plane, G plane, B plane), each 32x32 row-major
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return torch.from_numpy(images), torch.from_numpy(labels), classes, f"{name} (python archive {path})"
-

@@ -49,7 +49,6 @@ _CACHE_VERSION = 2  # 2: a cached split passed the class checks
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-
 def _is_image(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
@@ -110,9 +109,13 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
                 assert f is not None
                 out[split].append((cls, member.name, f.read()))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read the archive {path} ({_one_line(e)}); check that it is a complete .tar/.tar.gz") from e
+        raise DataError(
+            f"cannot read the archive {path} ({_one_line(e)}); check that it is a complete .tar/.tar.gz"
+        ) from e
     if len(prefixes) > 1:
-        raise DataError(f"{path} holds several train/test trees ({', '.join(sorted(p or '.' for p in prefixes))}); keep one")
+        raise DataError(
+            f"{path} holds several train/test trees ({', '.join(sorted(p or '.' for p in prefixes))}); keep one"
+        )
     for items in out.values():
         items.sort(key=lambda t: (t[0], t[1]))
     return out
@@ -124,9 +127,7 @@ def _decoder_for(device: torch.device) -> str:
         return "dali-mixed" if device.type == "cuda" else "dali-cpu"
     if _pil_importable():
         return "pil"
-    raise DataError(
-        "imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow"
-    )
+    raise DataError("imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow")
 
 
 def _dali_importable() -> bool:
@@ -166,7 +167,9 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         p = pipe()
         p.build()
     except Exception as e:
-        raise DataError(f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]}); install pillow and uninstall DALI to decode with Pillow") from e
+        raise DataError(
+            f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]}); install pillow and uninstall DALI to decode with Pillow"
+        ) from e
     out: list[np.ndarray] = []
     for start in bar(range(0, len(blobs), batch), desc="decoding images", unit="batch"):
         chunk = blobs[start : start + batch]
@@ -259,8 +262,10 @@ def _check_pixels(blobs: list[np.ndarray], names: list[str]) -> None:
         except Exception:
             continue
         if pixels > MAX_IMAGE_PIXELS:
-            raise DataError(f"{name} decodes to {pixels:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} pixels for one "
-                            "image (a decompression bomb?); shrink or remove that file")
+            raise DataError(
+                f"{name} decodes to {pixels:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} pixels for one "
+                "image (a decompression bomb?); shrink or remove that file"
+            )
 
 
 def _check_classes(listing: dict[str, list], where: str) -> None:
@@ -268,17 +273,22 @@ def _check_classes(listing: dict[str, list], where: str) -> None:
     train = {item[0] for item in listing["train"]}
     test = {item[0] for item in listing["test"]}
     if listing["train"] and len(train) < 2:
-        raise DataError(f"{where}: train/ has {len(train)} class ({', '.join(sorted(train))}); a linear probe needs "
-                        "at least 2 classes: add train/<class>/ folders")
+        raise DataError(
+            f"{where}: train/ has {len(train)} class ({', '.join(sorted(train))}); a linear probe needs "
+            "at least 2 classes: add train/<class>/ folders"
+        )
     missing = sorted(test - train) if listing["train"] else []
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise DataError(f"{where}: test/ has classes with no training images: {', '.join(missing[:3])}{more}; "
-                        "add train/<class>/ images for them or remove them from test/")
+        raise DataError(
+            f"{where}: test/ has classes with no training images: {', '.join(missing[:3])}{more}; "
+            "add train/<class>/ images for them or remove them from test/"
+        )
 
 
-def _decode(items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def _decode(
+    items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
     blobs = [np.frombuffer(b, dtype=np.uint8) for _, _, b in items]
@@ -293,7 +303,9 @@ def _decode(items: list[tuple[str, str, bytes]], classes: list[str], size: int, 
     return _resize_square(decoded, size), labels
 
 
-def _cache_paths(cfg: DataConfig, source: Path, split: str, fingerprint: object, decoder: str) -> tuple[Path, Path, Path]:
+def _cache_paths(
+    cfg: DataConfig, source: Path, split: str, fingerprint: object, decoder: str
+) -> tuple[Path, Path, Path]:
     key = hashlib.sha256(
         json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, fingerprint]).encode()
     ).hexdigest()[:16]
@@ -317,8 +329,13 @@ def _cache_load(paths: tuple[Path, Path, Path], size: int):
     except (OSError, ValueError) as e:
         warnings.warn(f"ignoring unreadable cache {img_path} ({_one_line(e)})", stacklevel=3)
         return None
-    if (images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or labels.dtype != np.int64
-            or labels.shape != (images.shape[0],) or meta.get("n") != images.shape[0]):
+    if (
+        images.dtype != np.uint8
+        or images.shape[1:] != (size, size, 3)
+        or labels.dtype != np.int64
+        or labels.shape != (images.shape[0],)
+        or meta.get("n") != images.shape[0]
+    ):
         warnings.warn(f"ignoring inconsistent cache {img_path}", stacklevel=3)
         return None
     return images, labels, list(meta["classes"])
@@ -355,12 +372,18 @@ def _classes_of(listing: dict[str, list]) -> list[str]:
 
 def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
     if not cfg.path:
-        raise DataError("data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*")
+        raise DataError(
+            "data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*"
+        )
     source = Path(cfg.path).expanduser().resolve()
     if not source.exists():
-        raise DataError(f"data.path {source} does not exist; check the path (a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*)")
+        raise DataError(
+            f"data.path {source} does not exist; check the path (a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*)"
+        )
     if not (source.is_dir() or _is_archive(source)):
-        raise DataError(f"data.path {source} is neither a directory nor a .tar/.tar.gz/.tgz archive; point data.path at one")
+        raise DataError(
+            f"data.path {source} is neither a directory nor a .tar/.tar.gz/.tgz archive; point data.path at one"
+        )
     if cfg.image_size < 1:
         raise DataError(f"data.image_size must be positive, got {cfg.image_size}; set data.image_size=32")
     decoder = _decoder_for(device)
@@ -371,14 +394,21 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
         base, listing = _list_directory(source)
         items = listing[split]
         if not items:
-            raise DataError(f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)")
+            raise DataError(
+                f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)"
+            )
         _check_classes(listing, str(base))
         classes = _classes_of(listing)
         fingerprint = [[rel, sz, mt] for _, rel, sz, mt in items]
         paths = _cache_paths(cfg, source, split, fingerprint, decoder)
         hit = _cache_load(paths, size)
         if hit is not None and hit[2] == classes:
-            return torch.from_numpy(hit[0]), torch.from_numpy(hit[1]), classes, f"imagefolder ({source}, {how}, from cache {paths[0]})"
+            return (
+                torch.from_numpy(hit[0]),
+                torch.from_numpy(hit[1]),
+                classes,
+                f"imagefolder ({source}, {how}, from cache {paths[0]})",
+            )
         encoded = []
         for cls, rel, _, _ in items:
             try:
@@ -394,10 +424,17 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
     paths = {s: _cache_paths(cfg, source, s, fingerprint, decoder) for s in SPLITS}
     hit = _cache_load(paths[split], size)
     if hit is not None:
-        return torch.from_numpy(hit[0]), torch.from_numpy(hit[1]), hit[2], f"imagefolder ({source}, {how}, from cache {paths[split][0]})"
+        return (
+            torch.from_numpy(hit[0]),
+            torch.from_numpy(hit[1]),
+            hit[2],
+            f"imagefolder ({source}, {how}, from cache {paths[split][0]})",
+        )
     listing = _read_archive(source)
     if not listing[split]:
-        raise DataError(f"no images under {split}/<class>/ in {source}; add them (expected train/<class>/* and test/<class>/*)")
+        raise DataError(
+            f"no images under {split}/<class>/ in {source}; add them (expected train/<class>/* and test/<class>/*)"
+        )
     _check_classes(listing, str(source))
     classes = _classes_of(listing)
     result = None

@@ -48,15 +48,19 @@ class StreamedSet:
 def load_streamed(cfg: DataConfig, split: str, device: torch.device) -> StreamedSet:
     """List one split of the directory `cfg.path` (train/<class>/* and test/<class>/*)."""
     if not cfg.path:
-        raise DataError("data.streamed=true needs data.path; set it to a directory with train/<class>/* "
-                        "and test/<class>/*")
+        raise DataError(
+            "data.streamed=true needs data.path; set it to a directory with train/<class>/* and test/<class>/*"
+        )
     source = Path(cfg.path).expanduser().resolve()
     if _is_archive(source):
-        raise DataError(f"data.streamed=true reads image files one by one, but {source} is an archive; "
-                        "extract it and point data.path at the folder, or set data.streamed=false")
+        raise DataError(
+            f"data.streamed=true reads image files one by one, but {source} is an archive; "
+            "extract it and point data.path at the folder, or set data.streamed=false"
+        )
     if not source.is_dir():
-        raise DataError(f"data.path {source} is not a directory; point it at a folder with train/<class>/* "
-                        "and test/<class>/*")
+        raise DataError(
+            f"data.path {source} is not a directory; point it at a folder with train/<class>/* and test/<class>/*"
+        )
     base, listing = _list_directory(source)
     items = listing[split]
     if not items:

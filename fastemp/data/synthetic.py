@@ -103,8 +103,9 @@ def _colour_pairs(gen: torch.Generator, n: int, min_contrast: int, fg_brighter_p
     return fg, bg
 
 
-def _class_mask(cls: int, u: torch.Tensor, v: torch.Tensor, tu: torch.Tensor, tv: torch.Tensor,
-                flip: torch.Tensor) -> torch.Tensor:
+def _class_mask(
+    cls: int, u: torch.Tensor, v: torch.Tensor, tu: torch.Tensor, tv: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
     """Binary mask of class `cls`.
 
     u, v: coordinates in the object frame normalised by the half-size (|u|,|v| <= 1 is the

@@ -43,8 +43,17 @@ def render_classes(classes: int, count: int, size: int, seed: int) -> list[np.nd
     return [np.stack(k) for k in kept]
 
 
-def make_folder(path: str | Path, classes: int, per_class: int, size: int, seed: int = 0,
-                test_per_class: int = 0, aspect: bool = True, quality: int = 90, noise: float = 16.0) -> Path:
+def make_folder(
+    path: str | Path,
+    classes: int,
+    per_class: int,
+    size: int,
+    seed: int = 0,
+    test_per_class: int = 0,
+    aspect: bool = True,
+    quality: int = 90,
+    noise: float = 16.0,
+) -> Path:
     """Write a JPEG ImageFolder (train/, and test/ when test_per_class > 0) under `path`; return it.
 
     Images are rendered at min(size, RENDER_MAX) px and upscaled (bicubic) to `size`; `noise` adds
@@ -60,8 +69,11 @@ def make_folder(path: str | Path, classes: int, per_class: int, size: int, seed:
     rng = np.random.default_rng(seed)
     rendered = render_classes(classes, per_class + test_per_class, min(size, RENDER_MAX), seed)
     for c, images in enumerate(rendered):
-        widths = (size * (0.75 + 0.25 * torch.rand(len(images), generator=gen))).round().int().tolist() \
-            if aspect else [size] * len(images)
+        widths = (
+            (size * (0.75 + 0.25 * torch.rand(len(images), generator=gen))).round().int().tolist()
+            if aspect
+            else [size] * len(images)
+        )
         for k, (image, width) in enumerate(zip(images, widths)):
             split, number = ("train", k) if k < per_class else ("test", k - per_class)
             picture = Image.fromarray(image)

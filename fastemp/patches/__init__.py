@@ -92,8 +92,9 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
     return "pillow", f"streamed files, {missing}: Pillow workers"
 
 
-def make_patch_backend(name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0,
-                       compile_recipe: bool = False) -> PatchBackend:
+def make_patch_backend(
+    name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0, compile_recipe: bool = False
+) -> PatchBackend:
     """Build the backend `name` (auto | torch | dali | pillow) over the data: a device-resident uint8
     NHWC tensor (or an ImageSet holding one), or a StreamedSet of files. The backend's `reason`
     says why it was chosen (one line for the log). compile_recipe: the torch backend's recipe through

@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from .draw import (BRIGHTNESS, CONTRAST, HUE, SATURATION, GRAY_WEIGHTS, PatchParams, jitter_enabled,
-                            sharded_params)
+from .draw import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, jitter_enabled, sharded_params
 
 # Columns of the per-patch float parameter vector fed to the pipeline.
 _B, _C, _S, _HUE, _JITTER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(9)
@@ -101,25 +100,40 @@ def _hue_hsv(x, shift, frames: bool = False):
     return maxc * (1.0 - s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
 
 
-def _build_pipeline(batch_size: int, size: int, aug: AugmentConfig, device_id, image_device: str, seed: int,
-                    exact_hue: bool):
+def _build_pipeline(
+    batch_size: int, size: int, aug: AugmentConfig, device_id, image_device: str, seed: int, exact_hue: bool
+):
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, min(4, os.cpu_count() or 1)), device_id=device_id,
-                  seed=seed, prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=max(1, min(4, os.cpu_count() or 1)),
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=1,
+    )
     def patches():
-        images = fn.external_source(name="images", device=image_device, layout="HWC", dtype=types.UINT8,
-                                    no_copy=True)
+        images = fn.external_source(name="images", device=image_device, layout="HWC", dtype=types.UINT8, no_copy=True)
         window = fn.external_source(name="window", dtype=types.INT32)  # top, left, h, w
         roi = fn.external_source(name="roi", dtype=types.FLOAT)  # y0, x0, y1, x1 inside the window
         prm = fn.external_source(name="params", dtype=types.FLOAT)  # pruned when _uses_params(aug) is False
 
         crop = fn.slice(images, start=window[0:2], shape=window[2:4], axes=[0, 1])
-        x = fn.resize(crop, size=[size, size], roi_start=roi[0:2], roi_end=roi[2:4], dtype=types.FLOAT,
-                      antialias=True, minibatch_size=batch_size) / 255.0
+        x = (
+            fn.resize(
+                crop,
+                size=[size, size],
+                roi_start=roi[0:2],
+                roi_end=roi[2:4],
+                dtype=types.FLOAT,
+                antialias=True,
+                minibatch_size=batch_size,
+            )
+            / 255.0
+        )
 
         if aug.jitter_p > 0:  # in the fixed order brightness, contrast, saturation, hue
             j = x
@@ -142,8 +156,9 @@ def _build_pipeline(batch_size: int, size: int, aug: AugmentConfig, device_id, i
             x = _gate(prm[_BLUR], fn.gaussian_blur(x, sigma=prm[_SIGMA], dtype=types.FLOAT), x)
         if aug.solarize_p > 0:
             x = _gate(prm[_SOLARIZE] * (x >= aug.solarize_threshold / 255), 1.0 - x, x)
-        return fn.crop_mirror_normalize(x, mean=list(aug.mean), std=list(aug.std), output_layout="HWC",
-                                        dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(
+            x, mean=list(aug.mean), std=list(aug.std), output_layout="HWC", dtype=types.FLOAT
+        )
 
     pipe = patches()
     pipe.build()
@@ -197,10 +212,20 @@ class DaliPatches:
     def _pipeline(self, batch_size: int):
         if batch_size not in self._pipes:
             on_cuda = self.device.type == "cuda"
-            device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-                if on_cuda else None
-            self._pipes[batch_size] = _build_pipeline(batch_size, self.aug.crop_size, self.aug, device_id,
-                                                      "gpu" if on_cuda else "cpu", self.seed, self.exact_hue)
+            device_id = (
+                (self.device.index if self.device.index is not None else torch.cuda.current_device())
+                if on_cuda
+                else None
+            )
+            self._pipes[batch_size] = _build_pipeline(
+                batch_size,
+                self.aug.crop_size,
+                self.aug,
+                device_id,
+                "gpu" if on_cuda else "cpu",
+                self.seed,
+                self.exact_hue,
+            )
         return self._pipes[batch_size]
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:

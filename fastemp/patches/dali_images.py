@@ -41,10 +41,24 @@ import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from .dali_backend import _B, _BLUR, _C, _GRAY, _HUE, _JITTER, _S, _SIGMA, _SOLARIZE, _gate, _gray, _hue_hsv, \
-    pipeline_inputs
+from .dali_backend import (
+    _B,
+    _BLUR,
+    _C,
+    _GRAY,
+    _HUE,
+    _JITTER,
+    _S,
+    _SIGMA,
+    _SOLARIZE,
+    _gate,
+    _gray,
+    _hue_hsv,
+    pipeline_inputs,
+)
 from .draw import PatchParams, params_from_uniforms
-from .pillow_images import _request_key as _key, draw_uniforms
+from .pillow_images import _request_key as _key
+from .pillow_images import draw_uniforms
 
 PREFETCH_DEPTH = 2  # requests scheduled ahead of the one being trained on
 READ_THREADS = 8  # host threads reading files (I/O, not decoding)
@@ -66,8 +80,13 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
     on_gpu = device_id is not None
     size = aug.crop_size
 
-    @pipeline_def(batch_size=batch, num_threads=max(1, min(8, os.cpu_count() or 1)), device_id=device_id,
-                  seed=seed, prefetch_queue_depth=PREFETCH_DEPTH + 1)
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=max(1, min(8, os.cpu_count() or 1)),
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=PREFETCH_DEPTH + 1,
+    )
     def images_to_patches():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         window = fn.external_source(name="window", dtype=types.INT32, ndim=2)  # (n, 4): top, left, h, w
@@ -79,13 +98,23 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
             return col.gpu() if on_gpu else col
 
         # pixels as stored, like PIL (and the official ImageFolder): the crop windows are drawn for the stored size
-        image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-                                  adjust_orientation=False)
+        image = fn.decoders.image(
+            encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+        )
         crops = []
         for i in range(n):
             crop = fn.slice(image, start=window[i, 0:2], shape=window[i, 2:4], axes=[0, 1])
-            crops.append(fn.resize(crop, size=[size, size], roi_start=roi[i, 0:2], roi_end=roi[i, 2:4],
-                                   interp_type=_interp(aug.interpolation), antialias=True, dtype=types.FLOAT))
+            crops.append(
+                fn.resize(
+                    crop,
+                    size=[size, size],
+                    roi_start=roi[i, 0:2],
+                    roi_end=roi[i, 2:4],
+                    interp_type=_interp(aug.interpolation),
+                    antialias=True,
+                    dtype=types.FLOAT,
+                )
+            )
         x = fn.stack(*crops, axis=0, axis_name="F") / 255.0  # (n, S, S, 3) per image
 
         if aug.jitter_p > 0:  # in the fixed order brightness, contrast, saturation, hue
@@ -128,13 +157,15 @@ def image_size(blob: np.ndarray) -> tuple[int, int]:
         return im.height, im.width
 
 
-def streamed_params(index: torch.Tensor, n: int, seed: int, shard: slice, heights: list[int], widths: list[int],
-                    aug: AugmentConfig) -> PatchParams:
+def streamed_params(
+    index: torch.Tensor, n: int, seed: int, shard: slice, heights: list[int], widths: list[int], aug: AugmentConfig
+) -> PatchParams:
     """Every patch's parameters for images index[shard] of sizes (heights, widths): the shared draw,
     patch-major (row i*b + j is patch i of image j), crops drawn for each image's own size."""
     u = draw_uniforms(index, n, seed, shard).transpose(0, 1).reshape(-1, 18)
-    return params_from_uniforms(u, index[shard].repeat(n), torch.tensor(heights).repeat(n),
-                                torch.tensor(widths).repeat(n), aug)
+    return params_from_uniforms(
+        u, index[shard].repeat(n), torch.tensor(heights).repeat(n), torch.tensor(widths).repeat(n), aug
+    )
 
 
 class DaliImagePatches:
@@ -154,8 +185,11 @@ class DaliImagePatches:
     def _pipeline(self, batch: int, n: int):
         if (batch, n) not in self._pipes:
             on_cuda = self.device.type == "cuda"
-            device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-                if on_cuda else None
+            device_id = (
+                (self.device.index if self.device.index is not None else torch.cuda.current_device())
+                if on_cuda
+                else None
+            )
             self._pipes[batch, n] = _build_pipeline(batch, n, self.aug, device_id, self.seed)
             self._pending[batch, n] = collections.deque()
         return self._pipes[batch, n]

@@ -78,8 +78,9 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
     return torch.stack([top, left, h, w], dim=1).long()
 
 
-def sample_params(image: torch.Tensor, height: int, width: int, aug: AugmentConfig,
-                  generator: torch.Generator) -> PatchParams:
+def sample_params(
+    image: torch.Tensor, height: int, width: int, aug: AugmentConfig, generator: torch.Generator
+) -> PatchParams:
     """Draw every patch's parameters with one `torch.rand` call on the generator's device.
 
     `image` (P,) holds the dataset index of each patch, patch-major. Gates are `u < p`; jitter
@@ -91,8 +92,9 @@ def sample_params(image: torch.Tensor, height: int, width: int, aug: AugmentConf
     return params_from_uniforms(u, image, height, width, aug)
 
 
-def sharded_params(index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig,
-                   generator: torch.Generator) -> PatchParams:
+def sharded_params(
+    index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig, generator: torch.Generator
+) -> PatchParams:
     """The parameters of the patches of images index[shard] of the global batch `index`.
 
     Every patch of the global batch draws its row (row i*B + b, exactly the single-process draw)
@@ -112,18 +114,22 @@ def sharded_uniforms(batch: int, n: int, shard: slice, generator: torch.Generato
     return u.view(n, batch, _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
 
 
-def params_from_uniforms(u: torch.Tensor, image: torch.Tensor, height: int, width: int,
-                         aug: AugmentConfig) -> PatchParams:
+def params_from_uniforms(
+    u: torch.Tensor, image: torch.Tensor, height: int, width: int, aug: AugmentConfig
+) -> PatchParams:
     """Every patch's parameters from its row of 18 uniforms (see sample_params)."""
     device = u.device
-    lo = device_constant((max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation),
-                    -aug.hue), device, torch.float32)
+    lo = device_constant(
+        (max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation), -aug.hue),
+        device,
+        torch.float32,
+    )
     hi = device_constant((1 + aug.brightness, 1 + aug.contrast, 1 + aug.saturation, aug.hue), device, torch.float32)
     s0, s1 = aug.blur_sigma
     # columns by slice, not by list: a list index becomes a host tensor copied to the device (a sync)
     return PatchParams(
         image=image,
-        box=crop_boxes(u[:, _SCALE:_LEFT + 1], height, width, aug.crop_scale, aug.crop_ratio),
+        box=crop_boxes(u[:, _SCALE : _LEFT + 1], height, width, aug.crop_scale, aug.crop_ratio),
         flip=u[:, _FLIP] < aug.flip_p,
         jitter=u[:, _JITTER] < aug.jitter_p,
         factors=lo + (hi - lo) * u[:, _FACTORS],

@@ -62,8 +62,19 @@ def _jitter_op(img, op: int, factor: float):
     return _adjust_hue(img, factor)
 
 
-def official_patch(img, box, flip: bool, jitter: bool, factors, order, gray: bool, blur: bool, sigma: float,
-                   solarize: bool, aug: AugmentConfig) -> np.ndarray:
+def official_patch(
+    img,
+    box,
+    flip: bool,
+    jitter: bool,
+    factors,
+    order,
+    gray: bool,
+    blur: bool,
+    sigma: float,
+    solarize: bool,
+    aug: AugmentConfig,
+) -> np.ndarray:
     """One patch of the official recipe from a PIL RGB image and its drawn parameters: (S, S, 3) uint8."""
     from PIL import Image, ImageFilter, ImageOps
 
@@ -103,10 +114,24 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
     img = open_rgb(path)
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
-    return np.stack([official_patch(img, p.box[i].tolist(), bool(p.flip[i]), bool(p.jitter[i]), p.factors[i].tolist(),
-                                    p.order[i].tolist(), bool(p.gray[i]), bool(p.blur[i]), float(p.sigma[i]),
-                                    bool(p.solarize[i]), aug)
-                     for i in range(u.shape[0])])
+    return np.stack(
+        [
+            official_patch(
+                img,
+                p.box[i].tolist(),
+                bool(p.flip[i]),
+                bool(p.jitter[i]),
+                p.factors[i].tolist(),
+                p.order[i].tolist(),
+                bool(p.gray[i]),
+                bool(p.blur[i]),
+                float(p.sigma[i]),
+                bool(p.solarize[i]),
+                aug,
+            )
+            for i in range(u.shape[0])
+        ]
+    )
 
 
 def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:

@@ -27,8 +27,16 @@ import warnings
 import torch
 
 from ..config import AugmentConfig
-from .draw import (BRIGHTNESS, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, device_constant, jitter_enabled,
-                   sharded_params)
+from .draw import (
+    BRIGHTNESS,
+    GRAY_WEIGHTS,
+    HUE,
+    SATURATION,
+    PatchParams,
+    device_constant,
+    jitter_enabled,
+    sharded_params,
+)
 
 # ----------------------------------------------------------------------------- the ops
 
@@ -56,8 +64,9 @@ def resample_taps(start: torch.Tensor, length: torch.Tensor, in_size: int, out_s
     return index, weight
 
 
-def crop_resize(images: torch.Tensor, image: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
-                size: int) -> torch.Tensor:
+def crop_resize(
+    images: torch.Tensor, image: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int
+) -> torch.Tensor:
     """Crop each patch's window, resize it to size x size, flip it horizontally where `flip`.
 
     Same result as torchvision's `resized_crop` (bilinear, antialias) on the float image followed
@@ -157,8 +166,12 @@ def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch
     return blend(x, target, factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1))
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                 enabled: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> torch.Tensor:
     """torchvision's ColorJitter with explicit per-patch factors and op order.
 
     factors: (P, 4) brightness, contrast, saturation factors and hue shift (turns); order: (P, 4)
@@ -263,8 +276,19 @@ def resolve_patch_compile(setting: str, device: torch.device, model_compile: str
 def _cache_key(index: torch.Tensor, n: int, seed: int, shard: slice) -> tuple:
     """What makes two calls the same: the index tensor's memory and contents version (the backend
     holds the tensor meanwhile, so its memory cannot be reused), n, seed and the shard."""
-    return (index.device, index.dtype, index.data_ptr(), tuple(index.shape), index.stride(), index._version,
-            n, seed, shard.start, shard.stop, shard.step)
+    return (
+        index.device,
+        index.dtype,
+        index.data_ptr(),
+        tuple(index.shape),
+        index.stride(),
+        index._version,
+        n,
+        seed,
+        shard.start,
+        shard.stop,
+        shard.step,
+    )
 
 
 class TorchPatches:
@@ -290,8 +314,9 @@ class TorchPatches:
         """The parameters a call with these arguments uses (patch-major: row i*b + j for image index[shard][j])."""
         generator = torch.Generator(device=self.images.device)
         generator.manual_seed(seed)
-        return sharded_params(index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2],
-                              self.aug, generator)
+        return sharded_params(
+            index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2], self.aug, generator
+        )
 
     def make(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
         """The patches of these arguments, computed now on the current stream."""

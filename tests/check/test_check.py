@@ -14,7 +14,8 @@ import torch
 
 import fastemp.kernels.cosine_to_mean as ctm
 from fastemp import check, losses
-from fastemp.check import core as check_core, training as check_training
+from fastemp.check import core as check_core
+from fastemp.check import training as check_training
 from fastemp.cli import main
 from fastemp.patches import dali_available
 
@@ -36,11 +37,31 @@ def test_full_cpu_check_passes_and_writes_json(tmp_path, capsys):
     rows = doc["results"]
     assert all(r["status"] in ("pass", "skipped") for r in rows)
     ops = {r["op"] for r in rows if r["status"] == "pass"}
-    expected = {"cos_to_mean loss", "cos_to_mean cos", "cos_to_mean grad", "tcr value", "tcr grad",
-                "loss unfused total", "loss unfused grad", "loss fused total", "loss fused grad",
-                "compile h", "compile p", "compile grads", "compile BN stats",
-                "gradcache loss", "gradcache grads", "gradcache BN stats", "checkpoint grads", "checkpoint BN stats",
-                "patches compiled", "patches compiled solarized", "ghost BN loss", "ghost BN grads", "ghost BN stats"}
+    expected = {
+        "cos_to_mean loss",
+        "cos_to_mean cos",
+        "cos_to_mean grad",
+        "tcr value",
+        "tcr grad",
+        "loss unfused total",
+        "loss unfused grad",
+        "loss fused total",
+        "loss fused grad",
+        "compile h",
+        "compile p",
+        "compile grads",
+        "compile BN stats",
+        "gradcache loss",
+        "gradcache grads",
+        "gradcache BN stats",
+        "checkpoint grads",
+        "checkpoint BN stats",
+        "patches compiled",
+        "patches compiled solarized",
+        "ghost BN loss",
+        "ghost BN grads",
+        "ghost BN stats",
+    }
     if dali_available():
         expected |= {"augment paired", "augment independent"}
     assert expected <= ops, expected - ops
@@ -103,8 +124,9 @@ def test_compile_criterion_compiled_no_worse_than_eager():
         return ref + scale * torch.randn(10_000, generator=gen, dtype=torch.float64)
 
     def row(out, eager, reference=ref):
-        return check_core.compare_with_baseline("compile h", (10_000,), "bf16-amp", out, eager, reference,
-                                                factor, floor, "eager")
+        return check_core.compare_with_baseline(
+            "compile h", (10_000,), "bf16-amp", out, eager, reference, factor, floor, "eager"
+        )
 
     eager = off_by(1e-2)
     same = row(off_by(1e-2), eager)  # another rounding pattern, the same size of error
@@ -120,14 +142,22 @@ def test_compile_criterion_compiled_no_worse_than_eager():
     assert row(off_by(1e-2), eager, nan).status == "FAIL"
 
 
-TINY_BF16_CASE = dict(model=dict(width=4, hidden_dim=32, z_dim=16), n=4, batch=8, size=16, dtype=torch.float32,
-                      amp=torch.bfloat16, channels_last=False)
+TINY_BF16_CASE = dict(
+    model=dict(width=4, hidden_dim=32, z_dim=16),
+    n=4,
+    batch=8,
+    size=16,
+    dtype=torch.float32,
+    amp=torch.bfloat16,
+    channels_last=False,
+)
 
 
 def test_compile_bf16_pipeline_runs_on_cpu_without_compiling():
     """The CUDA branch of the compile check (autocast + float64 reference) on CPU bf16 autocast, with the
     eager model standing in for the compiled one: the three-way step runs and passes; a "compiled"
     forward with the wrong semantics (BatchNorm in eval mode) fails."""
+
     def ctx():
         return check_core.Context(torch.device("cpu"), False, torch.Generator().manual_seed(0))
 
@@ -146,6 +176,7 @@ def test_compile_bf16_pipeline_runs_on_cpu_without_compiling():
                 return module(x)
             finally:
                 module.train()
+
         return forward
 
     broken = {r.op: r.status for r in check_training.compile_rows(ctx(), TINY_BF16_CASE, compile_fn=eval_mode)}

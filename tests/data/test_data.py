@@ -84,8 +84,10 @@ def cifar_root(tmp_path, monkeypatch):
     """A data root holding tiny cifar-10 / cifar-100 archives, registered with their md5."""
     root = tmp_path / "root"
     root.mkdir()
-    built = {"cifar10": build_cifar10(root / "cifar-10-python.tar.gz"),
-             "cifar100": build_cifar100(root / "cifar-100-python.tar.gz")}
+    built = {
+        "cifar10": build_cifar10(root / "cifar-10-python.tar.gz"),
+        "cifar100": build_cifar100(root / "cifar-100-python.tar.gz"),
+    }
     archives = dict(cifar.CIFAR_ARCHIVES)
     for name, spec in archives.items():
         archives[name] = dataclasses.replace(spec, md5=cifar._md5(root / spec.filename))
@@ -212,7 +214,9 @@ def png_bytes(img: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
 
     def chunk(tag: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
@@ -359,7 +363,11 @@ def test_imagefolder_jpeg(tmp_path):
     smooth = np.stack([xx * 8, yy * 8, np.full_like(xx, 128)], -1).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(smooth).save(buf, format="JPEG", quality=95)
-    files = {"train/only/a.jpg": buf.getvalue(), "train/other/c.jpg": buf.getvalue(), "test/only/b.jpeg": buf.getvalue()}
+    files = {
+        "train/only/a.jpg": buf.getvalue(),
+        "train/other/c.jpg": buf.getvalue(),
+        "test/only/b.jpeg": buf.getvalue(),
+    }
     src = write_tar(tmp_path / "jpeg.tar", files)
     s = load_split(folder_cfg(src, tmp_path), "train")
     err = (s.images[0].int() - torch.from_numpy(smooth).int()).abs().float()
@@ -452,15 +460,17 @@ def test_imagefolder_errors(tmp_path):
     tar = write_tar(tmp_path / "t.tar", only_train)
     with pytest.raises(DataError, match="no images"):
         load_split(folder_cfg(tar, tmp_path), "test")
-    bad = write_dir(tmp_path / "bad", {"train/a/x.png": b"\x89PNG garbage", "train/b/x.png": b"junk",
-                                       "test/a/y.png": b"junk"})
+    bad = write_dir(
+        tmp_path / "bad", {"train/a/x.png": b"\x89PNG garbage", "train/b/x.png": b"junk", "test/a/y.png": b"junk"}
+    )
     with pytest.raises(DataError, match="cannot decode"):
         load_split(folder_cfg(bad, tmp_path), "train")
 
 
 @pytest.mark.parametrize("pillow_only", [False, True])
-def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch, pillow_only,
-                                                                                huge_png):
+def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(
+    tmp_path, monkeypatch, pillow_only, huge_png
+):
     import time
     import tracemalloc
 
@@ -472,8 +482,9 @@ def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(t
     src = write_dir(tmp_path / "tree", files)
     tracemalloc.start()
     start = time.perf_counter()
-    with pytest.raises(DataError, match="train/bee/bomb.png decodes to 900,000,000 pixels, over the limit of "
-                                        "89,478,485 pixels") as err:
+    with pytest.raises(
+        DataError, match="train/bee/bomb.png decodes to 900,000,000 pixels, over the limit of 89,478,485 pixels"
+    ) as err:
         load_split(folder_cfg(src, tmp_path), "train")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -485,8 +496,11 @@ def test_one_class_or_a_test_class_without_training_images_is_an_error(tmp_path)
     for where in (write_dir(tmp_path / "one", one), write_tar(tmp_path / "one.tar", one)):
         with pytest.raises(DataError, match=r"train/ has 1 class \(cat\); a linear probe needs at least 2 classes"):
             load_split(folder_cfg(where, tmp_path), "train")
-    extra = {**tree_files(), "test/dog/000.png": png_bytes(tagged_image(0, 0, "test")),
-             "test/eel/000.png": png_bytes(tagged_image(0, 0, "test"))}
+    extra = {
+        **tree_files(),
+        "test/dog/000.png": png_bytes(tagged_image(0, 0, "test")),
+        "test/eel/000.png": png_bytes(tagged_image(0, 0, "test")),
+    }
     for where in (write_dir(tmp_path / "extra", extra), write_tar(tmp_path / "extra.tar.gz", extra)):
         for split in ("train", "test"):
             with pytest.raises(DataError, match="test/ has classes with no training images: dog, eel; add train"):

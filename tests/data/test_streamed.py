@@ -43,9 +43,11 @@ def test_streamed_errors_are_one_line(tmp_path):
     archive = tmp_path / "f.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(root, arcname="f")
-    for cfg, words in ((DataConfig(source="imagefolder", path=str(archive), streamed=True), "archive"),
-                       (DataConfig(source="imagefolder", path=str(tmp_path / "none"), streamed=True), "not a directory"),
-                       (DataConfig(source="synthetic", streamed=True), "data.streamed=true")):
+    for cfg, words in (
+        (DataConfig(source="imagefolder", path=str(archive), streamed=True), "archive"),
+        (DataConfig(source="imagefolder", path=str(tmp_path / "none"), streamed=True), "not a directory"),
+        (DataConfig(source="synthetic", streamed=True), "data.streamed=true"),
+    ):
         with pytest.raises(DataError, match=words) as err:
             load_split(cfg, "train", "cpu")
         assert "\n" not in str(err.value)

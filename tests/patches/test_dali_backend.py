@@ -17,14 +17,13 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from fastemp.patches import torch_backend as pt  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, random_images  # noqa: E402
+
 from fastemp.config import AugmentConfig  # noqa: E402
 from fastemp.patches import make_patch_backend  # noqa: E402
+from fastemp.patches import torch_backend as pt  # noqa: E402
 from fastemp.patches.dali_backend import DaliPatches  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, random_images  # noqa: E402
 
 
 def ref_blur(x, sigma, mode):
@@ -48,8 +47,11 @@ def smooth_images(n=8, size=32, seed=0):
 def both(images, aug, index, n, seed):
     """(DALI output, torch output, the shared parameters) for one call."""
     torch_backend = pt.TorchPatches(images, aug)
-    return (DaliPatches(images, aug)(index, n, seed), torch_backend(index, n, seed),
-            torch_backend.params(index, n, seed))
+    return (
+        DaliPatches(images, aug)(index, n, seed),
+        torch_backend(index, n, seed),
+        torch_backend.params(index, n, seed),
+    )
 
 
 def test_output_shape_dtype_layout_range_and_factory():
@@ -75,15 +77,18 @@ def test_patch_major_order():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("crop+flip", dict(flip_p=0.5)),
-    ("crop ranges, upsampling", dict(flip_p=0.5, crop_scale=(0.1, 0.6), crop_ratio=(0.5, 2.0))),
-    ("grayscale", dict(grayscale_p=0.5)),
-    ("solarize", dict(solarize_p=0.5, solarize_threshold=100)),
-    ("brightness", dict(jitter_p=0.8, contrast=0.0, saturation=0.0, hue=0.0)),
-    ("hue (exact HSV)", dict(jitter_p=0.8, brightness=0.0, contrast=0.0, saturation=0.0)),
-    ("normalize", dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("crop+flip", dict(flip_p=0.5)),
+        ("crop ranges, upsampling", dict(flip_p=0.5, crop_scale=(0.1, 0.6), crop_ratio=(0.5, 2.0))),
+        ("grayscale", dict(grayscale_p=0.5)),
+        ("solarize", dict(solarize_p=0.5, solarize_threshold=100)),
+        ("brightness", dict(jitter_p=0.8, contrast=0.0, saturation=0.0, hue=0.0)),
+        ("hue (exact HSV)", dict(jitter_p=0.8, brightness=0.0, contrast=0.0, saturation=0.0)),
+        ("normalize", dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))),
+    ],
+)
 def test_matches_torch_where_semantics_coincide(name, kw):
     images = smooth_images()
     d, t, _ = both(images, aug_off(**kw), torch.arange(8), 6, seed=3)

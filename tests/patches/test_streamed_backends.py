@@ -8,14 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from augment_helpers import aug_off
 
 from fastemp.config import AugmentConfig, DataConfig
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
 from fastemp.patches import choose_backend, make_patch_backend
 from fastemp.patches.pillow_images import PillowPatches, draw_uniforms, image_patches, official_patch, open_rgb
-
-from augment_helpers import aug_off
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +51,35 @@ def test_official_patch_crop_is_pil_crop_then_resize(images):
     expected = img.crop((7, 5, 37, 45)).resize((24, 24), Image.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert np.array_equal(out, np.asarray(expected))
     # the hue shift wraps PIL's uint8 hue channel like torchvision (+0.5 turn twice = +255/256... of a turn)
-    shifted = official_patch(img, (0, 0, 48, 48), False, True, [1, 1, 1, 0.5], [3, 0, 1, 2], False, False, 1.0,
-                             False, aug_off(crop_size=24, brightness=0, contrast=0, saturation=0))
-    assert not np.array_equal(shifted, official_patch(img, (0, 0, 48, 48), False, False, [1, 1, 1, 0], [0, 1, 2, 3],
-                                                        False, False, 1.0, False, aug_off(crop_size=24)))
+    shifted = official_patch(
+        img,
+        (0, 0, 48, 48),
+        False,
+        True,
+        [1, 1, 1, 0.5],
+        [3, 0, 1, 2],
+        False,
+        False,
+        1.0,
+        False,
+        aug_off(crop_size=24, brightness=0, contrast=0, saturation=0),
+    )
+    assert not np.array_equal(
+        shifted,
+        official_patch(
+            img,
+            (0, 0, 48, 48),
+            False,
+            False,
+            [1, 1, 1, 0],
+            [0, 1, 2, 3],
+            False,
+            False,
+            1.0,
+            False,
+            aug_off(crop_size=24),
+        ),
+    )
 
 
 def test_pillow_uses_the_shared_draw_with_each_images_own_size(images):
@@ -87,12 +111,17 @@ def test_same_patches_after_restart_prefetch_workers_and_shards(images):
     assert not torch.equal(PillowPatches(images, aug, workers=0)(index, 3, seed=12), first)
 
 
-OPS = {"crop": {}, "flip": dict(flip_p=0.5),
-       "brightness": dict(jitter_p=1.0, contrast=0, saturation=0, hue=0),
-       "contrast": dict(jitter_p=1.0, brightness=0, saturation=0, hue=0),
-       "saturation": dict(jitter_p=1.0, brightness=0, contrast=0, hue=0),
-       "hue": dict(jitter_p=1.0, brightness=0, contrast=0, saturation=0),
-       "grayscale": dict(grayscale_p=1.0), "blur": dict(blur_p=1.0), "solarize": dict(solarize_p=1.0)}
+OPS = {
+    "crop": {},
+    "flip": dict(flip_p=0.5),
+    "brightness": dict(jitter_p=1.0, contrast=0, saturation=0, hue=0),
+    "contrast": dict(jitter_p=1.0, brightness=0, saturation=0, hue=0),
+    "saturation": dict(jitter_p=1.0, brightness=0, contrast=0, hue=0),
+    "hue": dict(jitter_p=1.0, brightness=0, contrast=0, saturation=0),
+    "grayscale": dict(grayscale_p=1.0),
+    "blur": dict(blur_p=1.0),
+    "solarize": dict(solarize_p=1.0),
+}
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])

@@ -10,12 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastemp.patches import draw, torch_backend as pt
-from fastemp.config import AugmentConfig
-from fastemp.patches import make_patch_backend
-
 from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, binomial_ok, random_images
+
+from fastemp.config import AugmentConfig
+from fastemp.patches import draw, make_patch_backend
+from fastemp.patches import torch_backend as pt
 
 
 def rand01(shape, seed=0):
@@ -27,7 +26,7 @@ def rand01(shape, seed=0):
 
 def ref_crop_resize(img_u8, box, flip, size):
     top, left, h, w = (int(v) for v in box)
-    x = img_u8[top:top + h, left:left + w].permute(2, 0, 1)[None].double() / 255
+    x = img_u8[top : top + h, left : left + w].permute(2, 0, 1)[None].double() / 255
     out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return out.flip(-1) if flip else out
 
@@ -108,8 +107,9 @@ def test_normalize_images():
     images = random_images(3, 8, 9)
     out = pt.normalize_images(images, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
     assert out.shape == (3, 3, 8, 9) and out.is_contiguous(memory_format=torch.channels_last)
-    ref = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / \
-        torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    ref = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.2, 0.25, 0.5]
+    ).view(1, 3, 1, 1)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
 
 
@@ -134,19 +134,23 @@ def test_default_crop_is_a_16_pixel_window_upsampled_bilinearly():
     x_code, y_code = out[:, 0] * 255, out[:, 1] * 255
     # the window's edge pixels are reached exactly (clamped to the window), nothing outside it
     torch.testing.assert_close(x_code.amin((1, 2)), params.box[:, 1].float() * 8, rtol=0, atol=1e-3)
-    torch.testing.assert_close(x_code.amax((1, 2)) - x_code.amin((1, 2)), torch.full((64,), 15 * 8.0),
-                               rtol=0, atol=1e-3)
+    torch.testing.assert_close(
+        x_code.amax((1, 2)) - x_code.amin((1, 2)), torch.full((64,), 15 * 8.0), rtol=0, atol=1e-3
+    )
     torch.testing.assert_close(y_code.amin((1, 2)), params.box[:, 0].float() * 8, rtol=0, atol=1e-3)
     for p in range(64):
         ref = ref_crop_resize(images[0], params.box[p], False, 32)
         torch.testing.assert_close(out[p].double(), ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,size,scale,ratio", [
-    ((32, 32), 32, (0.25, 0.25), (1.0, 1.0)),  # the default: upsampling
-    ((40, 48), 24, (0.08, 1.0), (0.75, 4 / 3)),  # ranges, downsampling and mixed, non-square image
-    ((20, 28), 32, (0.3, 0.9), (0.5, 2.0)),
-])
+@pytest.mark.parametrize(
+    "shape,size,scale,ratio",
+    [
+        ((32, 32), 32, (0.25, 0.25), (1.0, 1.0)),  # the default: upsampling
+        ((40, 48), 24, (0.08, 1.0), (0.75, 4 / 3)),  # ranges, downsampling and mixed, non-square image
+        ((20, 28), 32, (0.3, 0.9), (0.5, 2.0)),
+    ],
+)
 def test_crop_resize_flip_match_reference(shape, size, scale, ratio):
     images = random_images(5, *shape)
     aug = aug_off(crop_size=size, crop_scale=scale, crop_ratio=ratio, flip_p=0.5)
@@ -196,11 +200,14 @@ def small_batch(p=6, h=7, w=5, seed=0):
     return x
 
 
-@pytest.mark.parametrize("fn,ref,lo,hi", [
-    (pt.adjust_brightness, ref_brightness, 0.0, 2.5),
-    (pt.adjust_contrast, ref_contrast, 0.0, 2.5),
-    (pt.adjust_saturation, ref_saturation, 0.0, 2.5),
-])
+@pytest.mark.parametrize(
+    "fn,ref,lo,hi",
+    [
+        (pt.adjust_brightness, ref_brightness, 0.0, 2.5),
+        (pt.adjust_contrast, ref_contrast, 0.0, 2.5),
+        (pt.adjust_saturation, ref_saturation, 0.0, 2.5),
+    ],
+)
 def test_blend_ops_match_reference(fn, ref, lo, hi):
     x = small_batch()
     f = lo + (hi - lo) * rand01(x.shape[0], seed=1)
@@ -221,8 +228,16 @@ def test_hue_matches_colorsys():
 def test_color_jitter_applies_each_patch_in_its_own_order():
     perms = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [3, 0, 1, 2], [0, 2, 1, 3]]
     x = small_batch(len(perms))
-    factors = torch.tensor([[1.3, 0.7, 1.4, 0.15], [0.6, 1.35, 0.65, -0.2], [1.2, 1.1, 0.0, 0.05],
-                            [0.8, 0.6, 1.2, -0.1], [1.39, 0.61, 1.0, 0.2], [0.9, 1.3, 0.7, 0.0]])
+    factors = torch.tensor(
+        [
+            [1.3, 0.7, 1.4, 0.15],
+            [0.6, 1.35, 0.65, -0.2],
+            [1.2, 1.1, 0.0, 0.05],
+            [0.8, 0.6, 1.2, -0.1],
+            [1.39, 0.61, 1.0, 0.2],
+            [0.9, 1.3, 0.7, 0.0],
+        ]
+    )
     order = torch.tensor(perms)
     out = pt.color_jitter(x, factors, order)
     for p, perm in enumerate(perms):
@@ -270,8 +285,16 @@ def test_gaussian_blur_matches_reference():
 def test_augment_matches_composed_reference():
     """Every op on, its parameters from the backend, re-applied per patch by the references."""
     images = random_images(4, 16, 16)
-    aug = dataclasses.replace(AugmentConfig(), crop_size=16, jitter_p=0.6, grayscale_p=0.3, blur_p=0.5,
-                              solarize_p=0.5, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    aug = dataclasses.replace(
+        AugmentConfig(),
+        crop_size=16,
+        jitter_p=0.6,
+        grayscale_p=0.3,
+        blur_p=0.5,
+        solarize_p=0.5,
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.3, 0.25),
+    )
     backend = pt.TorchPatches(images, aug)
     index = torch.tensor([2, 0, 3])
     out = backend(index, 8, seed=5)
@@ -297,8 +320,13 @@ def test_parameter_frequencies_and_ranges():
     aug = AugmentConfig()
     prm = pt.TorchPatches(random_images(2), aug).params(torch.tensor([0, 1] * 50), 200, seed=0)
     n = 20000
-    for flag, p in ((prm.flip, aug.flip_p), (prm.jitter, aug.jitter_p), (prm.gray, aug.grayscale_p),
-                    (prm.blur, aug.blur_p), (prm.solarize, aug.solarize_p)):
+    for flag, p in (
+        (prm.flip, aug.flip_p),
+        (prm.jitter, aug.jitter_p),
+        (prm.gray, aug.grayscale_p),
+        (prm.blur, aug.blur_p),
+        (prm.solarize, aug.solarize_p),
+    ):
         assert binomial_ok(int(flag.sum()), n, p), (int(flag.sum()), p)
     lo = torch.tensor([0.6, 0.6, 0.6, -0.2])
     hi = torch.tensor([1.4, 1.4, 1.4, 0.2])
