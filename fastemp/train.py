@@ -63,35 +63,33 @@ class Trainer:
         test_set: ImageSet | None = None,
         patches: PatchBackend | None = None,
     ):
-        self.runtime = runtime or resolve(cfg)  # before anything touches a device
+        self.runtime = rt = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
-        self.device = self.runtime.device
+        self.device = rt.device
         self.train_set = train_set if train_set is not None else load_split(cfg.data, "train", self.device)
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
         self.patches = patches or make_patch_backend(
-            self.runtime.backend,
+            rt.backend,
             self.train_set,
             cfg.augment,
             cfg.train.seed,
             workers=cfg.data.workers,
-            compile_recipe=self.runtime.patch_compile,
+            compile_recipe=rt.patch_compile,
         )
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)
-        if self.runtime.world_size > 1 and cfg.model.sync_bn:
+        if rt.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
-        rt = self.runtime
         self.grad_chunks = resolve_chunks(self.model, cfg, self.device, rt.world_size, rt.precision, rt.compile_mode)
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
         self.forward = compile_model(self.ddp or self.model, rt.compile_mode, self.device, cfg.model.cudnn_benchmark)
-        self.optimizer = build_lars(
-            self.model, cfg.optim, fused_update=rt.compile_mode != "none"
-        )  # compiled with the model
+        # LARS's update is compiled into one pass per tensor whenever the model is compiled
+        self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.compile_mode != "none")
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
