@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from fastemp import runs
-from fastemp.check.reference import ReferenceLARS
+from fastemp.check.reference import reference_lars
 from fastemp.config import AugmentConfig, ModelConfig, OptimConfig
-from fastemp.lars import build_lars, lars_param_groups
+from fastemp.lars import build_lars
 from fastemp.model import build_model
 from fastemp.patches.torch_backend import TorchPatches
 
@@ -56,15 +56,7 @@ def lars_rows(
     o = OptimConfig()
     rows = []
     makers = {
-        "reference (per-tensor 0-d factors) + torch SGD": lambda m: ReferenceLARS(
-            lars_param_groups(m),
-            lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-            weight_decay=o.weight_decay,
-            eta=o.lars_eta,
-            clip=o.lars_clip,
-        ),
+        "reference (per-tensor 0-d factors) + torch SGD": lambda m: reference_lars(m, o),
         "eager (segment views) + torch SGD": lambda m: build_lars(m, o),
         "fused (one compiled pass)": lambda m: build_lars(m, o, fused_update=True),
     }

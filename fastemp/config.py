@@ -130,29 +130,20 @@ class TrainConfig:
 # Evaluation protocols by name (eval.protocol). "official" is the official EMP-SSL evaluation (evaluate.py +
 # func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but
 # the two costs (patches per image, probe epochs) for quick curves. Any other combination is "custom".
+_OFFICIAL_EVAL = {
+    "mode": "patches",
+    "patches": 128,
+    "probe_epochs": 100,
+    "probe_lr": 0.03,
+    "probe_momentum": 0.9,
+    "probe_weight_decay": 5e-5,
+    "probe_batch_size": 100,
+    "knn_k": 20,
+    "knn_temperature": 0.07,
+}
 EVAL_PROTOCOLS: dict[str, dict] = {
-    "official": {
-        "mode": "patches",
-        "patches": 128,
-        "probe_epochs": 100,
-        "probe_lr": 0.03,
-        "probe_momentum": 0.9,
-        "probe_weight_decay": 5e-5,
-        "probe_batch_size": 100,
-        "knn_k": 20,
-        "knn_temperature": 0.07,
-    },
-    "cheap": {
-        "mode": "patches",
-        "patches": 16,
-        "probe_epochs": 20,
-        "probe_lr": 0.03,
-        "probe_momentum": 0.9,
-        "probe_weight_decay": 5e-5,
-        "probe_batch_size": 100,
-        "knn_k": 20,
-        "knn_temperature": 0.07,
-    },
+    "official": _OFFICIAL_EVAL,
+    "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
 }
 EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_run import BENCH_CPU, BENCH_TINY
 
 from fastemp.benchmarks import common
 from fastemp.benchmarks.baseline import (
@@ -38,17 +39,6 @@ from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
 from fastemp.model import flops_per_patch
 from fastemp.train import Trainer
-
-TINY = [
-    "model.width=8",
-    "model.hidden_dim=64",
-    "model.z_dim=32",
-    "data.synthetic_train=64",
-    "data.synthetic_test=32",
-    "eval.knn=false",
-    "eval.random_init=false",
-]
-CPU = ["--config", "quickstart", "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -331,7 +321,7 @@ def test_dali_point_is_skipped_without_dali(monkeypatch):
     import fastemp.benchmarks.throughput as throughput
 
     monkeypatch.setattr(throughput, "dali_available", lambda: False)
-    cfg = load_config("quickstart", TINY)
+    cfg = load_config("quickstart", BENCH_TINY)
     point = {**sweep_points(cfg, {})[0], "backend": "dali"}
     row = run_point(cfg, point, "cpu", 1, 2, 0, {"measured_tflops": 1.0}, common.DatasetCache())
     assert row["status"] == "skipped" and "images_per_s" not in row  # never a number that was not measured
@@ -419,7 +409,7 @@ def test_clocked_step_matches_train_until(grad_chunks):
     """The split's clock marks every phase of a step and changes nothing it computes."""
     cfg = load_config(
         "quickstart",
-        TINY
+        BENCH_TINY
         + [
             "train.device=cpu",
             "train.n_patches=2",
@@ -448,8 +438,8 @@ def throughput_run(tmp_path_factory):
         [
             "bench",
             "throughput",
-            *CPU,
-            *TINY,
+            *BENCH_CPU,
+            *BENCH_TINY,
             "--n",
             "2",
             "--batch",
@@ -482,7 +472,7 @@ def test_cli_throughput(throughput_run):
     result = load_strict_json(out / "throughput.json")
     check_throughput_schema(result)
     assert (out / "throughput.md").read_text().startswith("# Throughput")
-    cfg = load_config("quickstart", TINY)
+    cfg = load_config("quickstart", BENCH_TINY)
     flops = flops_per_patch(cfg.model, image_size=32)
     assert result["flops_per_patch"] == flops  # MFU uses the model's own count
     assert [p["grad_chunks"] for p in result["points"]] == [1, 2]
@@ -548,8 +538,8 @@ def test_cli_time_to_accuracy(tmp_path):
         [
             "bench",
             "time-to-accuracy",
-            *CPU,
-            *TINY,
+            *BENCH_CPU,
+            *BENCH_TINY,
             "train.n_patches=2",
             "train.batch_size=16",
             "train.epochs=2",
@@ -578,8 +568,8 @@ def test_cli_tune_writes_a_loadable_config(tmp_path):
     rc = main(
         [
             "tune",
-            *CPU,
-            *TINY,
+            *BENCH_CPU,
+            *BENCH_TINY,
             "train.n_patches=2",
             "train.batch_size=8",
             "--warmup",

@@ -15,26 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import TINY
 
 from fastemp import checkpoint, runs
 from fastemp.checkpoint import CheckpointError
 from fastemp.cli import main
 from fastemp.config import load_config
-
-TINY = [
-    "data.synthetic_train=120",
-    "data.synthetic_test=60",
-    "model.width=4",
-    "model.hidden_dim=32",
-    "model.z_dim=16",
-    "train.n_patches=4",
-    "train.batch_size=20",
-    "train.log_every=2",
-    "eval.mode=plain",
-    "eval.probe_epochs=2",
-    "eval.probe_batch_size=20",
-    "--no-progress",
-]
 
 
 def fastemp(*args, **kw):

@@ -16,24 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import TINY
 
 from fastemp import checkpoint, runs
 from fastemp.cli import main
-
-TINY = [
-    "data.synthetic_train=120",
-    "data.synthetic_test=60",
-    "model.width=4",
-    "model.hidden_dim=32",
-    "model.z_dim=16",
-    "train.n_patches=4",
-    "train.batch_size=20",
-    "train.log_every=2",
-    "eval.mode=plain",
-    "eval.probe_epochs=2",
-    "eval.probe_batch_size=20",
-    "--no-progress",
-]
 
 # Runs each case through fastemp.cli.main with its own stderr; reports exit code, stderr and the
 # files that changed outside the folder the case may write to.

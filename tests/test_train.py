@@ -10,25 +10,14 @@ import time
 
 import pytest
 import torch
+from tiny_run import TINY_CONFIG
 
 from fastemp.cli import main
 from fastemp.config import load_config
 from fastemp.runtime import resolve
 from fastemp.train import Trainer, run_training
 
-TINY = [
-    "data.synthetic_train=120",
-    "data.synthetic_test=60",
-    "model.width=4",
-    "model.hidden_dim=32",
-    "model.z_dim=16",
-    "train.n_patches=4",
-    "train.batch_size=20",
-    "train.log_every=2",
-    "eval.mode=plain",
-    "eval.probe_epochs=3",
-    "eval.probe_batch_size=20",
-]
+TINY = [*TINY_CONFIG, "eval.probe_epochs=3"]
 
 
 def tiny_config(*extra):

@@ -2,20 +2,11 @@
 
 import json
 
+from tiny_run import BENCH_CPU, BENCH_TINY
+
 from fastemp.benchmarks.tune import more_chunks, settings_variants
 from fastemp.cli import main
 from fastemp.config import load_config
-
-TINY = [
-    "model.width=8",
-    "model.hidden_dim=64",
-    "model.z_dim=32",
-    "data.synthetic_train=64",
-    "data.synthetic_test=32",
-    "eval.knn=false",
-    "eval.random_init=false",
-]
-CPU = ["--config", "quickstart", "--device", "cpu", "--threads", "1"]
 
 
 def test_tune_sweeps_the_settings_and_writes_the_winner(tmp_path, capsys):
@@ -23,8 +14,8 @@ def test_tune_sweeps_the_settings_and_writes_the_winner(tmp_path, capsys):
     rc = main(
         [
             "tune",
-            *CPU,
-            *TINY,
+            *BENCH_CPU,
+            *BENCH_TINY,
             "train.n_patches=2",
             "--batch",
             "8",

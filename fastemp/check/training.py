@@ -262,7 +262,7 @@ def check_lars_fused(ctx: Context) -> list[CheckResult]:
     3 steps (fp32).
     CUDA only: compiling it on a CPU takes a minute (tests/test_lars.py runs it there)."""
     from ..config import ModelConfig, OptimConfig
-    from ..lars import build_lars, lars_param_groups
+    from ..lars import build_lars
 
     if not ctx.cuda:
         return [skipped("lars fused", "compiled LARS is checked on CUDA; tests/test_lars.py covers the CPU")]
@@ -274,15 +274,7 @@ def check_lars_fused(ctx: Context) -> list[CheckResult]:
         torch.manual_seed(seed)
         models.append(model_lib.build_model(ModelConfig()).to(ctx.device).to(memory_format=torch.channels_last))
     o = OptimConfig()
-    eager = reference.ReferenceLARS(
-        lars_param_groups(models[0]),
-        lr=o.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        weight_decay=o.weight_decay,
-        eta=o.lars_eta,
-        clip=o.lars_clip,
-    )
+    eager = reference.reference_lars(models[0], o)
     fused = build_lars(models[1], o, fused_update=True)
     for lr in (0.3, 0.2, 0.1):
         for opt in (eager, fused):
