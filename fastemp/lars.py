@@ -215,18 +215,21 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
     return [{"params": weights, "lars": True}, {"params": others, "lars": False}]
 
 
-def build_lars(model: nn.Module, optim: OptimConfig, fused_update: bool = False) -> LARS:
-    """LARS over the model's parameter groups with the config's hyperparameters (fused_update: see LARS)."""
-    return LARS(
-        lars_param_groups(model),
+def lars_hyperparameters(optim: OptimConfig) -> dict:
+    """The LARS constructor's keyword arguments from the config (shared with check.reference.reference_lars)."""
+    return dict(
         lr=optim.lr,
         momentum=optim.momentum,
         nesterov=optim.nesterov,
         weight_decay=optim.weight_decay,
         eta=optim.lars_eta,
         clip=optim.lars_clip,
-        fused_update=fused_update,
     )
+
+
+def build_lars(model: nn.Module, optim: OptimConfig, fused_update: bool = False) -> LARS:
+    """LARS over the model's parameter groups with the config's hyperparameters (fused_update: see LARS)."""
+    return LARS(lars_param_groups(model), **lars_hyperparameters(optim), fused_update=fused_update)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:

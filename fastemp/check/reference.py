@@ -79,14 +79,6 @@ class ReferenceLARS(torch.optim.SGD):
 
 def reference_lars(model: torch.nn.Module, optim) -> ReferenceLARS:
     """ReferenceLARS over the model's LARS parameter groups with an OptimConfig's hyperparameters (as build_lars)."""
-    from ..lars import lars_param_groups
+    from ..lars import lars_hyperparameters, lars_param_groups
 
-    return ReferenceLARS(
-        lars_param_groups(model),
-        lr=optim.lr,
-        momentum=optim.momentum,
-        nesterov=optim.nesterov,
-        weight_decay=optim.weight_decay,
-        eta=optim.lars_eta,
-        clip=optim.lars_clip,
-    )
+    return ReferenceLARS(lars_param_groups(model), **lars_hyperparameters(optim))
