@@ -61,12 +61,15 @@ def extract_features(
     count = len(images)
     patches = make_patch_backend(backend, images, aug, seed=seed, workers=workers) if cfg.mode == "patches" else None
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    out = []
+    out, ahead = [], None  # ahead: (start, index) of the batch last prefetched; its call must pass that very index
     world, rank = distributed.world_size(), distributed.rank()
     for number, start in enumerate(bar(range(0, count, cfg.batch_size), desc=desc, unit="batch")):
         if number % world != rank:
             continue
-        index = torch.arange(start, min(start + cfg.batch_size, count), device=device)
+        if ahead is not None and ahead[0] == start:
+            index = ahead[1]
+        else:
+            index = torch.arange(start, min(start + cfg.batch_size, count), device=device)
         if patches is None and not isinstance(images, torch.Tensor):
             from .patches.pillow_images import whole_images
 
@@ -75,11 +78,10 @@ def extract_features(
             x = normalize_images(images[index], aug.mean, aug.std)
         else:
             x = patches(index, cfg.patches, seed=seed + start)
-            following = start + world * cfg.batch_size  # this rank's next batch: decoded while this one runs
-            if hasattr(patches, "prefetch") and following < count:
-                patches.prefetch(
-                    torch.arange(following, min(following + cfg.batch_size, count)), cfg.patches, seed=seed + following
-                )
+            following = start + world * cfg.batch_size  # this rank's next batch: made while this one runs
+            if following < count:
+                ahead = (following, torch.arange(following, min(following + cfg.batch_size, count), device=device))
+                patches.prefetch(ahead[1], cfg.patches, seed=seed + following)
         if not channels_last:
             x = x.contiguous()
         with amp:

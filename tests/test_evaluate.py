@@ -76,6 +76,20 @@ def test_features_average_patches_in_eval_mode():
     assert not torch.allclose(feats, plain)
 
 
+def test_feature_extraction_makes_each_batch_of_patches_once(monkeypatch):
+    """The next batch is prefetched while one is encoded; its call must take those patches, not make them again."""
+    from fastemp.patches.torch_backend import TorchPatches
+
+    made, make = [], TorchPatches.make
+    monkeypatch.setattr(
+        TorchPatches, "make", lambda self, index, *a, **k: made.append(index.tolist()) or make(self, index, *a, **k)
+    )
+    model = EMPEncoder(width=4, hidden_dim=24, z_dim=8)
+    images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
+    extract_features(model, images, EvalConfig(mode="patches", patches=2, batch_size=4), AugmentConfig())
+    assert made == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 # -- the official protocol ------------------------------------------------------------------------------------
 
 
