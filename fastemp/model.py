@@ -168,6 +168,10 @@ class ResNet18Cifar(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if stem == "cifar":
+            # The official model swaps torchvision's conv1 for this 3x3 one after torchvision's initialisation,
+            # so its stem keeps PyTorch's default Conv2d initialisation (uniform, bound 1/sqrt(fan_in)).
+            self.conv1.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

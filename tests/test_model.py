@@ -1,5 +1,6 @@
 """Architecture and FLOP count of the encoder."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -20,6 +21,44 @@ def test_reference_architecture():
     assert model.pre_feature[0].in_features == 512 and model.projection[-1].out_features == 1024
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     assert n_backbone == 11_168_832  # torchvision resnet18 (11,689,512) - fc (513,000) - 7x7 stem + 3x3 stem
+
+
+def moments(t: torch.Tensor) -> tuple[float, float]:
+    """Standard deviation and kurtosis (uniform 1.8, normal 3.0) of a tensor's values."""
+    t = t.detach().double().flatten()
+    centred = t - t.mean()
+    return t.std().item(), ((centred**4).mean() / (centred**2).mean() ** 2).item()
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_initialisation_is_the_official_models(stem):
+    """The official encoder (model/model.py): torchvision's resnet18 initialises every conv kaiming-normal
+    (fan_out, relu), then resnet18-cifar creates its 3x3 conv1, which keeps PyTorch's default (uniform within
+    1/sqrt(fan_in)); BatchNorm ones and zeros; the projector's Linear layers PyTorch's default."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(stem=stem))
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in, fan_out = m.weight[0].numel(), m.out_channels * m.weight[0, 0].numel()
+            if name == "backbone.conv1" and stem == "cifar":
+                assert m.weight.abs().max() <= fan_in**-0.5
+                expected = (fan_in**-0.5 / 3**0.5, 1.8)
+            else:
+                expected = ((2 / fan_out) ** 0.5, 3.0)
+        elif isinstance(m, nn.Linear):
+            assert m.bias.abs().max() <= m.in_features**-0.5
+            expected = (m.in_features**-0.5 / 3**0.5, 1.8)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+            continue
+        else:
+            continue
+        std, kurtosis = moments(m.weight)
+        assert std == pytest.approx(expected[0], rel=0.05), name
+        assert kurtosis == pytest.approx(expected[1], abs=0.3), name
+        checked += 1
+    assert checked == 20 + 3  # 17 3x3 convs (stem included) + 3 downsampling convs; 3 Linear layers
 
 
 def test_shapes():

@@ -207,6 +207,26 @@ def test_official_model_from_its_checkout_maps_exactly():
             torch.testing.assert_close(F.normalize(model(x), dim=1), z, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("arch, stem", [("resnet18-cifar", "cifar"), ("resnet18-imagenet", "imagenet")])
+def test_initialisation_follows_the_official_model(arch, stem):
+    """Same law for every tensor as the official encoder's own initialisation: spread and shape (kurtosis:
+    uniform 1.8, normal 3.0) of each weight, exact BatchNorm constants. Seeds differ, so values cannot match."""
+    from tests.test_model import moments
+
+    torch.manual_seed(0)
+    official = {k.removeprefix("module."): v for k, v in official_encoder_class()(arch=arch).state_dict().items()}
+    torch.manual_seed(1)
+    ours = EMPEncoder(stem=stem).state_dict()
+    assert official.keys() == ours.keys()
+    for name, theirs in official.items():
+        if theirs.unique().numel() == 1:  # BatchNorm's constants and counter
+            assert torch.equal(ours[name], theirs), name
+            continue
+        (std, kurtosis), (their_std, their_kurtosis) = moments(ours[name]), moments(theirs)
+        assert std == pytest.approx(their_std, rel=0.05), name
+        assert kurtosis == pytest.approx(their_kurtosis, abs=0.3), name
+
+
 # ------------------------------------------------------------------------------ data for the official loader
 
 
