@@ -43,7 +43,7 @@ from ..progress import bar
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
 DECODE_BATCH = 512  # encoded files per DALI pipeline run
-_CACHE_VERSION = 2  # 2: a cached split passed the class checks
+_CACHE_VERSION = 3  # 2: a cached split passed the class checks; 3: DALI decodes ignore EXIF rotation
 # Pillow's default decompression-bomb limit (about 9459 x 9459): a 3 MB PNG can declare 30000 x 30000
 # pixels (2.7 GB as RGB); such a file is refused from its header, before any decoder allocates.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -161,7 +161,10 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
     )
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        return fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
+        # stored pixels, as Pillow (and the official torchvision ImageFolder) reads them: no EXIF rotation
+        return fn.decoders.image(
+            encoded, device="mixed" if mixed else "cpu", output_type=types.RGB, adjust_orientation=False
+        )
 
     try:
         p = pipe()

@@ -374,6 +374,23 @@ def test_imagefolder_jpeg(tmp_path):
     assert err.mean() < 3 and err.max() < 40
 
 
+def test_imagefolder_decoders_ignore_exif_rotation_like_pil(tmp_path):
+    """A JPEG tagged "rotate 90 to display": DALI and Pillow both give the stored 24x40 pixels, as the official
+    torchvision ImageFolder (PIL) reads them."""
+    pytest.importorskip("nvidia.dali")
+    Image = pytest.importorskip("PIL.Image")
+    y, x = np.mgrid[0:24, 0:40]
+    pixels = np.stack([x * 6, y * 10, (x + y) * 4], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95, exif=exif)
+    blob = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    (dali,), (pil,) = imagefolder._decode_dali([blob], ["r.jpg"], False, 0), imagefolder._decode_pil([blob], ["r.jpg"])
+    assert dali.shape == pil.shape == (24, 40, 3)
+    assert np.abs(dali.astype(int) - pil.astype(int)).mean() < 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_imagefolder_cuda_mixed_decoder(tmp_path):
     """On CUDA, DALI decodes with device="mixed" (nvJPEG); the split lands on the GPU."""
