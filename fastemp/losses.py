@@ -23,6 +23,11 @@ from .config import LossConfig
 from .distributed import gather_batch
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The loss's working precision: fp32 for bf16/fp16/fp32 inputs, float64 kept (the float64 references)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class LossTerms(NamedTuple):
     total: torch.Tensor
     invariance: torch.Tensor  # loss_sim, in [-1, 1]
@@ -43,7 +48,7 @@ class _CholeskyCodingRate(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, eps: float):
         n, b, d = z.shape
         c = d / (b * eps)
-        zf = z.float()
+        zf = at_least_fp32(z)
         b_side = b < d
         left, right = (zf, zf.transpose(1, 2)) if b_side else (zf.transpose(1, 2), zf)
         eye = torch.eye(min(b, d), dtype=zf.dtype, device=zf.device)
@@ -59,7 +64,7 @@ class _CholeskyCodingRate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rate: torch.Tensor):
         zf, chol = ctx.saved_tensors
-        scale = (ctx.c * grad_rate.float())[:, None, None]
+        scale = (ctx.c * grad_rate.to(zf.dtype))[:, None, None]
         if ctx.b_side:
             grad = torch.cholesky_solve(zf, chol)
         else:
@@ -68,7 +73,7 @@ class _CholeskyCodingRate(torch.autograd.Function):
 
 
 def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
-    """Per-group coding rates R(Z_i), shape (n,), computed in fp32 with autocast off."""
+    """Per-group coding rates R(Z_i), shape (n,), computed in fp32 (float64 for float64 z) with autocast off."""
     if z.dim() != 3:
         raise ValueError(f"z must be (n_patches, batch, dim), got shape {tuple(z.shape)}")
     with torch.autocast(z.device.type, enabled=False):
@@ -85,7 +90,7 @@ def emp_ssl_terms(
     z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0, tcr_weight: float = 1.0
 ) -> LossTerms:
     """All three loss values for unit-row z of shape (n, B, d)."""
-    z = z.float()
+    z = at_least_fp32(z)
     sim = invariance_loss(z)
     tcr = -total_coding_rate(z, eps).mean()
     return LossTerms(invariance_weight * sim + tcr_weight * tcr, sim, tcr)
@@ -109,7 +114,7 @@ def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False)
     result and a scatter of its gradient. The closed-form backward composes with the gather like
     any autograd op.
     """
-    z = F.normalize(p.float(), dim=-1)
+    z = F.normalize(at_least_fp32(p), dim=-1)
     if fused:
         from fastemp.kernels.cosine_to_mean import cosine_to_mean
 

@@ -117,6 +117,23 @@ def test_projection_loss_normalises_raw_outputs():
     assert rel(got_grad, ref_grad) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "dtype, working", [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+)
+def test_loss_works_in_at_least_fp32_and_keeps_float64(dtype, working):
+    """bf16 and fp32 outputs are scored in fp32; a float64 model (the references) gets a float64 loss and
+    gradient, so a comparison against the official code is not capped at fp32's 1e-7."""
+    p = (torch.randn(4, 12, 40, dtype=torch.float64) * 3).requires_grad_()
+    ref = reference_emp_ssl_loss(F.normalize(p, dim=-1), 0.2, 200.0)
+    (ref_grad,) = torch.autograd.grad(ref, p)
+    q = p.detach().to(dtype).requires_grad_()
+    got = projection_loss_terms(q, LossConfig(), fused=False).total
+    (got_grad,) = torch.autograd.grad(got, q)
+    assert got.dtype == working and got_grad.dtype == dtype
+    if dtype == torch.float64:
+        assert abs(got.item() - ref.item()) < 1e-12 * abs(ref.item()) and rel(got_grad, ref_grad) < 1e-12
+
+
 def test_projection_loss_fused_matches_unfused():
     # the Triton kernel runs in interpreter mode here (conftest sets TRITON_INTERPRET=1)
     p = torch.randn(3, 4, 24).requires_grad_()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from official_checkout import moments
 from torch import nn
 
 from fastemp.config import ModelConfig
@@ -21,13 +22,6 @@ def test_reference_architecture():
     assert model.pre_feature[0].in_features == 512 and model.projection[-1].out_features == 1024
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     assert n_backbone == 11_168_832  # torchvision resnet18 (11,689,512) - fc (513,000) - 7x7 stem + 3x3 stem
-
-
-def moments(t: torch.Tensor) -> tuple[float, float]:
-    """Standard deviation and kurtosis (uniform 1.8, normal 3.0) of a tensor's values."""
-    t = t.detach().double().flatten()
-    centred = t - t.mean()
-    return t.std().item(), ((centred**4).mean() / (centred**2).mean() ** 2).item()
 
 
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])

@@ -3,7 +3,6 @@ torchvision are here, the official model itself), the data the official loader r
 one-line errors, and the whole harness end to end around a stand-in for the official checkout."""
 
 import hashlib
-import importlib
 import io
 import json
 import pickle
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from official_checkout import moments, official_encoder_class
 
 from fastemp.benchmarks import official_launcher
 from fastemp.benchmarks.official_peer import (
@@ -38,7 +38,6 @@ from fastemp.data import load_split
 from fastemp.model import EMPEncoder
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL = REPO / ".official"  # git-ignored checkout of tsb0601/EMP-SSL, when a developer fetched it
 
 
 # ------------------------------------------------------------------------------ the mapping
@@ -172,23 +171,6 @@ def test_mapping_is_strict(change, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def official_encoder_class():
-    """model.model.encoder from the fetched checkout, or a skip (no checkout, as in CI, or no torchvision)."""
-    if not (OFFICIAL / "model" / "model.py").is_file():
-        pytest.skip(f"no official checkout at {OFFICIAL}")
-    try:
-        import torchvision  # noqa: F401
-    except Exception as err:  # missing, or a build that does not match this torch
-        pytest.skip(f"torchvision does not import ({type(err).__name__})")
-    sys.path.insert(0, str(OFFICIAL))
-    try:
-        return importlib.import_module("model.model").encoder
-    finally:
-        sys.path.remove(str(OFFICIAL))
-        for name in [m for m in sys.modules if m == "model" or m.startswith("model.")]:
-            del sys.modules[name]
-
-
 def test_official_model_from_its_checkout_maps_exactly():
     net = torch.nn.DataParallel(official_encoder_class()(arch="resnet18-cifar")).double()
     with torch.no_grad():  # random BatchNorm statistics, so eval mode checks they are mapped too
@@ -211,8 +193,6 @@ def test_official_model_from_its_checkout_maps_exactly():
 def test_initialisation_follows_the_official_model(arch, stem):
     """Same law for every tensor as the official encoder's own initialisation: spread and shape (kurtosis:
     uniform 1.8, normal 3.0) of each weight, exact BatchNorm constants. Seeds differ, so values cannot match."""
-    from tests.test_model import moments
-
     torch.manual_seed(0)
     official = {k.removeprefix("module."): v for k, v in official_encoder_class()(arch=arch).state_dict().items()}
     torch.manual_seed(1)
