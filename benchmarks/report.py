@@ -4,7 +4,8 @@
     fastemp bench report ...                                   (the same)
 
 Reads benchmarks/results/<device>/throughput*.json and time_to_accuracy*.json and writes the
-tables between the README markers
+tables between the README markers (results named *_check.json are pipeline checks of a harness at toy
+sizes, not measurements, and stay out of the tables)
 
     <!-- perf-table:start -->
     <!-- perf-table:end -->
@@ -30,6 +31,8 @@ def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
     """(path, result) for every *.json result under results_dir/<device>/, sorted by path."""
     out = []
     for path in sorted(Path(results_dir).glob("*/*.json")):
+        if path.stem.endswith("_check"):
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

@@ -618,6 +618,14 @@ def test_report_regenerates_the_readme_table(throughput_run, tmp_path, capsys):
     assert "| device |" in capsys.readouterr().out  # printed instead
 
 
+def test_the_readme_table_is_the_committed_results():
+    """The README's table is regenerated from benchmarks/results whenever a result lands (pipeline checks,
+    *_check.json, stay out of it)."""
+    repo = Path(__file__).resolve().parents[1]
+    assert update_readme(repo / "benchmarks" / "results", repo / "README.md", check=True) == 0
+    assert "_check.json" not in render_tables(repo / "benchmarks" / "results")
+
+
 def test_strict_json_has_no_nan(tmp_path):
     json_path, _ = common.write_results(tmp_path, "x", {"a": float("nan"), "b": [math.inf, 1.0]}, "# x")
     assert load_strict_json(json_path) == {"a": None, "b": [None, 1.0]}
