@@ -2,14 +2,17 @@
 loss.py from the git-ignored checkout .official/, when it and torchvision are here (skipped in CI).
 
 Both start from the same weights and train on the same patches for several steps, in float64; then every
-weight, BatchNorm statistic and the learning rate of every step agree. (In float32 at this tiny batch the two
-part by ~1e-3 after one step, as much as fastemp does from itself with channels_last switched off: rounding
-that 8-sample BatchNorm amplifies, so float64 is the comparison that can see a wrong rule.) The official loop runs as written: main.py's
-`main`, `chunk_avg`, `Similarity_Loss` and `cal_TCR` are executed from its source with only `.cuda()`
-removed (no GPU here), over the objects its module-level code builds, built here with the same arguments."""
+weight, BatchNorm statistic and the learning rate of every step agree. The official loop runs as written:
+main.py's `main`, `chunk_avg`, `Similarity_Loss` and `cal_TCR` are executed from its source with only `.cuda()`
+removed (no GPU here), over the objects its module-level code builds, built here with the same arguments.
+
+Why float64: in float32 the two part by ~1e-3 after one step at this tiny batch, as much as fastemp parts from
+itself with channels_last switched off (rounding that the 8-patch BatchNorm amplifies); float64 is the
+comparison that can see a wrong rule."""
 
 import argparse
 import ast
+import os
 
 import pytest
 import torch
@@ -118,7 +121,7 @@ def run_official(initial: dict, batches: list[torch.Tensor], tmp_path) -> tuple[
             "torch": torch,
             "nn": nn,
             "F": torch.nn.functional,
-            "os": __import__("os"),
+            "os": os,
             "tqdm": lambda it: it,
             "args": argparse.Namespace(epoch=EPOCHS, patch_sim=200, tcr=1),
             "num_patches": N,
