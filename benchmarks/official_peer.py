@@ -25,7 +25,6 @@ cut short keeps what it measured; "partial": true until the end).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -494,29 +493,15 @@ def load_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------ evaluation
 
 
-@contextlib.contextmanager
-def serving(train, test):
-    """Trainer loads these ImageSets instead of reading the data again (the split name picks one)."""
-    import fastemp.train as train_module
-
-    original = train_module.load_split
-    train_module.load_split = lambda cfg, split, device="cpu": {"train": train, "test": test}[split]
-    try:
-        yield
-    finally:
-        train_module.load_split = original
-
-
 def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = True) -> dict:
     """fastemp's evaluation (Trainer.evaluate, cfg.eval) of the official encoder saved at `checkpoint`."""
     from fastemp.train import Trainer
 
     state = load_official_checkpoint(checkpoint)
-    with serving(train, test):
-        trainer = Trainer(cfg, run_dir=None, progress=progress)
-        trainer.model.load_state_dict(map_official_state_dict(state, trainer.model.state_dict()))
-        start = time.perf_counter()
-        metrics = trainer.evaluate()
+    trainer = Trainer(cfg, run_dir=None, progress=progress, train_set=train, test_set=test)
+    trainer.model.load_state_dict(map_official_state_dict(state, trainer.model.state_dict()))
+    start = time.perf_counter()
+    metrics = trainer.evaluate()
     return {
         **metrics,
         "eval_seconds": time.perf_counter() - start,

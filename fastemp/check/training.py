@@ -195,7 +195,7 @@ def _stats(m: nn.Module) -> torch.Tensor:
 
 
 def _emp_loss(p: torch.Tensor):
-    return losses.projection_loss_terms(p.float(), LossConfig(), fused=False)
+    return losses.projection_loss_terms(p, LossConfig(), fused=False)
 
 
 def _small_case(ctx: Context):

@@ -56,9 +56,8 @@ from .dali_backend import (
     _hue_hsv,
     pipeline_inputs,
 )
-from .draw import PatchParams, params_from_uniforms
+from .draw import PatchParams, sharded_params
 from .pillow_images import _request_key as _key
-from .pillow_images import draw_uniforms
 
 PREFETCH_DEPTH = 2  # requests scheduled ahead of the one being trained on
 READ_THREADS = 8  # host threads reading files (I/O, not decoding)
@@ -162,9 +161,9 @@ def streamed_params(
 ) -> PatchParams:
     """Every patch's parameters for images index[shard] of sizes (heights, widths): the shared draw,
     patch-major (row i*b + j is patch i of image j), crops drawn for each image's own size."""
-    u = draw_uniforms(index, n, seed, shard).transpose(0, 1).reshape(-1, 18)
-    return params_from_uniforms(
-        u, index[shard].repeat(n), torch.tensor(heights).repeat(n), torch.tensor(widths).repeat(n), aug
+    generator = torch.Generator().manual_seed(seed)
+    return sharded_params(
+        index, n, shard, torch.tensor(heights).repeat(n), torch.tensor(widths).repeat(n), aug, generator
     )
 
 
@@ -173,11 +172,10 @@ class DaliImagePatches:
 
     name = "dali"
 
-    def __init__(self, data, aug: AugmentConfig, seed: int = 0, device: torch.device | None = None):
+    def __init__(self, data, aug: AugmentConfig, seed: int = 0):
         import nvidia.dali  # noqa: F401  (fail here, not on the first call, when DALI is missing)
 
-        self.data, self.aug, self.seed = data, aug, seed
-        self.device = torch.device(device) if device is not None else data.device
+        self.data, self.aug, self.seed, self.device = data, aug, seed, data.device
         self._pipes: dict[tuple[int, int], object] = {}
         self._pending: dict[tuple[int, int], collections.deque] = {}  # per pipeline: requests scheduled, in order
         self._reader = concurrent.futures.ThreadPoolExecutor(READ_THREADS)

@@ -34,7 +34,7 @@ import torch
 
 from ..config import AugmentConfig
 from .draw import BRIGHTNESS, CONTRAST, SATURATION, jitter_enabled, params_from_uniforms, sharded_uniforms
-from .torch_backend import normalize
+from .torch_backend import normalize_images
 
 RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR, BICUBIC
 PREFETCH_DEPTH = 2  # requests decoded ahead at most (a request nobody collects is dropped with the oldest)
@@ -144,8 +144,7 @@ def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch
 def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, device: torch.device) -> torch.Tensor:
     """(b, n, S, S, 3) uint8 patches -> (n*b, 3, S, S) float32 normalized, patch-major, channels_last."""
     x = torch.as_tensor(per_image).to(device, non_blocking=True).transpose(0, 1)
-    x = x.reshape(-1, *x.shape[2:]).permute(0, 3, 1, 2).float().div(255)
-    return normalize(x, aug.mean, aug.std).contiguous(memory_format=torch.channels_last)
+    return normalize_images(x.reshape(-1, *x.shape[2:]), aug.mean, aug.std)
 
 
 def _request_key(index: torch.Tensor, n: int, seed: int, shard: slice) -> tuple:
@@ -157,9 +156,8 @@ class PillowPatches:
 
     name = "pillow"
 
-    def __init__(self, data, aug: AugmentConfig, workers: int = 8, device: torch.device | None = None):
-        self.data, self.aug, self.workers = data, aug, workers
-        self.device = torch.device(device) if device is not None else data.device
+    def __init__(self, data, aug: AugmentConfig, workers: int = 8):
+        self.data, self.aug, self.workers, self.device = data, aug, workers, data.device
         self._pool = None
         self._pending: dict[tuple, list] = {}  # request -> futures of its images, in order
 
