@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, flat_dict, to_dict
 from .errors import UserError, one_line
 
 FORMAT = 2  # 2: weights_only plain data, with `sha256` and `layout`
@@ -292,16 +292,6 @@ def check_optimizer(params: list[torch.Tensor], state: dict, path: Path) -> None
 # -------------------------------------------------------------------------------- config comparison
 
 
-def _flat(cfg_dict: dict) -> dict:
-    out = {}
-    for key, value in cfg_dict.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
 def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
@@ -311,7 +301,7 @@ def _same(a, b) -> bool:
 
 
 def _differences(cfg: Config, state: dict, keys=None) -> list[str]:
-    now, then = _flat(to_dict(cfg)), _flat(state["config"])
+    now, then = flat_dict(to_dict(cfg)), flat_dict(state["config"])
     keys = keys or [k for k in now if k in then]
     return [k for k in keys if k in then and not _same(now[k], then[k])]
 
@@ -322,10 +312,10 @@ def _safe(key: str) -> bool:
 
 def check_resume(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to resume when config.yaml changed a key that is not safe to change mid-run."""
-    then = _flat(state["config"])
+    then = flat_dict(state["config"])
     changed = [k for k in _differences(cfg, state) if not _safe(k)]
     if changed:
-        now = _flat(to_dict(cfg))
+        now = flat_dict(to_dict(cfg))
         what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
         raise ConfigError(
             f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
@@ -338,7 +328,7 @@ def check_architecture(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to load weights into a model of another shape."""
     changed = _differences(cfg, state, ARCHITECTURE_KEYS)
     if changed:
-        then, now = _flat(state["config"]), _flat(to_dict(cfg))
+        then, now = flat_dict(state["config"]), flat_dict(to_dict(cfg))
         what = ", ".join(f"{k}={then[k]!r} (config says {now[k]!r})" for k in changed)
         raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")
 

@@ -444,6 +444,17 @@ def to_dict(cfg: Config) -> dict:
     }
 
 
+def flat_dict(cfg_dict: dict) -> dict:
+    """A `to_dict` result as one level of `section.key` entries (top-level values stay as they are)."""
+    out = {}
+    for key, value in cfg_dict.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def builtin_config_path(name: str) -> Path:
     """Path of a config shipped with the package (configs/NAME.yaml)."""
     path = Path(str(resources.files("fastemp.configs").joinpath(f"{name}.yaml")))

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError, shown, to_dict
+from .config import ConfigError, flat_dict, shown, to_dict
 from .errors import UserError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -274,9 +274,7 @@ def check_same_config(cfg) -> None:
     """Every rank runs the same config (compared by hash; the differing keys are named)."""
     if world_size() == 1:
         return
-    flat = {}
-    for section, values in to_dict(cfg).items():
-        flat.update({f"{section}.{k}": v for k, v in values.items()} if isinstance(values, dict) else {section: values})
+    flat = flat_dict(to_dict(cfg))
     digests = gather_objects(hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest())
     if len(set(digests)) == 1:
         return

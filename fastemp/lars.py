@@ -35,6 +35,13 @@ def segment_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Te
     return views
 
 
+def segment_factors_on(device: torch.device) -> bool:
+    """Whether per-tensor factors go to foreach as segment views of one expanded tensor (CUDA: multi-tensor
+    kernels, where 0-d factors would cost one kernel per tensor) rather than as 0-d tensors (elsewhere:
+    foreach loops over the tensors anyway, and expanding the factors only adds memory traffic)."""
+    return device.type == "cuda"
+
+
 def fused_lars_sgd(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -139,11 +146,15 @@ class LARS(torch.optim.SGD):
             grads = [p.grad for p in params]
             scale, decay, ok = self._factors(group, params)
             finite.append(ok)
-            # g <- g * scale + p * (scale * wd), with each factor repeated over its tensor's elements
-            sizes, total = self._numels(params)
-            scale_full, decay_full = torch.stack([scale, decay]).repeat_interleave(sizes, dim=1, output_size=total)
-            torch._foreach_mul_(grads, segment_views(scale_full, grads))
-            torch._foreach_add_(grads, torch._foreach_mul(params, segment_views(decay_full, params)))
+            # g <- g * scale + p * (scale * wd)
+            if segment_factors_on(grads[0].device):  # each factor repeated over its tensor's elements
+                sizes, total = self._numels(params)
+                scale_full, decay_full = torch.stack([scale, decay]).repeat_interleave(sizes, 1, output_size=total)
+                scales, decays = segment_views(scale_full, grads), segment_views(decay_full, params)
+            else:
+                scales, decays = list(scale.unbind()), list(decay.unbind())
+            torch._foreach_mul_(grads, scales)
+            torch._foreach_add_(grads, torch._foreach_mul(params, decays))
         return torch.stack(finite).all() if finite else None
 
     @torch.no_grad()

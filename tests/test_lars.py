@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastemp.lars as lars_module
 from fastemp.check.reference import ReferenceLARS
 from fastemp.lars import LARS, cosine_lr, lars_param_groups, segment_views
 
@@ -106,7 +107,9 @@ def lars_net(dtype, channels_last):
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 4 * 2**-23)])
 @pytest.mark.parametrize("clip, wd, channels_last", [(True, 1e-4, True), (False, 5e-2, False)])
-def test_fast_path_matches_the_per_tensor_rule_over_steps(dtype, rtol, clip, wd, channels_last):
+@pytest.mark.parametrize("segments", [True, False], ids=["segment-views", "0-d-factors"])
+def test_fast_path_matches_the_per_tensor_rule_over_steps(dtype, rtol, clip, wd, channels_last, segments, monkeypatch):
+    monkeypatch.setattr(lars_module, "segment_factors_on", lambda device: segments)  # CUDA's form on the CPU too
     ref_net, net = lars_net(dtype, channels_last), lars_net(dtype, channels_last)
     kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=wd, eta=0.005, clip=clip)
     ref_opt, opt = ReferenceLARS(lars_param_groups(ref_net), **kw), LARS(lars_param_groups(net), **kw)
