@@ -49,17 +49,25 @@ def extract_features(
     desc: str = "features",
     compile_mode: str = "none",
     workers: int = 0,
+    compile_recipe: bool = False,
 ) -> torch.Tensor:
     """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files, read through a
-    streamed backend with `workers` processes), model in eval mode for the duration."""
+    streamed backend with `workers` processes), model in eval mode for the duration. compile_recipe: the
+    torch backend's recipe through torch.compile, as in training (Runtime.patch_compile)."""
     was_training = model.training
     model.eval()
     encode = (
         model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
     )
     device = images.device
+    # resident images are gathered on their device; streamed files are read by index on the host
+    index_device = device if isinstance(images, torch.Tensor) else torch.device("cpu")
     count = len(images)
-    patches = make_patch_backend(backend, images, aug, seed=seed, workers=workers) if cfg.mode == "patches" else None
+    patches = (
+        make_patch_backend(backend, images, aug, seed=seed, workers=workers, compile_recipe=compile_recipe)
+        if cfg.mode == "patches"
+        else None
+    )
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out, ahead = [], None  # ahead: (start, index) of the batch last prefetched; its call must pass that very index
     world, rank = distributed.world_size(), distributed.rank()
@@ -69,7 +77,7 @@ def extract_features(
         if ahead is not None and ahead[0] == start:
             index = ahead[1]
         else:
-            index = torch.arange(start, min(start + cfg.batch_size, count), device=device)
+            index = torch.arange(start, min(start + cfg.batch_size, count), device=index_device)
         if patches is None and not isinstance(images, torch.Tensor):
             from .patches.pillow_images import whole_images
 
@@ -80,7 +88,10 @@ def extract_features(
             x = patches(index, cfg.patches, seed=seed + start)
             following = start + world * cfg.batch_size  # this rank's next batch: made while this one runs
             if following < count:
-                ahead = (following, torch.arange(following, min(following + cfg.batch_size, count), device=device))
+                ahead = (
+                    following,
+                    torch.arange(following, min(following + cfg.batch_size, count), device=index_device),
+                )
                 patches.prefetch(ahead[1], cfg.patches, seed=seed + following)
         if not channels_last:
             x = x.contiguous()
@@ -198,6 +209,7 @@ def evaluate_encoder(
             desc=f"{prefix}features ({name})",
             compile_mode=runtime.compile_mode,
             workers=cfg.data.workers,
+            compile_recipe=runtime.patch_compile,
         )
         for i, (name, s) in enumerate((("train", train), ("test", test)))
     ]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed, runs
 from .config import Config, EvalConfig
 from .data import ImageSet, load_split
+from .data.streamed import StreamedSet
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step, resolve_chunks
@@ -104,7 +105,10 @@ class Trainer:
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 1, epoch))
-            self._perm = (epoch, torch.randperm(len(self.train_set), generator=gen).to(self.device))
+            perm = torch.randperm(len(self.train_set), generator=gen)
+            # resident images are gathered on their device; streamed backends read files by index on the host,
+            # where a device index would cost a sync per use
+            self._perm = (epoch, perm if isinstance(self.train_set, StreamedSet) else perm.to(self.device))
         b = self.cfg.train.batch_size
         return self._perm[1][k * b : (k + 1) * b]
 
