@@ -69,7 +69,7 @@ def test_a_step_that_cannot_run_marks_every_arm(tmp_path):
         workers=0,
         warmup=0,
         steps=1,
-        classes=1,
+        classes=2,  # a probe needs two classes
         per_class=1,
         patch=8,
         overrides=["model.width=8", "train.batch_size=64"],

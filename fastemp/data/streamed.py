@@ -21,7 +21,7 @@ import torch
 from ..config import DataConfig
 from ..errors import DataError
 from ..errors import one_line as _one_line
-from .imagefolder import _classes_of, _is_archive, _list_directory
+from .imagefolder import _check_classes, _classes_of, _is_archive, _list_directory
 
 
 @dataclass
@@ -65,6 +65,7 @@ def load_streamed(cfg: DataConfig, split: str, device: torch.device) -> Streamed
     items = listing[split]
     if not items:
         raise DataError(f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)")
+    _check_classes(listing, str(base))  # as for resident folders: two classes, every test class trained on
     classes = _classes_of(listing)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[c] for c, _, _, _ in items], dtype=torch.int64, device=device)

@@ -513,6 +513,9 @@ def test_one_class_or_a_test_class_without_training_images_is_an_error(tmp_path)
     for where in (write_dir(tmp_path / "one", one), write_tar(tmp_path / "one.tar", one)):
         with pytest.raises(DataError, match=r"train/ has 1 class \(cat\); a linear probe needs at least 2 classes"):
             load_split(folder_cfg(where, tmp_path), "train")
+    streamed = dataclasses.replace(folder_cfg(tmp_path / "one", tmp_path), streamed=True)  # file by file too
+    with pytest.raises(DataError, match=r"train/ has 1 class \(cat\); a linear probe needs at least 2 classes"):
+        load_split(streamed, "train")
     extra = {
         **tree_files(),
         "test/dog/000.png": png_bytes(tagged_image(0, 0, "test")),
@@ -522,6 +525,8 @@ def test_one_class_or_a_test_class_without_training_images_is_an_error(tmp_path)
         for split in ("train", "test"):
             with pytest.raises(DataError, match="test/ has classes with no training images: dog, eel; add train"):
                 load_split(folder_cfg(where, tmp_path), split)
+    with pytest.raises(DataError, match="test/ has classes with no training images: dog, eel; add train"):
+        load_split(dataclasses.replace(folder_cfg(tmp_path / "extra", tmp_path), streamed=True), "train")
 
 
 def test_unknown_source_and_split():

@@ -184,6 +184,8 @@ def test_exif_orientation_is_ignored_like_pil(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     Image.fromarray(pixels).save(folder / "r.jpg", quality=95, exif=exif)
+    (tmp_path / "train" / "b").mkdir()  # a second class: a probe needs two
+    Image.fromarray(pixels).save(tmp_path / "train" / "b" / "s.jpg", quality=95)
     data = load_split(DataConfig(source="imagefolder", path=str(tmp_path), streamed=True), "train", "cpu")
     aug = aug_off(crop_size=16, crop_scale=(0.5, 0.5), crop_ratio=(0.5, 2.0))
     a = PillowPatches(data, aug, workers=0)(torch.tensor([0]), 4, seed=0)
