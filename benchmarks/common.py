@@ -223,6 +223,16 @@ def _rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def large_n_option(chunks: int, bn_groups: int, n: int, checkpoint_activations: bool) -> str:
+    """How a step ran its patch groups, for tables: the gradient cache's chunks, ghost BatchNorm, or neither."""
+    ghost = f"BatchNorm per {n // bn_groups} patch groups" if bn_groups > 1 else ""
+    if chunks > 1:
+        return f"grad cache x{chunks}" + (f", {ghost}" if ghost else "")
+    if checkpoint_activations:
+        return "act. checkpoint"
+    return f"one pass, {ghost}" if ghost else "-"
+
+
 def free_device_memory(device: torch.device) -> None:
     """Drop cached blocks and compiled graphs between sweep points (fresh start per point)."""
     gc.collect()

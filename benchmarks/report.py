@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from .common import device_label, fmt, markdown_table
+from .common import device_label, fmt, large_n_option, markdown_table
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
@@ -66,9 +66,13 @@ def _short_data(description: str) -> str:
 
 
 def _large_n(r: dict, point: dict) -> str:
-    if point["grad_chunks"] > 1:
-        return f"grad cache x{point['grad_chunks']}"
-    return "act. checkpoint" if r["config"]["train"].get("checkpoint_activations") else "-"
+    train = r["config"]["train"]
+    return large_n_option(
+        point.get("grad_chunks_used", point["grad_chunks"]),  # results before it was recorded: the request
+        point.get("bn_groups", 0),
+        point["n_patches"],
+        bool(train.get("checkpoint_activations")),
+    )
 
 
 def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:

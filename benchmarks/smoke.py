@@ -192,17 +192,8 @@ def item_large_n(dry_run: bool) -> tuple[str, dict]:
     # ghost-BN path uses whatever memory is free and is measured by the suite's throughput200 part
     cfg = _config("cifar10_n200_1ep", dry_run, ["model.compile=none", "train.grad_chunks=10"])
     result = _steps(cfg, 1)
-    option = (
-        f"grad cache x{result['grad_chunks']}"
-        if result["grad_chunks"] > 1
-        else (
-            "activation checkpointing"
-            if cfg.train.checkpoint_activations
-            else f"one pass, BatchNorm per {cfg.train.n_patches // cfg.train.bn_groups} patch groups"
-            if cfg.train.bn_groups > 1
-            else "none"
-        )
-    )
+    t = cfg.train
+    option = common.large_n_option(result["grad_chunks"], t.bn_groups, t.n_patches, t.checkpoint_activations)
     result["large_n_option"] = option
     if not result["finite"]:
         raise AssertionError(f"non-finite loss: {result['loss']}")

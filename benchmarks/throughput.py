@@ -139,6 +139,8 @@ def measure_point(
         "status": "ok",
         "reason": None,
         "resolved": trainer.runtime.resolved(),
+        "grad_chunks_used": trainer.grad_chunks,  # 0 asks for chunks from free memory; this is what it chose
+        "bn_groups": cfg.train.bn_groups,
         "data": trainer.train_set.description,
         "step_seconds_median": step_s,
         "images_per_s": images_per_s,
@@ -326,7 +328,7 @@ def throughput_markdown(result: dict) -> str:
             p["resolved"]["backend"],
             p["resolved"]["compile"],
             p["resolved"]["precision"],
-            p["grad_chunks"],
+            p.get("grad_chunks_used", p["grad_chunks"]),
             p["images_per_s"],
             p["patches_per_s"],
             p["achieved_tflops"],
