@@ -40,7 +40,7 @@ from fastemp.data.synthetic_jpeg import make_folder
 from fastemp.patches import dali_available
 from fastemp.patches.torch_backend import TorchPatches
 from fastemp.runtime import resolve_device
-from fastemp.train import Trainer, mix_seed
+from fastemp.train import Trainer
 
 from . import common
 
@@ -119,13 +119,13 @@ class FixedPatches:
 
 def data_alone(trainer: Trainer, backend, warmup: int, steps: int) -> tuple[float, float]:
     """(seconds per batch, CPU cores busy) of the backend called as the trainer would, with its prefetch."""
-    n, start = trainer.cfg.train.n_patches, trainer.step
+    start = trainer.step
     prefetch = getattr(backend, "prefetch", None)
 
     def call(step):
-        out = backend(trainer.batch_index(step), n, seed=mix_seed(trainer.cfg.train.seed, 2, step))
+        out = backend(*trainer.patch_request(step))
         if prefetch is not None:
-            prefetch(trainer.batch_index(step + 1), n, seed=mix_seed(trainer.cfg.train.seed, 2, step + 1))
+            prefetch(*trainer.patch_request(step + 1))
         return out
 
     for k in range(warmup):

@@ -112,6 +112,11 @@ class Trainer:
         b = self.cfg.train.batch_size
         return self._perm[1][k * b : (k + 1) * b]
 
+    def patch_request(self, step: int) -> tuple[torch.Tensor, int, int, slice]:
+        """(index, n, seed, shard): what step `step` asks the patch backend for (the same for a resumed run)."""
+        t = self.cfg.train
+        return self.batch_index(step), t.n_patches, mix_seed(t.seed, 2, step), self.runtime.shard
+
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, clock=None) -> LossTerms:
         """Run step `self.step` (learning rate, patches, forward, loss, backward, LARS) and advance to the next.
@@ -136,16 +141,13 @@ class Trainer:
 
     def _begin_step(self, step: int) -> torch.Tensor:
         """Set the learning rate of `step` and return its patches (same for a resumed run); announce step+1's."""
-        cfg, t = self.cfg, self.cfg.train
-        lr = cosine_lr(step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
+        optim = self.cfg.optim
+        lr = cosine_lr(step, self.total_steps, optim.lr, optim.warmup_steps, optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        shard = self.runtime.shard
-        patches = self.patches(self.batch_index(step), t.n_patches, seed=mix_seed(t.seed, 2, step), shard=shard)
+        patches = self.patches(*self.patch_request(step))
         if step + 1 < self.total_steps:  # the next batch is known from the epoch's permutation: start it now
-            self.patches.prefetch(
-                self.batch_index(step + 1), t.n_patches, seed=mix_seed(t.seed, 2, step + 1), shard=shard
-            )
+            self.patches.prefetch(*self.patch_request(step + 1))
         return patches if self.runtime.channels_last else patches.contiguous()
 
     def _forward_backward(self, patches: torch.Tensor, clock) -> LossTerms:
