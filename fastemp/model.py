@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, choices
 
 
 @contextmanager
@@ -134,7 +134,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + identity)
 
 
-STEMS = ("cifar", "imagenet")
+STEMS = choices(ModelConfig, "stem")
 
 
 class ResNet18Cifar(nn.Module):
