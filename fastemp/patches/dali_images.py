@@ -42,12 +42,6 @@ _N_COLUMNS = 9
 _IDLE_SIGMA = 0.1  # a patch that is not blurred gets this sigma: a 3-tap window, cheap (its result is unused)
 
 
-def _interp(name: str):
-    import nvidia.dali.types as types
-
-    return {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[name]
-
-
 # ----------------------------------------------------------------------------- the colour ops
 
 
@@ -96,11 +90,6 @@ def _hue_hsv(x, shift):
     return maxc * (1.0 - s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
 
 
-def _uses_params(aug: AugmentConfig) -> bool:
-    """Whether the pipeline reads the "params" input (DALI prunes an input nothing reads)."""
-    return max(aug.jitter_p, aug.grayscale_p, aug.blur_p, aug.solarize_p) > 0
-
-
 def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int):
     """The graph over `batch` encoded images, n patches each; device_id None: CPU operators only."""
     import nvidia.dali.fn as fn
@@ -110,6 +99,7 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
 
     on_gpu = device_id is not None
     size = aug.crop_size
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[aug.interpolation]
 
     @pipeline_def(
         batch_size=batch,
@@ -141,7 +131,7 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
                     size=[size, size],
                     roi_start=roi[i, 0:2],
                     roi_end=roi[i, 2:4],
-                    interp_type=_interp(aug.interpolation),
+                    interp_type=interp,
                     antialias=True,
                     dtype=types.FLOAT,
                 )
@@ -197,7 +187,8 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str
     prm[:, _BLUR] = blur
     prm[:, _SIGMA] = np.where(blur, params.sigma.numpy(), _IDLE_SIGMA)
     prm[:, _SOLARIZE] = params.solarize.numpy()
-    rows = {"window": box, "roi": roi, **({"params": prm} if _uses_params(aug) else {})}
+    uses_params = max(aug.jitter_p, aug.grayscale_p, aug.blur_p, aug.solarize_p) > 0  # else DALI prunes the input
+    rows = {"window": box, "roi": roi, **({"params": prm} if uses_params else {})}
     b = box.shape[0] // n
     return {name: [np.ascontiguousarray(a.reshape(n, b, -1)[:, j]) for j in range(b)] for name, a in rows.items()}
 
