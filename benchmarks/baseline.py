@@ -28,7 +28,7 @@ from fastemp.config import AugmentConfig, Config
 from fastemp.lars import build_lars
 from fastemp.losses import LossTerms
 from fastemp.model import build_model
-from fastemp.patches.draw import sample_params
+from fastemp.patches.draw import sharded_params
 from fastemp.patches.torch_backend import augment
 
 from .common import PeakMemory, synchronize
@@ -65,7 +65,7 @@ def baseline_loss_terms(
 
 def augment_one_patch(images: torch.Tensor, image: int, aug: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """One augmented patch of dataset image `image`: (3, S, S) float32, normalized."""
-    params = sample_params(torch.tensor([image]), images.shape[1], images.shape[2], aug, generator)
+    params = sharded_params(torch.tensor([image]), 1, slice(None), images.shape[1], images.shape[2], aug, generator)
     return augment(images, params, aug)[0].contiguous()
 
 

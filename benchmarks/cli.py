@@ -284,7 +284,7 @@ def cmd_tune(args) -> int:
     if axes["batch_size"] is None:
         axes["batch_size"] = [base.train.batch_size, 2 * base.train.batch_size]
     if axes["backend"] is None:
-        axes["backend"] = _available_backends(base.train.device)
+        axes["backend"] = [base.data.backend]
     cuda = _on_cuda(base.train.device)
     if axes["compile"] is None:
         axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
@@ -317,12 +317,6 @@ def _on_cuda(device: str) -> bool:
     from fastemp.runtime import resolve_device
 
     return resolve_device(device).type == "cuda"
-
-
-def _available_backends(device: str) -> list[str]:
-    from fastemp.patches import dali_available
-
-    return ["torch", "dali"] if _on_cuda(device) and dali_available() else ["torch"]
 
 
 # ------------------------------------------------------------------------------ parsers

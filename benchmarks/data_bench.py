@@ -37,7 +37,7 @@ from fastemp import runs
 from fastemp.config import load_config
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
-from fastemp.patches import dali_available
+from fastemp.patches import PatchBackend, dali_available
 from fastemp.patches.torch_backend import TorchPatches
 from fastemp.runtime import resolve_device
 from fastemp.train import Trainer
@@ -102,30 +102,29 @@ def worker_pids(backend) -> list[int]:
     return list(getattr(pool, "_processes", None) or {})
 
 
-class FixedPatches:
+class FixedPatches(PatchBackend):
     """The step_only arm: every step gets the same pre-made patches."""
 
     name = "step_only"
 
     def __init__(self, patches: torch.Tensor):
+        super().__init__()
         self.patches = patches
 
-    def __call__(self, index, n, seed, shard=slice(None)):
+    def start(self, request):
         return self.patches
 
-    def prefetch(self, index, n, seed, shard=slice(None)) -> None:
-        """Nothing to start ahead: the patches are made already."""
+    def finish(self, handle):
+        return handle
 
 
 def data_alone(trainer: Trainer, backend, warmup: int, steps: int) -> tuple[float, float]:
     """(seconds per batch, CPU cores busy) of the backend called as the trainer would, with its prefetch."""
     start = trainer.step
-    prefetch = getattr(backend, "prefetch", None)
 
     def call(step):
-        out = backend(*trainer.patch_request(step))
-        if prefetch is not None:
-            prefetch(*trainer.patch_request(step + 1))
+        out = backend.take(step, trainer.patch_request(step))
+        backend.prefetch(step + 1, trainer.patch_request(step + 1))
         return out
 
     for k in range(warmup):

@@ -9,7 +9,7 @@
 #              accuracy       <= 8 min: fastemp's n=20 official 1-epoch recipe x ACCURACY_SEEDS (2), official
 #                             evaluation protocol, on the CIFAR-10 JPEG copy; then the official code's own 1-epoch
 #                             run (benchmarks/official_peer.py) when its checkout .official/ is in this tree
-#              throughput20   n=20, B=100: torch (and DALI) backends + the reference-style baseline
+#              throughput20   n=20, B=100: the torch backend + the reference-style baseline
 #              profile        where an n=20 step's time goes, kernel by kernel (torch.profiler; in details/)
 #              tune           n=20, B=100, compile default: cudnn.benchmark off/on x compiled patch recipe
 #                             off/on (fastemp tune; tuned_n20.md/.yaml say which won, in details/)
@@ -46,7 +46,7 @@
 #   LIMIT_<PART>         seconds for a part (LIMIT_SMOKE_ITEM for each smoke item); defaults below
 #   SUITE_OVERRIDES      config overrides for the throughput and tta parts, e.g. "loss.fused=off" when the
 #                        smoke part showed a fast path failing on this card (recorded in the results' config)
-#   SUITE_BACKENDS       patch backends of the throughput parts (default: torch, plus dali when it imports)
+#   SUITE_BACKENDS       patch backends of the throughput parts (default: torch)
 #   ACCURACY_SEEDS (2), TTA_EPOCHS (3), TTA_EVAL_EVERY (250), TTA_PROTOCOL (cheap: 16 patches, 20 probe epochs),
 #   BASELINE_WORKERS, KERNELS_N (20,50,200), KERNELS_BATCH (100,256), DATA_SOURCES (32,64,400), DATA_BATCH (100),
 #   DATA_WORKERS (min(16, cores): the Pillow arm's processes)
@@ -165,9 +165,7 @@ EOF
 
 DALI_OK=0
 if limited 120 "$PY" -c "import nvidia.dali" 2>/dev/null; then DALI_OK=1; fi
-BACKENDS=torch
-[ "$DALI_OK" = 1 ] && [ "$DRY" != 1 ] && BACKENDS=torch,dali
-BACKENDS="${SUITE_BACKENDS:-$BACKENDS}"
+BACKENDS="${SUITE_BACKENDS:-torch}"  # CIFAR is resident: DALI reads image files (its numbers: the data part)
 log "DALI $([ "$DALI_OK" = 1 ] && echo imports || echo 'does NOT import: torch backend only, no DALI number')" | tee -a "$SUITE_LOG"
 
 # ---------------------------------------------------------------------------------------- parts

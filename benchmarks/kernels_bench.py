@@ -9,8 +9,9 @@ n in {20, 50, 200}, B in {100, 256}, d = 1024:
     tcr              total coding rate, forward + backward from unit z (n, B, d) fp32: fastemp's
                      batched Cholesky (B x B side, closed-form gradient) vs the baseline's per-patch
                      d x d torch.logdet loop
-    augmentation     patches/s making n*B patches of 32x32 images: torch backend vs DALI backend,
-                     plus the baseline's per-patch CPU augmentation (one process, one patch a call)
+    augmentation     patches/s making n*B patches of 32x32 images: the torch backend, plus the
+                     baseline's per-patch CPU augmentation (one process, one patch a call); the DALI
+                     backend reads files: `fastemp bench data` measures it
 
 Each implementation's loss and gradient are compared with the first one's (max abs difference).
 On the CPU, Triton only runs under TRITON_INTERPRET=1 and only as a correctness smoke: its time is
@@ -28,7 +29,7 @@ from fastemp import runs
 from fastemp.config import AugmentConfig
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, triton_usable
 from fastemp.losses import invariance_loss, total_coding_rate
-from fastemp.patches import dali_available, make_patch_backend
+from fastemp.patches import make_patch_backend
 from fastemp.runtime import resolve_device
 
 from . import common
@@ -132,10 +133,10 @@ def compare_impls(
 def augmentation_rows(
     images: torch.Tensor, n: int, batch: int, device: torch.device, warmup: int, iters: int
 ) -> list[dict]:
-    """patches/s of the torch and DALI backends making n*B patches per call."""
+    """patches/s of the torch backend making n*B patches per call."""
     rows, aug = [], AugmentConfig()
     index = torch.arange(batch, device=device) % images.shape[0]
-    for name in ("torch", "dali"):
+    for name in ("torch",):
         row = {
             "kernel": "augmentation",
             "impl": name,
@@ -147,9 +148,6 @@ def augmentation_rows(
             "status": "ok",
             "note": "",
         }
-        if name == "dali" and not dali_available():
-            rows.append({**row, "status": "skipped", "note": "nvidia.dali does not import: not measured"})
-            continue
         try:
             backend = make_patch_backend(name, images, aug, seed=0)
             counter = iter(range(10**9))
@@ -266,10 +264,7 @@ def run_kernels(
     if dev.type == "cpu":
         notes.append("CPU timings are noisy: the machine's cores are shared with other work.")
         notes.append("Triton on the CPU runs interpreted (TRITON_INTERPRET=1): a correctness smoke, never timed.")
-        notes.append(
-            f"torch ran with {torch.get_num_threads()} CPU thread(s); the DALI pipeline uses its own "
-            "worker threads (fastemp/patches/dali_backend.py), so the augmentation rows are not thread-matched."
-        )
+        notes.append(f"torch ran with {torch.get_num_threads()} CPU thread(s).")
     result = {
         **common.base_result("kernels", environment),
         "settings": {

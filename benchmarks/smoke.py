@@ -15,8 +15,8 @@ Items (ITEMS below, in order):
                  fused Triton loss; the first step (compilation) is reported apart
     large_n      one n=200 x B=100 step with cifar10_n200_1ep's large-n option and its peak memory
                  (eager, so that it adds no second compilation to the part's time)
-    dali         DALI vs torch patch statistics on the device and one training step with DALI patches;
-                 SKIP when nvidia.dali does not import
+    dali         DALI vs torch patch statistics on the device and two training steps with DALI patches
+                 of a small synthetic JPEG folder (streamed); SKIP when nvidia.dali does not import
 
 --dry-run runs the same code on the CPU at toy sizes (width 8, n=4, B=16, no compilation): what CI
 uses to exercise the suite end to end.
@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 
 from fastemp import runs
 from fastemp.config import load_config
+from fastemp.data.synthetic_jpeg import make_folder
 
 from . import common
 
@@ -216,8 +218,11 @@ def item_dali(dry_run: bool) -> tuple[str, dict]:
     failed = [f"{r.op} {r.note}" for r in rows if r.status == "FAIL"]
     if failed:
         raise AssertionError("DALI patch statistics differ from the torch backend's: " + "; ".join(failed))
-    cfg = _config("cifar10_n20_1ep", dry_run, ["data.backend=dali", "model.compile=none"])
-    result = _steps(cfg, 2)
+    with tempfile.TemporaryDirectory() as root:
+        folder = make_folder(root, classes=10, per_class=20, size=32)  # 200 JPEGs: DALI reads image files
+        files = [f"data.path={folder}", "data.source=imagefolder", "data.streamed=true", "data.backend=dali"]
+        cfg = _config("cifar10_n20_1ep", dry_run, [*files, "model.compile=none"])
+        result = _steps(cfg, 2)
     if result["backend"] != "dali" or not result["finite"]:
         raise AssertionError(f"backend {result['backend']}, loss {result['loss']}")
     result["augment_rows"] = [{"shape": r.shape, "err": r.err, "tol": r.tol, "status": r.status} for r in rows]

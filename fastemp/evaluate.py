@@ -31,7 +31,7 @@ from torch import nn
 from . import distributed
 from .config import AugmentConfig, Config, EvalConfig, eval_protocol_name
 from .data import ImageSet
-from .patches import make_patch_backend, normalize_images
+from .patches import PatchRequest, make_patch_backend, normalize_images
 from .progress import bar
 from .runtime import Runtime
 
@@ -69,15 +69,18 @@ def extract_features(
         else None
     )
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    out, ahead = [], None  # ahead: (start, index) of the batch last prefetched; its call must pass that very index
+    out = []
     world, rank = distributed.world_size(), distributed.rank()
+
+    def request(start: int) -> PatchRequest:  # the batch from image `start`; `start` is also its prefetch key
+        index = torch.arange(start, min(start + cfg.batch_size, count), device=index_device)
+        return PatchRequest(index, cfg.patches, seed + start)
+
     for number, start in enumerate(bar(range(0, count, cfg.batch_size), desc=desc, unit="batch")):
         if number % world != rank:
             continue
-        if ahead is not None and ahead[0] == start:
-            index = ahead[1]
-        else:
-            index = torch.arange(start, min(start + cfg.batch_size, count), device=index_device)
+        batch = request(start)
+        index = batch.index
         if patches is None and not isinstance(images, torch.Tensor):
             from .patches.pillow_images import whole_images
 
@@ -85,14 +88,10 @@ def extract_features(
         elif patches is None:
             x = normalize_images(images[index], aug.mean, aug.std)
         else:
-            x = patches(index, cfg.patches, seed=seed + start)
+            x = patches.take(start, batch)
             following = start + world * cfg.batch_size  # this rank's next batch: made while this one runs
             if following < count:
-                ahead = (
-                    following,
-                    torch.arange(following, min(following + cfg.batch_size, count), device=index_device),
-                )
-                patches.prefetch(ahead[1], cfg.patches, seed=seed + following)
+                patches.prefetch(following, request(following))
         if not channels_last:
             x = x.contiguous()
         with amp:

@@ -93,16 +93,10 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_backend(name: str, streamed: bool, device: torch.device) -> tuple[str, str]:
     """The patch backend `data.backend` names, and why (patches.choose_backend decides; DALI is imported
-    only where it could be chosen). Resident images: auto is the torch backend (docs/augmentation.md has
-    the numbers); streamed files: DALI on CUDA when it imports, else Pillow workers."""
-    asks_dali = name == "dali" or (streamed and name == "auto")
-    try:
-        return patches.choose_backend(name, streamed, device.type, asks_dali and patches.dali_available())
-    except RuntimeError:  # resident images asked for DALI, which does not import
-        raise ConfigError(
-            "data.backend=dali but nvidia.dali does not import; install nvidia-dali-cuda130 "
-            "(or -cuda120), or use data.backend=torch"
-        ) from None
+    only where it could be chosen). Resident images: the torch backend; streamed files: DALI on CUDA
+    when it imports, else Pillow workers (docs/data-backends.md)."""
+    asks_dali = streamed and name in ("dali", "auto")
+    return patches.choose_backend(name, streamed, device.type, asks_dali and patches.dali_available())
 
 
 def resolve_fused(name: str, device: torch.device) -> bool:

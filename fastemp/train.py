@@ -28,7 +28,7 @@ from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
 from .model import build_model, compile_model
-from .patches import PatchBackend, make_patch_backend
+from .patches import PatchBackend, PatchRequest, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
 
@@ -112,10 +112,10 @@ class Trainer:
         b = self.cfg.train.batch_size
         return self._perm[1][k * b : (k + 1) * b]
 
-    def patch_request(self, step: int) -> tuple[torch.Tensor, int, int, slice]:
-        """(index, n, seed, shard): what step `step` asks the patch backend for (the same for a resumed run)."""
+    def patch_request(self, step: int) -> PatchRequest:
+        """What step `step` asks the patch backend for (the same for a resumed run)."""
         t = self.cfg.train
-        return self.batch_index(step), t.n_patches, mix_seed(t.seed, 2, step), self.runtime.shard
+        return PatchRequest(self.batch_index(step), t.n_patches, mix_seed(t.seed, 2, step), self.runtime.shard)
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, clock=None) -> LossTerms:
@@ -145,9 +145,9 @@ class Trainer:
         lr = cosine_lr(step, self.total_steps, optim.lr, optim.warmup_steps, optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        patches = self.patches(*self.patch_request(step))
+        patches = self.patches.take(step, self.patch_request(step))
         if step + 1 < self.total_steps:  # the next batch is known from the epoch's permutation: start it now
-            self.patches.prefetch(*self.patch_request(step + 1))
+            self.patches.prefetch(step + 1, self.patch_request(step + 1))
         return patches if self.runtime.channels_last else patches.contiguous()
 
     def _forward_backward(self, patches: torch.Tensor, clock) -> LossTerms:

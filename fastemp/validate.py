@@ -73,10 +73,10 @@ def check_config(cfg: Config) -> None:
             "data.backend=torch needs the images resident in memory, but data.streamed=true; "
             "use data.backend=auto, dali or pillow, or data.streamed=false"
         )
-    if not d.streamed and d.backend == "pillow":
+    if not d.streamed and d.backend in ("dali", "pillow"):
         raise ConfigError(
-            "data.backend=pillow reads image files, so it needs data.streamed=true "
-            "(with data.source=imagefolder); use data.backend=auto for resident data"
+            f"data.backend={d.backend} reads image files: use data.streamed=true with an ImageFolder of JPEGs "
+            "(e.g. the CIFAR-10 JPEG copy, extracted), or data.backend=torch"
         )
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")

@@ -1,9 +1,10 @@
-"""Helpers shared by the two patch-backend test modules."""
+"""Helpers shared by the patch-backend test modules."""
 
 import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 from fastemp.config import AugmentConfig
 
@@ -27,14 +28,30 @@ def binomial_ok(count, n, p, k=5.0):
     return abs(count - n * p) <= k * math.sqrt(n * p * (1 - p)) + 1
 
 
-def assert_ops_change_exactly_the_drawn_patches(backend_cls, images_count: int) -> None:
-    """Each op alone at its default p: the patches it changes are exactly those whose gate fired,
-    the others come out bit-identical; the observed frequency is near p. 20 patches per image."""
+def ref_blur(x, sigma, mode="replicate"):
+    """Separable sampled Gaussian truncated at ceil(3 sigma), by a 2-D convolution in float64."""
+    radius = math.ceil(3 * sigma)
+    d = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-(d**2) / (2 * sigma**2))
+    k = k / k.sum()
+    k2 = (k[:, None] * k[None, :])[None, None].repeat(3, 1, 1, 1)
+    padded = F.pad(x[None], (radius,) * 4, mode=mode)
+    return F.conv2d(padded, k2, groups=3)[0]
+
+
+def gate_image() -> torch.Tensor:
+    """The (1, 32, 32, 3) uint8 image of assert_ops_change_exactly_the_drawn_patches: coloured, asymmetric."""
     y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
-    img = torch.stack([x * 8, 255 - y * 8, (x * y) % 256], -1).to(torch.uint8)[None]  # coloured, asymmetric
+    return torch.stack([x * 8, 255 - y * 8, (x * y) % 256], -1).to(torch.uint8)[None]
+
+
+def assert_ops_change_exactly_the_drawn_patches(make_backend, images_count: int) -> None:
+    """Each op alone at its default p: the patches it changes are exactly those whose gate fired,
+    the others come out bit-identical; the observed frequency is near p. 20 patches per image.
+    make_backend(aug): a backend over gate_image() as image 0."""
     index = torch.zeros(images_count, dtype=torch.long)
     base = aug_off(blur_sigma=(0.5, 2.0))  # sigma near 0.1 would leave a blurred patch unchanged in float32
-    plain = backend_cls(img, base)(index, 20, seed=2)
+    plain = make_backend(base)(index, 20, seed=2)
     defaults = AugmentConfig()
     for field, flag in (
         ("flip_p", "flip"),
@@ -44,7 +61,7 @@ def assert_ops_change_exactly_the_drawn_patches(backend_cls, images_count: int) 
         ("solarize_p", "solarize"),
     ):
         aug = dataclasses.replace(base, **{field: getattr(defaults, field)})
-        backend = backend_cls(img, aug)
+        backend = make_backend(aug)
         out = backend(index, 20, seed=2)
         fired = getattr(backend.params(index, 20, seed=2), flag)
         changed = (out != plain).flatten(1).any(1)

@@ -532,14 +532,13 @@ def test_force_on_the_working_directory_is_refused_by_the_process(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
-def test_dali_backend_without_dali_is_a_config_error(monkeypatch):
-    import fastemp.patches
+def test_dali_backend_on_resident_images_is_a_config_error():
     from fastemp.config import ConfigError, load_config
-    from fastemp.runtime import resolve
+    from fastemp.validate import check_config
 
-    monkeypatch.setattr(fastemp.patches, "dali_available", lambda: False)
-    with pytest.raises(ConfigError, match="data.backend=dali but nvidia.dali does not import; install"):
-        resolve(load_config("quickstart", ["data.backend=dali"]))
+    with pytest.raises(ConfigError, match="data.backend=dali reads image files: use data.streamed=true") as err:
+        check_config(load_config("quickstart", ["data.backend=dali"]))
+    assert "\n" not in str(err.value)
 
 
 def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):

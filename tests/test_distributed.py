@@ -22,7 +22,6 @@ from torch import nn
 
 from fastemp import distributed, train
 from fastemp.config import AugmentConfig
-from fastemp.patches import dali_available
 from fastemp.train import Trainer
 
 
@@ -137,14 +136,12 @@ def test_cpu_sync_batchnorm_conversion_keeps_each_layers_own_tensors():
     assert not model[1].training and model[1].weight.dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_a_shards_patches_are_the_global_batchs_rows(backend):
-    if backend == "dali" and not dali_available():
-        pytest.skip("nvidia.dali does not import")
+def test_a_shards_patches_are_the_global_batchs_rows():
+    """(the streamed backends: tests/patches/test_streamed_backends.py)"""
     from fastemp.patches import make_patch_backend
 
     images = random_images(12)
-    patches = make_patch_backend(backend, images, AugmentConfig())
+    patches = make_patch_backend("torch", images, AugmentConfig())
     index, n = torch.tensor([3, 7, 1, 0, 11, 5]), 3
     whole = patches(index, n, seed=9).view(n, 6, 3, 32, 32)
     for shard in (slice(0, 3), slice(3, 6), slice(2, 4)):

@@ -82,7 +82,7 @@ def test_feature_extraction_makes_each_batch_of_patches_once(monkeypatch):
 
     made, make = [], TorchPatches.make
     monkeypatch.setattr(
-        TorchPatches, "make", lambda self, index, *a, **k: made.append(index.tolist()) or make(self, index, *a, **k)
+        TorchPatches, "make", lambda self, request: made.append(request.index.tolist()) or make(self, request)
     )
     model = EMPEncoder(width=4, hidden_dim=24, z_dim=8)
     images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)

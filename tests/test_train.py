@@ -38,8 +38,8 @@ def test_trainer_lowers_the_loss_and_follows_the_schedule():
 
 
 def test_the_next_batch_is_announced_to_the_backend_before_each_step():
-    """Step t+1's (index, n, seed, shard) reach the backend's prefetch before step t runs, across an epoch
-    boundary too, and are exactly what step t+1 then asks for; the last step announces nothing."""
+    """Step t+1's request reaches the backend's prefetch, keyed by t+1, before step t runs, across an epoch
+    boundary too, and is exactly what step t+1 then takes; the last step announces nothing."""
     trainer = Trainer(tiny_config("train.max_steps=8"), progress=False)  # 6 steps per epoch
     calls = []
 
@@ -49,16 +49,16 @@ def test_the_next_batch_is_announced_to_the_backend_before_each_step():
         def __init__(self, inner):
             self.inner = inner
 
-        def __call__(self, index, n, seed, shard=slice(None)):
-            calls.append(("call", index.tolist(), n, seed, shard))
-            return self.inner(index, n, seed, shard)
+        def take(self, key, request):
+            calls.append(("take", key, request.index.tolist(), *request[1:]))
+            return self.inner.take(key, request)
 
-        def prefetch(self, index, n, seed, shard=slice(None)):
-            calls.append(("prefetch", index.tolist(), n, seed, shard))
+        def prefetch(self, key, request):
+            calls.append(("prefetch", key, request.index.tolist(), *request[1:]))
 
     trainer.patches = Recording(trainer.patches)
     trainer.train_until()
-    assert [c[0] for c in calls] == ["call", "prefetch"] * 7 + ["call"]
+    assert [c[:2] for c in calls] == [("take", 0)] + [(kind, t) for t in range(1, 8) for kind in ("prefetch", "take")]
     for announced, made in zip(calls[1::2], calls[2::2]):
         assert announced[1:] == made[1:]
 

@@ -73,7 +73,8 @@ def test_streamed_dali_cpu_twin_trains(folder):
     "overrides, words",
     [
         (["data.backend=torch"], "needs the images resident"),
-        (["data.streamed=false", "data.backend=pillow"], "needs data.streamed=true"),
+        (["data.streamed=false", "data.backend=pillow"], "data.backend=pillow reads image files"),
+        (["data.streamed=false", "data.backend=dali"], "data.backend=dali reads image files"),
         (["data.source=synthetic"], "data.streamed=true reads image files"),
         (["model.stem=imagnet"], "did you mean 'imagenet'"),
         (["augment.interpolation=cubic"], "augment.interpolation must be one of"),

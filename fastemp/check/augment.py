@@ -1,20 +1,24 @@
 """`fastemp check`: the DALI patch backend against the torch one, by the channel statistics of the
-patches they cut from the same images."""
+patches they cut from the same images; the compiled torch recipe against the eager one."""
 
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..config import AugmentConfig
+from ..config import AugmentConfig, DataConfig
+from ..data import load_split
+from ..data.streamed import StreamedSet
 from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, fmt_shape, skipped
 
 
 def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
     """uint8 (N, H, W, 3) natural-ish images: smooth random colour fields, some saturated (the recipe
-    of tests/test_patches_dali.py), on the check's device."""
+    of tests/patches/test_dali_backend.py), on the check's device."""
     low = torch.rand(count, 3, 6, 6, generator=ctx.gen) * 1.2 - 0.1
     img = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().to(ctx.device)
@@ -38,13 +42,27 @@ def _stats_note(got: torch.Tensor, ref: torch.Tensor) -> str:
     return "dali/torch mean rgb, std rgb: " + " ".join(f"{a:+.3f}/{b:+.3f}" for a, b in zip(got.tolist(), ref.tolist()))
 
 
-def check_augment_stats(ctx: Context) -> list[CheckResult]:
-    """DALI vs torch patches of the same images, default recipe (tolerances of tests/test_patches_dali.py).
+def png_folder(images: torch.Tensor, root: Path, device) -> StreamedSet:
+    """uint8 (N, H, W, 3) images as lossless PNG files under root/train/ (two classes: a probe needs two),
+    listed streamed in index order: the very pixels of `images`, for a backend that reads files."""
+    from PIL import Image
 
-    paired: the same seed. DALI draws its parameters with the torch backend's sharded_params on a CPU
-      generator, so the torch backend run on a CPU copy of the images uses identical parameters; the
-      documented semantic differences (fixed jitter order, reflect-101 blur borders) move the channel
-      statistics by ~0.002-0.005, so |dali - torch| <= 0.01 (absolute, normalised pixel scale).
+    for i, image in enumerate(images.cpu().numpy()):
+        folder = root / "train" / f"c{2 * i // len(images)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return load_split(DataConfig(source="imagefolder", path=str(root), streamed=True), "train", device)
+
+
+def check_augment_stats(ctx: Context) -> list[CheckResult]:
+    """The DALI backend vs the torch backend on the same pixels, default recipe (tolerances of
+    tests/patches/test_dali_backend.py). DALI reads the images as PNG files (lossless: it decodes the
+    very pixels the torch backend holds resident).
+
+    paired: the same seed. Both backends draw with draw.sharded_params (DALI on a CPU generator), so for
+      images of one size the torch backend run on a CPU copy uses identical parameters; the documented
+      semantic differences (fixed jitter order, reflect-101 blur borders) move the channel statistics
+      by ~0.002-0.005, so |dali - torch| <= 0.01 (absolute, normalised pixel scale).
     independent: the torch backend with another seed on the check's device; |dali - torch| must be
       within 5 standard errors (from the per-patch values) + 0.01; err is the worst |diff| / that bound.
     """
@@ -52,17 +70,20 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
 
     if not dali_available():
         return [skipped("augment dali-vs-torch", "nvidia.dali does not import")]
-    from ..patches.dali_backend import DaliPatches
+    from ..patches.dali_images import DaliImagePatches
     from ..patches.torch_backend import TorchPatches
 
     aug = AugmentConfig()
     batch, n = 16, (50 if ctx.quick else 100)
     images = smooth_images(ctx, batch)
-    index = torch.arange(batch, device=ctx.device)
+    index = torch.arange(batch)
     seed, other_seed = ctx.seed(), ctx.seed()
-    dali, se_dali = channel_stats(DaliPatches(images, aug, seed=seed)(index, n, seed))
-    paired, _ = channel_stats(TorchPatches(images.cpu(), aug)(index.cpu(), n, seed))
-    indep, se_indep = channel_stats(TorchPatches(images, aug)(index, n, other_seed))
+    with tempfile.TemporaryDirectory() as root:
+        dali_backend = DaliImagePatches(png_folder(images, Path(root), ctx.device), aug, seed=seed)
+        dali, se_dali = channel_stats(dali_backend(index, n, seed))
+        dali_backend.close()
+    paired, _ = channel_stats(TorchPatches(images.cpu(), aug)(index, n, seed))
+    indep, se_indep = channel_stats(TorchPatches(images, aug)(index.to(ctx.device), n, other_seed))
     shape = (n * batch, 3, aug.crop_size, aug.crop_size)
     rows = []
     diff = (dali - paired).abs()

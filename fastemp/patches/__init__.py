@@ -1,47 +1,25 @@
 """The augmentation-backend seam: something that turns image indices into n patches per image.
 
-A backend is built once over a dataset, either resident on the device as one uint8 tensor
-(N, H, W, 3) (torch, dali) or streamed as files read every epoch (dali via dali_images.py,
-pillow via pillow_images.py), and is then called once per step:
+A backend is built once over a dataset, resident on the device as one uint8 tensor (N, H, W, 3)
+(torch, torch_backend.py) or streamed as files read every epoch (dali, dali_images.py; pillow,
+pillow_images.py), and makes one PatchRequest (index, n, seed, shard) per step:
 
-    patches = backend(index, n, seed)   # index: (B,) int64 on the images' device
+    patches = backend.take(step, request)   # or backend(index, n, seed, shard): made now
 
-It returns (n*B, 3, S, S) float32 in channels_last memory format, normalized, patch-major:
-row i*B + b is patch i of image index[b], so `z.view(n, B, d)` groups patch i of every image
-the way the loss expects. Every patch draws its augmentation independently. `seed` alone makes a
-call reproducible: both backends draw every patch's parameters with `draw.sharded_params`
-from a generator seeded with it (torch: on the images' device; DALI: on the host), so a resumed run
-sees the same patches as an uninterrupted one.
-
-Under torchrun each rank passes the global batch's `index` and its `shard` (a slice of it) and gets
-the n*b patches of its b images only; their randomness is the global batch's rows for those
-images, so K ranks see bit-identical patches to one process (on the same device type).
-
-Streamed backends also have `prefetch(index, n, seed, shard)`: the same request, made ahead (the
-trainer announces step t+1 while step t runs), so the files are read and decoded in the
-background; the later call with those arguments collects the result. `choose_backend` decides
-what data.backend=auto means (docs/data-backends.md).
+(n*b, 3, S, S) float32, channels_last, normalized, patch-major: row i*b + j is patch i of image
+index[shard][j], so `z.view(n, b, d)` groups patch i of every image the way the loss expects. Every
+backend draws every patch's parameters with `draw.sharded_params` from a generator seeded with
+`seed` alone, so a resumed run sees the same patches, and under torchrun each rank makes its images'
+rows of the global batch's draw (bit-identical to one process on the same device type). Every
+backend prefetches the same way (prefetch.py). `choose_backend` decides what data.backend=auto
+means (docs/data-backends.md).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
-
 from ..config import AugmentConfig
+from .prefetch import PatchBackend, PatchRequest  # noqa: F401  (the backends' base and their request)
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
-
-
-class PatchBackend(Protocol):
-    name: str
-
-    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor: ...
-
-    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
-        """Start making the patches of a later call with these arguments (the Trainer announces step t+1's
-        batch before running step t), so they can be ready when asked for. Optional: a backend that makes
-        its patches on call does nothing; the later call returns the same patches either way."""
 
 
 def dali_available() -> bool:
@@ -59,25 +37,18 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
     """The patch backend to use and why: (name, reason). Pure: decided from the request, the data
     (resident tensor or streamed files), the device type and whether DALI imports.
 
-    Resident data (decoded once, on the device): auto is the torch backend. On the H200 (DALI 2.4,
-    n=20, B=100, 32x32) it made a step's 2,000 patches in 4.9 ms against the per-patch DALI graph's
-    181 ms (benchmarks/results/h200/kernels.json); DALI stays available as data.backend=dali.
-    Streamed files (full-size JPEGs): auto is DALI (nvJPEG decode and all ops on the GPU) on CUDA
-    when DALI imports, else Pillow workers. data.backend=dali on streamed data without DALI falls
-    back to Pillow and the reason says so; resident dali without DALI, torch on streamed data and
-    pillow on resident data are errors (validate.check_config reports them as one line first).
+    Resident data (decoded once, on the device): the torch backend. Streamed files (full-size
+    JPEGs): auto is DALI (nvJPEG decode and all ops on the GPU) on CUDA when DALI imports, else
+    Pillow workers. data.backend=dali on streamed data without DALI falls back to Pillow and the
+    reason says so; dali or pillow on resident data and torch on streamed data are errors
+    (validate.check_config reports them as one line first).
     """
     if requested not in ("auto", "torch", "dali", "pillow"):
         raise ValueError(f"unknown patch backend '{requested}' (choose auto, torch, dali or pillow)")
     if not streamed:
-        if requested in ("auto", "torch"):
-            why = "resident images: the batched torch backend (37x faster than per-patch DALI on the H200)"
-            return "torch", why if requested == "auto" else "data.backend=torch"
-        if requested == "pillow":
-            raise ValueError("data.backend=pillow needs streamed data (data.streamed=true)")
-        if not dali_installed:
-            raise RuntimeError(f"data.backend=dali but {DALI_MISSING}")
-        return "dali", "data.backend=dali"
+        if requested in ("dali", "pillow"):
+            raise ValueError(f"data.backend={requested} reads image files: it needs data.streamed=true")
+        return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"
     if requested == "torch":
         raise ValueError("data.backend=torch needs resident images (data.streamed=false)")
     if requested == "pillow":
@@ -104,20 +75,16 @@ def make_patch_backend(
     images = getattr(images, "images", images)  # an ImageSet: its tensor
     streamed = isinstance(images, StreamedSet)
     device = images.device
-    asks_dali = name == "dali" or (streamed and name == "auto")  # importing DALI costs a second: only when it matters
+    asks_dali = streamed and name in ("dali", "auto")  # importing DALI costs a second: only when it matters
     chosen, reason = choose_backend(name, streamed, device.type, asks_dali and dali_available())
-    if streamed and chosen == "dali":
+    if chosen == "dali":
         from .dali_images import DaliImagePatches
 
         backend = DaliImagePatches(images, aug, seed=seed)
-    elif streamed:
+    elif chosen == "pillow":
         from .pillow_images import PillowPatches
 
         backend = PillowPatches(images, aug, workers=workers)
-    elif chosen == "dali":
-        from .dali_backend import DaliPatches
-
-        backend = DaliPatches(images, aug, seed=seed)
     else:
         backend = TorchPatches(images, aug, compile_recipe)
     backend.reason = reason

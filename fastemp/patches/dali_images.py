@@ -1,38 +1,28 @@
-"""The DALI patch backend for streamed images: decode each JPEG once, cut its n patches, all on the GPU.
+"""The DALI patch backend: decode each image file once and cut its n patches, all on the GPU.
 
-Samples are IMAGES, not patches: a pipeline run takes the b encoded files of a step (read on the
-host, in the order the trainer asks for: the epoch's permutation), decodes them with
-`fn.decoders.image(device="mixed")` (nvJPEG; the hardware JPEG decoder where the GPU has one) on
-CUDA or the CPU decoder without a GPU (the CPU twin, same graph), and makes every image's n
-patches as n crop+resize branches over the batch of images (slice the crop window, resize it to
-S x S with the configured interpolation, antialiased; a flip is a reversed x ROI), stacked into
-one (n, S, S, 3) sequence per image. The colour ops then run once over all n*b patches with
-per-frame parameters (arithmetic broadcasting over (n, 1, 1, 1) columns, the Gaussian blur's
-sigma through `fn.per_frame`): jitter (brightness, contrast, saturation, hue, in that fixed
-order), grayscale, blur, solarize, normalize, each gated per patch, as in the resident DALI
-backend (dali_backend.py, whose expressions are reused). Output: (n*b, 3, S, S) float32,
-patch-major, channels_last, on the device.
+Samples are IMAGES: a pipeline run takes the b encoded files of a request (in the epoch's order),
+decodes them (`fn.decoders.image`: nvJPEG on CUDA, the hardware decoder where the GPU has one; the
+CPU decoder without a GPU, the CPU twin of the same graph), cuts every image's n patches (n branches
+of slice + antialiased resize, a flip being a reversed x ROI, stacked into one (n, S, S, 3)
+sequence), then runs the colour ops once over all n*b patches with per-patch parameters as
+(n, 1, 1, 1) columns: jitter in the fixed order brightness, contrast, saturation, hue (torchvision's
+formulas and exact HSV hue as DALI arithmetic), grayscale, Gaussian blur, solarize, normalize. Every
+p-gate is a blend `g * new + (1 - g) * old` with g in {0, 1}, so a patch that does not draw an op
+is exactly unchanged by it. Output: (n*b, 3, S, S) float32, patch-major, channels_last.
 
-Randomness: the parameters come from the shared draw (draw.sharded_uniforms on a CPU generator
-seeded with the call's seed, turned into crops with each image's own size, read from its JPEG
-header), exactly as in the Pillow backend (pillow_images.py), so both backends cut the same
-windows, and a resumed run sees the same patches. The pipeline draws nothing itself.
+The parameters come from the shared draw on a CPU generator seeded with the request's seed, the
+crops drawn for each image's size (read from its header): the same windows as the Pillow backend
+and, for images of one size, the torch backend. The pipeline draws nothing itself.
 
-Prefetch: `prefetch(index, n, seed, shard)` (called by the trainer for step t+1) reads the
-files, feeds the pipeline and schedules its run; DALI runs it in its own threads and CUDA stream
-while step t trains, up to PREFETCH_DEPTH requests ahead. The call for that request collects the
-output; a call nobody prefetched (or that does not match the queue, e.g. evaluation) drains the
-queue and runs at once.
-
-Known differences from the Pillow reference (docs/data-backends.md): the fixed jitter order, float
-arithmetic instead of uint8 rounding after every op, DALI's resampling filters, a sampled
-Gaussian blur (reflect-101 borders) instead of PIL's box-blur approximation, the exact float HSV
-hue instead of PIL's uint8 HSV.
+Every request (reading its files, drawing, feeding and running the pipeline, reordering its
+output) runs on the backend's one worker thread, so a prefetched request is read and decoded while
+the current step trains, and DALI is called from that thread only, one request per run. On CUDA
+the output is reordered on a side stream the worker waits for. The differences from the Pillow
+and torch backends are measured in docs/data-backends.md and docs/augmentation.md.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import io
 import os
@@ -41,32 +31,63 @@ import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from .dali_backend import (
-    _B,
-    _BLUR,
-    _C,
-    _GRAY,
-    _HUE,
-    _JITTER,
-    _S,
-    _SIGMA,
-    _SOLARIZE,
-    _gate,
-    _gray,
-    _hue_hsv,
-    pipeline_inputs,
-)
-from .draw import PatchParams, sharded_params
-from .pillow_images import _request_key as _key
+from .draw import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, jitter_enabled, sharded_params
+from .prefetch import PatchBackend, PatchRequest
 
-PREFETCH_DEPTH = 2  # requests scheduled ahead of the one being trained on
 READ_THREADS = 8  # host threads reading files (I/O, not decoding)
 
+# Columns of the per-patch float parameters fed to the pipeline.
+_B, _C, _S, _HUE, _JITTER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(9)
+_N_COLUMNS = 9
+_IDLE_SIGMA = 0.1  # a patch that is not blurred gets this sigma: a 3-tap window, cheap (its result is unused)
 
-def _interp(name: str):
+
+# ----------------------------------------------------------------------------- the colour ops
+
+
+def _rgb(x):
+    """The R, G, B channels of (n, H, W, 3) patches, each keeping a channel axis of 1."""
+    return x[:, :, :, 0:1], x[:, :, :, 1:2], x[:, :, :, 2:3]
+
+
+def _gray(x):
+    """torchvision's grayscale weights as a DALI expression: (n, H, W, 1)."""
+    r, g, b = _rgb(x)
+    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+
+
+def _gate(g, new, old):
+    """g * new + (1 - g) * old for g in {0, 1} (per patch or per pixel): exactly `old` where g = 0."""
+    return g * new + (1.0 - g) * old
+
+
+def _hue_hsv(x, shift):
+    """torchvision's adjust_hue as DALI arithmetic: RGB -> HSV (_rgb2hsv), h = (h + shift) mod 1, -> RGB.
+
+    x: (n, H, W, 3) in [0, 1]; shift: (n, 1, 1, 1), in turns. HSV -> RGB uses the closed form
+    channel = v * (1 - s * clamp(min(k, 4 - k), 0, 1)), k = (m + 6h) mod 6, m = 5, 3, 1 for R, G, B,
+    which equals torchvision's sector table (v, q, p, p, t, v ...) up to float rounding.
+    """
+    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
 
-    return {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[name]
+    r, g, b = _rgb(x)
+    maxc = dmath.max(dmath.max(r, g), b)
+    minc = dmath.min(dmath.min(r, g), b)
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / dmath.max(maxc, eqc)  # torch.where(eqc, 1, maxc): maxc <= 1, and maxc > 0 unless eqc
+    cr_divisor = dmath.max(cr, eqc)  # torch.where(eqc, 1, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    is_r = maxc == r
+    is_g = (maxc == g) & (maxc != r)
+    is_b = (maxc != g) & (maxc != r)
+    h = (is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)) / 6.0 + 1.0
+    h = h - dmath.floor(h)  # torch.fmod(h, 1) for h >= 0
+    h = h + shift
+    h = h - dmath.floor(h)  # (h + shift) % 1, Python-style
+    k = (types.Constant(np.float32([5.0, 3.0, 1.0])) + 6.0 * h) % 6.0
+    return maxc * (1.0 - s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
 
 
 def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int):
@@ -78,13 +99,14 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
 
     on_gpu = device_id is not None
     size = aug.crop_size
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[aug.interpolation]
 
     @pipeline_def(
         batch_size=batch,
         num_threads=max(1, min(8, os.cpu_count() or 1)),
         device_id=device_id,
         seed=seed,
-        prefetch_queue_depth=PREFETCH_DEPTH + 1,
+        prefetch_queue_depth=1,  # one request per run: the backend's worker feeds a request and runs it
     )
     def images_to_patches():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
@@ -109,7 +131,7 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
                     size=[size, size],
                     roi_start=roi[i, 0:2],
                     roi_end=roi[i, 2:4],
-                    interp_type=_interp(aug.interpolation),
+                    interp_type=interp,
                     antialias=True,
                     dtype=types.FLOAT,
                 )
@@ -122,16 +144,16 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
                 j = dmath.clamp(column(_B) * j, 0.0, 1.0)
             if aug.contrast > 0:
                 c = column(_C)
-                mean = fn.reductions.mean(_gray(j, frames=True), axes=[1, 2, 3], keep_dims=True)
+                mean = fn.reductions.mean(_gray(j), axes=[1, 2, 3], keep_dims=True)
                 j = dmath.clamp(c * j + (1.0 - c) * mean, 0.0, 1.0)
             if aug.saturation > 0:
                 s = column(_S)
-                j = dmath.clamp(s * j + (1.0 - s) * _gray(j, frames=True), 0.0, 1.0)
+                j = dmath.clamp(s * j + (1.0 - s) * _gray(j), 0.0, 1.0)
             if aug.hue > 0:
-                j = _hue_hsv(j, column(_HUE), frames=True)
+                j = _hue_hsv(j, column(_HUE))
             x = _gate(column(_JITTER), j, x)
         if aug.grayscale_p > 0:
-            x = _gate(column(_GRAY), _gray(x, frames=True), x)
+            x = _gate(column(_GRAY), _gray(x), x)
         if aug.blur_p > 0:
             x = _gate(column(_BLUR), fn.gaussian_blur(x, sigma=fn.per_frame(prm[:, _SIGMA]), dtype=types.FLOAT), x)
         if aug.solarize_p > 0:
@@ -142,10 +164,33 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
 
     pipe = images_to_patches()
     pipe.build()
-    # schedule_run's first call runs prefetch_queue_depth iterations at once (made for sources that
-    # feed themselves); fed one request per schedule_run, every call must run exactly once
-    pipe._first_iter = False
     return pipe
+
+
+def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str, list[np.ndarray]]:
+    """The host arrays the pipeline reads, one (n, k) array per image (every op a patch does not draw is
+    an identity). params: patch-major, on the host."""
+    box = params.box.numpy().astype(np.int32)
+    h, w = box[:, 2].astype(np.float32), box[:, 3].astype(np.float32)
+    flip = params.flip.numpy()
+    roi = np.stack([np.zeros_like(h), np.where(flip, w, 0), h, np.where(flip, 0, w)], axis=1).astype(np.float32)
+    jitter = params.jitter.numpy()
+    factors = params.factors.numpy().astype(np.float32)
+    enabled = jitter_enabled(aug)
+    prm = np.zeros((box.shape[0], _N_COLUMNS), np.float32)
+    for column, op in ((_B, BRIGHTNESS), (_C, CONTRAST), (_S, SATURATION)):
+        prm[:, column] = np.where(jitter & enabled[op], factors[:, op], 1.0)
+    prm[:, _HUE] = np.where(jitter & enabled[HUE], factors[:, HUE], 0.0)  # turns
+    prm[:, _JITTER] = jitter
+    prm[:, _GRAY] = params.gray.numpy()
+    blur = params.blur.numpy()
+    prm[:, _BLUR] = blur
+    prm[:, _SIGMA] = np.where(blur, params.sigma.numpy(), _IDLE_SIGMA)
+    prm[:, _SOLARIZE] = params.solarize.numpy()
+    uses_params = max(aug.jitter_p, aug.grayscale_p, aug.blur_p, aug.solarize_p) > 0  # else DALI prunes the input
+    rows = {"window": box, "roi": roi, **({"params": prm} if uses_params else {})}
+    b = box.shape[0] // n
+    return {name: [np.ascontiguousarray(a.reshape(n, b, -1)[:, j]) for j in range(b)] for name, a in rows.items()}
 
 
 def image_size(blob: np.ndarray) -> tuple[int, int]:
@@ -167,77 +212,76 @@ def streamed_params(
     )
 
 
-class DaliImagePatches:
-    """Streamed images -> (n*B, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin)."""
+class DaliImagePatches(PatchBackend):
+    """Image files -> (n*b, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin).
+
+    One pipeline per (b, n), built on first use by the worker thread. A request starts as a task on
+    that thread; taking it waits for the task."""
 
     name = "dali"
 
     def __init__(self, data, aug: AugmentConfig, seed: int = 0):
+        super().__init__()
         import nvidia.dali  # noqa: F401  (fail here, not on the first call, when DALI is missing)
 
         self.data, self.aug, self.seed, self.device = data, aug, seed, data.device
+        self._device_id, self._stream = None, None  # CPU operators
+        if self.device.type == "cuda":
+            self._device_id = torch.cuda.current_device() if self.device.index is None else self.device.index
+            self._stream = torch.cuda.Stream(self.device)
         self._pipes: dict[tuple[int, int], object] = {}
-        self._pending: dict[tuple[int, int], collections.deque] = {}  # per pipeline: requests scheduled, in order
         self._reader = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1)  # the one thread that calls DALI
 
-    def _pipeline(self, batch: int, n: int):
-        if (batch, n) not in self._pipes:
-            on_cuda = self.device.type == "cuda"
-            device_id = (
-                (self.device.index if self.device.index is not None else torch.cuda.current_device())
-                if on_cuda
-                else None
-            )
-            self._pipes[batch, n] = _build_pipeline(batch, n, self.aug, device_id, self.seed)
-            self._pending[batch, n] = collections.deque()
-        return self._pipes[batch, n]
+    def _read(self, request: PatchRequest) -> tuple[list[np.ndarray], PatchParams]:
+        """The request's encoded files and its patches' parameters (drawn for the sizes in their headers)."""
+        index = request.index.cpu()
+        blobs = list(self._reader.map(self.data.read, index[request.shard].tolist()))
+        heights, widths = zip(*(image_size(b) for b in blobs))
+        return blobs, streamed_params(index, request.n, request.seed, request.shard, heights, widths, self.aug)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
-        """The parameters a call with these arguments uses (reads the images' headers)."""
-        blobs = list(self._reader.map(self.data.read, index.cpu()[shard].tolist()))
-        heights, widths = zip(*(image_size(b) for b in blobs))
-        return streamed_params(index.cpu(), n, seed, shard, list(heights), list(widths), self.aug)
+        """The parameters a request with these arguments uses (reads the images' headers)."""
+        return self._read(PatchRequest(index, n, seed, shard))[1]
 
-    def _schedule(self, index: torch.Tensor, n: int, seed: int, shard: slice) -> None:
-        """Read the files, feed the pipeline and start its run (asynchronous)."""
-        index = index.cpu()
-        mine = index[shard].tolist()
-        blobs = list(self._reader.map(self.data.read, mine))
-        heights, widths = zip(*(image_size(b) for b in blobs))
-        params = streamed_params(index, n, seed, shard, list(heights), list(widths), self.aug)
-        feed = pipeline_inputs(params, self.aug)
-        b = len(mine)
-        pipe = self._pipeline(b, n)
-        pipe.feed_input("encoded", blobs)
-        for name, rows in feed.items():  # patch-major (n*b, k) -> one (n, k) array per image
-            per_image = rows.reshape(n, b, -1)
-            pipe.feed_input(name, [np.ascontiguousarray(per_image[:, j]) for j in range(b)])
-        pipe.schedule_run()
-        self._pending[b, n].append(_key(index, n, seed, shard))
+    def _make(self, request: PatchRequest) -> torch.Tensor:
+        """Read, draw, run the pipeline and reorder its output patch-major (on the worker thread)."""
+        blobs, params = self._read(request)
+        n, b = request.n, len(blobs)
+        if (b, n) not in self._pipes:
+            self._pipes[b, n] = _build_pipeline(b, n, self.aug, self._device_id, self.seed)
+        inputs = {"encoded": blobs, **pipeline_inputs(params, self.aug, n)}
+        if self._stream is None:
+            (out,) = self._pipes[b, n].run(**inputs)
+            return _patch_major(out)
+        with torch.cuda.stream(self._stream):
+            (out,) = self._pipes[b, n].run(self._stream.cuda_stream, **inputs)
+            patches = _patch_major(out)
+        self._stream.synchronize()  # complete before the training thread takes it and DALI's buffer goes
+        return patches
 
-    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
-        """Schedule a later call's run now, so its files are decoded while the current step trains."""
-        b = len(index.cpu()[shard])
-        queue = self._pending.get((b, n), ())
-        if _key(index.cpu(), n, seed, shard) not in queue and len(queue) < PREFETCH_DEPTH:
-            self._schedule(index, n, seed, shard)
+    def start(self, request: PatchRequest):
+        return self._worker.submit(self._make, request)
 
-    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
-        index = index.cpu()
-        b, key = len(index[shard]), _key(index, n, seed, shard)
-        pipe = self._pipeline(b, n)
-        queue = self._pending[b, n]
-        if key not in queue:  # not prefetched: drop whatever was scheduled, run this one now
-            while queue:
-                queue.popleft()
-                pipe.outputs()
-            self._schedule(index, n, seed, shard)
-        while queue[0] != key:  # scheduled but skipped (the caller changed its mind): discard
-            queue.popleft()
-            pipe.outputs()
-        queue.popleft()
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
-        (out,) = pipe.outputs(cuda_stream=stream)
-        x = torch.from_dlpack(out.as_tensor())  # (b, n, S, S, 3), consumed on torch's stream
-        x = x.transpose(0, 1).reshape(n * b, *x.shape[2:])  # patch-major: a copy DALI's buffer can go after
-        return x.permute(0, 3, 1, 2)  # NHWC memory: channels_last
+    def finish(self, handle) -> torch.Tensor:
+        patches = handle.result()
+        if self._stream is not None:
+            patches.record_stream(torch.cuda.current_stream(self.device))  # made on the side stream, freed here
+        return patches
+
+    def drop(self, handle) -> None:
+        handle.cancel()  # not started yet: never runs; running: finishes on the worker, unused
+
+    def close(self) -> None:
+        """Stop the worker and reading threads."""
+        super().close()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _patch_major(out) -> torch.Tensor:
+    """A pipeline output (b, n, S, S, 3) as (n*b, 3, S, S), patch-major, channels_last: a copy, after
+    which DALI's buffer can go."""
+    x = torch.from_dlpack(out.as_tensor())
+    x = x.transpose(0, 1).reshape(x.shape[1] * x.shape[0], *x.shape[2:])
+    return x.permute(0, 3, 1, 2)

@@ -1,8 +1,8 @@
-"""The random draw both patch backends share: every patch's augmentation parameters.
+"""The random draw every patch backend shares: every patch's augmentation parameters.
 
-One `torch.rand` row of 18 uniforms per patch (`sample_params`, `sharded_params`) becomes a
+One `torch.rand` row of 18 uniforms per patch (`sharded_uniforms`, `sharded_params`) becomes a
 `PatchParams`: crop window, flip, jitter gates/factors/order, grayscale, blur sigma, solarize. The
-torch backend draws on the images' device, the DALI backend on the host; both use these functions,
+torch backend draws on the images' device, DALI and Pillow on the host; all use these functions,
 so one seed means the same parameters everywhere, and a patch's randomness depends only on (seed,
 global image position, patch index), never on how a batch is split over ranks.
 """
@@ -78,20 +78,6 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
     return torch.stack([top, left, h, w], dim=1).long()
 
 
-def sample_params(
-    image: torch.Tensor, height: int, width: int, aug: AugmentConfig, generator: torch.Generator
-) -> PatchParams:
-    """Draw every patch's parameters with one `torch.rand` call on the generator's device.
-
-    `image` (P,) holds the dataset index of each patch, patch-major. Gates are `u < p`; jitter
-    factors are U[max(0, 1-x), 1+x] (hue U[-hue, hue]) and the jitter order is a uniformly random
-    permutation per patch, both as torchvision's ColorJitter.get_params; sigma ~ U[blur_sigma].
-    Everything but `image` lives on the generator's device.
-    """
-    u = torch.rand(image.shape[0], _N_UNIFORMS, generator=generator, device=generator.device)
-    return params_from_uniforms(u, image, height, width, aug)
-
-
 def sharded_params(
     index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig, generator: torch.Generator
 ) -> PatchParams:
@@ -117,7 +103,12 @@ def sharded_uniforms(batch: int, n: int, shard: slice, generator: torch.Generato
 def params_from_uniforms(
     u: torch.Tensor, image: torch.Tensor, height: int, width: int, aug: AugmentConfig
 ) -> PatchParams:
-    """Every patch's parameters from its row of 18 uniforms (see sample_params)."""
+    """Every patch's parameters from its row of 18 uniforms; `image` (P,) holds each patch's dataset index.
+
+    Gates are `u < p`; jitter factors are U[max(0, 1-x), 1+x] (hue U[-hue, hue]) and the jitter order
+    is a uniformly random permutation per patch, both as torchvision's ColorJitter.get_params;
+    sigma ~ U[blur_sigma]. Everything but `image` lives on the uniforms' device.
+    """
     device = u.device
     lo = device_constant(
         (max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation), -aug.hue),

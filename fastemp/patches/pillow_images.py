@@ -1,26 +1,17 @@
 """The Pillow patch backend for streamed images: the official recipe on PIL images, in worker processes.
 
-This is the reference and the fallback for streamed data (fastemp/data/streamed.py). Every patch
-is the official ImageNet recipe (dataset/aug4img.py of the official code, torchvision on PIL
-images) with its random choices taken from the shared draw (draw.sharded_uniforms on a CPU
-generator seeded with the call's seed, one row of 18 uniforms per patch, so a call depends only on
-(seed, global image position, patch index), as in the other backends, and a resumed run sees the
-same patches):
+The reference and the fallback for streamed data. Every patch is the official ImageNet recipe
+(dataset/aug4img.py of the official code, torchvision on PIL images), its random choices taken
+from the shared draw (draw.sharded_uniforms on a CPU generator seeded with the request's seed, the
+crop window drawn for the image's own size), each op as torchvision applies it to a PIL image:
 
     RandomResizedCrop(S, crop_scale, crop_ratio, interpolation) -> RandomHorizontalFlip
     -> RandomApply(ColorJitter, jitter_p) (ops in the drawn order) -> RandomGrayscale
     -> GaussianBlur(sigma) (p) -> Solarize (p) -> ToTensor -> Normalize
 
-each op as torchvision applies it to a PIL image (ImageEnhance for brightness, contrast and
-saturation; the uint8 HSV hue shift; convert("L") grayscale; ImageFilter.GaussianBlur;
-ImageOps.solarize). The crop window is drawn for the image's own size (read from its header).
-
-Workers: data.workers processes (a ProcessPoolExecutor; 0 = in the training process) each decode
-one image and cut its n patches, returning uint8 (n, S, S, 3); ToTensor and Normalize run in the
-training process on the target device. A torch DataLoader is not used because its sampler must
-know the next request ahead of time; `prefetch(index, n, seed, shard)` (the PatchBackend hook
-the trainer calls for step t+1) submits the next step's images to the pool so they are decoded
-while step t trains, in the epoch's order.
+data.workers processes (0: the training process) each decode one image and cut its n patches as
+uint8; ToTensor and Normalize run on the target device. A torch DataLoader is not used: its sampler
+would have to know the next request ahead of time, which the prefetch of step t+1 provides here.
 """
 
 from __future__ import annotations
@@ -33,11 +24,19 @@ import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from .draw import BRIGHTNESS, CONTRAST, SATURATION, jitter_enabled, params_from_uniforms, sharded_uniforms
+from .draw import (
+    BRIGHTNESS,
+    CONTRAST,
+    SATURATION,
+    PatchParams,
+    jitter_enabled,
+    params_from_uniforms,
+    sharded_uniforms,
+)
+from .prefetch import PatchBackend, PatchRequest
 from .torch_backend import normalize_images
 
 RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR, BICUBIC
-PREFETCH_DEPTH = 2  # requests decoded ahead at most (a request nobody collects is dropped with the oldest)
 
 
 def _adjust_hue(img, shift: float):
@@ -62,37 +61,25 @@ def _jitter_op(img, op: int, factor: float):
     return _adjust_hue(img, factor)
 
 
-def official_patch(
-    img,
-    box,
-    flip: bool,
-    jitter: bool,
-    factors,
-    order,
-    gray: bool,
-    blur: bool,
-    sigma: float,
-    solarize: bool,
-    aug: AugmentConfig,
-) -> np.ndarray:
-    """One patch of the official recipe from a PIL RGB image and its drawn parameters: (S, S, 3) uint8."""
+def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarray:
+    """Patch i of the official recipe from a PIL RGB image and the drawn parameters: (S, S, 3) uint8."""
     from PIL import Image, ImageFilter, ImageOps
 
-    top, left, h, w = (int(v) for v in box)
+    top, left, h, w = p.box[i].tolist()
     size = aug.crop_size
     x = img.crop((left, top, left + w, top + h)).resize((size, size), RESAMPLE[aug.interpolation])
-    if flip:
+    if p.flip[i]:
         x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if jitter:
+    if p.jitter[i]:
         enabled = jitter_enabled(aug)
-        for op in order:
+        for op in p.order[i].tolist():
             if enabled[op]:
-                x = _jitter_op(x, int(op), float(factors[op]))
-    if gray:
+                x = _jitter_op(x, op, float(p.factors[i, op]))
+    if p.gray[i]:
         x = Image.merge("RGB", (x.convert("L"),) * 3)  # torchvision: convert("L"), then 3 equal channels
-    if blur:
-        x = x.filter(ImageFilter.GaussianBlur(float(sigma)))
-    if solarize:
+    if p.blur[i]:
+        x = x.filter(ImageFilter.GaussianBlur(float(p.sigma[i])))
+    if p.solarize[i]:
         x = ImageOps.solarize(x, aug.solarize_threshold)
     return np.asarray(x, dtype=np.uint8)
 
@@ -114,24 +101,7 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
     img = open_rgb(path)
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
-    return np.stack(
-        [
-            official_patch(
-                img,
-                p.box[i].tolist(),
-                bool(p.flip[i]),
-                bool(p.jitter[i]),
-                p.factors[i].tolist(),
-                p.order[i].tolist(),
-                bool(p.gray[i]),
-                bool(p.blur[i]),
-                float(p.sigma[i]),
-                bool(p.solarize[i]),
-                aug,
-            )
-            for i in range(u.shape[0])
-        ]
-    )
+    return np.stack([official_patch(img, p, i, aug) for i in range(u.shape[0])])
 
 
 def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:
@@ -147,54 +117,44 @@ def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, dev
     return normalize_images(x.reshape(-1, *x.shape[2:]), aug.mean, aug.std)
 
 
-def _request_key(index: torch.Tensor, n: int, seed: int, shard: slice) -> tuple:
-    return (tuple(index.tolist()), n, seed, shard.start, shard.stop, shard.step)
+class PillowPatches(PatchBackend):
+    """Streamed images -> (n*b, 3, S, S) float32, the official recipe on PIL images in worker processes.
 
-
-class PillowPatches:
-    """Streamed images -> (n*B, 3, S, S) float32, the official recipe on PIL images in worker processes."""
+    A request starts as one task per image in the pool (or, with no workers, is made when started)."""
 
     name = "pillow"
 
     def __init__(self, data, aug: AugmentConfig, workers: int = 8):
+        super().__init__()
         self.data, self.aug, self.workers, self.device = data, aug, workers, data.device
         self._pool = None
-        self._pending: dict[tuple, list] = {}  # request -> futures of its images, in order
 
     def _executor(self):
-        if self._pool is None and self.workers > 0:
+        if self._pool is None:
             # forkserver: a fork of a process that runs DALI or CUDA threads is not safe
             context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
         return self._pool
 
-    def _submit(self, index: torch.Tensor, n: int, seed: int, shard: slice) -> list:
-        u = draw_uniforms(index, n, seed, shard).numpy()
-        mine = index[shard].tolist()
-        return [self._executor().submit(image_patches, self.data.paths[i], u[j], self.aug) for j, i in enumerate(mine)]
-
-    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
-        """Start decoding the images of a later call (in the workers) so it finds them ready."""
-        key = _request_key(index, n, seed, shard)
-        if self.workers > 0 and key not in self._pending:
-            while len(self._pending) >= PREFETCH_DEPTH:
-                for future in self._pending.pop(next(iter(self._pending))):
-                    future.cancel()
-            self._pending[key] = self._submit(index.cpu(), n, seed, shard)
-
-    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
-        index = index.cpu()
+    def start(self, request: PatchRequest):
+        index = request.index.cpu()
+        u = draw_uniforms(index, request.n, request.seed, request.shard).numpy()
+        paths = [self.data.paths[i] for i in index[request.shard].tolist()]
         if self.workers == 0:
-            u = draw_uniforms(index, n, seed, shard).numpy()
-            per_image = [image_patches(self.data.paths[i], u[j], self.aug) for j, i in enumerate(index[shard].tolist())]
-        else:
-            key = _request_key(index, n, seed, shard)
-            futures = self._pending.pop(key, None) or self._submit(index, n, seed, shard)
-            per_image = [f.result() for f in futures]
-        return to_patch_batch(np.stack(per_image), self.aug, self.device)
+            return np.stack([image_patches(path, u[j], self.aug) for j, path in enumerate(paths)])
+        return [self._executor().submit(image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
+
+    def finish(self, handle) -> torch.Tensor:
+        per_image = handle if isinstance(handle, np.ndarray) else np.stack([f.result() for f in handle])
+        return to_patch_batch(per_image, self.aug, self.device)
+
+    def drop(self, handle) -> None:
+        for future in handle if isinstance(handle, list) else ():
+            future.cancel()
 
     def close(self) -> None:
         """Stop the worker processes (they also stop with the training process)."""
+        super().close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

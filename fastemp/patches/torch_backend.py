@@ -1,6 +1,6 @@
 """The torch patch backend: the EMP-SSL augmentation recipe as one batched pass on the device.
 
-Each call draws every random number of every patch at once (`sample_params`) and then applies
+Each call draws every random number of every patch at once (`draw.sharded_params`) and then applies
 the recipe to all n*B patches together (`augment`), in float32, following torchvision's tensor
 semantics op by op:
 
@@ -13,10 +13,9 @@ the result), and all randomness comes from one torch.Generator seeded per call: 
 (index, n, seed) on the same device gives bit-identical output. An op a patch does not draw is
 skipped with `torch.where`, so such a patch comes out exactly unchanged by it.
 
-Deliberate differences from the official recipe (torchvision on PIL images) are listed in the
-README section "Augmentation backends"; in short: float32 throughout instead of uint8 rounding
-after every PIL op, a true sampled Gaussian instead of PIL's box-blur approximation, and a clamped
-crop size instead of torchvision's rejection loop when crop_scale / crop_ratio are ranges.
+Deliberate differences from the official recipe (torchvision on PIL images; docs/augmentation.md):
+float32 throughout instead of uint8 rounding after every PIL op, a sampled Gaussian instead of PIL's
+box-blur approximation, a clamped crop size instead of torchvision's rejection loop.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from .draw import (
     jitter_enabled,
     sharded_params,
 )
+from .prefetch import PatchBackend, PatchRequest
 
 # ----------------------------------------------------------------------------- the ops
 
@@ -99,21 +99,6 @@ def blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Te
     return (ratio * x + (1.0 - ratio) * other).clamp(0.0, 1.0)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with black (torchvision adjust_brightness). factor: (P, 1, 1, 1)."""
-    return blend(x, torch.zeros_like(x), factor)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with the mean of the grayscale image (torchvision adjust_contrast). factor: (P, 1, 1, 1)."""
-    return blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with the per-pixel grayscale image (torchvision adjust_saturation). factor: (P, 1, 1, 1)."""
-    return blend(x, grayscale(x), factor)
-
-
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """torchvision's _rgb2hsv: (..., 3, H, W) RGB in [0, 1] -> HSV with hue in turns [0, 1)."""
     r, g, b = x.unbind(dim=-3)
@@ -158,7 +143,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast or saturation (op 0, 1, 2 per patch) as one blend with that op's target."""
+    """Brightness, contrast or saturation (op 0, 1, 2 per patch) as one blend with that op's target, as
+    torchvision's adjust_*: black, the mean of the patch's grayscale, the per-pixel grayscale."""
     gray = grayscale(x)
     op = op.view(-1, 1, 1, 1)
     target = torch.where(op == SATURATION, gray, gray.mean(dim=(-3, -2, -1), keepdim=True))
@@ -273,28 +259,13 @@ def resolve_patch_compile(setting: str, device: torch.device, model_compile: str
     return setting == "on"
 
 
-def _cache_key(index: torch.Tensor, n: int, seed: int, shard: slice) -> tuple:
-    """What makes two calls the same: the index tensor's memory and contents version (the backend
-    holds the tensor meanwhile, so its memory cannot be reused), n, seed and the shard."""
-    return (
-        index.device,
-        index.dtype,
-        index.data_ptr(),
-        tuple(index.shape),
-        index.stride(),
-        index._version,
-        n,
-        seed,
-        shard.start,
-        shard.stop,
-        shard.step,
-    )
-
-
-class TorchPatches:
-    """The batched torch backend: (index, n, seed) -> (n*B, 3, S, S), bit-exact for a given seed.
+class TorchPatches(PatchBackend):
+    """The batched torch backend: a PatchRequest -> (n*b, 3, S, S), bit-exact for a given seed.
 
     images: (N, H, W, 3) uint8 on the device (CPU or CUDA); everything runs there, asynchronously.
+    On CUDA a request is made on a side stream, after the work already queued on the current stream
+    (which produced its index), so a prefetched request overlaps the step that runs meanwhile; the
+    caller's stream waits for it when it takes it. On the CPU a request is made when started.
     compile_recipe: run `augment` through torch.compile (one graph; Inductor fuses the recipe's
     full-tensor passes). The random draw stays eager, so the parameters are the same either way;
     the pixels agree with the eager recipe to float rounding (`fastemp check`, row "patches compiled").
@@ -303,12 +274,18 @@ class TorchPatches:
     name = "torch"
 
     def __init__(self, images: torch.Tensor, aug: AugmentConfig, compile_recipe: bool = False):
+        super().__init__()
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
         self.images, self.aug = images, aug
         self.recipe = torch.compile(augment, dynamic=False) if compile_recipe else augment
-        self._ahead = None  # (key, index, patches, event) of the last prefetch
         self._stream = None
+        if images.device.type == "cuda":
+            # one eager patch on the current stream makes every device constant the recipe reads (a blocking
+            # copy), so no kernel on the side stream can read one before its host copy has landed
+            with torch.no_grad():
+                augment(images, self.params(torch.zeros(1, dtype=torch.long, device=images.device), 1, 0), aug)
+            self._stream = torch.cuda.Stream(images.device)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a call with these arguments uses (patch-major: row i*b + j for image index[shard][j])."""
@@ -318,43 +295,28 @@ class TorchPatches:
             index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2], self.aug, generator
         )
 
-    def make(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
-        """The patches of these arguments, computed now on the current stream."""
+    def make(self, request: PatchRequest) -> torch.Tensor:
+        """The patches of `request`, computed now on the current stream."""
         with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False), warnings.catch_warnings():
             # dynamo traces through device_constant's lru_cache (a pure constant) and warns that it did
             warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
-            return self.recipe(self.images, self.params(index, n, seed, shard), self.aug)
+            return self.recipe(self.images, self.params(*request), self.aug)
 
-    def prefetch(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> None:
-        """Start making the patches of a later call with the same arguments (the Trainer's next step).
-
-        On CUDA they are made on a side stream, after the work already queued on the current stream
-        (which produced `index`), so they overlap the step that runs meanwhile; the call that takes
-        them makes its stream wait for them. On the CPU, and for the first prefetch on CUDA, they are
-        made now. Only the last prefetch is kept; a call with other arguments computes afresh and drops it."""
-        device = self.images.device
-        if device.type != "cuda" or self._stream is None:
-            # the first CUDA prefetch runs here too: it creates the recipe's cached device constants on this
-            # stream, so that no later kernel on it can read one before its host copy has landed
-            self._ahead = (_cache_key(index, n, seed, shard), index, self.make(index, n, seed, shard), None)
-            if device.type == "cuda":
-                self._stream = torch.cuda.Stream(device)
-            return
+    def start(self, request: PatchRequest):
+        if self._stream is None:
+            return self.make(request), None
         side = self._stream
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(torch.cuda.current_stream(self.images.device))
         with torch.cuda.stream(side):
-            patches = self.make(index, n, seed, shard)
+            patches = self.make(request)
             event = torch.cuda.Event()
             event.record(side)
-        if index.device.type == "cuda":
-            index.record_stream(side)  # read on the side stream: not to be reused before it is done
-        self._ahead = (_cache_key(index, n, seed, shard), index, patches, event)
+        if request.index.device.type == "cuda":
+            request.index.record_stream(side)  # read on the side stream: not to be reused before it is done
+        return patches, event
 
-    def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
-        ahead, self._ahead = self._ahead, None
-        if ahead is None or ahead[0] != _cache_key(index, n, seed, shard):
-            return self.make(index, n, seed, shard)
-        _, _, patches, event = ahead
+    def finish(self, handle) -> torch.Tensor:
+        patches, event = handle
         if event is not None:
             stream = torch.cuda.current_stream(self.images.device)
             stream.wait_event(event)

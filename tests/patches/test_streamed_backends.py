@@ -4,6 +4,7 @@ CPU twin, op by op and in distribution, on the shared draw; exact resume; what a
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from augment_helpers import aug_off
 from fastemp.config import AugmentConfig, DataConfig
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
-from fastemp.patches import choose_backend, make_patch_backend
+from fastemp.patches import PatchRequest, choose_backend, make_patch_backend
+from fastemp.patches.draw import PatchParams
 from fastemp.patches.pillow_images import PillowPatches, draw_uniforms, image_patches, official_patch, open_rgb
 
 
@@ -35,11 +37,16 @@ def test_choose_backend_is_decided_by_data_device_and_dali():
     name, reason = choose_backend("dali", True, "cuda", False)
     assert name == "pillow" and "does not import" in reason and "\n" not in reason  # the fallback says so
     assert choose_backend("dali", True, "cpu", True) == ("dali", "data.backend=dali (CPU operators: no GPU)")
-    with pytest.raises(RuntimeError, match="does not import"):
-        choose_backend("dali", False, "cuda", False)
-    for requested, streamed in (("torch", True), ("pillow", False), ("nope", False)):
+    for requested, streamed in (("torch", True), ("pillow", False), ("dali", False), ("nope", False)):
         with pytest.raises(ValueError):
             choose_backend(requested, streamed, "cpu", True)
+
+
+def one_patch(box, flip=False, jitter=False, factors=(1.0, 1.0, 1.0, 0.0), order=(0, 1, 2, 3)) -> PatchParams:
+    """The parameters of one patch: the given crop, flip and jitter; no grayscale, blur or solarize."""
+    off = torch.tensor([False])
+    box, flip, jitter, factors, order = (torch.tensor([v]) for v in (box, flip, jitter, factors, order))
+    return PatchParams(torch.zeros(1), box, flip, jitter, factors, order, off, off, torch.tensor([1.0]), off)
 
 
 def test_official_patch_crop_is_pil_crop_then_resize(images):
@@ -47,39 +54,13 @@ def test_official_patch_crop_is_pil_crop_then_resize(images):
 
     img = open_rgb(images.paths[0])
     aug = aug_off(crop_size=24, interpolation="bicubic")
-    out = official_patch(img, (5, 7, 40, 30), True, False, [1, 1, 1, 0], [0, 1, 2, 3], False, False, 1.0, False, aug)
+    out = official_patch(img, one_patch((5, 7, 40, 30), flip=True), 0, aug)
     expected = img.crop((7, 5, 37, 45)).resize((24, 24), Image.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert np.array_equal(out, np.asarray(expected))
     # the hue shift wraps PIL's uint8 hue channel like torchvision (+0.5 turn twice = +255/256... of a turn)
-    shifted = official_patch(
-        img,
-        (0, 0, 48, 48),
-        False,
-        True,
-        [1, 1, 1, 0.5],
-        [3, 0, 1, 2],
-        False,
-        False,
-        1.0,
-        False,
-        aug_off(crop_size=24, brightness=0, contrast=0, saturation=0),
-    )
-    assert not np.array_equal(
-        shifted,
-        official_patch(
-            img,
-            (0, 0, 48, 48),
-            False,
-            False,
-            [1, 1, 1, 0],
-            [0, 1, 2, 3],
-            False,
-            False,
-            1.0,
-            False,
-            aug_off(crop_size=24),
-        ),
-    )
+    hue_only = aug_off(crop_size=24, brightness=0, contrast=0, saturation=0)
+    shifted = official_patch(img, one_patch((0, 0, 48, 48), jitter=True, factors=(1, 1, 1, 0.5)), 0, hue_only)
+    assert not np.array_equal(shifted, official_patch(img, one_patch((0, 0, 48, 48)), 0, hue_only))
 
 
 def test_pillow_uses_the_shared_draw_with_each_images_own_size(images):
@@ -103,8 +84,8 @@ def test_same_patches_after_restart_prefetch_workers_and_shards(images):
     assert torch.equal(first, again)
     assert first.shape == (12, 3, 16, 16) and first.is_contiguous(memory_format=torch.channels_last)
     pooled = PillowPatches(images, aug, workers=1)
-    pooled.prefetch(index, 3, seed=11)
-    assert torch.equal(pooled(index, 3, seed=11), first)  # decoded ahead in a worker process: the same
+    pooled.prefetch(4, PatchRequest(index, 3, 11))
+    assert torch.equal(pooled.take(4, PatchRequest(index, 3, 11)), first)  # decoded ahead in a worker process
     pooled.close()
     shard = PillowPatches(images, aug, workers=0)(index, 3, seed=11, shard=slice(2, 4))
     assert torch.equal(shard, first.view(3, 4, 3, 16, 16)[:, 2:4].reshape(6, 3, 16, 16))
@@ -160,13 +141,38 @@ def test_dali_cpu_twin_matches_pillow_in_distribution_and_resumes(images):
         assert (a.mean((0, 2, 3)) - b.mean((0, 2, 3))).abs().max() < mean_tol
         assert (a.std((0, 2, 3)) - b.std((0, 2, 3))).abs().max() < 0.03
     once = backend(index, 8, seed=101)
-    backend.prefetch(index, 8, seed=102)
-    backend.prefetch(index, 8, seed=101)
-    assert torch.equal(backend(index, 8, seed=101), once)  # the queue skips the request nobody collected
+    kept = once.clone()
+    backend.prefetch(1, PatchRequest(index, 8, 102))
+    backend.prefetch(2, PatchRequest(index, 8, 101))
+    assert torch.equal(backend.take(2, PatchRequest(index, 8, 101)), once)  # 1, never taken, is dropped
+    assert torch.equal(once, kept)  # later runs do not overwrite an earlier output (no buffer reuse)
     assert torch.equal(DaliImagePatches(images, aug)(index, 8, seed=101), once)
+    shard = backend(index, 8, seed=101, shard=slice(3, 7))  # a rank's images: its rows of the global draw
+    assert torch.equal(shard, once.view(8, 12, 3, 24, 24)[:, 3:7].reshape(32, 3, 24, 24))
     params = backend.params(index, 8, seed=101)  # the crops are drawn for each image's own size
     widths = torch.tensor([open_rgb(p).width for p in images.paths]).repeat(8)
     assert params.box.shape == (96, 4) and bool(((params.box[:, 1] + params.box[:, 3]) <= widths).all())
+
+
+def test_dali_reads_a_prefetched_requests_files_off_the_calling_thread(images, monkeypatch):
+    """prefetch returns while no file of the request can be read yet; the files are read in the background."""
+    pytest.importorskip("nvidia.dali")
+    from fastemp.patches.dali_images import DaliImagePatches
+
+    aug = aug_off(crop_size=16)
+    backend, request = DaliImagePatches(images, aug), PatchRequest(torch.arange(6), 2, 5)
+    expected = backend(*request)
+    gate, read = threading.Event(), images.read
+
+    def gated_read(i):
+        assert gate.wait(10), "the file was read on the thread that called prefetch"
+        return read(i)
+
+    monkeypatch.setattr(images, "read", gated_read)
+    backend.prefetch(0, request)
+    gate.set()
+    assert torch.equal(backend.take(0, request), expected)
+    backend.close()
 
 
 def test_exif_orientation_is_ignored_like_pil(tmp_path):

@@ -10,10 +10,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, binomial_ok, random_images
+from augment_helpers import (
+    assert_ops_change_exactly_the_drawn_patches,
+    aug_off,
+    binomial_ok,
+    gate_image,
+    random_images,
+    ref_blur,
+)
 
 from fastemp.config import AugmentConfig
-from fastemp.patches import draw, make_patch_backend
+from fastemp.patches import PatchRequest, draw, make_patch_backend
 from fastemp.patches import torch_backend as pt
 
 
@@ -58,17 +65,6 @@ def ref_hue(x, shift):
 
 
 REF_OPS = [ref_brightness, ref_contrast, ref_saturation, ref_hue]
-
-
-def ref_blur(x, sigma, mode="replicate"):
-    """Separable sampled Gaussian truncated at ceil(3 sigma), by a 2-D convolution in float64."""
-    radius = math.ceil(3 * sigma)
-    d = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-(d**2) / (2 * sigma**2))
-    k = k / k.sum()
-    k2 = (k[:, None] * k[None, :])[None, None].repeat(3, 1, 1, 1)
-    padded = F.pad(x[None], (radius,) * 4, mode=mode)
-    return F.conv2d(padded, k2, groups=3)[0]
 
 
 # ---------------------------------------------------------------- shape, layout, order
@@ -200,20 +196,15 @@ def small_batch(p=6, h=7, w=5, seed=0):
     return x
 
 
-@pytest.mark.parametrize(
-    "fn,ref,lo,hi",
-    [
-        (pt.adjust_brightness, ref_brightness, 0.0, 2.5),
-        (pt.adjust_contrast, ref_contrast, 0.0, 2.5),
-        (pt.adjust_saturation, ref_saturation, 0.0, 2.5),
-    ],
-)
-def test_blend_ops_match_reference(fn, ref, lo, hi):
+@pytest.mark.parametrize("op", [0, 1, 2])  # brightness, contrast, saturation
+def test_blend_ops_match_reference(op):
     x = small_batch()
-    f = lo + (hi - lo) * rand01(x.shape[0], seed=1)
-    out = fn(x, f.view(-1, 1, 1, 1))
+    factors = 2.5 * rand01((x.shape[0], 4), seed=1)
+    only = tuple(k == op for k in range(4))
+    out = pt.color_jitter(x, factors, torch.arange(4).expand(x.shape[0], 4), enabled=only)
     for p in range(x.shape[0]):
-        torch.testing.assert_close(out[p].double(), ref(x[p].double(), float(f[p])), rtol=0, atol=2e-6)
+        ref = REF_OPS[op](x[p].double(), float(factors[p, op]))
+        torch.testing.assert_close(out[p].double(), ref, rtol=0, atol=2e-6)
 
 
 def test_hue_matches_colorsys():
@@ -342,7 +333,7 @@ def test_parameter_frequencies_and_ranges():
 
 
 def test_ops_are_applied_exactly_where_drawn():
-    assert_ops_change_exactly_the_drawn_patches(pt.TorchPatches, images_count=50)
+    assert_ops_change_exactly_the_drawn_patches(lambda aug: pt.TorchPatches(gate_image(), aug), images_count=50)
 
 
 def test_determinism():
@@ -357,29 +348,15 @@ def test_determinism():
     assert not torch.equal(a[1], a[2])
 
 
-def test_prefetch_then_call_is_bit_identical_and_other_arguments_recompute():
+def test_prefetched_patches_are_the_ones_made_now():
     aug = AugmentConfig()
     images = random_images(12, 32, seed=3)
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
-    plain, ahead = pt.TorchPatches(images, aug), pt.TorchPatches(images, aug)
-
-    ahead.prefetch(perm[4:8], 3, seed=11)
-    made = ahead._ahead[2]
-    got = ahead(perm[4:8], 3, seed=11)  # a new view of the same slice: the prefetched tensor
-    assert got is made and torch.equal(got, plain(perm[4:8], 3, seed=11))
-    assert ahead._ahead is None  # taken once
-
-    for args in [(perm[4:8], 3, 12), (perm[4:8], 2, 11), (perm[0:4], 3, 11)]:  # seed, n, other images
-        ahead.prefetch(perm[4:8], 3, seed=11)
-        out = ahead(*args)
-        assert out is not made and torch.equal(out, plain(*args))
-    ahead.prefetch(perm[4:8], 3, seed=11, shard=slice(0, 2))
-    assert torch.equal(ahead(perm[4:8], 3, seed=11), plain(perm[4:8], 3, seed=11))  # other shard
-
-    index = perm[4:8].clone()
-    ahead.prefetch(index, 3, seed=11)
-    index[0] = perm[0]  # changed in place after the prefetch: recomputed
-    assert torch.equal(ahead(index, 3, seed=11), plain(index, 3, seed=11))
+    backend = pt.TorchPatches(images, aug)
+    backend.prefetch(7, PatchRequest(perm[4:8], 3, 11))
+    made = backend._ahead[7][0]
+    got = backend.take(7, PatchRequest(perm[4:8], 3, 11))
+    assert got is made and torch.equal(got, pt.TorchPatches(images, aug)(perm[4:8], 3, seed=11))
 
 
 def test_patch_compile_resolves_on_cuda_with_a_compiled_model_only():
