@@ -148,3 +148,54 @@ def check_patches_compiled(ctx: Context) -> list[CheckResult]:
         )
     )
     return rows
+
+
+def check_prefetch(ctx: Context) -> list[CheckResult]:
+    """Patches taken after a prefetch (TorchPatches.prefetch, as the Trainer and evaluation call it) are the
+    patches made afresh, bit for bit, and a prefetch for other arguments is never taken.
+
+    CUDA: from the second prefetch on, the patches are made on the backend's side stream while the current
+    stream runs on; each step takes its patches right after announcing the next ones and reads them at once,
+    so a missing event wait or a buffer reused too early would show here as different pixels. With the
+    recipe compiled unless --quick (as the Trainer runs it). CPU: the same calls; prefetch makes the patches
+    at once. Exact (tol 0): the same recipe on the same device with the same draw.
+    """
+    from ..patches.torch_backend import TorchPatches
+
+    aug = AugmentConfig()
+    batch, n, steps = (100, 20, 5) if ctx.cuda else (8, 4, 3)
+    images = smooth_images(ctx, 4 * batch)
+    perm = torch.randperm(4 * batch, generator=ctx.gen).to(ctx.device)
+    seeds = [ctx.seed() for _ in range(steps)]
+    compiled = ctx.cuda and not ctx.quick
+    patches = TorchPatches(images, aug, compile_recipe=compiled)
+
+    def index(step: int) -> torch.Tensor:  # a fresh tensor made on the current stream, as batch_index's slices
+        return perm[(step % 4) * batch : (step % 4 + 1) * batch].clone()
+
+    taken, ahead = [], index(0)
+    for step in range(steps):
+        x = patches(ahead, n, seeds[step])  # step 0: nothing prefetched, made now
+        if step + 1 < steps:
+            ahead = index(step + 1)
+            patches.prefetch(ahead, n, seeds[step + 1])
+        taken.append(x.clone())
+        del x
+    first = index(0)
+    patches.prefetch(first, n, seeds[0])
+    other = patches(first, n, seeds[0] + 1)  # the same index, another seed: made afresh, the prefetch dropped
+    fresh = torch.cat([patches.make(index(step), n, seeds[step]) for step in range(steps)])
+    shape = fmt_shape(tuple(fresh.shape))
+    how = ("side stream + events" if ctx.cuda else "made at prefetch (CPU)") + (", compiled recipe" if compiled else "")
+    return [
+        compare("prefetch taken", shape, "fp32", torch.cat(taken), fresh, 0.0, note=f"{steps} steps, {how}"),
+        compare(
+            "prefetch other args",
+            fmt_shape(tuple(other.shape)),
+            "fp32",
+            other,
+            patches.make(first, n, seeds[0] + 1),
+            0.0,
+            note="a prefetch for another seed is not taken",
+        ),
+    ]
