@@ -417,9 +417,10 @@ def summarise_rows(records: list[dict], notes: dict) -> list[dict]:
 
 def pairing(record: dict) -> tuple:
     """What must agree for fastemp's and the official code's figures to be compared: n, epochs, schedule, data
-    file, protocol and the overrides (without where it ran and where the data lies)."""
-    where = ("train.device=", "train.seed=", "data.root=", "data.path=", "data.source=", "data.download=")
-    overrides = tuple(sorted(o for o in record.get("overrides") or () if not o.startswith(where)))
+    file, protocol, and the overrides that reach the official run's evaluation (model, data, augment, eval; not
+    fastemp's training-only train/optim/loss keys, nor where it ran and where the data lies)."""
+    apart = ("train.", "optim.", "loss.", "data.root=", "data.path=", "data.source=", "data.download=")
+    overrides = tuple(sorted(o for o in record.get("overrides") or () if not o.startswith(apart)))
     fields = ("n_patches", "epochs_trained", "schedule_epochs", "data_file", "protocol")
     return (*(record.get(k) for k in fields), overrides)
 
@@ -638,12 +639,13 @@ def add_official(accuracy_path: Path, peer_path: Path) -> dict:
 def plan(accuracy_path: Path) -> dict:
     """What the suite's next official run takes from the file: the lowest seed no official run passed with (the
     official code unseeded starts from torch's fixed default seed, so repeated runs need seeds), and the
-    seconds to keep for its evaluation (the slowest official-protocol evaluation measured here x 1.25 + 15 s)."""
+    seconds to keep for its evaluation (the slowest official-protocol evaluation here, else of any, x 1.25 + 15 s)."""
     from .official_peer import DEFAULT_EVAL_SECONDS
 
     result = read_result(accuracy_path) or {}
     used = {r.get("seed") for r in result.get("official_runs", []) if r.get("status") == "PASS"}
-    evals = [r["eval_seconds"] for r in result.get("runs", []) if r.get("protocol") == "official"]
+    runs_ = result.get("runs", [])
+    evals = [r["eval_seconds"] for r in runs_ if r.get("protocol") == "official"] or [r["eval_seconds"] for r in runs_]
     return {
         "official_seed": min(s for s in range(len(used) + 1) if s not in used),
         "eval_seconds": round(max(evals) * 1.25 + 15) if evals else DEFAULT_EVAL_SECONDS,
