@@ -12,8 +12,8 @@ fallback such as model.compile=none) form rows of their own.
 
 --accumulate adds to <out>/<name>.json instead of writing a new file: a (row, config key, seed) already there
 is not run again (recorded as such), so runs on later machines add seeds (`--seeds next:2`: the two lowest
-seeds not yet measured). `add-official` appends the official code's run (benchmarks/official_peer.py) to the
-same file; the report pairs each row with the official runs of the same n, epochs, schedule, data file,
+seeds not yet measured). The official code's runs join the same file (add_official; `bench official-peer
+--accuracy FILE`); the report pairs each row with the official runs of the same n, epochs, schedule, data file,
 protocol and overrides, and gives fastemp - official with its uncertainty (accuracy_comparison).
 
 Variants (`--variant LABEL "key=value ..."`) run every selected row again with those overrides on top, as
@@ -27,7 +27,6 @@ seed ("partial": true until the end), so a run cut by a timeout keeps every fini
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import hashlib
@@ -786,23 +785,3 @@ def accuracy_markdown(result: dict) -> str:
     lines += sorted({f"- `{r['row']}`: {r['note']}" for r in result.get("rows", []) if r.get("note")})
     lines += ["", "## Environment (last run)", "", common.environment_markdown(env)]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastemp.benchmarks.accuracy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("add-official", help="append official_peer.json's run to accuracy.json (and its .md)")
-    p.add_argument("--accuracy", required=True, type=Path)
-    p.add_argument("--peer", required=True, type=Path)
-    p = sub.add_parser("plan", help="print the next official run's seed and evaluation seconds as shell words")
-    p.add_argument("--accuracy", required=True, type=Path)
-    args = parser.parse_args(argv)
-    if args.command == "plan":
-        print(" ".join(f"{k}={v}" for k, v in plan(args.accuracy).items()))
-        return 0
-    add_official(args.accuracy, args.peer)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -653,9 +653,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-seconds",
         type=float,
-        default=DEFAULT_EVAL_SECONDS,
-        help=f"what the evaluation is expected to take, kept free of training under --time-limit (default "
-        f"{DEFAULT_EVAL_SECONDS:g}: the official protocol on an H100/H200, compilation included; pass a measured one)",
+        help=f"what the evaluation is expected to take, kept free of training under --time-limit (default: measured "
+        f"in --accuracy's file, else {DEFAULT_EVAL_SECONDS:g}: the official protocol on an H100/H200 with compilation)",
+    )
+    p.add_argument(
+        "--accuracy",
+        help="the `bench accuracy` results file this run joins: without --seed the next seed no official run there "
+        "passed with, without --eval-seconds the evaluation time measured there; the run (any status) is added to it",
     )
     p.add_argument(
         "--config",
@@ -757,6 +761,13 @@ def run_official_peer(args) -> dict:
     from fastemp.runtime import resolve_device
 
     sums, versions = preflight(args)
+    if args.accuracy:  # this run joins that file: its next seed and measured evaluation time
+        from .accuracy import plan
+
+        planned = plan(Path(args.accuracy))
+        args.seed = planned["official_seed"] if args.seed is None else args.seed
+        args.eval_seconds = args.eval_seconds or planned["eval_seconds"]
+    args.eval_seconds = args.eval_seconds or DEFAULT_EVAL_SECONDS
     device = resolve_device("cpu" if args.cpu_dry_run else args.device)
     cfg = _config(args, str(device))
     out = Path(args.out)
@@ -837,6 +848,10 @@ def run_official_peer(args) -> dict:
             signal.signal(sig, handler)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+        if args.accuracy:
+            from .accuracy import add_official
+
+            add_official(Path(args.accuracy), out / f"{NAME}.json")
     return result
 
 
