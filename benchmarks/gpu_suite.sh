@@ -264,6 +264,10 @@ part_accuracy() {
     first="next:1" later="$([ "$count" -gt 1 ] && echo "next:$((count - 1))")"
   fi
   run_seeds() {
+    if [ $((end - SECONDS)) -lt 60 ]; then
+      echo "gpu_suite: seeds $1 not run: only $((end - SECONDS)) s left of the part"
+      return
+    fi
     "${FASTEMP[@]}" bench accuracy --rows c10_n20_official_1ep@1 --seeds "$1" --device "$DEVICE" \
       --budget "$((end - SECONDS))" "${data_args[@]}" --accumulate --out "$DETAILS" --name accuracy || status=1
   }

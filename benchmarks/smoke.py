@@ -11,8 +11,9 @@ at its limit gets its FAIL line from the shell. `report` turns the lines into DI
 
 Items (ITEMS below, in order of what an accuracy run needs first):
     environment      device, driver, torch / triton / DALI / numpy versions
-    check            `fastemp check` on the device: every fast path the accuracy recipe takes, compiled (GATE_CHECKS,
-                     most needed first), then the others --quick; each row is appended to FILE's rows file as made
+    check            `fastemp check` on the device, in order of need (CHECK_GROUPS): the loss at the accuracy run's
+                     shape, every fast path the accuracy recipe takes, compiled, then the large-n paths; each row is
+                     appended to FILE's rows file as it is made
     official_loader  the official code's DataLoader as its main.py sets it up (16 workers, file_system sharing,
                      after CUDA) on the CIFAR-10 JPEG copy, for a few seconds (official_peer.py --probe-loader)
     train            3 steps of the accuracy recipe (n=20, B=100; on the CIFAR-10 JPEG copy when given, so its
@@ -49,9 +50,16 @@ from . import common
 
 ITEMS = ("environment", "check", "official_loader", "train", "large_n", "dali")
 N200_MEMORY_GIB = common.TARGETS["n200_memory_gib"]
-# the checks of the fast paths an n=20 accuracy run takes, most needed first, run in full (compiled)
-GATE_CHECKS = ("prefetch", "patches", "lars", "eval_forward", "compile", "tcr", "loss", "cosine_to_mean")
-OTHER_CHECKS = ("ghostbn", "gradcache", "checkpoint")
+# (checks, quick) in order of need: the loss at the accuracy run's shape (quick covers n=20, B=100, d=1024), the
+# fast paths an n=20 accuracy run takes, compiled, then the large-n paths it does not take
+CHECK_GROUPS = (
+    (("tcr", "loss", "cosine_to_mean"), True),
+    (("prefetch", "patches", "lars", "eval_forward", "compile"), False),
+    (("ghostbn",), False),
+    (("gradcache", "checkpoint"), True),
+)
+# CPU (dry run): the compiled rows would take minutes, and the CPU takes none of those paths
+DRY_CHECK_GROUPS = ((("tcr", "loss"), True), (("prefetch", "eval_forward", "ghostbn"), False), (("gradcache",), True))
 # (row op prefix, the override that keeps its path out of the accuracy run or None: stop, the Runtime field that
 # says the run takes the path at all (None: always))
 GATE = (
@@ -187,15 +195,12 @@ def item_check(dry_run: bool, record: Path) -> tuple[str, dict]:
         with open(path, "a") as f:
             f.write(json.dumps(runs.finite_or_none(row)) + "\n")
 
-    # CPU (dry run): the compiled rows would take minutes and the CPU takes none of those paths
-    full = ("prefetch", "eval_forward", "ghostbn") if dry_run else GATE_CHECKS[:5] + ("ghostbn",)
-    quick = ("tcr", "loss", "gradcache") if dry_run else GATE_CHECKS[5:] + OTHER_CHECKS[1:]
-    rows = run_checks(device, quick=False, only=full, report=report) + run_checks(
-        device, quick=True, only=quick, report=report
-    )
+    groups = DRY_CHECK_GROUPS if dry_run else CHECK_GROUPS
+    rows = [r for only, quick in groups for r in run_checks(device, quick=quick, only=only, report=report)]
     failed = [f"{r.op} {r.shape} {r.dtype} err {r.err:.2e} > tol {r.tol:.1e}" for r in rows if r.status == "FAIL"]
     counts = {s: sum(r.status == s for r in rows) for s in ("pass", "FAIL", "skipped")}
-    details = {"counts": counts, "failed": failed, "full": list(full), "quick": list(quick)}
+    full = [name for only, quick in groups if not quick for name in only]
+    details = {"counts": counts, "failed": failed, "full": full}
     if failed:
         raise AssertionError(f"{counts['FAIL']} of {len(rows)} rows failed: " + "; ".join(failed[:4]))
     return f"{counts['pass']} rows passed, {counts['skipped']} skipped ({', '.join(full)} in full)", details
