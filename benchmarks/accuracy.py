@@ -672,6 +672,26 @@ def _commit(value) -> str:
     return "—" if not value else value[:9] + ("+dirty" if value.endswith("+dirty") else "")
 
 
+RUN_HEADERS = "seed|linear top-1 %|best on test %|kNN %|train s|first step / startup s|eval s|images/s|commit|date"
+RUN_HEADERS = RUN_HEADERS.split("|")
+
+
+def _run_cells(r: dict) -> list:
+    """One run's cells under RUN_HEADERS: fastemp's seed (first step = compilation) or the official code's run
+    (startup = imports, data, model, workers)."""
+    values = [_pct(r.get(k)) for k in ("linear_top1", "best_top1_on_test", "knn_top1")]
+    values += [
+        _s(r.get(k)) for k in ("train_seconds", "first_step_seconds", "startup_seconds", "eval_seconds") if k in r
+    ]
+    return [
+        r.get("seed"),
+        *values,
+        common.fmt(r.get("images_per_s")),
+        _commit(r.get("commit")),
+        (r.get("created") or "")[:10],
+    ]
+
+
 def accuracy_markdown(result: dict) -> str:
     env = result.get("environment") or {}
     lines = [f"# Accuracy vs the official code and table: {common.device_label(env)}", ""]
@@ -717,54 +737,19 @@ def accuracy_markdown(result: dict) -> str:
     headers = ["row", "data copy", "n", "epochs / schedule", "protocol (patches, probe epochs)", "seeds"]
     headers += ["linear top-1 % (mean ± std)", "best on test %", "kNN %", "official README %", "Δ README"]
     lines += [common.markdown_table([*headers, "train s", "eval s", "images/s", "status"], body), ""]
-    per_seed = [
-        [
-            r["row"],
-            r["config_key"],
-            r["seed"],
-            _pct(r.get("linear_top1")),
-            _pct(r.get("best_top1_on_test")),
-            _pct(r.get("knn_top1")),
-            _s(r.get("train_seconds")),
-            _s(r.get("first_step_seconds")),
-            _s(r.get("eval_seconds")),
-            common.fmt(r.get("images_per_s")),
-            _commit(r.get("commit")),
-            (r.get("created") or "")[:10],
-        ]
-        for r in result.get("runs", [])
-    ]
-    headers = ["row", "config", "seed", "linear top-1 %", "best on test %", "kNN %", "train s", "first step s"]
-    lines += [
-        "## fastemp, per seed",
-        "",
-        common.markdown_table([*headers, "eval s", "images/s", "commit", "date"], per_seed),
-    ]
+    per_run = [[r["row"], r["config_key"], *_run_cells(r)] for r in result.get("runs", [])]
+    lines += ["## fastemp, per seed", "", common.markdown_table(["row", "config", *RUN_HEADERS], per_run)]
     official = result.get("official_runs") or []
     if official:
         body = [
-            [
-                o.get("status"),
-                o.get("seed"),
-                _pct(o.get("linear_top1")),
-                _pct(o.get("best_top1_on_test")),
-                _pct(o.get("knn_top1")),
-                _s(o.get("train_seconds")),
-                _s(o.get("startup_seconds")),
-                _s(o.get("eval_seconds")),
-                common.fmt(o.get("images_per_s")),
-                _commit(o.get("commit")),
-                (o.get("created") or "")[:10],
-                (o.get("error") or "")[:120] + (" (dry run)" if o.get("dry_run") else ""),
-            ]
+            [o.get("status"), *_run_cells(o), (o.get("error") or "")[:120] + (" (dry run)" * bool(o.get("dry_run")))]
             for o in official
         ]
-        headers = ["status", "seed", "linear top-1 %", "best on test %", "kNN %", "train s", "startup s", "eval s"]
         lines += [
             "",
             "## The official code on the same data (benchmarks/official_peer.py, scored by fastemp's evaluator)",
             "",
-            common.markdown_table([*headers, "images/s", "commit", "date", "note"], body),
+            common.markdown_table(["status", *RUN_HEADERS, "note"], body),
         ]
     comparison = result.get("comparison") or []
     if comparison:
@@ -774,7 +759,7 @@ def accuracy_markdown(result: dict) -> str:
             ratio = (
                 ""
                 if c["images_per_s_ratio"] is None
-                else f"; images/s fastemp / official {c['images_per_s_ratio']:.1f}x"
+                else f"; images/s fastemp / official {c['images_per_s_ratio']:.3g}x"
             )
             lines.append(
                 f"- {c['row']} (config {c['config_key']}): fastemp {_pm(c['fastemp_mean'], c['fastemp_std'])} "

@@ -550,63 +550,22 @@ def peer_markdown(result: dict) -> str:
     ]
     if result.get("dry_run"):
         lines.insert(2, "- **CPU dry run of the harness: not a peer result**")
-    rows = [
-        [
-            e["epoch"],
-            e["steps"],
-            e["loop_seconds"],
-            e.get("images_per_s"),
-            e.get("images_per_s_whole_loop"),
-            e.get("loss_similarity"),
-            e.get("loss_tcr"),
-            e.get("lr_after"),
-        ]
-        for e in training.get("epochs", [])
-    ]
+    keys = ("epoch", "steps", "loop_seconds", "images_per_s", "images_per_s_whole_loop", "loss_similarity")
+    keys += ("loss_tcr", "lr_after")
+    rows = [[e.get(k) for k in keys] for e in training.get("epochs", [])]
     if rows:
-        lines += [
-            "",
-            common.markdown_table(
-                [
-                    "epoch",
-                    "steps",
-                    "loop s",
-                    "images/s (steady)",
-                    "images/s (whole loop)",
-                    "loss sim",
-                    "loss TCR",
-                    "lr after",
-                ],
-                rows,
-            ),
-        ]
+        headers = "epoch|steps|loop s|images/s (steady)|images/s (whole loop)|loss sim|loss TCR|lr after".split("|")
+        lines += ["", common.markdown_table(headers, rows)]
     if evaluation:
         ev = evaluation.get("eval_config", {})
-        name = Path(str(evaluation.get("checkpoint"))).name
+        values = [evaluation.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1")]
+        values += [ev.get("patches"), ev.get("probe_epochs"), evaluation.get("eval_seconds")]
+        headers = "linear top-1 (final probe epoch)|best epoch on test|kNN top-1|eval patches|probe epochs|eval s"
         lines += [
             "",
-            f"## fastemp's evaluation of the official encoder ({name})",
+            f"## fastemp's evaluation of the official encoder ({Path(str(evaluation.get('checkpoint'))).name})",
             "",
-            common.markdown_table(
-                [
-                    "linear top-1 (final probe epoch)",
-                    "best epoch on test",
-                    "kNN top-1",
-                    "eval patches",
-                    "probe epochs",
-                    "eval s",
-                ],
-                [
-                    [
-                        evaluation.get("linear_top1"),
-                        evaluation.get("best_top1_on_test"),
-                        evaluation.get("knn_top1"),
-                        ev.get("patches"),
-                        ev.get("probe_epochs"),
-                        evaluation.get("eval_seconds"),
-                    ]
-                ],
-            ),
+            common.markdown_table(headers.split("|"), [values]),
         ]
     if result.get("error"):
         lines += ["", f"error: {result['error']}"]
