@@ -258,8 +258,9 @@ part_accuracy() {
     cp "$history" "$DETAILS/accuracy.json" && echo "gpu_suite: adding to $history"
   fi
   count="${ACCURACY_SEEDS:-2}"
-  if [[ "$count" == *,* ]]; then
-    first="${count%%,*}" later="${count#*,}"
+  if [[ "$count" == *,* ]]; then  # a list; a trailing comma keeps one seed a list ("3" alone is a count)
+    first="${count%%,*}," later="${count#*,}"
+    [ -n "$later" ] && later="${later%,},"
   else
     first="next:1" later="$([ "$count" -gt 1 ] && echo "next:$((count - 1))")"
   fi

@@ -17,20 +17,23 @@
 # and the Inductor cache (TORCHINDUCTOR_CACHE_DIR), so call 2 reuses call 1's compilations on the same machine.
 # On a fresh machine call 2 runs with LEASE_OVERRIDES / LEASE_PEER as given (call 1 prints them).
 #
-# ESTIMATES for an H200 (not measurements; from benchmarks/results/h200 and docs/benchmarks.md: 68.7k patches/s at
-# n=20, B=100 = ~15 s per CIFAR-10 epoch; cold compiles ~30-60 s each; the official evaluation = 60,000 images x 128
-# patches forward ~40 s + 100 probe epochs ~15 s; the official code ~360 images/s with 16 workers, ~140 s an epoch):
-#   machine start                                                       60-120 s
-#   call1  suite start 15 + environment 5 + checks ~90 (four cold compiles) + DataLoader probe ~45 (decode
-#          ~30 + 5 s) + train ~35 + n=200 step ~10                     ~200 s: held to 170 s; what does not fit is
-#          cut in that order of need (the checks first: a check cut short leaves its path switched off)
-#   call2  suite start 15 + decode ~5 (cached by call 1; ~30 fresh) + seed 0 ~150 (compiles ~30 warm / ~60 cold,
-#          train 15, evaluation ~90) + official run ~255 (startup 20, training 140, evaluation ~90) = ~425 s; the
-#          next seed (~110 s) would need ~535 s: it does not fit 550 s with any margin, so this order holds:
-#          seed 0, then the official run, then seed 1 only if the budget predicts it fits (it will usually be
-#          skipped and measured by a later lease: seeds accumulate in benchmarks/results/<device>/accuracy.json)
+# ESTIMATES for an H200, not measurements (benchmarks/results/h200, docs/benchmarks.md): 68.7k patches/s at n=20,
+# B=100 = ~15 s per CIFAR-10 epoch; a cold compile ~15-60 s each (the model's first step took 16.6 s cold there,
+# before the patch recipe and LARS were compiled too); the official evaluation = 60,000 images x 128 patches
+# forward ~40 s + 100 probe epochs ~15 s + its compiles; the official code ~360 images/s with 16 workers, ~140 s
+# an epoch; the CIFAR-10 JPEG decode ~30 s once per machine (then cached):
+#   machine start                                                        60-120 s
+#   call1  suite start ~15 + environment ~8 + checks ~75-140 (loss rows, then prefetch, patches, lars,
+#          eval_forward, compile: ~5 cold compiles) + DataLoader probe ~45 (the decode + 5 s) + train ~35 + n=200
+#          step ~10 = ~190-250 s, held to 170 s: what does not fit is cut from the end (train and large_n first;
+#          a check cut short leaves its fast path switched off in call 2)
+#   call2  suite start ~15 + seed 0 ~150 (decode cached, compiles ~30 warm / ~60 cold, train 15, evaluation ~90)
+#          + official run ~255 (data ~10, startup ~20, training ~140, evaluation ~90, kept free by its time
+#          limit) = ~420 s; seed 1 (~110-150 s) would need ~550-570 s: no margin in 550. So the order is seed 0,
+#          the official run, then seed 1 only if the budget predicts it fits (usually not: a later lease adds it
+#          to benchmarks/results/<device>/accuracy.json, where seeds accumulate)
 #   call3  profile ~60 + throughput20 ~120 (with the baseline's 16 workers)
-#   1 + 2 alone: ~60-120 + 185 + 570 = 815-875 s of the 900; call 3 runs only when calls 1-2 ended early.
+#   calls 1 + 2 alone: 60-120 + 185 + 570 = 815-875 s of the 900: call 3 runs only when calls 1-2 ended early.
 set -uo pipefail
 
 CALL="${1:-}"

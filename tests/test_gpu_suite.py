@@ -142,13 +142,13 @@ def test_a_failed_official_run_fails_the_accuracy_part_and_keeps_its_json_and_lo
     (out / "details").mkdir(parents=True)
     for name in ("smoke", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels"):  # earlier parts' results
         (out / "details" / f"{name}.json").write_text("{}")
-    result = run_suite("accuracy", out, STAND_IN_MODE="fail", **stand_in(tmp_path))
+    result = run_suite("accuracy", out, STAND_IN_MODE="fail", ACCURACY_SEEDS="1,2", **stand_in(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "part accuracy: FAIL" in result.stdout and "official run FAILED" in result.stdout
     peer = json.loads((out / "official_peer.json").read_text())  # published, whatever else is there
     assert peer["status"] == "FAIL" and "boom" in peer["error"]
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert [r["seed"] for r in accuracy["runs"]] == [0, 1]  # the next seed still ran after the failed peer
+    assert [r["seed"] for r in accuracy["runs"]] == [1, 2]  # explicit seeds; the next one still ran after the peer
     assert accuracy["official_runs"][-1]["status"] == "FAIL" and accuracy["comparison"] == []
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     assert len(files) == 8 and "kernels.json" not in files and "time_to_85_n20.json" not in files, files
