@@ -1,27 +1,37 @@
-"""`fastemp bench accuracy`: the official EMP-SSL table's rows, over seeds, beside the official figures.
+"""`fastemp bench accuracy`: the official EMP-SSL table's rows, over seeds, beside the official figures and the
+official code's own runs on the same data.
 
 Each row trains with the public Trainer (Trainer(cfg), train_until, evaluate) and is evaluated under the
-config's eval protocol (default: official, docs/evaluation.md) after the epochs it names; one result row
-per (row, evaluated epoch), each over every seed: the values, mean +- std, and the official figure beside
-it, with the data copy named (canonical archive or JPEG copy). Evaluation is off the training clock; the
-training seconds exclude the first step (compilation), which is reported apart.
+config's eval protocol (default: official, docs/evaluation.md) after the epochs it names. Every (row, evaluated
+epoch, seed) is one record in "runs": linear top-1 at the final probe epoch, best probe epoch on test (selected
+on test, labelled so), kNN, training seconds without the first step (compilation, reported apart), evaluation
+seconds, images/s. A row is a (row, evaluated epoch, config key) over its seeds: values, mean +- std from two
+seeds on, the official README figure beside it. The config key is a hash of the resolved config without its
+seed, device, data location and logging keys, plus the data file's name: seeds run under other overrides (a
+fallback such as model.compile=none) form rows of their own.
+
+--accumulate adds to <out>/<name>.json instead of writing a new file: a (row, config key, seed) already there
+is not run again (recorded as such), so runs on later machines add seeds (`--seeds next:2`: the two lowest
+seeds not yet measured). The official code's runs join the same file (add_official; `bench official-peer
+--accuracy FILE`); the report pairs each row with the official runs of the same n, epochs, schedule, data file,
+protocol and overrides, and gives fastemp - official with its uncertainty (accuracy_comparison).
 
 Variants (`--variant LABEL "key=value ..."`) run every selected row again with those overrides on top, as
-rows of their own named ROW+LABEL: an ablation (BN grouping, data order, precision, schedule, protocol) is
-one variant, measured over the same seeds, with no code change.
+rows of their own named ROW+LABEL.
 
-`--budget` bounds the wall-clock time: before each seed the bench predicts its duration from the seeds
-already run (same row first, else the seconds per training patch and per evaluation so far) and skips it
-when it would end past the budget, recording why. Results are written after every seed ("partial": true
-until the end), so a run cut by a timeout keeps every finished seed.
+`--budget` bounds the wall-clock time: before each seed the bench predicts its duration from warm steps
+(BudgetClock: setup + first step + warm step time x steps + evaluation, from this row's records in the file and
+this process) and skips it, saying why, when it would end past the budget. Results are written after every
+seed ("partial": true until the end), so a run cut by a timeout keeps every finished seed.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
+import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +40,7 @@ from pathlib import Path
 import torch
 
 from fastemp import runs
-from fastemp.config import eval_protocol_name, load_config
+from fastemp.config import eval_protocol_name, flat_dict, load_config, to_dict
 from fastemp.data.cifar import CIFAR_ARCHIVES
 from fastemp.runtime import resolve_device
 from fastemp.train import Trainer
@@ -102,12 +112,15 @@ ROWS: tuple[Row, ...] = (
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'3' = seeds 0, 1, 2; '0,5,7' = those seeds."""
+def parse_seeds(text: str) -> list[int] | int:
+    """'3' = seeds 0, 1, 2; '0,5,7' = those seeds; 'next:2' = 2, meaning the two lowest seeds each row has not
+    measured yet (with --accumulate: in its file)."""
+    if text.startswith("next:") and text[5:].isdigit() and int(text[5:]) > 0:
+        return int(text[5:])
     if "," in text:
         return [int(s) for s in text.split(",") if s.strip()]
-    if int(text) < 1:
-        raise ValueError(f"--seeds must be a count >= 1 or a list, got {text!r}")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--seeds must be a count >= 1, a comma-separated list or next:K, got {text!r}")
     return list(range(int(text)))
 
 
@@ -191,39 +204,155 @@ def row_config(row: Row, seed: int, data: list[str], overrides: Sequence[str]):
     return cfg
 
 
+# what says where data and outputs live, which seed, or how often a run logs: not what a seed computes
+NOT_IN_CONFIG_KEY = (
+    "name",
+    "data.root",
+    "data.path",
+    "data.download",
+    "data.workers",
+    "train.device",
+    "train.seed",
+    "train.log_every",
+    "train.ckpt_every",
+    "eval.at_end",
+)
+# ESTIMATE, not yet measured on a GPU: a later seed's first step in a process that already ran one (Dynamo traces
+# the new Trainer's model, patch recipe and LARS again; Inductor's kernels are cached). Measured ones replace it.
+RECOMPILE_ALLOWANCE_SECONDS = 20.0
+_SEEDS_IN_THIS_PROCESS = [0]
+
+
+def data_file(data) -> str:
+    """The data a figure comes from, by file name (paths differ between machines)."""
+    if data.source == "synthetic":
+        return f"synthetic {data.synthetic_train}/{data.synthetic_test} seed {data.synthetic_seed}"
+    return CIFAR_ARCHIVES[data.source].filename if data.source in CIFAR_ARCHIVES else Path(data.path).name
+
+
+def config_key(cfg) -> str:
+    """12 hex digits naming what a seed of this config computes, wherever and whenever it ran."""
+    flat = {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in NOT_IN_CONFIG_KEY}
+    flat["data.file"] = data_file(cfg.data)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def record_name(row: Row, epoch: int) -> str:
+    return row.name if len(row.eval_epochs) == 1 else f"{row.name}@{epoch}"
+
+
 def run_seed(cfg, row: Row) -> list[dict]:
-    """Train one seed of a row; one record per evaluated epoch."""
+    """Train one seed of a row; one record per evaluated epoch, each with the seed's timing (for BudgetClock)."""
+    start, warm = time.perf_counter(), _SEEDS_IN_THIS_PROCESS[0] > 0
     trainer = Trainer(cfg, None, progress=False)
     try:
         _ = trainer.test_set  # a missing test split fails before training
+        setup = time.perf_counter() - start
         trainer.train_until(1)
         first_step = trainer.warmup_seconds + trainer.train_seconds
         records = []
         for epoch in row.eval_epochs:
             trainer.train_until(epoch * trainer.steps_per_epoch)
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             metrics = trainer.evaluate()
-            eval_seconds = time.perf_counter() - start
-            clock = trainer.warmup_seconds + trainer.train_seconds
             records.append(
                 {
                     "epoch": epoch,
                     "step": trainer.step,
-                    "train_seconds": clock - first_step,
-                    "train_seconds_incl_first_step": clock,
+                    "train_seconds": trainer.warmup_seconds + trainer.train_seconds - first_step,
                     "first_step_seconds": first_step,
-                    "eval_seconds": eval_seconds,
+                    "eval_seconds": time.perf_counter() - t0,
                     "images_per_s": trainer.images_per_second(),
                     "data": trainer.train_set.description,
+                    "runtime": trainer.runtime.resolved(),
                     **metrics,
                 }
             )
-        return records
+        timing = {
+            "setup_seconds": setup,
+            "first_step_seconds": first_step,
+            "steps": trainer.step,
+            "warm_step_seconds": records[-1]["train_seconds"] / max(1, trainer.step - 1),
+            "eval_seconds": sum(r["eval_seconds"] for r in records),
+            "warm_cache": warm,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        return [{**r, "timing": timing} for r in records]
     finally:
+        _SEEDS_IN_THIS_PROCESS[0] += 1
         del trainer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class BudgetClock:
+    """Predicts a seed's wall seconds from the warm steps of the seeds measured before (this row and config
+    first, from the results file and this process) and says whether it ends within the budget:
+
+        setup (data, model) + first step + warm step seconds x (steps - 1) + evaluation seconds
+
+    The first step is the median of those measured in the same situation: a process's first seed compiles
+    from scratch; a later one in the same process only retraces (RECOMPILE_ALLOWANCE_SECONDS until measured)."""
+
+    def __init__(self, budget: float | None, history: Sequence[dict] = ()):
+        self.budget, self.start = budget, time.perf_counter()
+        self.timings = [dict(r["timing"], row=r["row"], key=r["config_key"]) for r in history if r.get("timing")]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def predict(self, row: str, key: str) -> float | None:
+        same = [t for t in self.timings if t["row"] == row and t["key"] == key]
+        same = same or [t for t in self.timings if t["row"] == row]
+        if not same:
+            return None
+        last, warm = same[-1], _SEEDS_IN_THIS_PROCESS[0] > 0
+        firsts = [t["first_step_seconds"] for t in same if t["warm_cache"] == warm]
+        first = (
+            statistics.median(firsts)
+            if firsts
+            else (RECOMPILE_ALLOWANCE_SECONDS if warm else max(t["first_step_seconds"] for t in same))
+        )
+        return last["setup_seconds"] + first + last["warm_step_seconds"] * (last["steps"] - 1) + last["eval_seconds"]
+
+    def fits(self, row: str, key: str) -> tuple[bool, float | None]:
+        guess = self.predict(row, key)
+        return self.budget is None or guess is None or self.elapsed() + guess <= self.budget, guess
+
+    def record(self, record: dict) -> None:
+        self.timings.append(dict(record["timing"], row=record["row"], key=record["config_key"]))
+
+
+def run_record(row: Row, index: int, seed: int, key: str, cfg, overrides: Sequence[str], measured: dict) -> dict:
+    """One (row, evaluated epoch, seed) of the results file: what ran, what it measured, where and when."""
+    env = runs.environment(resolve_device(cfg.train.device))
+    return {
+        "row": record_name(row, row.eval_epochs[index]),
+        "recipe": row.name,
+        "seed": seed,
+        "config_key": key,
+        "overrides": [*overrides, *row.overrides],
+        "note": row.note,
+        "dataset": dataset_of(row.config),
+        "data_copy": data_copy(cfg.data),
+        "data_file": data_file(cfg.data),
+        "n_patches": cfg.train.n_patches,
+        "batch_size": cfg.train.batch_size,
+        "epochs_trained": row.eval_epochs[index],
+        "schedule_epochs": row.schedule_epochs,
+        "protocol": eval_protocol_name(cfg.eval),
+        "eval_patches": cfg.eval.patches if cfg.eval.mode == "patches" else None,
+        "probe_epochs": cfg.eval.probe_epochs,
+        "official_linear_top1": row.official[index],
+        **{k: measured.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1", "step")},
+        **{k: measured[k] for k in ("train_seconds", "first_step_seconds", "eval_seconds", "images_per_s")},
+        "runtime": measured["runtime"],
+        "timing": measured["timing"],
+        "device_name": env.get("device_name"),
+        "commit": env.get("commit"),
+        "created": common.now_iso(),
+    }
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -236,172 +365,293 @@ def _std(values: list[float | None]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarise(
-    row: Row, epoch_index: int, cfg, seeds: list[int], records: list[dict], status: str, reason: str = ""
-) -> dict:
-    """One JSON row: a (row, evaluated epoch) over its seeds."""
-    epoch = row.eval_epochs[epoch_index]
-    official = row.official[epoch_index]
-    linear = [r["linear_top1"] for r in records]
+def summarise(records: list[dict], meta: dict, status: str, reason: str = "") -> dict:
+    """One row of the table: a (row, evaluated epoch, config key) over its seeds' records."""
+
+    def values(key: str) -> list:
+        return [r.get(key) for r in records]
+
+    first = records[0] if records else meta
+    linear, official = values("linear_top1"), first.get("official_linear_top1")
     mean = _mean(linear)
-    name = row.name if len(row.eval_epochs) == 1 else f"{row.name}@{epoch}"
+    keys = ("recipe", "note", "config_key", "overrides", "dataset", "data_copy", "data_file", "n_patches")
+    keys += ("batch_size", "epochs_trained", "schedule_epochs", "protocol", "eval_patches", "probe_epochs")
     return {
-        "row": name,
-        "recipe": row.name,
-        "note": row.note,
+        "row": first.get("row"),
+        **{k: first.get(k) for k in keys},
         "status": status,
         "reason": reason,
-        "dataset": dataset_of(row.config),
-        "data_copy": data_copy(cfg.data) if cfg else None,
-        "n_patches": cfg.train.n_patches if cfg else None,
-        "batch_size": cfg.train.batch_size if cfg else None,
-        "epochs_trained": epoch,
-        "schedule_epochs": row.schedule_epochs,
-        "protocol": eval_protocol_name(cfg.eval) if cfg else None,
-        "eval_patches": cfg.eval.patches if cfg and cfg.eval.mode == "patches" else None,
-        "probe_epochs": cfg.eval.probe_epochs if cfg else None,
-        "overrides": list(row.overrides),
-        "seeds": seeds[: len(records)],
+        "seeds": values("seed"),
         "linear_top1": linear,
         "linear_top1_mean": mean,
         "linear_top1_std": _std(linear),
-        "best_top1_on_test": [r["best_top1_on_test"] for r in records],
-        "best_top1_on_test_mean": _mean([r["best_top1_on_test"] for r in records]),
-        "knn_top1": [r.get("knn_top1") for r in records],
-        "knn_top1_mean": _mean([r.get("knn_top1") for r in records]),
+        "best_top1_on_test": values("best_top1_on_test"),
+        "best_top1_on_test_mean": _mean(values("best_top1_on_test")),
+        "knn_top1": values("knn_top1"),
+        "knn_top1_mean": _mean(values("knn_top1")),
         "official_linear_top1": official,
         "delta_vs_official": mean - official if mean is not None and official is not None else None,
-        "train_seconds": [r["train_seconds"] for r in records],
-        "train_seconds_mean": _mean([r["train_seconds"] for r in records]),
-        "first_step_seconds": [r["first_step_seconds"] for r in records],
-        "eval_seconds": [r["eval_seconds"] for r in records],
-        "eval_seconds_mean": _mean([r["eval_seconds"] for r in records]),
-        "images_per_s_mean": _mean([r["images_per_s"] for r in records]),
+        "train_seconds": values("train_seconds"),
+        "train_seconds_mean": _mean(values("train_seconds")),
+        "first_step_seconds": values("first_step_seconds"),
+        "eval_seconds": values("eval_seconds"),
+        "eval_seconds_mean": _mean(values("eval_seconds")),
+        "images_per_s_mean": _mean(values("images_per_s")),
     }
 
 
-class BudgetClock:
-    """Predicts a seed's wall seconds from what ran so far and says whether it still fits the budget."""
+def summarise_rows(records: list[dict], notes: dict) -> list[dict]:
+    """Every (row, config key) with records or with a note from this run, in the order first seen."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["row"], r["config_key"]), []).append(r)
+    for key in notes:
+        groups.setdefault(key, [])
+    out = []
+    for key, group in groups.items():
+        note = notes.get(key, {"status": "earlier runs", "reason": ""})
+        out.append(summarise(sorted(group, key=lambda r: r["seed"]), note, note["status"], note["reason"]))
+    return out
 
-    def __init__(self, budget: float | None):
-        self.budget, self.start = budget, time.perf_counter()
-        self.by_row: dict[str, float] = {}
-        self.train_patch_seconds: list[float] = []  # wall seconds per training patch (setup included)
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+def pairing(record: dict) -> tuple:
+    """What must agree for fastemp's and the official code's figures to be compared: n, epochs, schedule, data
+    file, protocol, and the overrides that reach the official run's evaluation (model, data, augment, eval; not
+    fastemp's training-only train/optim/loss keys, nor where it ran and where the data lies)."""
+    apart = ("train.", "optim.", "loss.", "data.root=", "data.path=", "data.source=", "data.download=")
+    overrides = tuple(sorted(o for o in record.get("overrides") or () if not o.startswith(apart)))
+    fields = ("n_patches", "epochs_trained", "schedule_epochs", "data_file", "protocol")
+    return (*(record.get(k) for k in fields), overrides)
 
-    def predict(self, row: Row, cfg) -> float | None:
-        if row.name in self.by_row:
-            return self.by_row[row.name]
-        if not self.train_patch_seconds or cfg is None:
-            return None
-        patches = (
-            row.eval_epochs[-1] * 50_000 * cfg.train.n_patches
-            if cfg.data.source != "synthetic"
-            else row.eval_epochs[-1] * cfg.data.synthetic_train * cfg.train.n_patches
+
+def difference(fastemp: list[float], official: list[float]) -> tuple[float | None, float | None, str]:
+    """fastemp mean - official mean, its standard error, and how that was computed."""
+    if not fastemp or not official:
+        return None, None, "no runs on one side"
+    nf, no = len(fastemp), len(official)
+    sf, so = _std(fastemp), _std(official)
+    delta = statistics.fmean(fastemp) - statistics.fmean(official)
+    if sf is not None and so is not None:
+        return delta, math.sqrt(sf**2 / nf + so**2 / no), "standard error from both sides' seed spreads"
+    if sf is not None or so is not None:
+        spread, side = (sf, "fastemp's") if sf is not None else (so, "the official code's")
+        how = f"standard error with {side} seed spread standing in for the other side's (one run there)"
+        return delta, spread * math.sqrt(1 / nf + 1 / no), how
+    return delta, None, "one run each: no seed spread measured yet"
+
+
+def accuracy_comparison(result: dict) -> list[dict]:
+    """Each row with official runs of the same pairing: fastemp - official in linear top-1, with its uncertainty."""
+    official = [r for r in result.get("official_runs", []) if r.get("status") == "PASS"]
+    out = []
+    for row in result["rows"]:
+        twins = [o for o in official if pairing(o) == pairing(row) and o.get("linear_top1") is not None]
+        fastemp = [v for v in row["linear_top1"] if v is not None]
+        if not twins or not fastemp:
+            continue
+        theirs = [o["linear_top1"] for o in twins]
+        delta, se, how = difference(fastemp, theirs)
+        rates = [o["images_per_s"] for o in twins if o.get("images_per_s")]
+        out.append(
+            {
+                "row": row["row"],
+                "config_key": row["config_key"],
+                "fastemp_seeds": row["seeds"],
+                "fastemp_mean": statistics.fmean(fastemp),
+                "fastemp_std": _std(fastemp),
+                "official_seeds": [o.get("seed") for o in twins],
+                "official_mean": statistics.fmean(theirs),
+                "official_std": _std(theirs),
+                "delta": delta,
+                "delta_standard_error": se,
+                "uncertainty": how,
+                "images_per_s_ratio": row["images_per_s_mean"] / statistics.fmean(rates)
+                if rates and row["images_per_s_mean"]
+                else None,
+            }
         )
-        return statistics.fmean(self.train_patch_seconds) * patches
-
-    def fits(self, row: Row, cfg) -> bool:
-        guess = self.predict(row, cfg)
-        return self.budget is None or guess is None or self.elapsed() + guess <= self.budget
-
-    def record(self, row: Row, cfg, seconds: float, records: list[dict]) -> None:
-        self.by_row[row.name] = seconds
-        images = records[-1]["step"] * cfg.train.batch_size if records else 0
-        if images:
-            self.train_patch_seconds.append(seconds / (images * cfg.train.n_patches))
+    return out
 
 
 def run_accuracy(
     rows: Sequence[Row],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | int,
     overrides: Sequence[str],
     data_paths: dict,
     budget: float | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    previous: dict | None = None,
 ) -> dict:
-    """Every seed of every row; the result after each seed goes to on_progress (partial until the end)."""
-    clock = BudgetClock(budget)
+    """Every seed of every row (seeds: a list, or K = the K lowest seeds a row has not measured in `previous`,
+    the results file being added to); the result after each seed goes to on_progress (partial until the end)."""
+    previous = previous or {}
+    history: list[dict] = list(previous.get("runs", []))
+    clock = BudgetClock(budget, history)
+    new: list[dict] = []
+    notes: dict[tuple, dict] = {}
     environment: dict = {}
-    table: list[dict] = []
-    seeds = list(seeds)
 
     def assemble(partial: bool) -> dict:
         env = environment or runs.environment(torch.device("cpu"))
         result = {
+            **previous,
             **common.base_result("accuracy", env),
+            "schema_version": 2,
             "partial": partial,
             "budget_seconds": budget,
             "wall_seconds": clock.elapsed(),
-            "seeds": seeds,
+            "seeds": seeds if isinstance(seeds, list) else f"next:{seeds}",
             "overrides": list(overrides),
             "device": env.get("device_name") or env.get("device"),
             "versions": {k: env.get(k) for k in ("torch", "triton", "dali", "cuda", "python")},
             "commit": env.get("commit"),
-            "rows": table,
+            "runs": history + new,
+            "official_runs": previous.get("official_runs", []),
         }
+        result["rows"] = summarise_rows(result["runs"], notes)
+        result["comparison"] = accuracy_comparison(result)
         return result
 
     for row in rows:
+        meta = {"recipe": row.name, "note": row.note, "dataset": dataset_of(row.config)}
+        meta.update(overrides=[*overrides, *row.overrides], schedule_epochs=row.schedule_epochs)
+        names = [record_name(row, e) for e in row.eval_epochs]
+
+        def note(key: str, status: str, reason: str, row=row, meta=meta, names=names) -> None:
+            for i, name in enumerate(names):
+                extra = {"row": name, "epochs_trained": row.eval_epochs[i], "official_linear_top1": row.official[i]}
+                notes[(name, key)] = {**meta, **extra, "config_key": key, "status": status, "reason": reason}
+
         # data.source among the overrides (synthetic for a pipeline check) replaces every row's data
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))
         data = [] if chosen else data_overrides(dataset_of(row.config), data_paths)
         if data is None:
-            table.extend(
-                summarise(
-                    row,
-                    i,
-                    None,
-                    seeds,
-                    [],
-                    "skipped",
-                    f"no {dataset_of(row.config)} data given and no canonical archive under data.root",
-                )
-                for i in range(len(row.eval_epochs))
-            )
+            note("-", "skipped", f"no {dataset_of(row.config)} data given and no canonical archive under data.root")
             continue
-        per_epoch: list[list[dict]] = [[] for _ in row.eval_epochs]
-        slots = [len(table) + i for i in range(len(row.eval_epochs))]
-        cfg, status, reason = None, "complete", ""
-        table.extend({} for _ in slots)
-        for seed in seeds:
-            try:
-                cfg = row_config(row, seed, data, overrides)
-            except Exception as err:  # a bad override or data: this row fails, the others still run
-                status, reason = "error", f"{type(err).__name__}: {err}"
-                break
-            if not clock.fits(row, cfg):
-                status, reason = "partial", f"seed {seed} and later skipped: they would end past --budget {budget:g} s"
+        try:  # a bad override or data: this row fails, the others still run
+            key = config_key(row_config(row, 0, data, overrides))
+        except Exception as err:
+            note("-", "error", f"{type(err).__name__}: {err}")
+            continue
+        done = {r["seed"] for r in history + new if r["row"] == names[-1] and r["config_key"] == key}
+        wanted = seeds if isinstance(seeds, list) else [s for s in range(len(done) + seeds) if s not in done]
+        todo = [s for s in wanted if s not in done]
+        status, reasons = "complete", []
+        if len(todo) < len(wanted):
+            reasons.append(f"seeds {sorted(set(wanted) - set(todo))} already measured, not run again")
+        for seed in todo:
+            ok, guess = clock.fits(names[-1], key)
+            if not ok:
+                status = "partial"
+                reasons.append(
+                    f"seed {seed} and later skipped: predicted {guess:.0f} s from warm steps, "
+                    f"{clock.elapsed():.0f} s used of --budget {budget:g} s"
+                )
                 break
             start = time.perf_counter()
             try:
-                records = run_seed(cfg, row)
+                cfg = row_config(row, seed, data, overrides)
+                measured = run_seed(cfg, row)
             except Exception as err:
-                status, reason = "error", f"seed {seed}: {type(err).__name__}: {err}"
+                status = "error"
+                reasons.append(f"seed {seed}: {type(err).__name__}: {err}")
                 break
-            clock.record(row, cfg, time.perf_counter() - start, records)
+            records = [run_record(row, i, seed, key, cfg, overrides, m) for i, m in enumerate(measured)]
+            new.extend(records)
+            clock.record(records[-1])
             if not environment:
                 environment.update(runs.environment(resolve_device(cfg.train.device)))
-            for i, record in enumerate(records):
-                per_epoch[i].append(record)
-                table[slots[i]] = summarise(row, i, cfg, seeds, per_epoch[i], "running")
+            note(key, "running", "")
             print(
                 f"accuracy {row.name} seed {seed}: "
-                + ", ".join(f"epoch {r['epoch']} linear {r['linear_top1']:.4f}" for r in records)
+                + ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in records)
                 + f" ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
             if on_progress:
                 on_progress(assemble(partial=True))
-        if status == "partial" and not per_epoch[0]:
+        if status == "partial" and not any(r["row"] == names[-1] and r["config_key"] == key for r in history + new):
             status = "skipped"
-        for i in range(len(row.eval_epochs)):
-            table[slots[i]] = summarise(row, i, cfg, seeds, per_epoch[i], status, reason)
+        note(key, status, "; ".join(reasons))
         if on_progress:
             on_progress(assemble(partial=True))
     return assemble(partial=False)
+
+
+# ------------------------------------------------------------------------------ the official code's runs
+
+
+def official_run_record(peer: dict) -> dict:
+    """One run of the official code (official_peer.json) as the accuracy file keeps it, whatever its status."""
+    official, training, evaluation = (peer.get(k) or {} for k in ("official", "training", "evaluation"))
+    epochs = [e for e in training.get("epochs", []) if e.get("done")]
+    env = peer.get("environment") or {}
+    data = peer.get("data") or {}
+    return {
+        "status": peer.get("status"),
+        "error": peer.get("error") or peer.get("reason"),
+        "dry_run": peer.get("dry_run"),
+        "seed": official.get("seed"),
+        "n_patches": official.get("n_patches"),
+        "epochs_trained": evaluation.get("epochs_trained"),
+        "schedule_epochs": official.get("schedule_epochs"),
+        "data_copy": data.get("copy"),
+        "data_file": Path(data["path"]).name if data.get("path") else None,
+        "protocol": evaluation.get("eval_protocol"),
+        "overrides": peer.get("overrides", []),
+        **{k: evaluation.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1", "eval_seconds")},
+        "train_seconds": sum(e["loop_seconds"] for e in epochs) if epochs else None,
+        "startup_seconds": training.get("startup_seconds"),
+        "images_per_s": training.get("images_per_s"),
+        "images_per_s_whole_loop": training.get("images_per_s_whole_loop"),
+        "device_name": env.get("device_name"),
+        "commit": env.get("commit"),
+        "created": peer.get("created"),
+    }
+
+
+def read_result(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_accuracy(path: Path, result: dict) -> None:
+    """The results file and its markdown, the rows and the comparison recomputed from the records."""
+    notes = {(r["row"], r["config_key"]): r for r in result.get("rows", [])}  # their last status stays
+    result["rows"] = summarise_rows(result.get("runs", []), notes)
+    result["comparison"] = accuracy_comparison(result)
+    common.write_results(path.parent, path.stem, result, accuracy_markdown(result))
+
+
+def add_official(accuracy_path: Path, peer_path: Path) -> dict:
+    """Append the official code's run (official_peer.json, or why there is none) to the accuracy file."""
+    result = read_result(accuracy_path) or {"benchmark": "accuracy", "schema_version": 2, "runs": []}
+    result.setdefault("environment", {})
+    peer = read_result(peer_path) or {"status": "FAIL", "error": f"no readable {peer_path.name}"}
+    result["official_runs"] = [*result.get("official_runs", []), official_run_record(peer)]
+    write_accuracy(accuracy_path, result)
+    return result
+
+
+def plan(accuracy_path: Path) -> dict:
+    """What the suite's next official run takes from the file: the lowest seed no official run passed with (the
+    official code unseeded starts from torch's fixed default seed, so repeated runs need seeds), and the
+    seconds to keep for its evaluation (the slowest official-protocol evaluation here, else of any, x 1.25 + 15 s)."""
+    from .official_peer import DEFAULT_EVAL_SECONDS
+
+    result = read_result(accuracy_path) or {}
+    used = {r.get("seed") for r in result.get("official_runs", []) if r.get("status") == "PASS"}
+    runs_ = result.get("runs", [])
+    evals = [r["eval_seconds"] for r in runs_ if r.get("protocol") == "official"] or [r["eval_seconds"] for r in runs_]
+    return {
+        "official_seed": min(s for s in range(len(used) + 1) if s not in used),
+        "eval_seconds": round(max(evals) * 1.25 + 15) if evals else DEFAULT_EVAL_SECONDS,
+    }
+
+
+# ------------------------------------------------------------------------------ report
 
 
 def _pm(mean, std) -> str:
@@ -411,139 +661,112 @@ def _pm(mean, std) -> str:
 
 
 def _pct(value) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def _s(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _commit(value) -> str:
+    return "—" if not value else value[:9] + ("+dirty" if value.endswith("+dirty") else "")
+
+
+RUN_HEADERS = "seed|linear top-1 %|best on test %|kNN %|train s|first step / startup s|eval s|images/s|commit|date"
+RUN_HEADERS = RUN_HEADERS.split("|")
+
+
+def _run_cells(r: dict) -> list:
+    """One run's cells under RUN_HEADERS: fastemp's seed (first step = compilation) or the official code's run
+    (startup = imports, data, model, workers)."""
+    values = [_pct(r.get(k)) for k in ("linear_top1", "best_top1_on_test", "knn_top1")]
+    values += [
+        _s(r.get(k)) for k in ("train_seconds", "first_step_seconds", "startup_seconds", "eval_seconds") if k in r
+    ]
+    return [
+        r.get("seed"),
+        *values,
+        common.fmt(r.get("images_per_s")),
+        _commit(r.get("commit")),
+        (r.get("created") or "")[:10],
+    ]
 
 
 def accuracy_markdown(result: dict) -> str:
-    env = result["environment"]
-    cpu = not str(env.get("device", "cpu")).startswith("cuda")
-    lines = [f"# Accuracy vs the official table: {common.device_label(env)}", ""]
-    if cpu:
+    env = result.get("environment") or {}
+    lines = [f"# Accuracy vs the official code and table: {common.device_label(env)}", ""]
+    if not str(env.get("device", "cpu")).startswith("cuda"):
         lines += [
             "**CPU run: a pipeline check of the benchmark, not an accuracy claim** (tiny model, few "
             "steps; the official figures are for the full recipe).",
             "",
         ]
+    seeds = result.get("seeds")
     lines += [
-        f"- seeds: {', '.join(map(str, result['seeds']))}; overrides on every row: "
-        f"{' '.join(result['overrides']) or 'none'}"
-        + (f"; budget {result['budget_seconds']:g} s" if result["budget_seconds"] else "")
-        + (" (partial: still running when written)" if result["partial"] else ""),
-        "- linear top-1 = the FINAL probe epoch (the official script also prints the best epoch on test: "
-        "column 'best on test', selected on the test split)",
-        "- train s: training clock without the first step (compilation); evaluation is off the clock",
+        f"- last run: seeds {seeds if isinstance(seeds, str) else ', '.join(map(str, seeds or []))}; overrides on "
+        f"every row: {' '.join(result.get('overrides') or []) or 'none'}"
+        + (f"; budget {result['budget_seconds']:g} s" if result.get("budget_seconds") else "")
+        + (" (partial: still running when written)" if result.get("partial") else ""),
+        "- linear top-1 = the FINAL probe epoch; best on test = the best probe epoch, selected on the test split "
+        "(as the official script prints it)",
+        "- train s: training without the first step (compilation: first step s); eval s: the evaluation; neither "
+        "on the other's clock. The official code's train s is its epochs' loop (startup apart), its images/s the "
+        "steady rate",
         "",
     ]
-    headers = [
-        "row",
-        "data copy",
-        "n",
-        "epochs / schedule",
-        "protocol (patches, probe epochs)",
-        "linear top-1 % (mean ± std)",
-        "per seed",
-        "best on test %",
-        "kNN %",
-        "official %",
-        "Δ",
-        "train s",
-        "eval s",
-        "status",
+    body = [
+        [
+            r["row"],
+            r["data_copy"] or "—",
+            r["n_patches"] or "—",
+            f"{r['epochs_trained']} / {r['schedule_epochs']}",
+            f"{r['protocol']} ({r['eval_patches']}, {r['probe_epochs']})" if r["protocol"] else "—",
+            len(r["seeds"]),
+            _pm(r["linear_top1_mean"], r["linear_top1_std"]),
+            _pct(r["best_top1_on_test_mean"]),
+            _pct(r["knn_top1_mean"]),
+            _pct(r["official_linear_top1"]),
+            "—" if r["delta_vs_official"] is None else f"{100 * r['delta_vs_official']:+.2f}",
+            _s(r["train_seconds_mean"]),
+            _s(r["eval_seconds_mean"]),
+            common.fmt(r["images_per_s_mean"]),
+            r["status"] + (f": {r['reason']}" if r["reason"] else ""),
+        ]
+        for r in result.get("rows", [])
     ]
-    body = []
-    for r in result["rows"]:
-        if not r:
-            continue
-        body.append(
-            [
-                r["row"],
-                r["data_copy"] or "—",
-                r["n_patches"] or "—",
-                f"{r['epochs_trained']} / {r['schedule_epochs']}",
-                f"{r['protocol']} ({r['eval_patches']}, {r['probe_epochs']})" if r["protocol"] else "—",
-                _pm(r["linear_top1_mean"], r["linear_top1_std"]),
-                " ".join(f"{100 * v:.2f}" for v in r["linear_top1"]) or "—",
-                _pct(r["best_top1_on_test_mean"]),
-                _pct(r["knn_top1_mean"]),
-                _pct(r["official_linear_top1"]),
-                "—" if r["delta_vs_official"] is None else f"{100 * r['delta_vs_official']:+.1f}",
-                "—" if r["train_seconds_mean"] is None else f"{r['train_seconds_mean']:.1f}",
-                "—" if r["eval_seconds_mean"] is None else f"{r['eval_seconds_mean']:.1f}",
-                r["status"] + (f": {r['reason']}" if r["reason"] else ""),
-            ]
-        )
-    lines += [common.markdown_table(headers, body), "", "## Rows", ""]
-    lines += [f"- `{r['row']}`: {r['note']}" for r in result["rows"] if r]
-    lines += ["", "## Environment", "", common.environment_markdown(env)]
+    headers = ["row", "data copy", "n", "epochs / schedule", "protocol (patches, probe epochs)", "seeds"]
+    headers += ["linear top-1 % (mean ± std)", "best on test %", "kNN %", "official README %", "Δ README"]
+    lines += [common.markdown_table([*headers, "train s", "eval s", "images/s", "status"], body), ""]
+    per_run = [[r["row"], r["config_key"], *_run_cells(r)] for r in result.get("runs", [])]
+    lines += ["## fastemp, per seed", "", common.markdown_table(["row", "config", *RUN_HEADERS], per_run)]
+    official = result.get("official_runs") or []
+    if official:
+        body = [
+            [o.get("status"), *_run_cells(o), (o.get("error") or "")[:120] + (" (dry run)" * bool(o.get("dry_run")))]
+            for o in official
+        ]
+        lines += [
+            "",
+            "## The official code on the same data (benchmarks/official_peer.py, scored by fastemp's evaluator)",
+            "",
+            common.markdown_table(["status", *RUN_HEADERS, "note"], body),
+        ]
+    comparison = result.get("comparison") or []
+    if comparison:
+        lines += ["", "## fastemp - official (linear top-1, final probe epoch)", ""]
+        for c in comparison:
+            se = "" if c["delta_standard_error"] is None else f" ± {100 * c['delta_standard_error']:.2f}"
+            ratio = (
+                ""
+                if c["images_per_s_ratio"] is None
+                else f"; images/s fastemp / official {c['images_per_s_ratio']:.3g}x"
+            )
+            lines.append(
+                f"- {c['row']} (config {c['config_key']}): fastemp {_pm(c['fastemp_mean'], c['fastemp_std'])} "
+                f"({len(c['fastemp_seeds'])} seeds), official {_pm(c['official_mean'], c['official_std'])} "
+                f"({len(c['official_seeds'])} runs): Δ = {100 * c['delta']:+.2f}{se} points ({c['uncertainty']}){ratio}"
+            )
+    lines += ["", "## Rows", ""]
+    lines += sorted({f"- `{r['row']}`: {r['note']}" for r in result.get("rows", []) if r.get("note")})
+    lines += ["", "## Environment (last run)", "", common.environment_markdown(env)]
     return "\n".join(lines)
-
-
-def plot_accuracy_vs_seconds(result: dict, path: Path) -> Path | None:
-    """PNG: linear top-1 (mean ± std over seeds) vs training seconds, official figures beside; None without
-    matplotlib or without a finished row."""
-    rows = [r for r in result["rows"] if r and r["linear_top1_mean"] is not None]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        x = r["train_seconds_mean"]
-        ax.errorbar(x, 100 * r["linear_top1_mean"], yerr=100 * (r["linear_top1_std"] or 0), fmt="o", capsize=3)
-        ax.annotate(r["row"], (x, 100 * r["linear_top1_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        if r["official_linear_top1"] is not None:
-            ax.plot(x, 100 * r["official_linear_top1"], marker="_", markersize=14, color="gray")
-    ax.set_xlabel("training seconds (first step excluded)")
-    ax.set_ylabel("linear probe top-1 % (final probe epoch)")
-    ax.set_title(f"{common.device_label(result['environment'])} (gray bars: official README)", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def attach_peer(accuracy_path: Path, peer_path: Path) -> dict:
-    """Put the official code's peer run (official_peer.json, or why it did not run) into the accuracy result and
-    its markdown, so the suite publishes both as one file. A missing accuracy result becomes a stub saying so."""
-    try:
-        result = json.loads(accuracy_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        result = {"benchmark": "accuracy", "partial": True, "rows": [], "note": "fastemp's accuracy run wrote nothing"}
-    try:
-        peer = json.loads(peer_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        peer = {"benchmark": "official_peer", "status": "SKIP", "reason": f"no readable {peer_path.name}"}
-    result["official_peer"] = peer
-    runs.write_json(accuracy_path, result)
-    scalars = [
-        f"- {key}: {common.fmt(value)}"
-        for key, value in peer.items()
-        if isinstance(value, (int, float, str, bool)) and key not in ("command", "created")
-    ]
-    md = accuracy_path.with_suffix(".md")
-    text = md.read_text().rstrip() + "\n\n" if md.exists() else "# Accuracy\n\n"
-    md.write_text(
-        text + "## The official code on the same data (benchmarks/official_peer.py)\n\n" + "\n".join(scalars) + "\n"
-    )
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastemp.benchmarks.accuracy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("attach-peer", help="put official_peer.json into accuracy.json and accuracy.md")
-    p.add_argument("--accuracy", required=True, type=Path)
-    p.add_argument("--peer", required=True, type=Path)
-    args = parser.parse_args(argv)
-    attach_peer(args.accuracy, args.peer)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

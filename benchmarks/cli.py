@@ -159,7 +159,7 @@ def cmd_time_to_accuracy(args) -> int:
 
 
 def cmd_accuracy(args) -> int:
-    from .accuracy import accuracy_markdown, parse_seeds, plot_accuracy_vs_seconds, run_accuracy, select_rows
+    from .accuracy import accuracy_markdown, parse_seeds, read_result, run_accuracy, select_rows
 
     _threads(args)
     if args.list_rows:
@@ -175,7 +175,10 @@ def cmd_accuracy(args) -> int:
     for _, variant in args.variant or ():  # a typo is one line now, not an error row after an hour
         load_config("quickstart", [*overrides, *variant.split()])
     device = load_config("quickstart", overrides).train.device
-    out, name = _target(args, device, (".json", ".md", ".png"))
+    out, name = common.results_target(args.out, args.name, device, args.force or args.accumulate)
+    previous = read_result(out / f"{name}.json") if args.accumulate else None
+    if args.accumulate and previous is None and (out / f"{name}.json").exists():
+        raise UserError(f"--accumulate: {out / name}.json is not a readable results file; move it away or fix it")
     result = run_accuracy(
         rows,
         seeds,
@@ -183,12 +186,11 @@ def cmd_accuracy(args) -> int:
         {"cifar10": args.cifar10, "cifar100": args.cifar100},
         args.budget,
         on_progress=_partial_writer(out, name, accuracy_markdown),
+        previous=previous,
     )
     markdown = accuracy_markdown(result)
     print(markdown)
-    paths = common.write_results(out, name, result, markdown)
-    png = plot_accuracy_vs_seconds(result, out / f"{name}.png")
-    _written([*paths, png] if png else paths)
+    _written(common.write_results(out, name, result, markdown))
     return 1 if any(r.get("status") == "error" for r in result["rows"]) else 0
 
 
@@ -416,8 +418,20 @@ def register_cli(subparsers) -> None:
     _threads_arg(p)
     p.add_argument("--rows", help="comma-separated row names (default: all); see --list-rows")
     p.add_argument("--list-rows", action="store_true", help="print the rows and what each reproduces, then exit")
-    p.add_argument("--seeds", default="3", help="a count (seeds 0..N-1) or a comma-separated list (default 3)")
-    p.add_argument("--budget", type=float, help="wall seconds: seeds predicted to end past it are skipped")
+    p.add_argument(
+        "--seeds",
+        default="3",
+        help="a count (seeds 0..N-1), a comma-separated list, or next:K (the K lowest seeds each row has not "
+        "measured in the --accumulate file) (default 3)",
+    )
+    p.add_argument(
+        "--accumulate",
+        action="store_true",
+        help="add to <out>/<name>.json (seeds already there under the same config are not run again)",
+    )
+    p.add_argument(
+        "--budget", type=float, help="wall seconds: seeds predicted (from warm steps) to end past it are skipped"
+    )
     p.add_argument(
         "--variant",
         nargs=2,

@@ -1,7 +1,8 @@
 """`fastemp bench official-peer`: the official EMP-SSL code itself, on the same GPU and data copy as fastemp.
 
     python -m fastemp.benchmarks.official_peer --official-dir DIR --data TAR --out DIR
-        [--epochs 1] [--n 20] [--seed S] [--time-limit S] [--override eval.KEY=VALUE ...]
+        [--epochs 1] [--n 20] [--seed S] [--time-limit S] [--eval-seconds S] [KEY=VALUE ...]
+    python -m fastemp.benchmarks.official_peer --official-dir DIR --data TAR --out DIR --probe-loader 5
 
 1. Data. The split is loaded by fastemp's own loader (the same decoder, so the same pixels fastemp trains
    on) and written as CIFAR-10 python batches into a scratch folder, which the official loader
@@ -18,8 +19,12 @@
    (MODULE_TABLE, checked strictly) and evaluated by fastemp's Trainer.evaluate under the config's
    eval section (default: the official protocol's values); `--override eval.KEY=VALUE` selects another.
 
-Results: <out>/official_peer.json and .md, rewritten after every phase and every training epoch (a run
-cut short keeps what it measured; "partial": true until the end).
+Results: <out>/official_peer.json and .md, rewritten after every phase, every training epoch and every 30 s
+of training ("status": RUNNING, then PASS, FAIL or TIMEOUT; "partial": true until it passed), and
+<out>/official_peer.log, the official process's output line by line as it arrives, timestamped: a run that
+fails, runs out of --time-limit or is killed by SIGTERM keeps what it measured. --time-limit bounds all of it:
+training stops --eval-seconds before the limit (the latest checkpoint is then evaluated, if any), and whatever
+runs at the limit is stopped. Exit status 0 only on PASS.
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ README_SCHEDULE_EPOCHS = 2  # the README's "1 epoch" command is `--epoch 2`, eva
 CANONICAL_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 LAUNCHER = Path(__file__).with_name("official_launcher.py")
+# ESTIMATE, not a measurement: the official protocol (60,000 images x 128 patches forward, 100 probe epochs) in
+# fastemp's evaluator on an H200 ~60-100 s, plus compiling the encoder; a measured value replaces it (--eval-seconds)
+DEFAULT_EVAL_SECONDS = 150.0
+PROBE_FIRST_BATCH_SECONDS = 60.0  # --probe-loader: how long the workers may take to deliver their first batch
 
 
 class PeerError(UserError, RuntimeError):
@@ -352,7 +361,7 @@ def run_official(
     lines: queue.Queue = queue.Queue()
     tail: list[str] = []
     status, deadline = "running", launched + time_limit if time_limit else None
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line by line: a kill keeps every line that arrived
 
         def take(t: float, line: str) -> dict | None:
             log.write(f"{t - launched:10.3f} {line}\n")
@@ -392,6 +401,7 @@ def run_official(
                 item = lines.get()
                 if item is not None:
                     take(*item)
+            on_progress(clock.report())  # also when a time limit or a signal ends it here
     code = child.returncode
     if status == "running":  # the stream ended: the run finished or failed
         status = "ok" if code == 0 and clock.epochs and clock.epochs[-1].get("done") else "error"
@@ -512,58 +522,11 @@ def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = True)
     }
 
 
-def find_checkpoint(work: Path, epoch: int) -> Path | None:
-    """main.py's save_models/<epoch>.pt under ./logs/<dir>/<run name>/ of the scratch folder."""
-    found = sorted(work.glob(f"logs/*/*/save_models/{epoch}.pt"))
-    return found[0] if found else None
-
-
-# ------------------------------------------------------------------------------ neighbours: baseline, fastemp
-
-
-def from_throughput_json(path: Path, n_patches: int) -> dict:
-    """fastemp's best images/s and the reference-style baseline at (n, B=100) from a `bench throughput` result."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PeerError(f"cannot read --throughput-json {path} ({last_line(err)}); pass a throughput.json") from None
-    match = [
-        p
-        for p in result.get("points", [])
-        if p.get("status") == "ok" and p.get("n_patches") == n_patches and p.get("batch_size") == OFFICIAL_BATCH_SIZE
-    ]
-    base = [
-        b
-        for b in result.get("baselines", [])
-        if b.get("status") == "ok" and b.get("n_patches") == n_patches and b.get("batch_size") == OFFICIAL_BATCH_SIZE
-    ]
-    best = max(match, key=lambda p: p["images_per_s"]) if match else None
-    return {
-        "source": str(path),
-        "device_name": result.get("environment", {}).get("device_name"),
-        "fastemp_images_per_s": best["images_per_s"] if best else None,
-        "fastemp_point": {k: best.get(k) for k in ("backend", "compile", "precision", "grad_chunks")} if best else None,
-        "baseline_images_per_s": base[0]["images_per_s"] if base else None,
-    }
-
-
-def measure_reference_baseline(cfg, images: torch.Tensor, device: torch.device, workers: int) -> dict:
-    from .baseline import measure_baseline
-
-    return {"source": "measured in this run", **measure_baseline(cfg, images, device, workers)}
-
-
-def attach_ratios(result: dict) -> None:
-    """official images/s against fastemp's and the baseline's, where both are known."""
-    official = (result.get("training") or {}).get("images_per_s")
-    throughput = result.get("throughput") or {}
-    if throughput.get("baseline_images_per_s") and not result.get("baseline"):
-        result["baseline"] = {"source": throughput["source"], "images_per_s": throughput["baseline_images_per_s"]}
-    others = {
-        "fastemp_over_official": throughput.get("fastemp_images_per_s"),
-        "baseline_over_official": (result.get("baseline") or {}).get("images_per_s"),
-    }
-    result["ratios"] = {k: rate / official for k, rate in others.items() if rate and official}
+def latest_checkpoint(work: Path, up_to: int) -> Path | None:
+    """The latest of main.py's save_models/<epoch>.pt (epoch <= up_to) under ./logs/<dir>/<run name>/."""
+    found = [(int(p.stem), p) for p in work.glob("logs/*/*/save_models/*.pt") if p.stem.isdigit()]
+    found = [(epoch, p) for epoch, p in found if epoch <= up_to]
+    return max(found)[1] if found else None
 
 
 # ------------------------------------------------------------------------------ report
@@ -587,76 +550,22 @@ def peer_markdown(result: dict) -> str:
     ]
     if result.get("dry_run"):
         lines.insert(2, "- **CPU dry run of the harness: not a peer result**")
-    rows = [
-        [
-            e["epoch"],
-            e["steps"],
-            e["loop_seconds"],
-            e.get("images_per_s"),
-            e.get("images_per_s_whole_loop"),
-            e.get("loss_similarity"),
-            e.get("loss_tcr"),
-            e.get("lr_after"),
-        ]
-        for e in training.get("epochs", [])
-    ]
+    keys = ("epoch", "steps", "loop_seconds", "images_per_s", "images_per_s_whole_loop", "loss_similarity")
+    keys += ("loss_tcr", "lr_after")
+    rows = [[e.get(k) for k in keys] for e in training.get("epochs", [])]
     if rows:
-        lines += [
-            "",
-            common.markdown_table(
-                [
-                    "epoch",
-                    "steps",
-                    "loop s",
-                    "images/s (steady)",
-                    "images/s (whole loop)",
-                    "loss sim",
-                    "loss TCR",
-                    "lr after",
-                ],
-                rows,
-            ),
-        ]
+        headers = "epoch|steps|loop s|images/s (steady)|images/s (whole loop)|loss sim|loss TCR|lr after".split("|")
+        lines += ["", common.markdown_table(headers, rows)]
     if evaluation:
         ev = evaluation.get("eval_config", {})
-        name = Path(str(evaluation.get("checkpoint"))).name
+        values = [evaluation.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1")]
+        values += [ev.get("patches"), ev.get("probe_epochs"), evaluation.get("eval_seconds")]
+        headers = "linear top-1 (final probe epoch)|best epoch on test|kNN top-1|eval patches|probe epochs|eval s"
         lines += [
             "",
-            f"## fastemp's evaluation of the official encoder ({name})",
+            f"## fastemp's evaluation of the official encoder ({Path(str(evaluation.get('checkpoint'))).name})",
             "",
-            common.markdown_table(
-                [
-                    "linear top-1 (final probe epoch)",
-                    "best epoch on test",
-                    "kNN top-1",
-                    "eval patches",
-                    "probe epochs",
-                    "eval s",
-                ],
-                [
-                    [
-                        evaluation.get("linear_top1"),
-                        evaluation.get("best_top1_on_test"),
-                        evaluation.get("knn_top1"),
-                        ev.get("patches"),
-                        ev.get("probe_epochs"),
-                        evaluation.get("eval_seconds"),
-                    ]
-                ],
-            ),
-        ]
-    baseline, throughput = result.get("baseline") or {}, result.get("throughput") or {}
-    if baseline or throughput:
-        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in (result.get("ratios") or {}).items()) or "n/a"
-        lines += [
-            "",
-            "## Beside it",
-            "",
-            f"- reference-style baseline: {fmt(baseline.get('images_per_s'))} images/s "
-            f"({baseline.get('source', 'not measured')})",
-            f"- fastemp: {fmt(throughput.get('fastemp_images_per_s'))} images/s "
-            f"({throughput.get('source', 'no --throughput-json')})",
-            f"- ratios: {ratios}",
+            common.markdown_table(headers.split("|"), [values]),
         ]
     if result.get("error"):
         lines += ["", f"error: {result['error']}"]
@@ -672,7 +581,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", required=True, help=f"the CIFAR-10 JPEG copy (ImageFolder .tar.gz or folder) or {CANONICAL_ARCHIVE}"
     )
-    p.add_argument("--out", required=True, help=f"folder for {NAME}.json and {NAME}.md (rewritten as the run goes)")
+    p.add_argument(
+        "--out", required=True, help=f"folder for {NAME}.json, .md and .log (written as the run goes, never moved)"
+    )
     p.add_argument(
         "--epochs",
         type=int,
@@ -689,14 +600,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed",
         type=int,
-        help="seed torch/numpy/random before main.py (default: unseeded, as the "
-        "official command) and fastemp's evaluation (default 0)",
+        help="seed torch/numpy/random before main.py and fastemp's evaluation (default: unseeded, as the official "
+        "command: torch's fixed default seed, so give runs that should differ their own seeds)",
     )
     p.add_argument(
         "--time-limit",
         type=float,
-        help="stop the official training after this many seconds (the "
-        "results keep what it measured; no evaluation then)",
+        help="seconds for all of it, data, training and evaluation: training stops --eval-seconds before the "
+        "limit (the latest checkpoint is then evaluated), and whatever runs at the limit is stopped (TIMEOUT)",
+    )
+    p.add_argument(
+        "--eval-seconds",
+        type=float,
+        help=f"what the evaluation is expected to take, kept free of training under --time-limit (default: measured "
+        f"in --accuracy's file, else {DEFAULT_EVAL_SECONDS:g}: the official protocol on an H100/H200 with compilation)",
+    )
+    p.add_argument(
+        "--accuracy",
+        help="the `bench accuracy` results file this run joins: without --seed the next seed no official run there "
+        "passed with, without --eval-seconds the evaluation time measured there; the run (any status) is added to it",
     )
     p.add_argument(
         "--config",
@@ -709,23 +631,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="config override for the evaluation, e.g. eval.patches=16 (repeatable)",
     )
-    p.add_argument("overrides", nargs="*", help="more section.key=value overrides")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="more section.key=value overrides (the same ones fastemp's runs got, e.g. model.compile=none)",
+    )
     p.add_argument("--device", default="auto", help="device of fastemp's evaluation (default: cuda when present)")
     p.add_argument(
         "--python", default=sys.executable, help="interpreter with the official code's dependencies (default: this one)"
     )
     p.add_argument(
         "--work",
-        help="scratch folder for the official run's data, logs and checkpoints (default: a "
-        "temporary folder, removed at the end)",
+        help="scratch folder for the official run's data and checkpoints (default: a temporary folder, removed at "
+        "the end)",
     )
     p.add_argument("--no-eval", action="store_true", help="time the training only")
-    p.add_argument("--baseline", action="store_true", help="also measure the reference-style baseline (minutes)")
-    p.add_argument("--baseline-workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument(
-        "--throughput-json",
-        help="a `bench throughput` result of this machine: fastemp's and the "
-        "baseline's images/s at the same n, beside the official figure",
+        "--probe-loader",
+        type=float,
+        metavar="SECONDS",
+        help="instead of a run: start main.py's DataLoader as main.py does (16 workers, file_system sharing, "
+        "after CUDA) on the prepared data and report whether its workers deliver batches for SECONDS",
     )
     p.add_argument("--train-images", type=int, default=0, help="dry runs: an evenly spaced subset (0: all)")
     p.add_argument("--test-images", type=int, default=0, help="dry runs: an evenly spaced subset (0: all)")
@@ -781,19 +707,39 @@ def preflight(args) -> tuple[dict[str, str], dict[str, str]]:
     return sums, imports["versions"]
 
 
+class Stopped(Exception):
+    """--time-limit ran out, or a SIGTERM (a watchdog, `timeout`, a scheduler) arrived."""
+
+
+def _stop(signum, frame):
+    raise Stopped("--time-limit ran out" if signum == signal.SIGALRM else f"stopped by signal {signum}")
+
+
 def run_official_peer(args) -> dict:
     from fastemp import runs
     from fastemp.runtime import resolve_device
 
     sums, versions = preflight(args)
+    if args.accuracy:  # this run joins that file: its next seed and measured evaluation time
+        from .accuracy import plan
+
+        planned = plan(Path(args.accuracy))
+        args.seed = planned["official_seed"] if args.seed is None else args.seed
+        args.eval_seconds = args.eval_seconds or planned["eval_seconds"]
+    args.eval_seconds = args.eval_seconds or DEFAULT_EVAL_SECONDS
     device = resolve_device("cpu" if args.cpu_dry_run else args.device)
     cfg = _config(args, str(device))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.time_limit if args.time_limit else None
     result = common.base_result(NAME, runs.environment(device))
     result.update(
         partial=True,
-        status="running",
+        status="RUNNING",
         dry_run=bool(args.cpu_dry_run),
+        time_limit=args.time_limit,
+        eval_seconds_reserved=None if args.no_eval else args.eval_seconds,
+        overrides=[*args.override, *args.overrides],
         data={},
         official={
             "repo": OFFICIAL_REPO,
@@ -805,6 +751,7 @@ def run_official_peer(args) -> dict:
             "readme_command": "python main.py " + " ".join(official_arguments(20, 2)),
             "n_patches": args.n,
             "schedule_epochs": args.schedule_epochs,
+            "epochs_requested": args.epochs,
             "seed": args.seed,
             "batch_size": OFFICIAL_BATCH_SIZE,
             "cosine_steps": (OFFICIAL_TRAIN_IMAGES // OFFICIAL_BATCH_SIZE) * args.schedule_epochs,
@@ -815,46 +762,55 @@ def run_official_peer(args) -> dict:
         result["partial"] = not final
         common.write_results(out, NAME, result, peer_markdown(result))
 
-    def on_sigterm(signum, frame):  # `timeout` or a job scheduler: stop the child, keep what was measured
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGALRM)}
+    if args.time_limit:
+        signal.setitimer(signal.ITIMER_REAL, args.time_limit)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastemp-official-peer-"))
     try:
         write()
         train, test, result["data"] = prepare_data(args, cfg, device, work)
         write()
-        training = train_official(args, work, result, write)
-        if training["status"] == "ok" and not args.no_eval:
-            checkpoint = find_checkpoint(work, args.epochs - 1)
-            if checkpoint is None:
-                raise PeerError(
-                    f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; "
-                    f"see {out / NAME}.log"
-                )
+        reserve = 0.0 if args.no_eval else args.eval_seconds
+        training_limit = deadline - time.perf_counter() - reserve if deadline else None
+        if training_limit is not None and training_limit <= 0:
+            raise Stopped(f"no time to train: --time-limit {args.time_limit:g} s leaves none after {reserve:g} s kept")
+        training = train_official(args, work, result, write, training_limit)
+        checkpoint = latest_checkpoint(work, args.epochs - 1)
+        if training["status"] == "ok" and checkpoint is None:
+            raise PeerError(
+                f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; "
+                f"see {out / NAME}.log"
+            )
+        if checkpoint is not None and not args.no_eval:  # after a training timeout: the latest epoch it saved
             result["evaluation"] = {
                 **evaluate_official(checkpoint, cfg, train, test, not args.no_progress),
+                "epochs_trained": int(checkpoint.stem) + 1,
                 "eval_config": dataclasses.asdict(cfg.eval),
                 "config": args.config,
                 "overrides": [*args.override, *args.overrides],
             }
-        add_neighbours(args, cfg, device, train, result)
-        result["status"] = training["status"]
-        write(final=training["status"] == "ok")
-    except KeyboardInterrupt as reason:
-        result.update(status="interrupted", error=f"stopped by {reason or 'an interrupt'}")
+        result["status"] = "PASS" if training["status"] == "ok" else "TIMEOUT"
+        if training["status"] != "ok":
+            result["error"] = f"training stopped {training_limit:.0f} s in, keeping {reserve:g} s for the evaluation"
+        write(final=result["status"] == "PASS")
+    except Stopped as why:
+        result.update(status="TIMEOUT", error=str(why))
         write()
         raise
-    except UserError as err:
-        result.update(status="error", error=str(err))
+    except BaseException as err:  # a one-line error, Ctrl-C, or a crash: written down before it propagates
+        result.update(status="FAIL", error=last_line(f"{type(err).__name__}: {err}"))
         write()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if (work / "official.log").is_file():  # the official process's output, timestamped, beside the results
-            shutil.copyfile(work / "official.log", out / f"{NAME}.log")
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+        if args.accuracy:
+            from .accuracy import add_official
+
+            add_official(Path(args.accuracy), out / f"{NAME}.json")
     return result
 
 
@@ -898,30 +854,31 @@ def prepare_data(args, cfg, device: torch.device, work: Path):
     return train, test, info
 
 
-def train_official(args, work: Path, result: dict, write) -> dict:
+def launcher_command(args, result: dict) -> list[str]:
+    """official_launcher.py with this run's checkout, data check, seed and dry-run flag (main.py's arguments follow)."""
     command = [args.python, str(LAUNCHER), "--official-dir", str(Path(args.official_dir).resolve())]
-    md5_file = result["data"].get("md5_file")
-    if md5_file:
-        command += ["--cifar-md5", md5_file]
+    if result["data"].get("md5_file"):
+        command += ["--cifar-md5", result["data"]["md5_file"]]
     if args.seed is not None:
         command += ["--seed", str(args.seed)]
-    if args.cpu_dry_run:
-        command += ["--cpu-dry-run"]
-    command += ["--", *official_arguments(args.n, args.schedule_epochs)]
-    result["official"]["command"] = command
-    result["official"]["log"] = str(Path(args.out) / f"{NAME}.log")
+    return command + (["--cpu-dry-run"] if args.cpu_dry_run else [])
+
+
+def train_official(args, work: Path, result: dict, write, time_limit: float | None) -> dict:
+    command = [*launcher_command(args, result), "--", *official_arguments(args.n, args.schedule_epochs)]
+    log = Path(args.out) / f"{NAME}.log"
+    result["official"].update(command=command, log=str(log))
 
     def progress(report: dict) -> None:
         result["training"] = summarize_training(report, args.epochs)
         write()
 
-    report = run_official(command, work, args.epochs, args.time_limit, work / "official.log", progress)
+    report = run_official(command, work, args.epochs, time_limit, log, progress)
     result["training"] = summarize_training(report, args.epochs)
     if report["status"] == "error":
         raise PeerError(
             f"the official run failed (exit {report['exit_code']}): "
-            f"{report['output_tail'][-1] if report['output_tail'] else 'no output'}; "
-            f"see {Path(args.out) / NAME}.log"
+            f"{report['output_tail'][-1] if report['output_tail'] else 'no output'}; see {log}"
         )
     return report
 
@@ -939,20 +896,49 @@ def summarize_training(report: dict, epochs: int) -> dict:
     }
 
 
-def add_neighbours(args, cfg, device: torch.device, train, result: dict) -> None:
-    """fastemp's and the baseline's images/s beside the official figure (read from a file, or measured)."""
-    if args.throughput_json:
-        result["throughput"] = from_throughput_json(Path(args.throughput_json), args.n)
-    if args.baseline:
-        result["baseline"] = measure_reference_baseline(cfg, train.images, device, args.baseline_workers)
-    attach_ratios(result)
+def probe_loader(args) -> dict:
+    """main.py's DataLoader alone on the prepared data (official_launcher.py --probe-loader): whether its 16
+    workers, forked after CUDA started and sharing tensors through the file system, deliver batches here."""
+    from fastemp.runtime import resolve_device
+
+    preflight(args)
+    device = resolve_device("cpu" if args.cpu_dry_run else args.device)
+    cfg = _config(args, str(device))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastemp-official-loader-"))
+    try:
+        _, _, data = prepare_data(args, cfg, device, work)
+        command = [
+            *launcher_command(args, {"data": data}),
+            "--probe-loader",
+            str(args.probe_loader),
+            "--",
+            *official_arguments(args.n, args.schedule_epochs),
+        ]
+        limit = args.probe_loader + PROBE_FIRST_BATCH_SECONDS + 60
+        try:
+            out = subprocess.run(
+                command, cwd=work, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            return {"status": "FAIL", "error": f"the probe did not end within {limit:g} s"}
+        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if not found:
+            return {"status": "FAIL", "exit_code": out.returncode, "error": last_line(out.stderr + out.stdout)}
+        return {"data": data["copy"], **json.loads(found[-1])}
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_from_args(args) -> int:
     """`fastemp bench official-peer`: 0 when the official run trained and (unless --no-eval) was evaluated."""
+    if args.probe_loader:
+        result = probe_loader(args)
+        print(json.dumps(result))
+        return 0 if result["status"] == "PASS" else 1
     try:
         result = run_official_peer(args)
-    except KeyboardInterrupt as reason:  # SIGTERM (`timeout`) or Ctrl-C: the partial result is written
+    except (Stopped, KeyboardInterrupt) as reason:  # the time limit, SIGTERM or Ctrl-C: the partial result is written
         print(
             f"fastemp: official-peer stopped ({reason or 'interrupted'}); what it measured is in "
             f"{Path(args.out) / (NAME + '.json')}",
@@ -961,7 +947,7 @@ def run_from_args(args) -> int:
         return 1
     print(peer_markdown(result))
     print(f"wrote {Path(args.out) / (NAME + '.json')}")
-    return 0 if result["status"] == "ok" else 1
+    return 0 if result["status"] == "PASS" else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,7 @@ class OptimConfig:
     lars_clip: bool = True
     warmup_steps: int = 0  # the official code has none
     min_lr: float = 0.0
+    fused_update: str = one_of("auto", "on", "off")  # LARS + SGD as one compiled pass per tensor (auto: when compiled)
 
 
 @dataclass

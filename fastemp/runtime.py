@@ -1,7 +1,7 @@
 """What the config's open choices ("auto") mean on this machine, resolved once per run.
 
-`resolve(cfg)` turns the config's device, precision, compile mode, channels_last, patch backend and
-fused loss into concrete settings, and takes the world size and this rank's shard of the batch
+`resolve(cfg)` turns the config's device, precision, compile mode, channels_last, patch backend, fused
+loss and fused LARS update into concrete settings, and takes the world size and this rank's shard of the batch
 from torchrun. It is the one place "auto" is decided and the one place the machine is checked for
 what the config asks (CUDA, DALI, Triton, a batch that divides by the world size); every consumer
 (the Trainer, evaluation, the summary, the benchmarks) reads the frozen Runtime it returns.
@@ -29,6 +29,7 @@ class Runtime:
     backend: str  # the patch backend: torch | dali | pillow
     backend_reason: str  # why: what auto saw (resident or streamed data, CUDA, DALI), or the config's choice
     patch_compile: bool  # the torch backend's recipe through torch.compile
+    fused_update: bool  # LARS's update as one compiled pass per tensor (optim.fused_update)
     fused_loss: bool  # the Triton cosine-to-mean kernel for the invariance term
     world_size: int  # processes under torchrun (1 without)
     shard: slice | None  # this rank's images of every global batch (None: resolved for evaluation only)
@@ -51,6 +52,7 @@ class Runtime:
             "channels_last": self.channels_last,
             "fused_loss": self.fused_loss,
             "patch_compile": self.patch_compile,
+            "fused_update": self.fused_update,
         }
 
     def describe(self) -> str:
@@ -61,6 +63,7 @@ class Runtime:
             f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches "
             f"({self.backend_reason}{', compiled' if self.patch_compile else ''}), "
             f"{'fused' if self.fused_loss else 'torch'} invariance loss"
+            f"{', fused LARS update' if self.fused_update else ''}"
         )
 
 
@@ -130,6 +133,8 @@ def resolve(cfg: Config, device: torch.device | None = None, training: bool = Tr
         backend=backend,
         backend_reason=backend_reason,
         patch_compile=resolve_patch_compile(cfg.data.patch_compile, device, compile_mode),
+        # auto: whenever the model is compiled (on demands torch.compile, which works on the CPU too, slowly)
+        fused_update=cfg.optim.fused_update == "on" or (cfg.optim.fused_update == "auto" and compile_mode != "none"),
         fused_loss=resolve_fused(cfg.loss.fused, device),
         world_size=distributed.world_size(),
         shard=distributed.batch_shard(cfg.train.batch_size) if training else None,  # checks B divides by the world

@@ -89,8 +89,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
         self.forward = compile_model(self.ddp or self.model, rt.compile_mode, self.device, cfg.model.cudnn_benchmark)
-        # LARS's update is compiled into one pass per tensor whenever the model is compiled
-        self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.compile_mode != "none")
+        self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.fused_update)
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)

@@ -7,7 +7,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+from official_stand_in import fake_jpeg_tar, stand_in_checkout
+
 GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+LEASE = GPU_SUITE.with_name("lease.sh")
 
 
 def run_suite(parts: str, out: Path, **env) -> subprocess.CompletedProcess:
@@ -61,7 +64,7 @@ def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_pa
     } <= set(files)
     with tarfile.open(out / "details.tar.gz") as tar:
         names = tar.getnames()
-    assert "./throughput20.log" in names and "./time_to_85_n20.md" in names and "./pip-freeze.txt" in names
+    assert "./throughput20.log" in names and "./time_to_85_n20.md" in names
     assert "./profile.md" in names and "## Profile" in (out / "suite.md").read_text()
     tta = json.loads((out / "time_to_85_n20.json").read_text())
     assert tta["partial"] is False and [m["top1"] for m in tta["milestones"]] == [0.7, 0.75, 0.8, 0.85]
@@ -76,11 +79,12 @@ def test_smoke_reports_one_line_per_item_and_writes_smoke_json(tmp_path):
     smoke = json.loads((out / "smoke.json").read_text())
     assert smoke["benchmark"] == "smoke" and smoke["verdict"] == "PASS"
     items = {i["item"]: i for i in smoke["items"]}
-    assert list(items) == ["environment", "check", "train", "large_n", "dali"]
+    assert list(items) == ["environment", "check", "official_loader", "train", "large_n", "dali"]
     assert all(i["status"] in ("PASS", "SKIP") for i in items.values())
     assert items["train"]["details"]["finite"] and items["large_n"]["details"]["grad_chunks"] == 2
-    lines = [line for line in result.stdout.splitlines() if line.startswith("smoke ")]
-    assert len(lines) == 5 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("smoke ") and line.split()[1] in items]
+    assert len(lines) == 6 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
+    assert items["official_loader"]["status"] == "SKIP" and smoke["gate"]["peer"].startswith("skip")
 
 
 def test_a_hung_smoke_item_fails_at_its_limit_and_the_others_still_run(tmp_path):
@@ -98,8 +102,15 @@ def test_a_hung_smoke_item_fails_at_its_limit_and_the_others_still_run(tmp_path)
     assert smoke.report(record, tmp_path) == 1
     result = json.loads((tmp_path / "smoke.json").read_text())
     statuses = {i["item"]: i["status"] for i in result["items"]}
-    assert statuses == {"environment": "PASS", "check": "FAIL", "train": "FAIL", "large_n": "FAIL", "dali": "FAIL"}
-    assert result["verdict"] == "FAIL"
+    assert statuses == {
+        "environment": "PASS",
+        "check": "FAIL",
+        "official_loader": "FAIL",
+        "train": "FAIL",
+        "large_n": "FAIL",
+        "dali": "FAIL",
+    }
+    assert result["verdict"] == "FAIL" and "prefetch: not verified" in result["gate"]["stop"]  # no check rows at all
 
 
 def test_profile_categories_name_the_kind_of_work():
@@ -115,26 +126,112 @@ def test_profile_categories_name_the_kind_of_work():
     assert category("aten::where") == "other"
 
 
-def test_accuracy_part_writes_fastemp_seeds_and_the_peer_status_within_eight_files(tmp_path):
+def stand_in(tmp_path: Path) -> dict:
+    """The environment that gives a dry run the stand-in official checkout and a tiny CIFAR-like JPEG archive."""
+    official, python = stand_in_checkout(tmp_path)
+    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 10)
+    return {
+        "FASTEMP_OFFICIAL_DIR": str(official),
+        "FASTEMP_OFFICIAL_PYTHON": str(python),
+        "FASTEMP_CIFAR10_JPEG": str(data),
+    }
+
+
+def test_a_failed_official_run_fails_the_accuracy_part_and_keeps_its_json_and_log(tmp_path):
     out = tmp_path / "results"
     (out / "details").mkdir(parents=True)
     for name in ("smoke", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels"):  # earlier parts' results
         (out / "details" / f"{name}.json").write_text("{}")
-    result = run_suite("accuracy", out, ACCURACY_SEEDS="2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "part accuracy: PASS" in result.stdout and "official peer SKIP: dry run" in result.stdout
+    result = run_suite("accuracy", out, STAND_IN_MODE="fail", ACCURACY_SEEDS="1,2", **stand_in(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "part accuracy: FAIL" in result.stdout and "official run FAILED" in result.stdout
+    peer = json.loads((out / "official_peer.json").read_text())  # published, whatever else is there
+    assert peer["status"] == "FAIL" and "boom" in peer["error"]
     accuracy = json.loads((out / "accuracy.json").read_text())
-    (row,) = accuracy["rows"]
-    assert row["row"] == "c10_n20_official_1ep@1" and row["status"] == "complete" and row["seeds"] == [0, 1]
-    assert row["epochs_trained"] == 1 and row["schedule_epochs"] == 2 and row["official_linear_top1"] == 0.842
-    assert accuracy["official_peer"]["status"] == "SKIP"
-    assert "official code on the same data" in (out / "suite.md").read_text()
-    # six result files: the first five are published, the sixth travels in details.tar.gz
+    assert [r["seed"] for r in accuracy["runs"]] == [1, 2]  # explicit seeds; the next one still ran after the peer
+    assert accuracy["official_runs"][-1]["status"] == "FAIL" and accuracy["comparison"] == []
     files = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert len(files) == 8 and "kernels.json" not in files and "accuracy.json" in files, files
+    assert len(files) == 8 and "kernels.json" not in files and "time_to_85_n20.json" not in files, files
     with tarfile.open(out / "details.tar.gz") as tar:
-        names = tar.getnames()
-    assert "./kernels.json" in names and "./official_peer.json" in names and "./accuracy.json" not in names
+        log = tar.extractfile("./official_peer.log").read().decode()
+    assert "boom" in log and "2it" in log
+
+
+def lease(call: str, out: Path, state: Path, **env) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "SUITE_DRY_RUN": "1",
+        "FASTEMP_PYTHON": sys.executable,
+        "PIP_NO_INDEX": "1",
+        "OMP_NUM_THREADS": "1",
+        "LEASE_STATE": str(state),
+        **env,
+    }
+    return subprocess.run(["bash", str(LEASE), call, str(out)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_lease_script_runs_its_three_calls(tmp_path):
+    """benchmarks/lease.sh dry: call 1's gate and next line, call 2's overrides reaching fastemp and the official
+    run's evaluation, fastemp - official in one accuracy.json, call 3; each call's OUT holds at most 8 files."""
+    env, state = stand_in(tmp_path), tmp_path / "state"
+    # train and large_n (the rest of call 1's items) run in test_smoke_reports_one_line_per_item_and_writes_smoke_json
+    first = lease("call1", tmp_path / "out1", state, SMOKE_ITEMS="environment,check,official_loader", **env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    smoke = json.loads((tmp_path / "out1" / "smoke.json").read_text())
+    assert [i["item"] for i in smoke["items"]] == ["environment", "check", "official_loader"]
+    assert all(i["status"] == "PASS" for i in smoke["items"]), smoke["items"]
+    assert smoke["gate"] == {"overrides": [], "stop": None, "peer": "run", "notes": []}
+    assert "lease: next: LEASE_OVERRIDES='' LEASE_PEER='run'" in first.stdout
+    second = lease("call2", tmp_path / "out2", state, LEASE_OVERRIDES="data.patch_compile=off", **env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    accuracy = json.loads((tmp_path / "out2" / "accuracy.json").read_text())
+    assert [r["seed"] for r in accuracy["runs"]] == [0, 1] and accuracy["runs"][0]["official_linear_top1"] == 0.842
+    assert all("data.patch_compile=off" in r["overrides"] for r in accuracy["runs"])
+    (official,) = accuracy["official_runs"]
+    assert official["status"] == "PASS" and official["seed"] == 0 and "data.patch_compile=off" in official["overrides"]
+    (comparison,) = accuracy["comparison"]
+    assert comparison["official_seeds"] == [0] and "standing in" in comparison["uncertainty"]
+    assert "lease: fastemp - official" in second.stdout and "call3" in second.stdout
+    third = lease("call3", tmp_path / "out3", state, **env)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert (tmp_path / "out3" / "throughput_n20.json").exists()
+    for out in ("out1", "out2", "out3"):
+        assert len(list((tmp_path / out).iterdir())) <= 8
+
+
+def test_the_smoke_gate_switches_failed_or_unverified_paths_off_or_stops(tmp_path):
+    from fastemp.benchmarks import smoke
+
+    rows = tmp_path / "rows.jsonl"
+    cuda = {"compile": "default", "patch_compile": True, "fused_update": True, "fused_loss": True}
+
+    def gate(runtime, ops, records=()):
+        lines = [json.dumps({"runtime": runtime})] if runtime is not None else []
+        lines += [json.dumps({"op": op, "status": status}) for op, status in ops]
+        rows.write_text("\n".join(lines) + "\n")
+        return smoke.lease_gate(list(records), rows)
+
+    passing = [(prefix + " x", "pass") for prefix, _, _ in smoke.GATE]
+    assert gate(cuda, passing) == {"overrides": [], "stop": None, "peer": "run", "notes": []}
+    broken = [(op, "FAIL" if op.startswith("patches") else s) for op, s in passing if not op.startswith("lars")]
+    assert gate(cuda, broken)["overrides"] == ["data.patch_compile=off", "optim.fused_update=off"]  # lars: unverified
+    assert gate({**cuda, "patch_compile": False, "fused_update": False}, broken)["overrides"] == []  # not taken
+    assert (
+        "prefetch: FAIL" in gate(cuda, [(op, "FAIL" if op.startswith("prefetch") else s) for op, s in passing])["stop"]
+    )
+    assert gate(None, [])["stop"]  # the checks never ran
+    records = [
+        {"item": "train", "status": "FAIL", "reason": "RuntimeError: inductor"},
+        {
+            "item": "official_loader",
+            "status": "FAIL",
+            "reason": "AssertionError: the official DataLoader did not deliver",
+        },
+    ]
+    verdict = gate(cuda, passing, records)
+    assert verdict["overrides"] == ["model.compile=none", "loss.fused=off"] and verdict["peer"].startswith("skip")
+    records = [{"item": "train", "status": "FAIL", "reason": "timed out after 240 s"}]
+    assert gate(cuda, passing, records)["overrides"] == []  # too slow is not wrong
 
 
 def test_tune_parts_write_the_winner_into_the_details_and_suite_md(tmp_path):

@@ -3,12 +3,12 @@ torchvision are here, the official model itself), the data the official loader r
 one-line errors, and the whole harness end to end around a stand-in for the official checkout."""
 
 import hashlib
-import io
 import json
 import pickle
-import stat
+import signal
+import subprocess
 import sys
-import tarfile
+import time
 import types
 from pathlib import Path
 
@@ -17,15 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from official_checkout import moments, official_encoder_class
+from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
 from fastemp.benchmarks import official_launcher
 from fastemp.benchmarks.official_peer import (
     MODULE_TABLE,
     MappingError,
     OfficialClock,
-    attach_ratios,
     evenly_spaced,
-    from_throughput_json,
     map_official_state_dict,
     run_official,
     split_output,
@@ -210,24 +209,6 @@ def test_initialisation_follows_the_official_model(arch, stem):
 # ------------------------------------------------------------------------------ data for the official loader
 
 
-def fake_jpeg_tar(path: Path, train_per_class: int, test_per_class: int, classes=("cat", "dog")) -> Path:
-    """A tiny ImageFolder tar.gz of random 32x32 JPEGs: train/<class>/*.jpg, test/<class>/*.jpg."""
-    from PIL import Image
-
-    gen = np.random.default_rng(0)
-    with tarfile.open(path, "w:gz") as tar:
-        for split, count in (("train", train_per_class), ("test", test_per_class)):
-            for cls in classes:
-                for i in range(count):
-                    buf = io.BytesIO()
-                    Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
-                    info = tarfile.TarInfo(f"{split}/{cls}/{i:04d}.jpg")
-                    info.size = buf.tell()
-                    buf.seek(0)
-                    tar.addfile(info, buf)
-    return path
-
-
 def read_like_torchvision(folder: Path, files: list[str]) -> tuple[np.ndarray, list[int]]:
     """What torchvision's CIFAR10 does with the batch files: unpickle, stack, to HWC."""
     data, labels = [], []
@@ -341,49 +322,7 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
     assert "5it" in (tmp_path / "official.log").read_text()
 
 
-def test_fastemp_and_baseline_rates_beside_the_official_one(tmp_path):
-    point = {
-        "status": "ok",
-        "n_patches": 20,
-        "batch_size": 100,
-        "backend": "torch",
-        "compile": "default",
-        "precision": "bf16",
-        "grad_chunks": 1,
-    }
-    throughput = {
-        "environment": {"device_name": "GPU X"},
-        "points": [
-            {**point, "images_per_s": 3000.0},
-            {**point, "images_per_s": 3400.0, "backend": "dali"},
-            {**point, "images_per_s": 9999.0, "n_patches": 200},
-        ],
-        "baselines": [{"status": "ok", "n_patches": 20, "batch_size": 100, "images_per_s": 340.0}],
-    }
-    (tmp_path / "throughput.json").write_text(json.dumps(throughput))
-    result = {"training": {"images_per_s": 170.0}, "throughput": from_throughput_json(tmp_path / "throughput.json", 20)}
-    assert result["throughput"]["fastemp_images_per_s"] == 3400.0
-    assert result["throughput"]["fastemp_point"]["backend"] == "dali"
-    attach_ratios(result)
-    assert result["baseline"]["images_per_s"] == 340.0
-    assert result["ratios"] == {"fastemp_over_official": 20.0, "baseline_over_official": 2.0}
-
-
 # ------------------------------------------------------------------------------ one-line errors
-
-
-def executable(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
-
-
-def official_stub(folder: Path) -> Path:
-    """A folder with the official files the harness checks for (empty: enough for the checks before a run)."""
-    for name in ("main.py", "model/model.py", "dataset/datasets.py", "dataset/aug.py", "lars.py", "loss.py", "func.py"):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).touch()
-    return folder
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -442,108 +381,44 @@ def test_registered_as_a_bench_command(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ end to end around a stand-in
 
-STAND_IN_MAIN = r'''
-"""Stands in for the official main.py: same arguments, the same dataset class and call, tqdm-style progress,
-the same checkpoint path and DataParallel names (taken from fastemp's model: the names are tested above)."""
-import argparse, os, sys, time
-import torch
-from torchvision.datasets import CIFAR10
-from fastemp.model import EMPEncoder
 
-p = argparse.ArgumentParser()
-for name in ("--data", "--patch_sim", "--arch", "--lr"):
-    p.add_argument(name)
-p.add_argument("--epoch", type=int)
-p.add_argument("--num_patches", type=int)
-args = p.parse_args()
-train = CIFAR10(root=os.path.join("./data/", "CIFAR10"), train=True, download=True)
-net = EMPEncoder(width=8, hidden_dim=32, z_dim=16)
-for epoch in range(args.epoch):
-    for step in range(len(train) // 100 + 1):
-        sys.stderr.write(f"\r{step}it [00:00, 10.00it/s]"); sys.stderr.flush(); time.sleep(0.05)
-    sys.stderr.write("\n"); sys.stderr.flush()  # tqdm's close
-    folder = f"./logs/EMP-SSL-Training/patchsim200_numpatch{args.num_patches}_bs100_lr0.3_NONE/save_models/"
-    os.makedirs(folder, exist_ok=True)
-    torch.save({"module." + k: v for k, v in net.state_dict().items()}, folder + str(epoch) + ".pt")
-    print("At epoch:", epoch, "loss similarity is", -0.5, ",loss TCR is:", -100.0, "and learning rate is:", 0.15)
-'''
-
-STAND_IN_CIFAR10 = r'''
-"""torchvision.datasets.CIFAR10's file checks: the canonical md5 sums, a download when one differs."""
-import hashlib, os, pickle
-import numpy as np
-
-class CIFAR10:
-    base_folder = "cifar-10-batches-py"
-    train_list = [[f"data_batch_{i}", "canonical"] for i in range(1, 6)]
-    test_list = [["test_batch", "canonical"]]
-    meta = {"filename": "batches.meta", "key": "label_names", "md5": "canonical"}
-
-    def __init__(self, root, train=True, transform=None, download=False):
-        self.root = root
-        for name, md5 in self.train_list + self.test_list + [[self.meta["filename"], self.meta["md5"]]]:
-            with open(os.path.join(root, self.base_folder, name), "rb") as f:
-                if hashlib.md5(f.read()).hexdigest() != md5:
-                    raise RuntimeError(f"{name}: md5 mismatch, torchvision would download the archive")
-        data = []
-        for name, _ in self.train_list if train else self.test_list:
-            with open(os.path.join(root, self.base_folder, name), "rb") as f:
-                data.append(pickle.load(f, encoding="latin1")["data"])
-        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
-
-    def __len__(self):
-        return len(self.data)
-'''
+def peer_args(tmp_path: Path, official: Path, python: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """The peer's command line on the stand-in: CPU dry run, n=2, a tiny model and evaluation."""
+    return [
+        "--official-dir",
+        str(official),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--python",
+        str(python),
+        "--cpu-dry-run",
+        "--n",
+        "2",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--override",
+        "model.width=8",
+        "--override",
+        "model.hidden_dim=32",
+        "--override",
+        "model.z_dim=16",
+        "eval.patches=2",
+        "eval.probe_epochs=2",
+        f"data.root={tmp_path / 'cache'}",
+        *extra,
+    ]
 
 
 def test_end_to_end_around_a_stand_in_checkout(tmp_path):
-    official = official_stub(tmp_path / "official")
-    (official / "main.py").write_text(STAND_IN_MAIN)
-    (official / "torchvision" / "datasets").mkdir(parents=True)
-    (official / "torchvision" / "__init__.py").touch()
-    (official / "torchvision" / "datasets" / "__init__.py").write_text(STAND_IN_CIFAR10)
-    modules = tmp_path / "modules"  # the requirement check must find torchmetrics and sklearn too
-    for name in ("torchvision", "torchmetrics", "sklearn"):
-        (modules / name).mkdir(parents=True)
-        (modules / name / "__init__.py").touch()
-    python = executable(
-        tmp_path / "python",
-        f'#!/bin/sh\nPYTHONPATH="{modules}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n',
-    )
+    official, python = stand_in_checkout(tmp_path)
     data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 10)
     out, work = tmp_path / "out", tmp_path / "work"
-    rc = peer_main(
-        [
-            "--official-dir",
-            str(official),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--work",
-            str(work),
-            "--python",
-            str(python),
-            "--cpu-dry-run",
-            "--n",
-            "2",
-            "--seed",
-            "3",
-            "--no-progress",
-            "--override",
-            "model.width=8",
-            "--override",
-            "model.hidden_dim=32",
-            "--override",
-            "model.z_dim=16",
-            "eval.patches=2",
-            "eval.probe_epochs=2",
-            f"data.root={tmp_path / 'cache'}",
-        ]
-    )
-    assert rc == 0
+    assert peer_main(peer_args(tmp_path, official, python, data, out, "--work", str(work), "--time-limit", "600")) == 0
     result = json.loads((out / "official_peer.json").read_text())
-    assert result["status"] == "ok" and result["partial"] is False and result["dry_run"] is True
+    assert result["status"] == "PASS" and result["partial"] is False and result["dry_run"] is True
     assert result["official"]["arguments"] == [
         "--data",
         "cifar10",
@@ -558,13 +433,115 @@ def test_end_to_end_around_a_stand_in_checkout(tmp_path):
         "--lr",
         "0.3",
     ]
+    assert result["overrides"] == [
+        "model.width=8",
+        "model.hidden_dim=32",
+        "model.z_dim=16",
+        "eval.patches=2",
+        "eval.probe_epochs=2",
+        f"data.root={tmp_path / 'cache'}",
+    ]
     assert result["data"]["train_images"] == 220 and result["data"]["test_images"] == 20
     training = result["training"]
     assert training["epochs_trained"] == 1 and training["epochs"][0]["steps"] == 2
     assert training["images_per_s"] > 0 and training["startup_seconds"] > 0
     evaluation = result["evaluation"]
-    assert evaluation["checkpoint"].endswith("save_models/0.pt")
+    assert evaluation["checkpoint"].endswith("save_models/0.pt") and evaluation["epochs_trained"] == 1
     assert evaluation["mapped_tensors"] == len(EMPEncoder(8, 32, 16).state_dict())
     assert 0 <= evaluation["linear_top1"] <= 1 and evaluation["eval_config"]["patches"] == 2
     assert "official encoder (0.pt)" in (out / "official_peer.md").read_text()
-    assert "At epoch: 0" in (out / "official_peer.log").read_text()
+    assert "At epoch: 0" in (out / "official_peer.log").read_text()  # written into --out as it came
+
+
+def test_the_time_limit_covers_the_evaluation(tmp_path, monkeypatch):
+    """--time-limit bounds data, training and evaluation: training gets the limit less --eval-seconds, the latest
+    checkpoint is evaluated when training runs out, an evaluation still running at the limit is stopped, and a
+    limit that leaves no training time stops before the official code starts. Every one writes its TIMEOUT."""
+    import fastemp.benchmarks.official_peer as peer
+
+    official, python = stand_in_checkout(tmp_path)
+    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 60, 5)
+    monkeypatch.setattr(peer, "probe_imports", lambda python: {"missing": [], "versions": {}})
+    limits, evaluated = [], []
+
+    def train(args, work, result, write, time_limit):  # epoch 0 of 2 saved, then the training limit ran out
+        limits.append(time_limit)
+        folder = work / "logs" / "EMP-SSL-Training" / "run" / "save_models"
+        folder.mkdir(parents=True)
+        torch.save({}, folder / "0.pt")
+        return {"status": "timeout"}
+
+    def evaluate(checkpoint, cfg, train, test, progress=True):
+        evaluated.append(checkpoint.name)
+        if len(evaluated) == 2:
+            time.sleep(60)  # past the limit: stopped there
+        return {"linear_top1": 0.5, "checkpoint": str(checkpoint)}
+
+    monkeypatch.setattr(peer, "train_official", train)
+    monkeypatch.setattr(peer, "evaluate_official", evaluate)
+
+    def run(name: str, *extra: str) -> dict:
+        args = peer_args(tmp_path, official, python, data, tmp_path / name, "--epochs", "2", *extra)
+        assert peer_main(args) == 1
+        result = json.loads((tmp_path / name / "official_peer.json").read_text())
+        assert result["status"] == "TIMEOUT" and result["partial"] is True
+        return result
+
+    first = run("latest", "--time-limit", "60", "--eval-seconds", "20")
+    assert first["evaluation"]["epochs_trained"] == 1 and evaluated == ["0.pt"]
+    assert 30 < limits[0] <= 40  # 60 s less the data's seconds less the 20 s kept for the evaluation
+    start = time.perf_counter()
+    second = run("overrun", "--time-limit", "4", "--eval-seconds", "1")
+    assert time.perf_counter() - start < 30 and "evaluation" not in second
+    assert "time" in second["error"]
+    third = run("none-left", "--time-limit", "5", "--eval-seconds", "10")
+    assert "no time to train" in third["error"] and len(limits) == 2
+
+
+def test_a_failed_or_killed_official_run_keeps_its_json_and_log(tmp_path, monkeypatch):
+    official, python = stand_in_checkout(tmp_path)
+    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 5)
+    monkeypatch.setenv("STAND_IN_MODE", "fail")
+    failed = tmp_path / "failed"
+    assert peer_main(peer_args(tmp_path, official, python, data, failed)) == 2  # a one-line error
+    result = json.loads((failed / "official_peer.json").read_text())
+    assert (
+        result["status"] == "FAIL"
+        and "boom" in result["error"]
+        and "boom" in (failed / "official_peer.log").read_text()
+    )
+    monkeypatch.setenv("STAND_IN_MODE", "hang")
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "fastemp.benchmarks.official_peer",
+        *peer_args(tmp_path, official, python, data, killed),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = killed / "official_peer.log", time.time() + 180
+    while not (log.exists() and "3it" in log.read_text()):  # training is under way
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # as the suite's watchdog does
+    assert process.wait(timeout=60) == 1
+    result = json.loads((killed / "official_peer.json").read_text())
+    assert result["status"] == "TIMEOUT" and result["partial"] is True and "signal 15" in result["error"]
+    assert result["training"]["epochs"][0]["steps"] >= 3 and "3it" in log.read_text()
+
+
+def test_the_loader_probe_runs_mains_dataloader_settings(tmp_path, capsys, monkeypatch):
+    import fastemp.benchmarks.official_peer as peer
+
+    monkeypatch.setattr(peer, "probe_imports", lambda python: {"missing": [], "versions": {}})
+    official, python = stand_in_checkout(tmp_path)
+    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 5)
+    args = peer_args(tmp_path, official, python, data, tmp_path / "out", "--probe-loader", "0.1")
+    assert peer_main(args) == 0
+    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert probe["status"] == "PASS" and probe["workers"] == 16 and probe["sharing_strategy"] == "file_system"
+    assert probe["batches"] >= 1 and probe["patches_per_batch"] == 2 and probe["first_batch_seconds"] > 0
+    (official / "dataset" / "datasets.py").write_text("def load_dataset(*a, **k):\n    raise OSError('no shm')\n")
+    assert peer_main(args) == 1
+    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert probe["status"] == "FAIL" and "no shm" in probe["error"]

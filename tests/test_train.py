@@ -68,6 +68,25 @@ def test_toy_widths_avoid_the_onednn_nhwc_bug_on_cpu():
     assert resolve(tiny_config("model.width=16")).channels_last
 
 
+def test_fused_lars_update_has_its_own_switch():
+    """optim.fused_update: auto follows model.compile (today's rule); on and off hold whatever the model does,
+    resolved once in the Runtime, which the Trainer's optimizer follows; resuming may change it (rounding only)."""
+    from fastemp.checkpoint import _safe
+
+    for compile_mode, setting, fused in [
+        ("none", "auto", False),
+        ("default", "auto", True),
+        ("default", "off", False),
+        ("none", "on", True),
+    ]:
+        cfg = tiny_config(f"model.compile={compile_mode}", f"optim.fused_update={setting}")
+        assert resolve(cfg).fused_update is fused and resolve(cfg).resolved()["fused_update"] is fused
+    trainer = Trainer(tiny_config("optim.fused_update=on"), progress=False)  # compiles lazily: nothing runs here
+    assert trainer.optimizer._fused is not None and "fused LARS update" in trainer.runtime.describe()
+    assert Trainer(tiny_config(), progress=False).optimizer._fused is None
+    assert _safe("optim.fused_update") and not _safe("optim.lr")
+
+
 def test_epochs_visit_every_image_once():
     trainer = Trainer(tiny_config(), progress=False)
     seen = torch.cat([trainer.batch_index(s) for s in range(trainer.steps_per_epoch)])

@@ -16,6 +16,8 @@ dtypes, prints one table row per compared quantity and exits 1 if any row fails.
     checkpoint      activation checkpointing vs plain
     ghostbn         one pass with ghost BatchNorm (train.bn_groups) vs the gradient cache with the same groups
     lars            LARS's compiled one-pass update vs the plain per-tensor rule + torch SGD (CUDA only)
+    prefetch        patches taken after a prefetch keyed by step (CUDA: the side stream) vs made afresh, bit for bit
+    eval_forward    the evaluation's features (CUDA: compiled bf16 encoder) vs an fp32 eager loop, same weights
 
 Not to be confused with start-up validation (fastemp.validate), which checks a config before a run.
 A row passes when its relative-norm error against the float64 reference is within its tolerance; a
@@ -39,12 +41,13 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .augment import check_augment_stats, check_patches_compiled
+from .augment import check_augment_stats, check_patches_compiled, check_prefetch
 from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
 from .training import (
     check_activation_checkpointing,
     check_compile,
+    check_eval_forward,
     check_ghost_batchnorm,
     check_gradient_cache,
     check_lars_fused,
@@ -63,6 +66,8 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "checkpoint": check_activation_checkpointing,
     "ghostbn": check_ghost_batchnorm,
     "lars": check_lars_fused,
+    "prefetch": check_prefetch,
+    "eval_forward": check_eval_forward,
 }
 
 
@@ -78,8 +83,8 @@ def run_checks(
     report: Callable[[CheckResult], None] | None = None,
     timings: dict[str, float] | None = None,
 ) -> list[CheckResult]:
-    """Run the checks (all, or those named in `only`) on `device`; `report` sees each row as it is
-    made, `timings` (if given) receives each check's seconds.
+    """Run the checks (all, or those named in `only`, in that order) on `device`; `report` sees each row as
+    it is made, `timings` (if given) receives each check's seconds.
 
     The caller's RNG state is left untouched. An exception inside a check becomes a FAIL row.
     """
@@ -91,9 +96,10 @@ def run_checks(
     results: list[CheckResult] = []
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        for name, check in CHECKS.items():
-            if only and name not in only:
-                continue
+        for name in dict.fromkeys(
+            only or CHECKS
+        ):  # in the order named: a caller short of time puts the important first
+            check = CHECKS[name]
             # each check draws from its own stream: `--seed S --only NAME` replays NAME's inputs exactly
             stream = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
             ctx = Context(device, quick, torch.Generator().manual_seed(stream))

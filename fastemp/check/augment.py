@@ -169,3 +169,54 @@ def check_patches_compiled(ctx: Context) -> list[CheckResult]:
         )
     )
     return rows
+
+
+def check_prefetch(ctx: Context) -> list[CheckResult]:
+    """Patches taken after a prefetch (PatchBackend.prefetch/take, keyed by step as the Trainer and evaluation
+    call them) are the patches made afresh, bit for bit, and a prefetch under another key is never taken.
+
+    CUDA: from the second step on, the patches are made on the torch backend's side stream while the current
+    stream runs on; each step takes its patches right after announcing the next ones and reads them at once,
+    so a missing event wait or a buffer reused too early would show here as different pixels. With the
+    recipe compiled unless --quick (as the Trainer runs it). CPU: the same calls; prefetch makes the patches
+    at once. Exact (tol 0): the same recipe on the same device with the same draw.
+    """
+    from ..patches import PatchRequest
+    from ..patches.torch_backend import TorchPatches
+
+    aug = AugmentConfig()
+    batch, n, steps = (100, 20, 5) if ctx.cuda else (8, 4, 3)
+    images = smooth_images(ctx, 4 * batch)
+    perm = torch.randperm(4 * batch, generator=ctx.gen).to(ctx.device)
+    seeds = [ctx.seed() for _ in range(steps)]
+    compiled = ctx.cuda and not ctx.quick
+    patches = TorchPatches(images, aug, compile_recipe=compiled)
+
+    def request(step: int, seed: int | None = None) -> PatchRequest:  # a fresh index tensor, as batch_index's
+        index = perm[(step % 4) * batch : (step % 4 + 1) * batch].clone()
+        return PatchRequest(index, n, seeds[step] if seed is None else seed)
+
+    taken = []
+    for step in range(steps):
+        x = patches.take(step, request(step))  # step 0: nothing prefetched, made now
+        if step + 1 < steps:
+            patches.prefetch(step + 1, request(step + 1))
+        taken.append(x.clone())
+        del x
+    patches.prefetch(steps, request(0))
+    other = patches.take(steps + 1, request(0, seeds[0] + 1))  # another key: made afresh, the prefetch dropped
+    fresh = torch.cat([patches.make(request(step)) for step in range(steps)])
+    shape = fmt_shape(tuple(fresh.shape))
+    how = ("side stream + events" if ctx.cuda else "made at prefetch (CPU)") + (", compiled recipe" if compiled else "")
+    return [
+        compare("prefetch taken", shape, "fp32", torch.cat(taken), fresh, 0.0, note=f"{steps} steps, {how}"),
+        compare(
+            "prefetch other key",
+            fmt_shape(tuple(other.shape)),
+            "fp32",
+            other,
+            patches.make(request(0, seeds[0] + 1)),
+            0.0,
+            note="a prefetch under another key is not taken",
+        ),
+    ]

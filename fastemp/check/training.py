@@ -295,3 +295,83 @@ def check_lars_fused(ctx: Context) -> list[CheckResult]:
         compare("lars fused params", shape, "fp32", flat[1], flat[0], FP32_TOL, note="3 steps"),
         compare("lars fused momentum", shape, "fp32", bufs[1], bufs[0], FP32_TOL, note="3 steps"),
     ]
+
+
+# ------------------------------------------------------------------------------ evaluation forward
+
+
+def eval_case(device: torch.device) -> dict:
+    """The eval_forward check's sizes: CUDA, the standard model at the official protocol's forward shape, compiled
+    in bf16 as evaluation runs it there; CPU, a tiny model in fp32 eager, as evaluation runs it here."""
+    from ..config import EvalConfig
+
+    if device.type == "cuda":
+        return dict(model={}, count=200, eval=EvalConfig(), compiled=True)
+    return dict(
+        model=dict(width=8, hidden_dim=64, z_dim=32), count=12, eval=EvalConfig(patches=4, batch_size=5), compiled=False
+    )
+
+
+def check_eval_forward(ctx: Context) -> list[CheckResult]:
+    """The evaluation's features (fastemp.evaluate.extract_features: patches, the encoder in eval mode, the
+    mean over each image's patches) as the runtime runs them, against a plain fp32 eager loop over the same
+    patches and weights (NCHW, no TF32, written out here).
+
+    CUDA: the standard model as evaluation runs it after a compiled bf16 training -- bf16 autocast,
+    channels_last, the encoder and the patch recipe compiled -- at the official protocol's shape (128 patches
+    x 100 images a forward). Compiled and eager bf16 round at different places, so the row passes when the
+    compiled error is at most COMPILE_BF16_FACTOR x the eager bf16 error + floor (as the compile rows).
+    CPU: what evaluation runs here (fp32, eager; a tiny model), against the loop at FP32_TOL; the bf16
+    compiled forward is CUDA's.
+    BatchNorm's running statistics are set from one batch of patches first, so eval-mode activations keep
+    the scale a trained network's have."""
+    from ..config import AugmentConfig
+    from ..evaluate import extract_features
+    from ..patches.torch_backend import TorchPatches
+    from .augment import smooth_images
+
+    case = eval_case(ctx.device)
+    if case["compiled"] and ctx.quick:
+        return [skipped("eval forward", "--quick skips compilation")]
+    count, cfg, compiled = case["count"], case["eval"], case["compiled"]
+    aug, seed = AugmentConfig(), ctx.seed()
+    images = smooth_images(ctx, count)
+    recipe = TorchPatches(images, aug, compile_recipe=compiled)
+    torch.manual_seed(ctx.seed())
+    model = model_lib.EMPEncoder(**case["model"]).to(ctx.device)
+    with torch.no_grad():  # running statistics = one batch's statistics
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0
+        model.train()(recipe(torch.arange(min(count, 100), device=ctx.device), 4, seed - 1))
+    model.eval()
+    loop = []
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # true fp32 convolutions
+        for start in range(0, count, cfg.batch_size):
+            index = torch.arange(start, min(start + cfg.batch_size, count), device=ctx.device)
+            h = model.encode(recipe(index, cfg.patches, seed + start).contiguous())
+            loop.append(h.view(cfg.patches, index.numel(), -1).mean(0))
+    ref = torch.cat(loop)
+    shape = (count, cfg.patches, 3, aug.crop_size, aug.crop_size)
+
+    def features(**kwargs) -> torch.Tensor:
+        return extract_features(model, images, cfg, aug, seed=seed, compile_recipe=compiled, **kwargs)
+
+    if not compiled:
+        return [compare("eval forward h", shape, "fp32", features(), ref, FP32_TOL, note="CPU: fp32 eager")]
+    model = model.to(memory_format=torch.channels_last)
+    bf16 = dict(autocast_dtype=torch.bfloat16, channels_last=True)
+    return [
+        compare_with_baseline(
+            "eval forward h",
+            shape,
+            "bf16-amp",
+            features(**bf16, compile_mode="default"),
+            features(**bf16),
+            ref,
+            COMPILE_BF16_FACTOR,
+            COMPILE_BF16_FLOOR,
+            "eager bf16",
+            "compiled, channels_last; ref fp32 eager NCHW",
+        )
+    ]

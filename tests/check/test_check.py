@@ -61,6 +61,9 @@ def test_full_cpu_check_passes_and_writes_json(tmp_path, capsys):
         "ghost BN loss",
         "ghost BN grads",
         "ghost BN stats",
+        "prefetch taken",
+        "prefetch other key",
+        "eval forward h",
     }
     if dali_available():
         expected |= {"augment paired", "augment independent"}
@@ -183,6 +186,78 @@ def test_compile_bf16_pipeline_runs_on_cpu_without_compiling():
     assert broken["compile h"] == broken["compile p"] == broken["compile BN stats"] == "FAIL"
 
 
+def test_a_broken_prefetch_fails(tmp_path, monkeypatch):
+    """Prefetched patches that are not the ones made afresh (as a missed event wait would leave them), or a take
+    that ignores the key, fail their rows."""
+    from fastemp.patches import prefetch, torch_backend
+
+    real_start = torch_backend.TorchPatches.start
+
+    def stale_start(self, request):
+        patches, event = real_start(self, request)
+        patches[:, :, :2] = 0.0  # rows not yet written when they are read
+        return patches, event
+
+    monkeypatch.setattr(torch_backend.TorchPatches, "prefetch", lambda self, key, request: None)
+    rc, doc = run_cli(tmp_path, "--only", "prefetch")  # nothing prefetched: every take made afresh, still equal
+    assert rc == 0
+    monkeypatch.undo()
+    real_prefetch = prefetch.PatchBackend.prefetch
+
+    def stale_prefetch(self, key, request):
+        real_prefetch(self, key, request)
+        self._ahead[key] = stale_start(self, request)
+
+    monkeypatch.setattr(torch_backend.TorchPatches, "prefetch", stale_prefetch)
+    rc, doc = run_cli(tmp_path, "--only", "prefetch")
+    assert rc == 1 and {r["op"]: r["status"] for r in doc["results"]}["prefetch taken"] == "FAIL"
+    monkeypatch.undo()
+    real_take = prefetch.PatchBackend.take
+
+    def take_ignoring_key(self, key, request):  # hands out whatever is in flight, whatever the key
+        if self._ahead:
+            return self.finish(self._ahead.pop(next(iter(self._ahead))))
+        return real_take(self, key, request)
+
+    monkeypatch.setattr(torch_backend.TorchPatches, "take", take_ignoring_key)
+    rc, doc = run_cli(tmp_path, "--only", "prefetch")
+    statuses = {r["op"]: r["status"] for r in doc["results"]}
+    assert rc == 1 and statuses == {"prefetch taken": "pass", "prefetch other key": "FAIL"}
+
+
+def test_eval_forward_cuda_branch_runs_on_cpu_and_catches_a_wrong_compiled_forward(tmp_path, monkeypatch):
+    """The CUDA branch of eval_forward (bf16 autocast, channels_last, compiled vs eager bf16 vs the fp32 loop) at
+    tiny sizes on CPU bf16 autocast, torch.compile standing in as the identity: passes; a "compiled" encoder 20%
+    off fails; and a feature extraction on the wrong patches fails the CPU branch."""
+    import fastemp.evaluate
+
+    tiny = check_training.eval_case(torch.device("cpu"))
+    monkeypatch.setattr(check_training, "eval_case", lambda device: {**tiny, "compiled": True})
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    rc, doc = run_cli(tmp_path, "--only", "eval_forward")
+    (row,) = doc["results"]
+    assert rc == 0 and row["dtype"] == "bf16-amp" and row["note"].startswith("eager bf16 err") and row["err"] > 1e-4
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: (lambda x: f(x) * 1.2) if kw.get("mode") else f)
+    rc, doc = run_cli(tmp_path, "--only", "eval_forward")
+    assert rc == 1 and doc["results"][0]["status"] == "FAIL"
+    monkeypatch.setattr(check_training, "eval_case", lambda device: tiny)
+    real = fastemp.evaluate.make_patch_backend
+
+    class OtherSeeds:  # the right images, the wrong draws
+        def __init__(self, inner):
+            self.inner = inner
+
+        def take(self, key, request):
+            return self.inner.take(key, request._replace(seed=request.seed + 1))
+
+        def prefetch(self, key, request):
+            self.inner.prefetch(key, request._replace(seed=request.seed + 1))
+
+    monkeypatch.setattr(fastemp.evaluate, "make_patch_backend", lambda *a, **kw: OtherSeeds(real(*a, **kw)))
+    rc, doc = run_cli(tmp_path, "--only", "eval_forward")
+    assert rc == 1 and doc["results"][0]["status"] == "FAIL" and doc["results"][0]["dtype"] == "fp32"
+
+
 def test_skips_are_visible_and_not_failures(tmp_path, monkeypatch, capsys):
     import fastemp.patches
 
@@ -201,6 +276,9 @@ def test_seed_replays_the_same_inputs(tmp_path):
     assert a["seed"] == b["seed"] == 1234
     tcr = [r for r in b["results"] if r["op"].startswith("tcr")]
     assert [r["err"] for r in a["results"]] == [r["err"] for r in tcr]  # independent of the other checks
+    assert [r["op"].split()[0] for r in b["results"]][-1] == "gradcache"
+    _, d = run_cli(tmp_path, "--quick", "--only", "gradcache,tcr", "--seed", "1234")  # in the order named
+    assert d["results"][0]["op"].startswith("gradcache") and d["results"][-1]["op"].startswith("tcr")
     _, c = run_cli(tmp_path, "--quick", "--only", "tcr")
     assert c["seed"] != 1234 and [r["err"] for r in c["results"]] != [r["err"] for r in a["results"]]
 
