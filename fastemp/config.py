@@ -127,9 +127,9 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
 
 
-# Evaluation protocols by name (eval.protocol). "official" is the official EMP-SSL evaluation (evaluate.py +
-# func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but
-# the two costs (patches per image, probe epochs) for quick curves. Any other combination is "custom".
+# Evaluation protocols by name. "official" is the official EMP-SSL evaluation (evaluate.py + func.py of
+# tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but the two costs
+# (patches per image, probe epochs) for quick curves. Any other combination is "custom".
 _OFFICIAL_EVAL = {
     "mode": "patches",
     "patches": 128,
@@ -150,11 +150,10 @@ EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
 
 @dataclass
 class EvalConfig:
-    """How a trained encoder is scored. `protocol` names the values of the protocol keys (EVAL_PROTOCOLS):
-    setting it to official or cheap sets all of them; changing one of them makes it the name that fits
-    (custom when none does). batch_size, knn, random_init and at_end are not part of a protocol."""
+    """How a trained encoder is scored. `eval.protocol=NAME` in a config or an override is a preset that sets
+    every protocol key (EVAL_PROTOCOLS); `protocol` itself is computed from the values, never stored.
+    batch_size, knn, random_init and at_end are not part of a protocol."""
 
-    protocol: str = ""  # official | cheap | custom; "" = the name that fits the values (official by default)
     mode: str = one_of(
         "patches", "plain"
     )  # patches: mean of h over `patches` augmented patches; plain: the whole image once
@@ -171,15 +170,10 @@ class EvalConfig:
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
 
-    def __post_init__(self):
-        fits = eval_protocol_name(self)
-        if self.protocol in ("", "custom"):
-            self.protocol = fits
-        elif self.protocol in EVAL_PROTOCOLS and self.protocol != fits:
-            raise ValueError(
-                f"EvalConfig(protocol={self.protocol!r}) with the values of {fits!r}; "
-                f"build it with eval_config({self.protocol!r}, ...)"
-            )
+    @property
+    def protocol(self) -> str:
+        """The protocol whose values this has (official, cheap), or custom."""
+        return eval_protocol_name(self)
 
 
 def eval_protocol_name(cfg: EvalConfig) -> str:
@@ -191,14 +185,13 @@ def eval_protocol_name(cfg: EvalConfig) -> str:
 
 
 def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
-    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top (relabelled
-    when they leave the protocol)."""
+    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top."""
     if protocol not in EVAL_PROTOCOLS:
         raise ConfigError(
             f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them"
         )
     kept = dataclasses.asdict(base) if base is not None else {}
-    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes, "protocol": ""})
+    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes})
 
 
 @dataclass
@@ -380,8 +373,9 @@ def _coerce(value, tp, where: str):
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first; keys beside it change it
-        values = {"protocol": values["protocol"], **{k: v for k, v in values.items() if k != "protocol"}}
+    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first: keys beside it change it
+        _use_protocol(obj, str(values["protocol"]), f"{prefix}protocol")
+        values = {k: v for k, v in values.items() if k != "protocol"}
     for key, value in values.items():
         where = f"{prefix}{key}"[:QUOTE_CHARS]
         if key not in hints:
@@ -398,18 +392,15 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             _apply(current, value, where + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
-            if isinstance(obj, EvalConfig) and key == "protocol":
-                _use_protocol(obj, where)
-    if isinstance(obj, EvalConfig):
-        obj.protocol = eval_protocol_name(obj)
 
 
-def _use_protocol(cfg: EvalConfig, where: str) -> None:
-    """eval.protocol=NAME: every protocol key takes NAME's value (custom keeps the values as they are)."""
-    if cfg.protocol not in EVAL_PROTOCOL_NAMES:
-        hint = _suggest(cfg.protocol, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
-        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {cfg.protocol!r}{hint}")
-    for key, value in EVAL_PROTOCOLS.get(cfg.protocol, {}).items():
+def _use_protocol(cfg: EvalConfig, name: str, where: str) -> None:
+    """eval.protocol=NAME: every protocol key takes NAME's value (custom, as config files of earlier versions
+    wrote it, keeps the values as they are)."""
+    if name not in EVAL_PROTOCOL_NAMES:
+        hint = _suggest(name, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
+        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {shown(name)}{hint}")
+    for key, value in EVAL_PROTOCOLS.get(name, {}).items():
         setattr(cfg, key, value)
 
 

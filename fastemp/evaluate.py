@@ -1,6 +1,6 @@
 """Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
 
-The protocol is named by eval.protocol (fastemp.config.EVAL_PROTOCOLS); "official" is the official
+The protocol is named by its values (EvalConfig.protocol, fastemp.config.EVAL_PROTOCOLS); "official" is the official
 code's evaluation (docs/evaluation.md cites its source line by line): features h = ReLU(BN(Linear(512,
 4096))) with the model in eval mode, averaged over 128 patches of the training augmentation per image,
 for every train and test image; the probe trains Linear(4096, C) on the cached features with SGD (lr 0.03,
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import AugmentConfig, Config, EvalConfig, eval_protocol_name
+from .config import AugmentConfig, Config, EvalConfig
 from .data import ImageSet
 from .patches import make_patch_backend, normalize_images
 from .progress import bar
@@ -224,7 +224,7 @@ def _probe_and_knn(
     out = {
         f"{prefix}linear_top1": probe.final_top1,
         f"{prefix}best_top1_on_test": probe.best_top1_on_test,
-        f"{prefix}eval_protocol": eval_protocol_name(cfg),
+        f"{prefix}eval_protocol": cfg.protocol,
     }
     if cfg.knn:
         out[f"{prefix}knn_top1"] = knn_top1(

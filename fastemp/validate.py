@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, shown
+from .config import Config, ConfigError, shown
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -151,7 +151,6 @@ def check_config(cfg: Config) -> None:
         "false unless train.grad_chunks is 1 (pick one)",
     )
 
-    _choice("eval.protocol", e.protocol, EVAL_PROTOCOL_NAMES)
     _positive(
         e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k", "knn_temperature"
     )
