@@ -112,17 +112,16 @@ def gradient_cache_step(
     loss_fn: Callable[[torch.Tensor], LossTerms],
     amp: AbstractContextManager,
     model: nn.Module | None = None,
-    clock=None,
+    mark: Callable[[str], None] = lambda phase: None,
 ) -> LossTerms:
     """Loss terms of one step; parameter gradients accumulated as if all patches ran at once.
 
     `forward` may be the compiled model; `model` is the module whose BatchNorm layers it runs
     (defaults to `forward` itself when that is an nn.Module). When `model` is DDP, every chunk's
     backward but the last runs under its no_sync, so gradients are all-reduced once per step.
-    `clock.mark(phase)`, when a clock is given, is called after each phase ("forward": pass 1, "loss",
-    "backward": pass 2), as Trainer.train_step documents.
+    `mark(phase)` is called after each phase ("forward": pass 1, "loss", "backward": pass 2), as
+    Trainer.train_step documents.
     """
-    mark = clock.mark if clock is not None else (lambda phase: None)
     model = model if model is not None else forward
     no_sync = getattr(model, "no_sync", nullcontext)
     batch = patches.shape[0] // n

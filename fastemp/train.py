@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed, runs
+from .clock import Clock
 from .config import Config, EvalConfig
 from .data import ImageSet, load_split
 from .data.streamed import StreamedSet
@@ -36,13 +37,6 @@ from .validate import check_data
 def mix_seed(seed: int, stream: int, index: int) -> int:
     """A distinct, reproducible seed for (run seed, random stream, step or epoch)."""
     return (seed * 1_000_003 + stream * 7_919 + index * 104_729) % (2**63 - 1)
-
-
-class _NoClock:
-    """The clock of an untimed step: marks nothing."""
-
-    def mark(self, phase: str) -> None:
-        pass
 
 
 class Trainer:
@@ -94,7 +88,8 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
-        # wall clock: the first step a process runs (compilation, allocator warm-up) is kept apart
+        # the first step this Trainer runs (compilation, allocator warm-up) is timed apart from the others
+        self.clock, self.warmed_up = Clock(self.device), False
         self.warmup_seconds, self.train_seconds, self.timed_images = 0.0, 0.0, 0
         self.last_record: dict | None = None
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
@@ -126,16 +121,16 @@ class Trainer:
         "forward", "loss" (the loss and its backward to the projector outputs), "backward" (the model's
         backward) and "optimizer" (the LARS step and the finiteness watch). The step computes the same
         with or without it."""
-        clock = clock or _NoClock()
+        mark = clock.mark if clock is not None else (lambda phase: None)
         step = self.step
-        clock.mark("start")
+        mark("start")
         patches = self._begin_step(step)
-        clock.mark("data")
-        terms = self._forward_backward(patches, clock)
+        mark("data")
+        terms = self._forward_backward(patches, mark)
         self.optimizer.step()
         self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
         self.optimizer.zero_grad(set_to_none=True)
-        clock.mark("optimizer")
+        mark("optimizer")
         self.step = step + 1
         return terms
 
@@ -150,7 +145,7 @@ class Trainer:
             self.patches.prefetch(*self.patch_request(step + 1))
         return patches if self.runtime.channels_last else patches.contiguous()
 
-    def _forward_backward(self, patches: torch.Tensor, clock) -> LossTerms:
+    def _forward_backward(self, patches: torch.Tensor, mark) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         t, runtime = self.cfg.train, self.runtime
 
@@ -168,17 +163,17 @@ class Trainer:
                 loss,
                 runtime.autocast(),
                 model=self.ddp or self.model,
-                clock=clock,
+                mark=mark,
             )
         with runtime.autocast():
             p = self.forward(patches)
-        clock.mark("forward")
+        mark("forward")
         leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
         terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
         terms.total.backward()
-        clock.mark("loss")
+        mark("loss")
         p.backward(leaf.grad)
-        clock.mark("backward")
+        mark("backward")
         return terms
 
     def train_until(self, stop_step: int | None = None, clock=None) -> None:
@@ -186,18 +181,20 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         stop_step = min(stop_step or self.total_steps, self.total_steps)
         bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=cfg.name, unit="step")
-        tick, images, warm = time.perf_counter(), 0, self.step
-        for step in range(self.step, stop_step):
+        images = 0
+        self.clock.mark("start")  # what came before this call is not training
+        for _ in range(self.step, stop_step):
             terms = self.train_step(clock)
+            self.clock.mark("step")
             images += t.batch_size
-            if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
-                record = self._log(terms, images, time.perf_counter() - tick, warmup=step == warm)
+            if not self.warmed_up or self.step % t.log_every == 0 or self.step == stop_step:
+                record = self._log(terms, images)
                 bar.set_postfix(
                     sim=f"{record['loss_sim']:.3f}",
                     tcr=f"{record['loss_tcr']:.1f}",
                     img_s=f"{record['images_per_s']:.0f}",
                 )
-                tick, images = time.perf_counter(), 0
+                images = 0
             if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save_checkpoint()
             bar.update(1)
@@ -236,7 +233,7 @@ class Trainer:
                 "lower optim.lr, raise loss.eps or check the data, then train again"
             )
 
-    def _log(self, terms: LossTerms, images: int, seconds: float, warmup: bool) -> dict:
+    def _log(self, terms: LossTerms, images: int) -> dict:
         # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
         # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
         # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
@@ -246,8 +243,9 @@ class Trainer:
         flat = torch.cat([losses, self._nonfinite.double()]).tolist()
         values = flat[:3]
         self.raise_if_nonfinite(flat[3:])
-        if warmup:
-            self.warmup_seconds += seconds
+        seconds = self.clock.seconds("step")  # the steps since the last log; pauses end in a "start" mark
+        if not self.warmed_up:
+            self.warmup_seconds, self.warmed_up = self.warmup_seconds + seconds, True
         else:
             self.train_seconds, self.timed_images = self.train_seconds + seconds, self.timed_images + images
         record = {
