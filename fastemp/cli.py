@@ -11,7 +11,6 @@ from pathlib import Path
 
 from . import distributed
 from .config import ConfigError, load_config, save_config
-from .memory import check_run_memory
 
 
 def _print_summary(summary: dict) -> None:
@@ -58,8 +57,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     distributed.check_same_config(cfg)
     check_config(cfg)
-    runtime = _resolve(cfg)  # before any rank allocates a device buffer
-    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
+    runtime = _resolve(cfg)  # before any rank allocates a device buffer; checks the memory the run needs
     # rank 0 alone touches the run folder; the other ranks get its path, or its error
     run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
     # validation and data loading write nothing: a run that fails them leaves no folder behind
@@ -103,7 +101,7 @@ def _resolve(cfg, training: bool = True):
     is its JSON alone)."""
     from .runtime import resolve
 
-    runtime = resolve(cfg, training=training)
+    runtime = resolve(cfg, training=training, check_memory=True)
     if training and distributed.is_main():
         print(f"runtime: {runtime.describe()}", flush=True)
     return runtime
@@ -156,7 +154,6 @@ def cmd_resume(args) -> int:
     distributed.run_on_main(claim)
     cfg = _run_config(run_dir)
     runtime = _resolve(cfg)
-    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
     path = run_dir / "checkpoint.pt"
     state = checkpoint.read(path)
     checkpoint.check_resume(cfg, state, run_dir)
@@ -195,12 +192,12 @@ def cmd_eval(args) -> int:
 
     distributed.run_on_main(claim)
     cfg = _run_config(run_dir, overrides)
-    check_run_memory(cfg, train=False, evaluate=True)
+    runtime = _resolve(cfg, training=False)
     path = run_dir / "checkpoint.pt"
     checkpoint.check_architecture(cfg, checkpoint.read(path), path)
     # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
     distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
-    trainer = Trainer(cfg, None, progress=_set_progress(args), runtime=_resolve(cfg, training=False))
+    trainer = Trainer(cfg, None, progress=_set_progress(args), runtime=runtime)
     check_probe(cfg, len(trainer.train_set))
     _ = trainer.test_set
     trainer.load_checkpoint(path)

@@ -52,13 +52,12 @@ def extract_features(
     compile_recipe: bool = False,
 ) -> torch.Tensor:
     """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files, read through a
-    streamed backend with `workers` processes), model in eval mode for the duration. compile_recipe: the
-    torch backend's recipe through torch.compile, as in training (Runtime.patch_compile)."""
+    streamed backend with `workers` processes), model in eval mode for the duration. compile_mode: the
+    encoder's (Runtime.eval_compile_mode); compile_recipe: the torch backend's recipe through
+    torch.compile, as in training (Runtime.patch_compile)."""
     was_training = model.training
     model.eval()
-    encode = (
-        model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
-    )
+    encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=compile_mode)
     device = images.device
     # resident images are gathered on their device; streamed files are read by index on the host
     index_device = device if isinstance(images, torch.Tensor) else torch.device("cpu")
@@ -109,11 +108,6 @@ def extract_features(
     for start, h in out:
         feats[start : start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)
-
-
-def eval_compile_mode(train_mode: str) -> str:
-    """The compile mode of feature extraction for a trainer's mode: none stays none, any other is default."""
-    return "none" if train_mode == "none" else "default"
 
 
 @dataclass
@@ -207,7 +201,7 @@ def evaluate_encoder(
             runtime.autocast_dtype,
             runtime.channels_last,
             desc=f"{prefix}features ({name})",
-            compile_mode=runtime.compile_mode,
+            compile_mode=runtime.eval_compile_mode,
             workers=cfg.data.workers,
             compile_recipe=runtime.patch_compile,
         )

@@ -9,9 +9,10 @@ simple, per rank, in bytes, with elt = 2 under bf16 autocast and 4 in fp32:
   dataset      N x S x S x 3 uint8 per split (train; test too when evaluating), on the device
   step         patches per forward pass x ACTIVATION_UNITS x width x c^2 x elt: what autograd keeps
                for a ResNet-18 patch of crop side c (stage k holds 2^k w channels on (c/2^k)^2
-               pixels, so every stage weighs ~w c^2); patches per pass = n x B / K, / grad_chunks
-               with the gradient cache (which also keeps every patch's projection p); plus the
-               input patches and the TCR's n covariance matrices (z_dim^2, x3 for the solve)
+               pixels, so every stage weighs ~w c^2); patches per pass = n x B / K, / the chunks
+               the Runtime chose for the gradient cache (which also keeps every patch's projection
+               p); plus the input patches and the TCR's n covariance matrices (z_dim^2, x3 for the
+               solve). The same per-patch figure plans the chunks (fastemp.runtime.resolve_chunks).
   features     the evaluation features of both splits: hidden_dim floats per image (x2 under
                torchrun: the zero-filled buffer and its all-reduce), and the kNN's similarities of
                1024 test images to every training image
@@ -73,32 +74,41 @@ def dataset_sizes(cfg: Config) -> tuple[int, int, int]:
     return KNOWN_SIZES.get(d.source, (0, 0, d.image_size))
 
 
+def activation_bytes_per_patch(cfg: Config, precision: str) -> float:
+    """What autograd keeps of one training patch: ACTIVATION_UNITS (and the ImageNet stem's) x width x c^2 x elt."""
+    crop, imagenet_stem = cfg.augment.crop_size, cfg.model.stem == "imagenet"
+    stage = crop // 4 if imagenet_stem else crop
+    units = ACTIVATION_UNITS + (STEM_UNITS if imagenet_stem else 0)
+    return float(units * cfg.model.width * stage * stage * (2 if precision == "bf16" else 4))
+
+
 def estimate(
-    cfg: Config, device_type: str = "cpu", world: int = 1, train: bool = True, evaluate: bool = True
+    cfg: Config,
+    device_type: str = "cpu",
+    precision: str = "fp32",
+    grad_chunks: int = 1,
+    world: int = 1,
+    train: bool = True,
+    evaluate: bool = True,
 ) -> dict[str, int]:
-    """Bytes per rank by term (see the module doc); "total" is the peak before the margin."""
+    """Bytes per rank by term (see the module doc) for the Runtime's device, precision and chunks; "total" is
+    the peak before the margin."""
     m, t, e = cfg.model, cfg.train, cfg.eval
-    bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and device_type == "cuda")
-    elt = 2 if bf16 else 4
+    elt = 2 if precision == "bf16" else 4
     params = parameter_count(cfg)
     n_train, n_test, side = dataset_sizes(cfg)
     crop = cfg.augment.crop_size
     imagenet_stem = m.stem == "imagenet"
-    train_units = ACTIVATION_UNITS + (STEM_UNITS if imagenet_stem else 0)
-    eval_units = EVAL_UNITS + (STEM_EVAL_UNITS if imagenet_stem else 0)
     out = {"model": 16 * params, "dataset": n_train * side * side * 3 + (n_test * side * side * 3 if evaluate else 0)}
     if device_type == "cpu":
         out["dataset"] *= 2  # the loader's copy before the tensor
     if train:
         patches = t.n_patches * t.batch_size // world
-        # grad_chunks 0 picks the chunks from free memory; the least it can need is one BatchNorm group a pass
-        chunks = t.grad_chunks or max(1, t.bn_groups)
-        per_pass = -(-patches // chunks)
-        stage = crop // 4 if imagenet_stem else crop
-        out["step"] = (
-            per_pass * train_units * m.width * stage * stage * elt
+        per_pass = -(-patches // grad_chunks)
+        out["step"] = int(
+            per_pass * activation_bytes_per_patch(cfg, precision)
             + patches * 3 * crop * crop * 4
-            + (patches * m.z_dim * 4 if chunks > 1 else 0)
+            + (patches * m.z_dim * 4 if grad_chunks > 1 else 0)
             + 3 * t.n_patches * m.z_dim * m.z_dim * 4
         )
     if evaluate:
@@ -108,6 +118,7 @@ def estimate(
             1024 * n_train * 4 * 3 if e.knn else 0
         )
         stage = side_in // 4 if imagenet_stem else side_in
+        eval_units = EVAL_UNITS + (STEM_EVAL_UNITS if imagenet_stem else 0)
         out["evaluation"] = per_batch * (eval_units * m.width * stage * stage + 3 * side_in * side_in) * elt
     evaluation = out.get("features", 0) + out.get("evaluation", 0)
     out["total"] = out["model"] + out["dataset"] + max(out.get("step", 0), evaluation)
@@ -144,15 +155,17 @@ def _gib(n: float) -> str:
 def check_memory(
     cfg: Config,
     device: torch.device,
+    precision: str = "fp32",
+    grad_chunks: int = 1,
     world: int = 1,
     train: bool = True,
     evaluate: bool = True,
     available: int | None = None,
 ) -> dict[str, int]:
-    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate.
-    `available` (bytes) models a machine; by default it is measured. On the CPU every rank of the
-    world shares the host's memory."""
-    parts = estimate(cfg, device.type, world, train, evaluate)
+    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate. The device,
+    precision, chunks and world are the Runtime's (fastemp.runtime.resolve calls this); `available` (bytes)
+    models a machine, by default it is measured. On the CPU every rank of the world shares the host's memory."""
+    parts = estimate(cfg, device.type, precision, grad_chunks, world, train, evaluate)
     need = parts["total"] * SAFETY_MARGIN * (world if device.type == "cpu" else 1)
     have = available_bytes(device) if available is None else available
     if need <= have:
@@ -172,11 +185,3 @@ def check_memory(
         f"this run needs about {_gib(need)} of {what} ({terms}; x{SAFETY_MARGIN} margin{ranks}) "
         f"but {_gib(have)} is available on {device}; {advice}"
     )
-
-
-def check_run_memory(cfg: Config, train: bool, evaluate: bool) -> None:
-    """check_memory for this process: the device train.device names, the torchrun world."""
-    from . import distributed
-    from .runtime import resolve_device
-
-    check_memory(cfg, resolve_device(cfg.train.device), distributed.world_size(), train, evaluate)

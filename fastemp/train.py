@@ -25,10 +25,10 @@ from .data import ImageSet, load_split
 from .data.streamed import StreamedSet
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
-from .gradcache import gradient_cache_step, resolve_chunks
+from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
-from .model import build_model, compile_model
+from .model import build_model, compile_model, set_batchnorm_groups
 from .patches import PatchBackend, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
@@ -78,7 +78,7 @@ class Trainer:
         if rt.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
-        self.grad_chunks = resolve_chunks(self.model, cfg, self.device, rt.world_size, rt.precision, rt.compile_mode)
+        set_batchnorm_groups(self.model, rt.bn_groups_per_forward)
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
@@ -94,6 +94,11 @@ class Trainer:
         self.last_record: dict | None = None
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
         self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
+
+    @property
+    def grad_chunks(self) -> int:
+        """Gradient-cache chunks per step, as the Runtime planned them (train.grad_chunks=0 asks for a plan)."""
+        return self.runtime.grad_chunks
 
     # -- data order -------------------------------------------------------------------------
     def batch_index(self, step: int) -> torch.Tensor:
@@ -154,12 +159,12 @@ class Trainer:
 
         if runtime.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
-        if self.grad_chunks > 1:
+        if runtime.grad_chunks > 1:
             return gradient_cache_step(
                 self.forward,
                 patches,
                 t.n_patches,
-                self.grad_chunks,
+                runtime.grad_chunks,
                 loss,
                 runtime.autocast(),
                 model=self.ddp or self.model,

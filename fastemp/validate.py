@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import Config, ConfigError, shown
+from .config import Config, ConfigError, DataConfig, choices, shown
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -63,21 +63,7 @@ def check_config(cfg: Config) -> None:
 
     _positive(d, "data", "image_size")
     _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
-    if d.streamed and d.source != "imagefolder":
-        raise ConfigError(
-            f"data.streamed=true reads image files, but data.source={d.source}; "
-            "use data.source=imagefolder with a directory, or data.streamed=false"
-        )
-    if d.streamed and d.backend == "torch":
-        raise ConfigError(
-            "data.backend=torch needs the images resident in memory, but data.streamed=true; "
-            "use data.backend=auto, dali or pillow, or data.streamed=false"
-        )
-    if not d.streamed and d.backend == "pillow":
-        raise ConfigError(
-            "data.backend=pillow reads image files, so it needs data.streamed=true "
-            "(with data.source=imagefolder); use data.backend=auto for resident data"
-        )
+    check_backend(d.backend, d.streamed, d.source)
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
     if d.source == "imagefolder" and not d.path.strip():
@@ -156,6 +142,27 @@ def check_config(cfg: Config) -> None:
     )
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
+
+
+def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
+    """data.backend, data.streamed and data.source fit together: the one statement of that rule, applied by
+    check_config and by patches.choose_backend."""
+    _choice("data.backend", backend, choices(DataConfig, "backend"))
+    if streamed and source != "imagefolder":
+        raise ConfigError(
+            f"data.streamed=true reads image files, but data.source={source}; "
+            "use data.source=imagefolder with a directory, or data.streamed=false"
+        )
+    if streamed and backend == "torch":
+        raise ConfigError(
+            "data.backend=torch needs the images resident in memory, but data.streamed=true; "
+            "use data.backend=auto, dali or pillow, or data.streamed=false"
+        )
+    if not streamed and backend == "pillow":
+        raise ConfigError(
+            "data.backend=pillow reads image files, so it needs data.streamed=true "
+            "(with data.source=imagefolder); use data.backend=auto for resident data"
+        )
 
 
 def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> None:

@@ -218,5 +218,5 @@ def test_compiled_feature_extraction_equals_eager():
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     cfg = EvalConfig(mode="patches", patches=2, batch_size=3)
     eager = extract_features(model, images, cfg, AugmentConfig(), seed=2)
-    compiled = extract_features(model, images, cfg, AugmentConfig(), seed=2, compile_mode="max-autotune")
+    compiled = extract_features(model, images, cfg, AugmentConfig(), seed=2, compile_mode="default")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 
 from ..config import AugmentConfig
+from ..validate import check_backend
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
 
 
@@ -64,22 +65,17 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
     181 ms (benchmarks/results/h200/kernels.json); DALI stays available as data.backend=dali.
     Streamed files (full-size JPEGs): auto is DALI (nvJPEG decode and all ops on the GPU) on CUDA
     when DALI imports, else Pillow workers. data.backend=dali on streamed data without DALI falls
-    back to Pillow and the reason says so; resident dali without DALI, torch on streamed data and
-    pillow on resident data are errors (validate.check_config reports them as one line first).
+    back to Pillow and the reason says so; resident dali without DALI is an error, and so are the
+    combinations validate.check_backend refuses (the one statement of that rule).
     """
-    if requested not in ("auto", "torch", "dali", "pillow"):
-        raise ValueError(f"unknown patch backend '{requested}' (choose auto, torch, dali or pillow)")
+    check_backend(requested, streamed)
     if not streamed:
         if requested in ("auto", "torch"):
             why = "resident images: the batched torch backend (37x faster than per-patch DALI on the H200)"
             return "torch", why if requested == "auto" else "data.backend=torch"
-        if requested == "pillow":
-            raise ValueError("data.backend=pillow needs streamed data (data.streamed=true)")
         if not dali_installed:
             raise RuntimeError(f"data.backend=dali but {DALI_MISSING}")
         return "dali", "data.backend=dali"
-    if requested == "torch":
-        raise ValueError("data.backend=torch needs resident images (data.streamed=false)")
     if requested == "pillow":
         return "pillow", "data.backend=pillow"
     if requested == "dali":
@@ -95,30 +91,23 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
 def make_patch_backend(
     name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0, compile_recipe: bool = False
 ) -> PatchBackend:
-    """Build the backend `name` (auto | torch | dali | pillow) over the data: a device-resident uint8
-    NHWC tensor (or an ImageSet holding one), or a StreamedSet of files. The backend's `reason`
-    says why it was chosen (one line for the log). compile_recipe: the torch backend's recipe through
-    torch.compile (the other backends ignore it)."""
+    """Build the backend `name` (torch | dali | pillow: what fastemp.runtime.resolve chose, never chosen again
+    here) over the data: a device-resident uint8 NHWC tensor (or an ImageSet holding one), or a StreamedSet
+    of files. compile_recipe: the torch backend's recipe through torch.compile (the other backends ignore it)."""
     from ..data.streamed import StreamedSet
 
     images = getattr(images, "images", images)  # an ImageSet: its tensor
     streamed = isinstance(images, StreamedSet)
-    device = images.device
-    asks_dali = name == "dali" or (streamed and name == "auto")  # importing DALI costs a second: only when it matters
-    chosen, reason = choose_backend(name, streamed, device.type, asks_dali and dali_available())
-    if streamed and chosen == "dali":
+    if streamed and name == "dali":
         from .dali_images import DaliImagePatches
 
-        backend = DaliImagePatches(images, aug, seed=seed)
-    elif streamed:
+        return DaliImagePatches(images, aug, seed=seed)
+    if streamed:
         from .pillow_images import PillowPatches
 
-        backend = PillowPatches(images, aug, workers=workers)
-    elif chosen == "dali":
+        return PillowPatches(images, aug, workers=workers)
+    if name == "dali":
         from .dali_backend import DaliPatches
 
-        backend = DaliPatches(images, aug, seed=seed)
-    else:
-        backend = TorchPatches(images, aug, compile_recipe)
-    backend.reason = reason
-    return backend
+        return DaliPatches(images, aug, seed=seed)
+    return TorchPatches(images, aug, compile_recipe)
