@@ -198,8 +198,9 @@ def _redo(path: Path) -> str:
     return f"start the run again with fastemp train --config {run / 'config.yaml'} --out {run} --force"
 
 
-def read(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A verified checkpoint's state, or CheckpointError saying what is wrong with the file."""
+def read(path: Path) -> dict:
+    """A verified checkpoint's state (on the CPU), or CheckpointError saying what is wrong with the file. Read
+    once per command: the comparisons with the config and the trainer's restore use this same state."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -209,7 +210,7 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); {_redo(path)}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it was run
         found = re.search(r"WeightsUnpickler error: ([^.]*)", str(err))  # e.g. "Unsupported global: GLOBAL exec ..."
         what = found.group(1).strip()[:120] if found else "an object weights_only refuses"
@@ -350,9 +351,9 @@ def trainer_state(trainer) -> dict:
     }
 
 
-def load_into(trainer, path: Path) -> None:
-    """Read, verify and check path, then restore the trainer from it (nothing changes on an error)."""
-    state = read(path, trainer.device)
+def restore(trainer, state: dict, path: Path) -> None:
+    """Restore the trainer from the state `read` returned for path, after checking it fits the trainer's model
+    and optimizer (nothing changes on an error)."""
     check_tensors(trainer.model.state_dict(), state, path)
     check_optimizer([p for group in trainer.optimizer.param_groups for p in group["params"]], state, path)
     clock, rng = state["clock"], state["rng_cpu"]
@@ -369,6 +370,7 @@ def load_into(trainer, path: Path) -> None:
         ) from None
     trainer.step = state["step"]
     trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images = clock
-    torch.set_rng_state(rng.cpu())
+    torch.set_rng_state(rng)
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+    trainer.saved_step = trainer.step

@@ -209,8 +209,15 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
     return True
 
 
+def unlock(run_dir: Path | str) -> None:
+    """Release run_dir's lock if this process holds it (a command on it is over; the process may go on)."""
+    fd = _locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def unlock_all() -> None:
-    """Release every run folder this process holds (a CLI command is over; its process may go on, e.g. in tests)."""
+    """Release every run folder this process holds."""
     while _locks:
         os.close(_locks.popitem()[1])
 

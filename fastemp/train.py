@@ -12,7 +12,6 @@ of each global batch through DDP, logs global metrics, and rank 0 alone writes t
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 import torch
@@ -272,6 +271,45 @@ class Trainer:
         """Training throughput over all timed steps (warm-up steps excluded)."""
         return self.timed_images / self.train_seconds if self.train_seconds else float("nan")
 
+    # -- the whole run -----------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train from self.step to the end, write the last checkpoint, evaluate (eval.at_end) and write
+        summary.json (rank 0); returns the summary. The checks before it are fastemp.startup's."""
+        cfg = self.cfg
+        self.train_until()
+        if self.run_dir:
+            self.save_checkpoint()
+        last = self.last_record or [r for r in runs.read_metrics(self.run_dir) if "loss" in r][-1]
+        summary = {
+            "name": cfg.name,
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "n_patches": cfg.train.n_patches,
+            "batch_size": cfg.train.batch_size,
+            "world_size": self.runtime.world_size,
+            "final_loss": last["loss"],
+            "final_loss_sim": last["loss_sim"],
+            "final_loss_tcr": last["loss_tcr"],
+            "train_seconds": self.warmup_seconds + self.train_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "images_per_s": self.images_per_second(),
+            "data": self.train_set.description,
+            **self.runtime.resolved(),
+            "environment": runs.environment(self.device),
+        }
+        if cfg.eval.at_end:
+            clock = Clock(self.device)
+            clock.mark("start")
+            summary.update(self.evaluate())
+            if cfg.eval.random_init:
+                summary.update(self.evaluate(self.random_init_model(), prefix="random_init_"))
+            clock.mark("evaluation")
+            summary["eval_seconds"] = clock.seconds("evaluation")
+        if self.run_dir and distributed.is_main():
+            runs.write_json(self.run_dir / "summary.json", summary)
+            runs.plot_losses(self.run_dir)
+        return summary
+
     # -- checkpoints ------------------------------------------------------------------------
     saved_step: int | None = None  # the step checkpoint.pt in run_dir holds (None: there is none)
 
@@ -283,10 +321,6 @@ class Trainer:
             runs.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
         self.saved_step = self.step
         distributed.barrier()
-
-    def load_checkpoint(self, path: Path) -> None:
-        checkpoint.load_into(self, path)
-        self.saved_step = self.step
 
     # -- evaluation -------------------------------------------------------------------------
     @functools.cached_property
@@ -309,46 +343,3 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg.model).to(self.device)
         return model.to(memory_format=torch.channels_last) if self.runtime.channels_last else model
-
-
-def run_training(
-    cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True, trainer: Trainer | None = None
-) -> dict:
-    """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
-    trainer = trainer or Trainer(cfg, run_dir, progress)
-    if cfg.eval.at_end:
-        _ = trainer.test_set  # load it now: a missing test split fails before training, not after it
-    if resume:
-        trainer.load_checkpoint(run_dir / "checkpoint.pt")
-        if distributed.is_main():
-            runs.truncate_metrics(run_dir, trainer.step)
-    trainer.train_until()
-    trainer.save_checkpoint()
-    last = trainer.last_record or runs.read_metrics(run_dir)[-1]
-    summary = {
-        "name": cfg.name,
-        "steps": trainer.step,
-        "epochs": trainer.step / trainer.steps_per_epoch,
-        "n_patches": cfg.train.n_patches,
-        "batch_size": cfg.train.batch_size,
-        "world_size": trainer.runtime.world_size,
-        "final_loss": last["loss"],
-        "final_loss_sim": last["loss_sim"],
-        "final_loss_tcr": last["loss_tcr"],
-        "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
-        "warmup_seconds": trainer.warmup_seconds,
-        "images_per_s": trainer.images_per_second(),
-        "data": trainer.train_set.description,
-        **trainer.runtime.resolved(),
-        "environment": runs.environment(trainer.device),
-    }
-    if cfg.eval.at_end:
-        t0 = time.perf_counter()
-        summary.update(trainer.evaluate())
-        if cfg.eval.random_init:
-            summary.update(trainer.evaluate(trainer.random_init_model(), prefix="random_init_"))
-        summary["eval_seconds"] = time.perf_counter() - t0
-    if distributed.is_main():
-        runs.write_json(run_dir / "summary.json", summary)
-        runs.plot_losses(run_dir)
-    return summary

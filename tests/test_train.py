@@ -13,9 +13,10 @@ import torch
 from tiny_run import TINY_CONFIG
 
 from fastemp.cli import main
-from fastemp.config import load_config
+from fastemp.config import load_config, save_config
 from fastemp.runtime import resolve
-from fastemp.train import Trainer, run_training
+from fastemp.startup import resume_training, run_training
+from fastemp.train import Trainer
 
 TINY = [*TINY_CONFIG, "eval.probe_epochs=3"]
 
@@ -93,11 +94,12 @@ def test_resume_in_process_is_bit_identical(tmp_path):
 
     part = tmp_path / "part"
     part.mkdir()
+    save_config(cfg, part / "config.yaml")
     first = Trainer(cfg, part, progress=False)
     first.train_until(3)
     first.save_checkpoint()
     del first
-    run_training(cfg, part, resume=True, progress=False)
+    resume_training(part, progress=False)
     assert_same_state(model_state(part / "checkpoint.pt"), model_state(whole / "checkpoint.pt"))
     steps = [r["step"] for r in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())]
     assert steps == sorted(steps) and steps[-1] == 8
