@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -146,6 +147,7 @@ EVAL_PROTOCOLS: dict[str, dict] = {
     "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
 }
 EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
+EVAL_EVERY = re.compile(r"(\d+)|(\d*\.?\d+)ep")  # eval.every: steps, or a fraction of an epoch
 
 
 @dataclass
@@ -169,11 +171,23 @@ class EvalConfig:
     knn_temperature: float = 0.07
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
+    every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
+    stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 
     @property
     def protocol(self) -> str:
         """The protocol whose values this has (official, cheap), or custom."""
         return eval_protocol_name(self)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the run evaluates: at the end, or every eval.every steps."""
+        return self.at_end or self.every_steps(1) > 0
+
+    def every_steps(self, steps_per_epoch: int) -> int:
+        """`every` in steps: N, or a fraction F of an epoch written Fep (at least one step); 0: never."""
+        steps, epochs = EVAL_EVERY.fullmatch(self.every.strip()).groups()
+        return int(steps) if steps else (max(1, round(float(epochs) * steps_per_epoch)) if float(epochs) else 0)
 
 
 def eval_protocol_name(cfg: EvalConfig) -> str:

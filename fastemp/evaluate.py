@@ -225,3 +225,9 @@ def _probe_and_knn(
             feats[0], train.labels, feats[1], test.labels, num_classes, cfg.knn_k, cfg.knn_temperature
         )
     return out
+
+
+def first_reaching(evaluations: list[dict], target: float, key: str = "linear_top1") -> dict | None:
+    """Time to accuracy: the first evaluation record (Trainer.evaluations: step, epoch, train_seconds, results)
+    whose `key` reaches target, or None."""
+    return next((record for record in evaluations if record[key] >= target), None)

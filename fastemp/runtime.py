@@ -152,7 +152,7 @@ def resolve(
     shard = distributed.batch_shard(cfg.train.batch_size) if training else None  # checks B divides by the world
     chunks, per_forward = resolve_chunks(cfg, device, world, precision, compile_mode) if training else (1, 1)
     if check_memory:
-        evaluate = not training or cfg.eval.at_end
+        evaluate = not training or cfg.eval.scheduled
         memory.check_memory(cfg, device, precision, chunks, world, train=training, evaluate=evaluate)
     return Runtime(
         device=device,

@@ -79,6 +79,9 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
         checkpoint.restore(trainer, state, path)
         if distributed.is_main():
             runs.truncate_metrics(run_dir, trainer.step)  # the steps past the checkpoint are logged again
+        trainer.evaluations = [
+            r for r in runs.read_metrics(run_dir) if "linear_top1" in r and r["step"] <= trainer.step
+        ]
         return trainer.run()
     finally:
         runs.unlock(run_dir)
@@ -148,7 +151,7 @@ def _runtime(cfg: Config, training: bool) -> Runtime:
 def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool, evaluates: bool | None = None):
     """The Trainer, with the probe and the test split checked too when the run evaluates."""
     trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime)
-    if cfg.eval.at_end if evaluates is None else evaluates:
+    if cfg.eval.scheduled if evaluates is None else evaluates:
         check_probe(cfg, len(trainer.train_set))
         _ = trainer.test_set
     return trainer

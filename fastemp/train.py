@@ -32,6 +32,8 @@ from .patches import PatchBackend, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
 
+RECORD_KEYS = ("step", "epoch", "train_seconds", "eval_seconds")  # a periodic evaluation's record, besides its results
+
 
 def mix_seed(seed: int, stream: int, index: int) -> int:
     """A distinct, reproducible seed for (run seed, random stream, step or epoch)."""
@@ -88,8 +90,11 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
         # the first step this Trainer runs (compilation, allocator warm-up) is timed apart from the others
-        self.clock, self.warmed_up = Clock(self.device), False
+        self.clock, self.warmed_up, self._window_seconds = Clock(self.device), False, 0.0
         self.warmup_seconds, self.train_seconds, self.timed_images = 0.0, 0.0, 0
+        self.eval_every = cfg.eval.every_steps(self.steps_per_epoch)
+        self.evaluations: list[dict] = []  # the periodic evaluations' records (eval.every)
+        self.stopped = False  # an evaluation reached eval.stop_at
         self.last_record: dict | None = None
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
         self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
@@ -181,17 +186,22 @@ class Trainer:
         return terms
 
     def train_until(self, stop_step: int | None = None, clock=None) -> None:
-        """Train from self.step up to stop_step (default: the end of the run); clock: see train_step."""
-        cfg, t = self.cfg, self.cfg.train
+        """Train from self.step up to stop_step (default: the end of the run), evaluating every eval.every steps
+        (off the clock; training ends at an evaluation that reaches eval.stop_at); clock: see train_step."""
+        t = self.cfg.train
         stop_step = min(stop_step or self.total_steps, self.total_steps)
-        bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=cfg.name, unit="step")
+        bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=self.cfg.name, unit="step")
         images = 0
         self.clock.mark("start")  # what came before this call is not training
-        for _ in range(self.step, stop_step):
+        while self.step < stop_step and not self.stopped:
+            warm = not self.warmed_up
             terms = self.train_step(clock)
             self.clock.mark("step")
             images += t.batch_size
-            if not self.warmed_up or self.step % t.log_every == 0 or self.step == stop_step:
+            self.timed_images += 0 if warm else t.batch_size
+            if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                self._evaluate_periodically()
+            if warm or self.stopped or self.step % t.log_every == 0 or self.step == stop_step:
                 record = self._log(terms, images)
                 bar.set_postfix(
                     sim=f"{record['loss_sim']:.3f}",
@@ -203,6 +213,35 @@ class Trainer:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
+
+    def _time_steps(self) -> None:
+        """Fold the steps timed since the last read into the warm-up (the first step) or the train seconds."""
+        seconds = self.clock.seconds("step")
+        self._window_seconds += seconds
+        if self.warmed_up:
+            self.train_seconds += seconds
+        else:
+            self.warmup_seconds, self.warmed_up = self.warmup_seconds + seconds, True
+
+    def _evaluate_periodically(self) -> None:
+        """eval.every: evaluate now, off the training clock and leaving training as it was (see evaluate). The
+        record (step, epoch, train seconds so far, results, eval seconds) goes to metrics.jsonl and
+        self.evaluations; one that reaches eval.stop_at ends training here."""
+        self.raise_if_nonfinite()  # a diverged model is reported, not evaluated
+        self._time_steps()
+        results = self.evaluate()
+        self.clock.mark("evaluation")  # the evaluation's interval: never part of the train seconds
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "train_seconds": self.warmup_seconds + self.train_seconds,
+            **results,
+            "eval_seconds": self.clock.seconds("evaluation"),
+        }
+        self.evaluations.append(record)
+        if self.run_dir and distributed.is_main():
+            runs.append_metrics(self.run_dir, record)
+        self.stopped = 0 < self.cfg.eval.stop_at <= record["linear_top1"]
 
     def _watch_finite(self, terms: LossTerms, step: int) -> None:
         """Record on the device the first step whose sim, tcr or gradient is not finite.
@@ -238,6 +277,7 @@ class Trainer:
             )
 
     def _log(self, terms: LossTerms, images: int) -> dict:
+        """The losses of the last step and the throughput since the last log, to metrics.jsonl."""
         # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
         # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
         # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
@@ -247,11 +287,8 @@ class Trainer:
         flat = torch.cat([losses, self._nonfinite.double()]).tolist()
         values = flat[:3]
         self.raise_if_nonfinite(flat[3:])
-        seconds = self.clock.seconds("step")  # the steps since the last log; pauses end in a "start" mark
-        if not self.warmed_up:
-            self.warmup_seconds, self.warmed_up = self.warmup_seconds + seconds, True
-        else:
-            self.train_seconds, self.timed_images = self.train_seconds + seconds, self.timed_images + images
+        self._time_steps()
+        seconds, self._window_seconds = self._window_seconds, 0.0
         record = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -297,14 +334,18 @@ class Trainer:
             **self.runtime.resolved(),
             "environment": runs.environment(self.device),
         }
+        if self.eval_every:
+            summary["evaluations"] = self.evaluations
+        if cfg.eval.stop_at:
+            summary["stopped_at_target"] = self.stopped
         if cfg.eval.at_end:
-            clock = Clock(self.device)
-            clock.mark("start")
-            summary.update(self.evaluate())
+            self.clock.mark("start")
+            last = self.evaluations[-1] if self.evaluations and self.evaluations[-1]["step"] == self.step else None
+            summary.update({k: v for k, v in last.items() if k not in RECORD_KEYS} if last else self.evaluate())
             if cfg.eval.random_init:
                 summary.update(self.evaluate(self.random_init_model(), prefix="random_init_"))
-            clock.mark("evaluation")
-            summary["eval_seconds"] = clock.seconds("evaluation")
+            self.clock.mark("evaluation")
+            summary["eval_seconds"] = self.clock.seconds("evaluation") + (last["eval_seconds"] if last else 0.0)
         if self.run_dir and distributed.is_main():
             runs.write_json(self.run_dir / "summary.json", summary)
             runs.plot_losses(self.run_dir)
@@ -331,12 +372,19 @@ class Trainer:
     def evaluate(
         self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
     ) -> dict:
-        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval protocol)."""
-        if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
-            distributed.broadcast_buffers(self.model)
-        return evaluate_encoder(
-            model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
-        )
+        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval section). Training
+        is left as it was, so evaluating mid-run changes nothing of it: the random streams are forked, the model
+        runs in eval mode (BatchNorm's running statistics only read) and is put back in its mode, and under
+        torchrun, where every rank evaluates with rank 0's running statistics, each rank's own come back."""
+        model = self.model if model is None else model
+        kept = [b.clone() for b in model.buffers()] if self.runtime.world_size > 1 else []
+        distributed.broadcast_buffers(model)  # without sync_bn each rank has its shard's statistics: use rank 0's
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            try:
+                return evaluate_encoder(model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg)
+            finally:
+                for buffer, saved in zip(model.buffers(), kept):
+                    buffer.copy_(saved)
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""

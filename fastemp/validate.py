@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import Config, ConfigError, DataConfig, choices, shown
+from .config import EVAL_EVERY, Config, ConfigError, DataConfig, choices, shown
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -142,6 +142,10 @@ def check_config(cfg: Config) -> None:
     )
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
+    every = "a number of steps such as 250 or of epochs such as 0.5ep (0: never)"
+    _rule("eval.every", e.every, EVAL_EVERY.fullmatch(e.every.strip()) is not None, every)
+    _rule("eval.stop_at", e.stop_at, 0 <= e.stop_at <= 1, "a linear top-1 in [0, 1] (0: train to the end)")
+    _rule("eval.stop_at", e.stop_at, not e.stop_at or e.every_steps(1), "0 unless eval.every is set", "it stops there")
 
 
 def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
