@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import distributed
+from . import distributed, watchdog
 from .config import load_config
 
 
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             from .errors import one_line
 
             # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
-            distributed.report_error(
+            watchdog.report_error(
                 f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is in that rank's output)"
             )
             raise
-        if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
+        if watchdog.report_error(message):  # under torchrun: one line for the run, not one per rank
             print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
     finally:
