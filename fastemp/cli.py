@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
     finally:
-        from . import runs
+        from . import run_folder
 
-        runs.unlock_all()
+        run_folder.unlock_all()
         distributed.shutdown()

@@ -5,7 +5,7 @@ Every entry point goes through the same chain, so a mistake is found before any 
 
     config       loaded, the same on every torchrun rank, every value checked (fastemp.validate)
     runtime      every "auto" decided, the machine and the memory checked (fastemp.runtime.resolve)
-    run folder   checked (train: fastemp.runs.check_run_dir; resume, eval: claimed, and what an
+    run folder   checked (train: fastemp.run_folder.check_run_dir; resume, eval: claimed, and what an
                  interrupted --force left is settled), then locked; under --force the old run moves aside
     checkpoint   read and verified once, compared with the config, then restored from that same state
     trainer      the training split loaded and the batch checked; the probe and the test split too when
@@ -20,9 +20,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import checkpoint, distributed, runs
+from . import checkpoint, distributed, run_folder, runs
 from . import progress as bars
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, load_config
 from .errors import UserError, one_line
 from .runtime import Runtime, resolve
 from .train import Trainer
@@ -38,21 +38,21 @@ def run_training(
     distributed.init_from_env()
     progress = bars.decide(progress and distributed.is_main())
     runtime = _runtime(cfg, training=True)
-    run_dir = distributed.run_on_main(lambda: runs.check_run_dir(run_dir or Path("runs") / cfg.name, force=force))
+    run_dir = distributed.run_on_main(lambda: run_folder.check_run_dir(run_dir or Path("runs") / cfg.name, force=force))
     retry = retry or "the same run_training call with force=True"
     trainer = _trainer(cfg, runtime, run_dir, progress)  # validation and data loading write nothing
     try:
-        distributed.run_on_main(lambda: _begin(cfg, run_dir, force, retry))
+        distributed.run_on_main(lambda: run_folder.begin_run(run_dir, force, cfg, retry))
         try:
             return trainer.run()
         except BaseException as err:
             if distributed.is_main():
-                outcome = runs.outcome_of_failed_run(run_dir, retry)
+                outcome = run_folder.outcome_of_failed_run(run_dir, retry)
                 if outcome and isinstance(err, UserError):
                     err.args = (f"{one_line(err)}; {outcome}",)
             raise
     finally:
-        runs.unlock(run_dir)
+        run_folder.unlock(run_dir)
 
 
 def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
@@ -63,7 +63,7 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     try:
         distributed.run_on_main(
-            lambda: _claim(run_dir, "fastemp resume", "resume writes checkpoint.pt and metrics.jsonl")
+            lambda: run_folder.claim(run_dir, "fastemp resume", "resume writes checkpoint.pt and metrics.jsonl")
         )
         cfg = load_run_config(run_dir)
         runtime = _runtime(cfg, training=True)
@@ -72,7 +72,7 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
         checkpoint.check_resume(cfg, state, run_dir)
         note = checkpoint.check_layout(cfg, state, runtime.world_size, path)
         runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
-        distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp resume") and None)
+        distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp resume") and None)
         if note and distributed.is_main():
             print(note)
         trainer = _trainer(cfg, runtime, run_dir, progress)
@@ -84,7 +84,7 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
         ]
         return trainer.run()
     finally:
-        runs.unlock(run_dir)
+        run_folder.unlock(run_dir)
 
 
 def evaluate_run(
@@ -97,14 +97,14 @@ def evaluate_run(
     progress = bars.decide(progress and distributed.is_main())
     run_dir = Path(run_dir)
     try:
-        distributed.run_on_main(lambda: _claim(run_dir, "fastemp eval"))
+        distributed.run_on_main(lambda: run_folder.claim(run_dir, "fastemp eval"))
         cfg = load_run_config(run_dir, overrides)
         runtime = _runtime(cfg, training=False)
         path = run_dir / "checkpoint.pt"
         state = checkpoint.read(path)
         checkpoint.check_architecture(cfg, state, path)
         # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
-        distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
+        distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
         trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
         checkpoint.restore(trainer, state, path)
         e = cfg.eval
@@ -123,7 +123,7 @@ def evaluate_run(
                 ) from None
         return result
     finally:
-        runs.unlock(run_dir)
+        run_folder.unlock(run_dir)
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -155,38 +155,3 @@ def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool
         check_probe(cfg, len(trainer.train_set))
         _ = trainer.test_set
     return trainer
-
-
-def _begin(cfg: Config, run_dir: Path, force: bool, retry: str) -> None:
-    """Lock the new run's folder for the life of this process (under --force the old run moves into
-    RUN/replaced-run until this run's first checkpoint) and write its config.yaml."""
-    runs.begin_run(run_dir, force, "fastemp train")
-    try:
-        save_config(cfg, run_dir / "config.yaml")
-    except OSError as err:
-        (run_dir / "config.yaml").unlink(missing_ok=True)
-        back = runs.restore_replaced(run_dir)
-        kept = f"{run_dir} again holds the run --force was replacing, unchanged" if back else "nothing was kept"
-        raise UserError(
-            f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
-            f"or make {run_dir} writable, then run {retry}"
-        ) from None
-
-
-def _claim(run_dir: Path, command: str, writes: str = "") -> None:
-    """Before a run folder's config is read: a folder another process holds is refused at once, and what an
-    interrupted --force left is settled under the lock; when that put an old run back, stop: the run this
-    command was meant for no longer exists. writes: why the folder must be writable, if it must."""
-    if not run_dir.is_dir():
-        return  # load_run_config says so
-    if writes:
-        runs.require_writable(run_dir, f"{writes} there")
-    runs.probe_lock(run_dir)
-    if (run_dir / runs.REPLACED).is_dir():
-        runs.lock_run_dir(run_dir, command)
-        restored = runs.settle_replaced(run_dir)
-        if restored:
-            raise UserError(
-                f"{restored}; run {command} {run_dir} again to use that run, or rerun "
-                "the fastemp train --force command to replace it"
-            )

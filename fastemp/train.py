@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, runs
+from . import checkpoint, distributed, run_folder, runs
 from .clock import Clock
 from .config import Config, EvalConfig
 from .data import ImageSet, load_split
@@ -359,7 +359,7 @@ class Trainer:
         state = checkpoint.trainer_state(self)
         if distributed.is_main():  # every rank holds the same weights and optimizer state
             checkpoint.save(state, self.run_dir / "checkpoint.pt")
-            runs.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
+            run_folder.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
         self.saved_step = self.step
         distributed.barrier()
 
