@@ -1,19 +1,10 @@
-"""Checkpoints: what one holds, how it is written and read, and whether it fits a config.
+"""Checkpoints: what one holds, how it is written and read (once per command), and whether it fits a config.
 
-A checkpoint is a torch zip file (RUN/checkpoint.pt) of plain data: tensors, numbers, strings,
-lists and dicts. It is read with `torch.load(weights_only=True)`, which refuses any other pickled
-object, so a crafted file cannot run code. It carries `sha256`, a digest of everything else in
-it (`digest`), checked on every read: a flipped bit in a weight is an error naming the file, not
-a silently wrong model that a resumed run would save again with a fresh zip CRC. The digest lives
-inside the file, so payload and checksum are replaced by one rename and can never disagree.
-
-It also records how the run was laid out (`layout`): world size, per-rank batch, gradient
-chunks and the images one BatchNorm call normalises over; a resume under another world size is
-allowed only when those BatchNorm groups stay the same (`check_layout`).
-
-Before weights are loaded the checkpoint is compared with the config (`check_resume`,
-`check_architecture`) and with the model's tensors (`check_tensors`), so a mismatch is one line,
-not a 100-line size-mismatch dump.
+A checkpoint (RUN/checkpoint.pt) is plain data read with `torch.load(weights_only=True)`, so a crafted file
+cannot run code; it carries `sha256`, a digest of everything else in it, checked on every read; it records
+the run's `layout`, so a resume under another world size is allowed only when BatchNorm's groups stay the
+same. Before weights are loaded it is compared with the config (`check_resume`, `check_architecture`) and
+with the model's tensors (`check_tensors`), so a mismatch is one line. docs/reliability.md has the details.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
 
-The protocol is named by its values (EvalConfig.protocol, fastemp.config.EVAL_PROTOCOLS); "official" is the official
-code's evaluation (docs/evaluation.md cites its source line by line): features h = ReLU(BN(Linear(512,
-4096))) with the model in eval mode, averaged over 128 patches of the training augmentation per image,
-for every train and test image; the probe trains Linear(4096, C) on the cached features with SGD (lr 0.03,
-momentum 0.9, wd 5e-5), batch 100, shuffled, drop_last, cosine over 100 epochs stepped per epoch; kNN is
-the official weighted kNN (k 20, T 0.07, cosine). The headline is the FINAL probe epoch's test accuracy;
-the official script prints the best epoch too, which we log as `best_top1_on_test` (selected on test).
-"plain" mode (the whole un-augmented image once) is a cheap extra, not part of any named protocol.
+The protocol is named by its values (EvalConfig.protocol); "official" is the official code's evaluation,
+value by value in docs/evaluation.md: h = ReLU(BN(Linear(512, 4096))) in eval mode, averaged over 128
+patches of the training augmentation per image, a linear probe on the cached features whose FINAL epoch is
+the headline (the best epoch, selected on test, is `best_top1_on_test`), and the weighted kNN.
 
-Feature extraction runs without gradients in large device batches (eval.batch_size images x patches per
-forward, the patches drawn on the device), under the trainer's precision and memory format, and through
-torch.compile when the trainer compiles (mode "default": one forward shape, no autotuning or CUDA graphs).
-
-Under torchrun the feature batches are dealt round-robin to the ranks (each batch is computed
-exactly as on one process) and summed into every rank's feature matrix; the probe and kNN run
-on rank 0 and every rank returns rank 0's result.
+Feature extraction runs without gradients in large device batches, under the Runtime's precision, memory
+format and evaluation compile mode. Under torchrun the feature batches are dealt round-robin to the ranks
+and summed into every rank's feature matrix; the probe and kNN run on rank 0 and every rank returns its
+result.
 """
 
 from __future__ import annotations
