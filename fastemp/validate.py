@@ -1,10 +1,10 @@
 """Start-up validation: every user mistake found before any work, as one line saying how to fix it.
 
-`check_config` runs over the whole config (ranges, enumerated choices, the machine: CUDA, DALI,
-Triton) before a run folder is touched or a model is built. `check_data` runs on the loaded train
-split (sizes against batch sizes); the trainer loads the test split at start-up too, so a missing
-split fails before training, not after it. Checkpoints are read, verified and compared with
-the config in fastemp.checkpoint.
+`check_config` checks every value of the config (ranges, enumerated choices, keys that must fit together,
+such as data.backend with data.streamed: `check_backend`, the one statement of that rule) before a run
+folder is touched or a model is built; what the machine must have is checked by fastemp.runtime.resolve.
+`check_data` and `check_probe` run on the loaded training split. The order of all start-up checks is
+fastemp.startup's.
 """
 
 from __future__ import annotations
