@@ -1,8 +1,7 @@
 """Shared benchmark plumbing: clocks, medians, peak FLOP/s, MFU, memory, targets, result files.
 
-Clocks. On CUDA every interval is measured with CUDA events recorded on the current stream, so
-timing never adds a host sync inside the measured work (one synchronize at the end reads them).
-On the CPU, torch ops run synchronously, so time.perf_counter() at the same points is exact.
+Clocks: fastemp.clock.Clock, the library's one clock (CUDA events on CUDA, perf_counter on the CPU, one
+synchronize when read); a benchmark times nothing by itself.
 
 MFU. achieved TFLOP/s = patches/s x FLOPs per training patch (fastemp.model.flops_per_patch:
 3.47 GFLOP for the standard model on 32x32 patches: convolutions and linear layers, forward and
@@ -22,13 +21,13 @@ import re
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from fastemp import runs
+from fastemp.clock import Clock
 from fastemp.data import load_split
 
 # Dense (no sparsity) BF16 tensor-core TFLOP/s from NVIDIA's product datasheets. Matched against
@@ -94,50 +93,16 @@ def command_line() -> str:
 # -------------------------------------------------------------------------------------- clocks
 
 
-class PhaseClock:
-    """Timestamps at named points of a step, read back as durations once the work is done: the clock
-    Trainer.train_step and train_until take.
-
-    CUDA: one timing event per mark on the current stream (no sync while marking). CPU:
-    perf_counter. `durations()` synchronizes once and returns [(name, seconds)] for each
-    interval between consecutive marks, named after the mark that ends it. `only`: the mark names
-    kept (e.g. ("start",): whole steps), all when None.
-    """
-
-    def __init__(self, device: torch.device, only: tuple[str, ...] | None = None):
-        self.cuda = device.type == "cuda"
-        self.device, self.only = device, only
-        self.marks: list[tuple[str, object]] = []
-
-    def mark(self, name: str) -> None:
-        if self.only is not None and name not in self.only:
-            return
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((name, event))
-        else:
-            self.marks.append((name, time.perf_counter()))
-
-    def durations(self) -> list[tuple[str, float]]:
-        synchronize(self.device)
-        out = []
-        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
-            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
-            out.append((name, seconds))
-        return out
-
-
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Seconds per call of fn() for `iters` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
-    clock = PhaseClock(device)
+    clock = Clock(device)
     clock.mark("start")
     for _ in range(iters):
         fn()
         clock.mark("call")
-    return [seconds for _, seconds in clock.durations()]
+    return [seconds for _, seconds in clock.intervals()]
 
 
 # ---------------------------------------------------------------------------------- peak, MFU

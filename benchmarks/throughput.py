@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 from fastemp import distributed, runs
+from fastemp.clock import Clock
 from fastemp.config import Config, apply_overrides, to_dict
 from fastemp.model import flops_per_patch
 from fastemp.patches import dali_available
@@ -81,13 +82,13 @@ def measure_split(trainer: Trainer, steps: int, warmup: int = 2) -> dict:
     """Median seconds of each phase over `steps` Trainer steps, after `warmup` untimed ones."""
     for _ in range(warmup):
         trainer.train_step()
-    clocks = [common.PhaseClock(trainer.device) for _ in range(steps)]
+    clocks = [Clock(trainer.device) for _ in range(steps)]
     for clock in clocks:  # no sync between steps: the clocks are read once all steps are queued
         trainer.train_step(clock)
     per_phase: dict[str, list[float]] = {name: [] for name in PHASES}
     fwd_bwd, total = [], []
     for clock in clocks:
-        durations = dict(clock.durations())
+        durations = dict(clock.intervals())
         for name in PHASES:
             per_phase[name].append(durations[name])
         fwd_bwd.append(durations["forward"] + durations["backward"])
@@ -111,12 +112,12 @@ def measure_end_to_end(trainer: Trainer, warmup: int, steps: int) -> dict:
     trainer.train_until(1)
     first_step = time.perf_counter() - start
     trainer.train_until(1 + warmup)
-    clock = common.PhaseClock(trainer.device, only=("start",))
+    clock = Clock(trainer.device, only=("start",))
     start = time.perf_counter()
     trainer.train_until(1 + warmup + steps, clock)
     clock.mark("start")  # the end of the last step
     window = time.perf_counter() - start
-    step_seconds = [s for _, s in clock.durations()]
+    step_seconds = [s for _, s in clock.intervals()]
     return {"first_step_seconds": first_step, "step_seconds": step_seconds, "window_seconds": window}
 
 

@@ -1,19 +1,10 @@
-"""Checkpoints: what one holds, how it is written and read, and whether it fits a config.
+"""Checkpoints: what one holds, how it is written and read (once per command), and whether it fits a config.
 
-A checkpoint is a torch zip file (RUN/checkpoint.pt) of plain data: tensors, numbers, strings,
-lists and dicts. It is read with `torch.load(weights_only=True)`, which refuses any other pickled
-object, so a crafted file cannot run code. It carries `sha256`, a digest of everything else in
-it (`digest`), checked on every read: a flipped bit in a weight is an error naming the file, not
-a silently wrong model that a resumed run would save again with a fresh zip CRC. The digest lives
-inside the file, so payload and checksum are replaced by one rename and can never disagree.
-
-It also records how the run was laid out (`layout`): world size, per-rank batch, gradient
-chunks and the images one BatchNorm call normalises over; a resume under another world size is
-allowed only when those BatchNorm groups stay the same (`check_layout`).
-
-Before weights are loaded the checkpoint is compared with the config (`check_resume`,
-`check_architecture`) and with the model's tensors (`check_tensors`), so a mismatch is one line,
-not a 100-line size-mismatch dump.
+A checkpoint (RUN/checkpoint.pt) is plain data read with `torch.load(weights_only=True)`, so a crafted file
+cannot run code; it carries `sha256`, a digest of everything else in it, checked on every read; it records
+the run's `layout`, so a resume under another world size is allowed only when BatchNorm's groups stay the
+same. Before weights are loaded it is compared with the config (`check_resume`, `check_architecture`) and
+with the model's tensors (`check_tensors`), so a mismatch is one line. docs/reliability.md has the details.
 """
 
 from __future__ import annotations
@@ -199,8 +190,9 @@ def _redo(path: Path) -> str:
     return f"start the run again with fastemp train --config {run / 'config.yaml'} --out {run} --force"
 
 
-def read(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A verified checkpoint's state, or CheckpointError saying what is wrong with the file."""
+def read(path: Path) -> dict:
+    """A verified checkpoint's state (on the CPU), or CheckpointError saying what is wrong with the file. Read
+    once per command: the comparisons with the config and the trainer's restore use this same state."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -210,7 +202,7 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); {_redo(path)}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it was run
         found = re.search(r"WeightsUnpickler error: ([^.]*)", str(err))  # e.g. "Unsupported global: GLOBAL exec ..."
         what = found.group(1).strip()[:120] if found else "an object weights_only refuses"
@@ -351,9 +343,9 @@ def trainer_state(trainer) -> dict:
     }
 
 
-def load_into(trainer, path: Path) -> None:
-    """Read, verify and check path, then restore the trainer from it (nothing changes on an error)."""
-    state = read(path, trainer.device)
+def restore(trainer, state: dict, path: Path) -> None:
+    """Restore the trainer from the state `read` returned for path, after checking it fits the trainer's model
+    and optimizer (nothing changes on an error)."""
     check_tensors(trainer.model.state_dict(), state, path)
     check_optimizer([p for group in trainer.optimizer.param_groups for p in group["params"]], state, path)
     clock, rng = state["clock"], state["rng_cpu"]
@@ -370,6 +362,7 @@ def load_into(trainer, path: Path) -> None:
         ) from None
     trainer.step = state["step"]
     trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images = clock
-    torch.set_rng_state(rng.cpu())
+    torch.set_rng_state(rng)
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+    trainer.saved_step = trainer.step

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import shlex
 import sys
 from pathlib import Path
 
-from . import distributed
-from .config import ConfigError, load_config, save_config
-from .memory import check_run_memory
+from . import distributed, watchdog
+from .config import load_config
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(run_dir, summary: dict) -> None:
+    if not distributed.is_main():
+        return
+    print(f"run folder: {run_dir}")
     keys = [
         "steps",
         "train_seconds",
@@ -34,152 +35,34 @@ def _print_summary(summary: dict) -> None:
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
 
-def _set_progress(args) -> bool:
-    """Bars on a terminal, unless --no-progress; under torchrun on rank 0 only (evaluation's bars too)."""
-    from . import progress
-
-    return progress.decide(not args.no_progress and distributed.is_main())
-
-
-def _retry_command(args, force: bool = True) -> str:
-    """The command line that ran, with --force when asked: a command that starts the run again."""
-    argv = list(args.argv) + (["--force"] if force and "--force" not in args.argv else [])
+def _retry_command(args) -> str:
+    """The command line that ran, with --force: a command that starts the run again."""
+    argv = list(args.argv) + (["--force"] if "--force" not in args.argv else [])
     world = distributed.world_size()
     launcher = f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
     return f"{launcher} {shlex.join(argv)}"
 
 
 def cmd_train(args) -> int:
-    from . import runs
-    from .errors import UserError, one_line
-    from .train import Trainer, run_training
-    from .validate import check_config, check_probe
+    from .startup import run_training
 
     cfg = load_config(args.config, args.overrides)
-    distributed.check_same_config(cfg)
-    check_config(cfg)
-    runtime = _resolve(cfg)  # before any rank allocates a device buffer
-    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
-    # rank 0 alone touches the run folder; the other ranks get its path, or its error
-    run_dir = distributed.run_on_main(lambda: runs.check_run_dir(args.out or Path("runs") / cfg.name, force=args.force))
-    # validation and data loading write nothing: a run that fails them leaves no folder behind
-    trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
-    if cfg.eval.at_end:
-        check_probe(cfg, len(trainer.train_set))
-        _ = trainer.test_set  # both splits before training: a missing test split fails now, not after the run
-
-    def start() -> None:
-        # lock the folder for the life of this process; under --force the old run moves into
-        # RUN/replaced-run and stays there until this run's first checkpoint
-        runs.begin_run(run_dir, args.force, "fastemp train")
-        try:
-            save_config(cfg, run_dir / "config.yaml")
-        except OSError as err:
-            (run_dir / "config.yaml").unlink(missing_ok=True)
-            back = runs.restore_replaced(run_dir)
-            kept = f"{run_dir} again holds the run --force was replacing, unchanged" if back else "nothing was kept"
-            raise UserError(
-                f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
-                f"or make {run_dir} writable, then run {_retry_command(args, force=back)}"
-            ) from None
-
-    distributed.run_on_main(start)
-    try:
-        summary = run_training(cfg, run_dir, progress=trainer.progress, trainer=trainer)
-    except BaseException as err:
-        if distributed.is_main():
-            outcome = runs.outcome_of_failed_run(run_dir, _retry_command(args))
-            if outcome and isinstance(err, UserError):
-                err.args = (f"{one_line(err)}; {outcome}",)
-        raise
-    if distributed.is_main():
-        print(f"run folder: {run_dir}")
-        _print_summary(summary)
+    run_dir = args.out or Path("runs") / cfg.name
+    summary = run_training(cfg, run_dir, force=args.force, progress=not args.no_progress, retry=_retry_command(args))
+    _print_summary(run_dir, summary)
     return 0
 
 
-def _resolve(cfg, training: bool = True):
-    """The run's Runtime (what "auto" means here), said in one line on rank 0 when training (eval's output
-    is its JSON alone)."""
-    from .runtime import resolve
-
-    runtime = resolve(cfg, training=training)
-    if training and distributed.is_main():
-        print(f"runtime: {runtime.describe()}", flush=True)
-    return runtime
-
-
-def _run_config(run_dir: Path, overrides=()):
-    from .validate import check_config
-
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(
-            f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a fastemp train run"
-        )
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    distributed.check_same_config(cfg)
-    check_config(cfg)
-    return cfg
-
-
-def _settle(run_dir: Path, command: str) -> None:
-    """Under the lock, finish what a --force that died left in run_dir; when that put an old run
-    back, stop: the run this command was meant for no longer exists."""
-    from . import runs
-    from .errors import UserError
-
-    if not (run_dir / runs.REPLACED).is_dir():
-        return
-    runs.lock_run_dir(run_dir, command)
-    restored = runs.settle_replaced(run_dir)
-    if restored:
-        raise UserError(
-            f"{restored}; run fastemp {command.split()[-1]} {run_dir} again to use that run, or rerun "
-            "the fastemp train --force command to replace it"
-        )
-
-
 def cmd_resume(args) -> int:
-    from . import checkpoint, runs
-    from .train import Trainer, run_training
+    from .startup import resume_training
 
-    run_dir = Path(args.run_dir)
-
-    def claim() -> None:
-        if run_dir.is_dir():
-            runs.require_writable(run_dir, "resume writes checkpoint.pt and metrics.jsonl there")
-            runs.probe_lock(run_dir)
-            _settle(run_dir, "fastemp resume")
-
-    distributed.run_on_main(claim)
-    cfg = _run_config(run_dir)
-    runtime = _resolve(cfg)
-    check_run_memory(cfg, train=True, evaluate=cfg.eval.at_end)
-    path = run_dir / "checkpoint.pt"
-    state = checkpoint.read(path)
-    checkpoint.check_resume(cfg, state, run_dir)
-    note = checkpoint.check_layout(cfg, state, distributed.world_size(), path)
-    runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
-    distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp resume") and None)
-    if note and distributed.is_main():
-        print(note)
-    trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
-    summary = run_training(cfg, run_dir, resume=True, progress=trainer.progress, trainer=trainer)
-    if distributed.is_main():
-        print(f"run folder: {run_dir}")
-        _print_summary(summary)
+    _print_summary(args.run_dir, resume_training(args.run_dir, progress=not args.no_progress))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import checkpoint, runs
-    from .errors import UserError
-    from .train import Trainer
-    from .validate import check_probe
+    from .startup import evaluate_run
 
-    run_dir = Path(args.run_dir)
     overrides = list(args.overrides)
     if args.knn:
         overrides.append("eval.knn=true")
@@ -187,39 +70,7 @@ def cmd_eval(args) -> int:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.plain:
         overrides.append("eval.mode=plain")
-
-    def claim() -> None:
-        if run_dir.is_dir():
-            runs.probe_lock(run_dir)
-            _settle(run_dir, "fastemp eval")
-
-    distributed.run_on_main(claim)
-    cfg = _run_config(run_dir, overrides)
-    check_run_memory(cfg, train=False, evaluate=True)
-    path = run_dir / "checkpoint.pt"
-    checkpoint.check_architecture(cfg, checkpoint.read(path), path)
-    # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
-    distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
-    trainer = Trainer(cfg, None, progress=_set_progress(args), runtime=_resolve(cfg, training=False))
-    check_probe(cfg, len(trainer.train_set))
-    _ = trainer.test_set
-    trainer.load_checkpoint(path)
-    result = {
-        "step": trainer.step,
-        "eval_mode": cfg.eval.mode,
-        "eval_patches": cfg.eval.patches,
-        "probe_epochs": cfg.eval.probe_epochs,
-        **trainer.evaluate(),
-    }
-    if distributed.is_main():
-        print(json.dumps(result, indent=2))  # first: a folder that cannot take eval.json loses nothing
-        try:
-            runs.write_json(run_dir / "eval.json", result)
-        except OSError as err:
-            raise UserError(
-                f"could not write {run_dir / 'eval.json'}: {err.strerror or err}; the evaluation is "
-                f"printed above, make {run_dir} writable to keep it there"
-            ) from None
+    evaluate_run(args.run_dir, overrides, progress=not args.no_progress, echo=True)
     return 0
 
 
@@ -311,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             from .errors import one_line
 
             # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
-            distributed.report_error(
+            watchdog.report_error(
                 f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is in that rank's output)"
             )
             raise
-        if distributed.report_error(message):  # under torchrun: one line for the run, not one per rank
+        if watchdog.report_error(message):  # under torchrun: one line for the run, not one per rank
             print(f"fastemp: error: {message}", file=sys.stderr)
         return 2
     finally:
-        from . import runs
+        from . import run_folder
 
-        runs.unlock_all()
+        run_folder.unlock_all()
         distributed.shutdown()

@@ -1,14 +1,15 @@
 """Run configuration: dataclasses loaded from YAML, overridden by `dotted.key=value` strings.
 
 Every key is checked: a misspelt or unknown key is an error that names it and suggests the
-closest valid one, so a typo can never silently fall back to a default.
+closest valid one, so a typo can never silently fall back to a default. How text becomes typed
+values (strict YAML, the declared types) is fastemp.config_text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,11 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config file or override that does not fit the schema."""
+from .config_text import QUOTE_CHARS, Raw, coerce, read_yaml, shown
+from .errors import ConfigError
 
 
 def one_of(*choices: str) -> typing.Any:
@@ -128,9 +126,9 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
 
 
-# Evaluation protocols by name (eval.protocol). "official" is the official EMP-SSL evaluation (evaluate.py +
-# func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but
-# the two costs (patches per image, probe epochs) for quick curves. Any other combination is "custom".
+# Evaluation protocols by name. "official" is the official EMP-SSL evaluation (evaluate.py + func.py of
+# tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but the two costs
+# (patches per image, probe epochs) for quick curves. Any other combination is "custom".
 _OFFICIAL_EVAL = {
     "mode": "patches",
     "patches": 128,
@@ -147,15 +145,15 @@ EVAL_PROTOCOLS: dict[str, dict] = {
     "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
 }
 EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
+EVAL_EVERY = re.compile(r"(\d+)|(\d*\.?\d+)ep")  # eval.every: steps, or a fraction of an epoch
 
 
 @dataclass
 class EvalConfig:
-    """How a trained encoder is scored. `protocol` names the values of the protocol keys (EVAL_PROTOCOLS):
-    setting it to official or cheap sets all of them; changing one of them makes it the name that fits
-    (custom when none does). batch_size, knn, random_init and at_end are not part of a protocol."""
+    """How a trained encoder is scored. `eval.protocol=NAME` in a config or an override is a preset that sets
+    every protocol key (EVAL_PROTOCOLS); `protocol` itself is computed from the values, never stored.
+    batch_size, knn, random_init and at_end are not part of a protocol."""
 
-    protocol: str = ""  # official | cheap | custom; "" = the name that fits the values (official by default)
     mode: str = one_of(
         "patches", "plain"
     )  # patches: mean of h over `patches` augmented patches; plain: the whole image once
@@ -171,16 +169,23 @@ class EvalConfig:
     knn_temperature: float = 0.07
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
+    every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
+    stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 
-    def __post_init__(self):
-        fits = eval_protocol_name(self)
-        if self.protocol in ("", "custom"):
-            self.protocol = fits
-        elif self.protocol in EVAL_PROTOCOLS and self.protocol != fits:
-            raise ValueError(
-                f"EvalConfig(protocol={self.protocol!r}) with the values of {fits!r}; "
-                f"build it with eval_config({self.protocol!r}, ...)"
-            )
+    @property
+    def protocol(self) -> str:
+        """The protocol whose values this has (official, cheap), or custom."""
+        return eval_protocol_name(self)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the run evaluates: at the end, or every eval.every steps."""
+        return self.at_end or self.every_steps(1) > 0
+
+    def every_steps(self, steps_per_epoch: int) -> int:
+        """`every` in steps: N, or a fraction F of an epoch written Fep (at least one step); 0: never."""
+        steps, epochs = EVAL_EVERY.fullmatch(self.every.strip()).groups()
+        return int(steps) if steps else (max(1, round(float(epochs) * steps_per_epoch)) if float(epochs) else 0)
 
 
 def eval_protocol_name(cfg: EvalConfig) -> str:
@@ -192,14 +197,13 @@ def eval_protocol_name(cfg: EvalConfig) -> str:
 
 
 def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
-    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top (relabelled
-    when they leave the protocol)."""
+    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top."""
     if protocol not in EVAL_PROTOCOLS:
         raise ConfigError(
             f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them"
         )
     kept = dataclasses.asdict(base) if base is not None else {}
-    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes, "protocol": ""})
+    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes})
 
 
 @dataclass
@@ -219,170 +223,11 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-class _Raw(str):
-    """An override's text, parsed only once the declared type of its key is known."""
-
-
-# A config holds ~100 values; an alias graph that expands past this many nodes is an alias bomb
-# (10 lines of nested aliases expand to ~10^9 values), refused before anything walks or prints it.
-MAX_EXPANDED_NODES = 100_000
-QUOTE_CHARS = 80  # error messages quote at most this much of a value
-INT_LIMIT = 2**63
-
-
-def shown(value) -> str:
-    """repr(value) cut to QUOTE_CHARS, without rendering more of a nested value than that."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 8, 8, 8
-    short.maxstring = short.maxother = QUOTE_CHARS
-    text = short.repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
-
-
-class _YamlRefused(yaml.YAMLError):
-    """A YAML document that parses but is refused: a repeated key, an alias bomb."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-def _expanded_size(node, sizes: dict) -> int:
-    """Nodes in the tree the alias graph `node` expands to (memoised per node: linear in the graph)."""
-    if id(node) in sizes:
-        if sizes[id(node)] is None:
-            raise _YamlRefused("a YAML alias refers to itself (a recursive value); write the value out")
-        return sizes[id(node)]
-    sizes[id(node)] = None  # in progress: meeting it again is a cycle
-    children = node.value if isinstance(node.value, list) else []
-    total = 1
-    for child in children:
-        for item in child if isinstance(child, tuple) else (child,):
-            total += _expanded_size(item, sizes)
-            if total > MAX_EXPANDED_NODES:
-                raise _YamlRefused(
-                    f"YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb?); "
-                    "write the config without nested aliases"
-                )
-    sizes[id(node)] = total
-    return total
-
-
-class _StrictLoader(yaml.BaseLoader):
-    """BaseLoader that refuses repeated keys (at any level) and alias graphs that expand too far."""
-
-    def construct_document(self, node):
-        _expanded_size(node, {})
-        return super().construct_document(node)
-
-    def construct_mapping(self, node, deep=False):
-        first_line: dict = {}
-        for key_node, _ in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key is None:
-                continue
-            if key in first_line:
-                raise _YamlRefused(
-                    f"duplicate key '{shown(key)[1:-1]}' at line {key_node.start_mark.line + 1} "
-                    f"(first at line {first_line[key]}); keep one of them"
-                )
-            first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def _read_yaml(text: str, where: str):
-    """YAML with every scalar kept as text (BaseLoader): the schema, not YAML 1.1's guesses, decides
-    types, so `1e-3` is a number, `on` stays the string 'on' and `2024` can be a name. A repeated key
-    or an alias bomb is an error, not a silent last-wins or minutes of expansion."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except _YamlRefused as err:
-        raise ConfigError(f"{where}: {err.message}") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: YAML nested too deeply for a config; write sections one level deep") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error{at} ({problem[:QUOTE_CHARS]}); fix the YAML") from None
-
-
-BOOLEAN_WORDS = {
-    "true": True,
-    "on": True,
-    "yes": True,
-    "1": True,
-    "false": False,
-    "off": False,
-    "no": False,
-    "0": False,
-}
-
-
-def _coerce(value, tp, where: str):
-    """Convert a value (text from YAML or an override, or already typed) to the annotated type."""
-    if isinstance(value, _Raw):
-        if tp is str:
-            return str(value)
-        value = _read_yaml(value, where)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(
-                f"{where}: expected a list of {len(args)} numbers, got {shown(value)}; "
-                f"write it as [{', '.join('x' for _ in args)}]"
-            )
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
-            return BOOLEAN_WORDS[value.strip().lower()]
-        raise ConfigError(f"{where}: expected true/false, got {shown(value)}; write true or false")
-    if tp is int:
-        given = value
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                try:
-                    value = float(value.strip())
-                except ValueError:
-                    pass
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {shown(value)}; write a whole number such as 8")
-        if not -INT_LIMIT < value < INT_LIMIT:  # torch and numpy take 64-bit integers
-            raise ConfigError(
-                f"{where}: {shown(given)} is out of range; write a whole number between -2^63 and 2^63 (e.g. 8)"
-            )
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {shown(value)}; write a number such as 0.3 or 1e-3")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {shown(value)}; write a finite number")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (dict, list, tuple)) or value is None:
-            raise ConfigError(f"{where}: expected a string, got {shown(value)}; write plain text")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp}")  # a schema bug, not a user error
-
-
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first; keys beside it change it
-        values = {"protocol": values["protocol"], **{k: v for k, v in values.items() if k != "protocol"}}
+    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first: keys beside it change it
+        _use_protocol(obj, str(values["protocol"]), f"{prefix}protocol")
+        values = {k: v for k, v in values.items() if k != "protocol"}
     for key, value in values.items():
         where = f"{prefix}{key}"[:QUOTE_CHARS]
         if key not in hints:
@@ -390,27 +235,24 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{where}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            if isinstance(value, _Raw):
-                value = _read_yaml(value, where)
+            if isinstance(value, Raw):
+                value = read_yaml(value, where)
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"{where}: expected a section (mapping), got {shown(value)}; set its keys, e.g. {where}.<key>=value"
                 )
             _apply(current, value, where + ".")
         else:
-            setattr(obj, key, _coerce(value, hints[key], where))
-            if isinstance(obj, EvalConfig) and key == "protocol":
-                _use_protocol(obj, where)
-    if isinstance(obj, EvalConfig):
-        obj.protocol = eval_protocol_name(obj)
+            setattr(obj, key, coerce(value, hints[key], where))
 
 
-def _use_protocol(cfg: EvalConfig, where: str) -> None:
-    """eval.protocol=NAME: every protocol key takes NAME's value (custom keeps the values as they are)."""
-    if cfg.protocol not in EVAL_PROTOCOL_NAMES:
-        hint = _suggest(cfg.protocol, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
-        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {cfg.protocol!r}{hint}")
-    for key, value in EVAL_PROTOCOLS.get(cfg.protocol, {}).items():
+def _use_protocol(cfg: EvalConfig, name: str, where: str) -> None:
+    """eval.protocol=NAME: every protocol key takes NAME's value (custom, as config files of earlier versions
+    wrote it, keeps the values as they are)."""
+    if name not in EVAL_PROTOCOL_NAMES:
+        hint = _suggest(name, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
+        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {shown(name)}{hint}")
+    for key, value in EVAL_PROTOCOLS.get(name, {}).items():
         setattr(cfg, key, value)
 
 
@@ -418,7 +260,7 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ConfigError(f"override {shown(item)} is not of the form section.key=value; write e.g. train.epochs=2")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), _Raw(raw.strip())
+    return key.strip().split("."), Raw(raw.strip())
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
@@ -484,7 +326,7 @@ def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str]
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the config file {path} ({err}); check the path") from None
-    values = _read_yaml(text, str(path))
+    values = read_yaml(text, str(path))
     if values is None or values == "":
         raise ConfigError(
             f"config file {path} is empty; write the sections to change "

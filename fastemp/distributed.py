@@ -2,14 +2,9 @@
 
 Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment),
 `init_from_env` joins the process group: NCCL for CUDA tensors (one GPU per LOCAL_RANK), gloo for
-CPU tensors. Without torchrun nothing is initialised and every helper here is the identity of a
-world of one process, so the single-process path runs exactly the code it ran before.
-
-What is global and what is per rank: `train.batch_size` is the global batch B. Rank r takes the
-contiguous images [r*B/K, (r+1)*B/K) of every global batch (`batch_shard`), draws its patches'
-randomness as rows of the global batch's draw (patches.draw.sharded_params), and computes the
-invariance term over its own images. The TCR needs every image: it runs on the z gathered from all
-ranks (`gather_batch`). DDP averages the parameter gradients once per step.
+CPU tensors, and starts the watchdog (fastemp.watchdog: hangs and errors). Without torchrun nothing is
+initialised and every helper here is the identity of a world of one process. What is global and what is
+per rank: docs/many-gpus.md.
 
 Gradient scale. Every collective used in the loss has the adjoint backward (the gather's backward
 sums each rank's gradient of its slice over all ranks; the all-reduce's backward all-reduces), so
@@ -19,16 +14,6 @@ parameters, and DDP divides by K: the step follows grad (1/K) sum_r loss_r. Each
 every rank; then (1/K) sum_r loss_r = w * mean_r sim_r + tcr = the single-process loss of the
 global batch, because the shards are equal. (A gather without the backward sum drops the other
 ranks' paths into tcr and under-scales its gradient by K.)
-
-Hangs and errors. Every collective waits at most FASTEMP_COLLECTIVE_TIMEOUT seconds (default 300)
-for the other ranks. A watchdog thread per rank (`_Watchdog`) publishes how many collectives the
-rank has issued (the process group's sequence number, which counts DDP's, SyncBatchNorm's and ours,
-on gloo and NCCL alike) and a heartbeat in the rendezvous store; a rank that has waited past the
-timeout names the ranks that are behind it or silent, in one line, and the run exits 2 (before
-torch's own, later, process-group timeout; with NCCL that one would abort with a C++ dump). Work
-that rank 0 does alone (`run_on_main`, `alone`) is waited for through the store, not in a
-collective, so a long probe on rank 0 is not a hang. A user error is printed once: rank 0 prints
-its own or, from the store, the first error of another rank (`report_error`).
 """
 
 from __future__ import annotations
@@ -36,10 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -48,45 +30,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import watchdog
 from .config import ConfigError, flat_dict, shown, to_dict
 from .errors import UserError
+from .watchdog import DistributedError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-TIMEOUT_VARIABLE = "FASTEMP_COLLECTIVE_TIMEOUT"
-DEFAULT_TIMEOUT_S = 300.0  # minutes, not torch's 30: long enough for a first-step compile on every rank
 _alone = False  # rank 0 runs as a world of one (the benchmark's one-process figure); the others wait
-_watch: _Watchdog | None = None  # set by init_from_env
-
-
-class DistributedError(UserError, RuntimeError):
-    """torchrun's environment is incomplete, or the rendezvous failed: shown as one line."""
 
 
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def collective_timeout_s() -> float:
-    """Seconds a rank waits in a collective for the others (FASTEMP_COLLECTIVE_TIMEOUT, default 300)."""
-    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise DistributedError(
-            f"{TIMEOUT_VARIABLE}={shown(text)} is not a number of seconds > 0; "
-            f"set it to e.g. {int(DEFAULT_TIMEOUT_S)}, or unset it"
-        )
-    return value
-
-
 def init_from_env() -> None:
     """Join the process group that torchrun set up and start the watchdog; nothing when not
     launched by torchrun."""
-    global _watch
     if not launched_by_torchrun() or dist.is_initialized():
         return
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
@@ -95,7 +54,7 @@ def init_from_env() -> None:
             f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: no rendezvous "
             "to join; launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"
         )
-    timeout = collective_timeout_s()
+    timeout = watchdog.collective_timeout_s()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -110,137 +69,15 @@ def init_from_env() -> None:
             "and can reach MASTER_ADDR:MASTER_PORT"
         ) from err
     if dist.get_world_size() > 1:
-        _watch = _Watchdog(timeout)
+        watchdog.active = watchdog.Watchdog(timeout)
 
 
 def shutdown() -> None:
-    global _watch
-    if _watch is not None:
-        _watch.close()
-        _watch = None
+    if watchdog.active is not None:
+        watchdog.active.close()
+        watchdog.active = None
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------------ hangs and errors
-
-
-def collectives_issued() -> int:
-    """Collectives this rank has issued on the default group (its backends' sequence numbers, which
-    count DDP's and SyncBatchNorm's too); equal on every rank that is in step."""
-    group = dist.distributed_c10d._get_default_group()
-    total = 0
-    for device in ("cpu", "cuda"):
-        try:
-            total += group._get_backend(torch.device(device))._get_sequence_number_for_group()
-        except Exception:  # no backend for that device
-            pass
-    return total
-
-
-def stalled_ranks(my_issued: int, others: dict, now: float, timeout_s: float) -> dict[int, str]:
-    """The ranks a rank that waited past the timeout names, with why: behind it (fewer collectives
-    issued), silent (no heartbeat for timeout_s, by wall clock) or never seen. `others`: rank ->
-    (collectives issued, heartbeat time) or None. A pure function of what the store says."""
-    out = {}
-    for r, beat in sorted(others.items()):
-        if beat is None:
-            out[r] = "it never reported"
-        elif beat[0] < my_issued:
-            out[r] = "it has not joined the collective the others wait in"
-        elif now - beat[1] > timeout_s:
-            out[r] = f"no sign of life for {now - beat[1]:.0f} s"
-    return out
-
-
-class _Watchdog:
-    """One thread per rank: a heartbeat with the collectives issued, forwarding of other ranks'
-    errors (rank 0), and the verdict on a rank that waited past the timeout (see the module doc)."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s, self.interval = timeout_s, min(1.0, timeout_s / 10)
-        self.store = dist.PrefixStore("fastemp", dist.distributed_c10d._get_default_store())
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.issued, self.since = collectives_issued(), time.monotonic()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="fastemp-watchdog", daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        try:
-            self.store.set(f"finished/{self.rank}", "1")  # a rank that ended cleanly is never named
-        except Exception:
-            pass
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                verdict = self._check()
-            except Exception:  # the store is gone: the run is ending anyway
-                return
-            if verdict:
-                if self.claim_report():
-                    print(f"fastemp: error: {verdict}", file=sys.stderr, flush=True)
-                os._exit(2)
-
-    def _check(self) -> str | None:
-        issued, now = collectives_issued(), time.monotonic()
-        if issued != self.issued:
-            self.issued, self.since = issued, now
-        self.store.set(f"beat/{self.rank}", f"{issued} {time.time()}")
-        if self.rank == 0 and int(self.store.add("errors", 0)) > 0:
-            first = next(r for r in range(1, self.world) if self.store.check([f"error/{r}"]))
-            return f"rank {first} of {self.world}: {self.store.get(f'error/{first}').decode()}"
-        waited = now - self.since
-        if waited <= self.timeout_s:
-            return None
-        others = {}
-        for r in range(self.world):
-            if r == self.rank or self.store.check([f"finished/{r}"]):
-                continue
-            if self.store.check([f"beat/{r}"]):
-                issued_r, at = self.store.get(f"beat/{r}").decode().split()
-                others[r] = (int(issued_r), float(at))
-            else:
-                others[r] = None
-        stalled = stalled_ranks(issued, others, time.time(), self.timeout_s)
-        if not stalled:
-            return None  # every rank is alive and as far along: a long phase, not a hang
-        who = "; ".join(f"rank {r}: {why}" for r, why in stalled.items())
-        return (
-            f"{'rank' if len(stalled) == 1 else 'ranks'} {', '.join(map(str, stalled))} of {self.world} stopped "
-            f"answering ({who}); rank {self.rank} waited {waited:.0f} s ({TIMEOUT_VARIABLE}="
-            f"{self.timeout_s:g}); look for that rank's own error, or raise {TIMEOUT_VARIABLE} if it is only slow"
-        )
-
-    def claim_report(self) -> bool:
-        """True for the first rank to claim the one printed error line of the run."""
-        return int(self.store.add("reported", 1)) == 1
-
-    def post_error(self, message: str) -> bool:
-        """On a rank other than 0: hand the error to rank 0 to print; True when another rank printed
-        it within a few seconds, False when this rank should print it itself."""
-        self.store.set(f"error/{self.rank}", message)
-        self.store.add("errors", 1)
-        deadline = time.monotonic() + min(10.0, 3 * self.timeout_s)
-        while time.monotonic() < deadline:
-            if int(self.store.add("reported", 0)) > 0:
-                return True
-            time.sleep(0.05)
-        return not self.claim_report()
-
-
-def report_error(message: str) -> bool:
-    """Whether this rank prints the user error `message`: under torchrun one rank prints for the
-    run (rank 0 its own, or the first error another rank posted), so K ranks give one line."""
-    if _watch is None:
-        return True
-    try:
-        return _watch.claim_report() if _watch.rank == 0 else not _watch.post_error(message)
-    except Exception:  # the store is gone
-        return True
 
 
 COLLECTIVE_FAILURES = (
@@ -313,7 +150,7 @@ def barrier() -> None:
 
 def _main_done_key() -> str | None:
     """The store key rank 0 sets when its solo work is done (None without the watchdog)."""
-    return f"main/{collectives_issued()}" if _watch is not None else None
+    return f"main/{watchdog.collectives_issued()}" if watchdog.active is not None else None
 
 
 def _after_main(key: str | None) -> None:
@@ -322,9 +159,9 @@ def _after_main(key: str | None) -> None:
     if key is None:
         return
     if dist.get_rank() == 0:
-        _watch.store.set(key, "1")
+        watchdog.active.store.set(key, "1")
     else:
-        while not _watch.store.check([key]):
+        while not watchdog.active.store.check([key]):
             time.sleep(0.05)
 
 

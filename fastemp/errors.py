@@ -7,6 +7,10 @@ class UserError(Exception):
     """A mistake in the user's input, files or machine (not a bug): one line saying what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not fit the schema."""
+
+
 class DataError(UserError, RuntimeError):
     """A dataset that cannot be loaded; the message is one line and says what to do."""
 

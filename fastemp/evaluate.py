@@ -1,21 +1,14 @@
 """Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
 
-The protocol is named by eval.protocol (fastemp.config.EVAL_PROTOCOLS); "official" is the official
-code's evaluation (docs/evaluation.md cites its source line by line): features h = ReLU(BN(Linear(512,
-4096))) with the model in eval mode, averaged over 128 patches of the training augmentation per image,
-for every train and test image; the probe trains Linear(4096, C) on the cached features with SGD (lr 0.03,
-momentum 0.9, wd 5e-5), batch 100, shuffled, drop_last, cosine over 100 epochs stepped per epoch; kNN is
-the official weighted kNN (k 20, T 0.07, cosine). The headline is the FINAL probe epoch's test accuracy;
-the official script prints the best epoch too, which we log as `best_top1_on_test` (selected on test).
-"plain" mode (the whole un-augmented image once) is a cheap extra, not part of any named protocol.
+The protocol is named by its values (EvalConfig.protocol); "official" is the official code's evaluation,
+value by value in docs/evaluation.md: h = ReLU(BN(Linear(512, 4096))) in eval mode, averaged over 128
+patches of the training augmentation per image, a linear probe on the cached features whose FINAL epoch is
+the headline (the best epoch, selected on test, is `best_top1_on_test`), and the weighted kNN.
 
-Feature extraction runs without gradients in large device batches (eval.batch_size images x patches per
-forward, the patches drawn on the device), under the trainer's precision and memory format, and through
-torch.compile when the trainer compiles (mode "default": one forward shape, no autotuning or CUDA graphs).
-
-Under torchrun the feature batches are dealt round-robin to the ranks (each batch is computed
-exactly as on one process) and summed into every rank's feature matrix; the probe and kNN run
-on rank 0 and every rank returns rank 0's result.
+Feature extraction runs without gradients in large device batches, under the Runtime's precision, memory
+format and evaluation compile mode. Under torchrun the feature batches are dealt round-robin to the ranks
+and summed into every rank's feature matrix; the probe and kNN run on rank 0 and every rank returns its
+result.
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import AugmentConfig, Config, EvalConfig, eval_protocol_name
+from .config import AugmentConfig, Config, EvalConfig
 from .data import ImageSet
 from .patches import PatchRequest, make_patch_backend, normalize_images
 from .progress import bar
@@ -52,13 +45,12 @@ def extract_features(
     compile_recipe: bool = False,
 ) -> torch.Tensor:
     """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files, read through a
-    streamed backend with `workers` processes), model in eval mode for the duration. compile_recipe: the
-    torch backend's recipe through torch.compile, as in training (Runtime.patch_compile)."""
+    streamed backend with `workers` processes), model in eval mode for the duration. compile_mode: the
+    encoder's (Runtime.eval_compile_mode); compile_recipe: the torch backend's recipe through
+    torch.compile, as in training (Runtime.patch_compile)."""
     was_training = model.training
     model.eval()
-    encode = (
-        model.encode if compile_mode == "none" else torch.compile(model.encode, mode=eval_compile_mode(compile_mode))
-    )
+    encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=compile_mode)
     device = images.device
     # resident images are gathered on their device; streamed files are read by index on the host
     index_device = device if isinstance(images, torch.Tensor) else torch.device("cpu")
@@ -108,11 +100,6 @@ def extract_features(
     for start, h in out:
         feats[start : start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)
-
-
-def eval_compile_mode(train_mode: str) -> str:
-    """The compile mode of feature extraction for a trainer's mode: none stays none, any other is default."""
-    return "none" if train_mode == "none" else "default"
 
 
 @dataclass
@@ -206,7 +193,7 @@ def evaluate_encoder(
             runtime.autocast_dtype,
             runtime.channels_last,
             desc=f"{prefix}features ({name})",
-            compile_mode=runtime.compile_mode,
+            compile_mode=runtime.eval_compile_mode,
             workers=cfg.data.workers,
             compile_recipe=runtime.patch_compile,
         )
@@ -223,10 +210,16 @@ def _probe_and_knn(
     out = {
         f"{prefix}linear_top1": probe.final_top1,
         f"{prefix}best_top1_on_test": probe.best_top1_on_test,
-        f"{prefix}eval_protocol": eval_protocol_name(cfg),
+        f"{prefix}eval_protocol": cfg.protocol,
     }
     if cfg.knn:
         out[f"{prefix}knn_top1"] = knn_top1(
             feats[0], train.labels, feats[1], test.labels, num_classes, cfg.knn_k, cfg.knn_temperature
         )
     return out
+
+
+def first_reaching(evaluations: list[dict], target: float, key: str = "linear_top1") -> dict | None:
+    """Time to accuracy: the first evaluation record (Trainer.evaluations: step, epoch, train_seconds, results)
+    whose `key` reaches target, or None."""
+    return next((record for record in evaluations if record[key] >= target), None)

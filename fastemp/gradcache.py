@@ -13,7 +13,8 @@ statistics are updated once per chunk, in pass 2 only (momentum is 0 during pass
 
 With train.bn_groups the BatchNorm groups are fixed by the config instead ("ghost" BN in
 fastemp.model), and the chunks only decide memory: `plan_chunks` picks the fewest chunks of
-whole groups that fit (often one pass: no second forward), with the same gradients.
+whole groups that fit (often one pass: no second forward), with the same gradients. It is called
+once, by fastemp.runtime.resolve; the Trainer sets the model's groups from the Runtime.
 """
 
 from __future__ import annotations
@@ -72,32 +73,6 @@ def plan_chunks(
     return grad_chunks, per_forward
 
 
-def resolve_chunks(model: nn.Module, cfg, device: torch.device, world: int, precision: str, compile_mode: str) -> int:
-    """The Trainer's gradient-cache chunks (plan_chunks); sets the model's BatchNorm groups per forward.
-
-    Eager ghost BatchNorm keeps float32 temporaries of a bf16 step for its backward (compiled, Inductor
-    fuses them away), so without compilation the estimate is tripled."""
-    from .model import activation_bytes_per_patch, set_batchnorm_groups
-
-    t = cfg.train
-    bytes_per_patch = 0.0
-    if t.grad_chunks == 0 and t.bn_groups > 0 and device.type == "cuda" and world == 1:
-        bytes_per_patch = activation_bytes_per_patch(cfg.model, cfg.augment.crop_size, 2 if precision == "bf16" else 4)
-        bytes_per_patch *= 3 if compile_mode == "none" else 1
-    chunks, per_forward = plan_chunks(
-        t.n_patches,
-        t.batch_size // world,
-        t.grad_chunks,
-        t.bn_groups,
-        device,
-        bytes_per_patch,
-        world,
-        cfg.model.sync_bn,
-    )
-    set_batchnorm_groups(model, per_forward)
-    return chunks
-
-
 def chunk_bounds(n: int, batch: int, chunks: int) -> list[tuple[int, int]]:
     """Row ranges of `chunks` nearly equal runs of whole patch groups (rows i*batch .. )."""
     groups = torch.tensor_split(torch.arange(n), min(chunks, n))
@@ -112,17 +87,16 @@ def gradient_cache_step(
     loss_fn: Callable[[torch.Tensor], LossTerms],
     amp: AbstractContextManager,
     model: nn.Module | None = None,
-    clock=None,
+    mark: Callable[[str], None] = lambda phase: None,
 ) -> LossTerms:
     """Loss terms of one step; parameter gradients accumulated as if all patches ran at once.
 
     `forward` may be the compiled model; `model` is the module whose BatchNorm layers it runs
     (defaults to `forward` itself when that is an nn.Module). When `model` is DDP, every chunk's
     backward but the last runs under its no_sync, so gradients are all-reduced once per step.
-    `clock.mark(phase)`, when a clock is given, is called after each phase ("forward": pass 1, "loss",
-    "backward": pass 2), as Trainer.train_step documents.
+    `mark(phase)` is called after each phase ("forward": pass 1, "loss", "backward": pass 2), as
+    Trainer.train_step documents.
     """
-    mark = clock.mark if clock is not None else (lambda phase: None)
     model = model if model is not None else forward
     no_sync = getattr(model, "no_sync", nullcontext)
     batch = patches.shape[0] // n

@@ -1,35 +1,12 @@
 """Peak memory of a training step and of an evaluation, estimated before anything is allocated.
 
-A config that cannot fit is refused at start-up with the numbers (`check_memory`), instead of an
-out-of-memory traceback minutes later (or the kernel's OOM killer). The estimate is deliberately
-simple, per rank, in bytes, with elt = 2 under bf16 autocast and 4 in fp32:
+A config that cannot fit is refused at start-up with the numbers (`check_memory`, on the Runtime's device,
+precision, chunks and world), instead of an out-of-memory traceback minutes later. Per rank, in bytes:
 
-  model        16 P: fp32 weights, gradients and LARS momentum, plus one more copy for casts and
-               temporaries (P: the parameter count, from the model built on the meta device)
-  dataset      N x S x S x 3 uint8 per split (train; test too when evaluating), on the device
-  step         patches per forward pass x ACTIVATION_UNITS x width x c^2 x elt: what autograd keeps
-               for a ResNet-18 patch of crop side c (stage k holds 2^k w channels on (c/2^k)^2
-               pixels, so every stage weighs ~w c^2); patches per pass = n x B / K, / grad_chunks
-               with the gradient cache (which also keeps every patch's projection p); plus the
-               input patches and the TCR's n covariance matrices (z_dim^2, x3 for the solve)
-  features     the evaluation features of both splits: hidden_dim floats per image (x2 under
-               torchrun: the zero-filled buffer and its all-reduce), and the kNN's similarities of
-               1024 test images to every training image
-  evaluation   one no-grad forward of eval.batch_size x eval.patches patches (EVAL_UNITS x width x
-               c^2 x elt each)
+    peak = (model + dataset + max(step, features + evaluation)) x SAFETY_MARGIN
 
-  peak = model + dataset + max(step, features + evaluation): the step's activations are gone when
-  evaluation runs.
-
-ACTIVATION_UNITS and EVAL_UNITS were measured on the CPU (fp32, widths 16, 32 and 64, 256-512
-patches, fresh process, ru_maxrss delta of one step: 19.6-25.6 units for training, 4.5-7.5 for a
-no-grad forward);
-tests/test_memory.py checks the estimate against a measured peak. Activation checkpointing is
-counted as without it (it measured no smaller at width 16). The whole estimate is multiplied by
-SAFETY_MARGIN (allocator slack, library workspaces, the Python process) before it is compared
-with what is available: MemAvailable (and the cgroup limit) for the CPU, torch.cuda.mem_get_info
-for a GPU. ImageFolder sizes are unknown before the folder is listed: their dataset and feature
-terms are left out.
+with the terms, the measured activation units and what is left out in docs/reliability-limits.md. The
+step's per-patch activations are also what plans the gradient cache's chunks (fastemp.runtime).
 """
 
 from __future__ import annotations
@@ -42,11 +19,10 @@ import torch
 from .config import Config
 from .errors import UserError
 
-ACTIVATION_UNITS = 24  # training: saved activations per patch, in units of width x c^2 elements
-EVAL_UNITS = 6  # no-grad forward: live activations per patch, same units
-# The ImageNet stem (7x7 stride-2 conv, BN, ReLU, stride-2 max-pool) leaves the stages a quarter of the
-# side, and keeps three w-channel maps at half the side: 12 units at the stages' side when training,
-# about two of them live at once (8 units) in a no-grad forward. Counted from the architecture, not measured.
+ACTIVATION_UNITS = 24  # training: saved activations per patch, in units of width x side^2 elements (measured)
+EVAL_UNITS = 6  # no-grad forward: live activations per patch, same units (measured)
+# The ImageNet stem keeps three w-channel maps at half the side: 12 units at the stages' (quarter) side when
+# training, about two of them live at once (8) in a no-grad forward; counted from the architecture.
 STEM_UNITS, STEM_EVAL_UNITS = 12, 8
 SAFETY_MARGIN = 1.25
 KNOWN_SIZES = {"cifar10": (50_000, 10_000, 32), "cifar100": (50_000, 10_000, 32)}  # train, test, side
@@ -73,32 +49,46 @@ def dataset_sizes(cfg: Config) -> tuple[int, int, int]:
     return KNOWN_SIZES.get(d.source, (0, 0, d.image_size))
 
 
+def activation_elements(cfg: Config, side: int, training: bool) -> int:
+    """Activations of one patch of `side` pixels: units x width x side^2 at the stages' side (every ResNet stage
+    holds 2^k w channels on (side/2^k)^2 pixels, ~w side^2 each; the ImageNet stem quarters the side)."""
+    imagenet = cfg.model.stem == "imagenet"
+    stage = side // 4 if imagenet else side
+    units, stem = (ACTIVATION_UNITS, STEM_UNITS) if training else (EVAL_UNITS, STEM_EVAL_UNITS)
+    return (units + (stem if imagenet else 0)) * cfg.model.width * stage * stage
+
+
+def activation_bytes_per_patch(cfg: Config, precision: str) -> float:
+    """What autograd keeps of one training patch (the memory check's step term and the chunk planner's figure)."""
+    return float(activation_elements(cfg, cfg.augment.crop_size, True) * (2 if precision == "bf16" else 4))
+
+
 def estimate(
-    cfg: Config, device_type: str = "cpu", world: int = 1, train: bool = True, evaluate: bool = True
+    cfg: Config,
+    device_type: str = "cpu",
+    precision: str = "fp32",
+    grad_chunks: int = 1,
+    world: int = 1,
+    train: bool = True,
+    evaluate: bool = True,
 ) -> dict[str, int]:
-    """Bytes per rank by term (see the module doc); "total" is the peak before the margin."""
+    """Bytes per rank by term (see the module doc) for the Runtime's device, precision and chunks; "total" is
+    the peak before the margin."""
     m, t, e = cfg.model, cfg.train, cfg.eval
-    bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and device_type == "cuda")
-    elt = 2 if bf16 else 4
+    elt = 2 if precision == "bf16" else 4
     params = parameter_count(cfg)
     n_train, n_test, side = dataset_sizes(cfg)
     crop = cfg.augment.crop_size
-    imagenet_stem = m.stem == "imagenet"
-    train_units = ACTIVATION_UNITS + (STEM_UNITS if imagenet_stem else 0)
-    eval_units = EVAL_UNITS + (STEM_EVAL_UNITS if imagenet_stem else 0)
     out = {"model": 16 * params, "dataset": n_train * side * side * 3 + (n_test * side * side * 3 if evaluate else 0)}
     if device_type == "cpu":
         out["dataset"] *= 2  # the loader's copy before the tensor
     if train:
         patches = t.n_patches * t.batch_size // world
-        # grad_chunks 0 picks the chunks from free memory; the least it can need is one BatchNorm group a pass
-        chunks = t.grad_chunks or max(1, t.bn_groups)
-        per_pass = -(-patches // chunks)
-        stage = crop // 4 if imagenet_stem else crop
-        out["step"] = (
-            per_pass * train_units * m.width * stage * stage * elt
+        per_pass = -(-patches // grad_chunks)
+        out["step"] = int(
+            per_pass * activation_bytes_per_patch(cfg, precision)
             + patches * 3 * crop * crop * 4
-            + (patches * m.z_dim * 4 if chunks > 1 else 0)
+            + (patches * m.z_dim * 4 if grad_chunks > 1 else 0)
             + 3 * t.n_patches * m.z_dim * m.z_dim * 4
         )
     if evaluate:
@@ -107,8 +97,7 @@ def estimate(
         out["features"] = (n_train + n_test) * m.hidden_dim * 4 * (2 if world > 1 else 1) + (
             1024 * n_train * 4 * 3 if e.knn else 0
         )
-        stage = side_in // 4 if imagenet_stem else side_in
-        out["evaluation"] = per_batch * (eval_units * m.width * stage * stage + 3 * side_in * side_in) * elt
+        out["evaluation"] = per_batch * (activation_elements(cfg, side_in, False) + 3 * side_in * side_in) * elt
     evaluation = out.get("features", 0) + out.get("evaluation", 0)
     out["total"] = out["model"] + out["dataset"] + max(out.get("step", 0), evaluation)
     return out
@@ -144,15 +133,17 @@ def _gib(n: float) -> str:
 def check_memory(
     cfg: Config,
     device: torch.device,
+    precision: str = "fp32",
+    grad_chunks: int = 1,
     world: int = 1,
     train: bool = True,
     evaluate: bool = True,
     available: int | None = None,
 ) -> dict[str, int]:
-    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate.
-    `available` (bytes) models a machine; by default it is measured. On the CPU every rank of the
-    world shares the host's memory."""
-    parts = estimate(cfg, device.type, world, train, evaluate)
+    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate. The device,
+    precision, chunks and world are the Runtime's (fastemp.runtime.resolve calls this); `available` (bytes)
+    models a machine, by default it is measured. On the CPU every rank of the world shares the host's memory."""
+    parts = estimate(cfg, device.type, precision, grad_chunks, world, train, evaluate)
     need = parts["total"] * SAFETY_MARGIN * (world if device.type == "cpu" else 1)
     have = available_bytes(device) if available is None else available
     if need <= have:
@@ -172,11 +163,3 @@ def check_memory(
         f"this run needs about {_gib(need)} of {what} ({terms}; x{SAFETY_MARGIN} margin{ranks}) "
         f"but {_gib(have)} is available on {device}; {advice}"
     )
-
-
-def check_run_memory(cfg: Config, train: bool, evaluate: bool) -> None:
-    """check_memory for this process: the device train.device names, the torchrun world."""
-    from . import distributed
-    from .runtime import resolve_device
-
-    check_memory(cfg, resolve_device(cfg.train.device), distributed.world_size(), train, evaluate)

@@ -96,26 +96,6 @@ def set_batchnorm_groups(model: nn.Module, groups: int) -> None:
             m.groups = groups
 
 
-def activation_bytes_per_patch(cfg: ModelConfig, image_size: int = 32, bytes_per_value: int = 2) -> float:
-    """The output size of every layer of one training patch (what autograd keeps, roughly), in bytes.
-
-    An estimate for choosing gradient-cache chunks from free memory; counted with hooks on a
-    forward of one patch (2.4 MiB in bf16 for the standard model at 32x32)."""
-    model = build_model(cfg).eval()
-    values = 0
-
-    def count(m, inp, out):
-        nonlocal values
-        values += out.numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
-    for h in hooks:
-        h.remove()
-    return float(values * bytes_per_value)
-
-
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
@@ -153,7 +133,7 @@ class ResNet18Cifar(nn.Module):
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         else:
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.maxpool = None  # no module: activation counts (gradcache.bytes_per_patch) see only real layers
+            self.maxpool = None
         self.bn1 = BatchNorm2d(width)
         chans = [width, 2 * width, 4 * width, 8 * width]
         in_ch = width

@@ -1,10 +1,11 @@
 """What the config's open choices ("auto") mean on this machine, resolved once per run.
 
-`resolve(cfg)` turns the config's device, precision, compile mode, channels_last, patch backend, fused
-loss and fused LARS update into concrete settings, and takes the world size and this rank's shard of the batch
-from torchrun. It is the one place "auto" is decided and the one place the machine is checked for
-what the config asks (CUDA, DALI, Triton, a batch that divides by the world size); every consumer
-(the Trainer, evaluation, the summary, the benchmarks) reads the frozen Runtime it returns.
+`resolve(cfg)` is the one place "auto" is decided: the device, precision, the compile modes of training
+and of evaluation, channels_last, the patch backend, the fused loss and the fused LARS update, the world size and this rank's shard
+under torchrun, and the gradient cache's chunks and BatchNorm groups per forward. It is also the one place
+the machine is checked for what the config asks (CUDA, DALI, Triton, a batch that divides by the world
+size, and, when asked, the memory the run needs). Every consumer (the Trainer, evaluation, the memory
+check, the summary, the benchmarks) reads the frozen Runtime it returns and decides nothing again.
 `fastemp.validate.check_config` checks the values themselves, before this runs.
 """
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed, patches
+from . import distributed, memory, patches
 from .config import Config, ConfigError
+from .gradcache import plan_chunks
 from .patches.torch_backend import resolve_patch_compile
 
 
@@ -24,7 +26,8 @@ from .patches.torch_backend import resolve_patch_compile
 class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16
-    compile_mode: str  # none, or a torch.compile mode
+    compile_mode: str  # training: none, or a torch.compile mode
+    eval_compile_mode: str  # feature extraction: none, or default (one forward shape: no autotuning, no CUDA graphs)
     channels_last: bool  # NHWC activations and patches
     backend: str  # the patch backend: torch | dali | pillow
     backend_reason: str  # why: what auto saw (resident or streamed data, CUDA, DALI), or the config's choice
@@ -33,6 +36,8 @@ class Runtime:
     fused_loss: bool  # the Triton cosine-to-mean kernel for the invariance term
     world_size: int  # processes under torchrun (1 without)
     shard: slice | None  # this rank's images of every global batch (None: resolved for evaluation only)
+    grad_chunks: int  # gradient-cache chunks per step (1: one pass)
+    bn_groups_per_forward: int  # BatchNorm groups normalised apart within one forward (1: the whole forward)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -53,17 +58,21 @@ class Runtime:
             "fused_loss": self.fused_loss,
             "patch_compile": self.patch_compile,
             "fused_update": self.fused_update,
+            "grad_chunks": self.grad_chunks,
+            "bn_groups_per_forward": self.bn_groups_per_forward,
         }
 
     def describe(self) -> str:
         """One line saying what "auto" chose, logged when a run starts."""
         where = f"{self.device}" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
+        chunks = f", gradient cache x{self.grad_chunks}" if self.grad_chunks > 1 else ""
+        ghost = f", {self.bn_groups_per_forward} BatchNorm groups per forward" if self.bn_groups_per_forward > 1 else ""
         return (
             f"{where}, {self.precision}, compile {self.compile_mode}, "
             f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches "
             f"({self.backend_reason}{', compiled' if self.patch_compile else ''}), "
             f"{'fused' if self.fused_loss else 'torch'} invariance loss"
-            f"{', fused LARS update' if self.fused_update else ''}"
+            f"{', fused LARS update' if self.fused_update else ''}{chunks}{ghost}"
         )
 
 
@@ -114,18 +123,39 @@ def resolve_fused(name: str, device: torch.device) -> bool:
     return name == "on" or (name == "auto" and device.type == "cuda" and triton_usable(device))
 
 
-def resolve(cfg: Config, device: torch.device | None = None, training: bool = True) -> Runtime:
+def resolve_chunks(cfg: Config, device: torch.device, world: int, precision: str, compile_mode: str) -> tuple[int, int]:
+    """(gradient-cache chunks, BatchNorm groups per forward): gradcache.plan_chunks, with the activations of
+    a patch from the memory estimate. Eager ghost BatchNorm keeps float32 temporaries of a bf16 step for its
+    backward (compiled, Inductor fuses them away), so without compilation that is tripled."""
+    t = cfg.train
+    per_patch = memory.activation_bytes_per_patch(cfg, precision) * (3 if compile_mode == "none" else 1)
+    batch = t.batch_size // world
+    return plan_chunks(t.n_patches, batch, t.grad_chunks, t.bn_groups, device, per_patch, world, cfg.model.sync_bn)
+
+
+def resolve(
+    cfg: Config, device: torch.device | None = None, training: bool = True, check_memory: bool = False
+) -> Runtime:
     """The Runtime of cfg on this machine (device: the one train.device names unless given). training=False
-    (evaluation only) takes no batch shard, so train.batch_size need not divide by the world size."""
+    (evaluation only) takes no batch shard and no chunks, so train.batch_size need not divide by the world
+    size. check_memory: refuse, with the numbers, a run that cannot fit (fastemp.memory)."""
     device = device or resolve_device(cfg.train.device)
     on_cuda = device.type == "cuda"
     m = cfg.model
+    precision = {"auto": "bf16" if on_cuda else "fp32"}.get(m.precision, m.precision)
     compile_mode = {"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile)
     backend, backend_reason = resolve_backend(cfg.data.backend, cfg.data.streamed, device)
+    world = distributed.world_size()
+    shard = distributed.batch_shard(cfg.train.batch_size) if training else None  # checks B divides by the world
+    chunks, per_forward = resolve_chunks(cfg, device, world, precision, compile_mode) if training else (1, 1)
+    if check_memory:
+        evaluate = not training or cfg.eval.scheduled
+        memory.check_memory(cfg, device, precision, chunks, world, train=training, evaluate=evaluate)
     return Runtime(
         device=device,
-        precision={"auto": "bf16" if on_cuda else "fp32"}.get(m.precision, m.precision),
+        precision=precision,
         compile_mode=compile_mode,
+        eval_compile_mode="none" if compile_mode == "none" else "default",
         # oneDNN's NHWC 1x1 stride-2 conv backward-weights hangs or returns wrong gradients when the input has
         # fewer channels than its ISA block (8 on AVX2, 16 on AVX-512): uxlfoundation/oneDNN#6035. The first
         # downsample shortcut sees `width` channels, so toy widths stay NCHW on CPU.
@@ -136,6 +166,8 @@ def resolve(cfg: Config, device: torch.device | None = None, training: bool = Tr
         # auto: whenever the model is compiled (on demands torch.compile, which works on the CPU too, slowly)
         fused_update=cfg.optim.fused_update == "on" or (cfg.optim.fused_update == "auto" and compile_mode != "none"),
         fused_loss=resolve_fused(cfg.loss.fused, device),
-        world_size=distributed.world_size(),
-        shard=distributed.batch_shard(cfg.train.batch_size) if training else None,  # checks B divides by the world
+        world_size=world,
+        shard=shard,
+        grad_chunks=chunks,
+        bn_groups_per_forward=per_forward,
     )

@@ -12,37 +12,32 @@ of each global batch through DDP, logs global metrics, and rank 0 alone writes t
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, runs
+from . import checkpoint, distributed, run_folder, runs
+from .clock import Clock
 from .config import Config, EvalConfig
 from .data import ImageSet, load_split
 from .data.streamed import StreamedSet
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
-from .gradcache import gradient_cache_step, resolve_chunks
+from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
-from .model import build_model, compile_model
+from .model import build_model, compile_model, set_batchnorm_groups
 from .patches import PatchBackend, PatchRequest, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
+
+RECORD_KEYS = ("step", "epoch", "train_seconds", "eval_seconds")  # a periodic evaluation's record, besides its results
 
 
 def mix_seed(seed: int, stream: int, index: int) -> int:
     """A distinct, reproducible seed for (run seed, random stream, step or epoch)."""
     return (seed * 1_000_003 + stream * 7_919 + index * 104_729) % (2**63 - 1)
-
-
-class _NoClock:
-    """The clock of an untimed step: marks nothing."""
-
-    def mark(self, phase: str) -> None:
-        pass
 
 
 class Trainer:
@@ -84,7 +79,7 @@ class Trainer:
         if rt.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
-        self.grad_chunks = resolve_chunks(self.model, cfg, self.device, rt.world_size, rt.precision, rt.compile_mode)
+        set_batchnorm_groups(self.model, rt.bn_groups_per_forward)
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
@@ -93,11 +88,20 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
-        # wall clock: the first step a process runs (compilation, allocator warm-up) is kept apart
+        # the first step this Trainer runs (compilation, allocator warm-up) is timed apart from the others
+        self.clock, self.warmed_up, self._window_seconds = Clock(self.device), False, 0.0
         self.warmup_seconds, self.train_seconds, self.timed_images = 0.0, 0.0, 0
+        self.eval_every = cfg.eval.every_steps(self.steps_per_epoch)
+        self.evaluations: list[dict] = []  # the periodic evaluations' records (eval.every)
+        self.stopped = False  # an evaluation reached eval.stop_at
         self.last_record: dict | None = None
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
         self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
+
+    @property
+    def grad_chunks(self) -> int:
+        """Gradient-cache chunks per step, as the Runtime planned them (train.grad_chunks=0 asks for a plan)."""
+        return self.runtime.grad_chunks
 
     # -- data order -------------------------------------------------------------------------
     def batch_index(self, step: int) -> torch.Tensor:
@@ -125,16 +129,16 @@ class Trainer:
         "forward", "loss" (the loss and its backward to the projector outputs), "backward" (the model's
         backward) and "optimizer" (the LARS step and the finiteness watch). The step computes the same
         with or without it."""
-        clock = clock or _NoClock()
+        mark = clock.mark if clock is not None else (lambda phase: None)
         step = self.step
-        clock.mark("start")
+        mark("start")
         patches = self._begin_step(step)
-        clock.mark("data")
-        terms = self._forward_backward(patches, clock)
+        mark("data")
+        terms = self._forward_backward(patches, mark)
         self.optimizer.step()
         self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
         self.optimizer.zero_grad(set_to_none=True)
-        clock.mark("optimizer")
+        mark("optimizer")
         self.step = step + 1
         return terms
 
@@ -149,7 +153,7 @@ class Trainer:
             self.patches.prefetch(step + 1, self.patch_request(step + 1))
         return patches if self.runtime.channels_last else patches.contiguous()
 
-    def _forward_backward(self, patches: torch.Tensor, clock) -> LossTerms:
+    def _forward_backward(self, patches: torch.Tensor, mark) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         t, runtime = self.cfg.train, self.runtime
 
@@ -158,49 +162,85 @@ class Trainer:
 
         if runtime.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
-        if self.grad_chunks > 1:
+        if runtime.grad_chunks > 1:
             return gradient_cache_step(
                 self.forward,
                 patches,
                 t.n_patches,
-                self.grad_chunks,
+                runtime.grad_chunks,
                 loss,
                 runtime.autocast(),
                 model=self.ddp or self.model,
-                clock=clock,
+                mark=mark,
             )
         with runtime.autocast():
             p = self.forward(patches)
-        clock.mark("forward")
+        mark("forward")
         leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
         terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
         terms.total.backward()
-        clock.mark("loss")
+        mark("loss")
         p.backward(leaf.grad)
-        clock.mark("backward")
+        mark("backward")
         return terms
 
     def train_until(self, stop_step: int | None = None, clock=None) -> None:
-        """Train from self.step up to stop_step (default: the end of the run); clock: see train_step."""
-        cfg, t = self.cfg, self.cfg.train
+        """Train from self.step up to stop_step (default: the end of the run), evaluating every eval.every steps
+        (off the clock; training ends at an evaluation that reaches eval.stop_at); clock: see train_step."""
+        t = self.cfg.train
         stop_step = min(stop_step or self.total_steps, self.total_steps)
-        bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=cfg.name, unit="step")
-        tick, images, warm = time.perf_counter(), 0, self.step
-        for step in range(self.step, stop_step):
+        bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=self.cfg.name, unit="step")
+        images = 0
+        self.clock.mark("start")  # what came before this call is not training
+        while self.step < stop_step and not self.stopped:
+            warm = not self.warmed_up
             terms = self.train_step(clock)
+            self.clock.mark("step")
             images += t.batch_size
-            if step == warm or self.step % t.log_every == 0 or self.step == stop_step:
-                record = self._log(terms, images, time.perf_counter() - tick, warmup=step == warm)
+            self.timed_images += 0 if warm else t.batch_size
+            if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                self._evaluate_periodically()
+            if warm or self.stopped or self.step % t.log_every == 0 or self.step == stop_step:
+                record = self._log(terms, images)
                 bar.set_postfix(
                     sim=f"{record['loss_sim']:.3f}",
                     tcr=f"{record['loss_tcr']:.1f}",
                     img_s=f"{record['images_per_s']:.0f}",
                 )
-                tick, images = time.perf_counter(), 0
+                images = 0
             if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
+
+    def _time_steps(self) -> None:
+        """Fold the steps timed since the last read into the warm-up (the first step) or the train seconds."""
+        seconds = self.clock.seconds("step")
+        self._window_seconds += seconds
+        if self.warmed_up:
+            self.train_seconds += seconds
+        else:
+            self.warmup_seconds, self.warmed_up = self.warmup_seconds + seconds, True
+
+    def _evaluate_periodically(self) -> None:
+        """eval.every: evaluate now, off the training clock and leaving training as it was (see evaluate). The
+        record (step, epoch, train seconds so far, results, eval seconds) goes to metrics.jsonl and
+        self.evaluations; one that reaches eval.stop_at ends training here."""
+        self.raise_if_nonfinite()  # a diverged model is reported, not evaluated
+        self._time_steps()
+        results = self.evaluate()
+        self.clock.mark("evaluation")  # the evaluation's interval: never part of the train seconds
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "train_seconds": self.warmup_seconds + self.train_seconds,
+            **results,
+            "eval_seconds": self.clock.seconds("evaluation"),
+        }
+        self.evaluations.append(record)
+        if self.run_dir and distributed.is_main():
+            runs.append_metrics(self.run_dir, record)
+        self.stopped = 0 < self.cfg.eval.stop_at <= record["linear_top1"]
 
     def _watch_finite(self, terms: LossTerms, step: int) -> None:
         """Record on the device the first step whose sim, tcr or gradient is not finite.
@@ -235,7 +275,8 @@ class Trainer:
                 "lower optim.lr, raise loss.eps or check the data, then train again"
             )
 
-    def _log(self, terms: LossTerms, images: int, seconds: float, warmup: bool) -> dict:
+    def _log(self, terms: LossTerms, images: int) -> dict:
+        """The losses of the last step and the throughput since the last log, to metrics.jsonl."""
         # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
         # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
         # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
@@ -245,10 +286,8 @@ class Trainer:
         flat = torch.cat([losses, self._nonfinite.double()]).tolist()
         values = flat[:3]
         self.raise_if_nonfinite(flat[3:])
-        if warmup:
-            self.warmup_seconds += seconds
-        else:
-            self.train_seconds, self.timed_images = self.train_seconds + seconds, self.timed_images + images
+        self._time_steps()
+        seconds, self._window_seconds = self._window_seconds, 0.0
         record = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -268,6 +307,49 @@ class Trainer:
         """Training throughput over all timed steps (warm-up steps excluded)."""
         return self.timed_images / self.train_seconds if self.train_seconds else float("nan")
 
+    # -- the whole run -----------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train from self.step to the end, write the last checkpoint, evaluate (eval.at_end) and write
+        summary.json (rank 0); returns the summary. The checks before it are fastemp.startup's."""
+        cfg = self.cfg
+        self.train_until()
+        if self.run_dir:
+            self.save_checkpoint()
+        last = self.last_record or [r for r in runs.read_metrics(self.run_dir) if "loss" in r][-1]
+        summary = {
+            "name": cfg.name,
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "n_patches": cfg.train.n_patches,
+            "batch_size": cfg.train.batch_size,
+            "world_size": self.runtime.world_size,
+            "final_loss": last["loss"],
+            "final_loss_sim": last["loss_sim"],
+            "final_loss_tcr": last["loss_tcr"],
+            "train_seconds": self.warmup_seconds + self.train_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "images_per_s": self.images_per_second(),
+            "data": self.train_set.description,
+            **self.runtime.resolved(),
+            "environment": runs.environment(self.device),
+        }
+        if self.eval_every:
+            summary["evaluations"] = self.evaluations
+        if cfg.eval.stop_at:
+            summary["stopped_at_target"] = self.stopped
+        if cfg.eval.at_end:
+            self.clock.mark("start")
+            last = self.evaluations[-1] if self.evaluations and self.evaluations[-1]["step"] == self.step else None
+            summary.update({k: v for k, v in last.items() if k not in RECORD_KEYS} if last else self.evaluate())
+            if cfg.eval.random_init:
+                summary.update(self.evaluate(self.random_init_model(), prefix="random_init_"))
+            self.clock.mark("evaluation")
+            summary["eval_seconds"] = self.clock.seconds("evaluation") + (last["eval_seconds"] if last else 0.0)
+        if self.run_dir and distributed.is_main():
+            runs.write_json(self.run_dir / "summary.json", summary)
+            runs.plot_losses(self.run_dir)
+        return summary
+
     # -- checkpoints ------------------------------------------------------------------------
     saved_step: int | None = None  # the step checkpoint.pt in run_dir holds (None: there is none)
 
@@ -276,13 +358,9 @@ class Trainer:
         state = checkpoint.trainer_state(self)
         if distributed.is_main():  # every rank holds the same weights and optimizer state
             checkpoint.save(state, self.run_dir / "checkpoint.pt")
-            runs.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
+            run_folder.discard_replaced(self.run_dir)  # a run that --force replaced is no longer needed
         self.saved_step = self.step
         distributed.barrier()
-
-    def load_checkpoint(self, path: Path) -> None:
-        checkpoint.load_into(self, path)
-        self.saved_step = self.step
 
     # -- evaluation -------------------------------------------------------------------------
     @functools.cached_property
@@ -293,58 +371,22 @@ class Trainer:
     def evaluate(
         self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
     ) -> dict:
-        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval protocol)."""
-        if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
-            distributed.broadcast_buffers(self.model)
-        return evaluate_encoder(
-            model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
-        )
+        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval section). Training
+        is left as it was, so evaluating mid-run changes nothing of it: the random streams are forked, the model
+        runs in eval mode (BatchNorm's running statistics only read) and is put back in its mode, and under
+        torchrun, where every rank evaluates with rank 0's running statistics, each rank's own come back."""
+        model = self.model if model is None else model
+        kept = [b.clone() for b in model.buffers()] if self.runtime.world_size > 1 else []
+        distributed.broadcast_buffers(model)  # without sync_bn each rank has its shard's statistics: use rank 0's
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            try:
+                return evaluate_encoder(model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg)
+            finally:
+                for buffer, saved in zip(model.buffers(), kept):
+                    buffer.copy_(saved)
 
     def random_init_model(self) -> torch.nn.Module:
         """The same architecture at the run's initialisation seed, never trained."""
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg.model).to(self.device)
         return model.to(memory_format=torch.channels_last) if self.runtime.channels_last else model
-
-
-def run_training(
-    cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True, trainer: Trainer | None = None
-) -> dict:
-    """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
-    trainer = trainer or Trainer(cfg, run_dir, progress)
-    if cfg.eval.at_end:
-        _ = trainer.test_set  # load it now: a missing test split fails before training, not after it
-    if resume:
-        trainer.load_checkpoint(run_dir / "checkpoint.pt")
-        if distributed.is_main():
-            runs.truncate_metrics(run_dir, trainer.step)
-    trainer.train_until()
-    trainer.save_checkpoint()
-    last = trainer.last_record or runs.read_metrics(run_dir)[-1]
-    summary = {
-        "name": cfg.name,
-        "steps": trainer.step,
-        "epochs": trainer.step / trainer.steps_per_epoch,
-        "n_patches": cfg.train.n_patches,
-        "batch_size": cfg.train.batch_size,
-        "world_size": trainer.runtime.world_size,
-        "final_loss": last["loss"],
-        "final_loss_sim": last["loss_sim"],
-        "final_loss_tcr": last["loss_tcr"],
-        "train_seconds": trainer.warmup_seconds + trainer.train_seconds,
-        "warmup_seconds": trainer.warmup_seconds,
-        "images_per_s": trainer.images_per_second(),
-        "data": trainer.train_set.description,
-        **trainer.runtime.resolved(),
-        "environment": runs.environment(trainer.device),
-    }
-    if cfg.eval.at_end:
-        t0 = time.perf_counter()
-        summary.update(trainer.evaluate())
-        if cfg.eval.random_init:
-            summary.update(trainer.evaluate(trainer.random_init_model(), prefix="random_init_"))
-        summary["eval_seconds"] = time.perf_counter() - t0
-    if distributed.is_main():
-        runs.write_json(run_dir / "summary.json", summary)
-        runs.plot_losses(run_dir)
-    return summary

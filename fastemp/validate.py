@@ -1,10 +1,10 @@
 """Start-up validation: every user mistake found before any work, as one line saying how to fix it.
 
-`check_config` runs over the whole config (ranges, enumerated choices, the machine: CUDA, DALI,
-Triton) before a run folder is touched or a model is built. `check_data` runs on the loaded train
-split (sizes against batch sizes); the trainer loads the test split at start-up too, so a missing
-split fails before training, not after it. Checkpoints are read, verified and compared with
-the config in fastemp.checkpoint.
+`check_config` checks every value of the config (ranges, enumerated choices, keys that must fit together,
+such as data.backend with data.streamed: `check_backend`, the one statement of that rule) before a run
+folder is touched or a model is built; what the machine must have is checked by fastemp.runtime.resolve.
+`check_data` and `check_probe` run on the loaded training split. The order of all start-up checks is
+fastemp.startup's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, shown
+from .config import EVAL_EVERY, Config, ConfigError, DataConfig, choices, shown
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -63,21 +63,7 @@ def check_config(cfg: Config) -> None:
 
     _positive(d, "data", "image_size")
     _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
-    if d.streamed and d.source != "imagefolder":
-        raise ConfigError(
-            f"data.streamed=true reads image files, but data.source={d.source}; "
-            "use data.source=imagefolder with a directory, or data.streamed=false"
-        )
-    if d.streamed and d.backend == "torch":
-        raise ConfigError(
-            "data.backend=torch needs the images resident in memory, but data.streamed=true; "
-            "use data.backend=auto, dali or pillow, or data.streamed=false"
-        )
-    if not d.streamed and d.backend in ("dali", "pillow"):
-        raise ConfigError(
-            f"data.backend={d.backend} reads image files: use data.streamed=true with an ImageFolder of JPEGs "
-            "(e.g. the CIFAR-10 JPEG copy, extracted), or data.backend=torch"
-        )
+    check_backend(d.backend, d.streamed, d.source)
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
     if d.source == "imagefolder" and not d.path.strip():
@@ -151,12 +137,36 @@ def check_config(cfg: Config) -> None:
         "false unless train.grad_chunks is 1 (pick one)",
     )
 
-    _choice("eval.protocol", e.protocol, EVAL_PROTOCOL_NAMES)
     _positive(
         e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k", "knn_temperature"
     )
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
     _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
+    every = "a number of steps such as 250 or of epochs such as 0.5ep (0: never)"
+    _rule("eval.every", e.every, EVAL_EVERY.fullmatch(e.every.strip()) is not None, every)
+    _rule("eval.stop_at", e.stop_at, 0 <= e.stop_at <= 1, "a linear top-1 in [0, 1] (0: train to the end)")
+    _rule("eval.stop_at", e.stop_at, not e.stop_at or e.every_steps(1), "0 unless eval.every is set", "it stops there")
+
+
+def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
+    """data.backend, data.streamed and data.source fit together: the one statement of that rule, applied by
+    check_config and by patches.choose_backend."""
+    _choice("data.backend", backend, choices(DataConfig, "backend"))
+    if streamed and source != "imagefolder":
+        raise ConfigError(
+            f"data.streamed=true reads image files, but data.source={source}; "
+            "use data.source=imagefolder with a directory, or data.streamed=false"
+        )
+    if streamed and backend == "torch":
+        raise ConfigError(
+            "data.backend=torch needs the images resident in memory, but data.streamed=true; "
+            "use data.backend=auto, dali or pillow, or data.streamed=false"
+        )
+    if not streamed and backend in ("dali", "pillow"):
+        raise ConfigError(
+            f"data.backend={backend} reads image files: use data.streamed=true with an ImageFolder of JPEGs "
+            "(e.g. the CIFAR-10 JPEG copy, extracted), or data.backend=torch"
+        )
 
 
 def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> None:

@@ -34,6 +34,7 @@ from fastemp.benchmarks.throughput import (
 from fastemp.benchmarks.time_to_accuracy import eval_schedule
 from fastemp.check.reference import reference_total_coding_rate
 from fastemp.cli import main
+from fastemp.clock import Clock
 from fastemp.config import AugmentConfig, LossConfig, load_config
 from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
@@ -420,10 +421,10 @@ def test_clocked_step_matches_train_until(grad_chunks):
     )
     plain, timed = Trainer(cfg, None, progress=False), Trainer(cfg, None, progress=False)
     plain.train_until(1)
-    clock = common.PhaseClock(torch.device("cpu"))
+    clock = Clock(torch.device("cpu"))
     terms = timed.train_step(clock)
     assert timed.step == 1 and torch.isfinite(terms.total)
-    assert [name for name, _ in clock.durations()] == list(PHASES)
+    assert [name for name, _ in clock.intervals()] == list(PHASES)
     for (name, a), b in zip(plain.model.state_dict().items(), timed.model.state_dict().values()):
         assert torch.equal(a, b), name
 

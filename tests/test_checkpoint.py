@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny_run import TINY
 
-from fastemp import checkpoint, runs
+from fastemp import checkpoint, run_folder, runs
 from fastemp.checkpoint import CheckpointError
 from fastemp.cli import main
 from fastemp.config import load_config
@@ -167,7 +167,7 @@ def test_a_force_killed_before_its_first_checkpoint_is_undone_by_the_next_comman
     shutil.copytree(finished_run, run)
     old = files(run)
     proc = fastemp("train", *TINY, "train.max_steps=100000", "eval.at_end=false", "--out", str(run), "--force")
-    wait_for(run / runs.REPLACED / runs.MOVED, proc)
+    wait_for(run / run_folder.REPLACED / run_folder.MOVED, proc)
     wait_for(run / "config.yaml", proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -176,7 +176,7 @@ def test_a_force_killed_before_its_first_checkpoint_is_undone_by_the_next_comman
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "again holds the run that an interrupted fastemp train --force was replacing" in err
-    assert files(run) == old and not (run / runs.REPLACED).exists()
+    assert files(run) == old and not (run / run_folder.REPLACED).exists()
     assert main(["resume", str(run), "--no-progress"]) == 0  # the old run, as it was
 
 
@@ -216,7 +216,7 @@ def test_force_on_a_mount_point_replaces_its_contents(tmp_path, finished_run):
             shutil.copy(p, mount / p.name)
         assert main(["train", *TINY, "train.max_steps=3", "eval.at_end=false", "--out", str(mount), "--force"]) == 0
         assert os.path.ismount(mount) and checkpoint.read(mount / "checkpoint.pt")["step"] == 3
-        assert not (mount / runs.REPLACED).exists()
+        assert not (mount / run_folder.REPLACED).exists()
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
@@ -247,28 +247,28 @@ def test_every_interrupted_step_of_a_replace_settles_to_one_whole_run(tmp_path):
 
     def folder(name, top, aside, moved):
         run = tmp_path / name
-        (run / runs.REPLACED).mkdir(parents=True)
-        for where, content in ((run, top), (run / runs.REPLACED, aside)):
+        (run / run_folder.REPLACED).mkdir(parents=True)
+        for where, content in ((run, top), (run / run_folder.REPLACED, aside)):
             for key, value in content.items():
                 (where / key).write_bytes(value)
         if moved:
-            (run / runs.REPLACED / runs.MOVED).touch()
+            (run / run_folder.REPLACED / run_folder.MOVED).touch()
         return run
 
     def content(run):
-        assert not (run / runs.REPLACED).exists()
+        assert not (run / run_folder.REPLACED).exists()
         return {p.name: p.read_bytes() for p in run.iterdir()}
 
     # moving aside, killed after the first file: everything goes back
     run = folder("moving", {"checkpoint.pt": b"old ckpt", "metrics.jsonl": b"1"}, {"config.yaml": b"old"}, False)
-    assert runs.settle_replaced(run) and content(run) == old
+    assert run_folder.settle_replaced(run) and content(run) == old
     # the new run started, no checkpoint yet: the old run comes back
     run = folder("started", new, old, True)
-    assert runs.settle_replaced(run) and content(run) == old
+    assert run_folder.settle_replaced(run) and content(run) == old
     # the new run has its checkpoint; discard killed midway (some old files already gone, MOVED still there)
     with_ckpt = {**new, "checkpoint.pt": b"new ckpt"}
     run = folder("discarding", with_ckpt, {"metrics.jsonl": b"1"}, True)
-    assert runs.settle_replaced(run) is None and content(run) == with_ckpt
+    assert run_folder.settle_replaced(run) is None and content(run) == with_ckpt
     # restoring, killed after MOVED went and part of the old run came back
     run = folder("restoring", {"config.yaml": b"old"}, {"checkpoint.pt": b"old ckpt", "metrics.jsonl": b"1"}, False)
-    assert runs.settle_replaced(run) and content(run) == old
+    assert run_folder.settle_replaced(run) and content(run) == old

@@ -18,7 +18,7 @@ import pytest
 import torch
 from tiny_run import TINY
 
-from fastemp import checkpoint, runs
+from fastemp import checkpoint, run_folder, runs
 from fastemp.cli import main
 
 # Runs each case through fastemp.cli.main with its own stderr; reports exit code, stderr and the
@@ -366,7 +366,7 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
 
     # issue 14: checkpoints that cannot run code or lie, locked run folders, --force that keeps the old run
     busy = _variant(root, old, "busy")
-    runs.lock_run_dir(busy, "fastemp train")  # this (pytest) process holds busy: the harness is another one
+    run_folder.lock_run_dir(busy, "fastemp train")  # this (pytest) process holds busy: the harness is another one
     (root / "dangling").symlink_to(root / "nowhere")
     ro_parent, ro_run = root / "ro_parent", _variant(root, old, "ro_run")
     ro_parent.mkdir()
@@ -442,7 +442,7 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
             timeout=300,
         )
     finally:
-        runs.unlock_all()
+        run_folder.unlock_all()
         _writable(ro_parent)
         _writable(ro_run)
     assert proc.returncode == 0, proc.stderr[-3000:]

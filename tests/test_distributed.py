@@ -20,7 +20,7 @@ from augment_helpers import random_images
 from test_train import TINY, assert_same_state, model_state, tiny_config
 from torch import nn
 
-from fastemp import distributed, train
+from fastemp import distributed, train, watchdog
 from fastemp.config import AugmentConfig
 from fastemp.train import Trainer
 
@@ -291,9 +291,9 @@ print("not reached", flush=True)
 # rank 0 works alone for twice the timeout (a long probe): not a hang, the others wait in the store
 SLOW_MAIN = r"""
 import time, torch
-from fastemp import distributed
+from fastemp import distributed, watchdog
 distributed.init_from_env()
-timeout = distributed.collective_timeout_s()
+timeout = watchdog.collective_timeout_s()
 value = distributed.run_on_main(lambda: time.sleep(1.3 * timeout) or 7)
 with distributed.alone() as measuring:
     if measuring:
@@ -307,10 +307,10 @@ print("done", flush=True)
 # prints rank 1's line at once, long before the (here 60 s) timeout
 FAILS = r"""
 import sys, torch
-from fastemp import distributed
+from fastemp import distributed, watchdog
 distributed.init_from_env()
 if distributed.rank() == 1:
-    if distributed.report_error("data.path /x does not exist; check the path"):
+    if watchdog.report_error("data.path /x does not exist; check the path"):
         print("fastemp: error: printed by rank 1 itself", file=sys.stderr)
     sys.exit(2)
 distributed.mean_across_ranks(torch.ones(1))
@@ -330,7 +330,7 @@ def agent_store(timeout_s: float = HANG_TIMEOUT_S):
             "TORCHELASTIC_USE_AGENT_STORE": "True",
             "WORLD_SIZE": "2",
             "OMP_NUM_THREADS": "1",
-            distributed.TIMEOUT_VARIABLE: str(timeout_s),
+            watchdog.TIMEOUT_VARIABLE: str(timeout_s),
         }
     finally:
         del store
@@ -397,24 +397,24 @@ def test_ranks_with_different_configs_stop_with_one_line_naming_the_keys(tmp_pat
 
 def test_stalled_ranks_are_those_behind_silent_or_never_seen():
     others = {1: (10, 100.0), 2: (9, 100.0), 3: (10, 80.0), 4: None}
-    assert distributed.stalled_ranks(10, others, now=101.0, timeout_s=5.0) == {
+    assert watchdog.stalled_ranks(10, others, now=101.0, timeout_s=5.0) == {
         2: "it has not joined the collective the others wait in",
         3: "no sign of life for 21 s",
         4: "it never reported",
     }
-    assert distributed.stalled_ranks(10, {1: (10, 100.0)}, now=101.0, timeout_s=5.0) == {}
+    assert watchdog.stalled_ranks(10, {1: (10, 100.0)}, now=101.0, timeout_s=5.0) == {}
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-3", "inf"])
 def test_a_bad_collective_timeout_is_a_one_line_error(monkeypatch, value):
-    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, value)
+    monkeypatch.setenv(watchdog.TIMEOUT_VARIABLE, value)
     with pytest.raises(
-        distributed.DistributedError,
-        match=f"{distributed.TIMEOUT_VARIABLE}=.* is not a number of seconds > 0; set it to e.g. 300",
+        watchdog.DistributedError,
+        match=f"{watchdog.TIMEOUT_VARIABLE}=.* is not a number of seconds > 0; set it to e.g. 300",
     ):
-        distributed.collective_timeout_s()
-    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "45")
-    assert distributed.collective_timeout_s() == 45.0
+        watchdog.collective_timeout_s()
+    monkeypatch.setenv(watchdog.TIMEOUT_VARIABLE, "45")
+    assert watchdog.collective_timeout_s() == 45.0
 
 
 def test_eval_on_two_ranks_needs_no_divisible_training_batch_and_prints_an_error_once(tmp_path):

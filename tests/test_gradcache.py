@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastemp.config import ConfigError, LossConfig, ModelConfig
+from fastemp.config import ConfigError, LossConfig
 from fastemp.gradcache import chunk_bounds, gradient_cache_step, plan_chunks
 from fastemp.losses import projection_loss_terms
-from fastemp.model import BatchNorm2d, EMPEncoder, activation_bytes_per_patch, set_batchnorm_groups
+from fastemp.model import BatchNorm2d, EMPEncoder, set_batchnorm_groups
 
 N, B = 6, 4
 
@@ -141,10 +141,6 @@ def test_plan_chunks_from_memory_and_the_rules():
         plan_chunks(200, 50, 1, 10, cuda, 0.0, world=2, sync_bn=True)
 
 
-def test_bytes_per_patch_estimate_of_the_standard_model():
-    assert activation_bytes_per_patch(ModelConfig(), 32, 2) / 2**20 == pytest.approx(2.39, abs=0.01)
-
-
 def test_trainer_resolves_chunks_and_config_rules():
     from fastemp.config import load_config
     from fastemp.train import Trainer
@@ -163,6 +159,9 @@ def test_trainer_resolves_chunks_and_config_rules():
     trainer = Trainer(load_config("quickstart", tiny + ["train.grad_chunks=0", "train.bn_groups=2"]), progress=False)
     assert trainer.grad_chunks == 2  # on the CPU: the gradient cache, one chunk per BatchNorm group
     assert {m.groups for m in trainer.model.modules() if isinstance(m, BatchNorm2d)} == {1}
+    ghost = Trainer(load_config("quickstart", tiny + ["train.bn_groups=2"]), progress=False)  # one pass, 2 groups
+    assert (ghost.runtime.grad_chunks, ghost.runtime.bn_groups_per_forward) == (1, 2)
+    assert {m.groups for m in ghost.model.modules() if isinstance(m, BatchNorm2d)} == {2}
     for bad, match in [
         ("train.bn_groups=3", "divisor of train.n_patches"),
         ("train.grad_chunks=0", "bn_groups is 0"),

@@ -17,10 +17,16 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs
 GIB = 2**30
 
 
+def chunks(cfg) -> int:
+    """The chunks the Runtime plans on a machine that has only the room to spare: one per BatchNorm group."""
+    return cfg.train.grad_chunks or cfg.train.bn_groups
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_fits_its_gpu(name):
     gib = 80 if name.startswith("imagenet") else 24  # 224-px ImageNet patches: an 80 GB card (H100/A100-80)
-    parts = memory.check_memory(load_config(name), torch.device("cuda"), available=gib * GIB)
+    cfg = load_config(name)
+    parts = memory.check_memory(cfg, torch.device("cuda"), "bf16", chunks(cfg), available=gib * GIB)
     assert 0 < parts["total"] * memory.SAFETY_MARGIN <= gib * GIB
 
 
@@ -40,7 +46,7 @@ def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it():
 def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, device):
     cfg = load_config("cifar10_n20_1ep" if term != "dataset" else "quickstart", [override])
     with pytest.raises(memory.MemoryEstimateError) as err:
-        memory.check_memory(cfg, torch.device(device), available=24 * GIB)
+        memory.check_memory(cfg, torch.device(device), "bf16" if device == "cuda" else "fp32", available=24 * GIB)
     text = str(err.value)
     assert text.startswith("this run needs about ") and f"{term} " in text and advice in text and "\n" not in text
     assert ("GPU memory" if device == "cuda" else "RAM") in text and "but 24.0 GiB is available" in text
@@ -48,10 +54,11 @@ def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, dev
 
 def test_evaluation_only_needs_no_step_and_the_step_shrinks_with_chunks_and_ranks():
     cfg = load_config("cifar10_n20_1ep")
-    assert "step" not in memory.estimate(cfg, "cuda", train=False)
-    one = memory.estimate(cfg, "cuda")["step"]
-    assert memory.estimate(load_config("cifar10_n20_1ep", ["train.grad_chunks=4"]), "cuda")["step"] < one / 3
-    assert memory.estimate(cfg, "cuda", world=4)["step"] < one / 3
+    assert "step" not in memory.estimate(cfg, "cuda", "bf16", train=False)
+    one = memory.estimate(cfg, "cuda", "bf16")["step"]
+    assert memory.estimate(cfg, "cuda", "bf16", grad_chunks=4)["step"] < one / 3
+    assert memory.estimate(cfg, "cuda", "bf16", world=4)["step"] < one / 3
+    assert memory.estimate(cfg, "cuda", "fp32")["step"] > 1.5 * one
 
 
 def test_available_memory_is_positive_and_below_the_machines():

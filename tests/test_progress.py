@@ -1,9 +1,8 @@
-"""Progress bars: drawn on a terminal only, decided once (stderr.isatty) where the CLI decides progress."""
+"""Progress bars: drawn on a terminal only, decided once (stderr.isatty) when a command starts."""
 
-import argparse
 import io
 
-from fastemp import cli, progress
+from fastemp import progress
 
 
 class _Terminal(io.StringIO):
@@ -14,10 +13,10 @@ class _Terminal(io.StringIO):
 def test_bars_only_on_a_terminal_and_never_with_no_progress(monkeypatch):
     try:
         monkeypatch.setattr("sys.stderr", io.StringIO())  # a redirected log
-        assert cli._set_progress(argparse.Namespace(no_progress=False)) is False and progress.enabled is False
+        assert progress.decide(True) is False and progress.enabled is False
         monkeypatch.setattr("sys.stderr", _Terminal())
-        assert cli._set_progress(argparse.Namespace(no_progress=False)) is True and progress.enabled is True
-        assert cli._set_progress(argparse.Namespace(no_progress=True)) is False
+        assert progress.decide(True) is True and progress.enabled is True
+        assert progress.decide(False) is False and progress.enabled is False  # --no-progress
     finally:
         progress.enabled = True
 

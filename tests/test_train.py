@@ -13,9 +13,10 @@ import torch
 from tiny_run import TINY_CONFIG
 
 from fastemp.cli import main
-from fastemp.config import load_config
+from fastemp.config import load_config, save_config
 from fastemp.runtime import resolve
-from fastemp.train import Trainer, run_training
+from fastemp.startup import resume_training, run_training
+from fastemp.train import Trainer
 
 TINY = [*TINY_CONFIG, "eval.probe_epochs=3"]
 
@@ -112,11 +113,12 @@ def test_resume_in_process_is_bit_identical(tmp_path):
 
     part = tmp_path / "part"
     part.mkdir()
+    save_config(cfg, part / "config.yaml")
     first = Trainer(cfg, part, progress=False)
     first.train_until(3)
     first.save_checkpoint()
     del first
-    run_training(cfg, part, resume=True, progress=False)
+    resume_training(part, progress=False)
     assert_same_state(model_state(part / "checkpoint.pt"), model_state(whole / "checkpoint.pt"))
     steps = [r["step"] for r in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())]
     assert steps == sorted(steps) and steps[-1] == 8
@@ -216,3 +218,72 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "cifar-10-python.tar.gz") in err and "https://www.cs.toronto.edu/~kriz/" in err
+
+
+def assert_same_tree(a, b, where="state"):
+    """Two nested dicts/lists of tensors and plain values, bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_periodic_evaluation_changes_nothing_in_training(tmp_path):
+    """A CPU run evaluated every 3 steps (patch features: the augmentation and the probe draw random numbers)
+    ends bit-identical to the same run without: weights, BatchNorm statistics, optimizer state, random state
+    and every logged loss; the evaluations come at steps 3, 6 and at the end, each with the train seconds so far."""
+    from fastemp import runs
+
+    done = {}
+    for name, extra in (("plain", []), ("evaluated", ["eval.every=3", "eval.mode=patches", "eval.patches=2"])):
+        out = tmp_path / name
+        out.mkdir()
+        summary = Trainer(tiny_config("train.max_steps=8", "eval.at_end=false", *extra), out, progress=False).run()
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        losses = [(r["step"], r["loss"], r["loss_sim"], r["loss_tcr"]) for r in runs.read_metrics(out) if "loss" in r]
+        done[name] = ({k: state[k] for k in ("model", "optimizer", "rng_cpu", "step")}, losses, summary)
+    assert_same_tree(done["evaluated"][0], done["plain"][0])
+    assert done["evaluated"][1] == done["plain"][1]
+    evaluations = done["evaluated"][2]["evaluations"]
+    assert [r["step"] for r in evaluations] == [3, 6, 8] and "evaluations" not in done["plain"][2]
+    seconds = [r["train_seconds"] for r in evaluations]
+    assert seconds == sorted(seconds) and seconds[-1] <= done["evaluated"][2]["train_seconds"]
+    assert all(0 <= r["linear_top1"] <= 1 and r["eval_seconds"] > 0 for r in evaluations)
+    assert [r for r in runs.read_metrics(tmp_path / "evaluated") if "linear_top1" in r] == evaluations
+
+
+def test_training_stops_at_the_first_evaluation_that_reaches_eval_stop_at(tmp_path):
+    from fastemp.evaluate import first_reaching
+
+    cfg = tiny_config("train.max_steps=12", "eval.every=0.5ep", "eval.stop_at=0.01")  # 6 steps an epoch
+    summary = run_training(cfg, tmp_path / "run", progress=False)
+    first = summary["evaluations"][0]
+    assert summary["steps"] == first["step"] == 3 and summary["stopped_at_target"] and len(summary["evaluations"]) == 1
+    assert (
+        first_reaching(summary["evaluations"], 0.01) == first and first_reaching(summary["evaluations"], 1.01) is None
+    )
+    assert summary["linear_top1"] == first["linear_top1"]  # the evaluation at the end is that one
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert (
+        summary["final_loss"] == json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    )
+
+
+def test_eval_every_in_steps_or_epochs_and_its_mistakes_are_one_line():
+    from fastemp.config import ConfigError
+    from fastemp.validate import check_config
+
+    steps = {every: tiny_config(f"eval.every={every}").eval.every_steps(6) for every in ("0", "4", "0.5ep", "0.01ep")}
+    assert steps == {"0": 0, "4": 4, "0.5ep": 3, "0.01ep": 1}
+    for bad, words in (("eval.every=3x", "eval.every must be a number of steps"), ("eval.stop_at=0.8", "eval.every")):
+        with pytest.raises(ConfigError, match=words) as err:
+            check_config(tiny_config(bad))
+        assert "\n" not in str(err.value)

@@ -7,7 +7,7 @@ import torch
 
 from fastemp.config import load_config
 from fastemp.data.synthetic_jpeg import make_folder
-from fastemp.train import Trainer, run_training
+from fastemp.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_imagenet_stem_trains_on_streamed_jpegs_and_evaluates(folder, tmp_path):
     trainer = Trainer(cfg, tmp_path, progress=False)
     assert trainer.runtime.backend == "pillow" and "Pillow" in trainer.runtime.backend_reason  # auto on CPU
     assert trainer.model.backbone.conv1.kernel_size == (7, 7) and trainer.steps_per_epoch == 4
-    summary = run_training(cfg, tmp_path, trainer=trainer)
+    summary = trainer.run()
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     assert 0.0 <= summary["linear_top1"] <= 1.0 and "streamed" in summary["data"]
 

@@ -58,12 +58,7 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise DataError(f"unknown data.source '{source}'{hint} ; choose {', '.join(SOURCES)}")
     device = torch.device(device)
-    if cfg.streamed:
-        if source != "imagefolder":
-            raise DataError(
-                f"data.streamed=true reads image files, but data.source={source}; "
-                "use data.source=imagefolder or data.streamed=false"
-            )
+    if cfg.streamed:  # on data.source=imagefolder (fastemp.validate.check_backend)
         streamed = load_streamed(cfg, split, device)
         streamed.description = (
             f"{streamed.description}, {split}, {len(streamed)} images, {len(streamed.classes)} classes"

@@ -18,6 +18,7 @@ means (docs/data-backends.md).
 from __future__ import annotations
 
 from ..config import AugmentConfig
+from ..validate import check_backend
 from .prefetch import PatchBackend, PatchRequest  # noqa: F401  (the backends' base and their request)
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
 
@@ -40,17 +41,12 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
     Resident data (decoded once, on the device): the torch backend. Streamed files (full-size
     JPEGs): auto is DALI (nvJPEG decode and all ops on the GPU) on CUDA when DALI imports, else
     Pillow workers. data.backend=dali on streamed data without DALI falls back to Pillow and the
-    reason says so; dali or pillow on resident data and torch on streamed data are errors
-    (validate.check_config reports them as one line first).
+    reason says so; the combinations validate.check_backend refuses (the one statement of that
+    rule) are errors.
     """
-    if requested not in ("auto", "torch", "dali", "pillow"):
-        raise ValueError(f"unknown patch backend '{requested}' (choose auto, torch, dali or pillow)")
+    check_backend(requested, streamed)
     if not streamed:
-        if requested in ("dali", "pillow"):
-            raise ValueError(f"data.backend={requested} reads image files: it needs data.streamed=true")
         return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"
-    if requested == "torch":
-        raise ValueError("data.backend=torch needs resident images (data.streamed=false)")
     if requested == "pillow":
         return "pillow", "data.backend=pillow"
     if requested == "dali":
@@ -66,26 +62,16 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
 def make_patch_backend(
     name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0, compile_recipe: bool = False
 ) -> PatchBackend:
-    """Build the backend `name` (auto | torch | dali | pillow) over the data: a device-resident uint8
-    NHWC tensor (or an ImageSet holding one), or a StreamedSet of files. The backend's `reason`
-    says why it was chosen (one line for the log). compile_recipe: the torch backend's recipe through
-    torch.compile (the other backends ignore it)."""
-    from ..data.streamed import StreamedSet
-
+    """Build the backend `name` (torch | dali | pillow: what fastemp.runtime.resolve chose, never chosen again
+    here) over the data: a device-resident uint8 NHWC tensor (or an ImageSet holding one), or a StreamedSet
+    of files. compile_recipe: the torch backend's recipe through torch.compile (the other backends ignore it)."""
     images = getattr(images, "images", images)  # an ImageSet: its tensor
-    streamed = isinstance(images, StreamedSet)
-    device = images.device
-    asks_dali = streamed and name in ("dali", "auto")  # importing DALI costs a second: only when it matters
-    chosen, reason = choose_backend(name, streamed, device.type, asks_dali and dali_available())
-    if chosen == "dali":
+    if name == "dali":
         from .dali_images import DaliImagePatches
 
-        backend = DaliImagePatches(images, aug, seed=seed)
-    elif chosen == "pillow":
+        return DaliImagePatches(images, aug, seed=seed)
+    if name == "pillow":
         from .pillow_images import PillowPatches
 
-        backend = PillowPatches(images, aug, workers=workers)
-    else:
-        backend = TorchPatches(images, aug, compile_recipe)
-    backend.reason = reason
-    return backend
+        return PillowPatches(images, aug, workers=workers)
+    return TorchPatches(images, aug, compile_recipe)

@@ -1,0 +1,339 @@
+"""A run folder's safety: checked before it is used, held by one process at a time, replaced by --force only
+once the new run has a checkpoint.
+
+RUN/.lock            held (flock) by the process that writes the folder; names its pid and host
+RUN/replaced-run/    under --force: the old run, until the new run's first checkpoint
+
+What a run writes into its folder is fastemp.runs'; docs/reliability.md says what each message means.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from .config import Config, save_config
+from .errors import UserError
+
+LOCK = ".lock"  # flock'ed for the life of the process that writes the folder; holds that process's pid and host
+REPLACED = "replaced-run"  # under --force: the old run, kept until the new run's first checkpoint
+MOVED = ".moved"  # in REPLACED: the old run is wholly there (without it, a move was interrupted)
+RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "losses.png", "eval.json", LOCK}
+
+_locks: dict[Path, int] = {}  # resolved run folder -> the descriptor that holds its lock
+
+
+class RunExistsError(UserError, FileExistsError):
+    pass
+
+
+class RunLockedError(UserError):
+    """Another live process holds the run folder's lock."""
+
+
+def _is_run_file(name: str) -> bool:
+    """A file fastemp writes into a run folder, or the temp file of one of its atomic writes."""
+    return name in RUN_FILES or (name.endswith(".tmp") and name[:-4] in RUN_FILES)
+
+
+def _contents(path: Path) -> list[Path]:
+    """What a run folder holds besides its lock and a replaced run."""
+    return [p for p in path.iterdir() if p.name not in (LOCK, REPLACED)]
+
+
+def _name_too_long(path: Path) -> str | None:
+    try:
+        limit = os.pathconf(next(p for p in path.parents if p.is_dir()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
+        limit = 255
+    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    return f"a name in it is {len(os.fsencode(long))} bytes, over the filesystem's limit of {limit}" if long else None
+
+
+def check_run_dir(path: str | Path, force: bool = False) -> Path:
+    """The run folder `path`, after checking it may be used; changes nothing on disk.
+
+    A folder that already holds something is replaced only with --force, and only when it is
+    recognisably a fastemp run folder: never the working directory, an ancestor of it, the home
+    folder or /, and never a folder with files fastemp did not write. A folder that a live
+    process holds is refused at once. A symlink is followed: the run lives in its target."""
+    path = Path(path)
+    too_long = _name_too_long(path.expanduser().absolute())
+    if too_long:
+        raise RunExistsError(f"--out {path}: {too_long}; choose a shorter --out (or name)")
+    if path.is_symlink() and not path.exists():
+        raise RunExistsError(
+            f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; create that "
+            "folder, or choose another --out"
+        )
+    resolved = path.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if (
+        resolved == cwd
+        or resolved in cwd.parents
+        or resolved == Path.home().resolve()
+        or resolved == Path(resolved.anchor)
+    ):
+        raise RunExistsError(
+            f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
+            "a run needs a folder of its own, e.g. --out runs/NAME"
+        )
+    if path.exists() and not path.is_dir():
+        raise RunExistsError(f"--out {path} is a file, not a folder; choose another --out")
+    if path.is_dir():
+        probe_lock(path)
+        _check_replaceable(path, force)
+    else:
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunExistsError(
+                f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a writable folder"
+            )
+    return path
+
+
+def _check_replaceable(path: Path, force: bool) -> None:
+    if not _contents(path) and not (path / REPLACED).exists():
+        return
+    if not force:
+        raise RunExistsError(
+            f"run folder {path} exists and is not empty; pass --force to replace it, or choose another --out"
+        )
+    foreign = sorted(p.name for p in _contents(path) if not (p.is_file() and _is_run_file(p.name)))
+    if foreign or not ((path / "config.yaml").is_file() or (path / REPLACED / "config.yaml").is_file()):
+        what = f"holds {', '.join(foreign[:3])}" if foreign else "has no config.yaml"
+        raise RunExistsError(
+            f"--force refuses to replace {path}: it {what}, so it is not a fastemp run "
+            "folder; move those files away or choose another --out"
+        )
+
+
+# -------------------------------------------------------------------------------- the lock
+
+
+def _owner(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _locked_message(run_dir: Path, owner: str) -> str:
+    return (
+        f"run folder {run_dir} is in use by {owner}; wait for it to finish or stop it, then try again, "
+        "or choose another folder"
+    )
+
+
+def probe_lock(run_dir: Path) -> None:
+    """RunLockedError when a live process holds run_dir; changes nothing (not even the lock file)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody has written the folder through fastemp since it was made
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLockedError(_locked_message(run_dir, _owner(fd))) from None
+    finally:
+        os.close(fd)  # also drops the shared lock
+
+
+def _flock_briefly(fd: int, tries: int = 5) -> bool:
+    """An exclusive flock, retried for ~0.1 s: another command's probe_lock holds a shared one for
+    microseconds, which must not read as a live holder."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(0.02)
+    return False
+
+
+def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> bool:
+    """Hold run_dir's lock (an exclusive flock on run_dir/.lock) until this process exits.
+
+    The kernel drops a flock when its holder dies, so the lock of a killed process is free at
+    once; the pid and host written into the file only name the holder in the message. False
+    (and no lock) when read_only_ok and the folder cannot be written at all."""
+    key = run_dir.resolve()
+    if key in _locks:
+        return True
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if not (read_only_ok and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise
+            probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
+            return False
+        if not _flock_briefly(fd):
+            owner = _owner(fd)
+            os.close(fd)
+            raise RunLockedError(_locked_message(run_dir, owner))
+        try:  # the file we locked must still be the one at `path` (not one its last holder just removed)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:
+        pass  # a full disk: the lock holds all the same, the message just cannot name us
+    _locks[key] = fd
+    return True
+
+
+def unlock(run_dir: Path | str) -> None:
+    """Release run_dir's lock if this process holds it (a command on it is over; the process may go on)."""
+    fd = _locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def unlock_all() -> None:
+    """Release every run folder this process holds."""
+    while _locks:
+        os.close(_locks.popitem()[1])
+
+
+def require_writable(run_dir: Path, why: str) -> None:
+    """UserError when run_dir, or a run file in it, cannot be written (read-only mount, permissions)."""
+    paths = [run_dir, *(p for p in run_dir.iterdir() if _is_run_file(p.name) and p.is_file())]
+    bad = next((p for p in paths if not os.access(p, os.W_OK)), None)
+    if bad is not None:
+        raise UserError(
+            f"{bad} is read-only and {why}; make it writable (chmod -R u+w {run_dir}), or copy the "
+            "folder and use the copy"
+        )
+
+
+# -------------------------------------------------------------------------------- --force
+
+
+def begin_run(run_dir: Path, force: bool, cfg: Config, retry: str) -> None:
+    """Create and lock run_dir for a new run of cfg, for the life of this process; under --force move an old
+    run into run_dir/replaced-run; write config.yaml. retry: the command that starts the run again.
+
+    The folder itself is never renamed (so a mount point or a symlink's target works); the old run
+    is deleted by discard_replaced at the new run's first checkpoint, or put back by restore_replaced."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir, "fastemp train")
+    except OSError as err:
+        raise UserError(
+            f"cannot create the run folder {run_dir}: {err.strerror or err}; choose an --out in a writable folder"
+        ) from None
+    settle_replaced(run_dir)
+    _check_replaceable(run_dir, force)  # again, under the lock: another process may have written meanwhile
+    aside = run_dir / REPLACED
+    old = _contents(run_dir)
+    if old:
+        aside.mkdir()
+        for p in old:
+            os.replace(p, aside / p.name)
+        (aside / MOVED).touch()
+    try:
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as err:
+        (run_dir / "config.yaml").unlink(missing_ok=True)
+        back = restore_replaced(run_dir)
+        kept = f"{run_dir} again holds the run --force was replacing, unchanged" if back else "nothing was kept"
+        raise UserError(
+            f"could not write {run_dir / 'config.yaml'}: {err.strerror or err} ({kept}); free space "
+            f"or make {run_dir} writable, then run {retry}"
+        ) from None
+
+
+def discard_replaced(run_dir: Path) -> None:
+    """The new run has its first checkpoint: the run it replaced is no longer needed."""
+    aside = Path(run_dir) / REPLACED
+    if not aside.is_dir():
+        return
+    for p in aside.iterdir():  # MOVED goes last: a kill midway leaves a discard that settle_replaced finishes
+        if p.name != MOVED:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (aside / MOVED).unlink(missing_ok=True)
+    aside.rmdir()
+
+
+def restore_replaced(run_dir: Path) -> bool:
+    """Put the run that --force moved aside back in place of the new run's files; False if there is none."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return False
+    if (aside / MOVED).exists():  # the new run's files go first; then the old run's come back
+        for p in _contents(run_dir):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        (aside / MOVED).unlink()
+    for p in aside.iterdir():  # without MOVED every file here or in run_dir is the old run's
+        os.replace(p, run_dir / p.name)
+    aside.rmdir()
+    return True
+
+
+def settle_replaced(run_dir: Path) -> str | None:
+    """Finish what a --force that died (kill -9, power loss) left; under the lock. A description
+    of what was done when the old run was put back, else None."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return None
+    if (aside / MOVED).exists() and (run_dir / "checkpoint.pt").is_file():
+        discard_replaced(run_dir)  # the new run reached its first checkpoint
+        return None
+    restore_replaced(run_dir)
+    return (
+        f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
+        "stopped before its first checkpoint, so nothing of it was kept)"
+    )
+
+
+def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
+    """After a new run failed: put back the run it replaced if it has no checkpoint yet, and say
+    what is on disk now and the command that tries again."""
+    if (run_dir / "checkpoint.pt").is_file():
+        return ""
+    if restore_replaced(run_dir):
+        return (
+            f"nothing of the new run was kept: {run_dir} again holds the run --force was replacing, unchanged; "
+            f"to try again: {retry}"
+        )
+    return f"{run_dir} holds this run's config.yaml and metrics but no checkpoint; to try again: {retry}"
+
+
+def claim(run_dir: Path, command: str, writes: str = "") -> None:
+    """Before a run folder's config is read: a folder another process holds is refused at once, and what an
+    interrupted --force left is settled under the lock; when that put an old run back, stop: the run this
+    command was meant for no longer exists. writes: why the folder must be writable, if it must."""
+    if not run_dir.is_dir():
+        return  # load_run_config says so
+    if writes:
+        require_writable(run_dir, f"{writes} there")
+    probe_lock(run_dir)
+    if (run_dir / REPLACED).is_dir():
+        lock_run_dir(run_dir, command)
+        restored = settle_replaced(run_dir)
+        if restored:
+            raise UserError(
+                f"{restored}; run {command} {run_dir} again to use that run, or rerun "
+                "the fastemp train --force command to replace it"
+            )

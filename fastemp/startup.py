@@ -1,0 +1,157 @@
+"""One start-up path for train, resume and eval, from the command line (fastemp.cli) and from Python.
+
+Every entry point goes through the same chain, so a mistake is found before any work and is one line
+(a UserError, which the CLI prints as `fastemp: error: ...`):
+
+    config       loaded, the same on every torchrun rank, every value checked (fastemp.validate)
+    runtime      every "auto" decided, the machine and the memory checked (fastemp.runtime.resolve)
+    run folder   checked (train: fastemp.run_folder.check_run_dir; resume, eval: claimed, and what an
+                 interrupted --force left is settled), then locked; under --force the old run moves aside
+    checkpoint   read and verified once, compared with the config, then restored from that same state
+    trainer      the training split loaded and the batch checked; the probe and the test split too when
+                 the run evaluates, so a missing test split fails before training
+
+Under torchrun rank 0 alone touches the run folder; the other ranks get its result or its error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import checkpoint, distributed, run_folder, runs
+from . import progress as bars
+from .config import Config, ConfigError, load_config
+from .errors import UserError, one_line
+from .runtime import Runtime, resolve
+from .train import Trainer
+from .validate import check_config, check_probe
+
+
+def run_training(
+    cfg: Config, run_dir: str | Path | None = None, *, force: bool = False, progress: bool = True, retry: str = ""
+) -> dict:
+    """Train a new run of cfg in run_dir (default runs/<cfg.name>), evaluate it and write summary.json; returns
+    the summary. force: replace an existing run folder, as `fastemp train --force`. retry: the command that
+    starts the run again, named by the errors of a run that failed (the CLI passes its command line)."""
+    distributed.init_from_env()
+    progress = bars.decide(progress and distributed.is_main())
+    runtime = _runtime(cfg, training=True)
+    run_dir = distributed.run_on_main(lambda: run_folder.check_run_dir(run_dir or Path("runs") / cfg.name, force=force))
+    retry = retry or "the same run_training call with force=True"
+    trainer = _trainer(cfg, runtime, run_dir, progress)  # validation and data loading write nothing
+    try:
+        distributed.run_on_main(lambda: run_folder.begin_run(run_dir, force, cfg, retry))
+        try:
+            return trainer.run()
+        except BaseException as err:
+            if distributed.is_main():
+                outcome = run_folder.outcome_of_failed_run(run_dir, retry)
+                if outcome and isinstance(err, UserError):
+                    err.args = (f"{one_line(err)}; {outcome}",)
+            raise
+    finally:
+        run_folder.unlock(run_dir)
+
+
+def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Continue the run in run_dir from its checkpoint to the end of its schedule, as `fastemp resume`; returns
+    the summary (bit-identical to an uninterrupted run on the CPU)."""
+    distributed.init_from_env()
+    progress = bars.decide(progress and distributed.is_main())
+    run_dir = Path(run_dir)
+    try:
+        distributed.run_on_main(
+            lambda: run_folder.claim(run_dir, "fastemp resume", "resume writes checkpoint.pt and metrics.jsonl")
+        )
+        cfg = load_run_config(run_dir)
+        runtime = _runtime(cfg, training=True)
+        path = run_dir / "checkpoint.pt"
+        state = checkpoint.read(path)
+        checkpoint.check_resume(cfg, state, run_dir)
+        note = checkpoint.check_layout(cfg, state, runtime.world_size, path)
+        runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
+        distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp resume") and None)
+        if note and distributed.is_main():
+            print(note)
+        trainer = _trainer(cfg, runtime, run_dir, progress)
+        checkpoint.restore(trainer, state, path)
+        if distributed.is_main():
+            runs.truncate_metrics(run_dir, trainer.step)  # the steps past the checkpoint are logged again
+        trainer.evaluations = [
+            r for r in runs.read_metrics(run_dir) if "linear_top1" in r and r["step"] <= trainer.step
+        ]
+        return trainer.run()
+    finally:
+        run_folder.unlock(run_dir)
+
+
+def evaluate_run(
+    run_dir: str | Path, overrides: Sequence[str] = (), *, progress: bool = True, echo: bool = False
+) -> dict:
+    """Evaluate the checkpoint in run_dir under its config with `section.key=value` overrides (eval.* keys, or
+    any key but the architecture's), as `fastemp eval`; writes RUN/eval.json and returns the result. echo:
+    print it as JSON first (the CLI's output), so a folder that cannot take eval.json loses nothing."""
+    distributed.init_from_env()
+    progress = bars.decide(progress and distributed.is_main())
+    run_dir = Path(run_dir)
+    try:
+        distributed.run_on_main(lambda: run_folder.claim(run_dir, "fastemp eval"))
+        cfg = load_run_config(run_dir, overrides)
+        runtime = _runtime(cfg, training=False)
+        path = run_dir / "checkpoint.pt"
+        state = checkpoint.read(path)
+        checkpoint.check_architecture(cfg, state, path)
+        # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
+        distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
+        trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
+        checkpoint.restore(trainer, state, path)
+        e = cfg.eval
+        result = {"step": trainer.step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
+        result.update(trainer.evaluate())
+        if distributed.is_main():
+            if echo:
+                print(json.dumps(result, indent=2))
+            try:
+                runs.write_json(run_dir / "eval.json", result)
+            except OSError as err:
+                kept = "the evaluation is printed above, make" if echo else "make"
+                raise UserError(
+                    f"could not write {run_dir / 'eval.json'}: {err.strerror or err}; {kept} {run_dir} writable "
+                    "to keep it there"
+                ) from None
+        return result
+    finally:
+        run_folder.unlock(run_dir)
+
+
+def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    """The config.yaml of a run folder, with overrides."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a fastemp train run"
+        )
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def _runtime(cfg: Config, training: bool) -> Runtime:
+    """The config checked on every rank, then resolved (memory included) before any rank allocates a device
+    buffer; said in one line on rank 0 when training (eval's output is its JSON alone)."""
+    distributed.check_same_config(cfg)
+    check_config(cfg)
+    runtime = resolve(cfg, training=training, check_memory=True)
+    if training and distributed.is_main():
+        print(f"runtime: {runtime.describe()}", flush=True)
+    return runtime
+
+
+def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool, evaluates: bool | None = None):
+    """The Trainer, with the probe and the test split checked too when the run evaluates."""
+    trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime)
+    if cfg.eval.scheduled if evaluates is None else evaluates:
+        check_probe(cfg, len(trainer.train_set))
+        _ = trainer.test_set
+    return trainer
