@@ -95,6 +95,9 @@ class LossConfig:
     eps: float = 0.2
     invariance_weight: float = 200.0
     tcr_weight: float = 1.0
+    uniformity: str = one_of("tcr", "vonmises")  # vonmises: log mean exp(-t |zbar_a - zbar_b|^2) over image pairs
+    vonmises_weight: float = 1.0
+    vonmises_t: float = 2.0
     fused: str = one_of(
         "auto", "on", "off"
     )  # auto: Triton kernel on CUDA, torch on CPU; on: CPU needs TRITON_INTERPRET=1
@@ -170,6 +173,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
+    embedding: str = one_of("features", "proj")  # features: h; proj: the unit projection z, pooled like h
 
     def __post_init__(self):
         fits = eval_protocol_name(self)

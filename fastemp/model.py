@@ -209,6 +209,10 @@ class EMPEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.encode(x))
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit projection z = p / |p| in fp32 (the evaluation embedding under eval.embedding=proj)."""
+        return F.normalize(self(x).float(), dim=-1)
+
 
 def compile_model(module: nn.Module, mode: str, device: torch.device, cudnn_benchmark: bool = False):
     """The forward the Trainer calls: `module` through torch.compile in `mode` ('none': eager), with cuDNN's

@@ -107,7 +107,15 @@ def check_config(cfg: Config) -> None:
     _positive(m, "model", "width", "hidden_dim", "z_dim")
 
     _positive(lo, "loss", "eps")
-    for name in ("invariance_weight", "tcr_weight"):
+    _positive(lo, "loss", "vonmises_t")
+    _rule(
+        "train.batch_size",
+        t.batch_size,
+        lo.uniformity != "vonmises" or t.batch_size >= 2,
+        ">= 2 under loss.uniformity=vonmises",
+        "it averages over pairs of images",
+    )
+    for name in ("invariance_weight", "tcr_weight", "vonmises_weight"):
         value = getattr(lo, name)
         _rule(f"loss.{name}", value, value >= 0, ">= 0")
 
