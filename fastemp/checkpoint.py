@@ -51,6 +51,7 @@ RESUME_SAFE_KEYS = (
     "model.compile",
     "model.cudnn_benchmark",
     "data.patch_compile",
+    "model.projector_init",  # read at model build only; a resumed run's projector comes from its checkpoint
     "eval.*",
 )
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")

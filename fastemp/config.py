@@ -88,6 +88,8 @@ class ModelConfig:
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
     cudnn_benchmark: bool = False  # CUDA: cuDNN autotunes each convolution's algorithm (fastemp tune measures it)
+    projector_init: str = ""  # an encoder export (fastemp export RUN --part encoder): its projection layers start here
+    freeze_projector: bool = False  # the projection layers (h -> z) take no gradient (kachayev/ssl-in-one-epoch)
 
 
 @dataclass

@@ -231,6 +231,20 @@ def build_model(cfg: ModelConfig) -> EMPEncoder:
     return EMPEncoder(cfg.width, cfg.hidden_dim, cfg.z_dim, cfg.stem)
 
 
+def prepare_projector(model: EMPEncoder, cfg: ModelConfig) -> EMPEncoder:
+    """model.projector_init: the projection layers (weights and BatchNorm statistics) from an encoder export;
+    model.freeze_projector: their parameters take no gradient, so LARS, its weight decay and SGD pass them
+    by. Their BatchNorm still uses batch statistics in training and updates its running ones, as in
+    kachayev/ssl-in-one-epoch, which freezes the parameters only (docs/training.md)."""
+    if cfg.projector_init:
+        from .export import read_projector
+
+        tensors = read_projector(cfg.projector_init, cfg)
+        model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in tensors.items()})
+    model.projection.requires_grad_(not cfg.freeze_projector)
+    return model
+
+
 def flops_per_patch(cfg: ModelConfig, image_size: int = 32, training: bool = True) -> float:
     """Matmul/conv FLOPs (2 per multiply-add) for one patch: forward, or forward+backward (x3).
 

@@ -27,7 +27,7 @@ from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step, resolve_chunks
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
-from .model import build_model, compile_model
+from .model import build_model, compile_model, prepare_projector
 from .patches import PatchBackend, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
@@ -80,7 +80,7 @@ class Trainer:
             compile_recipe=rt.patch_compile,
         )
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = prepare_projector(build_model(cfg.model), cfg.model).to(self.device)
         if rt.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations

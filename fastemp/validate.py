@@ -105,6 +105,10 @@ def check_config(cfg: Config) -> None:
     _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
 
     _positive(m, "model", "width", "hidden_dim", "z_dim")
+    if m.projector_init:
+        from .export import read_projector
+
+        read_projector(m.projector_init, m, load=False)
 
     _positive(lo, "loss", "eps")
     _positive(lo, "loss", "vonmises_t")
