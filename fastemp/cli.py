@@ -1,4 +1,4 @@
-"""Command line: `fastemp train | resume | eval | check | bench | tune` (also `python -m fastemp`)."""
+"""Command line: `fastemp train | resume | eval | export | check | bench | tune` (also `python -m fastemp`)."""
 
 from __future__ import annotations
 
@@ -125,8 +125,9 @@ def _extensions():
     from fastemp.benchmarks.cli import register_cli as bench_cli
 
     from .check import register_cli as check_cli
+    from .export import register_cli as export_cli
 
-    return [check_cli, bench_cli]
+    return [check_cli, bench_cli, export_cli]
 
 
 def user_error_message(err: BaseException) -> str | None:

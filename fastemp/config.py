@@ -86,6 +86,8 @@ class ModelConfig:
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
     cudnn_benchmark: bool = False  # CUDA: cuDNN autotunes each convolution's algorithm (fastemp tune measures it)
+    projector_init: str = ""  # an encoder export (fastemp export RUN --part encoder): its projection layers start here
+    freeze_projector: bool = False  # the projection layers (h -> z) take no gradient (kachayev/ssl-in-one-epoch)
 
 
 @dataclass
@@ -93,6 +95,9 @@ class LossConfig:
     eps: float = 0.2
     invariance_weight: float = 200.0
     tcr_weight: float = 1.0
+    uniformity: str = one_of("tcr", "vonmises")  # vonmises: log mean exp(-t |zbar_a - zbar_b|^2) over image pairs
+    vonmises_weight: float = 1.0
+    vonmises_t: float = 2.0
     fused: str = one_of(
         "auto", "on", "off"
     )  # auto: Triton kernel on CUDA, torch on CPU; on: CPU needs TRITON_INTERPRET=1
@@ -139,6 +144,7 @@ _OFFICIAL_EVAL = {
     "probe_batch_size": 100,
     "knn_k": 20,
     "knn_temperature": 0.07,
+    "embedding": "features",
 }
 EVAL_PROTOCOLS: dict[str, dict] = {
     "official": _OFFICIAL_EVAL,
@@ -169,6 +175,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
+    embedding: str = one_of("features", "proj")  # features: h; proj: the unit projection z, pooled like h
     every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
     stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 

@@ -50,7 +50,8 @@ def extract_features(
     torch.compile, as in training (Runtime.patch_compile)."""
     was_training = model.training
     model.eval()
-    encode = model.encode if compile_mode == "none" else torch.compile(model.encode, mode=compile_mode)
+    embed = model.encode if cfg.embedding == "features" else model.project  # h, or z: (N, z_dim)
+    encode = embed if compile_mode == "none" else torch.compile(embed, mode=compile_mode)
     device = images.device
     # resident images are gathered on their device; streamed files are read by index on the host
     index_device = device if isinstance(images, torch.Tensor) else torch.device("cpu")
@@ -96,7 +97,8 @@ def extract_features(
     if world == 1:
         return torch.cat([h for _, h in out])
     # every row is filled by exactly one rank and is zero elsewhere, so the sum is exact
-    feats = torch.zeros(count, model.pre_feature[0].out_features, device=device)
+    dim = model.pre_feature[0].out_features if cfg.embedding == "features" else model.projection[-1].out_features
+    feats = torch.zeros(count, dim, device=device)
     for start, h in out:
         feats[start : start + h.shape[0]] = h
     return distributed.sum_across_ranks(feats)

@@ -6,6 +6,8 @@ Shapes: z is (n, B, d), patch-major -- group i holds patch i of every image in t
     R(Z_i)   = 1/2 logdet(I_d + d/(B*eps) Z_i^T Z_i),  loss_tcr = -mean_i R(Z_i)
     total    = invariance_weight * loss_sim + tcr_weight * loss_tcr     (200 and 1 by default)
 
+loss.uniformity=vonmises puts vonmises_weight * vonmises_uniformity(z) in the TCR's place.
+
 Both terms are negative by design: training drives cosines up (towards -1 for loss_sim) and
 coding rate up. Both terms are written over whatever batch they are given. Under torchrun,
 `projection_loss_terms` computes the invariance over this rank's images and the TCR over the
@@ -14,6 +16,7 @@ batch gathered from every rank (fastemp.distributed explains why that gives the 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,7 +34,7 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 class LossTerms(NamedTuple):
     total: torch.Tensor
     invariance: torch.Tensor  # loss_sim, in [-1, 1]
-    tcr: torch.Tensor  # loss_tcr = -mean_i R(Z_i)
+    tcr: torch.Tensor  # the uniformity term: loss_tcr = -mean_i R(Z_i), or vonmises_uniformity (loss.uniformity)
 
 
 class _CholeskyCodingRate(torch.autograd.Function):
@@ -86,6 +89,19 @@ def invariance_loss(z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(z, zbar, dim=-1).mean()
 
 
+def vonmises_uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log mean_{a<b} exp(-t |zbar_a - zbar_b|^2), zbar = mean_i z_i (each image's mean embedding, not
+    renormalised), over the B*(B-1)/2 image pairs: the uniformity term of kachayev/ssl-in-one-epoch
+    (docs/training.md), in fp32 (float64 kept) with autocast off. Squared distances come from the Gram
+    matrix (no sqrt: a finite gradient at distance 0), the log-mean-exp from logsumexp."""
+    with torch.autocast(z.device.type, enabled=False):
+        zbar = at_least_fp32(z).mean(dim=0)
+        sq = zbar.square().sum(-1)
+        dist2 = (sq[:, None] + sq[None, :] - 2 * zbar @ zbar.T).clamp_min(0)
+        a, b = torch.triu_indices(len(zbar), len(zbar), 1, device=z.device)
+        return torch.logsumexp(-t * dist2[a, b], dim=0) - math.log(a.numel())
+
+
 def emp_ssl_terms(
     z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0, tcr_weight: float = 1.0
 ) -> LossTerms:
@@ -121,5 +137,8 @@ def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False)
         sim = cosine_to_mean(p)[0]
     else:
         sim = invariance_loss(z)
+    if cfg.uniformity == "vonmises":  # over the global batch's image means, as the TCR over its groups
+        uniformity = vonmises_uniformity(gather_batch(z.mean(0, keepdim=True)), cfg.vonmises_t)
+        return LossTerms(cfg.invariance_weight * sim + cfg.vonmises_weight * uniformity, sim, uniformity)
     tcr = -total_coding_rate(gather_batch(z), cfg.eps).mean()
     return LossTerms(cfg.invariance_weight * sim + cfg.tcr_weight * tcr, sim, tcr)

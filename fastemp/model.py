@@ -189,6 +189,10 @@ class EMPEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.encode(x))
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit projection z = p / |p| in fp32 (the evaluation embedding under eval.embedding=proj)."""
+        return F.normalize(self(x).float(), dim=-1)
+
 
 def compile_model(module: nn.Module, mode: str, device: torch.device, cudnn_benchmark: bool = False):
     """The forward the Trainer calls: `module` through torch.compile in `mode` ('none': eager), with cuDNN's
@@ -205,6 +209,20 @@ def compile_model(module: nn.Module, mode: str, device: torch.device, cudnn_benc
 
 def build_model(cfg: ModelConfig) -> EMPEncoder:
     return EMPEncoder(cfg.width, cfg.hidden_dim, cfg.z_dim, cfg.stem)
+
+
+def prepare_projector(model: EMPEncoder, cfg: ModelConfig) -> EMPEncoder:
+    """model.projector_init: the projection layers (weights and BatchNorm statistics) from an encoder export;
+    model.freeze_projector: their parameters take no gradient, so LARS, its weight decay and SGD pass them
+    by. Their BatchNorm still uses batch statistics in training and updates its running ones, as in
+    kachayev/ssl-in-one-epoch, which freezes the parameters only (docs/training.md)."""
+    if cfg.projector_init:
+        from .export import read_projector
+
+        tensors = read_projector(cfg.projector_init, cfg)
+        model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in tensors.items()})
+    model.projection.requires_grad_(not cfg.freeze_projector)
+    return model
 
 
 def flops_per_patch(cfg: ModelConfig, image_size: int = 32, training: bool = True) -> float:

@@ -25,6 +25,7 @@ LOCK = ".lock"  # flock'ed for the life of the process that writes the folder; h
 REPLACED = "replaced-run"  # under --force: the old run, kept until the new run's first checkpoint
 MOVED = ".moved"  # in REPLACED: the old run is wholly there (without it, a move was interrupted)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "losses.png", "eval.json", LOCK}
+RUN_FILES |= {"backbone.safetensors", "encoder.safetensors"}  # fastemp export's default outputs
 
 _locks: dict[Path, int] = {}  # resolved run folder -> the descriptor that holds its lock
 

@@ -5,6 +5,7 @@ RUN/metrics.jsonl    one JSON line per logged step, and one per evaluation durin
 RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename; fastemp.checkpoint)
 RUN/summary.json     final numbers
 RUN/losses.png       loss terms over steps (when matplotlib is installed)
+RUN/<part>.safetensors  fastemp export (fastemp.export)
 
 The folder itself (checked before use, locked, replaced under --force) is fastemp.run_folder's.
 """

@@ -27,7 +27,7 @@ from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
 from .losses import LossTerms, projection_loss_terms
-from .model import build_model, compile_model, set_batchnorm_groups
+from .model import build_model, compile_model, prepare_projector, set_batchnorm_groups
 from .patches import PatchBackend, PatchRequest, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
@@ -75,7 +75,7 @@ class Trainer:
             compile_recipe=rt.patch_compile,
         )
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = prepare_projector(build_model(cfg.model), cfg.model).to(self.device)
         if rt.world_size > 1 and cfg.model.sync_bn:
             self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.model.backbone.checkpoint_activations = cfg.train.checkpoint_activations
@@ -264,7 +264,10 @@ class Trainer:
     def raise_if_nonfinite(self, nonfinite: list[int] | None = None) -> None:
         step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
         if step >= 0:
-            what = ("the invariance loss (sim)", "the coding-rate loss (tcr)", "the gradients")[int(term)]
+            uniformity = (
+                "the coding-rate loss (tcr)" if self.cfg.loss.uniformity == "tcr" else "the vonmises uniformity"
+            )
+            what = ("the invariance loss (sim)", uniformity, "the gradients")[int(term)]
             saved = (
                 f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
                 if self.run_dir and self.saved_step is not None

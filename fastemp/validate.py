@@ -91,9 +91,21 @@ def check_config(cfg: Config) -> None:
     _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
 
     _positive(m, "model", "width", "hidden_dim", "z_dim")
+    if m.projector_init:
+        from .export import read_projector
+
+        read_projector(m.projector_init, m, load=False)
 
     _positive(lo, "loss", "eps")
-    for name in ("invariance_weight", "tcr_weight"):
+    _positive(lo, "loss", "vonmises_t")
+    _rule(
+        "train.batch_size",
+        t.batch_size,
+        lo.uniformity != "vonmises" or t.batch_size >= 2,
+        ">= 2 under loss.uniformity=vonmises",
+        "it averages over pairs of images",
+    )
+    for name in ("invariance_weight", "tcr_weight", "vonmises_weight"):
         value = getattr(lo, name)
         _rule(f"loss.{name}", value, value >= 0, ">= 0")
 

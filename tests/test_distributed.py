@@ -56,7 +56,8 @@ def one_step_and_three(overrides: list[str]) -> dict:
         class GradientsAfterBackward:  # a clock that reads the gradients before the optimizer step
             def mark(self, phase: str) -> None:
                 if phase == "backward":
-                    out["grads"] = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+                    params = trainer.model.named_parameters()
+                    out["grads"] = {name: p.grad.clone() for name, p in params if p.grad is not None}
 
         terms = trainer.train_step(GradientsAfterBackward())
         out.update(loss=distributed.mean_across_ranks(terms.total.detach()), tcr=terms.tcr.detach())
@@ -76,17 +77,24 @@ def _spawned(rank: int, world: int, init_file: str, out: str, cases: list[list[s
 
 
 SYNC_BN = ["model.sync_bn=true", "train.max_steps=3", "optim.lr=1.0"]
-CHUNKS = (1, 2)  # without and with the gradient cache (train.grad_chunks)
+# without and with the gradient cache (train.grad_chunks); the von Mises uniformity (over the gathered image
+# means) with a frozen projector (parameters DDP must leave alone)
+CASES = {
+    "1 chunk": ["train.grad_chunks=1"],
+    "2 chunks": ["train.grad_chunks=2"],
+    "vonmises, frozen projector": ["train.grad_chunks=1", "loss.uniformity=vonmises", "model.freeze_projector=true"],
+}
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict[int, list[dict]]:
-    """Both cases from one spawn of 2 gloo processes (process start-up is most of the time)."""
+def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """All cases from one spawn of 2 gloo processes (process start-up is most of the time)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    cases = [[*SYNC_BN, f"train.grad_chunks={c}"] for c in CHUNKS]
+    cases = [[*SYNC_BN, *overrides] for overrides in CASES.values()]
     mp.spawn(_spawned, args=(2, str(tmp / "rendezvous"), str(tmp), cases), nprocs=2)
     return {
-        c: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=True) for r in range(2)] for k, c in enumerate(CHUNKS)
+        case: [torch.load(tmp / f"case{k}_rank{r}.pt", weights_only=True) for r in range(2)]
+        for k, case in enumerate(CASES)
     }
 
 
@@ -100,13 +108,13 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, atol: float =
     torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=what)
 
 
-@pytest.mark.parametrize("chunks", CHUNKS)
-def test_two_ranks_with_sync_bn_equal_one_process_on_the_global_batch(two_ranks, chunks):
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_with_sync_bn_equal_one_process_on_the_global_batch(two_ranks, case):
     """float64, sync_bn: loss, tcr and every gradient of one step on each rank, and the weights
     after 3 optimizer steps, equal the single-process run on the global batch at rtol 1e-5; with
     chunks=2 the gradient cache runs per rank (chunk-wise synced BatchNorm, no_sync)."""
-    one = one_step_and_three([*SYNC_BN, f"train.grad_chunks={chunks}"])
-    for r, got in enumerate(two_ranks[chunks]):
+    one = one_step_and_three([*SYNC_BN, *CASES[case]])
+    for r, got in enumerate(two_ranks[case]):
         assert_close(got["loss"], one["loss"], f"loss on rank {r}")
         assert_close(got["tcr"], one["tcr"], f"tcr on rank {r}")
         assert got["grads"].keys() == one["grads"].keys()
@@ -122,6 +130,9 @@ def test_two_ranks_with_sync_bn_equal_one_process_on_the_global_batch(two_ranks,
             else:
                 assert torch.equal(got["weights"][name], value), name  # num_batches_tracked
         assert not torch.equal(got["weights"]["backbone.conv1.weight"], one["initial"]["backbone.conv1.weight"])
+        if "frozen" in case:
+            assert not [name for name in got["grads"] if name.startswith("projection.")]
+            assert torch.equal(got["weights"]["projection.0.weight"], one["initial"]["projection.0.weight"])
 
 
 def test_cpu_sync_batchnorm_conversion_keeps_each_layers_own_tensors():

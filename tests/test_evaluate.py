@@ -78,6 +78,24 @@ def test_features_average_patches_in_eval_mode():
     assert not torch.allclose(feats, plain)
 
 
+def test_proj_embedding_is_the_unit_projection_averaged_over_patches_in_eval_mode():
+    """eval.embedding=proj: mean over an image's patches of z = p / |p| (not renormalised), model in eval mode,
+    as kachayev/ssl-in-one-epoch's encode() with --emb_pool proj."""
+    from fastemp.patches import make_patch_backend
+
+    torch.manual_seed(0)
+    model = EMPEncoder(width=4, hidden_dim=24, z_dim=8).train()
+    images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
+    cfg = EvalConfig(mode="patches", patches=3, batch_size=10, embedding="proj")
+    feats = extract_features(model, images, cfg, AugmentConfig(), seed=1)
+    assert feats.shape == (10, 8) and model.training
+    x = make_patch_backend("torch", images, AugmentConfig(), seed=1)(torch.arange(10), 3, seed=1)
+    with torch.no_grad():
+        expected = F.normalize(model.eval()(x), dim=-1).view(3, 10, 8).mean(0)
+    torch.testing.assert_close(feats, expected, rtol=1e-6, atol=1e-7)
+    assert (feats.norm(dim=1) < 1).all()  # a mean of unit vectors, left as it is
+
+
 def test_feature_extraction_makes_each_batch_of_patches_once(monkeypatch):
     """The next batch is prefetched while one is encoded; its call must take those patches, not make them again."""
     from fastemp.patches.torch_backend import TorchPatches

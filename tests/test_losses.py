@@ -6,9 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastemp.check.reference import reference_emp_ssl_loss, reference_invariance_loss, reference_total_coding_rate
+from fastemp.check.reference import (
+    reference_emp_ssl_loss,
+    reference_invariance_loss,
+    reference_total_coding_rate,
+    reference_vonmises_uniformity,
+)
 from fastemp.config import LossConfig
-from fastemp.losses import emp_ssl_loss, emp_ssl_terms, invariance_loss, projection_loss_terms, total_coding_rate
+from fastemp.losses import (
+    emp_ssl_loss,
+    emp_ssl_terms,
+    invariance_loss,
+    projection_loss_terms,
+    total_coding_rate,
+    vonmises_uniformity,
+)
 
 # (n, B, d): B < d, B > d, B == d, d not a power of two, the real d with a small n
 SHAPES = [(3, 5, 17), (4, 40, 12), (2, 7, 7), (5, 10, 100), (2, 3, 1), (3, 64, 1024)]
@@ -143,3 +155,38 @@ def test_projection_loss_fused_matches_unfused():
     (gb,) = torch.autograd.grad(b.total, p)
     assert abs(a.total.item() - b.total.item()) < 1e-4
     assert rel(gb, ga) < 1e-5
+
+
+# -- loss.uniformity=vonmises (kachayev/ssl-in-one-epoch) --------------------------------------------------------
+
+VONMISES = LossConfig(uniformity="vonmises", vonmises_weight=1.5, vonmises_t=2.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 17), (4, 40, 12), (2, 2, 7), (20, 30, 64)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_vonmises_loss_matches_the_float64_pairwise_formula(shape, dtype, tol):
+    """total = 200 * sim + 1.5 * log mean_{a<b} exp(-2 |zbar_a - zbar_b|^2) from raw p, value and gradient."""
+    p = (torch.randn(*shape, dtype=torch.float64) * 3).requires_grad_()
+    z = F.normalize(p, dim=-1)
+    ref = 200.0 * reference_invariance_loss(z) + 1.5 * reference_vonmises_uniformity(z, t=2.0)
+    (ref_grad,) = torch.autograd.grad(ref, p)
+    q = p.detach().to(dtype).requires_grad_()
+    terms = projection_loss_terms(q, VONMISES, fused=False)
+    (grad,) = torch.autograd.grad(terms.total, q)
+    assert abs(terms.total.item() - ref.item()) < tol * abs(ref.item())
+    assert rel(grad, ref_grad) < tol
+    assert abs(terms.tcr.item() - reference_vonmises_uniformity(z, 2.0).item()) < tol  # the term that is logged
+
+
+def test_vonmises_closed_forms_and_a_finite_gradient_at_distance_zero():
+    # two images with unit means at 90 degrees: |a - b|^2 = 2, so log exp(-t * 2) = -2t
+    z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    assert vonmises_uniformity(z, t=2.0).item() == pytest.approx(-4.0, abs=1e-12)
+    # every image mean equal: log 1 = 0 and a zero gradient (a sqrt of the distance would give NaN here)
+    same = unit(3, 1, 8).expand(3, 6, 8).clone().requires_grad_()
+    value = vonmises_uniformity(same, t=2.0)
+    (grad,) = torch.autograd.grad(value, same)
+    assert value.item() == pytest.approx(0.0, abs=1e-12) and torch.isfinite(grad).all() and grad.abs().max() < 1e-12
+    # bf16 input under autocast: fp32 working precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vonmises_uniformity(unit(2, 5, 8).bfloat16()).dtype == torch.float32

@@ -197,6 +197,27 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert 0 <= result["linear_top1"] <= 1 and 0 <= result["knn_top1"] <= 1
 
 
+def test_cli_trains_and_evaluates_with_the_knobs_of_ssl_in_one_epoch(tmp_path, capsys):
+    """loss.uniformity=vonmises and eval.embedding=proj through the command line; bad values are one line."""
+    out, knobs = (
+        tmp_path / "run",
+        ["loss.uniformity=vonmises", "loss.vonmises_weight=1.5", "eval.embedding=proj", "eval.random_init=false"],
+    )
+    assert main(["train", *TINY_CONFIG, *knobs, "train.max_steps=2", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert -8.0 <= summary["final_loss_tcr"] <= 0  # log mean exp(-2 d^2), d^2 <= 4 for means of unit vectors
+    assert 0 <= summary["linear_top1"] <= 1
+    for bad, says in [
+        ("loss.uniformity=vonmise", "loss.uniformity must be one of tcr, vonmises, got 'vonmise'; did you mean"),
+        ("loss.vonmises_t=0", "loss.vonmises_t must be > 0"),
+        ("eval.embedding=z", "eval.embedding must be one of features, proj, got 'z'"),
+    ]:
+        capsys.readouterr()
+        assert main(["train", *TINY_CONFIG, bad, "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+
 def test_bad_config_key_is_one_clear_line(capsys):
     assert main(["train", "train.n_pathces=8"]) == 2
     err = capsys.readouterr().err.strip()

@@ -41,6 +41,15 @@ def reference_emp_ssl_loss(
     return invariance_weight * reference_invariance_loss(z) - tcr_weight * reference_total_coding_rate(z, eps).mean()
 
 
+def reference_vonmises_uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log of the mean over image pairs a < b of exp(-t * |zbar_a - zbar_b|^2), zbar_b = mean_i z_i[b], in
+    float64, pair by pair from the differences (kachayev/ssl-in-one-epoch's von Mises uniformity)."""
+    zbar = z.double().mean(dim=0)
+    b = zbar.shape[0]
+    potentials = [torch.exp(-t * ((zbar[i] - zbar[j]) ** 2).sum()) for i in range(b) for j in range(i + 1, b)]
+    return torch.log(torch.stack(potentials).mean())
+
+
 class ReferenceLARS(torch.optim.SGD):
     """fastemp.lars.LARS as it was before its fast paths (issue 17), kept as their reference: the per-tensor
     rule with lists of 0-d factors (one kernel per tensor on CUDA), then torch's SGD step. Any dtype."""

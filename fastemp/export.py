@@ -1,0 +1,157 @@
+"""`fastemp export RUN`: a run's trained weights as one safetensors file, loadable without fastemp.
+
+    fastemp export RUN [--part backbone|encoder] [--out FILE] [--force]
+
+backbone: the ResNet-18 alone under torchvision's tensor names (conv1.weight, bn1.running_mean,
+layer1.0.downsample.0.weight, ...), so it loads with strict=True into torchvision.models.resnet18()
+once fc is nn.Identity() (and, for the CIFAR stem, conv1 a 3x3 stride-1 conv and maxpool nn.Identity()).
+encoder: the whole model under its own names, which are also those of the official code's and of
+kachayev/ssl-in-one-epoch's encoder: backbone.* (the backbone's names, prefixed), pre_feature.* (h, the
+evaluation feature) and projection.* (h -> p; z = p / |p|); model.projector_init reads its projection.*.
+
+Metadata (strings, JSON where structured): format, part, config (the checkpoint's), step, commit (the
+run's, from summary.json), export_commit (this checkout's), results (summary.json and eval.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, runs
+from .config import ConfigError, ModelConfig
+from .errors import UserError, one_line
+from .model import build_model
+
+FORMAT = "fastemp-export-1"
+PARTS = ("backbone", "encoder")
+TORCHVISION_WIDTH = 64  # torchvision's resnet18 has no other width
+
+
+def export_tensors(model_state: dict, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of `part` from a model state dict (EMPEncoder's names), contiguous (channels_last
+    weights included) and on the CPU."""
+    if part == "backbone":
+        model_state = {k.removeprefix("backbone."): v for k, v in model_state.items() if k.startswith("backbone.")}
+    return {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+
+
+def torchvision_recipe(stem: str) -> str:
+    """How torchvision.models.resnet18() is changed to hold a backbone export of this stem."""
+    conv = "conv1=nn.Conv2d(3, 64, 3, 1, 1, bias=False), maxpool=nn.Identity(), " if stem == "cifar" else ""
+    return f"torchvision.models.resnet18() with {conv}fc=nn.Identity()"
+
+
+def _json_file(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{path} is not readable JSON ({one_line(err)[:80]}); fix or delete it, then export again"
+        ) from None
+
+
+def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, force: bool = False) -> list[str]:
+    """Write RUN/checkpoint.pt's `part` as safetensors to `out` (default RUN/<part>.safetensors), atomically;
+    return the lines to print."""
+    from .validate import check_output_path
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
+    out = Path(out) if out else run_dir / f"{part}.safetensors"
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    check_output_path(out, "--out", is_file=True)
+    state = checkpoint.read(run_dir / "checkpoint.pt")
+    summary, evaluation = _json_file(run_dir / "summary.json"), _json_file(run_dir / "eval.json")
+    tensors = export_tensors(state["model"], part)
+    metadata = {
+        "format": FORMAT,
+        "part": part,
+        "config": json.dumps(state["config"]),
+        "step": str(state["step"]),
+        "commit": str(((summary or {}).get("environment") or {}).get("commit", "unknown")),
+        "export_commit": runs.git_commit(),
+        "results": json.dumps({"summary": summary, "eval": evaluation}),
+    }
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    model = state["config"]["model"]
+    lines = [f"wrote {out}: {part}, {len(tensors)} tensors, step {state['step']}"]
+    if model["width"] != TORCHVISION_WIDTH:
+        lines.append(
+            f"note: model.width={model['width']}, and torchvision's resnet18 has width 64 only: load the backbone "
+            f"into a ResNet-18 of width {model['width']} (fastemp.model.ResNet18Cifar({model['width']}, "
+            f"{model['stem']!r}) has the same names)"
+        )
+    elif part == "backbone":
+        lines.append(f"loads with strict=True into {torchvision_recipe(model['stem'])} (docs/export.md)")
+    return lines
+
+
+def read_projector(path: str, cfg: ModelConfig, load: bool = True) -> dict[str, torch.Tensor]:
+    """The projection.* tensors of an encoder export, after checking that fastemp export --part encoder wrote
+    it from a model of cfg's architecture (ConfigError otherwise); load=False checks the file only."""
+    where, fix = f"model.projector_init={path}", "give a file written by fastemp export RUN --part encoder"
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{where} is not a file; {fix}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = [k for k in f.keys() if k.startswith("projection.")]
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+            tensors = {k: f.get_tensor(k) for k in names} if load else {}
+        saved = json.loads(meta.get("config", "{}")).get("model", {})
+    except Exception as err:  # not safetensors, or a header that is not ours
+        raise ConfigError(f"{where} cannot be read as a safetensors export ({one_line(err)[:100]}); {fix}") from None
+    if meta.get("format") != FORMAT or meta.get("part") != "encoder":
+        what = f"a {meta.get('part')} export" if meta.get("format") == FORMAT else "not a fastemp export"
+        raise ConfigError(f"{where} is {what}, without the projection layers; {fix}")
+    for key in (k.removeprefix("model.") for k in checkpoint.ARCHITECTURE_KEYS):
+        if saved.get(key) != getattr(cfg, key):
+            raise ConfigError(
+                f"{where} was exported from a model with model.{key}={saved.get(key)!r}, this run has "
+                f"{getattr(cfg, key)!r}; set model.{key}={saved.get(key)} or export a run of this architecture"
+            )
+    with torch.device("meta"):  # the shapes without allocating the model
+        expected = {f"projection.{k}": tuple(v.shape) for k, v in build_model(cfg).projection.state_dict().items()}
+    if shapes != expected:
+        raise ConfigError(f"{where} has projection tensors that do not fit its model.hidden_dim and z_dim; {fix}")
+    return tensors
+
+
+def cmd_export(args) -> int:
+    for line in export_run(Path(args.run_dir), args.part, args.out and Path(args.out), args.force):
+        print(line)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add `export` to the fastemp command line (fastemp/cli.py)."""
+    p = subparsers.add_parser("export", help="write a run's backbone or encoder as safetensors (docs/export.md)")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--part",
+        choices=PARTS,
+        default="backbone",
+        help="backbone: torchvision's names; encoder: + pre_feature, projection",
+    )
+    p.add_argument("--out", help="the file to write (default: RUN/<part>.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    p.set_defaults(func=cmd_export)
