@@ -51,11 +51,13 @@ def _retry_command(args, force: bool = True) -> str:
 
 def cmd_train(args) -> int:
     from . import runs
+    from .data import absolute_paths
     from .errors import UserError, one_line
     from .train import Trainer, run_training
     from .validate import check_config, check_probe
 
     cfg = load_config(args.config, args.overrides)
+    absolute_paths(cfg.data)  # config.yaml names the data wherever the run is resumed from
     distributed.check_same_config(cfg)
     check_config(cfg)
     runtime = _resolve(cfg)  # before any rank allocates a device buffer
@@ -65,7 +67,7 @@ def cmd_train(args) -> int:
     # validation and data loading write nothing: a run that fails them leaves no folder behind
     trainer = Trainer(cfg, run_dir, progress=_set_progress(args), runtime=runtime)
     if cfg.eval.at_end:
-        check_probe(cfg, len(trainer.train_set))
+        check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set  # both splits before training: a missing test split fails now, not after the run
 
     def start() -> None:
@@ -201,7 +203,7 @@ def cmd_eval(args) -> int:
     # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
     distributed.run_on_main(lambda: runs.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
     trainer = Trainer(cfg, None, progress=_set_progress(args), runtime=_resolve(cfg, training=False))
-    check_probe(cfg, len(trainer.train_set))
+    check_probe(cfg, len(trainer.probe_train_set))
     _ = trainer.test_set
     trainer.load_checkpoint(path)
     result = {

@@ -37,9 +37,12 @@ def choices(section: type, name: str) -> tuple[str, ...]:
 
 @dataclass
 class DataConfig:
-    source: str = one_of("synthetic", "cifar10", "cifar100", "imagefolder")
-    root: str = "~/.cache/fastemp/data"  # where cifar archives live (downloaded when missing)
-    path: str = ""  # imagefolder: a directory or a .tar/.tar.gz with train/<class>/* and test/<class>/*
+    source: str = one_of("synthetic", "cifar10", "cifar100", "imagefolder", "tinyimagenet")
+    root: str = "~/.cache/fastemp/data"  # where cifar archives live (downloaded when missing), and the caches
+    path: str = (
+        ""  # imagefolder: a folder or .tar[.gz] of train/<class>/*, test|val/<class>/*; tinyimagenet: its folder
+    )
+    train_path: str = ""  # a folder of unlabelled images training reads instead of the train split (docs/data.md)
     download: bool = True
     image_size: int = 32  # imagefolder images are resized to this square size once, at load
     synthetic_train: int = 5000

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, runs
 from .config import Config, EvalConfig
-from .data import ImageSet, load_split
+from .data import ImageSet, load_split, load_train_images
 from .data.streamed import StreamedSet
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
@@ -67,7 +67,7 @@ class Trainer:
         self.runtime = rt = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = rt.device
-        self.train_set = train_set if train_set is not None else load_split(cfg.data, "train", self.device)
+        self.train_set = train_set if train_set is not None else load_train_images(cfg.data, self.device)
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
@@ -291,6 +291,12 @@ class Trainer:
         """The test split, loaded on first use (only evaluation needs it)."""
         return load_split(self.cfg.data, "test", self.device)
 
+    @functools.cached_property
+    def probe_train_set(self):
+        """The labelled split the probe fits: the training images, or data.source's train split when training
+        reads the unlabelled data.train_path."""
+        return load_split(self.cfg.data, "train", self.device) if self.cfg.data.train_path else self.train_set
+
     def evaluate(
         self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
     ) -> dict:
@@ -298,7 +304,7 @@ class Trainer:
         if model is None:  # without sync_bn each rank has its shard's running statistics: use rank 0's
             distributed.broadcast_buffers(self.model)
         return evaluate_encoder(
-            model or self.model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
+            model or self.model, self.probe_train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
         )
 
     def random_init_model(self) -> torch.nn.Module:
@@ -314,7 +320,7 @@ def run_training(
     """Train (or resume) the run in run_dir, evaluate, write summary.json; return the summary."""
     trainer = trainer or Trainer(cfg, run_dir, progress)
     if cfg.eval.at_end:
-        _ = trainer.test_set  # load it now: a missing test split fails before training, not after it
+        _ = trainer.probe_train_set, trainer.test_set  # now: a missing split fails before training, not after it
     if resume:
         trainer.load_checkpoint(run_dir / "checkpoint.pt")
         if distributed.is_main():

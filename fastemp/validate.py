@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .config import EVAL_PROTOCOL_NAMES, Config, ConfigError, shown
+from .data.listing import LAYOUTS
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -63,10 +64,10 @@ def check_config(cfg: Config) -> None:
 
     _positive(d, "data", "image_size")
     _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
-    if d.streamed and d.source != "imagefolder":
+    if d.streamed and d.source not in ("imagefolder", "tinyimagenet"):
         raise ConfigError(
             f"data.streamed=true reads image files, but data.source={d.source}; "
-            "use data.source=imagefolder with a directory, or data.streamed=false"
+            "use data.source=imagefolder or tinyimagenet with a folder, or data.streamed=false"
         )
     if d.streamed and d.backend == "torch":
         raise ConfigError(
@@ -80,11 +81,8 @@ def check_config(cfg: Config) -> None:
         )
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
-    if d.source == "imagefolder" and not d.path.strip():
-        raise ConfigError(
-            "data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz "
-            "with train/<class>/* and test/<class>/*"
-        )
+    if d.source in ("imagefolder", "tinyimagenet") and not d.path.strip():
+        raise ConfigError(f"data.source={d.source} needs data.path; set it to the dataset's folder ({LAYOUTS})")
 
     _positive(a, "augment", "crop_size")
     _range("augment.crop_scale", a.crop_scale, 1e-6, 1.0)

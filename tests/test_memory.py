@@ -19,7 +19,8 @@ GIB = 2**30
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_fits_its_gpu(name):
-    gib = 80 if name.startswith("imagenet") else 24  # 224-px ImageNet patches: an 80 GB card (H100/A100-80)
+    big = name.startswith(("imagenet", "tinyimagenet"))  # 224-px patches: an 80 GB card (H100/A100-80)
+    gib = 80 if big else 24
     parts = memory.check_memory(load_config(name), torch.device("cuda"), available=gib * GIB)
     assert 0 < parts["total"] * memory.SAFETY_MARGIN <= gib * GIB
 

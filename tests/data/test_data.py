@@ -480,7 +480,7 @@ def test_imagefolder_errors(tmp_path):
     bad = write_dir(
         tmp_path / "bad", {"train/a/x.png": b"\x89PNG garbage", "train/b/x.png": b"junk", "test/a/y.png": b"junk"}
     )
-    with pytest.raises(DataError, match="cannot decode"):
+    with pytest.raises(DataError, match="3 bad image files in .*: test/a/y.png \\(not an image Pillow can read\\)"):
         load_split(folder_cfg(bad, tmp_path), "train")
 
 
@@ -500,7 +500,7 @@ def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(
     tracemalloc.start()
     start = time.perf_counter()
     with pytest.raises(
-        DataError, match="train/bee/bomb.png decodes to 900,000,000 pixels, over the limit of 89,478,485 pixels"
+        DataError, match=r"train/bee/bomb.png \(900,000,000 pixels, over the limit of 89,478,485 pixels"
     ) as err:
         load_split(folder_cfg(src, tmp_path), "train")
     peak = tracemalloc.get_traced_memory()[1]
