@@ -39,9 +39,7 @@ def choices(section: type, name: str) -> tuple[str, ...]:
 class DataConfig:
     source: str = one_of("synthetic", "cifar10", "cifar100", "imagefolder", "tinyimagenet")
     root: str = "~/.cache/fastemp/data"  # where cifar archives live (downloaded when missing), and the caches
-    path: str = (
-        ""  # imagefolder: a folder or .tar[.gz] of train/<class>/*, test|val/<class>/*; tinyimagenet: its folder
-    )
+    path: str = ""  # imagefolder: a folder or .tar[.gz] (train/, test/ or val/); tinyimagenet: tiny-imagenet-200/
     train_path: str = ""  # a folder of unlabelled images training reads instead of the train split (docs/data.md)
     download: bool = True
     image_size: int = 32  # imagefolder images are resized to this square size once, at load

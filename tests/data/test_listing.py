@@ -374,3 +374,27 @@ def test_data_paths_are_stored_absolute(tmp_path, monkeypatch):
     cfg = absolute_paths(DataConfig(path="data/../tree", train_path="~/unlabelled"))
     assert cfg.path == str(tmp_path / "tree") and cfg.train_path == str(Path.home() / "unlabelled")
     assert absolute_paths(DataConfig()).path == ""  # unset stays unset
+
+
+def test_a_run_stores_its_data_path_absolute_and_resumes_from_anywhere(tmp_path, monkeypatch):
+    """fastemp train stores data.path resolved; a run made before (relative path in config.yaml and in its
+    checkpoint alike) still resumes from its folder."""
+    import yaml
+
+    from fastemp.cli import main
+
+    here = tmp_path / "here"
+    imagefolder(here / "images", per_class=4)
+    monkeypatch.chdir(here)
+    tiny = ["data.source=imagefolder", "data.path=images", f"data.root={tmp_path / 'data_root'}"]
+    tiny += ["model.width=4", "model.hidden_dim=16", "model.z_dim=8", "train.n_patches=2", "train.batch_size=4"]
+    tiny += ["train.max_steps=1", "eval.at_end=false", "--no-progress"]
+    assert main(["train", *tiny, "--out", str(tmp_path / "new")]) == 0
+    stored = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())["data"]["path"]
+    assert stored == str(here / "images")
+    monkeypatch.setattr("fastemp.data.absolute_paths", lambda cfg: cfg)  # a run from before this change
+    assert main(["train", *tiny, "--out", str(tmp_path / "old")]) == 0
+    assert yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())["data"]["path"] == "images"
+    assert main(["resume", str(tmp_path / "old"), "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)  # elsewhere: the new run finds its data
+    assert main(["resume", str(tmp_path / "new"), "--no-progress"]) == 0
