@@ -316,13 +316,7 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
         paths = _cache_paths(cfg, source, split, [[rel, sz, mt] for _, rel, sz, mt in items], decoder)
         hit = _cache_load(paths, size)
         if hit is not None and hit[2] == classes:
-            return (
-                torch.from_numpy(hit[0]),
-                torch.from_numpy(hit[1]),
-                classes,
-                f"{what}, from cache {paths[0]})",
-                listing.fingerprint(items),
-            )
+            return (*_tensors(hit[:2]), classes, f"{what}, from cache {paths[0]})", listing.fingerprint(items))
         encoded = []
         for cls, rel, _, _ in items:
             try:
@@ -331,19 +325,13 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
                 raise DataError(f"cannot read {folder.base / rel} ({_one_line(e)}); restore or remove it") from e
         images, labels = _decode(encoded, classes, size, decoder, device)
         _cache_save(paths, images, labels, classes, listing.fingerprint(items))
-        return torch.from_numpy(images), torch.from_numpy(labels), classes, f"{what})", listing.fingerprint(items)
+        return (*_tensors((images, labels)), classes, f"{what})", listing.fingerprint(items))
 
     st = source.stat()
     paths = {s: _cache_paths(cfg, source, s, [st.st_size, st.st_mtime_ns], decoder) for s in SPLITS}
     hit = _cache_load(paths[split], size)
     if hit is not None and hit[3]:
-        return (
-            torch.from_numpy(hit[0]),
-            torch.from_numpy(hit[1]),
-            hit[2],
-            f"{what}, from cache {paths[split][0]})",
-            hit[3],
-        )
+        return (*_tensors(hit[:2]), hit[2], f"{what}, from cache {paths[split][0]})", hit[3])
     found, test_dir = _read_archive(source)
     if not found[split]:
         where = f"{'train' if split == 'train' else test_dir}/<class>/"
@@ -364,4 +352,8 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
         if s == split:
             result = images, labels, prints
     assert result is not None
-    return torch.from_numpy(result[0]), torch.from_numpy(result[1]), classes, f"{what})", result[2]
+    return (*_tensors(result[:2]), classes, f"{what})", result[2])
+
+
+def _tensors(arrays) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(a) for a in arrays)

@@ -1,28 +1,16 @@
-"""Image folders as file lists: every folder layout fastemp reads, one walker, every file checked at listing.
+"""Image folders as file lists: every layout fastemp reads, one walker, every file checked when listed.
 
-Layouts (`layout`):
+Layouts: imagefolder (`train/<class>/**` with `test/<class>/**` or `val/<class>/**`, class folders read to
+any depth as torchvision's ImageFolder reads them, one top-level folder allowed); tinyimagenet
+(`tiny-imagenet-200/`: wnids.txt, `train/<wnid>/images/*`, `val/images/*` labelled by
+`val/val_annotations.txt` or `val/<wnid>/*`; the unlabelled `test/` is never read); unlabelled
+(`data.train_path`: every image under its `train/`, else under it, any depth). Items are (class, path
+relative to the base folder, size, mtime_ns), sorted by class then path; labels index the sorted classes.
 
-imagefolder
-    `train/<class>/**` and, as the test split, `test/<class>/**` or `val/<class>/**` (whichever has class
-    folders; both is an error). A single top-level folder above them is allowed. Class folders are read
-    to any depth (as torchvision's ImageFolder reads them); files directly in a split folder are ignored.
-tinyimagenet
-    `tiny-imagenet-200/` as distributed: wnids.txt, `train/<wnid>/images/*.JPEG`, and `val/images/*.JPEG`
-    labelled by `val/val_annotations.txt` (the test split; a `val/<wnid>/` folder works too). The
-    unlabelled `test/` is never read.
-unlabelled
-    `data.train_path`: every image under its `train/` folder when it has one, else under the folder, to
-    any depth; no labels.
-
-Labels are indices into the sorted class names that hold an image in either split. Items are
-(class, path relative to the base folder, size, mtime_ns), sorted by class then path.
-
-Checks, before any work: every image file's size and header, in threads (`file_problem`): unreadable,
-empty, over MAX_FILE_BYTES, a broken or looping link, not an image, over MAX_IMAGE_PIXELS, or
-truncated (a PNG without IEND; a JPEG without its end marker that Pillow cannot decode). Bad files
-are refused in one line naming the first ones and how many there are. A folder that passed is
-remembered under `<data.root>/cache/` by the names, sizes and mtimes of its files, so a changed
-file is checked again. `fingerprint` names a split by its files' names, sizes and classes.
+Before any work every listed file of both splits passes `file_problem` (threads): readable, not empty,
+at most MAX_FILE_BYTES, no broken or looping link, an image by its header, at most MAX_IMAGE_PIXELS,
+not truncated. Bad files are refused in one line naming the first and counting them; a folder that
+passed is remembered under `<data.root>/cache/`, keyed by its files' names, sizes and mtimes.
 """
 
 from __future__ import annotations
