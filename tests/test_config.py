@@ -17,6 +17,8 @@ def test_shipped_configs_are_the_documented_ones():
         "cifar10_n20_10ep",
         "cifar100_n20_1ep",
         "imagefolder_example",
+        "imagenet100_n20",
+        "tinyimagenet_n20",
     } <= set(CONFIGS)
 
 

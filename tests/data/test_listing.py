@@ -398,3 +398,20 @@ def test_a_run_stores_its_data_path_absolute_and_resumes_from_anywhere(tmp_path,
     assert main(["resume", str(tmp_path / "old"), "--no-progress"]) == 0
     monkeypatch.chdir(tmp_path)  # elsewhere: the new run finds its data
     assert main(["resume", str(tmp_path / "new"), "--no-progress"]) == 0
+
+
+def test_the_tiny_imagenet_recipe_trains_and_evaluates_on_a_miniature(tmp_path):
+    """configs/tinyimagenet_n20.yaml shrunk (patch side, widths): resident 64 px images, the ImageNet stem."""
+    from fastemp.config import load_config
+    from fastemp.train import Trainer
+
+    root = tiny_imagenet(tmp_path / "tiny-imagenet-200")
+    shrink = ["augment.crop_size=32", "model.width=4", "model.hidden_dim=16", "model.z_dim=8", "train.n_patches=2"]
+    shrink += ["train.batch_size=3", "train.max_steps=1", "train.device=cpu", "eval.patches=2", "eval.batch_size=4"]
+    shrink += ["eval.probe_epochs=1", "eval.probe_batch_size=3", "eval.knn=false"]
+    cfg = load_config("tinyimagenet_n20", [f"data.path={root}", f"data.root={tmp_path / 'data_root'}", *shrink])
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.runtime.backend == "torch" and trainer.model.backbone.conv1.kernel_size == (7, 7)
+    assert trainer.train_set.images.shape == (6, 64, 64, 3) and len(trainer.test_set) == 4
+    trainer.train_until()
+    assert 0.0 <= trainer.evaluate()["linear_top1"] <= 1.0
