@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ def choices(section: type, name: str) -> tuple[str, ...]:
 
 @dataclass
 class DataConfig:
-    source: str = one_of("synthetic", "cifar10", "cifar100", "imagefolder")
-    root: str = "~/.cache/fastemp/data"  # where cifar archives live (downloaded when missing)
-    path: str = ""  # imagefolder: a directory or a .tar/.tar.gz with train/<class>/* and test/<class>/*
+    source: str = one_of("synthetic", "cifar10", "cifar100", "imagefolder", "tinyimagenet")
+    root: str = "~/.cache/fastemp/data"  # where cifar archives live (downloaded when missing), and the caches
+    path: str = ""  # imagefolder: a folder or .tar[.gz] (train/, test/ or val/); tinyimagenet: tiny-imagenet-200/
+    train_path: str = ""  # a folder of unlabelled images training reads instead of the train split (docs/data.md)
     download: bool = True
     image_size: int = 32  # imagefolder images are resized to this square size once, at load
     synthetic_train: int = 5000
@@ -305,11 +307,15 @@ def flat_dict(cfg_dict: dict) -> dict:
     return out
 
 
+def _builtin_dir() -> Path:
+    return Path(str(resources.files("fastemp.configs")))
+
+
 def builtin_config_path(name: str) -> Path:
     """Path of a config shipped with the package (configs/NAME.yaml)."""
-    path = Path(str(resources.files("fastemp.configs").joinpath(f"{name}.yaml")))
+    path = _builtin_dir() / f"{name}.yaml"
     if not path.is_file():
-        names = sorted(p.name[:-5] for p in Path(str(resources.files("fastemp.configs"))).glob("*.yaml"))
+        names = sorted(p.name[:-5] for p in _builtin_dir().glob("*.yaml"))
         raise ConfigError(
             f"no config file or built-in config '{name}'{_suggest(name, names) or '; use a YAML path or a built-in'} (built-ins: {', '.join(names)})"
         )
@@ -317,13 +323,29 @@ def builtin_config_path(name: str) -> Path:
 
 
 def resolve_config_path(spec: str) -> Path:
-    """A path to a YAML file, or the name of a built-in config (e.g. 'quickstart')."""
+    """The YAML file `--config spec` names. A spec with a folder part or a .yaml/.yml suffix is a path, and only
+    ever that file (or, without a suffix, SPEC.yaml / SPEC.yml): never a built-in. A bare NAME is the file
+    NAME[.yaml|.yml] here or the built-in NAME; both at once is an error that lists both."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    if path.suffix in (".yaml", ".yml") and "/" in spec:
-        raise ConfigError(f"config file not found: {spec}; check the path or use a built-in name such as quickstart")
-    return builtin_config_path(path.stem)
+    is_path = "/" in spec or os.sep in spec or path.suffix in (".yaml", ".yml")
+    exact = [path] if path.is_file() else []
+    suffixed = [] if path.suffix in (".yaml", ".yml") else [path.with_name(path.name + s) for s in (".yaml", ".yml")]
+    files = exact or [p for p in suffixed if p.is_file()]
+    builtin = _builtin_dir() / f"{path.name}.yaml"
+    if not is_path and builtin.is_file() and files and not builtin.samefile(files[0]):
+        raise ConfigError(
+            f"--config {spec} names both the file {files[0]} and the built-in config {spec} ({builtin}); "
+            f"write ./{files[0].name} for the file, or the built-in's path"
+        )
+    if len(files) > 1:
+        raise ConfigError(f"--config {spec} names both {files[0]} and {files[1]}; write the one you mean")
+    if files:
+        return files[0]
+    if is_path:
+        stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+        hint = f", or use the built-in with --config {stem}" if (_builtin_dir() / f"{stem}.yaml").is_file() else ""
+        raise ConfigError(f"config file not found: {spec}; check the path{hint}")
+    return builtin_config_path(spec)
 
 
 def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str] = ()) -> Config:

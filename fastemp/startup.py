@@ -23,6 +23,7 @@ from pathlib import Path
 from . import checkpoint, distributed, run_folder, runs
 from . import progress as bars
 from .config import Config, ConfigError, load_config
+from .data import absolute_paths
 from .errors import UserError, one_line
 from .runtime import Runtime, resolve
 from .train import Trainer
@@ -37,6 +38,7 @@ def run_training(
     starts the run again, named by the errors of a run that failed (the CLI passes its command line)."""
     distributed.init_from_env()
     progress = bars.decide(progress and distributed.is_main())
+    absolute_paths(cfg.data)  # config.yaml names the data wherever the run is resumed from
     runtime = _runtime(cfg, training=True)
     run_dir = distributed.run_on_main(lambda: run_folder.check_run_dir(run_dir or Path("runs") / cfg.name, force=force))
     retry = retry or "the same run_training call with force=True"
@@ -152,6 +154,6 @@ def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool
     """The Trainer, with the probe and the test split checked too when the run evaluates."""
     trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime)
     if cfg.eval.scheduled if evaluates is None else evaluates:
-        check_probe(cfg, len(trainer.train_set))
+        check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set
     return trainer

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed, run_folder, runs
 from .clock import Clock
 from .config import Config, EvalConfig
-from .data import ImageSet, load_split
+from .data import ImageSet, load_split, load_train_images
 from .data.streamed import StreamedSet
 from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
@@ -62,7 +62,7 @@ class Trainer:
         self.runtime = rt = runtime or resolve(cfg)  # before anything touches a device
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress and distributed.is_main()
         self.device = rt.device
-        self.train_set = train_set if train_set is not None else load_split(cfg.data, "train", self.device)
+        self.train_set = train_set if train_set is not None else load_train_images(cfg.data, self.device)
         if test_set is not None:
             self.test_set = test_set
         check_data(cfg, len(self.train_set))  # before the model is built
@@ -371,6 +371,12 @@ class Trainer:
         """The test split, loaded on first use (only evaluation needs it)."""
         return load_split(self.cfg.data, "test", self.device)
 
+    @functools.cached_property
+    def probe_train_set(self):
+        """The labelled split the probe fits: the training images, or data.source's train split when training
+        reads the unlabelled data.train_path."""
+        return load_split(self.cfg.data, "train", self.device) if self.cfg.data.train_path else self.train_set
+
     def evaluate(
         self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
     ) -> dict:
@@ -383,7 +389,9 @@ class Trainer:
         distributed.broadcast_buffers(model)  # without sync_bn each rank has its shard's statistics: use rank 0's
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             try:
-                return evaluate_encoder(model, self.train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg)
+                return evaluate_encoder(
+                    model, self.probe_train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
+                )
             finally:
                 for buffer, saved in zip(model.buffers(), kept):
                     buffer.copy_(saved)

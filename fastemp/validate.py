@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .config import EVAL_EVERY, Config, ConfigError, DataConfig, choices, shown
+from .data.listing import LAYOUTS
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -66,11 +67,8 @@ def check_config(cfg: Config) -> None:
     check_backend(d.backend, d.streamed, d.source)
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
-    if d.source == "imagefolder" and not d.path.strip():
-        raise ConfigError(
-            "data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz "
-            "with train/<class>/* and test/<class>/*"
-        )
+    if d.source in ("imagefolder", "tinyimagenet") and not d.path.strip():
+        raise ConfigError(f"data.source={d.source} needs data.path; set it to the dataset's folder ({LAYOUTS})")
 
     _positive(a, "augment", "crop_size")
     _range("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
@@ -164,10 +162,10 @@ def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> 
     """data.backend, data.streamed and data.source fit together: the one statement of that rule, applied by
     check_config and by patches.choose_backend."""
     _choice("data.backend", backend, choices(DataConfig, "backend"))
-    if streamed and source != "imagefolder":
+    if streamed and source not in ("imagefolder", "tinyimagenet"):
         raise ConfigError(
             f"data.streamed=true reads image files, but data.source={source}; "
-            "use data.source=imagefolder with a directory, or data.streamed=false"
+            "use data.source=imagefolder or tinyimagenet with a folder, or data.streamed=false"
         )
     if streamed and backend == "torch":
         raise ConfigError(

@@ -344,7 +344,7 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         (train + ["data.synthetic_seed=-99999999999999999999", "--out", fresh], "is out of range", None),
         (train + folders["one_class"] + ["--out", fresh], "a linear probe needs at least 2 classes", None),
         (train + folders["test_only_class"] + ["--out", fresh], "test/ has classes with no training images: z", None),
-        (train + folders["bomb"] + ["--out", fresh], "huge.png decodes to 900,000,000 pixels, over the limit", None),
+        (train + folders["bomb"] + ["--out", fresh], "huge.png (900,000,000 pixels, over the limit", None),
         (train + ["train.n_patches=1000000", "--out", fresh], "this run needs about", None),
         (train + ["data.synthetic_train=1000000000", "--out", fresh], "this run needs about", None),
         (train + ["eval.mode=patches", "eval.patches=100000000", "--out", fresh], "this run needs about", None),

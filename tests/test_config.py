@@ -17,6 +17,8 @@ def test_shipped_configs_are_the_documented_ones():
         "cifar10_n20_10ep",
         "cifar100_n20_1ep",
         "imagefolder_example",
+        "imagenet100_n20",
+        "tinyimagenet_n20",
     } <= set(CONFIGS)
 
 
@@ -191,3 +193,38 @@ def test_messages_quote_a_bounded_prefix_of_a_value():
 def test_integers_outside_64_bits_are_errors(override):
     with pytest.raises(ConfigError, match="is out of range; write a whole number between -2\\^63 and 2\\^63"):
         apply_overrides(Config(), [override])
+
+
+def test_an_explicit_config_path_is_never_replaced_by_a_builtin(tmp_path, monkeypatch):
+    """--config DIR/NAME (no suffix) is DIR/NAME.yaml even when a built-in NAME exists; a missing path is an
+    error, never the built-in."""
+    from fastemp.config import resolve_config_path
+
+    (tmp_path / "cifar10_n20_1ep.yaml").write_text("train:\n  epochs: 7\n")
+    cfg = load_config(f"{tmp_path}/cifar10_n20_1ep")
+    assert cfg.train.epochs == 7 and cfg.name == "cifar10_n20_1ep"
+    (tmp_path / "mine.yml").write_text("train:\n  epochs: 3\n")
+    assert resolve_config_path(str(tmp_path / "mine")) == tmp_path / "mine.yml"
+    for missing in (f"{tmp_path}/quickstart", f"{tmp_path}/quickstart.yaml", "quickstart.yaml"):
+        with pytest.raises(ConfigError, match="config file not found.*or use the built-in with --config quickstart"):
+            load_config(missing)
+    monkeypatch.chdir(tmp_path)
+    assert load_config("./cifar10_n20_1ep").train.epochs == 7
+    assert load_config("quickstart").name == "quickstart"  # no local file: the built-in
+    assert load_config("mine").train.epochs == 3  # no built-in: the local file
+
+
+def test_a_name_that_is_both_a_local_file_and_a_builtin_is_an_error_listing_both(tmp_path, monkeypatch):
+    from fastemp.config import builtin_config_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart.yaml").write_text("train:\n  epochs: 7\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart")
+    message = str(err.value)
+    assert "quickstart.yaml" in message and str(builtin_config_path("quickstart")) in message
+    assert "\n" not in message
+    assert load_config("./quickstart").train.epochs == 7
+    assert load_config(str(builtin_config_path("quickstart"))).train.epochs != 7
+    monkeypatch.chdir(builtin_config_path("quickstart").parent)  # the built-in's own folder: the same file
+    assert load_config("quickstart").name == "quickstart"

@@ -24,7 +24,7 @@ def chunks(cfg) -> int:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_fits_its_gpu(name):
-    gib = 80 if name.startswith("imagenet") else 24  # 224-px ImageNet patches: an 80 GB card (H100/A100-80)
+    gib = 80 if name.startswith(("imagenet", "tinyimagenet")) else 24  # 224-px patches: an 80 GB card (H100/A100-80)
     cfg = load_config(name)
     parts = memory.check_memory(cfg, torch.device("cuda"), "bf16", chunks(cfg), available=gib * GIB)
     assert 0 < parts["total"] * memory.SAFETY_MARGIN <= gib * GIB

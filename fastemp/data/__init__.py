@@ -9,18 +9,25 @@ synthetic
     `synthetic_test`.
 
 cifar10, cifar100
-    fastemp/data/cifar.py.
+    fastemp/data/cifar.py: the python archives, or torchvision's extracted folders, under data.root.
 
-imagefolder
-    fastemp/data/imagefolder.py; with data.streamed=true, fastemp/data/streamed.py (a StreamedSet:
+imagefolder, tinyimagenet
+    Folders listed and checked by fastemp/data/listing.py, decoded once by fastemp/data/imagefolder.py
+    (imagefolder also from a .tar[.gz]); with data.streamed=true, fastemp/data/streamed.py (a StreamedSet:
     paths and labels, the files read every epoch by a streamed patch backend).
 
+`data.train_path`: a folder of unlabelled images that self-supervised training reads instead of the
+train split (`load_train_images`); the probe still fits data.source's labelled train split.
+
+Every set carries a `fingerprint`: a short hash of what it holds (a folder's file names, sizes and
+classes; CIFAR's per-file md5s; the synthetic set's parameters), equal wherever the same data lies.
 Every user-facing failure raises DataError with a one-line message saying what to do.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +36,20 @@ from ..config import DataConfig, choices
 from ..errors import DataError
 from .cifar import CIFAR_ARCHIVES, load_cifar
 from .imagefolder import SPLITS, load_imagefolder
+from .listing import fingerprint
 from .streamed import StreamedSet, load_streamed
 
-__all__ = ["SOURCES", "SPLITS", "DataError", "ImageSet", "StreamedSet", "load_split", "synthetic_seed"]
+__all__ = [
+    "SOURCES",
+    "SPLITS",
+    "DataError",
+    "ImageSet",
+    "StreamedSet",
+    "absolute_paths",
+    "load_split",
+    "load_train_images",
+    "synthetic_seed",
+]
 
 SOURCES = choices(DataConfig, "source")
 
@@ -39,16 +57,27 @@ SOURCES = choices(DataConfig, "source")
 @dataclass
 class ImageSet:
     images: torch.Tensor  # (N, H, W, 3) uint8, contiguous, on the requested device
-    labels: torch.Tensor  # (N,) int64, on the requested device
+    labels: torch.Tensor  # (N,) int64, on the requested device (-1: unlabelled)
     classes: list[str]
     description: str  # what was loaded, for logs
+    fingerprint: str = ""  # what data this is (names, sizes, classes; see the module docstring)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
+def absolute_paths(cfg: DataConfig) -> DataConfig:
+    """cfg with data.path and data.train_path made absolute (~ expanded, normalised, links kept): `fastemp
+    train` stores them so, and a run resumed from another folder reads the same data. Only new runs get
+    this; an old run's relative path, in its config.yaml and its checkpoint alike, is read as before."""
+    for key in ("path", "train_path"):
+        if getattr(cfg, key).strip():
+            setattr(cfg, key, os.path.abspath(os.path.expanduser(getattr(cfg, key))))
+    return cfg
+
+
 def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") -> ImageSet | StreamedSet:
-    """Load one split ("train" or "test") of the dataset that `cfg` describes onto `device`
+    """Load one labelled split ("train" or "test") of the dataset that `cfg` describes onto `device`
     (a StreamedSet of file paths when cfg.streamed)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' ; choose train or test")
@@ -57,23 +86,35 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
         close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.3)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise DataError(f"unknown data.source '{source}'{hint} ; choose {', '.join(SOURCES)}")
-    device = torch.device(device)
-    if cfg.streamed:  # on data.source=imagefolder (fastemp.validate.check_backend)
-        streamed = load_streamed(cfg, split, device)
+    return _load(cfg, split, torch.device(device), source)
+
+
+def load_train_images(cfg: DataConfig, device: torch.device | str = "cpu") -> ImageSet | StreamedSet:
+    """The images self-supervised training reads: data.train_path's (no labels: -1) when it is set, else
+    the train split."""
+    if not cfg.train_path:
+        return load_split(cfg, "train", device)
+    return _load(cfg, "train", torch.device(device), "unlabelled")
+
+
+def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> ImageSet | StreamedSet:
+    name = "unlabelled" if layout == "unlabelled" else split
+    if cfg.streamed:  # on image folders only (fastemp.validate.check_backend)
+        streamed = load_streamed(cfg, split, device, layout)
         streamed.description = (
-            f"{streamed.description}, {split}, {len(streamed)} images, {len(streamed.classes)} classes"
+            f"{streamed.description}, {name}, {len(streamed)} images, {len(streamed.classes)} classes"
         )
         return streamed
-    if source == "synthetic":
-        images, labels, classes, desc = _load_synthetic(cfg, split)
-    elif source in CIFAR_ARCHIVES:
-        images, labels, classes, desc = load_cifar(cfg, source, split)
+    if layout == "synthetic":
+        images, labels, classes, desc, prints = _load_synthetic(cfg, split)
+    elif layout in CIFAR_ARCHIVES:
+        images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
     else:
-        images, labels, classes, desc = load_imagefolder(cfg, split, device)
+        images, labels, classes, desc, prints = load_imagefolder(cfg, split, device, layout)
     images = torch.as_tensor(images).to(device).contiguous()
     labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
-    desc = f"{desc}, {split}, {len(labels)} images, {len(classes)} classes"
-    return ImageSet(images=images, labels=labels, classes=list(classes), description=desc)
+    desc = f"{desc}, {name}, {len(labels)} images, {len(classes)} classes"
+    return ImageSet(images=images, labels=labels, classes=list(classes), description=desc, fingerprint=prints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,4 +135,4 @@ def _load_synthetic(cfg: DataConfig, split: str):
     seed = synthetic_seed(cfg, split)
     images, labels = make_synthetic(n, seed, size=cfg.image_size)
     desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
-    return images, labels, list(CLASSES), desc
+    return images, labels, list(CLASSES), desc, fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])

@@ -2,10 +2,12 @@
 
 cifar10, cifar100
     The standard python pickle archives `cifar-10-python.tar.gz` / `cifar-100-python.tar.gz` in
-    `data.root`, read straight from the tar.gz (no extraction). A missing archive is downloaded
-    from the official URL when `data.download` is true (to a temporary file in `data.root`,
-    md5-verified, then renamed into place); the md5 of a present archive is checked on every
-    load (~0.3 s). cifar100 uses the 100 fine labels.
+    `data.root`, read straight from the tar.gz (no extraction). Without an archive, torchvision's
+    extracted folder `data.root/cifar-10-batches-py/` (`cifar-100-python/`) is read, each file's md5
+    checked against torchvision's list. With neither, the archive is downloaded from the official URL
+    when `data.download` is true (to a temporary file in `data.root`, md5-verified, then renamed into
+    place); the md5 of a present archive is checked on every load (~0.3 s). cifar100 uses the 100 fine
+    labels. A split's fingerprint is made of its files' md5s, so both layouts give the same one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..errors import one_line as _one_line
 from ..progress import bar
+from .listing import fingerprint
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class CifarArchive:
     meta_member: str
     label_key: bytes
     names_key: bytes
+    folder: str  # torchvision's extracted folder (the archive's top folder)
+    member_md5: dict[str, str]  # torchvision's md5 of every extracted file (datasets/cifar.py)
 
 
 CIFAR_ARCHIVES: dict[str, CifarArchive] = {
@@ -50,6 +55,16 @@ CIFAR_ARCHIVES: dict[str, CifarArchive] = {
         meta_member="batches.meta",
         label_key=b"labels",
         names_key=b"label_names",
+        folder="cifar-10-batches-py",
+        member_md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
     ),
     "cifar100": CifarArchive(
         filename="cifar-100-python.tar.gz",
@@ -60,6 +75,12 @@ CIFAR_ARCHIVES: dict[str, CifarArchive] = {
         meta_member="meta",
         label_key=b"fine_labels",
         names_key=b"fine_label_names",
+        folder="cifar-100-python",
+        member_md5={
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+            "meta": "7973b15100ade9c7d40fb424638fde48",
+        },
     ),
 }
 
@@ -172,12 +193,36 @@ def _read_members(path: Path, wanted: set[str]) -> dict[str, dict]:
     return found
 
 
+def _read_folder(folder: Path, spec: CifarArchive, wanted: set[str]) -> dict[str, dict]:
+    """Unpickle the files `wanted` of torchvision's extracted folder, each md5-checked as torchvision does."""
+    found = {}
+    for member in sorted(wanted):
+        path = folder / member
+        try:
+            got = _md5(path)
+            if got != spec.member_md5[member]:
+                raise DataError(
+                    f"{path} is corrupt or incomplete (md5 {got}, expected {spec.member_md5[member]}); delete "
+                    f"{folder} to use the archive (downloaded when missing), or restore the file"
+                )
+            found[member] = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            raise DataError(f"cannot read {path} ({_one_line(e)}); delete {folder} to use the archive instead") from e
+    return found
+
+
 def load_cifar(cfg: DataConfig, name: str, split: str):
     spec = CIFAR_ARCHIVES[name]
     root = Path(cfg.root).expanduser()
-    path = _ensure_archive(name, root, cfg.download)
     members = spec.train_members if split == "train" else spec.test_members
-    batches = _read_members(path, set(members) | {spec.meta_member})
+    wanted = set(members) | {spec.meta_member}
+    path = root / spec.filename
+    if not path.is_file() and (root / spec.folder).is_dir():
+        path = root / spec.folder
+        batches = _read_folder(path, spec, wanted)
+    else:
+        path = _ensure_archive(name, root, cfg.download)
+        batches = _read_members(path, wanted)
     try:
         data = np.concatenate([np.asarray(batches[m][b"data"], dtype=np.uint8) for m in members])
         labels = np.concatenate([np.asarray(batches[m][spec.label_key], dtype=np.int64) for m in members])
@@ -194,4 +239,6 @@ def load_cifar(cfg: DataConfig, name: str, split: str):
         raise DataError(f"{path}: labels outside 0..{len(classes) - 1}; delete it and download it again")
     # rows are channel-major (R plane, G plane, B plane), each 32x32 row-major
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return torch.from_numpy(images), torch.from_numpy(labels), classes, f"{name} (python archive {path})"
+    prints = fingerprint((name, m, spec.member_md5[m]) for m in (*members, spec.meta_member))
+    what = "python archive" if path.is_file() else "extracted folder"
+    return torch.from_numpy(images), torch.from_numpy(labels), classes, f"{name} ({what} {path})", prints

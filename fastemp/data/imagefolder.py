@@ -1,11 +1,12 @@
-"""ImageFolder data: list a directory or a tar archive, decode once (DALI or Pillow), cache as .npy.
+"""Image folders decoded once (DALI or Pillow) and cached as .npy: the resident imagefolder and
+tinyimagenet sources, and an unlabelled data.train_path.
 
-imagefolder
-    `train/<class>/*` and `test/<class>/*` image files (JPEG, PNG, BMP, ...) under `data.path`,
-    a directory or a `.tar` / `.tar.gz` / `.tgz` archive read directly into memory (an optional
-    single top-level folder above train/ and test/ is allowed). Classes are the sorted names of
-    the class folders that hold at least one image in either split; the label is the index in
-    that list, so both splits agree. Files are decoded with NVIDIA DALI (`fn.decoders.image`,
+imagefolder, tinyimagenet, unlabelled
+    A folder in one of the layouts fastemp/data/listing.py lists and checks, or for imagefolder a
+    `.tar` / `.tar.gz` / `.tgz` archive read directly into memory (`[top/]train/<class>/**` with
+    `test/<class>/**` or `val/<class>/**`, every member checked as a listed file is). Classes are
+    the sorted names of the class folders that hold at least one image in either split; the label
+    is the index in that list, so both splits agree (-1: unlabelled). Files are decoded with NVIDIA DALI (`fn.decoders.image`,
     RGB; device="cpu" for CPU targets, device="mixed" i.e. nvJPEG on CUDA), in batches fed
     through `fn.external_source`; without DALI, with Pillow; without either, DataError.
     Resize: an image that is not `image_size` x `image_size` is resized once at load, keeping
@@ -27,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import warnings
 from pathlib import Path
@@ -39,75 +39,44 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..errors import one_line as _one_line
 from ..progress import bar
+from . import listing
 
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
 DECODE_BATCH = 512  # encoded files per DALI pipeline run
 _CACHE_VERSION = 3  # 2: a cached split passed the class checks; 3: DALI decodes ignore EXIF rotation
-# Pillow's default decompression-bomb limit (about 9459 x 9459): a 3 MB PNG can declare 30000 x 30000
-# pixels (2.7 GB as RGB); such a file is refused from its header, before any decoder allocates.
-MAX_IMAGE_PIXELS = 89_478_485
 
 
-def _is_image(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _split_parts(relpath: str) -> tuple[str, str, str] | None:
-    """(prefix, split, class) of `[prefix/]split/class/file`, or None."""
+def _split_parts(relpath: str) -> tuple[str, str, str, str] | None:
+    """(prefix, split folder, class, path from the split folder on) of `[prefix/]split/class/.../file`
+    (split: train, test or val), or None."""
     parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    if len(parts) < 3 or len(parts) > 4 or parts[-3] not in SPLITS:
-        return None
-    return "/".join(parts[:-3]), parts[-3], parts[-2]
+    for at in (0, 1):
+        if len(parts) >= at + 3 and parts[at] in ("train", *listing.TEST_DIRS):
+            return "/".join(parts[:at]), parts[at], parts[at + 1], "/".join(parts[at:])
+    return None
 
 
-def _is_archive(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and name.endswith((".tar", ".tar.gz", ".tgz"))
-
-
-def _list_directory(root: Path) -> tuple[Path, dict[str, list[tuple[str, str, int, int]]]]:
-    """(base, {split: [(class, path relative to base, size, mtime_ns)]}) of a directory tree;
-    base is `root`, or its only subfolder when train/ and test/ sit one level down."""
-    base = root
-    if not any((root / s).is_dir() for s in SPLITS):
-        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in SPLITS):
-            base = subdirs[0]
-    out: dict[str, list[tuple[str, str, int, int]]] = {s: [] for s in SPLITS}
-    for split in SPLITS:
-        split_dir = base / split
-        if not split_dir.is_dir():
-            continue
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            with os.scandir(class_dir) as it:
-                for entry in it:
-                    if entry.is_file() and _is_image(entry.name):
-                        st = entry.stat()
-                        rel = f"{split}/{class_dir.name}/{entry.name}"
-                        out[split].append((class_dir.name, rel, st.st_size, st.st_mtime_ns))
-        out[split].sort(key=lambda t: (t[0], t[1]))
-    return base, out
-
-
-def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
-    """{split: [(class, member name, encoded bytes)]} of a .tar/.tar.gz, in one streaming pass."""
-    out: dict[str, list[tuple[str, str, bytes]]] = {s: [] for s in SPLITS}
+def _read_archive(path: Path) -> tuple[dict[str, list[tuple[str, str, bytes]]], str]:
+    """({split: [(class, path from the split folder on, encoded bytes)]}, test folder) of a .tar/.tar.gz, in
+    one streaming pass; every member is checked as listing.file_problem checks a file."""
+    found: dict[str, list[tuple[str, str, bytes]]] = {d: [] for d in ("train", *listing.TEST_DIRS)}
     prefixes: set[str] = set()
+    bad: list[tuple[str, str]] = []
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in bar(tar, desc=f"reading {path.name}", unit="file"):
-                if not member.isfile() or not _is_image(member.name):
-                    continue
-                parts = _split_parts(member.name)
+                parts = _split_parts(member.name) if member.isfile() and listing.is_image(member.name) else None
                 if parts is None:
                     continue
-                prefix, split, cls = parts
+                prefix, split, cls, rel = parts
                 prefixes.add(prefix)
+                if member.size == 0 or member.size > listing.MAX_FILE_BYTES:
+                    bad.append((member.name, listing.size_problem(member.size)))
+                    continue
                 f = tar.extractfile(member)
                 assert f is not None
-                out[split].append((cls, member.name, f.read()))
+                found[split].append((cls, rel, f.read()))
+                listing.check_blob(member.name, found[split][-1][2], bad)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(
             f"cannot read the archive {path} ({_one_line(e)}); check that it is a complete .tar/.tar.gz"
@@ -116,9 +85,14 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
         raise DataError(
             f"{path} holds several train/test trees ({', '.join(sorted(p or '.' for p in prefixes))}); keep one"
         )
+    listing.refuse(bad, str(path))
+    if found["test"] and found["val"]:
+        raise DataError(f"{path} has both test/ and val/ class folders; keep one of them as the test split")
+    test_dir = "val" if found["val"] else "test"
+    out = {"train": found["train"], "test": found[test_dir]}
     for items in out.values():
         items.sort(key=lambda t: (t[0], t[1]))
-    return out
+    return out, test_dir
 
 
 def _decoder_for(device: torch.device) -> str:
@@ -246,57 +220,13 @@ def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
-def _check_pixels(blobs: list[np.ndarray], names: list[str]) -> None:
-    """Refuse, from its header alone, an image that decodes to more than MAX_IMAGE_PIXELS (Pillow
-    reads only the header here; a file whose header it cannot read is left to the decoder)."""
-    if not _pil_importable():
-        return
-    from PIL import Image
-
-    for blob, name in zip(blobs, names):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below, as an error
-                with Image.open(io.BytesIO(blob)) as im:
-                    pixels = im.size[0] * im.size[1]
-        except Image.DecompressionBombError as err:  # Pillow's own check, at twice its limit, names the count
-            found = re.search(r"\((\d+) pixels\)", str(err))
-            pixels = int(found.group(1)) if found else 2 * MAX_IMAGE_PIXELS + 1
-        except Exception:
-            continue
-        if pixels > MAX_IMAGE_PIXELS:
-            raise DataError(
-                f"{name} decodes to {pixels:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} pixels for one "
-                "image (a decompression bomb?); shrink or remove that file"
-            )
-
-
-def _check_classes(listing: dict[str, list], where: str) -> None:
-    """A probe needs two classes to tell apart, and can only score test classes it was trained on."""
-    train = {item[0] for item in listing["train"]}
-    test = {item[0] for item in listing["test"]}
-    if listing["train"] and len(train) < 2:
-        raise DataError(
-            f"{where}: train/ has {len(train)} class ({', '.join(sorted(train))}); a linear probe needs "
-            "at least 2 classes: add train/<class>/ folders"
-        )
-    missing = sorted(test - train) if listing["train"] else []
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise DataError(
-            f"{where}: test/ has classes with no training images: {', '.join(missing[:3])}{more}; "
-            "add train/<class>/ images for them or remove them from test/"
-        )
-
-
 def _decode(
     items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
+    labels = np.array([index.get(c, -1) for c, _, _ in items], dtype=np.int64)  # -1: unlabelled
     blobs = [np.frombuffer(b, dtype=np.uint8) for _, _, b in items]
     names = [n for _, n, _ in items]
-    _check_pixels(blobs, names)
     if decoder == "pil":
         decoded = _decode_pil(blobs, names)
     else:
@@ -341,10 +271,12 @@ def _cache_load(paths: tuple[Path, Path, Path], size: int):
     ):
         warnings.warn(f"ignoring inconsistent cache {img_path}", stacklevel=3)
         return None
-    return images, labels, list(meta["classes"])
+    return images, labels, list(meta["classes"]), meta.get("fingerprint")
 
 
-def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+def _cache_save(
+    paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str], fingerprint: str = ""
+) -> None:
     img_path, lab_path, meta_path = paths
     tag = f".tmp-{os.getpid()}"
     try:
@@ -353,7 +285,7 @@ def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.n
             with open(path.with_name(path.name + tag), "wb") as f:
                 np.save(f, arr)
         meta_tmp = meta_path.with_name(meta_path.name + tag)
-        meta_tmp.write_text(json.dumps({"classes": classes, "n": int(len(labels))}))
+        meta_tmp.write_text(json.dumps({"classes": classes, "n": int(len(labels)), "fingerprint": fingerprint}))
         # the .json last: its presence marks a complete entry
         os.replace(img_path.with_name(img_path.name + tag), img_path)
         os.replace(lab_path.with_name(lab_path.name + tag), lab_path)
@@ -369,87 +301,59 @@ def _cache_save(paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.n
         warnings.warn(f"could not write the dataset cache under {img_path.parent} ({_one_line(e)})", stacklevel=3)
 
 
-def _classes_of(listing: dict[str, list]) -> list[str]:
-    return sorted({item[0] for items in listing.values() for item in items})
-
-
-def load_imagefolder(cfg: DataConfig, split: str, device: torch.device):
-    if not cfg.path:
-        raise DataError(
-            "data.source=imagefolder needs data.path; set it to a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*"
-        )
-    source = Path(cfg.path).expanduser().resolve()
-    if not source.exists():
-        raise DataError(
-            f"data.path {source} does not exist; check the path (a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*)"
-        )
-    if not (source.is_dir() or _is_archive(source)):
-        raise DataError(
-            f"data.path {source} is neither a directory nor a .tar/.tar.gz/.tgz archive; point data.path at one"
-        )
-    if cfg.image_size < 1:
-        raise DataError(f"data.image_size must be positive, got {cfg.image_size}; set data.image_size=32")
+def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder"):
+    """(images, labels, classes, description, fingerprint) of one split of the folder or archive that `cfg`
+    names in `layout` (listing.list_folder; an archive is always the imagefolder layout)."""
+    source = listing.source_path(cfg, layout)
     decoder = _decoder_for(device)
     size = int(cfg.image_size)
     how = f"decoded with {'Pillow' if decoder == 'pil' else 'DALI on ' + decoder.split('-')[1]}"
+    what = f"{layout} ({source}, {how}"
 
     if source.is_dir():
-        base, listing = _list_directory(source)
-        items = listing[split]
-        if not items:
-            raise DataError(
-                f"no images in {base / split}/<class>/; add them (expected train/<class>/* and test/<class>/*)"
-            )
-        _check_classes(listing, str(base))
-        classes = _classes_of(listing)
-        fingerprint = [[rel, sz, mt] for _, rel, sz, mt in items]
-        paths = _cache_paths(cfg, source, split, fingerprint, decoder)
+        folder = listing.list_folder(source, layout, cfg.root, need=split)
+        items, classes = folder.splits[split], folder.classes
+        paths = _cache_paths(cfg, source, split, [[rel, sz, mt] for _, rel, sz, mt in items], decoder)
         hit = _cache_load(paths, size)
         if hit is not None and hit[2] == classes:
-            return (
-                torch.from_numpy(hit[0]),
-                torch.from_numpy(hit[1]),
-                classes,
-                f"imagefolder ({source}, {how}, from cache {paths[0]})",
-            )
+            return (*_tensors(hit[:2]), classes, f"{what}, from cache {paths[0]})", listing.fingerprint(items))
         encoded = []
         for cls, rel, _, _ in items:
             try:
-                encoded.append((cls, rel, (base / rel).read_bytes()))
+                encoded.append((cls, rel, (folder.base / rel).read_bytes()))
             except OSError as e:
-                raise DataError(f"cannot read {base / rel} ({_one_line(e)})") from e
+                raise DataError(f"cannot read {folder.base / rel} ({_one_line(e)}); restore or remove it") from e
         images, labels = _decode(encoded, classes, size, decoder, device)
-        _cache_save(paths, images, labels, classes)
-        return torch.from_numpy(images), torch.from_numpy(labels), classes, f"imagefolder ({source}, {how})"
+        _cache_save(paths, images, labels, classes, listing.fingerprint(items))
+        return (*_tensors((images, labels)), classes, f"{what})", listing.fingerprint(items))
 
     st = source.stat()
-    fingerprint = [st.st_size, st.st_mtime_ns]
-    paths = {s: _cache_paths(cfg, source, s, fingerprint, decoder) for s in SPLITS}
+    paths = {s: _cache_paths(cfg, source, s, [st.st_size, st.st_mtime_ns], decoder) for s in SPLITS}
     hit = _cache_load(paths[split], size)
-    if hit is not None:
-        return (
-            torch.from_numpy(hit[0]),
-            torch.from_numpy(hit[1]),
-            hit[2],
-            f"imagefolder ({source}, {how}, from cache {paths[split][0]})",
-        )
-    listing = _read_archive(source)
-    if not listing[split]:
-        raise DataError(
-            f"no images under {split}/<class>/ in {source}; add them (expected train/<class>/* and test/<class>/*)"
-        )
-    _check_classes(listing, str(source))
-    classes = _classes_of(listing)
+    if hit is not None and hit[3]:
+        return (*_tensors(hit[:2]), hit[2], f"{what}, from cache {paths[split][0]})", hit[3])
+    found, test_dir = _read_archive(source)
+    if not found[split]:
+        where = f"{'train' if split == 'train' else test_dir}/<class>/"
+        raise DataError(f"no images under {where} in {source}; {listing.LAYOUTS}")
+    listing.check_classes(found, str(source), test_dir)
+    classes = sorted({c for items in found.values() for c, _, _ in items})
     result = None
     for s in SPLITS:  # one pass read both splits: decode and cache both
-        if not listing[s]:
+        if not found[s]:
             continue
-        if s != split and _cache_load(paths[s], size) is not None:
+        other = _cache_load(paths[s], size) if s != split else None
+        if other is not None and other[3]:
             continue
-        images, labels = _decode(listing[s], classes, size, decoder, device)
-        listing[s] = []  # free the encoded bytes
-        _cache_save(paths[s], images, labels, classes)
+        prints = listing.fingerprint((c, n, len(b)) for c, n, b in found[s])
+        images, labels = _decode(found[s], classes, size, decoder, device)
+        found[s] = []  # free the encoded bytes
+        _cache_save(paths[s], images, labels, classes, prints)
         if s == split:
-            result = images, labels
+            result = images, labels, prints
     assert result is not None
-    return torch.from_numpy(result[0]), torch.from_numpy(result[1]), classes, f"imagefolder ({source}, {how})"
+    return (*_tensors(result[:2]), classes, f"{what})", result[2])
+
+
+def _tensors(arrays) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(a) for a in arrays)

@@ -45,7 +45,7 @@ def test_streamed_errors_are_one_line(tmp_path):
         tar.add(root, arcname="f")
     for cfg, words in (
         (DataConfig(source="imagefolder", path=str(archive), streamed=True), "archive"),
-        (DataConfig(source="imagefolder", path=str(tmp_path / "none"), streamed=True), "not a directory"),
+        (DataConfig(source="imagefolder", path=str(tmp_path / "none"), streamed=True), "does not exist"),
         (DataConfig(source="synthetic", streamed=True), "data.streamed=true"),
     ):
         with pytest.raises(DataError, match=words) as err:
