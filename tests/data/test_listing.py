@@ -392,7 +392,7 @@ def test_a_run_stores_its_data_path_absolute_and_resumes_from_anywhere(tmp_path,
     assert main(["train", *tiny, "--out", str(tmp_path / "new")]) == 0
     stored = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())["data"]["path"]
     assert stored == str(here / "images")
-    monkeypatch.setattr("fastemp.data.absolute_paths", lambda cfg: cfg)  # a run from before this change
+    monkeypatch.setattr("fastemp.startup.absolute_paths", lambda cfg: cfg)  # a run from before this change
     assert main(["train", *tiny, "--out", str(tmp_path / "old")]) == 0
     assert yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())["data"]["path"] == "images"
     assert main(["resume", str(tmp_path / "old"), "--no-progress"]) == 0
