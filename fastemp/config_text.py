@@ -29,10 +29,6 @@ def shown(value) -> str:
 class _YamlRefused(yaml.YAMLError):
     """A YAML document that parses but is refused: a repeated key, an alias bomb."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
 
 def _expanded_size(node, sizes: dict) -> int:
     """Nodes in the tree the alias graph `node` expands to (memoised per node: linear in the graph)."""
@@ -84,7 +80,7 @@ def read_yaml(text: str, where: str):
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except _YamlRefused as err:
-        raise ConfigError(f"{where}: {err.message}") from None
+        raise ConfigError(f"{where}: {err}") from None
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply for a config; write sections one level deep") from None
     except yaml.YAMLError as err:
@@ -146,7 +142,7 @@ def coerce(value, tp, where: str):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {shown(value)}; write a whole number such as 8")
-        if not -INT_LIMIT < value < INT_LIMIT:  # torch and numpy take 64-bit integers
+        if not -INT_LIMIT < value < INT_LIMIT:
             raise ConfigError(
                 f"{where}: {shown(given)} is out of range; write a whole number between -2^63 and 2^63 (e.g. 8)"
             )
