@@ -107,6 +107,17 @@ BOOLEAN_WORDS = {
 }
 
 
+def _parsed(value, *types):
+    """A string read as the first of `types` that takes it (unchanged when none does); other values as they are."""
+    if isinstance(value, str):
+        for tp in types:
+            try:
+                return tp(value.strip())
+            except ValueError:
+                pass
+    return value
+
+
 def coerce(value, tp, where: str):
     """Convert a value (text from YAML or an override, or already typed) to the annotated type."""
     if isinstance(value, Raw):
@@ -129,15 +140,7 @@ def coerce(value, tp, where: str):
             return BOOLEAN_WORDS[value.strip().lower()]
         raise ConfigError(f"{where}: expected true/false, got {shown(value)}; write true or false")
     if tp is int:
-        given = value
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                try:
-                    value = float(value.strip())
-                except ValueError:
-                    pass
+        given, value = value, _parsed(value, int, float)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -148,11 +151,7 @@ def coerce(value, tp, where: str):
             )
         return value
     if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
+        value = _parsed(value, float)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {shown(value)}; write a number such as 0.3 or 1e-3")
         if not math.isfinite(value):

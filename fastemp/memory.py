@@ -93,14 +93,10 @@ def available_bytes(device: torch.device) -> int:
     by the cgroup's limit when there is one)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    free = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if free is None:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024  # in kB
+    except (OSError, ValueError, KeyError, IndexError):
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))

@@ -88,12 +88,8 @@ def _colour_pairs(gen: torch.Generator, n: int):
 def _class_mask(
     cls: int, u: torch.Tensor, v: torch.Tensor, tu: torch.Tensor, tv: torch.Tensor, flip: torch.Tensor
 ) -> torch.Tensor:
-    """Binary mask of class `cls`.
-
-    u, v: coordinates in the object frame normalised by the half-size (|u|,|v| <= 1 is the
-    bounding square); tu, tv: the same frame in stripe periods (for textures, phase included);
-    flip: (n, 1, 1) bool, mirrors the diagonal of diagonal-stripes.
-    """
+    """Binary mask of class `cls`. u, v: the object frame in half-sizes (|u|, |v| <= 1 is the bounding square);
+    tu, tv: the same frame in stripe periods, phase included; flip (n, 1, 1): mirrors the diagonal stripes."""
     if cls == 0:  # disc
         r2 = u * u + v * v
         return r2 <= _DISC_R * _DISC_R
@@ -116,10 +112,9 @@ def _class_mask(
         return inside & ((torch.floor(tu).to(torch.int64) & 1) == 0)
     if cls == 8:  # checkerboard
         return inside & (((torch.floor(tu).to(torch.int64) + torch.floor(tv).to(torch.int64)) & 1) == 0)
-    if cls == 9:  # diagonal stripes, "/" or "\" (a nuisance: horizontal flips swap them anyway)
-        d = torch.where(flip, tu - tv, tu + tv) * math.sqrt(0.5)  # same period as the others
-        return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
-    raise ValueError(cls)
+    # 9: diagonal stripes, "/" or "\" (a nuisance: horizontal flips swap them anyway)
+    d = torch.where(flip, tu - tv, tu + tv) * math.sqrt(0.5)  # same period as the others
+    return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
 
 
 def make_synthetic(
