@@ -5,7 +5,6 @@ without fastemp (the backbone under torchvision's names); the parts and metadata
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -64,13 +63,8 @@ def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, f
     }
     from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with runs.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     model = state["config"]["model"]
     lines = [f"wrote {out}: {part}, {len(tensors)} tensors, step {state['step']}"]
     if model["width"] != TORCHVISION_WIDTH:
