@@ -1,12 +1,6 @@
-"""The one clock: seconds of work on a device, read back with one synchronisation.
-
-Every duration fastemp reports comes from a Clock: the Trainer's train and warm-up seconds (so images/s and
-time to accuracy) and the benchmarks' step and phase times; a benchmark never times anything by itself.
-On CUDA a mark is an event recorded on the current stream, so marking never waits for the device; on the
-CPU, where torch ops run synchronously, it is time.perf_counter(). `intervals()` synchronises once and
-returns the seconds between consecutive marks, each named after the mark that ends it, so a caller leaves
-a pause out by naming the mark that ends it apart (the Trainer: "start" after an evaluation, "step" after
-every training step).
+"""The one clock every reported duration comes from: marks are CUDA events on the current stream (never
+waiting for the device) or perf_counter on the CPU; `intervals()` synchronises once. An interval is named
+after the mark that ends it, so a caller leaves a pause out by naming its end apart (the Trainer's "start").
 """
 
 from __future__ import annotations

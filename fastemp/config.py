@@ -1,8 +1,5 @@
-"""Run configuration: dataclasses loaded from YAML, overridden by `dotted.key=value` strings.
-
-Every key is checked: a misspelt or unknown key is an error that names it and suggests the
-closest valid one, so a typo can never silently fall back to a default. How text becomes typed
-values (strict YAML, the declared types) is fastemp.config_text.
+"""Run configuration: dataclasses loaded from YAML, overridden by `dotted.key=value` strings. An unknown key is
+an error that suggests the closest valid one; fastemp.config_text turns text into the declared types.
 """
 
 from __future__ import annotations
@@ -22,10 +19,15 @@ from .config_text import QUOTE_CHARS, Raw, coerce, read_yaml, shown
 from .errors import ConfigError
 
 
-def one_of(*choices: str) -> typing.Any:
+def one_of(*choices: str, protocol: bool = False) -> typing.Any:
     """A string field allowed only the given values, the first being its default. The schema is the one
     place the choices are written: validation (fastemp.validate) and every reader take them from here."""
-    return field(default=choices[0], metadata={"choices": choices})
+    return field(default=choices[0], metadata={"choices": choices, "protocol": protocol})
+
+
+def protocol_key(default) -> typing.Any:
+    """A key of the evaluation protocol (EVAL_PROTOCOLS), whose default is the official code's value."""
+    return field(default=default, metadata={"protocol": True})
 
 
 def choices(section: type, name: str) -> tuple[str, ...]:
@@ -76,14 +78,11 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     width: int = 64  # ResNet-18 base width (64 = the standard network)
-    stem: str = one_of(
-        "cifar", "imagenet"
-    )  # cifar: 3x3 stride-1 conv, no maxpool; imagenet: 7x7 stride-2 conv + maxpool
+    stem: str = one_of("cifar", "imagenet")  # cifar: 3x3 stride-1 conv, no maxpool; imagenet: torchvision's
     hidden_dim: int = 4096  # projector hidden size; h (the evaluation feature) has this size
     z_dim: int = 1024
-    compile: str = one_of(
-        "auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-    )  # auto: default mode on CUDA, none on CPU
+    # auto: default mode on CUDA, none on CPU
+    compile: str = one_of("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC activations: cuDNN's and oneDNN's fast layout (2x fwd+bwd on a 2-core CPU)
     sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch (off: each rank's shard)
@@ -100,9 +99,7 @@ class LossConfig:
     uniformity: str = one_of("tcr", "vonmises")  # vonmises: log mean exp(-t |zbar_a - zbar_b|^2) over image pairs
     vonmises_weight: float = 1.0
     vonmises_t: float = 2.0
-    fused: str = one_of(
-        "auto", "on", "off"
-    )  # auto: Triton kernel on CUDA, torch on CPU; on: CPU needs TRITON_INTERPRET=1
+    fused: str = one_of("auto", "on", "off")  # auto: Triton kernel on CUDA; on: the CPU needs TRITON_INTERPRET=1
 
 
 @dataclass
@@ -133,51 +130,29 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
 
 
-# Evaluation protocols by name. "official" is the official EMP-SSL evaluation (evaluate.py + func.py of
-# tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps everything but the two costs
-# (patches per image, probe epochs) for quick curves. Any other combination is "custom".
-_OFFICIAL_EVAL = {
-    "mode": "patches",
-    "patches": 128,
-    "probe_epochs": 100,
-    "probe_lr": 0.03,
-    "probe_momentum": 0.9,
-    "probe_weight_decay": 5e-5,
-    "probe_batch_size": 100,
-    "knn_k": 20,
-    "knn_temperature": 0.07,
-    "embedding": "features",
-}
-EVAL_PROTOCOLS: dict[str, dict] = {
-    "official": _OFFICIAL_EVAL,
-    "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
-}
-EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
 EVAL_EVERY = re.compile(r"(\d+)|(\d*\.?\d+)ep")  # eval.every: steps, or a fraction of an epoch
 
 
 @dataclass
 class EvalConfig:
-    """How a trained encoder is scored. `eval.protocol=NAME` in a config or an override is a preset that sets
-    every protocol key (EVAL_PROTOCOLS); `protocol` itself is computed from the values, never stored.
-    batch_size, knn, random_init and at_end are not part of a protocol."""
+    """How a trained encoder is scored. `eval.protocol=NAME` is a preset of every protocol key (EVAL_PROTOCOLS);
+    `protocol` is computed from the values, never stored."""
 
-    mode: str = one_of(
-        "patches", "plain"
-    )  # patches: mean of h over `patches` augmented patches; plain: the whole image once
-    patches: int = 128
+    # patches: mean of h over `patches` augmented patches; plain: the whole image once
+    mode: str = one_of("patches", "plain", protocol=True)
+    patches: int = protocol_key(128)
     batch_size: int = 100  # images per feature-extraction batch
-    probe_epochs: int = 100
-    probe_lr: float = 0.03
-    probe_momentum: float = 0.9
-    probe_weight_decay: float = 5e-5
-    probe_batch_size: int = 100
+    probe_epochs: int = protocol_key(100)
+    probe_lr: float = protocol_key(0.03)
+    probe_momentum: float = protocol_key(0.9)
+    probe_weight_decay: float = protocol_key(5e-5)
+    probe_batch_size: int = protocol_key(100)
     knn: bool = False
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = protocol_key(20)
+    knn_temperature: float = protocol_key(0.07)
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
-    embedding: str = one_of("features", "proj")  # features: h; proj: the unit projection z, pooled like h
+    embedding: str = one_of("features", "proj", protocol=True)  # features: h; proj: the unit projection z, pooled
     every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
     stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 
@@ -197,6 +172,17 @@ class EvalConfig:
         return int(steps) if steps else (max(1, round(float(epochs) * steps_per_epoch)) if float(epochs) else 0)
 
 
+# Evaluation protocols by name. "official" (the protocol keys' defaults) is the official EMP-SSL evaluation
+# (evaluate.py + func.py of tsb0601/EMP-SSL; docs/evaluation.md cites the line of every value); "cheap" keeps
+# everything but the two costs (patches per image, probe epochs) for quick curves. Any other is "custom".
+_OFFICIAL_EVAL = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.metadata.get("protocol")}
+EVAL_PROTOCOLS: dict[str, dict] = {
+    "official": _OFFICIAL_EVAL,
+    "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
+}
+EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
+
+
 def eval_protocol_name(cfg: EvalConfig) -> str:
     """The protocol whose values cfg has (official, cheap), or custom."""
     for name, values in EVAL_PROTOCOLS.items():
@@ -207,12 +193,9 @@ def eval_protocol_name(cfg: EvalConfig) -> str:
 
 def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
     """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top."""
-    if protocol not in EVAL_PROTOCOLS:
-        raise ConfigError(
-            f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}; use one of them"
-        )
-    kept = dataclasses.asdict(base) if base is not None else {}
-    return EvalConfig(**{**kept, **EVAL_PROTOCOLS[protocol], **changes})
+    cfg = dataclasses.replace(base) if base is not None else EvalConfig()
+    _use_protocol(cfg, protocol, "eval.protocol")
+    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
@@ -265,34 +248,25 @@ def _use_protocol(cfg: EvalConfig, name: str, where: str) -> None:
         setattr(cfg, key, value)
 
 
-def _parse_override(item: str) -> tuple[list[str], object]:
-    if "=" not in item:
-        raise ConfigError(f"override {shown(item)} is not of the form section.key=value; write e.g. train.epochs=2")
-    key, raw = item.split("=", 1)
-    return key.strip().split("."), Raw(raw.strip())
-
-
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     for item in overrides:
-        path, value = _parse_override(item)
-        nested: dict = value  # type: ignore[assignment]
-        for part in reversed(path):
+        if "=" not in item:
+            raise ConfigError(f"override {shown(item)} is not of the form section.key=value; write e.g. train.epochs=2")
+        key, raw = item.split("=", 1)
+        nested: dict = Raw(raw.strip())  # type: ignore[assignment]
+        for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _apply(cfg, nested)
     return cfg
 
 
 def to_dict(cfg: Config) -> dict:
-    def plain(v):
-        return list(v) if isinstance(v, tuple) else v
-
+    """Sections as dicts of plain values (tuples as lists), as YAML and JSON write them."""
     return {
-        f.name: (
-            {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
-            if dataclasses.is_dataclass(getattr(cfg, f.name))
-            else getattr(cfg, f.name)
-        )
-        for f in dataclasses.fields(cfg)
+        name: {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        if isinstance(value, dict)
+        else value
+        for name, value in dataclasses.asdict(cfg).items()
     }
 
 
@@ -327,10 +301,10 @@ def resolve_config_path(spec: str) -> Path:
     ever that file (or, without a suffix, SPEC.yaml / SPEC.yml): never a built-in. A bare NAME is the file
     NAME[.yaml|.yml] here or the built-in NAME; both at once is an error that lists both."""
     path = Path(spec).expanduser()
-    is_path = "/" in spec or os.sep in spec or path.suffix in (".yaml", ".yml")
-    exact = [path] if path.is_file() else []
-    suffixed = [] if path.suffix in (".yaml", ".yml") else [path.with_name(path.name + s) for s in (".yaml", ".yml")]
-    files = exact or [p for p in suffixed if p.is_file()]
+    yaml_suffix = path.suffix in (".yaml", ".yml")
+    is_path = "/" in spec or os.sep in spec or yaml_suffix
+    suffixed = [] if yaml_suffix else [path.with_name(path.name + s) for s in (".yaml", ".yml")]
+    files = [path] if path.is_file() else [p for p in suffixed if p.is_file()]
     builtin = _builtin_dir() / f"{path.name}.yaml"
     if not is_path and builtin.is_file() and files and not builtin.samefile(files[0]):
         raise ConfigError(
@@ -342,7 +316,7 @@ def resolve_config_path(spec: str) -> Path:
     if files:
         return files[0]
     if is_path:
-        stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+        stem = path.stem if yaml_suffix else path.name
         hint = f", or use the built-in with --config {stem}" if (_builtin_dir() / f"{stem}.yaml").is_file() else ""
         raise ConfigError(f"config file not found: {spec}; check the path{hint}")
     return builtin_config_path(spec)

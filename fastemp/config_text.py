@@ -29,10 +29,6 @@ def shown(value) -> str:
 class _YamlRefused(yaml.YAMLError):
     """A YAML document that parses but is refused: a repeated key, an alias bomb."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
 
 def _expanded_size(node, sizes: dict) -> int:
     """Nodes in the tree the alias graph `node` expands to (memoised per node: linear in the graph)."""
@@ -84,7 +80,7 @@ def read_yaml(text: str, where: str):
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except _YamlRefused as err:
-        raise ConfigError(f"{where}: {err.message}") from None
+        raise ConfigError(f"{where}: {err}") from None
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply for a config; write sections one level deep") from None
     except yaml.YAMLError as err:
@@ -111,6 +107,17 @@ BOOLEAN_WORDS = {
 }
 
 
+def _parsed(value, *types):
+    """A string read as the first of `types` that takes it (unchanged when none does); other values as they are."""
+    if isinstance(value, str):
+        for tp in types:
+            try:
+                return tp(value.strip())
+            except ValueError:
+                pass
+    return value
+
+
 def coerce(value, tp, where: str):
     """Convert a value (text from YAML or an override, or already typed) to the annotated type."""
     if isinstance(value, Raw):
@@ -133,30 +140,18 @@ def coerce(value, tp, where: str):
             return BOOLEAN_WORDS[value.strip().lower()]
         raise ConfigError(f"{where}: expected true/false, got {shown(value)}; write true or false")
     if tp is int:
-        given = value
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                try:
-                    value = float(value.strip())
-                except ValueError:
-                    pass
+        given, value = value, _parsed(value, int, float)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {shown(value)}; write a whole number such as 8")
-        if not -INT_LIMIT < value < INT_LIMIT:  # torch and numpy take 64-bit integers
+        if not -INT_LIMIT < value < INT_LIMIT:
             raise ConfigError(
                 f"{where}: {shown(given)} is out of range; write a whole number between -2^63 and 2^63 (e.g. 8)"
             )
         return value
     if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
+        value = _parsed(value, float)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {shown(value)}; write a number such as 0.3 or 1e-3")
         if not math.isfinite(value):

@@ -1,22 +1,10 @@
-"""`fastemp export RUN`: a run's trained weights as one safetensors file, loadable without fastemp.
-
-    fastemp export RUN [--part backbone|encoder] [--out FILE] [--force]
-
-backbone: the ResNet-18 alone under torchvision's tensor names (conv1.weight, bn1.running_mean,
-layer1.0.downsample.0.weight, ...), so it loads with strict=True into torchvision.models.resnet18()
-once fc is nn.Identity() (and, for the CIFAR stem, conv1 a 3x3 stride-1 conv and maxpool nn.Identity()).
-encoder: the whole model under its own names, which are also those of the official code's and of
-kachayev/ssl-in-one-epoch's encoder: backbone.* (the backbone's names, prefixed), pre_feature.* (h, the
-evaluation feature) and projection.* (h -> p; z = p / |p|); model.projector_init reads its projection.*.
-
-Metadata (strings, JSON where structured): format, part, config (the checkpoint's), step, commit (the
-run's, from summary.json), export_commit (this checkout's), results (summary.json and eval.json).
+"""`fastemp export RUN [--part backbone|encoder]`: a run's trained weights as one safetensors file, loadable
+without fastemp (the backbone under torchvision's names); the parts and metadata are in docs/export.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -32,17 +20,10 @@ TORCHVISION_WIDTH = 64  # torchvision's resnet18 has no other width
 
 
 def export_tensors(model_state: dict, part: str) -> dict[str, torch.Tensor]:
-    """The tensors of `part` from a model state dict (EMPEncoder's names), contiguous (channels_last
-    weights included) and on the CPU."""
+    """The tensors of `part` from a model state dict (EMPEncoder's names), contiguous and on the CPU."""
     if part == "backbone":
         model_state = {k.removeprefix("backbone."): v for k, v in model_state.items() if k.startswith("backbone.")}
     return {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
-
-
-def torchvision_recipe(stem: str) -> str:
-    """How torchvision.models.resnet18() is changed to hold a backbone export of this stem."""
-    conv = "conv1=nn.Conv2d(3, 64, 3, 1, 1, bias=False), maxpool=nn.Identity(), " if stem == "cifar" else ""
-    return f"torchvision.models.resnet18() with {conv}fc=nn.Identity()"
 
 
 def _json_file(path: Path) -> dict | None:
@@ -82,13 +63,8 @@ def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, f
     }
     from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with runs.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     model = state["config"]["model"]
     lines = [f"wrote {out}: {part}, {len(tensors)} tensors, step {state['step']}"]
     if model["width"] != TORCHVISION_WIDTH:
@@ -98,7 +74,9 @@ def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, f
             f"{model['stem']!r}) has the same names)"
         )
     elif part == "backbone":
-        lines.append(f"loads with strict=True into {torchvision_recipe(model['stem'])} (docs/export.md)")
+        cifar = "conv1=nn.Conv2d(3, 64, 3, 1, 1, bias=False), maxpool=nn.Identity(), "
+        recipe = f"torchvision.models.resnet18() with {cifar if model['stem'] == 'cifar' else ''}fc=nn.Identity()"
+        lines.append(f"loads with strict=True into {recipe} (docs/export.md)")
     return lines
 
 

@@ -1,20 +1,11 @@
-"""Two-pass gradient cache: exact EMP-SSL gradients for n*B patches that do not fit at once.
+"""Two-pass gradient cache: exact EMP-SSL gradients for n*B patches that do not fit at once (docs/training.md).
 
     pass 1  no-grad forward of each chunk of patch groups      -> p (n, B, d), small
     loss    exact loss on all of p, backward to dL/dp          (TCR and invariance see every patch)
     pass 2  re-forward each chunk with grad, backprop dL/dp_c  -> parameter gradients
 
-Memory is one chunk's activations instead of all n*B patches'. Each chunk is a contiguous range
-of patch groups (patch i of every image), so BatchNorm normalises each chunk with its own batch
-statistics -- the same as the official code, whose DataParallel run normalises each GPU's shard
-of the patch-major batch separately. Both passes see the same statistics (same data, same
-weights), so the gradient is exactly that of a single graph with chunk-wise BatchNorm. Running
-statistics are updated once per chunk, in pass 2 only (momentum is 0 during pass 1).
-
-With train.bn_groups the BatchNorm groups are fixed by the config instead ("ghost" BN in
-fastemp.model), and the chunks only decide memory: `plan_chunks` picks the fewest chunks of
-whole groups that fit (often one pass: no second forward), with the same gradients. It is called
-once, by fastemp.runtime.resolve; the Trainer sets the model's groups from the Runtime.
+BatchNorm normalises each chunk apart, as the official DataParallel run normalises each GPU's shard; both
+passes see the same statistics, so the gradient is exact. Running statistics move in pass 2 only.
 """
 
 from __future__ import annotations
@@ -27,6 +18,7 @@ from torch import nn
 
 from .config import ConfigError
 from .losses import LossTerms
+from .memory import available_bytes
 from .model import frozen_batchnorm_stats
 
 
@@ -43,20 +35,15 @@ def plan_chunks(
 ) -> tuple[int, int]:
     """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches.
 
-    bn_groups 0 is the gradient cache's own semantics: BatchNorm per chunk, grad_chunks chunks.
-    bn_groups k > 0 fixes the semantics whatever the memory: k groups of n/k patch groups, each
-    normalised on its own ("ghost" BN; k=10 at n=200 is the official multi-GPU run's 2,000 patches
-    per GPU). The chunks then hold whole groups (k/chunks per forward); grad_chunks 0 picks them:
-    on CUDA the fewest (a divisor of k) whose estimated activations, chunk * bytes_per_patch * 1.5,
-    fit in 80% of the free memory (torch.cuda.mem_get_info, or free_bytes); on the CPU and under
-    torchrun, k chunks (BatchNorm per chunk, as before: SyncBatchNorm has no groups).
-    """
+    bn_groups 0: BatchNorm per chunk, grad_chunks chunks. bn_groups k > 0: k groups normalised apart ("ghost"
+    BN), in chunks of whole groups; grad_chunks 0 picks them: on one CUDA device the fewest whose activations
+    (x1.5) fit in 80% of the free memory (or free_bytes), elsewhere k (SyncBatchNorm has no groups)."""
     if bn_groups == 0:
         return max(grad_chunks, 1), 1
     if grad_chunks == 0:
         grad_chunks = bn_groups
         if device.type == "cuda" and world == 1:
-            free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+            free = available_bytes(device) if free_bytes is None else free_bytes
             fitting = [
                 c
                 for c in range(1, bn_groups + 1)
@@ -91,12 +78,8 @@ def gradient_cache_step(
 ) -> LossTerms:
     """Loss terms of one step; parameter gradients accumulated as if all patches ran at once.
 
-    `forward` may be the compiled model; `model` is the module whose BatchNorm layers it runs
-    (defaults to `forward` itself when that is an nn.Module). When `model` is DDP, every chunk's
-    backward but the last runs under its no_sync, so gradients are all-reduced once per step.
-    `mark(phase)` is called after each phase ("forward": pass 1, "loss", "backward": pass 2), as
-    Trainer.train_step documents.
-    """
+    `forward` may be the compiled `model` (default: `forward` itself); under DDP gradients are all-reduced
+    once, after the last chunk. `mark(phase)` follows each phase: "forward" (pass 1), "loss", "backward"."""
     model = model if model is not None else forward
     no_sync = getattr(model, "no_sync", nullcontext)
     batch = patches.shape[0] // n

@@ -8,8 +8,8 @@ For each weight with ndim > 1 (convolutions, linear weights):
 
 then a plain SGD step (momentum 0.9, nesterov) whose own weight decay is off. Biases and
 BatchNorm parameters (ndim 1) get neither LARS nor weight decay. A weight whose norm or gradient
-norm is zero is left untouched (no decay either), as in the official wrapper. Everything stays on
-the device: no host sync, and a few multi-tensor kernels per step rather than some per parameter.
+norm is zero is left untouched (no decay either), as in the official wrapper. No host sync; the
+multi-tensor paths are explained in docs/speed.md.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ from .config import OptimConfig
 
 
 def segment_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of consecutive segments of `flat`, each with the size and strides of the matching tensor.
-
-    The strides are the tensors' own (channels_last weights included), so a foreach op over `like`
-    and these views passes torch's fast-route check (same sizes and strides pairwise) and runs as a
-    few multi-tensor kernels instead of one kernel per tensor. Every tensor must be dense."""
+    """Views of consecutive segments of `flat` with the sizes and strides of the (dense) tensors `like`, so that
+    foreach over both passes torch's fast-route check and runs as multi-tensor kernels."""
     views, offset = [], flat.storage_offset()
     for t in like:
         views.append(flat.as_strided(t.shape, t.stride(), offset))
@@ -36,9 +33,8 @@ def segment_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Te
 
 
 def segment_factors_on(device: torch.device) -> bool:
-    """Whether per-tensor factors go to foreach as segment views of one expanded tensor (CUDA: multi-tensor
-    kernels, where 0-d factors would cost one kernel per tensor) rather than as 0-d tensors (elsewhere:
-    foreach loops over the tensors anyway, and expanding the factors only adds memory traffic)."""
+    """Per-tensor factors as segment views of one expanded tensor (CUDA: multi-tensor kernels) rather than 0-d
+    tensors (elsewhere foreach loops over the tensors anyway; expanding only adds traffic)."""
     return device.type == "cuda"
 
 
@@ -52,12 +48,10 @@ def fused_lars_sgd(
     momentum: float,
     nesterov: bool,
 ) -> None:
-    """The whole update of one group in one pass per tensor, meant for torch.compile (Inductor fuses it
-    into a few multi-tensor kernels: read p, g, buf; write p, buf):
+    """The whole update in one pass per tensor, for torch.compile to fuse (a zero buffer starts at d, as SGD's):
 
-        d = g * scale_i + p * decay_i;  buf = momentum * buf + d;  p += -lr_i * (d + momentum * buf if nesterov else d)
-
-    torch's SGD starts the buffer at d; a zero buffer gives exactly that (0 * m + d = d)."""
+    d = g * scale_i + p * decay_i;  buf = momentum * buf + d;  p += -lr_i * (d + momentum * buf if nesterov else d)
+    """
     d = torch._foreach_add(
         torch._foreach_mul(grads, list(scale.unbind())), torch._foreach_mul(params, list(decay.unbind()))
     )
@@ -68,10 +62,8 @@ def fused_lars_sgd(
 
 
 class LARS(torch.optim.SGD):
-    """LARS over SGD. fused_update=True runs the adaptation and the SGD step as one compiled pass per
-    tensor (`fused_lars_sgd`, the CUDA path when the model is compiled); otherwise the adaptation is
-    `adapt_gradients` (eager multi-tensor kernels) followed by torch's SGD step. Same update either
-    way, up to float rounding; the momentum buffers are torch SGD's state (checkpoints carry over)."""
+    """LARS over SGD: `adapt_gradients` then torch's SGD step, or with fused_update one compiled pass per tensor
+    (`fused_lars_sgd`); the same update up to rounding, with torch SGD's momentum buffers either way."""
 
     def __init__(
         self,
@@ -101,10 +93,8 @@ class LARS(torch.optim.SGD):
         return self._sizes[key], sum(key)
 
     def _factors(self, group: dict, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, decay, all gradients finite) of LARS weights: g <- g * scale + p * decay.
-
-        Two foreach norm passes (weights, gradients); a non-finite gradient entry makes its 2-norm
-        non-finite, so the finiteness verdict costs nothing more."""
+        """(scale, decay, all gradients finite) of LARS weights: g <- g * scale + p * decay. A non-finite gradient
+        entry makes its 2-norm non-finite, so the verdict costs nothing more."""
         wd = group["lars_weight_decay"]
         p_norm = torch.stack(torch._foreach_norm(params))
         g_norm = torch.stack(torch._foreach_norm([p.grad for p in params]))
@@ -129,13 +119,8 @@ class LARS(torch.optim.SGD):
 
     @torch.no_grad()
     def adapt_gradients(self) -> torch.Tensor | None:
-        """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version.
-
-        One update pass whose per-tensor factors are expanded to segments of one flat tensor
-        (`segment_views`): a list of 0-d tensors would send foreach to its one-kernel-per-tensor
-        path. Same roundings as the plain per-tensor rule (g * scale, then + p * decay). Returns
-        whether every gradient was finite (0-d bool on the device, None without gradients), from
-        the norms computed here (max-norms for the parameters outside LARS: small)."""
+        """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version (g * scale, then
+        + p * decay). Returns whether every gradient was finite (0-d bool on the device; None without any)."""
         finite = []
         for group in self.param_groups:
             params, others = self._split(group)
@@ -159,20 +144,10 @@ class LARS(torch.optim.SGD):
 
     @torch.no_grad()
     def _fused_step(self) -> torch.Tensor | None:
-        """Every group's tensors in one compiled call (per-tensor lr, so groups may differ in lr)."""
+        """Every group's tensors in one compiled call (per-tensor lr; one momentum and nesterov for all)."""
         finite, every, scales, decays, lrs = [], [], [], [], []
         momentum, nesterov = self.param_groups[0]["momentum"], self.param_groups[0]["nesterov"]
         for group in self.param_groups:
-            if (
-                group["dampening"]
-                or group["maximize"]
-                or group["weight_decay"]
-                or (group["momentum"], group["nesterov"]) != (momentum, nesterov)
-            ):
-                raise ValueError(
-                    "LARS's fused update needs plain momentum SGD with one momentum and nesterov "
-                    "setting (no dampening, maximize or SGD weight decay)"
-                )
             params, others = self._split(group)
             if params:
                 scale, decay, ok = self._factors(group, params)
@@ -206,8 +181,6 @@ class LARS(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure=None):
         if self._fused is not None:
-            if closure is not None:
-                raise ValueError("LARS's fused update takes no closure")
             self._finite = self._fused_step()
             return None
         self._finite = self.adapt_gradients()
@@ -215,7 +188,7 @@ class LARS(torch.optim.SGD):
 
     def gradients_finite(self) -> torch.Tensor | None:
         """Whether every gradient of the last step was finite (0-d bool on the device; None before a step
-        or when no parameter had a gradient). Costs nothing: LARS computed the norms anyway."""
+        or when no parameter had a gradient), from the norms LARS computed anyway."""
         return self._finite
 
 
@@ -244,10 +217,8 @@ def build_lars(model: nn.Module, optim: OptimConfig, fused_update: bool = False)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
-    """Learning rate at iteration `step`: linear warmup, then cosine from base_lr to min_lr.
-
-    With warmup_steps=0 this is torch's CosineAnnealingLR(T_max=total_steps) stepped per iteration.
-    """
+    """Learning rate at iteration `step`: linear warmup, then cosine from base_lr to min_lr (with warmup_steps=0,
+    torch's CosineAnnealingLR(T_max=total_steps) stepped per iteration)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -1,17 +1,10 @@
-"""The EMP-SSL loss: invariance (cosine of each patch to its image's mean) + Total Coding Rate.
-
-Shapes: z is (n, B, d), patch-major -- group i holds patch i of every image in the batch.
+"""The EMP-SSL loss over z of shape (n, B, d), patch-major (group i holds patch i of every image):
 
     loss_sim = -mean_i mean_b cos(z_i[b], zbar[b]),   zbar = mean_i z_i (not detached)
     R(Z_i)   = 1/2 logdet(I_d + d/(B*eps) Z_i^T Z_i),  loss_tcr = -mean_i R(Z_i)
-    total    = invariance_weight * loss_sim + tcr_weight * loss_tcr     (200 and 1 by default)
+    total    = invariance_weight * loss_sim + tcr_weight * loss_tcr
 
-loss.uniformity=vonmises puts vonmises_weight * vonmises_uniformity(z) in the TCR's place.
-
-Both terms are negative by design: training drives cosines up (towards -1 for loss_sim) and
-coding rate up. Both terms are written over whatever batch they are given. Under torchrun,
-`projection_loss_terms` computes the invariance over this rank's images and the TCR over the
-batch gathered from every rank (fastemp.distributed explains why that gives the exact gradient).
+Both terms are negative by design (docs/training.md#the-loss-and-why-both-terms-are-negative).
 """
 
 from __future__ import annotations
@@ -38,14 +31,9 @@ class LossTerms(NamedTuple):
 
 
 class _CholeskyCodingRate(torch.autograd.Function):
-    """R(Z_i) for all groups with one batched Cholesky, gradient in closed form.
-
-    Sylvester: logdet(I_d + c Z^T Z) = logdet(I_B + c Z Z^T), so the Gram matrix is formed on the
-    smaller side. With M = I + c G = L L^T: logdet M = 2 sum log diag L, and
-    dR/dZ = c M^{-1} Z (B side) or c Z M^{-1} (d side): one triangular solve pair.
-    A failed factorisation (only possible for non-finite or absurd inputs: M's eigenvalues are
-    >= 1) yields NaN for that group, never a wrong finite number; there is no host sync here.
-    """
+    """R(Z_i) for all groups with one batched Cholesky of M = I + c G = L L^T, G the Gram matrix on the smaller
+    side (Sylvester); logdet M = 2 sum log diag L, dR/dZ = c M^{-1} Z (B side) or c Z M^{-1} (d side).
+    A failed factorisation (M's eigenvalues are >= 1: only non-finite inputs) gives NaN, never a wrong number."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, eps: float):
@@ -90,10 +78,9 @@ def invariance_loss(z: torch.Tensor) -> torch.Tensor:
 
 
 def vonmises_uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """log mean_{a<b} exp(-t |zbar_a - zbar_b|^2), zbar = mean_i z_i (each image's mean embedding, not
-    renormalised), over the B*(B-1)/2 image pairs: the uniformity term of kachayev/ssl-in-one-epoch
-    (docs/training.md), in fp32 (float64 kept) with autocast off. Squared distances come from the Gram
-    matrix (no sqrt: a finite gradient at distance 0), the log-mean-exp from logsumexp."""
+    """log mean_{a<b} exp(-t |zbar_a - zbar_b|^2) over image pairs, zbar = mean_i z_i: kachayev/ssl-in-one-epoch's
+    uniformity term (docs/training.md), in fp32 (float64 kept). Distances from the Gram matrix: no sqrt, so a
+    finite gradient at distance 0."""
     with torch.autocast(z.device.type, enabled=False):
         zbar = at_least_fp32(z).mean(dim=0)
         sq = zbar.square().sum(-1)
@@ -118,18 +105,9 @@ def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 2
 
 
 def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False) -> LossTerms:
-    """The loss from raw projector outputs p (n, B, d): z = p / |p| per row.
-
-    fused=True computes the invariance term (and its gradient) with the Triton kernel straight
-    from p; the TCR term always sees the normalised z through autograd.
-
-    Under torchrun p is this rank's shard: `invariance` (and so `total`) is this rank's, the mean
-    over ranks of either is the global value; `tcr` is the global batch's, identical on every rank.
-    Every rank runs the TCR's Cholesky on the gathered z: it is n factorisations of a B x B Gram
-    matrix (cheap), each rank needs dR/dz for its own rows anyway, and this saves a broadcast of the
-    result and a scatter of its gradient. The closed-form backward composes with the gather like
-    any autograd op.
-    """
+    """The loss from raw projector outputs p (n, B, d), z = p / |p| per row; fused: the invariance term by the
+    Triton kernel straight from p. Under torchrun p is this rank's shard: `invariance` (so `total`) is this
+    rank's, `tcr` the global batch's (every rank factorises the gathered z: cheap, and no broadcast)."""
     z = F.normalize(at_least_fp32(p), dim=-1)
     if fused:
         from fastemp.kernels.cosine_to_mean import cosine_to_mean

@@ -1,12 +1,8 @@
-"""Peak memory of a training step and of an evaluation, estimated before anything is allocated.
-
-A config that cannot fit is refused at start-up with the numbers (`check_memory`, on the Runtime's device,
-precision, chunks and world), instead of an out-of-memory traceback minutes later. Per rank, in bytes:
+"""Peak memory of a training step and of an evaluation, estimated before anything is allocated, so that a
+config that cannot fit is refused at start-up with the numbers. Per rank, in bytes (the terms are explained
+in docs/reliability-limits.md):
 
     peak = (model + dataset + max(step, features + evaluation)) x SAFETY_MARGIN
-
-with the terms, the measured activation units and what is left out in docs/reliability-limits.md. The
-step's per-patch activations are also what plans the gradient cache's chunks (fastemp.runtime).
 """
 
 from __future__ import annotations
@@ -26,32 +22,15 @@ EVAL_UNITS = 6  # no-grad forward: live activations per patch, same units (measu
 STEM_UNITS, STEM_EVAL_UNITS = 12, 8
 SAFETY_MARGIN = 1.25
 KNOWN_SIZES = {"cifar10": (50_000, 10_000, 32), "cifar100": (50_000, 10_000, 32)}  # train, test, side
-GIB = 2**30
 
 
 class MemoryEstimateError(UserError, MemoryError):
     """A config whose step or evaluation cannot fit in the memory of this machine."""
 
 
-def parameter_count(cfg: Config) -> int:
-    """Parameters of the model cfg describes, counted on the meta device (nothing allocated)."""
-    from .model import build_model
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(cfg.model).parameters())
-
-
-def dataset_sizes(cfg: Config) -> tuple[int, int, int]:
-    """(train images, test images, side) known from the config alone; (0, 0, side) for imagefolder."""
-    d = cfg.data
-    if d.source == "synthetic":
-        return d.synthetic_train, d.synthetic_test, d.image_size
-    return KNOWN_SIZES.get(d.source, (0, 0, d.image_size))
-
-
 def activation_elements(cfg: Config, side: int, training: bool) -> int:
-    """Activations of one patch of `side` pixels: units x width x side^2 at the stages' side (every ResNet stage
-    holds 2^k w channels on (side/2^k)^2 pixels, ~w side^2 each; the ImageNet stem quarters the side)."""
+    """Activations of one patch of `side` pixels: units x width x side^2 at the stages' side (stage k holds 2^k w
+    channels on (side/2^k)^2 pixels; the ImageNet stem quarters the side)."""
     imagenet = cfg.model.stem == "imagenet"
     stage = side // 4 if imagenet else side
     units, stem = (ACTIVATION_UNITS, STEM_UNITS) if training else (EVAL_UNITS, STEM_EVAL_UNITS)
@@ -74,10 +53,16 @@ def estimate(
 ) -> dict[str, int]:
     """Bytes per rank by term (see the module doc) for the Runtime's device, precision and chunks; "total" is
     the peak before the margin."""
-    m, t, e = cfg.model, cfg.train, cfg.eval
+    from .model import build_model
+
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
     elt = 2 if precision == "bf16" else 4
-    params = parameter_count(cfg)
-    n_train, n_test, side = dataset_sizes(cfg)
+    with torch.device("meta"):  # nothing allocated
+        params = sum(p.numel() for p in build_model(m).parameters())
+    if d.source == "synthetic":
+        n_train, n_test, side = d.synthetic_train, d.synthetic_test, d.image_size
+    else:  # image folders' sizes are not known from the config: 0
+        n_train, n_test, side = KNOWN_SIZES.get(d.source, (0, 0, d.image_size))
     crop = cfg.augment.crop_size
     out = {"model": 16 * params, "dataset": n_train * side * side * 3 + (n_test * side * side * 3 if evaluate else 0)}
     if device_type == "cpu":
@@ -108,14 +93,10 @@ def available_bytes(device: torch.device) -> int:
     by the cgroup's limit when there is one)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    free = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if free is None:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024  # in kB
+    except (OSError, ValueError, KeyError, IndexError):
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
@@ -127,7 +108,7 @@ def available_bytes(device: torch.device) -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB"
 
 
 def check_memory(
@@ -140,9 +121,8 @@ def check_memory(
     evaluate: bool = True,
     available: int | None = None,
 ) -> dict[str, int]:
-    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate. The device,
-    precision, chunks and world are the Runtime's (fastemp.runtime.resolve calls this); `available` (bytes)
-    models a machine, by default it is measured. On the CPU every rank of the world shares the host's memory."""
+    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate. `available`
+    (bytes, default: measured) models a machine. On the CPU every rank shares the host's memory."""
     parts = estimate(cfg, device.type, precision, grad_chunks, world, train, evaluate)
     need = parts["total"] * SAFETY_MARGIN * (world if device.type == "cpu" else 1)
     have = available_bytes(device) if available is None else available

@@ -1,11 +1,7 @@
-"""ResNet-18 with the CIFAR or the ImageNet stem, and the EMP-SSL projector.
+"""The official EMP-SSL encoder: ResNet-18 (CIFAR or ImageNet stem) and projector (docs/training.md).
 
-Matches the official encoder: torchvision's ResNet-18 with conv1 = 3x3 stride 1 pad 1, no
-maxpool (arch resnet18-cifar), or torchvision's own 7x7 stride 2 pad 3 conv1 + 3x3 stride 2
-maxpool (arch resnet18-imagenet, model.stem=imagenet), fc removed (512-d); then h = ReLU(BN(Linear(512, 4096))) -- the evaluation feature --
-and Linear(4096, 4096) -> BN -> ReLU -> Linear(4096, 1024). The official forward returns the
-L2-normalised z; here `forward` returns the raw projector output p, because the fused
-cosine-to-mean kernel normalises p itself and the loss normalises it for the TCR term.
+The official forward returns the unit z; `forward` here returns the raw projection p, which the fused
+cosine-to-mean kernel and the loss normalise themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, choices
 
@@ -35,38 +32,26 @@ def frozen_batchnorm_stats(model: nn.Module):
 
 
 def ghost_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Train-mode BatchNorm with statistics per group: x's rows split into `groups` equal runs, each
-    normalised by its own batch mean and (biased) variance, as `groups` separate BatchNorm calls would.
-
-    The running statistics take the groups' statistics in order, as `groups` successive calls would
-    update them (closed form of r <- (1 - m) r + m s_k), and num_batches_tracked counts the groups.
-    bf16/fp16 inputs are normalised in float32 and returned in their dtype.
-    """
-    if x.shape[0] % groups:
-        raise ValueError(f"{x.shape[0]} rows do not split into {groups} equal BatchNorm groups")
+    """Train-mode BatchNorm of `groups` equal runs of x's rows apart, as `groups` successive BatchNorm calls
+    would normalise them and update the running statistics; bf16/fp16 are normalised in float32."""
     xs = x.unflatten(0, (groups, x.shape[0] // groups))  # a view, channels_last included
     xf = xs.float() if x.dtype in (torch.bfloat16, torch.float16) else xs
     dims = (1, *range(3, xs.dim()))
     var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)  # (groups, 1, C, 1, 1)
-    y = (xf - mean) * torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        shape = (1, 1, -1) + (1,) * (xs.dim() - 3)
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    if bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            count = xs.numel() // (groups * xs.shape[2])  # values per channel in one group
-            m = bn.momentum
-            if m is None:
-                raise ValueError("ghost BatchNorm needs a momentum (a cumulative average is not supported)")
-            # after the groups in order: (1 - m)^g r + sum_k m (1 - m)^(g - 1 - k) s_k
-            weights = m * (1 - m) ** torch.arange(groups - 1, -1, -1, device=x.device, dtype=torch.float64)
-            weights = weights.to(bn.running_mean.dtype)
-            batch_mean = mean.reshape(groups, -1).to(bn.running_mean.dtype)
-            batch_var = var.reshape(groups, -1).to(bn.running_var.dtype) * (count / max(count - 1, 1))
-            keep = (1 - m) ** groups
-            bn.running_mean.copy_(keep * bn.running_mean + weights @ batch_mean)
-            bn.running_var.copy_(keep * bn.running_var + weights @ batch_var)
-            bn.num_batches_tracked.add_(groups)
+    shape = (1, 1, -1) + (1,) * (xs.dim() - 3)
+    y = (xf - mean) * torch.rsqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
+    with torch.no_grad():
+        count = xs.numel() // (groups * xs.shape[2])  # values per channel in one group
+        m = bn.momentum
+        # after the groups in order: (1 - m)^g r + sum_k m (1 - m)^(g - 1 - k) s_k
+        weights = m * (1 - m) ** torch.arange(groups - 1, -1, -1, device=x.device, dtype=torch.float64)
+        weights = weights.to(bn.running_mean.dtype)
+        batch_mean = mean.reshape(groups, -1).to(bn.running_mean.dtype)
+        batch_var = var.reshape(groups, -1).to(bn.running_var.dtype) * (count / max(count - 1, 1))
+        keep = (1 - m) ** groups
+        bn.running_mean.copy_(keep * bn.running_mean + weights @ batch_mean)
+        bn.running_var.copy_(keep * bn.running_var + weights @ batch_var)
+        bn.num_batches_tracked.add_(groups)
     return y.to(x.dtype).flatten(0, 1)
 
 
@@ -114,19 +99,15 @@ class BasicBlock(nn.Module):
         return F.relu(out + identity)
 
 
-STEMS = choices(ModelConfig, "stem")
-
-
 class ResNet18Cifar(nn.Module):
     """torchvision-style ResNet-18 (same layer names) with the CIFAR (default) or the ImageNet stem;
     returns pooled features."""
 
     def __init__(self, width: int = 64, stem: str = "cifar"):
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"unknown stem '{stem}' (choose {' or '.join(STEMS)})")
-        # Activation checkpointing per stage: keep only stage inputs, recompute the rest in backward.
-        # BatchNorm keeps full-batch statistics; the recomputation leaves running stats alone.
+        if stem not in choices(ModelConfig, "stem"):
+            raise ValueError(f"unknown stem {stem!r}")
+        # recompute each stage in backward; the recomputation leaves BatchNorm's running statistics alone
         self.checkpoint_activations = False
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -141,13 +122,9 @@ class ResNet18Cifar(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(in_ch, ch, stride), BasicBlock(ch, ch, 1)))
             in_ch = ch
         self.out_dim = in_ch
-        # torchvision's initialisation
-        for m in self.modules():
+        for m in self.modules():  # torchvision's initialisation (BatchNorm's 1 and 0 are torch's default)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         if stem == "cifar":
             # The official model swaps torchvision's conv1 for this 3x3 one after torchvision's initialisation,
             # so its stem keeps PyTorch's default Conv2d initialisation (uniform, bound 1/sqrt(fan_in)).
@@ -195,13 +172,8 @@ class EMPEncoder(nn.Module):
 
 
 def compile_model(module: nn.Module, mode: str, device: torch.device, cudnn_benchmark: bool = False):
-    """The forward the Trainer calls: `module` through torch.compile in `mode` ('none': eager), with cuDNN's
-    autotuning set as asked on CUDA (process-wide: torch has one switch).
-
-    mode reduce-overhead replays the model's forward and backward as CUDA graphs. Only the model is in
-    the graph (the loss, its Cholesky and custom autograd Function run eagerly after it); a replay
-    reuses the memory of the previous replay's outputs, so a caller that keeps outputs of several
-    calls (the gradient cache's first pass) copies them, and the Trainer marks each step's start."""
+    """`module` through torch.compile in `mode` ('none': eager), with cuDNN's (process-wide) autotuning as asked.
+    Under reduce-overhead (CUDA graphs) a replay reuses the last one's outputs: callers keeping several copy them."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
     return module if mode == "none" else torch.compile(module, mode=mode)
@@ -212,10 +184,8 @@ def build_model(cfg: ModelConfig) -> EMPEncoder:
 
 
 def prepare_projector(model: EMPEncoder, cfg: ModelConfig) -> EMPEncoder:
-    """model.projector_init: the projection layers (weights and BatchNorm statistics) from an encoder export;
-    model.freeze_projector: their parameters take no gradient, so LARS, its weight decay and SGD pass them
-    by. Their BatchNorm still uses batch statistics in training and updates its running ones, as in
-    kachayev/ssl-in-one-epoch, which freezes the parameters only (docs/training.md)."""
+    """model.projector_init (the projection layers from an encoder export) and model.freeze_projector (no
+    gradient; BatchNorm still updates its running statistics), as kachayev/ssl-in-one-epoch (docs/training.md)."""
     if cfg.projector_init:
         from .export import read_projector
 
@@ -226,32 +196,9 @@ def prepare_projector(model: EMPEncoder, cfg: ModelConfig) -> EMPEncoder:
 
 
 def flops_per_patch(cfg: ModelConfig, image_size: int = 32, training: bool = True) -> float:
-    """Matmul/conv FLOPs (2 per multiply-add) for one patch: forward, or forward+backward (x3).
-
-    Counts convolutions and linear layers only (BN, ReLU, pooling and adds are <1% and memory-
-    bound). The count follows the stem and `image_size` (the patch side): the standard model
-    on 32x32 patches is 3.47 GFLOP per training patch; benchmarks pass augment.crop_size.
-    """
-    model = build_model(cfg)
-    macs = 0
-    hooks = []
-
-    def conv_hook(m: nn.Conv2d, inp, out):
-        nonlocal macs
-        macs += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def linear_hook(m: nn.Linear, inp, out):
-        nonlocal macs
-        macs += out.numel() * m.in_features
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
-    for h in hooks:
-        h.remove()
-    return 2.0 * macs * (3.0 if training else 1.0)
+    """Convolution and matmul FLOPs (2 per multiply-add) of one `image_size` patch: forward, or forward and
+    backward (x3). BatchNorm, ReLU, pooling and adds are left out (<1%, memory-bound)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        build_model(cfg).eval()(torch.zeros(1, 3, image_size, image_size))
+    return float(counter.get_total_flops()) * (3.0 if training else 1.0)

@@ -1,9 +1,5 @@
-"""Progress bars for every long wait: one switch for the whole process.
-
-Bars go to stderr and are drawn only on a terminal: `decide` asks stderr.isatty() once, so logs
-and pipes stay clean; `--no-progress` turns them off everywhere. A module-level switch rather than a parameter
-threaded through data loading and evaluation, which are also library calls.
-"""
+"""Progress bars on stderr, drawn only on a terminal: one module-level switch for the process (`--no-progress`)
+rather than a parameter threaded through data loading and evaluation, which are also library calls."""
 
 from __future__ import annotations
 

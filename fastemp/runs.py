@@ -1,17 +1,11 @@
-"""What a run writes: its metrics, its summary (strict JSON) and the environment it ran in, and its loss plot.
-
-RUN/config.yaml      resolved config
-RUN/metrics.jsonl    one JSON line per logged step, and one per evaluation during training
-RUN/checkpoint.pt    last checkpoint (written atomically: tmp file + rename; fastemp.checkpoint)
-RUN/summary.json     final numbers
-RUN/losses.png       loss terms over steps (when matplotlib is installed)
-RUN/<part>.safetensors  fastemp export (fastemp.export)
-
-The folder itself (checked before use, locked, replaced under --force) is fastemp.run_folder's.
+"""What a run writes: its metrics, its summary (strict JSON) and the environment it ran in, and its loss plot
+(the folder's files: docs/reliability.md; the folder itself is fastemp.run_folder's).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import math
 import os
@@ -22,6 +16,19 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary name to write `path` under, renamed to `path` when the block ends, removed when it fails
+    (Ctrl-C too): a full disk or a kill never leaves the file half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -51,14 +58,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop metric lines past `after_step` (a resumed run re-logs the steps it redoes)."""
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
-    path = Path(run_dir) / "metrics.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    try:  # a rename, so a full disk or a kill never leaves the log half written
+    with atomic_path(Path(run_dir) / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def finite_or_none(obj):
@@ -74,13 +75,8 @@ def finite_or_none(obj):
 
 def write_json(path: Path, obj: dict) -> None:
     """Strict JSON (a NaN, e.g. images/s of a run too short to time, becomes null), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def git_commit() -> str:
@@ -91,17 +87,15 @@ def git_commit() -> str:
     if os.environ.get("FASTEMP_COMMIT"):
         return os.environ["FASTEMP_COMMIT"]
     repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -118,18 +112,11 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": platform.processor() or platform.machine(),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
-    try:
-        import nvidia.dali
-
-        env["dali"] = nvidia.dali.__version__
-    except Exception:
-        env["dali"] = None
+    for key, module in (("triton", "triton"), ("dali", "nvidia.dali")):
+        try:
+            env[key] = importlib.import_module(module).__version__
+        except Exception:
+            env[key] = None
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

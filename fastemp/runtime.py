@@ -1,12 +1,6 @@
-"""What the config's open choices ("auto") mean on this machine, resolved once per run.
-
-`resolve(cfg)` is the one place "auto" is decided: the device, precision, the compile modes of training
-and of evaluation, channels_last, the patch backend, the fused loss and the fused LARS update, the world size and this rank's shard
-under torchrun, and the gradient cache's chunks and BatchNorm groups per forward. It is also the one place
-the machine is checked for what the config asks (CUDA, DALI, Triton, a batch that divides by the world
-size, and, when asked, the memory the run needs). Every consumer (the Trainer, evaluation, the memory
-check, the summary, the benchmarks) reads the frozen Runtime it returns and decides nothing again.
-`fastemp.validate.check_config` checks the values themselves, before this runs.
+"""What the config's open choices ("auto") mean on this machine: `resolve(cfg)` decides them once per run, and
+checks that the machine has what the config asks; everything else reads the frozen Runtime it returns
+(docs/training.md#what-auto-means-here). `fastemp.validate.check_config` checks the values before this runs.
 """
 
 from __future__ import annotations
@@ -103,14 +97,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_backend(name: str, streamed: bool, device: torch.device) -> tuple[str, str]:
-    """The patch backend `data.backend` names, and why (patches.choose_backend decides; DALI is imported
-    only where it could be chosen). Resident images: the torch backend; streamed files: DALI on CUDA
-    when it imports, else Pillow workers (docs/data-backends.md)."""
-    asks_dali = streamed and name in ("dali", "auto")
-    return patches.choose_backend(name, streamed, device.type, asks_dali and patches.dali_available())
-
-
 def resolve_fused(name: str, device: torch.device) -> bool:
     """loss.fused: the Triton kernel on CUDA by default; on demands it (the CPU needs TRITON_INTERPRET=1)."""
     from fastemp.kernels.cosine_to_mean import triton_usable
@@ -124,9 +110,8 @@ def resolve_fused(name: str, device: torch.device) -> bool:
 
 
 def resolve_chunks(cfg: Config, device: torch.device, world: int, precision: str, compile_mode: str) -> tuple[int, int]:
-    """(gradient-cache chunks, BatchNorm groups per forward): gradcache.plan_chunks, with the activations of
-    a patch from the memory estimate. Eager ghost BatchNorm keeps float32 temporaries of a bf16 step for its
-    backward (compiled, Inductor fuses them away), so without compilation that is tripled."""
+    """(gradient-cache chunks, BatchNorm groups per forward) from the memory estimate's activations of a patch,
+    tripled without compilation (eager ghost BatchNorm keeps float32 temporaries of a bf16 step)."""
     t = cfg.train
     per_patch = memory.activation_bytes_per_patch(cfg, precision) * (3 if compile_mode == "none" else 1)
     batch = t.batch_size // world
@@ -136,15 +121,18 @@ def resolve_chunks(cfg: Config, device: torch.device, world: int, precision: str
 def resolve(
     cfg: Config, device: torch.device | None = None, training: bool = True, check_memory: bool = False
 ) -> Runtime:
-    """The Runtime of cfg on this machine (device: the one train.device names unless given). training=False
-    (evaluation only) takes no batch shard and no chunks, so train.batch_size need not divide by the world
-    size. check_memory: refuse, with the numbers, a run that cannot fit (fastemp.memory)."""
+    """The Runtime of cfg on this machine (device: train.device's unless given). training=False (evaluation only)
+    takes no batch shard and no chunks. check_memory: refuse a run that cannot fit (fastemp.memory)."""
     device = device or resolve_device(cfg.train.device)
     on_cuda = device.type == "cuda"
     m = cfg.model
     precision = {"auto": "bf16" if on_cuda else "fp32"}.get(m.precision, m.precision)
     compile_mode = {"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile)
-    backend, backend_reason = resolve_backend(cfg.data.backend, cfg.data.streamed, device)
+    d = cfg.data
+    asks_dali = d.streamed and d.backend in ("dali", "auto")  # DALI is imported only where it could be chosen
+    backend, backend_reason = patches.choose_backend(
+        d.backend, d.streamed, device.type, asks_dali and patches.dali_available()
+    )
     world = distributed.world_size()
     shard = distributed.batch_shard(cfg.train.batch_size) if training else None  # checks B divides by the world
     chunks, per_forward = resolve_chunks(cfg, device, world, precision, compile_mode) if training else (1, 1)

@@ -1,13 +1,6 @@
-"""CIFAR-10/100 python archives: find or download, verify, unpickle safely.
-
-cifar10, cifar100
-    The standard python pickle archives `cifar-10-python.tar.gz` / `cifar-100-python.tar.gz` in
-    `data.root`, read straight from the tar.gz (no extraction). Without an archive, torchvision's
-    extracted folder `data.root/cifar-10-batches-py/` (`cifar-100-python/`) is read, each file's md5
-    checked against torchvision's list. With neither, the archive is downloaded from the official URL
-    when `data.download` is true (to a temporary file in `data.root`, md5-verified, then renamed into
-    place); the md5 of a present archive is checked on every load (~0.3 s). cifar100 uses the 100 fine
-    labels. A split's fingerprint is made of its files' md5s, so both layouts give the same one.
+"""CIFAR-10/100 python archives, or torchvision's extracted folders: found or downloaded, md5-verified on every
+load, unpickled safely (docs/data.md); cifar100 uses the fine labels. A split's fingerprint is made of its
+files' md5s, so both layouts give the same one.
 """
 
 from __future__ import annotations
@@ -102,21 +95,11 @@ def _download(url: str, dest: Path) -> None:
     import urllib.request
 
     with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
-        done, shown = 0, -1
-        while True:
-            block = response.read(1 << 20)
-            if not block:
-                break
-            out.write(block)
-            done += len(block)
-            if total and sys.stderr.isatty():
-                pct = 100 * done // total
-                if pct != shown:
-                    shown = pct
-                    print(f"\rdownloading {url}: {pct}%", end="", file=sys.stderr, flush=True)
-        if total and sys.stderr.isatty():
-            print(file=sys.stderr)
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with bar(total=total, desc=f"download {url.rsplit('/', 1)[-1]}", unit="B", unit_scale=True) as progress:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                progress.update(len(block))
 
 
 def _ensure_archive(name: str, root: Path, download: bool) -> Path:

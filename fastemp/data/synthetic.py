@@ -1,28 +1,8 @@
-"""The embedded synthetic dataset: 10 classes defined by SHAPE and TEXTURE, never by colour.
+"""The embedded synthetic dataset: 10 classes of shape and texture, never of colour (docs/data.md#the-synthetic-set).
 
-Every image is one object on a background. The class is the object's shape or texture:
-
-    0 disc           1 ring               2 square-outline      3 filled-square
-    4 triangle       5 cross              6 horizontal-stripes  7 vertical-stripes
-    8 checkerboard   9 diagonal-stripes
-
-Everything else is a random nuisance, drawn independently of the class: foreground and
-background colour (any RGB pair whose luminances differ by at least `min_contrast`), which of the
-two is brighter, position, scale, aspect ratio, a small rotation, stripe period and phase, a
-brightness gradient across the image, and per-pixel noise. Colour carries no class information,
-so a method has to become colour-invariant and look at structure, which is what EMP-SSL's colour
-jitter / grayscale augmentations teach. Every class covers the same expected area (2 s^2 for an
-object of half-size s), so even the per-class mean colour is the same. The object spans ~60-90%
-of the image width, so a random 16x16 crop (the EMP-SSL CIFAR patch) usually still shows part
-of an edge, a corner or a few stripes.
-
-Bit-identical for the same seed on any machine (with the same torch version, whose CPU
-generator defines the random stream): all random draws come from a CPU `torch.Generator` through
-`torch.rand` / `torch.randint` (serial kernels), geometry uses only elementwise IEEE-exact
-operations (+, -, *, /, floor, comparisons; no FMA-fusing ops, no transcendental functions:
-cos/sin of the rotation are evaluated as explicit Taylor sums), edges are anti-aliased by 2x2
-supersampling of binary masks (coverage counts are exact small integers) and compositing,
-gradient and noise are integer arithmetic.
+Bit-identical for the same seed on any machine with the same torch: every draw comes from a CPU generator,
+geometry uses only IEEE-exact elementwise operations (no FMA-fusing or transcendental ops: cos/sin are Taylor
+sums), edges are 2x2 supersampled binary masks, and compositing, gradient and noise are integer arithmetic.
 """
 
 from __future__ import annotations
@@ -46,6 +26,14 @@ CLASSES: tuple[str, ...] = (
 N_CLASSES = len(CLASSES)
 
 _CHUNK = 1024  # images rendered at a time (bounds memory; the result does not depend on it)
+
+# Nuisance strengths
+SCALE = (0.30, 0.45)  # the object's half-size s, a fraction of the image side: its box spans 60-90% of the width
+ASPECT = 0.15  # half-sizes s (1 + e) and s / (1 + e), e uniform in [-ASPECT, ASPECT]
+POSITION_SLACK = 0.06  # how far (a fraction of the side) the object may stick out of the image
+PERIOD = (5.0, 8.0)  # stripe / checker period in pixels, before the aspect stretch
+MIN_CONTRAST = 48  # least luminance difference of foreground and background (0..255)
+FG_BRIGHTER_P = 0.8  # probability that the object is the brighter colour (0.5: no polarity cue)
 
 # Shape constants chosen so that every class covers an expected area of 2 s^2, i.e. half of the
 # (2s x 2s) bounding square of the texture classes (s: the object's half-size in pixels).
@@ -76,27 +64,21 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor
     return lo + torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo)
 
 
-def _colour_pairs(gen: torch.Generator, n: int, min_contrast: int, fg_brighter_p: float):
-    """(fg, bg): (n, 3) int64 RGB pairs whose luminances differ by >= min_contrast (0..255 scale).
-
-    Both colours come from the same distribution; the brighter one is the foreground with
-    probability fg_brighter_p. Rejection sampling, redrawing only the failing rows.
-    """
+def _colour_pairs(gen: torch.Generator, n: int):
+    """(fg, bg): (n, 3) int64 RGB pairs from one distribution whose luminances differ by >= MIN_CONTRAST,
+    fg the brighter with probability FG_BRIGHTER_P. Rejection sampling, redrawing only the failing rows."""
     a = torch.randint(0, 256, (n, 3), generator=gen)
     b = torch.randint(0, 256, (n, 3), generator=gen)
     weights = torch.tensor([299, 587, 114])  # integer Rec.601 luma x 1000: exact
-    threshold = int(min_contrast) * 1000
-    for _ in range(1000):
-        bad = ((a * weights).sum(1) - (b * weights).sum(1)).abs() < threshold
+    while True:
+        bad = ((a * weights).sum(1) - (b * weights).sum(1)).abs() < MIN_CONTRAST * 1000
         n_bad = int(bad.sum())
         if n_bad == 0:
             break
         a[bad] = torch.randint(0, 256, (n_bad, 3), generator=gen)
         b[bad] = torch.randint(0, 256, (n_bad, 3), generator=gen)
-    else:
-        raise ValueError(f"min_contrast={min_contrast} is too large to satisfy (max 255)")
     a_brighter = (a * weights).sum(1) > (b * weights).sum(1)
-    fg_bright = torch.rand(n, generator=gen) < fg_brighter_p
+    fg_bright = torch.rand(n, generator=gen) < FG_BRIGHTER_P
     swap = a_brighter != fg_bright  # make fg the brighter colour exactly when fg_bright
     fg = torch.where(swap[:, None], b, a)
     bg = torch.where(swap[:, None], a, b)
@@ -106,12 +88,8 @@ def _colour_pairs(gen: torch.Generator, n: int, min_contrast: int, fg_brighter_p
 def _class_mask(
     cls: int, u: torch.Tensor, v: torch.Tensor, tu: torch.Tensor, tv: torch.Tensor, flip: torch.Tensor
 ) -> torch.Tensor:
-    """Binary mask of class `cls`.
-
-    u, v: coordinates in the object frame normalised by the half-size (|u|,|v| <= 1 is the
-    bounding square); tu, tv: the same frame in stripe periods (for textures, phase included);
-    flip: (n, 1, 1) bool, mirrors the diagonal of diagonal-stripes.
-    """
+    """Binary mask of class `cls`. u, v: the object frame in half-sizes (|u|, |v| <= 1 is the bounding square);
+    tu, tv: the same frame in stripe periods, phase included; flip (n, 1, 1): mirrors the diagonal stripes."""
     if cls == 0:  # disc
         r2 = u * u + v * v
         return r2 <= _DISC_R * _DISC_R
@@ -134,45 +112,17 @@ def _class_mask(
         return inside & ((torch.floor(tu).to(torch.int64) & 1) == 0)
     if cls == 8:  # checkerboard
         return inside & (((torch.floor(tu).to(torch.int64) + torch.floor(tv).to(torch.int64)) & 1) == 0)
-    if cls == 9:  # diagonal stripes, "/" or "\" (a nuisance: horizontal flips swap them anyway)
-        d = torch.where(flip, tu - tv, tu + tv) * math.sqrt(0.5)  # same period as the others
-        return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
-    raise ValueError(cls)
+    # 9: diagonal stripes, "/" or "\" (a nuisance: horizontal flips swap them anyway)
+    d = torch.where(flip, tu - tv, tu + tv) * math.sqrt(0.5)  # same period as the others
+    return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
 
 
 def make_synthetic(
-    n_images: int,
-    seed: int,
-    size: int = 32,
-    *,
-    scale: tuple[float, float] = (0.30, 0.45),
-    aspect: float = 0.15,
-    max_rotation: float = 20.0,
-    position_slack: float = 0.06,
-    period: tuple[float, float] = (5.0, 8.0),
-    min_contrast: int = 48,
-    fg_brighter_p: float = 0.8,
-    gradient: int = 40,
-    noise: int = 10,
+    n_images: int, seed: int, size: int = 32, *, max_rotation: float = 20.0, gradient: int = 40, noise: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render `n_images` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU.
-
-    Labels are balanced (counts differ by at most one) and shuffled. Nuisance strengths:
-      scale          object half-size as a fraction of `size`, drawn uniformly from this range
-                     (0.30-0.45: the object's box spans 60-90% of the width)
-      aspect         width/height stretch: half-sizes s*(1+e), s/(1+e) with e in [-aspect, aspect]
-      max_rotation   degrees, uniform in [-max_rotation, max_rotation]
-      position_slack how far (fraction of `size`) the object may stick out of the image; centres
-                     are uniform over the range that keeps the object inside plus this slack
-      period         stripe / checker period in pixels (before aspect stretch), uniform in range
-      min_contrast   minimum luminance difference of foreground and background (0..255)
-      fg_brighter_p  probability that the object is the brighter of the two colours (0.5: no
-                     polarity cue at all; raw-pixel class means then carry no signal)
-      gradient       peak-to-peak brightness change of a random linear illumination gradient
-      noise          per-pixel, per-channel integer noise, uniform in [-noise, noise]
-    """
-    if n_images < 0:
-        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    """Render `n_images` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU; labels balanced
+    and shuffled. Rotation in degrees, uniform in [-max_rotation, max_rotation]; `gradient`: peak-to-peak
+    brightness change of a linear illumination gradient; `noise`: per-pixel integer noise in [-noise, noise]."""
     if size < 4:
         raise ValueError(f"size must be >= 4, got {size}")
     if not 0.0 <= max_rotation <= 180.0:
@@ -184,23 +134,23 @@ def make_synthetic(
 
     # ---- per-image parameters (a fixed draw order defines the dataset) ----
     labels = (torch.arange(n) % N_CLASSES)[torch.randperm(n, generator=gen)]
-    half = _uniform(gen, n, scale[0], scale[1]) * S  # half-size s in pixels
-    stretch = 1.0 + _uniform(gen, n, -aspect, aspect)
+    half = _uniform(gen, n, SCALE[0], SCALE[1]) * S  # half-size s in pixels
+    stretch = 1.0 + _uniform(gen, n, -ASPECT, ASPECT)
     half_u, half_v = half * stretch, half / stretch  # area preserved: s_u s_v = s^2
     theta = _uniform(gen, n, -1.0, 1.0) * (max_rotation * math.pi / 180.0)
     cos_t, sin_t = _cos_sin(theta)
     # centre: keep the rotated bounding box inside, give or take the slack
     ext_u = half_u * cos_t.abs() + half_v * sin_t.abs()
     ext_v = half_u * sin_t.abs() + half_v * cos_t.abs()
-    room_x = (S / 2.0 - ext_u + position_slack * S).clamp(min=0.0)
-    room_y = (S / 2.0 - ext_v + position_slack * S).clamp(min=0.0)
+    room_x = (S / 2.0 - ext_u + POSITION_SLACK * S).clamp(min=0.0)
+    room_y = (S / 2.0 - ext_v + POSITION_SLACK * S).clamp(min=0.0)
     cx = S / 2.0 + _uniform(gen, n, -1.0, 1.0) * room_x
     cy = S / 2.0 + _uniform(gen, n, -1.0, 1.0) * room_y
-    per = _uniform(gen, n, period[0], period[1])
+    per = _uniform(gen, n, PERIOD[0], PERIOD[1])
     phase_u = _uniform(gen, n, 0.0, 1.0)
     phase_v = _uniform(gen, n, 0.0, 1.0)
     flip = torch.rand(n, generator=gen) < 0.5
-    fg, bg = _colour_pairs(gen, n, min_contrast, fg_brighter_p)
+    fg, bg = _colour_pairs(gen, n)
     g = int(gradient)
     grad_x = torch.randint(-g, g + 1, (n,), generator=gen)
     grad_y = torch.randint(-g, g + 1, (n,), generator=gen)

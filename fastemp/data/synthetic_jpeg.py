@@ -1,13 +1,5 @@
-"""Synthetic JPEG folders at any image size, made here (no download): for tests and benchmarks.
-
-`make_folder(path, classes, per_class, size, seed)` writes `train/<class>/*.jpg` and
-`test/<class>/*.jpg` rendered by the procedural generator of fastemp/data/synthetic.py at `size`
-pixels and encoded with Pillow (quality 90, like typical camera JPEGs; ImageNet's average image is
-about 400 x 350). Class c holds the generator's class c mod 10, so up to 10 classes are truly
-distinct; more classes (e.g. 100 for an ImageNet-100-shaped folder) repeat the 10 shapes under new
-names, which is enough for throughput and for checking the data path, not for accuracy. With
-`aspect=True` every image keeps a random 75-100% of its width, so images differ in size as
-ImageNet's do (the streamed backends must read each image's own size). Same arguments, same bytes.
+"""Synthetic JPEG folders at any image size, made here (no download) from fastemp.data.synthetic: for tests and
+benchmarks of the data path, not for accuracy. Same arguments, same bytes.
 """
 
 from __future__ import annotations
@@ -22,15 +14,14 @@ from .synthetic import CLASSES, make_synthetic
 
 RENDER_CHUNK = 64  # images rendered at once
 RENDER_MAX = 128  # larger images are rendered at this size and upscaled (rendering is the slow part)
+QUALITY = 90  # like typical camera JPEGs
+NOISE = 16.0  # std of Gaussian pixel noise (0..255): as many bytes per pixel as photos, which decode slower
 
 
 def render_classes(classes: int, count: int, size: int, seed: int) -> list[np.ndarray]:
-    """`count` images for each of `classes` classes at `size` px: per class a (count, size, size, 3) array.
-
-    Seeded chunks of the generator are dealt out by their drawn label L: to the first class c = L,
-    L + 10, L + 20, ... (c < classes) that still needs images, so up to 10 classes hold their own
-    shape and more classes repeat the 10 shapes under new names.
-    """
+    """`count` images for each of `classes` classes at `size` px: per class a (count, size, size, 3) array. An
+    image of drawn label L goes to the first class L, L + 10, ... that still needs images: more than 10
+    classes repeat the 10 shapes under new names."""
     kept: list[list[np.ndarray]] = [[] for _ in range(classes)]
     chunk = 0
     while any(len(k) < count for k in kept):
@@ -44,24 +35,11 @@ def render_classes(classes: int, count: int, size: int, seed: int) -> list[np.nd
 
 
 def make_folder(
-    path: str | Path,
-    classes: int,
-    per_class: int,
-    size: int,
-    seed: int = 0,
-    test_per_class: int = 0,
-    aspect: bool = True,
-    quality: int = 90,
-    noise: float = 16.0,
+    path: str | Path, classes: int, per_class: int, size: int, seed: int = 0, test_per_class: int = 0
 ) -> Path:
-    """Write a JPEG ImageFolder (train/, and test/ when test_per_class > 0) under `path`; return it.
-
-    Images are rendered at min(size, RENDER_MAX) px and upscaled (bicubic) to `size`; `noise` adds
-    seeded Gaussian pixel noise (std in 0..255 levels) so the files carry about as many bytes per
-    pixel as photos (a smooth synthetic image compresses far better, and decodes faster, than a
-    photo). Files are named `<class>/<split>_<k>.jpg`; class folders `c000`, `c001`, ... An existing
-    file is overwritten, so calling twice gives the same folder.
-    """
+    """Write a JPEG ImageFolder (train/, and test/ when test_per_class > 0; class folders c000, c001, ...)
+    under `path`, overwriting, and return it. Every image keeps a random 75-100% of its width, so images
+    differ in size as ImageNet's do (the streamed backends must read each image's own size)."""
     from PIL import Image
 
     root = Path(path)
@@ -69,22 +47,17 @@ def make_folder(
     rng = np.random.default_rng(seed)
     rendered = render_classes(classes, per_class + test_per_class, min(size, RENDER_MAX), seed)
     for c, images in enumerate(rendered):
-        widths = (
-            (size * (0.75 + 0.25 * torch.rand(len(images), generator=gen))).round().int().tolist()
-            if aspect
-            else [size] * len(images)
-        )
+        widths = (size * (0.75 + 0.25 * torch.rand(len(images), generator=gen))).round().int().tolist()
         for k, (image, width) in enumerate(zip(images, widths)):
             split, number = ("train", k) if k < per_class else ("test", k - per_class)
             picture = Image.fromarray(image)
             if picture.width != size:
                 picture = picture.resize((size, size), Image.BICUBIC)
             pixels = np.asarray(picture)[:, :width].astype(np.float32)
-            if noise > 0:
-                pixels = pixels + rng.normal(0.0, noise, pixels.shape).astype(np.float32)
+            pixels = pixels + rng.normal(0.0, NOISE, pixels.shape).astype(np.float32)
             folder = root / split / f"c{c:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
-            Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
+            Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=QUALITY)
             (folder / f"{split}_{number:05d}.jpg").write_bytes(buffer.getvalue())
     return root

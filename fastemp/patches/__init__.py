@@ -1,18 +1,7 @@
-"""The augmentation-backend seam: something that turns image indices into n patches per image.
-
-A backend is built once over a dataset, resident on the device as one uint8 tensor (N, H, W, 3)
-(torch, torch_backend.py) or streamed as files read every epoch (dali, dali_images.py; pillow,
-pillow_images.py), and makes one PatchRequest (index, n, seed, shard) per step:
+"""The augmentation-backend seam: a backend turns a PatchRequest (index, n, seed, shard) into n patches per
+image, (n*b, 3, S, S), patch-major (docs/augmentation.md, docs/data-backends.md).
 
     patches = backend.take(step, request)   # or backend(index, n, seed, shard): made now
-
-(n*b, 3, S, S) float32, channels_last, normalized, patch-major: row i*b + j is patch i of image
-index[shard][j], so `z.view(n, b, d)` groups patch i of every image the way the loss expects. Every
-backend draws every patch's parameters with `draw.sharded_params` from a generator seeded with
-`seed` alone, so a resumed run sees the same patches, and under torchrun each rank makes its images'
-rows of the global batch's draw (bit-identical to one process on the same device type). Every
-backend prefetches the same way (prefetch.py). `choose_backend` decides what data.backend=auto
-means (docs/data-backends.md).
 """
 
 from __future__ import annotations
@@ -35,15 +24,9 @@ DALI_MISSING = "nvidia.dali does not import (install nvidia-dali-cuda130, or -cu
 
 
 def choose_backend(requested: str, streamed: bool, device_type: str, dali_installed: bool) -> tuple[str, str]:
-    """The patch backend to use and why: (name, reason). Pure: decided from the request, the data
-    (resident tensor or streamed files), the device type and whether DALI imports.
-
-    Resident data (decoded once, on the device): the torch backend. Streamed files (full-size
-    JPEGs): auto is DALI (nvJPEG decode and all ops on the GPU) on CUDA when DALI imports, else
-    Pillow workers. data.backend=dali on streamed data without DALI falls back to Pillow and the
-    reason says so; the combinations validate.check_backend refuses (the one statement of that
-    rule) are errors.
-    """
+    """The patch backend to use and why: (name, reason), decided from the request, the data (resident or
+    streamed), the device type and whether DALI imports (docs/data-backends.md); validate.check_backend
+    refuses the combinations that are errors."""
     check_backend(requested, streamed)
     if not streamed:
         return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"

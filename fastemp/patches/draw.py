@@ -1,10 +1,7 @@
-"""The random draw every patch backend shares: every patch's augmentation parameters.
+"""The random draw every patch backend shares: one row of 18 uniforms per patch becomes its `PatchParams`.
 
-One `torch.rand` row of 18 uniforms per patch (`sharded_uniforms`, `sharded_params`) becomes a
-`PatchParams`: crop window, flip, jitter gates/factors/order, grayscale, blur sigma, solarize. The
-torch backend draws on the images' device, DALI and Pillow on the host; all use these functions,
-so one seed means the same parameters everywhere, and a patch's randomness depends only on (seed,
-global image position, patch index), never on how a batch is split over ranks.
+A patch's randomness depends only on (seed, global image position, patch index), never on the backend
+or on how a batch is split over ranks (docs/augmentation.md, docs/many-gpus.md).
 """
 
 from __future__ import annotations
@@ -56,15 +53,9 @@ class PatchParams:
 
 
 def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
-    """Crop windows from four uniforms per patch (columns: scale, log-ratio, top, left).
-
-    As torchvision's RandomResizedCrop.get_params: area fraction s ~ U[scale], aspect ratio
-    r = exp(U[log ratio]), w = round(sqrt(H*W*s*r)), h = round(sqrt(H*W*s/r)) (round half to
-    even, like Python's round), then a uniform integer offset. torchvision retries up to 10 times
-    when the window does not fit and then falls back to a centre crop; here w and h are clamped to
-    the image instead (identical whenever the window always fits, e.g. the default fixed 0.25
-    scale and ratio 1 on a square image). height, width: ints, or (P,) tensors of each patch's
-    image size. Returns (P, 4) int64: top, left, h, w.
+    """Crop windows from four uniforms per patch (columns: scale, log-ratio, top, left), as torchvision's
+    RandomResizedCrop.get_params with w and h clamped to the image instead of redrawn (docs/augmentation.md).
+    height, width: ints, or (P,) tensors of each patch's image size. Returns (P, 4) int64: top, left, h, w.
     """
     u = u.double()
     s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -81,13 +72,8 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
 def sharded_params(
     index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig, generator: torch.Generator
 ) -> PatchParams:
-    """The parameters of the patches of images index[shard] of the global batch `index`.
-
-    Every patch of the global batch draws its row (row i*B + b, exactly the single-process draw)
-    and the shard keeps its own rows, so a patch's randomness depends on (seed, global image
-    position, patch index) and never on how the batch is split over ranks. Drawing n*B x 18
-    floats on every rank costs nothing next to the patches themselves.
-    """
+    """The parameters of the patches of images index[shard] of the global batch `index`: every rank draws
+    the global batch's rows (row i*B + b, the single-process draw) and keeps its own."""
     u = sharded_uniforms(index.shape[0], n, shard, generator)
     return params_from_uniforms(u, index[shard].repeat(n), height, width, aug)
 
@@ -104,11 +90,7 @@ def params_from_uniforms(
     u: torch.Tensor, image: torch.Tensor, height: int, width: int, aug: AugmentConfig
 ) -> PatchParams:
     """Every patch's parameters from its row of 18 uniforms; `image` (P,) holds each patch's dataset index.
-
-    Gates are `u < p`; jitter factors are U[max(0, 1-x), 1+x] (hue U[-hue, hue]) and the jitter order
-    is a uniformly random permutation per patch, both as torchvision's ColorJitter.get_params;
-    sigma ~ U[blur_sigma]. Everything but `image` lives on the uniforms' device.
-    """
+    Gates are `u < p`; factors and the jitter order as torchvision's ColorJitter.get_params."""
     device = u.device
     lo = device_constant(
         (max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation), -aug.hue),

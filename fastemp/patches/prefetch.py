@@ -1,13 +1,5 @@
-"""What every patch backend shares: the request a step makes, and the one prefetch mechanism.
-
-A backend turns a PatchRequest into (n*b, 3, S, S) float32 patches of images index[shard]. Its
-caller announces a later request with `prefetch(key, request)` and collects it with
-`take(key, request)`; the key is the caller's step (training: the step number; evaluation: the
-batch's first image), never the request's tensors. `PatchBackend` holds what is in flight, in the
-order announced, at most `depth` requests; a backend only says how to `start` a request (begin
-the work, return a handle) and `finish` it (the patches), and what `drop` does with a handle
-nobody takes. The patches of a request are the same whether they were prefetched or not.
-"""
+"""What every patch backend shares: the request a step makes, and the one prefetch mechanism
+(docs/data-backends.md#prefetch-one-mechanism-for-every-backend)."""
 
 from __future__ import annotations
 
@@ -54,19 +46,16 @@ class PatchBackend:
         if key in self._ahead:
             return
         while len(self._ahead) >= self.depth:
-            self.drop(self._ahead.pop(next(iter(self._ahead))))
+            self._drop_oldest()
         self._ahead[key] = self.start(request)
 
     def take(self, key, request: PatchRequest) -> torch.Tensor:
         """The patches of `request`: those announced as `key` (requests announced before it, never taken,
         are dropped), else made now."""
         if key in self._ahead:
-            while True:
-                first = next(iter(self._ahead))
-                handle = self._ahead.pop(first)
-                if first == key:
-                    return self.finish(handle)
-                self.drop(handle)
+            while next(iter(self._ahead)) != key:
+                self._drop_oldest()
+            return self.finish(self._ahead.pop(key))
         return self.finish(self.start(request))
 
     def __call__(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> torch.Tensor:
@@ -76,4 +65,7 @@ class PatchBackend:
     def close(self) -> None:
         """Drop what is in flight (backends with worker processes or threads also stop them)."""
         while self._ahead:
-            self.drop(self._ahead.pop(next(iter(self._ahead))))
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        self.drop(self._ahead.pop(next(iter(self._ahead))))

@@ -7,15 +7,9 @@ semantics op by op:
     crop_resize (+ horizontal flip) -> color_jitter (p) -> grayscale (p) -> gaussian_blur (p)
     -> solarize (p) -> normalize
 
-There are no per-sample Python loops, no host<->device synchronisations (no `.item()`, no boolean
-indexing), no matmuls or convolutions (so global TF32 / autocast / cuDNN settings cannot change
-the result), and all randomness comes from one torch.Generator seeded per call: the same
-(index, n, seed) on the same device gives bit-identical output. An op a patch does not draw is
-skipped with `torch.where`, so such a patch comes out exactly unchanged by it.
-
-Deliberate differences from the official recipe (torchvision on PIL images; docs/augmentation.md):
-float32 throughout instead of uint8 rounding after every PIL op, a sampled Gaussian instead of PIL's
-box-blur approximation, a clamped crop size instead of torchvision's rejection loop.
+No `.item()`, no boolean indexing (no host-device sync), no matmul or convolution (TF32, autocast and
+cuDNN settings cannot change the result); an op a patch does not draw is skipped with `torch.where`.
+Its properties and its differences from the official recipe are in docs/augmentation.md.
 """
 
 from __future__ import annotations
@@ -42,14 +36,9 @@ from .prefetch import PatchBackend, PatchRequest
 
 
 def resample_taps(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int):
-    """Separable bilinear taps resizing the window [start, start+length) of an axis to out_size.
-
-    The weights are torch's antialiased bilinear resize (`F.interpolate(..., mode="bilinear",
-    align_corners=False, antialias=True)`, the same triangle filter as PIL's BILINEAR): plain
-    bilinear with edge clamping when upsampling, a widened triangle when downsampling. Only
-    pixels inside the window get weight, as when cropping first. start, length: (P,) int64.
-    Returns (index, weight), both (P, out_size, K): indices into [0, in_size), float32 weights
-    summing to 1 over K.
+    """Separable taps resizing the window [start, start+length) of an axis to out_size with torch's
+    antialiased bilinear filter (PIL's BILINEAR), only pixels inside the window weighted. start, length:
+    (P,) int64. Returns (index, weight), both (P, out_size, K): indices into [0, in_size), weights summing to 1.
     """
     taps = max(2, math.ceil(2 * in_size / out_size))  # covers the widest possible filter support
     length_f = length.float()[:, None, None]
@@ -67,12 +56,9 @@ def resample_taps(start: torch.Tensor, length: torch.Tensor, in_size: int, out_s
 def crop_resize(
     images: torch.Tensor, image: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int
 ) -> torch.Tensor:
-    """Crop each patch's window, resize it to size x size, flip it horizontally where `flip`.
-
-    Same result as torchvision's `resized_crop` (bilinear, antialias) on the float image followed
-    by `hflip`, computed as two gathers (rows, then columns) straight from the uint8 dataset; the
-    flip reverses the column taps. images: (N, H, W, 3) uint8; image: (P,); box: (P, 4) top, left,
-    h, w; flip: (P,) bool. Returns (P, 3, size, size) float32 in [0, 1], channels_last.
+    """torchvision's `resized_crop` (bilinear, antialias) then `hflip` where `flip`, as two gathers (rows, then
+    columns; the flip reverses the column taps) from images (N, H, W, 3) uint8. image: (P,); box: (P, 4) top,
+    left, h, w. Returns (P, 3, size, size) float32 in [0, 1], channels_last.
     """
     _, height, width, _ = images.shape
     row_idx, row_w = resample_taps(box[:, 0], box[:, 2], height, size)  # (P, S, Ky)
@@ -142,6 +128,10 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.stack(((h + shift) % 1.0, s, v), dim=-3))
 
 
+def _gate(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.view(-1, 1, 1, 1), new, old)
+
+
 def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast or saturation (op 0, 1, 2 per patch) as one blend with that op's target, as
     torchvision's adjust_*: black, the mean of the patch's grayscale, the per-pixel grayscale."""
@@ -158,14 +148,10 @@ def color_jitter(
     order: torch.Tensor,
     enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
 ) -> torch.Tensor:
-    """torchvision's ColorJitter with explicit per-patch factors and op order.
-
-    factors: (P, 4) brightness, contrast, saturation factors and hue shift (turns); order: (P, 4)
-    the op ids (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order each patch applies
-    them. `enabled[k]` False skips op k for every patch (torchvision skips an op whose jitter
-    amount is 0). The hue, the one expensive op, runs once: each patch applies its blend ops that
-    come before its hue in the first three slots, then the hue, then the rest; a slot a patch does
-    not use leaves it exactly unchanged.
+    """torchvision's ColorJitter with per-patch factors (P, 4: brightness, contrast, saturation, hue shift in
+    turns) and order (P, 4: op ids in the order applied); `enabled[k]` False skips op k for every patch.
+    The hue, the one expensive op, runs once: each patch applies its blend ops that come before its hue in
+    the first three slots, then the hue, then the rest; a slot a patch does not use leaves it unchanged.
     """
     position = torch.argsort(order, dim=1)  # position[:, op] = when op is applied
     blend_order = torch.argsort(position[:, :3], dim=1)  # the three blend ops, in the order applied
@@ -175,18 +161,15 @@ def color_jitter(
         for k in range(3):
             op = blend_order[:, k]
             use = ((k >= hue_position) if after_hue else (k < hue_position)) & on[op]
-            x = torch.where(use.view(-1, 1, 1, 1), _blend_op(x, op, factors), x)
+            x = _gate(use, _blend_op(x, op, factors), x)
         if not after_hue and enabled[HUE]:
             x = adjust_hue(x, factors[:, HUE].view(-1, 1, 1))
     return x
 
 
 def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalised sampled 1-D Gaussians exp(-x^2 / 2 sigma^2): (P, 2*radius+1), x = -radius..radius.
-
-    Each kernel is truncated at its own ceil(3 sigma) (zero beyond, as DALI's gaussian_blur and
-    OpenCV's default size do), so `radius` only needs to cover 3 * max(sigma).
-    """
+    """Normalised sampled 1-D Gaussians, (P, 2*radius+1), each truncated at its own ceil(3 sigma) (as DALI
+    and OpenCV do), so `radius` only needs to cover 3 * max(sigma)."""
     x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     pdf = torch.exp(-0.5 * (x / sigma[:, None]).pow(2))
     pdf = pdf * (x.abs() <= torch.ceil(3 * sigma[:, None]))
@@ -194,11 +177,8 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-patch sigma and replicated edges (PIL extends edges).
-
-    Computed as a sum over the 2*radius+1 shifted views per axis (exact float32, deterministic,
-    independent of cuDNN/TF32 settings). radius should cover 3 * max(sigma). x: (P, C, H, W).
-    """
+    """Separable Gaussian blur with a per-patch sigma and replicated edges (as PIL), as a sum of shifted views
+    (no convolution: cuDNN and TF32 settings cannot change it). x: (P, C, H, W)."""
     kernel = gaussian_kernels(sigma, radius)[:, None, None, None, :]  # (P, 1, 1, 1, K)
     for dim in (-1, -2):
         size = x.shape[dim]
@@ -217,23 +197,16 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(x - mean) / std per channel (torchvision Normalize). mean, std: sequences of C floats."""
+    """(x - mean) / std per channel (torchvision Normalize), channels_last. mean, std: sequences of C floats."""
     mean = device_constant(tuple(mean), x.device, x.dtype).view(-1, 1, 1)
     std = device_constant(tuple(std), x.device, x.dtype).view(-1, 1, 1)
-    return x.sub(mean).div(std)
+    return x.sub(mean).div(std).contiguous(memory_format=torch.channels_last)
 
 
 def normalize_images(images_uint8_nhwc: torch.Tensor, mean, std) -> torch.Tensor:
-    """Whole images, no augmentation: (N, H, W, 3) uint8 -> (N, 3, H, W) float32, channels_last.
-
-    ToTensor (x / 255) then Normalize, for "plain" evaluation.
-    """
+    """Whole images, no augmentation (ToTensor, Normalize): (N, H, W, 3) uint8 -> (N, 3, H, W) float32."""
     x = images_uint8_nhwc.permute(0, 3, 1, 2).float().div(255)  # NHWC memory = channels_last
-    return normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
-
-
-def _gate(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1, 1, 1), new, old)
+    return normalize(x, mean, std)
 
 
 def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> torch.Tensor:
@@ -249,7 +222,7 @@ def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> to
         x = _gate(params.blur, gaussian_blur(x, params.sigma, radius), x)
     if aug.solarize_p > 0:
         x = _gate(params.solarize, solarize(x, aug.solarize_threshold / 255), x)
-    return normalize(x, aug.mean, aug.std).contiguous(memory_format=torch.channels_last)
+    return normalize(x, aug.mean, aug.std)
 
 
 def resolve_patch_compile(setting: str, device: torch.device, model_compile: str) -> bool:
@@ -260,15 +233,9 @@ def resolve_patch_compile(setting: str, device: torch.device, model_compile: str
 
 
 class TorchPatches(PatchBackend):
-    """The batched torch backend: a PatchRequest -> (n*b, 3, S, S), bit-exact for a given seed.
-
-    images: (N, H, W, 3) uint8 on the device (CPU or CUDA); everything runs there, asynchronously.
-    On CUDA a request is made on a side stream, after the work already queued on the current stream
-    (which produced its index), so a prefetched request overlaps the step that runs meanwhile; the
-    caller's stream waits for it when it takes it. On the CPU a request is made when started.
-    compile_recipe: run `augment` through torch.compile (one graph; Inductor fuses the recipe's
-    full-tensor passes). The random draw stays eager, so the parameters are the same either way;
-    the pixels agree with the eager recipe to float rounding (`fastemp check`, row "patches compiled").
+    """The batched torch backend over images (N, H, W, 3) uint8 on the device; on CUDA a request is made on a
+    side stream (docs/data-backends.md). compile_recipe: `augment` through torch.compile (the draw stays
+    eager; the pixels agree with the eager recipe to float rounding: `fastemp check`, row "patches compiled").
     """
 
     name = "torch"
