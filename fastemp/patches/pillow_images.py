@@ -19,11 +19,18 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import select
+import signal
+import threading
+import time
 
 import numpy as np
 import torch
 
 from ..config import AugmentConfig
+from ..data.listing import file_problem
+from ..data.streamed import BadFileError
+from ..errors import one_line
 from .draw import (
     BRIGHTNESS,
     CONTRAST,
@@ -85,11 +92,18 @@ def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarra
 
 
 def open_rgb(path: str):
-    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted)."""
+    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted), after the listing's
+    checks again (the file may have changed since it was listed); BadFileError when one or the decode fails."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    why = file_problem(path)
+    if why is None:
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as err:  # whatever Pillow raises for a file it cannot decode
+            why = f"cannot be decoded ({one_line(err)[:120]})"
+    raise BadFileError(path, why)
 
 
 def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray:
@@ -102,6 +116,41 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
     return np.stack([official_patch(img, p, i, aug) for i in range(u.shape[0])])
+
+
+def _patches_or_why(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray | str:
+    """image_patches in a worker process: a file that fails returns why (the training process decides)."""
+    try:
+        return image_patches(path, uniforms, aug)
+    except BadFileError as err:
+        return err.why
+
+
+def _start_worker(trainer: int) -> None:
+    """A worker ignores Ctrl-C (the training process handles it and stops the pool) and ends with the training
+    process however that ends: the worker's parent is the forkserver, which outlives a killed training process
+    (the workers hold its pipe open), so a thread waits for the training process's pid to end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        try:
+            select.select([os.pidfd_open(trainer)], [], [])  # readable once the process has ended
+        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+            while os.getppid() != 1 and _alive(trainer):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:
@@ -133,23 +182,36 @@ class PillowPatches(PatchBackend):
         if self._pool is None:
             # forkserver: a fork of a process that runs DALI or CUDA threads is not safe
             context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+            )
         return self._pool
 
     def start(self, request: PatchRequest):
-        index = request.index.cpu()
-        u = draw_uniforms(index, request.n, request.seed, request.shard).numpy()
-        paths = [self.data.paths[i] for i in index[request.shard].tolist()]
+        index = request.index.cpu().tolist()
+        u = draw_uniforms(request.index.cpu(), request.n, request.seed, request.shard).numpy()
+        positions = range(len(index))[request.shard]
+        paths = [self.data.paths[index[p]] for p in positions]
         if self.workers == 0:
-            return np.stack([image_patches(path, u[j], self.aug) for j, path in enumerate(paths)])
-        return [self._executor().submit(image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
+            made = [_patches_or_why(path, u[j], self.aug) for j, path in enumerate(paths)]
+        else:
+            made = [self._executor().submit(_patches_or_why, path, u[j], self.aug) for j, path in enumerate(paths)]
+        return index, positions, u, made
 
     def finish(self, handle) -> torch.Tensor:
-        per_image = handle if isinstance(handle, np.ndarray) else np.stack([f.result() for f in handle])
-        return to_patch_batch(per_image, self.aug, self.device)
+        index, positions, u, made = handle
+        per_image = []
+        for j, (p, result) in enumerate(zip(positions, made)):
+            result = result if self.workers == 0 else result.result()
+            if isinstance(result, str):  # its file failed: data.bad_files decides
+                result = self.data.instead(
+                    index, p, result, lambda i, row=u[j]: image_patches(self.data.paths[i], row, self.aug)
+                )
+            per_image.append(result)
+        return to_patch_batch(np.stack(per_image), self.aug, self.device)
 
     def drop(self, handle) -> None:
-        for future in handle if isinstance(handle, list) else ():
+        for future in handle[3] if self.workers else ():
             future.cancel()
 
     def close(self) -> None:
@@ -164,9 +226,12 @@ def whole_images(data, index: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
     """Un-augmented streamed images for "plain" evaluation: shorter side resized to S, centre S x S crop,
     ToTensor, Normalize -> (b, 3, S, S) float32 channels_last on data.device."""
     size = aug.crop_size
-    out = []
-    for i in index.tolist():
-        img = open_rgb(data.paths[i])
+    out, index = [], index.tolist()
+    for p, i in enumerate(index):
+        try:
+            img = open_rgb(data.paths[i])
+        except BadFileError as err:  # data.bad_files decides, as in training
+            img = data.instead(index, p, err.why, lambda k: open_rgb(data.paths[k]))
         scale = size / min(img.width, img.height)
         w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
         img = img.resize((w, h), RESAMPLE[aug.interpolation])
