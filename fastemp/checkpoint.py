@@ -377,22 +377,31 @@ def skipped_files(trainer) -> dict:
     return dict(sorted({p: why for part in distributed.gather_objects(mine) for p, why in part.items()}.items()))
 
 
-def check_data(trainer, state: dict, path: Path) -> str | None:
-    """The data the trainer loaded is the data of the checkpoint, split by split (a checkpoint written before
-    fingerprints passes); DataError saying what changed when not. The same data at another path: a note."""
-    then = state.get("data") or {}
-    for split, now in data_identity(trainer).items():
+def data_report(trainer) -> dict:
+    """What summary.json and eval.json say of the data: each split's fingerprint, and the files skipped if any."""
+    skipped = skipped_files(trainer)
+    report = {"data_fingerprints": {split: v["fingerprint"] for split, v in data_identity(trainer).items()}}
+    return {**report, "skipped_files": skipped} if skipped else report
+
+
+def check_data(trainer, state: dict, path: Path, resuming: bool = True) -> str | None:
+    """The data the trainer loaded is the checkpoint's, split by split: DataError saying what changed when not;
+    the same data at another path is a note. A checkpoint written before fingerprints passes, and so does an
+    evaluation whose config names other data (data.source, data.path or data.train_path: on purpose)."""
+    then, before, now = state.get("data") or {}, flat_dict(state["config"]), flat_dict(to_dict(trainer.cfg))
+    moved = [k for k in DATA_PATHS if before.get(k, now[k]) != now[k]]
+    if not then or not resuming and (moved or before.get("data.source") != now["data.source"]):
+        return None
+    for split, identity in data_identity(trainer).items():
         old = then.get(split)
-        if old and old["fingerprint"] != now["fingerprint"]:
-            run = path.parent
+        if old and old["fingerprint"] != identity["fingerprint"]:
             raise DataError(
                 f"the {split} split of {data_location(trainer.cfg)} is not the data of {path}: "
-                f"{what_changed(old['contents'], now['contents'])} (fingerprint {now['fingerprint']}, then "
-                f"{old['fingerprint']}); restore that data, or point data.path in {run / 'config.yaml'} at it"
+                f"{what_changed(old['contents'], identity['contents'])} (fingerprint {identity['fingerprint']}, "
+                f"then {old['fingerprint']}); restore that data, or point data.path in {path.parent / 'config.yaml'} at it"
             )
-    before, now = flat_dict(state["config"]), flat_dict(to_dict(trainer.cfg))
-    moved = [f"{k} {before[k]} -> {now[k]}" for k in DATA_PATHS if then and before.get(k, now[k]) != now[k]]
-    return f"the data moved ({', '.join(moved)}): the same files, so the run goes on there" if moved else None
+    moves = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in moved)
+    return f"the data moved ({moves}): the same files, so the run goes on there" if moved else None
 
 
 def data_location(cfg: Config) -> str:

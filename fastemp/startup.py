@@ -23,7 +23,7 @@ from pathlib import Path
 from . import checkpoint, distributed, run_folder, runs, stop
 from . import progress as bars
 from .checkpoint import data_location
-from .config import Config, ConfigError, flat_dict, load_config, to_dict
+from .config import Config, ConfigError, load_config
 from .data import absolute_paths
 from .data.streamed import BadFileError
 from .errors import UserError, one_line
@@ -113,14 +113,12 @@ def evaluate_run(
         # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
         distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
         trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
-        if all(flat_dict(state["config"]).get(k) == v for k, v in _data_keys(cfg).items()):  # not other data on purpose
-            checkpoint.check_data(trainer, state, path)
+        checkpoint.check_data(trainer, state, path, resuming=False)
         checkpoint.restore(trainer, state, path)
         e = cfg.eval
         result = {"step": trainer.step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
         result.update(trainer.evaluate())
-        result["data_fingerprints"] = {k: v["fingerprint"] for k, v in checkpoint.data_identity(trainer).items()}
-        result.update({"skipped_files": checkpoint.skipped_files(trainer)} if checkpoint.skipped_files(trainer) else {})
+        result.update(checkpoint.data_report(trainer))
         if distributed.is_main():
             if echo:
                 print(json.dumps(result, indent=2))
@@ -167,11 +165,6 @@ def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool
         _ = trainer.test_set
     distributed.check_same_data(checkpoint.data_identity(trainer), data_location(cfg))
     return trainer
-
-
-def _data_keys(cfg: Config) -> dict:
-    """The keys that say which data a run reads (an eval that changes one reads other data on purpose)."""
-    return {k: v for k, v in flat_dict(to_dict(cfg)).items() if k in ("data.source", *checkpoint.DATA_PATHS)}
 
 
 def _train(trainer: Trainer) -> dict:

@@ -2,7 +2,7 @@
 two steps, and the start-up path writes a checkpoint of the last finished step (fastemp.startup).
 
 While `handled` is on, a signal during a training iteration (Trainer.train_until: a step, its log, evaluation
-and checkpoint; `deferred`) is only noted in `pending`, and training stops after that iteration; under torchrun
+and checkpoint; `defer`) is only noted in `pending`, and training stops after that iteration; under torchrun
 the ranks agree on it at the next logged step (Trainer._log), so every rank stops after the same step, and
 every signal waits for that. Elsewhere (the evaluation at the end) a signal stops the command at once. The same
 signal a second time stops it at once anywhere (mid-step: then nothing is saved).
@@ -54,12 +54,7 @@ def handled(defer_always: bool = False):
         pending, _deferring = 0, False
 
 
-@contextmanager
-def deferred():
-    """A signal during the body is noted in `pending`, not raised (the first one)."""
+def defer(on: bool) -> None:
+    """From now on a signal is noted in `pending`, not raised (the first one); on=False: raised again."""
     global _deferring
-    before, _deferring = _deferring, True
-    try:
-        yield
-    finally:
-        _deferring = before
+    _deferring = on

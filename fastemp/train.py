@@ -194,28 +194,29 @@ class Trainer:
         bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=self.cfg.name, unit="step")
         images = 0
         self.clock.mark("start")  # what came before this call is not training
+        stop.defer(True)  # a signal ends training after the iteration it came in (fastemp.stop)
         while self.step < stop_step and not self.stopped:
-            with stop.deferred():  # a signal ends training after this iteration, not in it (fastemp.stop)
-                warm = not self.warmed_up
-                terms = self.train_step(clock)
-                self.clock.mark("step")
-                images += t.batch_size
-                self.timed_images += 0 if warm else t.batch_size
-                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
-                    self._evaluate_periodically()
-                if warm or self.stopped or self.step % t.log_every == 0 or self.step == stop_step:
-                    record = self._log(terms, images)
-                    bar.set_postfix(
-                        sim=f"{record['loss_sim']:.3f}",
-                        tcr=f"{record['loss_tcr']:.1f}",
-                        img_s=f"{record['images_per_s']:.0f}",
-                    )
-                    images = 0
-                if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
-                    self.save_checkpoint()
-                bar.update(1)
+            warm = not self.warmed_up
+            terms = self.train_step(clock)
+            self.clock.mark("step")
+            images += t.batch_size
+            self.timed_images += 0 if warm else t.batch_size
+            if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                self._evaluate_periodically()
+            if warm or self.stopped or self.step % t.log_every == 0 or self.step == stop_step:
+                record = self._log(terms, images)
+                bar.set_postfix(
+                    sim=f"{record['loss_sim']:.3f}",
+                    tcr=f"{record['loss_tcr']:.1f}",
+                    img_s=f"{record['images_per_s']:.0f}",
+                )
+                images = 0
+            if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
+                self.save_checkpoint()
+            bar.update(1)
             if self.signal or (stop.pending and self.runtime.world_size == 1):
                 raise stop.Interrupted(self.signal or stop.pending)
+        stop.defer(False)
         bar.close()
 
     def _time_steps(self) -> None:
@@ -288,12 +289,10 @@ class Trainer:
         # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
         # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
         # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
-        # the same all-reduce counts the files skipped (data.bad_files=skip) and the ranks that got a signal
-        local = torch.tensor([len(getattr(self.train_set, "skipped", ())), stop.pending > 0], dtype=torch.float64)
+        # The same all-reduce counts the files skipped (data.bad_files=skip) and the ranks that got a signal.
+        ours = torch.tensor([len(getattr(self.train_set, "skipped", ())), stop.pending > 0], device=self.device)
         losses = distributed.mean_across_ranks(
-            torch.cat(
-                [torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(), local.to(self.device)]
-            )
+            torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(), ours.double()])
         )
         flat = torch.cat([losses, self._nonfinite.double()]).tolist()
         values, skipped = flat[:3], round(flat[3] * self.runtime.world_size)
@@ -344,7 +343,6 @@ class Trainer:
             "warmup_seconds": self.warmup_seconds,
             "images_per_s": self.images_per_second(),
             "data": self.train_set.description,
-            "data_fingerprints": {k: v["fingerprint"] for k, v in checkpoint.data_identity(self).items()},
             **self.runtime.resolved(),
             "environment": runs.environment(self.device),
         }
@@ -360,9 +358,7 @@ class Trainer:
                 summary.update(self.evaluate(self.random_init_model(), prefix="random_init_"))
             self.clock.mark("evaluation")
             summary["eval_seconds"] = self.clock.seconds("evaluation") + (last["eval_seconds"] if last else 0.0)
-        skipped = checkpoint.skipped_files(self)
-        if skipped:
-            summary["skipped_files"] = skipped
+        summary.update(checkpoint.data_report(self))
         if self.run_dir and distributed.is_main():
             runs.write_json(self.run_dir / "summary.json", summary)
             runs.plot_losses(self.run_dir)

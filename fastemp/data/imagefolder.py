@@ -154,7 +154,7 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         try:
             (decoded,) = p.run()
         except Exception as e:
-            bad = _first_undecodable(chunk, names[start : start + batch])
+            bad = next((n for b, n in zip(chunk, names[start : start + batch]) if listing.undecodable(b)), None)
             where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
             raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
         if mixed:
@@ -165,19 +165,6 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         else:
             out.extend(np.array(decoded[i]) for i in range(len(chunk)))
     return out
-
-
-def _first_undecodable(blobs: list[np.ndarray], names: list[str]) -> str | None:
-    if not _pil_importable():
-        return None
-    from PIL import Image
-
-    for blob, name in zip(blobs, names):
-        try:
-            Image.open(io.BytesIO(blob.tobytes())).convert("RGB")
-        except Exception:
-            return name
-    return None
 
 
 def _decode_pil(blobs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from ..progress import bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
@@ -145,6 +145,20 @@ def image_problem(f, size: int) -> str | None:
                     im.load()
             except Exception:
                 return "truncated (it ends before its image data does)"
+    return None
+
+
+def undecodable(blob) -> str | None:
+    """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None (also without Pillow):
+    what names the file of a batch a decoder failed on."""
+    Image = _pillow()
+    if Image is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(bytes(blob))) as im:
+            im.load()
+    except Exception as err:
+        return f"cannot be decoded ({one_line(err)[:120]})"
     return None
 
 

@@ -16,24 +16,14 @@ finished step, fastemp.stop), or skip (`StreamedSet.instead`: the next image of 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..errors import DataError
-from .listing import (
-    MAX_FILE_BYTES,
-    contents,
-    fingerprint,
-    image_problem,
-    list_folder,
-    os_problem,
-    size_problem,
-    source_path,
-)
+from ..errors import DataError, one_line
+from .listing import MAX_FILE_BYTES, contents, file_problem, fingerprint, list_folder, source_path
 
 
 class BadFileError(DataError):
@@ -63,22 +53,19 @@ class StreamedSet:
 
     def read(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The encoded bytes of image i as a uint8 array (what a decoder takes) and its (height, width), after
-        the listing's checks again (the file may have changed since it was listed); BadFileError when one fails.
-        At most MAX_FILE_BYTES are read: the size is checked before reading."""
-        path = self.paths[i]
-        try:
-            with open(path, "rb") as f:
-                why = size_problem(os.fstat(f.fileno()).st_size)
-                blob = None if why else np.fromfile(f, dtype=np.uint8, count=MAX_FILE_BYTES)
-        except OSError as err:
-            raise BadFileError(path, os_problem(err)) from None
-        why = why or image_problem(io.BytesIO(blob), blob.size)
-        if why:
-            raise BadFileError(path, why)
+        the listing's checks again (listing.file_problem: the file may have changed since it was listed);
+        BadFileError when one fails. Never more than MAX_FILE_BYTES are read: the size is checked first."""
         from PIL import Image
 
-        with Image.open(io.BytesIO(blob)) as im:
-            return blob, (im.height, im.width)
+        path = self.paths[i]
+        why = file_problem(path)
+        try:
+            blob = None if why else np.fromfile(path, dtype=np.uint8, count=MAX_FILE_BYTES)
+            with Image.open(io.BytesIO(blob)) as im:
+                return blob, (im.height, im.width)
+        except Exception as err:  # it changed again since
+            why = why or one_line(err)[:120]
+        raise BadFileError(path, why)
 
     def instead(self, index: list[int], p: int, why: str, make):
         """Image index[p] of a batch failed (`why`). data.bad_files=stop: BadFileError. skip: it is recorded in
@@ -94,6 +81,14 @@ class StreamedSet:
             except BadFileError as err:
                 self.skipped[err.path] = err.why
         raise DataError(f"no file of a batch of {n} images could be used ({path}: {why}); check the data")
+
+
+def or_why(make, *args):
+    """make(*args), or why its file failed (what a worker hands back for the training process to decide)."""
+    try:
+        return make(*args)
+    except BadFileError as err:
+        return err.why
 
 
 def load_streamed(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder") -> StreamedSet:

@@ -24,14 +24,14 @@ and torch backends are measured in docs/data-backends.md and docs/augmentation.m
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import os
 
 import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from ..data.streamed import BadFileError
+from ..data.listing import undecodable
+from ..data.streamed import BadFileError, or_why
 from ..errors import DataError, one_line
 from .draw import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, jitter_enabled, sharded_params
 from .prefetch import PatchBackend, PatchRequest
@@ -195,18 +195,6 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str
     return {name: [np.ascontiguousarray(a.reshape(n, b, -1)[:, j]) for j in range(b)] for name, a in rows.items()}
 
 
-def undecodable(blob: np.ndarray) -> str | None:
-    """Why Pillow cannot decode the encoded image `blob`, or None (what names the file DALI failed on)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(blob.tobytes())) as im:
-            im.load()
-    except Exception as err:
-        return f"cannot be decoded ({one_line(err)[:120]})"
-    return None
-
-
 def streamed_params(
     index: torch.Tensor, n: int, seed: int, shard: slice, heights: list[int], widths: list[int], aug: AugmentConfig
 ) -> PatchParams:
@@ -248,25 +236,19 @@ class DaliImagePatches(PatchBackend):
             raise BadFileError(path, self._undecodable[path])
         return (i, *self.data.read(i))
 
-    def _read_or_why(self, i: int):
-        try:
-            return self._read_one(i)
-        except BadFileError as err:
-            return err.why
-
     def _read(self, request: PatchRequest) -> tuple[list, PatchParams]:
         """The request's files as (i, bytes, size) and its patches' parameters (drawn for the sizes in their
         headers); a file that fails is replaced as data.bad_files says (StreamedSet.instead)."""
         index = request.index.cpu().tolist()
         positions = range(len(index))[request.shard]
-        files = list(self._reader.map(self._read_or_why, [index[p] for p in positions]))
+        files = list(self._reader.map(lambda i: or_why(self._read_one, i), [index[p] for p in positions]))
         files = [
             f if not isinstance(f, str) else self.data.instead(index, p, f, self._read_one)
             for p, f in zip(positions, files)
         ]
         heights, widths = zip(*(size for _, _, size in files))
-        n, seed = request.n, request.seed
-        return files, streamed_params(request.index.cpu(), n, seed, request.shard, heights, widths, self.aug)
+        index, n, seed, shard = request.index.cpu(), request.n, request.seed, request.shard
+        return files, streamed_params(index, n, seed, shard, heights, widths, self.aug)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a request with these arguments uses (reads the images' headers)."""

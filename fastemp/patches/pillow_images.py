@@ -17,6 +17,7 @@ would have to know the next request ahead of time, which the prefetch of step t+
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import select
@@ -29,7 +30,7 @@ import torch
 
 from ..config import AugmentConfig
 from ..data.listing import file_problem
-from ..data.streamed import BadFileError
+from ..data.streamed import BadFileError, or_why
 from ..errors import one_line
 from .draw import (
     BRIGHTNESS,
@@ -118,14 +119,6 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
     return np.stack([official_patch(img, p, i, aug) for i in range(u.shape[0])])
 
 
-def _patches_or_why(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray | str:
-    """image_patches in a worker process: a file that fails returns why (the training process decides)."""
-    try:
-        return image_patches(path, uniforms, aug)
-    except BadFileError as err:
-        return err.why
-
-
 def _start_worker(trainer: int) -> None:
     """A worker ignores Ctrl-C (the training process handles it and stops the pool) and ends with the training
     process however that ends: the worker's parent is the forkserver, which outlives a killed training process
@@ -135,22 +128,13 @@ def _start_worker(trainer: int) -> None:
     def watch() -> None:
         try:
             select.select([os.pidfd_open(trainer)], [], [])  # readable once the process has ended
-        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
-            while os.getppid() != 1 and _alive(trainer):
-                time.sleep(1.0)
+        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll until the pid is gone
+            with contextlib.suppress(OSError):
+                while not os.kill(trainer, 0):
+                    time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:
@@ -193,9 +177,11 @@ class PillowPatches(PatchBackend):
         positions = range(len(index))[request.shard]
         paths = [self.data.paths[index[p]] for p in positions]
         if self.workers == 0:
-            made = [_patches_or_why(path, u[j], self.aug) for j, path in enumerate(paths)]
+            made = [or_why(image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
         else:
-            made = [self._executor().submit(_patches_or_why, path, u[j], self.aug) for j, path in enumerate(paths)]
+            made = [
+                self._executor().submit(or_why, image_patches, path, u[j], self.aug) for j, path in enumerate(paths)
+            ]
         return index, positions, u, made
 
     def finish(self, handle) -> torch.Tensor:
