@@ -219,6 +219,17 @@ def test_ctrl_c_ends_training_after_the_step_it_came_in_with_a_checkpoint_that_r
     assert_same_state(model_state(run / "checkpoint.pt"), model_state(whole / "checkpoint.pt"))
 
 
+def test_ctrl_c_outside_a_run_is_one_line(monkeypatch, capsys):
+    from fastemp import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "RUN"]) == 130
+    assert capsys.readouterr().err == "fastemp: error: interrupted by SIGINT\n"
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below pid (the forkserver, its workers, the resource tracker)."""
     children: dict[int, list[int]] = {}
@@ -249,8 +260,10 @@ def test_pillow_workers_end_with_their_run_and_sigterm_leaves_a_resumable_checkp
     train = [sys.executable, "-m", "fastemp", "train", "--config", "imagenet100_n20", *SMALL, "train.max_steps=400"]
     train += [f"data.path={pristine}", f"data.root={tmp_path / 'root'}", "data.workers=2", "--no-progress"]
     signals = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
-    procs = {
-        name: subprocess.Popen([*train, "--out", str(tmp_path / name)], stderr=subprocess.PIPE, text=True)
+    procs = {  # SIGTERM goes to the whole process group, as a terminal or a scheduler sends it; SIGKILL to the run
+        name: subprocess.Popen(
+            [*train, "--out", str(tmp_path / name)], stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         for name in signals
     }
     family, deadline = {}, time.time() + 120
@@ -259,7 +272,10 @@ def test_pillow_workers_end_with_their_run_and_sigterm_leaves_a_resumable_checkp
             assert proc.poll() is None, proc.stderr.read()
             if name not in family and (tmp_path / name / "metrics.jsonl").exists():  # a step is done: workers run
                 family[name] = descendants(proc.pid)
-                proc.send_signal(signals[name])
+                if name == "TERM":
+                    os.killpg(proc.pid, signal.SIGTERM)
+                else:
+                    proc.send_signal(signal.SIGKILL)
         time.sleep(0.05)
     errors = {}
     for name, proc in procs.items():

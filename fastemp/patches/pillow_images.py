@@ -24,6 +24,7 @@ import select
 import signal
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch
 from ..config import AugmentConfig
 from ..data.listing import file_problem
 from ..data.streamed import BadFileError, or_why
-from ..errors import one_line
+from ..errors import DataError, one_line
 from .draw import (
     BRIGHTNESS,
     CONTRAST,
@@ -120,10 +121,12 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
 
 
 def _start_worker(trainer: int) -> None:
-    """A worker ignores Ctrl-C (the training process handles it and stops the pool) and ends with the training
-    process however that ends: the worker's parent is the forkserver, which outlives a killed training process
-    (the workers hold its pipe open), so a thread waits for the training process's pid to end."""
+    """A worker ignores Ctrl-C and SIGTERM (sent to a whole process group, they are the training process's to
+    handle: it stops between steps, fastemp.stop) and ends with the training process however that ends: the
+    worker's parent is the forkserver, which outlives a killed training process (the workers hold its pipe
+    open), so a thread waits for the training process's pid to end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def watch() -> None:
         try:
@@ -179,22 +182,33 @@ class PillowPatches(PatchBackend):
         if self.workers == 0:
             made = [or_why(image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
         else:
-            made = [
-                self._executor().submit(or_why, image_patches, path, u[j], self.aug) for j, path in enumerate(paths)
-            ]
+            try:
+                made = [
+                    self._executor().submit(or_why, image_patches, path, u[j], self.aug) for j, path in enumerate(paths)
+                ]
+            except BrokenProcessPool:
+                raise self._died() from None
         return index, positions, u, made
 
     def finish(self, handle) -> torch.Tensor:
         index, positions, u, made = handle
         per_image = []
         for j, (p, result) in enumerate(zip(positions, made)):
-            result = result if self.workers == 0 else result.result()
+            try:
+                result = result if self.workers == 0 else result.result()
+            except BrokenProcessPool:
+                raise self._died() from None
             if isinstance(result, str):  # its file failed: data.bad_files decides
                 result = self.data.instead(
                     index, p, result, lambda i, row=u[j]: image_patches(self.data.paths[i], row, self.aug)
                 )
             per_image.append(result)
         return to_patch_batch(np.stack(per_image), self.aug, self.device)
+
+    def _died(self) -> DataError:
+        return DataError(
+            f"a Pillow worker process died (killed, or out of memory?); lower data.workers ({self.workers})"
+        )
 
     def drop(self, handle) -> None:
         for future in handle[3] if self.workers else ():
