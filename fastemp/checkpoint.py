@@ -357,23 +357,24 @@ def trainer_state(trainer) -> dict:
     }
 
 
-def data_identity(trainer) -> dict:
-    """{split: {fingerprint, contents}} of every split the trainer has loaded: train (what training reads), and
-    probe_train (when it is another split) and test once loaded (fastemp.data: what the data is, not where)."""
+def loaded_splits(trainer) -> dict:
+    """{split: data set} of every split the trainer has loaded: train (what training reads), and probe_train
+    (when it is another split) and test once loaded."""
     loaded = vars(trainer)
     sets = {"train": trainer.train_set, "probe_train": loaded.get("probe_train_set"), "test": loaded.get("test_set")}
+    return {split: s for split, s in sets.items() if s is not None and (split == "train" or s is not trainer.train_set)}
+
+
+def data_identity(trainer) -> dict:
+    """{split: {fingerprint, contents}} of the loaded splits (fastemp.data: what the data is, not where)."""
     return {
-        split: {"fingerprint": s.fingerprint, "contents": s.contents}
-        for split, s in sets.items()
-        if s is not None and (split == "train" or s is not trainer.train_set)
+        split: {"fingerprint": s.fingerprint, "contents": s.contents} for split, s in loaded_splits(trainer).items()
     }
 
 
 def skipped_files(trainer) -> dict:
     """Every file skipped so far (data.bad_files=skip) on any rank, in training or evaluation: {path: why}."""
-    loaded = vars(trainer)
-    sets = (trainer.train_set, loaded.get("probe_train_set"), loaded.get("test_set"))
-    mine = {p: why for s in sets for p, why in getattr(s, "skipped", {}).items()}
+    mine = {p: why for s in loaded_splits(trainer).values() for p, why in getattr(s, "skipped", {}).items()}
     return dict(sorted({p: why for part in distributed.gather_objects(mine) for p, why in part.items()}.items()))
 
 

@@ -269,8 +269,10 @@ def test_pillow_workers_end_with_their_run_and_sigterm_leaves_a_resumable_checkp
     family, deadline = {}, time.time() + 120
     while len(family) < len(procs) and time.time() < deadline:
         for name, proc in procs.items():
+            if name in family:  # signalled: it may have ended already
+                continue
             assert proc.poll() is None, proc.stderr.read()
-            if name not in family and (tmp_path / name / "metrics.jsonl").exists():  # a step is done: workers run
+            if (tmp_path / name / "metrics.jsonl").exists():  # a step is done: workers run
                 family[name] = descendants(proc.pid)
                 if name == "TERM":
                     os.killpg(proc.pid, signal.SIGTERM)

@@ -52,20 +52,9 @@ class StreamedSet:
         return len(self.paths)
 
     def read(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """The encoded bytes of image i as a uint8 array (what a decoder takes) and its (height, width), after
-        the listing's checks again (listing.file_problem: the file may have changed since it was listed);
-        BadFileError when one fails. Never more than MAX_FILE_BYTES are read: the size is checked first."""
-        from PIL import Image
-
-        path = self.paths[i]
-        why = file_problem(path)
-        try:
-            blob = None if why else np.fromfile(path, dtype=np.uint8, count=MAX_FILE_BYTES)
-            with Image.open(io.BytesIO(blob)) as im:
-                return blob, (im.height, im.width)
-        except Exception as err:  # it changed again since
-            why = why or one_line(err)[:120]
-        raise BadFileError(path, why)
+        """The encoded bytes of image i as a uint8 array (what a decoder takes) and its (height, width), from
+        checked_image: BadFileError when its file fails."""
+        return checked_image(self.paths[i], lambda blob, im: (blob, (im.height, im.width)))
 
     def instead(self, index: list[int], p: int, why: str, make):
         """Image index[p] of a batch failed (`why`). data.bad_files=stop: BadFileError. skip: it is recorded in
@@ -81,6 +70,23 @@ class StreamedSet:
             except BadFileError as err:
                 self.skipped[err.path] = err.why
         raise DataError(f"no file of a batch of {n} images could be used ({path}: {why}); check the data")
+
+
+def checked_image(path: str, use):
+    """use(encoded bytes, opened PIL image) of the file at path, after the listing's checks again (it may have
+    changed since it was listed); BadFileError when one, the decode or `use` fails. Never more than
+    MAX_FILE_BYTES are read: the size is checked first."""
+    from PIL import Image
+
+    why = file_problem(path)
+    if why is None:
+        try:
+            blob = np.fromfile(path, dtype=np.uint8, count=MAX_FILE_BYTES)
+            with Image.open(io.BytesIO(blob)) as im:
+                return use(blob, im)
+        except Exception as err:  # it changed again since, or whatever Pillow raises for a file it cannot decode
+            why = f"cannot be decoded ({one_line(err)[:120]})"
+    raise BadFileError(path, why)
 
 
 def or_why(make, *args):

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from ..config import AugmentConfig
-from ..data.listing import file_problem
-from ..data.streamed import BadFileError, or_why
-from ..errors import DataError, one_line
+from ..data.streamed import BadFileError, checked_image, or_why
+from ..errors import DataError
 from .draw import (
     BRIGHTNESS,
     CONTRAST,
@@ -94,18 +93,9 @@ def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarra
 
 
 def open_rgb(path: str):
-    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted), after the listing's
-    checks again (the file may have changed since it was listed); BadFileError when one or the decode fails."""
-    from PIL import Image
-
-    why = file_problem(path)
-    if why is None:
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except Exception as err:  # whatever Pillow raises for a file it cannot decode
-            why = f"cannot be decoded ({one_line(err)[:120]})"
-    raise BadFileError(path, why)
+    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted), from checked_image:
+    BadFileError when its file fails."""
+    return checked_image(path, lambda blob, im: im.convert("RGB"))
 
 
 def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray:
@@ -179,15 +169,11 @@ class PillowPatches(PatchBackend):
         u = draw_uniforms(request.index.cpu(), request.n, request.seed, request.shard).numpy()
         positions = range(len(index))[request.shard]
         paths = [self.data.paths[index[p]] for p in positions]
-        if self.workers == 0:
-            made = [or_why(image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
-        else:
-            try:
-                made = [
-                    self._executor().submit(or_why, image_patches, path, u[j], self.aug) for j, path in enumerate(paths)
-                ]
-            except BrokenProcessPool:
-                raise self._died() from None
+        try:
+            run = self._executor().submit if self.workers else lambda make, *args: make(*args)
+            made = [run(or_why, image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
+        except BrokenProcessPool:
+            raise self._died() from None
         return index, positions, u, made
 
     def finish(self, handle) -> torch.Tensor:
