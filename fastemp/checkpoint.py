@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import Config, ConfigError, flat_dict, to_dict
-from .errors import UserError, one_line
+from .data.listing import what_changed
+from .errors import DataError, UserError, one_line
 
 FORMAT = 2  # 2: weights_only plain data, with `sha256` and `layout`
 REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout", "sha256")
@@ -36,6 +38,7 @@ RESUME_SAFE_KEYS = (
     "data.root",
     "data.download",
     "data.workers",
+    "data.bad_files",  # what a file that fails does; the steps before it read the same images either way
     "train.device",
     "train.log_every",
     "train.ckpt_every",
@@ -47,6 +50,7 @@ RESUME_SAFE_KEYS = (
     "eval.*",
 )
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
+DATA_PATHS = ("data.path", "data.train_path")
 
 
 class CheckpointError(UserError):
@@ -213,6 +217,12 @@ def read(path: Path) -> dict:
         ) from None
     except Exception as err:  # truncated zip, not a checkpoint
         raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {_redo(path)}") from None
+    version = state.get("format") if isinstance(state, dict) else None
+    if isinstance(version, int) and version > FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, written by a newer fastemp (this one reads format {FORMAT} "
+            "and older); upgrade fastemp to read it"
+        )
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         why = (
@@ -305,9 +315,10 @@ def _safe(key: str) -> bool:
 
 
 def check_resume(cfg: Config, state: dict, path: Path) -> None:
-    """Refuse to resume when config.yaml changed a key that is not safe to change mid-run."""
+    """Refuse to resume when config.yaml changed a key that is not safe to change mid-run. The data paths may
+    change when the checkpoint has the data's fingerprints (check_data then compares the data itself)."""
     then = flat_dict(state["config"])
-    changed = [k for k in _differences(cfg, state) if not _safe(k)]
+    changed = [k for k in _differences(cfg, state) if not (_safe(k) or ("data" in state and k in DATA_PATHS))]
     if changed:
         now = flat_dict(to_dict(cfg))
         what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
@@ -341,7 +352,61 @@ def trainer_state(trainer) -> dict:
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "layout": layout(trainer.cfg, trainer.runtime.world_size),
+        "data": data_identity(trainer),
+        "skipped_files": skipped_files(trainer),
     }
+
+
+def loaded_splits(trainer) -> dict:
+    """{split: data set} of every split the trainer has loaded: train (what training reads), and probe_train
+    (when it is another split) and test once loaded."""
+    loaded = vars(trainer)
+    sets = {"train": trainer.train_set, "probe_train": loaded.get("probe_train_set"), "test": loaded.get("test_set")}
+    return {split: s for split, s in sets.items() if s is not None and (split == "train" or s is not trainer.train_set)}
+
+
+def data_identity(trainer) -> dict:
+    """{split: {fingerprint, contents}} of the loaded splits (fastemp.data: what the data is, not where)."""
+    return {
+        split: {"fingerprint": s.fingerprint, "contents": s.contents} for split, s in loaded_splits(trainer).items()
+    }
+
+
+def skipped_files(trainer) -> dict:
+    """Every file skipped so far (data.bad_files=skip) on any rank, in training or evaluation: {path: why}."""
+    mine = {p: why for s in loaded_splits(trainer).values() for p, why in getattr(s, "skipped", {}).items()}
+    return dict(sorted({p: why for part in distributed.gather_objects(mine) for p, why in part.items()}.items()))
+
+
+def data_report(trainer) -> dict:
+    """What summary.json and eval.json say of the data: each split's fingerprint, and the files skipped if any."""
+    skipped = skipped_files(trainer)
+    report = {"data_fingerprints": {split: v["fingerprint"] for split, v in data_identity(trainer).items()}}
+    return {**report, "skipped_files": skipped} if skipped else report
+
+
+def check_data(trainer, state: dict, path: Path, resuming: bool = True) -> str | None:
+    """The data the trainer loaded is the checkpoint's, split by split: DataError saying what changed when not;
+    the same data at another path is a note. A checkpoint written before fingerprints passes, and so does an
+    evaluation whose config names other data (data.source, data.path or data.train_path: on purpose)."""
+    then, before, now = state.get("data") or {}, flat_dict(state["config"]), flat_dict(to_dict(trainer.cfg))
+    moved = [k for k in DATA_PATHS if before.get(k, now[k]) != now[k]]
+    if not then or not resuming and (moved or before.get("data.source") != now["data.source"]):
+        return None
+    for split, identity in data_identity(trainer).items():
+        old = then.get(split)
+        if old and old["fingerprint"] != identity["fingerprint"]:
+            raise DataError(
+                f"the {split} split of {data_location(trainer.cfg)} is not the data of {path}: "
+                f"{what_changed(old['contents'], identity['contents'])} (fingerprint {identity['fingerprint']}, "
+                f"then {old['fingerprint']}); restore that data, or point data.path in {path.parent / 'config.yaml'} at it"
+            )
+    moves = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in moved)
+    return f"the data moved ({moves}): the same files, so the run goes on there" if moved else None
+
+
+def data_location(cfg: Config) -> str:
+    return cfg.data.train_path or cfg.data.path or f"data.source={cfg.data.source}"
 
 
 def restore(trainer, state: dict, path: Path) -> None:
@@ -367,3 +432,4 @@ def restore(trainer, state: dict, path: Path) -> None:
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     trainer.saved_step = trainer.step
+    getattr(trainer.train_set, "skipped", {}).update(state.get("skipped_files") or {})

@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if watchdog.report_error(message):  # under torchrun: one line for the run, not one per rank
             print(f"fastemp: error: {message}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # fastemp.stop.Interrupted: 128 + the signal's number
+    except KeyboardInterrupt:  # Ctrl-C where no run is there to stop cleanly (fastemp.stop)
+        print("fastemp: error: interrupted by SIGINT", file=sys.stderr)
+        return 130
     finally:
         from . import run_folder
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .config_text import QUOTE_CHARS, Raw, coerce, read_yaml, shown
+from .config_text import MAX_CONFIG_BYTES, QUOTE_CHARS, Raw, coerce, read_yaml, shown
 from .errors import ConfigError
 
 
@@ -49,6 +49,7 @@ class DataConfig:
     backend: str = one_of("auto", "torch", "dali", "pillow")  # patch backend (docs/data-backends.md: what auto picks)
     streamed: bool = False  # imagefolder: read the full-size files every epoch (ImageNet) instead of decoding once
     workers: int = 8  # streamed data on the pillow backend: decoding processes (0 = in the training process)
+    bad_files: str = one_of("stop", "skip")  # streamed: a file failing after listing ends the run, or is replaced
     patch_compile: str = one_of("auto", "on", "off")  # torch backend: the recipe through torch.compile (auto: on CUDA)
 
 
@@ -326,6 +327,11 @@ def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str]
     """Load a YAML config (a path or a built-in name) and apply `section.key=value` overrides."""
     path = resolve_config_path(str(spec))
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:  # before reading: a config is a few KiB, never a huge file
+            raise ConfigError(
+                f"config file {path} is {path.stat().st_size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} for "
+                "a config (they hold about 100 values); check that --config names a config"
+            )
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the config file {path} ({err}); check the path") from None

@@ -15,6 +15,7 @@ from .errors import ConfigError
 # (10 lines of nested aliases expand to ~10^9 values), refused before anything walks or prints it.
 MAX_EXPANDED_NODES = 100_000
 QUOTE_CHARS = 80  # error messages quote at most this much of a value
+MAX_CONFIG_BYTES = 1 << 20  # a config file is refused by its size before it is read (they are a few KiB)
 
 
 def shown(value) -> str:

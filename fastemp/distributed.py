@@ -32,7 +32,8 @@ from torch import nn
 
 from . import watchdog
 from .config import ConfigError, flat_dict, shown, to_dict
-from .errors import UserError
+from .data.listing import what_changed
+from .errors import DataError, UserError
 from .watchdog import DistributedError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -53,6 +54,11 @@ def init_from_env() -> None:
         raise DistributedError(
             f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: no rendezvous "
             "to join; launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"
+        )
+    bad = next((n for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") if not os.environ[n].isdigit()), None)
+    if bad:
+        raise DistributedError(
+            f"{bad}={shown(os.environ[bad])} is not a whole number; launch with torchrun, which sets it"
         )
     timeout = watchdog.collective_timeout_s()
     if torch.cuda.is_available():
@@ -125,6 +131,24 @@ def check_same_config(cfg) -> None:
                 f"the ranks started with different configs: rank {r} differs from rank 0 in {what}{more}; "
                 "start every rank with the same --config and overrides"
             )
+
+
+def check_same_data(identity: dict, where: str) -> None:
+    """Every rank loaded the same data: checkpoint.data_identity's fingerprints compared, the ranks that differ
+    named (a rank that sees other files would train on other images, or hang at the end of a shorter epoch)."""
+    if world_size() == 1:
+        return
+    every = gather_objects(identity)
+    differ = [r for r, other in enumerate(every) if other != every[0]]
+    if differ:
+        r = differ[0]
+        split = next(k for k in every[0].keys() | every[r].keys() if every[0].get(k) != every[r].get(k))
+        then, now = (every[k].get(split, {}).get("contents", {}) for k in (0, r))
+        raise DataError(
+            f"the ranks read different data: rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} "
+            f"differ{'' if len(differ) > 1 else 's'} from rank 0 in the {split} split of {where} (rank {r}: "
+            f"{what_changed(then, now, 'on rank 0')}); give every rank the same files"
+        )
 
 
 def world_size() -> int:

@@ -88,15 +88,28 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         raise RunExistsError(f"--out {path} is a file, not a folder; choose another --out")
     if path.is_dir():
+        check_files(path, "the command")
         probe_lock(path)
         _check_replaceable(path, force)
     else:
         parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise RunExistsError(f"--out {path} lies under {parent}, which is a file; choose another --out")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunExistsError(
                 f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a writable folder"
             )
     return path
+
+
+def check_files(run_dir: Path, command: str) -> None:
+    """UserError when a name fastemp reads or writes in run_dir is not a file (a folder, a broken link, ...)."""
+    odd = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_FILES and not p.is_file())
+    if odd:
+        raise UserError(
+            f"{run_dir / odd[0]} is not a file (a folder, a broken link, ...), but fastemp reads or writes that "
+            f"file there; move it away (or restore the file), then run {command} again"
+        )
 
 
 def _check_replaceable(path: Path, force: bool) -> None:
@@ -327,6 +340,7 @@ def claim(run_dir: Path, command: str, writes: str = "") -> None:
     command was meant for no longer exists. writes: why the folder must be writable, if it must."""
     if not run_dir.is_dir():
         return  # load_run_config says so
+    check_files(run_dir, f"{command} {run_dir}")
     if writes:
         require_writable(run_dir, f"{writes} there")
     probe_lock(run_dir)

@@ -20,10 +20,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import checkpoint, distributed, run_folder, runs
+from . import checkpoint, distributed, run_folder, runs, stop
 from . import progress as bars
+from .checkpoint import data_location
 from .config import Config, ConfigError, load_config
 from .data import absolute_paths
+from .data.streamed import BadFileError
 from .errors import UserError, one_line
 from .runtime import Runtime, resolve
 from .train import Trainer
@@ -46,7 +48,7 @@ def run_training(
     try:
         distributed.run_on_main(lambda: run_folder.begin_run(run_dir, force, cfg, retry))
         try:
-            return trainer.run()
+            return _train(trainer)
         except BaseException as err:
             if distributed.is_main():
                 outcome = run_folder.outcome_of_failed_run(run_dir, retry)
@@ -78,13 +80,16 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
         if note and distributed.is_main():
             print(note)
         trainer = _trainer(cfg, runtime, run_dir, progress)
+        moved = checkpoint.check_data(trainer, state, path)
+        if moved and distributed.is_main():
+            print(f"resuming {path}: {moved}")
         checkpoint.restore(trainer, state, path)
         if distributed.is_main():
             runs.truncate_metrics(run_dir, trainer.step)  # the steps past the checkpoint are logged again
         trainer.evaluations = [
             r for r in runs.read_metrics(run_dir) if "linear_top1" in r and r["step"] <= trainer.step
         ]
-        return trainer.run()
+        return _train(trainer)
     finally:
         run_folder.unlock(run_dir)
 
@@ -108,10 +113,12 @@ def evaluate_run(
         # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
         distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
         trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
+        checkpoint.check_data(trainer, state, path, resuming=False)
         checkpoint.restore(trainer, state, path)
         e = cfg.eval
         result = {"step": trainer.step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
         result.update(trainer.evaluate())
+        result.update(checkpoint.data_report(trainer))
         if distributed.is_main():
             if echo:
                 print(json.dumps(result, indent=2))
@@ -156,4 +163,31 @@ def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool
     if cfg.eval.scheduled if evaluates is None else evaluates:
         check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set
+    distributed.check_same_data(checkpoint.data_identity(trainer), data_location(cfg))
     return trainer
+
+
+def _train(trainer: Trainer) -> dict:
+    """trainer.run() with SIGINT and SIGTERM handled (fastemp.stop). A signal, or a file that fails under
+    data.bad_files=stop, ends it with a checkpoint of the last finished step and one line saying how to go on."""
+    try:
+        with stop.handled(defer_always=trainer.runtime.world_size > 1):
+            return trainer.run()
+    except (stop.Interrupted, BadFileError) as err:
+        step, run, world = trainer.step, trainer.run_dir, trainer.runtime.world_size
+        signalled = isinstance(err, stop.Interrupted)
+        # a checkpoint needs every rank at the same step: a signal they agreed on; one process also after a bad file
+        if run and step > 0 and trainer.saved_step != step and not getattr(err, "forced", False):
+            if world == 1 or signalled:
+                trainer.save_checkpoint()
+        err.args = (f"{err} at step {step}" if signalled else f"{err.path} failed at step {step}: {err.why}",)
+        if run and trainer.saved_step is not None:  # else run_training says what is left of the run
+            launcher = f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
+            fix = (
+                "" if signalled else f"restore that file (or set data.bad_files: skip in {run / 'config.yaml'}), then "
+            )
+            err.args = (
+                f"{err}; {run / 'checkpoint.pt'} holds step {trainer.saved_step}; {fix}go on with: "
+                f"{launcher} resume {run}",
+            )
+        raise

@@ -12,12 +12,13 @@ of each global batch through DDP, logs global metrics, and rank 0 alone writes t
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, run_folder, runs
+from . import checkpoint, distributed, run_folder, runs, stop
 from .clock import Clock
 from .config import Config, EvalConfig
 from .data import ImageSet, load_split, load_train_images
@@ -94,6 +95,7 @@ class Trainer:
         self.eval_every = cfg.eval.every_steps(self.steps_per_epoch)
         self.evaluations: list[dict] = []  # the periodic evaluations' records (eval.every)
         self.stopped = False  # an evaluation reached eval.stop_at
+        self.signal = 0  # the signal every rank agreed to stop on (fastemp.stop), 0: none
         self.last_record: dict | None = None
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
         self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
@@ -192,6 +194,7 @@ class Trainer:
         bar = tqdm(total=stop_step - self.step, disable=not self.progress, desc=self.cfg.name, unit="step")
         images = 0
         self.clock.mark("start")  # what came before this call is not training
+        stop.defer(True)  # a signal ends training after the iteration it came in (fastemp.stop)
         while self.step < stop_step and not self.stopped:
             warm = not self.warmed_up
             terms = self.train_step(clock)
@@ -211,6 +214,9 @@ class Trainer:
             if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save_checkpoint()
             bar.update(1)
+            if self.signal or (stop.pending and self.runtime.world_size == 1):
+                raise stop.Interrupted(self.signal or stop.pending)
+        stop.defer(False)
         bar.close()
 
     def _time_steps(self) -> None:
@@ -283,12 +289,15 @@ class Trainer:
         # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
         # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
         # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
+        # The same all-reduce counts the files skipped (data.bad_files=skip) and the ranks that got a signal.
+        ours = torch.tensor([len(getattr(self.train_set, "skipped", ())), stop.pending > 0], device=self.device)
         losses = distributed.mean_across_ranks(
-            torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double()
+            torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(), ours.double()])
         )
         flat = torch.cat([losses, self._nonfinite.double()]).tolist()
-        values = flat[:3]
-        self.raise_if_nonfinite(flat[3:])
+        values, skipped = flat[:3], round(flat[3] * self.runtime.world_size)
+        self.signal = (stop.pending or signal.SIGTERM) if flat[4] > 0 else 0  # every rank stops after this step
+        self.raise_if_nonfinite(flat[5:])
         self._time_steps()
         seconds, self._window_seconds = self._window_seconds, 0.0
         record = {
@@ -300,6 +309,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": images / max(seconds, 1e-9),
             "elapsed_s": self.warmup_seconds + self.train_seconds,
+            **({"skipped_files": skipped} if skipped else {}),
         }
         if self.run_dir and distributed.is_main():
             runs.append_metrics(self.run_dir, record)
@@ -348,6 +358,7 @@ class Trainer:
                 summary.update(self.evaluate(self.random_init_model(), prefix="random_init_"))
             self.clock.mark("evaluation")
             summary["eval_seconds"] = self.clock.seconds("evaluation") + (last["eval_seconds"] if last else 0.0)
+        summary.update(checkpoint.data_report(self))
         if self.run_dir and distributed.is_main():
             runs.write_json(self.run_dir / "summary.json", summary)
             runs.plot_losses(self.run_dir)

@@ -193,6 +193,16 @@ def _two_ranks_without_sync_bn(run):
     _edit_state(edit)(run)
 
 
+def _folder_as(name: str):
+    """A variant edit: the run file `name` replaced by a folder."""
+
+    def apply(run):
+        (run / name).unlink(missing_ok=True)
+        (run / name).mkdir()
+
+    return apply
+
+
 def _read_only(path: Path) -> bool:
     """Make path read-only even for root (chattr +i); False when this machine cannot."""
     if os.geteuid() != 0:
@@ -374,7 +384,31 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
     force_old = [_variant(root, old, f"force{i}") for i in range(2)]
     before_force = [_file_bytes(r) for r in force_old]
     disk_fresh = root / "disk_fresh"
+    huge_yaml = root / "huge.yaml"
+    with open(huge_yaml, "wb") as f:
+        f.truncate(3 << 30)  # sparse: a config of 3 GB (one line of zeros) refused by its size, never read
     cases += [
+        # issue 22: run files that are folders, a checkpoint from a newer fastemp, a huge config, --out under a file
+        (
+            ["resume", str(_variant(root, old, "dir_summary", _folder_as("summary.json")))],
+            "summary.json is not a",
+            None,
+        ),
+        (["resume", str(_variant(root, old, "dir_ckpt", _folder_as("checkpoint.pt")))], "checkpoint.pt is not a", None),
+        (["eval", str(_variant(root, old, "dir_eval", _folder_as("eval.json")))], "eval.json is not a file", None),
+        (["eval", str(_variant(root, old, "dir_lock", _folder_as(".lock")))], ".lock is not a file", None),
+        (
+            train + ["--out", str(_variant(root, old, "dir_lock2", _folder_as(".lock"))), "--force"],
+            ".lock is not",
+            None,
+        ),
+        (
+            ["resume", str(_variant(root, old, "newer", _edit_state(lambda state: state.update(format=3))))],
+            "has checkpoint format 3, written by a newer fastemp (this one reads format 2 and older)",
+            None,
+        ),
+        (["train", "--config", str(huge_yaml), "--out", fresh], "over the limit of 1,048,576 for a config", None),
+        (train + ["--out", str(a_file / "run")], f"lies under {a_file}, which is a file", None),
         (["eval", str(_variant(root, old, "crafted_eval", _crafted(marker)))], "holds Python objects", None),
         (["resume", str(_variant(root, old, "crafted_resume", _crafted(marker)))], "loading one could run code", None),
         (["eval", str(_variant(root, old, "flipped_eval", _flip_bit))], "is corrupt: its sha256 does not match", None),

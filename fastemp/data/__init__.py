@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,7 @@ class ImageSet:
     classes: list[str]
     description: str  # what was loaded, for logs
     fingerprint: str = ""  # what data this is (names, sizes, classes; see the module docstring)
+    contents: dict = field(default_factory=dict)  # of a folder: listing.contents, which says what changed
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -105,16 +106,17 @@ def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> Ima
             f"{streamed.description}, {name}, {len(streamed)} images, {len(streamed.classes)} classes"
         )
         return streamed
+    folders: dict = {}  # listing.contents, of folders
     if layout == "synthetic":
         images, labels, classes, desc, prints = _load_synthetic(cfg, split)
     elif layout in CIFAR_ARCHIVES:
         images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
     else:
-        images, labels, classes, desc, prints = load_imagefolder(cfg, split, device, layout)
+        images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, device, layout)
     images = torch.as_tensor(images).to(device).contiguous()
     labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
     desc = f"{desc}, {name}, {len(labels)} images, {len(classes)} classes"
-    return ImageSet(images=images, labels=labels, classes=list(classes), description=desc, fingerprint=prints)
+    return ImageSet(images, labels, list(classes), desc, fingerprint=prints, contents=folders)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         try:
             (decoded,) = p.run()
         except Exception as e:
-            bad = _first_undecodable(chunk, names[start : start + batch])
+            bad = next((n for b, n in zip(chunk, names[start : start + batch]) if listing.undecodable(b)), None)
             where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
             raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
         if mixed:
@@ -165,19 +165,6 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
         else:
             out.extend(np.array(decoded[i]) for i in range(len(chunk)))
     return out
-
-
-def _first_undecodable(blobs: list[np.ndarray], names: list[str]) -> str | None:
-    if not _pil_importable():
-        return None
-    from PIL import Image
-
-    for blob, name in zip(blobs, names):
-        try:
-            Image.open(io.BytesIO(blob.tobytes())).convert("RGB")
-        except Exception:
-            return name
-    return None
 
 
 def _decode_pil(blobs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
@@ -302,7 +289,7 @@ def _cache_save(
 
 
 def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder"):
-    """(images, labels, classes, description, fingerprint) of one split of the folder or archive that `cfg`
+    """(images, labels, classes, description, fingerprint, contents) of one split of the folder or archive that `cfg`
     names in `layout` (listing.list_folder; an archive is always the imagefolder layout)."""
     source = listing.source_path(cfg, layout)
     decoder = _decoder_for(device)
@@ -316,7 +303,8 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
         paths = _cache_paths(cfg, source, split, [[rel, sz, mt] for _, rel, sz, mt in items], decoder)
         hit = _cache_load(paths, size)
         if hit is not None and hit[2] == classes:
-            return (*_tensors(hit[:2]), classes, f"{what}, from cache {paths[0]})", listing.fingerprint(items))
+            cached = f"{what}, from cache {paths[0]})"
+            return (*_tensors(hit[:2]), classes, cached, listing.fingerprint(items), listing.contents(items))
         encoded = []
         for cls, rel, _, _ in items:
             try:
@@ -325,13 +313,13 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
                 raise DataError(f"cannot read {folder.base / rel} ({_one_line(e)}); restore or remove it") from e
         images, labels = _decode(encoded, classes, size, decoder, device)
         _cache_save(paths, images, labels, classes, listing.fingerprint(items))
-        return (*_tensors((images, labels)), classes, f"{what})", listing.fingerprint(items))
+        return (*_tensors((images, labels)), classes, f"{what})", listing.fingerprint(items), listing.contents(items))
 
     st = source.stat()
     paths = {s: _cache_paths(cfg, source, s, [st.st_size, st.st_mtime_ns], decoder) for s in SPLITS}
     hit = _cache_load(paths[split], size)
     if hit is not None and hit[3]:
-        return (*_tensors(hit[:2]), hit[2], f"{what}, from cache {paths[split][0]})", hit[3])
+        return (*_tensors(hit[:2]), hit[2], f"{what}, from cache {paths[split][0]})", hit[3], {})
     found, test_dir = _read_archive(source)
     if not found[split]:
         where = f"{'train' if split == 'train' else test_dir}/<class>/"
@@ -346,13 +334,14 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
         if other is not None and other[3]:
             continue
         prints = listing.fingerprint((c, n, len(b)) for c, n, b in found[s])
+        folders = listing.contents((c, n, len(b)) for c, n, b in found[s])
         images, labels = _decode(found[s], classes, size, decoder, device)
         found[s] = []  # free the encoded bytes
         _cache_save(paths[s], images, labels, classes, prints)
         if s == split:
-            result = images, labels, prints
+            result = images, labels, prints, folders
     assert result is not None
-    return (*_tensors(result[:2]), classes, f"{what})", result[2])
+    return (*_tensors(result[:2]), classes, f"{what})", *result[2:])
 
 
 def _tensors(arrays) -> tuple[torch.Tensor, ...]:

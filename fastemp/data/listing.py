@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from ..progress import bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
@@ -69,6 +69,32 @@ def fingerprint(items) -> str:
     return h.hexdigest()[:16]
 
 
+def contents(items) -> dict[str, list]:
+    """{folder: [files, bytes, hash]} of a split's items: what `what_changed` compares, cheap to keep."""
+    out: dict[str, list] = {}
+    for cls, rel, size, *_ in items:
+        folder = rel.rpartition("/")[0]
+        entry = out.setdefault(folder, [0, 0, 0])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + size
+        entry[2] ^= int.from_bytes(hashlib.sha256(f"{cls}\t{rel}\t{size}".encode()).digest()[:6], "big")
+    return out
+
+
+def what_changed(then: dict, now: dict, was: str = "then") -> str:
+    """What differs between two `contents`, in a few words: the first folder that differs, and a count."""
+    differ = [f for f in sorted(then.keys() | now.keys()) if then.get(f) != now.get(f)]
+    if not (then and now and differ):
+        return "other files"
+    f, a, b = differ[0], then.get(differ[0]), now.get(differ[0])
+    if a is None or b is None:
+        what = f"{f}/ ({(a or b)[0]} files) is {'new' if a is None else 'gone'}"
+    elif a[0] != b[0]:
+        what = f"{f}/ has {b[0]} files, {a[0]} {was} ({abs(b[0] - a[0])} {'added' if b[0] > a[0] else 'removed'})"
+    else:
+        what = f"{f}/ has as many files ({b[0]}) but other names or sizes ({b[1] - a[1]:+,} bytes)"
+    return what + (f", and {len(differ) - 1} more folders differ" if len(differ) > 1 else "")
+
+
 # ------------------------------------------------------------------------------------- one file
 
 
@@ -80,7 +106,7 @@ def size_problem(size: int) -> str | None:
     return None
 
 
-def _os_problem(err: OSError) -> str:
+def os_problem(err: OSError) -> str:
     if err.errno == errno.ELOOP:
         return "a symlink loop"
     if err.errno == errno.ENOENT:
@@ -101,7 +127,7 @@ def image_problem(f, size: int) -> str | None:
         found = re.search(r"\((\d+) pixels\)", str(err))
         pixels, kind = int(found.group(1)) if found else 2 * MAX_IMAGE_PIXELS + 1, None
     except OSError as err:  # a failed read has an errno; Pillow's "cannot identify" and friends have none
-        return _os_problem(err) if err.errno else "not an image Pillow can read"
+        return os_problem(err) if err.errno else "not an image Pillow can read"
     except Exception:  # a header that breaks the parser (SyntaxError, ValueError, struct.error, ...)
         return "not an image (a broken header)"
     if pixels > MAX_IMAGE_PIXELS:
@@ -122,6 +148,20 @@ def image_problem(f, size: int) -> str | None:
     return None
 
 
+def undecodable(blob) -> str | None:
+    """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None (also without Pillow):
+    what names the file of a batch a decoder failed on."""
+    Image = _pillow()
+    if Image is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(bytes(blob))) as im:
+            im.load()
+    except Exception as err:
+        return f"cannot be decoded ({one_line(err)[:120]})"
+    return None
+
+
 def file_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with one image file (unreadable, empty, too large, a looping link, not an image,
     too many pixels, truncated), or None. Pillow checks the header; without Pillow only the file is."""
@@ -132,7 +172,7 @@ def file_problem(path: str | os.PathLike) -> str | None:
         with open(path, "rb") as f:  # opening it is the readability check
             return image_problem(f, size) if _pillow() else None
     except OSError as err:
-        return _os_problem(err)
+        return os_problem(err)
 
 
 @functools.cache
@@ -201,7 +241,7 @@ def _scan(directory: Path, rel: str, cls: str, items: list, bad: list, ancestors
         st = directory.stat()
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as err:
-        bad.append((rel, _os_problem(err)))
+        bad.append((rel, os_problem(err)))
         return
     if (st.st_dev, st.st_ino) in ancestors:
         return
@@ -214,7 +254,7 @@ def _scan(directory: Path, rel: str, cls: str, items: list, bad: list, ancestors
             try:
                 est = entry.stat()
             except OSError as err:
-                bad.append((name, _os_problem(err)))
+                bad.append((name, os_problem(err)))
                 continue
             if stat.S_ISREG(est.st_mode):
                 items.append((cls, name, est.st_size, est.st_mtime_ns))

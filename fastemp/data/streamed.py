@@ -7,19 +7,31 @@ held: a streamed patch backend (fastemp/patches/pillow_images.py, dali_images.py
 of each batch, in the epoch's permutation, and cuts the patches from the full-size images. This
 is the ImageNet path (the official ImageNet-100 recipe crops 224-pixel patches from the original
 JPEGs); resident data stays the fast path for small images.
+
+A file can still fail after it was listed (deleted, replaced, damaged). Both backends check it again when they
+read it and name it (BadFileError); data.bad_files says what then happens: stop (the run ends at the last
+finished step, fastemp.stop), or skip (`StreamedSet.instead`: the next image of the batch takes its place).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..errors import DataError
-from ..errors import one_line as _one_line
-from .listing import fingerprint, list_folder, source_path
+from ..errors import DataError, one_line
+from .listing import MAX_FILE_BYTES, contents, file_problem, fingerprint, list_folder, source_path
+
+
+class BadFileError(DataError):
+    """An image file that fails when a backend reads or decodes it (it passed the listing's checks before)."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"cannot use {path}: {why}; restore the file, or set data.bad_files=skip to go on without it")
+        self.path, self.why = path, why
 
 
 @dataclass
@@ -32,16 +44,57 @@ class StreamedSet:
     description: str  # what was listed, for logs
     device: torch.device  # where the patches of this set are wanted
     fingerprint: str = ""  # listing.fingerprint of the files: names, sizes, classes
+    contents: dict = field(default_factory=dict)  # listing.contents: files, bytes and a hash per folder
+    bad_files: str = "stop"  # data.bad_files
+    skipped: dict = field(default_factory=dict)  # path -> why, of every file skipped (data.bad_files=skip)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def read(self, i: int) -> np.ndarray:
-        """The encoded bytes of image i as a uint8 array (what a decoder takes)."""
+    def read(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The encoded bytes of image i as a uint8 array (what a decoder takes) and its (height, width), from
+        checked_image: BadFileError when its file fails."""
+        return checked_image(self.paths[i], lambda blob, im: (blob, (im.height, im.width)))
+
+    def instead(self, index: list[int], p: int, why: str, make):
+        """Image index[p] of a batch failed (`why`). data.bad_files=stop: BadFileError. skip: it is recorded in
+        `skipped` and make(i) of the next image of the batch whose file works is returned (make raises
+        BadFileError for one that fails too): a rule of the batch alone, so a resumed run makes the same patches."""
+        n, path = len(index), self.paths[index[p]]
+        if self.bad_files == "stop":
+            raise BadFileError(path, why)
+        self.skipped[path] = why
+        for k in range(1, n):
+            try:
+                return make(index[(p + k) % n])
+            except BadFileError as err:
+                self.skipped[err.path] = err.why
+        raise DataError(f"no file of a batch of {n} images could be used ({path}: {why}); check the data")
+
+
+def checked_image(path: str, use):
+    """use(encoded bytes, opened PIL image) of the file at path, after the listing's checks again (it may have
+    changed since it was listed); BadFileError when one, the decode or `use` fails. Never more than
+    MAX_FILE_BYTES are read: the size is checked first."""
+    from PIL import Image
+
+    why = file_problem(path)
+    if why is None:
         try:
-            return np.fromfile(self.paths[i], dtype=np.uint8)
-        except OSError as e:
-            raise DataError(f"cannot read {self.paths[i]} ({_one_line(e)}); restore the file or remove it") from e
+            blob = np.fromfile(path, dtype=np.uint8, count=MAX_FILE_BYTES)
+            with Image.open(io.BytesIO(blob)) as im:
+                return use(blob, im)
+        except Exception as err:  # it changed again since, or whatever Pillow raises for a file it cannot decode
+            why = f"cannot be decoded ({one_line(err)[:120]})"
+    raise BadFileError(path, why)
+
+
+def or_why(make, *args):
+    """make(*args), or why its file failed (what a worker hands back for the training process to decide)."""
+    try:
+        return make(*args)
+    except BadFileError as err:
+        return err.why
 
 
 def load_streamed(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder") -> StreamedSet:
@@ -58,4 +111,6 @@ def load_streamed(cfg: DataConfig, split: str, device: torch.device, layout: str
         description=f"{layout} ({source}, streamed: full-size files read every epoch)",
         device=torch.device(device),
         fingerprint=fingerprint(items),
+        contents=contents(items),
+        bad_files=cfg.bad_files,
     )

@@ -24,13 +24,15 @@ and torch backends are measured in docs/data-backends.md and docs/augmentation.m
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import os
 
 import numpy as np
 import torch
 
 from ..config import AugmentConfig
+from ..data.listing import undecodable
+from ..data.streamed import BadFileError, or_why
+from ..errors import DataError, one_line
 from .draw import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, jitter_enabled, sharded_params
 from .prefetch import PatchBackend, PatchRequest
 
@@ -193,14 +195,6 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str
     return {name: [np.ascontiguousarray(a.reshape(n, b, -1)[:, j]) for j in range(b)] for name, a in rows.items()}
 
 
-def image_size(blob: np.ndarray) -> tuple[int, int]:
-    """(height, width) of an encoded image from its header (no decode)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(blob.tobytes())) as im:
-        return im.height, im.width
-
-
 def streamed_params(
     index: torch.Tensor, n: int, seed: int, shard: slice, heights: list[int], widths: list[int], aug: AugmentConfig
 ) -> PatchParams:
@@ -232,22 +226,54 @@ class DaliImagePatches(PatchBackend):
         self._pipes: dict[tuple[int, int], object] = {}
         self._reader = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
         self._worker = concurrent.futures.ThreadPoolExecutor(1)  # the one thread that calls DALI
+        self._undecodable: dict[str, str] = {}  # path -> why, of files that passed the checks but not DALI
 
-    def _read(self, request: PatchRequest) -> tuple[list[np.ndarray], PatchParams]:
-        """The request's encoded files and its patches' parameters (drawn for the sizes in their headers)."""
-        index = request.index.cpu()
-        blobs = list(self._reader.map(self.data.read, index[request.shard].tolist()))
-        heights, widths = zip(*(image_size(b) for b in blobs))
-        return blobs, streamed_params(index, request.n, request.seed, request.shard, heights, widths, self.aug)
+    def _read_one(self, i: int) -> tuple[int, np.ndarray, tuple[int, int]]:
+        """(i, encoded bytes, (height, width)) of image i; BadFileError for a file that fails its checks or that
+        DALI could not decode before."""
+        path = self.data.paths[i]
+        if path in self._undecodable:
+            raise BadFileError(path, self._undecodable[path])
+        return (i, *self.data.read(i))
+
+    def _read(self, request: PatchRequest) -> tuple[list, PatchParams]:
+        """The request's files as (i, bytes, size) and its patches' parameters (drawn for the sizes in their
+        headers); a file that fails is replaced as data.bad_files says (StreamedSet.instead)."""
+        index = request.index.cpu().tolist()
+        positions = range(len(index))[request.shard]
+        files = list(self._reader.map(lambda i: or_why(self._read_one, i), [index[p] for p in positions]))
+        files = [
+            f if not isinstance(f, str) else self.data.instead(index, p, f, self._read_one)
+            for p, f in zip(positions, files)
+        ]
+        heights, widths = zip(*(size for _, _, size in files))
+        index, n, seed, shard = request.index.cpu(), request.n, request.seed, request.shard
+        return files, streamed_params(index, n, seed, shard, heights, widths, self.aug)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a request with these arguments uses (reads the images' headers)."""
         return self._read(PatchRequest(index, n, seed, shard))[1]
 
     def _make(self, request: PatchRequest) -> torch.Tensor:
-        """Read, draw, run the pipeline and reorder its output patch-major (on the worker thread)."""
-        blobs, params = self._read(request)
-        n, b = request.n, len(blobs)
+        """Read, draw, run the pipeline and reorder its output patch-major (on the worker thread). A file DALI
+        cannot decode (one that passed the checks) is found with Pillow, and the request is made again without it."""
+        while True:
+            files, params = self._read(request)
+            try:
+                return self._run([blob for _, blob, _ in files], params, request.n)
+            except RuntimeError as err:
+                self._pipes.pop((len(files), request.n), None)  # a pipeline that failed cannot run again
+                bad = {self.data.paths[i]: why for i, blob, _ in files if (why := undecodable(blob))}
+                if not bad:
+                    first = self.data.paths[files[0][0]]
+                    raise DataError(
+                        f"DALI could not make the patches of {len(files)} images from {first} on "
+                        f"({one_line(err)[:200]}); set data.backend=pillow to read them with Pillow"
+                    ) from None
+                self._undecodable.update(bad)
+
+    def _run(self, blobs: list[np.ndarray], params: PatchParams, n: int) -> torch.Tensor:
+        b = len(blobs)
         if (b, n) not in self._pipes:
             self._pipes[b, n] = _build_pipeline(b, n, self.aug, self._device_id, self.seed)
         inputs = {"encoded": blobs, **pipeline_inputs(params, self.aug, n)}

@@ -17,13 +17,21 @@ would have to know the next request ahead of time, which the prefetch of step t+
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
+import select
+import signal
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
 
 from ..config import AugmentConfig
+from ..data.streamed import BadFileError, checked_image, or_why
+from ..errors import DataError
 from .draw import (
     BRIGHTNESS,
     CONTRAST,
@@ -85,11 +93,9 @@ def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarra
 
 
 def open_rgb(path: str):
-    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted), from checked_image:
+    BadFileError when its file fails."""
+    return checked_image(path, lambda blob, im: im.convert("RGB"))
 
 
 def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray:
@@ -102,6 +108,26 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
     return np.stack([official_patch(img, p, i, aug) for i in range(u.shape[0])])
+
+
+def _start_worker(trainer: int) -> None:
+    """A worker ignores Ctrl-C and SIGTERM (sent to a whole process group, they are the training process's to
+    handle: it stops between steps, fastemp.stop) and ends with the training process however that ends: the
+    worker's parent is the forkserver, which outlives a killed training process (the workers hold its pipe
+    open), so a thread waits for the training process's pid to end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch() -> None:
+        try:
+            select.select([os.pidfd_open(trainer)], [], [])  # readable once the process has ended
+        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll until the pid is gone
+            with contextlib.suppress(OSError):
+                while not os.kill(trainer, 0):
+                    time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:
@@ -133,23 +159,45 @@ class PillowPatches(PatchBackend):
         if self._pool is None:
             # forkserver: a fork of a process that runs DALI or CUDA threads is not safe
             context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+            )
         return self._pool
 
     def start(self, request: PatchRequest):
-        index = request.index.cpu()
-        u = draw_uniforms(index, request.n, request.seed, request.shard).numpy()
-        paths = [self.data.paths[i] for i in index[request.shard].tolist()]
-        if self.workers == 0:
-            return np.stack([image_patches(path, u[j], self.aug) for j, path in enumerate(paths)])
-        return [self._executor().submit(image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
+        index = request.index.cpu().tolist()
+        u = draw_uniforms(request.index.cpu(), request.n, request.seed, request.shard).numpy()
+        positions = range(len(index))[request.shard]
+        paths = [self.data.paths[index[p]] for p in positions]
+        try:
+            run = self._executor().submit if self.workers else lambda make, *args: make(*args)
+            made = [run(or_why, image_patches, path, u[j], self.aug) for j, path in enumerate(paths)]
+        except BrokenProcessPool:
+            raise self._died() from None
+        return index, positions, u, made
 
     def finish(self, handle) -> torch.Tensor:
-        per_image = handle if isinstance(handle, np.ndarray) else np.stack([f.result() for f in handle])
-        return to_patch_batch(per_image, self.aug, self.device)
+        index, positions, u, made = handle
+        per_image = []
+        for j, (p, result) in enumerate(zip(positions, made)):
+            try:
+                result = result if self.workers == 0 else result.result()
+            except BrokenProcessPool:
+                raise self._died() from None
+            if isinstance(result, str):  # its file failed: data.bad_files decides
+                result = self.data.instead(
+                    index, p, result, lambda i, row=u[j]: image_patches(self.data.paths[i], row, self.aug)
+                )
+            per_image.append(result)
+        return to_patch_batch(np.stack(per_image), self.aug, self.device)
+
+    def _died(self) -> DataError:
+        return DataError(
+            f"a Pillow worker process died (killed, or out of memory?); lower data.workers ({self.workers})"
+        )
 
     def drop(self, handle) -> None:
-        for future in handle if isinstance(handle, list) else ():
+        for future in handle[3] if self.workers else ():
             future.cancel()
 
     def close(self) -> None:
@@ -164,9 +212,12 @@ def whole_images(data, index: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
     """Un-augmented streamed images for "plain" evaluation: shorter side resized to S, centre S x S crop,
     ToTensor, Normalize -> (b, 3, S, S) float32 channels_last on data.device."""
     size = aug.crop_size
-    out = []
-    for i in index.tolist():
-        img = open_rgb(data.paths[i])
+    out, index = [], index.tolist()
+    for p, i in enumerate(index):
+        try:
+            img = open_rgb(data.paths[i])
+        except BadFileError as err:  # data.bad_files decides, as in training
+            img = data.instead(index, p, err.why, lambda k: open_rgb(data.paths[k]))
         scale = size / min(img.width, img.height)
         w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
         img = img.resize((w, h), RESAMPLE[aug.interpolation])

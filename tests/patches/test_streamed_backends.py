@@ -4,6 +4,8 @@ CPU twin, op by op and in distribution, on the shared draw; exact resume; what a
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import threading
 
 import numpy as np
@@ -14,6 +16,7 @@ from augment_helpers import aug_off
 from fastemp.config import AugmentConfig, DataConfig
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.errors import DataError
 from fastemp.patches import PatchRequest, choose_backend, make_patch_backend
 from fastemp.patches.draw import PatchParams
 from fastemp.patches.pillow_images import PillowPatches, draw_uniforms, image_patches, official_patch, open_rgb
@@ -90,6 +93,17 @@ def test_same_patches_after_restart_prefetch_workers_and_shards(images):
     shard = PillowPatches(images, aug, workers=0)(index, 3, seed=11, shard=slice(2, 4))
     assert torch.equal(shard, first.view(3, 4, 3, 16, 16)[:, 2:4].reshape(6, 3, 16, 16))
     assert not torch.equal(PillowPatches(images, aug, workers=0)(index, 3, seed=12), first)
+
+
+def test_a_pillow_worker_that_dies_is_one_line_naming_data_workers(images):
+    pooled = PillowPatches(images, AugmentConfig(crop_size=16), workers=1)
+    index = torch.tensor([3, 0])
+    pooled(index, 2, seed=1)  # the worker has started
+    os.kill(next(iter(pooled._executor()._processes)), signal.SIGKILL)  # as the out-of-memory killer would
+    for _ in range(2):  # found by the request in flight, then by the next one
+        with pytest.raises(DataError, match=r"a Pillow worker process died .*lower data.workers \(1\)$"):
+            pooled(index, 2, seed=1)
+    pooled.close()
 
 
 OPS = {
