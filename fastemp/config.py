@@ -131,6 +131,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
+    loggers: str = ""  # besides metrics.jsonl, comma-separated: tensorboard, csv, wandb (fastemp/loggers.py)
 
 
 # Evaluation protocols by name. "official" is the official EMP-SSL evaluation (evaluate.py + func.py of

@@ -25,6 +25,7 @@ from . import progress as bars
 from .config import Config, ConfigError, load_config
 from .data import absolute_paths
 from .errors import UserError, one_line
+from .loggers import check_loggers
 from .runtime import Runtime, resolve
 from .train import Trainer
 from .validate import check_config, check_output_path, check_probe
@@ -181,6 +182,8 @@ def _runtime(cfg: Config, training: bool) -> Runtime:
     buffer; said in one line on rank 0 when training (eval's output is its JSON alone)."""
     distributed.check_same_config(cfg)
     check_config(cfg)
+    if training:
+        check_loggers(cfg.train.loggers)
     runtime = resolve(cfg, training=training, check_memory=True)
     if training and distributed.is_main():
         print(f"runtime: {runtime.describe()}", flush=True)
