@@ -91,9 +91,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fastemp: error: {message}; see {self.prog} --help\n")
 
 
-NO_PROGRESS = "no progress: neither bars (on a terminal) nor plain lines (when stdout is not a terminal)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .weights import FORMATS
 
@@ -115,12 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing run folder (only a fastemp run folder; the old run is kept in "
         "RUN/replaced-run until the new run's first checkpoint, and put back if it fails before)",
     )
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("eval", help="linear probe (and kNN) on a run's checkpoint, or on any weights (--weights)")
@@ -135,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", action="store_true", help="also run the weighted kNN (k=20, T=0.07)")
     p.add_argument("--eval-patches", type=int, help="average h over K augmented patches per image")
     p.add_argument("--plain", action="store_true", help="features of the whole un-augmented image")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_eval)
 
     for register in _extensions():

@@ -1,23 +1,17 @@
-"""`train.loggers`: where a run's records go besides metrics.jsonl, which stays the source of truth.
-
-    tensorboard  RUN/tensorboard/ event files (torch.utils.tensorboard; `pip install tensorboard`): every number
-                 of a record as train/<key> or eval/<key> at its step
-    csv          RUN/metrics.csv, a row per logged step, and RUN/evaluations.csv, a row per evaluation during
-                 training (eval.every): metrics.jsonl's records, rewritten from it when they open (after a resume)
-    wandb        a W&B run under RUN/wandb, offline unless WANDB_MODE or WANDB_API_KEY says otherwise
-
-The Trainer feeds them the records it appends to metrics.jsonl, on rank 0: on logged steps only, with values
-already on the host, so they add no device sync.
+"""A run's records: appended to metrics.jsonl, the source of truth, then given to the `train.loggers` sinks
+(tensorboard, csv, wandb: what each writes is in docs/training.md). Rank 0 alone writes, on logged steps only,
+values already on the host: the sinks add no device sync.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import os
 from pathlib import Path
 
-from . import runs
+from . import distributed, runs
+from . import progress as bars
 from .config import Config, ConfigError, to_dict
 
 NAMES = ("tensorboard", "csv", "wandb")
@@ -28,16 +22,21 @@ def logger_names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip() not in ("", "none")]
 
 
-def check_loggers(text: str, training: bool = True) -> None:
-    """Every name known and, when training, its package importable (one line saying what to install)."""
+def check_loggers(text: str) -> None:
+    """Every name known and its package imported now, not on the clock at the first record (one line saying what
+    to install)."""
     for name in logger_names(text):
         if name not in NAMES:
             raise ConfigError(
                 f"train.loggers: unknown logger {name!r}; use a comma-separated list of {', '.join(NAMES)}"
             )
-        if training and name != "csv" and importlib.util.find_spec(name) is None:
+        try:
+            importlib.import_module({"tensorboard": "torch.utils.tensorboard", "csv": "csv"}.get(name, name))
+        except ImportError:
             extra = ' (pip install -e ".[tensorboard]")' if name == "tensorboard" else ""
-            raise ConfigError(f"train.loggers={text} needs the {name} package; pip install {name}{extra}, or drop it")
+            raise ConfigError(
+                f"train.loggers={text} needs the {name} package; pip install {name}{extra}, or drop it"
+            ) from None
 
 
 def _scalars(record: dict) -> dict:
@@ -80,29 +79,38 @@ def _wandb(run_dir: Path, cfg: Config, step: int):
     import wandb
 
     configured = os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "fastemp"),
-        name=cfg.name,
-        dir=str(run_dir),
-        config=to_dict(cfg),
-        mode=None if configured else "offline",
-    )
-
+    mode = None if configured else "offline"
+    project = os.environ.get("WANDB_PROJECT", "fastemp")
+    run = wandb.init(project=project, name=cfg.name, dir=str(run_dir), config=to_dict(cfg), mode=mode)
     return lambda record: run.log(_scalars(record), step=record["step"]), run.finish
 
 
-class Loggers:
-    """The sinks train.loggers names, for one run folder; `step`: the first step this process logs."""
+class Records:
+    """The records of a Trainer with a run folder (logged steps, evaluations during training), on rank 0. The
+    sinks open at the first record this process writes (a resumed run's CSV is rewritten from metrics.jsonl);
+    when stdout is not a terminal each record is also printed as a plain progress line (fastemp.progress)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, step: int):
-        opened = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb}
-        self.sinks = [opened[name](Path(run_dir), cfg, step) for name in logger_names(cfg.train.loggers)]
+    def __init__(self, cfg: Config, run_dir: Path | None, total_steps: int):
+        self.cfg, self.total_steps, self.sinks = cfg, total_steps, None
+        self.run_dir = Path(run_dir) if run_dir and distributed.is_main() else None
 
     def write(self, record: dict) -> None:
+        if self.run_dir is None:
+            return
+        if self.sinks is None:
+            opened = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb}
+            names = logger_names(self.cfg.train.loggers)
+            self.sinks = [opened[name](self.run_dir, self.cfg, record["step"]) for name in names]
+        runs.append_metrics(self.run_dir, record)
         for write, _ in self.sinks:
             write(record)
+        if bars.lines:
+            print(bars.line(record, self.total_steps, self.cfg.train.batch_size), flush=True)
 
-    def close(self) -> None:
-        for _, close in self.sinks:
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, close in self.sinks or ():
             close()
-        self.sinks = []
+        self.sinks = None

@@ -25,8 +25,7 @@ def decide(requested: bool) -> bool:
 
 
 def _terminal(stream) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty is not None and isatty())
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def line(record: dict, total: int, batch_size: int) -> str:

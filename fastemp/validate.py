@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .config import EVAL_EVERY, Config, ConfigError, DataConfig, choices, shown
 from .data.listing import LAYOUTS
-from .loggers import check_loggers
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -138,7 +137,6 @@ def check_config(cfg: Config) -> None:
         "0 or a divisor of train.bn_groups",
         "each chunk holds whole BatchNorm groups",
     )
-    check_loggers(t.loggers, training=False)  # the packages: startup, when training
     for name in ("max_steps", "ckpt_every", "seed"):
         value = getattr(t, name)
         _rule(f"train.{name}", value, value >= 0, ">= 0")

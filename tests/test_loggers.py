@@ -69,9 +69,8 @@ def test_csv_is_rewritten_from_metrics_jsonl_when_it_opens(tmp_path):
     for step in (1, 2):
         runs.append_metrics(tmp_path, {"step": step, "loss": -float(step)})
     (tmp_path / "metrics.csv").write_text("step,loss\n1,-1.0\n2,-2.0\n3,-3.0\n4,-4.0\n")
-    sinks = loggers.Loggers(load_config("quickstart", ["train.loggers=csv"]), tmp_path, step=3)
-    sinks.write({"step": 3, "loss": -3.5})
-    sinks.close()
+    with loggers.Records(load_config("quickstart", ["train.loggers=csv"]), tmp_path, total_steps=40) as records:
+        records.write({"step": 3, "loss": -3.5})
     assert _rows(tmp_path / "metrics.csv") == [
         {"step": str(s), "loss": str(v)} for s, v in ((1, -1.0), (2, -2.0), (3, -3.5))
     ]
@@ -94,17 +93,16 @@ def test_wandb_is_offline_unless_configured(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = load_config("quickstart", ["train.loggers=wandb", "name=tiny"])
-    sinks = loggers.Loggers(cfg, tmp_path, step=1)
-    sinks.write({"step": 5, "loss": -1.5, "eval_protocol": "cheap"})
-    sinks.write({"step": 5, "linear_top1": 0.5})
-    sinks.close()
+    with loggers.Records(cfg, tmp_path, total_steps=40) as records:
+        records.write({"step": 5, "loss": -1.5, "eval_protocol": "cheap"})
+        records.write({"step": 5, "linear_top1": 0.5})
     init = calls[0][1]
     assert init["mode"] == "offline" and init["name"] == "tiny" and init["dir"] == str(tmp_path)
     assert init["config"]["train"]["loggers"] == "wandb"
     assert calls[1:] == [("log", {"train/loss": -1.5}, 5), ("log", {"eval/linear_top1": 0.5}, 5), ("finish",)]
     monkeypatch.setenv("WANDB_API_KEY", "set")
-    loggers.Loggers(cfg, tmp_path, step=1)
-    assert calls[-1][1]["mode"] is None  # wandb's own settings decide
+    loggers.Records(cfg, tmp_path, total_steps=40).write({"step": 6, "loss": -1.0})
+    assert calls[-2][0] == "init" and calls[-2][1]["mode"] is None  # wandb's own settings decide
 
 
 def test_a_bad_or_missing_logger_is_one_line(tmp_path, monkeypatch, capsys):
@@ -117,8 +115,14 @@ def test_a_bad_or_missing_logger_is_one_line(tmp_path, monkeypatch, capsys):
     assert "unknown logger 'tensorbord'; use a comma-separated list of tensorboard, csv, wandb" in error(
         "train.loggers=csv,tensorbord"
     )
-    real = importlib.util.find_spec
-    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
+    real = importlib.import_module
+
+    def without_tensorboard(name):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("TensorBoard logging requires TensorBoard version 1.15 or above")
+        return real(name)
+
+    monkeypatch.setattr(loggers.importlib, "import_module", without_tensorboard)
     assert 'needs the tensorboard package; pip install tensorboard (pip install -e ".[tensorboard]")' in error(
         "train.loggers=tensorboard"
     )
@@ -140,3 +144,10 @@ def test_metrics_records_print_as_progress_lines():
     assert line(record, 40, 100) == "step 20/40 loss -221.9000 sim -0.8500 tcr -51.2000 images/s 20.0 ETA 0:01:40"
     evaluation = {"step": 20, "linear_top1": 0.663, "knn_top1": 0.555, "eval_seconds": 12.34}
     assert line(evaluation, 40, 100) == "step 20/40 evaluation: linear_top1 0.6630 knn_top1 0.5550 (12.3 s)"
+
+
+def test_only_rank_0_writes_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(loggers.distributed, "is_main", lambda: False)
+    with loggers.Records(load_config("quickstart", ["train.loggers=csv"]), tmp_path, total_steps=40) as records:
+        records.write({"step": 1, "loss": -1.0})
+    assert list(tmp_path.iterdir()) == []
