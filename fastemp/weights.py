@@ -2,11 +2,9 @@
 
     fastemp      a run's checkpoint.pt (verified by fastemp.checkpoint.read) or a `fastemp export` file
     official     the official main.py's save, nn.DataParallel(encoder).state_dict(): fastemp's names under `module.`
-                 (its model/model.py: torchvision's resnet18 as `backbone`, then `pre_feature`, `projection`)
     torchvision  a torchvision resnet18 state_dict, fc dropped: a backbone alone
 
-A format is a renaming (RENAMES). The architecture (width, stem, hidden_dim, z_dim) is read from the tensors,
-and they must fit the model exactly: otherwise one line names the missing, unexpected and misshaped keys.
+The architecture is read from the tensors; a misfit is one line naming the missing, unexpected, misshaped keys.
 """
 
 from __future__ import annotations
