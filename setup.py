@@ -47,7 +47,8 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.6"],
-        "dev": ["pytest>=7", "matplotlib>=3.6", "ruff==0.17.6"],
+        "tensorboard": ["tensorboard>=2.10"],  # train.loggers=tensorboard
+        "dev": ["pytest>=7", "matplotlib>=3.6", "ruff==0.17.6", "tensorboard>=2.10"],
     },
     entry_points={"console_scripts": ["fastemp = fastemp.cli:main"]},
 )

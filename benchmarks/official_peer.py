@@ -15,9 +15,9 @@
    timestamped as they arrive: startup (imports, data, model) is kept apart from the training loop, and
    images/s is measured over the loop's steps after the first progress line (worker start-up and the
    first step excluded), with the whole-loop rate beside it.
-3. Evaluation. The saved encoder (a DataParallel state_dict) is mapped onto fastemp's model by name
-   (MODULE_TABLE, checked strictly) and evaluated by fastemp's Trainer.evaluate under the config's
-   eval section (default: the official protocol's values); `--override eval.KEY=VALUE` selects another.
+3. Evaluation. The saved encoder (a DataParallel state_dict) is scored as `fastemp eval --weights FILE
+   --format official` scores it (fastemp.weights: strict, by name) under the config's eval section
+   (default: the official protocol's values); `--override eval.KEY=VALUE` selects another.
 
 Results: <out>/official_peer.json and .md, rewritten after every phase, every training epoch and every 30 s
 of training ("status": RUNNING, then PASS, FAIL or TIMEOUT; "partial": true until it passed), and
@@ -45,7 +45,6 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -425,100 +424,21 @@ def stop(child: subprocess.Popen) -> None:
             child.wait()
 
 
-# ------------------------------------------------------------------------------ weights: official -> fastemp
-
-
-def _module_table() -> list[tuple[str, str]]:
-    """(official module, fastemp module) for every module that holds tensors, in model order.
-
-    Official: nn.DataParallel(encoder) of model/model.py: torchvision's resnet18 with conv1 = 3x3 and
-    maxpool/fc = Identity (no tensors) as `backbone`, then `pre_feature` (Linear, BN1d, ReLU) and
-    `projection` (Linear, BN1d, ReLU, Linear). fastemp.model.EMPEncoder keeps torchvision's layer names.
-    """
-    rows = [("module.backbone.conv1", "backbone.conv1"), ("module.backbone.bn1", "backbone.bn1")]
-    for layer in range(1, 5):
-        for block in range(2):
-            parts = ["conv1", "bn1", "conv2", "bn2"] + (
-                ["downsample.0", "downsample.1"] if layer > 1 and block == 0 else []
-            )
-            rows += [(f"module.backbone.layer{layer}.{block}.{p}", f"backbone.layer{layer}.{block}.{p}") for p in parts]
-    rows += [
-        ("module.pre_feature.0", "pre_feature.0"),
-        ("module.pre_feature.1", "pre_feature.1"),
-        ("module.projection.0", "projection.0"),
-        ("module.projection.1", "projection.1"),
-        ("module.projection.3", "projection.3"),
-    ]
-    return rows
-
-
-MODULE_TABLE: tuple[tuple[str, str], ...] = tuple(_module_table())
-
-
-class MappingError(PeerError):
-    """The official state_dict does not map one-to-one onto fastemp's model."""
-
-
-def map_official_state_dict(
-    official: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """fastemp names for every official tensor, through MODULE_TABLE; strict: every official tensor maps
-    to a fastemp tensor of the same shape, and every fastemp tensor gets exactly one (MappingError else)."""
-    table = dict(MODULE_TABLE)
-    mapped: dict[str, torch.Tensor] = {}
-    claimed, problems = set(), []
-    for key, tensor in official.items():
-        module, _, leaf = key.rpartition(".")
-        if module not in table:
-            problems.append(f"official tensor {key} is in no row of the mapping table")
-            continue
-        name = f"{table[module]}.{leaf}"
-        claimed.add(name)
-        if name not in target:
-            problems.append(f"{key} -> {name}, which fastemp's model lacks")
-        elif tuple(tensor.shape) != tuple(target[name].shape):
-            problems.append(f"{key} has shape {tuple(tensor.shape)}, fastemp's {name} {tuple(target[name].shape)}")
-        else:
-            mapped[name] = tensor
-    problems += [f"fastemp tensor {k} has no official source" for k in target if k not in claimed]
-    if problems:
-        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-        raise MappingError(
-            f"the official checkpoint does not map onto fastemp's model: {'; '.join(problems[:2])}"
-            f"{more}; is it main.py's save_models/<epoch>.pt of --arch resnet18-cifar?"
-        )
-    return mapped
-
-
-def load_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable, truncated, not a torch file
-        raise PeerError(f"cannot read the official checkpoint {path} ({last_line(err)}); rerun the training") from None
-    if not isinstance(state, Mapping):
-        raise PeerError(f"{path} holds a {type(state).__name__}, not main.py's state_dict; pass main.py's checkpoint")
-    return dict(state)
-
-
 # ------------------------------------------------------------------------------ evaluation
 
 
 def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = True) -> dict:
-    """fastemp's evaluation (Trainer.evaluate, cfg.eval) of the official encoder saved at `checkpoint`."""
-    from fastemp.train import Trainer
+    """fastemp's evaluation of the official encoder saved at `checkpoint` under cfg.eval: the library's
+    `fastemp eval --weights CHECKPOINT --format official` (fastemp.startup.evaluate_weights), on these splits."""
+    from fastemp.startup import evaluate_weights
 
-    state = load_official_checkpoint(checkpoint)
-    trainer = Trainer(cfg, run_dir=None, progress=progress, train_set=train, test_set=test)
-    trainer.model.load_state_dict(map_official_state_dict(state, trainer.model.state_dict()))
     start = time.perf_counter()
-    metrics = trainer.evaluate()
+    metrics = evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
     return {
         **metrics,
         "eval_seconds": time.perf_counter() - start,
         "checkpoint": str(checkpoint),
-        "mapped_tensors": len(state),
-        "precision": trainer.runtime.precision,
-        "backend": trainer.runtime.backend,
+        "mapped_tensors": metrics["tensors"],
     }
 
 

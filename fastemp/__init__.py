@@ -5,6 +5,7 @@
     cfg = fastemp.load_config("quickstart", ["train.epochs=1"])
     summary = fastemp.run_training(cfg, "runs/notebook")
     result = fastemp.evaluate_run("runs/notebook", ["eval.knn=true"])
+    other = fastemp.evaluate_weights("save_models/0.pt", "official")  # weights fastemp did not train
 
 These take the command line's path (fastemp.startup): the same checks and the same one-line errors, raised
 as fastemp.UserError. Importing fastemp is cheap: torch and the trainer load when a name needs them.
@@ -18,6 +19,7 @@ _LAZY = {
     "run_training": "startup",
     "resume_training": "startup",
     "evaluate_run": "startup",
+    "evaluate_weights": "startup",
     "resolve": "runtime",
     "Runtime": "runtime",
     "CheckpointError": "checkpoint",

@@ -42,6 +42,7 @@ RESUME_SAFE_KEYS = (
     "train.device",
     "train.log_every",
     "train.ckpt_every",
+    "train.loggers",
     "model.compile",
     "model.cudnn_benchmark",
     "data.patch_compile",

@@ -61,16 +61,28 @@ def cmd_resume(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .startup import evaluate_run
+    from .errors import UserError
+    from .startup import evaluate_run, evaluate_weights
 
     overrides = list(args.overrides)
+    run_dir = args.run_dir
+    if args.weights and run_dir and "=" in run_dir:  # argparse took the first override for the run folder
+        overrides, run_dir = [run_dir, *overrides], None
+    if bool(run_dir) == bool(args.weights):
+        raise UserError("fastemp eval takes a run folder or --weights FILE (one of them); see fastemp eval --help")
+    if not args.weights and (args.format or args.config or args.out):
+        raise UserError("--format, --config and --out go with --weights FILE; fastemp eval RUN writes RUN/eval.json")
     if args.knn:
         overrides.append("eval.knn=true")
     if args.eval_patches is not None:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.plain:
         overrides.append("eval.mode=plain")
-    evaluate_run(args.run_dir, overrides, progress=not args.no_progress, echo=True)
+    if args.weights:
+        fmt, progress = args.format or "fastemp", not args.no_progress
+        evaluate_weights(args.weights, fmt, args.config, overrides, out=args.out, progress=progress, echo=True)
+    else:
+        evaluate_run(run_dir, overrides, progress=not args.no_progress, echo=True)
     return 0
 
 
@@ -80,6 +92,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .weights import FORMATS
+
     parser = _Parser(prog="fastemp", description="EMP-SSL training, evaluation and benchmarks")
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (accepted anywhere on the command line)"
@@ -98,21 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing run folder (only a fastemp run folder; the old run is kept in "
         "RUN/replaced-run until the new run's first checkpoint, and put back if it fails before)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("eval", help="linear probe (and kNN) on a run's checkpoint")
-    p.add_argument("run_dir")
+    p = sub.add_parser("eval", help="linear probe (and kNN) on a run's checkpoint, or on any weights (--weights)")
+    p.add_argument("run_dir", nargs="?", help="a run folder (writes RUN/eval.json)")
+    p.add_argument(
+        "--weights", help="score this file instead: a checkpoint, an export, official or torchvision weights"
+    )
+    p.add_argument("--format", choices=FORMATS, help="what wrote --weights (default: fastemp)")
+    p.add_argument("--config", help="with --weights: data and evaluation (default: the file's, else cifar10_n20_1ep)")
+    p.add_argument("--out", help="with --weights: also write the result (JSON) to this file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.probe_epochs=10")
     p.add_argument("--knn", action="store_true", help="also run the weighted kNN (k=20, T=0.07)")
     p.add_argument("--eval-patches", type=int, help="average h over K augmented patches per image")
     p.add_argument("--plain", action="store_true", help="features of the whole un-augmented image")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_eval)
 
     for register in _extensions():

@@ -129,6 +129,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
+    loggers: str = ""  # besides metrics.jsonl, comma-separated: tensorboard, csv, wandb (fastemp/loggers.py)
 
 
 EVAL_EVERY = re.compile(r"(\d+)|(\d*\.?\d+)ep")  # eval.every: steps, or a fraction of an epoch
@@ -153,7 +154,9 @@ class EvalConfig:
     knn_temperature: float = protocol_key(0.07)
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
-    embedding: str = one_of("features", "proj", protocol=True)  # features: h; proj: the unit projection z, pooled
+    embedding: str = one_of(
+        "features", "proj", "backbone", protocol=True
+    )  # h; the unit projection z, pooled; the backbone's pooled output
     every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
     stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 
@@ -346,6 +349,11 @@ def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str]
             f"{path}: the top level must be a mapping of sections; write e.g. `train:` then indented keys"
         )
     values.setdefault("name", path.stem)
+    return config_from_dict(values, overrides)
+
+
+def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """A Config from sections of values (a `to_dict` result: the config a checkpoint or an export carries)."""
     cfg = Config()
     _apply(cfg, values)
     return apply_overrides(cfg, overrides)

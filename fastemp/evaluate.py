@@ -50,7 +50,7 @@ def extract_features(
     torch.compile, as in training (Runtime.patch_compile)."""
     was_training = model.training
     model.eval()
-    embed = model.encode if cfg.embedding == "features" else model.project  # h, or z: (N, z_dim)
+    embed = {"features": model.encode, "proj": model.project, "backbone": model.backbone}[cfg.embedding]
     encode = embed if compile_mode == "none" else torch.compile(embed, mode=compile_mode)
     device = images.device
     # resident images are gathered on their device; streamed files are read by index on the host
@@ -97,7 +97,8 @@ def extract_features(
     if world == 1:
         return torch.cat([h for _, h in out])
     # every row is filled by exactly one rank and is zero elsewhere, so the sum is exact
-    dim = model.pre_feature[0].out_features if cfg.embedding == "features" else model.projection[-1].out_features
+    dim = {"features": model.pre_feature[0].out_features, "proj": model.projection[-1].out_features}
+    dim = dim.get(cfg.embedding, model.backbone.out_dim)
     feats = torch.zeros(count, dim, device=device)
     for start, h in out:
         feats[start : start + h.shape[0]] = h

@@ -26,6 +26,8 @@ REPLACED = "replaced-run"  # under --force: the old run, kept until the new run'
 MOVED = ".moved"  # in REPLACED: the old run is wholly there (without it, a move was interrupted)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "losses.png", "eval.json", LOCK}
 RUN_FILES |= {"backbone.safetensors", "encoder.safetensors"}  # fastemp export's default outputs
+RUN_FILES |= {"metrics.csv", "evaluations.csv"}  # train.loggers (fastemp/loggers.py), and its folders:
+RUN_FOLDERS = {"tensorboard", "wandb"}
 
 _locks: dict[Path, int] = {}  # resolved run folder -> the descriptor that holds its lock
 
@@ -119,7 +121,8 @@ def _check_replaceable(path: Path, force: bool) -> None:
         raise RunExistsError(
             f"run folder {path} exists and is not empty; pass --force to replace it, or choose another --out"
         )
-    foreign = sorted(p.name for p in _contents(path) if not (p.is_file() and _is_run_file(p.name)))
+    ours = [p for p in _contents(path) if (p.is_file() and _is_run_file(p.name)) or p.name in RUN_FOLDERS]
+    foreign = sorted(p.name for p in _contents(path) if p not in ours)
     if foreign or not ((path / "config.yaml").is_file() or (path / REPLACED / "config.yaml").is_file()):
         what = f"holds {', '.join(foreign[:3])}" if foreign else "has no config.yaml"
         raise RunExistsError(

@@ -1,4 +1,4 @@
-"""One start-up path for train, resume and eval, from the command line (fastemp.cli) and from Python.
+"""One start-up path for train, resume and eval (of a run, or of any weights), from the command line and Python.
 
 Every entry point goes through the same chain, so a mistake is found before any work and is one line
 (a UserError, which the CLI prints as `fastemp: error: ...`):
@@ -27,9 +27,11 @@ from .config import Config, ConfigError, load_config
 from .data import absolute_paths
 from .data.streamed import BadFileError
 from .errors import UserError, one_line
+from .loggers import check_loggers
 from .runtime import Runtime, resolve
 from .train import Trainer
-from .validate import check_config, check_probe
+from .validate import check_config, check_output_path, check_probe
+from .weights import check_weights, load_weights, read_weights, weights_config
 
 
 def run_training(
@@ -115,24 +117,60 @@ def evaluate_run(
         trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
         checkpoint.check_data(trainer, state, path, resuming=False)
         checkpoint.restore(trainer, state, path)
-        e = cfg.eval
-        result = {"step": trainer.step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
-        result.update(trainer.evaluate())
-        result.update(checkpoint.data_report(trainer))
-        if distributed.is_main():
-            if echo:
-                print(json.dumps(result, indent=2))
-            try:
-                runs.write_json(run_dir / "eval.json", result)
-            except OSError as err:
-                kept = "the evaluation is printed above, make" if echo else "make"
-                raise UserError(
-                    f"could not write {run_dir / 'eval.json'}: {err.strerror or err}; {kept} {run_dir} writable "
-                    "to keep it there"
-                ) from None
-        return result
+        return _score(trainer, trainer.step, {}, run_dir / "eval.json", echo)
     finally:
         run_folder.unlock(run_dir)
+
+
+def evaluate_weights(
+    path: str | Path,
+    format: str = "fastemp",
+    config: str | Path | Config | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    out: str | Path | None = None,
+    progress: bool = True,
+    echo: bool = False,
+    train_set=None,
+    test_set=None,
+) -> dict:
+    """Score the weights in a file of `format` (fastemp.weights.FORMATS), as `fastemp eval --weights`: under
+    `config` (default: the file's own, else weights.DEFAULT_CONFIG) with overrides, the architecture the
+    weights'; the result has eval_run's fields and is written to `out` when given. train_set, test_set: splits
+    already loaded (the official peer's)."""
+    distributed.init_from_env()
+    progress = bars.decide(progress and distributed.is_main())
+    weights = read_weights(path, format)
+    cfg = weights_config(weights, config, overrides)
+    check_weights(weights, cfg.model)
+    if out:
+        check_output_path(out, "--out", is_file=True)
+    trainer = _trainer(cfg, _runtime(cfg, training=False), None, progress, True, train_set, test_set)
+    load_weights(trainer.model, weights)
+    extra = {"weights": str(path), "format": format, "tensors": len(weights.tensors)}
+    return _score(trainer, weights.step, extra, out and Path(out), echo)
+
+
+def _score(trainer: Trainer, step: int | None, extra: dict, out: Path | None, echo: bool) -> dict:
+    """Evaluate the trainer's model under its eval section; rank 0 prints the result as JSON (echo) and writes it
+    to `out`. echo first, so a folder that cannot take the file loses nothing."""
+    e = trainer.cfg.eval
+    result = {"step": step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
+    result.update(extra, precision=trainer.runtime.precision, backend=trainer.runtime.backend)
+    result.update(trainer.evaluate())
+    result.update(checkpoint.data_report(trainer))
+    if distributed.is_main():
+        if echo:
+            print(json.dumps(result, indent=2))
+        try:
+            if out:
+                runs.write_json(out, result)
+        except OSError as err:
+            kept = "the evaluation is printed above, make" if echo else "make"
+            raise UserError(
+                f"could not write {out}: {err.strerror or err}; {kept} {out.parent} writable to keep it there"
+            ) from None
+    return result
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -151,15 +189,20 @@ def _runtime(cfg: Config, training: bool) -> Runtime:
     buffer; said in one line on rank 0 when training (eval's output is its JSON alone)."""
     distributed.check_same_config(cfg)
     check_config(cfg)
+    if training:
+        check_loggers(cfg.train.loggers)
     runtime = resolve(cfg, training=training, check_memory=True)
     if training and distributed.is_main():
         print(f"runtime: {runtime.describe()}", flush=True)
     return runtime
 
 
-def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool, evaluates: bool | None = None):
-    """The Trainer, with the probe and the test split checked too when the run evaluates."""
-    trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime)
+def _trainer(
+    cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool, evaluates=None, train=None, test=None
+):
+    """The Trainer (on splits already loaded, when given), with the probe and the test split checked too when
+    the run evaluates."""
+    trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime, train_set=train, test_set=test)
     if cfg.eval.scheduled if evaluates is None else evaluates:
         check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set

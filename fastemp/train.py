@@ -27,6 +27,7 @@ from .errors import NonFiniteError
 from .evaluate import evaluate_encoder
 from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
+from .loggers import Records
 from .losses import LossTerms, projection_loss_terms
 from .model import build_model, compile_model, prepare_projector, set_batchnorm_groups
 from .patches import PatchBackend, PatchRequest, make_patch_backend
@@ -97,6 +98,7 @@ class Trainer:
         self.stopped = False  # an evaluation reached eval.stop_at
         self.signal = 0  # the signal every rank agreed to stop on (fastemp.stop), 0: none
         self.last_record: dict | None = None
+        self.records = Records(cfg, run_dir, self.total_steps)  # metrics.jsonl and the train.loggers sinks
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
         self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
 
@@ -204,12 +206,8 @@ class Trainer:
             if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                 self._evaluate_periodically()
             if warm or self.stopped or self.step % t.log_every == 0 or self.step == stop_step:
-                record = self._log(terms, images)
-                bar.set_postfix(
-                    sim=f"{record['loss_sim']:.3f}",
-                    tcr=f"{record['loss_tcr']:.1f}",
-                    img_s=f"{record['images_per_s']:.0f}",
-                )
+                r = self._log(terms, images)
+                bar.set_postfix(sim=f"{r['loss_sim']:.3f}", tcr=f"{r['loss_tcr']:.1f}", img_s=round(r["images_per_s"]))
                 images = 0
             if self.run_dir and t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save_checkpoint()
@@ -244,8 +242,7 @@ class Trainer:
             "eval_seconds": self.clock.seconds("evaluation"),
         }
         self.evaluations.append(record)
-        if self.run_dir and distributed.is_main():
-            runs.append_metrics(self.run_dir, record)
+        self.records.write(record)
         self.stopped = 0 < self.cfg.eval.stop_at <= record["linear_top1"]
 
     def _watch_finite(self, terms: LossTerms, step: int) -> None:
@@ -311,8 +308,7 @@ class Trainer:
             "elapsed_s": self.warmup_seconds + self.train_seconds,
             **({"skipped_files": skipped} if skipped else {}),
         }
-        if self.run_dir and distributed.is_main():
-            runs.append_metrics(self.run_dir, record)
+        self.records.write(record)
         self.last_record = record
         return record
 
@@ -325,7 +321,8 @@ class Trainer:
         """Train from self.step to the end, write the last checkpoint, evaluate (eval.at_end) and write
         summary.json (rank 0); returns the summary. The checks before it are fastemp.startup's."""
         cfg = self.cfg
-        self.train_until()
+        with self.records:  # the train.loggers sinks are closed at the end, and on an error
+            self.train_until()
         if self.run_dir:
             self.save_checkpoint()
         last = self.last_record or [r for r in runs.read_metrics(self.run_dir) if "loss" in r][-1]

@@ -14,7 +14,15 @@ def test_importing_fastemp_is_cheap_and_exports_the_notebook_names():
     code = "import sys, fastemp; print('torch' in sys.modules, sorted(fastemp.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False ")  # torch loads when a name needs it
-    for name in ("load_config", "Trainer", "run_training", "resume_training", "evaluate_run", "UserError"):
+    for name in (
+        "load_config",
+        "Trainer",
+        "run_training",
+        "resume_training",
+        "evaluate_run",
+        "evaluate_weights",
+        "UserError",
+    ):
         assert name in out and getattr(fastemp, name) is not None
     with pytest.raises(AttributeError):
         fastemp.no_such_name  # noqa: B018

@@ -1,6 +1,6 @@
-"""`bench official-peer`: the weight mapping (against an explicit float64 reference and, when its checkout and
-torchvision are here, the official model itself), the data the official loader reads, the output clock, the
-one-line errors, and the whole harness end to end around a stand-in for the official checkout."""
+"""`bench official-peer`: the official model's initialisation, the data the official loader reads, the output clock,
+the one-line errors, and the whole harness end to end around a stand-in for the official checkout. Its evaluation
+is `fastemp eval --weights --format official` (tests/test_weights.py)."""
 
 import hashlib
 import json
@@ -15,17 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from official_checkout import moments, official_encoder_class
 from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
 from fastemp.benchmarks import official_launcher
 from fastemp.benchmarks.official_peer import (
-    MODULE_TABLE,
-    MappingError,
     OfficialClock,
     evenly_spaced,
-    map_official_state_dict,
     run_official,
     split_output,
     subset,
@@ -39,153 +35,8 @@ from fastemp.model import EMPEncoder
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ------------------------------------------------------------------------------ the mapping
-
-
-def official_shapes(width: int, hidden: int, z_dim: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the official model/model.py encoder as main.py saves it (nn.DataParallel: `module.`),
-    written out from its definition: torchvision's resnet18 names with a 3x3 conv1, maxpool and fc replaced
-    by Identity (no tensors); pre_feature = Linear, BatchNorm1d, ReLU; projection = Linear, BatchNorm1d, ReLU,
-    Linear."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, c_out, c_in, k):
-        shapes[f"{name}.weight"] = (c_out, c_in, k, k)
-
-    def bn(name, c):
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{name}.{leaf}"] = (c,)
-        shapes[f"{name}.num_batches_tracked"] = ()
-
-    def linear(name, c_out, c_in):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c_out, c_in), (c_out,)
-
-    conv("module.backbone.conv1", width, 3, 3)
-    bn("module.backbone.bn1", width)
-    c_in = width
-    for layer, c in enumerate([width, 2 * width, 4 * width, 8 * width], start=1):
-        for block in (0, 1):
-            p = f"module.backbone.layer{layer}.{block}"
-            conv(f"{p}.conv1", c, c_in if block == 0 else c, 3)
-            bn(f"{p}.bn1", c)
-            conv(f"{p}.conv2", c, c, 3)
-            bn(f"{p}.bn2", c)
-            if block == 0 and layer > 1:
-                conv(f"{p}.downsample.0", c, c_in, 1)
-                bn(f"{p}.downsample.1", c)
-        c_in = c
-    linear("module.pre_feature.0", hidden, 8 * width)
-    bn("module.pre_feature.1", hidden)
-    linear("module.projection.0", hidden, hidden)
-    bn("module.projection.1", hidden)
-    linear("module.projection.3", z_dim, hidden)
-    return shapes
-
-
-def random_official_state(width=8, hidden=32, z_dim=16, seed=0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in official_shapes(width, hidden, z_dim).items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(7)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
-        else:
-            state[name] = 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    return state
-
-
-def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feature, z) of the official encoder in eval mode, computed straight from its tensors by name."""
-
-    def bn(t, name):
-        return F.batch_norm(
-            t,
-            sd[f"{name}.running_mean"],
-            sd[f"{name}.running_var"],
-            sd[f"{name}.weight"],
-            sd[f"{name}.bias"],
-            training=False,
-            eps=1e-5,
-        )
-
-    def conv(t, name, stride=1, padding=1):
-        return F.conv2d(t, sd[f"{name}.weight"], stride=stride, padding=padding)
-
-    def linear(t, name):
-        return F.linear(t, sd[f"{name}.weight"], sd[f"{name}.bias"])
-
-    h = F.relu(bn(conv(x, "module.backbone.conv1"), "module.backbone.bn1"))
-    for layer in range(1, 5):
-        for block in (0, 1):
-            p = f"module.backbone.layer{layer}.{block}"
-            stride = 2 if layer > 1 and block == 0 else 1
-            out = F.relu(bn(conv(h, f"{p}.conv1", stride), f"{p}.bn1"))
-            out = bn(conv(out, f"{p}.conv2"), f"{p}.bn2")
-            if layer > 1 and block == 0:
-                h = bn(conv(h, f"{p}.downsample.0", stride, 0), f"{p}.downsample.1")
-            h = F.relu(out + h)
-    feature = F.relu(bn(linear(h.mean((2, 3)), "module.pre_feature.0"), "module.pre_feature.1"))
-    z = linear(F.relu(bn(linear(feature, "module.projection.0"), "module.projection.1")), "module.projection.3")
-    return feature, F.normalize(z, dim=1)
-
-
-def test_mapped_official_weights_give_the_official_outputs():
-    official = random_official_state()
-    model = EMPEncoder(width=8, hidden_dim=32, z_dim=16).double().eval()
-    model.load_state_dict(map_official_state_dict(official, model.state_dict()))
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    feature, z = reference_forward(official, x)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode(x), feature, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(F.normalize(model(x), dim=1), z, rtol=1e-10, atol=1e-10)
-
-
-def test_mapping_table_is_one_to_one_and_covers_the_model():
-    official, ours = zip(*MODULE_TABLE)
-    assert len(set(official)) == len(set(ours)) == len(MODULE_TABLE)
-    modules_with_tensors = {
-        name
-        for name, m in EMPEncoder(width=8, hidden_dim=32, z_dim=16).named_modules()
-        if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))
-    }
-    assert set(ours) == modules_with_tensors
-    assert {k.rpartition(".")[0] for k in official_shapes(8, 32, 16)} == set(official)
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda s: s.pop("module.backbone.layer3.0.downsample.1.running_var"), "has no official source"),
-        (lambda s: s.update({"module.backbone.fc.weight": torch.zeros(10, 64)}), "in no row of the mapping table"),
-        (lambda s: s.update({"module.projection.3.weight": torch.zeros(16, 31)}), "has shape (16, 31)"),
-        (lambda s: s.update({"module.backbone.bn1.extra": torch.zeros(8)}), "which fastemp's model lacks"),
-    ],
-)
-def test_mapping_is_strict(change, message):
-    official = random_official_state()
-    change(official)
-    with pytest.raises(MappingError) as err:
-        map_official_state_dict(official, EMPEncoder(width=8, hidden_dim=32, z_dim=16).state_dict())
-    assert message in str(err.value) and "\n" not in str(err.value)
-
-
-def test_official_model_from_its_checkout_maps_exactly():
-    net = torch.nn.DataParallel(official_encoder_class()(arch="resnet18-cifar")).double()
-    with torch.no_grad():  # random BatchNorm statistics, so eval mode checks they are mapped too
-        for name, buf in net.named_buffers():
-            if name.endswith(("running_mean", "running_var")):
-                buf.copy_(torch.rand_like(buf) + 0.5)
-    model = EMPEncoder().double()
-    model.load_state_dict(map_official_state_dict(net.state_dict(), model.state_dict()))
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    for train in (False, True):
-        net.train(train)
-        model.train(train)
-        with torch.no_grad():
-            z, feature = net.module(x, is_test=True)
-            torch.testing.assert_close(model.encode(x), feature, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(F.normalize(model(x), dim=1), z, rtol=1e-9, atol=1e-9)
+# ------------------------------------------------------------------------------ the official model
+# (its weights are read by the library's `official` format: tests/test_weights.py)
 
 
 @pytest.mark.parametrize("arch, stem", [("resnet18-cifar", "cifar"), ("resnet18-imagenet", "imagenet")])

@@ -210,7 +210,7 @@ def test_cli_trains_and_evaluates_with_the_knobs_of_ssl_in_one_epoch(tmp_path, c
     for bad, says in [
         ("loss.uniformity=vonmise", "loss.uniformity must be one of tcr, vonmises, got 'vonmise'; did you mean"),
         ("loss.vonmises_t=0", "loss.vonmises_t must be > 0"),
-        ("eval.embedding=z", "eval.embedding must be one of features, proj, got 'z'"),
+        ("eval.embedding=z", "eval.embedding must be one of features, proj, backbone, got 'z'"),
     ]:
         capsys.readouterr()
         assert main(["train", *TINY_CONFIG, bad, "--out", str(tmp_path / "bad"), "--no-progress"]) == 2

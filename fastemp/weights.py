@@ -1,0 +1,178 @@
+"""Weights from a file in a named format, mapped strictly onto fastemp's EMPEncoder (`fastemp eval --weights`).
+
+    fastemp      a run's checkpoint.pt (verified by fastemp.checkpoint.read) or a `fastemp export` file
+    official     the official main.py's save, nn.DataParallel(encoder).state_dict(): fastemp's names under `module.`
+    torchvision  a torchvision resnet18 state_dict, fc dropped: a backbone alone
+
+The architecture is read from the tensors; a misfit is one line naming the missing, unexpected, misshaped keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from .errors import one_line
+from .export import FORMAT as EXPORT_FORMAT
+from .model import build_model
+
+FORMATS = ("fastemp", "official", "torchvision")
+# format: (prefix of every name in the file, names dropped, prefix of fastemp's name)
+RENAMES = {"official": ("module.", (), ""), "torchvision": ("", ("fc.",), "backbone.")}
+FIXES = {
+    "fastemp": "give a run's checkpoint.pt or a fastemp export file, or the --format that wrote it",
+    "official": "give main.py's save_models/<epoch>.pt (nn.DataParallel(encoder).state_dict()) or another --format",
+    "torchvision": "give torchvision.models.resnet18()'s state_dict (fc is ignored) or another --format",
+}
+DEFAULT_CONFIG = "cifar10_n20_1ep"  # official and torchvision files carry no config: the paper's CIFAR-10 setting
+
+
+@dataclass
+class Weights:
+    path: Path
+    format: str
+    tensors: dict[str, torch.Tensor]  # under EMPEncoder's names; backbone.* alone for a backbone
+    prefix: tuple[str, str] = ("", "")  # (the file's, fastemp's): a name shown as the file has it
+    config: dict | None = None  # the config a fastemp file carries
+    step: int | None = None
+
+    @property
+    def backbone_only(self) -> bool:
+        return not any(k.startswith("pre_feature.") for k in self.tensors)
+
+    def architecture(self) -> dict:
+        """The model.* keys the tensors decide: width and stem from conv1, hidden_dim and z_dim from the projector."""
+        arch, t = {}, self.tensors
+        if t.get("backbone.conv1.weight", torch.empty(0)).dim() == 4:
+            conv = t["backbone.conv1.weight"]
+            arch.update(width=conv.shape[0], stem="imagenet" if conv.shape[-1] == 7 else "cifar")
+        for key, name in (("hidden_dim", "pre_feature.0.weight"), ("z_dim", "projection.3.weight")):
+            if t.get(name, torch.empty(0)).dim() == 2:
+                arch[key] = t[name].shape[0]
+        return arch
+
+    def shown(self, name: str) -> str:
+        return self.prefix[0] + name.removeprefix(self.prefix[1])
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"  # an 8-byte header length, then the JSON header
+
+
+def _load(path: Path, fix: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, or of a torch file read with weights_only (no metadata)."""
+    try:
+        if _is_safetensors(path):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as err:  # weights_only refused an object (nothing of it ran), or not a weights file at all
+        objects = "Unsupported global" in str(err)
+        why = "holds Python objects, not plain tensors" if objects else f"is not weights ({one_line(err)[:120]})"
+        raise CheckpointError(f"{path} {why}; {fix}") from None
+
+
+def read_weights(path: str | Path, format: str = "fastemp") -> Weights:
+    """The tensors of `path` under fastemp's names (CheckpointError, one line, when the file is not `format`)."""
+    path, fix = Path(path).expanduser(), FIXES.get(format, "")
+    if format not in FORMATS:
+        raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}; use one of them")
+    if not path.is_file():
+        raise CheckpointError(f"--weights {path} is not a file; {fix}")
+    if format == "fastemp" and not _is_safetensors(path):
+        state = checkpoint.read(path)  # verified: checksum, finite weights
+        return Weights(path, format, state["model"], config=state["config"], step=state["step"])
+    tensors, meta = _load(path, fix)
+    if format == "fastemp":
+        if meta.get("format") != EXPORT_FORMAT:
+            raise CheckpointError(f"{path} is a safetensors file but not a fastemp export; {fix}")
+        put = "backbone." if meta.get("part") == "backbone" else ""
+        tensors = {put + k: v for k, v in tensors.items()}
+        weights = Weights(path, format, tensors, ("", put), json.loads(meta["config"]), int(meta["step"]))
+    else:
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise CheckpointError(f"{path} holds a {type(tensors).__name__}, not a state_dict of tensors; {fix}")
+        carried, dropped, put = RENAMES[format]
+        bare = [k for k in tensors if not k.startswith(carried)]
+        if bare:
+            what = f"{len(bare)} name(s) without the `{carried}` of main.py's nn.DataParallel ({', '.join(bare[:3])})"
+            raise CheckpointError(f"{path} has {what}; {fix}")
+        tensors = {put + k.removeprefix(carried): v for k, v in tensors.items() if not k.startswith(dropped)}
+        weights = Weights(path, format, tensors, (carried, put))
+    bad = [k for k, v in weights.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({weights.shown(bad[0])} and {len(bad) - 1} more)")
+    return weights
+
+
+def check_weights(weights: Weights, model_cfg) -> None:
+    """The weights fit a model of model_cfg (weights_config's), checked without building it."""
+    with torch.device("meta"):
+        _check_fit(weights, build_model(model_cfg).state_dict())
+
+
+def load_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy `weights` into `model` (an EMPEncoder; its backbone alone for a backbone), strictly."""
+    _check_fit(weights, model.state_dict())
+    if weights.backbone_only:
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.tensors.items()})
+    else:
+        model.load_state_dict(weights.tensors)
+
+
+def _check_fit(weights: Weights, model_state: dict) -> None:
+    """One line naming the missing, unexpected and misshaped keys, as the file names them, when they do not fit."""
+    expected = {k: v for k, v in model_state.items() if not weights.backbone_only or k.startswith("backbone.")}
+    got, problems = weights.tensors, []
+    shapes = {k: (tuple(got[k].shape), tuple(v.shape)) for k, v in expected.items() if k in got}
+    for what, keys in (
+        ("missing", [k for k in expected if k not in got]),
+        ("unexpected", [k for k in got if k not in expected]),
+        ("misshaped", [k for k, (a, b) in shapes.items() if a != b]),
+    ):
+        named = [weights.shown(k) + (" {} (model {})".format(*shapes[k]) if what == "misshaped" else "") for k in keys]
+        if keys:
+            problems.append(f"{what} {', '.join(named[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
+    if problems:
+        arch = ", ".join(f"{k}={v}" for k, v in weights.architecture().items()) or "no backbone.conv1"
+        raise CheckpointError(
+            f"{weights.path} (--format {weights.format}) does not fit fastemp's encoder ({arch}): "
+            f"{'; '.join(problems)}; {FIXES[weights.format]}"
+        )
+
+
+def weights_config(weights: Weights, config: str | Path | Config | None = None, overrides: Sequence[str] = ()):
+    """The config that scores `weights`: `config` (a built-in name, a YAML file or a Config) or, when None, the
+    one a fastemp file carries (else DEFAULT_CONFIG), with overrides. The architecture is the weights' (an
+    override that contradicts it is an error), and a backbone alone is scored on its pooled features."""
+    if isinstance(config, Config):
+        cfg = apply_overrides(copy.deepcopy(config), overrides)
+    elif config is None and weights.config is not None:
+        cfg = config_from_dict(weights.config, overrides)
+    else:
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    given = {item.split("=", 1)[0].strip(): item for item in overrides}
+    for key, value in weights.architecture().items():
+        if f"model.{key}" in given and getattr(cfg.model, key) != value:
+            raise ConfigError(f"{weights.path} holds a model with model.{key}={value}; drop {given[f'model.{key}']}")
+        setattr(cfg.model, key, value)
+    cfg.model.projector_init = ""  # the weights hold the projection layers
+    if weights.backbone_only:
+        if "eval.embedding" in given and cfg.eval.embedding != "backbone":
+            raise ConfigError(
+                f"{weights.path} holds a backbone alone, scored on its pooled features (eval.embedding=backbone); "
+                f"drop {given['eval.embedding']}"
+            )
+        cfg.eval.embedding = "backbone"
+    return cfg
