@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import run_data, runs
 from .config import Config, ConfigError, flat_dict, to_dict
-from .data.listing import what_changed
-from .errors import DataError, UserError, one_line
+from .errors import UserError, one_line
 
 FORMAT = 2  # 2: weights_only plain data, with `sha256` and `layout`
 REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout", "sha256")
@@ -51,7 +50,6 @@ RESUME_SAFE_KEYS = (
     "eval.*",
 )
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
-DATA_PATHS = ("data.path", "data.train_path")
 
 
 class CheckpointError(UserError):
@@ -147,24 +145,18 @@ def _disk_full(err: BaseException, where: Path) -> bool:
 
 
 def save(state: dict, path: Path) -> None:
-    """Write state (plus its format and digest) via a temp file, fsync and a rename, so `path` is
-    always the old or the new checkpoint; on failure the temp file is removed (it would otherwise
-    keep filling a full disk)."""
+    """Write state (plus its format and digest) via a temp file, fsync and a rename (runs.atomic_path), so `path`
+    is always the old or the new checkpoint."""
     path = Path(path)
     state = {**state, "format": FORMAT}
     state["sha256"] = digest(state)
-    tmp = path.with_name(path.name + ".tmp")
     had = path.is_file()
     try:
-        with open(tmp, "wb") as f:
+        with runs.atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:  # Ctrl-C too: the temp file never outlives the write
-        tmp.unlink(missing_ok=True)
-        if not isinstance(err, (OSError, RuntimeError)):
-            raise
+    except (OSError, RuntimeError) as err:
         kept, then = (
             (f"the previous {path.name} is intact", f"run fastemp resume {path.parent}")
             if had
@@ -250,26 +242,31 @@ def read(path: Path) -> dict:
     return state
 
 
+def misfit(expected: dict, got: dict, shown=str) -> str:
+    """'' when `got` holds exactly `expected`'s tensors (names, shapes, dtypes); else the missing, unexpected and
+    misshaped ones, the first few named (as `shown` writes a name), in one clause each."""
+    shapes = {}
+    for k, v in expected.items():
+        if k in got and (got[k].shape != v.shape or got[k].dtype != v.dtype):
+            a, b = (f"{t.dtype}" if got[k].dtype != v.dtype else "" for t in (got[k], v))
+            shapes[k] = f" {tuple(got[k].shape)}{a and ' ' + a} (model {tuple(v.shape)}{b and ' ' + b})"
+    problems = []
+    for what, keys in (
+        ("missing", [k for k in expected if k not in got]),
+        ("unexpected", [k for k in got if k not in expected]),
+        ("misshaped", list(shapes)),
+    ):
+        named = [shown(k) + shapes.get(k, "") for k in keys[:3]]
+        if keys:
+            problems.append(f"{what} {', '.join(named)}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
+    return "; ".join(problems)
+
+
 def check_tensors(expected: dict, state: dict, path: Path) -> None:
     """The checkpoint's model tensors are exactly the model's: same names, shapes and dtypes."""
-    got = state["model"]
-    missing = [k for k in expected if k not in got]
-    extra = [k for k in got if k not in expected]
-    shaped = [
-        k for k in expected if k in got and (got[k].shape != expected[k].shape or got[k].dtype != expected[k].dtype)
-    ]
-    if missing or extra or shaped:
-        if shaped:
-            k = shaped[0]
-            what = (
-                f"{k} is {tuple(got[k].shape)} {got[k].dtype}, "
-                f"the model's is {tuple(expected[k].shape)} {expected[k].dtype}"
-            )
-        else:
-            k = (missing or extra)[0]
-            what = f"{k} is {'missing' if missing else 'not a tensor of this model'}"
-        count = len(missing) + len(extra) + len(shaped)
-        raise CheckpointError(f"{path} does not fit the model: {what} ({count} tensor(s) differ); {_redo(path)}")
+    problems = misfit(expected, state["model"])
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model: {problems}; {_redo(path)}")
 
 
 def check_optimizer(params: list[torch.Tensor], state: dict, path: Path) -> None:
@@ -319,7 +316,7 @@ def check_resume(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to resume when config.yaml changed a key that is not safe to change mid-run. The data paths may
     change when the checkpoint has the data's fingerprints (check_data then compares the data itself)."""
     then = flat_dict(state["config"])
-    changed = [k for k in _differences(cfg, state) if not (_safe(k) or ("data" in state and k in DATA_PATHS))]
+    changed = [k for k in _differences(cfg, state) if not (_safe(k) or ("data" in state and k in run_data.DATA_PATHS))]
     if changed:
         now = flat_dict(to_dict(cfg))
         what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
@@ -353,61 +350,9 @@ def trainer_state(trainer) -> dict:
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "layout": layout(trainer.cfg, trainer.runtime.world_size),
-        "data": data_identity(trainer),
-        "skipped_files": skipped_files(trainer),
+        "data": run_data.identity(trainer),
+        "skipped_files": run_data.skipped_files(trainer),
     }
-
-
-def loaded_splits(trainer) -> dict:
-    """{split: data set} of every split the trainer has loaded: train (what training reads), and probe_train
-    (when it is another split) and test once loaded."""
-    loaded = vars(trainer)
-    sets = {"train": trainer.train_set, "probe_train": loaded.get("probe_train_set"), "test": loaded.get("test_set")}
-    return {split: s for split, s in sets.items() if s is not None and (split == "train" or s is not trainer.train_set)}
-
-
-def data_identity(trainer) -> dict:
-    """{split: {fingerprint, contents}} of the loaded splits (fastemp.data: what the data is, not where)."""
-    return {
-        split: {"fingerprint": s.fingerprint, "contents": s.contents} for split, s in loaded_splits(trainer).items()
-    }
-
-
-def skipped_files(trainer) -> dict:
-    """Every file skipped so far (data.bad_files=skip) on any rank, in training or evaluation: {path: why}."""
-    mine = {p: why for s in loaded_splits(trainer).values() for p, why in getattr(s, "skipped", {}).items()}
-    return dict(sorted({p: why for part in distributed.gather_objects(mine) for p, why in part.items()}.items()))
-
-
-def data_report(trainer) -> dict:
-    """What summary.json and eval.json say of the data: each split's fingerprint, and the files skipped if any."""
-    skipped = skipped_files(trainer)
-    report = {"data_fingerprints": {split: v["fingerprint"] for split, v in data_identity(trainer).items()}}
-    return {**report, "skipped_files": skipped} if skipped else report
-
-
-def check_data(trainer, state: dict, path: Path, resuming: bool = True) -> str | None:
-    """The data the trainer loaded is the checkpoint's, split by split: DataError saying what changed when not;
-    the same data at another path is a note. A checkpoint written before fingerprints passes, and so does an
-    evaluation whose config names other data (data.source, data.path or data.train_path: on purpose)."""
-    then, before, now = state.get("data") or {}, flat_dict(state["config"]), flat_dict(to_dict(trainer.cfg))
-    moved = [k for k in DATA_PATHS if before.get(k, now[k]) != now[k]]
-    if not then or not resuming and (moved or before.get("data.source") != now["data.source"]):
-        return None
-    for split, identity in data_identity(trainer).items():
-        old = then.get(split)
-        if old and old["fingerprint"] != identity["fingerprint"]:
-            raise DataError(
-                f"the {split} split of {data_location(trainer.cfg)} is not the data of {path}: "
-                f"{what_changed(old['contents'], identity['contents'])} (fingerprint {identity['fingerprint']}, "
-                f"then {old['fingerprint']}); restore that data, or point data.path in {path.parent / 'config.yaml'} at it"
-            )
-    moves = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in moved)
-    return f"the data moved ({moves}): the same files, so the run goes on there" if moved else None
-
-
-def data_location(cfg: Config) -> str:
-    return cfg.data.train_path or cfg.data.path or f"data.source={cfg.data.source}"
 
 
 def restore(trainer, state: dict, path: Path) -> None:

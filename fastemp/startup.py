@@ -20,9 +20,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import checkpoint, distributed, run_folder, runs, stop
+from . import checkpoint, distributed, run_data, run_folder, runs, stop
 from . import progress as bars
-from .checkpoint import data_location
 from .config import Config, ConfigError, load_config
 from .data import absolute_paths
 from .data.streamed import BadFileError
@@ -82,7 +81,7 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
         if note and distributed.is_main():
             print(note)
         trainer = _trainer(cfg, runtime, run_dir, progress)
-        moved = checkpoint.check_data(trainer, state, path)
+        moved = run_data.check(trainer, state, path)
         if moved and distributed.is_main():
             print(f"resuming {path}: {moved}")
         checkpoint.restore(trainer, state, path)
@@ -115,7 +114,7 @@ def evaluate_run(
         # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
         distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
         trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
-        checkpoint.check_data(trainer, state, path, resuming=False)
+        run_data.check(trainer, state, path, resuming=False)
         checkpoint.restore(trainer, state, path)
         return _score(trainer, trainer.step, {}, run_dir / "eval.json", echo)
     finally:
@@ -158,7 +157,7 @@ def _score(trainer: Trainer, step: int | None, extra: dict, out: Path | None, ec
     result = {"step": step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
     result.update(extra, precision=trainer.runtime.precision, backend=trainer.runtime.backend)
     result.update(trainer.evaluate())
-    result.update(checkpoint.data_report(trainer))
+    result.update(run_data.data_report(trainer))
     if distributed.is_main():
         if echo:
             print(json.dumps(result, indent=2))
@@ -206,7 +205,7 @@ def _trainer(
     if cfg.eval.scheduled if evaluates is None else evaluates:
         check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set
-    distributed.check_same_data(checkpoint.data_identity(trainer), data_location(cfg))
+    distributed.check_same_data(run_data.identity(trainer), run_data.data_location(cfg))
     return trainer
 
 

@@ -134,21 +134,12 @@ def load_weights(model: torch.nn.Module, weights: Weights) -> None:
 def _check_fit(weights: Weights, model_state: dict) -> None:
     """One line naming the missing, unexpected and misshaped keys, as the file names them, when they do not fit."""
     expected = {k: v for k, v in model_state.items() if not weights.backbone_only or k.startswith("backbone.")}
-    got, problems = weights.tensors, []
-    shapes = {k: (tuple(got[k].shape), tuple(v.shape)) for k, v in expected.items() if k in got}
-    for what, keys in (
-        ("missing", [k for k in expected if k not in got]),
-        ("unexpected", [k for k in got if k not in expected]),
-        ("misshaped", [k for k, (a, b) in shapes.items() if a != b]),
-    ):
-        named = [weights.shown(k) + (" {} (model {})".format(*shapes[k]) if what == "misshaped" else "") for k in keys]
-        if keys:
-            problems.append(f"{what} {', '.join(named[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
+    problems = checkpoint.misfit(expected, weights.tensors, weights.shown)
     if problems:
         arch = ", ".join(f"{k}={v}" for k, v in weights.architecture().items()) or "no backbone.conv1"
         raise CheckpointError(
             f"{weights.path} (--format {weights.format}) does not fit fastemp's encoder ({arch}): "
-            f"{'; '.join(problems)}; {FIXES[weights.format]}"
+            f"{problems}; {FIXES[weights.format]}"
         )
 
 

@@ -420,10 +420,10 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         ),
         (
             ["resume", str(_variant(root, old, "dropped", _edit_state(_drop_tensor)))],
-            "is missing (1 tensor(s) differ)",
+            "does not fit the model: missing ",
             None,
         ),
-        (["eval", str(_variant(root, old, "reshaped", _edit_state(_reshape_tensor)))], "is (1, 1, 1, 1)", None),
+        (["eval", str(_variant(root, old, "reshaped", _edit_state(_reshape_tensor)))], "misshaped ", None),
         (
             ["resume", str(_variant(root, old, "two_ranks", _two_ranks_without_sync_bn))],
             "a different recipe mid-run; resume it with 2 process(es)",
