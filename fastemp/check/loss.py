@@ -46,12 +46,12 @@ def _grid_inputs(ctx: Context, shapes: list, make) -> list[tuple[tuple, str, tor
 # ------------------------------------------------------------------------------ cosine-to-mean
 
 
-def cosine_rows(p: torch.Tensor, view=None, note: str = "") -> list[CheckResult]:
-    """The kernel's loss, cosines and dL/dp on p (any float dtype), or on view(p) (strides the kernel must read
-    in place), vs float64 on the exact same values."""
+def cosine_rows(p: torch.Tensor, view=None, note: str = "", impl=None) -> list[CheckResult]:
+    """The kernel's (or impl's: its torch twin) loss, cosines and dL/dp on p (any float dtype), or on view(p)
+    (strides the kernel must read in place), vs float64 on the exact same values."""
     from ..kernels.cosine_to_mean import cosine_to_mean
 
-    view = view or (lambda t: t)
+    view, cosine_to_mean = view or (lambda t: t), impl or cosine_to_mean
     p64 = view(p.detach()).double()
     ref_loss, ref_grad = grad_of(lambda q: reference.reference_invariance_loss(F.normalize(q, dim=-1)), p64)
     ref_cos = reference.reference_cosines(F.normalize(p64, dim=-1))
@@ -80,7 +80,8 @@ def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:
             else "CUDA is not available"
         )
         return [skipped("cos_to_mean", why)]
-    # d not a power of two (1000, 33, 7, 1: one masked tile), several row tiles (n = 200), d = 4096
+    # d not a power of two (1000, 33, 7, 1: one masked tile), several row tiles (n = 200), d = 4096; d = 1 with n
+    # odd (n even can give an image zbar = 0 exactly, where the reference cosine is 0/0)
     shapes = ctx.grid(
         cuda=[(n, b, d) for n in (2, 20, 200) for b in (1, 100) for d in (1024, 1000, 33)] + [(3, 4, 1), (6, 2, 4096)],
         quick_cuda=[(20, 100, 1024), (200, 1, 33), (2, 100, 1000)],
