@@ -237,15 +237,13 @@ def test_skips_are_visible_and_not_failures(tmp_path, monkeypatch, capsys):
 
 
 def test_seed_replays_the_same_inputs(tmp_path):
-    _, a = run_cli(tmp_path, "--quick", "--only", "tcr", "--seed", "1234")
-    _, b = run_cli(tmp_path, "--quick", "--only", "tcr,gradcache", "--seed", "1234")
+    _, a = run_cli(tmp_path, "--quick", "--only", "gradcache", "--seed", "1234")
+    _, b = run_cli(tmp_path, "--quick", "--only", "checkpoint,gradcache", "--seed", "1234")
     assert a["seed"] == b["seed"] == 1234
-    tcr = [r for r in b["results"] if r["op"].startswith("tcr")]
-    assert [r["err"] for r in a["results"]] == [r["err"] for r in tcr]  # independent of the other checks
-    assert [r["op"].split()[0] for r in b["results"]][-1] == "gradcache"
-    _, d = run_cli(tmp_path, "--quick", "--only", "gradcache,tcr", "--seed", "1234")  # in the order named
-    assert d["results"][0]["op"].startswith("gradcache") and d["results"][-1]["op"].startswith("tcr")
-    _, c = run_cli(tmp_path, "--quick", "--only", "tcr")
+    mine = [r for r in b["results"] if r["op"].startswith("gradcache")]
+    assert [r["err"] for r in a["results"]] == [r["err"] for r in mine]  # independent of the other checks
+    assert b["results"][0]["op"].startswith("checkpoint")  # in the order named
+    _, c = run_cli(tmp_path, "--quick", "--only", "gradcache")
     assert c["seed"] != 1234 and [r["err"] for r in c["results"]] != [r["err"] for r in a["results"]]
 
 
