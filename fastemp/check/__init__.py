@@ -3,31 +3,18 @@
     fastemp check [--device cuda|cpu] [--json FILE] [--quick] [--seed N] [--only NAME,...]
 
 For users who regression-test the kernels on their card. Each run draws a new seed (printed and
-written to the JSON; `--seed` replays a run), runs the checks below over a grid of shapes and
+written to the JSON; `--seed` replays a run), runs the checks in CHECKS over a grid of shapes and
 dtypes, prints one table row per compared quantity and exits 1 if any row fails.
 
-    cosine_to_mean  Triton cosine-to-mean kernel: loss, cosines, dL/dp vs float64 reference
-    tcr             batched-Cholesky total coding rate: R(Z_i) and dR/dZ vs float64 literal logdet
-    loss            projection_loss_terms (unfused and fused) vs reference_emp_ssl_loss(F.normalize(p))
-    compile         torch.compile(model) vs eager: h, p, parameter gradients, BatchNorm running stats
-    augment         DALI vs torch patch backend: per-channel mean / std of the same patches
-    patches         the torch backend's compiled recipe (data.patch_compile) vs eager, same draw
-    gradcache       two-pass gradient cache vs one autograd graph with the same chunk-wise BatchNorm
-    checkpoint      activation checkpointing vs plain
-    ghostbn         one pass with ghost BatchNorm (train.bn_groups) vs the gradient cache with the same groups
-    lars            LARS's compiled one-pass update vs the plain per-tensor rule + torch SGD (CUDA only)
-    prefetch        patches taken after a prefetch keyed by step (CUDA: the side stream) vs made afresh, bit for bit
-    eval_forward    the evaluation's features (CUDA: compiled bf16 encoder) vs an fp32 eager loop, same weights
-
 Not to be confused with start-up validation (fastemp.validate), which checks a config before a run.
-A row passes when its relative-norm error against the float64 reference is within its tolerance; a
-check that cannot run here is `skipped`, with the reason; an exception in a fast path is a failure.
-The pass criterion, every tolerance and why it is what it is: docs/check.md.
+A row passes when its error against the reference is within its tolerance; a check that cannot run
+here is `skipped`, with the reason; an exception in a fast path is a failure. What each check
+compares, the pass criterion, every tolerance and why it is what it is: docs/check.md. The tests run
+the same checks on the CPU (tests/check/test_cases.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -41,16 +28,16 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .augment import check_augment_stats, check_patches_compiled, check_prefetch
-from .core import CheckResult, Context, compare, skipped  # noqa: F401  (compare, skipped: public API)
+from ..runs import environment, write_json
+from .augment import check_augment_stats, check_eval_forward, check_patches_compiled, check_prefetch
+from .core import CheckResult, Context, compare, row, skipped  # noqa: F401  (compare, skipped: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
 from .training import (
     check_activation_checkpointing,
     check_compile,
-    check_eval_forward,
     check_ghost_batchnorm,
     check_gradient_cache,
-    check_lars_fused,
+    check_lars,
 )
 
 # ------------------------------------------------------------------------------ driver
@@ -65,7 +52,7 @@ CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "gradcache": check_gradient_cache,
     "checkpoint": check_activation_checkpointing,
     "ghostbn": check_ghost_batchnorm,
-    "lars": check_lars_fused,
+    "lars": check_lars,
     "prefetch": check_prefetch,
     "eval_forward": check_eval_forward,
 }
@@ -94,54 +81,31 @@ def run_checks(
         raise ConfigError(f"unknown check(s) {', '.join(unknown)} (choose from {', '.join(CHECKS)})")
     seed = new_seed() if seed is None else seed
     results: list[CheckResult] = []
-    cuda_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         for name in dict.fromkeys(
             only or CHECKS
         ):  # in the order named: a caller short of time puts the important first
-            check = CHECKS[name]
             # each check draws from its own stream: `--seed S --only NAME` replays NAME's inputs exactly
             stream = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-            ctx = Context(device, quick, torch.Generator().manual_seed(stream))
             t0 = time.perf_counter()
             try:
-                rows = check(ctx)
+                rows = CHECKS[name](Context(device, quick, torch.Generator().manual_seed(stream)))
             except Exception as err:  # a crash in a fast path is a failure, with its traceback shown
                 traceback.print_exc(file=sys.stderr)
                 rows = [
-                    CheckResult(
-                        name,
-                        "-",
-                        "-",
-                        math.nan,
-                        math.nan,
-                        math.nan,
-                        math.nan,
-                        "FAIL",
-                        f"{type(err).__name__}: {err}".splitlines()[0][:200],
-                    )
+                    row(name, "-", "-", math.nan, math.nan, note=f"{type(err).__name__}: {err}".splitlines()[0][:200])
                 ]
             if timings is not None:
                 timings[name] = round(time.perf_counter() - t0, 3)
-            for row in rows:
-                if report:
-                    report(row)
+            for r in rows if report else ():
+                report(r)
             results += rows
     return results
 
 
 # ------------------------------------------------------------------------------ output
 
-_COLUMNS = [
-    ("op", 24),
-    ("shape", 16),
-    ("dtype", 8),
-    ("err", 9),
-    ("tol", 9),
-    ("max_abs", 9),
-    ("max_rel", 9),
-    ("result", 7),
-]
+_COLUMNS = {"op": 24, "shape": 16, "dtype": 8, "err": 9, "tol": 9, "max_abs": 9, "max_rel": 9, "result": 7}
 
 
 def _num(x: float) -> str:
@@ -149,28 +113,13 @@ def _num(x: float) -> str:
 
 
 def format_header() -> str:
-    return " ".join(f"{name:<{width}}" for name, width in _COLUMNS) + " note"
+    return " ".join(f"{name:<{width}}" for name, width in _COLUMNS.items()) + " note"
 
 
 def format_row(r: CheckResult) -> str:
-    cells = [r.op, r.shape, r.dtype, _num(r.err), _num(r.tol), _num(r.max_abs), _num(r.max_rel), r.status]
-    if r.status == "FAIL" and math.isnan(r.err):
-        cells[3] = "nan"
-    return " ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, _COLUMNS)) + (f" {r.note}" if r.note else "")
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    return value
-
-
-def check_environment(device: torch.device) -> dict:
-    from ..runs import environment
-
-    env = environment(device)
-    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
-    return env
+    err = "nan" if r.failed and math.isnan(r.err) else _num(r.err)
+    cells = [r.op, r.shape, r.dtype, err, _num(r.tol), _num(r.max_abs), _num(r.max_rel), r.status]
+    return " ".join(f"{c:<{w}}" for c, w in zip(cells, _COLUMNS.values())) + (f" {r.note}" if r.note else "")
 
 
 def cmd_check(args) -> int:
@@ -183,7 +132,7 @@ def cmd_check(args) -> int:
 
         check_output_path(args.json, "--json", is_file=True)
     seed = new_seed() if args.seed is None else args.seed
-    env = check_environment(device)
+    env = {**environment(device), "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
     print(
         f"fastemp check on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "
         f"DALI {env['dali']}; TRITON_INTERPRET={env['triton_interpret']}"
@@ -192,14 +141,7 @@ def cmd_check(args) -> int:
     print(format_header())
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    results = run_checks(
-        device,
-        quick=args.quick,
-        seed=seed,
-        only=only,
-        report=lambda r: print(format_row(r), flush=True),
-        timings=timings,
-    )
+    results = run_checks(device, args.quick, seed, only, lambda r: print(format_row(r), flush=True), timings)
     seconds = time.perf_counter() - t0
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "skipped")}
     ok = counts["FAIL"] == 0
@@ -222,12 +164,11 @@ def cmd_check(args) -> int:
             "check_seconds": timings,
             "counts": counts,
             "environment": env,
-            "results": [{k: _json_safe(v) for k, v in asdict(r).items()} for r in results],
+            "results": [asdict(r) for r in results],
         }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {path}")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.json), doc)
+        print(f"wrote {args.json}")
     return 0 if ok else 1
 
 

@@ -1,5 +1,6 @@
-"""`fastemp check`: the DALI patch backend against the torch one, by the channel statistics of the
-patches they cut from the same images; the compiled torch recipe against the eager one."""
+"""`fastemp check`: the patches and what reads them -- the DALI patch backend against the torch one, by the
+channel statistics of the patches they cut from the same images; the compiled torch recipe against the eager
+one; prefetched patches against patches made afresh; the evaluation's features against a plain loop."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from ..config import AugmentConfig, DataConfig
 from ..data import load_split
 from ..data.streamed import StreamedSet
-from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, fmt_shape, skipped
+from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, compare_with_baseline, row, skipped
 
 
 def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
@@ -55,17 +56,8 @@ def png_folder(images: torch.Tensor, root: Path, device) -> StreamedSet:
 
 
 def check_augment_stats(ctx: Context) -> list[CheckResult]:
-    """The DALI backend vs the torch backend on the same pixels, default recipe (tolerances of
-    tests/patches/test_dali_backend.py). DALI reads the images as PNG files (lossless: it decodes the
-    very pixels the torch backend holds resident).
-
-    paired: the same seed. Both backends draw with draw.sharded_params (DALI on a CPU generator), so for
-      images of one size the torch backend run on a CPU copy uses identical parameters; the documented
-      semantic differences (fixed jitter order, reflect-101 blur borders) move the channel statistics
-      by ~0.002-0.005, so |dali - torch| <= 0.01 (absolute, normalised pixel scale).
-    independent: the torch backend with another seed on the check's device; |dali - torch| must be
-      within 5 standard errors (from the per-patch values) + 0.01; err is the worst |diff| / that bound.
-    """
+    """The DALI backend vs the torch backend on the same pixels (DALI reads them as lossless PNG files), default
+    recipe: "paired" with the same seed (the same drawn parameters), "independent" with another (docs/check.md)."""
     from ..patches import dali_available
 
     if not dali_available():
@@ -85,49 +77,21 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
     paired, _ = channel_stats(TorchPatches(images.cpu(), aug)(index, n, seed))
     indep, se_indep = channel_stats(TorchPatches(images, aug)(index.to(ctx.device), n, other_seed))
     shape = (n * batch, 3, aug.crop_size, aug.crop_size)
-    rows = []
     diff = (dali - paired).abs()
-    err = diff.max().item()
-    rows.append(
-        CheckResult(
-            "augment paired",
-            fmt_shape(shape),
-            "fp32",
-            err,
-            AUGMENT_TOL,
-            err,
-            math.nan,
-            "pass" if math.isfinite(err) and err <= AUGMENT_TOL else "FAIL",
-            "abs diff of channel mean/std, same seed; " + _stats_note(dali, paired),
-        )
-    )
+    paired_row = row("augment paired", shape, "fp32", diff.max().item(), AUGMENT_TOL, diff.max().item())
+    paired_row.note = "abs diff of channel mean/std, same seed; " + _stats_note(dali, paired)
     bound = 5 * torch.sqrt(se_dali**2 + se_indep**2) + AUGMENT_TOL
     diff = (dali - indep).abs()
-    err = (diff / bound).max().item()
-    rows.append(
-        CheckResult(
-            "augment independent",
-            fmt_shape(shape),
-            "fp32",
-            err,
-            1.0,
-            diff.max().item(),
-            math.nan,
-            "pass" if math.isfinite(err) and err <= 1.0 else "FAIL",
-            "|diff| / (5 SE + 0.01), other seed; " + _stats_note(dali, indep),
-        )
-    )
-    return rows
+    note = "|diff| / (5 SE + 0.01), other seed; " + _stats_note(dali, indep)
+    return [
+        paired_row,
+        row("augment independent", shape, "fp32", (diff / bound).max().item(), 1.0, diff.max().item(), note=note),
+    ]
 
 
 def check_patches_compiled(ctx: Context) -> list[CheckResult]:
-    """The torch backend with its recipe compiled (data.patch_compile) vs eager, same images and seed.
-
-    The random draw is eager in both, so the parameters are identical and the pixels differ only by
-    Inductor's reordered float math. Solarize is a threshold: a pixel within that rounding of it can
-    invert in one and not the other, so solarized patches are compared apart, by the fraction of
-    pixels that differ by more than 1e-4 (tol 1e-3); every other patch by the relative-norm error.
-    """
+    """The torch backend with its recipe compiled (data.patch_compile) vs eager, same images and draw; solarized
+    patches apart, by the fraction of pixels off by > 1e-4 (a threshold flips with rounding: docs/check.md)."""
     from ..patches.torch_backend import TorchPatches
 
     if ctx.quick:
@@ -141,46 +105,21 @@ def check_patches_compiled(ctx: Context) -> list[CheckResult]:
     compiled = TorchPatches(images, aug, compile_recipe=True)
     ref, got = eager(index, n, seed), compiled(index, n, seed)
     solarized = eager.params(index, n, seed).solarize
-    shape = fmt_shape(tuple(ref.shape))
-    rows = [
-        compare(
-            "patches compiled",
-            shape,
-            "fp32",
-            got[~solarized],
-            ref[~solarized],
-            FP32_TOL,
-            note=f"{int((~solarized).sum())} patches without solarize",
-        )
+    shape, diff = tuple(ref.shape), (got[solarized] - ref[solarized]).abs()
+    flipped = (diff > 1e-4).double().mean().nan_to_num(0.0).item()
+    max_abs = diff.max().item() if bool(solarized.any()) else 0.0
+    plain = f"{int((~solarized).sum())} patches without solarize"
+    note = f"fraction of pixels off by > 1e-4 in {int(solarized.sum())} solarized patches"
+    return [
+        compare("patches compiled", shape, "fp32", got[~solarized], ref[~solarized], FP32_TOL, note=plain),
+        row("patches compiled solarized", shape, "fp32", flipped, 1e-3, max_abs, note=note),
     ]
-    flipped = ((got[solarized] - ref[solarized]).abs() > 1e-4).double().mean().nan_to_num(0.0).item()
-    max_abs = (got[solarized] - ref[solarized]).abs().max().item() if bool(solarized.any()) else 0.0
-    rows.append(
-        CheckResult(
-            "patches compiled solarized",
-            shape,
-            "fp32",
-            flipped,
-            1e-3,
-            max_abs,
-            math.nan,
-            "pass" if flipped <= 1e-3 else "FAIL",
-            f"fraction of pixels off by > 1e-4 in {int(solarized.sum())} solarized patches",
-        )
-    )
-    return rows
 
 
 def check_prefetch(ctx: Context) -> list[CheckResult]:
     """Patches taken after a prefetch (PatchBackend.prefetch/take, keyed by step as the Trainer and evaluation
-    call them) are the patches made afresh, bit for bit, and a prefetch under another key is never taken.
-
-    CUDA: from the second step on, the patches are made on the torch backend's side stream while the current
-    stream runs on; each step takes its patches right after announcing the next ones and reads them at once,
-    so a missing event wait or a buffer reused too early would show here as different pixels. With the
-    recipe compiled unless --quick (as the Trainer runs it). CPU: the same calls; prefetch makes the patches
-    at once. Exact (tol 0): the same recipe on the same device with the same draw.
-    """
+    call them) are the patches made afresh, bit for bit, and a prefetch under another key is never taken (CUDA:
+    through the side stream, each step reading its patches at once; docs/check.md)."""
     from ..patches import PatchRequest
     from ..patches.torch_backend import TorchPatches
 
@@ -206,17 +145,88 @@ def check_prefetch(ctx: Context) -> list[CheckResult]:
     patches.prefetch(steps, request(0))
     other = patches.take(steps + 1, request(0, seeds[0] + 1))  # another key: made afresh, the prefetch dropped
     fresh = torch.cat([patches.make(request(step)) for step in range(steps)])
-    shape = fmt_shape(tuple(fresh.shape))
     how = ("side stream + events" if ctx.cuda else "made at prefetch (CPU)") + (", compiled recipe" if compiled else "")
+    afresh = patches.make(request(0, seeds[0] + 1))
     return [
-        compare("prefetch taken", shape, "fp32", torch.cat(taken), fresh, 0.0, note=f"{steps} steps, {how}"),
+        compare(
+            "prefetch taken", tuple(fresh.shape), "fp32", torch.cat(taken), fresh, 0.0, note=f"{steps} steps, {how}"
+        ),
         compare(
             "prefetch other key",
-            fmt_shape(tuple(other.shape)),
+            tuple(other.shape),
             "fp32",
             other,
-            patches.make(request(0, seeds[0] + 1)),
+            afresh,
             0.0,
             note="a prefetch under another key is not taken",
         ),
+    ]
+
+
+# ------------------------------------------------------------------------------ evaluation forward
+
+
+def eval_case(device: torch.device) -> dict:
+    """The eval_forward check's sizes: CUDA, the standard model at the official protocol's forward shape, compiled
+    in bf16 as evaluation runs it there; CPU, a tiny model in fp32 eager, as evaluation runs it here."""
+    from ..config import EvalConfig
+
+    if device.type == "cuda":
+        return dict(model={}, count=200, eval=EvalConfig(), compiled=True)
+    return dict(
+        model=dict(width=8, hidden_dim=64, z_dim=32), count=12, eval=EvalConfig(patches=4, batch_size=5), compiled=False
+    )
+
+
+def check_eval_forward(ctx: Context) -> list[CheckResult]:
+    """The evaluation's features (fastemp.evaluate.extract_features: patches, the encoder in eval mode, the mean
+    over each image's patches) as the runtime runs them -- CUDA: compiled bf16, channels_last, as after a compiled
+    training (compare_with_baseline vs eager bf16); CPU: fp32 eager -- vs a plain fp32 eager loop over the same
+    patches and weights (NCHW, no TF32). BatchNorm's running statistics are set from one batch first, so eval-mode
+    activations have a trained network's scale (docs/check.md)."""
+    from ..evaluate import extract_features
+    from ..patches.torch_backend import TorchPatches
+    from .training import encoder
+
+    case = eval_case(ctx.device)
+    if case["compiled"] and ctx.quick:
+        return [skipped("eval forward", "--quick skips compilation")]
+    count, cfg, compiled = case["count"], case["eval"], case["compiled"]
+    aug, seed = AugmentConfig(), ctx.seed()
+    images = smooth_images(ctx, count)
+    recipe = TorchPatches(images, aug, compile_recipe=compiled)
+    model = encoder(ctx, ctx.seed(), sizes=case["model"])
+    with torch.no_grad():  # running statistics = one batch's statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0
+        model(recipe(torch.arange(min(count, 100), device=ctx.device), 4, seed - 1))
+    model.eval()
+    loop = []
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # true fp32 convolutions
+        for start in range(0, count, cfg.batch_size):
+            index = torch.arange(start, min(start + cfg.batch_size, count), device=ctx.device)
+            h = model.encode(recipe(index, cfg.patches, seed + start).contiguous())
+            loop.append(h.view(cfg.patches, index.numel(), -1).mean(0))
+    ref = torch.cat(loop)
+    shape = (count, cfg.patches, 3, aug.crop_size, aug.crop_size)
+
+    def features(**kwargs) -> torch.Tensor:
+        return extract_features(model, images, cfg, aug, seed=seed, compile_recipe=compiled, **kwargs)
+
+    if not compiled:
+        return [compare("eval forward h", shape, "fp32", features(), ref, FP32_TOL, note="CPU: fp32 eager")]
+    model = model.to(memory_format=torch.channels_last)
+    bf16 = dict(autocast_dtype=torch.bfloat16, channels_last=True)
+    return [
+        compare_with_baseline(
+            "eval forward h",
+            shape,
+            "bf16-amp",
+            features(**bf16, compile_mode="default"),
+            features(**bf16),
+            ref,
+            "eager bf16",
+            "compiled, channels_last; ref fp32 eager NCHW",
+        )
     ]

@@ -45,9 +45,8 @@ def reference_vonmises_uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tens
     """log of the mean over image pairs a < b of exp(-t * |zbar_a - zbar_b|^2), zbar_b = mean_i z_i[b], in
     float64, pair by pair from the differences (kachayev/ssl-in-one-epoch's von Mises uniformity)."""
     zbar = z.double().mean(dim=0)
-    b = zbar.shape[0]
-    potentials = [torch.exp(-t * ((zbar[i] - zbar[j]) ** 2).sum()) for i in range(b) for j in range(i + 1, b)]
-    return torch.log(torch.stack(potentials).mean())
+    a, b = torch.triu_indices(zbar.shape[0], zbar.shape[0], 1, device=zbar.device)  # every pair a < b once
+    return torch.log(torch.exp(-t * ((zbar[a] - zbar[b]) ** 2).sum(-1)).mean())
 
 
 class ReferenceLARS(torch.optim.SGD):

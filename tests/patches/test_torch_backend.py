@@ -20,7 +20,7 @@ from augment_helpers import (
 )
 
 from fastemp.config import AugmentConfig
-from fastemp.patches import PatchRequest, draw, make_patch_backend
+from fastemp.patches import draw, make_patch_backend
 from fastemp.patches import torch_backend as pt
 
 
@@ -346,17 +346,6 @@ def test_determinism():
     assert not torch.equal(a, backend(index, 6, seed=124))
     # patches of one call draw independently: two copies of the same image differ
     assert not torch.equal(a[1], a[2])
-
-
-def test_prefetched_patches_are_the_ones_made_now():
-    aug = AugmentConfig()
-    images = random_images(12, 32, seed=3)
-    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
-    backend = pt.TorchPatches(images, aug)
-    backend.prefetch(7, PatchRequest(perm[4:8], 3, 11))
-    made = backend._ahead[7][0]
-    got = backend.take(7, PatchRequest(perm[4:8], 3, 11))
-    assert got is made and torch.equal(got, pt.TorchPatches(images, aug)(perm[4:8], 3, seed=11))
 
 
 def test_patch_compile_resolves_on_cuda_with_a_compiled_model_only():
