@@ -242,13 +242,13 @@ def read(path: Path) -> dict:
     return state
 
 
-def misfit(expected: dict, got: dict, shown=str) -> str:
-    """'' when `got` holds exactly `expected`'s tensors (names, shapes, dtypes); else the missing, unexpected and
-    misshaped ones, the first few named (as `shown` writes a name), in one clause each."""
+def misfit(expected: dict, got: dict, shown=str, dtypes: bool = True) -> str:
+    """'' when `got` holds exactly `expected`'s tensors (names, shapes, and dtypes unless a load may cast them);
+    else the missing, unexpected and misshaped ones, the first few named (as `shown` writes a name)."""
     shapes = {}
     for k, v in expected.items():
-        if k in got and (got[k].shape != v.shape or got[k].dtype != v.dtype):
-            a, b = (f"{t.dtype}" if got[k].dtype != v.dtype else "" for t in (got[k], v))
+        if k in got and (got[k].shape != v.shape or dtypes and got[k].dtype != v.dtype):
+            a, b = (f"{t.dtype}" if dtypes and got[k].dtype != v.dtype else "" for t in (got[k], v))
             shapes[k] = f" {tuple(got[k].shape)}{a and ' ' + a} (model {tuple(v.shape)}{b and ' ' + b})"
     problems = []
     for what, keys in (

@@ -134,7 +134,7 @@ def load_weights(model: torch.nn.Module, weights: Weights) -> None:
 def _check_fit(weights: Weights, model_state: dict) -> None:
     """One line naming the missing, unexpected and misshaped keys, as the file names them, when they do not fit."""
     expected = {k: v for k, v in model_state.items() if not weights.backbone_only or k.startswith("backbone.")}
-    problems = checkpoint.misfit(expected, weights.tensors, weights.shown)
+    problems = checkpoint.misfit(expected, weights.tensors, weights.shown, dtypes=False)  # loading casts
     if problems:
         arch = ", ".join(f"{k}={v}" for k, v in weights.architecture().items()) or "no backbone.conv1"
         raise CheckpointError(
