@@ -20,18 +20,10 @@ from official_checkout import moments, official_encoder_class
 from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
 from fastemp.benchmarks import official_launcher
-from fastemp.benchmarks.official_peer import (
-    MODULE_TABLE,
-    MappingError,
-    OfficialClock,
-    evenly_spaced,
-    map_official_state_dict,
-    run_official,
-    split_output,
-    subset,
-    write_cifar_batches,
-)
 from fastemp.benchmarks.official_peer import main as peer_main
+from fastemp.benchmarks.official_peer import subset, write_cifar_batches
+from fastemp.benchmarks.official_run import OfficialClock, run_official, split_output
+from fastemp.benchmarks.official_weights import MODULE_TABLE, MappingError, map_official_state_dict
 from fastemp.config import DataConfig
 from fastemp.data import load_split
 from fastemp.model import EMPEncoder
@@ -235,7 +227,6 @@ def test_cifar_batches_hold_fastemps_pixels(tmp_path):
     with open(folder / "batches.meta", "rb") as f:
         assert pickle.load(f, encoding="latin1")["label_names"] == ["cat", "dog"]
     assert len(subset(train, 4)) == 4 and subset(train, 4).labels.tolist() == [0, 0, 1, 1]  # both classes kept
-    assert evenly_spaced(4, 10).tolist() == [0, 3, 6, 9] and evenly_spaced(0, 3).tolist() == [0, 1, 2]
 
 
 def test_launcher_points_the_cifar_check_at_the_prepared_files(tmp_path, monkeypatch):
@@ -310,7 +301,7 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
         tmp_path,
         epochs=1,
         time_limit=3.0,
-        log_path=tmp_path / "official.log",
+        log=tmp_path / "official.log",
         on_progress=reports.append,
     )
     assert report["status"] == status and report["wall_seconds"] < 30
@@ -458,27 +449,28 @@ def test_the_time_limit_covers_the_evaluation(tmp_path, monkeypatch):
     checkpoint is evaluated when training runs out, an evaluation still running at the limit is stopped, and a
     limit that leaves no training time stops before the official code starts. Every one writes its TIMEOUT."""
     import fastemp.benchmarks.official_peer as peer
+    import fastemp.benchmarks.official_weights as weights
 
     official, python = stand_in_checkout(tmp_path)
     data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 60, 5)
     monkeypatch.setattr(peer, "probe_imports", lambda python: {"missing": [], "versions": {}})
     limits, evaluated = [], []
 
-    def train(args, work, result, write, time_limit):  # epoch 0 of 2 saved, then the training limit ran out
+    def train(command, work, epochs, time_limit, log, on_progress):  # epoch 0 of 2 saved, then the limit ran out
         limits.append(time_limit)
         folder = work / "logs" / "EMP-SSL-Training" / "run" / "save_models"
         folder.mkdir(parents=True)
         torch.save({}, folder / "0.pt")
-        return {"status": "timeout"}
+        return {"status": "timeout", "epochs": []}
 
-    def evaluate(checkpoint, cfg, train, test, progress=True):
+    def evaluate(checkpoint, cfg, train, test):
         evaluated.append(checkpoint.name)
         if len(evaluated) == 2:
             time.sleep(60)  # past the limit: stopped there
         return {"linear_top1": 0.5, "checkpoint": str(checkpoint)}
 
-    monkeypatch.setattr(peer, "train_official", train)
-    monkeypatch.setattr(peer, "evaluate_official", evaluate)
+    monkeypatch.setattr(peer, "run_official", train)
+    monkeypatch.setattr(weights, "evaluate_official", evaluate)
 
     def run(name: str, *extra: str) -> dict:
         args = peer_args(tmp_path, official, python, data, tmp_path / name, "--epochs", "2", *extra)
