@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import pickle
 import shutil
 import signal
 import subprocess
@@ -27,13 +26,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastemp.errors import UserError, one_line
 
 from . import harness
-from .official_run import BATCH, run_official
+from .official_run import BATCH, prepare_data, run_official
 from .report import device_label, environment_markdown, fmt, markdown_table, table
 
 NAME, REPO = "official_peer", "tsb0601/EMP-SSL"
@@ -128,79 +126,6 @@ def peer_config(args):
     keys = [*args.override, *args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
     device = "cpu" if args.cpu_dry_run else args.device
     return load_config(args.config, [*keys, f"train.device={device}", f"train.seed={args.seed or 0}"])
-
-
-def subset(images, count: int):
-    """`count` evenly spaced images of an ImageSet (every class of a class-sorted folder keeps its share); 0: all."""
-    from fastemp.data import ImageSet
-
-    if not count or count >= len(images):
-        return images
-    index = torch.linspace(0, len(images) - 1, count).round().long().to(images.labels.device)
-    description = f"{images.description}, evenly spaced subset of {count}"
-    return ImageSet(images.images[index].contiguous(), images.labels[index].contiguous(), images.classes, description)
-
-
-def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
-    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets; {file: md5}."""
-    if tuple(train.images.shape[1:]) != (32, 32, 3) or tuple(test.images.shape[1:]) != (32, 32, 3):
-        raise UserError("the official CIFAR loader needs 32x32x3 images; keep data.image_size=32")
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def rows(images) -> np.ndarray:  # (N, 32, 32, 3) uint8 -> CIFAR's (N, 3072): the R, G, B planes, row-major
-        images = images.cpu().numpy()
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1))
-
-    x, y, contents = rows(train.images), train.labels.cpu().tolist(), {}
-    for i, idx in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
-        contents[f"data_batch_{i}"] = {
-            "batch_label": f"training batch {i} of 5",
-            "data": x[idx],
-            "labels": [y[j] for j in idx],
-        }
-    contents["test_batch"] = {
-        "batch_label": "testing batch 1 of 1",
-        "data": rows(test.images),
-        "labels": test.labels.cpu().tolist(),
-    }
-    contents["batches.meta"] = {
-        "label_names": list(train.classes),
-        "num_vis": 3072,
-        "num_cases_per_batch": -(-len(y) // 5),
-    }
-    sums = {}
-    for name, value in contents.items():
-        blob = pickle.dumps(value, protocol=2)
-        (folder / name).write_bytes(blob)
-        sums[name] = hashlib.md5(blob).hexdigest()
-    return sums
-
-
-def prepare_data(args, cfg, work: Path):
-    """Both splits through fastemp's loader, laid out for main.py under <work>/data/CIFAR10/: (train, test, info)."""
-    data, device = harness.Data(), torch.device(cfg.train.device)
-    train = subset(data.load(cfg, "train", device), args.train_images)
-    test = subset(data.load(cfg, "test", device), args.test_images)
-    if len(train) < BATCH:
-        raise UserError(
-            f"{len(train)} training images are fewer than main.py's batch of {BATCH}; use --train-images >= {BATCH}"
-        )
-    sums = write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
-    (work / "prepared_md5.json").write_text(json.dumps(sums, indent=1))
-    name = Path(args.data).name
-    copy = (
-        "canonical cifar-10-python.tar.gz"
-        if cfg.data.source == "cifar10"
-        else "CIFAR-10 JPEG ImageFolder copy (lossy, q75)"
-        if "jpeg" in name.lower()
-        else "ImageFolder"
-    )
-    info = {"path": str(Path(args.data).resolve()), "copy": copy, "train_images": len(train), "test_images": len(test)}
-    info.update(classes=train.classes, description=train.description, md5_file=str(work / "prepared_md5.json"))
-    info["official_reads"] = (
-        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check pointed at them"
-    )
-    return train, test, info
 
 
 def launcher(args, md5_file: str, *extra: str) -> list[str]:
@@ -422,9 +347,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], help="config override of the evaluation (repeatable)")
     p.add_argument("overrides", nargs="*", help="more overrides (the same ones fastemp's runs got)")
     p.add_argument("--cpu-dry-run", action="store_true", help="run the official code on the CPU (never a peer result)")
-    p.add_argument(
-        "--no-progress", action="store_true", help="(kept for old command lines; progress is off when piped)"
-    )
     p.set_defaults(func=run_from_args)
 
 

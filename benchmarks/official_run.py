@@ -1,4 +1,5 @@
-"""The official main.py as a child process: its output read as it arrives, every line logged and stamped, its
+"""The official main.py's data and process. The data: both splits through fastemp's loader, written as the CIFAR-10
+python batches its loader reads (prepare_data). The process: its output read as it arrives, every line logged and stamped, its
 timings read from those stamps (OfficialClock), and the process stopped at the epoch wanted, at a time limit or
 with its parent. The stamps are the host's clock (the library's Clock on the CPU is perf_counter too): outside the
 official process, when its lines arrive is all there is to time it by.
@@ -6,13 +7,23 @@ official process, when its lines arrive is all there is to time it by.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import queue
 import re
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastemp.errors import UserError
+
+from . import harness
 
 PROGRESS = re.compile(r"^\s*(\d+)it \[")  # tqdm over enumerate(dataloader): "123it [00:05, 24.1it/s]"
 EPOCH_END = re.compile(r"At epoch: (\d+) loss similarity is (\S+) ,loss TCR is: (\S+) and learning rate is: (\S+)")
@@ -150,3 +161,76 @@ def stop(child: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def subset(images, count: int):
+    """`count` evenly spaced images of an ImageSet (every class of a class-sorted folder keeps its share); 0: all."""
+    from fastemp.data import ImageSet
+
+    if not count or count >= len(images):
+        return images
+    index = torch.linspace(0, len(images) - 1, count).round().long().to(images.labels.device)
+    description = f"{images.description}, evenly spaced subset of {count}"
+    return ImageSet(images.images[index].contiguous(), images.labels[index].contiguous(), images.classes, description)
+
+
+def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
+    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets; {file: md5}."""
+    if tuple(train.images.shape[1:]) != (32, 32, 3) or tuple(test.images.shape[1:]) != (32, 32, 3):
+        raise UserError("the official CIFAR loader needs 32x32x3 images; keep data.image_size=32")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(images) -> np.ndarray:  # (N, 32, 32, 3) uint8 -> CIFAR's (N, 3072): the R, G, B planes, row-major
+        images = images.cpu().numpy()
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1))
+
+    x, y, contents = rows(train.images), train.labels.cpu().tolist(), {}
+    for i, idx in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
+        contents[f"data_batch_{i}"] = {
+            "batch_label": f"training batch {i} of 5",
+            "data": x[idx],
+            "labels": [y[j] for j in idx],
+        }
+    contents["test_batch"] = {
+        "batch_label": "testing batch 1 of 1",
+        "data": rows(test.images),
+        "labels": test.labels.cpu().tolist(),
+    }
+    contents["batches.meta"] = {
+        "label_names": list(train.classes),
+        "num_vis": 3072,
+        "num_cases_per_batch": -(-len(y) // 5),
+    }
+    sums = {}
+    for name, value in contents.items():
+        blob = pickle.dumps(value, protocol=2)
+        (folder / name).write_bytes(blob)
+        sums[name] = hashlib.md5(blob).hexdigest()
+    return sums
+
+
+def prepare_data(args, cfg, work: Path):
+    """Both splits through fastemp's loader, laid out for main.py under <work>/data/CIFAR10/: (train, test, info)."""
+    data, device = harness.Data(), torch.device(cfg.train.device)
+    train = subset(data.load(cfg, "train", device), args.train_images)
+    test = subset(data.load(cfg, "test", device), args.test_images)
+    if len(train) < BATCH:
+        raise UserError(
+            f"{len(train)} training images are fewer than main.py's batch of {BATCH}; use --train-images >= {BATCH}"
+        )
+    sums = write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
+    (work / "prepared_md5.json").write_text(json.dumps(sums, indent=1))
+    name = Path(args.data).name
+    copy = (
+        "canonical cifar-10-python.tar.gz"
+        if cfg.data.source == "cifar10"
+        else "CIFAR-10 JPEG ImageFolder copy (lossy, q75)"
+        if "jpeg" in name.lower()
+        else "ImageFolder"
+    )
+    info = {"path": str(Path(args.data).resolve()), "copy": copy, "train_images": len(train), "test_images": len(test)}
+    info.update(classes=train.classes, description=train.description, md5_file=str(work / "prepared_md5.json"))
+    info["official_reads"] = (
+        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check pointed at them"
+    )
+    return train, test, info

@@ -21,8 +21,7 @@ from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in
 
 from fastemp.benchmarks import official_launcher
 from fastemp.benchmarks.official_peer import main as peer_main
-from fastemp.benchmarks.official_peer import subset, write_cifar_batches
-from fastemp.benchmarks.official_run import OfficialClock, run_official, split_output
+from fastemp.benchmarks.official_run import OfficialClock, run_official, split_output, subset, write_cifar_batches
 from fastemp.benchmarks.official_weights import MODULE_TABLE, MappingError, map_official_state_dict
 from fastemp.config import DataConfig
 from fastemp.data import load_split
@@ -389,7 +388,6 @@ def peer_args(tmp_path: Path, official: Path, python: Path, data: Path, out: Pat
         "2",
         "--seed",
         "3",
-        "--no-progress",
         "--override",
         "model.width=8",
         "--override",
