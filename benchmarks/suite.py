@@ -30,18 +30,7 @@ from fastemp import runs
 from .harness import now_iso
 from .report import device_label, table
 
-PARTS = (
-    "smoke",
-    "accuracy",
-    "throughput20",
-    "profile",
-    "tune",
-    "tune_modes",
-    "throughput200",
-    "kernels",
-    "tta",
-    "data",
-)
+PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
 LIMITS.update(kernels=240, tta=420, data=540)
 SMOKE_REPORT_SECONDS = 20  # kept for smoke's report and gate
@@ -312,11 +301,7 @@ class Suite:
             left = float(os.environ.get("SUITE_DEADLINE") or "inf") - time.time() - 25  # 25 s to stop and publish
             limit, runs = min(limit, left), left >= 10
             start, self.part_end, self.failed = time.monotonic(), time.monotonic() + limit, False
-            say(
-                f"part {part}: start (limit {limit:.0f} s)"
-                if runs
-                else f"part {part}: no time left before SUITE_DEADLINE"
-            )
+            say(f"part {part}: " + (f"start (limit {limit:.0f} s)" if runs else "no time left before SUITE_DEADLINE"))
             verdict = self.run_part(part) if runs else "SKIP"
             seconds = round(time.monotonic() - start)
             log = (self.details / f"{part}.log").read_text().splitlines() if runs else []
