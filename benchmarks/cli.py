@@ -214,12 +214,7 @@ def register_cli(subparsers) -> None:
         ("--seeds", str, "3", "a count (seeds 0..N-1), a list, or next:K (K seeds not yet measured) (default 3)"),
         ("--accumulate", bool, None, "add to <out>/<name>.json (seeds already there are not run again)"),
         ("--budget", SECONDS, None, "wall seconds: seeds predicted (from warm steps) to end past it are skipped"),
-        (
-            "--cifar10",
-            str,
-            None,
-            "CIFAR-10: the JPEG copy (.tar.gz or folder) or cifar-10-python.tar.gz (or its folder)",
-        ),
+        ("--cifar10", str, None, "CIFAR-10: the JPEG copy (.tar.gz or folder) or cifar-10-python.tar.gz"),
         ("--cifar100", str, None, "CIFAR-100, likewise (its rows are skipped when there is none)"),
     )
     p.add_argument(
