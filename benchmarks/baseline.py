@@ -12,18 +12,18 @@ official code is copied, and neither torchvision nor PIL is used):
                torch.logdet on the d x d matrix, in a Python loop
     optimizer  fastemp.lars.LARS (the official LARS-over-SGD semantics)
 
-The step computes the same loss as fastemp (tests/test_benchmarks.py checks values and
-gradients against fastemp.losses.projection_loss_terms); only how it is computed differs.
+The step computes the same loss as fastemp (tests/test_benchmarks.py checks values and gradients against
+fastemp.losses.projection_loss_terms); only how it is computed differs.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
+from fastemp.clock import Clock
 from fastemp.config import AugmentConfig, Config
 from fastemp.lars import build_lars
 from fastemp.losses import LossTerms
@@ -31,7 +31,7 @@ from fastemp.model import build_model
 from fastemp.patches.draw import sharded_params
 from fastemp.patches.torch_backend import augment
 
-from .common import PeakMemory, synchronize
+from .harness import PeakMemory, time_calls
 
 # ------------------------------------------------------------------------------------- loss
 
@@ -153,71 +153,53 @@ class _TorchDefaults:
         b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = self.saved
 
 
-def measure_baseline(
-    cfg: Config,
-    images: torch.Tensor,
-    device: torch.device,
-    workers: int,
-    warmup: int | None = None,
-    steps: int | None = None,
-) -> dict:
-    """Images/s of the reference-style pipeline at cfg's n and batch size.
+def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, workers: int, steps=None) -> dict:
+    """Images/s of the reference-style pipeline at cfg's n and batch size, on the library's clock.
 
-    Workers deliver batches in bursts, so the rate is total images / total seconds over a window
-    of at least max(20, 2 x workers) steps after warm-up steps that let the pipeline fill
-    (a per-step median would mostly time batches that were already waiting).
-    """
+    Workers deliver batches in bursts, so the rate is images over the seconds of a window of max(20, 2 x workers)
+    steps after warm-up steps that let the pipeline fill (a per-step median would time batches already waiting).
+    The clock marks when each batch arrives ("wait": on CUDA the device's idle time until then) and when its step
+    is queued ("step")."""
     n, batch = cfg.train.n_patches, cfg.train.batch_size
-    warmup = warmup if warmup is not None else max(2, workers + 2)
-    steps = steps if steps is not None else max(20, 2 * workers)
-    needed = (warmup + steps) * batch
-    if needed > images.shape[0]:  # cycle the loader instead of re-creating it mid-measurement
-        reps = -(-needed // images.shape[0])
-        images = images.repeat(reps, 1, 1, 1)
-    memory = PeakMemory(device)
+    warmup, steps = max(2, workers + 2), steps or max(20, 2 * workers)
+    if (warmup + steps) * batch > images.shape[0]:  # cycle the images instead of re-creating the loader mid-window
+        images = images.repeat(-(-(warmup + steps) * batch // images.shape[0]), 1, 1, 1)
+    memory, clock = PeakMemory(device), Clock(device)
     with _TorchDefaults():
         step = BaselineStep(cfg, device)
         loader = iter(make_loader(images, n, batch, cfg.augment, workers, device.type == "cuda", cfg.train.seed))
         for _ in range(warmup):
             step(next(loader))
-        synchronize(device)
         memory.reset()
-        wait = 0.0
-        start = time.perf_counter()
+        clock.mark("start")
         for _ in range(steps):
-            t0 = time.perf_counter()
             batch_data = next(loader)
-            wait += time.perf_counter() - t0
+            clock.mark("wait")
             terms = step(batch_data)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        loss = float(terms.total.detach())
-    del loader
-    images_per_s = steps * batch / seconds
+            clock.mark("step")
+        intervals = clock.intervals()
+    seconds = sum(s for _, s in intervals)
     return {
-        "n_patches": n,
-        "batch_size": batch,
-        "status": "ok",
         "workers": workers,
         "warmup_steps": warmup,
         "timed_steps": steps,
         "seconds": seconds,
-        "images_per_s": images_per_s,
-        "patches_per_s": images_per_s * n,
-        "data_wait_fraction": wait / seconds,
+        "images_per_s": steps * batch / seconds,
+        "patches_per_s": steps * batch * n / seconds,
+        "data_wait_fraction": sum(s for name, s in intervals if name == "wait") / seconds,
         "peak_memory_bytes": memory.peak_bytes(),
         "peak_memory_source": memory.source,
-        "final_loss": loss,
+        "final_loss": float(terms.total.detach()),
         "description": "per-patch CPU augmentation in DataLoader workers, eager fp32 model, "
         "d x d logdet loop, unfused cosine loop, LARS",
     }
 
 
-def augmentation_patches_per_s(images: torch.Tensor, aug: AugmentConfig, patches: int = 200) -> float:
-    """Single-process rate of the baseline's per-patch CPU augmentation (for the kernel table)."""
+def augmentation_rate(images: torch.Tensor, aug: AugmentConfig, patches: int) -> float:
+    """Patches/s of the baseline's per-patch CPU augmentation in one process (for the kernels table)."""
     images, gen = images.cpu(), torch.Generator().manual_seed(0)
-    augment_one_patch(images, 0, aug, gen)  # warm-up
-    start = time.perf_counter()
-    for k in range(patches):
-        augment_one_patch(images, k % images.shape[0], aug, gen)
-    return patches / (time.perf_counter() - start)
+    one = iter(range(10**9))
+    seconds = time_calls(
+        lambda: augment_one_patch(images, next(one) % images.shape[0], aug, gen), images.device, 1, patches
+    )
+    return patches / sum(seconds)

@@ -1,8 +1,8 @@
-"""`fastemp bench {throughput, time-to-accuracy, accuracy, kernels, data, report}` and `fastemp tune`.
-
-Every benchmark writes <out>/<name>.json (every number, the environment and the config) and
-<out>/<name>.md; <out> defaults to benchmarks/results/<device>/ under the current directory. An
-existing result is never overwritten without --force: the new one gets <name>-2, -3, ...
+"""`fastemp bench {throughput, accuracy, time-to-accuracy, kernels, data, profile, report, official-peer}` and
+`fastemp tune`. Every argument is checked by its parser and every config, machine and data set by the suite
+(harness.Data.check: the checks of `fastemp train`) before anything is measured: each failure is one line, exit 2,
+and no result file is written. Results go to <out>/<name>.json and .md (default out: benchmarks/results/<device>);
+an existing result is never replaced without --force: the new one gets <name>-2, -3, ...
 """
 
 from __future__ import annotations
@@ -11,544 +11,308 @@ import argparse
 import os
 from pathlib import Path
 
-from fastemp import distributed
+import torch
+
 from fastemp.config import load_config
 from fastemp.errors import UserError
-from fastemp.runtime import resolve
-from fastemp.validate import check_config
 
-from . import common
-
-SWEEP_HELP = "comma-separated values (default: the config's)"
+from . import harness
 
 
-def _list_of(kind, what: str, example: str, zero_ok: bool = False):
-    """An argparse type: the text, once every comma-separated item parses as `kind` and is > 0 (>= 0 with
-    zero_ok), else a one-line error."""
-    bound = ">= 0" if zero_ok else "> 0"
+def _checked(kind, low: float, what: str, high: float | None = None, many: bool = False):
+    """An argparse type: a value of `kind` in [low, high] (many: a comma-separated list of them), else one line."""
 
-    def parse(text: str) -> str:
+    def parse(text: str):
         try:
-            values = common.parse_list(text, kind) or []
+            values = [kind(v) for v in str(text).split(",") if v.strip()] if many else [kind(text)]
         except ValueError:
-            values = [-1]
-        if not all(v > 0 or (zero_ok and v == 0) for v in values):
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {what} {bound} such as {example}, got {text[:80]!r}"
-            )
-        return text
+            values = []
+        if not values or not all(low <= v and (high is None or v <= high) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {str(text)[:80]!r}")
+        return values if many else values[0]
 
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text[:80]!r}")
-    return value
+COUNT, AT_LEAST_1 = _checked(int, 0, "a whole number >= 0"), _checked(int, 1, "a whole number >= 1")
+AT_LEAST_2 = _checked(int, 2, "a whole number >= 2")
+INTS = _checked(int, 1, "comma-separated whole numbers >= 1 such as 20,200", many=True)
+CHUNKS = _checked(int, 0, "comma-separated whole numbers >= 0 such as 0,10", many=True)
+FRACTION = _checked(float, 1e-9, "a linear top-1 in (0, 1] such as 0.85", 1.0)
+FRACTIONS = _checked(float, 1e-9, "comma-separated accuracies in (0, 1] such as 0.7,0.8", 1.0, many=True)
+SECONDS = _checked(float, 1e-9, "a number > 0")
 
 
-INTEGERS, NUMBERS = _list_of(int, "whole numbers", "20,200"), _list_of(float, "numbers", "0.7,0.8")
-CHUNKS = _list_of(int, "whole numbers", "0,10", zero_ok=True)  # gradient-cache chunks: 0 = chosen from free memory
-
-
-def _threads(args) -> None:
+def config_of(args, evaluates: bool = False):
+    """The config the command measures (one line on a bad key or value); torch threads as asked."""
     if getattr(args, "threads", None):
-        import torch
-
         torch.set_num_threads(args.threads)
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if getattr(args, "device", None) else [])]
+    return load_config(args.config, overrides)
 
 
-def _load(args):
-    _threads(args)
-    overrides = list(args.overrides)
-    if getattr(args, "device", None):
-        overrides.append(f"train.device={args.device}")
-    cfg = load_config(args.config, overrides)
-    check_config(cfg)
-    resolve(cfg)  # the machine has what the config asks for: a one-line error now, not one per point
-    return cfg
-
-
-def _target(args, device: str, suffixes=(".json", ".md")) -> tuple[Path, str]:
-    return common.results_target(args.out, args.name, device, args.force, suffixes)
-
-
-def _partial_writer(out: Path, name: str, to_markdown):
-    """Writes a benchmark's result so far after each finished piece: a run cut at a time limit keeps
-    every number it measured (the file says "partial": true until the run completes)."""
-
-    def write(result: dict) -> None:
-        if distributed.is_main():
-            common.write_results(out, name, result, to_markdown(result))
-
-    return write
-
-
-def _written(paths) -> None:
-    for path in paths:
-        print(f"wrote {path}")
-
-
-def _status(rows) -> int:
-    """1 when a point failed with an error (an out-of-memory point is a result, not a failure)."""
-    return 1 if any(r.get("status") == "error" for r in rows) else 0
+def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", ".md")) -> harness.Results:
+    return harness.Results(benchmark, markdown, args.out, args.name, device, args.force, suffixes)
 
 
 # ------------------------------------------------------------------------------ commands
 
 
 def cmd_throughput(args) -> int:
-    from .throughput import run_throughput, throughput_markdown
+    from .throughput import markdown, run_throughput
 
-    base = _load(args)
-    out, name = _target(args, base.train.device)
-    axes = {
-        "n_patches": common.parse_list(args.n, int),
-        "batch_size": common.parse_list(args.batch, int),
-        "backend": common.parse_list(args.backend),
-        "compile": common.parse_list(args.compile),
-        "precision": common.parse_list(args.precision),
-        "grad_chunks": common.parse_list(args.grad_chunks, int),
-    }
+    base = config_of(args)
+    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
+    axes.update({k: harness.parse_list(getattr(args, k)) for k in ("backend", "compile", "precision")})
     result = run_throughput(
-        base,
-        axes,
-        base.train.device,
-        args.warmup,
-        args.steps,
-        args.split_steps,
-        args.baseline,
-        args.baseline_workers,
-        args.baseline_steps,
-        args.peak_size,
-        on_progress=_partial_writer(out, name, throughput_markdown),
+        base, axes, args, results_for(args, "throughput", markdown, base.train.device), harness.Data()
     )
-    markdown = throughput_markdown(result)
-    if distributed.is_main():  # under torchrun every rank measured; rank 0 reports
-        print(markdown)
-        _written(common.write_results(out, name, result, markdown))
-    return _status(result["points"] + result["baselines"])
+    return int(any(r["status"] == "error" for r in result["points"] + result["baselines"]))
 
 
-def cmd_time_to_accuracy(args) -> int:
-    from .time_to_accuracy import plot_accuracy, run_time_to_accuracy, tta_markdown
+def cmd_tune(args) -> int:
+    from .tune import default_axes, markdown, run_tune, write_config
 
-    args.overrides = [f"eval.protocol={args.protocol}", *args.overrides]  # explicit eval keys still win
-    cfg = _load(args)
-    out, name = _target(args, cfg.train.device, (".json", ".md", ".png"))
-    milestones = common.parse_list(args.milestones, float) or []
-    result = run_time_to_accuracy(
-        cfg,
-        args.target,
-        args.eval_every,
-        args.max_wall_seconds,
-        milestones,
-        on_progress=_partial_writer(out, name, tta_markdown),
-        compare_protocol=args.compare_protocol,
+    base = config_of(args)
+    target = Path(args.out)
+    suffixes = (target.suffix or ".yaml", ".json", ".md")
+    results = harness.Results(
+        "tune", markdown, str(target.parent), target.stem, base.train.device, args.force, suffixes
     )
-    markdown = tta_markdown(result)
-    print(markdown)
-    paths = common.write_results(out, name, result, markdown)
-    png = plot_accuracy(result, out / f"{name}.png")
-    _written([*paths, png] if png else paths)
+    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
+    axes.update(backend=harness.parse_list(args.backend), compile=harness.parse_list(args.compile), precision=None)
+    settings = {
+        "cudnn_benchmark": harness.parse_list(args.cudnn_benchmark),
+        "patch_compile": harness.parse_list(args.patch_compile),
+    }
+    axes, settings = default_axes(base, axes, settings, results.environment["device"].startswith("cuda"))
+    result = run_tune(base, axes, settings, args, results, harness.Data())
+    return write_config(result, results.folder / f"{results.name}{target.suffix or '.yaml'}")
+
+
+def cmd_profile(args) -> int:
+    from .profile import markdown, profile_steps
+
+    cfg = config_of(args)
+    results = results_for(args, "profile", markdown, cfg.train.device)
+    results.write(profile_steps(cfg, harness.Data(), args.warmup, args.steps, args.top, args.trace), final=True)
     return 0
 
 
 def cmd_accuracy(args) -> int:
-    from .accuracy import accuracy_markdown, parse_seeds, read_result, run_accuracy, select_rows
+    from .accuracy import parse_seeds, run_accuracy, select_rows
+    from .accuracy_report import accuracy_markdown, read_result
 
-    _threads(args)
     if args.list_rows:
         for row in select_rows(None):
             print(f"{row.name}: {row.note}")
         return 0
-    try:
-        rows = select_rows(common.parse_list(args.rows), args.variant or ())
-        seeds = parse_seeds(args.seeds)
-    except ValueError as err:
-        raise UserError(f"{err}; see fastemp bench accuracy --list-rows") from None
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    rows, seeds = select_rows(harness.parse_list(args.rows), args.variant or ()), parse_seeds(args.seeds)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
-    for _, variant in args.variant or ():  # a typo is one line now, not an error row after an hour
-        load_config("quickstart", [*overrides, *variant.split()])
+    for _, changes in args.variant or ():  # a misspelt variant is one line now, not an error row after an hour
+        load_config("quickstart", [*overrides, *changes.split()])
     device = load_config("quickstart", overrides).train.device
-    out, name = common.results_target(args.out, args.name, device, args.force or args.accumulate)
-    previous = read_result(out / f"{name}.json") if args.accumulate else None
-    if args.accumulate and previous is None and (out / f"{name}.json").exists():
-        raise UserError(f"--accumulate: {out / name}.json is not a readable results file; move it away or fix it")
-    result = run_accuracy(
-        rows,
-        seeds,
-        overrides,
-        {"cifar10": args.cifar10, "cifar100": args.cifar100},
-        args.budget,
-        on_progress=_partial_writer(out, name, accuracy_markdown),
-        previous=previous,
-    )
-    markdown = accuracy_markdown(result)
-    print(markdown)
-    _written(common.write_results(out, name, result, markdown))
-    return 1 if any(r.get("status") == "error" for r in result["rows"]) else 0
+    args.force = args.force or args.accumulate
+    results = results_for(args, "accuracy", accuracy_markdown, device)
+    previous = read_result(results.json) if args.accumulate and results.json.exists() else {}
+    if previous is None:
+        raise UserError(f"--accumulate: {results.json} is not a readable results file; move it away or fix it")
+    paths = {"cifar10": args.cifar10, "cifar100": args.cifar100}
+    result = run_accuracy(rows, seeds, overrides, paths, args.budget, results, previous)
+    return int(any(r["status"] == "error" for r in result["rows"]))
 
 
-def cmd_profile(args) -> int:
-    from .profile import profile_markdown, profile_steps
+def cmd_time_to_accuracy(args) -> int:
+    from .accuracy import run_time_to_accuracy
+    from .accuracy_report import tta_markdown
 
-    cfg = _load(args)
-    out, name = _target(args, cfg.train.device)
-    result = profile_steps(cfg, args.warmup, args.steps, args.top, args.trace)
-    markdown = profile_markdown(result)
-    print(markdown)
-    _written(common.write_results(out, name, result, markdown))
+    args.overrides = [f"eval.protocol={args.protocol}", *args.overrides]  # explicit eval keys still win
+    cfg = config_of(args)
+    run_time_to_accuracy(cfg, args, results_for(args, "time_to_accuracy", tta_markdown, cfg.train.device))
     return 0
 
 
 def cmd_kernels(args) -> int:
-    from .kernels_bench import kernels_markdown, run_kernels
+    from .kernels import markdown, run_kernels
 
-    _threads(args)
-    out, name = _target(args, args.device)
-    result = run_kernels(
-        args.device,
-        common.parse_list(args.n, int),
-        common.parse_list(args.batch, int),
-        common.parse_list(args.dim, int),
-        args.warmup,
-        args.iters,
-        not args.no_compile,
-        not args.no_augmentation,
-        args.images,
-        args.baseline_aug_patches,
-    )
-    markdown = kernels_markdown(result)
-    print(markdown)
-    _written(common.write_results(out, name, result, markdown))
-    return _status(result["rows"] + result["augmentation"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_kernels(args, results_for(args, "kernels", markdown, args.device))
+    return int(any(r["status"] == "error" for r in result["rows"] + result["augmentation"]))
 
 
 def cmd_data(args) -> int:
-    from .data_bench import data_markdown, run_data_bench
+    from .data_bench import markdown, run_data
 
-    _threads(args)
-    out, name = _target(args, args.device)
-    result = run_data_bench(
-        args.device,
-        common.parse_list(args.sources, int),
-        args.n,
-        args.batch,
-        args.workers,
-        args.warmup,
-        args.steps,
-        args.classes,
-        args.per_class,
-        args.patch,
-        args.compile,
-        args.overrides,
-        args.folder_root,
-        on_progress=_partial_writer(out, name, data_markdown),
-    )
-    markdown = data_markdown(result)
-    print(markdown)
-    _written(common.write_results(out, name, result, markdown))
-    return _status(result["rows"])
-
-
-def cmd_report(args) -> int:
-    from .report import update_readme
-
-    return update_readme(Path(args.results), Path(args.readme), args.check)
-
-
-def cmd_tune(args) -> int:
-    from .tune import run_tune, tune_markdown, tuned_config, write_tuned_yaml
-
-    base = _load(args)
-    requested = Path(args.out)
-    folder, stem = common.results_target(
-        str(requested.parent),
-        requested.stem,
-        base.train.device,
-        args.force,
-        (requested.suffix or ".yaml", ".json", ".md"),
-    )
-    out = folder / f"{stem}{requested.suffix}"
-    axes = {
-        "n_patches": common.parse_list(args.n, int),
-        "batch_size": common.parse_list(args.batch, int),
-        "backend": common.parse_list(args.backend),
-        "compile": common.parse_list(args.compile),
-        "precision": None,
-        "grad_chunks": common.parse_list(args.grad_chunks, int),
-    }
-    if axes["batch_size"] is None:
-        axes["batch_size"] = [base.train.batch_size, 2 * base.train.batch_size]
-    if axes["backend"] is None:
-        axes["backend"] = [base.data.backend]
-    cuda = _on_cuda(base.train.device)
-    if axes["compile"] is None:
-        axes["compile"] = ["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else ["none"]
-    settings = {
-        "cudnn_benchmark": common.parse_list(args.cudnn_benchmark) or (["off", "on"] if cuda else None),
-        "patch_compile": common.parse_list(args.patch_compile),
-    }
-    result = run_tune(
-        base,
-        axes,
-        base.train.device,
-        args.memory_budget_gib,
-        args.warmup,
-        args.steps,
-        settings,
-        on_point=lambda partial: common.write_results(out.parent, out.stem, partial, tune_markdown(partial)),
-    )
-    markdown = tune_markdown(result)
-    print(markdown)
-    common.write_results(out.parent, out.stem, result, markdown)
-    if result["best"] is None:
-        print("fastemp tune: no point ran within the memory budget; nothing written to", out)
-        return 1
-    write_tuned_yaml(tuned_config(base, result["best"]), result["best"], result["environment"], out)
-    print(f"wrote {out} ({result['best']['images_per_s']:.1f} images/s); train with: fastemp train --config {out}")
-    return 0
-
-
-def _on_cuda(device: str) -> bool:
-    from fastemp.runtime import resolve_device
-
-    return resolve_device(device).type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_data(args, results_for(args, "data", markdown, args.device))
+    return int(any(r["status"] == "error" for r in result["rows"]))
 
 
 # ------------------------------------------------------------------------------ parsers
 
 
-def _common_config_args(p: argparse.ArgumentParser, default_config: str) -> None:
-    p.add_argument("--config", default=default_config, help=f"YAML file or built-in name (default: {default_config})")
+def _config_args(p, default: str) -> None:
+    p.add_argument("--config", default=default, help=f"YAML file or built-in name (default: {default})")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.source=synthetic")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
-    _threads_arg(p)
 
 
-def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (e.g. 1 on a busy shared machine)")
+def _add(p, *specs) -> None:
+    """Options as (flag, type, default, help) rows."""
+    for flag, kind, default, text in specs:
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=text)
 
 
-def _output_args(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
-    p.add_argument("--name", default=name, help=f"file name stem (default: {name})")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace existing result files (default: write <name>-2, -3, ... beside them)",
-    )
+def _output(p, name: str) -> None:
+    _add(p, ("--threads", AT_LEAST_1, None, "torch CPU threads (e.g. 1 on a busy shared machine)"))
+    _add(p, ("--out", str, None, "output folder (default: benchmarks/results/<device>)"))
+    _add(p, ("--name", str, name, f"file name stem (default: {name})"))
+    _add(p, ("--force", bool, None, "replace existing result files (default: write <name>-2, -3, ... beside them)"))
 
 
 def register_cli(subparsers) -> None:
-    """Add `bench` (throughput, time-to-accuracy, kernels, data, report) and `tune` to fastemp's CLI."""
-    bench = subparsers.add_parser("bench", help="benchmarks: throughput, time-to-accuracy, kernels, data, report")
-    sub = bench.add_subparsers(dest="bench_command", required=True)
-
-    p = sub.add_parser(
-        "throughput",
-        help="images/s, MFU, memory and step split over a sweep (+ baseline)",
-        description="Data content does not change throughput: data.source=synthetic avoids a "
-        "download. MFU uses fastemp.model.flops_per_patch.",
+    """`fastemp bench ...` and `fastemp tune` in fastemp's CLI."""
+    workers = min(16, os.cpu_count() or 1)
+    sub = subparsers.add_parser("bench", help="benchmarks (docs/benchmarks.md)").add_subparsers(
+        dest="bench_command", required=True
     )
-    _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--n", type=INTEGERS, help="n_patches: " + SWEEP_HELP)
-    p.add_argument("--batch", type=INTEGERS, help="batch sizes: " + SWEEP_HELP)
-    p.add_argument("--backend", help="patch backends (torch, dali, auto): " + SWEEP_HELP)
-    p.add_argument("--compile", help="compile modes (none, default, max-autotune, ...): " + SWEEP_HELP)
-    p.add_argument("--precision", help="precisions (bf16, fp32, auto): " + SWEEP_HELP)
-    p.add_argument("--grad-chunks", type=CHUNKS, help="gradient-cache chunks (0: from free memory): " + SWEEP_HELP)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")
-    p.add_argument("--steps", type=int, default=20, help="timed end-to-end steps (median; default 20)")
-    p.add_argument("--split-steps", type=int, default=20, help="instrumented steps for the split (0: skip)")
-    p.add_argument("--baseline", action="store_true", help="also measure the reference-style baseline")
-    p.add_argument(
-        "--baseline-workers",
-        type=int,
-        default=min(16, os.cpu_count() or 1),
-        help="DataLoader workers of the baseline (default: min(16, cores))",
+    p = sub.add_parser("throughput", help="images/s, MFU, peak memory and the step split over a grid (+ baseline)")
+    _config_args(p, "cifar10_n20_1ep")
+    _add(
+        p,
+        ("--n", INTS, None, "n_patches values, comma-separated (default: the config's)"),
+        ("--batch", INTS, None, "batch sizes (default: the config's)"),
+        ("--backend", str, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
+        ("--compile", str, None, "compile modes (none, default, max-autotune, ...)"),
+        ("--precision", str, None, "precisions (bf16, fp32, auto)"),
+        ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
+        ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
+        ("--steps", AT_LEAST_1, 20, "timed steps (median; default 20)"),
+        ("--split-steps", COUNT, 20, "instrumented steps of the step split (0: none)"),
+        ("--baseline", bool, None, "also measure the reference-style baseline"),
+        ("--baseline-workers", COUNT, workers, "DataLoader workers of the baseline (default: min(16, cores))"),
+        ("--baseline-steps", AT_LEAST_1, None, "timed baseline steps (default: max(20, 2 x workers))"),
+        ("--peak-size", AT_LEAST_1, None, "matmul size of the measured peak (default 8192 GPU, 1024 CPU)"),
     )
-    p.add_argument("--baseline-steps", type=int, help="timed baseline steps (default: max(20, 2 x workers))")
-    p.add_argument("--peak-size", type=int, help="matmul size for the measured peak (default 8192 GPU, 1024 CPU)")
-    _output_args(p, "throughput")
+    _output(p, "throughput")
     p.set_defaults(func=cmd_throughput)
 
-    p = sub.add_parser("time-to-accuracy", help="training seconds until the linear probe reaches --target")
-    _common_config_args(p, "cifar10_n20_10ep")
-    p.add_argument("--target", type=float, default=0.85, help="linear-probe top-1 to reach (default 0.85)")
-    p.add_argument("--eval-every", type=int, help="training steps between evaluations (default: half an epoch)")
-    p.add_argument(
-        "--max-wall-seconds",
-        type=float,
-        help="stop (target not reached) before the next chunk of training and evaluation would end past "
-        "this much wall time; the results are still written",
-    )
-    p.add_argument(
-        "--milestones",
-        type=NUMBERS,
-        help="lower accuracies whose first-reached times are reported too, e.g. 0.7,0.75,0.8",
-    )
-    p.add_argument(
-        "--protocol",
-        choices=("official", "cheap"),
-        default="official",
-        help="evaluation protocol (default official; docs/evaluation.md); eval.* overrides refine it",
-    )
-    p.add_argument(
-        "--compare-protocol",
-        choices=("official", "cheap"),
-        help="also score every evaluated checkpoint under this protocol: the offset on the same weights",
-    )
-    _output_args(p, "time_to_accuracy")
-    p.set_defaults(func=cmd_time_to_accuracy)
-
-    p = sub.add_parser(
-        "accuracy",
-        help="the official table's rows over seeds, beside the official figures",
-        description="Rows: fastemp bench accuracy --list-rows. Evaluation: each row's eval protocol "
-        "(official by default; docs/evaluation.md).",
-    )
+    p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures and code")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the configs' train.device)")
-    _threads_arg(p)
-    p.add_argument("--rows", help="comma-separated row names (default: all); see --list-rows")
-    p.add_argument("--list-rows", action="store_true", help="print the rows and what each reproduces, then exit")
-    p.add_argument(
-        "--seeds",
-        default="3",
-        help="a count (seeds 0..N-1), a comma-separated list, or next:K (the K lowest seeds each row has not "
-        "measured in the --accumulate file) (default 3)",
-    )
-    p.add_argument(
-        "--accumulate",
-        action="store_true",
-        help="add to <out>/<name>.json (seeds already there under the same config are not run again)",
-    )
-    p.add_argument(
-        "--budget", type=float, help="wall seconds: seeds predicted (from warm steps) to end past it are skipped"
+    _add(
+        p,
+        ("--device", str, None, "auto | cpu | cuda | cuda:N (default: the configs' train.device)"),
+        ("--rows", str, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
+        ("--list-rows", bool, None, "print the rows and what each reproduces, then exit"),
+        ("--seeds", str, "3", "a count (seeds 0..N-1), a list, or next:K (K seeds not yet measured) (default 3)"),
+        ("--accumulate", bool, None, "add to <out>/<name>.json (seeds already there are not run again)"),
+        ("--budget", SECONDS, None, "wall seconds: seeds predicted (from warm steps) to end past it are skipped"),
+        ("--cifar10", str, None, "CIFAR-10: the JPEG copy (.tar.gz or folder) or cifar-10-python.tar.gz"),
+        ("--cifar100", str, None, "CIFAR-100, likewise (its rows are skipped when there is none)"),
     )
     p.add_argument(
         "--variant",
         nargs=2,
         action="append",
         metavar=("LABEL", "OVERRIDES"),
-        help="run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 "
-        '"model.precision=fp32 model.compile=none" (repeatable)',
+        help="run every row again "
+        'with these overrides as ROW+LABEL, e.g. --variant fp32 "model.precision=fp32" (repeatable)',
     )
-    p.add_argument(
-        "--cifar10",
-        help="CIFAR-10: the JPEG copy (.tar.gz or folder, ImageFolder layout) or the folder "
-        "or path of cifar-10-python.tar.gz (default: the archive under data.root)",
-    )
-    p.add_argument("--cifar100", help="CIFAR-100, likewise (its rows are skipped when there is none)")
-    _output_args(p, "accuracy")
+    _output(p, "accuracy")
     p.set_defaults(func=cmd_accuracy)
 
-    p = sub.add_parser("kernels", help="cosine-to-mean, TCR and augmentation backends in isolation")
-    p.add_argument("--device", default="auto")
-    _threads_arg(p)
-    p.add_argument("--n", type=INTEGERS, default="20,50,200", help="patches per image (default 20,50,200)")
-    p.add_argument("--batch", type=INTEGERS, default="100,256", help="images per batch (default 100,256)")
-    p.add_argument("--dim", type=INTEGERS, default="1024", help="projection dimension d (default 1024)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    p.add_argument("--no-augmentation", action="store_true", help="skip the augmentation backends")
-    p.add_argument("--images", type=int, default=10_000, help="random 32x32 images for the augmentation runs")
-    p.add_argument("--baseline-aug-patches", type=int, default=200, help="patches for the per-patch CPU rate")
-    _output_args(p, "kernels")
+    p = sub.add_parser("time-to-accuracy", help="training seconds until the linear probe reaches --target")
+    _config_args(p, "cifar10_n20_10ep")
+    _add(
+        p,
+        ("--target", FRACTION, 0.85, "linear-probe top-1 to reach (default 0.85)"),
+        ("--eval-every", AT_LEAST_1, None, "training steps between evaluations (default: half an epoch)"),
+        ("--max-wall-seconds", SECONDS, None, "stop before the next evaluation interval would end past this"),
+        ("--milestones", FRACTIONS, [], "lower accuracies whose first times are reported too, e.g. 0.7,0.75,0.8"),
+    )
+    p.add_argument("--protocol", choices=("official", "cheap"), default="official", help="evaluation protocol")
+    _output(p, "time_to_accuracy")
+    p.set_defaults(func=cmd_time_to_accuracy)
+
+    p = sub.add_parser("kernels", help="cosine-to-mean, TCR, the patch recipe and LARS, each beside its reference")
+    _add(
+        p,
+        ("--device", str, "auto", "auto | cpu | cuda | cuda:N"),
+        ("--n", INTS, "20,50,200", "patches per image (default 20,50,200)"),
+        ("--batch", INTS, "100,256", "images per batch (default 100,256)"),
+        ("--dim", INTS, "1024", "projection dimension d (default 1024)"),
+        ("--width", AT_LEAST_1, 64, "model width of the LARS rows (default 64: the standard model)"),
+        ("--warmup", COUNT, 3, "untimed calls"),
+        ("--iters", AT_LEAST_1, 20, "timed calls per measurement (median)"),
+        ("--images", AT_LEAST_1, 10_000, "random 32x32 images for the augmentation rows"),
+        ("--baseline-aug-patches", AT_LEAST_1, 200, "patches for the baseline's per-patch CPU rate"),
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
+    p.add_argument("--no-augmentation", dest="augmentation", action="store_false", help="skip the augmentation rows")
+    _output(p, "kernels")
     p.set_defaults(func=cmd_kernels)
 
-    p = sub.add_parser(
-        "data",
-        help="the data path: Pillow workers vs DALI vs resident images vs the step alone",
-        description="Synthetic JPEG folders at each source size (made here, no download); "
-        "see fastemp/benchmarks/data_bench.py and docs/data-backends.md.",
-    )
+    p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone")
     p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
-    p.add_argument("--device", default="auto")
-    _threads_arg(p)
-    p.add_argument("--sources", default="32,64,400", help="source image sizes in px (default 32,64,400)")
-    p.add_argument("--patch", type=int, help="patch size for every source (default: 32 up to 64 px sources, else 224)")
-    p.add_argument("--n", type=int, default=20, help="patches per image (default 20)")
-    p.add_argument("--batch", type=int, default=100, help="images per step (default 100)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(16, os.cpu_count() or 1),
-        help="Pillow worker processes (default: min(16, cores))",
+    _add(
+        p,
+        ("--device", str, "auto", "auto | cpu | cuda | cuda:N"),
+        ("--sources", INTS, "32,64,400", "source image sizes in px (default 32,64,400)"),
+        ("--patch", AT_LEAST_1, None, "patch size for every source (default: 32 up to 64 px sources, else 224)"),
+        ("--n", AT_LEAST_2, 20, "patches per image (default 20)"),
+        ("--batch", AT_LEAST_1, 100, "images per step (default 100)"),
+        ("--workers", COUNT, workers, "Pillow worker processes (default: min(16, cores))"),
+        ("--warmup", COUNT, 2, "untimed calls/steps per arm (default 2)"),
+        ("--steps", AT_LEAST_1, 10, "timed calls/steps per arm (default 10)"),
+        ("--classes", AT_LEAST_2, 10, "classes of each synthetic folder (default 10)"),
+        ("--per-class", AT_LEAST_1, 20, "training images per class (at least 2 batches in all)"),
+        ("--compile", str, "none", "model.compile of the step (default none)"),
+        ("--folder-root", str, None, "where the temporary JPEG folders go (default: the system temp dir)"),
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls/steps per arm (default 2)")
-    p.add_argument("--steps", type=int, default=10, help="timed calls/steps per arm (default 10)")
-    p.add_argument("--classes", type=int, default=10, help="classes of each synthetic folder (default 10)")
-    p.add_argument("--per-class", type=int, default=20, help="training images per class (at least 2 batches in all)")
-    p.add_argument("--compile", default="none", help="model.compile of the step (default none)")
-    p.add_argument("--folder-root", help="where the temporary JPEG folders go (default: the system temp dir)")
-    _output_args(p, "data")
+    _output(p, "data")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("profile", help="where a training step's time goes, op by op (torch.profiler)")
-    _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument("--warmup", type=int, default=3, help="untraced steps after the first (compile) step")
-    p.add_argument("--steps", type=int, default=5, help="traced steps (default 5)")
-    p.add_argument("--top", type=int, default=25, help="ops listed (default 25)")
-    p.add_argument("--trace", help="also write the Chrome trace (JSON) here")
-    _output_args(p, "profile")
+    p = sub.add_parser("profile", help="where a training step's time goes, kernel by kernel (torch.profiler)")
+    _config_args(p, "cifar10_n20_1ep")
+    _add(
+        p,
+        ("--warmup", COUNT, 3, "untraced steps after the first (compile) step"),
+        ("--steps", AT_LEAST_1, 5, "traced steps (default 5)"),
+        ("--top", AT_LEAST_1, 25, "ops listed (default 25)"),
+        ("--trace", str, None, "also write the Chrome trace (JSON) here"),
+    )
+    _output(p, "profile")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("report", help="regenerate the README performance table from benchmarks/results")
-    from .report import add_arguments
+    from .official_peer import add_arguments as peer_arguments
+    from .report import add_arguments as report_arguments
 
-    add_arguments(p)
-    p.set_defaults(func=cmd_report)
+    report_arguments(sub.add_parser("report", help="regenerate the README performance table from benchmarks/results"))
+    peer_arguments(sub.add_parser("official-peer", help="the official code on this GPU and data, scored by fastemp"))
 
-    p = sub.add_parser(
-        "official-peer",
-        help="the official EMP-SSL code trained on this GPU and data, evaluated by fastemp (docs/official_peer.md)",
-    )
-    from .official_peer import add_arguments as add_peer_arguments
-    from .official_peer import run_from_args as cmd_official_peer
-
-    add_peer_arguments(p)
-    p.set_defaults(func=cmd_official_peer)
-
-    p = subparsers.add_parser(
-        "tune",
-        help="find the fastest settings for this card; write them as a config",
-        description="Objective: end-to-end images/s at your n (n is swept only with --n: "
-        "it changes the method). See fastemp/benchmarks/tune.py.",
-    )
-    _common_config_args(p, "cifar10_n20_1ep")
-    p.add_argument(
-        "--batch", type=INTEGERS, help="batch sizes (default: the config's B and 2B; B changes the method too)"
-    )
-    p.add_argument("--n", type=INTEGERS, help="n_patches to try (opt-in; default: the config's only)")
-    p.add_argument("--backend", help="patch backends (default: every available one)")
-    p.add_argument(
-        "--compile",
-        help="compile modes (default on CUDA: default,max-autotune-no-cudagraphs,reduce-overhead; none on CPU)",
-    )
-    p.add_argument(
-        "--cudnn-benchmark", help="model.cudnn_benchmark values (default: off,on on CUDA; the config's on CPU)"
-    )
-    p.add_argument("--patch-compile", help="data.patch_compile values, e.g. off,on (default: the config's)")
-    p.add_argument(
-        "--grad-chunks",
-        type=CHUNKS,
-        help="gradient-cache chunks (default: the config's; more when over budget; 0: from free memory)",
-    )
-    p.add_argument("--memory-budget-gib", type=float, help="peak-memory budget (default: 90%% of the card)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per point")
-    p.add_argument("--out", default="tuned.yaml", help="the config to write (default: tuned.yaml; JSON beside it)")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing config and its JSON (default: write tuned-2.yaml, ... beside them)",
+    p = subparsers.add_parser("tune", help="the fastest settings for this card, written as a config")
+    _config_args(p, "cifar10_n20_1ep")
+    _add(
+        p,
+        ("--batch", INTS, None, "batch sizes (default: the config's B and 2B; B changes the method too)"),
+        ("--n", INTS, None, "n_patches to try (opt-in; default: the config's only)"),
+        ("--backend", str, None, "patch backends (default: those the data allows: torch, or pillow and dali)"),
+        ("--compile", str, None, "compile modes (default on CUDA: default,max-autotune-no-cudagraphs,reduce-overhead)"),
+        ("--cudnn-benchmark", str, None, "model.cudnn_benchmark values (default: off,on on CUDA)"),
+        ("--patch-compile", str, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
+        ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (default: the config's; more when over budget)"),
+        ("--memory-budget-gib", SECONDS, None, "peak-memory budget (default: 90%% of the card)"),
+        ("--warmup", COUNT, 3, "untimed steps after the first"),
+        ("--steps", AT_LEAST_1, 20, "timed steps per point"),
+        ("--threads", AT_LEAST_1, None, "torch CPU threads"),
+        ("--out", str, "tuned.yaml", "the config to write (default: tuned.yaml; JSON and markdown beside it)"),
+        ("--force", bool, None, "replace an existing config (default: write tuned-2.yaml, ... beside it)"),
     )
     p.set_defaults(func=cmd_tune)

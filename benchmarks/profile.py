@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from fastemp import runs
-from fastemp.config import Config, to_dict
-from fastemp.train import Trainer
+import torch
 
-from . import common
+from fastemp.config import Config, to_dict
+
+from .report import device_label, environment_markdown, markdown_table, pct
 
 # first match wins; names are CUDA kernel names on a GPU, aten op names on the CPU
 CATEGORIES = (
@@ -43,81 +43,67 @@ def _self_us(event, on_cuda: bool) -> float:
     return float(event.self_cpu_time_total)
 
 
-def profile_steps(cfg: Config, warmup: int = 3, steps: int = 5, top: int = 25, trace: str | None = None) -> dict:
-    """Trace `steps` training steps after compilation and warm-up; the result dict (JSON-ready)."""
+def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: str | None = None) -> dict:
+    """Trace `steps` training steps after compilation and warm-up; the result (JSON-ready)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg.train.max_steps, cfg.eval.at_end = 1 + warmup + steps, False
-    trainer = Trainer(cfg, None, progress=False)
-    environment = runs.environment(trainer.device)
+    cfg.train.max_steps, cfg.eval.at_end, cfg.eval.every = 1 + warmup + steps, False, "0"
+    trainer = data.trainer(cfg)
     on_cuda = trainer.device.type == "cuda"
     trainer.train_until(1 + warmup)
-    common.synchronize(trainer.device)
+    sync = torch.cuda.synchronize if on_cuda else lambda: None
+    sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         trainer.train_until(1 + warmup + steps)
-        common.synchronize(trainer.device)
+        sync()
     if trace:
         prof.export_chrome_trace(trace)
-    events = [e for e in prof.key_averages() if _self_us(e, on_cuda) > 0]
-    total_us = sum(_self_us(e, on_cuda) for e in events)
-    rows = sorted(
-        (
-            {
-                "name": e.key,
-                "category": category(e.key),
-                "calls_per_step": e.count / steps,
-                "ms_per_step": _self_us(e, on_cuda) / steps / 1e3,
-                "share": _self_us(e, on_cuda) / total_us if total_us else None,
-            }
-            for e in events
-        ),
-        key=lambda r: -r["ms_per_step"],
-    )
+    events = [(e.key, e.count, _self_us(e, on_cuda)) for e in prof.key_averages() if _self_us(e, on_cuda) > 0]
+    total = sum(us for *_, us in events)
+    rows = [
+        {"name": k, "category": category(k), "calls_per_step": c / steps, "ms_per_step": us / steps / 1e3}
+        | {"share": us / total}
+        for k, c, us in sorted(events, key=lambda e: -e[2])
+    ]
     by_category: dict[str, float] = defaultdict(float)
     for row in rows:
         by_category[row["category"]] += row["ms_per_step"]
     return {
-        **common.base_result("profile", environment),
         "config": to_dict(cfg),
         "resolved": trainer.runtime.resolved(),
         "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
         "steps": steps,
-        "ms_per_step": total_us / steps / 1e3,
+        "ms_per_step": total / steps / 1e3,
         "categories": {
-            k: {"ms_per_step": v, "share": v * steps * 1e3 / total_us if total_us else None}
+            k: {"ms_per_step": v, "share": v * steps * 1e3 / total}
             for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])
         },
         "top": rows[:top],
     }
 
 
-def profile_markdown(result: dict) -> str:
-    cfg = result["config"]
-    lines = [
-        f"# Profile: {common.device_label(result['environment'])}",
-        "",
-        f"- n={cfg['train']['n_patches']}, B={cfg['train']['batch_size']}, backend {result['resolved']['backend']}, "
-        f"compile {result['resolved']['compile']}, {result['resolved']['precision']}, "
-        f"fused loss {result['resolved']['fused_loss']}",
-        f"- {result['steps']} traced steps after compilation and warm-up; {result['clock']}: "
-        f"{result['ms_per_step']:.2f} ms per step in all",
-        "",
-        common.markdown_table(
-            ["category", "ms per step", "share"],
-            [[k, v["ms_per_step"], f"{100 * v['share']:.1f}%"] for k, v in result["categories"].items()],
-        ),
-        "",
-        common.markdown_table(
-            ["op", "category", "calls per step", "ms per step", "share"],
-            [
-                [r["name"][:90], r["category"], r["calls_per_step"], r["ms_per_step"], f"{100 * r['share']:.1f}%"]
-                for r in result["top"]
-            ],
-        ),
-        "",
-        "## Environment",
-        "",
-        common.environment_markdown(result["environment"]),
+def markdown(result: dict) -> str:
+    cfg, resolved = result["config"], result["resolved"]
+    rows = [
+        [r["name"][:90], r["category"], r["calls_per_step"], r["ms_per_step"], pct(r["share"])] for r in result["top"]
     ]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"# Profile: {device_label(result['environment'])}",
+            "",
+            f"- n={cfg['train']['n_patches']}, B={cfg['train']['batch_size']}, backend {resolved['backend']}, "
+            f"compile {resolved['compile']}, {resolved['precision']}, fused loss {resolved['fused_loss']}",
+            f"- {result['steps']} traced steps after compilation and warm-up; {result['clock']}: "
+            f"{result['ms_per_step']:.2f} ms per step in all",
+            "",
+            markdown_table(
+                ["category", "ms per step", "share"],
+                [[k, v["ms_per_step"], pct(v["share"])] for k, v in result["categories"].items()],
+            ),
+            "",
+            markdown_table(["op", "category", "calls per step", "ms per step", "share"], rows),
+            "",
+            environment_markdown(result["environment"]),
+        ]
+    )

@@ -1,21 +1,15 @@
-"""`fastemp tune`: find the fastest settings for your card and write them as a config you can train.
+"""`fastemp tune`: the fastest settings for this card, written as a config to train with.
 
-Objective: end-to-end training images/s (the uninstrumented Trainer.train_until, median step
-time, as `fastemp bench throughput` measures it) at YOUR n_patches. n is part of the method (it
-changes what the model learns and the accuracy per epoch), so it is only swept when you pass
---n. The batch size is swept, but it is part of the method too: the TCR term and BatchNorm see
-B images and an epoch has N/B steps, and the learning rate is NOT rescaled; pass --batch with a
-single value to keep yours. Backend, compile mode (incl. CUDA graphs: reduce-overhead),
-cudnn.benchmark and the compiled patch recipe change only speed (and, for DALI, the augmentation's
-small documented differences; the compiled recipe, float rounding).
+Objective: end-to-end training images/s at YOUR n_patches (a throughput point: the Trainer's own step, median
+step time). n changes the method, so it is swept only with --n; the batch size is swept (B and 2B by default)
+but changes the method too (the TCR term and BatchNorm see B images, the learning rate is not rescaled): pass
+one --batch to keep yours. The backends are those the data allows (resident images: torch; streamed files:
+pillow, and dali when it imports); the compile mode (CUDA graphs included), cudnn.benchmark and the compiled
+patch recipe change only speed.
 
-Memory: a point whose peak (torch.cuda.max_memory_allocated, dataset and model included) exceeds
-the budget (default 90% of the card, leaving room for the CUDA context and allocator caching) or
-runs out of memory is retried with twice the gradient-cache chunks (exact same gradients, less
-memory, some recompute), up to n chunks. On the CPU there is no budget.
-
-The winner is written as YAML (the base config with the winning values; train with
-`fastemp train --config tuned.yaml`) and every point as JSON beside it.
+Memory: a point whose peak exceeds the budget (default 90% of the card; none on the CPU) or runs out of memory is
+measured again with more gradient-cache chunks (the same gradients, less memory), while there are more. A point
+that fails for another reason is reported as such, never as over the budget.
 """
 
 from __future__ import annotations
@@ -26,36 +20,33 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastemp import runs
-from fastemp.config import Config, apply_overrides, to_dict
-from fastemp.runtime import resolve_device
+from fastemp.config import apply_overrides, to_dict
+from fastemp.patches import dali_available
 
-from . import common
-from .throughput import AXES, config_value, run_point, sweep_points
+from . import harness
+from .report import device_label, table
+from .throughput import AXES, measure_point, peak_info, point_config, points, value_of
 
-# Settings that change only speed, swept by tune on top of the throughput axes: cuDNN's convolution
-# autotuning and the compiled patch recipe (the compile mode, incl. CUDA graphs, is a throughput axis).
-SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}
+SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}  # speed only
 
 
-def default_budget_bytes(device: torch.device) -> int | None:
-    """90% of the card's memory on CUDA, no budget on the CPU."""
-    if device.type != "cuda":
-        return None
-    return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-
-
-def fits(row: dict, budget: int | None) -> bool:
-    """A measured point that ran and stayed within the memory budget."""
-    if row["status"] != "ok":
-        return False
-    return budget is None or row["peak_memory_bytes"] <= budget
+def default_axes(base, axes: dict, settings: dict, cuda: bool) -> tuple[dict, dict]:
+    """The axes and settings to try, the defaults filled in for this card and data."""
+    streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
+    axes = {
+        **axes,
+        "batch_size": axes["batch_size"] or [base.train.batch_size, 2 * base.train.batch_size],
+        "backend": axes["backend"] or (streamed if base.data.streamed else ["torch"]),
+        "compile": axes["compile"] or (["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else None),
+    }
+    settings = {**settings, "cudnn_benchmark": settings["cudnn_benchmark"] or (["off", "on"] if cuda else None)}
+    return axes, settings
 
 
 def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
-    """The next gradient-cache chunk count to try when `chunks` did not fit: twice as many (at most n), or
-    with BatchNorm groups the next divisor of them (chunks hold whole groups); None when there is none
-    (or chunks is 0: the Trainer already chose them from free memory)."""
+    """The next gradient-cache chunk count when `chunks` did not fit: twice as many (at most n), or with BatchNorm
+    groups the next divisor of them (chunks hold whole groups); None when there is none (0: already chosen from
+    free memory)."""
     if chunks == 0:
         return None
     if bn_groups:
@@ -63,53 +54,55 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
     return min(n, 2 * chunks) if chunks < n else None
 
 
-def measure_fitting(
-    base: Config,
-    point: dict,
-    device: str,
-    budget: int | None,
-    warmup: int,
-    steps: int,
-    peak: dict,
-    datasets: common.DatasetCache,
-    max_doublings: int = 3,
-) -> list[dict]:
-    """Measure a point; when it does not fit, retry with more grad_chunks (more_chunks). All attempts returned."""
-    attempts = []
-    point = dict(point)
-    for _ in range(max_doublings + 1):
-        row = run_point(base, point, device, warmup, steps, split_steps=0, peak=peak, datasets=datasets)
-        row["fits_budget"] = fits(row, budget)
-        attempts.append(row)
-        over = row["status"] == "oom" or (row["status"] == "ok" and not row["fits_budget"])
-        following = more_chunks(point["grad_chunks"], point["n_patches"], base.train.bn_groups)
-        if not over or following is None:
-            break
-        point["grad_chunks"] = following
-    return attempts
+def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, data: harness.Data) -> dict:
+    """Every point of every settings combination (checked before anything is measured), each measured again with
+    more chunks while over the budget; the fastest that fits is `best`."""
+    variants = harness.grid({k: settings.get(k) or [value_of(base, key)] for k, key in SETTINGS.items()})
+    steps = 1 + args.warmup + args.steps + 1
+    todo = []
+    for setting in variants:
+        variant = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={v}" for k, v in setting.items()])
+        todo += [(setting, point, point_config(variant, point, steps)) for point in points(variant, axes)]
+    device = [data.check(cfg) for *_, cfg in todo][0].device
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
+    if budget is None and device.type == "cuda":
+        budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    peak = peak_info(device, results.environment.get("device_name", ""))
+    rows: list[dict] = []
+
+    def result() -> dict:
+        fitting = [r for r in rows if r.get("fits_budget")]
+        best = max(fitting, key=lambda r: r["images_per_s"], default=None)
+        return {
+            "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
+            "memory_budget_bytes": budget,
+            "axes": {k: v for k, v in {**axes, **settings}.items() if v},
+            "settings": {"warmup_steps": args.warmup, "timed_steps": args.steps},
+            "points": rows,
+            "best": best,
+            "config": to_dict(tuned_config(base, best)) if best else None,
+        }
+
+    def measure(todo) -> dict:
+        return measure_point(todo[0], data, args.warmup, args.steps, 0, peak)
+
+    for setting, point, cfg in todo:
+        while True:
+            (row,) = harness.run_points([(cfg, {**point, **setting})], measure, lambda todo: todo[1], device)
+            over = row["status"] == "oom" or (row["status"] == "ok" and budget and row["peak_memory_bytes"] > budget)
+            rows.append({**row, "fits_budget": row["status"] == "ok" and not over})
+            results.write(result())
+            following = more_chunks(point["grad_chunks"], point["n_patches"], base.train.bn_groups)
+            if not over or following is None:
+                break
+            point = {**point, "grad_chunks": following}
+            cfg = point_config(cfg, {"grad_chunks": following}, steps)
+    return results.write(result(), final=True)
 
 
-def settings_variants(base: Config, settings: dict[str, list | None]) -> list[dict]:
-    """Every combination of the speed-only settings to try; a setting left None keeps the config's value."""
-    return common.grid({name: (settings.get(name) or [config_value(base, key)]) for name, key in SETTINGS.items()})
-
-
-def with_settings(base: Config, setting: dict) -> Config:
-    """The base config with one combination of SETTINGS applied."""
-    cfg = copy.deepcopy(base)
-    apply_overrides(cfg, [f"{SETTINGS[name]}={value}" for name, value in setting.items()])
-    return cfg
-
-
-def best_point(rows: list[dict]) -> dict | None:
-    """The fastest point that fits, by end-to-end images/s."""
-    candidates = [r for r in rows if r.get("fits_budget")]
-    return max(candidates, key=lambda r: r["images_per_s"], default=None)
-
-
-def tuned_config(base: Config, best: dict) -> Config:
+def tuned_config(base, best: dict):
     """The base config with the winning values, 'auto' resolved (device, schedule, the rest kept)."""
-    cfg = with_settings(base, {name: best[name] for name in SETTINGS if name in best})
+    cfg = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={best[k]}" for k in SETTINGS])
     values = {
         **{axis: best[axis] for axis in AXES},
         **{k: best["resolved"][k] for k in ("backend", "compile", "precision")},
@@ -119,119 +112,52 @@ def tuned_config(base: Config, best: dict) -> Config:
     return cfg
 
 
-def write_tuned_yaml(cfg: Config, best: dict, environment: dict, path: Path) -> Path:
-    """The config as YAML, headed by a comment saying what was measured where."""
+def no_winner(points: list[dict]) -> str:
+    """Why no point won: the memory budget only when a point ran and went over it, else the failures."""
+    if any(p["status"] in ("ok", "oom") for p in points):
+        return "no point ran within the memory budget"
+    return f"every point failed ({points[0]['reason']})" if points else "no point ran"
+
+
+def winner(best: dict) -> str:
+    what = ", ".join(f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", *SETTINGS))
+    return f"{best['images_per_s']:.1f} images/s with {what}, backend={best['resolved']['backend']}, " + (
+        f"compile={best['resolved']['compile']}"
+    )
+
+
+def write_config(result: dict, path: Path) -> int:
+    """tuned.yaml, headed by what was measured where; 1 with the reason when no point won."""
+    best, env = result["best"], result["environment"]
+    if best is None:
+        print(f"fastemp tune: {no_winner(result['points'])}; nothing written to {path}")
+        return 1
     header = [
-        f"# Written by `fastemp tune` on {common.device_label(environment)} ({environment.get('device')}), "
-        f"{common.now_iso()}.",
-        f"# Fastest point within the memory budget: {best['images_per_s']:.1f} images/s end to end "
-        f"(n={best['n_patches']}, B={best['batch_size']}, backend={best['resolved']['backend']}, "
-        f"compile={best['resolved']['compile']}, grad_chunks={best['grad_chunks']}, "
-        f"cudnn_benchmark={best.get('cudnn_benchmark')}, patch_compile={best.get('patch_compile')}).",
+        f"# Written by `fastemp tune` on {device_label(env)} ({env.get('device')}), {result['created']}.",
+        f"# Fastest point within the memory budget: {winner(best)}.",
         "# Train with: fastemp train --config <this file>",
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(result["config"], sort_keys=False))
+    print(f"wrote {path} ({best['images_per_s']:.1f} images/s); train with: fastemp train --config {path}")
+    return 0
 
 
-def run_tune(
-    base: Config,
-    axes: dict[str, list | None],
-    device: str = "auto",
-    budget_gib: float | None = None,
-    warmup: int = 3,
-    steps: int = 20,
-    settings: dict[str, list | None] | None = None,
-    on_point=None,
-) -> dict:
-    """Sweep, pick the fastest point that fits; returns the JSON-ready result with 'best' and 'config'.
-
-    settings: values of the SETTINGS to try (cudnn_benchmark, patch_compile), each combination a
-    sweep of `axes` of its own; every row records the combination it ran with. on_point(result), when
-    given, gets the result so far (marked partial) after every point: a run cut short keeps its rows."""
-    dev = resolve_device(device)
-    environment = runs.environment(dev)
-    budget = int(budget_gib * 2**30) if budget_gib else default_budget_bytes(dev)
-    peak = common.peak_info(dev, environment.get("device_name", ""))
-    rows, datasets = [], common.DatasetCache()
-
-    def result(partial: bool) -> dict:
-        best = best_point(rows)
-        return {
-            **common.base_result("tune", environment),
-            "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
-            "memory_budget_bytes": budget,
-            "axes": {k: v for k, v in {**axes, **(settings or {})}.items() if v},
-            "settings": {"warmup_steps": warmup, "timed_steps": steps},
-            "partial": partial,
-            "points": rows,
-            "best": best,
-            "config": to_dict(tuned_config(base, best)) if best else None,
-        }
-
-    for setting in settings_variants(base, settings or {}):
-        variant = with_settings(base, setting)
-        for point in sweep_points(variant, axes):
-            rows += [
-                {**row, **setting}
-                for row in measure_fitting(variant, point, device, budget, warmup, steps, peak, datasets)
-            ]
-            if on_point:
-                on_point(result(partial=True))
-    return result(partial=False)
-
-
-def tune_markdown(result: dict) -> str:
-    env = result["environment"]
-    budget = result["memory_budget_bytes"]
+def markdown(result: dict) -> str:
+    budget, best = result["memory_budget_bytes"], result["best"]
     rows = [
-        [
-            r["n_patches"],
-            r["batch_size"],
-            r["backend"],
-            r["compile"],
-            r["grad_chunks"],
-            r.get("cudnn_benchmark"),
-            r.get("patch_compile"),
-            r["status"],
-            r.get("images_per_s"),
-            r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") is not None else None,
-            r.get("fits_budget"),
-        ]
+        {**r, "peak_gib": r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else None}
         for r in result["points"]
     ]
-    best = result["best"]
-    won = (
-        "- winner: none within the memory budget"
-        if best is None
-        else f"- winner: {best['images_per_s']:.1f} images/s with compile={best['resolved']['compile']}, "
-        f"cudnn_benchmark={best.get('cudnn_benchmark')}, patch_compile={best.get('patch_compile')}, "
-        f"backend={best['resolved']['backend']}, B={best['batch_size']}, grad_chunks={best['grad_chunks']}"
+    keys = "n_patches batch_size backend compile grad_chunks cudnn_benchmark patch_compile status images_per_s peak_gib"
+    headers = "n|B|backend|compile|chunks|cudnn bench|patch compile|status|images/s|peak GiB|fits|reason"
+    return "\n".join(
+        [
+            f"# Tune: {device_label(result['environment'])} ({result['environment'].get('device')})",
+            "",
+            f"- objective: {result['objective']}",
+            f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)",
+            f"- winner: {winner(best) if best else 'none: ' + no_winner(result['points'])}",
+            "",
+            table(rows, f"{keys} fits_budget reason", headers),
+        ]
     )
-    lines = [
-        f"# Tune: {common.device_label(env)} ({env.get('device')})",
-        "",
-        f"- objective: {result['objective']}",
-        f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)",
-        won,
-        "",
-        common.markdown_table(
-            [
-                "n",
-                "B",
-                "backend",
-                "compile",
-                "chunks",
-                "cudnn bench",
-                "patch compile",
-                "status",
-                "images/s",
-                "peak GiB",
-                "fits",
-            ],
-            rows,
-        ),
-    ]
-    return "\n".join(lines)

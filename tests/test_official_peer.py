@@ -1,6 +1,5 @@
-"""`bench official-peer`: the official model's initialisation, the data the official loader reads, the output clock,
-the one-line errors, and the whole harness end to end around a stand-in for the official checkout. Its evaluation
-is `fastemp eval --weights --format official` (tests/test_weights.py)."""
+"""`bench official-peer`: the initialisation law of the official model (from its checkout), the data the
+official loader reads, the output clock, the one-line errors, and the whole harness end to end around a stand-in for the official checkout."""
 
 import hashlib
 import json
@@ -19,15 +18,8 @@ from official_checkout import moments, official_encoder_class
 from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
 from fastemp.benchmarks import official_launcher
-from fastemp.benchmarks.official_peer import (
-    OfficialClock,
-    evenly_spaced,
-    run_official,
-    split_output,
-    subset,
-    write_cifar_batches,
-)
 from fastemp.benchmarks.official_peer import main as peer_main
+from fastemp.benchmarks.official_run import OfficialClock, run_official, split_output, subset, write_cifar_batches
 from fastemp.config import DataConfig
 from fastemp.data import load_split
 from fastemp.model import EMPEncoder
@@ -36,7 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------ the official model
-# (its weights are read by the library's `official` format: tests/test_weights.py)
 
 
 @pytest.mark.parametrize("arch, stem", [("resnet18-cifar", "cifar"), ("resnet18-imagenet", "imagenet")])
@@ -86,7 +77,6 @@ def test_cifar_batches_hold_fastemps_pixels(tmp_path):
     with open(folder / "batches.meta", "rb") as f:
         assert pickle.load(f, encoding="latin1")["label_names"] == ["cat", "dog"]
     assert len(subset(train, 4)) == 4 and subset(train, 4).labels.tolist() == [0, 0, 1, 1]  # both classes kept
-    assert evenly_spaced(4, 10).tolist() == [0, 3, 6, 9] and evenly_spaced(0, 3).tolist() == [0, 1, 2]
 
 
 def test_launcher_points_the_cifar_check_at_the_prepared_files(tmp_path, monkeypatch):
@@ -161,7 +151,7 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
         tmp_path,
         epochs=1,
         time_limit=3.0,
-        log_path=tmp_path / "official.log",
+        log=tmp_path / "official.log",
         on_progress=reports.append,
     )
     assert report["status"] == status and report["wall_seconds"] < 30
@@ -249,7 +239,6 @@ def peer_args(tmp_path: Path, official: Path, python: Path, data: Path, out: Pat
         "2",
         "--seed",
         "3",
-        "--no-progress",
         "--override",
         "model.width=8",
         "--override",
@@ -315,20 +304,20 @@ def test_the_time_limit_covers_the_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(peer, "probe_imports", lambda python: {"missing": [], "versions": {}})
     limits, evaluated = [], []
 
-    def train(args, work, result, write, time_limit):  # epoch 0 of 2 saved, then the training limit ran out
+    def train(command, work, epochs, time_limit, log, on_progress):  # epoch 0 of 2 saved, then the limit ran out
         limits.append(time_limit)
         folder = work / "logs" / "EMP-SSL-Training" / "run" / "save_models"
         folder.mkdir(parents=True)
         torch.save({}, folder / "0.pt")
-        return {"status": "timeout"}
+        return {"status": "timeout", "epochs": []}
 
-    def evaluate(checkpoint, cfg, train, test, progress=True):
+    def evaluate(checkpoint, cfg, train, test):
         evaluated.append(checkpoint.name)
         if len(evaluated) == 2:
             time.sleep(60)  # past the limit: stopped there
         return {"linear_top1": 0.5, "checkpoint": str(checkpoint)}
 
-    monkeypatch.setattr(peer, "train_official", train)
+    monkeypatch.setattr(peer, "run_official", train)
     monkeypatch.setattr(peer, "evaluate_official", evaluate)
 
     def run(name: str, *extra: str) -> dict:

@@ -1,0 +1,236 @@
+"""The official main.py's data and process. The data: both splits through fastemp's loader, written as the CIFAR-10
+python batches its loader reads (prepare_data). The process: its output read as it arrives, every line logged and stamped, its
+timings read from those stamps (OfficialClock), and the process stopped at the epoch wanted, at a time limit or
+with its parent. The stamps are the host's clock (the library's Clock on the CPU is perf_counter too): outside the
+official process, when its lines arrive is all there is to time it by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import queue
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastemp.errors import UserError
+
+from . import harness
+
+PROGRESS = re.compile(r"^\s*(\d+)it \[")  # tqdm over enumerate(dataloader): "123it [00:05, 24.1it/s]"
+EPOCH_END = re.compile(r"At epoch: (\d+) loss similarity is (\S+) ,loss TCR is: (\S+) and learning rate is: (\S+)")
+BATCH = 100  # main.py's --bs default; the README's command keeps it
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+class OfficialClock:
+    """Timings of the official run from its stamped output lines. Per epoch the loop starts at tqdm's first line (0
+    steps: printed before the first batch is asked for); the steady window runs from the first line with steps
+    done to the last line seen, so worker start-up and the first step stay out of it."""
+
+    def __init__(self, launched: float):
+        self.launched, self.epochs = launched, []
+
+    def feed(self, t: float, line: str) -> dict | None:
+        """Take one line; the epoch's summary when the line ends an epoch."""
+        progress = PROGRESS.match(line)
+        if progress:
+            steps, current = int(progress.group(1)), self.epochs[-1] if self.epochs else None
+            if current is None or current.get("done") or steps < current["_last"][1]:
+                current = {"epoch": len(self.epochs), "_start": t, "_first": None, "_last": (t, 0)}
+                self.epochs.append(current)
+            if steps > 0 and current["_first"] is None:
+                current["_first"] = (t, steps)
+            current["_last"] = (t, steps)
+        end = EPOCH_END.search(line)  # on its own line after tqdm's closing newline, or glued to tqdm's text
+        if end and self.epochs:
+            numbers = dict(zip(("loss_similarity", "loss_tcr", "lr_after"), map(_number, end.groups()[1:])))
+            self.epochs[-1].update(done=True, checkpoint_epoch=int(end.group(1)), **numbers)
+            return self.summary(self.epochs[-1])
+        return None
+
+    def summary(self, epoch: dict) -> dict:
+        (start, (last, steps)), first = (epoch["_start"], epoch["_last"]), epoch["_first"]
+        out = {k: v for k, v in epoch.items() if not k.startswith("_")}
+        out.update(done=bool(epoch.get("done")), steps=steps, loop_seconds=last - start)
+        out["images_per_s_whole_loop"] = steps * BATCH / (last - start) if last > start else None
+        steady = first is not None and steps > first[1] and last > first[0]
+        out.update(steady_steps=steps - first[1] if steady else 0, steady_seconds=last - first[0] if steady else None)
+        out["images_per_s"] = (steps - first[1]) * BATCH / (last - first[0]) if steady else None
+        out["first_steps_seconds"] = first[0] - start if steady else None
+        return out
+
+    def report(self) -> dict:
+        startup = self.epochs[0]["_start"] - self.launched if self.epochs else None
+        return {"startup_seconds": startup, "epochs": [self.summary(e) for e in self.epochs]}
+
+
+def split_output(rest: str, rest_time: float, chunk: str, now: float) -> tuple[list[tuple[float, str]], str, float]:
+    """Complete lines of a stream chunk, each stamped when its text arrived, and the unfinished rest. tqdm starts a
+    line with \\r and ends it only with its next write, so text carried over keeps the time it arrived."""
+    parts = re.split(r"[\r\n]", rest + chunk)
+    if len(parts) == 1:
+        return [], parts[0], now if chunk else rest_time
+    first = now if chunk[:1] not in ("\r", "\n") else rest_time  # did this chunk add text to the pending line?
+    stamped = [(first, parts[0])] + [(now, part) for part in parts[1:-1]]
+    return [(t, part) for t, part in stamped if part.strip()], parts[-1], now
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """Reader thread: each output line with its arrival time; None at the end of the stream."""
+    rest, rest_time = "", time.perf_counter()
+    for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+        done, rest, rest_time = split_output(rest, rest_time, chunk.decode("utf-8", "replace"), time.perf_counter())
+        for item in done:
+            lines.put(item)
+    if rest.strip():
+        lines.put((rest_time, rest))
+    lines.put(None)
+
+
+def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float | None, log: Path, on_progress) -> dict:
+    """Run the official training until `epochs` epochs have ended (then stop it), it exits, or the time limit;
+    on_progress(report) at every epoch end, every 30 s and at the end. Every line goes to `log` as it arrives."""
+    launched = time.perf_counter()
+    clock, lines, tail, status = OfficialClock(launched), queue.Queue(), [], "running"
+    deadline, reported = launched + time_limit if time_limit else None, launched
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w", buffering=1) as out:  # line by line: a kill keeps every line that arrived
+
+        def take(t: float, line: str) -> dict | None:
+            out.write(f"{t - launched:10.3f} {line}\n")
+            if not PROGRESS.match(line):
+                tail[:] = (tail + [line])[-20:]
+            return clock.feed(t, line)
+
+        popen = dict(cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(command, **popen)
+        reader = threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True)
+        reader.start()
+        try:
+            while status == "running":
+                try:
+                    item = lines.get(timeout=1.0)
+                except queue.Empty:
+                    item = ()
+                if item is None:
+                    break
+                ended = take(*item) if item else None
+                if ended is not None:
+                    on_progress(clock.report())
+                    status = "ok" if ended["checkpoint_epoch"] + 1 >= epochs else status
+                now = time.perf_counter()
+                status = "timeout" if status == "running" and deadline and now > deadline else status
+                if now - reported > 30:
+                    on_progress(clock.report())
+                    reported = now
+        finally:
+            stop(child)
+            reader.join(timeout=10)
+            while not lines.empty():  # what arrived while it was being stopped (tqdm's unfinished last line)
+                item = lines.get()
+                if item is not None:
+                    take(*item)
+            on_progress(clock.report())  # also when a time limit or a signal ends it here
+    if status == "running":  # the stream ended: the run finished or failed
+        status = "ok" if child.returncode == 0 and clock.epochs and clock.epochs[-1].get("done") else "error"
+    report = {**clock.report(), "status": status, "exit_code": child.returncode, "output_tail": tail[-5:]}
+    return {**report, "wall_seconds": time.perf_counter() - launched}
+
+
+def stop(child: subprocess.Popen) -> None:
+    """End the official process (its DataLoader workers notice their parent is gone and exit)."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def subset(images, count: int):
+    """`count` evenly spaced images of an ImageSet (every class of a class-sorted folder keeps its share); 0: all."""
+    from fastemp.data import ImageSet
+
+    if not count or count >= len(images):
+        return images
+    index = torch.linspace(0, len(images) - 1, count).round().long().to(images.labels.device)
+    description = f"{images.description}, evenly spaced subset of {count}"
+    return ImageSet(images.images[index].contiguous(), images.labels[index].contiguous(), images.classes, description)
+
+
+def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
+    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets; {file: md5}."""
+    if tuple(train.images.shape[1:]) != (32, 32, 3) or tuple(test.images.shape[1:]) != (32, 32, 3):
+        raise UserError("the official CIFAR loader needs 32x32x3 images; keep data.image_size=32")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(images) -> np.ndarray:  # (N, 32, 32, 3) uint8 -> CIFAR's (N, 3072): the R, G, B planes, row-major
+        images = images.cpu().numpy()
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1))
+
+    x, y, contents = rows(train.images), train.labels.cpu().tolist(), {}
+    for i, idx in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
+        contents[f"data_batch_{i}"] = {
+            "batch_label": f"training batch {i} of 5",
+            "data": x[idx],
+            "labels": [y[j] for j in idx],
+        }
+    contents["test_batch"] = {
+        "batch_label": "testing batch 1 of 1",
+        "data": rows(test.images),
+        "labels": test.labels.cpu().tolist(),
+    }
+    contents["batches.meta"] = {
+        "label_names": list(train.classes),
+        "num_vis": 3072,
+        "num_cases_per_batch": -(-len(y) // 5),
+    }
+    sums = {}
+    for name, value in contents.items():
+        blob = pickle.dumps(value, protocol=2)
+        (folder / name).write_bytes(blob)
+        sums[name] = hashlib.md5(blob).hexdigest()
+    return sums
+
+
+def prepare_data(args, cfg, work: Path):
+    """Both splits through fastemp's loader, laid out for main.py under <work>/data/CIFAR10/: (train, test, info)."""
+    data, device = harness.Data(), torch.device(cfg.train.device)
+    train = subset(data.load(cfg, "train", device), args.train_images)
+    test = subset(data.load(cfg, "test", device), args.test_images)
+    if len(train) < BATCH:
+        raise UserError(
+            f"{len(train)} training images are fewer than main.py's batch of {BATCH}; use --train-images >= {BATCH}"
+        )
+    sums = write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
+    (work / "prepared_md5.json").write_text(json.dumps(sums, indent=1))
+    name = Path(args.data).name
+    copy = (
+        "canonical cifar-10-python.tar.gz"
+        if cfg.data.source == "cifar10"
+        else "CIFAR-10 JPEG ImageFolder copy (lossy, q75)"
+        if "jpeg" in name.lower()
+        else "ImageFolder"
+    )
+    info = {"path": str(Path(args.data).resolve()), "copy": copy, "train_images": len(train), "test_images": len(test)}
+    info.update(classes=train.classes, description=train.description, md5_file=str(work / "prepared_md5.json"))
+    info["official_reads"] = (
+        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check pointed at them"
+    )
+    return train, test, info
