@@ -207,9 +207,14 @@ def test_ctrl_c_ends_training_after_the_step_it_came_in_with_a_checkpoint_that_r
         return log(self, *args)
 
     monkeypatch.setattr(Trainer, "_log", log_then_ctrl_c)
+    # a background job (nohup, `&`) starts with SIGINT ignored, which fastemp keeps ignored: not this case
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
     run, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
-    with pytest.raises(stop.Interrupted) as err:
-        run_training(cfg, run, progress=False)
+    try:
+        with pytest.raises(stop.Interrupted) as err:
+            run_training(cfg, run, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert str(err.value) == (
         f"interrupted by SIGINT at step 3; {run}/checkpoint.pt holds step 3; go on with: fastemp resume {run}"
     )
