@@ -11,7 +11,6 @@ import contextlib
 import os
 
 import torch
-import torch.nn.functional as F
 
 try:  # Triton is Linux-only; the torch path below needs none of it.
     import triton
@@ -28,7 +27,7 @@ _ZBAR_TINY = 1e-30  # u = zbar / max(|zbar|, tiny): exact for any normal |zbar|,
 INTERPRETER_UPCAST = True  # see _launch; only read when the kernel runs under TRITON_INTERPRET=1
 _alloc = torch.empty  # output allocator (a seam: tests swap in a NaN-filled one to catch unwritten elements)
 
-__all__ = ["cosine_to_mean", "cosine_to_mean_torch", "triton_usable", "launch_params"]
+__all__ = ["cosine_to_mean", "triton_usable", "launch_params"]
 
 
 if HAVE_TRITON:
@@ -127,23 +126,17 @@ def launch_params(n: int, d: int) -> tuple[int, int, int]:
     return block_n, block_d, num_warps
 
 
-def _check(p: torch.Tensor) -> None:
-    if p.dim() != 3:
-        raise ValueError(f"cosine_to_mean expects p of shape (n, B, d), got {tuple(p.shape)}")
-    if min(p.shape) == 0:
-        raise ValueError(f"cosine_to_mean needs n, B, d >= 1, got {tuple(p.shape)}")
-
-
 def _launch(p: torch.Tensor, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the kernel: returns (loss, cos, dp or None). Any strides are read directly (no copy);
     dp is contiguous (n, B, d) in p's dtype."""
-    _check(p)
+    if p.dim() != 3 or min(p.shape) == 0:
+        raise ValueError(f"cosine_to_mean expects p of shape (n, B, d), n, B, d >= 1, got {tuple(p.shape)}")
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"cosine_to_mean (Triton) supports fp32, bf16 and fp16 inputs, got {p.dtype}")
     if not triton_usable(p.device):
         raise RuntimeError(
             f"the Triton cosine-to-mean kernel cannot run on {p.device}: it needs CUDA with Triton, or "
-            "TRITON_INTERPRET=1 set before triton is imported on CPU (use cosine_to_mean_torch instead)"
+            "TRITON_INTERPRET=1 set before triton is imported on CPU"
         )
     x = p
     if _INTERPRETED and INTERPRETER_UPCAST and p.dtype != torch.float32:
@@ -207,17 +200,4 @@ def cosine_to_mean(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if p.requires_grad and torch.is_grad_enabled():
         return _CosineToMean.apply(p)
     loss, cos, _ = _launch(p, write_grad=False)
-    return loss, cos
-
-
-def cosine_to_mean_torch(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager torch path with the same semantics (fp32 math, gradient through autograd)."""
-    _check(p)
-    z = F.normalize(p.float(), dim=-1, eps=NORM_EPS)
-    zbar = z.mean(dim=0)
-    zbar_norm = zbar.norm(dim=-1)
-    loss = -zbar_norm.mean()
-    with torch.no_grad():
-        u = zbar / zbar_norm.clamp_min(_ZBAR_TINY)[:, None]
-        cos = (z * u).sum(dim=-1)
     return loss, cos
