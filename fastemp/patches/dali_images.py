@@ -179,10 +179,8 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str
 
 
 class DaliImagePatches(PatchBackend):
-    """Image files -> (n*b, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin).
-
-    One pipeline per (b, n), built on first use by the worker thread. A request starts as a task on
-    that thread; taking it waits for the task."""
+    """Image files -> (n*b, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin); a request
+    is a task on the one worker thread, which builds a pipeline per (b, n) on first use."""
 
     name = "dali"
 
@@ -273,7 +271,6 @@ class DaliImagePatches(PatchBackend):
         handle.cancel()  # not started yet: never runs; running: finishes on the worker, unused
 
     def close(self) -> None:
-        """Stop the worker and reading threads."""
         super().close()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._reader.shutdown(wait=True, cancel_futures=True)

@@ -69,11 +69,8 @@ def open_rgb(path: str):
 
 
 def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray:
-    """The n patches of one image from its n rows of the shared draw: (n, S, S, 3) uint8.
-
-    The rows become parameters exactly as in the other backends (draw.params_from_uniforms), with
-    the crop drawn for this image's size. Runs in a worker process.
-    """
+    """The n patches (n, S, S, 3) uint8 of one image from its n rows of the shared draw, the crop drawn for
+    this image's size (draw.params_from_uniforms, as in the other backends). Runs in a worker process."""
     img = open_rgb(path)
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
@@ -114,9 +111,8 @@ def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, dev
 
 
 class PillowPatches(PatchBackend):
-    """Streamed images -> (n*b, 3, S, S) float32, the official recipe on PIL images in worker processes.
-
-    A request starts as one task per image in the pool (or, with no workers, is made when started)."""
+    """Streamed images -> (n*b, 3, S, S) float32: a request is one task per image in the pool (no workers:
+    made when started)."""
 
     name = "pillow"
 
