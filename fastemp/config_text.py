@@ -96,16 +96,7 @@ class Raw(str):
 
 
 INT_LIMIT = 2**63  # torch and numpy take 64-bit integers
-BOOLEAN_WORDS = {
-    "true": True,
-    "on": True,
-    "yes": True,
-    "1": True,
-    "false": False,
-    "off": False,
-    "no": False,
-    "0": False,
-}
+TRUE_WORDS, FALSE_WORDS = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 
 
 def _parsed(value, *types):
@@ -137,8 +128,9 @@ def coerce(value, tp, where: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
-            return BOOLEAN_WORDS[value.strip().lower()]
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
         raise ConfigError(f"{where}: expected true/false, got {shown(value)}; write true or false")
     if tp is int:
         given, value = value, _parsed(value, int, float)

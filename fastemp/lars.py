@@ -1,15 +1,7 @@
-"""LARS over SGD, as the official EMP-SSL code uses it, and the per-iteration cosine schedule.
-
-For each weight with ndim > 1 (convolutions, linear weights):
-
-    trust = eta * |p| / (|g| + wd * |p| + 1e-8)
-    trust = min(trust / lr, 1)            (clip=True, the official setting)
-    g    <- (g + wd * p) * trust
-
-then a plain SGD step (momentum 0.9, nesterov) whose own weight decay is off. Biases and
-BatchNorm parameters (ndim 1) get neither LARS nor weight decay. A weight whose norm or gradient
-norm is zero is left untouched (no decay either), as in the official wrapper. No host sync; the
-multi-tensor paths are explained in docs/speed.md.
+"""LARS over SGD, as the official EMP-SSL code uses it, and the per-iteration cosine schedule. For each weight
+with ndim > 1: trust = eta |p| / (|g| + wd |p| + 1e-8), clipped to min(trust / lr, 1), g <- (g + wd p) trust, then
+SGD (momentum 0.9, nesterov) without its own weight decay; ndim-1 parameters get neither, nor does a weight whose
+norm or gradient norm is zero (as the official wrapper). No host sync; the multi-tensor paths: docs/speed.md.
 """
 
 from __future__ import annotations
@@ -86,78 +78,69 @@ class LARS(torch.optim.SGD):
         self._sizes: dict[tuple, torch.Tensor] = {}  # per-tensor element counts, copied to the device once
         self._fused = torch.compile(fused_lars_sgd, fullgraph=True, dynamic=False) if fused_update else None
 
-    def _numels(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        key = tuple(p.numel() for p in params)
-        if key not in self._sizes:
-            self._sizes[key] = torch.tensor(key, dtype=torch.long, device=params[0].device)
-        return self._sizes[key], sum(key)
-
-    def _factors(self, group: dict, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, decay, all gradients finite) of LARS weights: g <- g * scale + p * decay. A non-finite gradient
-        entry makes its 2-norm non-finite, so the verdict costs nothing more."""
-        wd = group["lars_weight_decay"]
-        p_norm = torch.stack(torch._foreach_norm(params))
-        g_norm = torch.stack(torch._foreach_norm([p.grad for p in params]))
-        trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
-        if self.clip:
-            trust = torch.clamp(trust / group["lr"], max=1.0)
-        active = (p_norm != 0) & (g_norm != 0)
-        scale = torch.where(active, trust, torch.ones_like(trust))
-        decay = torch.where(active, scale * wd, torch.zeros_like(trust))
-        return scale, decay, g_norm.isfinite().all()
-
-    @staticmethod
-    def _split(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(LARS weights, the other parameters) of a group, those with a gradient only."""
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        lars = [p for p in with_grad if p.ndim > 1] if group["lars"] else []
-        return lars, [p for p in with_grad if not (group["lars"] and p.ndim > 1)]
-
-    @staticmethod
-    def _max_norm_finite(params: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm([p.grad for p in params], float("inf"))).isfinite().all()
+    def _factors(self) -> tuple[list, torch.Tensor | None]:
+        """Per group: (group, LARS weights, scale, decay, the other parameters), those with a gradient only, for
+        g <- g * scale + p * decay; and whether every gradient is finite (0-d bool on the device; None without
+        any): a non-finite entry makes its gradient's norm non-finite, so the verdict costs nothing more."""
+        rows, finite = [], []
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in with_grad if group["lars"] and p.ndim > 1]
+            others = [p for p in with_grad if not (group["lars"] and p.ndim > 1)]
+            if others:
+                finite.append(torch.stack(torch._foreach_norm([p.grad for p in others], float("inf"))).isfinite().all())
+            scale = decay = None
+            if params:
+                wd = group["lars_weight_decay"]
+                p_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm([p.grad for p in params]))
+                trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
+                if self.clip:
+                    trust = torch.clamp(trust / group["lr"], max=1.0)
+                active = (p_norm != 0) & (g_norm != 0)
+                scale = torch.where(active, trust, torch.ones_like(trust))
+                decay = torch.where(active, scale * wd, torch.zeros_like(trust))
+                finite.append(g_norm.isfinite().all())
+            rows.append((group, params, scale, decay, others))
+        return rows, torch.stack(finite).all() if finite else None
 
     @torch.no_grad()
     def adapt_gradients(self) -> torch.Tensor | None:
         """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version (g * scale, then
-        + p * decay). Returns whether every gradient was finite (0-d bool on the device; None without any)."""
-        finite = []
-        for group in self.param_groups:
-            params, others = self._split(group)
-            if others:
-                finite.append(self._max_norm_finite(others))
+        + p * decay). Returns whether every gradient was finite (see _factors)."""
+        rows, finite = self._factors()
+        for _, params, scale, decay, _ in rows:
             if not params:
                 continue
             grads = [p.grad for p in params]
-            scale, decay, ok = self._factors(group, params)
-            finite.append(ok)
-            # g <- g * scale + p * (scale * wd)
             if segment_factors_on(grads[0].device):  # each factor repeated over its tensor's elements
-                sizes, total = self._numels(params)
-                scale_full, decay_full = torch.stack([scale, decay]).repeat_interleave(sizes, 1, output_size=total)
-                scales, decays = segment_views(scale_full, grads), segment_views(decay_full, params)
+                sizes = tuple(p.numel() for p in params)
+                if sizes not in self._sizes:  # copied to the device once
+                    self._sizes[sizes] = torch.tensor(sizes, dtype=torch.long, device=params[0].device)
+                both = torch.stack([scale, decay]).repeat_interleave(self._sizes[sizes], 1, output_size=sum(sizes))
+                scales, decays = segment_views(both[0], grads), segment_views(both[1], params)
             else:
                 scales, decays = list(scale.unbind()), list(decay.unbind())
             torch._foreach_mul_(grads, scales)
             torch._foreach_add_(grads, torch._foreach_mul(params, decays))
-        return torch.stack(finite).all() if finite else None
+        return finite
 
     @torch.no_grad()
     def _fused_step(self) -> torch.Tensor | None:
         """Every group's tensors in one compiled call (per-tensor lr; one momentum and nesterov for all)."""
-        finite, every, scales, decays, lrs = [], [], [], [], []
-        momentum, nesterov = self.param_groups[0]["momentum"], self.param_groups[0]["nesterov"]
-        for group in self.param_groups:
-            params, others = self._split(group)
+        rows, finite = self._factors()
+        every, scales, decays, neg_lrs = [], [], [], []
+        for group, params, scale, decay, others in rows:
             if params:
-                scale, decay, ok = self._factors(group, params)
-                finite.append(ok)
                 every, scales, decays = every + params, scales + [scale], decays + [decay]
             if others:  # outside LARS: scale 1, no decay
-                finite.append(self._max_norm_finite(others))
                 ones = torch.ones(len(others), device=others[0].device, dtype=others[0].dtype)
                 every, scales, decays = every + others, scales + [ones], decays + [torch.zeros_like(ones)]
-            lrs += [group["lr"]] * (len(params) + len(others))
+            if params or others:  # -lr per tensor, made on the device (no host copy)
+                like = every[0]
+                neg_lrs.append(
+                    torch.full((len(params) + len(others),), -group["lr"], device=like.device, dtype=like.dtype)
+                )
         if not every:
             return None
         bufs = []
@@ -166,17 +149,10 @@ class LARS(torch.optim.SGD):
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs.append(state["momentum_buffer"])
-        # -lr per tensor, made on the device (no host copy); equal lrs (the usual case) in one fill
-        device, dtype = every[0].device, every[0].dtype
-        neg_lr = (
-            torch.full((len(every),), -lrs[0], device=device, dtype=dtype)
-            if len(set(lrs)) == 1
-            else torch.cat([torch.full((1,), -lr, device=device, dtype=dtype) for lr in lrs])
-        )
-        self._fused(
-            every, [p.grad for p in every], bufs, torch.cat(scales), torch.cat(decays), neg_lr, momentum, nesterov
-        )
-        return torch.stack(finite).all()
+        momentum, nesterov = self.param_groups[0]["momentum"], self.param_groups[0]["nesterov"]
+        grads = [p.grad for p in every]
+        self._fused(every, grads, bufs, torch.cat(scales), torch.cat(decays), torch.cat(neg_lrs), momentum, nesterov)
+        return finite
 
     @torch.no_grad()
     def step(self, closure=None):

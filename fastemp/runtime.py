@@ -13,7 +13,6 @@ import torch
 from . import distributed, memory, patches
 from .config import Config, ConfigError
 from .gradcache import plan_chunks
-from .patches.torch_backend import resolve_patch_compile
 
 
 @dataclass(frozen=True)
@@ -44,17 +43,9 @@ class Runtime:
 
     def resolved(self) -> dict:
         """The resolved choices, as the summary and the benchmark results record them."""
-        return {
-            "backend": self.backend,
-            "compile": self.compile_mode,
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "fused_loss": self.fused_loss,
-            "patch_compile": self.patch_compile,
-            "fused_update": self.fused_update,
-            "grad_chunks": self.grad_chunks,
-            "bn_groups_per_forward": self.bn_groups_per_forward,
-        }
+        names = ("backend", "compile_mode", "precision", "channels_last", "fused_loss", "patch_compile")
+        names += ("fused_update", "grad_chunks", "bn_groups_per_forward")
+        return {name.removesuffix("_mode"): getattr(self, name) for name in names}  # compile_mode as "compile"
 
     def describe(self) -> str:
         """One line saying what "auto" chose, logged when a run starts."""
@@ -78,8 +69,8 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them") from None
-    if device.type not in ("cpu", "cuda"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}; set one of them")
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -109,15 +100,6 @@ def resolve_fused(name: str, device: torch.device) -> bool:
     return name == "on" or (name == "auto" and device.type == "cuda" and triton_usable(device))
 
 
-def resolve_chunks(cfg: Config, device: torch.device, world: int, precision: str, compile_mode: str) -> tuple[int, int]:
-    """(gradient-cache chunks, BatchNorm groups per forward) from the memory estimate's activations of a patch,
-    tripled without compilation (eager ghost BatchNorm keeps float32 temporaries of a bf16 step)."""
-    t = cfg.train
-    per_patch = memory.activation_bytes_per_patch(cfg, precision) * (3 if compile_mode == "none" else 1)
-    batch = t.batch_size // world
-    return plan_chunks(t.n_patches, batch, t.grad_chunks, t.bn_groups, device, per_patch, world, cfg.model.sync_bn)
-
-
 def resolve(
     cfg: Config, device: torch.device | None = None, training: bool = True, check_memory: bool = False
 ) -> Runtime:
@@ -135,7 +117,15 @@ def resolve(
     )
     world = distributed.world_size()
     shard = distributed.batch_shard(cfg.train.batch_size) if training else None  # checks B divides by the world
-    chunks, per_forward = resolve_chunks(cfg, device, world, precision, compile_mode) if training else (1, 1)
+    chunks, per_forward = 1, 1
+    if training:
+        # the memory estimate's activations of a patch, tripled without compilation (eager ghost BatchNorm keeps
+        # float32 temporaries of a bf16 step)
+        t = cfg.train
+        per_patch = memory.activation_bytes_per_patch(cfg, precision) * (3 if compile_mode == "none" else 1)
+        chunks, per_forward = plan_chunks(
+            t.n_patches, t.batch_size // world, t.grad_chunks, t.bn_groups, device, per_patch, world, m.sync_bn
+        )
     if check_memory:
         evaluate = not training or cfg.eval.scheduled
         memory.check_memory(cfg, device, precision, chunks, world, train=training, evaluate=evaluate)
@@ -150,7 +140,8 @@ def resolve(
         channels_last=m.channels_last and (on_cuda or m.width >= 16),
         backend=backend,
         backend_reason=backend_reason,
-        patch_compile=resolve_patch_compile(cfg.data.patch_compile, device, compile_mode),
+        # auto: on CUDA whenever the model is compiled too
+        patch_compile=d.patch_compile == "on" or (d.patch_compile == "auto" and on_cuda and compile_mode != "none"),
         # auto: whenever the model is compiled (on demands torch.compile, which works on the CPU too, slowly)
         fused_update=cfg.optim.fused_update == "on" or (cfg.optim.fused_update == "auto" and compile_mode != "none"),
         fused_loss=resolve_fused(cfg.loss.fused, device),

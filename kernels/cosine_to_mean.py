@@ -1,34 +1,8 @@
-"""Fused cosine-to-mean (the EMP-SSL invariance term) straight from raw projector outputs.
-
-p: (n, B, d) patch-major (p[i, b] = patch i of image b). With z_ib = p_ib / |p_ib| and
-zbar_b = mean_i z_ib, the invariance loss is
-
-    L = -mean_b mean_i cos(z_ib, zbar_b) = -mean_b |zbar_b|       (exact for unit rows z_ib)
-
-and, with u_b = zbar_b / |zbar_b| and cos_ib = z_ib . u_b,
-
-    dL/dp_ib = -(1 / (n B |p_ib|)) (u_b - cos_ib z_ib).
-
-Design (one Triton program per image b, grid = (B,)):
-  sweep 1: read the n rows of image b in tiles of BLOCK_N x BLOCK_D (BLOCK_D = next_pow2(d),
-           masked, so any d works), L2-normalise each row in fp32, accumulate zbar_b in fp32
-           registers; write |zbar_b| to a (B,) buffer (the mean over b is finished in torch:
-           no atomics, deterministic).
-  sweep 2: re-read the rows (from L2 on a GPU), compute cos_ib (logged) and, when a gradient is
-           wanted, dL/dp_ib, written in p's dtype. The gradient is computed in the forward and
-           saved (fused fwd+bwd); backward only scales it by grad_output. Total traffic: p read
-           twice, dp written once, plus n*B fp32 cosines.
-
-Zero rows follow F.normalize(p, dim=-1, eps=1e-12) and its autograd exactly: z = p / max(|p|, eps),
-so a zero row has z = 0, contributes nothing to zbar and gets cos = 0; its gradient takes the
-clamp branch of F.normalize (the projection term is dropped when |p| < eps, as clamp_min's
-gradient is zero there): dp = -(1/(n B eps)) u. If zbar_b = 0 (all rows of image b zero or
-exactly cancelling) then u_b = 0, matching torch's norm backward at zero.
-
-Dtypes: fp32 / bf16 / fp16 inputs, loads upcast to fp32, dp stored in p's dtype, loss and cos fp32.
-Under TRITON_INTERPRET=1 (CPU tests) low-precision inputs are upcast to fp32 in torch before the
-launch and dp is rounded back in torch, because the interpreter's fp32 -> bf16 cast truncates where
-the GPU rounds to nearest even (see INTERPRETER_UPCAST). Any input strides are read in place.
+"""Fused cosine-to-mean (the EMP-SSL invariance term) straight from raw projector outputs p (n, B, d),
+patch-major. For unit rows z_ib = p_ib / |p_ib|, L = -mean_b mean_i cos(z_ib, zbar_b) = -mean_b |zbar_b|, and
+dL/dp_ib = -(u_b - cos_ib z_ib) / (n B |p_ib|) with u_b = zbar_b / |zbar_b|. One program per image, two sweeps
+over its rows, the gradient made in the forward; zero rows, dtypes and the interpreter's upcast:
+docs/speed.md#the-cosine-to-mean-kernel.
 """
 
 from __future__ import annotations
@@ -37,7 +11,6 @@ import contextlib
 import os
 
 import torch
-import torch.nn.functional as F
 
 try:  # Triton is Linux-only; the torch path below needs none of it.
     import triton
@@ -54,12 +27,9 @@ _ZBAR_TINY = 1e-30  # u = zbar / max(|zbar|, tiny): exact for any normal |zbar|,
 INTERPRETER_UPCAST = True  # see _launch; only read when the kernel runs under TRITON_INTERPRET=1
 _alloc = torch.empty  # output allocator (a seam: tests swap in a NaN-filled one to catch unwritten elements)
 
-__all__ = ["cosine_to_mean", "cosine_to_mean_torch", "triton_usable", "launch_params"]
+__all__ = ["cosine_to_mean", "triton_usable", "launch_params"]
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernel
-# --------------------------------------------------------------------------------------------
 if HAVE_TRITON:
 
     @triton.jit
@@ -148,44 +118,30 @@ def _next_pow2(x: int) -> int:
 
 
 def launch_params(n: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps) for an (n, ., d) input.
-
-    BLOCK_D = next_pow2(d) holds a whole row, so the row norm is one in-register reduction.
-    BLOCK_N keeps a tile at <= 8K fp32 elements (d=1024 -> 8 rows, d=4096 -> 2, d>=8192 -> 1),
-    capped by next_pow2(n). num_warps = tile/1024 clamped to [1, 16]: d=1024 -> 8 warps
-    (256 threads, 32 fp32 elements per thread per live tile, which leaves room for the 2nd sweep's
-    x/z/g tiles without spilling on H100/A100), d=4096 -> 8 warps; small d -> fewer warps.
-    """
+    """(BLOCK_N, BLOCK_D, num_warps) for an (n, ., d) input: a whole row per tile (the row norm is one
+    in-register reduction), tiles of at most 8K fp32 elements, one warp per 1K elements (1 to 16)."""
     block_d = _next_pow2(d)
     block_n = max(1, min(_next_pow2(n), 8192 // block_d))
     num_warps = max(1, min(16, (block_n * block_d) // 1024))
     return block_n, block_d, num_warps
 
 
-def _check(p: torch.Tensor) -> None:
-    if p.dim() != 3:
-        raise ValueError(f"cosine_to_mean expects p of shape (n, B, d), got {tuple(p.shape)}")
-    if min(p.shape) == 0:
-        raise ValueError(f"cosine_to_mean needs n, B, d >= 1, got {tuple(p.shape)}")
-
-
 def _launch(p: torch.Tensor, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the kernel: returns (loss, cos, dp or None). Any strides are read directly (no copy);
     dp is contiguous (n, B, d) in p's dtype."""
-    _check(p)
+    if p.dim() != 3 or min(p.shape) == 0:
+        raise ValueError(f"cosine_to_mean expects p of shape (n, B, d), n, B, d >= 1, got {tuple(p.shape)}")
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"cosine_to_mean (Triton) supports fp32, bf16 and fp16 inputs, got {p.dtype}")
     if not triton_usable(p.device):
         raise RuntimeError(
             f"the Triton cosine-to-mean kernel cannot run on {p.device}: it needs CUDA with Triton, or "
-            "TRITON_INTERPRET=1 set before triton is imported on CPU (use cosine_to_mean_torch instead)"
+            "TRITON_INTERPRET=1 set before triton is imported on CPU"
         )
     x = p
     if _INTERPRETED and INTERPRETER_UPCAST and p.dtype != torch.float32:
-        # Triton's CPU interpreter rounds fp32 -> bf16/fp16 casts toward zero (the GPU rounds to nearest
-        # even), so under the interpreter only, run the kernel on an fp32 copy and round dp in torch.
-        # The kernel's math is fp32 either way, so results equal the GPU's bit for bit up to reduction
-        # order. tests/ also run the native low-precision kernel with INTERPRETER_UPCAST = False.
+        # the interpreter's fp32 -> bf16/fp16 casts truncate (the GPU rounds to nearest even): run on an fp32
+        # copy and round dp in torch; the kernel's math is fp32 either way
         x = p.float()
     n, B, d = x.shape
     block_n, block_d, num_warps = launch_params(n, d)
@@ -215,10 +171,8 @@ def _launch(p: torch.Tensor, write_grad: bool) -> tuple[torch.Tensor, torch.Tens
             WRITE_GRAD=write_grad,
             num_warps=num_warps,
         )
-    loss = -zbar_norm.mean()
-    if not write_grad:
-        return loss, cos, None
-    return loss, cos, dp.to(p.dtype)  # a no-op except for the interpreter upcast above
+    # dp.to: a no-op except for the interpreter upcast above
+    return -zbar_norm.mean(), cos, dp.to(p.dtype) if write_grad else None
 
 
 class _CosineToMean(torch.autograd.Function):
@@ -232,8 +186,6 @@ class _CosineToMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_cos: torch.Tensor | None):
         (dp,) = ctx.saved_tensors
-        if dp is None:  # pragma: no cover - backward is only called when p needs a gradient
-            return None
         if dp.dtype == torch.float32:
             return dp * grad_loss
         # Scale in fp32 so grad_loss (e.g. the invariance weight times upstream grads) is not rounded
@@ -242,27 +194,10 @@ class _CosineToMean(torch.autograd.Function):
 
 
 def cosine_to_mean(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton cosine-to-mean.
-
-    p: (n, B, d) fp32, bf16 or fp16 (any strides; contiguous is fastest). Returns (loss, cos):
-    loss = -mean_b |zbar_b| (0-dim fp32, differentiable w.r.t. p), cos: (n, B) fp32 per-patch
-    cosine to the image mean (for logging, no grad). Raises RuntimeError where the kernel cannot
-    run (see triton_usable); the caller picks cosine_to_mean_torch there.
-    """
+    """(loss, cos) of p (n, B, d) fp32, bf16 or fp16, any strides, by the Triton kernel: loss = -mean_b |zbar_b|
+    (0-dim fp32, differentiable w.r.t. p), cos (n, B) fp32 per-patch cosines to the image mean (for logging, no
+    grad). RuntimeError where the kernel cannot run (see triton_usable)."""
     if p.requires_grad and torch.is_grad_enabled():
         return _CosineToMean.apply(p)
     loss, cos, _ = _launch(p, write_grad=False)
-    return loss, cos
-
-
-def cosine_to_mean_torch(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager torch path with the same semantics (fp32 math, gradient through autograd)."""
-    _check(p)
-    z = F.normalize(p.float(), dim=-1, eps=NORM_EPS)
-    zbar = z.mean(dim=0)
-    zbar_norm = zbar.norm(dim=-1)
-    loss = -zbar_norm.mean()
-    with torch.no_grad():
-        u = zbar / zbar_norm.clamp_min(_ZBAR_TINY)[:, None]
-        cos = (z * u).sum(dim=-1)
     return loss, cos

@@ -1,24 +1,7 @@
-"""The DALI patch backend: decode each image file once and cut its n patches, all on the GPU.
-
-Samples are IMAGES: a pipeline run takes the b encoded files of a request (in the epoch's order),
-decodes them (`fn.decoders.image`: nvJPEG on CUDA, the hardware decoder where the GPU has one; the
-CPU decoder without a GPU, the CPU twin of the same graph), cuts every image's n patches (n branches
-of slice + antialiased resize, a flip being a reversed x ROI, stacked into one (n, S, S, 3)
-sequence), then runs the colour ops once over all n*b patches with per-patch parameters as
-(n, 1, 1, 1) columns: jitter in the fixed order brightness, contrast, saturation, hue (torchvision's
-formulas and exact HSV hue as DALI arithmetic), grayscale, Gaussian blur, solarize, normalize. Every
-p-gate is a blend `g * new + (1 - g) * old` with g in {0, 1}, so a patch that does not draw an op
-is exactly unchanged by it. Output: (n*b, 3, S, S) float32, patch-major, channels_last.
-
-The parameters come from the shared draw on a CPU generator seeded with the request's seed, the
-crops drawn for each image's size (read from its header): the same windows as the Pillow backend
-and, for images of one size, the torch backend. The pipeline draws nothing itself.
-
-Every request (reading its files, drawing, feeding and running the pipeline, reordering its
-output) runs on the backend's one worker thread, so a prefetched request is read and decoded while
-the current step trains, and DALI is called from that thread only, one request per run. On CUDA
-the output is reordered on a side stream the worker waits for. The differences from the Pillow
-and torch backends are measured in docs/data-backends.md and docs/augmentation.md.
+"""The DALI patch backend: decode each image file once and cut its n patches, all on the GPU (CPU operators
+without one). The graph, the worker thread and how it differs from the other backends: docs/data-backends.md
+(#the-dali-pipeline) and docs/augmentation.md. The pipeline draws nothing itself: the parameters come from the
+shared draw (patches/draw.py) on a CPU generator, the crops drawn for each image's size (from its header).
 """
 
 from __future__ import annotations
@@ -195,22 +178,9 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str
     return {name: [np.ascontiguousarray(a.reshape(n, b, -1)[:, j]) for j in range(b)] for name, a in rows.items()}
 
 
-def streamed_params(
-    index: torch.Tensor, n: int, seed: int, shard: slice, heights: list[int], widths: list[int], aug: AugmentConfig
-) -> PatchParams:
-    """Every patch's parameters for images index[shard] of sizes (heights, widths): the shared draw,
-    patch-major (row i*b + j is patch i of image j), crops drawn for each image's own size."""
-    generator = torch.Generator().manual_seed(seed)
-    return sharded_params(
-        index, n, shard, torch.tensor(heights).repeat(n), torch.tensor(widths).repeat(n), aug, generator
-    )
-
-
 class DaliImagePatches(PatchBackend):
-    """Image files -> (n*b, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin).
-
-    One pipeline per (b, n), built on first use by the worker thread. A request starts as a task on
-    that thread; taking it waits for the task."""
+    """Image files -> (n*b, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin); a request
+    is a task on the one worker thread, which builds a pipeline per (b, n) on first use."""
 
     name = "dali"
 
@@ -246,9 +216,11 @@ class DaliImagePatches(PatchBackend):
             f if not isinstance(f, str) else self.data.instead(index, p, f, self._read_one)
             for p, f in zip(positions, files)
         ]
-        heights, widths = zip(*(size for _, _, size in files))
-        index, n, seed, shard = request.index.cpu(), request.n, request.seed, request.shard
-        return files, streamed_params(index, n, seed, shard, heights, widths, self.aug)
+        heights, widths = (torch.tensor(side).repeat(request.n) for side in zip(*(size for _, _, size in files)))
+        generator = torch.Generator().manual_seed(request.seed)
+        return files, sharded_params(
+            request.index.cpu(), request.n, request.shard, heights, widths, self.aug, generator
+        )
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a request with these arguments uses (reads the images' headers)."""
@@ -299,7 +271,6 @@ class DaliImagePatches(PatchBackend):
         handle.cancel()  # not started yet: never runs; running: finishes on the worker, unused
 
     def close(self) -> None:
-        """Stop the worker and reading threads."""
         super().close()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._reader.shutdown(wait=True, cancel_futures=True)

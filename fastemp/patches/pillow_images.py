@@ -1,17 +1,7 @@
-"""The Pillow patch backend for streamed images: the official recipe on PIL images, in worker processes.
-
-The reference and the fallback for streamed data. Every patch is the official ImageNet recipe
-(dataset/aug4img.py of the official code, torchvision on PIL images), its random choices taken
-from the shared draw (draw.sharded_uniforms on a CPU generator seeded with the request's seed, the
-crop window drawn for the image's own size), each op as torchvision applies it to a PIL image:
-
-    RandomResizedCrop(S, crop_scale, crop_ratio, interpolation) -> RandomHorizontalFlip
-    -> RandomApply(ColorJitter, jitter_p) (ops in the drawn order) -> RandomGrayscale
-    -> GaussianBlur(sigma) (p) -> Solarize (p) -> ToTensor -> Normalize
-
-data.workers processes (0: the training process) each decode one image and cut its n patches as
-uint8; ToTensor and Normalize run on the target device. A torch DataLoader is not used: its sampler
-would have to know the next request ahead of time, which the prefetch of step t+1 provides here.
+"""The Pillow patch backend for streamed images, the reference and the fallback: the official recipe
+(dataset/aug4img.py, torchvision on PIL images) op by op, its random choices from the shared draw (patches/draw.py,
+the crop drawn for each image's own size), in data.workers processes (0: the training process) that each decode
+one image and cut its n patches as uint8; ToTensor and Normalize run on the target device (docs/data-backends.md).
 """
 
 from __future__ import annotations
@@ -32,15 +22,7 @@ import torch
 from ..config import AugmentConfig
 from ..data.streamed import BadFileError, checked_image, or_why
 from ..errors import DataError
-from .draw import (
-    BRIGHTNESS,
-    CONTRAST,
-    SATURATION,
-    PatchParams,
-    jitter_enabled,
-    params_from_uniforms,
-    sharded_uniforms,
-)
+from .draw import HUE, PatchParams, jitter_enabled, params_from_uniforms, sharded_uniforms
 from .prefetch import PatchBackend, PatchRequest
 from .torch_backend import normalize_images
 
@@ -56,22 +38,9 @@ def _adjust_hue(img, shift: float):
     return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
 
 
-def _jitter_op(img, op: int, factor: float):
-    """One ColorJitter op as torchvision applies it to a PIL image."""
-    from PIL import ImageEnhance
-
-    if op == BRIGHTNESS:
-        return ImageEnhance.Brightness(img).enhance(factor)
-    if op == CONTRAST:
-        return ImageEnhance.Contrast(img).enhance(factor)
-    if op == SATURATION:
-        return ImageEnhance.Color(img).enhance(factor)
-    return _adjust_hue(img, factor)
-
-
 def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarray:
     """Patch i of the official recipe from a PIL RGB image and the drawn parameters: (S, S, 3) uint8."""
-    from PIL import Image, ImageFilter, ImageOps
+    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
     top, left, h, w = p.box[i].tolist()
     size = aug.crop_size
@@ -80,9 +49,10 @@ def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarra
         x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if p.jitter[i]:
         enabled = jitter_enabled(aug)
-        for op in p.order[i].tolist():
-            if enabled[op]:
-                x = _jitter_op(x, op, float(p.factors[i, op]))
+        enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)  # ops 0, 1, 2
+        for op in (op for op in p.order[i].tolist() if enabled[op]):
+            factor = float(p.factors[i, op])
+            x = _adjust_hue(x, factor) if op == HUE else enhancers[op](x).enhance(factor)
     if p.gray[i]:
         x = Image.merge("RGB", (x.convert("L"),) * 3)  # torchvision: convert("L"), then 3 equal channels
     if p.blur[i]:
@@ -99,11 +69,8 @@ def open_rgb(path: str):
 
 
 def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray:
-    """The n patches of one image from its n rows of the shared draw: (n, S, S, 3) uint8.
-
-    The rows become parameters exactly as in the other backends (draw.params_from_uniforms), with
-    the crop drawn for this image's size. Runs in a worker process.
-    """
+    """The n patches (n, S, S, 3) uint8 of one image from its n rows of the shared draw, the crop drawn for
+    this image's size (draw.params_from_uniforms, as in the other backends). Runs in a worker process."""
     img = open_rgb(path)
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
@@ -144,9 +111,8 @@ def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, dev
 
 
 class PillowPatches(PatchBackend):
-    """Streamed images -> (n*b, 3, S, S) float32, the official recipe on PIL images in worker processes.
-
-    A request starts as one task per image in the pool (or, with no workers, is made when started)."""
+    """Streamed images -> (n*b, 3, S, S) float32: a request is one task per image in the pool (no workers:
+    made when started)."""
 
     name = "pillow"
 

@@ -24,7 +24,6 @@ class PatchBackend:
     """The prefetch mechanism every backend inherits: requests in flight by key, bounded, in order."""
 
     name = "?"
-    reason = ""  # why it was chosen: one line for the log (make_patch_backend sets it)
     depth = 2  # requests in flight at most; announcing one more drops the oldest
 
     def __init__(self) -> None:

@@ -1,15 +1,7 @@
-"""The torch patch backend: the EMP-SSL augmentation recipe as one batched pass on the device.
-
-Each call draws every random number of every patch at once (`draw.sharded_params`) and then applies
-the recipe to all n*B patches together (`augment`), in float32, following torchvision's tensor
-semantics op by op:
-
-    crop_resize (+ horizontal flip) -> color_jitter (p) -> grayscale (p) -> gaussian_blur (p)
-    -> solarize (p) -> normalize
-
-No `.item()`, no boolean indexing (no host-device sync), no matmul or convolution (TF32, autocast and
-cuDNN settings cannot change the result); an op a patch does not draw is skipped with `torch.where`.
-Its properties and its differences from the official recipe are in docs/augmentation.md.
+"""The torch patch backend: the EMP-SSL recipe as one batched pass over all n*B patches on the device, in
+float32, following torchvision's tensor semantics op by op (docs/augmentation.md). No `.item()` and no boolean
+indexing (no host-device sync), no matmul or convolution (TF32, autocast and cuDNN settings cannot change the
+result); an op a patch does not draw is skipped with `torch.where`.
 """
 
 from __future__ import annotations
@@ -80,38 +72,28 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
 
 
-def blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's _blend for float images: clamp(ratio * x + (1 - ratio) * other, 0, 1)."""
-    return (ratio * x + (1.0 - ratio) * other).clamp(0.0, 1.0)
-
-
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's _rgb2hsv: (..., 3, H, W) RGB in [0, 1] -> HSV with hue in turns [0, 1)."""
-    r, g, b = x.unbind(dim=-3)
-    maxc = torch.max(x, dim=-3).values
-    minc = torch.min(x, dim=-3).values
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc = (maxc - r) / cr_divisor
-    gc = (maxc - g) / cr_divisor
-    bc = (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
 # For each hue sector i (0..5), which of (v, q, p, t) becomes R, G and B (torchvision's _hsv2rgb).
 _SECTOR_SOURCES = ((0, 1, 2, 2, 3, 0), (3, 0, 0, 1, 2, 2), (2, 2, 3, 0, 0, 1))
 
 
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's _hsv2rgb, with its one-hot einsum replaced by the equivalent (exact) gather."""
-    h, s, v = x.unbind(dim=-3)
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of (P, 3, H, W) RGB in [0, 1] by `shift` (P, 1, 1) turns, as torchvision's adjust_hue:
+    _rgb2hsv, then _hsv2rgb with its one-hot einsum replaced by the equivalent (exact) gather."""
+    r, g, b = x.unbind(dim=-3)
+    v = torch.max(x, dim=-3).values
+    minc = torch.min(x, dim=-3).values
+    eqc = v == minc
+    cr = v - minc
+    ones = torch.ones_like(v)
+    s = cr / torch.where(eqc, ones, v)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc = (v - r) / cr_divisor
+    gc = (v - g) / cr_divisor
+    bc = (v - b) / cr_divisor
+    hr = (v == r) * (bc - gc)
+    hg = ((v == g) & (v != r)) * (2.0 + rc - bc)
+    hb = ((v != g) & (v != r)) * (4.0 + gc - rc)
+    h = (torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0) + shift) % 1.0
     i = torch.floor(h * 6.0)
     f = h * 6.0 - i
     i = i.to(torch.int64) % 6
@@ -120,12 +102,6 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
     sources = device_constant(_SECTOR_SOURCES, x.device, torch.int64)[:, i].movedim(0, -3)  # (..., 3, H, W)
     return torch.stack((v, q, p, t), dim=-3).gather(-3, sources)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by `shift` turns via HSV (torchvision adjust_hue). shift: (P, 1, 1)."""
-    h, s, v = rgb_to_hsv(x).unbind(dim=-3)
-    return hsv_to_rgb(torch.stack(((h + shift) % 1.0, s, v), dim=-3))
 
 
 def _gate(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -139,7 +115,8 @@ def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch
     op = op.view(-1, 1, 1, 1)
     target = torch.where(op == SATURATION, gray, gray.mean(dim=(-3, -2, -1), keepdim=True))
     target = torch.where(op == BRIGHTNESS, torch.zeros_like(target), target)
-    return blend(x, target, factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1))
+    ratio = factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
+    return (ratio * x + (1.0 - ratio) * target).clamp(0.0, 1.0)  # torchvision's _blend
 
 
 def color_jitter(
@@ -223,13 +200,6 @@ def augment(images: torch.Tensor, params: PatchParams, aug: AugmentConfig) -> to
     if aug.solarize_p > 0:
         x = _gate(params.solarize, solarize(x, aug.solarize_threshold / 255), x)
     return normalize(x, aug.mean, aug.std)
-
-
-def resolve_patch_compile(setting: str, device: torch.device, model_compile: str) -> bool:
-    """data.patch_compile: auto compiles the recipe on CUDA whenever the model is compiled too."""
-    if setting == "auto":
-        return device.type == "cuda" and model_compile != "none"
-    return setting == "on"
 
 
 class TorchPatches(PatchBackend):

@@ -19,9 +19,10 @@ from augment_helpers import (
     ref_blur,
 )
 
-from fastemp.config import AugmentConfig
+from fastemp.config import AugmentConfig, load_config
 from fastemp.patches import draw, make_patch_backend
 from fastemp.patches import torch_backend as pt
+from fastemp.runtime import resolve
 
 
 def rand01(shape, seed=0):
@@ -349,7 +350,10 @@ def test_determinism():
 
 
 def test_patch_compile_resolves_on_cuda_with_a_compiled_model_only():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert pt.resolve_patch_compile("auto", cuda, "default") and not pt.resolve_patch_compile("auto", cuda, "none")
-    assert not pt.resolve_patch_compile("auto", cpu, "default") and pt.resolve_patch_compile("on", cpu, "none")
-    assert not pt.resolve_patch_compile("off", cuda, "default")
+    def compiled(device: str, setting: str, model_compile: str) -> bool:
+        cfg = load_config("quickstart", [f"data.patch_compile={setting}", f"model.compile={model_compile}"])
+        return resolve(cfg, torch.device(device)).patch_compile
+
+    assert compiled("cuda", "auto", "default") and not compiled("cuda", "auto", "none")
+    assert not compiled("cpu", "auto", "default") and compiled("cpu", "on", "none")
+    assert not compiled("cuda", "off", "default")
