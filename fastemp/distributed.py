@@ -1,10 +1,7 @@
 """Many processes under torchrun: the process group, rank helpers, the batch gather, SyncBatchNorm, shards.
 
-Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment),
-`init_from_env` joins the process group: NCCL for CUDA tensors (one GPU per LOCAL_RANK), gloo for
-CPU tensors, and starts the watchdog (fastemp.watchdog: hangs and errors). Without torchrun nothing is
-initialised and every helper here is the identity of a world of one process. What is global and what is
-per rank: docs/many-gpus.md.
+Without torchrun every helper here is the identity of a world of one process. What is global and what is per
+rank: docs/many-gpus.md; hangs and errors: fastemp.watchdog.
 
 Gradient scale. Every collective used in the loss has the adjoint backward (the gather's backward
 sums each rank's gradient of its slice over all ranks; the all-reduce's backward all-reduces), so
@@ -40,14 +37,10 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 _alone = False  # rank 0 runs as a world of one (the benchmark's one-process figure); the others wait
 
 
-def launched_by_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ
-
-
 def init_from_env() -> None:
-    """Join the process group that torchrun set up and start the watchdog; nothing when not
-    launched by torchrun."""
-    if not launched_by_torchrun() or dist.is_initialized():
+    """Join the process group that torchrun set up (NCCL for CUDA tensors, one GPU per LOCAL_RANK; gloo for CPU
+    tensors) and start the watchdog; nothing when not launched by torchrun."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
@@ -115,8 +108,6 @@ def explain(err: BaseException) -> DistributedError | None:
 
 def check_same_config(cfg) -> None:
     """Every rank runs the same config (compared by hash; the differing keys are named)."""
-    if world_size() == 1:
-        return
     flat = flat_dict(to_dict(cfg))
     digests = gather_objects(hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest())
     if len(set(digests)) == 1:
@@ -136,8 +127,6 @@ def check_same_config(cfg) -> None:
 def check_same_data(identity: dict, where: str) -> None:
     """Every rank loaded the same data: run_data.identity's fingerprints compared, the ranks that differ
     named (a rank that sees other files would train on other images, or hang at the end of a shorter epoch)."""
-    if world_size() == 1:
-        return
     every = gather_objects(identity)
     differ = [r for r, other in enumerate(every) if other != every[0]]
     if differ:
@@ -172,63 +161,45 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _main_done_key() -> str | None:
-    """The store key rank 0 sets when its solo work is done (None without the watchdog)."""
-    return f"main/{watchdog.collectives_issued()}" if watchdog.active is not None else None
-
-
-def _after_main(key: str | None) -> None:
-    """Rank 0 signals that its solo work is done; the others wait for that in the store, where the
-    watchdog sees a silent rank 0, rather than in a collective that times out on a long probe."""
-    if key is None:
-        return
-    if dist.get_rank() == 0:
-        watchdog.active.store.set(key, "1")
-    else:
-        while not watchdog.active.store.check([key]):
-            time.sleep(0.05)
-
-
 @contextmanager
 def alone():
-    """On rank 0: run the body as a one-process world; every other rank waits at the end barrier.
-
-    Yields True on rank 0 (do the work) and False elsewhere. Inside it, on rank 0, world_size() is 1, so a
-    Trainer built there is the single-process run of the same config (no DDP, no gathers): how a torchrun
-    job measures its own one-process figure (`fastemp bench throughput`'s scaling efficiency). Without
-    torchrun it yields False: there is no larger world to step out of."""
+    """On rank 0: run the body as a one-process world (yields True; world_size() is 1 inside, so a Trainer built
+    there is the single-process run of the config: `fastemp bench throughput`'s one-process figure); every other
+    rank yields False and waits. Without torchrun it yields False: there is no larger world to step out of."""
     global _alone
-    key = _main_done_key() if dist.is_initialized() else None
-    if dist.is_initialized() and dist.get_rank() == 0:
+    if not dist.is_initialized():
+        yield False
+        return
+    # the others wait in the store, where the watchdog sees a silent rank 0, rather than in a collective that
+    # would time out on a long probe
+    key = f"main/{watchdog.collectives_issued()}" if watchdog.active is not None else None
+    if dist.get_rank() == 0:
         _alone = True
         try:
             yield True
         finally:
             _alone = False
+        if key is not None:
+            watchdog.active.store.set(key, "1")
     else:
         yield False
-    if dist.is_initialized():
-        _after_main(key)
-        dist.barrier()
+        while key is not None and not watchdog.active.store.check([key]):
+            time.sleep(0.05)
+    dist.barrier()
 
 
 # ------------------------------------------------------------------------------- the batch
 
 
-def require_divisible(batch_size: int) -> None:
-    """Every rank takes an equal shard of the global batch; checked before anything touches a device."""
+def batch_shard(batch_size: int) -> slice:
+    """This rank's contiguous images of a global batch of `batch_size` (every rank takes an equal shard)."""
     world = world_size()
     if batch_size % world:
         raise ConfigError(
             f"train.batch_size={batch_size} does not divide by the world size {world}: each rank "
             f"takes an equal shard of the global batch; use a multiple of {world}"
         )
-
-
-def batch_shard(batch_size: int) -> slice:
-    """This rank's contiguous images of a global batch of `batch_size`."""
-    require_divisible(batch_size)
-    per_rank = batch_size // world_size()
+    per_rank = batch_size // world
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
 
 
@@ -265,11 +236,7 @@ def gather_batch(z: torch.Tensor) -> torch.Tensor:
 
 def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """The mean over ranks of equal-shaped values (no autograd): global metrics from per-rank ones."""
-    if world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out)
-    return out / world_size()
+    return values if world_size() == 1 else sum_across_ranks(values) / world_size()
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -281,16 +248,16 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def run_on_main(fn):
-    """fn() on rank 0 only; every rank returns its result or raises its exception, so all ranks act alike."""
+    """fn() on rank 0 only (alone); every rank returns its result or raises its exception, so all ranks act alike."""
     if world_size() == 1:
         return fn()
-    box, key = [None], _main_done_key()
-    if is_main():
-        try:
-            box[0] = (True, fn())
-        except Exception as err:  # re-raised below, on every rank
-            box[0] = (False, err)
-    _after_main(key)
+    box = [None]
+    with alone() as main:
+        if main:
+            try:
+                box[0] = (True, fn())
+            except Exception as err:  # re-raised below, on every rank
+                box[0] = (False, err)
     dist.broadcast_object_list(box, src=0)
     ok, value = box[0]
     if not ok:
@@ -317,21 +284,15 @@ def broadcast_buffers(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------- BatchNorm, DDP
 
 
-def _all_reduced(x: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(x)
-    return x
-
-
 class _GlobalBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm over the global batch: per-channel sums accumulated in float64 (as
     torch's CPU batch_norm does; float32 sums over ~10^5 elements lose the 1e-5 agreement) and
     all-reduced, one all-reduce in forward (sum, sum of squares) and one in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, world: int):
+    def forward(ctx, x, weight, bias, eps: float, count: int):
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        count = x.numel() // x.shape[1] * world  # equal shards on every rank
-        sums = _all_reduced(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
+        sums = sum_across_ranks(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
         mean = sums[0] / count
         var = (sums[1] / count - mean * mean).clamp(min=0)  # biased, in float64
         rstd = (var + eps).rsqrt().to(x.dtype)
@@ -348,7 +309,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         shape, dims, count = ctx.shape, ctx.dims, ctx.count
         local = torch.stack([grad.sum(dims, dtype=torch.float64), (grad * xhat).sum(dims, dtype=torch.float64)])
         grad_bias, grad_weight = local[0].to(grad.dtype), local[1].to(grad.dtype)  # this rank's (DDP averages)
-        total = _all_reduced(local.clone()) / count
+        total = sum_across_ranks(local) / count
         mean_g, mean_gx = (t.to(grad.dtype).view(shape) for t in total)
         grad_x = (grad - mean_g - xhat * mean_gx) * (weight * rstd).view(shape)
         return grad_x, grad_weight, grad_bias, None, None
@@ -366,12 +327,12 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
-        y, mean, var = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, world_size())
+        count = x.numel() // x.shape[1] * world_size()  # equal shards on every rank
+        y, mean, var = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, count)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                count = x.numel() // x.shape[1] * world_size()
                 self.running_mean.mul_(1 - m).add_(mean.to(x.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_((var * count / max(count - 1, 1)).to(x.dtype), alpha=m)
         return y
@@ -399,14 +360,9 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the world: gradients averaged once per backward (bucketed).
-
-    broadcast_buffers=False: with sync_bn every rank's running statistics are already the global
-    ones; without it each rank keeps its shard's, and rank 0's are the ones that are saved and
-    evaluated (broadcast_buffers before evaluation), as with the official DataParallel run, whose
-    running statistics are those of GPU 0's replica. Buffers are never broadcast per forward,
-    which would cost one broadcast per gradient-cache chunk.
-    """
+    """DDP over the world: gradients averaged once per backward (bucketed). Buffers are never broadcast per
+    forward (one broadcast per gradient-cache chunk): with sync_bn the running statistics are global already,
+    without it rank 0's are saved and evaluated (broadcast_buffers), as with the official DataParallel run."""
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
     # torch >= 2.12 renamed the switch (the old name warns); the buffers are equal at init either way

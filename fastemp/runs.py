@@ -19,10 +19,10 @@ from .errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path):
-    """A temporary name to write `path` under, renamed to `path` when the block ends, removed when it fails
-    (Ctrl-C too): a full disk or a kill never leaves the file half written."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_path(path: Path, suffix: str = ".tmp"):
+    """A temporary name (path + suffix) to write `path` under, renamed to `path` when the block ends, removed when
+    it fails (Ctrl-C too): a full disk or a kill never leaves the file half written."""
+    tmp = path.with_name(path.name + suffix)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -88,16 +88,13 @@ def git_commit() -> str:
         return os.environ["FASTEMP_COMMIT"]
     repo = Path(__file__).resolve().parents[1]
 
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True).stdout
 
     try:
-        sha = git("rev-parse", "HEAD")
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return sha.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        return git("rev-parse", "HEAD").strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
         return "unknown"
 
 

@@ -1,11 +1,9 @@
-"""Ending a run early and cleanly: Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption) stop training between
-two steps, and the start-up path writes a checkpoint of the last finished step (fastemp.startup).
+"""Ending a run early and cleanly: Ctrl-C (SIGINT) and SIGTERM stop training between two steps
+(docs/reliability.md#ending-a-run-early-signals-and-files-that-fail).
 
-While `handled` is on, a signal during a training iteration (Trainer.train_until: a step, its log, evaluation
-and checkpoint; `defer`) is only noted in `pending`, and training stops after that iteration; under torchrun
-the ranks agree on it at the next logged step (Trainer._log), so every rank stops after the same step, and
-every signal waits for that. Elsewhere (the evaluation at the end) a signal stops the command at once. The same
-signal a second time stops it at once anywhere (mid-step: then nothing is saved).
+While `handled` is on, a signal during a training iteration (Trainer.train_until; `defer`) is only noted in
+`pending`, and training stops after that iteration (under torchrun the ranks agree on it at the next logged
+step, Trainer._log). Elsewhere, and the same signal a second time anywhere, stops the command at once.
 """
 
 from __future__ import annotations

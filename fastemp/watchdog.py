@@ -1,13 +1,6 @@
-"""Hangs and errors under torchrun: the collective timeout, the watchdog, one printed error per run.
-
-Every collective waits at most FASTEMP_COLLECTIVE_TIMEOUT seconds (default 300) for the other ranks.
-A watchdog thread per rank (`Watchdog`) publishes how many collectives the rank has issued (the process
-group's sequence number, which counts DDP's, SyncBatchNorm's and ours, on gloo and NCCL alike) and a
-heartbeat in the rendezvous store; a rank that has waited past the timeout names the ranks that are behind
-it or silent, in one line, and the run exits 2 (before torch's own, later, process-group timeout; with NCCL
-that one would abort with a C++ dump). Work that rank 0 does alone (distributed.run_on_main, alone) is
-waited for through the store, not in a collective, so a long probe on rank 0 is not a hang. A user error is
-printed once: rank 0 prints its own or, from the store, the first error of another rank (`report_error`).
+"""Hangs and errors under torchrun: the collective timeout, the watchdog, one printed error per run
+(docs/reliability-limits.md). The verdict comes before torch's own, later, process-group timeout, which with
+NCCL would abort with a C++ dump.
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ class DistributedError(UserError, RuntimeError):
 
 
 def collective_timeout_s() -> float:
-    """Seconds a rank waits in a collective for the others (FASTEMP_COLLECTIVE_TIMEOUT, default 300)."""
+    """Seconds a rank waits in a collective for the others."""
     text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
     if not text:
         return DEFAULT_TIMEOUT_S
@@ -80,7 +73,7 @@ def stalled_ranks(my_issued: int, others: dict, now: float, timeout_s: float) ->
 
 class Watchdog:
     """One thread per rank: a heartbeat with the collectives issued, forwarding of other ranks'
-    errors (rank 0), and the verdict on a rank that waited past the timeout (see the module doc)."""
+    errors (rank 0), and the verdict on a rank that waited past the timeout."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s, self.interval = timeout_s, min(1.0, timeout_s / 10)

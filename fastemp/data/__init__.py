@@ -1,27 +1,9 @@
 """Datasets as one device-resident uint8 tensor (airbench style): `load_split(cfg, split, device)`.
 
-Sources (`data.source`):
-
-synthetic
-    The embedded procedural dataset (fastemp/data/synthetic.py): 10 shape/texture classes, no files.
-    Train and test use different seeds derived from `data.synthetic_seed` (2*seed and 2*seed+1,
-    so no seed's test set is another seed's training set) and sizes `synthetic_train` /
-    `synthetic_test`.
-
-cifar10, cifar100
-    fastemp/data/cifar.py: the python archives, or torchvision's extracted folders, under data.root.
-
-imagefolder, tinyimagenet
-    Folders listed and checked by fastemp/data/listing.py, decoded once by fastemp/data/imagefolder.py
-    (imagefolder also from a .tar[.gz]); with data.streamed=true, fastemp/data/streamed.py (a StreamedSet:
-    paths and labels, the files read every epoch by a streamed patch backend).
-
-`data.train_path`: a folder of unlabelled images that self-supervised training reads instead of the
-train split (`load_train_images`); the probe still fits data.source's labelled train split.
-
-Every set carries a `fingerprint`: a short hash of what it holds (a folder's file names, sizes and
-classes; CIFAR's per-file md5s; the synthetic set's parameters), equal wherever the same data lies.
-Every user-facing failure raises DataError with a one-line message saying what to do.
+Sources (docs/data.md): synthetic (fastemp/data/synthetic.py), cifar10 and cifar100 (cifar.py), imagefolder and
+tinyimagenet (listed by listing.py, decoded once by imagefolder.py, or with data.streamed=true a StreamedSet of
+paths, streamed.py). Every set carries a `fingerprint`: a short hash of what it holds, equal wherever the same
+data lies.
 """
 
 from __future__ import annotations
@@ -99,24 +81,22 @@ def load_train_images(cfg: DataConfig, device: torch.device | str = "cpu") -> Im
 
 
 def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> ImageSet | StreamedSet:
-    name = "unlabelled" if layout == "unlabelled" else split
     if cfg.streamed:  # on image folders only (fastemp.validate.check_backend)
-        streamed = load_streamed(cfg, split, device, layout)
-        streamed.description = (
-            f"{streamed.description}, {name}, {len(streamed)} images, {len(streamed.classes)} classes"
-        )
-        return streamed
-    folders: dict = {}  # listing.contents, of folders
-    if layout == "synthetic":
-        images, labels, classes, desc, prints = _load_synthetic(cfg, split)
-    elif layout in CIFAR_ARCHIVES:
-        images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
+        out = load_streamed(cfg, split, device, layout)
     else:
-        images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, device, layout)
-    images = torch.as_tensor(images).to(device).contiguous()
-    labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
-    desc = f"{desc}, {name}, {len(labels)} images, {len(classes)} classes"
-    return ImageSet(images, labels, list(classes), desc, fingerprint=prints, contents=folders)
+        folders: dict = {}  # listing.contents, of folders
+        if layout == "synthetic":
+            images, labels, classes, desc, prints = _load_synthetic(cfg, split)
+        elif layout in CIFAR_ARCHIVES:
+            images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
+        else:
+            images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, device, layout)
+        images = torch.as_tensor(images).to(device).contiguous()
+        labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
+        out = ImageSet(images, labels, list(classes), desc, fingerprint=prints, contents=folders)
+    name = "unlabelled" if layout == "unlabelled" else split
+    out.description += f", {name}, {len(out)} images, {len(out.classes)} classes"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +104,8 @@ def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> Ima
 
 
 def synthetic_seed(cfg: DataConfig, split: str) -> int:
-    """The make_synthetic seed of a split: 2*seed for train, 2*seed+1 for test (never shared)."""
+    """The make_synthetic seed of a split: 2*seed for train, 2*seed+1 for test (no seed's test set is another
+    seed's training set)."""
     return 2 * int(cfg.synthetic_seed) + (0 if split == "train" else 1)
 
 

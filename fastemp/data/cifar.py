@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -224,4 +223,4 @@ def load_cifar(cfg: DataConfig, name: str, split: str):
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     prints = fingerprint((name, m, spec.member_md5[m]) for m in (*members, spec.meta_member))
     what = "python archive" if path.is_file() else "extracted folder"
-    return torch.from_numpy(images), torch.from_numpy(labels), classes, f"{name} ({what} {path})", prints
+    return images, labels, classes, f"{name} ({what} {path})", prints

@@ -1,25 +1,11 @@
-"""Image folders decoded once (DALI or Pillow) and cached as .npy: the resident imagefolder and
-tinyimagenet sources, and an unlabelled data.train_path.
+"""Image folders decoded once (DALI, else Pillow) and cached as .npy: the resident imagefolder and
+tinyimagenet sources, and an unlabelled data.train_path (docs/data.md).
 
-imagefolder, tinyimagenet, unlabelled
-    A folder in one of the layouts fastemp/data/listing.py lists and checks, or for imagefolder a
-    `.tar` / `.tar.gz` / `.tgz` archive read directly into memory (`[top/]train/<class>/**` with
-    `test/<class>/**` or `val/<class>/**`, every member checked as a listed file is). Classes are
-    the sorted names of the class folders that hold at least one image in either split; the label
-    is the index in that list, so both splits agree (-1: unlabelled). Files are decoded with NVIDIA DALI (`fn.decoders.image`,
-    RGB; device="cpu" for CPU targets, device="mixed" i.e. nvJPEG on CUDA), in batches fed
-    through `fn.external_source`; without DALI, with Pillow; without either, DataError.
-    Resize: an image that is not `image_size` x `image_size` is resized once at load, keeping
-    its aspect ratio: the shorter side is resized to `image_size` (torch bilinear interpolation
-    with antialiasing, rounded back to uint8), then the centre square is cropped.
-    Cache: a decoded split is saved under `<data.root>/cache/` as a pair of .npy files (uint8
-    images (N, S, S, 3), int64 labels (N,)) plus a small .json with the class names, named
-    `imagefolder-<name>-<split>-<S>px-<key>`, where key hashes the resolved source path, the
-    image size, the decoder, and the source's fingerprint: size and mtime of an archive, or for a
-    directory the relative path, size and mtime of every image file in the split. Changing any
-    file therefore re-decodes; delete the folder to reclaim space. Reading an archive is one
-    streaming pass, so on a cache miss both splits are decoded and cached together. An
-    unwritable cache only costs a warning.
+A folder in a layout fastemp/data/listing.py lists and checks, or for imagefolder a .tar[.gz] read in one
+streaming pass (so a cache miss decodes and caches both splits). An image that is not image_size square is
+resized once: shorter side to image_size (bilinear, antialiased), then the centre square. The cache key
+hashes the source path, image size, decoder and the files' names, sizes and mtimes (an archive's own size
+and mtime), so a changed file re-decodes; an unwritable cache only costs a warning.
 """
 
 from __future__ import annotations
@@ -28,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import warnings
 from pathlib import Path
@@ -39,6 +26,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..errors import one_line as _one_line
 from ..progress import bar
+from ..runs import atomic_path
 from . import listing
 
 SPLITS = ("train", "test")
@@ -56,9 +44,9 @@ def _split_parts(relpath: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def _read_archive(path: Path) -> tuple[dict[str, list[tuple[str, str, bytes]]], str]:
-    """({split: [(class, path from the split folder on, encoded bytes)]}, test folder) of a .tar/.tar.gz, in
-    one streaming pass; every member is checked as listing.file_problem checks a file."""
+def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
+    """{train, test and val folder: [(class, path from the split folder on, encoded bytes)]} of a .tar/.tar.gz,
+    in one streaming pass; every member is checked as listing.file_problem checks a file."""
     found: dict[str, list[tuple[str, str, bytes]]] = {d: [] for d in ("train", *listing.TEST_DIRS)}
     prefixes: set[str] = set()
     bad: list[tuple[str, str]] = []
@@ -70,13 +58,12 @@ def _read_archive(path: Path) -> tuple[dict[str, list[tuple[str, str, bytes]]], 
                     continue
                 prefix, split, cls, rel = parts
                 prefixes.add(prefix)
-                if member.size == 0 or member.size > listing.MAX_FILE_BYTES:
-                    bad.append((member.name, listing.size_problem(member.size)))
-                    continue
-                f = tar.extractfile(member)
-                assert f is not None
-                found[split].append((cls, rel, f.read()))
-                listing.check_blob(member.name, found[split][-1][2], bad)
+                why = listing.size_problem(member.size)
+                if why is None:  # the checks of a listed file
+                    found[split].append((cls, rel, tar.extractfile(member).read()))
+                    why = listing.image_problem(io.BytesIO(found[split][-1][2]), member.size)
+                if why:
+                    bad.append((member.name, why))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(
             f"cannot read the archive {path} ({_one_line(e)}); check that it is a complete .tar/.tar.gz"
@@ -86,20 +73,14 @@ def _read_archive(path: Path) -> tuple[dict[str, list[tuple[str, str, bytes]]], 
             f"{path} holds several train/test trees ({', '.join(sorted(p or '.' for p in prefixes))}); keep one"
         )
     listing.refuse(bad, str(path))
-    if found["test"] and found["val"]:
-        raise DataError(f"{path} has both test/ and val/ class folders; keep one of them as the test split")
-    test_dir = "val" if found["val"] else "test"
-    out = {"train": found["train"], "test": found[test_dir]}
-    for items in out.values():
-        items.sort(key=lambda t: (t[0], t[1]))
-    return out, test_dir
+    return found
 
 
 def _decoder_for(device: torch.device) -> str:
     """dali-cpu | dali-mixed | pil, the decoder this process would use for `device`."""
     if _dali_importable():
         return "dali-mixed" if device.type == "cuda" else "dali-cpu"
-    if _pil_importable():
+    if listing._pillow():
         return "pil"
     raise DataError("imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow")
 
@@ -109,14 +90,6 @@ def _dali_importable() -> bool:
         import nvidia.dali  # noqa: F401
         import nvidia.dali.fn  # noqa: F401
     except Exception:  # ImportError or a broken CUDA / driver stack underneath
-        return False
-    return True
-
-
-def _pil_importable() -> bool:
-    try:
-        import PIL.Image  # noqa: F401
-    except Exception:
         return False
     return True
 
@@ -157,13 +130,8 @@ def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_
             bad = next((n for b, n in zip(chunk, names[start : start + batch]) if listing.undecodable(b)), None)
             where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
             raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
-        if mixed:
-            decoded = decoded.as_cpu()
-        if decoded.is_dense_tensor():
-            arr = np.array(decoded.as_array())
-            out.extend(arr[i] for i in range(arr.shape[0]))
-        else:
-            out.extend(np.array(decoded[i]) for i in range(len(chunk)))
+        decoded = decoded.as_cpu() if mixed else decoded
+        out.extend(np.array(decoded[i]) for i in range(len(chunk)))
     return out
 
 
@@ -229,10 +197,7 @@ def _cache_paths(
     key = hashlib.sha256(
         json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, fingerprint]).encode()
     ).hexdigest()[:16]
-    name = source.name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
+    name = re.sub(r"\.(tar\.gz|tgz|tar)$", "", source.name, flags=re.IGNORECASE)
     stem = f"imagefolder-{name}-{split}-{cfg.image_size}px-{key}"
     cache = Path(cfg.root).expanduser() / "cache"
     return cache / f"{stem}.images.npy", cache / f"{stem}.labels.npy", cache / f"{stem}.json"
@@ -265,26 +230,16 @@ def _cache_save(
     paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str], fingerprint: str = ""
 ) -> None:
     img_path, lab_path, meta_path = paths
-    tag = f".tmp-{os.getpid()}"
+    tag = f".tmp-{os.getpid()}"  # every rank of a torchrun job writes its own
     try:
         img_path.parent.mkdir(parents=True, exist_ok=True)
-        for path, arr in ((img_path, images), (lab_path, labels)):
-            with open(path.with_name(path.name + tag), "wb") as f:
-                np.save(f, arr)
-        meta_tmp = meta_path.with_name(meta_path.name + tag)
-        meta_tmp.write_text(json.dumps({"classes": classes, "n": int(len(labels)), "fingerprint": fingerprint}))
-        # the .json last: its presence marks a complete entry
-        os.replace(img_path.with_name(img_path.name + tag), img_path)
-        os.replace(lab_path.with_name(lab_path.name + tag), lab_path)
-        os.replace(meta_tmp, meta_path)
-    except BaseException as e:  # a partial temp file (a full disk, Ctrl-C) would stay behind
-        for path in paths:
-            try:
-                path.with_name(path.name + tag).unlink(missing_ok=True)
-            except OSError:
-                pass
-        if not isinstance(e, OSError):
-            raise
+        # renamed innermost first: the .json last, its presence marks a complete entry
+        with atomic_path(meta_path, tag) as meta, atomic_path(lab_path, tag) as lab, atomic_path(img_path, tag) as img:
+            for tmp, arr in ((img, images), (lab, labels)):
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+            meta.write_text(json.dumps({"classes": classes, "n": int(len(labels)), "fingerprint": fingerprint}))
+    except OSError as e:
         warnings.warn(f"could not write the dataset cache under {img_path.parent} ({_one_line(e)})", stacklevel=3)
 
 
@@ -300,11 +255,11 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
     if source.is_dir():
         folder = listing.list_folder(source, layout, cfg.root, need=split)
         items, classes = folder.splits[split], folder.classes
+        prints, folders = listing.fingerprint(items), listing.contents(items)
         paths = _cache_paths(cfg, source, split, [[rel, sz, mt] for _, rel, sz, mt in items], decoder)
         hit = _cache_load(paths, size)
         if hit is not None and hit[2] == classes:
-            cached = f"{what}, from cache {paths[0]})"
-            return (*_tensors(hit[:2]), classes, cached, listing.fingerprint(items), listing.contents(items))
+            return (*hit[:3], f"{what}, from cache {paths[0]})", prints, folders)
         encoded = []
         for cls, rel, _, _ in items:
             try:
@@ -312,21 +267,16 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
             except OSError as e:
                 raise DataError(f"cannot read {folder.base / rel} ({_one_line(e)}); restore or remove it") from e
         images, labels = _decode(encoded, classes, size, decoder, device)
-        _cache_save(paths, images, labels, classes, listing.fingerprint(items))
-        return (*_tensors((images, labels)), classes, f"{what})", listing.fingerprint(items), listing.contents(items))
+        _cache_save(paths, images, labels, classes, prints)
+        return images, labels, classes, f"{what})", prints, folders
 
     st = source.stat()
     paths = {s: _cache_paths(cfg, source, s, [st.st_size, st.st_mtime_ns], decoder) for s in SPLITS}
     hit = _cache_load(paths[split], size)
     if hit is not None and hit[3]:
-        return (*_tensors(hit[:2]), hit[2], f"{what}, from cache {paths[split][0]})", hit[3], {})
-    found, test_dir = _read_archive(source)
-    if not found[split]:
-        where = f"{'train' if split == 'train' else test_dir}/<class>/"
-        raise DataError(f"no images under {where} in {source}; {listing.LAYOUTS}")
-    listing.check_classes(found, str(source), test_dir)
+        return (*hit[:3], f"{what}, from cache {paths[split][0]})", hit[3], {})
+    found = listing.labelled_splits(_read_archive(source), str(source), split)
     classes = sorted({c for items in found.values() for c, _, _ in items})
-    result = None
     for s in SPLITS:  # one pass read both splits: decode and cache both
         if not found[s]:
             continue
@@ -339,10 +289,5 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
         found[s] = []  # free the encoded bytes
         _cache_save(paths[s], images, labels, classes, prints)
         if s == split:
-            result = images, labels, prints, folders
-    assert result is not None
-    return (*_tensors(result[:2]), classes, f"{what})", *result[2:])
-
-
-def _tensors(arrays) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(a) for a in arrays)
+            result = images, labels, classes, f"{what})", prints, folders
+    return result

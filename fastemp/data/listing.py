@@ -1,16 +1,7 @@
 """Image folders as file lists: every layout fastemp reads, one walker, every file checked when listed.
 
-Layouts: imagefolder (`train/<class>/**` with `test/<class>/**` or `val/<class>/**`, class folders read to
-any depth as torchvision's ImageFolder reads them, one top-level folder allowed); tinyimagenet
-(`tiny-imagenet-200/`: wnids.txt, `train/<wnid>/images/*`, `val/images/*` labelled by
-`val/val_annotations.txt` or `val/<wnid>/*`; the unlabelled `test/` is never read); unlabelled
-(`data.train_path`: every image under its `train/`, else under it, any depth). Items are (class, path
+The layouts (imagefolder, tinyimagenet, unlabelled) and the checks: docs/data.md. Items are (class, path
 relative to the base folder, size, mtime_ns), sorted by class then path; labels index the sorted classes.
-
-Before any work every listed file of both splits passes `file_problem` (threads): readable, not empty,
-at most MAX_FILE_BYTES, no broken or looping link, an image by its header, at most MAX_IMAGE_PIXELS,
-not truncated. Bad files are refused in one line naming the first and counting them; a folder that
-passed is remembered under `<data.root>/cache/`, keyed by its files' names, sizes and mtimes.
 """
 
 from __future__ import annotations
@@ -115,11 +106,12 @@ def os_problem(err: OSError) -> str:
 
 
 def image_problem(f, size: int) -> str | None:
-    """What is wrong with the encoded image in the binary file object `f` (`size` bytes), from its header
-    (and a full decode only when a JPEG or PNG lacks its end marker); None when nothing is. Needs Pillow."""
+    """What is wrong with the encoded image in the binary file object `f` (`size` bytes, which passed
+    size_problem), from its header (and a full decode only when a JPEG or PNG lacks its end marker); None when
+    nothing is, or without Pillow."""
     Image = _pillow()
-    if size == 0 or size > MAX_FILE_BYTES:
-        return size_problem(size)
+    if Image is None:
+        return None
     try:
         with Image.open(f) as im:
             pixels, kind = im.size[0] * im.size[1], im.format
@@ -170,7 +162,7 @@ def file_problem(path: str | os.PathLike) -> str | None:
         if size_problem(size):
             return size_problem(size)
         with open(path, "rb") as f:  # opening it is the readability check
-            return image_problem(f, size) if _pillow() else None
+            return image_problem(f, size)
     except OSError as err:
         return os_problem(err)
 
@@ -293,16 +285,17 @@ def _tiny_val(base: Path, bad: list) -> list[Item] | None:
     return [(label[rel.rsplit("/", 1)[-1]], rel, size, mtime) for _, rel, size, mtime in found]
 
 
-def _base(source: Path, marker) -> Path:
-    """`source`, or its only subfolder when what `marker(folder)` looks for sits one level down."""
-    if marker(source):
-        return source
-    subdirs = [p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return subdirs[0] if len(subdirs) == 1 and marker(subdirs[0]) else source
-
-
-def check_classes(splits: dict[str, list], where: str, test_dir: str) -> None:
-    """A probe needs two classes to tell apart, and can only score test classes it was trained on."""
+def labelled_splits(found: dict[str, list], where: str, need: str) -> dict[str, list]:
+    """{"train", "test"} of the labelled split folders `found` (train, test and/or val), sorted by class and path,
+    checked: one test folder, images in the split `need`, two classes for a probe to tell apart, and only test
+    classes it was trained on."""
+    named = [d for d in TEST_DIRS if found.get(d)]
+    if len(named) > 1:
+        raise DataError(f"{where} has both test/ and val/ class folders; keep one of them as the test split")
+    test_dir = named[0] if named else next(d for d in TEST_DIRS if d in found)
+    splits = {split: sorted(found[d], key=lambda t: t[:2]) for split, d in (("train", "train"), ("test", test_dir))}
+    if not splits[need]:
+        raise DataError(f"no images in {where}/{'train' if need == 'train' else test_dir}/<class>/; {LAYOUTS}")
     train = {item[0] for item in splits["train"]}
     test = {item[0] for item in splits["test"]}
     if splits["train"] and len(train) < 2:
@@ -317,6 +310,7 @@ def check_classes(splits: dict[str, list], where: str, test_dir: str) -> None:
             f"{where}: {test_dir}/ has classes with no training images: {', '.join(missing[:3])}{more}; "
             f"add train/<class>/ images for them or remove them from {test_dir}/"
         )
+    return splits
 
 
 def is_archive(path: Path) -> bool:
@@ -345,50 +339,37 @@ def list_folder(source: Path, layout: str, cache_root: str | os.PathLike, need: 
     split `need` must have images."""
     bad: list[tuple[str, str]] = []
     splits: dict[str, list[Item]] = {"train": [], "test": []}
-    test_dir = "test"
     if layout == "unlabelled":
         base = source
         top = "train" if (base / "train").is_dir() else ""
         _scan(base / top, top, "", splits["train"], bad)
+        splits["train"].sort(key=lambda t: t[:2])
         if not splits["train"]:
             raise DataError(f"no images under {base / top}; data.train_path is a folder of image files (any depth)")
     else:
-        tiny = layout == "tinyimagenet"
-        dirs = ("train", *TEST_DIRS)
-        base = _base(
-            source, (lambda p: (p / "wnids.txt").is_file()) if tiny else lambda p: any((p / d).is_dir() for d in dirs)
-        )
+        tiny, dirs = layout == "tinyimagenet", ("train", *TEST_DIRS)
+
+        def has_layout(folder: Path) -> bool:
+            return (folder / "wnids.txt").is_file() if tiny else any((folder / d).is_dir() for d in dirs)
+
+        base = source
+        if not has_layout(source):  # or its only subfolder, when the layout sits one level down
+            subdirs = [p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            base = subdirs[0] if len(subdirs) == 1 and has_layout(subdirs[0]) else source
         if tiny and not (base / "wnids.txt").is_file():
             raise DataError(f"{source} has no wnids.txt, so it is not a tiny-imagenet-200/ folder; {LAYOUTS}")
         if not tiny and (base / "wnids.txt").is_file():
             raise DataError(f"{base} is a Tiny-ImageNet folder (it has wnids.txt); set data.source=tinyimagenet")
-        splits["train"] = _labelled(base, "train", bad)
+        train = _labelled(base, "train", bad)
         val = _tiny_val(base, bad) if tiny else None
         tests = ("val",) if tiny else TEST_DIRS  # tiny-imagenet-200/test/ has no labels: never read
-        found = {"val": val} if val is not None else {d: _labelled(base, d, bad) for d in tests}
-        named = [d for d, items in found.items() if items]
-        if len(named) > 1:
-            raise DataError(f"{base} has both test/ and val/ class folders; keep one of them as the test split")
-        test_dir = named[0] if named else tests[0]
-        splits["test"] = found[test_dir]
+        found = {"train": train, **({"val": val} if val is not None else {d: _labelled(base, d, bad) for d in tests})}
         if tiny:
             wnids = set((base / "wnids.txt").read_text().split())
-            stray = sorted({c for items in splits.values() for c, *_ in items} - wnids)
+            stray = sorted({c for items in found.values() for c, *_ in items} - wnids)
             if stray:
                 raise DataError(f"{base}: class {stray[0]} is not in wnids.txt; add it there or remove its folder")
-        if not splits[need]:
-            raise DataError(f"no images in {base / ('train' if need == 'train' else test_dir)}/<class>/; {LAYOUTS}")
-        check_classes(splits, str(base), test_dir)
-    for items in splits.values():
-        items.sort(key=lambda t: (t[0], t[1]))
+        splits = labelled_splits(found, str(base), need)
     check_files(base, splits["train"] + splits["test"], cache_root, bad)
     classes = sorted({c for items in splits.values() for c, *_ in items} - {""})
     return Listing(base=base, splits=splits, classes=classes)
-
-
-def check_blob(name: str, blob: bytes, bad: list) -> None:
-    """An archive member's bytes, checked as file_problem checks a file (Pillow absent: nothing)."""
-    if _pillow():
-        why = image_problem(io.BytesIO(blob), len(blob))
-        if why:
-            bad.append((name, why))

@@ -1,16 +1,7 @@
-"""Streamed ImageFolder data: file paths and labels only, the images read from disk every epoch.
-
-data.streamed=true: a folder of any layout fastemp/data/listing.py reads (imagefolder, tinyimagenet,
-an unlabelled data.train_path; an archive cannot be read file by file cheaply), listed, checked and
-labelled exactly as for resident data. Nothing is decoded here and no decoded copy of the set is ever
-held: a streamed patch backend (fastemp/patches/pillow_images.py, dali_images.py) reads the files
-of each batch, in the epoch's permutation, and cuts the patches from the full-size images. This
-is the ImageNet path (the official ImageNet-100 recipe crops 224-pixel patches from the original
-JPEGs); resident data stays the fast path for small images.
-
-A file can still fail after it was listed (deleted, replaced, damaged). Both backends check it again when they
-read it and name it (BadFileError); data.bad_files says what then happens: stop (the run ends at the last
-finished step, fastemp.stop), or skip (`StreamedSet.instead`: the next image of the batch takes its place).
+"""Streamed ImageFolder data (data.streamed=true): file paths and labels only, listed, checked and labelled as
+for resident data; a streamed patch backend (fastemp/patches/pillow_images.py, dali_images.py) reads the files of
+each batch every epoch. A file that fails after the listing is named (BadFileError) and data.bad_files decides
+(docs/reliability.md#ending-a-run-early-signals-and-files-that-fail).
 """
 
 from __future__ import annotations

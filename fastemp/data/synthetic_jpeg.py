@@ -18,22 +18,6 @@ QUALITY = 90  # like typical camera JPEGs
 NOISE = 16.0  # std of Gaussian pixel noise (0..255): as many bytes per pixel as photos, which decode slower
 
 
-def render_classes(classes: int, count: int, size: int, seed: int) -> list[np.ndarray]:
-    """`count` images for each of `classes` classes at `size` px: per class a (count, size, size, 3) array. An
-    image of drawn label L goes to the first class L, L + 10, ... that still needs images: more than 10
-    classes repeat the 10 shapes under new names."""
-    kept: list[list[np.ndarray]] = [[] for _ in range(classes)]
-    chunk = 0
-    while any(len(k) < count for k in kept):
-        images, labels = make_synthetic(RENDER_CHUNK, seed * 1_000_003 + chunk, size=size)
-        chunk += 1
-        for image, label in zip(images.numpy(), labels.tolist()):
-            target = next((c for c in range(label, classes, len(CLASSES)) if len(kept[c]) < count), None)
-            if target is not None:
-                kept[target].append(image)
-    return [np.stack(k) for k in kept]
-
-
 def make_folder(
     path: str | Path, classes: int, per_class: int, size: int, seed: int = 0, test_per_class: int = 0
 ) -> Path:
@@ -45,7 +29,17 @@ def make_folder(
     root = Path(path)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    rendered = render_classes(classes, per_class + test_per_class, min(size, RENDER_MAX), seed)
+    # an image of drawn label L goes to the first class L, L + 10, ... that still needs images: more than 10
+    # classes repeat the 10 shapes under new names
+    count, chunk = per_class + test_per_class, 0
+    rendered: list[list[np.ndarray]] = [[] for _ in range(classes)]
+    while any(len(k) < count for k in rendered):
+        images, labels = make_synthetic(RENDER_CHUNK, seed * 1_000_003 + chunk, size=min(size, RENDER_MAX))
+        chunk += 1
+        for image, label in zip(images.numpy(), labels.tolist()):
+            target = next((c for c in range(label, classes, len(CLASSES)) if len(rendered[c]) < count), None)
+            if target is not None:
+                rendered[target].append(image)
     for c, images in enumerate(rendered):
         widths = (size * (0.75 + 0.25 * torch.rand(len(images), generator=gen))).round().int().tolist()
         for k, (image, width) in enumerate(zip(images, widths)):

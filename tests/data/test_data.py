@@ -343,7 +343,7 @@ def test_imagefolder_pillow_fallback(tmp_path, monkeypatch):
 
 def test_imagefolder_without_any_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
-    monkeypatch.setattr(imagefolder, "_pil_importable", lambda: False)
+    monkeypatch.setattr(imagefolder.listing, "_pillow", lambda: None)
     src = write_dir(tmp_path / "tree", tree_files())
     with pytest.raises(DataError, match="pillow"):
         load_split(folder_cfg(src, tmp_path), "train")
