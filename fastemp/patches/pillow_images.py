@@ -77,11 +77,12 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
     return np.stack([official_patch(img, p, i, aug) for i in range(u.shape[0])])
 
 
-def _start_worker(trainer: int) -> None:
+def _start_worker(trainer: int, started) -> None:
     """A worker ignores Ctrl-C and SIGTERM (sent to a whole process group, they are the training process's to
     handle: it stops between steps, fastemp.stop) and ends with the training process however that ends: the
     worker's parent is the forkserver, which outlives a killed training process (the workers hold its pipe
-    open), so a thread waits for the training process's pid to end."""
+    open), so a thread waits for the training process's pid to end. `started`: a barrier of all the workers,
+    so the pool starts them all at once (PillowPatches._executor)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -95,6 +96,7 @@ def _start_worker(trainer: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+    started.wait(timeout=300)  # a worker that never starts breaks the barrier, and so the pool: one line
 
 
 def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:
@@ -125,9 +127,16 @@ class PillowPatches(PatchBackend):
         if self._pool is None:
             # forkserver: a fork of a process that runs DALI or CUDA threads is not safe
             context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+            started = context.Barrier(self.workers)
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+                self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), started)
             )
+            # Every worker now, none later: the pool starts workers on demand, and one still starting (importing,
+            # before it ignores signals) when a terminal or a scheduler signals the process group would die
+            # and break the pool. The barrier holds each in its start until all are there, so each task below
+            # starts one.
+            for done in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
+                done.result()
         return self._pool
 
     def start(self, request: PatchRequest):

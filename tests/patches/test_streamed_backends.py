@@ -106,6 +106,17 @@ def test_a_pillow_worker_that_dies_is_one_line_naming_data_workers(images):
     pooled.close()
 
 
+def test_the_pillow_pool_starts_every_worker_at_once_each_ignoring_the_groups_signals(images):
+    """A worker still starting when the process group is signalled would die and break the pool: none starts late."""
+    pooled = PillowPatches(images, AugmentConfig(crop_size=16), workers=3)
+    workers = list(pooled._executor()._processes)
+    assert len(workers) == 3
+    for pid in workers:
+        ignored = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored >> (signal.SIGINT - 1) & 1 and ignored >> (signal.SIGTERM - 1) & 1, pid
+    pooled.close()
+
+
 OPS = {
     "crop": {},
     "flip": dict(flip_p=0.5),
