@@ -95,8 +95,10 @@ def _steps(spec: str, dry_run: bool, overrides: list[str], steps: int, real_data
         **trainer.runtime.resolved(),
         "n_patches": t.n_patches,
         "batch_size": t.batch_size,
-        "grad_chunks": trainer.grad_chunks,
-        "large_n_option": large_n_option(trainer.grad_chunks, t.bn_groups, t.n_patches, t.checkpoint_activations),
+        "grad_chunks": trainer.runtime.grad_chunks,
+        "large_n_option": large_n_option(
+            trainer.runtime.grad_chunks, t.bn_groups, t.n_patches, t.checkpoint_activations
+        ),
         "first_step_seconds": trainer.warmup_seconds,
         "step_seconds": trainer.train_seconds / (steps - 1) if steps > 1 else None,
         **{k: record[k] for k in ("loss", "loss_sim", "loss_tcr")},

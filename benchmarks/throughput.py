@@ -116,7 +116,7 @@ def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps:
     return {
         "flops_per_patch": flops,
         "resolved": trainer.runtime.resolved(),
-        "grad_chunks_used": trainer.grad_chunks,  # 0 asks for chunks from free memory: what it chose
+        "grad_chunks_used": trainer.runtime.grad_chunks,  # 0 asks for chunks from free memory: what it chose
         "bn_groups": cfg.train.bn_groups,
         "data": trainer.train_set.description,
         "step_seconds_median": step,

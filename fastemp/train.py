@@ -43,13 +43,9 @@ def mix_seed(seed: int, stream: int, index: int) -> int:
 
 
 class Trainer:
-    """Builds everything from a Config, trains step by step, checkpoints, evaluates.
-
-    runtime: what "auto" resolves to (fastemp.runtime.resolve(cfg) when not given); train_set, test_set:
-    splits already loaded on runtime.device (loaded from cfg.data when not given), so that callers
-    building many Trainers over one dataset (the benchmarks' sweeps) load it once; patches: a ready
-    patch backend over train_set (made from the runtime's choice when not given), so a benchmark can
-    feed the real step from the data path it measures."""
+    """Builds everything from a Config, trains step by step, checkpoints, evaluates. Made from cfg unless given:
+    runtime (resolve(cfg)), train_set and test_set (splits loaded on runtime.device: a sweep loads them once),
+    patches (a backend over train_set: a benchmark feeds the real step from the data path it measures)."""
 
     def __init__(
         self,
@@ -101,11 +97,6 @@ class Trainer:
         self.records = Records(cfg, run_dir, self.total_steps)  # metrics.jsonl and the train.loggers sinks
         # (first non-finite step, term: 0 sim, 1 tcr, 2 gradients), -1 while all is finite; see _watch_finite
         self._nonfinite = torch.full((2,), -1, dtype=torch.long, device=self.device)
-
-    @property
-    def grad_chunks(self) -> int:
-        """Gradient-cache chunks per step, as the Runtime planned them (train.grad_chunks=0 asks for a plan)."""
-        return self.runtime.grad_chunks
 
     # -- data order -------------------------------------------------------------------------
     def batch_index(self, step: int) -> torch.Tensor:
@@ -246,12 +237,8 @@ class Trainer:
         self.stopped = 0 < self.cfg.eval.stop_at <= record["linear_top1"]
 
     def _watch_finite(self, terms: LossTerms, step: int) -> None:
-        """Record on the device the first step whose sim, tcr or gradient is not finite.
-
-        Checking on the host every step would add a sync per step; this keeps the verdict on the
-        device and reads it once on logged steps and before every checkpoint write (raise_if_nonfinite),
-        so nothing non-finite is ever saved and the error still names the first bad step and term.
-        The gradients' verdict is the optimizer's, from the norms its step computed (LARS.gradients_finite)."""
+        """Record on the device the first step whose sim, tcr or gradient (LARS's norms) is not finite: read on
+        logged steps and before every checkpoint write (raise_if_nonfinite), not with a sync per step."""
         grads_ok = self.optimizer.gradients_finite()
         tcr_ok = terms.tcr.detach().isfinite()
         ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])

@@ -60,7 +60,7 @@ def test_trainer_resolves_chunks_and_config_rules():
         "eval.at_end=false",
     ]
     trainer = Trainer(load_config("quickstart", tiny + ["train.grad_chunks=0", "train.bn_groups=2"]), progress=False)
-    assert trainer.grad_chunks == 2  # on the CPU: the gradient cache, one chunk per BatchNorm group
+    assert trainer.runtime.grad_chunks == 2  # on the CPU: the gradient cache, one chunk per BatchNorm group
     assert {m.groups for m in trainer.model.modules() if isinstance(m, BatchNorm2d)} == {1}
     ghost = Trainer(load_config("quickstart", tiny + ["train.bn_groups=2"]), progress=False)  # one pass, 2 groups
     assert (ghost.runtime.grad_chunks, ghost.runtime.bn_groups_per_forward) == (1, 2)
