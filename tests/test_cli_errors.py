@@ -560,9 +560,8 @@ def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
 
     assert debug.wait(timeout=300) != 0
     err.close()
-    assert (
-        "Traceback" in (tmp_path / "debug.err").read_text() and "NonFiniteError" in (tmp_path / "debug.err").read_text()
-    )
+    stderr = (tmp_path / "debug.err").read_text()
+    assert "Traceback" in stderr and "NonFiniteError" in stderr
 
 
 def test_force_on_the_working_directory_is_refused_by_the_process(tmp_path):
