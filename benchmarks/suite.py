@@ -84,8 +84,9 @@ COMMANDS = {
         "{TTA_PROTOCOL} --target 0.85 --milestones 0.70,0.75,0.80 --eval-every {TTA_EVAL_EVERY} --max-wall-seconds "
         "{wall} --out {out} --name time_to_85_n20 {tail}",
         "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.n_patches=4 train.batch_size=16 "
-        "model.compile=none train.epochs=3 eval.knn=false eval.probe_batch_size=16 --protocol cheap --target 0.85 --milestones 0.70,0.75,0.80 "
-        "--eval-every 250 --max-wall-seconds {wall} --out {out} --name time_to_85_n20 {tail}",
+        "model.compile=none train.epochs=2 eval.knn=false eval.patches=2 eval.probe_epochs=2 eval.probe_batch_size=16 "
+        "--protocol cheap --target 0.85 --milestones 0.70,0.75,0.80 --eval-every 250 --max-wall-seconds {wall} "
+        "--out {out} --name time_to_85_n20 {tail}",
     ),
     "data": (
         "bench data --sources {DATA_SOURCES} --n 20 --batch {DATA_BATCH} --workers {DATA_WORKERS} {overrides} "

@@ -537,6 +537,10 @@ def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
     # lr 1e30 makes the weights inf after step 1; checkpoints every step, logs every 5: the run must
     # stop at the first checkpoint write after the blow-up, naming step 2, with step 1 still saved
     out = tmp_path / "run"
+    # --debug shows the traceback of the same error (run beside the other; a file: read at the end)
+    err = open(tmp_path / "debug.err", "w+")
+    argv = [sys.executable, "-m", "fastemp", "train", *TINY, "optim.lr=1e30", "train.max_steps=3"]
+    debug = subprocess.Popen([*argv, "--out", str(tmp_path / "d"), "--debug"], stdout=subprocess.DEVNULL, stderr=err)
     proc = cli(
         "train",
         *TINY,
@@ -554,9 +558,10 @@ def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
     assert state["step"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
-    # --debug shows the traceback of the same error
-    debug = cli("train", *TINY, "optim.lr=1e30", "train.max_steps=3", "--out", str(tmp_path / "d"), "--debug")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "NonFiniteError" in debug.stderr
+    assert debug.wait(timeout=300) != 0
+    err.close()
+    stderr = (tmp_path / "debug.err").read_text()
+    assert "Traceback" in stderr and "NonFiniteError" in stderr
 
 
 def test_force_on_the_working_directory_is_refused_by_the_process(tmp_path):

@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 from official_stand_in import fake_jpeg_tar, stand_in_checkout
 
 GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
@@ -40,12 +41,12 @@ def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(tmp_path):
 
 def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_path):
     out = tmp_path / "results"
-    result = run_suite("throughput20,profile,throughput200,kernels,tta,data", out, LIMIT_THROUGHPUT20="3")
+    result = run_suite("throughput20,throughput200,kernels,tta,data", out, LIMIT_THROUGHPUT20="3")  # profile: in call 3
     assert result.returncode == 1, result.stdout + result.stderr  # one part timed out
     assert "part throughput20: TIMEOUT" in result.stdout
     parts = {p["part"]: p for p in json.loads((out / "suite.json").read_text())["parts"]}
     assert parts["throughput20"]["status"] == "TIMEOUT" and parts["throughput20"]["limit_seconds"] == 3
-    assert [parts[p]["status"] for p in ("profile", "throughput200", "kernels", "tta", "data")] == ["PASS"] * 5
+    assert [parts[p]["status"] for p in ("throughput200", "kernels", "tta", "data")] == ["PASS"] * 4
     # the data part's rows ride inside suite.json (its own file would be a 9th)
     assert parts["data"]["result_file"] == "suite.json"
     assert {"pillow", "resident", "step_only"} <= {r["arm"] for r in parts["data"]["result_json"]["rows"]}
@@ -65,26 +66,10 @@ def test_a_part_cut_at_its_limit_is_reported_and_the_next_parts_still_run(tmp_pa
     with tarfile.open(out / "details.tar.gz") as tar:
         names = tar.getnames()
     assert "./throughput20.log" in names and "./time_to_85_n20.md" in names
-    assert "./profile.md" in names and "## Profile" in (out / "suite.md").read_text()
     tta = json.loads((out / "time_to_85_n20.json").read_text())
     assert tta["partial"] is False and [m["top1"] for m in tta["milestones"]] == [0.7, 0.75, 0.8, 0.85]
     assert tta["best_linear_top1"] is not None
     assert "pip install" not in result.stdout + result.stderr
-
-
-def test_smoke_reports_one_line_per_item_and_writes_smoke_json(tmp_path):
-    out = tmp_path / "results"
-    result = run_suite("smoke", out)
-    assert result.returncode == 0, result.stdout + result.stderr
-    smoke = json.loads((out / "smoke.json").read_text())
-    assert smoke["benchmark"] == "smoke" and smoke["verdict"] == "PASS"
-    items = {i["item"]: i for i in smoke["items"]}
-    assert list(items) == ["environment", "check", "official_loader", "train", "large_n", "dali"]
-    assert all(i["status"] in ("PASS", "SKIP") for i in items.values())
-    assert items["train"]["details"]["finite"] and items["large_n"]["details"]["grad_chunks"] == 2
-    lines = [line for line in result.stdout.splitlines() if line.startswith("smoke ") and line.split()[1] in items]
-    assert len(lines) == 6 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
-    assert items["official_loader"]["status"] == "SKIP" and smoke["gate"]["peer"].startswith("skip")
 
 
 def test_a_hung_smoke_item_fails_at_its_limit_and_the_others_still_run(tmp_path):
@@ -170,31 +155,71 @@ def lease(call: str, out: Path, state: Path, **env) -> subprocess.CompletedProce
     return subprocess.run(["bash", str(LEASE), call, str(out)], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_the_lease_script_runs_its_three_calls(tmp_path):
+@pytest.fixture(scope="module")
+def call1(tmp_path_factory):
+    """The lease's call 1 with every smoke item (the costliest dry run), read by the smoke and the lease tests."""
+    from fastemp.benchmarks.smoke import ITEMS
+
+    tmp = tmp_path_factory.mktemp("lease")
+    env = stand_in(tmp)
+    items = ",".join(ITEMS)  # a generous call (its own 170 s hold every item on a GPU, not on a loaded CPU)
+    return tmp, env, lease("call1", tmp / "out1", tmp / "state", SMOKE_ITEMS=items, CALL_SECONDS="420", **env)
+
+
+def test_smoke_reports_one_line_per_item_and_writes_smoke_json(call1, tmp_path, monkeypatch):
+    tmp, _, result = call1
+    assert result.returncode == 0, result.stdout + result.stderr
+    smoke = json.loads((tmp / "out1" / "smoke.json").read_text())
+    assert smoke["benchmark"] == "smoke" and smoke["verdict"] == "PASS"
+    items = {i["item"]: i for i in smoke["items"]}
+    assert list(items) == ["environment", "check", "official_loader", "train", "large_n", "dali"]
+    assert all(i["status"] in ("PASS", "SKIP") for i in items.values())
+    assert items["train"]["details"]["finite"] and items["large_n"]["details"]["grad_chunks"] == 2
+    lines = [line for line in result.stdout.splitlines() if line.startswith("smoke ") and line.split()[1] in items]
+    assert len(lines) == 6 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
+    # without an official checkout the loader probe is SKIP and the gate keeps the official run out
+    from fastemp.benchmarks import smoke as module
+
+    monkeypatch.delenv("FASTEMP_OFFICIAL_DIR", raising=False)
+    skipped = module.run_item("official_loader", True, tmp_path / "smoke.jsonl")
+    assert skipped["status"] == "SKIP" and "FASTEMP_OFFICIAL_DIR unset" in skipped["reason"]
+    assert module.lease_gate([skipped], tmp_path / "no_rows.jsonl")["peer"].startswith("skip")
+
+
+def test_the_lease_script_runs_its_three_calls(call1):
     """benchmarks/lease.sh dry: call 1's gate and next line, call 2's overrides reaching fastemp and the official
     run's evaluation, fastemp - official in one accuracy.json, call 3; each call's OUT holds at most 8 files."""
-    env, state = stand_in(tmp_path), tmp_path / "state"
-    # train and large_n (the rest of call 1's items) run in test_smoke_reports_one_line_per_item_and_writes_smoke_json
-    first = lease("call1", tmp_path / "out1", state, SMOKE_ITEMS="environment,check,official_loader", **env)
+    tmp_path, env, first = call1
+    state = tmp_path / "state"
     assert first.returncode == 0, first.stdout + first.stderr
     smoke = json.loads((tmp_path / "out1" / "smoke.json").read_text())
-    assert [i["item"] for i in smoke["items"]] == ["environment", "check", "official_loader"]
-    assert all(i["status"] == "PASS" for i in smoke["items"]), smoke["items"]
+    assert [i["item"] for i in smoke["items"]][:3] == ["environment", "check", "official_loader"]
+    assert all(i["status"] == "PASS" for i in smoke["items"][:3]), smoke["items"]
     assert smoke["gate"] == {"overrides": [], "stop": None, "peer": "run", "notes": []}
     assert "lease: next: LEASE_OVERRIDES='' LEASE_PEER='run'" in first.stdout
-    second = lease("call2", tmp_path / "out2", state, LEASE_OVERRIDES="data.patch_compile=off", **env)
+    # one seed: test_a_failed_official_run_fails_the_accuracy_part... runs a seed after the official run
+    second = lease(
+        "call2", tmp_path / "out2", state, LEASE_OVERRIDES="data.patch_compile=off", ACCURACY_SEEDS="1", **env
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     accuracy = json.loads((tmp_path / "out2" / "accuracy.json").read_text())
-    assert [r["seed"] for r in accuracy["runs"]] == [0, 1] and accuracy["runs"][0]["official_linear_top1"] == 0.842
+    assert [r["seed"] for r in accuracy["runs"]] == [0] and accuracy["runs"][0]["official_linear_top1"] == 0.842
     assert all("data.patch_compile=off" in r["overrides"] for r in accuracy["runs"])
     (official,) = accuracy["official_runs"]
     assert official["status"] == "PASS" and official["seed"] == 0 and "data.patch_compile=off" in official["overrides"]
     (comparison,) = accuracy["comparison"]
-    assert comparison["official_seeds"] == [0] and "standing in" in comparison["uncertainty"]
+    assert (
+        comparison["official_seeds"] == [0] and "one run each" in comparison["uncertainty"]
+    )  # 2 seeds: test_bench_accuracy
     assert "lease: fastemp - official" in second.stdout and "call3" in second.stdout
     third = lease("call3", tmp_path / "out3", state, **env)
     assert third.returncode == 0, third.stdout + third.stderr
     assert (tmp_path / "out3" / "throughput_n20.json").exists()
+    assert "## Profile" in (tmp_path / "out3" / "suite.md").read_text()
+    parts = {p["part"]: p["status"] for p in json.loads((tmp_path / "out3" / "suite.json").read_text())["parts"]}
+    assert parts == {"profile": "PASS", "throughput20": "PASS"}
+    with tarfile.open(tmp_path / "out3" / "details.tar.gz") as tar:
+        assert "./profile.md" in tar.getnames()
     for out in ("out1", "out2", "out3"):
         assert len(list((tmp_path / out).iterdir())) <= 8
 

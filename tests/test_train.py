@@ -130,8 +130,10 @@ def cli(*args, **kw):
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     args = ["train", *TINY, "train.max_steps=10", "train.ckpt_every=2", "eval.at_end=false", "--no-progress"]
-    assert cli(*args, "--out", str(tmp_path / "whole")).returncode == 0
-
+    # the uninterrupted run beside the killed one (independent processes: half the wall time on 2 cores)
+    command = [sys.executable, "-m", "fastemp", *args, "--out"]
+    err = open(tmp_path / "whole.err", "w+")  # a file, not a pipe: nobody reads it until the end
+    whole = subprocess.Popen([*command, str(tmp_path / "whole")], stdout=subprocess.DEVNULL, stderr=err)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastemp", *args, "--out", str(killed)],
@@ -145,6 +147,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc.wait()
     step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert step < 10, "the run finished before it could be killed"
+    assert whole.wait(timeout=240) == 0, (tmp_path / "whole.err").read_text()
+    err.close()
 
     done = cli("resume", str(killed), "--no-progress")
     assert done.returncode == 0, done.stderr
