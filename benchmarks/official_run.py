@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fastemp.errors import UserError
+from fastemp.runtime import resolve_device
 
 from . import harness
 
@@ -211,7 +212,7 @@ def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
 
 def prepare_data(args, cfg, work: Path):
     """Both splits through fastemp's loader, laid out for main.py under <work>/data/CIFAR10/: (train, test, info)."""
-    data, device = harness.Data(), torch.device(cfg.train.device)
+    data, device = harness.Data(), resolve_device(cfg.train.device)  # auto: CUDA when present
     train = subset(data.load(cfg, "train", device), args.train_images)
     test = subset(data.load(cfg, "test", device), args.test_images)
     if len(train) < BATCH:
