@@ -385,3 +385,25 @@ def test_the_loader_probe_runs_mains_dataloader_settings(tmp_path, capsys, monke
     assert peer_main(args) == 1
     probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert probe["status"] == "FAIL" and "no shm" in probe["error"]
+
+
+def test_the_peers_data_is_prepared_with_train_device_auto(tmp_path):
+    """Off a dry run the peer's config keeps train.device=auto (the first H200 lease failed on it: torch.device)."""
+    import argparse
+
+    from fastemp.benchmarks.official_peer import add_arguments, peer_config
+    from fastemp.benchmarks.official_run import prepare_data
+
+    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 60, 5)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--data", str(data), "--official-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    args = parser.parse_args([*argv, "--train-images", "100", "--test-images", "10"])
+    cfg = peer_config(args)
+    assert cfg.train.device == "auto"
+    train, test, info = prepare_data(args, cfg, tmp_path / "work")
+    assert (
+        len(train) == 100
+        and len(test) == 10
+        and train.images.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    )
