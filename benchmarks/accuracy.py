@@ -1,20 +1,8 @@
-"""`fastemp bench accuracy` and `fastemp bench time-to-accuracy`: one driver over the library's periodic evaluation.
-
-Every seed is a Trainer trained with `eval.every` (fastemp.train: evaluations between steps, off the training
-clock, changing nothing of training); the evaluations are the Trainer's own records (step, epoch, training
-seconds so far, the results under the config's eval protocol, evaluation seconds). Training seconds here leave
-out the first step (compilation), which is reported apart.
-
-accuracy          the official table's rows (ROWS) over seeds, each evaluated after the epochs it names, beside
-                  the official README figures and the official code's own runs on the same data. A row is a
-                  (row, evaluated epoch, config key) over its seeds; the config key hashes the resolved config
-                  without seed, device, data location and logging, plus the data file's name. --accumulate adds
-                  to <out>/accuracy.json (a seed already there under the same key is not run again; next:K = the K
-                  lowest seeds not yet measured), --budget skips a seed predicted (from warm steps) to end past it.
-time-to-accuracy  one config, evaluated every --eval-every steps, stopped at the first evaluation reaching
-                  --target (eval.stop_at; fastemp.evaluate.first_reaching), with the first times of --milestones.
-
-Results are written after every seed and every evaluation ("partial": true until the end).
+"""`fastemp bench accuracy` and `fastemp bench time-to-accuracy`: one driver (run_seed) over the library's periodic
+evaluation. Every seed is a Trainer trained with `eval.every` (evaluations between steps, off the training clock);
+the evaluations are the Trainer's own records. Training seconds leave out the first step (compilation), reported
+apart. docs/evaluation.md describes the rows, the config key, --accumulate, --budget and time to accuracy. Results
+are rewritten after every seed and every evaluation ("partial": true until the end).
 """
 
 from __future__ import annotations
@@ -130,14 +118,10 @@ def select_rows(names: Sequence[str] | None, variants: Sequence[tuple[str, str]]
             kept = row.eval_epochs.index(int(epoch))
             row = dataclasses.replace(row, name=spec, eval_epochs=(int(epoch),), official=(row.official[kept],))
         rows.append(row)
+    variants = [(label, changes.split(), f"; variant {label}: {changes}") for label, changes in variants]
     return rows + [
-        dataclasses.replace(
-            r,
-            name=f"{r.name}+{label}",
-            overrides=(*r.overrides, *changes.split()),
-            note=f"{r.note}; variant {label}: {changes}",
-        )
-        for label, changes in variants
+        dataclasses.replace(r, name=f"{r.name}+{label}", overrides=(*r.overrides, *keys), note=r.note + note)
+        for label, keys, note in variants
         for r in rows
     ]
 
@@ -161,20 +145,16 @@ def data_overrides(dataset: str, path: str | None) -> list[str] | None:
     return ["data.source=imagefolder", f"data.path={p}"]
 
 
-def data_file(data) -> str:
-    """The data a figure comes from, by file name (paths differ between machines)."""
+def data_names(data) -> tuple[str, str]:
+    """(the data's file name, which copy it is): a figure's data by name (paths differ between machines)."""
     if data.source == "synthetic":
-        return f"synthetic {data.synthetic_train}/{data.synthetic_test} seed {data.synthetic_seed}"
-    return CIFAR_ARCHIVES[data.source].filename if data.source in CIFAR_ARCHIVES else Path(data.path).name
-
-
-def data_copy(data) -> str:
-    if data.source == "synthetic":
-        return "synthetic images (pipeline check, not CIFAR)"
+        name = f"synthetic {data.synthetic_train}/{data.synthetic_test} seed {data.synthetic_seed}"
+        return name, "synthetic images (pipeline check, not CIFAR)"
     if data.source in CIFAR_ARCHIVES:
-        return f"canonical archive ({CIFAR_ARCHIVES[data.source].filename})"
+        return CIFAR_ARCHIVES[data.source].filename, f"canonical archive ({CIFAR_ARCHIVES[data.source].filename})"
     name = Path(data.path).name
-    return f"JPEG copy ({name})" if "jpeg" in name.lower() or "jpg" in name.lower() else f"ImageFolder copy ({name})"
+    jpeg = "jpeg" in name.lower() or "jpg" in name.lower()
+    return name, f"JPEG copy ({name})" if jpeg else f"ImageFolder copy ({name})"
 
 
 def row_config(row: Row, seed: int, data: list[str], overrides: Sequence[str]):
@@ -186,31 +166,40 @@ def row_config(row: Row, seed: int, data: list[str], overrides: Sequence[str]):
 def config_key(cfg) -> str:
     """12 hex digits naming what a seed of this config computes, wherever and whenever it ran."""
     flat = {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in NOT_IN_CONFIG_KEY}
-    flat["data.file"] = data_file(cfg.data)
+    flat["data.file"] = data_names(cfg.data)[0]
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def row_fields(row: Row, overrides: Sequence[str]) -> list[dict]:
+    """What names each evaluated epoch of a row, in its seeds' records and in its notes alike."""
+    return [
+        {"row": row.name if len(row.eval_epochs) == 1 else f"{row.name}@{epoch}", "recipe": row.name}
+        | {"overrides": [*overrides, *row.overrides], "note": row.note, "dataset": dataset_of(row)}
+        | {"epochs_trained": epoch, "schedule_epochs": row.schedule_epochs, "official_linear_top1": official}
+        for epoch, official in zip(row.eval_epochs, row.official)
+    ]
+
+
 class Budget:
-    """Predicts a seed's wall seconds from the warm steps of the seeds measured before it (this row and config
-    first; the results file's and this process's) and says whether it ends within the budget:
-
-        setup (data, model) + first step + warm step seconds x (steps - 1) + evaluation seconds
-
-    The first step is the median of those measured in the same situation: a process's first seed compiles from
-    scratch, a later one in the same process only retraces (RECOMPILE_ALLOWANCE_SECONDS until one is measured)."""
+    """Whether a seed fits in what is left of --budget, predicted from the warm steps of the seeds measured before
+    it (this row and config first; the results file's and this process's): setup (data, model) + first step +
+    warm step seconds x (steps - 1) + evaluation seconds. The first step is the median of those measured in the
+    same situation: a process's first seed compiles from scratch, a later one in the same process only retraces
+    (RECOMPILE_ALLOWANCE_SECONDS until one is measured)."""
 
     def __init__(self, budget: float | None, history: Sequence[dict] = ()):
-        self.budget, self.wall = budget, harness.Wall()
-        self.timings = [dict(r["timing"], row=r["row"], key=r["config_key"]) for r in history if r.get("timing")]
+        self.budget, self.wall, self.timings = budget, harness.Wall(), []
+        for record in history:
+            if record.get("timing"):
+                self.record(record)
 
     def elapsed(self) -> float:
         self.wall.lap()
         return self.wall.total
 
     def predict(self, row: str, key: str) -> float | None:
-        same = [t for t in self.timings if t["row"] == row and t["key"] == key] or [
-            t for t in self.timings if t["row"] == row
-        ]
+        same = [t for t in self.timings if t["row"] == row]
+        same = [t for t in same if t["key"] == key] or same
         if not same:
             return None
         last, warm = same[-1], _SEEDS_IN_THIS_PROCESS[0] > 0
@@ -257,43 +246,19 @@ def run_seed(cfg, data: harness.Data, stop_epoch: float | None = None, budget: f
 
 def seed_records(row: Row, seed: int, key: str, cfg, trainer, timing: dict, overrides) -> list[dict]:
     """One record per evaluated epoch of a seed: what ran, what it measured, where and when."""
-    env = runs.environment(trainer.device)
-    by_step = {e["step"]: e for e in trainer.evaluations}
-    records = []
-    for epoch, official in zip(row.eval_epochs, row.official):
-        e = by_step[epoch * trainer.steps_per_epoch]
-        records.append(
-            {
-                "row": row.name if len(row.eval_epochs) == 1 else f"{row.name}@{epoch}",
-                "recipe": row.name,
-                "seed": seed,
-                "config_key": key,
-                "overrides": [*overrides, *row.overrides],
-                "note": row.note,
-                "dataset": dataset_of(row),
-                "data_copy": data_copy(cfg.data),
-                "data_file": data_file(cfg.data),
-                "n_patches": cfg.train.n_patches,
-                "batch_size": cfg.train.batch_size,
-                "epochs_trained": epoch,
-                "schedule_epochs": row.schedule_epochs,
-                "protocol": cfg.eval.protocol,
-                "eval_patches": cfg.eval.patches if cfg.eval.mode == "patches" else None,
-                "probe_epochs": cfg.eval.probe_epochs,
-                "official_linear_top1": official,
-                **{k: e.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1", "step", "eval_seconds")},
-                "train_seconds": e["train_seconds"] - trainer.warmup_seconds,
-                "first_step_seconds": trainer.warmup_seconds,
-                "images_per_s": (e["step"] - 1)
-                * cfg.train.batch_size
-                / max(1e-9, e["train_seconds"] - trainer.warmup_seconds),
-                "runtime": trainer.runtime.resolved(),
-                "timing": timing,
-                "device_name": env.get("device_name"),
-                "commit": env.get("commit"),
-                "created": harness.now_iso(),
-            }
-        )
+    env, first, (file, copy) = runs.environment(trainer.device), trainer.warmup_seconds, data_names(cfg.data)
+    by_step, records = {e["step"]: e for e in trainer.evaluations}, []
+    for fields in row_fields(row, overrides):
+        e = by_step[fields["epochs_trained"] * trainer.steps_per_epoch]
+        record = {**fields, "seed": seed, "config_key": key, "data_copy": copy, "data_file": file}
+        record.update(n_patches=cfg.train.n_patches, batch_size=cfg.train.batch_size, protocol=cfg.eval.protocol)
+        record.update(eval_patches=cfg.eval.patches if cfg.eval.mode == "patches" else None)
+        record.update({k: e.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1", "step", "eval_seconds")})
+        record.update(probe_epochs=cfg.eval.probe_epochs, train_seconds=e["train_seconds"] - first)
+        images_per_s = (e["step"] - 1) * cfg.train.batch_size / max(1e-9, e["train_seconds"] - first)
+        record.update(first_step_seconds=first, images_per_s=images_per_s, runtime=trainer.runtime.resolved())
+        record.update(timing=timing, device_name=env.get("device_name"), commit=env.get("commit"))
+        records.append({**record, "created": harness.now_iso()})
     return records
 
 
@@ -301,15 +266,14 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
     """Every seed of every row (seeds: a list, or K: the K lowest seeds a row has not measured in `previous`, the
     results file added to); every row's config and data checked before the first seed."""
     history, new, notes, data = list(previous.get("runs", [])), [], {}, harness.Data()
-    clock = Budget(budget, history)
-    plans = []
+    clock, plans = Budget(budget, history), []
     for row in rows:  # every check before any training: one line each (UserError)
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))  # e.g. synthetic checks
         where = [] if chosen else data_overrides(dataset_of(row), paths.get(dataset_of(row)))
         cfg = row_config(row, 0, where, overrides) if where is not None else None
         if cfg is not None:
             data.check(cfg, evaluates=True)
-        plans.append((row, where, cfg and config_key(cfg)))
+        plans.append((row, where, config_key(cfg) if cfg else "-"))
 
     def result(final: bool = False) -> dict:
         records = history + new
@@ -323,39 +287,27 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         return results.write({k: v for k, v in out.items() if k not in results.base}, final)
 
     for row, where, key in plans:
-        names = [row.name if len(row.eval_epochs) == 1 else f"{row.name}@{e}" for e in row.eval_epochs]
-        meta = {
-            "recipe": row.name,
-            "note": row.note,
-            "dataset": dataset_of(row),
-            "schedule_epochs": row.schedule_epochs,
-        }
-        meta["overrides"] = [*overrides, *row.overrides]
+        fields = row_fields(row, overrides)
+        last = fields[-1]["row"]  # the row's last evaluated epoch: its seed counts when that was measured
 
-        def note(key, status: str, reason: str, row=row, meta=meta, names=names) -> None:
-            for name, epoch, official in zip(names, row.eval_epochs, row.official):
-                extra = {"row": name, "epochs_trained": epoch, "official_linear_top1": official, "config_key": key}
-                notes[(name, key)] = {**meta, **extra, "status": status, "reason": reason}
+        def note(status: str, reason: str, fields=fields, key=key) -> None:
+            for f in fields:
+                notes[(f["row"], key)] = {**f, "config_key": key, "status": status, "reason": reason}
 
         if where is None:
-            note("-", "skipped", f"no {dataset_of(row)} data given and no canonical archive under data.root")
+            note("skipped", f"no {dataset_of(row)} data given and no canonical archive under data.root")
             continue
-        done = {r["seed"] for r in history + new if r["row"] == names[-1] and r["config_key"] == key}
+        done = {r["seed"] for r in history + new if r["row"] == last and r["config_key"] == key}
         wanted = seeds if isinstance(seeds, list) else [s for s in range(len(done) + seeds) if s not in done]
         todo, status, reasons = [s for s in wanted if s not in done], "complete", []
         if len(todo) < len(wanted):
             reasons.append(f"seeds {sorted(set(wanted) - set(todo))} already measured, not run again")
         for seed in todo:
-            fits, guess = clock.fits(names[-1], key)
+            fits, guess = clock.fits(last, key)
             if not fits:
-                status = (
-                    "partial"
-                    if any(r["row"] == names[-1] and r["config_key"] == key for r in history + new)
-                    else "skipped"
-                )
-                reasons.append(
-                    f"seed {seed} and later skipped: predicted {guess:.0f} s from warm steps, {clock.elapsed():.0f} s used of --budget {budget:g} s"
-                )
+                status = "partial" if done else "skipped"
+                used = f"{clock.elapsed():.0f} s used of --budget {budget:g} s"
+                reasons.append(f"seed {seed} and later skipped: predicted {guess:.0f} s from warm steps, {used}")
                 break
             cfg = row_config(row, seed, where, overrides)
             try:  # a seed that fails (diverges) ends its row; the other rows still run
@@ -366,12 +318,13 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
                 break
             records = seed_records(row, seed, key, cfg, trainer, timing, overrides)
             new.extend(records)
+            done.add(seed)
             clock.record(records[-1])
-            note(key, "running", "")
+            note("running", "")
             found = ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in records)
             print(f"accuracy {row.name} seed {seed}: {found} ({timing['wall_seconds']:.0f} s)", flush=True)
             result()
-        note(key, status, "; ".join(reasons))
+        note(status, "; ".join(reasons))
         result()
     return result(final=True)
 
@@ -390,7 +343,7 @@ def run_time_to_accuracy(cfg, args, results: harness.Results) -> dict:
         return results.write(summary, final)
 
     trainer, _, cut = run_seed(cfg, data, budget=args.max_wall_seconds, seen=result)
+    hit = first_reaching(trainer.evaluations, args.target)
     for e in trainer.evaluations[-1:]:
-        hit = first_reaching(trainer.evaluations, args.target)
         print(f"step {e['step']}: linear top-1 {e['linear_top1']:.4f}; target {'reached' if hit else 'not reached'}")
     return result(trainer, final=True, cut=cut)

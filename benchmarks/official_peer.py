@@ -1,16 +1,10 @@
-"""`fastemp bench official-peer`: the official EMP-SSL code itself, on the same GPU and data copy as fastemp.
-
-1. Data: both splits through fastemp's loader (the same pixels fastemp trains on), written as CIFAR-10 python
-   batches that the official loader (torchvision's CIFAR10) reads unmodified, its md5 check pointed at them.
-2. Training: main.py, unmodified, in a child process with the README's 1-epoch command (--epoch 2: a cosine over 2
-   epochs, whose first-epoch checkpoint gives the README's 84.2%), stopped once --epochs checkpoints exist
-   (official_launcher.py starts it, official_run.py reads and times its output).
-3. Evaluation: the saved encoder scored by fastemp's evaluator, one call (evaluate_official: `fastemp eval --weights FILE --format official`).
-
-Into --out as the run goes: official_peer.json and .md after every phase, epoch and 30 s of training (status
-RUNNING, then PASS, FAIL or TIMEOUT; "partial" until it passed), and official_peer.log, the official output line
-by line. --time-limit bounds all of it: training stops --eval-seconds before it (the latest checkpoint is then
-evaluated), whatever runs at the limit or at SIGTERM is stopped and written down. Exit status 0 only on PASS.
+"""`fastemp bench official-peer`: the official EMP-SSL code itself, on the same GPU and data copy as fastemp
+(docs/official_peer.md). Data: both splits through fastemp's loader, written as the CIFAR-10 python batches the
+official loader reads (official_run.prepare_data). Training: main.py, unmodified, in a child process with the
+README's 1-epoch command, stopped once --epochs checkpoints exist (official_launcher.py starts it, official_run.py
+times its output). Evaluation: the saved encoder scored by fastemp's evaluator (`fastemp eval --weights FILE
+--format official`). official_peer.json and .md are rewritten as the run goes (RUNNING, then PASS, FAIL or TIMEOUT),
+official_peer.log holds the official output; --time-limit bounds all of it. Exit status 0 only on PASS.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from fastemp.errors import UserError, one_line
 
 from . import harness
 from .official_run import BATCH, prepare_data, run_official
-from .report import device_label, environment_markdown, fmt, markdown_table, table
+from .report import device_label, environment_markdown, fmt, table
 
 NAME, REPO = "official_peer", "tsb0601/EMP-SSL"
 REQUIREMENTS = ("torch", "torchvision", "torchmetrics", "sklearn", "tqdm", "matplotlib", "PIL", "numpy")  # main.py's
@@ -55,12 +49,7 @@ class Stopped(Exception):
 
 def official_arguments(n: int, schedule_epochs: int) -> list[str]:
     """main.py's arguments: the README's CIFAR-10 command with its patch count and schedule length."""
-    return ["--data", "cifar10", "--epoch", str(schedule_epochs), "--patch_sim", "200", "--arch", "resnet18-cifar"] + [
-        "--num_patches",
-        str(n),
-        "--lr",
-        "0.3",
-    ]
+    return f"--data cifar10 --epoch {schedule_epochs} --patch_sim 200 --arch resnet18-cifar --num_patches {n} --lr 0.3".split()
 
 
 def probe_imports(python: str) -> dict:
@@ -77,23 +66,19 @@ def probe_imports(python: str) -> dict:
 
 
 def preflight(args) -> tuple[dict, dict]:
-    """Every check before anything heavy: (the official files' sha256 sums, its interpreter's versions)."""
+    """Every check before anything heavy, in order, one line each: (the official files' sha256 sums, its
+    interpreter's versions)."""
     official, data = Path(args.official_dir), Path(args.data)
-    if not official.is_dir():
-        raise UserError(
-            f"--official-dir {official} does not exist; fetch {REPO} outside this project (e.g. git clone into .official/)"
-        )
-    missing = [f for f in FILES if not (official / f).is_file()]
-    if missing:
-        raise UserError(
-            f"--official-dir {official} is not a checkout of {REPO} (no {', '.join(missing)}); pass the folder of its main.py"
-        )
+    missing = ", ".join(f for f in FILES if not (official / f).is_file())
+    why = "does not exist" if not official.is_dir() else f"is no checkout of {REPO} (no {missing})" if missing else ""
+    if why:
+        raise UserError(f"--official-dir {official} {why}; pass a checkout of {REPO} (kept outside the project)")
     if not data.exists() or not (data.is_dir() or data.name.lower().endswith((".tar", ".tar.gz", ".tgz"))):
         why = "does not exist" if not data.exists() else "is neither a folder nor a .tar/.tar.gz/.tgz archive"
         raise UserError(f"--data {data} {why}; pass the CIFAR-10 JPEG copy (ImageFolder) or cifar-10-python.tar.gz")
     if not 1 <= args.epochs <= args.schedule_epochs:
         raise UserError(
-            f"--epochs {args.epochs} is outside 1..--schedule-epochs ({args.schedule_epochs}); train at least one"
+            f"--epochs {args.epochs} is outside 1..--schedule-epochs ({args.schedule_epochs}); train one or more"
         )
     if args.work and (Path(args.work) / "logs").exists():
         raise UserError(f"--work {args.work} already holds logs/ of an earlier run; pass an empty or new folder")
@@ -114,35 +99,20 @@ def preflight(args) -> tuple[dict, dict]:
 def peer_config(args):
     """fastemp's config of the data and the evaluation (its eval section scores the official encoder)."""
     from fastemp.config import load_config
-    from fastemp.data.cifar import CIFAR_ARCHIVES
 
-    data = Path(args.data).resolve()
-    canonical = data.name == CIFAR_ARCHIVES["cifar10"].filename
-    where = (
-        ["data.source=cifar10", f"data.root={data.parent}", "data.download=false"]
-        if canonical
-        else ["data.source=imagefolder", f"data.path={data}"]
-    )
+    from .accuracy import data_overrides
+
+    where = data_overrides("cifar10", str(Path(args.data).resolve()))
     keys = [*args.override, *args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
     device = "cpu" if args.cpu_dry_run else args.device
     return load_config(args.config, [*keys, f"train.device={device}", f"train.seed={args.seed or 0}"])
 
 
 def launcher(args, md5_file: str, *extra: str) -> list[str]:
-    command = [
-        args.python,
-        str(LAUNCHER),
-        "--official-dir",
-        str(Path(args.official_dir).resolve()),
-        "--cifar-md5",
-        md5_file,
-    ]
-    command += ["--seed", str(args.seed)] if args.seed is not None else []
-    return (
-        command
-        + ["--cpu-dry-run"] * args.cpu_dry_run
-        + [*extra, "--", *official_arguments(args.n, args.schedule_epochs)]
-    )
+    command = [args.python, str(LAUNCHER), "--official-dir", str(Path(args.official_dir).resolve())]
+    command += ["--cifar-md5", md5_file, *(["--seed", str(args.seed)] if args.seed is not None else [])]
+    command += ["--cpu-dry-run"] * args.cpu_dry_run
+    return [*command, *extra, "--", *official_arguments(args.n, args.schedule_epochs)]
 
 
 def _stop(signum, frame):
@@ -150,14 +120,14 @@ def _stop(signum, frame):
 
 
 def run_peer(args) -> dict:
-    from .accuracy_report import add_official, plan
+    from .accuracy_report import DEFAULT_EVAL_SECONDS, add_official, plan
 
     sums, versions = preflight(args)
     if args.accuracy:  # this run joins that file: its next seed and its measured evaluation time
         planned = plan(Path(args.accuracy))
         args.seed = planned["official_seed"] if args.seed is None else args.seed
         args.eval_seconds = args.eval_seconds or planned["eval_seconds"]
-    args.eval_seconds = args.eval_seconds or 150.0  # ESTIMATE: the official protocol on an H100/H200, compiled
+    args.eval_seconds = args.eval_seconds or DEFAULT_EVAL_SECONDS
     cfg, out, wall = peer_config(args), Path(args.out), harness.Wall()
     from fastemp.validate import check_config
 
@@ -166,14 +136,11 @@ def run_peer(args) -> dict:
     official = {"repo": REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums}
     official.update(python=args.python, versions=versions, arguments=official_arguments(args.n, args.schedule_epochs))
     official.update(readme_command="python main.py " + " ".join(official_arguments(20, 2)), n_patches=args.n)
-    official.update(
-        schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed, batch_size=BATCH
-    )
-    official["cosine_steps"] = 50_000 // BATCH * args.schedule_epochs  # main.py's, whatever the data
+    official.update(schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed)
+    official.update(batch_size=BATCH, cosine_steps=50_000 // BATCH * args.schedule_epochs)  # main.py's, any data
     result = {"status": "RUNNING", "dry_run": bool(args.cpu_dry_run), "time_limit": args.time_limit, "data": {}}
-    result.update(
-        eval_seconds_reserved=args.eval_seconds, overrides=[*args.override, *args.overrides], official=official
-    )
+    result.update(eval_seconds_reserved=args.eval_seconds, overrides=[*args.override, *args.overrides])
+    result["official"] = official
     handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGALRM)}
     if args.time_limit:
         signal.setitimer(signal.ITIMER_REAL, args.time_limit)
@@ -203,31 +170,24 @@ def run_peer(args) -> dict:
         if training["status"] == "error":
             tail = training["output_tail"][-1] if training["output_tail"] else "no output"
             raise UserError(f"the official run failed (exit {training['exit_code']}): {tail}; see {log}")
-        saved = sorted(
-            (int(p.stem), p)
-            for p in work.glob("logs/*/*/save_models/*.pt")
-            if p.stem.isdigit() and int(p.stem) < args.epochs
-        )
+        saved = [(int(p.stem), p) for p in work.glob("logs/*/*/save_models/*.pt") if p.stem.isdigit()]
+        saved = sorted(s for s in saved if s[0] < args.epochs)
         if training["status"] == "ok" and not saved:
             raise UserError(
                 f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; see {log}"
             )
         if saved:  # after a training timeout: the latest epoch it saved
-            wall.lap()
-            evaluation = evaluate_official(saved[-1][1], cfg, train, test)
-            result["evaluation"] = {**evaluation, "eval_seconds": wall.lap(), "checkpoint": str(saved[-1][1])}
-            result["evaluation"].update(
-                epochs_trained=saved[-1][0] + 1, eval_config=dataclasses.asdict(cfg.eval), config=args.config
-            )
+            (epoch, checkpoint), _ = saved[-1], wall.lap()
+            evaluation = {**evaluate_official(checkpoint, cfg, train, test), "eval_seconds": wall.lap()}
+            evaluation.update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
+            result["evaluation"] = {**evaluation, "eval_config": dataclasses.asdict(cfg.eval)}
         result["status"] = "PASS" if training["status"] == "ok" else "TIMEOUT"
         if training["status"] != "ok":
             result["error"] = f"training stopped {limit:.0f} s in, keeping {args.eval_seconds:g} s for the evaluation"
         return results.write(result, final=result["status"] == "PASS")
     except BaseException as err:  # the limit, SIGTERM, a one-line error, Ctrl-C or a crash: written down first
-        result.update(
-            status="TIMEOUT" if isinstance(err, Stopped) else "FAIL",
-            error=one_line(f"{type(err).__name__}: {err}")[:300],
-        )
+        result["status"] = "TIMEOUT" if isinstance(err, Stopped) else "FAIL"
+        result["error"] = one_line(f"{type(err).__name__}: {err}")[:300]
         results.write(result)
         raise
     finally:
@@ -292,12 +252,10 @@ def markdown(result: dict) -> str:
         headers = "epoch|steps|loop s|images/s (steady)|images/s (whole loop)|loss sim|loss TCR|lr after"
         lines += ["", table(training["epochs"], keys, headers)]
     if evaluation:
-        ev = evaluation["eval_config"]
-        values = [evaluation.get(k) for k in ("linear_top1", "best_top1_on_test", "knn_top1")]
-        values += [ev.get("patches"), ev.get("probe_epochs"), evaluation.get("eval_seconds")]
+        keys = "linear_top1 best_top1_on_test knn_top1 eval_config.patches eval_config.probe_epochs eval_seconds"
         headers = "linear top-1 (final probe epoch)|best epoch on test|kNN top-1|eval patches|probe epochs|eval s"
         lines += ["", f"## fastemp's evaluation of the official encoder ({Path(evaluation['checkpoint']).name})", ""]
-        lines.append(markdown_table(headers.split("|"), [values]))
+        lines.append(table([evaluation], keys, headers))
     lines += ["", f"error: {result['error']}"] if result.get("error") else []
     return "\n".join([*lines, "", environment_markdown(result["environment"])])
 
@@ -323,9 +281,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("--test-images", int, 0, "dry runs: an evenly spaced subset (0: all)"),
     )
     for flag, kind, default, text in options:
-        p.add_argument(
-            flag, type=kind, default=default, help=text, required=flag in ("--official-dir", "--data", "--out")
-        )
+        required = flag in ("--official-dir", "--data", "--out")
+        p.add_argument(flag, type=kind, default=default, help=text, required=required)
     p.add_argument("--override", action="append", default=[], help="config override of the evaluation (repeatable)")
     p.add_argument("overrides", nargs="*", help="more overrides (the same ones fastemp's runs got)")
     p.add_argument("--cpu-dry-run", action="store_true", help="run the official code on the CPU (never a peer result)")
@@ -341,28 +298,16 @@ def run_from_args(args) -> int:
     try:
         return int(run_peer(args)["status"] != "PASS")
     except (Stopped, KeyboardInterrupt) as why:  # what it measured is written
-        print(
-            f"fastemp: official-peer stopped ({why or 'interrupted'}); see {Path(args.out) / NAME}.json",
-            file=sys.stderr,
-        )
+        written = Path(args.out) / f"{NAME}.json"
+        print(f"fastemp: official-peer stopped ({why or 'interrupted'}); see {written}", file=sys.stderr)
         return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fastemp.benchmarks.official_peer ...`: as `fastemp bench official-peer`, one-line errors (exit 2)."""
-    from fastemp.cli import user_error_message
+    """`python -m fastemp.benchmarks.official_peer ...`: `fastemp bench official-peer ...`."""
+    from fastemp.cli import main as fastemp
 
-    parser = argparse.ArgumentParser(
-        prog="python -m fastemp.benchmarks.official_peer", description=__doc__.splitlines()[0]
-    )
-    add_arguments(parser)
-    try:
-        return run_from_args(parser.parse_intermixed_args(argv))
-    except Exception as err:
-        if user_error_message(err) is None:
-            raise
-        print(f"fastemp: error: {user_error_message(err)}", file=sys.stderr)
-        return 2
+    return fastemp(["bench", "official-peer", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""The official main.py's data and process. The data: both splits through fastemp's loader, written as the CIFAR-10
-python batches its loader reads (prepare_data). The process: its output read as it arrives, every line logged and stamped, its
-timings read from those stamps (OfficialClock), and the process stopped at the epoch wanted, at a time limit or
-with its parent. The stamps are the host's clock (the library's Clock on the CPU is perf_counter too): outside the
-official process, when its lines arrive is all there is to time it by.
+"""The official main.py's data and process: both splits through fastemp's loader, written as the CIFAR-10 python
+batches its loader reads (prepare_data); its output read as it arrives, every line logged and stamped with the
+host's clock (outside the official process, when its lines arrive is all there is to time it by), its timings read
+from those stamps (OfficialClock), and the process stopped at the epoch wanted, at a time limit or with its parent.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from fastemp.errors import UserError
 from fastemp.runtime import resolve_device
 
 from . import harness
+from .accuracy import data_names
 
 PROGRESS = re.compile(r"^\s*(\d+)it \[")  # tqdm over enumerate(dataloader): "123it [00:05, 24.1it/s]"
 EPOCH_END = re.compile(r"At epoch: (\d+) loss similarity is (\S+) ,loss TCR is: (\S+) and learning rate is: (\S+)")
@@ -185,24 +185,14 @@ def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
         images = images.cpu().numpy()
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1))
 
-    x, y, contents = rows(train.images), train.labels.cpu().tolist(), {}
+    x, y, contents, sums = rows(train.images), train.labels.cpu().tolist(), {}, {}
     for i, idx in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
-        contents[f"data_batch_{i}"] = {
-            "batch_label": f"training batch {i} of 5",
-            "data": x[idx],
-            "labels": [y[j] for j in idx],
-        }
-    contents["test_batch"] = {
-        "batch_label": "testing batch 1 of 1",
-        "data": rows(test.images),
-        "labels": test.labels.cpu().tolist(),
-    }
-    contents["batches.meta"] = {
-        "label_names": list(train.classes),
-        "num_vis": 3072,
-        "num_cases_per_batch": -(-len(y) // 5),
-    }
-    sums = {}
+        contents[f"data_batch_{i}"] = {"batch_label": f"training batch {i} of 5", "data": x[idx]}
+        contents[f"data_batch_{i}"]["labels"] = [y[j] for j in idx]
+    contents["test_batch"] = {"batch_label": "testing batch 1 of 1", "data": rows(test.images)}
+    contents["test_batch"]["labels"] = test.labels.cpu().tolist()
+    contents["batches.meta"] = {"label_names": list(train.classes), "num_vis": 3072}
+    contents["batches.meta"]["num_cases_per_batch"] = -(-len(y) // 5)
     for name, value in contents.items():
         blob = pickle.dumps(value, protocol=2)
         (folder / name).write_bytes(blob)
@@ -221,16 +211,9 @@ def prepare_data(args, cfg, work: Path):
         )
     sums = write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
     (work / "prepared_md5.json").write_text(json.dumps(sums, indent=1))
-    name = Path(args.data).name
-    copy = (
-        "canonical cifar-10-python.tar.gz"
-        if cfg.data.source == "cifar10"
-        else "CIFAR-10 JPEG ImageFolder copy (lossy, q75)"
-        if "jpeg" in name.lower()
-        else "ImageFolder"
-    )
-    info = {"path": str(Path(args.data).resolve()), "copy": copy, "train_images": len(train), "test_images": len(test)}
-    info.update(classes=train.classes, description=train.description, md5_file=str(work / "prepared_md5.json"))
+    info = {"path": str(Path(args.data).resolve()), "copy": data_names(cfg.data)[1], "train_images": len(train)}
+    info.update(test_images=len(test), classes=train.classes, description=train.description)
+    info.update(md5_file=str(work / "prepared_md5.json"))
     info["official_reads"] = (
         "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check pointed at them"
     )

@@ -1,11 +1,7 @@
-"""Markdown for every benchmark, and the README's performance table generated from the committed results.
-
-    fastemp bench report [--results benchmarks/results] [--readme README.md] [--check]
-
-Reads benchmarks/results/<device>/*.json (throughput and time_to_accuracy results; *_check.json files are
-pipeline checks of a harness at toy sizes and stay out) and writes the tables between the README's markers
-`<!-- perf-table:start -->` and `<!-- perf-table:end -->` (printed instead when it has none). --check exits 1
-when the README's section differs from what the results give.
+"""Markdown for every benchmark, and the README's performance table generated from the committed results:
+`fastemp bench report [--results benchmarks/results] [--readme README.md] [--check]` reads
+benchmarks/results/<device>/*.json (not *_check.json: pipeline checks at toy sizes) and writes the tables between
+the README's markers (printed instead when it has none); --check exits 1 when the README's section differs.
 """
 
 from __future__ import annotations
@@ -172,11 +168,6 @@ def _short_of_target(r: dict) -> str:
     return f"not reached ({best}" + (f"; {', '.join(reached)})" if reached else ")")
 
 
-def protocol_label(proto: dict) -> str:
-    what = "whole image" if proto["eval_mode"] == "plain" else f"mean of {proto['eval_patches']} patches"
-    return f"linear probe on h ({what}), {proto['probe_epochs']} probe epochs"
-
-
 def tta_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
     return [
         [device_label(r["environment"]), _short_data(r["data"]), r["n_patches"], f"{r['target']:.0%}"]
@@ -185,6 +176,11 @@ def tta_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
         for path, r in results
         if r["benchmark"] == "time_to_accuracy"
     ]
+
+
+def protocol_label(proto: dict) -> str:
+    what = "whole image" if proto["eval_mode"] == "plain" else f"mean of {proto['eval_patches']} patches"
+    return f"linear probe on h ({what}), {proto['probe_epochs']} probe epochs"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -222,22 +218,15 @@ def render_tables(results_dir: Path, root: Path | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def splice(readme: str, tables: str) -> str | None:
-    """README text with the section between the markers replaced; None when the markers are missing."""
-    start, end = readme.find(START), readme.find(END)
-    if start < 0 or end < start:
-        return None
-    return readme[: start + len(START)] + "\n" + tables + readme[end:]
-
-
 def update_readme(results_dir: Path, readme: Path, check: bool = False) -> int:
     """Write (or with check, verify) the README section; print the tables when there are no markers."""
     tables = render_tables(results_dir, Path(readme).resolve().parent)
     text = readme.read_text() if readme.is_file() else ""
-    new = splice(text, tables)
-    if new is None:
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
         print(f"{readme} has no '{START}' ... '{END}' markers; the table is:\n\n{tables}")
         return 1 if check else 0
+    new = text[: start + len(START)] + "\n" + tables + text[end:]
     if check:
         if new != text:
             print(f"{readme}: the performance table is out of date; run fastemp bench report")
@@ -256,9 +245,8 @@ def add_arguments(p) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(prog="python -m fastemp.benchmarks.report", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args()
-    raise SystemExit(args.func(args))
+    from fastemp.cli import main
+
+    raise SystemExit(main(["bench", "report", *sys.argv[1:]]))

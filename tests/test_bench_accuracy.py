@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from fastemp.benchmarks import accuracy, accuracy_report
-from fastemp.benchmarks.accuracy import ROWS, data_copy, data_overrides, parse_seeds, select_rows
+from fastemp.benchmarks.accuracy import ROWS, data_names, data_overrides, parse_seeds, select_rows
 from fastemp.cli import main
 from fastemp.config import DataConfig
 from fastemp.errors import UserError
@@ -94,8 +94,11 @@ def test_rows_seeds_and_data_copies(tmp_path):
         "data.source=imagefolder",
         "data.path=/d/cifar10-jpeg.tar.gz",
     ]
-    assert data_copy(DataConfig(source="cifar10")) == "canonical archive (cifar-10-python.tar.gz)"
-    assert data_copy(DataConfig(source="imagefolder", path="/d/cifar10-jpeg.tar.gz")).startswith("JPEG copy")
+    assert data_names(DataConfig(source="cifar10")) == (
+        "cifar-10-python.tar.gz",
+        "canonical archive (cifar-10-python.tar.gz)",
+    )
+    assert data_names(DataConfig(source="imagefolder", path="/d/cifar10-jpeg.tar.gz"))[1].startswith("JPEG copy")
 
 
 def test_the_budget_predicts_a_seed_from_warm_steps(monkeypatch):
@@ -155,7 +158,7 @@ def test_official_runs_join_the_file_and_the_difference_has_its_uncertainty(tmp_
     assert result["comparison"][0]["official_seeds"] == [0, 1] and len(result["official_runs"]) == 4
     markdown = (tmp_path / "accuracy.md").read_text()
     assert "fastemp - official" in markdown and "Δ = +3.00 ± " in markdown and "| TIMEOUT |" in markdown
-    assert accuracy_report.difference([0.8], [0.7])[1] is None
+    assert accuracy_report.difference([0.8], [0.7])["delta_standard_error"] is None
 
 
 def tta(tmp_path, *argv: str) -> dict:

@@ -146,14 +146,8 @@ def test_run_official_stops_at_the_epoch_the_limit_or_an_error(tmp_path, mode, s
     script = tmp_path / "fake_main.py"
     script.write_text(FAKE_RUN)
     reports = []
-    report = run_official(
-        [sys.executable, str(script), mode],
-        tmp_path,
-        epochs=1,
-        time_limit=3.0,
-        log=tmp_path / "official.log",
-        on_progress=reports.append,
-    )
+    command, log = [sys.executable, str(script), mode], tmp_path / "official.log"
+    report = run_official(command, tmp_path, epochs=1, time_limit=3.0, log=log, on_progress=reports.append)
     assert report["status"] == status and report["wall_seconds"] < 30
     assert report["epochs"][0]["steps"] == 5
     if mode == "ok":
@@ -202,21 +196,8 @@ def test_one_line_errors(tmp_path, capsys):
 def test_registered_as_a_bench_command(tmp_path, capsys):
     from fastemp.cli import main
 
-    assert (
-        main(
-            [
-                "bench",
-                "official-peer",
-                "--official-dir",
-                str(tmp_path / "nowhere"),
-                "--data",
-                "x",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    argv = ["--official-dir", str(tmp_path / "nowhere"), "--data", "x", "--out", str(tmp_path)]
+    assert main(["bench", "official-peer", *argv]) == 2
     assert "fastemp: error: --official-dir" in capsys.readouterr().err
 
 
@@ -225,31 +206,10 @@ def test_registered_as_a_bench_command(tmp_path, capsys):
 
 def peer_args(tmp_path: Path, official: Path, python: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """The peer's command line on the stand-in: CPU dry run, n=2, a tiny model and evaluation."""
-    return [
-        "--official-dir",
-        str(official),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--python",
-        str(python),
-        "--cpu-dry-run",
-        "--n",
-        "2",
-        "--seed",
-        "3",
-        "--override",
-        "model.width=8",
-        "--override",
-        "model.hidden_dim=32",
-        "--override",
-        "model.z_dim=16",
-        "eval.patches=2",
-        "eval.probe_epochs=2",
-        f"data.root={tmp_path / 'cache'}",
-        *extra,
-    ]
+    argv = ["--official-dir", str(official), "--data", str(data), "--out", str(out), "--python", str(python)]
+    argv += "--cpu-dry-run --n 2 --seed 3 --override model.width=8 --override model.hidden_dim=32".split()
+    argv += "--override model.z_dim=16 eval.patches=2 eval.probe_epochs=2".split()
+    return [*argv, f"data.root={tmp_path / 'cache'}", *extra]
 
 
 def test_end_to_end_around_a_stand_in_checkout(tmp_path):
@@ -259,28 +219,10 @@ def test_end_to_end_around_a_stand_in_checkout(tmp_path):
     assert peer_main(peer_args(tmp_path, official, python, data, out, "--work", str(work), "--time-limit", "600")) == 0
     result = json.loads((out / "official_peer.json").read_text())
     assert result["status"] == "PASS" and result["partial"] is False and result["dry_run"] is True
-    assert result["official"]["arguments"] == [
-        "--data",
-        "cifar10",
-        "--epoch",
-        "2",
-        "--patch_sim",
-        "200",
-        "--arch",
-        "resnet18-cifar",
-        "--num_patches",
-        "2",
-        "--lr",
-        "0.3",
-    ]
-    assert result["overrides"] == [
-        "model.width=8",
-        "model.hidden_dim=32",
-        "model.z_dim=16",
-        "eval.patches=2",
-        "eval.probe_epochs=2",
-        f"data.root={tmp_path / 'cache'}",
-    ]
+    arguments = "--data cifar10 --epoch 2 --patch_sim 200 --arch resnet18-cifar --num_patches 2 --lr 0.3"
+    assert result["official"]["arguments"] == arguments.split()
+    overrides = "model.width=8 model.hidden_dim=32 model.z_dim=16 eval.patches=2 eval.probe_epochs=2".split()
+    assert result["overrides"] == [*overrides, f"data.root={tmp_path / 'cache'}"]
     assert result["data"]["train_images"] == 220 and result["data"]["test_images"] == 20
     training = result["training"]
     assert training["epochs_trained"] == 1 and training["epochs"][0]["steps"] == 2
