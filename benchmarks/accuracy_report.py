@@ -211,11 +211,8 @@ def accuracy_markdown(result: dict) -> str:
             [o.get("status"), *_run_cells(o), (o.get("error") or "")[:120] + " (dry run)" * bool(o.get("dry_run"))]
             for o in official
         ]
-        lines += [
-            "",
-            "## The official code on the same data (benchmarks/official_peer.py, scored by fastemp's evaluator)",
-        ]
-        lines += ["", markdown_table(["status", *RUN_HEADERS.split("|"), "note"], body)]
+        title = "## The official code on the same data (benchmarks/official_peer.py, scored by fastemp's evaluator)"
+        lines += ["", title, "", markdown_table(["status", *RUN_HEADERS.split("|"), "note"], body)]
     if result.get("comparison"):
         lines += ["", "## fastemp - official (linear top-1, final probe epoch)", ""]
     for c in result.get("comparison") or []:

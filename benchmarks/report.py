@@ -21,7 +21,7 @@ TARGETS = {
 }
 
 
-def fmt(value, digits: int = 3) -> str:
+def fmt(value) -> str:
     """A table cell: numbers with sensible precision, None as 'n/a'."""
     if value is None:
         return "n/a"
@@ -30,7 +30,7 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return "nan" if value != value else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+        return "nan" if value != value else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return str(value)
 
 
