@@ -182,10 +182,7 @@ def row_fields(row: Row, overrides: Sequence[str]) -> list[dict]:
 
 class Budget:
     """Whether a seed fits in what is left of --budget, predicted from the warm steps of the seeds measured before
-    it (this row and config first; the results file's and this process's): setup (data, model) + first step +
-    warm step seconds x (steps - 1) + evaluation seconds. The first step is the median of those measured in the
-    same situation: a process's first seed compiles from scratch, a later one in the same process only retraces
-    (RECOMPILE_ALLOWANCE_SECONDS until one is measured)."""
+    it, this row and config first (docs/evaluation.md, --budget)."""
 
     def __init__(self, budget: float | None, history: Sequence[dict] = ()):
         self.budget, self.wall, self.timings = budget, harness.Wall(), []

@@ -139,8 +139,14 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
                 if now - reported > 30:
                     on_progress(clock.report())
                     reported = now
-        finally:
-            stop(child)
+        finally:  # stop it: its DataLoader workers notice their parent is gone and exit
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
             reader.join(timeout=10)
             while not lines.empty():  # what arrived while it was being stopped (tqdm's unfinished last line)
                 item = lines.get()
@@ -151,17 +157,6 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
         status = "ok" if child.returncode == 0 and clock.epochs and clock.epochs[-1].get("done") else "error"
     report = {**clock.report(), "status": status, "exit_code": child.returncode, "output_tail": tail[-5:]}
     return {**report, "wall_seconds": time.perf_counter() - launched}
-
-
-def stop(child: subprocess.Popen) -> None:
-    """End the official process (its DataLoader workers notice their parent is gone and exit)."""
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def subset(images, count: int):
