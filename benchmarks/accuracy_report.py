@@ -12,7 +12,16 @@ from fastemp import runs
 from fastemp.config import to_dict
 from fastemp.evaluate import first_reaching
 
-from .report import device_label, environment_markdown, fmt, markdown_table, on_h100, target_row, targets_markdown
+from .report import (
+    device_label,
+    environment_markdown,
+    fmt,
+    markdown_table,
+    on_h100,
+    table,
+    target_row,
+    targets_markdown,
+)
 
 DEFAULT_EVAL_SECONDS = 150.0  # ESTIMATE (official protocol, H100/H200, with compilation) until one is measured
 MEASURED = ("linear_top1", "best_top1_on_test", "knn_top1", "train_seconds", "first_step_seconds", "eval_seconds")
@@ -290,7 +299,7 @@ def tta_markdown(result: dict) -> str:
         if m["train_seconds"] is not None
     ]
     levels = ", ".join(f"{m['top1']:.0%}" for m in result["milestones"])
-    keys = "step epoch images_seen train_seconds_excl_first_step linear_top1 best_top1_on_test eval_seconds".split()
+    keys = "step epoch images_seen train_seconds_excl_first_step linear_top1 best_top1_on_test eval_seconds"
     lines = [
         f"# Time to {target:.0%}: {device_label(env)} ({env.get('device')})",
         "",
@@ -304,10 +313,7 @@ def tta_markdown(result: dict) -> str:
         f"epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} steps, {result['eval_seconds_total']:.1f} s "
         "in all, off the training clock; linear top-1 = the final probe epoch, best on test = the best (selected on test)",
         "",
-        markdown_table(
-            ["step", "epoch", "images", "train s", "linear top-1", "best on test", "eval s"],
-            [[e.get(k) for k in keys] for e in result["evals"]],
-        ),
+        table(result["evals"], keys, "step|epoch|images|train s|linear top-1|best on test|eval s"),
     ]
     if result["targets"]:
         lines += ["", targets_markdown(result["targets"])]

@@ -57,11 +57,9 @@ def probe_imports(python: str) -> dict:
     try:
         out = subprocess.run([python, "-c", IMPORT_PROBE, *REQUIREMENTS], capture_output=True, text=True, timeout=300)
         return json.loads(out.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError) as err:
-        raise UserError(f"cannot run the interpreter {python} ({err}); pass --python with a working one") from None
-    except (ValueError, IndexError):
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as err:  # cannot run, or printed no JSON
         raise UserError(
-            f"the interpreter {python} failed to check its modules; pass --python with a working one"
+            f"the interpreter {python} failed to check its modules ({err}); pass --python with a working one"
         ) from None
 
 

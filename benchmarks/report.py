@@ -83,11 +83,9 @@ def on_h100(environment: dict) -> bool:
 
 def targets_markdown(targets: list[dict]) -> str:
     status = {True: "met", False: "NOT met", None: "not measured"}
-    rows = [
-        [t["description"], t["threshold"], t["measured"], status[t["met"]], t["on_target_hardware"], t["note"]]
-        for t in targets
-    ]
-    return "## Targets\n\n" + markdown_table(["target", "threshold", "measured", "status", "on H100", "note"], rows)
+    rows = [{**t, "status": status[t["met"]]} for t in targets]
+    keys = "description threshold measured status on_target_hardware note"
+    return "## Targets\n\n" + table(rows, keys, "target|threshold|measured|status|on H100|note")
 
 
 def large_n_option(chunks: int, bn_groups: int, n: int, checkpoint_activations: bool) -> str:
