@@ -49,9 +49,9 @@ def stand_in(tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
-    """Every dry run of this file, started together: the lease's three calls (call 1 with every smoke item, in a
-    generous time: its own 170 s hold them on a GPU, not on a loaded CPU), the parts that do not need the data (the
-    profile part cut at a 1 s limit), and the accuracy part with a failing official run."""
+    """Every dry run of this file, started together: the lease's calls (call 1 with every smoke item, in a generous
+    time: its own 170 s hold them on a GPU, not on a loaded CPU), the parts that do not need the data (the profile
+    part cut at a 1 s limit), and the accuracy part with a failing official run."""
     tmp = tmp_path_factory.mktemp("dry")
     for name in ("lease_in", "accuracy_in"):
         (tmp / name).mkdir()
@@ -61,25 +61,24 @@ def dry(tmp_path_factory):
     for name in ("smoke", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels"):  # earlier parts' results
         (tmp / "accuracy" / "details" / f"{name}.json").write_text("{}")
 
-    def lease_calls():  # one seed: the accuracy run below runs a seed after the official run
-        first = run(LEASE, "call1", tmp / "out1", SMOKE_ITEMS=",".join(smoke.ITEMS), CALL_SECONDS="420", **lease_env)
-        second = run(
-            LEASE, "call2", tmp / "out2", LEASE_OVERRIDES="data.patch_compile=off", ACCURACY_SEEDS="1", **lease_env
-        )
-        return first, second, run(LEASE, "call3", tmp / "out3", **lease_env)
-
+    # call 3 reads the gate call 1 left on the machine: here one written beforehand, so the calls run side by side
+    (tmp / "state3").mkdir()
+    (tmp / "state3" / "gate.json").write_text(json.dumps({"overrides": ["data.patch_compile=off"], "peer": "run"}))
+    calls = {  # one seed in call 2: the accuracy run below runs a seed after the official run
+        "call1": dict(SMOKE_ITEMS=",".join(smoke.ITEMS), CALL_SECONDS="420", SMOKE_LOADER_SECONDS="1", **lease_env),
+        "call2": dict(LEASE_OVERRIDES="data.patch_compile=off", ACCURACY_SEEDS="1", **lease_env),
+        "call3": {**lease_env, "LEASE_STATE": str(tmp / "state3")},
+    }
     parts = "profile,throughput200,kernels,tta,data,tune,tune_modes"  # throughput20 and profile: call 3
     absent = {"FASTEMP_CIFAR10_JPEG": str(tmp / "absent.tar.gz")}
-    with ThreadPoolExecutor(3) as pool:
-        jobs = {
-            "lease": pool.submit(lease_calls),
-            "parts": pool.submit(run, GPU_SUITE, parts, tmp / "parts", LIMIT_PROFILE="1", **absent),
-            "accuracy": pool.submit(run, GPU_SUITE, "accuracy", tmp / "accuracy", **accuracy_env),
-        }
+    with ThreadPoolExecutor(5) as pool:
+        jobs = {call: pool.submit(run, LEASE, call, tmp / f"out{call[-1]}", **env) for call, env in calls.items()}
+        jobs["parts"] = pool.submit(run, GPU_SUITE, parts, tmp / "parts", LIMIT_PROFILE="1", **absent)
+        jobs["accuracy"] = pool.submit(run, GPU_SUITE, "accuracy", tmp / "accuracy", **accuracy_env)
         yield tmp, {name: job.result for name, job in jobs.items()}
 
 
-def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(tmp_path):
+def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(dry, tmp_path):  # first: starts the dry runs
     bad = run(GPU_SUITE, "smoke,bogus", tmp_path)
     assert bad.returncode == 2 and "usage" in bad.stderr
     missing = run(GPU_SUITE, "smoke", tmp_path, FASTEMP_PYTHON="no-such-python3")
@@ -158,7 +157,7 @@ def test_a_failed_official_run_fails_the_accuracy_part_and_keeps_its_json_and_lo
 
 def test_smoke_reports_one_line_per_item_and_writes_smoke_json(dry, tmp_path, monkeypatch):
     tmp, jobs = dry
-    result = jobs["lease"]()[0]
+    result = jobs["call1"]()
     assert result.returncode == 0, result.stdout + result.stderr
     found = json.loads((tmp / "out1" / "smoke.json").read_text())
     assert found["benchmark"] == "smoke" and found["verdict"] == "PASS"
@@ -179,13 +178,14 @@ def test_the_lease_script_runs_its_three_calls(dry):
     """benchmarks/lease.sh dry: call 1's gate and next line, call 2's overrides reaching fastemp and the official
     run's evaluation, fastemp - official in one accuracy.json, call 3; each call's OUT holds at most 8 files."""
     tmp, jobs = dry
-    first, second, third = jobs["lease"]()
+    first, second, third = jobs["call1"](), jobs["call2"](), jobs["call3"]()
     assert first.returncode == 0, first.stdout + first.stderr
     found = json.loads((tmp / "out1" / "smoke.json").read_text())
     assert [i["item"] for i in found["items"]][:3] == ["environment", "check", "official_loader"]
     assert all(i["status"] == "PASS" for i in found["items"][:3]), found["items"]
     assert found["gate"] == {"overrides": [], "stop": None, "peer": "run", "notes": []}
     assert "lease: next: LEASE_OVERRIDES='' LEASE_PEER='run'" in first.stdout
+    assert json.loads((tmp / "state" / "gate.json").read_text()) == found["gate"]  # for call 2 and 3 on this machine
     assert second.returncode == 0, second.stdout + second.stderr
     accuracy = json.loads((tmp / "out2" / "accuracy.json").read_text())
     assert [r["seed"] for r in accuracy["runs"]] == [0] and accuracy["runs"][0]["official_linear_top1"] == 0.842
@@ -197,6 +197,7 @@ def test_the_lease_script_runs_its_three_calls(dry):
     # the last lines: accuracy.md (each side's linear top-1, fastemp - official), then what to run next
     assert (tmp / "state" / "call2" / "accuracy.md").read_text() in second.stdout and "call3" in second.stdout
     assert third.returncode == 0, third.stdout + third.stderr
+    assert "lease: overrides: data.patch_compile=off; official run: run" in third.stdout  # the gate call 1 left
     assert (tmp / "out3" / "throughput_n20.json").exists()
     assert "## Profile" in (tmp / "out3" / "suite.md").read_text()
     parts = {p["part"]: p["status"] for p in json.loads((tmp / "out3" / "suite.json").read_text())["parts"]}
