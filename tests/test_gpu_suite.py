@@ -78,9 +78,11 @@ def dry(tmp_path_factory):
         yield tmp, {name: job.result for name, job in jobs.items()}
 
 
-def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(dry, tmp_path):  # first: starts the dry runs
-    bad = run(GPU_SUITE, "smoke,bogus", tmp_path)
-    assert bad.returncode == 2 and "usage" in bad.stderr
+def test_unknown_parts_and_a_missing_interpreter_are_usage_errors(dry, tmp_path, capsys):  # first: starts the runs
+    from fastemp.benchmarks.suite import main
+
+    assert main(["smoke,bogus"]) == 2 and main(["--lease", "call4", str(tmp_path)]) == 2
+    assert "usage: benchmarks/gpu_suite.sh" in capsys.readouterr().err
     missing = run(GPU_SUITE, "smoke", tmp_path, FASTEMP_PYTHON="no-such-python3")
     assert missing.returncode == 2 and "FASTEMP_PYTHON" in missing.stderr
 
