@@ -1,8 +1,6 @@
 """`fastemp bench {throughput, accuracy, time-to-accuracy, kernels, data, profile, report, official-peer}` and
-`fastemp tune`. Every argument is checked by its parser and every config, machine and data set by the suite
-(harness.Data.check: the checks of `fastemp train`) before anything is measured: each failure is one line, exit 2,
-and no result file is written. Results go to <out>/<name>.json and .md (default out: benchmarks/results/<device>);
-an existing result is never replaced without --force: the new one gets <name>-2, -3, ...
+`fastemp tune`. Every argument is checked by its parser and every config, machine and data set by harness.Data.check
+before anything is measured (one line, exit 2, no result file); results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,11 +22,11 @@ def _checked(kind, low: float, what: str, high: float | None = None, many: bool 
 
     def parse(text: str):
         try:
-            values = [kind(v) for v in str(text).split(",") if v.strip()] if many else [kind(text)]
+            values = [kind(v) for v in text.split(",") if v.strip()] if many else [kind(text)]
         except ValueError:
             values = []
-        if not values or not all(low <= v and (high is None or v <= high) for v in values):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {str(text)[:80]!r}")
+        if not values or not all(low <= v <= (v if high is None else high) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text[:80]!r}")
         return values if many else values[0]
 
     return parse
@@ -43,16 +41,21 @@ FRACTIONS = _checked(float, 1e-9, "comma-separated accuracies in (0, 1] such as 
 SECONDS = _checked(float, 1e-9, "a number > 0")
 
 
-def config_of(args, evaluates: bool = False):
-    """The config the command measures (one line on a bad key or value); torch threads as asked."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    overrides = [*args.overrides, *([f"train.device={args.device}"] if getattr(args, "device", None) else [])]
-    return load_config(args.config, overrides)
+def config_of(args):
+    """The config the command measures (one line on a bad key or value)."""
+    return load_config(args.config, [*args.overrides, *([f"train.device={args.device}"] if args.device else [])])
 
 
 def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", ".md")) -> harness.Results:
+    """The command's result files (named before anything is measured); torch threads as asked."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return harness.Results(benchmark, markdown, args.out, args.name, device, args.force, suffixes)
+
+
+def _axes(args) -> dict:
+    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
+    return {**axes, **{k: harness.parse_list(getattr(args, k, None)) for k in ("backend", "compile", "precision")}}
 
 
 # ------------------------------------------------------------------------------ commands
@@ -62,10 +65,8 @@ def cmd_throughput(args) -> int:
     from .throughput import markdown, run_throughput
 
     base = config_of(args)
-    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
-    axes.update({k: harness.parse_list(getattr(args, k)) for k in ("backend", "compile", "precision")})
     result = run_throughput(
-        base, axes, args, results_for(args, "throughput", markdown, base.train.device), harness.Data()
+        base, _axes(args), args, results_for(args, "throughput", markdown, base.train.device), harness.Data()
     )
     return int(any(r["status"] == "error" for r in result["points"] + result["baselines"]))
 
@@ -73,21 +74,14 @@ def cmd_throughput(args) -> int:
 def cmd_tune(args) -> int:
     from .tune import default_axes, markdown, run_tune, write_config
 
-    base = config_of(args)
-    target = Path(args.out)
-    suffixes = (target.suffix or ".yaml", ".json", ".md")
-    results = harness.Results(
-        "tune", markdown, str(target.parent), target.stem, base.train.device, args.force, suffixes
-    )
-    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
-    axes.update(backend=harness.parse_list(args.backend), compile=harness.parse_list(args.compile), precision=None)
-    settings = {
-        "cudnn_benchmark": harness.parse_list(args.cudnn_benchmark),
-        "patch_compile": harness.parse_list(args.patch_compile),
-    }
-    axes, settings = default_axes(base, axes, settings, results.environment["device"].startswith("cuda"))
+    base, target = config_of(args), Path(args.out)
+    suffix = target.suffix or ".yaml"
+    args.out, args.name = str(target.parent), target.stem
+    results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
+    settings = {k: harness.parse_list(getattr(args, k)) for k in ("cudnn_benchmark", "patch_compile")}
+    axes, settings = default_axes(base, _axes(args), settings, results.environment["device"].startswith("cuda"))
     result = run_tune(base, axes, settings, args, results, harness.Data())
-    return write_config(result, results.folder / f"{results.name}{target.suffix or '.yaml'}")
+    return write_config(result, results.folder / f"{results.name}{suffix}")
 
 
 def cmd_profile(args) -> int:
@@ -137,8 +131,6 @@ def cmd_time_to_accuracy(args) -> int:
 def cmd_kernels(args) -> int:
     from .kernels import markdown, run_kernels
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run_kernels(args, results_for(args, "kernels", markdown, args.device))
     return int(any(r["status"] == "error" for r in result["rows"] + result["augmentation"]))
 
@@ -146,8 +138,6 @@ def cmd_kernels(args) -> int:
 def cmd_data(args) -> int:
     from .data_bench import markdown, run_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run_data(args, results_for(args, "data", markdown, args.device))
     return int(any(r["status"] == "error" for r in result["rows"]))
 

@@ -1,6 +1,6 @@
-"""The accuracy lease (issue 21) in three device calls (benchmarks/lease.sh call1|call2|call3 OUT), each ending by
-itself within CALL_SECONDS: call 1 the smoke part and its gate, call 2 the accuracy part under the gate, call 3
-profile and throughput20. docs/benchmarks.md has the exact `run` commands."""
+"""The accuracy lease (issue 21) in three device calls, `benchmarks/lease.sh call1|call2|call3 OUT`: call 1 the smoke
+part and its gate, call 2 the accuracy part under the gate, call 3 profile and throughput20; each ends by itself
+within CALL_SECONDS. docs/benchmarks.md has the exact `run` commands."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .suite import Suite
+from .suite import Suite, read_json
+
+CALLS = {"call1": (170, ["smoke"]), "call2": (550, ["accuracy"]), "call3": (200, ["profile", "throughput20"])}
+NO_GATE = {"overrides": [], "peer": "run"}  # every fast path on, the official run too
 
 
 def lease(call: str, out: str) -> int:
-    """One of the accuracy lease's three device calls, ending by itself within CALL_SECONDS (docs/benchmarks.md):
-    call1 the smoke part and its gate, call2 the accuracy part under the gate, call3 profile and throughput20."""
     env, state = os.environ, Path(os.environ.get("LEASE_STATE") or "runs/lease").resolve()
-    seconds, details = float(env.get("CALL_SECONDS") or {"call1": 170, "call2": 550, "call3": 200}[call]), state / call
+    seconds, details = float(env.get("CALL_SECONDS") or CALLS[call][0]), state / call
     env.update(SUITE_DEADLINE=str(time.time() + seconds), SUITE_DETAILS=str(details))
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state / "inductor"))  # call 2 reuses call 1's compilations
     if (details / "accuracy.json").exists():  # a call 2 again: what it measured is the history now
@@ -29,10 +30,8 @@ def lease(call: str, out: str) -> int:
     if call == "call1":
         env.setdefault("SMOKE_ITEMS", "environment,check,official_loader,train,large_n")
         status = Suite(out).run(["smoke"])
-        try:
-            gate = json.loads((Path(out) / "smoke.json").read_text())["gate"]
-        except (OSError, ValueError, KeyError):
-            gate = {"overrides": [], "peer": "run", "stop": f"call 1 wrote no readable smoke gate ({out}/smoke.json)"}
+        stop = f"call 1 wrote no readable smoke gate ({out}/smoke.json)"
+        gate = read_json(Path(out) / "smoke.json").get("gate") or {**NO_GATE, "stop": stop}
         (state / "gate.json").write_text(json.dumps(gate))
         if gate["stop"]:
             print(f"lease: STOP: {gate['stop']}. Do not run call 2 as it is: fix it (docs/check.md), run call 1 again.")
@@ -45,11 +44,10 @@ def lease(call: str, out: str) -> int:
         return status
     if "LEASE_OVERRIDES" in env or "LEASE_PEER" in env:  # the command line's, else call 1's on this machine
         gate = {"overrides": env.get("LEASE_OVERRIDES", "").split(), "peer": env.get("LEASE_PEER") or "run"}
-    elif (state / "gate.json").exists():
-        gate = json.loads((state / "gate.json").read_text())
     else:
-        gate = {"overrides": [], "peer": "run"}
-        print("lease: WARNING: no gate from call 1 on this machine and none on the command line: every fast path on")
+        gate = read_json(state / "gate.json") or NO_GATE
+        if not (state / "gate.json").exists():
+            print("lease: WARNING: no gate from call 1 here and none on the command line: every fast path on")
     if gate.get("stop"):
         print(f"lease: STOP (call 1's gate): {gate['stop']}")
         return 3
@@ -58,29 +56,12 @@ def lease(call: str, out: str) -> int:
     print(f"lease: overrides: {env['SUITE_OVERRIDES'] or 'none'}; official run: {gate['peer']}")
     if call == "call3":
         env.setdefault("LIMIT_PROFILE", str(int(seconds * 2 / 5)))
-        status = Suite(out).run(["profile", "throughput20"])
+    status = Suite(out).run(CALLS[call][1])
+    if call == "call3":
         print("lease: done: give the machine back and commit what came back (docs/benchmarks.md)")
         return status
-    status = Suite(out).run(["accuracy"])
-    try:
-        result = json.loads((Path(out) / "accuracy.json").read_text())
-    except (OSError, ValueError):
-        result = {}
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    for row in result.get("rows", []):
-        print(
-            f"lease: fastemp {row['row']} [{row['config_key']}]: seeds {row['seeds']}, linear top-1 "
-            f"{pct(row['linear_top1_mean'])} (std {pct(row['linear_top1_std'])}), official README "
-            f"{pct(row['official_linear_top1'])}; {row['status']} {row['reason']}"
-        )
-    for run in result.get("official_runs", [])[-1:]:
-        print(
-            f"lease: official run (seed {run.get('seed')}): {run.get('status')}, linear top-1 "
-            f"{pct(run.get('linear_top1'))}{', ' + run['error'] if run.get('error') else ''}"
-        )
-    for c in result.get("comparison", []):
-        se = "" if c["delta_standard_error"] is None else f" +- {100 * c['delta_standard_error']:.2f}"
-        print(f"lease: fastemp - official ({c['row']}): {100 * c['delta']:+.2f}{se} points ({c['uncertainty']})")
+    if (details / "accuracy.md").exists():  # each side's linear top-1 and fastemp - official
+        print((details / "accuracy.md").read_text())
     print(
         "lease: next: only if status shows >= 240 s of device time left: CALL_SECONDS=<budget_left_s - 40> bash "
         'benchmarks/lease.sh call3 "$OUT"; else give the machine back and commit what came back (docs/benchmarks.md)'

@@ -1,17 +1,15 @@
-"""The GPU suite (benchmarks/gpu_suite.sh runs it after its offline set-up) and the accuracy lease (lease.sh).
+"""The GPU suite (benchmarks/gpu_suite.sh [all|PART,...] [OUT]) and the accuracy lease (benchmarks/lease.sh
+call1|call2|call3 OUT): `python -m fastemp.benchmarks.suite [all|PART,...] [OUT]` or `... --lease CALL OUT`.
 
-    python -m fastemp.benchmarks.suite [all|PART,PART,...] [OUT]       (the parts: PARTS)
-    python -m fastemp.benchmarks.suite --lease call1|call2|call3 OUT
-
-A part is a list of commands (COMMANDS, or the smoke and accuracy parts below; SUITE_DRY_RUN=1: the CPU at toy
-sizes), each run in its own process group within the part's limit (LIMIT_<PART>, cut to what is left before
-SUITE_DEADLINE). A part cut at its limit is TIMEOUT and keeps what it wrote (every benchmark writes as it goes);
-the next part runs. OUT (default benchmarks/results/<device>) is published after every part and every
-PUBLISH_EVERY (30) s: up to 5 part JSONs, suite.json, suite.md, details.tar.gz. docs/benchmarks.md has the rest.
+A part is a list of commands, each in its own process group within the part's limit (LIMIT_<PART>, cut to what is
+left before SUITE_DEADLINE); a part cut at its limit is TIMEOUT and keeps what it wrote, and the next part runs. OUT
+(default benchmarks/results/<device>) is published after every part and every PUBLISH_EVERY (30) s: up to 5 part
+JSONs, suite.json, suite.md, details.tar.gz. SUITE_DRY_RUN=1: the CPU at toy sizes. docs/benchmarks.md has the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -23,76 +21,70 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from fastemp import runs
 
 from .harness import now_iso
 from .report import device_label, table
+from .smoke import ITEMS as SMOKE_LIMITS
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
 LIMITS.update(kernels=240, tta=420, data=540)
 SMOKE_REPORT_SECONDS = 20  # kept for smoke's report and gate
-SMOKE_LIMITS = dict(environment=60, check=300, official_loader=150, train=240, large_n=90, dali=120)  # ESTIMATES
 PUBLISHED = ("smoke", "accuracy", "official_peer", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels")
 RESULT = dict(throughput20="throughput_n20", tune="tuned_n20", tune_modes="tune_modes_n20", tta="time_to_85_n20")
 RESULT["throughput200"] = "throughput_n200"
 TOY = "data.source=synthetic data.synthetic_train=96 data.synthetic_test=48 model.width=8 model.hidden_dim=32 "
 TOY += "model.z_dim=16"
-# part: (its command on the GPU, in a dry run); {data}: 5,000 synthetic images (throughput does not depend on image
-# content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY, {tail}: --device and --force; the rest: the environment
+TUNE_TOY = "--batch 16 --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1 train.n_patches=4"
+# part: (its command on the GPU, what a dry run appends: a later option or key wins); {data}: 5,000 synthetic images
+# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY; the rest: DEFAULTS
 COMMANDS = {
     "throughput20": (
         "bench throughput --config cifar10_n20_1ep {data} --n 20 --batch 100 --backend {SUITE_BACKENDS} --baseline "
-        "--baseline-workers {BASELINE_WORKERS} --out {out} --name throughput_n20 {tail}",
-        "bench throughput --config cifar10_n20_1ep {data} --n 4 --batch 16 --compile none --steps 2 --warmup 0 "
-        "--split-steps 1 --baseline --baseline-workers 0 --baseline-steps 2 --peak-size 64 --out {out} "
-        "--name throughput_n20 {tail}",
+        "--baseline-workers {BASELINE_WORKERS}",
+        "--n 4 --batch 16 --compile none --steps 2 --warmup 0 --split-steps 1 --baseline-workers 0 --baseline-steps 2 "
+        "--peak-size 64",
     ),
     "throughput200": (  # 0 chunks: one pass with ghost BatchNorm; 10: the gradient cache, the same groups, gradients
         "bench throughput --config cifar10_n200_1ep {data} --n 200 --batch 100 --grad-chunks {N200_GRAD_CHUNKS} "
-        "--backend torch --steps 10 --split-steps 5 --out {out} --name throughput_n200 {tail}",
-        "bench throughput --config cifar10_n200_1ep {data} train.bn_groups=2 --n 8 --batch 16 --grad-chunks 0,2 "
-        "--compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64 --out {out} --name throughput_n200 {tail}",
+        "--backend torch --steps 10 --split-steps 5",
+        "--n 8 --batch 16 --grad-chunks 0,2 --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64 "
+        "train.bn_groups=2",
     ),
     "profile": (
-        "bench profile --config cifar10_n20_1ep {data} --out {out} --name profile {tail}",
-        "bench profile --config cifar10_n20_1ep {data} train.n_patches=4 train.batch_size=16 model.compile=none "
-        "--warmup 0 --steps 2 --out {out} --name profile {tail}",
+        "bench profile --config cifar10_n20_1ep {data}",
+        "--warmup 0 --steps 2 train.n_patches=4 train.batch_size=16 model.compile=none",
     ),
     "tune": (
         "tune --config cifar10_n20_1ep {data} --batch 100 --backend torch --warmup 3 --steps 10 --compile default "
-        "--cudnn-benchmark off,on --patch-compile off,on --out {out}/tuned_n20.yaml {tail}",
-        "tune --config cifar10_n20_1ep {data} train.n_patches=4 --batch 16 --compile none --cudnn-benchmark off "
-        "--patch-compile off --warmup 0 --steps 1 --out {out}/tuned_n20.yaml {tail}",
+        "--cudnn-benchmark off,on --patch-compile off,on",
+        TUNE_TOY,
     ),
     "tune_modes": (
         "tune --config cifar10_n20_1ep {data} --batch 100 --backend torch --warmup 3 --steps 10 --compile "
-        "default,reduce-overhead,max-autotune-no-cudagraphs --cudnn-benchmark on --patch-compile on "
-        "--out {out}/tune_modes_n20.yaml {tail}",
-        "tune --config cifar10_n20_1ep {data} train.n_patches=4 --batch 16 --compile none --cudnn-benchmark off "
-        "--patch-compile off --warmup 0 --steps 1 --out {out}/tune_modes_n20.yaml {tail}",
+        "default,reduce-overhead,max-autotune-no-cudagraphs --cudnn-benchmark on --patch-compile on",
+        TUNE_TOY,
     ),
     "kernels": (
-        "bench kernels --n {KERNELS_N} --batch {KERNELS_BATCH} --out {out} {tail}",
-        "bench kernels --n 4 --batch 16 --dim 32 --width 4 --warmup 0 --iters 2 --no-compile --images 64 "
-        "--baseline-aug-patches 4 --out {out} {tail}",
+        "bench kernels --n {KERNELS_N} --batch {KERNELS_BATCH}",
+        "--n 4 --batch 16 --dim 32 --width 4 --warmup 0 --iters 2 --no-compile --images 64 --baseline-aug-patches 4",
     ),
     "tta": (  # time to 85%; short of it, the best accuracy and the times to 70/75/80%
         "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.epochs={TTA_EPOCHS} eval.knn=false --protocol "
         "{TTA_PROTOCOL} --target 0.85 --milestones 0.70,0.75,0.80 --eval-every {TTA_EVAL_EVERY} --max-wall-seconds "
-        "{wall} --out {out} --name time_to_85_n20 {tail}",
-        "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.n_patches=4 train.batch_size=16 "
-        "model.compile=none train.epochs=2 eval.knn=false eval.patches=2 eval.probe_epochs=2 eval.probe_batch_size=16 "
-        "--protocol cheap --target 0.85 --milestones 0.70,0.75,0.80 --eval-every 250 --max-wall-seconds {wall} "
-        "--out {out} --name time_to_85_n20 {tail}",
+        "{wall}",
+        "train.n_patches=4 train.batch_size=16 model.compile=none train.epochs=2 eval.patches=2 eval.probe_epochs=2 "
+        "eval.probe_batch_size=16",
     ),
     "data": (
-        "bench data --sources {DATA_SOURCES} --n 20 --batch {DATA_BATCH} --workers {DATA_WORKERS} {overrides} "
-        "--out {out} {tail}",
-        "bench data --sources 24 --patch 16 --n 2 --batch 4 --workers 0 --warmup 0 --steps 1 --classes 2 "
-        "--per-class 2 model.width=8 model.hidden_dim=16 model.z_dim=8 --out {out} {tail}",
+        "bench data --sources {DATA_SOURCES} --n 20 --batch {DATA_BATCH} --workers {DATA_WORKERS} {overrides}",
+        "--sources 24 --patch 16 --n 2 --batch 4 --workers 0 --warmup 0 --steps 1 --classes 2 --per-class 2 "
+        "model.width=8 model.hidden_dim=16 model.z_dim=8",
     ),
 }
 DEFAULTS = dict(SUITE_BACKENDS="torch", BASELINE_WORKERS=os.cpu_count() or 1, N200_GRAD_CHUNKS="0,10", TTA_EPOCHS=3)
@@ -100,12 +92,14 @@ DEFAULTS.update(KERNELS_N="20,50,200", KERNELS_BATCH="100,256", TTA_PROTOCOL="ch
 DEFAULTS.update(DATA_SOURCES="32,64,400", DATA_BATCH=100, DATA_WORKERS=min(16, os.cpu_count() or 1))
 
 
-class Step:
+class Step(NamedTuple):
     """A command of a part: its own limit (cut to what is left of the part), whether its failure fails the part,
     and what to do when its own limit cuts it (then the part goes on)."""
 
-    def __init__(self, argv: list[str], limit: float | None = None, counts: bool = True, cut=None):
-        self.argv, self.limit, self.counts, self.cut = argv, limit, counts, cut
+    argv: list[str]
+    limit: float | None = None
+    counts: bool = True
+    cut: Callable | None = None
 
 
 class Suite:
@@ -116,12 +110,13 @@ class Suite:
         self.out = Path(out or f"benchmarks/results/{self.slug}")
         self.details = Path(env.get("SUITE_DETAILS") or self.out / "details")
         self.details.mkdir(parents=True, exist_ok=True)
-        places = [env.get("FASTEMP_CIFAR10_JPEG", "")]  # a dry run reads only the copy it is given (a tiny one)
-        places += [] if self.dry else [".data", "shared/data", "../shared/data"]
-        places = [p if p.endswith(".gz") or not p else f"{p}/cifar10-jpeg.tar.gz" for p in places]
-        self.jpeg = next((str(Path(p).resolve()) for p in places if p and Path(p).is_file()), "")
+        # a dry run reads only the copy it is given (a tiny one)
+        places = [env.get("FASTEMP_CIFAR10_JPEG", ""), *[".data", "shared/data", "../shared/data"] * (not self.dry)]
+        places = [p if p.endswith(".gz") else f"{p}/cifar10-jpeg.tar.gz" for p in places if p]
+        self.jpeg = next((str(Path(p).resolve()) for p in places if Path(p).is_file()), "")
         self.official = env.get("FASTEMP_OFFICIAL_DIR") or ("" if self.dry else str(Path(".official").resolve()))
-        self.overrides = env.get("SUITE_OVERRIDES", "").split()
+        self.overrides = env.get("SUITE_OVERRIDES", "")
+        self.tail = ["--device", "cpu" if self.dry else "cuda", "--force"]
         if self.dry:
             env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
         env.update(FASTEMP_OFFICIAL_DIR=self.official, FASTEMP_CIFAR10_JPEG=self.jpeg, PIP_NO_INDEX="1")
@@ -135,19 +130,15 @@ class Suite:
         print(f"gpu_suite: {why}")
         self.failed = True
 
-    def fastemp(self, command: str, **words) -> list[str]:
-        overrides = " ".join(self.overrides)
-        data = TOY if self.dry else f"data.source=synthetic data.synthetic_train=5000 {overrides}"
-        jpeg = TOY if self.dry else f"data.source=imagefolder data.path={self.jpeg} {overrides}"
-        tail = f"--device {'cpu' if self.dry else 'cuda'} --force"
-        words = {
-            **DEFAULTS,
-            **{k: os.environ[k] for k in DEFAULTS if os.environ.get(k)},
-            "overrides": overrides,
-            **words,
-        }
-        words = {"data": data, "jpeg": jpeg, "tail": tail, "out": self.details, **words}
-        return [sys.executable, "-m", "fastemp", *shlex.split(command.format(**words))]
+    def fastemp(self, command: str, *extra: str, **words) -> Step:
+        """`python -m fastemp COMMAND EXTRA...`, the command's {words} filled in (DEFAULTS: from the environment)."""
+        data = TOY if self.dry else "data.source=synthetic data.synthetic_train=5000"
+        jpeg = TOY if self.dry else f"data.source=imagefolder data.path={self.jpeg}"
+        words = {k: os.environ.get(k) or v for k, v in DEFAULTS.items()} | words
+        words = dict(data=f"{data} {self.overrides}", jpeg=f"{jpeg} {self.overrides}", out=self.details) | words
+        return Step(
+            [sys.executable, "-m", "fastemp", *shlex.split(command.format(overrides=self.overrides, **words)), *extra]
+        )
 
     def steps(self, part: str):
         if part in ("smoke", "accuracy"):
@@ -155,7 +146,11 @@ class Suite:
         if part == "tta" and not self.dry and not self.jpeg:
             self.fail("time to accuracy needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
             return []
-        return [Step(self.fastemp(COMMANDS[part][self.dry], wall=int(self.left() - 30)))]
+        name, (command, toy) = RESULT.get(part, part), COMMANDS[part]
+        out = [f"{self.details}/{name}.yaml"] if part.startswith("tune") else [str(self.details), "--name", name]
+        return [
+            self.fastemp(command, "--out", *out, *self.tail, *shlex.split(toy) * self.dry, wall=int(self.left() - 30))
+        ]
 
     def smoke(self):
         """Every item in its own process under its own limit (LIMIT_SMOKE_<ITEM>), cut to what is left of the part
@@ -181,15 +176,14 @@ class Suite:
             cut = functools.partial(note, item, "FAIL", f"timed out after {limit:.0f} s ({var})", limit)
             run = [*module, "run", item, "--record", str(record), *["--dry-run"] * self.dry]
             yield Step(run, limit, counts=False, cut=cut)
-        report = ["report", "--record", str(record), "--out", str(self.details), "--items", ",".join(items)]
-        yield Step([*module, *report])
+        yield Step([*module, "report", "--record", str(record), "--out", str(self.details), "--items", ",".join(items)])
 
     def accuracy(self):
         """c10_n20_official_1ep@1 under the official protocol on the CIFAR-10 JPEG copy: the next seed, the official
         code's own run (the same data, evaluator and overrides), then the next seeds if they fit; one accuracy.json
         holding every seed and official run so far (ACCURACY_HISTORY). FAIL unless the official run passed."""
         history = Path(os.environ.get("ACCURACY_HISTORY") or f"benchmarks/results/{self.slug}/accuracy.json")
-        target, peer = self.details / "accuracy.json", self.details / "official_peer.json"
+        target = self.details / "accuracy.json"
         if not target.exists() and history.is_file():
             shutil.copy(history, target)
             print(f"gpu_suite: adding to {history}")
@@ -197,34 +191,32 @@ class Suite:
             return self.fail("accuracy needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
         toy = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none eval.patches=2 eval.probe_epochs=2 "
         toy += "eval.probe_batch_size=16 eval.batch_size=16"
-        data = (f"--cifar10 {self.jpeg}" if self.jpeg else TOY) + (
-            f" train.n_patches=4 train.batch_size=16 {toy}" * self.dry
-        )
+        data = (
+            f"--cifar10 {self.jpeg}" if self.jpeg else TOY
+        ) + f" train.n_patches=4 train.batch_size=16 {toy}" * self.dry
         count = os.environ.get("ACCURACY_SEEDS", "2")  # a count of new seeds, or a list ("3," is the seed 3)
         if "," in count:
-            seeds = [s for s in count.split(",") if s]
-            first, later = f"{seeds[0]},", ",".join(seeds[1:]) + "," * (len(seeds) > 1)
+            first, *later = [f"{s}," for s in count.split(",") if s]
+            later = "".join(later)
         else:
             first, later = "next:1", f"next:{int(count) - 1}" if int(count) > 1 else ""
         for which in (first, "peer", later):
             if which == "peer":
-                yield from self.peer(target, peer, toy)
+                yield from self.peer(target, toy)
             elif which and self.left() < 80:
                 print(f"gpu_suite: seeds {which} not run: only {self.left():.0f} s left of the part")
             elif which:
                 command = "bench accuracy --rows c10_n20_official_1ep@1 --seeds {which} --budget {budget} {data} "
-                command += "{overrides} --accumulate --out {out} --name accuracy {tail}"
-                yield Step(self.fastemp(command, which=which, budget=int(self.left() - 20), data=data))
+                command += "{overrides} --accumulate --out {out} --name accuracy"
+                yield self.fastemp(command, *self.tail, which=which, budget=int(self.left() - 20), data=data)
 
-    def peer(self, target: Path, peer: Path, toy: str):
+    def peer(self, target: Path, toy: str):
+        peer = self.details / "official_peer.json"
         peer.unlink(missing_ok=True)
         lease = os.environ.get("LEASE_PEER", "run")
+        checkout = Path(self.official or "/-", "main.py").is_file()
         skip = [lease[6:] if lease.startswith("skip") else ""]
-        skip += [
-            ""
-            if Path(self.official or "/-", "main.py").is_file()
-            else f"no checkout of tsb0601/EMP-SSL at {self.official or '.official/'}"
-        ]
+        skip += ["" if checkout else f"no checkout of tsb0601/EMP-SSL at {self.official or '.official/'}"]
         skip += ["" if self.jpeg else "no CIFAR-10 JPEG archive", "" if self.left() > 80 else "too little time left"]
         reason = next((r for r in skip if r), None)
         if reason:
@@ -236,7 +228,7 @@ class Suite:
         command += "--accuracy {target} --time-limit {limit} {size} {overrides}"
         size = f"--cpu-dry-run --n 4 --train-images 200 --test-images 40 {toy}" if self.dry else "--n 20"
         words = dict(official=self.official, jpeg_file=self.jpeg, python=os.environ["FASTEMP_OFFICIAL_PYTHON"])
-        yield Step(self.fastemp(command, target=target, limit=int(self.left() - 20), size=size, **words))
+        yield self.fastemp(command, target=target, limit=int(self.left() - 20), size=size, **words)
         if not peer.exists():
             peer.write_text(
                 json.dumps({"benchmark": "official_peer", "status": "FAIL", "error": "exit before it started"})
@@ -258,15 +250,13 @@ class Suite:
             time.sleep(0.2)
             if time.monotonic() - self.published > float(os.environ.get("PUBLISH_EVERY", "30")):
                 self.publish()
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        if child.poll() is not None:
+            return child.returncode
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             if child.poll() is None:
                 os.killpg(child.pid, sig)
-                try:
-                    child.wait(timeout=wait)
-                except subprocess.TimeoutExpired:
-                    pass
-            elif sig == signal.SIGTERM:
-                return child.returncode
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=15)
         if step.cut and self.left() > 5:
             step.cut()
             return 0
@@ -342,10 +332,7 @@ class Suite:
         sections, environment = [], {}
         for p in parts.values():
             name = RESULT.get(p["part"], p["part"])
-            try:
-                result = json.loads((self.details / f"{name}.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                result = None
+            result = read_json(self.details / f"{name}.json") or None
             environment = environment or (result or {}).get("environment") or {}
             p["result"] = "none" if result is None else "partial" if result.get("partial") else "complete"
             p["result_file"] = None if result is None else "suite.json" if p["part"] == "data" else f"{name}.json"
@@ -372,6 +359,13 @@ def device_slug() -> str:
     except (OSError, subprocess.SubprocessError):
         found = ""
     return found.strip() or "unknown-device"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
