@@ -1,18 +1,12 @@
-"""`fastemp bench data`: what the data path costs, arm by arm, at several source image sizes.
-
-For each source size (default 32, 64 and 400 px; synthetic JPEG folders made by fastemp.data.synthetic_jpeg, no
-download) the same training step is fed four ways:
-
-    pillow     streamed files, the official recipe on PIL images in --workers processes, the next step prefetched
-    dali       streamed files, DALI: decode (nvJPEG on CUDA, CPU operators without a GPU) and all ops, prefetched
-    resident   the images decoded once at the source size and held on the device, the torch backend (bilinear)
-    step_only  the step with its patches made once (one fixed tensor): the reference
-
-Per arm: images/s of the data path alone (the backend asked step after step with its prefetch, on the library's
-clock), the seconds of a real training step fed by it (the Trainer's own clock), data_added_fraction =
-1 - step_only / step, and the CPU cores it kept busy (CPU seconds of this process and the Pillow workers over the
-same wall seconds). Patch size: 32 for sources up to 64 px (CIFAR recipe and stem), else 224 (ImageNet).
-The step is not compiled by default (--compile): no compile time in a 10-minute job.
+"""`fastemp bench data`: what the data path costs, arm by arm, at several source image sizes (synthetic JPEG
+folders, fastemp.data.synthetic_jpeg). The same training step is fed four ways: pillow (streamed files, the official
+recipe in --workers processes, prefetched), dali (streamed files, DALI decode and ops, prefetched), resident (the
+images decoded once at the source size, on the device, the torch backend, bilinear), step_only (patches made once:
+the reference). Per arm: images/s of the data path alone (the backend asked as the Trainer asks it, on the library's
+clock), the seconds of a real training step fed by it (the Trainer's clock), data_added_fraction = 1 - step_only /
+step, and the CPU cores it kept busy (CPU seconds of this process and the Pillow workers over the same wall
+seconds). Patch size: 32 for sources up to 64 px (CIFAR recipe and stem), else 224. The step is not compiled by
+default (--compile): no compile time in a 10-minute job.
 """
 
 from __future__ import annotations
@@ -33,7 +27,7 @@ from fastemp.patches.torch_backend import TorchPatches
 from fastemp.train import Trainer
 
 from . import harness
-from .report import device_label, environment_markdown, markdown_table
+from .report import table
 
 ARMS = ("step_only", "pillow", "dali", "resident")
 
@@ -150,19 +144,12 @@ def measure_source(source_px: int, args, root: Path, device: torch.device) -> li
 def run_data(args, results: harness.Results) -> dict:
     device = torch.device(results.environment["device"])
     notes = [f"model.compile={args.compile}", "synthetic JPEGs (quality 90 + pixel noise): see bytes_per_image"]
-    notes += (
-        ["CPU run: every arm shares the cores with the step; DALI runs its CPU operators."]
-        if device.type == "cpu"
-        else []
+    notes += ["CPU run: every arm shares the cores with the step; DALI runs its CPU operators."] * (
+        device.type == "cpu"
     )
-    settings = {
-        k: getattr(args, k) for k in ("n", "batch", "workers", "warmup", "steps", "classes", "per_class", "compile")
-    }
-    result = {
-        "settings": {**settings, "sources": args.sources, "patch": args.patch, "overrides": args.overrides},
-        "rows": [],
-        "notes": notes,
-    }
+    settings = {k: getattr(args, k) for k in "n batch workers warmup steps classes per_class compile".split()}
+    settings.update(sources=args.sources, patch=args.patch, overrides=args.overrides)
+    result = {"settings": settings, "rows": [], "notes": notes}
     with tempfile.TemporaryDirectory(dir=args.folder_root) as tmp:
         for source_px in args.sources:
             result["rows"] += measure_source(source_px, args, Path(tmp), device)
@@ -172,22 +159,17 @@ def run_data(args, results: harness.Results) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    keys = ("source_px", "patch_px", "arm", "images_per_s", "step_seconds", "data_added_fraction", "cpu_workers")
-    keys += ("cpu_cores_busy", "bytes_per_image", "status", "note")
-    rows = [[r.get(k) for k in keys] for r in result["rows"]]
-    for row in rows:
-        row[4], row[8] = row[4] and row[4] * 1e3, row[8] / 1e3
-    headers = "source px|patch px|arm|images/s|step ms|added|cpu workers|cores busy|kB/image|status|note".split("|")
-    return "\n".join(
-        [
-            f"# Data path: {device_label(result['environment'])} ({result['environment'].get('device')})",
-            "",
-            f"n={s['n']}, B={s['batch']}, {s['warmup']} warm-up + {s['steps']} timed steps per arm; images/s of the "
-            "data path alone (with its prefetch); step ms: a training step fed by the arm; added = 1 - step_only / step.",
-            "",
-            markdown_table(headers, rows),
-            "",
-            environment_markdown(result["environment"]),
-            *(f"- note: {n}" for n in result["notes"]),
-        ]
+    rows = [
+        {**r, "ms": r.get("step_seconds") and r["step_seconds"] * 1e3, "kb": r["bytes_per_image"] / 1e3}
+        for r in result["rows"]
+    ]
+    keys = "source_px patch_px arm images_per_s ms data_added_fraction cpu_workers cpu_cores_busy kb status note"
+    headers = "source px|patch px|arm|images/s|step ms|added|cpu workers|cores busy|kB/image|status|note"
+    return harness.page(
+        result,
+        "Data path",
+        f"n={s['n']}, B={s['batch']}, {s['warmup']} warm-up + {s['steps']} timed steps per arm; images/s of the data "
+        "path alone (with its prefetch); step ms: a training step fed by the arm; added = 1 - step_only / step.",
+        "",
+        table(rows, keys, headers),
     )
