@@ -1,10 +1,6 @@
-"""A reference-style EMP-SSL pipeline, measured beside fastemp in the same run for a ratio rather than a claim.
-
-It makes the official implementation's choices, written from the method's description (no official code, no
-torchvision or PIL): a per-image Dataset augmenting n patches one at a time on the CPU (fastemp's torch recipe, one
-patch a call) in DataLoader worker processes; an eager fp32 model (no compile, channels_last or autocast); the loss
-in Python loops (F.cosine_similarity to the mean per patch, a d x d torch.logdet per patch group); fastemp.lars.
-It computes the same loss as fastemp (tests/test_benchmarks.py: values and gradients); only how differs.
+"""The reference-style EMP-SSL pipeline measured beside fastemp in the same run (docs/benchmarks.md), written from
+the method's description (no official code, torchvision or PIL): per-patch CPU augmentation in DataLoader workers,
+an eager fp32 model, the loss in Python loops, fastemp.lars. Same loss as fastemp (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The one benchmark harness under every suite (throughput, tune, profile, kernels, data, accuracy): a grid of
-points, each config checked and its data loaded before anything is measured (Data.check: the checks of `fastemp
-train`); a Trainer over data loaded once (Data.trainer); warm-up, then timed calls or steps on the library's clock
-(fastemp.clock); the median; one row per point (run_points: an out-of-memory point is a row, not a crash), the
-result file rewritten after every row (Results), so a run cut at a time limit keeps what it measured.
+"""The one harness under every suite (docs/benchmarks.md#how-the-numbers-are-computed): points checked before any
+work, a Trainer over data loaded once, timed on the library's clock (fastemp.clock), one row per point, the result
+file rewritten after every row.
 """
 
 from __future__ import annotations
@@ -29,9 +27,7 @@ from .report import device_label, environment_markdown
 
 def parse_list(text: str | None, kind: Callable = str) -> list | None:
     """'20,200' -> [20, 200]; None or '' -> None (the axis keeps the config's value)."""
-    if text is None or not str(text).strip():
-        return None
-    return [kind(item.strip()) for item in str(text).split(",") if item.strip()]
+    return [kind(item.strip()) for item in str(text or "").split(",") if item.strip()] or None
 
 
 def grid(axes: dict[str, Sequence]) -> list[dict]:

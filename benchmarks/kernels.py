@@ -1,17 +1,9 @@
-"""`fastemp bench kernels`: the step's parts outside the model, each fast path beside the path it replaced, over n
-(patches per image, default 20,50,200), B (images, default 100,256) and d (projection size, default 1024):
-
-    cosine_to_mean   the invariance term from raw p (n, B, d), forward + backward, bf16 on CUDA: eager torch, the
-                     same compiled, the Triton kernel (interpreted on the CPU: a correctness smoke, never timed)
-    tcr              the total coding rate from unit z, forward + backward, fp32: fastemp's batched Cholesky (B x B
-                     side, closed-form gradient) vs the baseline's per-patch d x d torch.logdet loop
-    augmentation     one step's n*B patches: the torch recipe eager and compiled; the baseline's per-patch CPU
-                     augmentation (one process, one patch a call)
-    lars             one optimizer step of the --width model (64: the standard 34M parameters): the per-tensor
-                     reference rule, the eager path, the fused compiled pass (with --compile)
-
-Loss kernels: loss and gradient against the first implementation's (max abs difference). Times: medians of --iters
-calls after --warmup, on the library's clock.
+"""`fastemp bench kernels`: the step's parts outside the model over (n, B, d), each fast path beside the path it
+replaced: cosine_to_mean (the invariance term from raw p, bf16 on CUDA: eager, compiled, Triton, interpreted and never
+timed on the CPU), tcr (fp32: batched Cholesky vs the baseline's d x d logdet loop), augmentation (the torch recipe
+eager and compiled; the baseline's one patch a call on the CPU), lars (one optimizer step of the --width model: the
+per-tensor reference rule, eager, fused compiled). Loss kernels forward + backward, their loss and gradient against
+the first implementation's; times: medians of --iters calls after --warmup, on the library's clock.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ from . import harness
 from .baseline import augment_one_patch, loop_tcr
 from .report import table
 
+UNMEASURED = dict.fromkeys(("seconds", "loss_abs_diff", "grad_max_abs_diff"))
 REFERENCE = {"cosine_to_mean": "eager", "tcr": "loop", "augmentation": "torch eager", "lars": "reference"}
 
 
@@ -51,6 +44,10 @@ def implementations(device: torch.device, compile_torch: bool) -> dict[str, list
     cosine.append(("triton", (lambda p: cosine_to_mean(p)[0]) if usable else None, not on_cpu, note))
     tcr = [("cholesky", lambda z: -total_coding_rate(z, 0.2).mean(), True, "batched Cholesky, B x B side")]
     return {"cosine_to_mean": cosine, "tcr": [*tcr, ("loop", loop_tcr, True, "per-patch d x d torch.logdet")]}
+
+
+def median_seconds(call, device: torch.device, args) -> float:
+    return statistics.median(harness.time_calls(call, device, args.warmup, args.iters))
 
 
 def loss_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,13 +72,7 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
             def measure(impl, x=x, reference=reference) -> dict:
                 _, fn, timed, note = impl
                 if fn is None:
-                    return {
-                        "timed": False,
-                        "seconds": None,
-                        "note": note,
-                        "loss_abs_diff": None,
-                        "grad_max_abs_diff": None,
-                    }
+                    return {"timed": False, "note": note, **UNMEASURED}
                 loss, grad = loss_and_grad(fn, x)
                 leaf = x.detach().requires_grad_(True)
 
@@ -89,9 +80,7 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
                     leaf.grad = None
                     fn(leaf).backward()
 
-                seconds = (
-                    statistics.median(harness.time_calls(call, device, args.warmup, args.iters)) if timed else None
-                )
+                seconds = median_seconds(call, device, args) if timed else None
                 diffs = {"loss_abs_diff": float((loss - reference[0]).abs())}
                 diffs["grad_max_abs_diff"] = float((grad - reference[1]).abs().max())
                 return {"timed": timed, "seconds": seconds, "note": note, **diffs}
@@ -117,7 +106,7 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
             backend = TorchPatches(pool, AugmentConfig(), impl.endswith("compiled"))
             index = torch.arange(shape["B"], device=device)
             call = lambda: backend(index, shape["n"], next(seeds))  # noqa: E731
-            seconds = statistics.median(harness.time_calls(call, device, args.warmup, args.iters))
+            seconds = median_seconds(call, device, args)
         return {"seconds": seconds, "patches_per_s": shape["n"] * shape["B"] / seconds, "timed": True, "note": note}
 
     return harness.run_points(todo, measure, lambda p: {"kernel": "augmentation", "impl": p[0], **p[1]}, device)
@@ -143,15 +132,8 @@ def lars_rows(args, device: torch.device) -> list[dict]:
             optimizer.step()
 
         first = harness.time_calls(step, device, 0, 1)[0]  # a compiled path compiles here
-        seconds = statistics.median(harness.time_calls(step, device, args.warmup, args.iters))
-        params = sum(p.numel() for p in model.parameters())
-        return {
-            "params": params,
-            "first_call_s": first,
-            "seconds": seconds,
-            "timed": True,
-            "note": f"width {args.width}",
-        }
+        out = {"params": sum(p.numel() for p in model.parameters()), "first_call_s": first, "timed": True}
+        return {**out, "seconds": median_seconds(step, device, args), "note": f"width {args.width}"}
 
     return harness.run_points(paths, measure, lambda path: {"kernel": "lars", "impl": path[0]}, device)
 
@@ -161,16 +143,9 @@ def speedups(rows: list[dict]) -> list[dict]:
     where = ("kernel", "n", "B", "d")
     key = lambda r: tuple(r.get(k) for k in where)  # noqa: E731
     times = {key(r): r["seconds"] for r in rows if r["impl"] == REFERENCE[r["kernel"]] and r.get("seconds")}
-    return [
-        {
-            **dict(zip(where, key(r))),
-            "impl": r["impl"],
-            "vs": REFERENCE[r["kernel"]],
-            "speedup": times[key(r)] / r["seconds"],
-        }
-        for r in rows
-        if times.get(key(r)) and r.get("seconds") and r["impl"] != REFERENCE[r["kernel"]]
-    ]
+    faster = [r for r in rows if times.get(key(r)) and r.get("seconds") and r["impl"] != REFERENCE[r["kernel"]]]
+    labels = [{**dict(zip(where, key(r))), "impl": r["impl"], "vs": REFERENCE[r["kernel"]]} for r in faster]
+    return [{**label, "speedup": times[key(r)] / r["seconds"]} for label, r in zip(labels, faster)]
 
 
 def run_kernels(args, results: harness.Results) -> dict:
@@ -180,13 +155,9 @@ def run_kernels(args, results: harness.Results) -> dict:
     augmentation = augmentation_rows(args, device, gen) if args.augmentation else []
     settings = {k: getattr(args, k) for k in ("n", "batch", "dim", "warmup", "iters", "compile", "width")}
     notes = ["CPU timings are noisy: shared cores; Triton on the CPU runs interpreted and is never timed."]
-    result = {
-        "settings": settings,
-        "rows": rows,
-        "augmentation": augmentation,
-        "speedups": speedups(rows + augmentation),
-    }
-    return results.write({**result, "notes": notes if device.type == "cpu" else []}, final=True)
+    result = {"settings": settings, "rows": rows, "augmentation": augmentation}
+    result.update(speedups=speedups(rows + augmentation), notes=notes if device.type == "cpu" else [])
+    return results.write(result, final=True)
 
 
 def markdown(result: dict) -> str:
@@ -202,10 +173,6 @@ def markdown(result: dict) -> str:
         keys, headers = "impl n B patches_per_s status note", "backend|n|B|patches/s|status|note"
         lines += ["", "## Augmentation", "", table(result["augmentation"], keys, headers)]
     if result["speedups"]:
-        lines += [
-            "",
-            "## Speed-ups",
-            "",
-            table(result["speedups"], "kernel impl vs n B d speedup", "kernel|impl|over|n|B|d|x"),
-        ]
+        keys, headers = "kernel impl vs n B d speedup", "kernel|impl|over|n|B|d|x"
+        lines += ["", "## Speed-ups", "", table(result["speedups"], keys, headers)]
     return harness.page(result, "Kernels", *lines)

@@ -1,18 +1,15 @@
-"""`fastemp bench throughput`: images/s, patches/s, TFLOP/s, MFU, peak memory and the step split of the Trainer's
-own step, over a grid of (n_patches, batch_size, backend, compile, precision, grad_chunks).
-
-Each point: a Trainer of the point's config, its first step (compilation) timed apart by the Trainer, `warmup`
-steps, then `steps` steps whose starts train_step marks on the library's clock: images/s = B / median step. The
-step split: `split_steps` more steps on a clock that marks every phase. MFU: fastemp.clock.utilisation against a
-matmul measured in the same run. --baseline also measures the reference-style pipeline (baseline.py) at each (n, B).
-Under torchrun (K processes) rank 0 first measures each point alone (same global batch), then all ranks: scaling
-efficiency = their total / (K x the one-process figure); the baseline is not run there.
+"""`fastemp bench throughput` (docs/benchmarks.md): images/s, patches/s, MFU, peak memory and the step split of the
+Trainer's own step over a grid of AXES. Per point: the first step (compilation) timed apart by the Trainer, `warmup`
+steps, then `steps` steps marked on the library's clock (images/s = B / median step); the split marks every phase
+of `split_steps` more. --baseline: the reference-style pipeline (baseline.py) at each (n, B). Under torchrun rank 0
+first measures each point alone (same global batch), then all ranks: scaling efficiency = total / (K x alone).
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+from operator import attrgetter
 
 import torch
 
@@ -24,25 +21,15 @@ from fastemp.model import flops_per_patch
 from . import harness
 from .report import on_h100, pct, table, target_row, targets_markdown
 
-AXES = {  # sweep axis -> the config key it sets
-    "n_patches": "train.n_patches",
-    "batch_size": "train.batch_size",
-    "backend": "data.backend",
-    "compile": "model.compile",
-    "precision": "model.precision",
-    "grad_chunks": "train.grad_chunks",
-}
+# sweep axis -> the config key it sets
+AXES = {"n_patches": "train.n_patches", "batch_size": "train.batch_size", "backend": "data.backend"}
+AXES.update({"compile": "model.compile", "precision": "model.precision", "grad_chunks": "train.grad_chunks"})
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
-
-
-def value_of(cfg, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def points(base, axes: dict) -> list[dict]:
     """Every combination of the given axis values; an axis left None keeps the config's value."""
-    return harness.grid({axis: axes.get(axis) or [value_of(base, key)] for axis, key in AXES.items()})
+    return harness.grid({axis: axes.get(axis) or [attrgetter(key)(base)] for axis, key in AXES.items()})
 
 
 def point_config(base, point: dict, steps: int):
@@ -146,9 +133,9 @@ def run_throughput(base, axes: dict, args, results: harness.Results, data: harne
     each) before anything is measured."""
     todo = [point_config(base, p, 1 + args.warmup + args.steps + args.split_steps + 1) for p in points(base, axes)]
     device = [data.check(cfg) for cfg in todo][0].device
-    peak, rows, baselines = matmul_peak(device, args.peak_size), [], []
+    peak, flops = matmul_peak(device, args.peak_size), flops_per_patch(base.model, image_size=base.augment.crop_size)
 
-    def write(final: bool = False) -> dict:
+    def write(rows: list[dict], baselines: list[dict] = (), final: bool = False) -> dict:
         rates = {(b["n_patches"], b["batch_size"]): b["images_per_s"] for b in baselines if b["status"] == "ok"}
         for p in rows:
             rate = rates.get((p["n_patches"], p["batch_size"]))
@@ -158,11 +145,11 @@ def run_throughput(base, axes: dict, args, results: harness.Results, data: harne
             "config": to_dict(base),
             "axes": {k: v for k, v in axes.items() if v},
             "data": next((p["data"] for p in rows if p.get("data")), base.data.source),
-            "flops_per_patch": flops_per_patch(base.model, image_size=base.augment.crop_size),
+            "flops_per_patch": flops,
             "peak": peak,
             "settings": {"warmup_steps": args.warmup, "timed_steps": args.steps, "split_steps": args.split_steps},
             "points": rows,
-            "baselines": baselines,
+            "baselines": list(baselines),
             "baseline_description": baselines[0].get("description", "") if baselines else "",
             "targets": targets(rows, results.environment),
             "notes": notes,
@@ -171,22 +158,21 @@ def run_throughput(base, axes: dict, args, results: harness.Results, data: harne
 
     measure = measure_scaling if distributed.world_size() > 1 else measure_point
     settings = (data, args.warmup, args.steps, args.split_steps, peak)
-    label = lambda cfg: {axis: value_of(cfg, key) for axis, key in AXES.items()}  # noqa: E731
-    rows += harness.run_points(todo, lambda cfg: measure(cfg, *settings), label, device, write)
+    label = lambda cfg: {axis: attrgetter(key)(cfg) for axis, key in AXES.items()}  # noqa: E731
+    rows, baselines = harness.run_points(todo, lambda cfg: measure(cfg, *settings), label, device, write), []
     if args.baseline and distributed.world_size() == 1:
         from .baseline import measure_baseline
 
-        pairs = [
-            {"n_patches": n, "batch_size": b} for n, b in sorted({(p["n_patches"], p["batch_size"]) for p in rows})
-        ]
+        measured = sorted({(p["n_patches"], p["batch_size"]) for p in rows})
+        pairs = [{"n_patches": n, "batch_size": b} for n, b in measured]
 
         def baseline(pair) -> dict:
             cfg = point_config(base, pair, 1)
             images = data.load(cfg, "train", torch.device("cpu")).images
             return measure_baseline(cfg, images, device, args.baseline_workers, steps=args.baseline_steps)
 
-        baselines += harness.run_points(pairs, baseline, dict, device, write)
-    return write(final=True)
+        baselines = harness.run_points(pairs, baseline, dict, device, lambda done: write(rows, done))
+    return write(rows, baselines, final=True)
 
 
 def markdown(result: dict) -> str:

@@ -1,16 +1,14 @@
-"""`fastemp tune`: the fastest settings for this card, written as a config to train with.
-
-Objective: end-to-end images/s at YOUR n_patches (a throughput point). n changes the method, so it is swept only
-with --n; the batch size is swept (B and 2B by default) but changes the method too (TCR and BatchNorm see B images,
-the learning rate is not rescaled): pass one --batch to keep yours. The backends are those the data allows; the
-compile mode, cudnn.benchmark and the compiled patch recipe change only speed. A point over the memory budget
-(default 90% of the card; none on the CPU) or out of memory is measured again with more gradient-cache chunks (the
-same gradients, less memory) while there are more; a point that fails otherwise is reported as such.
+"""`fastemp tune`: the fastest settings for this card (end-to-end images/s of a throughput point at YOUR n_patches),
+written as a config to train with. n is swept only with --n; the batch size (B and 2B by default) changes the method
+too (TCR and BatchNorm see B images; the learning rate is not rescaled): pass one --batch to keep yours. A point over
+the memory budget (default 90% of the card; none on the CPU) or out of memory is measured again with more
+gradient-cache chunks (the same gradients, less memory) while there are more; one that fails otherwise says so.
 """
 
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from fastemp.patches import dali_available
 
 from . import harness
 from .report import device_label, table
-from .throughput import AXES, measure_point, point_config, points, value_of
+from .throughput import AXES, measure_point, point_config, points
 
 SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}  # speed only
 
@@ -54,7 +52,7 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
 def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, data: harness.Data) -> dict:
     """Every point of every settings combination (checked before anything is measured), each measured again with
     more chunks while over the budget; the fastest that fits is `best`."""
-    variants = harness.grid({k: settings.get(k) or [value_of(base, key)] for k, key in SETTINGS.items()})
+    variants = harness.grid({k: settings.get(k) or [attrgetter(key)(base)] for k, key in SETTINGS.items()})
     steps = 1 + args.warmup + args.steps + 1
     todo = []
     for setting in variants:

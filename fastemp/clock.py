@@ -1,15 +1,17 @@
 """The one clock every reported duration comes from: marks are CUDA events on the current stream (never
 waiting for the device) or perf_counter on the CPU; `intervals()` synchronises once. An interval is named
 after the mark that ends it, so a caller leaves a pause out by naming its end apart (the Trainer's "start").
-Beside it, what a measurement reports with its seconds: peak memory and model FLOP utilisation (MFU).
+Beside it, what a measurement reports with its seconds: CPU seconds, peak memory and model FLOP utilisation (MFU).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,6 +61,19 @@ def time_calls(fn, device: torch.device | str, warmup: int, iters: int) -> list[
         fn()
         clock.mark("call")
     return [seconds for _, seconds in clock.intervals()]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by this process (all its threads) and the processes `pids` (/proc): what a
+    measurement kept busy beside its wall seconds."""
+    total, tick = time.process_time(), os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 class PeakMemory:
