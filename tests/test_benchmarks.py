@@ -150,12 +150,23 @@ def test_clocked_step_matches_train_until(grad_chunks):
 # ------------------------------------------------------------------------------ the commands, end to end
 
 
+WRITES = []  # (points, baselines, final) of every write of the throughput run's result file
+
+
 @pytest.fixture(scope="module")
 def throughput_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput")
     argv = ["bench", "throughput", *BENCH_CPU, *BENCH_TINY, "--n", "2", "--batch", "8", "--grad-chunks", "1,2"]
     argv += ["--warmup", "1", "--steps", "3", "--split-steps", "2", "--baseline", "--baseline-workers", "1"]
-    return main([*argv, "--baseline-steps", "2", "--peak-size", "256", "--out", str(out)]), out
+    write = harness.Results.write
+
+    def recorded(self, result, final=False):
+        WRITES.append((len(result["points"]), len(result["baselines"]), final))
+        return write(self, result, final)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness.Results, "write", recorded)
+        return main([*argv, "--baseline-steps", "2", "--peak-size", "256", "--out", str(out)]), out
 
 
 def test_cli_throughput(throughput_run):
@@ -177,6 +188,8 @@ def test_cli_throughput(throughput_run):
         assert p["speedup_vs_baseline"] == pytest.approx(p["images_per_s"] / base["images_per_s"])
         assert set(p["split"]) >= {*PHASES, "forward_backward", "total"} and p["split"]["steps"] == 2
     assert (out / "throughput.md").read_text().startswith("# Throughput")
+    # the file is rewritten after every row with what was measured so far (a run cut at a limit keeps it)
+    assert WRITES == [(1, 0, False), (2, 0, False), (2, 1, False), (2, 1, True)]
 
 
 def test_cli_kernels_profile_and_data(tmp_path):
