@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastemp.clock import cpu_seconds
+from fastemp.clock import cpu_seconds, time_calls
 from fastemp.config import load_config
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
@@ -76,7 +76,7 @@ def measure_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path) -
             call()
         pids = list(getattr(getattr(backend, "_pool", None), "_processes", None) or {})  # the Pillow workers
         busy = cpu_seconds(pids)
-        data_s = sum(harness.time_calls(call, trainer.device, 0, args.steps)) / args.steps
+        data_s = sum(time_calls(call, trainer.device, 0, args.steps)) / args.steps
         busy = (cpu_seconds(pids) - busy) / (data_s * args.steps)
         fed = Trainer(trainer.cfg, None, False, trainer.runtime, trainer.train_set, patches=backend)
         fed.train_until(max(1, args.warmup))

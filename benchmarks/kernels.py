@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.check.reference import reference_lars
+from fastemp.clock import time_calls
 from fastemp.config import AugmentConfig, ModelConfig, OptimConfig
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, triton_usable
 from fastemp.lars import build_lars
@@ -47,7 +48,7 @@ def implementations(device: torch.device, compile_torch: bool) -> dict[str, list
 
 
 def median_seconds(call, device: torch.device, args) -> float:
-    return statistics.median(harness.time_calls(call, device, args.warmup, args.iters))
+    return statistics.median(time_calls(call, device, args.warmup, args.iters))
 
 
 def loss_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +62,8 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows, impls = [], implementations(device, args.compile)
     for shape in harness.grid({"n": args.n, "B": args.batch, "d": args.dim}):
-        size = (shape["n"], shape["B"], shape["d"])
-        inputs = {
-            "cosine_to_mean": torch.randn(*size, device=device, generator=gen).to(low),
-            "tcr": F.normalize(torch.randn(*size, device=device, generator=gen), dim=-1),
-        }
-        for kernel, x in inputs.items():
+        p = torch.randn(shape["n"], shape["B"], shape["d"], device=device, generator=gen)
+        for kernel, x in (("cosine_to_mean", p.to(low)), ("tcr", F.normalize(p, dim=-1))):
             reference = loss_and_grad(impls[kernel][0][1], x)
 
             def measure(impl, x=x, reference=reference) -> dict:
@@ -101,7 +98,7 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
         if impl.startswith("baseline"):
             images, cpu_gen, count = pool[:1000].cpu(), torch.Generator().manual_seed(0), args.baseline_aug_patches
             call = lambda: augment_one_patch(images, next(seeds) % len(images), AugmentConfig(), cpu_gen)  # noqa: E731
-            seconds, note = sum(harness.time_calls(call, "cpu", 1, count)) / count, f"{count} patches, one at a time"
+            seconds, note = sum(time_calls(call, "cpu", 1, count)) / count, f"{count} patches, one at a time"
         else:
             backend = TorchPatches(pool, AugmentConfig(), impl.endswith("compiled"))
             index = torch.arange(shape["B"], device=device)
@@ -131,7 +128,7 @@ def lars_rows(args, device: torch.device) -> list[dict]:
                 p.grad.copy_(g)  # the adaptation rewrites the gradients: the same ones every step
             optimizer.step()
 
-        first = harness.time_calls(step, device, 0, 1)[0]  # a compiled path compiles here
+        first = time_calls(step, device, 0, 1)[0]  # a compiled path compiles here
         out = {"params": sum(p.numel() for p in model.parameters()), "first_call_s": first, "timed": True}
         return {**out, "seconds": median_seconds(step, device, args), "note": f"width {args.width}"}
 

@@ -198,12 +198,11 @@ def markdown(result: dict) -> str:
             f"peak mem GiB{rss}|first-step extra s|x baseline",
         ),
     ]
-    split = [{**p, **{k: v * 1e3 for k, v in p["split"].items() if k in (*PHASES, "total")}} for p in ok if p["split"]]
+    in_ms = lambda p: {k: v * 1e3 for k, v in p["split"].items() if isinstance(v, float)}  # noqa: E731
+    split = [{**p, **in_ms(p), "step": p["step_seconds_median"] * 1e3} for p in ok if p["split"]]
     if split:
         lines += ["", f"## Step split (ms, medians, {split[0]['split']['clock']})", ""]
-        for p in split:
-            p.update(fwd_bwd=p["split"]["forward_backward"] * 1e3, step_ms=p["step_seconds_median"] * 1e3)
-        keys = "n_patches batch_size backend compile data fwd_bwd loss optimizer total step_ms"
+        keys = "n_patches batch_size backend compile data forward_backward loss optimizer total step"
         lines.append(table(split, keys, "n|B|backend|compile|data|fwd+bwd|loss|optimizer|sum|end-to-end step"))
     scaled = [p for p in ok if p.get("world_size")]
     if scaled:

@@ -24,7 +24,7 @@ from fastemp.benchmarks.report import END, START, _short_data, render_tables, up
 from fastemp.benchmarks.throughput import PHASES, points, targets
 from fastemp.check.reference import reference_total_coding_rate
 from fastemp.cli import main
-from fastemp.clock import Clock, datasheet_peak
+from fastemp.clock import Clock, datasheet_peak, time_calls
 from fastemp.config import AugmentConfig, LossConfig, load_config
 from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
@@ -57,7 +57,7 @@ def strict_json(path: Path) -> dict:
 def test_harness_grid_points_and_result_names(tmp_path, capsys):
     assert harness.grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
     assert harness.parse_list("20, 200", int) == [20, 200] and harness.parse_list("") is None
-    assert len(harness.time_calls(lambda: None, torch.device("cpu"), 2, 5)) == 5  # the library's clock, 5 calls
+    assert len(time_calls(lambda: None, torch.device("cpu"), 2, 5)) == 5  # the library's clock, 5 calls
     cfg = load_config("quickstart")
     grid = points(cfg, {"n_patches": [2, 4], "backend": ["torch"]})
     assert len(grid) == 2 and all(p["batch_size"] == cfg.train.batch_size for p in grid)
