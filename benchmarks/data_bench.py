@@ -89,7 +89,7 @@ def measure_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path) -
         backend.close()
 
 
-def measure_source(source_px: int, args, root: Path, device: torch.device) -> list[dict]:
+def measure_source(source_px: int, args, root: Path) -> list[dict]:
     """Every arm's row at one source size: the imagenet100_n20 recipe on a synthetic folder at the arm's patch
     size (the CIFAR stem for patches up to 64 px)."""
     patch_px = args.patch or (32 if source_px <= 64 else 224)
@@ -104,9 +104,8 @@ def measure_source(source_px: int, args, root: Path, device: torch.device) -> li
     keys += ["train.log_every=1000000", f"model.compile={args.compile}", "eval.at_end=false", *args.overrides]
     trainer = harness.Data().trainer(load_config("imagenet100_n20", keys))  # the checks of `fastemp train`
     arms = [a for a in ARMS if a != "dali" or dali_available()]
-    rows = harness.run_points(
-        arms, lambda a: measure_arm(a, trainer, source_px, args, root / "cache"), lambda a: {**base, "arm": a}, device
-    )
+    measure = lambda arm: measure_arm(arm, trainer, source_px, args, root / "cache")  # noqa: E731
+    rows = harness.run_points(arms, measure, lambda arm: {**base, "arm": arm})
     reference = rows[0].get("step_seconds")
     for row in rows:
         added = 1 - reference / row["step_seconds"] if reference and row.get("step_seconds") else None
@@ -116,17 +115,15 @@ def measure_source(source_px: int, args, root: Path, device: torch.device) -> li
 
 
 def run_data(args, results: harness.Results) -> dict:
-    device = torch.device(results.environment["device"])
     notes = [f"model.compile={args.compile}", "synthetic JPEGs (quality 90 + pixel noise): see bytes_per_image"]
-    notes += ["CPU run: every arm shares the cores with the step; DALI runs its CPU operators."] * (
-        device.type == "cpu"
-    )
+    if results.environment["device"] == "cpu":
+        notes.append("CPU run: every arm shares the cores with the step; DALI runs its CPU operators.")
     settings = {k: getattr(args, k) for k in "n batch workers warmup steps classes per_class compile".split()}
     settings.update(sources=args.sources, patch=args.patch, overrides=args.overrides)
     result = {"settings": settings, "rows": [], "notes": notes}
     with tempfile.TemporaryDirectory(dir=args.folder_root) as tmp:
         for source_px in args.sources:
-            result["rows"] += measure_source(source_px, args, Path(tmp), device)
+            result["rows"] += measure_source(source_px, args, Path(tmp))
             results.write(result)
     return results.write(result, final=True)
 

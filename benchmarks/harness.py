@@ -90,7 +90,7 @@ class Data:
         return Trainer(cfg, None, False, runtime, self.load(cfg, "train", runtime.device), **sets)
 
 
-def run_points(points: Sequence, measure: Callable, label: Callable, device: torch.device, done=None) -> list[dict]:
+def run_points(points: Sequence, measure: Callable, label: Callable, done=None) -> list[dict]:
     """measure(point) for every point, as rows {**label(point), "status": "ok", ...}; a point that runs out of
     memory is the row {"status": "oom"} (CUDA's, and those that surface as RuntimeError from cuDNN or Inductor),
     one that fails otherwise {"status": "error"}, both with the reason, and the sweep goes on. Cached blocks and
@@ -108,8 +108,7 @@ def run_points(points: Sequence, measure: Callable, label: Callable, device: tor
             row.update(status="oom" if oom else "error", reason=f"{type(err).__name__}: {err}"[:500])
         finally:
             gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op unless CUDA is in use
             torch._dynamo.reset()
         rows.append(row)
         if done:

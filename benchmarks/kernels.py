@@ -83,7 +83,7 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
                 return {"timed": timed, "seconds": seconds, "note": note, **diffs}
 
             label = {"kernel": kernel, **shape, "dtype": str(x.dtype).replace("torch.", "")}
-            rows += harness.run_points(impls[kernel], measure, lambda impl, lb=label: {**lb, "impl": impl[0]}, device)
+            rows += harness.run_points(impls[kernel], measure, lambda impl, lb=label: {**lb, "impl": impl[0]})
     return rows
 
 
@@ -106,7 +106,7 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
             seconds = median_seconds(call, device, args)
         return {"seconds": seconds, "patches_per_s": shape["n"] * shape["B"] / seconds, "timed": True, "note": note}
 
-    return harness.run_points(todo, measure, lambda p: {"kernel": "augmentation", "impl": p[0], **p[1]}, device)
+    return harness.run_points(todo, measure, lambda p: {"kernel": "augmentation", "impl": p[0], **p[1]})
 
 
 def lars_rows(args, device: torch.device) -> list[dict]:
@@ -132,7 +132,7 @@ def lars_rows(args, device: torch.device) -> list[dict]:
         out = {"params": sum(p.numel() for p in model.parameters()), "first_call_s": first, "timed": True}
         return {**out, "seconds": median_seconds(step, device, args), "note": f"width {args.width}"}
 
-    return harness.run_points(paths, measure, lambda path: {"kernel": "lars", "impl": path[0]}, device)
+    return harness.run_points(paths, measure, lambda path: {"kernel": "lars", "impl": path[0]})
 
 
 def speedups(rows: list[dict]) -> list[dict]:

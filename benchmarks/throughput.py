@@ -159,7 +159,7 @@ def run_throughput(base, axes: dict, args, results: harness.Results, data: harne
     measure = measure_scaling if distributed.world_size() > 1 else measure_point
     settings = (data, args.warmup, args.steps, args.split_steps, peak)
     label = lambda cfg: {axis: attrgetter(key)(cfg) for axis, key in AXES.items()}  # noqa: E731
-    rows, baselines = harness.run_points(todo, lambda cfg: measure(cfg, *settings), label, device, write), []
+    rows, baselines = harness.run_points(todo, lambda cfg: measure(cfg, *settings), label, write), []
     if args.baseline and distributed.world_size() == 1:
         from .baseline import measure_baseline
 
@@ -171,7 +171,7 @@ def run_throughput(base, axes: dict, args, results: harness.Results, data: harne
             images = data.load(cfg, "train", torch.device("cpu")).images
             return measure_baseline(cfg, images, device, args.baseline_workers, steps=args.baseline_steps)
 
-        baselines = harness.run_points(pairs, baseline, dict, device, lambda done: write(rows, done))
+        baselines = harness.run_points(pairs, baseline, dict, lambda done: write(rows, done))
     return write(rows, baselines, final=True)
 
 

@@ -83,7 +83,7 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
 
     for setting, point, cfg in todo:
         while True:
-            (row,) = harness.run_points([cfg], measure, lambda _, p=point, s=setting: {**p, **s}, device)
+            (row,) = harness.run_points([cfg], measure, lambda _, p=point, s=setting: {**p, **s})
             over = row["status"] == "oom" or (row["status"] == "ok" and budget and row["peak_memory_bytes"] > budget)
             rows.append({**row, "fits_budget": row["status"] == "ok" and not over})
             results.write(result())

@@ -84,7 +84,7 @@ def test_a_point_that_fails_or_runs_out_of_memory_is_a_row_and_the_sweep_goes_on
         return {"images_per_s": 1.0}
 
     seen = []
-    rows = harness.run_points([0, 1, 2, 3], measure, lambda p: {"p": p}, torch.device("cpu"), seen.append)
+    rows = harness.run_points([0, 1, 2, 3], measure, lambda p: {"p": p}, seen.append)
     assert [r["status"] for r in rows] == ["ok", "oom", "error", "ok"] and "boom" in rows[2]["reason"]
     assert len(seen) == 4 and rows[3]["images_per_s"] == 1.0
 
