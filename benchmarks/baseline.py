@@ -68,9 +68,16 @@ def to_patch_major(batch: torch.Tensor) -> torch.Tensor:
 
 def make_loader(images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, workers: int, pin_memory: bool, seed=0):
     """Shuffled, drop_last DataLoader over PerPatchDataset with `workers` processes."""
-    dataset, gen = PerPatchDataset(images, n, aug), torch.Generator().manual_seed(seed)
-    options = dict(shuffle=True, drop_last=True, pin_memory=pin_memory, persistent_workers=workers > 0)
-    return torch.utils.data.DataLoader(dataset, batch, num_workers=workers, generator=gen, **options)
+    return torch.utils.data.DataLoader(
+        PerPatchDataset(images, n, aug),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+    )
 
 
 @contextlib.contextmanager
