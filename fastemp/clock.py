@@ -132,8 +132,5 @@ def utilisation(patches_per_s: float, flops_per_patch: float, peak: dict) -> dic
     """Achieved model TFLOP/s (fastemp.model.flops_per_patch: recomputation not counted) and MFU against the
     measured and the datasheet peaks (matmul_peak)."""
     tflops, sheet = patches_per_s * flops_per_patch / 1e12, peak["datasheet_tflops"]
-    return {
-        "achieved_tflops": tflops,
-        "mfu": tflops / peak["measured_tflops"],
-        "mfu_datasheet": sheet and tflops / sheet,
-    }
+    mfu = tflops / peak["measured_tflops"]
+    return {"achieved_tflops": tflops, "mfu": mfu, "mfu_datasheet": sheet and tflops / sheet}
