@@ -7,7 +7,7 @@ a coarse category (convolution, matmul, Triton, BatchNorm, copy, other). `--trac
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter
 
 import torch
 
@@ -54,7 +54,7 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: s
         | {"share": t / total}
         for k, c, t in events
     ]
-    by_category: dict[str, float] = defaultdict(float)
+    by_category = Counter()
     for row in rows:
         by_category[row["category"]] += row["ms_per_step"]
     return {
@@ -63,10 +63,7 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: s
         "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
         "steps": steps,
         "ms_per_step": total / steps / 1e3,
-        "categories": {
-            k: {"ms_per_step": v, "share": v * steps * 1e3 / total}
-            for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])
-        },
+        "categories": {k: {"ms_per_step": v, "share": v * steps * 1e3 / total} for k, v in by_category.most_common()},
         "top": rows[:top],
     }
 

@@ -109,12 +109,11 @@ def targets(rows: list[dict], environment: dict) -> list[dict]:
     """Where the sweep stands on the n=20 speed and the n=200 memory and epoch time (B=100). The ratio to the
     baseline is reported with each point but is no target: against 16 CPU workers 30x needs ~94% of the peak."""
     h100, out = on_h100(environment), []
-    n20 = [p for p in rows if (p["n_patches"], p["batch_size"]) == (20, 100)]
+    n20, n200 = ([p for p in rows if (p["n_patches"], p["batch_size"]) == (n, 100)] for n in (20, 200))
     if n20:
         best = max((p["patches_per_s"] for p in n20 if p["status"] == "ok"), default=None)
         description = "n=20 end to end patches/s (B=100)"
         out.append(target_row("n20_patches_per_s", description, best, True, h100, "best point of this sweep"))
-    n200 = [p for p in rows if (p["n_patches"], p["batch_size"]) == (200, 100)]
     if n200:
         ok = [p for p in n200 if p["status"] == "ok"]
         fits = [p["peak_memory_bytes"] / 2**30 for p in ok if p["peak_memory_bytes"]]
