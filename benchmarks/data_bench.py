@@ -1,50 +1,31 @@
-"""`fastemp bench data`: what the data path costs, arm by arm, at several source image sizes.
-
-For each source size (default 32, 64 and 400 px; synthetic JPEG folders made by fastemp.data.synthetic_jpeg, no
-download) the same training step is fed four ways:
-
-    pillow     streamed files, the official recipe on PIL images in --workers processes, the next step prefetched
-    dali       streamed files, DALI: decode (nvJPEG on CUDA, CPU operators without a GPU) and all ops, prefetched
-    resident   the images decoded once at the source size and held on the device, the torch backend (bilinear)
-    step_only  the step with its patches made once (one fixed tensor): the reference
-
-Per arm: images/s of the data path alone (the backend asked step after step with its prefetch, on the library's
-clock), the seconds of a real training step fed by it (the Trainer's own clock), data_added_fraction =
-1 - step_only / step, and the CPU cores it kept busy (CPU seconds of this process and the Pillow workers over the
-same wall seconds). Patch size: 32 for sources up to 64 px (CIFAR recipe and stem), else 224 (ImageNet).
-The step is not compiled by default (--compile): no compile time in a 10-minute job.
+"""`fastemp bench data` (docs/data-backends.md#the-benchmark): the same training step fed by Pillow workers, DALI,
+resident images and fixed patches (step_only) at several synthetic JPEG source sizes. Per arm: the data path alone
+on the library's clock (the backend asked as the Trainer asks it), a step fed by it on the Trainer's clock, and the
+CPU cores kept busy. The step is not compiled by default (--compile): no compile time in a 10-minute job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from fastemp.clock import cpu_seconds, time_calls
 from fastemp.config import load_config
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
-from fastemp.patches import PatchBackend, dali_available
-from fastemp.patches.torch_backend import TorchPatches
+from fastemp.patches import PatchBackend, dali_available, make_patch_backend
+from fastemp.patches.dali_images import READ_THREADS
 from fastemp.train import Trainer
 
 from . import harness
-from .report import device_label, environment_markdown, markdown_table
+from .report import table
 
 ARMS = ("step_only", "pillow", "dali", "resident")
-
-
-def config_for(folder: Path, patch_px: int, args):
-    """The imagenet100_n20 recipe on `folder` at this patch size (the CIFAR stem for 32-px patches)."""
-    stem = "cifar" if patch_px <= 64 else "imagenet"
-    keys = ["data.backend=pillow", "data.workers=0", f"augment.crop_size={patch_px}", f"model.stem={stem}"]
-    keys += [f"train.n_patches={args.n}", f"train.batch_size={args.batch}", "train.max_steps=1000000"]
-    keys += ["train.log_every=1000000", f"model.compile={args.compile}", "eval.at_end=false", *args.overrides]
-    return load_config("imagenet100_n20", [f"data.path={folder}", f"train.device={args.device}", *keys])
 
 
 class FixedPatches(PatchBackend):
@@ -63,47 +44,31 @@ class FixedPatches(PatchBackend):
         return handle
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds used so far by this process (all its threads) and the processes `pids` (/proc)."""
-    total, tick = time.process_time(), os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
 def build_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path):
     """(backend, CPU workers, note) of an arm over the trainer's folder."""
     cfg, device = trainer.cfg, trainer.device
     if arm == "step_only":
         return FixedPatches(trainer.patches(trainer.batch_index(0), args.n, seed=1).clone()), 0, "patches made once"
+    if arm == "resident":
+        data = dataclasses.replace(cfg.data, streamed=False, image_size=source_px, root=str(cache), backend="torch")
+        images = load_split(data, "train", device)
+        note = f"decoded once at {source_px} px (shorter side, centre crop), bilinear crops"
+        return make_patch_backend("torch", images, dataclasses.replace(cfg.augment, interpolation="bilinear")), 0, note
+    backend = make_patch_backend(arm, trainer.train_set, cfg.augment, seed=cfg.train.seed, workers=args.workers)
     if arm == "pillow":
-        from fastemp.patches.pillow_images import PillowPatches
-
-        return PillowPatches(trainer.train_set, cfg.augment, workers=args.workers), args.workers, ""
-    if arm == "dali":
-        from fastemp.patches.dali_images import READ_THREADS, DaliImagePatches
-
-        threads = max(1, min(8, os.cpu_count() or 1))
-        note = f"{threads} DALI threads + {READ_THREADS} file-reading threads"
-        note += "" if device.type == "cuda" else "; DALI CPU operators (no GPU)"
-        return DaliImagePatches(trainer.train_set, cfg.augment, seed=cfg.train.seed), threads, note
-    data = dataclasses.replace(cfg.data, streamed=False, image_size=source_px, root=str(cache), backend="torch")
-    images = load_split(data, "train", device).images
-    backend = TorchPatches(images, dataclasses.replace(cfg.augment, interpolation="bilinear"))
-    return backend, 0, f"decoded once at {source_px} px (shorter side, centre crop), bilinear crops"
+        return backend, args.workers, ""
+    threads = max(1, min(8, os.cpu_count() or 1))  # DaliImagePatches' own choice
+    note = f"{threads} DALI threads + {READ_THREADS} file-reading threads"
+    return backend, threads, note + ("" if device.type == "cuda" else "; DALI CPU operators (no GPU)")
 
 
 def measure_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path) -> dict:
     backend, workers, note = build_arm(arm, trainer, source_px, args, cache)
     try:
-        start = [trainer.step]
+        steps = itertools.count(trainer.step + 1)
 
         def call():  # the backend asked as the Trainer asks it, with its prefetch
-            step = start[0] = start[0] + 1
+            step = next(steps)
             backend.take(step, trainer.patch_request(step))
             backend.prefetch(step + 1, trainer.patch_request(step + 1))
 
@@ -111,34 +76,36 @@ def measure_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path) -
             call()
         pids = list(getattr(getattr(backend, "_pool", None), "_processes", None) or {})  # the Pillow workers
         busy = cpu_seconds(pids)
-        seconds = harness.time_calls(call, trainer.device, 0, args.steps)
-        busy = (cpu_seconds(pids) - busy) / sum(seconds)
+        data_s = sum(time_calls(call, trainer.device, 0, args.steps)) / args.steps
+        busy = (cpu_seconds(pids) - busy) / (data_s * args.steps)
         fed = Trainer(trainer.cfg, None, False, trainer.runtime, trainer.train_set, patches=backend)
         fed.train_until(max(1, args.warmup))
         before = fed.train_seconds
         fed.train_until(fed.step + args.steps)  # ends in a logged step: the Trainer's clock is read there
-        step = (fed.train_seconds - before) / args.steps
-        data_s = sum(seconds) / args.steps
-        out = {"images_per_s": args.batch / data_s, "data_seconds": data_s, "step_seconds": step}
-        return {**out, "cpu_workers": workers, "cpu_cores_busy": busy, "note": note}
+        out = {"images_per_s": args.batch / data_s, "data_seconds": data_s}
+        out.update(step_seconds=(fed.train_seconds - before) / args.steps, cpu_workers=workers, cpu_cores_busy=busy)
+        return {**out, "note": note}
     finally:
-        if hasattr(backend, "close"):
-            backend.close()
+        backend.close()
 
 
-def measure_source(source_px: int, args, root: Path, device: torch.device) -> list[dict]:
-    """Every arm's row at one source size; a step that cannot run marks every arm."""
+def measure_source(source_px: int, args, root: Path) -> list[dict]:
+    """Every arm's row at one source size: the imagenet100_n20 recipe on a synthetic folder at the arm's patch
+    size (the CIFAR stem for patches up to 64 px)."""
     patch_px = args.patch or (32 if source_px <= 64 else 224)
     per_class = max(args.per_class, -(-2 * args.batch // args.classes))
     folder = make_folder(root / f"jpeg{source_px}", args.classes, per_class, source_px, seed=0)
-    files = sorted((folder / "train").rglob("*.jpg"))
+    files = list((folder / "train").rglob("*.jpg"))
     base = {"source_px": source_px, "patch_px": patch_px, "n_patches": args.n, "batch_size": args.batch}
     base.update(bytes_per_image=sum(p.stat().st_size for p in files) / len(files), images=len(files))
-    trainer = harness.Data().trainer(config_for(folder, patch_px, args))  # the checks of `fastemp train`
+    keys = [f"data.path={folder}", f"train.device={args.device}", "data.backend=pillow", "data.workers=0"]
+    keys += [f"augment.crop_size={patch_px}", f"model.stem={'cifar' if patch_px <= 64 else 'imagenet'}"]
+    keys += [f"train.n_patches={args.n}", f"train.batch_size={args.batch}", "train.max_steps=1000000"]
+    keys += ["train.log_every=1000000", f"model.compile={args.compile}", "eval.at_end=false", *args.overrides]
+    trainer = harness.Data().trainer(load_config("imagenet100_n20", keys))  # the checks of `fastemp train`
     arms = [a for a in ARMS if a != "dali" or dali_available()]
-    rows = harness.run_points(
-        arms, lambda a: measure_arm(a, trainer, source_px, args, root / "cache"), lambda a: {**base, "arm": a}, device
-    )
+    measure = lambda arm: measure_arm(arm, trainer, source_px, args, root / "cache")  # noqa: E731
+    rows = harness.run_points(arms, measure, lambda arm: {**base, "arm": arm})
     reference = rows[0].get("step_seconds")
     for row in rows:
         added = 1 - reference / row["step_seconds"] if reference and row.get("step_seconds") else None
@@ -148,46 +115,32 @@ def measure_source(source_px: int, args, root: Path, device: torch.device) -> li
 
 
 def run_data(args, results: harness.Results) -> dict:
-    device = torch.device(results.environment["device"])
     notes = [f"model.compile={args.compile}", "synthetic JPEGs (quality 90 + pixel noise): see bytes_per_image"]
-    notes += (
-        ["CPU run: every arm shares the cores with the step; DALI runs its CPU operators."]
-        if device.type == "cpu"
-        else []
-    )
-    settings = {
-        k: getattr(args, k) for k in ("n", "batch", "workers", "warmup", "steps", "classes", "per_class", "compile")
-    }
-    result = {
-        "settings": {**settings, "sources": args.sources, "patch": args.patch, "overrides": args.overrides},
-        "rows": [],
-        "notes": notes,
-    }
+    if results.environment["device"] == "cpu":
+        notes.append("CPU run: every arm shares the cores with the step; DALI runs its CPU operators.")
+    settings = {k: getattr(args, k) for k in "n batch workers warmup steps classes per_class compile".split()}
+    settings.update(sources=args.sources, patch=args.patch, overrides=args.overrides)
+    result = {"settings": settings, "rows": [], "notes": notes}
     with tempfile.TemporaryDirectory(dir=args.folder_root) as tmp:
         for source_px in args.sources:
-            result["rows"] += measure_source(source_px, args, Path(tmp), device)
+            result["rows"] += measure_source(source_px, args, Path(tmp))
             results.write(result)
     return results.write(result, final=True)
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    keys = ("source_px", "patch_px", "arm", "images_per_s", "step_seconds", "data_added_fraction", "cpu_workers")
-    keys += ("cpu_cores_busy", "bytes_per_image", "status", "note")
-    rows = [[r.get(k) for k in keys] for r in result["rows"]]
-    for row in rows:
-        row[4], row[8] = row[4] and row[4] * 1e3, row[8] / 1e3
-    headers = "source px|patch px|arm|images/s|step ms|added|cpu workers|cores busy|kB/image|status|note".split("|")
-    return "\n".join(
-        [
-            f"# Data path: {device_label(result['environment'])} ({result['environment'].get('device')})",
-            "",
-            f"n={s['n']}, B={s['batch']}, {s['warmup']} warm-up + {s['steps']} timed steps per arm; images/s of the "
-            "data path alone (with its prefetch); step ms: a training step fed by the arm; added = 1 - step_only / step.",
-            "",
-            markdown_table(headers, rows),
-            "",
-            environment_markdown(result["environment"]),
-            *(f"- note: {n}" for n in result["notes"]),
-        ]
+    rows = [
+        {**r, "ms": r.get("step_seconds") and r["step_seconds"] * 1e3, "kb": r["bytes_per_image"] / 1e3}
+        for r in result["rows"]
+    ]
+    keys = "source_px patch_px arm images_per_s ms data_added_fraction cpu_workers cpu_cores_busy kb status note"
+    headers = "source px|patch px|arm|images/s|step ms|added|cpu workers|cores busy|kB/image|status|note"
+    return harness.page(
+        result,
+        "Data path",
+        f"n={s['n']}, B={s['batch']}, {s['warmup']} warm-up + {s['steps']} timed steps per arm; images/s of the data "
+        "path alone (with its prefetch); step ms: a training step fed by the arm; added = 1 - step_only / step.",
+        "",
+        table(rows, keys, headers),
     )

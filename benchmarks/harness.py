@@ -1,13 +1,6 @@
-"""The one benchmark harness; every suite (throughput, tune, profile, kernels, data, accuracy) is a thin user:
-
-points   a grid of named axes (grid); every point's config checked, and its data loaded, before anything
-         is measured (Data.check: the checks `fastemp train` makes, through fastemp.validate and resolve)
-build    through the library: a Trainer of the point's config over data loaded once (Data.trainer)
-measure  warm-up calls, then timed ones on fastemp.clock.Clock, the library's one clock (time_calls; a
-         Trainer's steps are timed by the Trainer, or by the clock its train_step marks)
-reduce   median and spread (spread)
-record   one row per point (run_points: an out-of-memory point is a row, not a crash), the result file
-         rewritten after every row (Results), so a run cut at a time limit keeps what it measured
+"""The one harness under every suite (docs/benchmarks.md#how-the-numbers-are-computed): points checked before any
+work, a Trainer over data loaded once, timed on the library's clock (fastemp.clock), one row per point, the result
+file rewritten after every row.
 """
 
 from __future__ import annotations
@@ -17,8 +10,6 @@ import datetime
 import gc
 import itertools
 import re
-import resource
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,17 +17,17 @@ from pathlib import Path
 import torch
 
 from fastemp import distributed, runs
-from fastemp.clock import Clock
+from fastemp.clock import Clock, PeakMemory  # noqa: F401 (PeakMemory: smoke.py's name for it)
 from fastemp.data import load_split, load_train_images
 from fastemp.runtime import resolve, resolve_device
 from fastemp.validate import check_config, check_data, check_output_path, check_probe
 
+from .report import device_label, environment_markdown
+
 
 def parse_list(text: str | None, kind: Callable = str) -> list | None:
     """'20,200' -> [20, 200]; None or '' -> None (the axis keeps the config's value)."""
-    if text is None or not str(text).strip():
-        return None
-    return [kind(item.strip()) for item in str(text).split(",") if item.strip()]
+    return [kind(item.strip()) for item in str(text or "").split(",") if item.strip()] or None
 
 
 def grid(axes: dict[str, Sequence]) -> list[dict]:
@@ -48,21 +39,9 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds of each of `iters` calls of fn() after `warmup` untimed ones, on the library's clock."""
-    for _ in range(warmup):
-        fn()
-    clock = Clock(device)
-    clock.mark("start")
-    for _ in range(iters):
-        fn()
-        clock.mark("call")
-    return [seconds for _, seconds in clock.intervals()]
-
-
 class Wall:
-    """Wall seconds on the library's clock on the host (perf_counter): `lap()` is the seconds since the last lap
-    (or the start), `total` all of them."""
+    """Wall seconds on the library's clock on the host: `lap()` the seconds since the last lap (or the start),
+    `total` all of them."""
 
     def __init__(self):
         self.clock, self.total = Clock("cpu"), 0.0
@@ -70,50 +49,9 @@ class Wall:
 
     def lap(self) -> float:
         self.clock.mark("lap")
-        seconds = sum(s for _, s in self.clock.intervals())
+        seconds = self.clock.seconds("lap")
         self.total += seconds
         return seconds
-
-
-def spread(seconds: Sequence[float]) -> dict:
-    """The median of a measurement and its spread (the callers never pass no values: --steps >= 1)."""
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "iters": len(seconds)}
-
-
-class PeakMemory:
-    """Peak memory over a region: torch.cuda.max_memory_allocated on CUDA; on the CPU the growth of the process's
-    high-water mark (ru_maxrss), a lower bound (0 when an earlier region went higher): `source` says which."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.start = device, 0
-        self.source = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss delta (lower bound)"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = _rss()
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return max(0, _rss() - self.start)
-
-
-def _rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def free_device_memory(device: torch.device) -> None:
-    """Drop cached blocks and compiled graphs between points (else recompilations pile up to dynamo's limit)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA OOM, including the ones that surface as RuntimeError (cuDNN, Inductor autotuning)."""
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 class Data:
@@ -123,26 +61,24 @@ class Data:
         self.splits: dict = {}
 
     def load(self, cfg, split: str, device: torch.device):
+        """train: what training reads; probe: the labelled train split; test."""
         key = (dataclasses.astuple(cfg.data), split, str(device))
-        if key not in self.splits:  # train: what training reads; probe: the labelled train split; test
-            train = split == "train"
-            load = (
+        if key not in self.splits:
+            self.splits[key] = (
                 load_train_images(cfg.data, device)
-                if train
-                else load_split(cfg.data, split.replace("probe", "train"), device)
+                if split == "train"
+                else load_split(cfg.data, "test" if split == "test" else "train", device)
             )
-            self.splits[key] = load
         return self.splits[key]
 
-    def check(self, cfg, evaluates: bool = False, check_memory: bool = False):
+    def check(self, cfg, evaluates: bool = False):
         """The start-up checks of `fastemp train` on cfg (values, machine, data, batch; the probe and the test
         split when it evaluates), one line each (UserError); returns its Runtime."""
         check_config(cfg)
-        runtime = resolve(cfg, check_memory=check_memory)
+        runtime = resolve(cfg)
         check_data(cfg, len(self.load(cfg, "train", runtime.device)))
         if evaluates:
-            probe = self.load(cfg, "probe" if cfg.data.train_path else "train", runtime.device)
-            check_probe(cfg, len(probe))
+            check_probe(cfg, len(self.load(cfg, "probe" if cfg.data.train_path else "train", runtime.device)))
             self.load(cfg, "test", runtime.device)
         return runtime
 
@@ -154,10 +90,12 @@ class Data:
         return Trainer(cfg, None, False, runtime, self.load(cfg, "train", runtime.device), **sets)
 
 
-def run_points(points: Sequence, measure: Callable, label: Callable, device: torch.device, done=None) -> list[dict]:
+def run_points(points: Sequence, measure: Callable, label: Callable, done=None) -> list[dict]:
     """measure(point) for every point, as rows {**label(point), "status": "ok", ...}; a point that runs out of
-    memory is the row {"status": "oom"}, one that fails otherwise {"status": "error"}, both with the reason, and
-    the sweep goes on. done(rows) after every row (the result file rewritten)."""
+    memory is the row {"status": "oom"} (CUDA's, and those that surface as RuntimeError from cuDNN or Inductor),
+    one that fails otherwise {"status": "error"}, both with the reason, and the sweep goes on. Cached blocks and
+    compiled graphs are dropped between points (else recompilations pile up to dynamo's limit). done(rows) after
+    every row (the result file rewritten)."""
     rows = []
     for point in points:
         row = label(point)
@@ -165,11 +103,13 @@ def run_points(points: Sequence, measure: Callable, label: Callable, device: tor
         try:
             row.update(status="ok", reason=None, **measure(point))
         except Exception as err:  # one point must not lose the rest of the sweep; its reason is in the row
-            status = "oom" if is_out_of_memory(err) else "error"
-            print(f"fastemp bench: {row} failed ({status}): {err}", file=sys.stderr, flush=True)
-            row.update(status=status, reason=f"{type(err).__name__}: {err}"[:500])
+            oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+            print(f"fastemp bench: {row} failed ({'oom' if oom else 'error'}): {err}", file=sys.stderr, flush=True)
+            row.update(status="oom" if oom else "error", reason=f"{type(err).__name__}: {err}"[:500])
         finally:
-            free_device_memory(device)
+            gc.collect()
+            torch.cuda.empty_cache()  # a no-op unless CUDA is in use
+            torch._dynamo.reset()
         rows.append(row)
         if done:
             done(rows)
@@ -185,10 +125,8 @@ def device_slug(environment: dict) -> str:
 
 
 def cpu_model() -> str | None:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return None
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
 
 
 class Results:
@@ -197,17 +135,9 @@ class Results:
     both (rank 0 only), the markdown made from the result, with "partial": true until the end."""
 
     def __init__(
-        self,
-        benchmark: str,
-        markdown: Callable,
-        out: str | None,
-        name: str,
-        device,
-        force: bool,
-        suffixes=(".json", ".md"),
+        self, benchmark: str, markdown: Callable, out, name: str, device, force: bool, suffixes=(".json", ".md")
     ):
-        dev = resolve_device(device)
-        self.environment = runs.environment(dev)
+        self.environment = runs.environment(resolve_device(device))
         self.environment.update(device_slug=device_slug(self.environment), cpu_model=cpu_model())
         folder = Path(out) if out else Path("benchmarks") / "results" / self.environment["device_slug"]
         check_output_path(folder, "--out")
@@ -215,11 +145,8 @@ class Results:
         while not force and any((folder / f"{stem}{s}").exists() for s in suffixes):
             stem, k = f"{name}-{k}", k + 1
         if stem != name:
-            print(
-                f"fastemp bench: {folder / name}{suffixes[0]} exists; results go to {folder / stem}{suffixes[0]} "
-                "(--force replaces it)",
-                file=sys.stderr,
-            )
+            moved = f"{folder / name}{suffixes[0]} exists; results go to {folder / stem}{suffixes[0]}"
+            print(f"fastemp bench: {moved} (--force replaces it)", file=sys.stderr)
         self.folder, self.name, self.markdown = folder, stem, markdown
         called = ["fastemp", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("fastemp") else sys.argv
         self.base = {"benchmark": benchmark, "schema_version": 1, "created": now_iso()}
@@ -239,3 +166,10 @@ class Results:
             if final:
                 print(markdown + f"\n\nwrote {self.json} and {self.name}.md")
         return result
+
+
+def page(result: dict, title: str, *body: str) -> str:
+    """A result's markdown: the title on its device, the body, the environment and the notes."""
+    env = result["environment"]
+    head = [f"# {title}: {device_label(env)} ({env.get('device')})", ""]
+    return "\n".join([*head, *body, "", environment_markdown(env), *(f"- note: {n}" for n in result.get("notes", []))])

@@ -1,20 +1,9 @@
-"""`fastemp bench kernels`: the step's parts outside the model, each fast path beside the path it replaced.
-
-Over n (patches per image), B (images) and d (projection size), default n in {20, 50, 200}, B in {100, 256},
-d = 1024:
-
-    cosine_to_mean   the invariance term from raw p (n, B, d), forward + backward, bf16 on CUDA: eager torch
-                     (fastemp's unfused path), the same under torch.compile, the Triton kernel (interpreted on the
-                     CPU: a correctness smoke, never timed)
-    tcr              the total coding rate from unit z, forward + backward, fp32: fastemp's batched Cholesky
-                     (B x B side, closed-form gradient) vs the baseline's per-patch d x d torch.logdet loop
-    augmentation     one step's n*B patches: the torch backend's recipe eager and compiled; and the baseline's
-                     per-patch CPU augmentation (one process, one patch a call)
-    lars             one optimizer step over the model's parameters (--width 64: the standard model's 34M): the
-                     per-tensor reference rule, the eager path, the fused compiled pass (with --compile)
-
-Loss kernels: each implementation's loss and gradient against the first one's (max abs difference). Times:
-medians of --iters calls after --warmup, on the library's clock (harness.time_calls).
+"""`fastemp bench kernels`: the step's parts outside the model over (n, B, d), each fast path beside the path it
+replaced: cosine_to_mean (the invariance term from raw p, bf16 on CUDA: eager, compiled, Triton, interpreted and never
+timed on the CPU), tcr (fp32: batched Cholesky vs the baseline's d x d logdet loop), augmentation (the torch recipe
+eager and compiled; the baseline's one patch a call on the CPU), lars (one optimizer step of the --width model: the
+per-tensor reference rule, eager, fused compiled). Loss kernels forward + backward, their loss and gradient against
+the first implementation's; times: medians of --iters calls after --warmup, on the library's clock.
 """
 
 from __future__ import annotations
@@ -25,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.check.reference import reference_lars
+from fastemp.clock import time_calls
 from fastemp.config import AugmentConfig, ModelConfig, OptimConfig
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, triton_usable
 from fastemp.lars import build_lars
@@ -33,9 +23,10 @@ from fastemp.model import build_model
 from fastemp.patches.torch_backend import TorchPatches
 
 from . import harness
-from .baseline import augmentation_rate, loop_tcr
-from .report import device_label, environment_markdown, markdown_table
+from .baseline import augment_one_patch, loop_tcr
+from .report import table
 
+UNMEASURED = dict.fromkeys(("seconds", "loss_abs_diff", "grad_max_abs_diff"))
 REFERENCE = {"cosine_to_mean": "eager", "tcr": "loop", "augmentation": "torch eager", "lars": "reference"}
 
 
@@ -53,8 +44,11 @@ def implementations(device: torch.device, compile_torch: bool) -> dict[str, list
     note = note if usable else "Triton cannot run here (CPU without TRITON_INTERPRET=1)"
     cosine.append(("triton", (lambda p: cosine_to_mean(p)[0]) if usable else None, not on_cpu, note))
     tcr = [("cholesky", lambda z: -total_coding_rate(z, 0.2).mean(), True, "batched Cholesky, B x B side")]
-    tcr.append(("loop", loop_tcr, True, "per-patch d x d torch.logdet"))
-    return {"cosine_to_mean": cosine, "tcr": tcr}
+    return {"cosine_to_mean": cosine, "tcr": [*tcr, ("loop", loop_tcr, True, "per-patch d x d torch.logdet")]}
+
+
+def median_seconds(call, device: torch.device, args) -> float:
+    return statistics.median(time_calls(call, device, args.warmup, args.iters))
 
 
 def loss_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,67 +62,51 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows, impls = [], implementations(device, args.compile)
     for shape in harness.grid({"n": args.n, "B": args.batch, "d": args.dim}):
-        size = (shape["n"], shape["B"], shape["d"])
-        inputs = {
-            "cosine_to_mean": torch.randn(*size, device=device, generator=gen).to(low),
-            "tcr": F.normalize(torch.randn(*size, device=device, generator=gen), dim=-1),
-        }
-        for kernel, x in inputs.items():
+        p = torch.randn(shape["n"], shape["B"], shape["d"], device=device, generator=gen)
+        for kernel, x in (("cosine_to_mean", p.to(low)), ("tcr", F.normalize(p, dim=-1))):
             reference = loss_and_grad(impls[kernel][0][1], x)
 
             def measure(impl, x=x, reference=reference) -> dict:
                 _, fn, timed, note = impl
-                out = {"timed": bool(timed and fn), "seconds": None, "note": note}
                 if fn is None:
-                    return {**out, "loss_abs_diff": None, "grad_max_abs_diff": None}
+                    return {"timed": False, "note": note, **UNMEASURED}
                 loss, grad = loss_and_grad(fn, x)
-                out.update(loss_abs_diff=float((loss - reference[0]).abs()))
-                out.update(grad_max_abs_diff=float((grad - reference[1]).abs().max()))
                 leaf = x.detach().requires_grad_(True)
 
                 def call():
                     leaf.grad = None
                     fn(leaf).backward()
 
-                if out["timed"]:
-                    out["seconds"] = statistics.median(harness.time_calls(call, device, args.warmup, args.iters))
-                return out
+                seconds = median_seconds(call, device, args) if timed else None
+                diffs = {"loss_abs_diff": float((loss - reference[0]).abs())}
+                diffs["grad_max_abs_diff"] = float((grad - reference[1]).abs().max())
+                return {"timed": timed, "seconds": seconds, "note": note, **diffs}
 
             label = {"kernel": kernel, **shape, "dtype": str(x.dtype).replace("torch.", "")}
-            rows += harness.run_points(
-                impls[kernel], measure, lambda impl, label=label: {**label, "impl": impl[0]}, device
-            )
+            rows += harness.run_points(impls[kernel], measure, lambda impl, lb=label: {**lb, "impl": impl[0]})
     return rows
 
 
 def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
     pool = torch.randint(0, 256, (args.images, 32, 32, 3), dtype=torch.uint8, device=device, generator=gen)
-    todo = [
-        (compiled, s)
-        for compiled in (False, True)[: 1 + args.compile]
-        for s in harness.grid({"n": args.n, "B": args.batch})
-    ]
+    impls = ("torch eager", "torch compiled")[: 1 + args.compile]
+    todo = [(impl, shape) for impl in impls for shape in harness.grid({"n": args.n, "B": args.batch})]
+    todo.append(("baseline per-patch CPU (1 process)", {"n": 1, "B": 1}))
 
     def measure(point) -> dict:
-        compiled, shape = point
-        backend, index, seeds = (
-            TorchPatches(pool, AugmentConfig(), compiled),
-            torch.arange(shape["B"], device=device),
-            iter(range(10**9)),
-        )
-        seconds = statistics.median(
-            harness.time_calls(lambda: backend(index, shape["n"], next(seeds)), device, args.warmup, args.iters)
-        )
-        return {"seconds": seconds, "patches_per_s": shape["n"] * shape["B"] / seconds, "timed": True, "note": ""}
+        (impl, shape), seeds, note = point, iter(range(10**9)), ""
+        if impl.startswith("baseline"):
+            images, cpu_gen, count = pool[:1000].cpu(), torch.Generator().manual_seed(0), args.baseline_aug_patches
+            call = lambda: augment_one_patch(images, next(seeds) % len(images), AugmentConfig(), cpu_gen)  # noqa: E731
+            seconds, note = sum(time_calls(call, "cpu", 1, count)) / count, f"{count} patches, one at a time"
+        else:
+            backend = TorchPatches(pool, AugmentConfig(), impl.endswith("compiled"))
+            index = torch.arange(shape["B"], device=device)
+            call = lambda: backend(index, shape["n"], next(seeds))  # noqa: E731
+            seconds = median_seconds(call, device, args)
+        return {"seconds": seconds, "patches_per_s": shape["n"] * shape["B"] / seconds, "timed": True, "note": note}
 
-    def label(point) -> dict:
-        return {"kernel": "augmentation", "impl": "torch compiled" if point[0] else "torch eager", **point[1]}
-
-    rows = harness.run_points(todo, measure, label, device)
-    rate = augmentation_rate(pool[:1000], AugmentConfig(), args.baseline_aug_patches)
-    note = f"{args.baseline_aug_patches} patches, one at a time"
-    baseline = {"kernel": "augmentation", "impl": "baseline per-patch CPU (1 process)", "n": 1, "B": 1, "status": "ok"}
-    return rows + [{**baseline, "seconds": 1 / rate, "patches_per_s": rate, "timed": True, "note": note}]
+    return harness.run_points(todo, measure, lambda p: {"kernel": "augmentation", "impl": p[0], **p[1]})
 
 
 def lars_rows(args, device: torch.device) -> list[dict]:
@@ -150,35 +128,21 @@ def lars_rows(args, device: torch.device) -> list[dict]:
                 p.grad.copy_(g)  # the adaptation rewrites the gradients: the same ones every step
             optimizer.step()
 
-        first = harness.time_calls(step, device, 0, 1)[0]  # a compiled path compiles here
-        timed = harness.spread(harness.time_calls(step, device, args.warmup, args.iters))
-        return {"params": sum(p.numel() for p in model.parameters()), "first_call_s": first, **timed, "timed": True}
+        first = time_calls(step, device, 0, 1)[0]  # a compiled path compiles here
+        out = {"params": sum(p.numel() for p in model.parameters()), "first_call_s": first, "timed": True}
+        return {**out, "seconds": median_seconds(step, device, args), "note": f"width {args.width}"}
 
-    rows = harness.run_points(paths, measure, lambda path: {"kernel": "lars", "impl": path[0]}, device)
-    return [{**r, "seconds": r.get("median_s"), "note": f"width {args.width}"} for r in rows]
+    return harness.run_points(paths, measure, lambda path: {"kernel": "lars", "impl": path[0]})
 
 
 def speedups(rows: list[dict]) -> list[dict]:
     """Each timed implementation's speed-up over its kernel's reference implementation at the same shape."""
     where = ("kernel", "n", "B", "d")
-    times = {
-        tuple(r.get(k) for k in where): r["seconds"]
-        for r in rows
-        if r["impl"] == REFERENCE[r["kernel"]] and r.get("seconds")
-    }
-    out = []
-    for r in rows:
-        reference = times.get(tuple(r.get(k) for k in where))
-        if reference and r.get("seconds") and r["impl"] != REFERENCE[r["kernel"]]:
-            out.append(
-                {
-                    **{k: r.get(k) for k in where},
-                    "impl": r["impl"],
-                    "vs": REFERENCE[r["kernel"]],
-                    "speedup": reference / r["seconds"],
-                }
-            )
-    return out
+    key = lambda r: tuple(r.get(k) for k in where)  # noqa: E731
+    times = {key(r): r["seconds"] for r in rows if r["impl"] == REFERENCE[r["kernel"]] and r.get("seconds")}
+    faster = [r for r in rows if times.get(key(r)) and r.get("seconds") and r["impl"] != REFERENCE[r["kernel"]]]
+    labels = [{**dict(zip(where, key(r))), "impl": r["impl"], "vs": REFERENCE[r["kernel"]]} for r in faster]
+    return [{**label, "speedup": times[key(r)] / r["seconds"]} for label, r in zip(labels, faster)]
 
 
 def run_kernels(args, results: harness.Results) -> dict:
@@ -187,41 +151,25 @@ def run_kernels(args, results: harness.Results) -> dict:
     rows = loss_rows(args, device, gen) + lars_rows(args, device)
     augmentation = augmentation_rows(args, device, gen) if args.augmentation else []
     settings = {k: getattr(args, k) for k in ("n", "batch", "dim", "warmup", "iters", "compile", "width")}
-    notes = (
-        ["CPU timings are noisy: shared cores; Triton on the CPU runs interpreted and is never timed."]
-        if device.type == "cpu"
-        else []
-    )
-    result = {
-        "settings": settings,
-        "rows": rows,
-        "augmentation": augmentation,
-        "speedups": speedups(rows + augmentation),
-        "notes": notes,
-    }
+    notes = ["CPU timings are noisy: shared cores; Triton on the CPU runs interpreted and is never timed."]
+    result = {"settings": settings, "rows": rows, "augmentation": augmentation}
+    result.update(speedups=speedups(rows + augmentation), notes=notes if device.type == "cpu" else [])
     return results.write(result, final=True)
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    keys = ("kernel", "impl", "n", "B", "d", "dtype", "seconds", "loss_abs_diff", "grad_max_abs_diff", "status", "note")
-    rows = [[r.get(k) if k != "seconds" or r.get(k) is None else r[k] * 1e3 for k in keys] for r in result["rows"]]
+    rows = [{**r, "ms": r.get("seconds") and r["seconds"] * 1e3} for r in result["rows"]]
     lines = [
-        f"# Kernels: {device_label(result['environment'])} ({result['environment'].get('device')})",
-        "",
         f"Median of {s['iters']} timed calls after {s['warmup']} warm-up calls; loss kernels forward + backward; "
         "'diff': max abs difference from the first implementation of that kernel and shape.",
         "",
-        markdown_table(
-            ["kernel", "impl", "n", "B", "d", "dtype", "ms", "loss diff", "grad diff", "status", "note"], rows
-        ),
+        table(rows, "kernel impl n B d dtype ms loss_abs_diff grad_max_abs_diff status note"),
     ]
     if result["augmentation"]:
-        keys = ("impl", "n", "B", "patches_per_s", "status", "note")
-        rows = [[r.get(k) for k in keys] for r in result["augmentation"]]
-        lines += ["", "## Augmentation", "", markdown_table(["backend", "n", "B", "patches/s", "status", "note"], rows)]
+        keys, headers = "impl n B patches_per_s status note", "backend|n|B|patches/s|status|note"
+        lines += ["", "## Augmentation", "", table(result["augmentation"], keys, headers)]
     if result["speedups"]:
-        rows = [[s[k] for k in ("kernel", "impl", "vs", "n", "B", "d", "speedup")] for s in result["speedups"]]
-        lines += ["", "## Speed-ups", "", markdown_table(["kernel", "impl", "over", "n", "B", "d", "x"], rows)]
-    lines += ["", environment_markdown(result["environment"])] + [f"- note: {n}" for n in result["notes"]]
-    return "\n".join(lines)
+        keys, headers = "kernel impl vs n B d speedup", "kernel|impl|over|n|B|d|x"
+        lines += ["", "## Speed-ups", "", table(result["speedups"], keys, headers)]
+    return harness.page(result, "Kernels", *lines)

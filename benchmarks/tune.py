@@ -1,31 +1,26 @@
-"""`fastemp tune`: the fastest settings for this card, written as a config to train with.
-
-Objective: end-to-end training images/s at YOUR n_patches (a throughput point: the Trainer's own step, median
-step time). n changes the method, so it is swept only with --n; the batch size is swept (B and 2B by default)
-but changes the method too (the TCR term and BatchNorm see B images, the learning rate is not rescaled): pass
-one --batch to keep yours. The backends are those the data allows (resident images: torch; streamed files:
-pillow, and dali when it imports); the compile mode (CUDA graphs included), cudnn.benchmark and the compiled
-patch recipe change only speed.
-
-Memory: a point whose peak exceeds the budget (default 90% of the card; none on the CPU) or runs out of memory is
-measured again with more gradient-cache chunks (the same gradients, less memory), while there are more. A point
-that fails for another reason is reported as such, never as over the budget.
+"""`fastemp tune`: the fastest settings for this card (end-to-end images/s of a throughput point at YOUR n_patches),
+written as a config to train with. n is swept only with --n; the batch size (B and 2B by default) changes the method
+too (TCR and BatchNorm see B images; the learning rate is not rescaled): pass one --batch to keep yours. A point over
+the memory budget (default 90% of the card; none on the CPU) or out of memory is measured again with more
+gradient-cache chunks (the same gradients, less memory) while there are more; one that fails otherwise says so.
 """
 
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 from pathlib import Path
 
 import torch
 import yaml
 
+from fastemp.clock import matmul_peak
 from fastemp.config import apply_overrides, to_dict
 from fastemp.patches import dali_available
 
 from . import harness
 from .report import device_label, table
-from .throughput import AXES, measure_point, peak_info, point_config, points, value_of
+from .throughput import AXES, measure_point, point_config, points
 
 SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}  # speed only
 
@@ -57,7 +52,7 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
 def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, data: harness.Data) -> dict:
     """Every point of every settings combination (checked before anything is measured), each measured again with
     more chunks while over the budget; the fastest that fits is `best`."""
-    variants = harness.grid({k: settings.get(k) or [value_of(base, key)] for k, key in SETTINGS.items()})
+    variants = harness.grid({k: settings.get(k) or [attrgetter(key)(base)] for k, key in SETTINGS.items()})
     steps = 1 + args.warmup + args.steps + 1
     todo = []
     for setting in variants:
@@ -67,7 +62,7 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
     if budget is None and device.type == "cuda":
         budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-    peak = peak_info(device, results.environment.get("device_name", ""))
+    peak = matmul_peak(device)
     rows: list[dict] = []
 
     def result() -> dict:
@@ -83,12 +78,12 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
             "config": to_dict(tuned_config(base, best)) if best else None,
         }
 
-    def measure(todo) -> dict:
-        return measure_point(todo[0], data, args.warmup, args.steps, 0, peak)
+    def measure(cfg) -> dict:
+        return measure_point(cfg, data, args.warmup, args.steps, 0, peak)
 
     for setting, point, cfg in todo:
         while True:
-            (row,) = harness.run_points([(cfg, {**point, **setting})], measure, lambda todo: todo[1], device)
+            (row,) = harness.run_points([cfg], measure, lambda _, p=point, s=setting: {**p, **s})
             over = row["status"] == "oom" or (row["status"] == "ok" and budget and row["peak_memory_bytes"] > budget)
             rows.append({**row, "fits_budget": row["status"] == "ok" and not over})
             results.write(result())
@@ -103,10 +98,7 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
 def tuned_config(base, best: dict):
     """The base config with the winning values, 'auto' resolved (device, schedule, the rest kept)."""
     cfg = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={best[k]}" for k in SETTINGS])
-    values = {
-        **{axis: best[axis] for axis in AXES},
-        **{k: best["resolved"][k] for k in ("backend", "compile", "precision")},
-    }
+    values = {**best, **{k: best["resolved"][k] for k in ("backend", "compile", "precision")}}
     apply_overrides(cfg, [f"{key}={values[axis]}" for axis, key in AXES.items()])
     cfg.name = f"{base.name}_tuned"
     return cfg
@@ -120,10 +112,9 @@ def no_winner(points: list[dict]) -> str:
 
 
 def winner(best: dict) -> str:
-    what = ", ".join(f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", *SETTINGS))
-    return f"{best['images_per_s']:.1f} images/s with {what}, backend={best['resolved']['backend']}, " + (
-        f"compile={best['resolved']['compile']}"
-    )
+    what = [f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", *SETTINGS)]
+    what += [f"{k}={best['resolved'][k]}" for k in ("backend", "compile")]
+    return f"{best['images_per_s']:.1f} images/s with {', '.join(what)}"
 
 
 def write_config(result: dict, path: Path) -> int:
@@ -144,20 +135,15 @@ def write_config(result: dict, path: Path) -> int:
 
 def markdown(result: dict) -> str:
     budget, best = result["memory_budget_bytes"], result["best"]
-    rows = [
-        {**r, "peak_gib": r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else None}
-        for r in result["points"]
-    ]
-    keys = "n_patches batch_size backend compile grad_chunks cudnn_benchmark patch_compile status images_per_s peak_gib"
+    rows = [{**r, "gib": r.get("peak_memory_bytes") and r["peak_memory_bytes"] / 2**30} for r in result["points"]]
+    keys = "n_patches batch_size backend compile grad_chunks cudnn_benchmark patch_compile status images_per_s gib"
     headers = "n|B|backend|compile|chunks|cudnn bench|patch compile|status|images/s|peak GiB|fits|reason"
-    return "\n".join(
-        [
-            f"# Tune: {device_label(result['environment'])} ({result['environment'].get('device')})",
-            "",
-            f"- objective: {result['objective']}",
-            f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)",
-            f"- winner: {winner(best) if best else 'none: ' + no_winner(result['points'])}",
-            "",
-            table(rows, f"{keys} fits_budget reason", headers),
-        ]
+    return harness.page(
+        result,
+        "Tune",
+        f"- objective: {result['objective']}",
+        f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)",
+        f"- winner: {winner(best) if best else 'none: ' + no_winner(result['points'])}",
+        "",
+        table(rows, f"{keys} fits_budget reason", headers),
     )

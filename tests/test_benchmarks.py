@@ -21,10 +21,10 @@ from fastemp.benchmarks.baseline import (
 )
 from fastemp.benchmarks.profile import category
 from fastemp.benchmarks.report import END, START, _short_data, render_tables, update_readme
-from fastemp.benchmarks.throughput import PHASES, datasheet_peak, points, targets
+from fastemp.benchmarks.throughput import PHASES, points, targets
 from fastemp.check.reference import reference_total_coding_rate
 from fastemp.cli import main
-from fastemp.clock import Clock
+from fastemp.clock import Clock, datasheet_peak, time_calls
 from fastemp.config import AugmentConfig, LossConfig, load_config
 from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
@@ -57,8 +57,7 @@ def strict_json(path: Path) -> dict:
 def test_harness_grid_points_and_result_names(tmp_path, capsys):
     assert harness.grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
     assert harness.parse_list("20, 200", int) == [20, 200] and harness.parse_list("") is None
-    assert harness.spread([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "iters": 3}
-    assert len(harness.time_calls(lambda: None, torch.device("cpu"), 2, 5)) == 5  # the library's clock, 5 calls
+    assert len(time_calls(lambda: None, torch.device("cpu"), 2, 5)) == 5  # the library's clock, 5 calls
     cfg = load_config("quickstart")
     grid = points(cfg, {"n_patches": [2, 4], "backend": ["torch"]})
     assert len(grid) == 2 and all(p["batch_size"] == cfg.train.batch_size for p in grid)
@@ -85,7 +84,7 @@ def test_a_point_that_fails_or_runs_out_of_memory_is_a_row_and_the_sweep_goes_on
         return {"images_per_s": 1.0}
 
     seen = []
-    rows = harness.run_points([0, 1, 2, 3], measure, lambda p: {"p": p}, torch.device("cpu"), seen.append)
+    rows = harness.run_points([0, 1, 2, 3], measure, lambda p: {"p": p}, seen.append)
     assert [r["status"] for r in rows] == ["ok", "oom", "error", "ok"] and "boom" in rows[2]["reason"]
     assert len(seen) == 4 and rows[3]["images_per_s"] == 1.0
 
@@ -114,7 +113,7 @@ def test_baseline_loss_matches_fastemp(fused):
     ours, theirs = p.clone().requires_grad_(True), p.clone().requires_grad_(True)
     terms = projection_loss_terms(ours, cfg, fused=fused)
     terms.total.backward()
-    base = baseline_loss_terms(F.normalize(theirs, dim=-1), cfg.eps, cfg.invariance_weight, cfg.tcr_weight)
+    base = baseline_loss_terms(F.normalize(theirs, dim=-1), cfg)
     base.total.backward()
     for a, b in zip(terms, base):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a, b)
@@ -151,12 +150,23 @@ def test_clocked_step_matches_train_until(grad_chunks):
 # ------------------------------------------------------------------------------ the commands, end to end
 
 
+WRITES = []  # (points, baselines, final) of every write of the throughput run's result file
+
+
 @pytest.fixture(scope="module")
 def throughput_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput")
     argv = ["bench", "throughput", *BENCH_CPU, *BENCH_TINY, "--n", "2", "--batch", "8", "--grad-chunks", "1,2"]
     argv += ["--warmup", "1", "--steps", "3", "--split-steps", "2", "--baseline", "--baseline-workers", "1"]
-    return main([*argv, "--baseline-steps", "2", "--peak-size", "256", "--out", str(out)]), out
+    write = harness.Results.write
+
+    def recorded(self, result, final=False):
+        WRITES.append((len(result["points"]), len(result["baselines"]), final))
+        return write(self, result, final)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness.Results, "write", recorded)
+        return main([*argv, "--baseline-steps", "2", "--peak-size", "256", "--out", str(out)]), out
 
 
 def test_cli_throughput(throughput_run):
@@ -178,6 +188,8 @@ def test_cli_throughput(throughput_run):
         assert p["speedup_vs_baseline"] == pytest.approx(p["images_per_s"] / base["images_per_s"])
         assert set(p["split"]) >= {*PHASES, "forward_backward", "total"} and p["split"]["steps"] == 2
     assert (out / "throughput.md").read_text().startswith("# Throughput")
+    # the file is rewritten after every row with what was measured so far (a run cut at a limit keeps it)
+    assert WRITES == [(1, 0, False), (2, 0, False), (2, 1, False), (2, 1, True)]
 
 
 def test_cli_kernels_profile_and_data(tmp_path):
