@@ -34,16 +34,6 @@ DECODE_BATCH = 512  # encoded files per DALI pipeline run
 _CACHE_VERSION = 4  # 2: a split passed the class checks; 3: DALI ignores EXIF rotation; 4: labels in the .json
 
 
-def _split_parts(relpath: str) -> tuple[str, str, str, str] | None:
-    """(prefix, split folder, class, path from the split folder on) of `[prefix/]split/class/.../file`
-    (split: train, test or val), or None."""
-    parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    for at in (0, 1):
-        if len(parts) >= at + 3 and parts[at] in ("train", *listing.TEST_DIRS):
-            return "/".join(parts[:at]), parts[at], parts[at + 1], "/".join(parts[at:])
-    return None
-
-
 def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     """{train, test and val folder: [(class, path from the split folder on, encoded bytes)]} of a .tar/.tar.gz,
     in one streaming pass; every member is checked as listing.file_problem checks a file."""
@@ -53,11 +43,12 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in bar(tar, desc=f"reading {path.name}", unit="file"):
-                parts = _split_parts(member.name) if member.isfile() and listing.is_image(member.name) else None
-                if parts is None:
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]  # [prefix/]split/class/.../file
+                at = next((at for at in (0, 1) if len(parts) >= at + 3 and parts[at] in found), None)
+                if at is None or not member.isfile() or not listing.is_image(member.name):
                     continue
-                prefix, split, cls, rel = parts
-                prefixes.add(prefix)
+                split, cls, rel = parts[at], parts[at + 1], "/".join(parts[at:])
+                prefixes.add("/".join(parts[:at]))
                 why = listing.size_problem(member.size)
                 if why is None:  # the checks of a listed file
                     found[split].append((cls, rel, tar.extractfile(member).read()))
