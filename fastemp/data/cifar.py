@@ -20,6 +20,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..errors import one_line as _one_line
 from ..progress import bar
+from ..runs import atomic_path
 from .listing import fingerprint
 
 
@@ -115,23 +116,20 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
     if not download:
         raise DataError(f"{name}: {path} not found and data.download=false; download {spec.url} and put it at {path}")
     print(f"{name}: downloading {spec.url} to {path}", file=sys.stderr, flush=True)
-    tmp = path.with_name(f"{spec.filename}.part-{os.getpid()}")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _download(spec.url, tmp)
-    except Exception as e:  # offline, DNS, HTTP error, disk full, ...
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
-        ) from e
-    got = _md5(tmp)
-    if got != spec.md5:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"{name}: the download of {spec.url} has md5 {got}, expected {spec.md5}; removed it, "
-            f"retry, or put a good copy at {path}"
-        )
-    os.replace(tmp, path)
+    with atomic_path(path, f".part-{os.getpid()}") as tmp:  # at `path` only once verified
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _download(spec.url, tmp)
+        except Exception as e:  # offline, DNS, HTTP error, disk full, ...
+            raise DataError(
+                f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
+            ) from e
+        got = _md5(tmp)
+        if got != spec.md5:
+            raise DataError(
+                f"{name}: the download of {spec.url} has md5 {got}, expected {spec.md5}; removed it, "
+                f"retry, or put a good copy at {path}"
+            )
     return path
 
 
