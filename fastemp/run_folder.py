@@ -157,11 +157,8 @@ def probe_lock(run_dir: Path) -> None:
 
 
 def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> bool:
-    """Hold run_dir's lock (an exclusive flock on run_dir/.lock) until this process exits.
-
-    The kernel drops a flock when its holder dies, so the lock of a killed process is free at
-    once; the pid and host written into the file only name the holder in the message. False
-    (and no lock) when read_only_ok and the folder cannot be written at all."""
+    """Hold run_dir's lock until this process exits (the kernel drops a flock when its holder dies: a killed
+    holder's lock is free at once). False (and no lock) when read_only_ok and the folder cannot be written."""
     key = run_dir.resolve()
     if key in _locks:
         return True
@@ -223,11 +220,9 @@ def unlock_all() -> None:
 
 
 def begin_run(run_dir: Path, force: bool, cfg: Config, retry: str) -> None:
-    """Create and lock run_dir for a new run of cfg, for the life of this process; under --force move an old
-    run into run_dir/replaced-run; write config.yaml. retry: the command that starts the run again.
-
-    The folder itself is never renamed (so a mount point or a symlink's target works); the old run
-    is deleted by discard_replaced at the new run's first checkpoint, or put back by restore_replaced."""
+    """Create and lock run_dir for a new run of cfg; under --force move the old run into run_dir/replaced-run
+    (never rename the folder: a mount point or a symlink's target works); write config.yaml. retry: the command
+    that starts the run again."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir, "fastemp train")

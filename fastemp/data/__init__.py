@@ -1,9 +1,6 @@
-"""Datasets as one device-resident uint8 tensor (airbench style): `load_split(cfg, split, device)`.
-
-Sources (docs/data.md): synthetic (fastemp/data/synthetic.py), cifar10 and cifar100 (cifar.py), imagefolder and
-tinyimagenet (listed by listing.py, decoded once by imagefolder.py, or with data.streamed=true a StreamedSet of
-paths, streamed.py). Every set carries a `fingerprint`: a short hash of what it holds, equal wherever the same
-data lies.
+"""Datasets as one device-resident uint8 tensor (airbench style), or with data.streamed=true a StreamedSet of
+paths (streamed.py): `load_split(cfg, split, device)`. Sources: docs/data.md. Every set carries a `fingerprint`,
+a short hash of what it holds, equal wherever the same data lies.
 """
 
 from __future__ import annotations

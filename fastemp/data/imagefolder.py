@@ -1,11 +1,7 @@
-"""Image folders decoded once (DALI, else Pillow) and cached as .npy: the resident imagefolder and
-tinyimagenet sources, and an unlabelled data.train_path (docs/data.md).
-
-A folder in a layout fastemp/data/listing.py lists and checks, or for imagefolder a .tar[.gz] read in one
-streaming pass (so a cache miss decodes and caches both splits). An image that is not image_size square is
-resized once: shorter side to image_size (bilinear, antialiased), then the centre square. The cache key
-hashes the source path, image size, decoder, classes and the files' names, sizes and mtimes (an archive's own
-size and mtime), so a changed file re-decodes; an unwritable cache only costs a warning.
+"""Image folders (as listing.py lists them) or a .tar[.gz] (read in one pass, so a cache miss decodes and caches
+both splits) decoded once (DALI, else Pillow), resized to image_size squares and cached (docs/data.md): the
+resident imagefolder and tinyimagenet sources and an unlabelled data.train_path. A changed file re-decodes; an
+unwritable cache only costs a warning.
 """
 
 from __future__ import annotations
