@@ -64,12 +64,7 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
         )
     resolved = path.expanduser().resolve()
     cwd = Path.cwd().resolve()
-    if (
-        resolved == cwd
-        or resolved in cwd.parents
-        or resolved == Path.home().resolve()
-        or resolved == Path(resolved.anchor)
-    ):
+    if resolved in (cwd, *cwd.parents, Path.home().resolve(), Path(resolved.anchor)):
         raise UserError(
             f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
             "a run needs a folder of its own, e.g. --out runs/NAME"
