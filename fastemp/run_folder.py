@@ -32,14 +32,6 @@ RUN_FOLDERS = {"tensorboard", "wandb"}
 _locks: dict[Path, int] = {}  # resolved run folder -> the descriptor that holds its lock
 
 
-class RunExistsError(UserError, FileExistsError):
-    pass
-
-
-class RunLockedError(UserError):
-    """Another live process holds the run folder's lock."""
-
-
 def _is_run_file(name: str) -> bool:
     """A file fastemp writes into a run folder, or the temp file of one of its atomic writes."""
     return name in RUN_FILES or (name.endswith(".tmp") and name[:-4] in RUN_FILES)
@@ -50,45 +42,35 @@ def _contents(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name not in (LOCK, REPLACED)]
 
 
-def _name_too_long(path: Path) -> str | None:
+def check_run_dir(path: str | Path, force: bool = False) -> Path:
+    """The run folder `path`, after checking it may be used (docs/reliability.md); changes nothing on disk.
+    A symlink is followed: the run lives in its target."""
+    path = Path(path)
+    absolute = path.expanduser().absolute()
     try:
-        limit = os.pathconf(next(p for p in path.parents if p.is_dir()), "PC_NAME_MAX")
+        limit = os.pathconf(next(p for p in absolute.parents if p.is_dir()), "PC_NAME_MAX")
     except (OSError, ValueError, StopIteration):
         limit = 255
-    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
-    return f"a name in it is {len(os.fsencode(long))} bytes, over the filesystem's limit of {limit}" if long else None
-
-
-def check_run_dir(path: str | Path, force: bool = False) -> Path:
-    """The run folder `path`, after checking it may be used; changes nothing on disk.
-
-    A folder that already holds something is replaced only with --force, and only when it is
-    recognisably a fastemp run folder: never the working directory, an ancestor of it, the home
-    folder or /, and never a folder with files fastemp did not write. A folder that a live
-    process holds is refused at once. A symlink is followed: the run lives in its target."""
-    path = Path(path)
-    too_long = _name_too_long(path.expanduser().absolute())
-    if too_long:
-        raise RunExistsError(f"--out {path}: {too_long}; choose a shorter --out (or name)")
+    long = next((len(os.fsencode(part)) for part in absolute.parts if len(os.fsencode(part)) > limit), None)
+    if long:
+        raise UserError(
+            f"--out {path}: a name in it is {long} bytes, over the filesystem's limit of {limit}; "
+            "choose a shorter --out (or name)"
+        )
     if path.is_symlink() and not path.exists():
-        raise RunExistsError(
+        raise UserError(
             f"--out {path} is a symlink to {os.readlink(path)}, which does not exist; create that "
             "folder, or choose another --out"
         )
     resolved = path.expanduser().resolve()
     cwd = Path.cwd().resolve()
-    if (
-        resolved == cwd
-        or resolved in cwd.parents
-        or resolved == Path.home().resolve()
-        or resolved == Path(resolved.anchor)
-    ):
-        raise RunExistsError(
+    if resolved in (cwd, *cwd.parents, Path.home().resolve(), Path(resolved.anchor)):
+        raise UserError(
             f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
             "a run needs a folder of its own, e.g. --out runs/NAME"
         )
     if path.exists() and not path.is_dir():
-        raise RunExistsError(f"--out {path} is a file, not a folder; choose another --out")
+        raise UserError(f"--out {path} is a file, not a folder; choose another --out")
     if path.is_dir():
         check_files(path, "the command")
         probe_lock(path)
@@ -96,21 +78,29 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
     else:
         parent = next(p for p in path.absolute().parents if p.exists())
         if not parent.is_dir():
-            raise RunExistsError(f"--out {path} lies under {parent}, which is a file; choose another --out")
+            raise UserError(f"--out {path} lies under {parent}, which is a file; choose another --out")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunExistsError(
+            raise UserError(
                 f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a writable folder"
             )
     return path
 
 
-def check_files(run_dir: Path, command: str) -> None:
-    """UserError when a name fastemp reads or writes in run_dir is not a file (a folder, a broken link, ...)."""
+def check_files(run_dir: Path, command: str, writes: str = "") -> None:
+    """UserError when a name fastemp reads or writes in run_dir is not a file (a folder, a broken link, ...), or,
+    when the command writes there (`writes`: why), when run_dir or a run file in it is read-only."""
     odd = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_FILES and not p.is_file())
     if odd:
         raise UserError(
             f"{run_dir / odd[0]} is not a file (a folder, a broken link, ...), but fastemp reads or writes that "
             f"file there; move it away (or restore the file), then run {command} again"
+        )
+    paths = [run_dir, *(p for p in run_dir.iterdir() if _is_run_file(p.name) and p.is_file())]
+    read_only = next((p for p in paths if writes and not os.access(p, os.W_OK)), None)
+    if read_only is not None:
+        raise UserError(
+            f"{read_only} is read-only and {writes}; make it writable (chmod -R u+w {run_dir}), or copy the "
+            "folder and use the copy"
         )
 
 
@@ -118,14 +108,14 @@ def _check_replaceable(path: Path, force: bool) -> None:
     if not _contents(path) and not (path / REPLACED).exists():
         return
     if not force:
-        raise RunExistsError(
+        raise UserError(
             f"run folder {path} exists and is not empty; pass --force to replace it, or choose another --out"
         )
     ours = [p for p in _contents(path) if (p.is_file() and _is_run_file(p.name)) or p.name in RUN_FOLDERS]
     foreign = sorted(p.name for p in _contents(path) if p not in ours)
     if foreign or not ((path / "config.yaml").is_file() or (path / REPLACED / "config.yaml").is_file()):
         what = f"holds {', '.join(foreign[:3])}" if foreign else "has no config.yaml"
-        raise RunExistsError(
+        raise UserError(
             f"--force refuses to replace {path}: it {what}, so it is not a fastemp run "
             "folder; move those files away or choose another --out"
         )
@@ -134,23 +124,21 @@ def _check_replaceable(path: Path, force: bool) -> None:
 # -------------------------------------------------------------------------------- the lock
 
 
-def _owner(fd: int) -> str:
+def _in_use(run_dir: Path, fd: int) -> UserError:
+    """The error naming the process whose pid and host the lock file `fd` holds."""
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode())
-        return f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+        owner = f"{info['command']} (pid {info['pid']} on {info['host']}, since {info['since']})"
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
-
-
-def _locked_message(run_dir: Path, owner: str) -> str:
-    return (
+        owner = "another process"
+    return UserError(
         f"run folder {run_dir} is in use by {owner}; wait for it to finish or stop it, then try again, "
         "or choose another folder"
     )
 
 
 def probe_lock(run_dir: Path) -> None:
-    """RunLockedError when a live process holds run_dir; changes nothing (not even the lock file)."""
+    """UserError when a live process holds run_dir; changes nothing (not even the lock file)."""
     try:
         fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -158,30 +146,14 @@ def probe_lock(run_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise RunLockedError(_locked_message(run_dir, _owner(fd))) from None
+        raise _in_use(run_dir, fd) from None
     finally:
         os.close(fd)  # also drops the shared lock
 
 
-def _flock_briefly(fd: int, tries: int = 5) -> bool:
-    """An exclusive flock, retried for ~0.1 s: another command's probe_lock holds a shared one for
-    microseconds, which must not read as a live holder."""
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if attempt < tries - 1:
-                time.sleep(0.02)
-    return False
-
-
 def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> bool:
-    """Hold run_dir's lock (an exclusive flock on run_dir/.lock) until this process exits.
-
-    The kernel drops a flock when its holder dies, so the lock of a killed process is free at
-    once; the pid and host written into the file only name the holder in the message. False
-    (and no lock) when read_only_ok and the folder cannot be written at all."""
+    """Hold run_dir's lock until this process exits (the kernel drops a flock when its holder dies: a killed
+    holder's lock is free at once). False (and no lock) when read_only_ok and the folder cannot be written."""
     key = run_dir.resolve()
     if key in _locks:
         return True
@@ -194,10 +166,16 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
                 raise
             probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
             return False
-        if not _flock_briefly(fd):
-            owner = _owner(fd)
+        for _ in range(5):  # for ~0.1 s: another command's probe_lock holds a shared flock for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.02)
+        else:
+            err = _in_use(run_dir, fd)
             os.close(fd)
-            raise RunLockedError(_locked_message(run_dir, owner))
+            raise err
         try:  # the file we locked must still be the one at `path` (not one its last holder just removed)
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -233,26 +211,13 @@ def unlock_all() -> None:
         os.close(_locks.popitem()[1])
 
 
-def require_writable(run_dir: Path, why: str) -> None:
-    """UserError when run_dir, or a run file in it, cannot be written (read-only mount, permissions)."""
-    paths = [run_dir, *(p for p in run_dir.iterdir() if _is_run_file(p.name) and p.is_file())]
-    bad = next((p for p in paths if not os.access(p, os.W_OK)), None)
-    if bad is not None:
-        raise UserError(
-            f"{bad} is read-only and {why}; make it writable (chmod -R u+w {run_dir}), or copy the "
-            "folder and use the copy"
-        )
-
-
 # -------------------------------------------------------------------------------- --force
 
 
 def begin_run(run_dir: Path, force: bool, cfg: Config, retry: str) -> None:
-    """Create and lock run_dir for a new run of cfg, for the life of this process; under --force move an old
-    run into run_dir/replaced-run; write config.yaml. retry: the command that starts the run again.
-
-    The folder itself is never renamed (so a mount point or a symlink's target works); the old run
-    is deleted by discard_replaced at the new run's first checkpoint, or put back by restore_replaced."""
+    """Create and lock run_dir for a new run of cfg; under --force move the old run into run_dir/replaced-run
+    (never rename the folder: a mount point or a symlink's target works); write config.yaml. retry: the command
+    that starts the run again."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir, "fastemp train")
@@ -308,20 +273,13 @@ def restore_replaced(run_dir: Path) -> bool:
     return True
 
 
-def settle_replaced(run_dir: Path) -> str | None:
-    """Finish what a --force that died (kill -9, power loss) left; under the lock. A description
-    of what was done when the old run was put back, else None."""
-    aside = run_dir / REPLACED
-    if not aside.is_dir():
-        return None
-    if (aside / MOVED).exists() and (run_dir / "checkpoint.pt").is_file():
+def settle_replaced(run_dir: Path) -> bool:
+    """Finish what a --force that died (kill -9, power loss) left, under the lock: True when that put the old
+    run back."""
+    if (run_dir / REPLACED / MOVED).exists() and (run_dir / "checkpoint.pt").is_file():
         discard_replaced(run_dir)  # the new run reached its first checkpoint
-        return None
-    restore_replaced(run_dir)
-    return (
-        f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
-        "stopped before its first checkpoint, so nothing of it was kept)"
-    )
+        return False
+    return restore_replaced(run_dir)
 
 
 def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
@@ -343,15 +301,13 @@ def claim(run_dir: Path, command: str, writes: str = "") -> None:
     command was meant for no longer exists. writes: why the folder must be writable, if it must."""
     if not run_dir.is_dir():
         return  # load_run_config says so
-    check_files(run_dir, f"{command} {run_dir}")
-    if writes:
-        require_writable(run_dir, f"{writes} there")
+    check_files(run_dir, f"{command} {run_dir}", f"{writes} there" if writes else "")
     probe_lock(run_dir)
     if (run_dir / REPLACED).is_dir():
         lock_run_dir(run_dir, command)
-        restored = settle_replaced(run_dir)
-        if restored:
+        if settle_replaced(run_dir):
             raise UserError(
-                f"{restored}; run {command} {run_dir} again to use that run, or rerun "
-                "the fastemp train --force command to replace it"
+                f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
+                f"stopped before its first checkpoint, so nothing of it was kept); run {command} {run_dir} again to "
+                "use that run, or rerun the fastemp train --force command to replace it"
             )

@@ -80,10 +80,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def git_commit() -> str:
-    """The commit of the fastemp checkout (with '+dirty' when modified), or 'unknown'.
-
-    FASTEMP_COMMIT, when set, wins: a working tree copied to another machine has no .git to ask.
-    """
+    """The commit of the fastemp checkout (with '+dirty' when modified), or 'unknown'; FASTEMP_COMMIT wins (a
+    working tree copied to another machine has no .git to ask)."""
     if os.environ.get("FASTEMP_COMMIT"):
         return os.environ["FASTEMP_COMMIT"]
     repo = Path(__file__).resolve().parents[1]

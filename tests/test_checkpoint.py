@@ -268,7 +268,7 @@ def test_every_interrupted_step_of_a_replace_settles_to_one_whole_run(tmp_path):
     # the new run has its checkpoint; discard killed midway (some old files already gone, MOVED still there)
     with_ckpt = {**new, "checkpoint.pt": b"new ckpt"}
     run = folder("discarding", with_ckpt, {"metrics.jsonl": b"1"}, True)
-    assert run_folder.settle_replaced(run) is None and content(run) == with_ckpt
+    assert not run_folder.settle_replaced(run) and content(run) == with_ckpt
     # restoring, killed after MOVED went and part of the old run came back
     run = folder("restoring", {"config.yaml": b"old"}, {"checkpoint.pt": b"old ckpt", "metrics.jsonl": b"1"}, False)
     assert run_folder.settle_replaced(run) and content(run) == old

@@ -606,22 +606,23 @@ def test_disk_full_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
 
 def test_imagefolder_cache_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
     import errno
+    from pathlib import Path
 
     import numpy as np
 
     from fastemp.data import imagefolder
 
     cache = tmp_path / "cache"
-    paths = (cache / "x.images.npy", cache / "x.labels.npy", cache / "x.json")
-    real_save = np.save
+    paths = (cache / "x.images.npy", cache / "x.json")
+    real_write = Path.write_text
 
-    def full_disk_at_the_second_file(f, arr):
-        if f.name.startswith(str(paths[1])):
-            f.write(b"partial")
+    def full_disk_at_the_second_file(self, text):
+        if self.name.startswith(paths[1].name):
+            real_write(self, text[:7])
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(f, arr)
+        return real_write(self, text)
 
-    monkeypatch.setattr(np, "save", full_disk_at_the_second_file)
+    monkeypatch.setattr(Path, "write_text", full_disk_at_the_second_file)
     with pytest.warns(UserWarning, match="could not write the dataset cache"):
-        imagefolder._cache_save(paths, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), ["a", "b"])
+        imagefolder._cache_save(paths, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), {"classes": ["a"]})
     assert list(cache.iterdir()) == []

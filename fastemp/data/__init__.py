@@ -1,9 +1,6 @@
-"""Datasets as one device-resident uint8 tensor (airbench style): `load_split(cfg, split, device)`.
-
-Sources (docs/data.md): synthetic (fastemp/data/synthetic.py), cifar10 and cifar100 (cifar.py), imagefolder and
-tinyimagenet (listed by listing.py, decoded once by imagefolder.py, or with data.streamed=true a StreamedSet of
-paths, streamed.py). Every set carries a `fingerprint`: a short hash of what it holds, equal wherever the same
-data lies.
+"""Datasets as one device-resident uint8 tensor (airbench style), or with data.streamed=true a StreamedSet of
+paths (streamed.py): `load_split(cfg, split, device)`. Sources: docs/data.md. Every set carries a `fingerprint`,
+a short hash of what it holds, equal wherever the same data lies.
 """
 
 from __future__ import annotations
@@ -21,28 +18,16 @@ from .imagefolder import SPLITS, load_imagefolder
 from .listing import fingerprint
 from .streamed import StreamedSet, load_streamed
 
-__all__ = [
-    "SOURCES",
-    "SPLITS",
-    "DataError",
-    "ImageSet",
-    "StreamedSet",
-    "absolute_paths",
-    "load_split",
-    "load_train_images",
-    "synthetic_seed",
-]
-
 SOURCES = choices(DataConfig, "source")
 
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, H, W, 3) uint8, contiguous, on the requested device
-    labels: torch.Tensor  # (N,) int64, on the requested device (-1: unlabelled)
+    images: torch.Tensor  # (N, H, W, 3) uint8, contiguous
+    labels: torch.Tensor  # (N,) int64 (-1: unlabelled)
     classes: list[str]
-    description: str  # what was loaded, for logs
-    fingerprint: str = ""  # what data this is (names, sizes, classes; see the module docstring)
+    description: str  # for logs
+    fingerprint: str = ""
     contents: dict = field(default_factory=dict)  # of a folder: listing.contents, which says what changed
 
     def __len__(self) -> int:
@@ -112,9 +97,7 @@ def synthetic_seed(cfg: DataConfig, split: str) -> int:
 def _load_synthetic(cfg: DataConfig, split: str):
     from .synthetic import CLASSES, make_synthetic
 
-    n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
-    if n <= 0:
-        raise DataError(f"data.synthetic_{split} must be a positive number of images, got {n}; set it to e.g. 1000")
+    n = cfg.synthetic_train if split == "train" else cfg.synthetic_test  # > 0: fastemp.validate
     seed = synthetic_seed(cfg, split)
     images, labels = make_synthetic(n, seed, size=cfg.image_size)
     desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"

@@ -20,6 +20,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..errors import one_line as _one_line
 from ..progress import bar
+from ..runs import atomic_path
 from .listing import fingerprint
 
 
@@ -115,23 +116,20 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
     if not download:
         raise DataError(f"{name}: {path} not found and data.download=false; download {spec.url} and put it at {path}")
     print(f"{name}: downloading {spec.url} to {path}", file=sys.stderr, flush=True)
-    tmp = path.with_name(f"{spec.filename}.part-{os.getpid()}")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _download(spec.url, tmp)
-    except Exception as e:  # offline, DNS, HTTP error, disk full, ...
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
-        ) from e
-    got = _md5(tmp)
-    if got != spec.md5:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"{name}: the download of {spec.url} has md5 {got}, expected {spec.md5}; removed it, "
-            f"retry, or put a good copy at {path}"
-        )
-    os.replace(tmp, path)
+    with atomic_path(path, f".part-{os.getpid()}") as tmp:  # at `path` only once verified
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _download(spec.url, tmp)
+        except Exception as e:  # offline, DNS, HTTP error, disk full, ...
+            raise DataError(
+                f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
+            ) from e
+        got = _md5(tmp)
+        if got != spec.md5:
+            raise DataError(
+                f"{name}: the download of {spec.url} has md5 {got}, expected {spec.md5}; removed it, "
+                f"retry, or put a good copy at {path}"
+            )
     return path
 
 
@@ -156,69 +154,43 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_members(path: Path, wanted: set[str]) -> dict[str, dict]:
-    """Unpickle the archive members whose basename is in `wanted`."""
-    found: dict[str, dict] = {}
+def _read_batches(path: Path, spec: CifarArchive, wanted: set[str]) -> dict[str, dict]:
+    """Unpickle the members `wanted` of the archive, or of torchvision's extracted folder, at `path`: each file of
+    a folder md5-checked as torchvision does (the archive was, whole). Verified data is the official layout."""
+    blobs: dict[str, bytes] = {}
+    fix = f"delete {path} to use the archive instead" if path.is_dir() else "delete it and download it again"
     try:
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base in wanted and base not in found:
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    found[base] = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        if path.is_dir():
+            for member in sorted(wanted):
+                got = _md5(path / member)
+                if got != spec.member_md5[member]:
+                    raise DataError(
+                        f"{path / member} is corrupt or incomplete (md5 {got}, expected {spec.member_md5[member]}); "
+                        f"delete {path} to use the archive (downloaded when missing), or restore the file"
+                    )
+                blobs[member] = (path / member).read_bytes()
+        else:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:
+                    base = member.name.rsplit("/", 1)[-1]
+                    if member.isfile() and base in wanted and base not in blobs:
+                        blobs[base] = tar.extractfile(member).read()
+        return {m: _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load() for m, blob in blobs.items()}
     except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise DataError(f"cannot read {path} ({_one_line(e)}); delete it and download it again") from e
-    missing = sorted(wanted - found.keys())
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}; is it the right archive?")
-    return found
-
-
-def _read_folder(folder: Path, spec: CifarArchive, wanted: set[str]) -> dict[str, dict]:
-    """Unpickle the files `wanted` of torchvision's extracted folder, each md5-checked as torchvision does."""
-    found = {}
-    for member in sorted(wanted):
-        path = folder / member
-        try:
-            got = _md5(path)
-            if got != spec.member_md5[member]:
-                raise DataError(
-                    f"{path} is corrupt or incomplete (md5 {got}, expected {spec.member_md5[member]}); delete "
-                    f"{folder} to use the archive (downloaded when missing), or restore the file"
-                )
-            found[member] = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-        except (OSError, EOFError, pickle.UnpicklingError) as e:
-            raise DataError(f"cannot read {path} ({_one_line(e)}); delete {folder} to use the archive instead") from e
-    return found
+        raise DataError(f"cannot read {path} ({_one_line(e)}); {fix}") from e
 
 
 def load_cifar(cfg: DataConfig, name: str, split: str):
     spec = CIFAR_ARCHIVES[name]
     root = Path(cfg.root).expanduser()
     members = spec.train_members if split == "train" else spec.test_members
-    wanted = set(members) | {spec.meta_member}
-    path = root / spec.filename
-    if not path.is_file() and (root / spec.folder).is_dir():
-        path = root / spec.folder
-        batches = _read_folder(path, spec, wanted)
-    else:
+    path = root / spec.folder
+    if (root / spec.filename).is_file() or not path.is_dir():
         path = _ensure_archive(name, root, cfg.download)
-        batches = _read_members(path, wanted)
-    try:
-        data = np.concatenate([np.asarray(batches[m][b"data"], dtype=np.uint8) for m in members])
-        labels = np.concatenate([np.asarray(batches[m][spec.label_key], dtype=np.int64) for m in members])
-        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in batches[spec.meta_member][spec.names_key]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(
-            f"{path} does not have the CIFAR python layout ({_one_line(e)}); delete it and download it again"
-        ) from e
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(
-            f"{path}: unexpected data shape {data.shape} with {len(labels)} labels; delete it and download it again"
-        )
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise DataError(f"{path}: labels outside 0..{len(classes) - 1}; delete it and download it again")
+    batches = _read_batches(path, spec, {*members, spec.meta_member})
+    data = np.concatenate([np.asarray(batches[m][b"data"], dtype=np.uint8) for m in members])
+    labels = np.concatenate([np.asarray(batches[m][spec.label_key], dtype=np.int64) for m in members])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in batches[spec.meta_member][spec.names_key]]
     # rows are channel-major (R plane, G plane, B plane), each 32x32 row-major
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     prints = fingerprint((name, m, spec.member_md5[m]) for m in (*members, spec.meta_member))

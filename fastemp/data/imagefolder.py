@@ -1,11 +1,7 @@
-"""Image folders decoded once (DALI, else Pillow) and cached as .npy: the resident imagefolder and
-tinyimagenet sources, and an unlabelled data.train_path (docs/data.md).
-
-A folder in a layout fastemp/data/listing.py lists and checks, or for imagefolder a .tar[.gz] read in one
-streaming pass (so a cache miss decodes and caches both splits). An image that is not image_size square is
-resized once: shorter side to image_size (bilinear, antialiased), then the centre square. The cache key
-hashes the source path, image size, decoder and the files' names, sizes and mtimes (an archive's own size
-and mtime), so a changed file re-decodes; an unwritable cache only costs a warning.
+"""Image folders (as listing.py lists them) or a .tar[.gz] (read in one pass, so a cache miss decodes and caches
+both splits) decoded once (DALI, else Pillow), resized to image_size squares and cached (docs/data.md): the
+resident imagefolder and tinyimagenet sources and an unlabelled data.train_path. A changed file re-decodes; an
+unwritable cache only costs a warning.
 """
 
 from __future__ import annotations
@@ -31,17 +27,7 @@ from . import listing
 
 SPLITS = ("train", "test")
 DECODE_BATCH = 512  # encoded files per DALI pipeline run
-_CACHE_VERSION = 3  # 2: a cached split passed the class checks; 3: DALI decodes ignore EXIF rotation
-
-
-def _split_parts(relpath: str) -> tuple[str, str, str, str] | None:
-    """(prefix, split folder, class, path from the split folder on) of `[prefix/]split/class/.../file`
-    (split: train, test or val), or None."""
-    parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    for at in (0, 1):
-        if len(parts) >= at + 3 and parts[at] in ("train", *listing.TEST_DIRS):
-            return "/".join(parts[:at]), parts[at], parts[at + 1], "/".join(parts[at:])
-    return None
+_CACHE_VERSION = 4  # 2: a split passed the class checks; 3: DALI ignores EXIF rotation; 4: labels in the .json
 
 
 def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
@@ -53,11 +39,12 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in bar(tar, desc=f"reading {path.name}", unit="file"):
-                parts = _split_parts(member.name) if member.isfile() and listing.is_image(member.name) else None
-                if parts is None:
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]  # [prefix/]split/class/.../file
+                at = next((at for at in (0, 1) if len(parts) >= at + 3 and parts[at] in found), None)
+                if at is None or not member.isfile() or not listing.is_image(member.name):
                     continue
-                prefix, split, cls, rel = parts
-                prefixes.add(prefix)
+                split, cls, rel = parts[at], parts[at + 1], "/".join(parts[at:])
+                prefixes.add("/".join(parts[:at]))
                 why = listing.size_problem(member.size)
                 if why is None:  # the checks of a listed file
                     found[split].append((cls, rel, tar.extractfile(member).read()))
@@ -191,56 +178,41 @@ def _decode(
     return _resize_square(decoded, size), labels
 
 
-def _cache_paths(
-    cfg: DataConfig, source: Path, split: str, fingerprint: object, decoder: str
-) -> tuple[Path, Path, Path]:
-    key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, fingerprint]).encode()
+def _cache_paths(cfg: DataConfig, source: Path, split: str, key: object, decoder: str) -> tuple[Path, Path]:
+    digest = hashlib.sha256(
+        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, key]).encode()
     ).hexdigest()[:16]
     name = re.sub(r"\.(tar\.gz|tgz|tar)$", "", source.name, flags=re.IGNORECASE)
-    stem = f"imagefolder-{name}-{split}-{cfg.image_size}px-{key}"
-    cache = Path(cfg.root).expanduser() / "cache"
-    return cache / f"{stem}.images.npy", cache / f"{stem}.labels.npy", cache / f"{stem}.json"
+    stem = Path(cfg.root).expanduser() / "cache" / f"imagefolder-{name}-{split}-{cfg.image_size}px-{digest}"
+    return stem.with_name(stem.name + ".images.npy"), stem.with_name(stem.name + ".json")
 
 
-def _cache_load(paths: tuple[Path, Path, Path], size: int):
-    img_path, lab_path, meta_path = paths
-    if not (img_path.is_file() and lab_path.is_file() and meta_path.is_file()):
+def _cache_load(paths: tuple[Path, Path]) -> tuple | None:
+    """(images, labels, classes, fingerprint, contents) of a cached split, or None. The key names everything the
+    entry depends on, and the .json is written last, so an entry that is there is complete."""
+    images_path, meta_path = paths
+    if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        images = np.load(img_path)
-        labels = np.load(lab_path)
+        images = np.load(images_path)
     except (OSError, ValueError) as e:
-        warnings.warn(f"ignoring unreadable cache {img_path} ({_one_line(e)})", stacklevel=3)
+        warnings.warn(f"ignoring unreadable cache {images_path} ({_one_line(e)})", stacklevel=3)
         return None
-    if (
-        images.dtype != np.uint8
-        or images.shape[1:] != (size, size, 3)
-        or labels.dtype != np.int64
-        or labels.shape != (images.shape[0],)
-        or meta.get("n") != images.shape[0]
-    ):
-        warnings.warn(f"ignoring inconsistent cache {img_path}", stacklevel=3)
-        return None
-    return images, labels, list(meta["classes"]), meta.get("fingerprint")
+    labels = np.array(meta["labels"], dtype=np.int64)
+    return images, labels, meta["classes"], meta["fingerprint"], meta["contents"]
 
 
-def _cache_save(
-    paths: tuple[Path, Path, Path], images: np.ndarray, labels: np.ndarray, classes: list[str], fingerprint: str = ""
-) -> None:
-    img_path, lab_path, meta_path = paths
+def _cache_save(paths: tuple[Path, Path], images: np.ndarray, labels: np.ndarray, meta_data: dict) -> None:
     tag = f".tmp-{os.getpid()}"  # every rank of a torchrun job writes its own
     try:
-        img_path.parent.mkdir(parents=True, exist_ok=True)
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
         # renamed innermost first: the .json last, its presence marks a complete entry
-        with atomic_path(meta_path, tag) as meta, atomic_path(lab_path, tag) as lab, atomic_path(img_path, tag) as img:
-            for tmp, arr in ((img, images), (lab, labels)):
-                with open(tmp, "wb") as f:
-                    np.save(f, arr)
-            meta.write_text(json.dumps({"classes": classes, "n": int(len(labels)), "fingerprint": fingerprint}))
+        with atomic_path(paths[1], tag) as meta, atomic_path(paths[0], tag) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+            meta.write_text(json.dumps({**meta_data, "labels": labels.tolist()}))
     except OSError as e:
-        warnings.warn(f"could not write the dataset cache under {img_path.parent} ({_one_line(e)})", stacklevel=3)
+        warnings.warn(f"could not write the dataset cache under {paths[0].parent} ({_one_line(e)})", stacklevel=3)
 
 
 def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder"):
@@ -248,46 +220,37 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
     names in `layout` (listing.list_folder; an archive is always the imagefolder layout)."""
     source = listing.source_path(cfg, layout)
     decoder = _decoder_for(device)
-    size = int(cfg.image_size)
     how = f"decoded with {'Pillow' if decoder == 'pil' else 'DALI on ' + decoder.split('-')[1]}"
     what = f"{layout} ({source}, {how}"
-
     if source.is_dir():
         folder = listing.list_folder(source, layout, cfg.root, need=split)
-        items, classes = folder.splits[split], folder.classes
-        prints, folders = listing.fingerprint(items), listing.contents(items)
-        paths = _cache_paths(cfg, source, split, [[rel, sz, mt] for _, rel, sz, mt in items], decoder)
-        hit = _cache_load(paths, size)
-        if hit is not None and hit[2] == classes:
-            return (*hit[:3], f"{what}, from cache {paths[0]})", prints, folders)
-        encoded = []
-        for cls, rel, _, _ in items:
-            try:
-                encoded.append((cls, rel, (folder.base / rel).read_bytes()))
-            except OSError as e:
-                raise DataError(f"cannot read {folder.base / rel} ({_one_line(e)}); restore or remove it") from e
-        images, labels = _decode(encoded, classes, size, decoder, device)
-        _cache_save(paths, images, labels, classes, prints)
-        return images, labels, classes, f"{what})", prints, folders
-
-    st = source.stat()
-    paths = {s: _cache_paths(cfg, source, s, [st.st_size, st.st_mtime_ns], decoder) for s in SPLITS}
-    hit = _cache_load(paths[split], size)
-    if hit is not None and hit[3]:
-        return (*hit[:3], f"{what}, from cache {paths[split][0]})", hit[3], {})
-    found = listing.labelled_splits(_read_archive(source), str(source), split)
-    classes = sorted({c for items in found.values() for c, _, _ in items})
-    for s in SPLITS:  # one pass read both splits: decode and cache both
-        if not found[s]:
-            continue
-        other = _cache_load(paths[s], size) if s != split else None
-        if other is not None and other[3]:
-            continue
-        prints = listing.fingerprint((c, n, len(b)) for c, n, b in found[s])
-        folders = listing.contents((c, n, len(b)) for c, n, b in found[s])
-        images, labels = _decode(found[s], classes, size, decoder, device)
+        classes, key = folder.classes, [folder.classes, [item[1:] for item in folder.splits[split]]]
+    else:
+        st = source.stat()
+        key = [st.st_size, st.st_mtime_ns]  # the archive's own
+    paths = {s: _cache_paths(cfg, source, s, key, decoder) for s in SPLITS}
+    hit = _cache_load(paths[split])
+    if hit is not None:
+        return (*hit[:3], f"{what}, from cache {paths[split][0]})", *hit[3:])
+    if source.is_dir():
+        found = {split: [(cls, rel, _read(folder.base / rel)) for cls, rel, _, _ in folder.splits[split]]}
+    else:  # one pass reads both splits: decode and cache both
+        found = listing.labelled_splits(_read_archive(source), str(source), split)
+        classes = sorted({c for items in found.values() for c, _, _ in items})
+        found = {s: items for s, items in found.items() if items and (s == split or not paths[s][1].is_file())}
+    for s, encoded in found.items():
+        sizes = [(c, n, len(b)) for c, n, b in encoded]
+        meta = {"classes": classes, "fingerprint": listing.fingerprint(sizes), "contents": listing.contents(sizes)}
+        images, labels = _decode(encoded, classes, int(cfg.image_size), decoder, device)
         found[s] = []  # free the encoded bytes
-        _cache_save(paths[s], images, labels, classes, prints)
+        _cache_save(paths[s], images, labels, meta)
         if s == split:
-            result = images, labels, classes, f"{what})", prints, folders
+            result = images, labels, classes, f"{what})", meta["fingerprint"], meta["contents"]
     return result
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({_one_line(e)}); restore or remove it") from e

@@ -131,11 +131,8 @@ def image_problem(f, size: int) -> str | None:
     if kind == "JPEG":
         f.seek(max(0, size - 2))
         if f.read() != b"\xff\xd9":  # no end marker: decode it (bytes after a complete image are allowed)
-            try:
-                f.seek(0)
-                with Image.open(f) as im:
-                    im.load()
-            except Exception:
+            f.seek(0)
+            if undecodable(f.read()):
                 return "truncated (it ends before its image data does)"
     return None
 
@@ -158,11 +155,9 @@ def file_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with one image file (unreadable, empty, too large, a looping link, not an image,
     too many pixels, truncated), or None. Pillow checks the header; without Pillow only the file is."""
     try:
-        size = os.stat(path).st_size
-        if size_problem(size):
-            return size_problem(size)
         with open(path, "rb") as f:  # opening it is the readability check
-            return image_problem(f, size)
+            size = os.fstat(f.fileno()).st_size
+            return size_problem(size) or image_problem(f, size)
     except OSError as err:
         return os_problem(err)
 
@@ -269,11 +264,7 @@ def _tiny_val(base: Path, bad: list) -> list[Item] | None:
     notes, images = base / "val" / "val_annotations.txt", base / "val" / "images"
     if not (notes.is_file() and images.is_dir()):
         return None
-    label = {}
-    for line in notes.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) >= 2:
-            label[parts[0]] = parts[1]
+    label = dict(line.split("\t")[:2] for line in notes.read_text().splitlines() if "\t" in line)
     found: list[Item] = []
     _scan(images, "val/images", "", found, bad)
     unlabelled = [rel for _, rel, _, _ in found if rel.rsplit("/", 1)[-1] not in label]

@@ -29,14 +29,14 @@ class BadFileError(DataError):
 class StreamedSet:
     """A split as files: the ImageSet counterpart for data that is read, not held."""
 
-    paths: list[str]  # absolute path of every image, in label-then-name order
-    labels: torch.Tensor  # (N,) int64, on the requested device (-1: unlabelled)
+    paths: list[str]  # absolute, in label-then-name order
+    labels: torch.Tensor  # (N,) int64 (-1: unlabelled)
     classes: list[str]
-    description: str  # what was listed, for logs
+    description: str  # for logs
     device: torch.device  # where the patches of this set are wanted
-    fingerprint: str = ""  # listing.fingerprint of the files: names, sizes, classes
-    contents: dict = field(default_factory=dict)  # listing.contents: files, bytes and a hash per folder
-    bad_files: str = "stop"  # data.bad_files
+    fingerprint: str = ""
+    contents: dict = field(default_factory=dict)
+    bad_files: str = "stop"
     skipped: dict = field(default_factory=dict)  # path -> why, of every file skipped (data.bad_files=skip)
 
     def __len__(self) -> int:
@@ -94,10 +94,9 @@ def load_streamed(cfg: DataConfig, split: str, device: torch.device, layout: str
     listing = list_folder(source, layout, cfg.root, need=split)
     items = listing.splits[split]
     index = {c: i for i, c in enumerate(listing.classes)}
-    labels = torch.tensor([index.get(c, -1) for c, _, _, _ in items], dtype=torch.int64, device=device)
     return StreamedSet(
         paths=[str(listing.base / rel) for _, rel, _, _ in items],
-        labels=labels,
+        labels=torch.tensor([index.get(c, -1) for c, *_ in items], dtype=torch.int64, device=device),
         classes=listing.classes,
         description=f"{layout} ({source}, streamed: full-size files read every epoch)",
         device=torch.device(device),

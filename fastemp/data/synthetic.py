@@ -29,6 +29,7 @@ _CHUNK = 1024  # images rendered at a time (bounds memory; the result does not d
 
 # Nuisance strengths
 SCALE = (0.30, 0.45)  # the object's half-size s, a fraction of the image side: its box spans 60-90% of the width
+MAX_ROTATION = 20.0  # degrees: rotation is uniform in [-MAX_ROTATION, MAX_ROTATION]
 ASPECT = 0.15  # half-sizes s (1 + e) and s / (1 + e), e uniform in [-ASPECT, ASPECT]
 POSITION_SLACK = 0.06  # how far (a fraction of the side) the object may stick out of the image
 PERIOD = (5.0, 8.0)  # stripe / checker period in pixels, before the aspect stretch
@@ -118,15 +119,13 @@ def _class_mask(
 
 
 def make_synthetic(
-    n_images: int, seed: int, size: int = 32, *, max_rotation: float = 20.0, gradient: int = 40, noise: int = 10
+    n_images: int, seed: int, size: int = 32, *, gradient: int = 40, noise: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render `n_images` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU; labels balanced
-    and shuffled. Rotation in degrees, uniform in [-max_rotation, max_rotation]; `gradient`: peak-to-peak
-    brightness change of a linear illumination gradient; `noise`: per-pixel integer noise in [-noise, noise]."""
+    and shuffled. `gradient`: peak-to-peak brightness change of a linear illumination gradient; `noise`:
+    per-pixel integer noise in [-noise, noise]."""
     if size < 4:
         raise ValueError(f"size must be >= 4, got {size}")
-    if not 0.0 <= max_rotation <= 180.0:
-        raise ValueError(f"max_rotation must be in [0, 180] degrees, got {max_rotation}")
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
     n = int(n_images)
@@ -137,7 +136,7 @@ def make_synthetic(
     half = _uniform(gen, n, SCALE[0], SCALE[1]) * S  # half-size s in pixels
     stretch = 1.0 + _uniform(gen, n, -ASPECT, ASPECT)
     half_u, half_v = half * stretch, half / stretch  # area preserved: s_u s_v = s^2
-    theta = _uniform(gen, n, -1.0, 1.0) * (max_rotation * math.pi / 180.0)
+    theta = _uniform(gen, n, -1.0, 1.0) * (MAX_ROTATION * math.pi / 180.0)
     cos_t, sin_t = _cos_sin(theta)
     # centre: keep the rotated bounding box inside, give or take the slack
     ext_u = half_u * cos_t.abs() + half_v * sin_t.abs()

@@ -446,7 +446,7 @@ def test_imagefolder_cache(tmp_path, monkeypatch):
     first = load_split(cfg, "train")
     cache = tmp_path / "cache_root" / "cache"
     assert len(list(cache.glob("imagefolder-tree-train-32px-*.images.npy"))) == 1
-    assert len(list(cache.glob("*.labels.npy"))) == 1
+    assert len(list(cache.glob("imagefolder-*.json"))) == 1
 
     def no_decode(*a, **k):
         raise AssertionError("decoded although the cache holds this split")

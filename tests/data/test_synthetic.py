@@ -80,8 +80,6 @@ def test_nuisance_keywords_take_effect():
     # without noise or gradient an image holds only its two colours and their 2x2 mixtures
     counts = [len(torch.unique(img.reshape(-1, 3), dim=0)) for img in base]
     assert max(counts) <= 5
-    with pytest.raises(ValueError):
-        make_synthetic(10, seed=0, max_rotation=200.0)
 
 
 def test_load_split_synthetic():
