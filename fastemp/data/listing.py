@@ -155,9 +155,11 @@ def file_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with one image file (unreadable, empty, too large, a looping link, not an image,
     too many pixels, truncated), or None. Pillow checks the header; without Pillow only the file is."""
     try:
+        size = os.stat(path).st_size  # before opening: a pipe or device (size 0) would block open()
+        if size_problem(size):
+            return size_problem(size)
         with open(path, "rb") as f:  # opening it is the readability check
-            size = os.fstat(f.fileno()).st_size
-            return size_problem(size) or image_problem(f, size)
+            return image_problem(f, size)
     except OSError as err:
         return os_problem(err)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import tarfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -177,6 +178,15 @@ def test_file_problem_is_the_one_file_check_the_backends_can_call(tmp_path, monk
     assert "90,000,000 pixels" in listing.file_problem(tmp_path / "big.png")
     monkeypatch.setattr(listing, "_pillow", lambda: None)  # without Pillow: the file-level checks
     assert listing.file_problem(tmp_path / "big.png") is None and "empty" in listing.file_problem(_empty(tmp_path))
+
+
+def test_a_pipe_among_the_images_is_reported_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")  # open() on a pipe with no writer would wait forever
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(listing.file_problem(tmp_path / "pipe.jpg")), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert answer == ["empty (0 bytes)"]
 
 
 def _empty(tmp_path: Path) -> Path:
