@@ -193,14 +193,6 @@ def test_one_line_errors(tmp_path, capsys):
         )
 
 
-def test_registered_as_a_bench_command(tmp_path, capsys):
-    from fastemp.cli import main
-
-    argv = ["--official-dir", str(tmp_path / "nowhere"), "--data", "x", "--out", str(tmp_path)]
-    assert main(["bench", "official-peer", *argv]) == 2
-    assert "fastemp: error: --official-dir" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------ end to end around a stand-in
 
 
