@@ -1,9 +1,6 @@
-"""`fastemp bench accuracy` and `fastemp bench time-to-accuracy`: one driver (run_seed) over the library's periodic
-evaluation. Every seed is a Trainer trained with `eval.every` (evaluations between steps, off the training clock);
-the evaluations are the Trainer's own records. Training seconds leave out the first step (compilation), reported
-apart. docs/evaluation.md describes the rows, the config key, --accumulate, --budget and time to accuracy. Results
-are rewritten after every seed and every evaluation ("partial": true until the end).
-"""
+"""`fastemp bench accuracy` and `fastemp bench time-to-accuracy`: one driver (run_seed), a Trainer evaluating with
+`eval.every` (off the training clock; training seconds leave out the first step). docs/evaluation.md describes the
+rows, the config key, --accumulate, --budget and time to accuracy."""
 
 from __future__ import annotations
 
@@ -242,7 +239,6 @@ def run_seed(cfg, data: harness.Data, stop_epoch: float | None = None, budget: f
 
 
 def seed_records(row: Row, seed: int, key: str, cfg, trainer, timing: dict, overrides) -> list[dict]:
-    """One record per evaluated epoch of a seed: what ran, what it measured, where and when."""
     env, first, (file, copy) = runs.environment(trainer.device), trainer.warmup_seconds, data_names(cfg.data)
     by_step, records = {e["step"]: e for e in trainer.evaluations}, []
     for fields in row_fields(row, overrides):

@@ -3,7 +3,6 @@ fastemp - official with its uncertainty (docs/evaluation.md), the time-to-accura
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -12,12 +11,14 @@ from fastemp import runs
 from fastemp.config import to_dict
 from fastemp.evaluate import first_reaching
 
+from .harness import page
 from .report import (
     device_label,
     environment_markdown,
     fmt,
     markdown_table,
     on_h100,
+    read_result,
     table,
     target_row,
     targets_markdown,
@@ -124,13 +125,6 @@ def official_run_record(peer: dict) -> dict:
     out["train_seconds"] = sum(e["loop_seconds"] for e in epochs) if epochs else None
     out.update({k: training.get(k) for k in ("startup_seconds", "images_per_s", "images_per_s_whole_loop")})
     return {**out, "device_name": env.get("device_name"), "commit": env.get("commit"), "created": peer.get("created")}
-
-
-def read_result(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def add_official(accuracy_path: Path, peer_path: Path) -> dict:
@@ -285,7 +279,7 @@ def tta_summary(cfg, trainer, target: float, levels, cut: bool, max_wall, enviro
 
 
 def tta_markdown(result: dict) -> str:
-    env, proto, target = result["environment"], result["protocol"], result["target"]
+    proto, target = result["protocol"], result["target"]
     status = (
         f"reached {target:.0%} after **{result['train_seconds']:.1f} s** of training ({result['epochs']:.2f} epochs, "
         f"{result['images_seen']:,} images; first step {result['first_step_seconds']:.1f} s excluded)"
@@ -301,8 +295,6 @@ def tta_markdown(result: dict) -> str:
     levels = ", ".join(f"{m['top1']:.0%}" for m in result["milestones"])
     keys = "step epoch images_seen train_seconds_excl_first_step linear_top1 best_top1_on_test eval_seconds"
     lines = [
-        f"# Time to {target:.0%}: {device_label(env)} ({env.get('device')})",
-        "",
         f"- result: {status}",
         f"- first reached: {'; '.join(reached) if reached else 'none of ' + levels}",
         f"- data: {result['data']}; test: {result['test_data']}",
@@ -317,4 +309,4 @@ def tta_markdown(result: dict) -> str:
     ]
     if result["targets"]:
         lines += ["", targets_markdown(result["targets"])]
-    return "\n".join([*lines, "", environment_markdown(env)])
+    return page(result, f"Time to {target:.0%}", *lines)

@@ -18,8 +18,6 @@ from . import harness
 
 
 def _checked(kind, low: float, what: str, high: float | None = None, many: bool = False):
-    """An argparse type: a value of `kind` in [low, high] (many: a comma-separated list of them), else one line."""
-
     def parse(text: str):
         try:
             values = [kind(v) for v in text.split(",") if v.strip()] if many else [kind(text)]
@@ -42,12 +40,10 @@ SECONDS = _checked(float, 1e-9, "a number > 0")
 
 
 def config_of(args):
-    """The config the command measures (one line on a bad key or value)."""
     return load_config(args.config, [*args.overrides, *([f"train.device={args.device}"] if args.device else [])])
 
 
 def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", ".md")) -> harness.Results:
-    """The command's result files (named before anything is measured); torch threads as asked."""
     if args.threads:
         torch.set_num_threads(args.threads)
     return harness.Results(benchmark, markdown, args.out, args.name, device, args.force, suffixes)
@@ -101,8 +97,6 @@ def cmd_accuracy(args) -> int:
         for row in select_rows(None):
             print(f"{row.name}: {row.note}")
         return 0
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     rows, seeds = select_rows(harness.parse_list(args.rows), args.variant or ()), parse_seeds(args.seeds)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
     for _, changes in args.variant or ():  # a misspelt variant is one line now, not an error row after an hour
@@ -160,7 +154,9 @@ def _add(p, *specs) -> None:
             p.add_argument(flag, type=kind, default=default, help=text)
 
 
-def _output(p, name: str) -> None:
+def _output(p, name: str, func) -> None:
+    """The result-file options every benchmark shares, and the command that runs it."""
+    p.set_defaults(func=func)
     _add(p, ("--threads", AT_LEAST_1, None, "torch CPU threads (e.g. 1 on a busy shared machine)"))
     _add(p, ("--out", str, None, "output folder (default: benchmarks/results/<device>)"))
     _add(p, ("--name", str, name, f"file name stem (default: {name})"))
@@ -168,7 +164,6 @@ def _output(p, name: str) -> None:
 
 
 def register_cli(subparsers) -> None:
-    """`fastemp bench ...` and `fastemp tune` in fastemp's CLI."""
     workers = min(16, os.cpu_count() or 1)
     sub = subparsers.add_parser("bench", help="benchmarks (docs/benchmarks.md)").add_subparsers(
         dest="bench_command", required=True
@@ -191,8 +186,7 @@ def register_cli(subparsers) -> None:
         ("--baseline-steps", AT_LEAST_1, None, "timed baseline steps (default: max(20, 2 x workers))"),
         ("--peak-size", AT_LEAST_1, None, "matmul size of the measured peak (default 8192 GPU, 1024 CPU)"),
     )
-    _output(p, "throughput")
-    p.set_defaults(func=cmd_throughput)
+    _output(p, "throughput", cmd_throughput)
 
     p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures and code")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
@@ -211,8 +205,7 @@ def register_cli(subparsers) -> None:
     p.add_argument(
         "--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"), help=variant + " (repeatable)"
     )
-    _output(p, "accuracy")
-    p.set_defaults(func=cmd_accuracy)
+    _output(p, "accuracy", cmd_accuracy)
 
     p = sub.add_parser("time-to-accuracy", help="training seconds until the linear probe reaches --target")
     _config_args(p, "cifar10_n20_10ep")
@@ -224,8 +217,7 @@ def register_cli(subparsers) -> None:
         ("--milestones", FRACTIONS, [], "lower accuracies whose first times are reported too, e.g. 0.7,0.75,0.8"),
     )
     p.add_argument("--protocol", choices=("official", "cheap"), default="official", help="evaluation protocol")
-    _output(p, "time_to_accuracy")
-    p.set_defaults(func=cmd_time_to_accuracy)
+    _output(p, "time_to_accuracy", cmd_time_to_accuracy)
 
     p = sub.add_parser("kernels", help="cosine-to-mean, TCR, the patch recipe and LARS, each beside its reference")
     _add(
@@ -242,8 +234,7 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
     p.add_argument("--no-augmentation", dest="augmentation", action="store_false", help="skip the augmentation rows")
-    _output(p, "kernels")
-    p.set_defaults(func=cmd_kernels)
+    _output(p, "kernels", cmd_kernels)
 
     p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone")
     p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
@@ -262,8 +253,7 @@ def register_cli(subparsers) -> None:
         ("--compile", str, "none", "model.compile of the step (default none)"),
         ("--folder-root", str, None, "where the temporary JPEG folders go (default: the system temp dir)"),
     )
-    _output(p, "data")
-    p.set_defaults(func=cmd_data)
+    _output(p, "data", cmd_data)
 
     p = sub.add_parser("profile", help="where a training step's time goes, kernel by kernel (torch.profiler)")
     _config_args(p, "cifar10_n20_1ep")
@@ -274,8 +264,7 @@ def register_cli(subparsers) -> None:
         ("--top", AT_LEAST_1, 25, "ops listed (default 25)"),
         ("--trace", str, None, "also write the Chrome trace (JSON) here"),
     )
-    _output(p, "profile")
-    p.set_defaults(func=cmd_profile)
+    _output(p, "profile", cmd_profile)
 
     from .official_peer import add_arguments as peer_arguments
     from .report import add_arguments as report_arguments

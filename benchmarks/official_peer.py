@@ -1,11 +1,6 @@
-"""`fastemp bench official-peer`: the official EMP-SSL code itself, on the same GPU and data copy as fastemp
-(docs/official_peer.md). Data: both splits through fastemp's loader, written as the CIFAR-10 python batches the
-official loader reads (official_run.prepare_data). Training: main.py, unmodified, in a child process with the
-README's 1-epoch command, stopped once --epochs checkpoints exist (official_launcher.py starts it, official_run.py
-times its output). Evaluation: the saved encoder scored by fastemp's evaluator (`fastemp eval --weights FILE
---format official`). official_peer.json and .md are rewritten as the run goes (RUNNING, then PASS, FAIL or TIMEOUT),
-official_peer.log holds the official output; --time-limit bounds all of it. Exit status 0 only on PASS.
-"""
+"""`fastemp bench official-peer`: the official EMP-SSL main.py, unmodified, on the same GPU and data copy as
+fastemp, its encoder scored by fastemp's evaluator (docs/official_peer.md). official_launcher.py starts it,
+official_run.py prepares its data and times its output."""
 
 from __future__ import annotations
 
@@ -13,7 +8,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +58,7 @@ def probe_imports(python: str) -> dict:
 
 
 def preflight(args) -> tuple[dict, dict]:
-    """Every check before anything heavy, in order, one line each: (the official files' sha256 sums, its
-    interpreter's versions)."""
+    """Every check before anything heavy: (the official files' sha256 sums, its interpreter's versions)."""
     official, data = Path(args.official_dir), Path(args.data)
     missing = ", ".join(f for f in FILES if not (official / f).is_file())
     why = "does not exist" if not official.is_dir() else f"is no checkout of {REPO} (no {missing})" if missing else ""
@@ -142,7 +135,8 @@ def run_peer(args) -> dict:
     handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGALRM)}
     if args.time_limit:
         signal.setitimer(signal.ITIMER_REAL, args.time_limit)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastemp-official-peer-"))
+    scratch = tempfile.TemporaryDirectory(prefix="fastemp-official-peer-", ignore_cleanup_errors=True)
+    work = Path(args.work or scratch.name)
     try:
         results.write(result)
         train, test, result["data"] = prepare_data(args, cfg, work)
@@ -192,15 +186,13 @@ def run_peer(args) -> dict:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+        scratch.cleanup()
         if args.accuracy:
             add_official(Path(args.accuracy), out / f"{NAME}.json")
 
 
 def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = False) -> dict:
-    """fastemp's evaluation of the official encoder saved at `checkpoint` under cfg.eval: the library's
-    `fastemp eval --weights CHECKPOINT --format official` (fastemp.startup.evaluate_weights), on these splits."""
+    """`fastemp eval --weights CHECKPOINT --format official` on these splits."""
     from fastemp.startup import evaluate_weights
 
     metrics = evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
@@ -211,8 +203,8 @@ def probe_loader(args) -> dict:
     """main.py's DataLoader alone on the prepared data (official_launcher.py --probe-loader): whether its 16 workers,
     forked after CUDA started and sharing tensors through the file system, deliver batches here."""
     preflight(args)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastemp-official-loader-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="fastemp-official-loader-", ignore_cleanup_errors=True) as scratch:
+        work = Path(args.work or scratch)
         _, _, data = prepare_data(args, peer_config(args), work)
         limit = args.probe_loader + PROBE_SECONDS + 60
         command = launcher(args, data["md5_file"], "--probe-loader", str(args.probe_loader))
@@ -226,9 +218,6 @@ def probe_loader(args) -> dict:
         if not found:
             return {"status": "FAIL", "exit_code": out.returncode, "error": one_line(out.stderr + out.stdout)[-300:]}
         return {"data": data["copy"], **json.loads(found[-1])}
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def markdown(result: dict) -> str:
@@ -302,7 +291,6 @@ def run_from_args(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fastemp.benchmarks.official_peer ...`: `fastemp bench official-peer ...`."""
     from fastemp.cli import main as fastemp
 
     return fastemp(["bench", "official-peer", *(sys.argv[1:] if argv is None else argv)])

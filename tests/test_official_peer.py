@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 from official_checkout import moments, official_encoder_class
 from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
-from fastemp.benchmarks import official_launcher
 from fastemp.benchmarks.official_peer import main as peer_main
 from fastemp.benchmarks.official_run import OfficialClock, run_official, split_output, subset, write_cifar_batches
 from fastemp.config import DataConfig
@@ -77,24 +75,6 @@ def test_cifar_batches_hold_fastemps_pixels(tmp_path):
     with open(folder / "batches.meta", "rb") as f:
         assert pickle.load(f, encoding="latin1")["label_names"] == ["cat", "dog"]
     assert len(subset(train, 4)) == 4 and subset(train, 4).labels.tolist() == [0, 0, 1, 1]  # both classes kept
-
-
-def test_launcher_points_the_cifar_check_at_the_prepared_files(tmp_path, monkeypatch):
-    canonical = types.SimpleNamespace(
-        train_list=[[f"data_batch_{i}", "canonical"] for i in range(1, 6)],
-        test_list=[["test_batch", "canonical"]],
-        meta={"filename": "batches.meta", "key": "label_names", "md5": "canonical"},
-    )
-    datasets = types.ModuleType("torchvision.datasets")
-    datasets.CIFAR10 = canonical
-    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
-    sums = {**{f"data_batch_{i}": f"md5-{i}" for i in range(1, 6)}, "test_batch": "md5-t", "batches.meta": "md5-m"}
-    (tmp_path / "sums.json").write_text(json.dumps(sums))
-    official_launcher.use_prepared_cifar(str(tmp_path / "sums.json"))
-    assert canonical.train_list == [[f"data_batch_{i}", f"md5-{i}"] for i in range(1, 6)]
-    assert canonical.test_list == [["test_batch", "md5-t"]]
-    assert canonical.meta == {"filename": "batches.meta", "key": "label_names", "md5": "md5-m"}
 
 
 # ------------------------------------------------------------------------------ the official run's clock
@@ -191,14 +171,6 @@ def test_one_line_errors(tmp_path, capsys):
         assert "needs a CUDA GPU" in one_line_error(
             capsys, ["--official-dir", str(stub), *base, "--python", str(ready)]
         )
-
-
-def test_registered_as_a_bench_command(tmp_path, capsys):
-    from fastemp.cli import main
-
-    argv = ["--official-dir", str(tmp_path / "nowhere"), "--data", "x", "--out", str(tmp_path)]
-    assert main(["bench", "official-peer", *argv]) == 2
-    assert "fastemp: error: --official-dir" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ end to end around a stand-in
