@@ -1,14 +1,7 @@
-"""Evaluation as in the paper: frozen features h, a linear probe, and a weighted kNN.
-
-The protocol is named by its values (EvalConfig.protocol); "official" is the official code's evaluation,
-value by value in docs/evaluation.md: h = ReLU(BN(Linear(512, 4096))) in eval mode, averaged over 128
-patches of the training augmentation per image, a linear probe on the cached features whose FINAL epoch is
-the headline (the best epoch, selected on test, is `best_top1_on_test`), and the weighted kNN.
-
-Feature extraction runs without gradients in large device batches, under the Runtime's precision, memory
-format and evaluation compile mode. Under torchrun the feature batches are dealt round-robin to the ranks
-and summed into every rank's feature matrix; the probe and kNN run on rank 0 and every rank returns its
-result.
+"""Evaluation as in the paper: frozen features h (averaged over patches), a linear probe whose FINAL epoch is the
+headline (the best, selected on test, is `best_top1_on_test`), and a weighted kNN; the protocols value by value:
+docs/evaluation.md. Under torchrun the feature batches are dealt round-robin to the ranks and summed; the probe
+and kNN run on rank 0 and every rank returns the result.
 """
 
 from __future__ import annotations
@@ -44,10 +37,8 @@ def extract_features(
     workers: int = 0,
     compile_recipe: bool = False,
 ) -> torch.Tensor:
-    """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files, read through a
-    streamed backend with `workers` processes), model in eval mode for the duration. compile_mode: the
-    encoder's (Runtime.eval_compile_mode); compile_recipe: the torch backend's recipe through
-    torch.compile, as in training (Runtime.patch_compile)."""
+    """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files), the model in eval mode for the
+    duration; the other arguments are the Runtime's (compile_mode: its eval_compile_mode) and data.workers."""
     was_training = model.training
     model.eval()
     embed = {"features": model.encode, "proj": model.project, "backbone": model.backbone}[cfg.embedding]
@@ -57,7 +48,7 @@ def extract_features(
     index_device = device if isinstance(images, torch.Tensor) else torch.device("cpu")
     count = len(images)
     patches = (
-        make_patch_backend(backend, images, aug, seed=seed, workers=workers, compile_recipe=compile_recipe)
+        make_patch_backend(backend, images, aug, workers=workers, compile_recipe=compile_recipe)
         if cfg.mode == "patches"
         else None
     )
@@ -184,23 +175,12 @@ def evaluate_encoder(
 ) -> dict:
     """Features for both splits, then the probe (and kNN when eval.knn) under eval_cfg (default: cfg.eval).
     Keys get `prefix`."""
-    seed, protocol = cfg.train.seed, eval_cfg or cfg.eval
+    seed, protocol, rt = cfg.train.seed, eval_cfg or cfg.eval, runtime
+    how = dict(autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last, compile_mode=rt.eval_compile_mode)
+    how.update(backend=rt.backend, workers=cfg.data.workers, compile_recipe=rt.patch_compile)
     feats = [
-        extract_features(
-            model,
-            getattr(s, "images", s),
-            protocol,
-            cfg.augment,
-            runtime.backend,
-            seed + i,
-            runtime.autocast_dtype,
-            runtime.channels_last,
-            desc=f"{prefix}features ({name})",
-            compile_mode=runtime.eval_compile_mode,
-            workers=cfg.data.workers,
-            compile_recipe=runtime.patch_compile,
-        )
-        for i, (name, s) in enumerate((("train", train), ("test", test)))
+        extract_features(model, getattr(s, "images", s), protocol, cfg.augment, seed=seed + i, desc=desc, **how)
+        for i, (desc, s) in enumerate(((f"{prefix}features (train)", train), (f"{prefix}features (test)", test)))
     ]
     return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, protocol, seed, prefix))
 

@@ -33,23 +33,21 @@ def plan_chunks(
     sync_bn: bool = False,
     free_bytes: int | None = None,
 ) -> tuple[int, int]:
-    """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches.
-
-    bn_groups 0: BatchNorm per chunk, grad_chunks chunks. bn_groups k > 0: k groups normalised apart ("ghost"
-    BN), in chunks of whole groups; grad_chunks 0 picks them: on one CUDA device the fewest whose activations
-    (x1.5) fit in 80% of the free memory (or free_bytes), elsewhere k (SyncBatchNorm has no groups)."""
+    """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches. bn_groups 0: BatchNorm
+    per chunk; k > 0: k groups normalised apart (ghost BN) in chunks of whole groups, grad_chunks 0 choosing them: on
+    one CUDA device the fewest whose activations (x1.5) fit in 80% of the free memory, elsewhere k."""
     if bn_groups == 0:
         return max(grad_chunks, 1), 1
     if grad_chunks == 0:
         grad_chunks = bn_groups
         if device.type == "cuda" and world == 1:
             free = available_bytes(device) if free_bytes is None else free_bytes
-            fitting = [
+            fits = (
                 c
-                for c in range(1, bn_groups + 1)
+                for c in range(1, bn_groups)
                 if bn_groups % c == 0 and n * batch / c * bytes_per_patch * 1.5 <= 0.8 * free
-            ]
-            grad_chunks = fitting[0] if fitting else bn_groups
+            )
+            grad_chunks = next(fits, bn_groups)
     per_forward = bn_groups // grad_chunks
     if world > 1 and sync_bn and per_forward > 1:
         raise ConfigError(
@@ -61,7 +59,7 @@ def plan_chunks(
 
 
 def chunk_bounds(n: int, batch: int, chunks: int) -> list[tuple[int, int]]:
-    """Row ranges of `chunks` nearly equal runs of whole patch groups (rows i*batch .. )."""
+    """Row ranges of `chunks` nearly equal runs of whole patch groups."""
     groups = torch.tensor_split(torch.arange(n), min(chunks, n))
     return [(int(g[0]) * batch, (int(g[-1]) + 1) * batch) for g in groups if g.numel()]
 
@@ -76,10 +74,8 @@ def gradient_cache_step(
     model: nn.Module | None = None,
     mark: Callable[[str], None] = lambda phase: None,
 ) -> LossTerms:
-    """Loss terms of one step; parameter gradients accumulated as if all patches ran at once.
-
-    `forward` may be the compiled `model` (default: `forward` itself); under DDP gradients are all-reduced
-    once, after the last chunk. `mark(phase)` follows each phase: "forward" (pass 1), "loss", "backward"."""
+    """Loss terms of one step, parameter gradients accumulated as if all patches ran at once. `forward` may be the
+    compiled `model`; under DDP gradients are all-reduced once, after the last chunk. `mark`: as Trainer.train_step."""
     model = model if model is not None else forward
     no_sync = getattr(model, "no_sync", nullcontext)
     batch = patches.shape[0] // n

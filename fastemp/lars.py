@@ -15,8 +15,8 @@ from .config import OptimConfig
 
 
 def segment_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of consecutive segments of `flat` with the sizes and strides of the (dense) tensors `like`, so that
-    foreach over both passes torch's fast-route check and runs as multi-tensor kernels."""
+    """Views of consecutive segments of `flat` shaped as the (dense) tensors `like`: foreach over both then runs
+    as multi-tensor kernels."""
     views, offset = [], flat.storage_offset()
     for t in like:
         views.append(flat.as_strided(t.shape, t.stride(), offset))
@@ -54,8 +54,8 @@ def fused_lars_sgd(
 
 
 class LARS(torch.optim.SGD):
-    """LARS over SGD: `adapt_gradients` then torch's SGD step, or with fused_update one compiled pass per tensor
-    (`fused_lars_sgd`); the same update up to rounding, with torch SGD's momentum buffers either way."""
+    """`adapt_gradients` then torch's SGD step, or with fused_update one compiled pass per tensor (`fused_lars_sgd`):
+    the same update up to rounding, with torch SGD's momentum buffers either way."""
 
     def __init__(
         self,
@@ -106,8 +106,7 @@ class LARS(torch.optim.SGD):
 
     @torch.no_grad()
     def adapt_gradients(self) -> torch.Tensor | None:
-        """Replace each LARS weight's gradient by its trust-scaled, weight-decayed version (g * scale, then
-        + p * decay). Returns whether every gradient was finite (see _factors)."""
+        """g <- g * scale + p * decay for each LARS weight; returns whether every gradient was finite (_factors)."""
         rows, finite = self._factors()
         for _, params, scale, decay, _ in rows:
             if not params:
@@ -143,12 +142,10 @@ class LARS(torch.optim.SGD):
                 )
         if not every:
             return None
-        bufs = []
         for p in every:
-            state = self.state[p]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+            if self.state[p].get("momentum_buffer") is None:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bufs = [self.state[p]["momentum_buffer"] for p in every]
         momentum, nesterov = self.param_groups[0]["momentum"], self.param_groups[0]["nesterov"]
         grads = [p.grad for p in every]
         self._fused(every, grads, bufs, torch.cat(scales), torch.cat(decays), torch.cat(neg_lrs), momentum, nesterov)
@@ -163,8 +160,8 @@ class LARS(torch.optim.SGD):
         return super().step(closure)
 
     def gradients_finite(self) -> torch.Tensor | None:
-        """Whether every gradient of the last step was finite (0-d bool on the device; None before a step
-        or when no parameter had a gradient), from the norms LARS computed anyway."""
+        """Whether every gradient of the last step was finite (0-d bool on the device; None before a step or
+        without gradients), from the norms LARS computed anyway."""
         return self._finite
 
 
@@ -176,7 +173,7 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
 
 
 def lars_hyperparameters(optim: OptimConfig) -> dict:
-    """The LARS constructor's keyword arguments from the config (shared with check.reference.reference_lars)."""
+    """The LARS constructor's keyword arguments from the config (also check.reference.reference_lars's)."""
     return dict(
         lr=optim.lr,
         momentum=optim.momentum,
@@ -188,7 +185,6 @@ def lars_hyperparameters(optim: OptimConfig) -> dict:
 
 
 def build_lars(model: nn.Module, optim: OptimConfig, fused_update: bool = False) -> LARS:
-    """LARS over the model's parameter groups with the config's hyperparameters (fused_update: see LARS)."""
     return LARS(lars_param_groups(model), **lars_hyperparameters(optim), fused_update=fused_update)
 
 

@@ -23,8 +23,7 @@ def logger_names(text: str) -> list[str]:
 
 
 def check_loggers(text: str) -> None:
-    """Every name known and its package imported now, not on the clock at the first record (one line saying what
-    to install)."""
+    """Every name known and its package imported now, not on the clock at the first record."""
     for name in logger_names(text):
         if name not in NAMES:
             raise ConfigError(
@@ -86,9 +85,8 @@ def _wandb(run_dir: Path, cfg: Config, step: int):
 
 
 class Records:
-    """The records of a Trainer with a run folder (logged steps, evaluations during training), on rank 0. The
-    sinks open at the first record this process writes (a resumed run's CSV is rewritten from metrics.jsonl);
-    when stdout is not a terminal each record is also printed as a plain progress line (fastemp.progress)."""
+    """A run folder's records on rank 0. The sinks open at the first record this process writes (a resumed run's
+    CSV is rewritten from metrics.jsonl); off a terminal each record is also printed (fastemp.progress.line)."""
 
     def __init__(self, cfg: Config, run_dir: Path | None, total_steps: int):
         self.cfg, self.total_steps, self.sinks = cfg, total_steps, None

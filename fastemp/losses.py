@@ -32,8 +32,8 @@ class LossTerms(NamedTuple):
 
 class _CholeskyCodingRate(torch.autograd.Function):
     """R(Z_i) for all groups with one batched Cholesky of M = I + c G = L L^T, G the Gram matrix on the smaller
-    side (Sylvester); logdet M = 2 sum log diag L, dR/dZ = c M^{-1} Z (B side) or c Z M^{-1} (d side).
-    A failed factorisation (M's eigenvalues are >= 1: only non-finite inputs) gives NaN, never a wrong number."""
+    side (Sylvester): logdet M = 2 sum log diag L, dR/dZ = c M^{-1} Z or c Z M^{-1}. A failed factorisation
+    (M's eigenvalues are >= 1: only non-finite inputs) gives NaN, never a wrong number."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, eps: float):
@@ -64,7 +64,7 @@ class _CholeskyCodingRate(torch.autograd.Function):
 
 
 def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
-    """Per-group coding rates R(Z_i), shape (n,), computed in fp32 (float64 for float64 z) with autocast off."""
+    """Per-group coding rates R(Z_i), shape (n,), in fp32 (float64 kept) with autocast off."""
     if z.dim() != 3:
         raise ValueError(f"z must be (n_patches, batch, dim), got shape {tuple(z.shape)}")
     with torch.autocast(z.device.type, enabled=False):
@@ -79,8 +79,7 @@ def invariance_loss(z: torch.Tensor) -> torch.Tensor:
 
 def vonmises_uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     """log mean_{a<b} exp(-t |zbar_a - zbar_b|^2) over image pairs, zbar = mean_i z_i: kachayev/ssl-in-one-epoch's
-    uniformity term (docs/training.md), in fp32 (float64 kept). Distances from the Gram matrix: no sqrt, so a
-    finite gradient at distance 0."""
+    uniformity term, in fp32 (float64 kept); distances from the Gram matrix (no sqrt: finite gradient at 0)."""
     with torch.autocast(z.device.type, enabled=False):
         zbar = at_least_fp32(z).mean(dim=0)
         sq = zbar.square().sum(-1)

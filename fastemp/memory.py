@@ -29,8 +29,8 @@ class MemoryEstimateError(UserError, MemoryError):
 
 
 def activation_elements(cfg: Config, side: int, training: bool) -> int:
-    """Activations of one patch of `side` pixels: units x width x side^2 at the stages' side (stage k holds 2^k w
-    channels on (side/2^k)^2 pixels; the ImageNet stem quarters the side)."""
+    """Activations of one patch of `side` pixels: units x width x side^2 at the stages' side (the ImageNet stem
+    quarters it); stage k holds 2^k w channels on (side/2^k)^2 pixels."""
     imagenet = cfg.model.stem == "imagenet"
     stage = side // 4 if imagenet else side
     units, stem = (ACTIVATION_UNITS, STEM_UNITS) if training else (EVAL_UNITS, STEM_EVAL_UNITS)
@@ -51,8 +51,7 @@ def estimate(
     train: bool = True,
     evaluate: bool = True,
 ) -> dict[str, int]:
-    """Bytes per rank by term (see the module doc) for the Runtime's device, precision and chunks; "total" is
-    the peak before the margin."""
+    """Bytes per rank by term (see the module doc); "total" is the peak before the margin."""
     from .model import build_model
 
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
@@ -89,8 +88,7 @@ def estimate(
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free for this process now: the GPU's free memory, or on the CPU MemAvailable (capped
-    by the cgroup's limit when there is one)."""
+    """Memory free for this process now: the GPU's, or MemAvailable capped by the cgroup's limit."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
@@ -122,7 +120,7 @@ def check_memory(
     available: int | None = None,
 ) -> dict[str, int]:
     """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate. `available`
-    (bytes, default: measured) models a machine. On the CPU every rank shares the host's memory."""
+    (default: measured) models a machine. On the CPU every rank shares the host's memory."""
     parts = estimate(cfg, device.type, precision, grad_chunks, world, train, evaluate)
     need = parts["total"] * SAFETY_MARGIN * (world if device.type == "cpu" else 1)
     have = available_bytes(device) if available is None else available

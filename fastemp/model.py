@@ -100,8 +100,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """torchvision-style ResNet-18 (same layer names) with the CIFAR (default) or the ImageNet stem;
-    returns pooled features."""
+    """torchvision's ResNet-18 (same names) with the CIFAR (default) or the ImageNet stem; returns pooled features."""
 
     def __init__(self, width: int = 64, stem: str = "cifar"):
         super().__init__()
@@ -167,16 +166,8 @@ class EMPEncoder(nn.Module):
         return self.projection(self.encode(x))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The unit projection z = p / |p| in fp32 (the evaluation embedding under eval.embedding=proj)."""
+        """The unit projection z = p / |p| in fp32 (eval.embedding=proj)."""
         return F.normalize(self(x).float(), dim=-1)
-
-
-def compile_model(module: nn.Module, mode: str, device: torch.device, cudnn_benchmark: bool = False):
-    """`module` through torch.compile in `mode` ('none': eager), with cuDNN's (process-wide) autotuning as asked.
-    Under reduce-overhead (CUDA graphs) a replay reuses the last one's outputs: callers keeping several copy them."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-    return module if mode == "none" else torch.compile(module, mode=mode)
 
 
 def build_model(cfg: ModelConfig) -> EMPEncoder:

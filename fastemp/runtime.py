@@ -37,12 +37,10 @@ class Runtime:
         return torch.bfloat16 if self.precision == "bf16" else None
 
     def autocast(self) -> AbstractContextManager:
-        """The forward pass's autocast region (nothing in fp32)."""
         dtype = self.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
-    def resolved(self) -> dict:
-        """The resolved choices, as the summary and the benchmark results record them."""
+    def resolved(self) -> dict:  # as the summary and the benchmark results record them
         names = ("backend", "compile_mode", "precision", "channels_last", "fused_loss", "patch_compile")
         names += ("fused_update", "grad_chunks", "bn_groups_per_forward")
         return {name.removesuffix("_mode"): getattr(self, name) for name in names}  # compile_mode as "compile"
@@ -62,8 +60,8 @@ class Runtime:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device `train.device` names (auto: CUDA when present), if this machine has it; under
-    torchrun a CUDA device is this process's GPU (one per local rank)."""
+    """The device `train.device` names (auto: CUDA when present), if this machine has it; under torchrun, this
+    process's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -103,8 +101,8 @@ def resolve_fused(name: str, device: torch.device) -> bool:
 def resolve(
     cfg: Config, device: torch.device | None = None, training: bool = True, check_memory: bool = False
 ) -> Runtime:
-    """The Runtime of cfg on this machine (device: train.device's unless given). training=False (evaluation only)
-    takes no batch shard and no chunks. check_memory: refuse a run that cannot fit (fastemp.memory)."""
+    """The Runtime of cfg on this machine; training=False (evaluation only): no batch shard and no chunks;
+    check_memory: refuse a run that cannot fit (fastemp.memory)."""
     device = device or resolve_device(cfg.train.device)
     on_cuda = device.type == "cuda"
     m = cfg.model

@@ -1,12 +1,8 @@
-"""The EMP-SSL train loop. Data flows one way: config -> data -> patches -> model -> loss -> LARS.
+"""The EMP-SSL train loop: config -> data -> patches -> model -> loss -> LARS.
 
-Reproducibility: the image order of epoch e is a permutation drawn from (seed, e) and the
-augmentation of step t is seeded from (seed, t), so a run resumed from a checkpoint replays
-exactly the data and randomness of the uninterrupted run (bit-identical on CPU with the torch
-backend).
-
-Under torchrun (fastemp.distributed) every rank builds the same Trainer: it trains on its shard
-of each global batch through DDP, logs global metrics, and rank 0 alone writes the run folder.
+Epoch e's image order is drawn from (seed, e) and step t's augmentation from (seed, t), so a resumed run replays
+the uninterrupted one (bit-identical on CPU with the torch backend). Under torchrun every rank trains its shard of
+each global batch through DDP and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ from .gradcache import gradient_cache_step
 from .lars import build_lars, cosine_lr
 from .loggers import Records
 from .losses import LossTerms, projection_loss_terms
-from .model import build_model, compile_model, prepare_projector, set_batchnorm_groups
+from .model import build_model, prepare_projector, set_batchnorm_groups
 from .patches import PatchBackend, PatchRequest, make_patch_backend
 from .runtime import Runtime, resolve
 from .validate import check_data
@@ -68,7 +64,6 @@ class Trainer:
             rt.backend,
             self.train_set,
             cfg.augment,
-            cfg.train.seed,
             workers=cfg.data.workers,
             compile_recipe=rt.patch_compile,
         )
@@ -81,7 +76,10 @@ class Trainer:
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = distributed.wrap_ddp(self.model, self.device) if rt.world_size > 1 else None
-        self.forward = compile_model(self.ddp or self.model, rt.compile_mode, self.device, cfg.model.cudnn_benchmark)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark  # process-wide
+        module = self.ddp or self.model
+        self.forward = module if rt.compile_mode == "none" else torch.compile(module, mode=rt.compile_mode)
         self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.fused_update)
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -117,13 +115,8 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, clock=None) -> LossTerms:
-        """Run step `self.step` (learning rate, patches, forward, loss, backward, LARS) and advance to the next.
-
-        The one training step: train_until runs it, and so do the benchmarks and the profiler. `clock`, when
-        given, has `mark(phase)` called at the start ("start") and after each phase: "data" (the patches),
-        "forward", "loss" (the loss and its backward to the projector outputs), "backward" (the model's
-        backward) and "optimizer" (the LARS step and the finiteness watch). The step computes the same
-        with or without it."""
+        """Run step `self.step` and advance: the one training step (train_until, the benchmarks, the profiler).
+        `clock.mark(phase)`, when given, follows "start", "data", "forward", "loss", "backward", "optimizer"."""
         mark = clock.mark if clock is not None else (lambda phase: None)
         step = self.step
         mark("start")
@@ -151,10 +144,7 @@ class Trainer:
     def _forward_backward(self, patches: torch.Tensor, mark) -> LossTerms:
         """Loss terms of one step, with gradients accumulated into the model."""
         t, runtime = self.cfg.train, self.runtime
-
-        def loss(p: torch.Tensor) -> LossTerms:
-            return projection_loss_terms(p, self.cfg.loss, runtime.fused_loss)
-
+        loss = functools.partial(projection_loss_terms, cfg=self.cfg.loss, fused=runtime.fused_loss)
         if runtime.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
         if runtime.grad_chunks > 1:
@@ -218,9 +208,8 @@ class Trainer:
             self.warmup_seconds, self.warmed_up = self.warmup_seconds + seconds, True
 
     def _evaluate_periodically(self) -> None:
-        """eval.every: evaluate now, off the training clock and leaving training as it was (see evaluate). The
-        record (step, epoch, train seconds so far, results, eval seconds) goes to metrics.jsonl and
-        self.evaluations; one that reaches eval.stop_at ends training here."""
+        """eval.every: evaluate off the training clock, leaving training as it was (see evaluate), record it in
+        metrics.jsonl and self.evaluations, and stop training at eval.stop_at."""
         self.raise_if_nonfinite()  # a diverged model is reported, not evaluated
         self._time_steps()
         results = self.evaluate()
@@ -242,12 +231,8 @@ class Trainer:
         grads_ok = self.optimizer.gradients_finite()
         tcr_ok = terms.tcr.detach().isfinite()
         ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
-        here = torch.stack(
-            [
-                torch.full((), step, dtype=torch.long, device=self.device),
-                torch.argmin(ok.to(torch.uint8)).to(torch.long),
-            ]
-        )  # argmin: the first False
+        term = torch.argmin(ok.to(torch.uint8))  # the first False
+        here = torch.stack([torch.full_like(term, step), term])
         first = (self._nonfinite[0] < 0) & ~ok.all()
         self._nonfinite = torch.where(first, here, self._nonfinite)
 
@@ -270,10 +255,9 @@ class Trainer:
 
     def _log(self, terms: LossTerms, images: int) -> dict:
         """The losses of the last step and the throughput since the last log, to metrics.jsonl."""
-        # the one sync per log: the three loss values (under torchrun their mean over ranks, the global
-        # batch's value) and this rank's non-finite record together. DDP makes gradients, and so the
-        # record of the first bad step, the same on every rank, so all ranks stop at the same log step.
-        # The same all-reduce counts the files skipped (data.bad_files=skip) and the ranks that got a signal.
+        # the one sync per log: the losses (under torchrun the global batch's), the files skipped and the ranks
+        # signalled in one all-reduce, with the non-finite record, the same on every rank (DDP's gradients):
+        # all ranks stop at the same log step
         ours = torch.tensor([len(getattr(self.train_set, "skipped", ())), stop.pending > 0], device=self.device)
         losses = distributed.mean_across_ranks(
             torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(), ours.double()])
@@ -305,8 +289,7 @@ class Trainer:
 
     # -- the whole run -----------------------------------------------------------------------
     def run(self) -> dict:
-        """Train from self.step to the end, write the last checkpoint, evaluate (eval.at_end) and write
-        summary.json (rank 0); returns the summary. The checks before it are fastemp.startup's."""
+        """Train to the end, write the last checkpoint, evaluate (eval.at_end), write and return summary.json."""
         cfg = self.cfg
         with self.records:  # the train.loggers sinks are closed at the end, and on an error
             self.train_until()
@@ -339,7 +322,10 @@ class Trainer:
             last = self.evaluations[-1] if self.evaluations and self.evaluations[-1]["step"] == self.step else None
             summary.update({k: v for k, v in last.items() if k not in RECORD_KEYS} if last else self.evaluate())
             if cfg.eval.random_init:
-                summary.update(self.evaluate(self.random_init_model(), prefix="random_init_"))
+                torch.manual_seed(cfg.train.seed)  # the run's initialisation, never trained
+                untrained = build_model(cfg.model).to(self.device)
+                untrained = untrained.to(memory_format=torch.channels_last) if self.runtime.channels_last else untrained
+                summary.update(self.evaluate(untrained, prefix="random_init_"))
             self.clock.mark("evaluation")
             summary["eval_seconds"] = self.clock.seconds("evaluation") + (last["eval_seconds"] if last else 0.0)
         summary.update(run_data.data_report(self))
@@ -375,10 +361,8 @@ class Trainer:
     def evaluate(
         self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
     ) -> dict:
-        """Score `model` (default: the trained one) under eval_cfg (default: the config's eval section). Training
-        is left as it was, so evaluating mid-run changes nothing of it: the random streams are forked, the model
-        runs in eval mode (BatchNorm's running statistics only read) and is put back in its mode, and under
-        torchrun, where every rank evaluates with rank 0's running statistics, each rank's own come back."""
+        """Score `model` (default: the trained one) under eval_cfg (default: cfg.eval), leaving training as it was:
+        the random streams forked, eval mode (running statistics read only), and each rank's own statistics back."""
         model = self.model if model is None else model
         kept = [b.clone() for b in model.buffers()] if self.runtime.world_size > 1 else []
         distributed.broadcast_buffers(model)  # without sync_bn each rank has its shard's statistics: use rank 0's
@@ -390,9 +374,3 @@ class Trainer:
             finally:
                 for buffer, saved in zip(model.buffers(), kept):
                     buffer.copy_(saved)
-
-    def random_init_model(self) -> torch.nn.Module:
-        """The same architecture at the run's initialisation seed, never trained."""
-        torch.manual_seed(self.cfg.train.seed)
-        model = build_model(self.cfg.model).to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.runtime.channels_last else model

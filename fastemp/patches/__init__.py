@@ -24,9 +24,8 @@ DALI_MISSING = "nvidia.dali does not import (install nvidia-dali-cuda130, or -cu
 
 
 def choose_backend(requested: str, streamed: bool, device_type: str, dali_installed: bool) -> tuple[str, str]:
-    """The patch backend to use and why: (name, reason), decided from the request, the data (resident or
-    streamed), the device type and whether DALI imports (docs/data-backends.md); validate.check_backend
-    refuses the combinations that are errors."""
+    """(the patch backend, why) from the request, the data (resident or streamed), the device and whether DALI
+    imports (docs/data-backends.md)."""
     check_backend(requested, streamed)
     if not streamed:
         return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"
@@ -43,16 +42,15 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
 
 
 def make_patch_backend(
-    name: str, images, aug: AugmentConfig, seed: int = 0, workers: int = 0, compile_recipe: bool = False
+    name: str, images, aug: AugmentConfig, workers: int = 0, compile_recipe: bool = False
 ) -> PatchBackend:
-    """Build the backend `name` (torch | dali | pillow: what fastemp.runtime.resolve chose, never chosen again
-    here) over the data: a device-resident uint8 NHWC tensor (or an ImageSet holding one), or a StreamedSet
-    of files. compile_recipe: the torch backend's recipe through torch.compile (the other backends ignore it)."""
+    """The backend `name` (fastemp.runtime.resolve's choice, never made again here) over a device-resident uint8
+    NHWC tensor (or an ImageSet of one) or a StreamedSet of files; compile_recipe: the torch backend's."""
     images = getattr(images, "images", images)  # an ImageSet: its tensor
     if name == "dali":
         from .dali_images import DaliImagePatches
 
-        return DaliImagePatches(images, aug, seed=seed)
+        return DaliImagePatches(images, aug)
     if name == "pillow":
         from .pillow_images import PillowPatches
 

@@ -30,19 +30,16 @@ _IDLE_SIGMA = 0.1  # a patch that is not blurred gets this sigma: a 3-tap window
 # ----------------------------------------------------------------------------- the colour ops
 
 
-def _rgb(x):
-    """The R, G, B channels of (n, H, W, 3) patches, each keeping a channel axis of 1."""
+def _rgb(x):  # the channels of (n, H, W, 3) patches, each (n, H, W, 1)
     return x[:, :, :, 0:1], x[:, :, :, 1:2], x[:, :, :, 2:3]
 
 
-def _gray(x):
-    """torchvision's grayscale weights as a DALI expression: (n, H, W, 1)."""
+def _gray(x):  # torchvision's grayscale
     r, g, b = _rgb(x)
     return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
 
 
-def _gate(g, new, old):
-    """g * new + (1 - g) * old for g in {0, 1} (per patch or per pixel): exactly `old` where g = 0."""
+def _gate(g, new, old):  # g in {0, 1} per patch or per pixel: exactly `old` where g = 0
     return g * new + (1.0 - g) * old
 
 
@@ -179,8 +176,8 @@ def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str
 
 
 class DaliImagePatches(PatchBackend):
-    """Image files -> (n*b, 3, S, S) float32 patches, decoded and augmented by DALI (GPU or CPU twin); a request
-    is a task on the one worker thread, which builds a pipeline per (b, n) on first use."""
+    """Image files -> (n*b, 3, S, S) float32 patches by DALI (GPU or CPU operators); a request is a task on the one
+    worker thread, which builds a pipeline per (b, n) on first use."""
 
     name = "dali"
 
@@ -199,16 +196,15 @@ class DaliImagePatches(PatchBackend):
         self._undecodable: dict[str, str] = {}  # path -> why, of files that passed the checks but not DALI
 
     def _read_one(self, i: int) -> tuple[int, np.ndarray, tuple[int, int]]:
-        """(i, encoded bytes, (height, width)) of image i; BadFileError for a file that fails its checks or that
-        DALI could not decode before."""
+        """(i, encoded bytes, (height, width)); BadFileError for a file failing its checks or DALI before."""
         path = self.data.paths[i]
         if path in self._undecodable:
             raise BadFileError(path, self._undecodable[path])
         return (i, *self.data.read(i))
 
     def _read(self, request: PatchRequest) -> tuple[list, PatchParams]:
-        """The request's files as (i, bytes, size) and its patches' parameters (drawn for the sizes in their
-        headers); a file that fails is replaced as data.bad_files says (StreamedSet.instead)."""
+        """The request's files as (i, bytes, size), a failing one replaced as data.bad_files says, and its patches'
+        parameters (drawn for the sizes in their headers)."""
         index = request.index.cpu().tolist()
         positions = range(len(index))[request.shard]
         files = list(self._reader.map(lambda i: or_why(self._read_one, i), [index[p] for p in positions]))
@@ -227,8 +223,8 @@ class DaliImagePatches(PatchBackend):
         return self._read(PatchRequest(index, n, seed, shard))[1]
 
     def _make(self, request: PatchRequest) -> torch.Tensor:
-        """Read, draw, run the pipeline and reorder its output patch-major (on the worker thread). A file DALI
-        cannot decode (one that passed the checks) is found with Pillow, and the request is made again without it."""
+        """Read, draw and run the pipeline (on the worker thread). A file DALI cannot decode (one that passed the
+        checks) is found with Pillow, and the request is made again without it."""
         while True:
             files, params = self._read(request)
             try:
@@ -249,13 +245,11 @@ class DaliImagePatches(PatchBackend):
         if (b, n) not in self._pipes:
             self._pipes[b, n] = _build_pipeline(b, n, self.aug, self._device_id, self.seed)
         inputs = {"encoded": blobs, **pipeline_inputs(params, self.aug, n)}
-        if self._stream is None:
-            (out,) = self._pipes[b, n].run(**inputs)
-            return _patch_major(out)
-        with torch.cuda.stream(self._stream):
-            (out,) = self._pipes[b, n].run(self._stream.cuda_stream, **inputs)
+        with torch.cuda.stream(self._stream):  # None (CPU operators): the current stream
+            (out,) = self._pipes[b, n].run(getattr(self._stream, "cuda_stream", None), **inputs)
             patches = _patch_major(out)
-        self._stream.synchronize()  # complete before the training thread takes it and DALI's buffer goes
+        if self._stream is not None:
+            self._stream.synchronize()  # complete before the training thread takes it and DALI's buffer goes
         return patches
 
     def start(self, request: PatchRequest):

@@ -53,10 +53,8 @@ class PatchParams:
 
 
 def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
-    """Crop windows from four uniforms per patch (columns: scale, log-ratio, top, left), as torchvision's
-    RandomResizedCrop.get_params with w and h clamped to the image instead of redrawn (docs/augmentation.md).
-    height, width: ints, or (P,) tensors of each patch's image size. Returns (P, 4) int64: top, left, h, w.
-    """
+    """Crop windows (P, 4: top, left, h, w) from four uniforms per patch, as torchvision's RandomResizedCrop
+    with w and h clamped to the image instead of redrawn; height, width: ints, or (P,) per-patch image sizes."""
     u = u.double()
     s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
@@ -79,9 +77,8 @@ def sharded_params(
 
 
 def sharded_uniforms(batch: int, n: int, shard: slice, generator: torch.Generator) -> torch.Tensor:
-    """The rows of 18 uniforms of the shard's patches (patch-major, (n*b, 18)) out of the global
-    batch's n*batch rows: the draw of `sharded_params`, before any image size is known (streamed
-    backends turn a row into a crop once they have read the image's size)."""
+    """The shard's rows (n*b, 18) of the global batch's draw, before any image size is known (streamed backends
+    turn a row into a crop once they have read the image's size)."""
     u = torch.rand(n * batch, _N_UNIFORMS, generator=generator, device=generator.device)
     return u.view(n, batch, _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
 
@@ -89,8 +86,8 @@ def sharded_uniforms(batch: int, n: int, shard: slice, generator: torch.Generato
 def params_from_uniforms(
     u: torch.Tensor, image: torch.Tensor, height: int, width: int, aug: AugmentConfig
 ) -> PatchParams:
-    """Every patch's parameters from its row of 18 uniforms; `image` (P,) holds each patch's dataset index.
-    Gates are `u < p`; factors and the jitter order as torchvision's ColorJitter.get_params."""
+    """Every patch's parameters from its row of uniforms (`image`: each patch's dataset index); gates are `u < p`,
+    factors and the jitter order as torchvision's ColorJitter.get_params."""
     device = u.device
     lo = device_constant(
         (max(0.0, 1 - aug.brightness), max(0.0, 1 - aug.contrast), max(0.0, 1 - aug.saturation), -aug.hue),

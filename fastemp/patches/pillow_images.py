@@ -63,14 +63,13 @@ def official_patch(img, p: PatchParams, i: int, aug: AugmentConfig) -> np.ndarra
 
 
 def open_rgb(path: str):
-    """The image at `path` as a decoded PIL RGB image (grayscale and CMYK JPEGs converted), from checked_image:
-    BadFileError when its file fails."""
+    """The image at `path` decoded as PIL RGB (grayscale and CMYK converted); BadFileError when its file fails."""
     return checked_image(path, lambda blob, im: im.convert("RGB"))
 
 
 def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.ndarray:
-    """The n patches (n, S, S, 3) uint8 of one image from its n rows of the shared draw, the crop drawn for
-    this image's size (draw.params_from_uniforms, as in the other backends). Runs in a worker process."""
+    """The n patches (n, S, S, 3) uint8 of one image from its n rows of the shared draw, the crops drawn for its
+    size. Runs in a worker process."""
     img = open_rgb(path)
     u = torch.from_numpy(uniforms)
     p = params_from_uniforms(u, torch.zeros(u.shape[0], dtype=torch.long), img.height, img.width, aug)
@@ -78,11 +77,9 @@ def image_patches(path: str, uniforms: np.ndarray, aug: AugmentConfig) -> np.nda
 
 
 def _start_worker(trainer: int, started) -> None:
-    """A worker ignores Ctrl-C and SIGTERM (sent to a whole process group, they are the training process's to
-    handle: it stops between steps, fastemp.stop) and ends with the training process however that ends: the
-    worker's parent is the forkserver, which outlives a killed training process (the workers hold its pipe
-    open), so a thread waits for the training process's pid to end. `started`: a barrier of all the workers,
-    so the pool starts them all at once (PillowPatches._executor)."""
+    """A worker ignores Ctrl-C and SIGTERM (sent to the process group, they are the training process's to handle,
+    fastemp.stop) and ends with the training process however that ends: its parent, the forkserver, outlives a
+    killed training process, so a thread waits for that pid. `started`: a barrier of all the workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -113,8 +110,8 @@ def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, dev
 
 
 class PillowPatches(PatchBackend):
-    """Streamed images -> (n*b, 3, S, S) float32: a request is one task per image in the pool (no workers:
-    made when started)."""
+    """Streamed images -> (n*b, 3, S, S) float32: a request is one task per image in the pool (no workers: made
+    when started)."""
 
     name = "pillow"
 
@@ -131,10 +128,8 @@ class PillowPatches(PatchBackend):
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), started)
             )
-            # Every worker now, none later: the pool starts workers on demand, and one still starting (importing,
-            # before it ignores signals) when a terminal or a scheduler signals the process group would die
-            # and break the pool. The barrier holds each in its start until all are there, so each task below
-            # starts one.
+            # Every worker now, none later: one still starting (before it ignores signals) when the process group
+            # is signalled would die and break the pool; the barrier makes each task below start its own worker.
             for done in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
                 done.result()
         return self._pool

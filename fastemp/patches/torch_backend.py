@@ -28,9 +28,8 @@ from .prefetch import PatchBackend, PatchRequest
 
 
 def resample_taps(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int):
-    """Separable taps resizing the window [start, start+length) of an axis to out_size with torch's
-    antialiased bilinear filter (PIL's BILINEAR), only pixels inside the window weighted. start, length:
-    (P,) int64. Returns (index, weight), both (P, out_size, K): indices into [0, in_size), weights summing to 1.
+    """Separable taps resizing the window [start, start+length) of an axis to out_size with torch's antialiased
+    bilinear filter (PIL's BILINEAR), only pixels inside the window weighted: (index, weight), both (P, out_size, K).
     """
     taps = max(2, math.ceil(2 * in_size / out_size))  # covers the widest possible filter support
     length_f = length.float()[:, None, None]
@@ -49,8 +48,7 @@ def crop_resize(
     images: torch.Tensor, image: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int
 ) -> torch.Tensor:
     """torchvision's `resized_crop` (bilinear, antialias) then `hflip` where `flip`, as two gathers (rows, then
-    columns; the flip reverses the column taps) from images (N, H, W, 3) uint8. image: (P,); box: (P, 4) top,
-    left, h, w. Returns (P, 3, size, size) float32 in [0, 1], channels_last.
+    columns, reversed to flip) from images (N, H, W, 3) uint8: (P, 3, size, size) float32 in [0, 1], channels_last.
     """
     _, height, width, _ = images.shape
     row_idx, row_w = resample_taps(box[:, 0], box[:, 2], height, size)  # (P, S, Ky)
@@ -125,10 +123,9 @@ def color_jitter(
     order: torch.Tensor,
     enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
 ) -> torch.Tensor:
-    """torchvision's ColorJitter with per-patch factors (P, 4: brightness, contrast, saturation, hue shift in
-    turns) and order (P, 4: op ids in the order applied); `enabled[k]` False skips op k for every patch.
-    The hue, the one expensive op, runs once: each patch applies its blend ops that come before its hue in
-    the first three slots, then the hue, then the rest; a slot a patch does not use leaves it unchanged.
+    """torchvision's ColorJitter with per-patch factors and order (PatchParams); `enabled[k]` False skips op k.
+    The hue, the one expensive op, runs once: each patch applies its blend ops before its hue in the first three
+    slots, then the hue, then the rest; a slot a patch does not use leaves it unchanged.
     """
     position = torch.argsort(order, dim=1)  # position[:, op] = when op is applied
     blend_order = torch.argsort(position[:, :3], dim=1)  # the three blend ops, in the order applied
@@ -144,19 +141,13 @@ def color_jitter(
     return x
 
 
-def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalised sampled 1-D Gaussians, (P, 2*radius+1), each truncated at its own ceil(3 sigma) (as DALI
-    and OpenCV do), so `radius` only needs to cover 3 * max(sigma)."""
-    x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    pdf = torch.exp(-0.5 * (x / sigma[:, None]).pow(2))
-    pdf = pdf * (x.abs() <= torch.ceil(3 * sigma[:, None]))
-    return pdf / pdf.sum(dim=1, keepdim=True)
-
-
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable Gaussian blur with a per-patch sigma and replicated edges (as PIL), as a sum of shifted views
     (no convolution: cuDNN and TF32 settings cannot change it). x: (P, C, H, W)."""
-    kernel = gaussian_kernels(sigma, radius)[:, None, None, None, :]  # (P, 1, 1, 1, K)
+    # sampled Gaussians, each truncated at its own ceil(3 sigma) as DALI and OpenCV do, radius covering the widest
+    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    pdf = torch.exp(-0.5 * (taps / sigma[:, None]).pow(2)) * (taps.abs() <= torch.ceil(3 * sigma[:, None]))
+    kernel = (pdf / pdf.sum(dim=1, keepdim=True))[:, None, None, None, :]  # (P, 1, 1, 1, K)
     for dim in (-1, -2):
         size = x.shape[dim]
         pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
@@ -174,7 +165,7 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(x - mean) / std per channel (torchvision Normalize), channels_last. mean, std: sequences of C floats."""
+    """(x - mean) / std per channel (torchvision Normalize), channels_last."""
     mean = device_constant(tuple(mean), x.device, x.dtype).view(-1, 1, 1)
     std = device_constant(tuple(std), x.device, x.dtype).view(-1, 1, 1)
     return x.sub(mean).div(std).contiguous(memory_format=torch.channels_last)
@@ -225,15 +216,13 @@ class TorchPatches(PatchBackend):
             self._stream = torch.cuda.Stream(images.device)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
-        """The parameters a call with these arguments uses (patch-major: row i*b + j for image index[shard][j])."""
-        generator = torch.Generator(device=self.images.device)
-        generator.manual_seed(seed)
+        """The parameters a call with these arguments uses."""
+        generator = torch.Generator(device=self.images.device).manual_seed(seed)
         return sharded_params(
             index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2], self.aug, generator
         )
 
     def make(self, request: PatchRequest) -> torch.Tensor:
-        """The patches of `request`, computed now on the current stream."""
         with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False), warnings.catch_warnings():
             # dynamo traces through device_constant's lru_cache (a pure constant) and warns that it did
             warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
