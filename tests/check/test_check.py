@@ -237,13 +237,13 @@ def test_skips_are_visible_and_not_failures(tmp_path, monkeypatch, capsys):
 
 
 def test_seed_replays_the_same_inputs(tmp_path):
-    _, a = run_cli(tmp_path, "--quick", "--only", "gradcache", "--seed", "1234")
-    _, b = run_cli(tmp_path, "--quick", "--only", "checkpoint,gradcache", "--seed", "1234")
+    _, a = run_cli(tmp_path, "--quick", "--only", "tcr", "--seed", "1234")
+    _, b = run_cli(tmp_path, "--quick", "--only", "prefetch,tcr", "--seed", "1234")
     assert a["seed"] == b["seed"] == 1234
-    mine = [r for r in b["results"] if r["op"].startswith("gradcache")]
+    mine = [r for r in b["results"] if r["op"].startswith("tcr")]
     assert [r["err"] for r in a["results"]] == [r["err"] for r in mine]  # independent of the other checks
-    assert b["results"][0]["op"].startswith("checkpoint")  # in the order named
-    _, c = run_cli(tmp_path, "--quick", "--only", "gradcache")
+    assert b["results"][0]["op"].startswith("prefetch")  # in the order named
+    _, c = run_cli(tmp_path, "--quick", "--only", "tcr")
     assert c["seed"] != 1234 and [r["err"] for r in c["results"]] != [r["err"] for r in a["results"]]
 
 
