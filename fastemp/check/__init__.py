@@ -24,7 +24,7 @@ import torch
 from ..config import ConfigError
 from ..runs import environment, write_json
 from .augment import check_augment_stats, check_eval_forward, check_patches_compiled, check_prefetch
-from .core import CheckResult, Context, compare, row, skipped  # noqa: F401  (compare, skipped: public API)
+from .core import CheckResult, Context, compare, row  # noqa: F401  (compare: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
 from .training import (
     check_activation_checkpointing,
@@ -98,7 +98,7 @@ def _num(x: float) -> str:
 
 
 def format_row(r: CheckResult) -> str:
-    err = "nan" if r.failed and math.isnan(r.err) else _num(r.err)
+    err = "nan" if r.status == "FAIL" and math.isnan(r.err) else _num(r.err)
     cells = [r.op, r.shape, r.dtype, err, _num(r.tol), _num(r.max_abs), _num(r.max_rel), r.status]
     return " ".join(f"{c:<{w}}" for c, w in zip(cells, _COLUMNS.values())) + (f" {r.note}" if r.note else "")
 

@@ -33,10 +33,6 @@ class CheckResult:
     status: str  # "pass" | "FAIL" | "skipped"
     note: str = ""
 
-    @property
-    def failed(self) -> bool:
-        return self.status == "FAIL"
-
 
 @dataclass
 class Context:
@@ -72,8 +68,8 @@ def row(op: str, shape, dtype: str, err: float, tol: float, max_abs=math.nan, ma
     return CheckResult(op, fmt_shape(shape), dtype, err, tol, max_abs, max_rel, "pass" if ok else "FAIL", note)
 
 
-def skipped(op: str, reason: str, shape="-", dtype: str = "-") -> CheckResult:
-    return CheckResult(op, fmt_shape(shape), dtype, math.nan, math.nan, math.nan, math.nan, "skipped", reason)
+def skipped(op: str, reason: str) -> CheckResult:
+    return CheckResult(op, "-", "-", math.nan, math.nan, math.nan, math.nan, "skipped", reason)
 
 
 def compare(op: str, shape, dtype: str, out, ref, tol: float, floor: float = 1e-12, note: str = "") -> CheckResult:
@@ -127,7 +123,7 @@ def compare_with_baseline(
     base = compare(op, shape, dtype, baseline, ref, math.inf)
     got = compare(op, shape, dtype, out, ref, COMPILE_BF16_FACTOR * base.err + COMPILE_BF16_FLOOR)
     extra = f"{baseline_name} err {base.err:.2e}"
-    if base.failed:  # a non-finite or mis-shaped baseline or reference leaves nothing to compare with
+    if base.status == "FAIL":  # a non-finite or mis-shaped baseline or reference leaves nothing to compare with
         got.status = "FAIL"
         extra += f" ({base.note})"
     got.note = extra + (f"; {got.note}" if got.note else "") + (f"; {note}" if note else "")
