@@ -18,7 +18,6 @@ FP64_TOL = 1e-9  # the same maths in float64 (compiled vs eager on CPU, ghost BN
 COMPILE_BF16_FACTOR = 2.0  # CUDA, bf16 autocast: compiled's error vs float64 <= 2 x eager's error ...
 COMPILE_BF16_FLOOR = 1e-4  # ... + this (an eager error near 0 would leave no room for fp32 reordering)
 AUGMENT_TOL = 0.01  # absolute, on normalised pixel values (std ~0.45)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
