@@ -57,14 +57,11 @@ class Context:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
 
 
-def fmt_shape(shape) -> str:
-    return "x".join(str(s) for s in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
-
-
 def row(op: str, shape, dtype: str, err: float, tol: float, max_abs=math.nan, max_rel=math.nan, note="") -> CheckResult:
     """A row from its criterion: pass iff err is finite and <= tol (NaN never passes)."""
+    shape = "x".join(str(s) for s in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
     ok = math.isfinite(err) and err <= tol
-    return CheckResult(op, fmt_shape(shape), dtype, err, tol, max_abs, max_rel, "pass" if ok else "FAIL", note)
+    return CheckResult(op, shape, dtype, err, tol, max_abs, max_rel, "pass" if ok else "FAIL", note)
 
 
 def skipped(op: str, reason: str) -> CheckResult:
