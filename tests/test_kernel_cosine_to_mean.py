@@ -4,12 +4,8 @@ The kernel against the float64 reference over its grid of shapes, dtypes and str
 (fastemp/check/loss.py, run on the CPU by tests/check/test_cases.py); here: fp16 and the torch twin through the
 same rows, the interpreter's native bf16 path, upstream-gradient scaling, zero rows, bad inputs, launch
 parameters. Runs the kernel under TRITON_INTERPRET=1 on CPU (tests/conftest.py sets it), or natively on CUDA when
-the suite is run there with TRITON_INTERPRET=0. Errors are relative norms ||out - ref|| / ||ref||:
-  * fp32 inputs: loss, cos and dL/dp < 1e-5 (fp32 math vs float64).
-  * bf16 inputs, compared with the reference on the bf16-rounded input upcast to float64: loss and cos
-    < 1e-5 (the kernel's math is fp32, outputs are fp32); dL/dp < 2^-8 = 3.9e-3 because dp is stored
-    in bf16 (the grad of a bf16 leaf is bf16), i.e. at most one bf16 rounding per element.
-Every output buffer is allocated NaN-filled, so an element the kernel fails to write cannot pass.
+the suite is run there with TRITON_INTERPRET=0. Tolerances: docs/check.md. Every output buffer is allocated
+NaN-filled, so an element the kernel fails to write cannot pass.
 """
 
 from __future__ import annotations
@@ -19,19 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import fastemp.kernels.cosine_to_mean as ctm
+from fastemp.check.core import BF16_TOL, FP32_TOL, Context, grad_of, projections
 from fastemp.check.loss import cosine_rows
-from fastemp.check.reference import reference_cosines, reference_invariance_loss
+from fastemp.check.reference import reference_invariance_loss
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, launch_params, triton_usable
 
-FP32_TOL = 1e-5
-BF16_GRAD_TOL = 2.0**-8
-
-if ctm._INTERPRETED:
-    DEVICE = torch.device("cpu")
-elif torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-else:
-    DEVICE = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not ctm._INTERPRETED else "cpu")
 
 needs_kernel = pytest.mark.skipif(
     not triton_usable(DEVICE), reason="Triton kernel unusable here (no CUDA, TRITON_INTERPRET unset at import)"
@@ -59,22 +48,13 @@ def cosine_to_mean_torch(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_input(shape, dtype=torch.float32) -> torch.Tensor:
-    """Patches that share an image direction (realistic cosines), with row norms over ~3 decades."""
-    n, b, d = shape
-    p = torch.randn(1, b, d) + 0.8 * torch.randn(n, b, d)
-    p = p * torch.exp(1.5 * torch.randn(n, b, 1))
-    return p.to(dtype=dtype, device=DEVICE).contiguous()
+    """The check's projector-like inputs (fastemp.check.core.projections)."""
+    return projections(Context(DEVICE, False, torch.Generator().manual_seed(0)), *shape).to(dtype)
 
 
-def reference(p: torch.Tensor):
-    """float64 reference on p's exact values: loss, grad w.r.t. p, and the per-patch cosines."""
-    p64 = p.detach().double().requires_grad_(True)
-    z = F.normalize(p64, dim=-1)
-    loss = reference_invariance_loss(z)
-    (grad,) = torch.autograd.grad(loss, p64)
-    with torch.no_grad():
-        cos = reference_cosines(z)
-    return loss.detach(), grad, cos
+def reference_grad(p: torch.Tensor) -> torch.Tensor:
+    """dL/dp in float64 on p's exact values."""
+    return grad_of(lambda q: reference_invariance_loss(F.normalize(q, dim=-1)), p.double())[1]
 
 
 @pytest.fixture
@@ -92,9 +72,6 @@ def run_kernel(p: torch.Tensor):
     loss, cos = cosine_to_mean(p)
     loss.backward()
     return loss, cos, p.grad
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def all_pass(rows):
@@ -136,17 +113,17 @@ def test_native_low_precision_kernel(monkeypatch, poisoned):
 @needs_kernel
 def test_grad_output_scaling_and_no_grad(poisoned):
     p = make_input((20, 3, 100))
-    _, ref_grad, _ = reference(p)
+    ref_grad = reference_grad(p)
     q = p.clone().requires_grad_(True)
     (200.0 * cosine_to_mean(q)[0]).backward()
     assert rel(q.grad, 200.0 * ref_grad) < FP32_TOL
 
     # bf16: the scale is applied in fp32, then dp rounded once (1/3 is not a bf16 number)
     pb = make_input((20, 3, 100), torch.bfloat16)
-    _, ref_grad_b, _ = reference(pb)
+    ref_grad_b = reference_grad(pb)
     qb = pb.clone().requires_grad_(True)
     (cosine_to_mean(qb)[0] / 3.0).backward()
-    assert rel(qb.grad, ref_grad_b / 3.0) < BF16_GRAD_TOL
+    assert rel(qb.grad, ref_grad_b / 3.0) < BF16_TOL
 
     # no gradient wanted: no dp buffer, same values
     loss_ng, cos_ng = cosine_to_mean(p)
@@ -173,7 +150,7 @@ def test_zero_rows_follow_f_normalize(poisoned):
     assert rel(loss, loss_t) < FP32_TOL and rel(cos, cos_t) < FP32_TOL
     assert rel(grad, q.grad) < FP32_TOL
     # rows that are not zero still match the float64 reference computed without the zero rows' image
-    _, ref_grad, _ = reference(p[:, 2:])
+    ref_grad = reference_grad(p[:, 2:])
     assert rel(grad[:, 2:], ref_grad / 3) < FP32_TOL  # B = 3 vs 1 in the 1/(nB) factor
 
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import fastemp.lars as lars_module
-from fastemp.check.reference import ReferenceLARS
-from fastemp.check.training import lars_net as check_lars_net
-from fastemp.check.training import seeded
+from fastemp.check.core import Context
+from fastemp.check.training import lars_rows
+from fastemp.config import OptimConfig
 from fastemp.lars import LARS, cosine_lr, lars_param_groups, segment_views
 
 
@@ -92,45 +92,17 @@ def test_warmup_then_cosine():
     assert cosine_lr(100, 100, 1.0, warmup_steps=10, min_lr=0.01) == 0.01
 
 
-# ----------------------------------------------------------------- the foreach fast path vs the old rule
-
-
-def lars_net(dtype, channels_last):
-    net = seeded(0, check_lars_net).to(dtype)  # every kind of tensor the model has, few of them
-    return net.to(memory_format=torch.channels_last) if channels_last else net
-
-
-@pytest.mark.parametrize("clip, wd, channels_last", [(True, 1e-4, True), (False, 5e-2, False)])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
 @pytest.mark.parametrize("segments", [True, False], ids=["segment-views", "0-d-factors"])
-def test_fast_path_is_the_per_tensor_rule_in_float64(clip, wd, channels_last, segments, monkeypatch):
-    """In float64 the multi-tensor update is the per-tensor rule to 1e-12, every parameter, gradient and momentum
-    buffer (fp32 against it, and the compiled update: the check's lars case, tests/check/test_cases.py)."""
-    dtype, rtol = torch.float64, 1e-12
-    monkeypatch.setattr(lars_module, "segment_factors_on", lambda device: segments)  # CUDA's form on the CPU too
-    ref_net, net = lars_net(dtype, channels_last), lars_net(dtype, channels_last)
-    kw = dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=wd, eta=0.005, clip=clip)
-    ref_opt, opt = ReferenceLARS(lars_param_groups(ref_net), **kw), LARS(lars_param_groups(net), **kw)
-    gen = torch.Generator().manual_seed(1)
-    for step, lr in enumerate([0.3, 0.25, 0.1, 0.05]):
-        for o in (ref_opt, opt):
-            for group in o.param_groups:
-                group["lr"] = lr
-        for k, (p_ref, p) in enumerate(zip(ref_net.parameters(), net.parameters())):
-            g = torch.randn(p.shape, generator=gen, dtype=dtype) * 10.0 ** (k % 3 - 1)
-            if k == 2 and step == 1:
-                g.zero_()  # a zero gradient: left untouched, no decay
-            p_ref.grad = g.clone().to(memory_format=torch.channels_last) if g.ndim == 4 and channels_last else g.clone()
-            p.grad = p_ref.grad.clone(memory_format=torch.preserve_format)
-        ref_opt.step()
-        opt.step()
-        assert bool(opt.gradients_finite())
-        for p_ref, p in zip(ref_net.parameters(), net.parameters()):
-            torch.testing.assert_close(p, p_ref, rtol=rtol, atol=0)
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=0)
-    for p_ref, p in zip(ref_net.parameters(), net.parameters()):
-        torch.testing.assert_close(
-            opt.state[p]["momentum_buffer"], ref_opt.state[p_ref]["momentum_buffer"], rtol=rtol, atol=0
-        )
+def test_fast_path_is_the_per_tensor_rule_in_float64(segments, layout, monkeypatch):
+    """In float64 the multi-tensor update is the per-tensor rule to 1e-12: the check's lars rows on a float64 model,
+    in both factor forms (CUDA's segment views on the CPU too) and both layouts (fp32 and the compiled update: the
+    check's lars case, tests/check/test_cases.py)."""
+    monkeypatch.setattr(lars_module, "segment_factors_on", lambda device: segments)
+    ctx = Context(torch.device("cpu"), False, torch.Generator().manual_seed(1))
+    for optim in (OptimConfig(), OptimConfig(weight_decay=5e-2, lars_clip=False)):
+        rows = lars_rows(ctx, 0, optim, False, torch.float64, layout)
+        assert [r.op for r in rows] == ["lars params", "lars momentum"] and all(r.err < 1e-12 for r in rows), rows
 
 
 def test_segment_views_have_the_strides_of_each_tensor():

@@ -9,7 +9,14 @@ from fastemp.config import ModelConfig
 from fastemp.model import EMPEncoder, build_model, flops_per_patch
 
 
-def test_reference_architecture():
+@pytest.fixture
+def meta():
+    """Models built on the meta device: shapes and FLOPs without initialising ~30M weights."""
+    with torch.device("meta"):
+        yield
+
+
+def test_reference_architecture(meta):
     model = build_model(ModelConfig())
     conv1 = model.backbone.conv1
     assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
@@ -80,7 +87,7 @@ def independent_flops(width=64, hidden=4096, z=1024, size=32):
     return 2 * macs
 
 
-def test_flops_match_independent_count():
+def test_flops_match_independent_count(meta):
     assert flops_per_patch(ModelConfig(), training=False) == independent_flops()
     train = flops_per_patch(ModelConfig(), training=True)
     assert train == 3 * independent_flops()
@@ -105,7 +112,7 @@ def imagenet_stem_flops(width=64, hidden=4096, z=1024, size=224):
     return 2 * macs
 
 
-def test_imagenet_stem_architecture_and_flops_follow_size():
+def test_imagenet_stem_architecture_and_flops_follow_size(meta):
     cfg = ModelConfig(stem="imagenet")
     model = build_model(cfg)
     conv1 = model.backbone.conv1

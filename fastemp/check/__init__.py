@@ -2,15 +2,9 @@
 
     fastemp check [--device cuda|cpu] [--json FILE] [--quick] [--seed N] [--only NAME,...]
 
-For users who regression-test the kernels on their card. Each run draws a new seed (printed and
-written to the JSON; `--seed` replays a run), runs the checks in CHECKS over a grid of shapes and
-dtypes, prints one table row per compared quantity and exits 1 if any row fails.
-
-Not to be confused with start-up validation (fastemp.validate), which checks a config before a run.
-A row passes when its error against the reference is within its tolerance; a check that cannot run
-here is `skipped`, with the reason; an exception in a fast path is a failure. What each check
-compares, the pass criterion, every tolerance and why it is what it is: docs/check.md. The tests run
-the same checks on the CPU (tests/check/test_cases.py).
+One table row per compared quantity; exit 1 if any row fails. Each run draws a new seed (printed and written to
+the JSON; `--seed` replays it). Not start-up validation (fastemp.validate). What each check compares, the pass
+criterion and every tolerance: docs/check.md; the tests run the same checks on the CPU (tests/check/test_cases.py).
 """
 
 from __future__ import annotations
@@ -30,7 +24,7 @@ import torch
 from ..config import ConfigError
 from ..runs import environment, write_json
 from .augment import check_augment_stats, check_eval_forward, check_patches_compiled, check_prefetch
-from .core import CheckResult, Context, compare, row, skipped  # noqa: F401  (compare, skipped: public API)
+from .core import CheckResult, Context, compare, row  # noqa: F401  (compare: public API)
 from .loss import check_cosine_to_mean, check_projection_loss, check_total_coding_rate
 from .training import (
     check_activation_checkpointing,
@@ -39,8 +33,6 @@ from .training import (
     check_gradient_cache,
     check_lars,
 )
-
-# ------------------------------------------------------------------------------ driver
 
 CHECKS: dict[str, Callable[[Context], list[CheckResult]]] = {
     "cosine_to_mean": check_cosine_to_mean,
@@ -70,11 +62,9 @@ def run_checks(
     report: Callable[[CheckResult], None] | None = None,
     timings: dict[str, float] | None = None,
 ) -> list[CheckResult]:
-    """Run the checks (all, or those named in `only`, in that order) on `device`; `report` sees each row as
-    it is made, `timings` (if given) receives each check's seconds.
-
-    The caller's RNG state is left untouched. An exception inside a check becomes a FAIL row.
-    """
+    """The rows of the checks (all, or those in `only`, in that order: a caller short of time names the most
+    needed first); `report` sees each row as it is made, `timings` gets each check's seconds. An exception in a
+    check becomes a FAIL row; the caller's RNG state is left untouched."""
     device = torch.device(device)
     unknown = sorted(set(only or ()) - set(CHECKS))
     if unknown:
@@ -82,9 +72,7 @@ def run_checks(
     seed = new_seed() if seed is None else seed
     results: list[CheckResult] = []
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        for name in dict.fromkeys(
-            only or CHECKS
-        ):  # in the order named: a caller short of time puts the important first
+        for name in dict.fromkeys(only or CHECKS):
             # each check draws from its own stream: `--seed S --only NAME` replays NAME's inputs exactly
             stream = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
             t0 = time.perf_counter()
@@ -92,9 +80,8 @@ def run_checks(
                 rows = CHECKS[name](Context(device, quick, torch.Generator().manual_seed(stream)))
             except Exception as err:  # a crash in a fast path is a failure, with its traceback shown
                 traceback.print_exc(file=sys.stderr)
-                rows = [
-                    row(name, "-", "-", math.nan, math.nan, note=f"{type(err).__name__}: {err}".splitlines()[0][:200])
-                ]
+                note = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                rows = [row(name, "-", "-", math.nan, math.nan, note=note)]
             if timings is not None:
                 timings[name] = round(time.perf_counter() - t0, 3)
             for r in rows if report else ():
@@ -103,8 +90,6 @@ def run_checks(
     return results
 
 
-# ------------------------------------------------------------------------------ output
-
 _COLUMNS = {"op": 24, "shape": 16, "dtype": 8, "err": 9, "tol": 9, "max_abs": 9, "max_rel": 9, "result": 7}
 
 
@@ -112,12 +97,8 @@ def _num(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2e}"
 
 
-def format_header() -> str:
-    return " ".join(f"{name:<{width}}" for name, width in _COLUMNS.items()) + " note"
-
-
 def format_row(r: CheckResult) -> str:
-    err = "nan" if r.failed and math.isnan(r.err) else _num(r.err)
+    err = "nan" if r.status == "FAIL" and math.isnan(r.err) else _num(r.err)
     cells = [r.op, r.shape, r.dtype, err, _num(r.tol), _num(r.max_abs), _num(r.max_rel), r.status]
     return " ".join(f"{c:<{w}}" for c, w in zip(cells, _COLUMNS.values())) + (f" {r.note}" if r.note else "")
 
@@ -138,7 +119,7 @@ def cmd_check(args) -> int:
         f"DALI {env['dali']}; TRITON_INTERPRET={env['triton_interpret']}"
     )
     print(f"seed {seed} (replay with --seed {seed})")
-    print(format_header())
+    print(" ".join(f"{name:<{width}}" for name, width in _COLUMNS.items()) + " note")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     results = run_checks(device, args.quick, seed, only, lambda r: print(format_row(r), flush=True), timings)
@@ -154,10 +135,7 @@ def cmd_check(args) -> int:
             "passed": ok,
             "seed": seed,
             "device": str(device),
-            "device_name": env["device_name"],
-            "torch": env["torch"],
-            "triton": env["triton"],
-            "dali": env["dali"],
+            **{key: env[key] for key in ("device_name", "torch", "triton", "dali")},
             "quick": bool(args.quick),
             "only": only,
             "seconds": seconds,
@@ -173,7 +151,6 @@ def cmd_check(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `check` to the fastemp command line (fastemp/cli.py)."""
     p = subparsers.add_parser(
         "check",
         help="check every fast path against its reference on this machine",

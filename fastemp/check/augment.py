@@ -1,6 +1,6 @@
-"""`fastemp check`: the patches and what reads them -- the DALI patch backend against the torch one, by the
-channel statistics of the patches they cut from the same images; the compiled torch recipe against the eager
-one; prefetched patches against patches made afresh; the evaluation's features against a plain loop."""
+"""`fastemp check`: the patches and what reads them -- the DALI backend vs the torch one (channel statistics of
+patches of the same images), the compiled torch recipe vs eager, prefetched patches vs patches made afresh, the
+evaluation's features vs a plain loop."""
 
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ from .core import AUGMENT_TOL, FP32_TOL, CheckResult, Context, compare, compare_
 
 
 def smooth_images(ctx: Context, count: int, size: int = 32) -> torch.Tensor:
-    """uint8 (N, H, W, 3) natural-ish images: smooth random colour fields, some saturated (the recipe
-    of tests/patches/test_dali_backend.py), on the check's device."""
+    """uint8 (N, H, W, 3) smooth random colour fields, some saturated, on the check's device."""
     low = torch.rand(count, 3, 6, 6, generator=ctx.gen) * 1.2 - 0.1
     img = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().to(ctx.device)
 
 
 def channel_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (mean r, g, b, std r, g, b) over every pixel of every patch, and their standard
-    errors estimated from the per-patch values (patches are independent draws), float64."""
+    """Per-channel (mean r, g, b, std r, g, b) over every pixel of every patch, and their standard errors from
+    the per-patch values (patches are independent draws), float64."""
     x = patches.detach().double().cpu().transpose(0, 1).reshape(3, patches.shape[0], -1)  # (3, P, pixels)
     mean = x.mean((1, 2))
     std = x.var((1, 2)).sqrt()
@@ -56,8 +55,8 @@ def png_folder(images: torch.Tensor, root: Path, device) -> StreamedSet:
 
 
 def check_augment_stats(ctx: Context) -> list[CheckResult]:
-    """The DALI backend vs the torch backend on the same pixels (DALI reads them as lossless PNG files), default
-    recipe: "paired" with the same seed (the same drawn parameters), "independent" with another (docs/check.md)."""
+    """DALI vs torch patches of the same pixels (DALI reads PNG files), default recipe: "paired" with the same
+    seed (the same drawn parameters), "independent" with another."""
     from ..patches import dali_available
 
     if not dali_available():
@@ -90,8 +89,8 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
 
 
 def check_patches_compiled(ctx: Context) -> list[CheckResult]:
-    """The torch backend with its recipe compiled (data.patch_compile) vs eager, same images and draw; solarized
-    patches apart, by the fraction of pixels off by > 1e-4 (a threshold flips with rounding: docs/check.md)."""
+    """The torch recipe compiled (data.patch_compile) vs eager, same images and draw; solarized patches apart, by
+    the fraction of pixels off by > 1e-4 (a threshold flips with rounding)."""
     from ..patches.torch_backend import TorchPatches
 
     if ctx.quick:
@@ -117,9 +116,8 @@ def check_patches_compiled(ctx: Context) -> list[CheckResult]:
 
 
 def check_prefetch(ctx: Context) -> list[CheckResult]:
-    """Patches taken after a prefetch (PatchBackend.prefetch/take, keyed by step as the Trainer and evaluation
-    call them) are the patches made afresh, bit for bit, and a prefetch under another key is never taken (CUDA:
-    through the side stream, each step reading its patches at once; docs/check.md)."""
+    """Patches taken after a prefetch (PatchBackend.prefetch/take, keyed by step as the Trainer calls them) are
+    the patches made afresh, bit for bit (CUDA: through the side stream); a prefetch under another key is not."""
     from ..patches import PatchRequest
     from ..patches.torch_backend import TorchPatches
 
@@ -144,31 +142,18 @@ def check_prefetch(ctx: Context) -> list[CheckResult]:
         del x
     patches.prefetch(steps, request(0))
     other = patches.take(steps + 1, request(0, seeds[0] + 1))  # another key: made afresh, the prefetch dropped
-    fresh = torch.cat([patches.make(request(step)) for step in range(steps)])
+    taken, fresh = torch.cat(taken), torch.cat([patches.make(request(step)) for step in range(steps)])
     how = ("side stream + events" if ctx.cuda else "made at prefetch (CPU)") + (", compiled recipe" if compiled else "")
-    afresh = patches.make(request(0, seeds[0] + 1))
+    afresh, note = patches.make(request(0, seeds[0] + 1)), "a prefetch under another key is not taken"
     return [
-        compare(
-            "prefetch taken", tuple(fresh.shape), "fp32", torch.cat(taken), fresh, 0.0, note=f"{steps} steps, {how}"
-        ),
-        compare(
-            "prefetch other key",
-            tuple(other.shape),
-            "fp32",
-            other,
-            afresh,
-            0.0,
-            note="a prefetch under another key is not taken",
-        ),
+        compare("prefetch taken", tuple(fresh.shape), "fp32", taken, fresh, 0.0, note=f"{steps} steps, {how}"),
+        compare("prefetch other key", tuple(other.shape), "fp32", other, afresh, 0.0, note=note),
     ]
 
 
-# ------------------------------------------------------------------------------ evaluation forward
-
-
 def eval_case(device: torch.device) -> dict:
-    """The eval_forward check's sizes: CUDA, the standard model at the official protocol's forward shape, compiled
-    in bf16 as evaluation runs it there; CPU, a tiny model in fp32 eager, as evaluation runs it here."""
+    """CUDA: the standard model at the official protocol's forward shape, compiled in bf16 as evaluation runs it
+    there; CPU: a tiny model in fp32 eager, as evaluation runs it here."""
     from ..config import EvalConfig
 
     if device.type == "cuda":
@@ -179,11 +164,9 @@ def eval_case(device: torch.device) -> dict:
 
 
 def check_eval_forward(ctx: Context) -> list[CheckResult]:
-    """The evaluation's features (fastemp.evaluate.extract_features: patches, the encoder in eval mode, the mean
-    over each image's patches) as the runtime runs them -- CUDA: compiled bf16, channels_last, as after a compiled
-    training (compare_with_baseline vs eager bf16); CPU: fp32 eager -- vs a plain fp32 eager loop over the same
-    patches and weights (NCHW, no TF32). BatchNorm's running statistics are set from one batch first, so eval-mode
-    activations have a trained network's scale (docs/check.md)."""
+    """fastemp.evaluate.extract_features as the runtime runs it (CUDA: compiled bf16, channels_last, vs eager bf16
+    by compare_with_baseline; CPU: fp32 eager) vs a plain fp32 eager loop over the same patches and weights (NCHW,
+    no TF32). BatchNorm's running statistics come from one batch first: a trained network's scale."""
     from ..evaluate import extract_features
     from ..patches.torch_backend import TorchPatches
     from .training import encoder
@@ -218,15 +201,6 @@ def check_eval_forward(ctx: Context) -> list[CheckResult]:
         return [compare("eval forward h", shape, "fp32", features(), ref, FP32_TOL, note="CPU: fp32 eager")]
     model = model.to(memory_format=torch.channels_last)
     bf16 = dict(autocast_dtype=torch.bfloat16, channels_last=True)
-    return [
-        compare_with_baseline(
-            "eval forward h",
-            shape,
-            "bf16-amp",
-            features(**bf16, compile_mode="default"),
-            features(**bf16),
-            ref,
-            "eager bf16",
-            "compiled, channels_last; ref fp32 eager NCHW",
-        )
-    ]
+    got, eager = features(**bf16, compile_mode="default"), features(**bf16)
+    note = "compiled, channels_last; ref fp32 eager NCHW"
+    return [compare_with_baseline("eval forward h", shape, "bf16-amp", got, eager, ref, "eager bf16", note)]

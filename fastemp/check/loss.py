@@ -1,8 +1,6 @@
 """`fastemp check`: the loss fast paths against their float64 references -- the Triton cosine-to-mean kernel,
 the batched-Cholesky total coding rate, and the whole projection loss (unfused, fused, von Mises uniformity).
-
-Each check is a grid over `*_rows`, the rows of one input; the tests call those too, for inputs a user's card
-does not need (fp16, other eps)."""
+The `*_rows` functions compare one input; the tests call them too, for inputs no card needs (fp16, other eps)."""
 
 from __future__ import annotations
 
@@ -17,8 +15,8 @@ from . import reference
 from .core import (
     BF16_FUSED_TOL,
     BF16_TOL,
-    DTYPES,
     FP32_TOL,
+    FP64_TOL,
     SOLVE_TOL,
     CheckResult,
     Context,
@@ -30,25 +28,19 @@ from .core import (
 )
 
 # the gradient's tolerance by the dtype it is stored in (fp16 keeps 11 bits: one rounding <= 2^-12)
-GRAD_TOL = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL, torch.float16: 2.0**-11}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+GRAD_TOL = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL, torch.float16: 2.0**-11, torch.float64: FP64_TOL}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
-def _grid_inputs(ctx: Context, shapes: list, make) -> list[tuple[tuple, str, torch.Tensor]]:
-    """(shape, dtype name, input) over the grid and DTYPES; every dtype rounds the same fp32 draw."""
-    out = []
-    for shape in shapes:
-        base = make(ctx, *shape)
-        out += [(shape, name, base.to(dtype)) for name, dtype in DTYPES.items()]
-    return out
-
-
-# ------------------------------------------------------------------------------ cosine-to-mean
+def grid_inputs(ctx: Context, shapes: list, make) -> list[torch.Tensor]:
+    """make(ctx, *shape) over the grid, in fp32 and bf16: both round the same fp32 draw."""
+    draws = [make(ctx, *shape) for shape in shapes]
+    return [p.to(dtype) for p in draws for dtype in (torch.float32, torch.bfloat16)]
 
 
 def cosine_rows(p: torch.Tensor, view=None, note: str = "", impl=None) -> list[CheckResult]:
-    """The kernel's (or impl's: its torch twin) loss, cosines and dL/dp on p (any float dtype), or on view(p)
-    (strides the kernel must read in place), vs float64 on the exact same values."""
+    """The kernel's (or impl's) loss, cosines and dL/dp on p, or on view(p) (strides the kernel must read in
+    place), vs float64 on the exact same values."""
     from ..kernels.cosine_to_mean import cosine_to_mean
 
     view, cosine_to_mean = view or (lambda t: t), impl or cosine_to_mean
@@ -72,14 +64,9 @@ def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:
     from ..kernels import cosine_to_mean as ctm
 
     if not ctm.triton_usable(ctx.device):
-        why = (
-            "Triton is not installed"
-            if not ctm.HAVE_TRITON
-            else "set TRITON_INTERPRET=1 (before Python starts) to run the kernel in Triton's CPU interpreter"
-            if ctx.device.type == "cpu"
-            else "CUDA is not available"
-        )
-        return [skipped("cos_to_mean", why)]
+        why = "set TRITON_INTERPRET=1 (before Python starts) to run the kernel in Triton's CPU interpreter"
+        why = why if ctx.device.type == "cpu" else "CUDA is not available"
+        return [skipped("cos_to_mean", why if ctm.HAVE_TRITON else "Triton is not installed")]
     # d not a power of two (1000, 33, 7, 1: one masked tile), several row tiles (n = 200), d = 4096; d = 1 with n
     # odd (n even can give an image zbar = 0 exactly, where the reference cosine is 0/0)
     shapes = ctx.grid(
@@ -90,22 +77,19 @@ def check_cosine_to_mean(ctx: Context) -> list[CheckResult]:
         + [(2, 10, 1024), (20, 10, 33), (2, 1, 7), (20, 3, 100), (5, 4, 1024), (3, 4, 1), (6, 2, 4096)],
         quick_cpu=[(20, 1, 1000), (200, 1, 33), (2, 10, 1024)],
     )
-    rows = [r for shape, _, p in _grid_inputs(ctx, shapes, projections) for r in cosine_rows(p)]
+    rows = [r for p in grid_inputs(ctx, shapes, projections) for r in cosine_rows(p)]
     if not ctx.quick:  # read in place: an image-major tensor viewed patch-major, and a strided d
         rows += cosine_rows(projections(ctx, 3, 20, 100), lambda t: t.transpose(0, 1), "(B, n, d) viewed patch-major")
         rows += cosine_rows(projections(ctx, 20, 3, 200), lambda t: t[..., ::2], "every other d")
     return rows
 
 
-# ------------------------------------------------------------------------------ TCR
-
-
-def tcr_rows(z: torch.Tensor, weights: torch.Tensor, eps: float = 0.2, note: str = "") -> list[CheckResult]:
+def tcr_rows(z: torch.Tensor, weights: torch.Tensor, eps: float = 0.2) -> list[CheckResult]:
     """R(Z_i) and its gradient under per-group upstream weights vs the float64 literal logdet."""
     ref, ref_grad = grad_of(lambda x: reference.reference_total_coding_rate(x, eps), z.double(), weights.double())
     got, grad = grad_of(lambda x: losses.total_coding_rate(x, eps), z, weights)
     shape, name = tuple(z.shape), DTYPE_NAMES[z.dtype]
-    note = ("B<d" if shape[1] < shape[2] else "B>d" if shape[1] > shape[2] else "B=d") + (f"; {note}" if note else "")
+    note = "B<d" if shape[1] < shape[2] else "B>d" if shape[1] > shape[2] else "B=d"
     grad_tol = SOLVE_TOL if z.dtype == torch.float32 else GRAD_TOL[z.dtype]
     return [
         compare("tcr value", shape, name, got, ref, FP32_TOL, note=note),
@@ -123,28 +107,15 @@ def check_total_coding_rate(ctx: Context) -> list[CheckResult]:
         quick_cpu=[(2, 100, 1024), (4, 300, 64)],
     )
     rows = []
-    for shape, _, z in _grid_inputs(ctx, shapes, unit_rows):
-        rows += tcr_rows(z, (0.5 + torch.rand(shape[0], generator=ctx.gen)).to(ctx.device))
+    for z in grid_inputs(ctx, shapes, unit_rows):
+        rows += tcr_rows(z, (0.5 + torch.rand(z.shape[0], generator=ctx.gen)).to(ctx.device))
     return rows
 
 
-# ------------------------------------------------------------------------------ full loss
-
-
 def loss_rows(p: torch.Tensor, cfg: LossConfig, fused: tuple[bool, ...] = (False,)) -> list[CheckResult]:
-    """projection_loss_terms(p).total and its gradient, unfused and/or fused, vs the float64 formulas on
-    F.normalize(p) (computed once for both): the TCR (op "loss unfused" / "loss fused") or the von Mises
-    uniformity (op "loss vonmises", unfused)."""
-
-    def ref_fn(q):
-        z = F.normalize(q, dim=-1)
-        if cfg.uniformity == "vonmises":
-            uniformity = cfg.vonmises_weight * reference.reference_vonmises_uniformity(z, cfg.vonmises_t)
-        else:
-            uniformity = -cfg.tcr_weight * reference.reference_total_coding_rate(z, cfg.eps).mean()
-        return cfg.invariance_weight * reference.reference_invariance_loss(z) + uniformity
-
-    ref, ref_grad = grad_of(ref_fn, p.double())
+    """projection_loss_terms(p).total and its gradient, unfused and/or fused, vs reference_loss: the TCR (op
+    "loss unfused" / "loss fused") or the von Mises uniformity (op "loss vonmises", unfused)."""
+    ref, ref_grad = grad_of(lambda q: reference.reference_loss(q, cfg), p.double())
     shape, name, rows = tuple(p.shape), DTYPE_NAMES[p.dtype], []
     for fuse in fused:
         got, grad = grad_of(lambda q, fuse=fuse: losses.projection_loss_terms(q, cfg, fused=fuse).total, p)
@@ -171,7 +142,7 @@ def check_projection_loss(ctx: Context) -> list[CheckResult]:
     vonmises = dataclasses.replace(cfg, uniformity="vonmises", vonmises_weight=1.5, vonmises_t=2.0)
     fused_ok = triton_usable(ctx.device)
     rows = [] if fused_ok else [skipped("loss fused", "the Triton kernel cannot run here (see cos_to_mean)")]
-    for _, _, p in _grid_inputs(ctx, shapes, projections):
+    for p in grid_inputs(ctx, shapes, projections):
         rows += loss_rows(p, cfg, (False, True) if fused_ok else (False,))
         rows += loss_rows(p, vonmises)  # the pairwise reference: B(B - 1)/2 pairs
     return rows

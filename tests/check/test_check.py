@@ -28,27 +28,21 @@ def run_cli(tmp_path, *extra):
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     """The command line around run_checks (tests/check/test_cases.py runs every case's rows)."""
-    rc, doc = run_cli(tmp_path, "--quick", "--only", "prefetch,checkpoint")
+    rc, doc = run_cli(tmp_path, "--quick", "--only", "prefetch,lars")
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert (
-        doc["passed"] is True and doc["device"] == "cpu" and doc["quick"] and doc["only"] == ["prefetch", "checkpoint"]
-    )
+    assert doc["passed"] is True and doc["device"] == "cpu" and doc["quick"] and doc["only"] == ["prefetch", "lars"]
     assert isinstance(doc["seed"], int) and f"seed {doc['seed']}" in printed
     assert doc["torch"] == torch.__version__ and doc["triton"] and doc["device_name"] and "dali" in doc
-    assert set(doc["check_seconds"]) == {"prefetch", "checkpoint"}
+    assert set(doc["check_seconds"]) == {"prefetch", "lars"}
     rows = doc["results"]
-    assert {r["op"] for r in rows} == {
-        "prefetch taken",
-        "prefetch other key",
-        "checkpoint grads",
-        "checkpoint BN stats",
-    }
-    assert doc["counts"] == {"pass": len(rows), "FAIL": 0, "skipped": 0}
-    for r in rows:
+    ops = ["prefetch taken", "prefetch other key"] + ["lars params", "lars momentum"] * 2 + ["lars fused"]
+    assert [r["op"] for r in rows] == ops
+    assert doc["counts"] == {"pass": len(rows) - 1, "FAIL": 0, "skipped": 1}  # --quick: no compiled LARS
+    for r in rows[:-1]:
         assert r["status"] == "pass" and 0 <= r["err"] <= r["tol"] and r["shape"] and r["dtype"] == "fp32", r
     # the printed table has a row per result and a summary line
-    assert printed.count(" pass ") == len(rows) and "OK:" in printed
+    assert printed.count(" pass ") == len(rows) - 1 and "OK:" in printed
 
 
 @pytest.mark.parametrize("target", ["tcr", "cosine_to_mean"])
@@ -237,13 +231,13 @@ def test_skips_are_visible_and_not_failures(tmp_path, monkeypatch, capsys):
 
 
 def test_seed_replays_the_same_inputs(tmp_path):
-    _, a = run_cli(tmp_path, "--quick", "--only", "gradcache", "--seed", "1234")
-    _, b = run_cli(tmp_path, "--quick", "--only", "checkpoint,gradcache", "--seed", "1234")
+    _, a = run_cli(tmp_path, "--quick", "--only", "tcr", "--seed", "1234")
+    _, b = run_cli(tmp_path, "--quick", "--only", "prefetch,tcr", "--seed", "1234")
     assert a["seed"] == b["seed"] == 1234
-    mine = [r for r in b["results"] if r["op"].startswith("gradcache")]
+    mine = [r for r in b["results"] if r["op"].startswith("tcr")]
     assert [r["err"] for r in a["results"]] == [r["err"] for r in mine]  # independent of the other checks
-    assert b["results"][0]["op"].startswith("checkpoint")  # in the order named
-    _, c = run_cli(tmp_path, "--quick", "--only", "gradcache")
+    assert b["results"][0]["op"].startswith("prefetch")  # in the order named
+    _, c = run_cli(tmp_path, "--quick", "--only", "tcr")
     assert c["seed"] != 1234 and [r["err"] for r in c["results"]] != [r["err"] for r in a["results"]]
 
 
