@@ -5,7 +5,6 @@ an eager fp32 model, the loss in Python loops, fastemp.lars. Same loss as fastem
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -67,7 +66,6 @@ def to_patch_major(batch: torch.Tensor) -> torch.Tensor:
 
 
 def make_loader(images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, workers: int, pin_memory: bool, seed=0):
-    """Shuffled, drop_last DataLoader over PerPatchDataset with `workers` processes."""
     return torch.utils.data.DataLoader(
         PerPatchDataset(images, n, aug),
         batch_size=batch,
@@ -78,18 +76,6 @@ def make_loader(images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, wo
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
     )
-
-
-@contextlib.contextmanager
-def torch_defaults():
-    """PyTorch's default numerics (TF32 matmul off, cuDNN TF32 on, no cudnn.benchmark), restored after."""
-    b = torch.backends
-    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark)
-    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = False, True, False
-    try:
-        yield
-    finally:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = saved
 
 
 def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, workers: int, steps=None) -> dict:
@@ -103,8 +89,10 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
     warmup, steps = max(2, workers + 2), steps or max(20, 2 * workers)
     if (warmup + steps) * batch > images.shape[0]:  # cycle the images instead of re-creating the loader mid-window
         images = images.repeat(-(-(warmup + steps) * batch // images.shape[0]), 1, 1, 1)
-    memory, clock = PeakMemory(device), Clock(device)
-    with torch_defaults():
+    memory, clock, b = PeakMemory(device), Clock(device), torch.backends
+    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark)
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = False, True, False  # PyTorch's defaults
+    try:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model).to(device)
         optimizer = build_lars(model, cfg.optim)
@@ -128,6 +116,8 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
             terms = step(batch_data)
             clock.mark("step")
         intervals = clock.intervals()
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = saved
     seconds = sum(s for _, s in intervals)
     return {
         "workers": workers,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastemp import distributed, runs
-from fastemp.clock import Clock, PeakMemory  # noqa: F401 (PeakMemory: smoke.py's name for it)
+from fastemp.clock import Clock
 from fastemp.data import load_split, load_train_images
 from fastemp.runtime import resolve, resolve_device
 from fastemp.validate import check_config, check_data, check_output_path, check_probe

@@ -31,7 +31,6 @@ def category(name: str) -> str:
 
 
 def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: str | None = None) -> dict:
-    """Trace `steps` training steps after compilation and warm-up; the result (JSON-ready)."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg.train.max_steps, cfg.eval.at_end, cfg.eval.every = 1 + warmup + steps, False, "0"

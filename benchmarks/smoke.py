@@ -27,6 +27,7 @@ from fastemp.config import load_config
 
 from . import harness
 from .report import device_label, environment_markdown, large_n_option, table
+from .throughput import measure_point
 
 # the items in order of need, each with its default limit in the suite (LIMIT_SMOKE_<ITEM>): ESTIMATES
 ITEMS = dict(environment=60, check=300, official_loader=150, train=240, large_n=90, dali=120)
@@ -65,33 +66,27 @@ def _device(dry_run: bool) -> torch.device:
 
 
 def _steps(spec: str, dry_run: bool, overrides: list[str], steps: int, real_data: bool = False) -> dict:
-    """`steps` steps of a fresh Trainer of a shipped recipe (shrunk by --dry-run); real_data: the CIFAR-10 JPEG copy
-    when given, so its compiled kernels are those of the accuracy run."""
+    """throughput's point of a shipped recipe (shrunk by --dry-run) over `steps` steps, the first timed apart;
+    real_data: the CIFAR-10 JPEG copy when given, so its compiled kernels are those of the accuracy run."""
     jpeg = os.environ.get("FASTEMP_CIFAR10_JPEG", "")
     data = "data.source=synthetic data.synthetic_train=200 data.synthetic_test=100"
     if real_data and not dry_run and Path(jpeg).is_file():
         data = f"data.source=imagefolder data.path={jpeg}"
-    keys = [*data.split(), "eval.at_end=false", "train.log_every=1", f"train.max_steps={steps}", *overrides]
+    keys = [*data.split(), "eval.at_end=false", f"train.max_steps={steps}", *overrides]
     cfg = load_config(spec, keys + TINY.split() * dry_run)
-    memory = harness.PeakMemory(_device(dry_run))
-    memory.reset()
-    trainer = harness.Data().trainer(cfg)
-    trainer.train_until(steps)
-    losses = {k: trainer.last_record[k] for k in ("loss", "loss_sim", "loss_tcr")}
-    if not all(map(math.isfinite, losses.values())):
-        raise AssertionError(f"non-finite loss after {steps} steps: {losses['loss']}")
-    t, chunks = cfg.train, trainer.runtime.grad_chunks
+    _device(dry_run)
+    point = measure_point(cfg, harness.Data(), 0, steps - 1, 0, None)
+    if not all(math.isfinite(point[k]) for k in ("loss", "loss_sim", "loss_tcr")):
+        raise AssertionError(f"non-finite loss after {steps} steps: {point['loss']}")
+    t, chunks = cfg.train, point["grad_chunks_used"]
     return {
-        **trainer.runtime.resolved(),
+        **point["resolved"],
+        **point,
         "n_patches": t.n_patches,
         "batch_size": t.batch_size,
         "grad_chunks": chunks,
         "large_n_option": large_n_option(chunks, t.bn_groups, t.n_patches, t.checkpoint_activations),
-        "first_step_seconds": trainer.warmup_seconds,
-        "step_seconds": trainer.train_seconds / (steps - 1) if steps > 1 else None,
-        **losses,
-        "peak_memory_gib": memory.peak_bytes() / 2**30,
-        "data": cfg.data.path or "synthetic",
+        "peak_memory_gib": point["peak_memory_bytes"] / 2**30,
     }
 
 
@@ -162,14 +157,14 @@ def item_train(dry_run: bool, record: Path) -> tuple[str, dict]:
         raise AssertionError(f"the fast path was not taken: {off}")
     return (
         f"3 steps, compile {result['compile']} {result['first_step_seconds']:.1f} s first step, then "
-        f"{result['step_seconds'] * 1e3:.0f} ms/step, loss {result['loss']:.2f}, peak {result['peak_memory_gib']:.2f} GiB"
+        f"{result['step_seconds_median'] * 1e3:.0f} ms/step, loss {result['loss']:.2f}, peak {result['peak_memory_gib']:.2f} GiB"
     ), result
 
 
 def item_large_n(dry_run: bool, record: Path) -> tuple[str, dict]:
     # the memory-lean option (a chunk per BatchNorm group), which must fit an 80 GB card; the one-pass ghost-BN path
     # takes what memory is free and is measured by the suite's throughput200 part
-    result = _steps("cifar10_n200_1ep", dry_run, ["model.compile=none", "train.grad_chunks=10"], 1)
+    result = _steps("cifar10_n200_1ep", dry_run, ["model.compile=none", "train.grad_chunks=10"], 2)
     if not dry_run and result["peak_memory_gib"] > 78.0:
         raise AssertionError(f"peak {result['peak_memory_gib']:.1f} GiB exceeds the 78 GiB of an 80 GB card")
     what = f"n={result['n_patches']} x B={result['batch_size']}, {result['large_n_option']}, eager"
@@ -193,7 +188,7 @@ def item_dali(dry_run: bool, record: Path) -> tuple[str, dict]:
         result = _steps("cifar10_n20_1ep", dry_run, [*files, "model.compile=none"], 2)
     if result["backend"] != "dali":
         raise AssertionError(f"backend {result['backend']}, not dali")
-    step = f"{result['step_seconds'] * 1e3:.0f} ms eager, loss {result['loss']:.2f}"
+    step = f"{result['step_seconds_median'] * 1e3:.0f} ms eager, loss {result['loss']:.2f}"
     return f"patch statistics match torch ({len(rows)} rows); a training step with DALI patches: {step}", result
 
 

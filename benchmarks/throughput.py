@@ -55,8 +55,8 @@ def measure_split(trainer, steps: int) -> dict:
     return split
 
 
-def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps: int, peak: dict) -> dict:
-    """Every number of one point (raises on OOM: run_points records it)."""
+def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps: int, peak: dict | None) -> dict:
+    """Every number of one point (raises on OOM: run_points records it); no MFU without a peak (the smoke's)."""
     trainer = data.trainer(cfg)
     memory = PeakMemory(trainer.device)
     memory.reset()
@@ -79,7 +79,8 @@ def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps:
         "images_per_s_window_mean": steps * batch / sum(step_seconds),
         "first_step_seconds": trainer.warmup_seconds,
         "compile_seconds": max(0.0, trainer.warmup_seconds - step),
-        **utilisation(batch / step * cfg.train.n_patches, flops, peak),
+        **(utilisation(batch / step * cfg.train.n_patches, flops, peak) if peak else {}),
+        **{k: trainer.last_record[k] for k in ("loss", "loss_sim", "loss_tcr")},  # the last step's
         "peak_memory_bytes": memory.peak_bytes(),
         "peak_memory_source": memory.source,
         "split": measure_split(trainer, split_steps) if split_steps else None,

@@ -26,7 +26,6 @@ SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.p
 
 
 def default_axes(base, axes: dict, settings: dict, cuda: bool) -> tuple[dict, dict]:
-    """The axes and settings to try, the defaults filled in for this card and data."""
     streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
     axes = {
         **axes,
