@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import run_data, runs
+from . import distributed, run_data, runs
 from .config import Config, ConfigError, flat_dict, to_dict
 from .errors import UserError, one_line
 
@@ -103,22 +103,18 @@ def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None
     """None when the checkpoint's world size is this one; a note when another world size resumes
     the same recipe; CheckpointError when it would change BatchNorm's groups mid-run."""
     then, now = state["layout"], layout(cfg, world)
-    if then["world_size"] == world:
+    k = then["world_size"]
+    if k == world:
         return None
-    k, k_now = then["world_size"], world
     if then["bn_images"] != now["bn_images"]:
-        how = (
-            f"torchrun --nproc-per-node={k} -m fastemp resume {path.parent}"
-            if k > 1
-            else f"fastemp resume {path.parent}"
-        )
         raise CheckpointError(
             f"{path} was written by {k} process(es) with model.sync_bn={str(then['sync_bn']).lower()}: BatchNorm "
-            f"normalised over {then['bn_images']} images per call, on {k_now} it would be {now['bn_images']}, a "
-            f"different recipe mid-run; resume it with {k} process(es) ({how})"
+            f"normalised over {then['bn_images']} images per call, on {world} it would be {now['bn_images']}, a "
+            f"different recipe mid-run; resume it with {k} process(es) "
+            f"({distributed.launcher(k)} resume {path.parent})"
         )
     return (
-        f"resuming {path} (written by {k} process(es)) on {k_now}: BatchNorm still normalises over "
+        f"resuming {path} (written by {k} process(es)) on {world}: BatchNorm still normalises over "
         f"{now['bn_images']} images per call and every rank draws its rows of the same global batch, so the "
         "recipe is unchanged (float sums may differ in the last bits)"
     )

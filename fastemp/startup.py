@@ -212,12 +212,11 @@ def _train(trainer: Trainer) -> dict:
                 trainer.save_checkpoint()
         err.args = (f"{err} at step {step}" if signalled else f"{err.path} failed at step {step}: {err.why}",)
         if run and trainer.saved_step is not None:  # else run_training says what is left of the run
-            launcher = f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
             fix = (
                 "" if signalled else f"restore that file (or set data.bad_files: skip in {run / 'config.yaml'}), then "
             )
             err.args = (
                 f"{err}; {run / 'checkpoint.pt'} holds step {trainer.saved_step}; {fix}go on with: "
-                f"{launcher} resume {run}",
+                f"{distributed.launcher(world)} resume {run}",
             )
         raise
