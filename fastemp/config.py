@@ -158,9 +158,8 @@ class EvalConfig:
     knn_temperature: float = protocol_key(0.07)
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
-    embedding: str = one_of(
-        "features", "proj", "backbone", protocol=True
-    )  # h; the unit projection z, pooled; the backbone's pooled output
+    # features: h; proj: the unit projection z, pooled; backbone: the backbone's pooled output
+    embedding: str = one_of("features", "proj", "backbone", protocol=True)
     every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
     stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 
