@@ -36,18 +36,14 @@ def _print_summary(run_dir, summary: dict) -> None:
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
 
-def _retry_command(args) -> str:
-    """The command line that ran, with --force: a command that starts the run again."""
-    argv = list(args.argv) + (["--force"] if "--force" not in args.argv else [])
-    return f"{distributed.launcher(distributed.world_size())} {shlex.join(argv)}"
-
-
 def cmd_train(args) -> int:
     from .startup import run_training
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.out or Path("runs") / cfg.name
-    summary = run_training(cfg, run_dir, force=args.force, progress=not args.no_progress, retry=_retry_command(args))
+    argv = args.argv + (["--force"] if "--force" not in args.argv else [])  # the command that starts it again
+    retry = f"{distributed.launcher(distributed.world_size())} {shlex.join(argv)}"
+    summary = run_training(cfg, run_dir, force=args.force, progress=not args.no_progress, retry=retry)
     _print_summary(run_dir, summary)
     return 0
 
