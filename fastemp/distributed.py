@@ -29,7 +29,7 @@ from torch import nn
 from . import watchdog
 from .config import ConfigError, flat_dict, shown, to_dict
 from .data.listing import what_changed
-from .errors import DataError, UserError
+from .errors import DataError, UserError, one_line
 from .watchdog import DistributedError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -60,11 +60,10 @@ def init_from_env() -> None:
         # torch's own limit comes later than the watchdog's verdict, as the backstop
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout + max(10.0, timeout / 4)))
     except Exception as err:  # a refused or timed-out rendezvous: one line, not a C++ traceback
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistributedError(
             f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed "
-            f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {first}; check that every rank was started "
-            "and can reach MASTER_ADDR:MASTER_PORT"
+            f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {one_line(err)[:160]}; check that every "
+            "rank was started and can reach MASTER_ADDR:MASTER_PORT"
         ) from err
     if dist.get_world_size() > 1:
         watchdog.active = watchdog.Watchdog(timeout)
@@ -84,15 +83,13 @@ COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|
 
 def explain(err: BaseException) -> DistributedError | None:
     """A collective that failed because another rank is gone, as a one-line error; None otherwise."""
-    text = str(err).strip()
     lost = isinstance(err, getattr(dist, "DistError", ())) or (
-        isinstance(err, RuntimeError) and COLLECTIVE_FAILURE.search(text) is not None
+        isinstance(err, RuntimeError) and COLLECTIVE_FAILURE.search(str(err)) is not None
     )
     if world_size() == 1 or isinstance(err, UserError) or not lost:
         return None
-    first = text.splitlines()[0][:160] if text else type(err).__name__
     return DistributedError(
-        f"rank {rank()} of {world_size()} lost contact with the other ranks ({first}); another "
+        f"rank {rank()} of {world_size()} lost contact with the other ranks ({one_line(err)[:160]}); another "
         f"rank probably stopped: look for its error above"
     )
 
