@@ -1,10 +1,6 @@
-"""Checkpoints: what one holds, how it is written and read (once per command), and whether it fits a config.
-
-A checkpoint (RUN/checkpoint.pt) is plain data read with `torch.load(weights_only=True)`, so a crafted file
-cannot run code; it carries `sha256`, a digest of everything else in it, checked on every read; it records
-the run's `layout`, so a resume under another world size is allowed only when BatchNorm's groups stay the
-same. Before weights are loaded it is compared with the config (`check_resume`, `check_architecture`) and
-with the model's tensors (`check_tensors`), so a mismatch is one line. docs/reliability.md has the details.
+"""Checkpoints: what one holds, how it is written and read (once per command: plain data under
+`torch.load(weights_only=True)`, verified by its `sha256`), and whether it fits a config, a world size and a
+model, each mismatch one line (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import run_data, runs
+from . import distributed, run_data, runs
 from .config import Config, ConfigError, flat_dict, to_dict
 from .errors import UserError, one_line
 
@@ -91,10 +87,8 @@ def digest(state: dict) -> str:
 
 
 def layout(cfg: Config, world: int) -> dict:
-    """How a run's batch is split: what decides which images one BatchNorm call sees.
-
-    With model.sync_bn (or one process) BatchNorm normalises over all B images of a gradient
-    chunk's patch groups, whatever the world size; without it over each rank's B/K images."""
+    """How a run's batch is split: what decides which images one BatchNorm call sees (all B images of a chunk
+    with model.sync_bn or one process, else each rank's B/K)."""
     per_rank = cfg.train.batch_size // world
     return {
         "world_size": world,
@@ -109,22 +103,18 @@ def check_layout(cfg: Config, state: dict, world: int, path: Path) -> str | None
     """None when the checkpoint's world size is this one; a note when another world size resumes
     the same recipe; CheckpointError when it would change BatchNorm's groups mid-run."""
     then, now = state["layout"], layout(cfg, world)
-    if then["world_size"] == world:
+    k = then["world_size"]
+    if k == world:
         return None
-    k, k_now = then["world_size"], world
     if then["bn_images"] != now["bn_images"]:
-        how = (
-            f"torchrun --nproc-per-node={k} -m fastemp resume {path.parent}"
-            if k > 1
-            else f"fastemp resume {path.parent}"
-        )
         raise CheckpointError(
             f"{path} was written by {k} process(es) with model.sync_bn={str(then['sync_bn']).lower()}: BatchNorm "
-            f"normalised over {then['bn_images']} images per call, on {k_now} it would be {now['bn_images']}, a "
-            f"different recipe mid-run; resume it with {k} process(es) ({how})"
+            f"normalised over {then['bn_images']} images per call, on {world} it would be {now['bn_images']}, a "
+            f"different recipe mid-run; resume it with {k} process(es) "
+            f"({distributed.launcher(k)} resume {path.parent})"
         )
     return (
-        f"resuming {path} (written by {k} process(es)) on {k_now}: BatchNorm still normalises over "
+        f"resuming {path} (written by {k} process(es)) on {world}: BatchNorm still normalises over "
         f"{now['bn_images']} images per call and every rank draws its rows of the same global batch, so the "
         "recipe is unchanged (float sums may differ in the last bits)"
     )
@@ -262,13 +252,6 @@ def misfit(expected: dict, got: dict, shown=str, dtypes: bool = True) -> str:
     return "; ".join(problems)
 
 
-def check_tensors(expected: dict, state: dict, path: Path) -> None:
-    """The checkpoint's model tensors are exactly the model's: same names, shapes and dtypes."""
-    problems = misfit(expected, state["model"])
-    if problems:
-        raise CheckpointError(f"{path} does not fit the model: {problems}; {_redo(path)}")
-
-
 def check_optimizer(params: list[torch.Tensor], state: dict, path: Path) -> None:
     """Optimizer state for exactly these parameters (in the optimizer's group order), each buffer
     shaped like its parameter."""
@@ -302,10 +285,10 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _differences(cfg: Config, state: dict, keys=None) -> list[str]:
+def _changed(cfg: Config, state: dict, compared) -> list[tuple[str, object, object]]:
+    """(key, the checkpoint's value, the config's) for each key `compared(key)` selects whose value changed."""
     now, then = flat_dict(to_dict(cfg)), flat_dict(state["config"])
-    keys = keys or [k for k in now if k in then]
-    return [k for k in keys if k in then and not _same(now[k], then[k])]
+    return [(k, then[k], now[k]) for k in now if k in then and compared(k) and not _same(now[k], then[k])]
 
 
 def _safe(key: str) -> bool:
@@ -314,12 +297,10 @@ def _safe(key: str) -> bool:
 
 def check_resume(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to resume when config.yaml changed a key that is not safe to change mid-run. The data paths may
-    change when the checkpoint has the data's fingerprints (check_data then compares the data itself)."""
-    then = flat_dict(state["config"])
-    changed = [k for k in _differences(cfg, state) if not (_safe(k) or ("data" in state and k in run_data.DATA_PATHS))]
+    change when the checkpoint has the data's fingerprints (run_data.check then compares the data itself)."""
+    changed = _changed(cfg, state, lambda k: not (_safe(k) or ("data" in state and k in run_data.DATA_PATHS)))
     if changed:
-        now = flat_dict(to_dict(cfg))
-        what = ", ".join(f"{k} ({then[k]!r} -> {now[k]!r})" for k in changed[:3])
+        what = ", ".join(f"{k} ({then!r} -> {now!r})" for k, then, now in changed[:3])
         raise ConfigError(
             f"config.yaml of {path} no longer matches its checkpoint: {what}; put the old values "
             "back, or start a new run with fastemp train (resume may change only "
@@ -329,10 +310,9 @@ def check_resume(cfg: Config, state: dict, path: Path) -> None:
 
 def check_architecture(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to load weights into a model of another shape."""
-    changed = _differences(cfg, state, ARCHITECTURE_KEYS)
+    changed = _changed(cfg, state, ARCHITECTURE_KEYS.__contains__)
     if changed:
-        then, now = flat_dict(state["config"]), flat_dict(to_dict(cfg))
-        what = ", ".join(f"{k}={then[k]!r} (config says {now[k]!r})" for k in changed)
+        what = ", ".join(f"{k}={then!r} (config says {now!r})" for k, then, now in changed)
         raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")
 
 
@@ -358,7 +338,9 @@ def trainer_state(trainer) -> dict:
 def restore(trainer, state: dict, path: Path) -> None:
     """Restore the trainer from the state `read` returned for path, after checking it fits the trainer's model
     and optimizer (nothing changes on an error)."""
-    check_tensors(trainer.model.state_dict(), state, path)
+    problems = misfit(trainer.model.state_dict(), state["model"])
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model: {problems}; {_redo(path)}")
     check_optimizer([p for group in trainer.optimizer.param_groups for p in group["params"]], state, path)
     clock, rng = state["clock"], state["rng_cpu"]
     clock_ok = isinstance(clock, (list, tuple)) and len(clock) == 3 and all(isinstance(c, (int, float)) for c in clock)

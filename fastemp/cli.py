@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import distributed, watchdog
 from .config import load_config
+from .errors import UserError, one_line
 
 
 def _print_summary(run_dir, summary: dict) -> None:
@@ -35,20 +36,14 @@ def _print_summary(run_dir, summary: dict) -> None:
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
 
-def _retry_command(args) -> str:
-    """The command line that ran, with --force: a command that starts the run again."""
-    argv = list(args.argv) + (["--force"] if "--force" not in args.argv else [])
-    world = distributed.world_size()
-    launcher = f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
-    return f"{launcher} {shlex.join(argv)}"
-
-
 def cmd_train(args) -> int:
     from .startup import run_training
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.out or Path("runs") / cfg.name
-    summary = run_training(cfg, run_dir, force=args.force, progress=not args.no_progress, retry=_retry_command(args))
+    argv = args.argv + (["--force"] if "--force" not in args.argv else [])  # the command that starts it again
+    retry = f"{distributed.launcher(distributed.world_size())} {shlex.join(argv)}"
+    summary = run_training(cfg, run_dir, force=args.force, progress=not args.no_progress, retry=retry)
     _print_summary(run_dir, summary)
     return 0
 
@@ -61,7 +56,6 @@ def cmd_resume(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .errors import UserError
     from .startup import evaluate_run, evaluate_weights
 
     overrides = list(args.overrides)
@@ -135,25 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_eval)
 
-    for register in _extensions():
-        register(sub)
-    return parser
-
-
-def _extensions():
-    """Subcommands that live beside their implementation (check, bench, tune)."""
-    from fastemp.benchmarks.cli import register_cli as bench_cli
+    from fastemp.benchmarks.cli import register_cli as bench_cli  # subcommands beside their implementation
 
     from .check import register_cli as check_cli
     from .export import register_cli as export_cli
 
-    return [check_cli, bench_cli, export_cli]
+    for register in (check_cli, bench_cli, export_cli):
+        register(sub)
+    return parser
 
 
 def user_error_message(err: BaseException) -> str | None:
     """The one line to print for a user error; None for a bug (which keeps its traceback)."""
-    from .errors import UserError, one_line
-
     if isinstance(err, UserError):
         return one_line(err)
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -180,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         message = user_error_message(distributed.explain(err) or err)
         if message is None or debug:
-            from .errors import one_line
-
             # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
             watchdog.report_error(
                 f"failed with {type(err).__name__}: {one_line(err)[:160]} (its traceback is in that rank's output)"

@@ -20,8 +20,7 @@ from .errors import ConfigError
 
 
 def one_of(*choices: str, protocol: bool = False) -> typing.Any:
-    """A string field allowed only the given values, the first being its default. The schema is the one
-    place the choices are written: validation (fastemp.validate) and every reader take them from here."""
+    """A string field allowed only the given values, the first being its default: the one place they are written."""
     return field(default=choices[0], metadata={"choices": choices, "protocol": protocol})
 
 
@@ -31,8 +30,13 @@ def protocol_key(default) -> typing.Any:
 
 
 def choices(section: type, name: str) -> tuple[str, ...]:
-    """The allowed values of an enumerated field, e.g. choices(DataConfig, "source")."""
     return next(f.metadata["choices"] for f in dataclasses.fields(section) if f.name == name)
+
+
+def check_choice(key: str, value, allowed: typing.Sequence[str]) -> None:
+    if value not in allowed:
+        hint = _suggest(str(value), allowed) or f"; set {key} to one of them"
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {shown(value)}{hint}")
 
 
 @dataclass
@@ -154,15 +158,13 @@ class EvalConfig:
     knn_temperature: float = protocol_key(0.07)
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
-    embedding: str = one_of(
-        "features", "proj", "backbone", protocol=True
-    )  # h; the unit projection z, pooled; the backbone's pooled output
+    # features: h; proj: the unit projection z, pooled; backbone: the backbone's pooled output
+    embedding: str = one_of("features", "proj", "backbone", protocol=True)
     every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
     stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
 
     @property
     def protocol(self) -> str:
-        """The protocol whose values this has (official, cheap), or custom."""
         return eval_protocol_name(self)
 
     @property
@@ -245,9 +247,7 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
 def _use_protocol(cfg: EvalConfig, name: str, where: str) -> None:
     """eval.protocol=NAME: every protocol key takes NAME's value (custom, as config files of earlier versions
     wrote it, keeps the values as they are)."""
-    if name not in EVAL_PROTOCOL_NAMES:
-        hint = _suggest(name, EVAL_PROTOCOL_NAMES) or f"; use one of {', '.join(EVAL_PROTOCOL_NAMES)}"
-        raise ConfigError(f"{where} must be one of {', '.join(EVAL_PROTOCOL_NAMES)}, got {shown(name)}{hint}")
+    check_choice(where, name, EVAL_PROTOCOL_NAMES)
     for key, value in EVAL_PROTOCOLS.get(name, {}).items():
         setattr(cfg, key, value)
 
@@ -289,17 +289,6 @@ def _builtin_dir() -> Path:
     return Path(str(resources.files("fastemp.configs")))
 
 
-def builtin_config_path(name: str) -> Path:
-    """Path of a config shipped with the package (configs/NAME.yaml)."""
-    path = _builtin_dir() / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.name[:-5] for p in _builtin_dir().glob("*.yaml"))
-        raise ConfigError(
-            f"no config file or built-in config '{name}'{_suggest(name, names) or '; use a YAML path or a built-in'} (built-ins: {', '.join(names)})"
-        )
-    return path
-
-
 def resolve_config_path(spec: str) -> Path:
     """The YAML file `--config spec` names. A spec with a folder part or a .yaml/.yml suffix is a path, and only
     ever that file (or, without a suffix, SPEC.yaml / SPEC.yml): never a built-in. A bare NAME is the file
@@ -323,7 +312,11 @@ def resolve_config_path(spec: str) -> Path:
         stem = path.stem if yaml_suffix else path.name
         hint = f", or use the built-in with --config {stem}" if (_builtin_dir() / f"{stem}.yaml").is_file() else ""
         raise ConfigError(f"config file not found: {spec}; check the path{hint}")
-    return builtin_config_path(spec)
+    if not builtin.is_file():
+        names = sorted(p.name[:-5] for p in _builtin_dir().glob("*.yaml"))
+        hint = _suggest(spec, names) or "; use a YAML path or a built-in"
+        raise ConfigError(f"no config file or built-in config '{spec}'{hint} (built-ins: {', '.join(names)})")
+    return builtin
 
 
 def load_config(spec: str | Path = "quickstart", overrides: typing.Sequence[str] = ()) -> Config:

@@ -15,10 +15,9 @@ ranks' paths into tcr and under-scales its gradient by K.)
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,7 +29,7 @@ from torch import nn
 from . import watchdog
 from .config import ConfigError, flat_dict, shown, to_dict
 from .data.listing import what_changed
-from .errors import DataError, UserError
+from .errors import DataError, UserError, one_line
 from .watchdog import DistributedError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -61,11 +60,10 @@ def init_from_env() -> None:
         # torch's own limit comes later than the watchdog's verdict, as the backstop
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout + max(10.0, timeout / 4)))
     except Exception as err:  # a refused or timed-out rendezvous: one line, not a C++ traceback
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistributedError(
             f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} failed "
-            f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {first}; check that every rank was started "
-            "and can reach MASTER_ADDR:MASTER_PORT"
+            f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {one_line(err)[:160]}; check that every "
+            "rank was started and can reach MASTER_ADDR:MASTER_PORT"
         ) from err
     if dist.get_world_size() > 1:
         watchdog.active = watchdog.Watchdog(timeout)
@@ -79,40 +77,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-COLLECTIVE_FAILURES = (
-    "gloo",
-    "nccl",
-    "connection closed",
-    "connection reset",
-    "timed out",
-    "broken pipe",
-    "process group",
-    "processgroup",
-)
+# what a collective's error says when another rank is gone
+COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|broken pipe|process ?group", re.I)
 
 
 def explain(err: BaseException) -> DistributedError | None:
     """A collective that failed because another rank is gone, as a one-line error; None otherwise."""
-    text = str(err).strip()
     lost = isinstance(err, getattr(dist, "DistError", ())) or (
-        isinstance(err, RuntimeError) and any(w in text.lower() for w in COLLECTIVE_FAILURES)
+        isinstance(err, RuntimeError) and COLLECTIVE_FAILURE.search(str(err)) is not None
     )
     if world_size() == 1 or isinstance(err, UserError) or not lost:
         return None
-    first = text.splitlines()[0][:160] if text else type(err).__name__
     return DistributedError(
-        f"rank {rank()} of {world_size()} lost contact with the other ranks ({first}); another "
+        f"rank {rank()} of {world_size()} lost contact with the other ranks ({one_line(err)[:160]}); another "
         f"rank probably stopped: look for its error above"
     )
 
 
 def check_same_config(cfg) -> None:
-    """Every rank runs the same config (compared by hash; the differing keys are named)."""
-    flat = flat_dict(to_dict(cfg))
-    digests = gather_objects(hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest())
-    if len(set(digests)) == 1:
-        return
-    configs = gather_objects(flat)  # only when they differ: cheap, and names the keys
+    """Every rank runs the same config (the differing keys are named)."""
+    configs = gather_objects(flat_dict(to_dict(cfg)))
     for r, other in enumerate(configs):
         keys = sorted(k for k in {*other, *configs[0]} if other.get(k) != configs[0].get(k))
         if keys:
@@ -154,6 +138,11 @@ def local_rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def launcher(world: int) -> str:
+    """The command that starts fastemp on `world` processes."""
+    return f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
 
 
 def barrier() -> None:

@@ -40,7 +40,6 @@ def run_training(
     the summary. force: replace an existing run folder, as `fastemp train --force`. retry: the command that
     starts the run again, named by the errors of a run that failed (the CLI passes its command line)."""
     distributed.init_from_env()
-    progress = bars.decide(progress and distributed.is_main())
     absolute_paths(cfg.data)  # config.yaml names the data wherever the run is resumed from
     runtime = _runtime(cfg, training=True)
     run_dir = distributed.run_on_main(lambda: run_folder.check_run_dir(run_dir or Path("runs") / cfg.name, force=force))
@@ -64,32 +63,12 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
     """Continue the run in run_dir from its checkpoint to the end of its schedule, as `fastemp resume`; returns
     the summary (bit-identical to an uninterrupted run on the CPU)."""
     distributed.init_from_env()
-    progress = bars.decide(progress and distributed.is_main())
     run_dir = Path(run_dir)
     try:
-        distributed.run_on_main(
-            lambda: run_folder.claim(run_dir, "fastemp resume", "resume writes checkpoint.pt and metrics.jsonl")
-        )
-        cfg = load_run_config(run_dir)
-        runtime = _runtime(cfg, training=True)
-        path = run_dir / "checkpoint.pt"
-        state = checkpoint.read(path)
-        checkpoint.check_resume(cfg, state, run_dir)
-        note = checkpoint.check_layout(cfg, state, runtime.world_size, path)
-        runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
-        distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp resume") and None)
-        if note and distributed.is_main():
-            print(note)
-        trainer = _trainer(cfg, runtime, run_dir, progress)
-        moved = run_data.check(trainer, state, path)
-        if moved and distributed.is_main():
-            print(f"resuming {path}: {moved}")
-        checkpoint.restore(trainer, state, path)
+        trainer, metrics = _from_checkpoint(run_dir, (), progress, resuming=True)
         if distributed.is_main():
             runs.truncate_metrics(run_dir, trainer.step)  # the steps past the checkpoint are logged again
-        trainer.evaluations = [
-            r for r in runs.read_metrics(run_dir) if "linear_top1" in r and r["step"] <= trainer.step
-        ]
+        trainer.evaluations = [r for r in metrics if "linear_top1" in r and r["step"] <= trainer.step]
         return _train(trainer)
     finally:
         run_folder.unlock(run_dir)
@@ -102,23 +81,45 @@ def evaluate_run(
     any key but the architecture's), as `fastemp eval`; writes RUN/eval.json and returns the result. echo:
     print it as JSON first (the CLI's output), so a folder that cannot take eval.json loses nothing."""
     distributed.init_from_env()
-    progress = bars.decide(progress and distributed.is_main())
     run_dir = Path(run_dir)
     try:
-        distributed.run_on_main(lambda: run_folder.claim(run_dir, "fastemp eval"))
-        cfg = load_run_config(run_dir, overrides)
-        runtime = _runtime(cfg, training=False)
-        path = run_dir / "checkpoint.pt"
-        state = checkpoint.read(path)
-        checkpoint.check_architecture(cfg, state, path)
-        # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
-        distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, "fastemp eval", read_only_ok=True) and None)
-        trainer = _trainer(cfg, runtime, None, progress, evaluates=True)
-        run_data.check(trainer, state, path, resuming=False)
-        checkpoint.restore(trainer, state, path)
+        trainer, _ = _from_checkpoint(run_dir, overrides, progress, resuming=False)
         return _score(trainer, trainer.step, {}, run_dir / "eval.json", echo)
     finally:
         run_folder.unlock(run_dir)
+
+
+def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, resuming: bool):
+    """The trainer restored from run_dir's checkpoint, read and verified once and checked against the config
+    (resume: every key but the safe ones, and the world size; eval: the architecture) and the data; and, when
+    resuming, the run's metrics records. The folder is claimed, then locked (eval: unless read-only)."""
+    command = "fastemp resume" if resuming else "fastemp eval"
+    writes = "resume writes checkpoint.pt and metrics.jsonl" if resuming else ""
+    distributed.run_on_main(lambda: run_folder.claim(run_dir, command, writes))
+    if not (run_dir / "config.yaml").is_file():
+        what = "does not exist" if not run_dir.is_dir() else "has no config.yaml, so it is not a run folder"
+        raise ConfigError(f"{run_dir} {what}; give the --out folder of a fastemp train run")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    runtime = _runtime(cfg, training=resuming)
+    path = run_dir / "checkpoint.pt"
+    state = checkpoint.read(path)
+    note, metrics = None, []
+    if resuming:
+        checkpoint.check_resume(cfg, state, run_dir)
+        note = checkpoint.check_layout(cfg, state, runtime.world_size, path)
+        metrics = runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
+    else:
+        checkpoint.check_architecture(cfg, state, path)
+    # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
+    distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, command, read_only_ok=not resuming) and None)
+    if note and distributed.is_main():
+        print(note)
+    trainer = _trainer(cfg, runtime, run_dir if resuming else None, progress)
+    moved = run_data.check(trainer, state, path, resuming)
+    if moved and resuming and distributed.is_main():
+        print(f"resuming {path}: {moved}")
+    checkpoint.restore(trainer, state, path)
+    return trainer, metrics
 
 
 def evaluate_weights(
@@ -138,13 +139,12 @@ def evaluate_weights(
     weights'; the result has eval_run's fields and is written to `out` when given. train_set, test_set: splits
     already loaded (the official peer's)."""
     distributed.init_from_env()
-    progress = bars.decide(progress and distributed.is_main())
     weights = read_weights(path, format)
     cfg = weights_config(weights, config, overrides)
     check_weights(weights, cfg.model)
     if out:
         check_output_path(out, "--out", is_file=True)
-    trainer = _trainer(cfg, _runtime(cfg, training=False), None, progress, True, train_set, test_set)
+    trainer = _trainer(cfg, _runtime(cfg, training=False), None, progress, train_set, test_set)
     load_weights(trainer.model, weights)
     extra = {"weights": str(path), "format": format, "tensors": len(weights.tensors)}
     return _score(trainer, weights.step, extra, out and Path(out), echo)
@@ -172,17 +172,6 @@ def _score(trainer: Trainer, step: int | None, extra: dict, out: Path | None, ec
     return result
 
 
-def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    """The config.yaml of a run folder, with overrides."""
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(
-            f"{run_dir} has no config.yaml, so it is not a run folder; give the --out folder of a fastemp train run"
-        )
-    return load_config(run_dir / "config.yaml", overrides)
-
-
 def _runtime(cfg: Config, training: bool) -> Runtime:
     """The config checked on every rank, then resolved (memory included) before any rank allocates a device
     buffer; said in one line on rank 0 when training (eval's output is its JSON alone)."""
@@ -196,13 +185,12 @@ def _runtime(cfg: Config, training: bool) -> Runtime:
     return runtime
 
 
-def _trainer(
-    cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool, evaluates=None, train=None, test=None
-):
+def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool, train=None, test=None) -> Trainer:
     """The Trainer (on splits already loaded, when given), with the probe and the test split checked too when
-    the run evaluates."""
+    it evaluates: always without a run folder (eval), else when the run's config says so."""
+    progress = bars.decide(progress and distributed.is_main())
     trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime, train_set=train, test_set=test)
-    if cfg.eval.scheduled if evaluates is None else evaluates:
+    if run_dir is None or cfg.eval.scheduled:
         check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set
     distributed.check_same_data(run_data.identity(trainer), run_data.data_location(cfg))
@@ -224,12 +212,11 @@ def _train(trainer: Trainer) -> dict:
                 trainer.save_checkpoint()
         err.args = (f"{err} at step {step}" if signalled else f"{err.path} failed at step {step}: {err.why}",)
         if run and trainer.saved_step is not None:  # else run_training says what is left of the run
-            launcher = f"torchrun --nproc-per-node={world} -m fastemp" if world > 1 else "fastemp"
             fix = (
                 "" if signalled else f"restore that file (or set data.bad_files: skip in {run / 'config.yaml'}), then "
             )
             err.args = (
                 f"{err}; {run / 'checkpoint.pt'} holds step {trainer.saved_step}; {fix}go on with: "
-                f"{launcher} resume {run}",
+                f"{distributed.launcher(world)} resume {run}",
             )
         raise

@@ -1,11 +1,5 @@
-"""Start-up validation: every user mistake found before any work, as one line saying how to fix it.
-
-`check_config` checks every value of the config (ranges, enumerated choices, keys that must fit together,
-such as data.backend with data.streamed: `check_backend`, the one statement of that rule) before a run
-folder is touched or a model is built; what the machine must have is checked by fastemp.runtime.resolve.
-`check_data` and `check_probe` run on the loaded training split. The order of all start-up checks is
-fastemp.startup's.
-"""
+"""Start-up validation: every user mistake found before any work, as one line saying how to fix it (the order
+of all start-up checks is fastemp.startup's; what the machine must have: fastemp.runtime.resolve)."""
 
 from __future__ import annotations
 
@@ -13,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import EVAL_EVERY, Config, ConfigError, DataConfig, choices, shown
+from .config import EVAL_EVERY, Config, ConfigError, DataConfig, check_choice, choices, shown
 from .data.listing import LAYOUTS
 
 
@@ -23,32 +17,14 @@ def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
         raise ConfigError(f"{key} must be {rule}{why}, got {shown(value)}; set {key} to a value that is {rule}")
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        import difflib
-
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(
-            f"{key} must be one of {', '.join(choices)}, got {shown(value)}; {hint}set {key} to one of them"
-        )
-
-
-def _positive(section, prefix: str, *names: str) -> None:
+def _positive(section, prefix: str, *names: str, or_zero: bool = False) -> None:
     for name in names:
         value = getattr(section, name)
-        _rule(f"{prefix}.{name}", value, value > 0, "> 0")
-
-
-def _range(key: str, pair: tuple[float, float], low: float, high: float) -> None:
-    _rule(key, list(pair), low <= pair[0] <= pair[1] <= high, f"[lo, hi] with {low} <= lo <= hi <= {high}")
+        _rule(f"{prefix}.{name}", value, value >= 0 if or_zero else value > 0, ">= 0" if or_zero else "> 0")
 
 
 def check_config(cfg: Config) -> None:
-    """Every value of cfg is in range and every enumerated option is one of the choices its schema declares.
-
-    What the machine must have for the values (CUDA, DALI, Triton, a batch that divides by the world size)
-    is checked where "auto" is resolved: fastemp.runtime.resolve."""
+    """Every value of cfg is in range, and every enumerated option one of the choices its schema declares."""
     _rule(
         "name",
         cfg.name,
@@ -60,10 +36,10 @@ def check_config(cfg: Config) -> None:
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             if "choices" in f.metadata:
-                _choice(f"{name}.{f.name}", getattr(section, f.name), f.metadata["choices"])
+                check_choice(f"{name}.{f.name}", getattr(section, f.name), f.metadata["choices"])
 
     _positive(d, "data", "image_size")
-    _rule("data.workers", d.workers, d.workers >= 0, ">= 0")
+    _positive(d, "data", "workers", or_zero=True)
     check_backend(d.backend, d.streamed, d.source)
     if d.source == "synthetic":
         _positive(d, "data", "synthetic_train", "synthetic_test")
@@ -71,20 +47,16 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"data.source={d.source} needs data.path; set it to the dataset's folder ({LAYOUTS})")
 
     _positive(a, "augment", "crop_size")
-    _range("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
-    _rule(
-        "augment.crop_ratio", list(a.crop_ratio), 0 < a.crop_ratio[0] <= a.crop_ratio[1], "[lo, hi] with 0 < lo <= hi"
-    )
+    low, high = a.crop_scale
+    _rule("augment.crop_scale", [low, high], 1e-6 <= low <= high <= 1.0, "[lo, hi] with 1e-06 <= lo <= hi <= 1.0")
+    for name in ("crop_ratio", "blur_sigma"):
+        low, high = getattr(a, name)
+        _rule(f"augment.{name}", [low, high], 0 < low <= high, "[lo, hi] with 0 < lo <= hi")
     for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
         value = getattr(a, name)
         _rule(f"augment.{name}", value, 0 <= value <= 1, "a probability in [0, 1]")
-    for name in ("brightness", "contrast", "saturation"):
-        value = getattr(a, name)
-        _rule(f"augment.{name}", value, value >= 0, ">= 0")
+    _positive(a, "augment", "brightness", "contrast", "saturation", or_zero=True)
     _rule("augment.hue", a.hue, 0 <= a.hue <= 0.5, "in [0, 0.5]")
-    _rule(
-        "augment.blur_sigma", list(a.blur_sigma), 0 < a.blur_sigma[0] <= a.blur_sigma[1], "[lo, hi] with 0 < lo <= hi"
-    )
     _rule("augment.solarize_threshold", a.solarize_threshold, 0 <= a.solarize_threshold <= 256, "in 0..256")
     _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
 
@@ -94,8 +66,7 @@ def check_config(cfg: Config) -> None:
 
         read_projector(m.projector_init, m, load=False)
 
-    _positive(lo, "loss", "eps")
-    _positive(lo, "loss", "vonmises_t")
+    _positive(lo, "loss", "eps", "vonmises_t")
     _rule(
         "train.batch_size",
         t.batch_size,
@@ -103,14 +74,11 @@ def check_config(cfg: Config) -> None:
         ">= 2 under loss.uniformity=vonmises",
         "it averages over pairs of images",
     )
-    for name in ("invariance_weight", "tcr_weight", "vonmises_weight"):
-        value = getattr(lo, name)
-        _rule(f"loss.{name}", value, value >= 0, ">= 0")
+    _positive(lo, "loss", "invariance_weight", "tcr_weight", "vonmises_weight", or_zero=True)
 
     _positive(o, "optim", "lr", "lars_eta")
     _rule("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
-    _rule("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0")
-    _rule("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0")
+    _positive(o, "optim", "weight_decay", "warmup_steps", or_zero=True)
     _rule("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, "in [0, optim.lr]")
 
     # one patch per image makes the invariance term a constant (every patch is its image's mean)
@@ -137,9 +105,7 @@ def check_config(cfg: Config) -> None:
         "0 or a divisor of train.bn_groups",
         "each chunk holds whole BatchNorm groups",
     )
-    for name in ("max_steps", "ckpt_every", "seed"):
-        value = getattr(t, name)
-        _rule(f"train.{name}", value, value >= 0, ">= 0")
+    _positive(t, "train", "max_steps", "ckpt_every", "seed", or_zero=True)
     _rule(
         "train.checkpoint_activations",
         t.checkpoint_activations,
@@ -151,7 +117,7 @@ def check_config(cfg: Config) -> None:
         e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k", "knn_temperature"
     )
     _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
-    _rule("eval.probe_weight_decay", e.probe_weight_decay, e.probe_weight_decay >= 0, ">= 0")
+    _positive(e, "eval", "probe_weight_decay", or_zero=True)
     every = "a number of steps such as 250 or of epochs such as 0.5ep (0: never)"
     _rule("eval.every", e.every, EVAL_EVERY.fullmatch(e.every.strip()) is not None, every)
     _rule("eval.stop_at", e.stop_at, 0 <= e.stop_at <= 1, "a linear top-1 in [0, 1] (0: train to the end)")
@@ -159,9 +125,8 @@ def check_config(cfg: Config) -> None:
 
 
 def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
-    """data.backend, data.streamed and data.source fit together: the one statement of that rule, applied by
-    check_config and by patches.choose_backend."""
-    _choice("data.backend", backend, choices(DataConfig, "backend"))
+    """data.backend, data.streamed and data.source fit together (check_config and patches.choose_backend)."""
+    check_choice("data.backend", backend, choices(DataConfig, "backend"))
     if streamed and source not in ("imagefolder", "tinyimagenet"):
         raise ConfigError(
             f"data.streamed=true reads image files, but data.source={source}; "
@@ -196,19 +161,17 @@ def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> Non
             return
 
 
+def _fits_training_split(key: str, batch: int, train_images: int, why: str = "") -> None:
+    if batch > train_images:
+        raise ConfigError(f"{key}={batch} exceeds the {train_images} training images{why}; set {key} <= {train_images}")
+
+
 def check_data(cfg: Config, train_images: int) -> None:
     """The batch size against the loaded training split (before any model is built)."""
-    if cfg.train.batch_size > train_images:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the {train_images} training images; "
-            f"set train.batch_size <= {train_images}"
-        )
+    _fits_training_split("train.batch_size", cfg.train.batch_size, train_images)
 
 
 def check_probe(cfg: Config, train_images: int) -> None:
     """The linear probe would never take a step (it drops the last partial batch)."""
-    if cfg.eval.probe_batch_size > train_images:
-        raise ConfigError(
-            f"eval.probe_batch_size={cfg.eval.probe_batch_size} exceeds the {train_images} training "
-            f"images, so the probe would never train; set eval.probe_batch_size <= {train_images}"
-        )
+    why = ", so the probe would never train"
+    _fits_training_split("eval.probe_batch_size", cfg.eval.probe_batch_size, train_images, why)

@@ -221,25 +221,6 @@ def test_force_on_a_mount_point_replaces_its_contents(tmp_path, finished_run):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_a_torchrun_checkpoint_records_its_layout_and_resumes_on_one_process_with_a_note(tmp_path, capsys):
-    from test_distributed import run as run_quietly
-    from test_distributed import torchrun
-
-    out = tmp_path / "two"
-    two = run_quietly(torchrun("train", *TINY, "train.max_steps=2", "eval.at_end=false", "--out", str(out)))
-    assert two.returncode == 0, two.stderr[-2000:]
-    state = checkpoint.read(out / "checkpoint.pt")
-    assert state["layout"] == {
-        "world_size": 2,
-        "sync_bn": True,
-        "grad_chunks": 1,
-        "images_per_rank": 10,
-        "bn_images": 20,
-    }
-    assert main(["resume", str(out), "--no-progress"]) == 0  # model.sync_bn=true: the same BatchNorm groups
-    assert "written by 2 process(es)) on 1" in capsys.readouterr().out
-
-
 def test_every_interrupted_step_of_a_replace_settles_to_one_whole_run(tmp_path):
     """A kill between any two file operations of --force (move aside, discard, restore) leaves a
     folder that settle_replaced turns into exactly the old run or exactly the new one."""

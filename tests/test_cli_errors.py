@@ -1,10 +1,9 @@
 """The bad-input and fault catalog: every user mistake is one line, exit 2, no traceback, and no
 file outside the run folder (nor a good old run) is touched.
 
-Most cases run through fastemp.cli.main inside ONE subprocess (a torch import costs seconds per
+The cases run through fastemp.cli.main inside ONE subprocess (a torch import costs seconds per
 process), each with its own captured stderr, exit code and before/after snapshot of the
-workspace; a few run as real `python -m fastemp` processes to check the process exit code and
---debug.
+workspace (the exit code of a real `python -m fastemp` process: test_distributed.py's torchrun errors).
 """
 
 import json
@@ -455,6 +454,11 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
             "full_disk",
         ),
     ]
+    # lr 1e30 makes the weights inf after step 1; checkpoints every step, logs every 5: the run must stop at the
+    # first checkpoint write after the blow-up, naming step 2, with step 1 still saved
+    diverged, diverged_case = root / "diverged", len(cases)
+    lr_1e30 = ["optim.lr=1e30", "train.max_steps=6", "train.ckpt_every=1", "train.log_every=5", "--out", str(diverged)]
+    cases.append((train + lr_1e30, "became non-finite at step 2", str(diverged)))
     read_only = all([_read_only(ro_parent), _read_only(ro_run)])  # both tried: the finally below undoes both
     if read_only:
         cases += [
@@ -467,6 +471,8 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         {"argv": argv, "cwd": str(project), "may_write": may, "fault": rest[0] if rest else None}
         for argv, _, may, *rest in cases
     ]
+    # --debug (anywhere on the command line) shows the traceback of the error instead of its one line
+    payload.append({"argv": ["train", *TINY, "--debug", "train.epochs=0"], "cwd": str(project), "may_write": None})
     try:
         proc = subprocess.run(
             [sys.executable, "-c", HARNESS, str(root)],
@@ -480,7 +486,9 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         _writable(ro_parent)
         _writable(ro_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout)
+    *results, debug = json.loads(proc.stdout)
+    assert debug["code"] == "exception" and not debug["changed"], debug
+    assert "Traceback" in debug["stderr"] and "ConfigError: train.epochs must be > 0" in debug["stderr"], debug
     failures = []
     for (argv, phrase, *_), got in zip(cases, results):
         lines = got["stderr"].strip().splitlines()
@@ -503,6 +511,10 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
             k: v for k, v in files.items() if k != ".lock"
         }
     assert sorted(p.name for p in disk_fresh.iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]
+    assert "(sim)" in results[diverged_case]["stderr"]
+    state = torch.load(diverged / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     if read_only:
         assert '"linear_top1"' in results[-1]["stdout"]  # the finished evaluation was printed before the error
     assert not [p for p in root.rglob("*") if ".tmp" in p.name or "replaced" in p.name]
@@ -525,50 +537,6 @@ def test_resume_with_a_partial_metrics_line_and_force_replaces_only_after_valida
     assert not (target / "eval.json").exists()  # the old run is gone, and so is the folder it was moved to
     assert not [p for p in root.iterdir() if ".replaced-" in p.name]
     assert torch.load(target / "checkpoint.pt", weights_only=True)["step"] == 2
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fastemp", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
-
-
-def test_divergence_stops_before_a_checkpoint_is_overwritten(tmp_path):
-    # lr 1e30 makes the weights inf after step 1; checkpoints every step, logs every 5: the run must
-    # stop at the first checkpoint write after the blow-up, naming step 2, with step 1 still saved
-    out = tmp_path / "run"
-    # --debug shows the traceback of the same error (run beside the other; a file: read at the end)
-    err = open(tmp_path / "debug.err", "w+")
-    argv = [sys.executable, "-m", "fastemp", "train", *TINY, "optim.lr=1e30", "train.max_steps=3"]
-    debug = subprocess.Popen([*argv, "--out", str(tmp_path / "d"), "--debug"], stdout=subprocess.DEVNULL, stderr=err)
-    proc = cli(
-        "train",
-        *TINY,
-        "optim.lr=1e30",
-        "train.max_steps=6",
-        "train.ckpt_every=1",
-        "train.log_every=5",
-        "--out",
-        str(out),
-    )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "became non-finite at step 2" in lines[0] and "(sim)" in lines[0]
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-
-    assert debug.wait(timeout=300) != 0
-    err.close()
-    stderr = (tmp_path / "debug.err").read_text()
-    assert "Traceback" in stderr and "NonFiniteError" in stderr
-
-
-def test_force_on_the_working_directory_is_refused_by_the_process(tmp_path):
-    (tmp_path / "keep.txt").write_text("x")
-    proc = cli("train", *TINY, "--out", ".", "--force", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "working directory" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_dali_backend_on_resident_images_is_a_config_error():

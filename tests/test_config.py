@@ -215,16 +215,17 @@ def test_an_explicit_config_path_is_never_replaced_by_a_builtin(tmp_path, monkey
 
 
 def test_a_name_that_is_both_a_local_file_and_a_builtin_is_an_error_listing_both(tmp_path, monkeypatch):
-    from fastemp.config import builtin_config_path
+    from fastemp.config import resolve_config_path
 
+    builtin = resolve_config_path("quickstart")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "quickstart.yaml").write_text("train:\n  epochs: 7\n")
     with pytest.raises(ConfigError) as err:
         load_config("quickstart")
     message = str(err.value)
-    assert "quickstart.yaml" in message and str(builtin_config_path("quickstart")) in message
+    assert "quickstart.yaml" in message and str(builtin) in message
     assert "\n" not in message
     assert load_config("./quickstart").train.epochs == 7
-    assert load_config(str(builtin_config_path("quickstart"))).train.epochs != 7
-    monkeypatch.chdir(builtin_config_path("quickstart").parent)  # the built-in's own folder: the same file
+    assert load_config(str(builtin)).train.epochs != 7
+    monkeypatch.chdir(builtin.parent)  # the built-in's own folder: the same file
     assert load_config("quickstart").name == "quickstart"

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,34 +194,7 @@ def run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, **kw)
 
 
-TRAIN = ["train", *TINY, "train.max_steps=10", "train.ckpt_every=2", "eval.at_end=false", "--no-progress"]
-
-
-def test_torchrun_writes_one_run_folder_with_the_one_process_summary(tmp_path):
-    args = ["train", *TINY, "train.max_steps=4", "--no-progress"]
-    err = open(tmp_path / "one.err", "w+")  # the one-process run beside the torchrun one; a file: read at the end
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.Popen(
-        [sys.executable, "-m", "fastemp", *args, "--out", str(tmp_path / "one")],
-        stdout=subprocess.DEVNULL,
-        stderr=err,
-        env=env,
-    )
-    two = run(torchrun(*args, "--out", str(tmp_path / "two")))
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count("run folder:") == 1  # rank 0 alone prints
-    assert "Warning" not in two.stderr, two.stderr[-2000:]  # torch 2.13's FutureWarnings for the renamed collectives
-    assert one.wait(timeout=240) == 0, (tmp_path / "one.err").read_text()[-2000:]
-    err.close()
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("two", "one")]
-    assert summaries[0].keys() == summaries[1].keys()
-    assert (summaries[0]["world_size"], summaries[1]["world_size"]) == (2, 1)
-    assert [r["step"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())] == [
-        1,
-        2,
-        4,
-    ]  # one line per logged step, not one per rank
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+TRAIN = ["train", *TINY, "train.max_steps=10", "train.ckpt_every=2", "--no-progress"]
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -236,56 +210,94 @@ def worker_pids(parent: int) -> list[int]:
     return pids
 
 
-def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted_weights(tmp_path):
-    # the uninterrupted run beside the killed one (independent process groups: less wall time on 2 cores)
-    env, err = {**os.environ, "OMP_NUM_THREADS": "1"}, open(tmp_path / "whole.err", "w+")  # a file: read at the end
-    whole = subprocess.Popen(
-        torchrun(*TRAIN, "--out", str(tmp_path / "whole")), stdout=subprocess.DEVNULL, stderr=err, env=env
-    )
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        torchrun(*TRAIN, "--out", str(killed)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    deadline = time.time() + 180
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory) -> Path:
+    """Three runs of TRAIN started together (process start-up is most of their time): "two" under torchrun
+    (copied to "two_copy" when it ends), "one" on one process, and "killed" under torchrun, killed by SIGKILL of
+    one rank after its first checkpoint. Their output is in NAME.out and NAME.err."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = {
+        "two": torchrun(*TRAIN, "--out", str(tmp / "two")),
+        "one": [sys.executable, "-m", "fastemp", *TRAIN, "--out", str(tmp / "one")],
+        "killed": torchrun(*TRAIN, "--out", str(tmp / "killed")),
+    }
+    started = {}
+    for name, cmd in commands.items():
+        with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
+            started[name] = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+    killed, deadline = started["killed"], time.time() + 180
+    while not (tmp / "killed" / "checkpoint.pt").exists() and time.time() < deadline and killed.poll() is None:
         time.sleep(0.02)
-    workers = worker_pids(proc.pid)
+    workers = worker_pids(killed.pid)
     assert workers, "torchrun has no workers to kill"
     os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun tears the group down
-    assert proc.wait(timeout=120) != 0
+    assert killed.wait(timeout=120) != 0
+    for name in ("two", "one"):
+        assert started[name].wait(timeout=240) == 0, (tmp / f"{name}.err").read_text()[-2000:]
+    shutil.copytree(tmp / "two", tmp / "two_copy")
+    return tmp
+
+
+def test_torchrun_writes_one_run_folder_with_the_one_process_summary(torchrun_runs):
+    two, one = torchrun_runs / "two", torchrun_runs / "one"
+    assert (torchrun_runs / "two.out").read_text().count("run folder:") == 1  # rank 0 alone prints
+    stderr = (torchrun_runs / "two.err").read_text()
+    assert "Warning" not in stderr, stderr[-2000:]  # torch 2.13's FutureWarnings for the renamed collectives
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (two, one)]
+    assert summaries[0].keys() == summaries[1].keys() and "linear_top1" in summaries[0]
+    assert (summaries[0]["world_size"], summaries[1]["world_size"]) == (2, 1)
+    steps = [r["step"] for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2, 4, 6, 8, 10]  # one line per logged step, not one per rank
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_torchrun_run_killed_by_sigkill_of_one_rank_resumes_to_the_uninterrupted_weights(torchrun_runs):
+    killed = torchrun_runs / "killed"
     step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert step < 10, "the run finished before it could be killed"
-    assert whole.wait(timeout=240) == 0, (tmp_path / "whole.err").read_text()[-2000:]
-    err.close()
-
     done = run(torchrun("resume", str(killed), "--no-progress"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_state(model_state(killed / "checkpoint.pt"), model_state(tmp_path / "whole" / "checkpoint.pt"))
+    assert_same_state(model_state(killed / "checkpoint.pt"), model_state(torchrun_runs / "two" / "checkpoint.pt"))
 
 
-def test_bad_world_size_and_missing_rendezvous_are_one_line_errors(tmp_path):
-    bad = run(torchrun("train", *TINY, "train.batch_size=9", "--out", str(tmp_path / "bad"), "--no-progress"))
-    assert bad.returncode != 0
-    line = (
+def test_a_torchrun_checkpoint_records_its_layout_and_resumes_on_one_process_with_a_note(torchrun_runs, capsys):
+    from fastemp import checkpoint
+    from fastemp.cli import main
+
+    run_dir = torchrun_runs / "two_copy"
+    assert checkpoint.read(run_dir / "checkpoint.pt")["layout"] == {
+        "world_size": 2,
+        "sync_bn": True,
+        "grad_chunks": 1,
+        "images_per_rank": 10,
+        "bn_images": 20,
+    }
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0  # model.sync_bn=true: the same BatchNorm groups
+    assert "written by 2 process(es)) on 1" in capsys.readouterr().out
+    assert checkpoint.read(run_dir / "checkpoint.pt")["step"] == 10
+
+
+def test_bad_world_size_and_missing_rendezvous_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    from fastemp.cli import main
+
+    bad = [sys.executable, "-m", "fastemp", "train", *TINY, "train.batch_size=9", "--out", str(tmp_path / "bad")]
+    with agent_store(60.0) as env:
+        ranks = start_ranks(env, [[*bad, "--no-progress"]] * 2)
+        results = [p.communicate(timeout=180) for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2], [e[-2000:] for _, e in results]
+    assert [line for _, e in results for line in e.strip().splitlines()] == [
         "fastemp: error: train.batch_size=9 does not divide by the world size 2: each rank takes an equal "
         "shard of the global batch; use a multiple of 2"
-    )
-    assert line in bad.stderr.splitlines()
+    ]
     assert not (tmp_path / "bad").exists()  # refused before the run folder (or any device buffer)
 
-    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
-    lone = subprocess.run(
-        [sys.executable, "-m", "fastemp", "train", *TINY, "--out", str(tmp_path / "lone")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
-    )
-    assert lone.returncode == 2
-    assert lone.stderr.strip().splitlines() == [
+    for name in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", *TINY, "--out", str(tmp_path / "lone")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "fastemp: error: WORLD_SIZE is set but MASTER_ADDR, MASTER_PORT are not: no rendezvous to join; "
         "launch with torchrun (e.g. torchrun --nproc-per-node=2 -m fastemp train ...)"
     ]
@@ -406,7 +418,7 @@ def test_a_stuck_rank_is_named_in_one_line_within_the_timeout_and_a_long_solo_ph
 
 def test_ranks_with_different_configs_stop_with_one_line_naming_the_keys(tmp_path):
     train = [sys.executable, "-m", "fastemp", "train", *TINY, "--out", str(tmp_path / "run"), "--no-progress"]
-    with agent_store() as env:
+    with agent_store(60.0) as env:
         ranks = start_ranks(env, [train + ["train.epochs=1"], train + ["train.epochs=2", "optim.lr=0.5"]])
         results = [p.communicate(timeout=180) for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2], [e[-2000:] for _, e in results]
@@ -460,7 +472,7 @@ def test_eval_on_two_ranks_needs_no_divisible_training_batch_and_prints_an_error
         == 0
     )
     evaluate = [sys.executable, "-m", "fastemp", "eval", str(run), "--no-progress"]
-    with agent_store() as env, agent_store() as env_bad:
+    with agent_store(60.0) as env, agent_store(60.0) as env_bad:
         good = start_ranks(env, [evaluate] * 2)
         bad = start_ranks(env_bad, [evaluate + ["model.width=8"]] * 2)
         good_out, bad_out = [p.communicate(timeout=180) for p in good], [p.communicate(timeout=180) for p in bad]
