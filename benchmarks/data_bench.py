@@ -54,7 +54,7 @@ def build_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path):
         images = load_split(data, "train", device)
         note = f"decoded once at {source_px} px (shorter side, centre crop), bilinear crops"
         return make_patch_backend("torch", images, dataclasses.replace(cfg.augment, interpolation="bilinear")), 0, note
-    backend = make_patch_backend(arm, trainer.train_set, cfg.augment, seed=cfg.train.seed, workers=args.workers)
+    backend = make_patch_backend(arm, trainer.train_set, cfg.augment, workers=args.workers)
     if arm == "pillow":
         return backend, args.workers, ""
     threads = max(1, min(8, os.cpu_count() or 1))  # DaliImagePatches' own choice
