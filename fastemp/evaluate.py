@@ -7,7 +7,6 @@ and kNN run on rank 0 and every rank returns the result.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,31 +27,27 @@ def extract_features(
     images: torch.Tensor,
     cfg: EvalConfig,
     aug: AugmentConfig,
-    backend: str = "torch",
+    runtime: Runtime,
     seed: int = 0,
-    autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
     desc: str = "features",
-    compile_mode: str = "none",
     workers: int = 0,
-    compile_recipe: bool = False,
 ) -> torch.Tensor:
-    """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files), the model in eval mode for the
-    duration; the other arguments are the Runtime's (compile_mode: its eval_compile_mode) and data.workers."""
+    """(N, hidden) fp32 features of uint8 NHWC `images` (or a StreamedSet of files) as `runtime` runs evaluation,
+    the model in eval mode for the duration; workers: data.workers."""
     was_training = model.training
     model.eval()
     embed = {"features": model.encode, "proj": model.project, "backbone": model.backbone}[cfg.embedding]
-    encode = embed if compile_mode == "none" else torch.compile(embed, mode=compile_mode)
+    mode = runtime.eval_compile_mode
+    encode = embed if mode == "none" else torch.compile(embed, mode=mode)
     device = images.device
     # resident images are gathered on their device; streamed files are read by index on the host
     index_device = device if isinstance(images, torch.Tensor) else torch.device("cpu")
     count = len(images)
     patches = (
-        make_patch_backend(backend, images, aug, workers=workers, compile_recipe=compile_recipe)
+        make_patch_backend(runtime.backend, images, aug, workers=workers, compile_recipe=runtime.patch_compile)
         if cfg.mode == "patches"
         else None
     )
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
     world, rank = distributed.world_size(), distributed.rank()
 
@@ -76,9 +71,9 @@ def extract_features(
             following = start + world * cfg.batch_size  # this rank's next batch: made while this one runs
             if following < count:
                 patches.prefetch(following, request(following))
-        if not channels_last:
+        if not runtime.channels_last:
             x = x.contiguous()
-        with amp:
+        with runtime.autocast():  # on runtime.device, where the images are
             h = encode(x).float()
         k = 1 if patches is None else cfg.patches
         out.append((start, h.view(k, index.numel(), -1).mean(0)))
@@ -175,11 +170,11 @@ def evaluate_encoder(
 ) -> dict:
     """Features for both splits, then the probe (and kNN when eval.knn) under eval_cfg (default: cfg.eval).
     Keys get `prefix`."""
-    seed, protocol, rt = cfg.train.seed, eval_cfg or cfg.eval, runtime
-    how = dict(autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last, compile_mode=rt.eval_compile_mode)
-    how.update(backend=rt.backend, workers=cfg.data.workers, compile_recipe=rt.patch_compile)
+    seed, protocol = cfg.train.seed, eval_cfg or cfg.eval
     feats = [
-        extract_features(model, getattr(s, "images", s), protocol, cfg.augment, seed=seed + i, desc=desc, **how)
+        extract_features(
+            model, getattr(s, "images", s), protocol, cfg.augment, runtime, seed + i, desc, cfg.data.workers
+        )
         for i, (desc, s) in enumerate(((f"{prefix}features (train)", train), (f"{prefix}features (test)", test)))
     ]
     return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, protocol, seed, prefix))

@@ -88,21 +88,6 @@ def vonmises_uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
         return torch.logsumexp(-t * dist2[a, b], dim=0) - math.log(a.numel())
 
 
-def emp_ssl_terms(
-    z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0, tcr_weight: float = 1.0
-) -> LossTerms:
-    """All three loss values for unit-row z of shape (n, B, d)."""
-    z = at_least_fp32(z)
-    sim = invariance_loss(z)
-    tcr = -total_coding_rate(z, eps).mean()
-    return LossTerms(invariance_weight * sim + tcr_weight * tcr, sim, tcr)
-
-
-def emp_ssl_loss(z: torch.Tensor, eps: float = 0.2, invariance_weight: float = 200.0) -> torch.Tensor:
-    """The scalar EMP-SSL objective for unit-row z of shape (n, B, d)."""
-    return emp_ssl_terms(z, eps, invariance_weight).total
-
-
 def projection_loss_terms(p: torch.Tensor, cfg: LossConfig, fused: bool = False) -> LossTerms:
     """The loss from raw projector outputs p (n, B, d), z = p / |p| per row; fused: the invariance term by the
     Triton kernel straight from p. Under torchrun p is this rank's shard: `invariance` (so `total`) is this

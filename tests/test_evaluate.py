@@ -1,5 +1,6 @@
 """Linear probe and weighted kNN against independent computations."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from fastemp.config import (
     Config,
     ConfigError,
     EvalConfig,
+    ModelConfig,
     apply_overrides,
     eval_config,
     eval_protocol_name,
@@ -21,6 +23,9 @@ from fastemp.config import (
 )
 from fastemp.evaluate import extract_features, knn_top1, linear_probe
 from fastemp.model import EMPEncoder
+from fastemp.runtime import resolve
+
+EAGER = resolve(Config(model=ModelConfig(width=4)), torch.device("cpu"), training=False)  # fp32, NCHW, torch patches
 
 
 def blobs(n, classes=4, dim=16, spread=0.3, seed=0):
@@ -69,11 +74,11 @@ def test_features_average_patches_in_eval_mode():
     torch.manual_seed(0)
     model = EMPEncoder(width=4, hidden_dim=24, z_dim=8).train()
     images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
-    plain = extract_features(model, images, EvalConfig(mode="plain", batch_size=4), AugmentConfig())
+    plain = extract_features(model, images, EvalConfig(mode="plain", batch_size=4), AugmentConfig(), EAGER)
     assert plain.shape == (10, 24) and model.training  # restored afterwards
     cfg = EvalConfig(mode="patches", patches=3, batch_size=4)
-    feats = extract_features(model, images, cfg, AugmentConfig(), seed=1)
-    again = extract_features(model, images, cfg, AugmentConfig(), seed=1)
+    feats = extract_features(model, images, cfg, AugmentConfig(), EAGER, seed=1)
+    again = extract_features(model, images, cfg, AugmentConfig(), EAGER, seed=1)
     assert feats.shape == (10, 24) and torch.equal(feats, again)
     assert not torch.allclose(feats, plain)
 
@@ -87,7 +92,7 @@ def test_proj_embedding_is_the_unit_projection_averaged_over_patches_in_eval_mod
     model = EMPEncoder(width=4, hidden_dim=24, z_dim=8).train()
     images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
     cfg = EvalConfig(mode="patches", patches=3, batch_size=10, embedding="proj")
-    feats = extract_features(model, images, cfg, AugmentConfig(), seed=1)
+    feats = extract_features(model, images, cfg, AugmentConfig(), EAGER, seed=1)
     assert feats.shape == (10, 8) and model.training
     x = make_patch_backend("torch", images, AugmentConfig())(torch.arange(10), 3, seed=1)
     with torch.no_grad():
@@ -106,7 +111,7 @@ def test_feature_extraction_makes_each_batch_of_patches_once(monkeypatch):
     )
     model = EMPEncoder(width=4, hidden_dim=24, z_dim=8)
     images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
-    extract_features(model, images, EvalConfig(mode="patches", patches=2, batch_size=4), AugmentConfig())
+    extract_features(model, images, EvalConfig(mode="patches", patches=2, batch_size=4), AugmentConfig(), EAGER)
     assert made == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
@@ -235,6 +240,7 @@ def test_compiled_feature_extraction_equals_eager():
     model = EMPEncoder(width=4, hidden_dim=16, z_dim=8)
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     cfg = EvalConfig(mode="patches", patches=2, batch_size=3)
-    eager = extract_features(model, images, cfg, AugmentConfig(), seed=2)
-    compiled = extract_features(model, images, cfg, AugmentConfig(), seed=2, compile_mode="default")
+    eager = extract_features(model, images, cfg, AugmentConfig(), EAGER, seed=2)
+    compiled_runtime = dataclasses.replace(EAGER, eval_compile_mode="default")
+    compiled = extract_features(model, images, cfg, AugmentConfig(), compiled_runtime, seed=2)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

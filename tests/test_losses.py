@@ -14,7 +14,6 @@ from fastemp.check.loss import loss_rows, tcr_rows
 from fastemp.check.reference import reference_total_coding_rate, reference_vonmises_uniformity
 from fastemp.config import LossConfig
 from fastemp.losses import (
-    emp_ssl_terms,
     invariance_loss,
     projection_loss_terms,
     total_coding_rate,
@@ -71,7 +70,7 @@ def test_mean_cosine_is_norm_of_mean_for_unit_rows():
 
 def test_terms_are_negative_and_weighted():
     z = unit(5, 32, 64).float()
-    terms = emp_ssl_terms(z, eps=0.2, invariance_weight=200.0, tcr_weight=1.0)
+    terms = projection_loss_terms(z, LossConfig(eps=0.2, invariance_weight=200.0, tcr_weight=1.0))
     assert -1.0 <= terms.invariance.item() < 0 and terms.tcr.item() < 0
     assert torch.allclose(terms.total, 200 * terms.invariance + terms.tcr)
 

@@ -39,6 +39,7 @@ from fastemp.data import load_split
 from fastemp.evaluate import extract_features
 from fastemp.model import EMPEncoder, ResNet18Cifar
 from fastemp.patches import normalize_images
+from fastemp.runtime import resolve
 from fastemp.weights import load_weights, read_weights
 
 OFFICIAL_KEYS = json.loads((Path(__file__).parent / "official_encoder_keys.json").read_text())
@@ -169,7 +170,8 @@ def test_the_backbone_embedding_is_the_pooled_backbone_output():
     model = EMPEncoder(width=4, hidden_dim=24, z_dim=16).eval()
     images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
     aug = AugmentConfig()
-    feats = extract_features(model, images, EvalConfig(mode="plain", embedding="backbone", batch_size=2), aug)
+    runtime = resolve(load_config("quickstart", TINY_CONFIG), torch.device("cpu"), training=False)
+    feats = extract_features(model, images, EvalConfig(mode="plain", embedding="backbone", batch_size=2), aug, runtime)
     with torch.no_grad():
         expected = model.backbone(normalize_images(images, aug.mean, aug.std))
     assert feats.shape == (5, 32)

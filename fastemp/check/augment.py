@@ -4,6 +4,7 @@ evaluation's features vs a plain loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from pathlib import Path
@@ -152,15 +153,14 @@ def check_prefetch(ctx: Context) -> list[CheckResult]:
 
 
 def eval_case(device: torch.device) -> dict:
-    """CUDA: the standard model at the official protocol's forward shape, compiled in bf16 as evaluation runs it
-    there; CPU: a tiny model in fp32 eager, as evaluation runs it here."""
-    from ..config import EvalConfig
+    """CUDA: the standard model at the official protocol's forward shape, as evaluation runs it there (compiled
+    bf16); CPU: a tiny model, as evaluation runs it here (fp32 eager)."""
+    from ..config import Config, EvalConfig, ModelConfig
 
     if device.type == "cuda":
-        return dict(model={}, count=200, eval=EvalConfig(), compiled=True)
-    return dict(
-        model=dict(width=8, hidden_dim=64, z_dim=32), count=12, eval=EvalConfig(patches=4, batch_size=5), compiled=False
-    )
+        return dict(config=Config(), count=200, eval=EvalConfig())
+    tiny = ModelConfig(width=8, hidden_dim=64, z_dim=32)
+    return dict(config=Config(model=tiny), count=12, eval=EvalConfig(patches=4, batch_size=5))
 
 
 def check_eval_forward(ctx: Context) -> list[CheckResult]:
@@ -169,16 +169,20 @@ def check_eval_forward(ctx: Context) -> list[CheckResult]:
     no TF32). BatchNorm's running statistics come from one batch first: a trained network's scale."""
     from ..evaluate import extract_features
     from ..patches.torch_backend import TorchPatches
+    from ..runtime import resolve
     from .training import encoder
 
     case = eval_case(ctx.device)
-    if case["compiled"] and ctx.quick:
+    runtime = resolve(case["config"], ctx.device, training=False)
+    compiled = runtime.eval_compile_mode != "none"
+    if compiled and ctx.quick:
         return [skipped("eval forward", "--quick skips compilation")]
-    count, cfg, compiled = case["count"], case["eval"], case["compiled"]
+    count, cfg = case["count"], case["eval"]
     aug, seed = AugmentConfig(), ctx.seed()
     images = smooth_images(ctx, count)
-    recipe = TorchPatches(images, aug, compile_recipe=compiled)
-    model = encoder(ctx, ctx.seed(), sizes=case["model"])
+    recipe = TorchPatches(images, aug, compile_recipe=runtime.patch_compile)
+    m = case["config"].model
+    model = encoder(ctx, ctx.seed(), sizes=dict(width=m.width, hidden_dim=m.hidden_dim, z_dim=m.z_dim))
     with torch.no_grad():  # running statistics = one batch's statistics
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -194,13 +198,11 @@ def check_eval_forward(ctx: Context) -> list[CheckResult]:
     ref = torch.cat(loop)
     shape = (count, cfg.patches, 3, aug.crop_size, aug.crop_size)
 
-    def features(**kwargs) -> torch.Tensor:
-        return extract_features(model, images, cfg, aug, seed=seed, compile_recipe=compiled, **kwargs)
-
     if not compiled:
-        return [compare("eval forward h", shape, "fp32", features(), ref, FP32_TOL, note="CPU: fp32 eager")]
+        got = extract_features(model, images, cfg, aug, runtime, seed)
+        return [compare("eval forward h", shape, "fp32", got, ref, FP32_TOL, note="CPU: fp32 eager")]
     model = model.to(memory_format=torch.channels_last)
-    bf16 = dict(autocast_dtype=torch.bfloat16, channels_last=True)
-    got, eager = features(**bf16, compile_mode="default"), features(**bf16)
+    got = extract_features(model, images, cfg, aug, runtime, seed)
+    eager = extract_features(model, images, cfg, aug, dataclasses.replace(runtime, eval_compile_mode="none"), seed)
     note = "compiled, channels_last; ref fp32 eager NCHW"
     return [compare_with_baseline("eval forward h", shape, "bf16-amp", got, eager, ref, "eager bf16", note)]

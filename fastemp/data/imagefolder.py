@@ -65,20 +65,11 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
 
 def _decoder_for(device: torch.device) -> str:
     """dali-cpu | dali-mixed | pil, the decoder this process would use for `device`."""
-    if _dali_importable():
+    if listing.dali_available():
         return "dali-mixed" if device.type == "cuda" else "dali-cpu"
     if listing._pillow():
         return "pil"
     raise DataError("imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow")
-
-
-def _dali_importable() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.fn  # noqa: F401
-    except Exception:  # ImportError or a broken CUDA / driver stack underneath
-        return False
-    return True
 
 
 def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_index: int) -> list[np.ndarray]:

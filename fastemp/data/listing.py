@@ -164,6 +164,15 @@ def file_problem(path: str | os.PathLike) -> str | None:
         return os_problem(err)
 
 
+def dali_available() -> bool:
+    """Whether DALI imports here: the imagefolder decoder's choice, and the patch backends' (fastemp.runtime)."""
+    try:
+        import nvidia.dali.fn  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA/driver underneath
+        return False
+    return True
+
+
 @functools.cache
 def _pillow():
     """PIL.Image, or None without Pillow. Its decompression-bomb warning is silenced once, for the process

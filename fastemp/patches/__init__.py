@@ -7,18 +7,10 @@ image, (n*b, 3, S, S), patch-major (docs/augmentation.md, docs/data-backends.md)
 from __future__ import annotations
 
 from ..config import AugmentConfig
+from ..data.listing import dali_available  # noqa: F401  (runtime.resolve's and the check's)
 from ..validate import check_backend
-from .prefetch import PatchBackend, PatchRequest  # noqa: F401  (the backends' base and their request)
+from .prefetch import PatchBackend, PatchRequest, patch_major  # noqa: F401  (the backends' base, request, order)
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA/driver underneath
-        return False
-    return True
-
 
 DALI_MISSING = "nvidia.dali does not import (install nvidia-dali-cuda130, or -cuda120)"
 

@@ -17,7 +17,7 @@ from ..data.listing import undecodable
 from ..data.streamed import BadFileError, or_why
 from ..errors import DataError, one_line
 from .draw import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, jitter_enabled, sharded_params
-from .prefetch import PatchBackend, PatchRequest
+from .prefetch import PatchBackend, PatchRequest, patch_major
 
 READ_THREADS = 8  # host threads reading files (I/O, not decoding)
 
@@ -247,7 +247,8 @@ class DaliImagePatches(PatchBackend):
         inputs = {"encoded": blobs, **pipeline_inputs(params, self.aug, n)}
         with torch.cuda.stream(self._stream):  # None (CPU operators): the current stream
             (out,) = self._pipes[b, n].run(getattr(self._stream, "cuda_stream", None), **inputs)
-            patches = _patch_major(out)
+            # (b, n, S, S, 3) -> (n*b, 3, S, S) channels_last: a copy, after which DALI's buffer can go
+            patches = patch_major(torch.from_dlpack(out.as_tensor())).permute(0, 3, 1, 2)
         if self._stream is not None:
             self._stream.synchronize()  # complete before the training thread takes it and DALI's buffer goes
         return patches
@@ -268,11 +269,3 @@ class DaliImagePatches(PatchBackend):
         super().close()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._reader.shutdown(wait=True, cancel_futures=True)
-
-
-def _patch_major(out) -> torch.Tensor:
-    """A pipeline output (b, n, S, S, 3) as (n*b, 3, S, S), patch-major, channels_last: a copy, after
-    which DALI's buffer can go."""
-    x = torch.from_dlpack(out.as_tensor())
-    x = x.transpose(0, 1).reshape(x.shape[1] * x.shape[0], *x.shape[2:])
-    return x.permute(0, 3, 1, 2)

@@ -23,7 +23,7 @@ from ..config import AugmentConfig
 from ..data.streamed import BadFileError, checked_image, or_why
 from ..errors import DataError
 from .draw import HUE, PatchParams, jitter_enabled, params_from_uniforms, sharded_uniforms
-from .prefetch import PatchBackend, PatchRequest
+from .prefetch import PatchBackend, PatchRequest, patch_major
 from .torch_backend import normalize_images
 
 RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR, BICUBIC
@@ -105,8 +105,8 @@ def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch
 
 def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, device: torch.device) -> torch.Tensor:
     """(b, n, S, S, 3) uint8 patches -> (n*b, 3, S, S) float32 normalized, patch-major, channels_last."""
-    x = torch.as_tensor(per_image).to(device, non_blocking=True).transpose(0, 1)
-    return normalize_images(x.reshape(-1, *x.shape[2:]), aug.mean, aug.std)
+    x = patch_major(torch.as_tensor(per_image).to(device, non_blocking=True))
+    return normalize_images(x, aug.mean, aug.std)
 
 
 class PillowPatches(PatchBackend):

@@ -20,6 +20,11 @@ class PatchRequest(NamedTuple):
     shard: slice = slice(None)
 
 
+def patch_major(per_image: torch.Tensor) -> torch.Tensor:
+    """(b, n, ...) patches per image as (n*b, ...), row i*b + j = patch i of image j: every backend's order."""
+    return per_image.transpose(0, 1).reshape(per_image.shape[1] * per_image.shape[0], *per_image.shape[2:])
+
+
 class PatchBackend:
     """The prefetch mechanism every backend inherits: requests in flight by key, bounded, in order."""
 

@@ -6,6 +6,7 @@ tests/conftest.py sets TRITON_INTERPRET=1, so the Triton kernel runs in the inte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,6 +19,7 @@ from fastemp.check import augment as check_augment
 from fastemp.check import core as check_core
 from fastemp.check import training as check_training
 from fastemp.cli import main
+from fastemp.config import DataConfig
 
 
 def run_cli(tmp_path, *extra):
@@ -192,7 +194,9 @@ def test_eval_forward_cuda_branch_runs_on_cpu_and_catches_a_wrong_compiled_forwa
     import fastemp.evaluate
 
     tiny = check_augment.eval_case(torch.device("cpu"))
-    monkeypatch.setattr(check_augment, "eval_case", lambda device: {**tiny, "compiled": True})
+    model = dataclasses.replace(tiny["config"].model, precision="bf16", compile="default")
+    as_cuda = dataclasses.replace(tiny["config"], model=model, data=DataConfig(patch_compile="on"))
+    monkeypatch.setattr(check_augment, "eval_case", lambda device: {**tiny, "config": as_cuda})
     monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
     rc, doc = run_cli(tmp_path, "--only", "eval_forward")
     (row,) = doc["results"]

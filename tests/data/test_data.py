@@ -334,7 +334,7 @@ def test_imagefolder_nested_directory(tmp_path):
 
 def test_imagefolder_pillow_fallback(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
-    monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
+    monkeypatch.setattr(imagefolder.listing, "dali_available", lambda: False)
     src = write_dir(tmp_path / "tree", tree_files())
     s = load_split(folder_cfg(src, tmp_path), "train")
     check_tree(s, "train")
@@ -342,7 +342,7 @@ def test_imagefolder_pillow_fallback(tmp_path, monkeypatch):
 
 
 def test_imagefolder_without_any_decoder(tmp_path, monkeypatch):
-    monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
+    monkeypatch.setattr(imagefolder.listing, "dali_available", lambda: False)
     monkeypatch.setattr(imagefolder.listing, "_pillow", lambda: None)
     src = write_dir(tmp_path / "tree", tree_files())
     with pytest.raises(DataError, match="pillow"):
@@ -520,7 +520,7 @@ def test_an_image_that_decodes_past_the_pixel_limit_is_refused_from_its_header(
     import tracemalloc
 
     if pillow_only:
-        monkeypatch.setattr(imagefolder, "_dali_importable", lambda: False)
+        monkeypatch.setattr(imagefolder.listing, "dali_available", lambda: False)
     files = {k: v for k, v in tree_files().items()}
     files["train/bee/bomb.png"] = huge_png
     assert len(files["train/bee/bomb.png"]) < 1 << 20

@@ -5,12 +5,11 @@ resident). Both draw their parameters with draw.sharded_params on a CPU generato
 one size the same seed gives identical parameters: where the semantics coincide the outputs must
 agree to float rounding, and where they differ (documented: fixed jitter order, reflect-101 blur
 borders, DALI's downscaling filter) the difference is measured against a reference of DALI's own
-semantics or bounded. A statistical test with independent seeds checks the patch distributions agree.
+semantics or bounded. The patch distributions (channel statistics, same and independent seeds) are the
+check's augment case, run by tests/check/test_cases.py.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -19,24 +18,24 @@ pytest.importorskip("nvidia.dali")
 
 from augment_helpers import assert_ops_change_exactly_the_drawn_patches, aug_off, gate_image, ref_blur  # noqa: E402
 
+from fastemp.check import augment as check_augment  # noqa: E402
 from fastemp.check.augment import png_folder  # noqa: E402
-from fastemp.config import AugmentConfig  # noqa: E402
+from fastemp.check.core import Context  # noqa: E402
 from fastemp.patches import torch_backend as pt  # noqa: E402
 from fastemp.patches.dali_images import DaliImagePatches  # noqa: E402
 
 
-def smooth_images(n=8, size=32, seed=0):
-    """Natural-ish images (smooth colour fields, some saturated) rather than i.i.d. noise."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 6, 6, generator=g) * 1.2 - 0.1
-    img = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def smooth_images(count, size=32):
+    """The check's natural-ish images (smooth colour fields, some saturated), drawn from seed 0 on the CPU."""
+    return check_augment.smooth_images(
+        Context(torch.device("cpu"), False, torch.Generator().manual_seed(0)), count, size
+    )
 
 
 @pytest.fixture(scope="module")
 def smooth(tmp_path_factory):
     """(the images, the same images as PNG files)."""
-    images = smooth_images()
+    images = smooth_images(8)
     return images, png_folder(images, tmp_path_factory.mktemp("smooth"), "cpu")
 
 
@@ -104,28 +103,3 @@ def test_downscaling_filter_is_close_to_torch(tmp_path):
 def test_ops_are_applied_exactly_where_drawn(tmp_path):
     files = png_folder(gate_image().expand(2, -1, -1, -1), tmp_path, "cpu")
     assert_ops_change_exactly_the_drawn_patches(lambda aug: DaliImagePatches(files, aug), images_count=25)
-
-
-def test_patch_statistics_agree_with_torch(tmp_path):
-    """Per-channel mean and mean square (hence std) over 1600 patches of the same 16 images.
-
-    Independent seeds: the difference must be within 5 standard errors (each SE estimated from
-    the per-patch values, patches being independent draws) plus 0.01 for the documented semantic
-    differences. Same seed (identical parameters, a paired comparison without sampling noise): the
-    documented differences (fixed jitter order, reflect-101 blur borders) move these moments by
-    about 0.002 (mean) and 0.005 (mean square) on the [-1, 1] scale, so the tolerance is 0.01.
-    """
-    images = smooth_images(16)
-    aug = AugmentConfig()
-    index = torch.arange(16)
-
-    def moments(x):
-        per_patch = torch.stack([x.mean((2, 3)), (x * x).mean((2, 3))], 0).double()  # (2, P, 3)
-        return per_patch.mean(1), per_patch.std(1) / math.sqrt(x.shape[0])
-
-    dali, se_dali = moments(DaliImagePatches(png_folder(images, tmp_path, "cpu"), aug)(index, 100, seed=1))
-    torch_other_seed, se_torch = moments(pt.TorchPatches(images, aug)(index, 100, seed=2))
-    tolerance = 5 * torch.sqrt(se_dali**2 + se_torch**2) + 0.01
-    assert ((dali - torch_other_seed).abs() <= tolerance).all(), (dali - torch_other_seed, tolerance)
-    torch_same_seed, _ = moments(pt.TorchPatches(images, aug)(index, 100, seed=1))
-    assert ((dali - torch_same_seed).abs() <= 0.01).all(), dali - torch_same_seed
