@@ -15,6 +15,7 @@ from fastemp.config import AugmentConfig, Config, LossConfig
 from fastemp.lars import build_lars
 from fastemp.losses import LossTerms
 from fastemp.model import build_model
+from fastemp.patches import patch_major
 from fastemp.patches.draw import sharded_params
 from fastemp.patches.torch_backend import augment
 
@@ -60,11 +61,6 @@ class PerPatchDataset(torch.utils.data.Dataset):
         return torch.stack([augment_one_patch(self.images, i, self.aug, self.generator[1]) for _ in range(self.n)])
 
 
-def to_patch_major(batch: torch.Tensor) -> torch.Tensor:
-    """(B, n, 3, S, S) from the DataLoader -> (n*B, 3, S, S) with row i*B + b = patch i of image b."""
-    return batch.transpose(0, 1).reshape(-1, *batch.shape[2:])
-
-
 def make_loader(images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, workers: int, pin_memory: bool, seed=0):
     return torch.utils.data.DataLoader(
         PerPatchDataset(images, n, aug),
@@ -98,7 +94,7 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
         optimizer = build_lars(model, cfg.optim)
 
         def step(patches: torch.Tensor) -> LossTerms:  # eager fp32
-            z = F.normalize(model(to_patch_major(patches).to(device, non_blocking=True)), dim=-1)
+            z = F.normalize(model(patch_major(patches).to(device, non_blocking=True)), dim=-1)
             terms = baseline_loss_terms(z.view(n, -1, z.shape[-1]), cfg.loss)
             terms.total.backward()
             optimizer.step()

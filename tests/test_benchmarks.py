@@ -17,7 +17,6 @@ from fastemp.benchmarks.baseline import (
     baseline_loss_terms,
     coding_rate_dxd,
     make_loader,
-    to_patch_major,
 )
 from fastemp.benchmarks.profile import category
 from fastemp.benchmarks.report import END, START, _short_data, render_tables, update_readme
@@ -29,6 +28,7 @@ from fastemp.config import AugmentConfig, LossConfig, load_config
 from fastemp.kernels.cosine_to_mean import triton_usable
 from fastemp.losses import projection_loss_terms
 from fastemp.model import flops_per_patch
+from fastemp.patches import patch_major
 from fastemp.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_baseline_pieces():
     assert not torch.equal(item[0], item[1])  # every patch draws its own augmentation
     assert next(iter(make_loader(images, 3, 4, AugmentConfig(), 1, False))).shape == (4, 3, 3, 32, 32)
     batch = torch.arange(6).view(2, 3, 1, 1, 1).float()  # image b, patch i -> 3b + i
-    assert to_patch_major(batch).flatten().tolist() == [0, 3, 1, 4, 2, 5]  # row i*B + b: patch i of image b
+    assert patch_major(batch).flatten().tolist() == [0, 3, 1, 4, 2, 5]  # row i*B + b: patch i of image b
 
 
 @pytest.mark.parametrize("grad_chunks", [1, 2])
