@@ -13,6 +13,7 @@ import torch
 from . import distributed, memory, patches
 from .config import Config, ConfigError
 from .gradcache import plan_chunks
+from .validate import check_backend
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,27 @@ def resolve_fused(name: str, device: torch.device) -> bool:
     return name == "on" or (name == "auto" and device.type == "cuda" and triton_usable(device))
 
 
+DALI_MISSING = "nvidia.dali does not import (install nvidia-dali-cuda130, or -cuda120)"
+
+
+def choose_backend(requested: str, streamed: bool, device_type: str, dali_installed: bool) -> tuple[str, str]:
+    """(the patch backend, why) from the request, the data (resident or streamed), the device and whether DALI
+    imports (docs/data-backends.md)."""
+    check_backend(requested, streamed)
+    if not streamed:
+        return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"
+    if requested == "pillow":
+        return "pillow", "data.backend=pillow"
+    if requested == "dali":
+        if dali_installed:
+            return "dali", "data.backend=dali" + ("" if device_type == "cuda" else " (CPU operators: no GPU)")
+        return "pillow", f"data.backend=dali but {DALI_MISSING}: Pillow workers instead"
+    if dali_installed and device_type == "cuda":
+        return "dali", "streamed files on CUDA: DALI decodes (nvJPEG) and cuts the patches on the GPU"
+    missing = "no CUDA device" if dali_installed else DALI_MISSING
+    return "pillow", f"streamed files, {missing}: Pillow workers"
+
+
 def resolve(
     cfg: Config, device: torch.device | None = None, training: bool = True, check_memory: bool = False
 ) -> Runtime:
@@ -110,9 +132,7 @@ def resolve(
     compile_mode = {"auto": "default" if on_cuda else "none"}.get(m.compile, m.compile)
     d = cfg.data
     asks_dali = d.streamed and d.backend in ("dali", "auto")  # DALI is imported only where it could be chosen
-    backend, backend_reason = patches.choose_backend(
-        d.backend, d.streamed, device.type, asks_dali and patches.dali_available()
-    )
+    backend, backend_reason = choose_backend(d.backend, d.streamed, device.type, asks_dali and patches.dali_available())
     world = distributed.world_size()
     shard = distributed.batch_shard(cfg.train.batch_size) if training else None  # checks B divides by the world
     chunks, per_forward = 1, 1

@@ -125,7 +125,7 @@ def check_config(cfg: Config) -> None:
 
 
 def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
-    """data.backend, data.streamed and data.source fit together (check_config and patches.choose_backend)."""
+    """data.backend, data.streamed and data.source fit together (check_config and runtime.choose_backend)."""
     check_choice("data.backend", backend, choices(DataConfig, "backend"))
     if streamed and source not in ("imagefolder", "tinyimagenet"):
         raise ConfigError(

@@ -8,29 +8,8 @@ from __future__ import annotations
 
 from ..config import AugmentConfig
 from ..data.listing import dali_available  # noqa: F401  (runtime.resolve's and the check's)
-from ..validate import check_backend
 from .prefetch import PatchBackend, PatchRequest, patch_major  # noqa: F401  (the backends' base, request, order)
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
-
-DALI_MISSING = "nvidia.dali does not import (install nvidia-dali-cuda130, or -cuda120)"
-
-
-def choose_backend(requested: str, streamed: bool, device_type: str, dali_installed: bool) -> tuple[str, str]:
-    """(the patch backend, why) from the request, the data (resident or streamed), the device and whether DALI
-    imports (docs/data-backends.md)."""
-    check_backend(requested, streamed)
-    if not streamed:
-        return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"
-    if requested == "pillow":
-        return "pillow", "data.backend=pillow"
-    if requested == "dali":
-        if dali_installed:
-            return "dali", "data.backend=dali" + ("" if device_type == "cuda" else " (CPU operators: no GPU)")
-        return "pillow", f"data.backend=dali but {DALI_MISSING}: Pillow workers instead"
-    if dali_installed and device_type == "cuda":
-        return "dali", "streamed files on CUDA: DALI decodes (nvJPEG) and cuts the patches on the GPU"
-    missing = "no CUDA device" if dali_installed else DALI_MISSING
-    return "pillow", f"streamed files, {missing}: Pillow workers"
 
 
 def make_patch_backend(

@@ -17,9 +17,10 @@ from fastemp.config import AugmentConfig, DataConfig
 from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
 from fastemp.errors import DataError
-from fastemp.patches import PatchRequest, choose_backend, make_patch_backend
+from fastemp.patches import PatchRequest, make_patch_backend
 from fastemp.patches.draw import PatchParams
 from fastemp.patches.pillow_images import PillowPatches, draw_uniforms, image_patches, official_patch, open_rgb
+from fastemp.runtime import choose_backend
 
 
 @pytest.fixture(scope="module")
