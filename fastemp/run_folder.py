@@ -300,7 +300,7 @@ def claim(run_dir: Path, command: str, writes: str = "") -> None:
     interrupted --force left is settled under the lock; when that put an old run back, stop: the run this
     command was meant for no longer exists. writes: why the folder must be writable, if it must."""
     if not run_dir.is_dir():
-        return  # load_run_config says so
+        return  # startup._from_checkpoint says so, in one line
     check_files(run_dir, f"{command} {run_dir}", f"{writes} there" if writes else "")
     probe_lock(run_dir)
     if (run_dir / REPLACED).is_dir():
