@@ -180,8 +180,9 @@ class Suite:
 
     def accuracy(self):
         """c10_n20_official_1ep@1 under the official protocol on the CIFAR-10 JPEG copy: the next seed, the official
-        code's own run (the same data, evaluator and overrides), then the next seeds if they fit; one accuracy.json
-        holding every seed and official run so far (ACCURACY_HISTORY). FAIL unless the official run passed."""
+        code's own run (the same data, evaluator and overrides), then the next seeds if they fit; the official run
+        first while no official run in the history has passed. One accuracy.json holds every seed and official run
+        so far (ACCURACY_HISTORY). FAIL unless the official run passed."""
         history = Path(os.environ.get("ACCURACY_HISTORY") or f"benchmarks/results/{self.slug}/accuracy.json")
         target = self.details / "accuracy.json"
         if not target.exists() and history.is_file():
@@ -200,7 +201,8 @@ class Suite:
             later = "".join(later)
         else:
             first, later = "next:1", f"next:{int(count) - 1}" if int(count) > 1 else ""
-        for which in (first, "peer", later):
+        passed = [r for r in read_json(target).get("official_runs", []) if r.get("status") == "PASS"]
+        for which in (first, "peer", later) if passed else ("peer", first, later):  # fastemp - official needs one
             if which == "peer":
                 yield from self.peer(target, toy)
             elif which and self.left() < 80:

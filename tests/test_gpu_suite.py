@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from official_stand_in import fake_jpeg_tar, stand_in_checkout
 
-from fastemp.benchmarks import smoke
+from fastemp.benchmarks import smoke, suite
 
 GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
 LEASE = GPU_SUITE.with_name("lease.sh")
@@ -148,13 +149,39 @@ def test_a_failed_official_run_fails_the_accuracy_part_and_keeps_its_json_and_lo
     peer = json.loads((out / "official_peer.json").read_text())  # published, whatever else is there
     assert peer["status"] == "FAIL" and "boom" in peer["error"]
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert [r["seed"] for r in accuracy["runs"]] == [1, 2]  # explicit seeds; the next one still ran after the peer
+    assert [r["seed"] for r in accuracy["runs"]] == [1, 2]  # explicit seeds, both after the failed official run
     assert accuracy["official_runs"][-1]["status"] == "FAIL" and accuracy["comparison"] == []
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     assert len(files) == 8 and "kernels.json" not in files and "time_to_85_n20.json" not in files, files
     with tarfile.open(out / "details.tar.gz") as tar:
         log = tar.extractfile("./official_peer.log").read().decode()
     assert "boom" in log and "2it" in log
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_the_official_run_goes_first_until_one_has_passed(tmp_path, monkeypatch, passed):
+    official, jpeg, history = tmp_path / "official", tmp_path / "cifar10-jpeg.tar.gz", tmp_path / "accuracy.json"
+    official.mkdir()
+    (official / "main.py").write_text("")
+    jpeg.write_bytes(b"")
+    history.write_text(json.dumps({"official_runs": [{"status": "FAIL"}, *[{"status": "PASS"}] * passed]}))
+    env = dict(SUITE_DETAILS=tmp_path / "details", ACCURACY_HISTORY=history, FASTEMP_OFFICIAL_DIR=official)
+    env |= dict(FASTEMP_CIFAR10_JPEG=jpeg, ACCURACY_SEEDS="1,2", LEASE_PEER="run", SUITE_DRY_RUN="1")
+    for name in (
+        "CUDA_VISIBLE_DEVICES",
+        "TRITON_INTERPRET",
+        "PIP_NO_INDEX",
+        "FASTEMP_OFFICIAL_PYTHON",
+        "PYTHONUNBUFFERED",
+    ):
+        env.setdefault(name, os.environ.get(name, ""))  # the suite sets these: monkeypatch puts them back
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    runs = suite.Suite(str(tmp_path / "out"))
+    runs.part_end = time.monotonic() + 1000
+    commands = [step.argv[4] for step in runs.accuracy()]  # python -m fastemp bench COMMAND
+    first = ["accuracy", "official-peer"] if passed else ["official-peer", "accuracy"]
+    assert commands == [*first, "accuracy"]
 
 
 def test_smoke_reports_one_line_per_item_and_writes_smoke_json(dry, tmp_path, monkeypatch):
