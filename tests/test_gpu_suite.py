@@ -51,7 +51,7 @@ def stand_in(tmp_path: Path) -> dict:
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
     """Every dry run of this file, started together: the lease's calls (call 1 with every smoke item, in a generous
-    time: its own 170 s hold them on a GPU, not on a loaded CPU), the parts that do not need the data (the profile
+    time: its own 230 s hold them on a GPU, not on a loaded CPU), the parts that do not need the data (the profile
     part cut at a 1 s limit), and the accuracy part with a failing official run."""
     tmp = tmp_path_factory.mktemp("dry")
     for name in ("lease_in", "accuracy_in"):
