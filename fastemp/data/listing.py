@@ -156,8 +156,8 @@ def file_problem(path: str | os.PathLike) -> str | None:
     too many pixels, truncated), or None. Pillow checks the header; without Pillow only the file is."""
     try:
         size = os.stat(path).st_size  # before opening: a pipe or device (size 0) would block open()
-        if size_problem(size):
-            return size_problem(size)
+        if problem := size_problem(size):
+            return problem
         with open(path, "rb") as f:  # opening it is the readability check
             return image_problem(f, size)
     except OSError as err:
