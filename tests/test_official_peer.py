@@ -17,7 +17,7 @@ from official_checkout import moments, official_encoder_class
 from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
 from fastemp.benchmarks.official_peer import main as peer_main
-from fastemp.benchmarks.official_run import OfficialClock, run_official, split_output, subset, write_cifar_batches
+from fastemp.benchmarks.official_run import run_official, split_output, subset, timings, write_cifar_batches
 from fastemp.config import DataConfig
 from fastemp.data import load_split
 from fastemp.model import EMPEncoder
@@ -91,20 +91,18 @@ def test_lines_are_stamped_when_their_text_arrives():
 
 
 def test_clock_separates_startup_first_step_and_steady_steps():
-    clock = OfficialClock(launched=0.0)
-    for t, line in [
+    stamped = [
         (5.0, "0it [00:00, ?it/s]"),
         (8.0, "1it [00:03, 3.00s/it]"),
         (9.0, "11it [00:04]"),
         (10.0, "21it [00:05]"),
-    ]:
-        assert clock.feed(t, line) is None
-    ended = clock.feed(10.5, "At epoch: 0 loss similarity is -0.9 ,loss TCR is: -150.5 and learning rate is: 0.15")
+    ]
+    stamped.append((10.5, "At epoch: 0 loss similarity is -0.9 ,loss TCR is: -150.5 and learning rate is: 0.15"))
+    (ended,) = timings(stamped, launched=0.0)["epochs"]
     assert ended["steps"] == 21 and ended["steady_steps"] == 20 and ended["steady_seconds"] == 2.0
     assert ended["images_per_s"] == 20 * 100 / 2.0 and ended["images_per_s_whole_loop"] == 21 * 100 / 5.0
     assert (ended["loss_similarity"], ended["loss_tcr"], ended["lr_after"]) == (-0.9, -150.5, 0.15)
-    clock.feed(12.0, "0it [00:00, ?it/s]")  # the next epoch's bar
-    report = clock.report()
+    report = timings([*stamped, (12.0, "0it [00:00, ?it/s]")], launched=0.0)  # the next epoch's bar
     assert report["startup_seconds"] == 5.0 and [e["done"] for e in report["epochs"]] == [True, False]
 
 
