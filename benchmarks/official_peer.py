@@ -20,7 +20,7 @@ from fastemp.errors import UserError, one_line
 
 from . import harness
 from .official_run import BATCH, prepare_data, run_official
-from .report import device_label, environment_markdown, fmt, table
+from .report import fmt, table
 
 NAME, REPO = "official_peer", "tsb0601/EMP-SSL"
 REQUIREMENTS = ("torch", "torchvision", "torchmetrics", "sklearn", "tqdm", "matplotlib", "PIL", "numpy")  # main.py's
@@ -99,9 +99,9 @@ def peer_config(args):
     return load_config(args.config, [*keys, f"train.device={device}", f"train.seed={args.seed or 0}"])
 
 
-def launcher(args, md5_file: str, *extra: str) -> list[str]:
+def launcher(args, *extra: str) -> list[str]:
     command = [args.python, str(LAUNCHER), "--official-dir", str(Path(args.official_dir).resolve())]
-    command += ["--cifar-md5", md5_file, *(["--seed", str(args.seed)] if args.seed is not None else [])]
+    command += ["--seed", str(args.seed)] if args.seed is not None else []
     command += ["--cpu-dry-run"] * args.cpu_dry_run
     return [*command, *extra, "--", *official_arguments(args.n, args.schedule_epochs)]
 
@@ -147,7 +147,7 @@ def run_peer(args) -> dict:
                 f"no time to train: --time-limit {args.time_limit:g} s leaves none after {args.eval_seconds:g} s kept"
             )
         log = out / f"{NAME}.log"
-        command = launcher(args, result["data"]["md5_file"])
+        command = launcher(args)
         official.update(command=command, log=str(log))
 
         def progress(report: dict) -> None:
@@ -207,7 +207,7 @@ def probe_loader(args) -> dict:
         work = Path(args.work or scratch)
         _, _, data = prepare_data(args, peer_config(args), work)
         limit = args.probe_loader + PROBE_SECONDS + 60
-        command = launcher(args, data["md5_file"], "--probe-loader", str(args.probe_loader))
+        command = launcher(args, "--probe-loader", str(args.probe_loader))
         try:
             out = subprocess.run(
                 command, cwd=work, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL
@@ -222,29 +222,20 @@ def probe_loader(args) -> dict:
 
 def markdown(result: dict) -> str:
     official, training, evaluation = result["official"], result.get("training") or {}, result.get("evaluation") or {}
-    seeded = f" (seeded {official['seed']})" if official.get("seed") is not None else " (unseeded, as the README)"
-    versions = ", ".join(f"{k} {v}" for k, v in official.get("versions", {}).items()) or "n/a"
-    lines = [
-        f"# Official EMP-SSL code, peer run ({result.get('status')})",
-        "",
-        *(["- **CPU dry run of the harness: not a peer result**"] if result.get("dry_run") else []),
-        f"- device: {device_label(result['environment'])}",
-        f"- official code: {REPO}, `python main.py {' '.join(official['arguments'])}`{seeded}; its interpreter: {versions}",
-        f"- data: {result['data'].get('copy')}; {result['data'].get('description', '')}",
+    lines = ["- **CPU dry run of the harness: not a peer result**"] if result.get("dry_run") else []
+    lines += [
+        f"- status {result.get('status')}: `python main.py {' '.join(official['arguments'])}`, seed {official['seed']} "
+        f"(None: unseeded, as the README); data: {result['data'].get('copy')}",
         f"- trained {training.get('epochs_trained', 0)} of the schedule's {official['schedule_epochs']} epochs, "
         f"n={official['n_patches']}, B={BATCH}; startup {fmt(training.get('startup_seconds'))} s (not in images/s)",
+        "",
+        table(training.get("epochs", []), "epoch steps loop_seconds images_per_s images_per_s_whole_loop lr_after"),
     ]
-    if training.get("epochs"):
-        keys = "epoch steps loop_seconds images_per_s images_per_s_whole_loop loss_similarity loss_tcr lr_after"
-        headers = "epoch|steps|loop s|images/s (steady)|images/s (whole loop)|loss sim|loss TCR|lr after"
-        lines += ["", table(training["epochs"], keys, headers)]
     if evaluation:
-        keys = "linear_top1 best_top1_on_test knn_top1 eval_config.patches eval_config.probe_epochs eval_seconds"
-        headers = "linear top-1 (final probe epoch)|best epoch on test|kNN top-1|eval patches|probe epochs|eval s"
         lines += ["", f"## fastemp's evaluation of the official encoder ({Path(evaluation['checkpoint']).name})", ""]
-        lines.append(table([evaluation], keys, headers))
+        lines.append(table([evaluation], "linear_top1 best_top1_on_test knn_top1 eval_config.patches eval_seconds"))
     lines += ["", f"error: {result['error']}"] if result.get("error") else []
-    return "\n".join([*lines, "", environment_markdown(result["environment"])])
+    return harness.page(result, "Official EMP-SSL code, peer run", *lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,6 @@
 """`bench official-peer`: the initialisation law of the official model (from its checkout), the data the
 official loader reads, the output clock, the one-line errors, and the whole harness end to end around a stand-in for the official checkout."""
 
-import hashlib
 import json
 import pickle
 import signal
@@ -65,9 +64,12 @@ def test_cifar_batches_hold_fastemps_pixels(tmp_path):
     cfg = DataConfig(source="imagefolder", path=str(tar), root=str(tmp_path / "cache"))
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     folder = tmp_path / "cifar-10-batches-py"
-    sums = write_cifar_batches(train, test, folder)
-    assert set(sums) == {*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"}
-    assert all(hashlib.md5((folder / n).read_bytes()).hexdigest() == s for n, s in sums.items())
+    write_cifar_batches(train, test, folder)
+    assert {p.name for p in folder.iterdir()} == {
+        *(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+    }
     images, labels = read_like_torchvision(folder, [f"data_batch_{i}" for i in range(1, 6)])
     assert np.array_equal(images, train.images.numpy()) and labels == train.labels.tolist()
     images, labels = read_like_torchvision(folder, ["test_batch"])
