@@ -200,20 +200,17 @@ def accuracy_markdown(result: dict) -> str:
 # ------------------------------------------------------------------------------ time to accuracy
 
 
-def tta_summary(cfg, trainer, target: float, levels, cut: bool, max_wall, environment: dict) -> dict:
+def tta_summary(cfg, trainer, target: float, levels, cut: bool, environment: dict) -> dict:
     """The time-to-accuracy result of a Trainer's evaluations: the first reaching the target, and each level's."""
     first, batch = trainer.warmup_seconds, cfg.train.batch_size
     evals = [
         {**e, "images_seen": e["step"] * batch, "train_seconds_excl_first_step": e["train_seconds"] - first}
         for e in trainer.evaluations
     ]
-    hit, last = first_reaching(evals, target) or {}, evals[-1] if evals else {}
+    hit = first_reaching(evals, target) or {}
     result = {"config": to_dict(cfg), "target": target, "reached": bool(hit), "stopped_at_wall_limit": cut}
-    result.update(max_wall_seconds=max_wall, train_seconds=hit.get("train_seconds_excl_first_step"))
-    result.update(train_seconds_incl_first_step=hit.get("train_seconds"), first_step_seconds=first)
+    result.update(train_seconds=hit.get("train_seconds_excl_first_step"), first_step_seconds=first)
     result.update(epochs=hit.get("epoch"), steps=hit.get("step"), images_seen=hit.get("images_seen"))
-    result.update(eval_seconds_total=sum(e["eval_seconds"] for e in evals))
-    result.update(final_linear_top1=last.get("linear_top1"), final_best_top1_on_test=last.get("best_top1_on_test"))
     result["best_linear_top1"] = max((e["linear_top1"] for e in evals), default=None)
     reached = [(level, first_reaching(evals, level) or {}) for level in levels]
     result["milestones"] = [
@@ -221,12 +218,9 @@ def tta_summary(cfg, trainer, target: float, levels, cut: bool, max_wall, enviro
         | {"step": e.get("step")}
         for level, e in reached
     ]
-    result["protocol"] = {"name": cfg.eval.protocol, "eval_mode": cfg.eval.mode}
+    result["protocol"] = {"name": cfg.eval.protocol, "eval_mode": cfg.eval.mode, "probe_epochs": cfg.eval.probe_epochs}
     result["protocol"].update(eval_patches=cfg.eval.patches if cfg.eval.mode == "patches" else None)
-    result["protocol"].update(probe_epochs=cfg.eval.probe_epochs, probe_lr=cfg.eval.probe_lr)
-    result["protocol"].update(eval_every_steps=trainer.eval_every, probe_batch_size=cfg.eval.probe_batch_size)
-    metric = "linear_top1 (final probe epoch, test split); best_top1_on_test is the best probe epoch, selected on the"
-    result["protocol"]["metric"] = f"{metric} test split"
+    result["protocol"]["eval_every_steps"] = trainer.eval_every
     result.update(data=trainer.train_set.description, test_data=trainer.test_set.description)
     result.update(n_patches=cfg.train.n_patches, batch_size=batch)
     result.update(epochs_scheduled=trainer.total_steps / trainer.steps_per_epoch)
@@ -253,23 +247,18 @@ def tta_markdown(result: dict) -> str:
         else f"did NOT reach {target:.0%} (best linear top-1 {fmt(result['best_linear_top1'])}"
         + (", stopped at the wall-clock limit)" if result["stopped_at_wall_limit"] else ")")
     )
-    reached = [
-        f"{m['top1']:.0%} after {m['train_seconds']:.1f} s (epoch {m['epoch']:.2f})"
-        for m in result["milestones"]
-        if m["train_seconds"] is not None
-    ]
-    levels = ", ".join(f"{m['top1']:.0%}" for m in result["milestones"])
     keys = "step epoch images_seen train_seconds_excl_first_step linear_top1 best_top1_on_test eval_seconds"
     lines = [
         f"- result: {status}",
-        f"- first reached: {'; '.join(reached) if reached else 'none of ' + levels}",
         f"- data: {result['data']}; test: {result['test_data']}",
         f"- schedule: {result['epochs_scheduled']:g} epochs (cosine over all of them)"
         + (" (partial: still running)" if result.get("partial") else ""),
         f"- n={result['n_patches']}, B={result['batch_size']}, {fmt(result['images_per_s'])} images/s while training",
         f"- evaluation: **{proto['name']} protocol** ({proto['eval_mode']}, eval patches {proto['eval_patches']}, probe "
-        f"epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} steps, {result['eval_seconds_total']:.1f} s "
-        "in all, off the training clock; linear top-1 = the final probe epoch, best on test = the best (selected on test)",
+        f"epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} steps, off the training clock; linear "
+        "top-1 = the final probe epoch, best on test = the best (selected on test)",
+        "",
+        table(result["milestones"], "top1 train_seconds epoch step", "first reaching|train s|epoch|step"),
         "",
         table(result["evals"], keys, "step|epoch|images|train s|linear top-1|best on test|eval s"),
     ]

@@ -94,7 +94,7 @@ def peer_config(args):
     from .accuracy import data_overrides
 
     where = data_overrides("cifar10", str(Path(args.data).resolve()))
-    keys = [*args.override, *args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
+    keys = [*args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
     device = "cpu" if args.cpu_dry_run else args.device
     return load_config(args.config, [*keys, f"train.device={device}", f"train.seed={args.seed or 0}"])
 
@@ -126,11 +126,11 @@ def run_peer(args) -> dict:
     results = harness.Results(NAME, markdown, str(out), NAME, cfg.train.device, force=True)
     official = {"repo": REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums}
     official.update(python=args.python, versions=versions, arguments=official_arguments(args.n, args.schedule_epochs))
-    official.update(readme_command="python main.py " + " ".join(official_arguments(20, 2)), n_patches=args.n)
-    official.update(schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed)
-    official.update(batch_size=BATCH, cosine_steps=50_000 // BATCH * args.schedule_epochs)  # main.py's, any data
+    official.update(
+        n_patches=args.n, schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed
+    )
     result = {"status": "RUNNING", "dry_run": bool(args.cpu_dry_run), "time_limit": args.time_limit, "data": {}}
-    result.update(eval_seconds_reserved=args.eval_seconds, overrides=[*args.override, *args.overrides])
+    result.update(eval_seconds_reserved=args.eval_seconds, overrides=args.overrides)
     result["official"] = official
     handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGALRM)}
     if args.time_limit:
@@ -151,10 +151,7 @@ def run_peer(args) -> dict:
         official.update(command=command, log=str(log))
 
         def progress(report: dict) -> None:
-            done = [e for e in report["epochs"] if e.get("done")]
-            headline = (done or report["epochs"] or [{}])[-1]
-            result["training"] = {**report, "epochs_trained": len(done), "epochs_requested": args.epochs}
-            result["training"].update({k: headline.get(k) for k in ("images_per_s", "images_per_s_whole_loop")})
+            result["training"] = {**report, "epochs_requested": args.epochs}
             results.write(result)
 
         training = run_official(command, work, args.epochs, limit, log, progress)
@@ -195,8 +192,7 @@ def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = False
     """`fastemp eval --weights CHECKPOINT --format official` on these splits."""
     from fastemp.startup import evaluate_weights
 
-    metrics = evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
-    return {**metrics, "mapped_tensors": metrics["tensors"]}
+    return evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
 
 
 def probe_loader(args) -> dict:
@@ -261,8 +257,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kind, default, text in options:
         required = flag in ("--official-dir", "--data", "--out")
         p.add_argument(flag, type=kind, default=default, help=text, required=required)
-    p.add_argument("--override", action="append", default=[], help="config override of the evaluation (repeatable)")
-    p.add_argument("overrides", nargs="*", help="more overrides (the same ones fastemp's runs got)")
+    p.add_argument("overrides", nargs="*", help="config overrides of the evaluation (the same ones fastemp's runs got)")
     p.add_argument("--cpu-dry-run", action="store_true", help="run the official code on the CPU (never a peer result)")
     p.set_defaults(func=run_from_args)
 
@@ -279,13 +274,3 @@ def run_from_args(args) -> int:
         written = Path(args.out) / f"{NAME}.json"
         print(f"fastemp: official-peer stopped ({why or 'interrupted'}); see {written}", file=sys.stderr)
         return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fastemp.cli import main as fastemp
-
-    return fastemp(["bench", "official-peer", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -53,11 +53,16 @@ def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
         if end and epochs:
             numbers = dict(zip(("loss_similarity", "loss_tcr", "lr_after"), map(_number, end.groups()[1:])))
             epochs[-1].update(done=True, checkpoint_epoch=int(end.group(1)), **numbers)
-    return {"startup_seconds": epochs[0]["start"] - launched if epochs else None, "epochs": list(map(_epoch, epochs))}
+    out = {"startup_seconds": epochs[0]["start"] - launched if epochs else None, "epochs": list(map(_epoch, epochs))}
+    done = [e for e in out["epochs"] if e["done"]]
+    headline = (done or out["epochs"] or [{}])[-1]  # the last epoch that ended, else the one running
+    out.update(epochs_trained=len(done), images_per_s=headline.get("images_per_s"))
+    return out | {"images_per_s_whole_loop": headline.get("images_per_s_whole_loop")}
 
 
 def _epoch(epoch: dict) -> dict:
-    start, first, last, steps = epoch.pop("start"), epoch.pop("first"), epoch.pop("last"), epoch["steps"]
+    start, first, last, steps = epoch["start"], epoch["first"], epoch["last"], epoch["steps"]
+    epoch = {k: v for k, v in epoch.items() if k not in ("start", "first", "last")}
     epoch.update(
         loop_seconds=last - start, images_per_s_whole_loop=steps * BATCH / (last - start) if last > start else None
     )

@@ -15,13 +15,17 @@ import torch
 from official_checkout import moments, official_encoder_class
 from official_stand_in import executable, fake_jpeg_tar, official_stub, stand_in_checkout
 
-from fastemp.benchmarks.official_peer import main as peer_main
 from fastemp.benchmarks.official_run import run_official, split_output, subset, timings, write_cifar_batches
+from fastemp.cli import main
 from fastemp.config import DataConfig
 from fastemp.data import load_split
 from fastemp.model import EMPEncoder
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def peer_main(argv: list[str]) -> int:
+    return main(["bench", "official-peer", *argv])
 
 
 # ------------------------------------------------------------------------------ the official model
@@ -179,8 +183,8 @@ def test_one_line_errors(tmp_path, capsys):
 def peer_args(tmp_path: Path, official: Path, python: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """The peer's command line on the stand-in: CPU dry run, n=2, a tiny model and evaluation."""
     argv = ["--official-dir", str(official), "--data", str(data), "--out", str(out), "--python", str(python)]
-    argv += "--cpu-dry-run --n 2 --seed 3 --override model.width=8 --override model.hidden_dim=32".split()
-    argv += "--override model.z_dim=16 eval.patches=2 eval.probe_epochs=2".split()
+    argv += "--cpu-dry-run --n 2 --seed 3 model.width=8 model.hidden_dim=32".split()
+    argv += "model.z_dim=16 eval.patches=2 eval.probe_epochs=2".split()
     return [*argv, f"data.root={tmp_path / 'cache'}", *extra]
 
 
@@ -201,7 +205,7 @@ def test_end_to_end_around_a_stand_in_checkout(tmp_path):
     assert training["images_per_s"] > 0 and training["startup_seconds"] > 0
     evaluation = result["evaluation"]
     assert evaluation["checkpoint"].endswith("save_models/0.pt") and evaluation["epochs_trained"] == 1
-    assert evaluation["mapped_tensors"] == len(EMPEncoder(8, 32, 16).state_dict())
+    assert evaluation["tensors"] == len(EMPEncoder(8, 32, 16).state_dict())
     assert 0 <= evaluation["linear_top1"] <= 1 and evaluation["eval_config"]["patches"] == 2
     assert "official encoder (0.pt)" in (out / "official_peer.md").read_text()
     assert "At epoch: 0" in (out / "official_peer.log").read_text()  # written into --out as it came
@@ -269,7 +273,9 @@ def test_a_failed_or_killed_official_run_keeps_its_json_and_log(tmp_path, monkey
     command = [
         sys.executable,
         "-m",
-        "fastemp.benchmarks.official_peer",
+        "fastemp",
+        "bench",
+        "official-peer",
         *peer_args(tmp_path, official, python, data, killed),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
