@@ -16,9 +16,13 @@ from pathlib import Path
 
 import torch
 
+from fastemp.config import load_config
 from fastemp.errors import UserError, one_line
+from fastemp.validate import check_config
 
 from . import harness
+from .accuracy import data_overrides
+from .accuracy_report import DEFAULT_EVAL_SECONDS, add_official, plan
 from .official_run import BATCH, prepare_data, run_official
 from .report import fmt, table
 
@@ -89,10 +93,6 @@ def preflight(args) -> tuple[dict, dict]:
 
 def peer_config(args):
     """fastemp's config of the data and the evaluation (its eval section scores the official encoder)."""
-    from fastemp.config import load_config
-
-    from .accuracy import data_overrides
-
     where = data_overrides("cifar10", str(Path(args.data).resolve()))
     keys = [*args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
     device = "cpu" if args.cpu_dry_run else args.device
@@ -111,8 +111,6 @@ def _stop(signum, frame):
 
 
 def run_peer(args) -> dict:
-    from .accuracy_report import DEFAULT_EVAL_SECONDS, add_official, plan
-
     sums, versions = preflight(args)
     if args.accuracy:  # this run joins that file: its next seed and its measured evaluation time
         planned = plan(Path(args.accuracy))
@@ -120,8 +118,6 @@ def run_peer(args) -> dict:
         args.eval_seconds = args.eval_seconds or planned["eval_seconds"]
     args.eval_seconds = args.eval_seconds or DEFAULT_EVAL_SECONDS
     cfg, out, wall = peer_config(args), Path(args.out), harness.Wall()
-    from fastemp.validate import check_config
-
     check_config(cfg)
     results = harness.Results(NAME, markdown, str(out), NAME, cfg.train.device, force=True)
     official = {"repo": REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums}
