@@ -36,50 +36,15 @@ class Row:
 
 # The official README (tsb0601/EMP-SSL): the 1-epoch table from `main.py --epoch 2` (cosine over 1,000 steps,
 # first-epoch checkpoint); the multi-epoch table from `main.py --epoch 30` (its 1-epoch column: epoch 1 of 30).
+# Whether its 10-epoch column is epoch 10 of that run is not stated: c10_n20_10ep+train.epochs=30 is the other
+# reading. docs/evaluation.md describes every row.
 ROWS = (
-    Row(
-        "c10_n20_official_1ep",
-        "cifar10_n20_1ep",
-        2,
-        (1, 2),
-        (0.842, None),
-        "the official 1-epoch command "
-        "(--epoch 2: cosine over 2 epochs), evaluated after epochs 1 and 2; 84.2% is its first-epoch checkpoint",
-    ),
-    Row(
-        "c10_n20_1ep",
-        "cifar10_n20_1ep",
-        1,
-        (1,),
-        (None,),
-        "fastemp's 1-epoch schedule (cosine over 1 epoch); the official table has no such row",
-    ),
+    Row("c10_n20_official_1ep", "cifar10_n20_1ep", 2, (1, 2), (0.842, None), "main.py --epoch 2; 84.2%: epoch 1"),
+    Row("c10_n20_1ep", "cifar10_n20_1ep", 1, (1,), (None,), "fastemp's 1-epoch schedule (no official figure)"),
     Row("c10_n20_1of30", "cifar10_n20_1ep", 30, (1,), (0.806,), "epoch 1 of the official 30-epoch schedule"),
-    Row(
-        "c10_n20_10ep",
-        "cifar10_n20_10ep",
-        10,
-        (10,),
-        (0.907,),
-        "10 epochs, cosine over 10 (the official table does "
-        "not say whether its 10-epoch column is epoch 10 of the 30-epoch run: a variant with train.epochs=30)",
-    ),
-    Row(
-        "c10_n200_1of30",
-        "cifar10_n200_1ep",
-        30,
-        (1,),
-        (0.826,),
-        "n=200, epoch 1 of the official 30-epoch schedule (the README's starred figure)",
-    ),
-    Row(
-        "c100_n20_official_1ep",
-        "cifar100_n20_1ep",
-        2,
-        (1,),
-        (0.585,),
-        "CIFAR-100, the official 1-epoch command (--epoch 2), first-epoch checkpoint; skipped without its data",
-    ),
+    Row("c10_n20_10ep", "cifar10_n20_10ep", 10, (10,), (0.907,), "10 epochs, cosine over 10"),
+    Row("c10_n200_1of30", "cifar10_n200_1ep", 30, (1,), (0.826,), "n=200, epoch 1 of 30 (the README's starred one)"),
+    Row("c100_n20_official_1ep", "cifar100_n20_1ep", 2, (1,), (0.585,), "CIFAR-100, main.py --epoch 2; epoch 1"),
 )
 # where data and outputs live, which seed, how often a run logs or evaluates: not what a seed computes
 NOT_IN_CONFIG_KEY = ("name", "data.root", "data.path", "data.download", "data.workers", "train.device", "train.seed")
@@ -177,37 +142,18 @@ def row_fields(row: Row, overrides: Sequence[str]) -> list[dict]:
     ]
 
 
-class Budget:
-    """Whether a seed fits in what is left of --budget, predicted from the warm steps of the seeds measured before
-    it, this row and config first (docs/evaluation.md, --budget)."""
-
-    def __init__(self, budget: float | None, history: Sequence[dict] = ()):
-        self.budget, self.wall, self.timings = budget, harness.Wall(), []
-        for record in history:
-            if record.get("timing"):
-                self.record(record)
-
-    def elapsed(self) -> float:
-        self.wall.lap()
-        return self.wall.total
-
-    def predict(self, row: str, key: str) -> float | None:
-        same = [t for t in self.timings if t["row"] == row]
-        same = [t for t in same if t["key"] == key] or same
-        if not same:
-            return None
-        last, warm = same[-1], _SEEDS_IN_THIS_PROCESS[0] > 0
-        firsts = [t["first_step_seconds"] for t in same if t["warm_cache"] == warm]
-        first = statistics.median(firsts) if firsts else RECOMPILE_ALLOWANCE_SECONDS if warm else None
-        first = max(t["first_step_seconds"] for t in same) if first is None else first
-        return last["setup_seconds"] + first + last["warm_step_seconds"] * (last["steps"] - 1) + last["eval_seconds"]
-
-    def fits(self, row: str, key: str) -> tuple[bool, float | None]:
-        guess = self.predict(row, key)
-        return self.budget is None or guess is None or self.elapsed() + guess <= self.budget, guess
-
-    def record(self, record: dict) -> None:
-        self.timings.append(dict(record["timing"], row=record["row"], key=record["config_key"]))
+def predict(records: Sequence[dict], row: str, key: str) -> float | None:
+    """A seed's seconds predicted from the warm steps of the seeds measured before it, this row and config first
+    (docs/evaluation.md, --budget); None before the row has one."""
+    same = [r for r in records if r["row"] == row and r.get("timing")]
+    same = [r["timing"] for r in [r for r in same if r["config_key"] == key] or same]
+    if not same:
+        return None
+    last, warm = same[-1], _SEEDS_IN_THIS_PROCESS[0] > 0
+    firsts = [t["first_step_seconds"] for t in same if t["warm_cache"] == warm]
+    first = statistics.median(firsts) if firsts else RECOMPILE_ALLOWANCE_SECONDS if warm else None
+    first = max(t["first_step_seconds"] for t in same) if first is None else first
+    return last["setup_seconds"] + first + last["warm_step_seconds"] * (last["steps"] - 1) + last["eval_seconds"]
 
 
 def run_seed(cfg, data: harness.Data, stop_epoch: float | None = None, budget: float | None = None, seen=None):
@@ -259,7 +205,12 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
     """Every seed of every row (seeds: a list, or K: the K lowest seeds a row has not measured in `previous`, the
     results file added to); every row's config and data checked before the first seed."""
     history, new, notes, data = list(previous.get("runs", [])), [], {}, harness.Data()
-    clock, plans = Budget(budget, history), []
+    wall, plans = harness.Wall(), []
+
+    def elapsed() -> float:
+        wall.lap()
+        return wall.total
+
     for row in rows:  # every check before any training: one line each (UserError)
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))  # e.g. synthetic checks
         where = [] if chosen else data_overrides(dataset_of(row), paths.get(dataset_of(row)))
@@ -270,11 +221,8 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
 
     def result(final: bool = False) -> dict:
         records = history + new
-        out = {**previous, "schema_version": 2, "budget_seconds": budget, "wall_seconds": clock.elapsed()}
-        out.update(seeds=seeds if isinstance(seeds, list) else f"next:{seeds}", overrides=list(overrides))
-        out.update(device=results.environment.get("device_name"), commit=results.environment.get("commit"))
-        out.update(versions={k: results.environment.get(k) for k in ("torch", "triton", "dali", "cuda", "python")})
-        out.update(runs=records, official_runs=previous.get("official_runs", []))
+        out = {**previous, "schema_version": 2, "budget_seconds": budget, "wall_seconds": elapsed()}
+        out.update(seeds=seeds if isinstance(seeds, list) else f"next:{seeds}", overrides=list(overrides), runs=records)
         out["rows"] = summarise_rows(records, notes)
         out["comparison"] = comparison(out)
         return results.write({k: v for k, v in out.items() if k not in results.base}, final)
@@ -296,10 +244,10 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         if len(todo) < len(wanted):
             reasons.append(f"seeds {sorted(set(wanted) - set(todo))} already measured, not run again")
         for seed in todo:
-            fits, guess = clock.fits(last, key)
-            if not fits:
+            guess = predict(history + new, last, key)
+            if budget is not None and guess is not None and elapsed() + guess > budget:
                 status = "partial" if done else "skipped"
-                used = f"{clock.elapsed():.0f} s used of --budget {budget:g} s"
+                used = f"{wall.total:.0f} s used of --budget {budget:g} s"
                 reasons.append(f"seed {seed} and later skipped: predicted {guess:.0f} s from warm steps, {used}")
                 break
             cfg = row_config(row, seed, where, overrides)
@@ -312,7 +260,6 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
             records = seed_records(row, seed, key, cfg, trainer, timing, overrides)
             new.extend(records)
             done.add(seed)
-            clock.record(records[-1])
             note("running", "")
             found = ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in records)
             print(f"accuracy {row.name} seed {seed}: {found} ({timing['wall_seconds']:.0f} s)", flush=True)
@@ -332,7 +279,7 @@ def run_time_to_accuracy(cfg, args, results: harness.Results) -> dict:
 
     def result(trainer, final: bool = False, cut: bool = False) -> dict:
         levels = sorted({*args.milestones, args.target})
-        summary = tta_summary(cfg, trainer, args.target, levels, cut, args.max_wall_seconds, results.environment)
+        summary = tta_summary(cfg, trainer, args.target, levels, cut, results.environment)
         return results.write(summary, final)
 
     trainer, _, cut = run_seed(cfg, data, budget=args.max_wall_seconds, seen=result)

@@ -12,17 +12,7 @@ from fastemp.config import to_dict
 from fastemp.evaluate import first_reaching
 
 from .harness import page
-from .report import (
-    device_label,
-    environment_markdown,
-    fmt,
-    markdown_table,
-    on_h100,
-    read_result,
-    table,
-    target_row,
-    targets_markdown,
-)
+from .report import fmt, on_h100, read_result, table, target_row, targets_markdown
 
 DEFAULT_EVAL_SECONDS = 150.0  # ESTIMATE (official protocol, H100/H200, with compilation) until one is measured
 MEASURED = ("linear_top1", "best_top1_on_test", "knn_top1", "train_seconds", "first_step_seconds", "eval_seconds")
@@ -153,44 +143,25 @@ def plan(accuracy_path: Path) -> dict:
     return {"official_seed": min(s for s in range(len(used) + 1) if s not in used), "eval_seconds": seconds}
 
 
-def _pm(mean, std) -> str:
-    return "n/a" if mean is None else f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+PERCENT = ("linear_top1", "best_top1_on_test", "knn_top1", "official_linear_top1", "delta_vs_official", "delta")
+PERCENT += ("linear_top1_mean", "linear_top1_std", "best_top1_on_test_mean", "knn_top1_mean", "fastemp_mean")
+PERCENT += ("fastemp_std", "official_mean", "official_std", "delta_standard_error")
+SEED_KEYS = "seed linear_top1 best_top1_on_test knn_top1 train_seconds first_step_seconds eval_seconds images_per_s"
 
 
-def _pct(value) -> str:
-    return "—" if value is None else f"{100 * value:.2f}"
-
-
-def _s(value) -> str:
-    return "—" if value is None else f"{value:.1f}"
-
-
-RUN_HEADERS = "seed|linear top-1 %|best on test %|kNN %|train s|first step / startup s|eval s|images/s|commit|date"
-
-
-def _run_cells(r: dict) -> list:
-    """fastemp's seed (first step = compilation) or the official code's run (startup: imports, data, workers)."""
-    values = [_pct(r.get(k)) for k in ("linear_top1", "best_top1_on_test", "knn_top1")]
-    times = ("train_seconds", "first_step_seconds", "startup_seconds", "eval_seconds")
-    values += [_s(r.get(k)) for k in times if k in r]
-    commit = r.get("commit") or ""
-    commit = commit[:9] + ("+dirty" if commit.endswith("+dirty") else "") if commit else "—"
-    return [r.get("seed"), *values, fmt(r.get("images_per_s")), commit, (r.get("created") or "")[:10]]
-
-
-def _row_cells(r: dict) -> list:
-    protocol = f"{r['protocol']} ({r['eval_patches']}, {r['probe_epochs']})" if r["protocol"] else "—"
-    delta = "—" if r["delta_vs_official"] is None else f"{100 * r['delta_vs_official']:+.2f}"
-    cells = [r["row"], r["data_copy"] or "—", r["n_patches"] or "—", f"{r['epochs_trained']} / {r['schedule_epochs']}"]
-    cells += [protocol, len(r["seeds"]), _pm(r["linear_top1_mean"], r["linear_top1_std"])]
-    cells += [_pct(r["best_top1_on_test_mean"]), _pct(r["knn_top1_mean"]), _pct(r["official_linear_top1"]), delta]
-    cells += [_s(r["train_seconds_mean"]), _s(r["eval_seconds_mean"]), fmt(r["images_per_s_mean"])]
-    return [*cells, r["status"] + (f": {r['reason']}" if r["reason"] else "")]
+def _cells(record: dict) -> dict:
+    """A record as the tables show it: accuracies in percent (2 decimals), the commit short, the date."""
+    commit = record.get("commit") or ""
+    out = {**record, **{k: f"{100 * record[k]:.2f}" for k in PERCENT if isinstance(record.get(k), float)}}
+    return out | {
+        "commit": commit[:9] + "+dirty" * commit.endswith("+dirty"),
+        "created": (record.get("created") or "")[:10],
+    }
 
 
 def accuracy_markdown(result: dict) -> str:
-    env, seeds = result.get("environment") or {}, result.get("seeds")
-    lines = [f"# Accuracy vs the official code and table: {device_label(env)}", ""]
+    seeds, env = result.get("seeds"), result.get("environment") or {}
+    lines = []
     if not str(env.get("device", "cpu")).startswith("cuda"):
         lines += ["**CPU run: a pipeline check of the benchmark, not an accuracy claim** (tiny model, few steps).", ""]
     lines += [
@@ -203,51 +174,43 @@ def accuracy_markdown(result: dict) -> str:
         "the other's clock. The official code's train s is its epochs' loop (startup apart), its images/s the steady rate",
         "",
     ]
-    headers = "row|data copy|n|epochs / schedule|protocol (patches, probe epochs)|seeds|linear top-1 % (mean ± std)"
-    headers += "|best on test %|kNN %|official README %|Δ README|train s|eval s|images/s|status"
-    lines += [markdown_table(headers.split("|"), map(_row_cells, result.get("rows", []))), ""]
-    per_run = [[r["row"], r["config_key"], *_run_cells(r)] for r in result.get("runs", [])]
-    lines += ["## fastemp, per seed", "", markdown_table(["row", "config", *RUN_HEADERS.split("|")], per_run)]
-    official = result.get("official_runs") or []
-    if official:
-        body = [
-            [o.get("status"), *_run_cells(o), (o.get("error") or "")[:120] + " (dry run)" * bool(o.get("dry_run"))]
-            for o in official
-        ]
+    keys = "row data_copy n_patches epochs_trained schedule_epochs protocol eval_patches probe_epochs seeds"
+    keys += " linear_top1_mean linear_top1_std best_top1_on_test_mean knn_top1_mean official_linear_top1"
+    keys += " delta_vs_official train_seconds_mean eval_seconds_mean images_per_s_mean status reason"
+    headers = "row|data copy|n|epochs|schedule|protocol|eval patches|probe epochs|seeds|linear top-1 %|± std"
+    headers += "|best on test %|kNN %|official README %|Δ README|train s|eval s|images/s|status|why"
+    lines += [table(map(_cells, result.get("rows", [])), keys, headers), "", "## fastemp, per seed", ""]
+    lines.append(table(map(_cells, result.get("runs", [])), f"row config_key {SEED_KEYS} commit created"))
+    if result.get("official_runs"):
         title = "## The official code on the same data (benchmarks/official_peer.py, scored by fastemp's evaluator)"
-        lines += ["", title, "", markdown_table(["status", *RUN_HEADERS.split("|"), "note"], body)]
+        keys = f"status dry_run {SEED_KEYS.replace('first_step', 'startup')} commit created error"
+        lines += ["", title, "", table(map(_cells, result["official_runs"]), keys)]
     if result.get("comparison"):
-        lines += ["", "## fastemp - official (linear top-1, final probe epoch)", ""]
-    for c in result.get("comparison") or []:
-        se = "" if c["delta_standard_error"] is None else f" ± {100 * c['delta_standard_error']:.2f}"
-        ratio = c["images_per_s_ratio"]
-        ratio = "" if ratio is None else f"; images/s fastemp / official {ratio:.3g}x"
+        keys = "row config_key fastemp_mean fastemp_std fastemp_seeds official_mean official_std official_seeds delta"
+        lines += ["", "## fastemp - official (linear top-1 %, final probe epoch)", ""]
         lines.append(
-            f"- {c['row']} (config {c['config_key']}): fastemp {_pm(c['fastemp_mean'], c['fastemp_std'])} "
-            f"({len(c['fastemp_seeds'])} seeds), official {_pm(c['official_mean'], c['official_std'])} "
-            f"({len(c['official_seeds'])} runs): Δ = {100 * c['delta']:+.2f}{se} points ({c['uncertainty']}){ratio}"
+            table(map(_cells, result["comparison"]), f"{keys} delta_standard_error uncertainty images_per_s_ratio")
         )
     notes = sorted({f"- `{r['row']}`: {r['note']}" for r in result.get("rows", []) if r.get("note")})
-    return "\n".join([*lines, "", "## Rows", "", *notes, "", environment_markdown(env)])
+    return page(
+        {**result, "environment": env}, "Accuracy vs the official code and table", *lines, "", "## Rows", "", *notes
+    )
 
 
 # ------------------------------------------------------------------------------ time to accuracy
 
 
-def tta_summary(cfg, trainer, target: float, levels, cut: bool, max_wall, environment: dict) -> dict:
+def tta_summary(cfg, trainer, target: float, levels, cut: bool, environment: dict) -> dict:
     """The time-to-accuracy result of a Trainer's evaluations: the first reaching the target, and each level's."""
     first, batch = trainer.warmup_seconds, cfg.train.batch_size
     evals = [
         {**e, "images_seen": e["step"] * batch, "train_seconds_excl_first_step": e["train_seconds"] - first}
         for e in trainer.evaluations
     ]
-    hit, last = first_reaching(evals, target) or {}, evals[-1] if evals else {}
+    hit = first_reaching(evals, target) or {}
     result = {"config": to_dict(cfg), "target": target, "reached": bool(hit), "stopped_at_wall_limit": cut}
-    result.update(max_wall_seconds=max_wall, train_seconds=hit.get("train_seconds_excl_first_step"))
-    result.update(train_seconds_incl_first_step=hit.get("train_seconds"), first_step_seconds=first)
+    result.update(train_seconds=hit.get("train_seconds_excl_first_step"), first_step_seconds=first)
     result.update(epochs=hit.get("epoch"), steps=hit.get("step"), images_seen=hit.get("images_seen"))
-    result.update(eval_seconds_total=sum(e["eval_seconds"] for e in evals))
-    result.update(final_linear_top1=last.get("linear_top1"), final_best_top1_on_test=last.get("best_top1_on_test"))
     result["best_linear_top1"] = max((e["linear_top1"] for e in evals), default=None)
     reached = [(level, first_reaching(evals, level) or {}) for level in levels]
     result["milestones"] = [
@@ -255,12 +218,9 @@ def tta_summary(cfg, trainer, target: float, levels, cut: bool, max_wall, enviro
         | {"step": e.get("step")}
         for level, e in reached
     ]
-    result["protocol"] = {"name": cfg.eval.protocol, "eval_mode": cfg.eval.mode}
+    result["protocol"] = {"name": cfg.eval.protocol, "eval_mode": cfg.eval.mode, "probe_epochs": cfg.eval.probe_epochs}
     result["protocol"].update(eval_patches=cfg.eval.patches if cfg.eval.mode == "patches" else None)
-    result["protocol"].update(probe_epochs=cfg.eval.probe_epochs, probe_lr=cfg.eval.probe_lr)
-    result["protocol"].update(eval_every_steps=trainer.eval_every, probe_batch_size=cfg.eval.probe_batch_size)
-    metric = "linear_top1 (final probe epoch, test split); best_top1_on_test is the best probe epoch, selected on the"
-    result["protocol"]["metric"] = f"{metric} test split"
+    result["protocol"]["eval_every_steps"] = trainer.eval_every
     result.update(data=trainer.train_set.description, test_data=trainer.test_set.description)
     result.update(n_patches=cfg.train.n_patches, batch_size=batch)
     result.update(epochs_scheduled=trainer.total_steps / trainer.steps_per_epoch)
@@ -287,23 +247,18 @@ def tta_markdown(result: dict) -> str:
         else f"did NOT reach {target:.0%} (best linear top-1 {fmt(result['best_linear_top1'])}"
         + (", stopped at the wall-clock limit)" if result["stopped_at_wall_limit"] else ")")
     )
-    reached = [
-        f"{m['top1']:.0%} after {m['train_seconds']:.1f} s (epoch {m['epoch']:.2f})"
-        for m in result["milestones"]
-        if m["train_seconds"] is not None
-    ]
-    levels = ", ".join(f"{m['top1']:.0%}" for m in result["milestones"])
     keys = "step epoch images_seen train_seconds_excl_first_step linear_top1 best_top1_on_test eval_seconds"
     lines = [
         f"- result: {status}",
-        f"- first reached: {'; '.join(reached) if reached else 'none of ' + levels}",
         f"- data: {result['data']}; test: {result['test_data']}",
         f"- schedule: {result['epochs_scheduled']:g} epochs (cosine over all of them)"
         + (" (partial: still running)" if result.get("partial") else ""),
         f"- n={result['n_patches']}, B={result['batch_size']}, {fmt(result['images_per_s'])} images/s while training",
         f"- evaluation: **{proto['name']} protocol** ({proto['eval_mode']}, eval patches {proto['eval_patches']}, probe "
-        f"epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} steps, {result['eval_seconds_total']:.1f} s "
-        "in all, off the training clock; linear top-1 = the final probe epoch, best on test = the best (selected on test)",
+        f"epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} steps, off the training clock; linear "
+        "top-1 = the final probe epoch, best on test = the best (selected on test)",
+        "",
+        table(result["milestones"], "top1 train_seconds epoch step", "first reaching|train s|epoch|step"),
         "",
         table(result["evals"], keys, "step|epoch|images|train s|linear top-1|best on test|eval s"),
     ]

@@ -1,6 +1,6 @@
 """Runs the official EMP-SSL `main.py` from its checkout, unmodified, as `python main.py ARGS` would.
 
-    python official_launcher.py --official-dir DIR [--cifar-md5 FILE] [--seed S] [--cpu-dry-run]
+    python official_launcher.py --official-dir DIR [--seed S] [--cpu-dry-run]
         [--probe-loader SECONDS] -- ARGS...
 
 official_peer.py runs it in a scratch folder (main.py reads ./data/ and writes ./logs/). Standard library only at
@@ -23,15 +23,14 @@ import json  # noqa: E402
 import runpy  # noqa: E402
 
 
-def use_prepared_cifar(md5_file: str) -> None:
-    """Point torchvision's CIFAR10 integrity check at the prepared batch files' own md5 sums."""
-    with open(md5_file) as f:
-        sums = json.load(f)
+def use_prepared_cifar() -> None:
+    """torchvision's CIFAR10 checks that the prepared batch files exist, not that they have the canonical md5 sums
+    (they differ: it would download the archive)."""
     from torchvision.datasets import CIFAR10
 
-    CIFAR10.train_list = [[name, sums[name]] for name, _ in CIFAR10.train_list]
-    CIFAR10.test_list = [[name, sums[name]] for name, _ in CIFAR10.test_list]
-    CIFAR10.meta = {**CIFAR10.meta, "md5": sums[CIFAR10.meta["filename"]]}
+    CIFAR10.train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    CIFAR10.test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    CIFAR10.meta = {**CIFAR10.meta, "md5": None}
 
 
 def probe_loader(seconds: float, official_args: list[str], cpu: bool) -> dict:
@@ -72,7 +71,6 @@ def probe_loader(seconds: float, official_args: list[str], cpu: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-dir", required=True)
-    parser.add_argument("--cifar-md5")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cpu-dry-run", action="store_true")
     parser.add_argument("--probe-loader", type=float)
@@ -93,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     official_dir = os.path.abspath(args.official_dir)
     script = os.path.join(official_dir, "main.py")
     sys.path.insert(0, official_dir)  # main.py imports its siblings, as `python main.py` would find them
-    if args.cifar_md5:
-        use_prepared_cifar(args.cifar_md5)
+    use_prepared_cifar()
     if args.seed is not None:  # main.py seeds nothing: without --seed, torch's default seed as in the README
         import random
 

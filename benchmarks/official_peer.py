@@ -16,11 +16,15 @@ from pathlib import Path
 
 import torch
 
+from fastemp.config import load_config
 from fastemp.errors import UserError, one_line
+from fastemp.validate import check_config
 
 from . import harness
+from .accuracy import data_overrides
+from .accuracy_report import DEFAULT_EVAL_SECONDS, add_official, plan
 from .official_run import BATCH, prepare_data, run_official
-from .report import device_label, environment_markdown, fmt, table
+from .report import fmt, table
 
 NAME, REPO = "official_peer", "tsb0601/EMP-SSL"
 REQUIREMENTS = ("torch", "torchvision", "torchmetrics", "sklearn", "tqdm", "matplotlib", "PIL", "numpy")  # main.py's
@@ -89,19 +93,15 @@ def preflight(args) -> tuple[dict, dict]:
 
 def peer_config(args):
     """fastemp's config of the data and the evaluation (its eval section scores the official encoder)."""
-    from fastemp.config import load_config
-
-    from .accuracy import data_overrides
-
     where = data_overrides("cifar10", str(Path(args.data).resolve()))
-    keys = [*args.override, *args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
+    keys = [*args.overrides, *where, f"train.n_patches={args.n}", f"train.batch_size={BATCH}"]
     device = "cpu" if args.cpu_dry_run else args.device
     return load_config(args.config, [*keys, f"train.device={device}", f"train.seed={args.seed or 0}"])
 
 
-def launcher(args, md5_file: str, *extra: str) -> list[str]:
+def launcher(args, *extra: str) -> list[str]:
     command = [args.python, str(LAUNCHER), "--official-dir", str(Path(args.official_dir).resolve())]
-    command += ["--cifar-md5", md5_file, *(["--seed", str(args.seed)] if args.seed is not None else [])]
+    command += ["--seed", str(args.seed)] if args.seed is not None else []
     command += ["--cpu-dry-run"] * args.cpu_dry_run
     return [*command, *extra, "--", *official_arguments(args.n, args.schedule_epochs)]
 
@@ -111,8 +111,6 @@ def _stop(signum, frame):
 
 
 def run_peer(args) -> dict:
-    from .accuracy_report import DEFAULT_EVAL_SECONDS, add_official, plan
-
     sums, versions = preflight(args)
     if args.accuracy:  # this run joins that file: its next seed and its measured evaluation time
         planned = plan(Path(args.accuracy))
@@ -120,17 +118,15 @@ def run_peer(args) -> dict:
         args.eval_seconds = args.eval_seconds or planned["eval_seconds"]
     args.eval_seconds = args.eval_seconds or DEFAULT_EVAL_SECONDS
     cfg, out, wall = peer_config(args), Path(args.out), harness.Wall()
-    from fastemp.validate import check_config
-
     check_config(cfg)
     results = harness.Results(NAME, markdown, str(out), NAME, cfg.train.device, force=True)
     official = {"repo": REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums}
     official.update(python=args.python, versions=versions, arguments=official_arguments(args.n, args.schedule_epochs))
-    official.update(readme_command="python main.py " + " ".join(official_arguments(20, 2)), n_patches=args.n)
-    official.update(schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed)
-    official.update(batch_size=BATCH, cosine_steps=50_000 // BATCH * args.schedule_epochs)  # main.py's, any data
+    official.update(
+        n_patches=args.n, schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed
+    )
     result = {"status": "RUNNING", "dry_run": bool(args.cpu_dry_run), "time_limit": args.time_limit, "data": {}}
-    result.update(eval_seconds_reserved=args.eval_seconds, overrides=[*args.override, *args.overrides])
+    result.update(eval_seconds_reserved=args.eval_seconds, overrides=args.overrides)
     result["official"] = official
     handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGALRM)}
     if args.time_limit:
@@ -147,14 +143,11 @@ def run_peer(args) -> dict:
                 f"no time to train: --time-limit {args.time_limit:g} s leaves none after {args.eval_seconds:g} s kept"
             )
         log = out / f"{NAME}.log"
-        command = launcher(args, result["data"]["md5_file"])
+        command = launcher(args)
         official.update(command=command, log=str(log))
 
         def progress(report: dict) -> None:
-            done = [e for e in report["epochs"] if e.get("done")]
-            headline = (done or report["epochs"] or [{}])[-1]
-            result["training"] = {**report, "epochs_trained": len(done), "epochs_requested": args.epochs}
-            result["training"].update({k: headline.get(k) for k in ("images_per_s", "images_per_s_whole_loop")})
+            result["training"] = {**report, "epochs_requested": args.epochs}
             results.write(result)
 
         training = run_official(command, work, args.epochs, limit, log, progress)
@@ -195,8 +188,7 @@ def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = False
     """`fastemp eval --weights CHECKPOINT --format official` on these splits."""
     from fastemp.startup import evaluate_weights
 
-    metrics = evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
-    return {**metrics, "mapped_tensors": metrics["tensors"]}
+    return evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
 
 
 def probe_loader(args) -> dict:
@@ -207,7 +199,7 @@ def probe_loader(args) -> dict:
         work = Path(args.work or scratch)
         _, _, data = prepare_data(args, peer_config(args), work)
         limit = args.probe_loader + PROBE_SECONDS + 60
-        command = launcher(args, data["md5_file"], "--probe-loader", str(args.probe_loader))
+        command = launcher(args, "--probe-loader", str(args.probe_loader))
         try:
             out = subprocess.run(
                 command, cwd=work, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL
@@ -222,29 +214,20 @@ def probe_loader(args) -> dict:
 
 def markdown(result: dict) -> str:
     official, training, evaluation = result["official"], result.get("training") or {}, result.get("evaluation") or {}
-    seeded = f" (seeded {official['seed']})" if official.get("seed") is not None else " (unseeded, as the README)"
-    versions = ", ".join(f"{k} {v}" for k, v in official.get("versions", {}).items()) or "n/a"
-    lines = [
-        f"# Official EMP-SSL code, peer run ({result.get('status')})",
-        "",
-        *(["- **CPU dry run of the harness: not a peer result**"] if result.get("dry_run") else []),
-        f"- device: {device_label(result['environment'])}",
-        f"- official code: {REPO}, `python main.py {' '.join(official['arguments'])}`{seeded}; its interpreter: {versions}",
-        f"- data: {result['data'].get('copy')}; {result['data'].get('description', '')}",
+    lines = ["- **CPU dry run of the harness: not a peer result**"] if result.get("dry_run") else []
+    lines += [
+        f"- status {result.get('status')}: `python main.py {' '.join(official['arguments'])}`, seed {official['seed']} "
+        f"(None: unseeded, as the README); data: {result['data'].get('copy')}",
         f"- trained {training.get('epochs_trained', 0)} of the schedule's {official['schedule_epochs']} epochs, "
         f"n={official['n_patches']}, B={BATCH}; startup {fmt(training.get('startup_seconds'))} s (not in images/s)",
+        "",
+        table(training.get("epochs", []), "epoch steps loop_seconds images_per_s images_per_s_whole_loop lr_after"),
     ]
-    if training.get("epochs"):
-        keys = "epoch steps loop_seconds images_per_s images_per_s_whole_loop loss_similarity loss_tcr lr_after"
-        headers = "epoch|steps|loop s|images/s (steady)|images/s (whole loop)|loss sim|loss TCR|lr after"
-        lines += ["", table(training["epochs"], keys, headers)]
     if evaluation:
-        keys = "linear_top1 best_top1_on_test knn_top1 eval_config.patches eval_config.probe_epochs eval_seconds"
-        headers = "linear top-1 (final probe epoch)|best epoch on test|kNN top-1|eval patches|probe epochs|eval s"
         lines += ["", f"## fastemp's evaluation of the official encoder ({Path(evaluation['checkpoint']).name})", ""]
-        lines.append(table([evaluation], keys, headers))
+        lines.append(table([evaluation], "linear_top1 best_top1_on_test knn_top1 eval_config.patches eval_seconds"))
     lines += ["", f"error: {result['error']}"] if result.get("error") else []
-    return "\n".join([*lines, "", environment_markdown(result["environment"])])
+    return harness.page(result, "Official EMP-SSL code, peer run", *lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -270,8 +253,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kind, default, text in options:
         required = flag in ("--official-dir", "--data", "--out")
         p.add_argument(flag, type=kind, default=default, help=text, required=required)
-    p.add_argument("--override", action="append", default=[], help="config override of the evaluation (repeatable)")
-    p.add_argument("overrides", nargs="*", help="more overrides (the same ones fastemp's runs got)")
+    p.add_argument("overrides", nargs="*", help="config overrides of the evaluation (the same ones fastemp's runs got)")
     p.add_argument("--cpu-dry-run", action="store_true", help="run the official code on the CPU (never a peer result)")
     p.set_defaults(func=run_from_args)
 
@@ -288,13 +270,3 @@ def run_from_args(args) -> int:
         written = Path(args.out) / f"{NAME}.json"
         print(f"fastemp: official-peer stopped ({why or 'interrupted'}); see {written}", file=sys.stderr)
         return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fastemp.cli import main as fastemp
-
-    return fastemp(["bench", "official-peer", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,11 @@
 """The official main.py's data and process: both splits through fastemp's loader, written as the CIFAR-10 python
 batches its loader reads (prepare_data); its output read as it arrives, every line logged and stamped with the
 host's clock (outside the official process, when its lines arrive is all there is to time it by), its timings read
-from those stamps (OfficialClock), and the process stopped at the epoch wanted, at a time limit or with its parent.
+from those stamps (timings), and the process stopped at the epoch wanted, at a time limit or with its parent.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import queue
@@ -38,46 +36,41 @@ def _number(text: str) -> float | None:
         return None
 
 
-class OfficialClock:
-    """Timings of the official run from its stamped output lines. Per epoch the loop starts at tqdm's first line (0
-    steps: printed before the first batch is asked for); the steady window runs from the first line with steps
-    done to the last line seen, so worker start-up and the first step stay out of it."""
-
-    def __init__(self, launched: float):
-        self.launched, self.epochs = launched, []
-
-    def feed(self, t: float, line: str) -> dict | None:
-        """Take one line; the epoch's summary when the line ends an epoch."""
-        progress = PROGRESS.match(line)
+def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
+    """The official run's timings from its stamped progress and epoch-end lines. Per epoch the loop starts at tqdm's
+    first line (0 steps: printed before the first batch is asked for); the steady window runs from the first line
+    with steps done to the last line seen, so worker start-up and the first step stay out of it."""
+    epochs = []
+    for t, line in stamped:
+        progress, end = PROGRESS.match(line), EPOCH_END.search(line)  # an end may be glued to tqdm's text
         if progress:
-            steps, current = int(progress.group(1)), self.epochs[-1] if self.epochs else None
-            if current is None or current.get("done") or steps < current["_last"][1]:
-                current = {"epoch": len(self.epochs), "_start": t, "_first": None, "_last": (t, 0)}
-                self.epochs.append(current)
-            if steps > 0 and current["_first"] is None:
-                current["_first"] = (t, steps)
-            current["_last"] = (t, steps)
-        end = EPOCH_END.search(line)  # on its own line after tqdm's closing newline, or glued to tqdm's text
-        if end and self.epochs:
+            steps = int(progress.group(1))
+            if not epochs or epochs[-1]["done"] or steps < epochs[-1]["steps"]:
+                epochs.append({"epoch": len(epochs), "done": False, "start": t, "first": None})
+            if steps > 0 and epochs[-1]["first"] is None:
+                epochs[-1]["first"] = (t, steps)
+            epochs[-1].update(last=t, steps=steps)
+        if end and epochs:
             numbers = dict(zip(("loss_similarity", "loss_tcr", "lr_after"), map(_number, end.groups()[1:])))
-            self.epochs[-1].update(done=True, checkpoint_epoch=int(end.group(1)), **numbers)
-            return self.summary(self.epochs[-1])
-        return None
+            epochs[-1].update(done=True, checkpoint_epoch=int(end.group(1)), **numbers)
+    out = {"startup_seconds": epochs[0]["start"] - launched if epochs else None, "epochs": list(map(_epoch, epochs))}
+    done = [e for e in out["epochs"] if e["done"]]
+    headline = (done or out["epochs"] or [{}])[-1]  # the last epoch that ended, else the one running
+    out.update(epochs_trained=len(done), images_per_s=headline.get("images_per_s"))
+    return out | {"images_per_s_whole_loop": headline.get("images_per_s_whole_loop")}
 
-    def summary(self, epoch: dict) -> dict:
-        (start, (last, steps)), first = (epoch["_start"], epoch["_last"]), epoch["_first"]
-        out = {k: v for k, v in epoch.items() if not k.startswith("_")}
-        out.update(done=bool(epoch.get("done")), steps=steps, loop_seconds=last - start)
-        out["images_per_s_whole_loop"] = steps * BATCH / (last - start) if last > start else None
-        steady = first is not None and steps > first[1] and last > first[0]
-        out.update(steady_steps=steps - first[1] if steady else 0, steady_seconds=last - first[0] if steady else None)
-        out["images_per_s"] = (steps - first[1]) * BATCH / (last - first[0]) if steady else None
-        out["first_steps_seconds"] = first[0] - start if steady else None
-        return out
 
-    def report(self) -> dict:
-        startup = self.epochs[0]["_start"] - self.launched if self.epochs else None
-        return {"startup_seconds": startup, "epochs": [self.summary(e) for e in self.epochs]}
+def _epoch(epoch: dict) -> dict:
+    start, first, last, steps = epoch["start"], epoch["first"], epoch["last"], epoch["steps"]
+    epoch = {k: v for k, v in epoch.items() if k not in ("start", "first", "last")}
+    epoch.update(
+        loop_seconds=last - start, images_per_s_whole_loop=steps * BATCH / (last - start) if last > start else None
+    )
+    steady = first is not None and steps > first[1] and last > first[0]
+    epoch.update(steady_steps=steps - first[1] if steady else 0, steady_seconds=last - first[0] if steady else None)
+    epoch["images_per_s"] = (steps - first[1]) * BATCH / (last - first[0]) if steady else None
+    epoch["first_steps_seconds"] = first[0] - start if steady else None
+    return epoch
 
 
 def split_output(rest: str, rest_time: float, chunk: str, now: float) -> tuple[list[tuple[float, str]], str, float]:
@@ -107,16 +100,20 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
     """Run the official training until `epochs` epochs have ended (then stop it), it exits, or the time limit;
     on_progress(report) at every epoch end, every 30 s and at the end. Every line goes to `log` as it arrives."""
     launched = time.perf_counter()
-    clock, lines, tail, status = OfficialClock(launched), queue.Queue(), [], "running"
+    lines, stamped, tail, status = queue.Queue(), [], [], "running"
     deadline, reported = launched + time_limit if time_limit else None, launched
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w", buffering=1) as out:  # line by line: a kill keeps every line that arrived
 
-        def take(t: float, line: str) -> dict | None:
+        def take(t: float, line: str) -> int | None:
+            """Log the line, keep it for the timings; the epoch it ends, if it ends one."""
             out.write(f"{t - launched:10.3f} {line}\n")
-            if not PROGRESS.match(line):
+            progress, end = PROGRESS.match(line), EPOCH_END.search(line)
+            if progress or end:
+                stamped.append((t, line))
+            if not progress:
                 tail[:] = (tail + [line])[-20:]
-            return clock.feed(t, line)
+            return int(end.group(1)) if end else None
 
         popen = dict(cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         child = subprocess.Popen(command, **popen)
@@ -132,12 +129,12 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
                     break
                 ended = take(*item) if item else None
                 if ended is not None:
-                    on_progress(clock.report())
-                    status = "ok" if ended["checkpoint_epoch"] + 1 >= epochs else status
+                    on_progress(timings(stamped, launched))
+                    status = "ok" if ended + 1 >= epochs else status
                 now = time.perf_counter()
                 status = "timeout" if status == "running" and deadline and now > deadline else status
                 if now - reported > 30:
-                    on_progress(clock.report())
+                    on_progress(timings(stamped, launched))
                     reported = now
         finally:  # stop it: its DataLoader workers notice their parent is gone and exit
             if child.poll() is None:
@@ -152,10 +149,11 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
                 item = lines.get()
                 if item is not None:
                     take(*item)
-            on_progress(clock.report())  # also when a time limit or a signal ends it here
+            on_progress(timings(stamped, launched))  # also when a time limit or a signal ends it here
+    report = timings(stamped, launched)
     if status == "running":  # the stream ended: the run finished or failed
-        status = "ok" if child.returncode == 0 and clock.epochs and clock.epochs[-1].get("done") else "error"
-    report = {**clock.report(), "status": status, "exit_code": child.returncode, "output_tail": tail[-5:]}
+        status = "ok" if child.returncode == 0 and report["epochs"] and report["epochs"][-1]["done"] else "error"
+    report.update(status=status, exit_code=child.returncode, output_tail=tail[-5:])
     return {**report, "wall_seconds": time.perf_counter() - launched}
 
 
@@ -171,7 +169,7 @@ def subset(images, count: int):
 
 
 def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
-    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets; {file: md5}."""
+    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets."""
     if tuple(train.images.shape[1:]) != (32, 32, 3) or tuple(test.images.shape[1:]) != (32, 32, 3):
         raise UserError("the official CIFAR loader needs 32x32x3 images; keep data.image_size=32")
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,7 +178,7 @@ def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
         images = images.cpu().numpy()
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1))
 
-    x, y, contents, sums = rows(train.images), train.labels.cpu().tolist(), {}, {}
+    x, y, contents = rows(train.images), train.labels.cpu().tolist(), {}
     for i, idx in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
         contents[f"data_batch_{i}"] = {"batch_label": f"training batch {i} of 5", "data": x[idx]}
         contents[f"data_batch_{i}"]["labels"] = [y[j] for j in idx]
@@ -189,10 +187,7 @@ def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
     contents["batches.meta"] = {"label_names": list(train.classes), "num_vis": 3072}
     contents["batches.meta"]["num_cases_per_batch"] = -(-len(y) // 5)
     for name, value in contents.items():
-        blob = pickle.dumps(value, protocol=2)
-        (folder / name).write_bytes(blob)
-        sums[name] = hashlib.md5(blob).hexdigest()
-    return sums
+        (folder / name).write_bytes(pickle.dumps(value, protocol=2))
 
 
 def prepare_data(args, cfg, work: Path):
@@ -204,12 +199,10 @@ def prepare_data(args, cfg, work: Path):
         raise UserError(
             f"{len(train)} training images are fewer than main.py's batch of {BATCH}; use --train-images >= {BATCH}"
         )
-    sums = write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
-    (work / "prepared_md5.json").write_text(json.dumps(sums, indent=1))
+    write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
     info = {"path": str(Path(args.data).resolve()), "copy": data_names(cfg.data)[1], "train_images": len(train)}
     info.update(test_images=len(test), classes=train.classes, description=train.description)
-    info.update(md5_file=str(work / "prepared_md5.json"))
     info["official_reads"] = (
-        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check pointed at them"
+        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check reduced to their presence"
     )
     return train, test, info

@@ -322,7 +322,7 @@ def test_the_official_peer_scores_as_eval_weights(source, tmp_path, capsys):
     cfg = load_config("quickstart", [*TINY_CONFIG, *SMALL])  # the peer's config: its model.* give way to the weights'
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     peer = evaluate_official(path, cfg, train, test, progress=False)
-    assert {k: peer[k] for k in cli} == cli and peer["mapped_tensors"] == len(state) == 136
+    assert {k: peer[k] for k in cli} == cli and peer["tensors"] == len(state) == 136
 
 
 def test_a_wrong_file_stops_the_peer_in_one_line(tmp_path):
