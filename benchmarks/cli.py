@@ -51,7 +51,7 @@ def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", 
 
 def _axes(args) -> dict:
     axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
-    return {**axes, **{k: harness.parse_list(getattr(args, k, None)) for k in ("backend", "compile", "precision")}}
+    return {**axes, **{k: harness.parse_list(args.__dict__[k]) for k in ("backend", "compile")}}
 
 
 # ------------------------------------------------------------------------------ commands
@@ -85,7 +85,7 @@ def cmd_profile(args) -> int:
 
     cfg = config_of(args)
     results = results_for(args, "profile", markdown, cfg.train.device)
-    results.write(profile_steps(cfg, harness.Data(), args.warmup, args.steps, args.top, args.trace), final=True)
+    results.write(profile_steps(cfg, harness.Data(), args.warmup, args.steps), final=True)
     return 0
 
 
@@ -176,7 +176,6 @@ def register_cli(subparsers) -> None:
         ("--batch", INTS, None, "batch sizes (default: the config's)"),
         ("--backend", str, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
         ("--compile", str, None, "compile modes (none, default, max-autotune, ...)"),
-        ("--precision", str, None, "precisions (bf16, fp32, auto)"),
         ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
         ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
         ("--steps", AT_LEAST_1, 20, "timed steps (median; default 20)"),
@@ -233,7 +232,6 @@ def register_cli(subparsers) -> None:
         ("--baseline-aug-patches", AT_LEAST_1, 200, "patches for the baseline's per-patch CPU rate"),
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
-    p.add_argument("--no-augmentation", dest="augmentation", action="store_false", help="skip the augmentation rows")
     _output(p, "kernels", cmd_kernels)
 
     p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone")
@@ -251,7 +249,6 @@ def register_cli(subparsers) -> None:
         ("--classes", AT_LEAST_2, 10, "classes of each synthetic folder (default 10)"),
         ("--per-class", AT_LEAST_1, 20, "training images per class (at least 2 batches in all)"),
         ("--compile", str, "none", "model.compile of the step (default none)"),
-        ("--folder-root", str, None, "where the temporary JPEG folders go (default: the system temp dir)"),
     )
     _output(p, "data", cmd_data)
 
@@ -261,8 +258,6 @@ def register_cli(subparsers) -> None:
         p,
         ("--warmup", COUNT, 3, "untraced steps after the first (compile) step"),
         ("--steps", AT_LEAST_1, 5, "traced steps (default 5)"),
-        ("--top", AT_LEAST_1, 25, "ops listed (default 25)"),
-        ("--trace", str, None, "also write the Chrome trace (JSON) here"),
     )
     _output(p, "profile", cmd_profile)
 

@@ -121,7 +121,7 @@ def run_data(args, results: harness.Results) -> dict:
     settings = {k: getattr(args, k) for k in "n batch workers warmup steps classes per_class compile".split()}
     settings.update(sources=args.sources, patch=args.patch, overrides=args.overrides)
     result = {"settings": settings, "rows": [], "notes": notes}
-    with tempfile.TemporaryDirectory(dir=args.folder_root) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for source_px in args.sources:
             result["rows"] += measure_source(source_px, args, Path(tmp))
             results.write(result)

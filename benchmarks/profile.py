@@ -1,7 +1,7 @@
 """`fastemp bench profile`: where a training step's time goes, op by op (torch.profiler). The Trainer of a config
 runs its first step (compilation) and `warmup` steps untraced, then `steps` traced steps of its own train_until; the
 report: the ops with the most self time on the device (CUDA kernels on a GPU, CPU ops on the CPU) per step, each in
-a coarse category (convolution, matmul, Triton, BatchNorm, copy, other). `--trace FILE` writes the Chrome trace.
+a coarse category (convolution, matmul, Triton, BatchNorm, copy, other).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if re.search(pattern, name, flags=re.I)), "other")
 
 
-def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: str | None = None) -> dict:
+def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cfg.train.max_steps, cfg.eval.at_end, cfg.eval.every = 1 + warmup + steps, False, "0"
@@ -42,8 +42,6 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: s
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda) as prof:
         trainer.train_until(1 + warmup + steps)
         sync()
-    if trace:
-        prof.export_chrome_trace(trace)
     # self time on the device that matters, in microseconds
     us = (lambda e: e.self_device_time_total) if on_cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(((e.key, e.count, float(us(e))) for e in prof.key_averages() if us(e) > 0), key=lambda e: -e[2])
