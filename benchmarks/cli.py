@@ -6,6 +6,7 @@ before anything is measured (one line, exit 2, no result file); results: docs/be
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 
@@ -49,25 +50,25 @@ def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", 
     return harness.Results(benchmark, markdown, args.out, args.name, device, args.force, suffixes)
 
 
-def _axes(args) -> dict:
-    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
-    return {**axes, **{k: harness.parse_list(args.__dict__[k]) for k in ("backend", "compile")}}
-
-
 # ------------------------------------------------------------------------------ commands
 
 
-def cmd_throughput(args) -> int:
-    from .throughput import markdown, run_throughput
+def command(module: str, name: str, *rows: str):
+    """`fastemp bench NAME`: MODULE.run(args, its config or None, results) writes the result; exit 1 when one of
+    its `rows` is an error."""
 
-    base = config_of(args)
-    result = run_throughput(
-        base, _axes(args), args, results_for(args, "throughput", markdown, base.train.device), harness.Data()
-    )
-    return int(any(r["status"] == "error" for r in result["points"] + result["baselines"]))
+    def run(args) -> int:
+        benchmark = importlib.import_module(f"{__package__}.{module}")
+        cfg = config_of(args) if "config" in args else None
+        device = cfg.train.device if cfg else args.device
+        result = benchmark.run(args, cfg, results_for(args, name, benchmark.markdown, device))
+        return int(any(r["status"] == "error" for key in rows for r in result[key]))
+
+    return run
 
 
 def cmd_tune(args) -> int:
+    from .throughput import axes_of
     from .tune import default_axes, markdown, run_tune, write_config
 
     base, target = config_of(args), Path(args.out)
@@ -75,18 +76,9 @@ def cmd_tune(args) -> int:
     args.out, args.name = str(target.parent), target.stem
     results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
     settings = {k: harness.parse_list(getattr(args, k)) for k in ("cudnn_benchmark", "patch_compile")}
-    axes, settings = default_axes(base, _axes(args), settings, results.environment["device"].startswith("cuda"))
+    axes, settings = default_axes(base, axes_of(args), settings, results.environment["device"].startswith("cuda"))
     result = run_tune(base, axes, settings, args, results, harness.Data())
     return write_config(result, results.folder / f"{results.name}{suffix}")
-
-
-def cmd_profile(args) -> int:
-    from .profile import markdown, profile_steps
-
-    cfg = config_of(args)
-    results = results_for(args, "profile", markdown, cfg.train.device)
-    results.write(profile_steps(cfg, harness.Data(), args.warmup, args.steps), final=True)
-    return 0
 
 
 def cmd_accuracy(args) -> int:
@@ -120,20 +112,6 @@ def cmd_time_to_accuracy(args) -> int:
     cfg = config_of(args)
     run_time_to_accuracy(cfg, args, results_for(args, "time_to_accuracy", tta_markdown, cfg.train.device))
     return 0
-
-
-def cmd_kernels(args) -> int:
-    from .kernels import markdown, run_kernels
-
-    result = run_kernels(args, results_for(args, "kernels", markdown, args.device))
-    return int(any(r["status"] == "error" for r in result["rows"] + result["augmentation"]))
-
-
-def cmd_data(args) -> int:
-    from .data_bench import markdown, run_data
-
-    result = run_data(args, results_for(args, "data", markdown, args.device))
-    return int(any(r["status"] == "error" for r in result["rows"]))
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -185,7 +163,7 @@ def register_cli(subparsers) -> None:
         ("--baseline-steps", AT_LEAST_1, None, "timed baseline steps (default: max(20, 2 x workers))"),
         ("--peak-size", AT_LEAST_1, None, "matmul size of the measured peak (default 8192 GPU, 1024 CPU)"),
     )
-    _output(p, "throughput", cmd_throughput)
+    _output(p, "throughput", command("throughput", "throughput", "points", "baselines"))
 
     p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures and code")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
@@ -232,7 +210,7 @@ def register_cli(subparsers) -> None:
         ("--baseline-aug-patches", AT_LEAST_1, 200, "patches for the baseline's per-patch CPU rate"),
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
-    _output(p, "kernels", cmd_kernels)
+    _output(p, "kernels", command("kernels", "kernels", "rows", "augmentation"))
 
     p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone")
     p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
@@ -250,7 +228,7 @@ def register_cli(subparsers) -> None:
         ("--per-class", AT_LEAST_1, 20, "training images per class (at least 2 batches in all)"),
         ("--compile", str, "none", "model.compile of the step (default none)"),
     )
-    _output(p, "data", cmd_data)
+    _output(p, "data", command("data_bench", "data", "rows"))
 
     p = sub.add_parser("profile", help="where a training step's time goes, kernel by kernel (torch.profiler)")
     _config_args(p, "cifar10_n20_1ep")
@@ -259,7 +237,7 @@ def register_cli(subparsers) -> None:
         ("--warmup", COUNT, 3, "untraced steps after the first (compile) step"),
         ("--steps", AT_LEAST_1, 5, "traced steps (default 5)"),
     )
-    _output(p, "profile", cmd_profile)
+    _output(p, "profile", command("profile", "profile"))
 
     from .official_peer import add_arguments as peer_arguments
     from .report import add_arguments as report_arguments

@@ -114,7 +114,7 @@ def measure_source(source_px: int, args, root: Path) -> list[dict]:
     return rows + ([] if "dali" in arms else [skipped])
 
 
-def run_data(args, results: harness.Results) -> dict:
+def run(args, _, results: harness.Results) -> dict:
     notes = [f"model.compile={args.compile}", "synthetic JPEGs (quality 90 + pixel noise): see bytes_per_image"]
     if results.environment["device"] == "cpu":
         notes.append("CPU run: every arm shares the cores with the step; DALI runs its CPU operators.")

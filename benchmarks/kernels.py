@@ -145,7 +145,7 @@ def speedups(rows: list[dict]) -> list[dict]:
     return [{**label, "speedup": times[key(r)] / r["seconds"]} for label, r in zip(labels, faster)]
 
 
-def run_kernels(args, results: harness.Results) -> dict:
+def run(args, _, results: harness.Results) -> dict:
     device = torch.device(results.environment["device"])
     gen = torch.Generator(device=device).manual_seed(0)
     rows = loss_rows(args, device, gen) + lars_rows(args, device)

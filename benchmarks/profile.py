@@ -30,11 +30,12 @@ def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if re.search(pattern, name, flags=re.I)), "other")
 
 
-def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int = 25) -> dict:
+def run(args, cfg: Config, results: harness.Results, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    warmup, steps = args.warmup, args.steps
     cfg.train.max_steps, cfg.eval.at_end, cfg.eval.every = 1 + warmup + steps, False, "0"
-    trainer = data.trainer(cfg)
+    trainer = harness.Data().trainer(cfg)
     on_cuda = trainer.device.type == "cuda"
     trainer.train_until(1 + warmup)
     sync = torch.cuda.synchronize if on_cuda else lambda: None
@@ -54,7 +55,7 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int = 25) -> 
     by_category = Counter()
     for row in rows:
         by_category[row["category"]] += row["ms_per_step"]
-    return {
+    result = {
         "config": to_dict(cfg),
         "resolved": trainer.runtime.resolved(),
         "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
@@ -63,6 +64,7 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int = 25) -> 
         "categories": {k: {"ms_per_step": v, "share": v * steps * 1e3 / total} for k, v in by_category.most_common()},
         "top": rows[:top],
     }
+    return results.write(result, final=True)
 
 
 def markdown(result: dict) -> str:

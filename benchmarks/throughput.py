@@ -128,9 +128,16 @@ def targets(rows: list[dict], environment: dict) -> list[dict]:
     return out
 
 
-def run_throughput(base, axes: dict, args, results: harness.Results, data: harness.Data) -> dict:
+def axes_of(args) -> dict:
+    """The sweep's axes from the command line (None: the config's value)."""
+    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
+    return {**axes, **{k: harness.parse_list(args.__dict__[k]) for k in ("backend", "compile")}}
+
+
+def run(args, base, results: harness.Results) -> dict:
     """The whole sweep, written after every point; every point's config, machine and data are checked (one line
     each) before anything is measured."""
+    axes, data = axes_of(args), harness.Data()
     todo = [point_config(base, p, 1 + args.warmup + args.steps + args.split_steps + 1) for p in points(base, axes)]
     device = [data.check(cfg) for cfg in todo][0].device
     peak, flops = matmul_peak(device, args.peak_size), flops_per_patch(base.model, image_size=base.augment.crop_size)
