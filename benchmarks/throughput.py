@@ -68,7 +68,6 @@ def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps:
     step, batch = statistics.median(step_seconds), cfg.train.batch_size
     flops = flops_per_patch(cfg.model, image_size=cfg.augment.crop_size)
     return {
-        "flops_per_patch": flops,
         "resolved": trainer.runtime.resolved(),
         "grad_chunks_used": trainer.runtime.grad_chunks,  # 0 asks for chunks from free memory: what it chose
         "bn_groups": cfg.train.bn_groups,
@@ -76,7 +75,6 @@ def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps:
         "step_seconds_median": step,
         "images_per_s": batch / step,
         "patches_per_s": batch / step * cfg.train.n_patches,
-        "images_per_s_window_mean": steps * batch / sum(step_seconds),
         "first_step_seconds": trainer.warmup_seconds,
         "compile_seconds": max(0.0, trainer.warmup_seconds - step),
         **(utilisation(batch / step * cfg.train.n_patches, flops, peak) if peak else {}),
