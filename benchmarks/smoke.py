@@ -26,7 +26,7 @@ from fastemp import runs
 from fastemp.config import load_config
 
 from . import harness
-from .report import device_label, environment_markdown, large_n_option, table
+from .report import large_n_option, table
 from .throughput import measure_point
 
 # the items in order of need, each with its default limit in the suite (LIMIT_SMOKE_<ITEM>): ESTIMATES
@@ -78,16 +78,10 @@ def _steps(spec: str, dry_run: bool, overrides: list[str], steps: int, real_data
     point = measure_point(cfg, harness.Data(), 0, steps - 1, 0, None)
     if not all(math.isfinite(point[k]) for k in ("loss", "loss_sim", "loss_tcr")):
         raise AssertionError(f"non-finite loss after {steps} steps: {point['loss']}")
-    t, chunks = cfg.train, point["grad_chunks_used"]
-    return {
-        **point["resolved"],
-        **point,
-        "n_patches": t.n_patches,
-        "batch_size": t.batch_size,
-        "grad_chunks": chunks,
-        "large_n_option": large_n_option(chunks, t.bn_groups, t.n_patches, t.checkpoint_activations),
-        "peak_memory_gib": point["peak_memory_bytes"] / 2**30,
-    }
+    t = cfg.train
+    option = large_n_option(point["grad_chunks_used"], t.bn_groups, t.n_patches, t.checkpoint_activations)
+    sizes = {"n_patches": t.n_patches, "batch_size": t.batch_size, "large_n_option": option}
+    return {**point["resolved"], **point, **sizes, "peak_memory_gib": point["peak_memory_bytes"] / 2**30}
 
 
 def item_environment(dry_run: bool, record: Path) -> tuple[str, dict]:
@@ -230,12 +224,8 @@ def verdict(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Smoke: {device_label(result['environment'])}", "", *[f"- {line}" for line in verdict(result)]]
-    lines += [f"  - {note}" for note in result["gate"]["notes"]] + [
-        "",
-        table(result["items"], "item status seconds reason"),
-    ]
-    return "\n".join([*lines, "", environment_markdown(result["environment"])])
+    lines = [f"- {line}" for line in verdict(result)] + [f"  - {note}" for note in result["gate"]["notes"]]
+    return harness.page(result, "Smoke", *lines, "", table(result["items"], "item status seconds reason"))
 
 
 def report(record: Path, out: Path, items=ITEMS) -> int:

@@ -192,7 +192,7 @@ def test_smoke_reports_one_line_per_item_and_writes_smoke_json(dry):
     items = {i["item"]: i for i in found["items"]}
     assert list(items) == ["environment", "check", "train", "large_n", "dali"]
     assert all(i["status"] in ("PASS", "SKIP") for i in items.values())
-    assert math.isfinite(items["train"]["details"]["loss"]) and items["large_n"]["details"]["grad_chunks"] == 2
+    assert math.isfinite(items["train"]["details"]["loss"]) and items["large_n"]["details"]["grad_chunks_used"] == 2
     lines = [line for line in result.stdout.splitlines() if line.startswith("smoke ") and line.split()[1] in items]
     assert len(lines) == 5 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
 
