@@ -40,6 +40,11 @@ FRACTIONS = _checked(float, 1e-9, "comma-separated accuracies in (0, 1] such as 
 SECONDS = _checked(float, 1e-9, "a number > 0")
 
 
+def names(text: str) -> list[str] | None:
+    """'torch, dali' -> ['torch', 'dali']; '' -> None (the config's value)."""
+    return [name.strip() for name in text.split(",") if name.strip()] or None
+
+
 def config_of(args):
     return load_config(args.config, [*args.overrides, *([f"train.device={args.device}"] if args.device else [])])
 
@@ -75,7 +80,7 @@ def cmd_tune(args) -> int:
     suffix = target.suffix or ".yaml"
     args.out, args.name = str(target.parent), target.stem
     results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
-    settings = {k: harness.parse_list(getattr(args, k)) for k in ("cudnn_benchmark", "patch_compile")}
+    settings = {"cudnn_benchmark": args.cudnn_benchmark, "patch_compile": args.patch_compile}
     axes, settings = default_axes(base, axes_of(args), settings, results.environment["device"].startswith("cuda"))
     result = run_tune(base, axes, settings, args, results, harness.Data())
     return write_config(result, results.folder / f"{results.name}{suffix}")
@@ -89,7 +94,7 @@ def cmd_accuracy(args) -> int:
         for row in select_rows(None):
             print(f"{row.name}: {row.note}")
         return 0
-    rows, seeds = select_rows(harness.parse_list(args.rows), args.variant or ()), parse_seeds(args.seeds)
+    rows, seeds = select_rows(args.rows, args.variant or ()), parse_seeds(args.seeds)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
     for _, changes in args.variant or ():  # a misspelt variant is one line now, not an error row after an hour
         load_config("quickstart", [*overrides, *changes.split()])
@@ -152,8 +157,8 @@ def register_cli(subparsers) -> None:
         p,
         ("--n", INTS, None, "n_patches values, comma-separated (default: the config's)"),
         ("--batch", INTS, None, "batch sizes (default: the config's)"),
-        ("--backend", str, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
-        ("--compile", str, None, "compile modes (none, default, max-autotune, ...)"),
+        ("--backend", names, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
+        ("--compile", names, None, "compile modes (none, default, max-autotune, ...)"),
         ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
         ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
         ("--steps", AT_LEAST_1, 20, "timed steps (median; default 20)"),
@@ -170,7 +175,7 @@ def register_cli(subparsers) -> None:
     _add(
         p,
         ("--device", str, None, "auto | cpu | cuda | cuda:N (default: the configs' train.device)"),
-        ("--rows", str, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
+        ("--rows", names, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
         ("--list-rows", bool, None, "print the rows and what each reproduces, then exit"),
         ("--seeds", str, "3", "a count (seeds 0..N-1), a list, or next:K (K seeds not yet measured) (default 3)"),
         ("--accumulate", bool, None, "add to <out>/<name>.json (seeds already there are not run again)"),
@@ -251,10 +256,10 @@ def register_cli(subparsers) -> None:
         p,
         ("--batch", INTS, None, "batch sizes (default: the config's B and 2B; B changes the method too)"),
         ("--n", INTS, None, "n_patches to try (opt-in; default: the config's only)"),
-        ("--backend", str, None, "patch backends (default: those the data allows: torch, or pillow and dali)"),
-        ("--compile", str, None, "compile modes (default on CUDA: default,max-autotune-no-cudagraphs,reduce-overhead)"),
-        ("--cudnn-benchmark", str, None, "model.cudnn_benchmark values (default: off,on on CUDA)"),
-        ("--patch-compile", str, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
+        ("--backend", names, None, "patch backends (default: those the data allows: torch, or pillow and dali)"),
+        ("--compile", names, None, "compile modes (CUDA default: default,max-autotune-no-cudagraphs,reduce-overhead)"),
+        ("--cudnn-benchmark", names, None, "model.cudnn_benchmark values (default: off,on on CUDA)"),
+        ("--patch-compile", names, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
         ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (default: the config's; more when over budget)"),
         ("--memory-budget-gib", SECONDS, None, "peak-memory budget (default: 90%% of the card)"),
         ("--warmup", COUNT, 3, "untimed steps after the first"),

@@ -129,7 +129,7 @@ def targets(rows: list[dict], environment: dict) -> list[dict]:
 def axes_of(args) -> dict:
     """The sweep's axes from the command line (None: the config's value)."""
     axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
-    return {**axes, **{k: harness.parse_list(args.__dict__[k]) for k in ("backend", "compile")}}
+    return {**axes, "backend": args.backend, "compile": args.compile}
 
 
 def run(args, base, results: harness.Results) -> dict:
