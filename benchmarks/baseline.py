@@ -20,15 +20,12 @@ from fastemp.patches.draw import sharded_params
 from fastemp.patches.torch_backend import augment
 
 
-def coding_rate_dxd(z_i: torch.Tensor, eps: float) -> torch.Tensor:
-    """R(Z_i) = 1/2 logdet(I_d + d/(B eps) Z_i^T Z_i) of one patch group (B, d): the d x d form."""
-    b, d = z_i.shape
-    return 0.5 * torch.logdet(torch.eye(d, dtype=z_i.dtype, device=z_i.device) + (d / (b * eps)) * (z_i.T @ z_i))
-
-
 def loop_tcr(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
-    """The baseline's -mean_i R(Z_i): one d x d logdet per patch group in Python."""
-    return -sum(coding_rate_dxd(z[i], eps) for i in range(z.shape[0])) / z.shape[0]
+    """The baseline's -mean_i R(Z_i), R(Z_i) = 1/2 logdet(I_d + d/(B eps) Z_i^T Z_i) of patch group i (B, d): one
+    d x d logdet per group in Python."""
+    n, b, d = z.shape
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    return -sum(0.5 * torch.logdet(eye + (d / (b * eps)) * (z[i].T @ z[i])) for i in range(n)) / n
 
 
 def baseline_loss_terms(z: torch.Tensor, loss: LossConfig) -> LossTerms:
@@ -61,19 +58,6 @@ class PerPatchDataset(torch.utils.data.Dataset):
         return torch.stack([augment_one_patch(self.images, i, self.aug, self.generator[1]) for _ in range(self.n)])
 
 
-def make_loader(images: torch.Tensor, n: int, batch: int, aug: AugmentConfig, workers: int, pin_memory: bool, seed=0):
-    return torch.utils.data.DataLoader(
-        PerPatchDataset(images, n, aug),
-        batch_size=batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=workers > 0,
-    )
-
-
 def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, workers: int, steps=None) -> dict:
     """Images/s of the reference-style pipeline at cfg's n and batch size, on the library's clock.
 
@@ -101,7 +85,17 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
             optimizer.zero_grad(set_to_none=True)
             return terms
 
-        loader = iter(make_loader(images, n, batch, cfg.augment, workers, device.type == "cuda", cfg.train.seed))
+        loader = torch.utils.data.DataLoader(
+            PerPatchDataset(images, n, cfg.augment),
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+            persistent_workers=workers > 0,
+        )
+        loader = iter(loader)
         for _ in range(warmup):
             step(next(loader))
         memory.reset()

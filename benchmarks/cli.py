@@ -6,6 +6,7 @@ before anything is measured (one line, exit 2, no result file); results: docs/be
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 
@@ -39,6 +40,11 @@ FRACTIONS = _checked(float, 1e-9, "comma-separated accuracies in (0, 1] such as 
 SECONDS = _checked(float, 1e-9, "a number > 0")
 
 
+def names(text: str) -> list[str] | None:
+    """'torch, dali' -> ['torch', 'dali']; '' -> None (the config's value)."""
+    return [name.strip() for name in text.split(",") if name.strip()] or None
+
+
 def config_of(args):
     return load_config(args.config, [*args.overrides, *([f"train.device={args.device}"] if args.device else [])])
 
@@ -49,44 +55,35 @@ def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", 
     return harness.Results(benchmark, markdown, args.out, args.name, device, args.force, suffixes)
 
 
-def _axes(args) -> dict:
-    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
-    return {**axes, **{k: harness.parse_list(getattr(args, k, None)) for k in ("backend", "compile", "precision")}}
-
-
 # ------------------------------------------------------------------------------ commands
 
 
-def cmd_throughput(args) -> int:
-    from .throughput import markdown, run_throughput
+def command(module: str, name: str, *rows: str):
+    """`fastemp bench NAME`: MODULE.run(args, its config or None, results) writes the result; exit 1 when one of
+    its `rows` is an error."""
 
-    base = config_of(args)
-    result = run_throughput(
-        base, _axes(args), args, results_for(args, "throughput", markdown, base.train.device), harness.Data()
-    )
-    return int(any(r["status"] == "error" for r in result["points"] + result["baselines"]))
+    def run(args) -> int:
+        benchmark = importlib.import_module(f"{__package__}.{module}")
+        cfg = config_of(args) if "config" in args else None
+        device = cfg.train.device if cfg else args.device
+        result = benchmark.run(args, cfg, results_for(args, name, benchmark.markdown, device))
+        return int(any(r["status"] == "error" for key in rows for r in result[key]))
+
+    return run
 
 
 def cmd_tune(args) -> int:
+    from .throughput import axes_of
     from .tune import default_axes, markdown, run_tune, write_config
 
     base, target = config_of(args), Path(args.out)
     suffix = target.suffix or ".yaml"
     args.out, args.name = str(target.parent), target.stem
     results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
-    settings = {k: harness.parse_list(getattr(args, k)) for k in ("cudnn_benchmark", "patch_compile")}
-    axes, settings = default_axes(base, _axes(args), settings, results.environment["device"].startswith("cuda"))
+    settings = {"cudnn_benchmark": args.cudnn_benchmark, "patch_compile": args.patch_compile}
+    axes, settings = default_axes(base, axes_of(args), settings, results.environment["device"].startswith("cuda"))
     result = run_tune(base, axes, settings, args, results, harness.Data())
     return write_config(result, results.folder / f"{results.name}{suffix}")
-
-
-def cmd_profile(args) -> int:
-    from .profile import markdown, profile_steps
-
-    cfg = config_of(args)
-    results = results_for(args, "profile", markdown, cfg.train.device)
-    results.write(profile_steps(cfg, harness.Data(), args.warmup, args.steps, args.top, args.trace), final=True)
-    return 0
 
 
 def cmd_accuracy(args) -> int:
@@ -97,7 +94,7 @@ def cmd_accuracy(args) -> int:
         for row in select_rows(None):
             print(f"{row.name}: {row.note}")
         return 0
-    rows, seeds = select_rows(harness.parse_list(args.rows), args.variant or ()), parse_seeds(args.seeds)
+    rows, seeds = select_rows(args.rows, args.variant or ()), parse_seeds(args.seeds)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
     for _, changes in args.variant or ():  # a misspelt variant is one line now, not an error row after an hour
         load_config("quickstart", [*overrides, *changes.split()])
@@ -120,20 +117,6 @@ def cmd_time_to_accuracy(args) -> int:
     cfg = config_of(args)
     run_time_to_accuracy(cfg, args, results_for(args, "time_to_accuracy", tta_markdown, cfg.train.device))
     return 0
-
-
-def cmd_kernels(args) -> int:
-    from .kernels import markdown, run_kernels
-
-    result = run_kernels(args, results_for(args, "kernels", markdown, args.device))
-    return int(any(r["status"] == "error" for r in result["rows"] + result["augmentation"]))
-
-
-def cmd_data(args) -> int:
-    from .data_bench import markdown, run_data
-
-    result = run_data(args, results_for(args, "data", markdown, args.device))
-    return int(any(r["status"] == "error" for r in result["rows"]))
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -174,9 +157,8 @@ def register_cli(subparsers) -> None:
         p,
         ("--n", INTS, None, "n_patches values, comma-separated (default: the config's)"),
         ("--batch", INTS, None, "batch sizes (default: the config's)"),
-        ("--backend", str, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
-        ("--compile", str, None, "compile modes (none, default, max-autotune, ...)"),
-        ("--precision", str, None, "precisions (bf16, fp32, auto)"),
+        ("--backend", names, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
+        ("--compile", names, None, "compile modes (none, default, max-autotune, ...)"),
         ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
         ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
         ("--steps", AT_LEAST_1, 20, "timed steps (median; default 20)"),
@@ -186,14 +168,14 @@ def register_cli(subparsers) -> None:
         ("--baseline-steps", AT_LEAST_1, None, "timed baseline steps (default: max(20, 2 x workers))"),
         ("--peak-size", AT_LEAST_1, None, "matmul size of the measured peak (default 8192 GPU, 1024 CPU)"),
     )
-    _output(p, "throughput", cmd_throughput)
+    _output(p, "throughput", command("throughput", "throughput", "points", "baselines"))
 
     p = sub.add_parser("accuracy", help="the official table's rows over seeds, beside the official figures and code")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every row, e.g. model.width=16")
     _add(
         p,
         ("--device", str, None, "auto | cpu | cuda | cuda:N (default: the configs' train.device)"),
-        ("--rows", str, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
+        ("--rows", names, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
         ("--list-rows", bool, None, "print the rows and what each reproduces, then exit"),
         ("--seeds", str, "3", "a count (seeds 0..N-1), a list, or next:K (K seeds not yet measured) (default 3)"),
         ("--accumulate", bool, None, "add to <out>/<name>.json (seeds already there are not run again)"),
@@ -233,8 +215,7 @@ def register_cli(subparsers) -> None:
         ("--baseline-aug-patches", AT_LEAST_1, 200, "patches for the baseline's per-patch CPU rate"),
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
-    p.add_argument("--no-augmentation", dest="augmentation", action="store_false", help="skip the augmentation rows")
-    _output(p, "kernels", cmd_kernels)
+    _output(p, "kernels", command("kernels", "kernels", "rows", "augmentation"))
 
     p = sub.add_parser("data", help="the data path: Pillow workers vs DALI vs resident images vs the step alone")
     p.add_argument("overrides", nargs="*", help="config overrides of the step, e.g. model.width=8")
@@ -251,9 +232,8 @@ def register_cli(subparsers) -> None:
         ("--classes", AT_LEAST_2, 10, "classes of each synthetic folder (default 10)"),
         ("--per-class", AT_LEAST_1, 20, "training images per class (at least 2 batches in all)"),
         ("--compile", str, "none", "model.compile of the step (default none)"),
-        ("--folder-root", str, None, "where the temporary JPEG folders go (default: the system temp dir)"),
     )
-    _output(p, "data", cmd_data)
+    _output(p, "data", command("data_bench", "data", "rows"))
 
     p = sub.add_parser("profile", help="where a training step's time goes, kernel by kernel (torch.profiler)")
     _config_args(p, "cifar10_n20_1ep")
@@ -261,10 +241,8 @@ def register_cli(subparsers) -> None:
         p,
         ("--warmup", COUNT, 3, "untraced steps after the first (compile) step"),
         ("--steps", AT_LEAST_1, 5, "traced steps (default 5)"),
-        ("--top", AT_LEAST_1, 25, "ops listed (default 25)"),
-        ("--trace", str, None, "also write the Chrome trace (JSON) here"),
     )
-    _output(p, "profile", cmd_profile)
+    _output(p, "profile", command("profile", "profile"))
 
     from .official_peer import add_arguments as peer_arguments
     from .report import add_arguments as report_arguments
@@ -278,10 +256,10 @@ def register_cli(subparsers) -> None:
         p,
         ("--batch", INTS, None, "batch sizes (default: the config's B and 2B; B changes the method too)"),
         ("--n", INTS, None, "n_patches to try (opt-in; default: the config's only)"),
-        ("--backend", str, None, "patch backends (default: those the data allows: torch, or pillow and dali)"),
-        ("--compile", str, None, "compile modes (default on CUDA: default,max-autotune-no-cudagraphs,reduce-overhead)"),
-        ("--cudnn-benchmark", str, None, "model.cudnn_benchmark values (default: off,on on CUDA)"),
-        ("--patch-compile", str, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
+        ("--backend", names, None, "patch backends (default: those the data allows: torch, or pillow and dali)"),
+        ("--compile", names, None, "compile modes (CUDA default: default,max-autotune-no-cudagraphs,reduce-overhead)"),
+        ("--cudnn-benchmark", names, None, "model.cudnn_benchmark values (default: off,on on CUDA)"),
+        ("--patch-compile", names, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
         ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (default: the config's; more when over budget)"),
         ("--memory-budget-gib", SECONDS, None, "peak-memory budget (default: 90%% of the card)"),
         ("--warmup", COUNT, 3, "untimed steps after the first"),

@@ -114,14 +114,14 @@ def measure_source(source_px: int, args, root: Path) -> list[dict]:
     return rows + ([] if "dali" in arms else [skipped])
 
 
-def run_data(args, results: harness.Results) -> dict:
+def run(args, _, results: harness.Results) -> dict:
     notes = [f"model.compile={args.compile}", "synthetic JPEGs (quality 90 + pixel noise): see bytes_per_image"]
     if results.environment["device"] == "cpu":
         notes.append("CPU run: every arm shares the cores with the step; DALI runs its CPU operators.")
     settings = {k: getattr(args, k) for k in "n batch workers warmup steps classes per_class compile".split()}
     settings.update(sources=args.sources, patch=args.patch, overrides=args.overrides)
     result = {"settings": settings, "rows": [], "notes": notes}
-    with tempfile.TemporaryDirectory(dir=args.folder_root) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for source_px in args.sources:
             result["rows"] += measure_source(source_px, args, Path(tmp))
             results.write(result)

@@ -25,11 +25,6 @@ from fastemp.validate import check_config, check_data, check_output_path, check_
 from .report import device_label, environment_markdown
 
 
-def parse_list(text: str | None, kind: Callable = str) -> list | None:
-    """'20,200' -> [20, 200]; None or '' -> None (the axis keeps the config's value)."""
-    return [kind(item.strip()) for item in str(text or "").split(",") if item.strip()] or None
-
-
 def grid(axes: dict[str, Sequence]) -> list[dict]:
     """Every combination of the named axes, in the order given: [{'n': 20, 'b': 100}, ...]."""
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]

@@ -145,11 +145,11 @@ def speedups(rows: list[dict]) -> list[dict]:
     return [{**label, "speedup": times[key(r)] / r["seconds"]} for label, r in zip(labels, faster)]
 
 
-def run_kernels(args, results: harness.Results) -> dict:
+def run(args, _, results: harness.Results) -> dict:
     device = torch.device(results.environment["device"])
     gen = torch.Generator(device=device).manual_seed(0)
     rows = loss_rows(args, device, gen) + lars_rows(args, device)
-    augmentation = augmentation_rows(args, device, gen) if args.augmentation else []
+    augmentation = augmentation_rows(args, device, gen)
     settings = {k: getattr(args, k) for k in ("n", "batch", "dim", "warmup", "iters", "compile", "width")}
     notes = ["CPU timings are noisy: shared cores; Triton on the CPU runs interpreted and is never timed."]
     result = {"settings": settings, "rows": rows, "augmentation": augmentation}
@@ -166,9 +166,8 @@ def markdown(result: dict) -> str:
         "",
         table(rows, "kernel impl n B d dtype ms loss_abs_diff grad_max_abs_diff status note"),
     ]
-    if result["augmentation"]:
-        keys, headers = "impl n B patches_per_s status note", "backend|n|B|patches/s|status|note"
-        lines += ["", "## Augmentation", "", table(result["augmentation"], keys, headers)]
+    keys, headers = "impl n B patches_per_s status note", "backend|n|B|patches/s|status|note"
+    lines += ["", "## Augmentation", "", table(result["augmentation"], keys, headers)]
     if result["speedups"]:
         keys, headers = "kernel impl vs n B d speedup", "kernel|impl|over|n|B|d|x"
         lines += ["", "## Speed-ups", "", table(result["speedups"], keys, headers)]

@@ -10,7 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .suite import Suite, read_json
+from .report import read_result
+from .suite import Suite
 
 CALLS = {"call1": (230, ["smoke"]), "call2": (550, ["accuracy"]), "call3": (200, ["profile", "throughput20"])}
 NO_GATE = {"overrides": [], "peer": "run"}  # every fast path on, the official run too
@@ -28,10 +29,10 @@ def lease(call: str, out: str) -> int:
     shutil.rmtree(details, ignore_errors=True)
     print(f"lease: {call}: {seconds:.0f} s, results into {out} (details: {details})")
     if call == "call1":
-        env.setdefault("SMOKE_ITEMS", "environment,check,official_loader,train,large_n")
+        env.setdefault("SMOKE_ITEMS", "environment,check,train,large_n")
         status = Suite(out).run(["smoke"])
         stop = f"call 1 wrote no readable smoke gate ({out}/smoke.json)"
-        gate = read_json(Path(out) / "smoke.json").get("gate") or {**NO_GATE, "stop": stop}
+        gate = (read_result(Path(out) / "smoke.json") or {}).get("gate") or {**NO_GATE, "stop": stop}
         (state / "gate.json").write_text(json.dumps(gate))
         if gate["stop"]:
             print(f"lease: STOP: {gate['stop']}. Do not run call 2 as it is: fix it (docs/check.md), run call 1 again.")
@@ -45,7 +46,7 @@ def lease(call: str, out: str) -> int:
     if "LEASE_OVERRIDES" in env or "LEASE_PEER" in env:  # the command line's, else call 1's on this machine
         gate = {"overrides": env.get("LEASE_OVERRIDES", "").split(), "peer": env.get("LEASE_PEER") or "run"}
     else:
-        gate = read_json(state / "gate.json") or NO_GATE
+        gate = read_result(state / "gate.json") or NO_GATE
         if not (state / "gate.json").exists():
             print("lease: WARNING: no gate from call 1 here and none on the command line: every fast path on")
     if gate.get("stop"):

@@ -1,7 +1,7 @@
 """`fastemp bench profile`: where a training step's time goes, op by op (torch.profiler). The Trainer of a config
 runs its first step (compilation) and `warmup` steps untraced, then `steps` traced steps of its own train_until; the
 report: the ops with the most self time on the device (CUDA kernels on a GPU, CPU ops on the CPU) per step, each in
-a coarse category (convolution, matmul, Triton, BatchNorm, copy, other). `--trace FILE` writes the Chrome trace.
+a coarse category (convolution, matmul, Triton, BatchNorm, copy, other).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if re.search(pattern, name, flags=re.I)), "other")
 
 
-def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: str | None = None) -> dict:
+def run(args, cfg: Config, results: harness.Results, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    warmup, steps = args.warmup, args.steps
     cfg.train.max_steps, cfg.eval.at_end, cfg.eval.every = 1 + warmup + steps, False, "0"
-    trainer = data.trainer(cfg)
+    trainer = harness.Data().trainer(cfg)
     on_cuda = trainer.device.type == "cuda"
     trainer.train_until(1 + warmup)
     sync = torch.cuda.synchronize if on_cuda else lambda: None
@@ -42,8 +43,6 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: s
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda) as prof:
         trainer.train_until(1 + warmup + steps)
         sync()
-    if trace:
-        prof.export_chrome_trace(trace)
     # self time on the device that matters, in microseconds
     us = (lambda e: e.self_device_time_total) if on_cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(((e.key, e.count, float(us(e))) for e in prof.key_averages() if us(e) > 0), key=lambda e: -e[2])
@@ -56,7 +55,7 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: s
     by_category = Counter()
     for row in rows:
         by_category[row["category"]] += row["ms_per_step"]
-    return {
+    result = {
         "config": to_dict(cfg),
         "resolved": trainer.runtime.resolved(),
         "clock": "self CUDA time of each kernel" if on_cuda else "self CPU time of each op",
@@ -65,6 +64,7 @@ def profile_steps(cfg: Config, data, warmup: int, steps: int, top: int, trace: s
         "categories": {k: {"ms_per_step": v, "share": v * steps * 1e3 / total} for k, v in by_category.most_common()},
         "top": rows[:top],
     }
+    return results.write(result, final=True)
 
 
 def markdown(result: dict) -> str:

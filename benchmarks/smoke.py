@@ -26,11 +26,11 @@ from fastemp import runs
 from fastemp.config import load_config
 
 from . import harness
-from .report import device_label, environment_markdown, large_n_option, table
+from .report import large_n_option, table
 from .throughput import measure_point
 
 # the items in order of need, each with its default limit in the suite (LIMIT_SMOKE_<ITEM>): ESTIMATES
-ITEMS = dict(environment=60, check=300, official_loader=150, train=240, large_n=90, dali=120)
+ITEMS = dict(environment=60, check=300, train=240, large_n=90, dali=120)
 CHECK_GROUPS = (  # (checks, quick) in order of need
     (("tcr", "loss", "cosine_to_mean"), True),  # quick covers the accuracy run's n=20, B=100, d=1024
     (("prefetch", "patches", "lars", "eval_forward", "compile"), False),
@@ -78,16 +78,10 @@ def _steps(spec: str, dry_run: bool, overrides: list[str], steps: int, real_data
     point = measure_point(cfg, harness.Data(), 0, steps - 1, 0, None)
     if not all(math.isfinite(point[k]) for k in ("loss", "loss_sim", "loss_tcr")):
         raise AssertionError(f"non-finite loss after {steps} steps: {point['loss']}")
-    t, chunks = cfg.train, point["grad_chunks_used"]
-    return {
-        **point["resolved"],
-        **point,
-        "n_patches": t.n_patches,
-        "batch_size": t.batch_size,
-        "grad_chunks": chunks,
-        "large_n_option": large_n_option(chunks, t.bn_groups, t.n_patches, t.checkpoint_activations),
-        "peak_memory_gib": point["peak_memory_bytes"] / 2**30,
-    }
+    t = cfg.train
+    option = large_n_option(point["grad_chunks_used"], t.bn_groups, t.n_patches, t.checkpoint_activations)
+    sizes = {"n_patches": t.n_patches, "batch_size": t.batch_size, "large_n_option": option}
+    return {**point["resolved"], **point, **sizes, "peak_memory_gib": point["peak_memory_bytes"] / 2**30}
 
 
 def item_environment(dry_run: bool, record: Path) -> tuple[str, dict]:
@@ -123,30 +117,6 @@ def item_check(dry_run: bool, record: Path) -> tuple[str, dict]:
         raise AssertionError(f"{counts['FAIL']} of {len(rows)} rows failed: " + "; ".join(failed[:4]))
     full = [name for only, quick in groups if not quick for name in only]
     return f"{counts['pass']} rows passed, {counts['skipped']} skipped ({', '.join(full)} in full)", {"counts": counts}
-
-
-def item_official_loader(dry_run: bool, record: Path) -> tuple[str, dict]:
-    from .official_peer import add_arguments, probe_loader
-
-    official = os.environ.get("FASTEMP_OFFICIAL_DIR") or ("" if dry_run else ".official")
-    data = os.environ.get("FASTEMP_CIFAR10_JPEG", "")
-    if not official or not (Path(official) / "main.py").is_file():
-        raise Skip(f"no official checkout ({official or 'dry run: FASTEMP_OFFICIAL_DIR unset'})")
-    if not Path(data).is_file():
-        raise Skip("no CIFAR-10 JPEG copy (FASTEMP_CIFAR10_JPEG)")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    argv = ["--official-dir", official, "--data", data, "--out", tempfile.gettempdir()]
-    argv += ["--probe-loader", os.environ.get("SMOKE_LOADER_SECONDS", "5")]
-    argv += ["--python", os.environ.get("FASTEMP_OFFICIAL_PYTHON") or sys.executable]
-    argv += ["--cpu-dry-run", "--train-images", "200", "--test-images", "20"] if dry_run else []
-    result = probe_loader(parser.parse_args(argv))
-    if result["status"] != "PASS":
-        raise AssertionError(f"the official DataLoader did not deliver: {result.get('error')}")
-    return (
-        f"16 workers (file_system sharing{', after CUDA' if result.get('cuda_started_first') else ''}): first batch "
-        f"after {result['first_batch_seconds']:.1f} s, {result['batches']} batches in {result['window_seconds']:.1f} s"
-    ), result
 
 
 def item_train(dry_run: bool, record: Path) -> tuple[str, dict]:
@@ -220,8 +190,8 @@ def _lines(path: Path) -> list[dict]:
 
 def lease_gate(records: list[dict], rows_file: Path) -> dict:
     """What an accuracy run after this smoke may use: the overrides that switch off each fast path it takes whose
-    check rows failed or never passed (GATE), why it must not run at all (a path without a switch), and whether to
-    try the official code (not after its DataLoader failed or could not start here)."""
+    check rows failed or never passed (GATE), and why it must not run at all (a path without a switch). The official
+    run is always tried ("peer": "run"; LEASE_PEER="skip: WHY" keeps it out by hand)."""
     lines = _lines(rows_file)
     runtime, rows = (lines[0].get("runtime"), lines[1:]) if lines else (None, [])  # None: the check never started
     overrides, notes, stop = [], [], []
@@ -235,14 +205,11 @@ def lease_gate(records: list[dict], rows_file: Path) -> dict:
             stop += [f"{why}, and it has no off switch"] if switch is None else []
             overrides += [switch] if switch and switch not in overrides else []
             notes.append(f"{why} -> {switch or 'stop'}")
-    items = {r["item"]: r for r in records}
-    train, loader, peer = items.get("train"), items.get("official_loader"), "run"
+    train = next((r for r in records if r["item"] == "train"), None)
     if train and train["status"] == "FAIL" and not train["reason"].startswith("timed out"):
         overrides += [o for o in ("model.compile=none", "loss.fused=off") if o not in overrides]
         notes.append(f"train: FAIL ({train['reason'][:120]}) -> model.compile=none loss.fused=off")
-    if loader and loader["status"] in ("FAIL", "SKIP") and not loader["reason"].startswith("timed out"):
-        peer = f"skip: the official DataLoader probe said {loader['status']} ({loader['reason'][:160]})"
-    return {"overrides": overrides, "stop": "; ".join(stop) or None, "peer": peer, "notes": notes}
+    return {"overrides": overrides, "stop": "; ".join(stop) or None, "peer": "run", "notes": notes}
 
 
 def verdict(result: dict) -> list[str]:
@@ -257,12 +224,8 @@ def verdict(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Smoke: {device_label(result['environment'])}", "", *[f"- {line}" for line in verdict(result)]]
-    lines += [f"  - {note}" for note in result["gate"]["notes"]] + [
-        "",
-        table(result["items"], "item status seconds reason"),
-    ]
-    return "\n".join([*lines, "", environment_markdown(result["environment"])])
+    lines = [f"- {line}" for line in verdict(result)] + [f"  - {note}" for note in result["gate"]["notes"]]
+    return harness.page(result, "Smoke", *lines, "", table(result["items"], "item status seconds reason"))
 
 
 def report(record: Path, out: Path, items=ITEMS) -> int:

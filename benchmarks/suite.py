@@ -28,7 +28,7 @@ from typing import NamedTuple
 from fastemp import runs
 
 from .harness import now_iso
-from .report import device_label, table
+from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
@@ -201,7 +201,7 @@ class Suite:
             later = "".join(later)
         else:
             first, later = "next:1", f"next:{int(count) - 1}" if int(count) > 1 else ""
-        passed = [r for r in read_json(target).get("official_runs", []) if r.get("status") == "PASS"]
+        passed = [r for r in (read_result(target) or {}).get("official_runs", []) if r.get("status") == "PASS"]
         for which in (first, "peer", later) if passed else ("peer", first, later):  # fastemp - official needs one
             if which == "peer":
                 yield from self.peer(target, toy)
@@ -334,7 +334,7 @@ class Suite:
         sections, environment = [], {}
         for p in parts.values():
             name = RESULT.get(p["part"], p["part"])
-            result = read_json(self.details / f"{name}.json") or None
+            result = read_result(self.details / f"{name}.json") or None
             environment = environment or (result or {}).get("environment") or {}
             p["result"] = "none" if result is None else "partial" if result.get("partial") else "complete"
             p["result_file"] = None if result is None else "suite.json" if p["part"] == "data" else f"{name}.json"
@@ -361,13 +361,6 @@ def device_slug() -> str:
     except (OSError, subprocess.SubprocessError):
         found = ""
     return found.strip() or "unknown-device"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

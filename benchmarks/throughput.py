@@ -68,7 +68,6 @@ def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps:
     step, batch = statistics.median(step_seconds), cfg.train.batch_size
     flops = flops_per_patch(cfg.model, image_size=cfg.augment.crop_size)
     return {
-        "flops_per_patch": flops,
         "resolved": trainer.runtime.resolved(),
         "grad_chunks_used": trainer.runtime.grad_chunks,  # 0 asks for chunks from free memory: what it chose
         "bn_groups": cfg.train.bn_groups,
@@ -76,7 +75,6 @@ def measure_point(cfg, data: harness.Data, warmup: int, steps: int, split_steps:
         "step_seconds_median": step,
         "images_per_s": batch / step,
         "patches_per_s": batch / step * cfg.train.n_patches,
-        "images_per_s_window_mean": steps * batch / sum(step_seconds),
         "first_step_seconds": trainer.warmup_seconds,
         "compile_seconds": max(0.0, trainer.warmup_seconds - step),
         **(utilisation(batch / step * cfg.train.n_patches, flops, peak) if peak else {}),
@@ -128,9 +126,16 @@ def targets(rows: list[dict], environment: dict) -> list[dict]:
     return out
 
 
-def run_throughput(base, axes: dict, args, results: harness.Results, data: harness.Data) -> dict:
+def axes_of(args) -> dict:
+    """The sweep's axes from the command line (None: the config's value)."""
+    axes = {"n_patches": args.n, "batch_size": args.batch, "grad_chunks": args.grad_chunks}
+    return {**axes, "backend": args.backend, "compile": args.compile}
+
+
+def run(args, base, results: harness.Results) -> dict:
     """The whole sweep, written after every point; every point's config, machine and data are checked (one line
     each) before anything is measured."""
+    axes, data = axes_of(args), harness.Data()
     todo = [point_config(base, p, 1 + args.warmup + args.steps + args.split_steps + 1) for p in points(base, axes)]
     device = [data.check(cfg) for cfg in todo][0].device
     peak, flops = matmul_peak(device, args.peak_size), flops_per_patch(base.model, image_size=base.augment.crop_size)

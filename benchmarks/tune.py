@@ -8,13 +8,13 @@ gradient-cache chunks (the same gradients, less memory) while there are more; on
 from __future__ import annotations
 
 import copy
+import functools
 from operator import attrgetter
 from pathlib import Path
 
 import torch
 import yaml
 
-from fastemp.clock import matmul_peak
 from fastemp.config import apply_overrides, to_dict
 from fastemp.patches import dali_available
 
@@ -61,7 +61,9 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
     if budget is None and device.type == "cuda":
         budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-    peak = matmul_peak(device)
+    measure = functools.partial(
+        measure_point, data=data, warmup=args.warmup, steps=args.steps, split_steps=0, peak=None
+    )
     rows: list[dict] = []
 
     def result() -> dict:
@@ -76,9 +78,6 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
             "best": best,
             "config": to_dict(tuned_config(base, best)) if best else None,
         }
-
-    def measure(cfg) -> dict:
-        return measure_point(cfg, data, args.warmup, args.steps, 0, peak)
 
     for setting, point, cfg in todo:
         while True:

@@ -12,12 +12,8 @@ import torch.nn.functional as F
 from tiny_run import BENCH_CPU, BENCH_TINY
 
 from fastemp.benchmarks import harness
-from fastemp.benchmarks.baseline import (
-    PerPatchDataset,
-    baseline_loss_terms,
-    coding_rate_dxd,
-    make_loader,
-)
+from fastemp.benchmarks.baseline import PerPatchDataset, baseline_loss_terms, loop_tcr
+from fastemp.benchmarks.cli import names
 from fastemp.benchmarks.profile import category
 from fastemp.benchmarks.report import END, START, _short_data, render_tables, update_readme
 from fastemp.benchmarks.throughput import PHASES, points, targets
@@ -56,7 +52,7 @@ def strict_json(path: Path) -> dict:
 
 def test_harness_grid_points_and_result_names(tmp_path, capsys):
     assert harness.grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
-    assert harness.parse_list("20, 200", int) == [20, 200] and harness.parse_list("") is None
+    assert names(" torch, dali") == ["torch", "dali"] and names("") is None  # a comma-separated option
     assert len(time_calls(lambda: None, torch.device("cpu"), 2, 5)) == 5  # the library's clock, 5 calls
     cfg = load_config("quickstart")
     grid = points(cfg, {"n_patches": [2, 4], "backend": ["torch"]})
@@ -122,13 +118,11 @@ def test_baseline_loss_matches_fastemp(fused):
 
 def test_baseline_pieces():
     z = F.normalize(torch.randn(3, 10, 6, dtype=torch.float64), dim=-1)
-    loop = torch.stack([coding_rate_dxd(z[i], 0.2) for i in range(3)])
-    assert torch.allclose(loop, reference_total_coding_rate(z, 0.2), rtol=1e-12)  # the literal formula
+    assert torch.allclose(-loop_tcr(z, 0.2), reference_total_coding_rate(z, 0.2).mean(), rtol=1e-12)  # the formula
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     item = PerPatchDataset(images, 3, AugmentConfig())[2]
     assert item.shape == (3, 3, 32, 32) and item.min() >= -1 - 1e-6 and item.max() <= 1 + 1e-6
     assert not torch.equal(item[0], item[1])  # every patch draws its own augmentation
-    assert next(iter(make_loader(images, 3, 4, AugmentConfig(), 1, False))).shape == (4, 3, 3, 32, 32)
     batch = torch.arange(6).view(2, 3, 1, 1, 1).float()  # image b, patch i -> 3b + i
     assert patch_major(batch).flatten().tolist() == [0, 3, 1, 4, 2, 5]  # row i*B + b: patch i of image b
 
