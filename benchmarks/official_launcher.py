@@ -1,7 +1,6 @@
 """Runs the official EMP-SSL `main.py` from its checkout, unmodified, as `python main.py ARGS` would.
 
-    python official_launcher.py --official-dir DIR [--seed S] [--cpu-dry-run]
-        [--probe-loader SECONDS] -- ARGS...
+    python official_launcher.py --official-dir DIR [--seed S] [--cpu-dry-run] -- ARGS...
 
 official_peer.py runs it in a scratch folder (main.py reads ./data/ and writes ./logs/). Standard library only at
 import: it runs under whichever interpreter has the official code's dependencies. What it changes before main.py
@@ -19,7 +18,6 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import runpy  # noqa: E402
 
 
@@ -33,47 +31,11 @@ def use_prepared_cifar() -> None:
     CIFAR10.meta = {**CIFAR10.meta, "md5": None}
 
 
-def probe_loader(seconds: float, official_args: list[str], cpu: bool) -> dict:
-    """main.py's data loading with its settings (file_system sharing, DataLoader(batch 100, shuffle, drop_last,
-    16 workers)), iterated after CUDA has started as in main.py: the first batch's seconds, then batches for
-    `seconds` more. A 60 s DataLoader timeout (not main.py's) turns silent workers into an error, not a hang."""
-    import time
-
-    import torch
-    from dataset.datasets import load_dataset  # the official code's, from its folder (first on sys.path)
-    from torch.utils.data import DataLoader
-
-    n = int(official_args[official_args.index("--num_patches") + 1])
-    out = {"status": "FAIL", "workers": 16, "batch_size": 100, "num_patches": n, "sharing_strategy": "file_system"}
-    try:
-        torch.multiprocessing.set_sharing_strategy("file_system")
-        dataset = load_dataset("cifar10", train=True, num_patch=n)
-        loader = DataLoader(dataset, batch_size=100, shuffle=True, drop_last=True, num_workers=16, timeout=60)
-        if not cpu:
-            torch.zeros(1).cuda()
-        out["cuda_started_first"] = not cpu
-        start, first, batches, now = time.perf_counter(), None, 0, 0.0
-        for data, _ in loader:
-            batches, now = batches + 1, time.perf_counter() - start
-            if first is None:
-                first, out["patches_per_batch"] = now, len(data)
-            if now >= first + seconds:
-                break
-        out.update(first_batch_seconds=first, batches=batches, window_seconds=None if first is None else now - first)
-        steady = first is not None and now > first
-        out["images_per_s_after_first"] = (batches - 1) * 100 / (now - first) if steady else None
-        out["status"] = "PASS" if batches > 0 else "FAIL"
-    except Exception as err:
-        out["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-dir", required=True)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cpu-dry-run", action="store_true")
-    parser.add_argument("--probe-loader", type=float)
     parser.add_argument("official_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     official_args = args.official_args[1:] if args.official_args[:1] == ["--"] else args.official_args
@@ -106,9 +68,6 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.nn.Module.cuda = lambda self, device=None: self
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    if args.probe_loader:
-        print(json.dumps(probe_loader(args.probe_loader, official_args, args.cpu_dry_run)), flush=True)
-        return
     sys.argv = [script, *official_args]
     runpy.run_path(script, run_name="__main__")
 

@@ -30,7 +30,6 @@ NAME, REPO = "official_peer", "tsb0601/EMP-SSL"
 REQUIREMENTS = ("torch", "torchvision", "torchmetrics", "sklearn", "tqdm", "matplotlib", "PIL", "numpy")  # main.py's
 FILES = ("main.py", "model/model.py", "dataset/datasets.py", "dataset/aug.py", "lars.py", "loss.py", "func.py")
 LAUNCHER = Path(__file__).with_name("official_launcher.py")
-PROBE_SECONDS = 60.0  # --probe-loader: how long the workers may take to deliver their first batch
 IMPORT_PROBE = """import importlib, json, sys
 missing, versions = [], {}
 for name in sys.argv[1:]:
@@ -191,27 +190,6 @@ def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = False
     return evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
 
 
-def probe_loader(args) -> dict:
-    """main.py's DataLoader alone on the prepared data (official_launcher.py --probe-loader): whether its 16 workers,
-    forked after CUDA started and sharing tensors through the file system, deliver batches here."""
-    preflight(args)
-    with tempfile.TemporaryDirectory(prefix="fastemp-official-loader-", ignore_cleanup_errors=True) as scratch:
-        work = Path(args.work or scratch)
-        _, _, data = prepare_data(args, peer_config(args), work)
-        limit = args.probe_loader + PROBE_SECONDS + 60
-        command = launcher(args, "--probe-loader", str(args.probe_loader))
-        try:
-            out = subprocess.run(
-                command, cwd=work, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL
-            )
-        except subprocess.TimeoutExpired:
-            return {"status": "FAIL", "error": f"the probe did not end within {limit:g} s"}
-        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if not found:
-            return {"status": "FAIL", "exit_code": out.returncode, "error": one_line(out.stderr + out.stdout)[-300:]}
-        return {"data": data["copy"], **json.loads(found[-1])}
-
-
 def markdown(result: dict) -> str:
     official, training, evaluation = result["official"], result.get("training") or {}, result.get("evaluation") or {}
     lines = ["- **CPU dry run of the harness: not a peer result**"] if result.get("dry_run") else []
@@ -246,7 +224,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("--device", str, "auto", "device of fastemp's evaluation"),
         ("--python", str, sys.executable, "interpreter with the official code's dependencies (default: this one)"),
         ("--work", str, None, "scratch folder for the official run's data and checkpoints (default: temporary)"),
-        ("--probe-loader", float, None, "instead of a run: whether main.py's DataLoader delivers for SECONDS"),
         ("--train-images", int, 0, "dry runs: an evenly spaced subset (0: all)"),
         ("--test-images", int, 0, "dry runs: an evenly spaced subset (0: all)"),
     )
@@ -259,11 +236,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    """0 when the official run trained and was scored; the probe: 0 when the loader delivered."""
-    if args.probe_loader:
-        result = probe_loader(args)
-        print(json.dumps(result))
-        return int(result["status"] != "PASS")
+    """0 when the official run trained and was scored."""
     try:
         return int(run_peer(args)["status"] != "PASS")
     except (Stopped, KeyboardInterrupt) as why:  # what it measured is written

@@ -290,23 +290,6 @@ def test_a_failed_or_killed_official_run_keeps_its_json_and_log(tmp_path, monkey
     assert result["training"]["epochs"][0]["steps"] >= 3 and "3it" in log.read_text()
 
 
-def test_the_loader_probe_runs_mains_dataloader_settings(tmp_path, capsys, monkeypatch):
-    import fastemp.benchmarks.official_peer as peer
-
-    monkeypatch.setattr(peer, "probe_imports", lambda python: {"missing": [], "versions": {}})
-    official, python = stand_in_checkout(tmp_path)
-    data = fake_jpeg_tar(tmp_path / "tiny-jpeg.tar.gz", 110, 5)
-    args = peer_args(tmp_path, official, python, data, tmp_path / "out", "--probe-loader", "0.1")
-    assert peer_main(args) == 0
-    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert probe["status"] == "PASS" and probe["workers"] == 16 and probe["sharing_strategy"] == "file_system"
-    assert probe["batches"] >= 1 and probe["patches_per_batch"] == 2 and probe["first_batch_seconds"] > 0
-    (official / "dataset" / "datasets.py").write_text("def load_dataset(*a, **k):\n    raise OSError('no shm')\n")
-    assert peer_main(args) == 1
-    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert probe["status"] == "FAIL" and "no shm" in probe["error"]
-
-
 def test_the_peers_data_is_prepared_with_train_device_auto(tmp_path):
     """Off a dry run the peer's config keeps train.device=auto (the first H200 lease failed on it: torch.device)."""
     import argparse
