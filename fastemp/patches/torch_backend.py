@@ -118,10 +118,7 @@ def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch
 
 
 def color_jitter(
-    x: torch.Tensor,
-    factors: torch.Tensor,
-    order: torch.Tensor,
-    enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, enabled: tuple[bool, ...]
 ) -> torch.Tensor:
     """torchvision's ColorJitter with per-patch factors and order (PatchParams); `enabled[k]` False skips op k.
     The hue, the one expensive op, runs once: each patch applies its blend ops before its hue in the first three

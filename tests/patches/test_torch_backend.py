@@ -231,14 +231,14 @@ def test_color_jitter_applies_each_patch_in_its_own_order():
         ]
     )
     order = torch.tensor(perms)
-    out = pt.color_jitter(x, factors, order)
+    out = pt.color_jitter(x, factors, order, (True,) * 4)
     for p, perm in enumerate(perms):
         ref = x[p].double()
         for op in perm:
             ref = REF_OPS[op](ref, float(factors[p, op]))
         torch.testing.assert_close(out[p].double(), ref, rtol=0, atol=1e-5)
     # the order matters (so the test above can tell orders apart): reversed order differs
-    rev = pt.color_jitter(x, factors, order.flip(1))
+    rev = pt.color_jitter(x, factors, order.flip(1), (True,) * 4)
     assert (rev - out).abs().amax() > 1e-3
     # an op disabled (jitter amount 0) is skipped for every patch
     no_hue = pt.color_jitter(x, factors, order, enabled=(True, True, True, False))
