@@ -203,10 +203,7 @@ class DaliImagePatches(PatchBackend):
             for p, f in zip(positions, files)
         ]
         heights, widths = (torch.tensor(side).repeat(request.n) for side in zip(*(size for _, _, size in files)))
-        generator = torch.Generator().manual_seed(request.seed)
-        return files, sharded_params(
-            request.index.cpu(), request.n, request.shard, heights, widths, self.aug, generator
-        )
+        return files, sharded_params(request, heights, widths, self.aug)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a request with these arguments uses (reads the images' headers)."""

@@ -214,10 +214,8 @@ class TorchPatches(PatchBackend):
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a call with these arguments uses."""
-        generator = torch.Generator(device=self.images.device).manual_seed(seed)
-        return sharded_params(
-            index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2], self.aug, generator
-        )
+        height, width = self.images.shape[1:3]
+        return sharded_params(PatchRequest(index, n, seed, shard), height, width, self.aug, self.images.device)
 
     def make(self, request: PatchRequest) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False), warnings.catch_warnings():
