@@ -76,19 +76,19 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id):
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
+    from nvidia.dali import Pipeline
 
     on_gpu = device_id is not None
     size = aug.crop_size
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[aug.interpolation]
 
-    @pipeline_def(
+    pipe = Pipeline(
         batch_size=batch,
         num_threads=max(1, min(8, os.cpu_count() or 1)),
         device_id=device_id,
         prefetch_queue_depth=1,  # one request per run: the backend's worker feeds a request and runs it
     )
-    def images_to_patches():
+    with pipe:
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         window = fn.external_source(name="window", dtype=types.INT32, ndim=2)  # (n, 4): top, left, h, w
         roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=2)  # (n, 4): y0, x0, y1, x1 in the window
@@ -140,9 +140,7 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id):
             x = _gate(column(_SOLARIZE) * (x >= aug.solarize_threshold / 255), 1.0 - x, x)
         mean = types.Constant(np.float32(aug.mean))
         std = types.Constant(np.float32(aug.std))
-        return (x - mean) / std
-
-    pipe = images_to_patches()
+        pipe.set_outputs((x - mean) / std)
     pipe.build()
     return pipe
 
