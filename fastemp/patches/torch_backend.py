@@ -200,8 +200,6 @@ class TorchPatches(PatchBackend):
 
     def __init__(self, images: torch.Tensor, aug: AugmentConfig, compile_recipe: bool = False):
         super().__init__()
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
         self.images, self.aug = images, aug
         self.recipe = torch.compile(augment, dynamic=False) if compile_recipe else augment
         self._stream = None
