@@ -16,7 +16,7 @@ from fastemp.lars import build_lars
 from fastemp.losses import LossTerms
 from fastemp.model import build_model
 from fastemp.patches import patch_major
-from fastemp.patches.draw import sharded_params
+from fastemp.patches.draw import N_UNIFORMS, params_from_uniforms
 from fastemp.patches.torch_backend import augment
 
 
@@ -38,7 +38,8 @@ def baseline_loss_terms(z: torch.Tensor, loss: LossConfig) -> LossTerms:
 
 def augment_one_patch(images: torch.Tensor, image: int, aug: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """One augmented patch of dataset image `image`: (3, S, S) float32, normalized."""
-    params = sharded_params(torch.tensor([image]), 1, slice(None), images.shape[1], images.shape[2], aug, generator)
+    u = torch.rand(1, N_UNIFORMS, generator=generator)  # one row of the shared draw
+    params = params_from_uniforms(u, torch.tensor([image]), images.shape[1], images.shape[2], aug)
     return augment(images, params, aug)[0].contiguous()
 
 

@@ -173,7 +173,7 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
 
 
 def lars_hyperparameters(optim: OptimConfig) -> dict:
-    """The LARS constructor's keyword arguments from the config (also check.reference.reference_lars's)."""
+    """The LARS constructor's keyword arguments from the config (also check.reference.ReferenceLARS's)."""
     return dict(
         lr=optim.lr,
         momentum=optim.momentum,

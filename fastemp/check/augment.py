@@ -71,7 +71,7 @@ def check_augment_stats(ctx: Context) -> list[CheckResult]:
     index = torch.arange(batch)
     seed, other_seed = ctx.seed(), ctx.seed()
     with tempfile.TemporaryDirectory() as root:
-        dali_backend = DaliImagePatches(png_folder(images, Path(root), ctx.device), aug, seed=seed)
+        dali_backend = DaliImagePatches(png_folder(images, Path(root), ctx.device), aug)
         dali, se_dali = channel_stats(dali_backend(index, n, seed))
         dali_backend.close()
     paired, _ = channel_stats(TorchPatches(images.cpu(), aug)(index, n, seed))

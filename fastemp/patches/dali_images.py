@@ -16,14 +16,13 @@ from ..config import AugmentConfig
 from ..data.listing import undecodable
 from ..data.streamed import BadFileError, or_why
 from ..errors import DataError, one_line
-from .draw import BRIGHTNESS, CONTRAST, GRAY_WEIGHTS, HUE, SATURATION, PatchParams, jitter_enabled, sharded_params
+from .draw import GRAY_WEIGHTS, PatchParams, sharded_params
 from .prefetch import PatchBackend, PatchRequest, patch_major
 
 READ_THREADS = 8  # host threads reading files (I/O, not decoding)
 
 # Columns of the per-patch float parameters fed to the pipeline.
 _B, _C, _S, _HUE, _JITTER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(9)
-_N_COLUMNS = 9
 _IDLE_SIGMA = 0.1  # a patch that is not blurred gets this sigma: a 3-tap window, cheap (its result is unused)
 
 
@@ -72,25 +71,24 @@ def _hue_hsv(x, shift):
     return maxc * (1.0 - s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
 
 
-def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int):
+def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id):
     """The graph over `batch` encoded images, n patches each; device_id None: CPU operators only."""
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
+    from nvidia.dali import Pipeline
 
     on_gpu = device_id is not None
     size = aug.crop_size
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[aug.interpolation]
 
-    @pipeline_def(
+    pipe = Pipeline(
         batch_size=batch,
         num_threads=max(1, min(8, os.cpu_count() or 1)),
         device_id=device_id,
-        seed=seed,
         prefetch_queue_depth=1,  # one request per run: the backend's worker feeds a request and runs it
     )
-    def images_to_patches():
+    with pipe:
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         window = fn.external_source(name="window", dtype=types.INT32, ndim=2)  # (n, 4): top, left, h, w
         roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=2)  # (n, 4): y0, x0, y1, x1 in the window
@@ -142,33 +140,23 @@ def _build_pipeline(batch: int, n: int, aug: AugmentConfig, device_id, seed: int
             x = _gate(column(_SOLARIZE) * (x >= aug.solarize_threshold / 255), 1.0 - x, x)
         mean = types.Constant(np.float32(aug.mean))
         std = types.Constant(np.float32(aug.std))
-        return (x - mean) / std
-
-    pipe = images_to_patches()
+        pipe.set_outputs((x - mean) / std)
     pipe.build()
     return pipe
 
 
 def pipeline_inputs(params: PatchParams, aug: AugmentConfig, n: int) -> dict[str, list[np.ndarray]]:
-    """The host arrays the pipeline reads, one (n, k) array per image (every op a patch does not draw is
-    an identity). params: patch-major, on the host."""
+    """The host arrays the pipeline reads, one (n, k) array per image. params: patch-major, on the host. The jitter
+    factors go as drawn: a patch not jittered keeps its pixels (the _JITTER gate), an op of amount 0 is not in the
+    graph."""
     box = params.box.numpy().astype(np.int32)
     h, w = box[:, 2].astype(np.float32), box[:, 3].astype(np.float32)
     flip = params.flip.numpy()
     roi = np.stack([np.zeros_like(h), np.where(flip, w, 0), h, np.where(flip, 0, w)], axis=1).astype(np.float32)
-    jitter = params.jitter.numpy()
-    factors = params.factors.numpy().astype(np.float32)
-    enabled = jitter_enabled(aug)
-    prm = np.zeros((box.shape[0], _N_COLUMNS), np.float32)
-    for column, op in ((_B, BRIGHTNESS), (_C, CONTRAST), (_S, SATURATION)):
-        prm[:, column] = np.where(jitter & enabled[op], factors[:, op], 1.0)
-    prm[:, _HUE] = np.where(jitter & enabled[HUE], factors[:, HUE], 0.0)  # turns
-    prm[:, _JITTER] = jitter
-    prm[:, _GRAY] = params.gray.numpy()
     blur = params.blur.numpy()
-    prm[:, _BLUR] = blur
-    prm[:, _SIGMA] = np.where(blur, params.sigma.numpy(), _IDLE_SIGMA)
-    prm[:, _SOLARIZE] = params.solarize.numpy()
+    sigma = np.where(blur, params.sigma.numpy(), _IDLE_SIGMA)
+    per_patch = (params.jitter.numpy(), params.gray.numpy(), blur, sigma, params.solarize.numpy())
+    prm = np.column_stack([params.factors.numpy(), *per_patch]).astype(np.float32)  # columns _B ... _SOLARIZE
     uses_params = max(aug.jitter_p, aug.grayscale_p, aug.blur_p, aug.solarize_p) > 0  # else DALI prunes the input
     rows = {"window": box, "roi": roi, **({"params": prm} if uses_params else {})}
     b = box.shape[0] // n
@@ -181,11 +169,11 @@ class DaliImagePatches(PatchBackend):
 
     name = "dali"
 
-    def __init__(self, data, aug: AugmentConfig, seed: int = 0):
+    def __init__(self, data, aug: AugmentConfig):
         super().__init__()
         import nvidia.dali  # noqa: F401  (fail here, not on the first call, when DALI is missing)
 
-        self.data, self.aug, self.seed, self.device = data, aug, seed, data.device
+        self.data, self.aug, self.device = data, aug, data.device
         self._device_id, self._stream = None, None  # CPU operators
         if self.device.type == "cuda":
             self._device_id = torch.cuda.current_device() if self.device.index is None else self.device.index
@@ -213,10 +201,7 @@ class DaliImagePatches(PatchBackend):
             for p, f in zip(positions, files)
         ]
         heights, widths = (torch.tensor(side).repeat(request.n) for side in zip(*(size for _, _, size in files)))
-        generator = torch.Generator().manual_seed(request.seed)
-        return files, sharded_params(
-            request.index.cpu(), request.n, request.shard, heights, widths, self.aug, generator
-        )
+        return files, sharded_params(request, heights, widths, self.aug)
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a request with these arguments uses (reads the images' headers)."""
@@ -243,7 +228,7 @@ class DaliImagePatches(PatchBackend):
     def _run(self, blobs: list[np.ndarray], params: PatchParams, n: int) -> torch.Tensor:
         b = len(blobs)
         if (b, n) not in self._pipes:
-            self._pipes[b, n] = _build_pipeline(b, n, self.aug, self._device_id, self.seed)
+            self._pipes[b, n] = _build_pipeline(b, n, self.aug, self._device_id)
         inputs = {"encoded": blobs, **pipeline_inputs(params, self.aug, n)}
         with torch.cuda.stream(self._stream):  # None (CPU operators): the current stream
             (out,) = self._pipes[b, n].run(getattr(self._stream, "cuda_stream", None), **inputs)

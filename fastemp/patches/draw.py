@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AugmentConfig
+from .prefetch import PatchRequest
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as written in torchvision).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -22,7 +23,7 @@ _SCALE, _RATIO, _TOP, _LEFT, _FLIP, _JITTER = 0, 1, 2, 3, 4, 5
 _FACTORS = slice(6, 10)  # brightness, contrast, saturation, hue
 _ORDER = slice(10, 14)  # sort keys of a random permutation of the four jitter ops
 _GRAY, _BLUR, _SIGMA, _SOLARIZE = 14, 15, 16, 17
-_N_UNIFORMS = 18
+N_UNIFORMS = 18
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
@@ -67,20 +68,19 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
     return torch.stack([top, left, h, w], dim=1).long()
 
 
-def sharded_params(
-    index: torch.Tensor, n: int, shard: slice, height: int, width: int, aug: AugmentConfig, generator: torch.Generator
-) -> PatchParams:
-    """The parameters of the patches of images index[shard] of the global batch `index`: every rank draws
-    the global batch's rows (row i*B + b, the single-process draw) and keeps its own."""
-    u = sharded_uniforms(index.shape[0], n, shard, generator)
-    return params_from_uniforms(u, index[shard].repeat(n), height, width, aug)
+def sharded_params(request: PatchRequest, height, width, aug: AugmentConfig, device="cpu") -> PatchParams:
+    """The parameters of the request's patches (those of images index[shard]) on `device`."""
+    index = request.index.to(device)[request.shard].repeat(request.n)
+    return params_from_uniforms(sharded_uniforms(request, device), index, height, width, aug)
 
 
-def sharded_uniforms(batch: int, n: int, shard: slice, generator: torch.Generator) -> torch.Tensor:
-    """The shard's rows (n*b, 18) of the global batch's draw, before any image size is known (streamed backends
-    turn a row into a crop once they have read the image's size)."""
-    u = torch.rand(n * batch, _N_UNIFORMS, generator=generator, device=generator.device)
-    return u.view(n, batch, _N_UNIFORMS)[:, shard].reshape(-1, _N_UNIFORMS)
+def sharded_uniforms(request: PatchRequest, device="cpu") -> torch.Tensor:
+    """The shard's rows (n*b, 18) of the global batch's draw from request.seed: every rank draws the global batch's
+    rows (row i*B + b, the single-process draw) and keeps its own. Before any image size is known (streamed
+    backends turn a row into a crop once they have read the image's size)."""
+    batch, n = request.index.shape[0], request.n
+    u = torch.rand(n * batch, N_UNIFORMS, generator=torch.Generator(device).manual_seed(request.seed), device=device)
+    return u.view(n, batch, N_UNIFORMS)[:, request.shard].reshape(-1, N_UNIFORMS)
 
 
 def params_from_uniforms(

@@ -22,7 +22,7 @@ import torch
 from ..config import AugmentConfig
 from ..data.streamed import BadFileError, checked_image, or_why
 from ..errors import DataError
-from .draw import HUE, PatchParams, jitter_enabled, params_from_uniforms, sharded_uniforms
+from .draw import HUE, N_UNIFORMS, PatchParams, jitter_enabled, params_from_uniforms, sharded_uniforms
 from .prefetch import PatchBackend, PatchRequest, patch_major
 from .torch_backend import normalize_images
 
@@ -96,13 +96,6 @@ def _start_worker(trainer: int, started) -> None:
     started.wait(timeout=300)  # a worker that never starts breaks the barrier, and so the pool: one line
 
 
-def draw_uniforms(index: torch.Tensor, n: int, seed: int, shard: slice) -> torch.Tensor:
-    """The shard's rows of the shared draw as (b, n, 18): image-major, for per-image work."""
-    generator = torch.Generator().manual_seed(seed)
-    u = sharded_uniforms(int(index.shape[0]), n, shard, generator)
-    return u.view(n, -1, u.shape[-1]).transpose(0, 1)
-
-
 def to_patch_batch(per_image: np.ndarray | torch.Tensor, aug: AugmentConfig, device: torch.device) -> torch.Tensor:
     """(b, n, S, S, 3) uint8 patches -> (n*b, 3, S, S) float32 normalized, patch-major, channels_last."""
     x = patch_major(torch.as_tensor(per_image).to(device, non_blocking=True))
@@ -136,7 +129,7 @@ class PillowPatches(PatchBackend):
 
     def start(self, request: PatchRequest):
         index = request.index.cpu().tolist()
-        u = draw_uniforms(request.index.cpu(), request.n, request.seed, request.shard).numpy()
+        u = sharded_uniforms(request).view(request.n, -1, N_UNIFORMS).transpose(0, 1).numpy()  # (b, n, 18) by image
         positions = range(len(index))[request.shard]
         paths = [self.data.paths[index[p]] for p in positions]
         try:

@@ -118,10 +118,7 @@ def _blend_op(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch
 
 
 def color_jitter(
-    x: torch.Tensor,
-    factors: torch.Tensor,
-    order: torch.Tensor,
-    enabled: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, enabled: tuple[bool, ...]
 ) -> torch.Tensor:
     """torchvision's ColorJitter with per-patch factors and order (PatchParams); `enabled[k]` False skips op k.
     The hue, the one expensive op, runs once: each patch applies its blend ops before its hue in the first three
@@ -203,8 +200,6 @@ class TorchPatches(PatchBackend):
 
     def __init__(self, images: torch.Tensor, aug: AugmentConfig, compile_recipe: bool = False):
         super().__init__()
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
         self.images, self.aug = images, aug
         self.recipe = torch.compile(augment, dynamic=False) if compile_recipe else augment
         self._stream = None
@@ -217,10 +212,8 @@ class TorchPatches(PatchBackend):
 
     def params(self, index: torch.Tensor, n: int, seed: int, shard: slice = slice(None)) -> PatchParams:
         """The parameters a call with these arguments uses."""
-        generator = torch.Generator(device=self.images.device).manual_seed(seed)
-        return sharded_params(
-            index.to(self.images.device), n, shard, self.images.shape[1], self.images.shape[2], self.aug, generator
-        )
+        height, width = self.images.shape[1:3]
+        return sharded_params(PatchRequest(index, n, seed, shard), height, width, self.aug, self.images.device)
 
     def make(self, request: PatchRequest) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(self.images.device.type, enabled=False), warnings.catch_warnings():

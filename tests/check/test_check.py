@@ -35,7 +35,8 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert rc == 0, printed
     assert doc["passed"] is True and doc["device"] == "cpu" and doc["quick"] and doc["only"] == ["prefetch", "lars"]
     assert isinstance(doc["seed"], int) and f"seed {doc['seed']}" in printed
-    assert doc["torch"] == torch.__version__ and doc["triton"] and doc["device_name"] and "dali" in doc
+    env = doc["environment"]
+    assert env["torch"] == torch.__version__ and env["triton"] and env["device_name"] and "dali" in env
     assert set(doc["check_seconds"]) == {"prefetch", "lars"}
     rows = doc["results"]
     ops = ["prefetch taken", "prefetch other key"] + ["lars params", "lars momentum"] * 2 + ["lars fused"]

@@ -18,8 +18,8 @@ from fastemp.data import load_split
 from fastemp.data.synthetic_jpeg import make_folder
 from fastemp.errors import DataError
 from fastemp.patches import PatchRequest, make_patch_backend
-from fastemp.patches.draw import PatchParams
-from fastemp.patches.pillow_images import PillowPatches, draw_uniforms, image_patches, official_patch, open_rgb
+from fastemp.patches.draw import PatchParams, sharded_uniforms
+from fastemp.patches.pillow_images import PillowPatches, image_patches, official_patch, open_rgb
 from fastemp.runtime import choose_backend
 
 
@@ -70,10 +70,9 @@ def test_official_patch_crop_is_pil_crop_then_resize(images):
 def test_pillow_uses_the_shared_draw_with_each_images_own_size(images):
     aug = aug_off(crop_size=16, crop_ratio=(0.75, 4 / 3))
     index = torch.tensor([5, 2, 9])
-    u = draw_uniforms(index, 4, seed=7, shard=slice(None))
-    assert u.shape == (3, 4, 18)
-    generator = torch.Generator().manual_seed(7)
-    assert torch.equal(u.transpose(0, 1).reshape(-1, 18), torch.rand(12, 18, generator=generator))
+    u = sharded_uniforms(PatchRequest(index, 4, 7))
+    assert torch.equal(u, torch.rand(12, 18, generator=torch.Generator().manual_seed(7)))
+    u = u.view(4, 3, 18).transpose(0, 1)  # by image
     out = PillowPatches(images, aug, workers=0)(index, 4, seed=7)
     for j, i in enumerate(index.tolist()):  # patch-major: row k*3 + j is patch k of image index[j]
         per_image = image_patches(images.paths[i], u[j].numpy(), aug)
