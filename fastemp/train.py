@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, run_data, run_folder, runs, stop
 from .clock import Clock
-from .config import Config, EvalConfig
+from .config import Config
 from .data import ImageSet, load_split, load_train_images
 from .data.streamed import StreamedSet
 from .errors import NonFiniteError
@@ -228,7 +228,7 @@ class Trainer:
     def _watch_finite(self, terms: LossTerms, step: int) -> None:
         """Record on the device the first step whose sim, tcr or gradient (LARS's norms) is not finite: read on
         logged steps and before every checkpoint write (raise_if_nonfinite), not with a sync per step."""
-        grads_ok = self.optimizer.gradients_finite()
+        grads_ok = self.optimizer.gradients_finite
         tcr_ok = terms.tcr.detach().isfinite()
         ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
         term = torch.argmin(ok.to(torch.uint8))  # the first False
@@ -239,17 +239,14 @@ class Trainer:
     def raise_if_nonfinite(self, nonfinite: list[int] | None = None) -> None:
         step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
         if step >= 0:
-            uniformity = (
-                "the coding-rate loss (tcr)" if self.cfg.loss.uniformity == "tcr" else "the vonmises uniformity"
-            )
-            what = ("the invariance loss (sim)", uniformity, "the gradients")[int(term)]
+            names = ("the invariance loss (sim)", f"the uniformity loss ({self.cfg.loss.uniformity})", "the gradients")
             saved = (
                 f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
                 if self.run_dir and self.saved_step is not None
                 else "no checkpoint of this run was written"
             )
             raise NonFiniteError(
-                f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
+                f"training diverged: {names[int(term)]} became non-finite at step {int(step)} ({saved}); "
                 "lower optim.lr, raise loss.eps or check the data, then train again"
             )
 
@@ -259,11 +256,11 @@ class Trainer:
         # signalled in one all-reduce, with the non-finite record, the same on every rank (DDP's gradients):
         # all ranks stop at the same log step
         ours = torch.tensor([len(getattr(self.train_set, "skipped", ())), stop.pending > 0], device=self.device)
-        losses = distributed.mean_across_ranks(
+        total = distributed.sum_across_ranks(
             torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(), ours.double()])
         )
-        flat = torch.cat([losses, self._nonfinite.double()]).tolist()
-        values, skipped = flat[:3], round(flat[3] * self.runtime.world_size)
+        flat = torch.cat([total, self._nonfinite.double()]).tolist()
+        values, skipped = [v / self.runtime.world_size for v in flat[:3]], round(flat[3])
         self.signal = (stop.pending or signal.SIGTERM) if flat[4] > 0 else 0  # every rank stops after this step
         self.raise_if_nonfinite(flat[5:])
         self._time_steps()
@@ -358,19 +355,16 @@ class Trainer:
         reads the unlabelled data.train_path."""
         return load_split(self.cfg.data, "train", self.device) if self.cfg.data.train_path else self.train_set
 
-    def evaluate(
-        self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
-    ) -> dict:
-        """Score `model` (default: the trained one) under eval_cfg (default: cfg.eval), leaving training as it was:
-        the random streams forked, eval mode (running statistics read only), and each rank's own statistics back."""
+    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+        """Score `model` (default: the trained one) under cfg.eval, leaving training as it was: the random streams
+        forked, eval mode (running statistics read only), and each rank's own statistics back."""
         model = self.model if model is None else model
         kept = [b.clone() for b in model.buffers()] if self.runtime.world_size > 1 else []
-        distributed.broadcast_buffers(model)  # without sync_bn each rank has its shard's statistics: use rank 0's
+        for buffer in model.buffers() if kept else ():  # without sync_bn each rank has its shard's: use rank 0's
+            torch.distributed.broadcast(buffer, src=0)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             try:
-                return evaluate_encoder(
-                    model, self.probe_train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
-                )
+                return evaluate_encoder(model, self.probe_train_set, self.test_set, self.cfg, self.runtime, prefix)
             finally:
                 for buffer, saved in zip(model.buffers(), kept):
                     buffer.copy_(saved)
