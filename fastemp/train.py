@@ -118,11 +118,34 @@ class Trainer:
         """Run step `self.step` and advance: the one training step (train_until, the benchmarks, the profiler).
         `clock.mark(phase)`, when given, follows "start", "data", "forward", "loss", "backward", "optimizer"."""
         mark = clock.mark if clock is not None else (lambda phase: None)
-        step = self.step
+        t, runtime, step = self.cfg.train, self.runtime, self.step
         mark("start")
         patches = self._begin_step(step)
         mark("data")
-        terms = self._forward_backward(patches, mark)
+        loss = functools.partial(projection_loss_terms, cfg=self.cfg.loss, fused=runtime.fused_loss)
+        if runtime.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
+        if runtime.grad_chunks > 1:
+            terms = gradient_cache_step(
+                self.forward,
+                patches,
+                t.n_patches,
+                runtime.grad_chunks,
+                loss,
+                runtime.autocast(),
+                model=self.ddp or self.model,
+                mark=mark,
+            )
+        else:
+            with runtime.autocast():
+                p = self.forward(patches)
+            mark("forward")
+            leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
+            terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
+            terms.total.backward()
+            mark("loss")
+            p.backward(leaf.grad)
+            mark("backward")
         self.optimizer.step()
         self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,34 +163,6 @@ class Trainer:
         if step + 1 < self.total_steps:  # the next batch is known from the epoch's permutation: start it now
             self.patches.prefetch(step + 1, self.patch_request(step + 1))
         return patches if self.runtime.channels_last else patches.contiguous()
-
-    def _forward_backward(self, patches: torch.Tensor, mark) -> LossTerms:
-        """Loss terms of one step, with gradients accumulated into the model."""
-        t, runtime = self.cfg.train, self.runtime
-        loss = functools.partial(projection_loss_terms, cfg=self.cfg.loss, fused=runtime.fused_loss)
-        if runtime.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
-        if runtime.grad_chunks > 1:
-            return gradient_cache_step(
-                self.forward,
-                patches,
-                t.n_patches,
-                runtime.grad_chunks,
-                loss,
-                runtime.autocast(),
-                model=self.ddp or self.model,
-                mark=mark,
-            )
-        with runtime.autocast():
-            p = self.forward(patches)
-        mark("forward")
-        leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
-        terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
-        terms.total.backward()
-        mark("loss")
-        p.backward(leaf.grad)
-        mark("backward")
-        return terms
 
     def train_until(self, stop_step: int | None = None, clock=None) -> None:
         """Train from self.step up to stop_step (default: the end of the run), evaluating every eval.every steps
