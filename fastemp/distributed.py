@@ -25,7 +25,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 
 from . import watchdog
 from .config import ConfigError, flat_dict, shown, to_dict
@@ -224,13 +223,23 @@ def gather_batch(z: torch.Tensor) -> torch.Tensor:
     return z if world_size() == 1 else _GatherBatch.apply(z)
 
 
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum); backward: the gradient all-reduced, the adjoint (torch.distributed.nn's is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumAcrossRanks.apply(grad)
+
+
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of equal-shaped values (no autograd): global metrics from per-rank ones."""
-    if world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out)
-    return out
+    """The sum over ranks of equal-shaped values (global metrics from per-rank ones), differentiable."""
+    return values if world_size() == 1 else _SumAcrossRanks.apply(values)
 
 
 def run_on_main(fn):
@@ -267,8 +276,8 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with the statistics of the global batch on the CPU, with gloo (torch's SyncBatchNorm is GPU-only,
     and DDP refuses it on CPU modules). Affine, as every BatchNorm of the model. The per-channel sums are
     accumulated in float64 (as torch's CPU batch_norm does; float32 sums over ~10^5 elements lose the 1e-5
-    agreement) and summed over the ranks by torch's differentiable all_reduce, whose backward sums their gradients
-    (the adjoint, as the batch gather's). Running statistics get the unbiased global variance."""
+    agreement) and summed over the ranks by sum_across_ranks, whose backward sums their gradients (the adjoint,
+    as the batch gather's). Running statistics get the unbiased global variance."""
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -279,7 +288,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * world_size()  # equal shards on every rank
-        sums = all_reduce(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
+        sums = sum_across_ranks(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
         mean = sums[0] / count
         var = (sums[1] / count - mean * mean).clamp(min=0)  # biased, in float64
         xhat = (x - mean.to(x.dtype).view(shape)) * (var + self.eps).rsqrt().to(x.dtype).view(shape)
