@@ -223,17 +223,23 @@ def gather_batch(z: torch.Tensor) -> torch.Tensor:
     return z if world_size() == 1 else _GatherBatch.apply(z)
 
 
-def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of equal-shaped values (no autograd): global metrics from per-rank ones."""
-    return values if world_size() == 1 else sum_across_ranks(values) / world_size()
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum); backward: the gradient all-reduced, the adjoint (torch.distributed.nn's is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumAcrossRanks.apply(grad)
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out)
-    return out
+    """The sum over ranks of equal-shaped values (global metrics from per-rank ones), differentiable."""
+    return values if world_size() == 1 else _SumAcrossRanks.apply(values)
 
 
 def run_on_main(fn):
@@ -263,51 +269,15 @@ def gather_objects(obj) -> list:
     return out
 
 
-def broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
-    if world_size() > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
 # ---------------------------------------------------------------------------- BatchNorm, DDP
 
 
-class _GlobalBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm over the global batch: per-channel sums accumulated in float64 (as
-    torch's CPU batch_norm does; float32 sums over ~10^5 elements lose the 1e-5 agreement) and
-    all-reduced, one all-reduce in forward (sum, sum of squares) and one in backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, count: int):
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        sums = sum_across_ranks(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
-        mean = sums[0] / count
-        var = (sums[1] / count - mean * mean).clamp(min=0)  # biased, in float64
-        rstd = (var + eps).rsqrt().to(x.dtype)
-        xhat = (x - mean.to(x.dtype).view(shape)) * rstd.view(shape)
-        ctx.save_for_backward(xhat, rstd, weight)
-        ctx.count, ctx.shape, ctx.dims = count, shape, dims
-        ctx.mark_non_differentiable(mean, var)
-        return xhat * weight.view(shape) + bias.view(shape), mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _mean, _var):
-        xhat, rstd, weight = ctx.saved_tensors
-        shape, dims, count = ctx.shape, ctx.dims, ctx.count
-        local = torch.stack([grad.sum(dims, dtype=torch.float64), (grad * xhat).sum(dims, dtype=torch.float64)])
-        grad_bias, grad_weight = local[0].to(grad.dtype), local[1].to(grad.dtype)  # this rank's (DDP averages)
-        total = sum_across_ranks(local) / count
-        mean_g, mean_gx = (t.to(grad.dtype).view(shape) for t in total)
-        grad_x = (grad - mean_g - xhat * mean_gx) * (weight * rstd).view(shape)
-        return grad_x, grad_weight, grad_bias, None, None
-
-
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with the statistics of the global batch on the CPU, with gloo (torch's
-    SyncBatchNorm is GPU-only, and DDP refuses it on CPU modules). Affine, as every BatchNorm of
-    the model. Running statistics get the unbiased global variance."""
+    """BatchNorm with the statistics of the global batch on the CPU, with gloo (torch's SyncBatchNorm is GPU-only,
+    and DDP refuses it on CPU modules). Affine, as every BatchNorm of the model. The per-channel sums are
+    accumulated in float64 (as torch's CPU batch_norm does; float32 sums over ~10^5 elements lose the 1e-5
+    agreement) and summed over the ranks by sum_across_ranks, whose backward sums their gradients (the adjoint,
+    as the batch gather's). Running statistics get the unbiased global variance."""
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -316,42 +286,36 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * world_size()  # equal shards on every rank
-        y, mean, var = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, count)
+        sums = sum_across_ranks(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
+        mean = sums[0] / count
+        var = (sums[1] / count - mean * mean).clamp(min=0)  # biased, in float64
+        xhat = (x - mean.to(x.dtype).view(shape)) * (var + self.eps).rsqrt().to(x.dtype).view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.to(x.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_((var * count / max(count - 1, 1)).to(x.dtype), alpha=m)
-        return y
+        return xhat * self.weight.view(shape) + self.bias.view(shape)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm layer synchronised over the world (same parameters, buffers, state-dict keys):
-    torch's SyncBatchNorm on CUDA, CpuSyncBatchNorm on the CPU."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            sync = CpuSyncBatchNorm(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, device="meta"
-            )
-            # the layer's own parameters and buffers, as torch's convert_sync_batchnorm does: same
-            # objects, so their dtype and device are kept (a copy into a fresh module would be float32)
-            for key, value in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
-                setattr(sync, key, value)
-            sync.train(child.training)
-            setattr(model, name, sync)
-        else:
-            convert_sync_batchnorm(child, device)
+    """Every BatchNorm layer synchronised over the world by torch's converter (same parameter and buffer objects,
+    so their dtype and device, and state-dict keys): torch's SyncBatchNorm on CUDA, CpuSyncBatchNorm on the CPU."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type != "cuda":
+        for layer in model.modules():
+            if isinstance(layer, nn.SyncBatchNorm):
+                layer.__class__ = CpuSyncBatchNorm  # the same layer, another forward (not a SyncBatchNorm for DDP)
     return model
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the world: gradients averaged once per backward (bucketed). Buffers are never broadcast per
     forward (one broadcast per gradient-cache chunk): with sync_bn the running statistics are global already,
-    without it rank 0's are saved and evaluated (broadcast_buffers), as with the official DataParallel run."""
+    without it rank 0's are saved and evaluated (Trainer.evaluate), as with the official DataParallel run."""
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
     # torch >= 2.12 renamed the switch (the old name warns); the buffers are equal at init either way

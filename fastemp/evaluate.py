@@ -7,7 +7,6 @@ and kNN run on rank 0 and every rank returns the result.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,13 +90,6 @@ def extract_features(
     return distributed.sum_across_ranks(feats)
 
 
-@dataclass
-class ProbeResult:
-    final_top1: float
-    best_top1_on_test: float
-    curve: list[float]  # test top-1 after every epoch
-
-
 def linear_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -106,8 +98,8 @@ def linear_probe(
     num_classes: int,
     cfg: EvalConfig,
     seed: int = 0,
-) -> ProbeResult:
-    """Train Linear(dim, C) on cached features; report final-epoch (and best) test top-1."""
+) -> list[float]:
+    """Train Linear(dim, C) on cached features; the test top-1 after every epoch (the last one is the headline)."""
     device = train_x.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     probe = nn.Linear(train_x.shape[1], num_classes).to(device)
@@ -131,8 +123,7 @@ def linear_probe(
             opt.step()
         with torch.no_grad():
             curve.append((probe(test_x).argmax(1) == test_y).float().mean())
-    curve = torch.stack(curve).tolist()  # one host sync, not one per epoch
-    return ProbeResult(curve[-1], max(curve), curve)
+    return torch.stack(curve).tolist()  # one host sync, not one per epoch
 
 
 @torch.no_grad()
@@ -160,41 +151,30 @@ def knn_top1(
 
 
 def evaluate_encoder(
-    model: nn.Module,
-    train: ImageSet,
-    test: ImageSet,
-    cfg: Config,
-    runtime: Runtime,
-    prefix: str = "",
-    eval_cfg: EvalConfig | None = None,
+    model: nn.Module, train: ImageSet, test: ImageSet, cfg: Config, runtime: Runtime, prefix=""
 ) -> dict:
-    """Features for both splits, then the probe (and kNN when eval.knn) under eval_cfg (default: cfg.eval).
-    Keys get `prefix`."""
-    seed, protocol = cfg.train.seed, eval_cfg or cfg.eval
+    """Features for both splits, then the probe (and kNN when eval.knn) on rank 0. Keys get `prefix`."""
+    seed, protocol = cfg.train.seed, cfg.eval
     feats = [
         extract_features(
             model, getattr(s, "images", s), protocol, cfg.augment, runtime, seed + i, desc, cfg.data.workers
         )
         for i, (desc, s) in enumerate(((f"{prefix}features (train)", train), (f"{prefix}features (test)", test)))
     ]
-    return distributed.run_on_main(lambda: _probe_and_knn(feats, train, test, protocol, seed, prefix))
 
+    def probe_and_knn() -> dict:
+        split_data = (feats[0], train.labels, feats[1], test.labels, len(train.classes))
+        curve = linear_probe(*split_data, protocol, seed)
+        out = {
+            f"{prefix}linear_top1": curve[-1],
+            f"{prefix}best_top1_on_test": max(curve),
+            f"{prefix}eval_protocol": protocol.protocol,
+        }
+        if protocol.knn:
+            out[f"{prefix}knn_top1"] = knn_top1(*split_data, protocol.knn_k, protocol.knn_temperature)
+        return out
 
-def _probe_and_knn(
-    feats: list[torch.Tensor], train: ImageSet, test: ImageSet, cfg: EvalConfig, seed: int, prefix: str
-) -> dict:
-    num_classes = len(train.classes)
-    probe = linear_probe(feats[0], train.labels, feats[1], test.labels, num_classes, cfg, seed)
-    out = {
-        f"{prefix}linear_top1": probe.final_top1,
-        f"{prefix}best_top1_on_test": probe.best_top1_on_test,
-        f"{prefix}eval_protocol": cfg.protocol,
-    }
-    if cfg.knn:
-        out[f"{prefix}knn_top1"] = knn_top1(
-            feats[0], train.labels, feats[1], test.labels, num_classes, cfg.knn_k, cfg.knn_temperature
-        )
-    return out
+    return distributed.run_on_main(probe_and_knn)
 
 
 def first_reaching(evaluations: list[dict], target: float, key: str = "linear_top1") -> dict | None:

@@ -74,7 +74,9 @@ class LARS(torch.optim.SGD):
             group.setdefault("lars", True)
             group.setdefault("lars_weight_decay", weight_decay)
         self.eta, self.clip, self.eps = eta, clip, eps
-        self._finite: torch.Tensor | None = None
+        # whether every gradient of the last step was finite (0-d bool on the device; None before a step or without
+        # gradients), from the norms LARS computes anyway
+        self.gradients_finite: torch.Tensor | None = None
         self._sizes: dict[tuple, torch.Tensor] = {}  # per-tensor element counts, copied to the device once
         self._fused = torch.compile(fused_lars_sgd, fullgraph=True, dynamic=False) if fused_update else None
 
@@ -154,15 +156,10 @@ class LARS(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure=None):
         if self._fused is not None:
-            self._finite = self._fused_step()
+            self.gradients_finite = self._fused_step()
             return None
-        self._finite = self.adapt_gradients()
+        self.gradients_finite = self.adapt_gradients()
         return super().step(closure)
-
-    def gradients_finite(self) -> torch.Tensor | None:
-        """Whether every gradient of the last step was finite (0-d bool on the device; None before a step or
-        without gradients), from the norms LARS computed anyway."""
-        return self._finite
 
 
 def lars_param_groups(model: nn.Module) -> list[dict]:

@@ -64,9 +64,7 @@ class _CholeskyCodingRate(torch.autograd.Function):
 
 
 def total_coding_rate(z: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
-    """Per-group coding rates R(Z_i), shape (n,), in fp32 (float64 kept) with autocast off."""
-    if z.dim() != 3:
-        raise ValueError(f"z must be (n_patches, batch, dim), got shape {tuple(z.shape)}")
+    """Per-group coding rates R(Z_i) of z (n, B, d), shape (n,), in fp32 (float64 kept) with autocast off."""
     with torch.autocast(z.device.type, enabled=False):
         return _CholeskyCodingRate.apply(z, eps)
 

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ModelConfig, choices
+from .config import ModelConfig
 
 
 @contextmanager
@@ -104,8 +104,6 @@ class ResNet18Cifar(nn.Module):
 
     def __init__(self, width: int = 64, stem: str = "cifar"):
         super().__init__()
-        if stem not in choices(ModelConfig, "stem"):
-            raise ValueError(f"unknown stem {stem!r}")
         # recompute each stage in backward; the recomputation leaves BatchNorm's running statistics alone
         self.checkpoint_activations = False
         if stem == "imagenet":

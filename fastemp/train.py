@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, run_data, run_folder, runs, stop
 from .clock import Clock
-from .config import Config, EvalConfig
+from .config import Config
 from .data import ImageSet, load_split, load_train_images
 from .data.streamed import StreamedSet
 from .errors import NonFiniteError
@@ -118,11 +118,34 @@ class Trainer:
         """Run step `self.step` and advance: the one training step (train_until, the benchmarks, the profiler).
         `clock.mark(phase)`, when given, follows "start", "data", "forward", "loss", "backward", "optimizer"."""
         mark = clock.mark if clock is not None else (lambda phase: None)
-        step = self.step
+        t, runtime, step = self.cfg.train, self.runtime, self.step
         mark("start")
         patches = self._begin_step(step)
         mark("data")
-        terms = self._forward_backward(patches, mark)
+        loss = functools.partial(projection_loss_terms, cfg=self.cfg.loss, fused=runtime.fused_loss)
+        if runtime.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
+        if runtime.grad_chunks > 1:
+            terms = gradient_cache_step(
+                self.forward,
+                patches,
+                t.n_patches,
+                runtime.grad_chunks,
+                loss,
+                runtime.autocast(),
+                model=self.ddp or self.model,
+                mark=mark,
+            )
+        else:
+            with runtime.autocast():
+                p = self.forward(patches)
+            mark("forward")
+            leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
+            terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
+            terms.total.backward()
+            mark("loss")
+            p.backward(leaf.grad)
+            mark("backward")
         self.optimizer.step()
         self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,34 +163,6 @@ class Trainer:
         if step + 1 < self.total_steps:  # the next batch is known from the epoch's permutation: start it now
             self.patches.prefetch(step + 1, self.patch_request(step + 1))
         return patches if self.runtime.channels_last else patches.contiguous()
-
-    def _forward_backward(self, patches: torch.Tensor, mark) -> LossTerms:
-        """Loss terms of one step, with gradients accumulated into the model."""
-        t, runtime = self.cfg.train, self.runtime
-        loss = functools.partial(projection_loss_terms, cfg=self.cfg.loss, fused=runtime.fused_loss)
-        if runtime.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
-        if runtime.grad_chunks > 1:
-            return gradient_cache_step(
-                self.forward,
-                patches,
-                t.n_patches,
-                runtime.grad_chunks,
-                loss,
-                runtime.autocast(),
-                model=self.ddp or self.model,
-                mark=mark,
-            )
-        with runtime.autocast():
-            p = self.forward(patches)
-        mark("forward")
-        leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
-        terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
-        terms.total.backward()
-        mark("loss")
-        p.backward(leaf.grad)
-        mark("backward")
-        return terms
 
     def train_until(self, stop_step: int | None = None, clock=None) -> None:
         """Train from self.step up to stop_step (default: the end of the run), evaluating every eval.every steps
@@ -228,7 +223,7 @@ class Trainer:
     def _watch_finite(self, terms: LossTerms, step: int) -> None:
         """Record on the device the first step whose sim, tcr or gradient (LARS's norms) is not finite: read on
         logged steps and before every checkpoint write (raise_if_nonfinite), not with a sync per step."""
-        grads_ok = self.optimizer.gradients_finite()
+        grads_ok = self.optimizer.gradients_finite
         tcr_ok = terms.tcr.detach().isfinite()
         ok = torch.stack([terms.invariance.detach().isfinite(), tcr_ok, tcr_ok if grads_ok is None else grads_ok])
         term = torch.argmin(ok.to(torch.uint8))  # the first False
@@ -239,17 +234,14 @@ class Trainer:
     def raise_if_nonfinite(self, nonfinite: list[int] | None = None) -> None:
         step, term = nonfinite if nonfinite is not None else self._nonfinite.tolist()
         if step >= 0:
-            uniformity = (
-                "the coding-rate loss (tcr)" if self.cfg.loss.uniformity == "tcr" else "the vonmises uniformity"
-            )
-            what = ("the invariance loss (sim)", uniformity, "the gradients")[int(term)]
+            names = ("the invariance loss (sim)", f"the uniformity loss ({self.cfg.loss.uniformity})", "the gradients")
             saved = (
                 f"{self.run_dir / 'checkpoint.pt'} holds the last finite state, step {self.saved_step}"
                 if self.run_dir and self.saved_step is not None
                 else "no checkpoint of this run was written"
             )
             raise NonFiniteError(
-                f"training diverged: {what} became non-finite at step {int(step)} ({saved}); "
+                f"training diverged: {names[int(term)]} became non-finite at step {int(step)} ({saved}); "
                 "lower optim.lr, raise loss.eps or check the data, then train again"
             )
 
@@ -259,11 +251,11 @@ class Trainer:
         # signalled in one all-reduce, with the non-finite record, the same on every rank (DDP's gradients):
         # all ranks stop at the same log step
         ours = torch.tensor([len(getattr(self.train_set, "skipped", ())), stop.pending > 0], device=self.device)
-        losses = distributed.mean_across_ranks(
+        total = distributed.sum_across_ranks(
             torch.cat([torch.stack([terms.total, terms.invariance, terms.tcr]).detach().double(), ours.double()])
         )
-        flat = torch.cat([losses, self._nonfinite.double()]).tolist()
-        values, skipped = flat[:3], round(flat[3] * self.runtime.world_size)
+        flat = torch.cat([total, self._nonfinite.double()]).tolist()
+        values, skipped = [v / self.runtime.world_size for v in flat[:3]], round(flat[3])
         self.signal = (stop.pending or signal.SIGTERM) if flat[4] > 0 else 0  # every rank stops after this step
         self.raise_if_nonfinite(flat[5:])
         self._time_steps()
@@ -358,19 +350,16 @@ class Trainer:
         reads the unlabelled data.train_path."""
         return load_split(self.cfg.data, "train", self.device) if self.cfg.data.train_path else self.train_set
 
-    def evaluate(
-        self, model: torch.nn.Module | None = None, prefix: str = "", eval_cfg: EvalConfig | None = None
-    ) -> dict:
-        """Score `model` (default: the trained one) under eval_cfg (default: cfg.eval), leaving training as it was:
-        the random streams forked, eval mode (running statistics read only), and each rank's own statistics back."""
+    def evaluate(self, model: torch.nn.Module | None = None, prefix: str = "") -> dict:
+        """Score `model` (default: the trained one) under cfg.eval, leaving training as it was: the random streams
+        forked, eval mode (running statistics read only), and each rank's own statistics back."""
         model = self.model if model is None else model
         kept = [b.clone() for b in model.buffers()] if self.runtime.world_size > 1 else []
-        distributed.broadcast_buffers(model)  # without sync_bn each rank has its shard's statistics: use rank 0's
+        for buffer in model.buffers() if kept else ():  # without sync_bn each rank has its shard's: use rank 0's
+            torch.distributed.broadcast(buffer, src=0)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             try:
-                return evaluate_encoder(
-                    model, self.probe_train_set, self.test_set, self.cfg, self.runtime, prefix, eval_cfg
-                )
+                return evaluate_encoder(model, self.probe_train_set, self.test_set, self.cfg, self.runtime, prefix)
             finally:
                 for buffer, saved in zip(model.buffers(), kept):
                     buffer.copy_(saved)

@@ -29,10 +29,8 @@ class DistributedError(UserError, RuntimeError):
 def collective_timeout_s() -> float:
     """Seconds a rank waits in a collective for the others."""
     text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT_S
     try:
-        value = float(text)
+        value = float(text) if text else DEFAULT_TIMEOUT_S
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
@@ -137,25 +135,22 @@ class Watchdog:
         """True for the first rank to claim the one printed error line of the run."""
         return int(self.store.add("reported", 1)) == 1
 
-    def post_error(self, message: str) -> bool:
-        """On a rank other than 0: hand the error to rank 0 to print; True when another rank printed
-        it within a few seconds, False when this rank should print it itself."""
-        self.store.set(f"error/{self.rank}", message)
-        self.store.add("errors", 1)
-        deadline = time.monotonic() + min(10.0, 3 * self.timeout_s)
-        while time.monotonic() < deadline:
-            if int(self.store.add("reported", 0)) > 0:
-                return True
-            time.sleep(0.05)
-        return not self.claim_report()
-
 
 def report_error(message: str) -> bool:
-    """Whether this rank prints the user error `message`: under torchrun one rank prints for the
-    run (rank 0 its own, or the first error another rank posted), so K ranks give one line."""
+    """Whether this rank prints the user error `message`: under torchrun one rank prints for the run (rank 0 its
+    own, or the first error another rank posted), so K ranks give one line. Another rank hands its error to rank 0
+    and prints it itself only when no rank printed one within a few seconds."""
     if active is None:
         return True
     try:
-        return active.claim_report() if active.rank == 0 else not active.post_error(message)
+        if active.rank != 0:
+            active.store.set(f"error/{active.rank}", message)
+            active.store.add("errors", 1)
+            deadline = time.monotonic() + min(10.0, 3 * active.timeout_s)
+            while time.monotonic() < deadline:
+                if int(active.store.add("reported", 0)) > 0:
+                    return False
+                time.sleep(0.05)
+        return active.claim_report()
     except Exception:  # the store is gone
         return True

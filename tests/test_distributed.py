@@ -61,7 +61,9 @@ def one_step_and_three(overrides: list[str]) -> dict:
                     out["grads"] = {name: p.grad.clone() for name, p in params if p.grad is not None}
 
         terms = trainer.train_step(GradientsAfterBackward())
-        out.update(loss=distributed.mean_across_ranks(terms.total.detach()), tcr=terms.tcr.detach())
+        out.update(
+            loss=distributed.sum_across_ranks(terms.total.detach()) / distributed.world_size(), tcr=terms.tcr.detach()
+        )
         trainer.train_until(3)
         out["weights"] = trainer.model.state_dict()
     return out
@@ -315,7 +317,7 @@ import torch.distributed as dist
 from fastemp import distributed
 distributed.init_from_env()
 x = torch.ones(1)
-distributed.mean_across_ranks(x)
+distributed.sum_across_ranks(x)
 if distributed.rank() == int(sys.argv[1]):
     time.sleep(120)
 print(f"waiting since {time.time()}", flush=True)
@@ -333,7 +335,7 @@ value = distributed.run_on_main(lambda: time.sleep(1.3 * timeout) or 7)
 with distributed.alone() as measuring:
     if measuring:
         time.sleep(1.3 * timeout)
-assert value == 7 and distributed.mean_across_ranks(torch.ones(1)).item() == 1.0
+assert value == 7 and distributed.sum_across_ranks(torch.ones(1)).item() == 2.0
 distributed.shutdown()
 print("done", flush=True)
 """
@@ -348,7 +350,7 @@ if distributed.rank() == 1:
     if watchdog.report_error("data.path /x does not exist; check the path"):
         print("fastemp: error: printed by rank 1 itself", file=sys.stderr)
     sys.exit(2)
-distributed.mean_across_ranks(torch.ones(1))
+distributed.sum_across_ranks(torch.ones(1))
 """
 
 

@@ -125,16 +125,16 @@ def test_gradients_finite_covers_lars_weights_and_excluded_parameters(where, bad
     opt = LARS(lars_param_groups(net), fused_update=fused)
     if fused:  # the flag comes from the norms outside the compiled update (its values: the check's lars case)
         opt._fused = lambda *args: None
-    assert opt.gradients_finite() is None
+    assert opt.gradients_finite is None
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert bool(opt.gradients_finite())
+    assert bool(opt.gradients_finite)
     for p in params:
         p.grad = torch.randn_like(p)
     params[where].grad.view(-1)[1] = bad
     opt.step()
-    assert not bool(opt.gradients_finite())
+    assert not bool(opt.gradients_finite)
 
 
 def test_trainer_names_a_non_finite_gradient_of_a_parameter_outside_lars():
