@@ -12,26 +12,15 @@ from . import distributed, watchdog
 from .config import load_config
 from .errors import UserError, one_line
 
+# what the CLI prints of summary.json: the run's length, speed, losses and accuracies
+SHOWN = ("steps", "train_seconds", "images_per_s", "final_loss", "final_loss_sim", "final_loss_tcr", "linear_top1")
+SHOWN += ("best_top1_on_test", "knn_top1", "random_init_linear_top1", "random_init_knn_top1")
+
 
 def _print_summary(run_dir, summary: dict) -> None:
-    if not distributed.is_main():
-        return
-    print(f"run folder: {run_dir}")
-    keys = [
-        "steps",
-        "train_seconds",
-        "images_per_s",
-        "final_loss",
-        "final_loss_sim",
-        "final_loss_tcr",
-        "linear_top1",
-        "best_top1_on_test",
-        "knn_top1",
-        "random_init_linear_top1",
-        "random_init_knn_top1",
-    ]
-    for key in keys:
-        if key in summary:
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        for key in (k for k in SHOWN if k in summary):
             value = summary[key]
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import typing
@@ -184,7 +185,9 @@ class EvalConfig:
 
     @property
     def protocol(self) -> str:
-        return eval_protocol_name(self)
+        """The protocol whose values these are (official, cheap), or custom."""
+        values = dataclasses.asdict(self).items()
+        return next((name for name, preset in EVAL_PROTOCOLS.items() if preset.items() <= values), "custom")
 
     @property
     def scheduled(self) -> bool:
@@ -206,14 +209,6 @@ EVAL_PROTOCOLS: dict[str, dict] = {
     "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
 }
 EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
-
-
-def eval_protocol_name(cfg: EvalConfig) -> str:
-    """The protocol whose values cfg has (official, cheap), or custom."""
-    for name, values in EVAL_PROTOCOLS.items():
-        if all(getattr(cfg, key) == value for key, value in values.items()):
-            return name
-    return "custom"
 
 
 def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
@@ -285,12 +280,7 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     """Sections as dicts of plain values (tuples as lists), as YAML and JSON write them."""
-    return {
-        name: {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
-        if isinstance(value, dict)
-        else value
-        for name, value in dataclasses.asdict(cfg).items()
-    }
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def flat_dict(cfg_dict: dict) -> dict:
