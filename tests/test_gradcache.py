@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fastemp.config import ConfigError
-from fastemp.gradcache import chunk_bounds, plan_chunks
+from fastemp.gradcache import chunk_bounds
 from fastemp.model import BatchNorm2d
+from fastemp.runtime import plan_chunks
 
 
 def test_chunk_bounds_cover_whole_groups():
