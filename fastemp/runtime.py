@@ -112,19 +112,14 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
 
 
 def plan_chunks(
-    n: int,
-    batch: int,
-    grad_chunks: int,
-    bn_groups: int,
-    device: torch.device,
-    bytes_per_patch: float,
-    world: int = 1,
-    sync_bn: bool = False,
-    free_bytes: int | None = None,
+    cfg: Config, device: torch.device, bytes_per_patch: float, world: int = 1, free_bytes: int | None = None
 ) -> tuple[int, int]:
-    """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches. bn_groups 0: BatchNorm
-    per chunk; k > 0: k groups normalised apart (ghost BN) in chunks of whole groups, grad_chunks 0 choosing them: on
-    one CUDA device the fewest whose activations (x1.5) fit in 80% of the free memory, elsewhere k."""
+    """(gradient-cache chunks, BatchNorm groups per forward) for one step of cfg's n x batch/world patches.
+    bn_groups 0: BatchNorm per chunk; k > 0: k groups normalised apart (ghost BN) in chunks of whole groups,
+    grad_chunks 0 choosing them: on one CUDA device the fewest whose activations (x1.5) fit in 80% of the free
+    memory, elsewhere k."""
+    t = cfg.train
+    n, batch, grad_chunks, bn_groups = t.n_patches, t.batch_size // world, t.grad_chunks, t.bn_groups
     if bn_groups == 0:
         return max(grad_chunks, 1), 1
     if grad_chunks == 0:
@@ -138,7 +133,7 @@ def plan_chunks(
             )
             grad_chunks = next(fits, bn_groups)
     per_forward = bn_groups // grad_chunks
-    if world > 1 and sync_bn and per_forward > 1:
+    if world > 1 and cfg.model.sync_bn and per_forward > 1:
         raise ConfigError(
             f"train.bn_groups={bn_groups} with train.grad_chunks={grad_chunks} needs ghost BatchNorm, "
             "which SyncBatchNorm does not have; under torchrun set train.grad_chunks to "
@@ -237,23 +232,13 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_memory_fits(
-    cfg: Config,
-    device: torch.device,
-    precision: str = "fp32",
-    grad_chunks: int = 1,
-    world: int = 1,
-    train: bool = True,
-    evaluate: bool = True,
-    available: int | None = None,
-) -> dict[str, int]:
-    """Refuse, with the numbers, a step or an evaluation that cannot fit; returns the estimate. `available`
-    (default: measured) models a machine. On the CPU every rank shares the host's memory."""
-    parts = estimate(cfg, device.type, precision, grad_chunks, world, train, evaluate)
+def check_memory_fits(parts: dict[str, int], device: torch.device, world: int = 1, available: int | None = None):
+    """Refuse, with the numbers, a step or an evaluation whose estimate (`parts`) cannot fit. `available` (default:
+    measured) models a machine. On the CPU every rank shares the host's memory."""
     need = parts["total"] * SAFETY_MARGIN * (world if device.type == "cpu" else 1)
     have = available_bytes(device) if available is None else available
     if need <= have:
-        return parts
+        return
     what = "GPU memory" if device.type == "cuda" else "RAM"
     biggest = max((k for k in parts if k != "total"), key=parts.get)
     terms = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if k != "total")
@@ -297,14 +282,11 @@ def resolve(
     if training:
         # the memory estimate's activations of a patch, tripled without compilation (eager ghost BatchNorm keeps
         # float32 temporaries of a bf16 step)
-        t = cfg.train
         per_patch = activation_bytes(cfg, cfg.augment.crop_size, precision) * (3 if compile_mode == "none" else 1)
-        chunks, per_forward = plan_chunks(
-            t.n_patches, t.batch_size // world, t.grad_chunks, t.bn_groups, device, per_patch, world, m.sync_bn
-        )
+        chunks, per_forward = plan_chunks(cfg, device, per_patch, world)
     if check_memory:
         evaluate = not training or cfg.eval.scheduled
-        check_memory_fits(cfg, device, precision, chunks, world, train=training, evaluate=evaluate)
+        check_memory_fits(estimate(cfg, device.type, precision, chunks, world, training, evaluate), device, world)
     return Runtime(
         device=device,
         precision=precision,

@@ -26,12 +26,14 @@ def chunks(cfg) -> int:
 def test_every_shipped_config_fits_its_gpu(name):
     gib = 80 if name.startswith(("imagenet", "tinyimagenet")) else 24  # 224-px patches: an 80 GB card (H100/A100-80)
     cfg = load_config(name)
-    parts = runtime.check_memory_fits(cfg, torch.device("cuda"), "bf16", chunks(cfg), available=gib * GIB)
+    parts = runtime.estimate(cfg, "cuda", "bf16", chunks(cfg))
+    runtime.check_memory_fits(parts, torch.device("cuda"), available=gib * GIB)
     assert 0 < parts["total"] * runtime.SAFETY_MARGIN <= gib * GIB
 
 
 def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it():
-    runtime.check_memory_fits(load_config("quickstart"), torch.device("cpu"), world=2, available=4 * GIB)
+    parts = runtime.estimate(load_config("quickstart"), world=2)
+    runtime.check_memory_fits(parts, torch.device("cpu"), world=2, available=4 * GIB)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +48,8 @@ def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it():
 def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, device):
     cfg = load_config("cifar10_n20_1ep" if term != "dataset" else "quickstart", [override])
     with pytest.raises(runtime.MemoryEstimateError) as err:
-        runtime.check_memory_fits(cfg, torch.device(device), "bf16" if device == "cuda" else "fp32", available=24 * GIB)
+        parts = runtime.estimate(cfg, device, "bf16" if device == "cuda" else "fp32")
+        runtime.check_memory_fits(parts, torch.device(device), available=24 * GIB)
     text = str(err.value)
     assert text.startswith("this run needs about ") and f"{term} " in text and advice in text and "\n" not in text
     assert ("GPU memory" if device == "cuda" else "RAM") in text and "but 24.0 GiB is available" in text
