@@ -21,7 +21,6 @@ import torch
 from . import distributed, patches
 from .config import Config, ConfigError
 from .errors import UserError
-from .validate import check_backend
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,7 @@ DALI_MISSING = "nvidia.dali does not import (install nvidia-dali-cuda130, or -cu
 
 def choose_backend(requested: str, streamed: bool, device_type: str, dali_installed: bool) -> tuple[str, str]:
     """(the patch backend, why) from the request, the data (resident or streamed), the device and whether DALI
-    imports (docs/data-backends.md)."""
-    check_backend(requested, streamed)
+    imports (docs/data-backends.md); the three fit together (fastemp.validate.check_backend)."""
     if not streamed:
         return "torch", "resident images: the batched torch backend" if requested == "auto" else "data.backend=torch"
     if requested == "pillow":

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import Config, ConfigError, DataConfig, check_choice, choices, shown
+from .config import Config, ConfigError, check_choice, shown
 from .data.listing import LAYOUTS
 
 
@@ -82,8 +82,7 @@ def check_config(cfg: Config) -> None:
 
 
 def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
-    """data.backend, data.streamed and data.source fit together (check_config and runtime.choose_backend)."""
-    check_choice("data.backend", backend, choices(DataConfig, "backend"))
+    """data.backend, data.streamed and data.source fit together (each one of its choices: check_config)."""
     if streamed and source not in ("imagefolder", "tinyimagenet"):
         raise ConfigError(
             f"data.streamed=true reads image files, but data.source={source}; "
