@@ -59,8 +59,6 @@ def cmd_eval(args) -> int:
         overrides.append("eval.knn=true")
     if args.eval_patches is not None:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
-    if args.plain:
-        overrides.append("eval.mode=plain")
     if args.weights:
         fmt, progress = args.format or "fastemp", not args.no_progress
         evaluate_weights(args.weights, fmt, args.config, overrides, out=args.out, progress=progress, echo=True)
@@ -114,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.probe_epochs=10")
     p.add_argument("--knn", action="store_true", help="also run the weighted kNN (k=20, T=0.07)")
     p.add_argument("--eval-patches", type=int, help="average h over K augmented patches per image")
-    p.add_argument("--plain", action="store_true", help="features of the whole un-augmented image")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_eval)
 
@@ -126,15 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     for register in (check_cli, bench_cli, export_cli):
         register(sub)
     return parser
-
-
-def user_error_message(err: BaseException) -> str | None:
-    """The one line to print for a user error; None for a bug (which keeps its traceback)."""
-    if isinstance(err, UserError):
-        return one_line(err)
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full writing {err.filename or 'a file'}; free space on that disk and run again"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
     except Exception as err:
-        message = user_error_message(distributed.explain(err) or err)
+        known = distributed.explain(err) or err  # the one line to print for a user error; None for a bug
+        message = one_line(known) if isinstance(known, UserError) else None
+        if isinstance(known, OSError) and known.errno == errno.ENOSPC:
+            message = f"disk full writing {known.filename or 'a file'}; free space on that disk and run again"
         if message is None or debug:
             # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
             watchdog.report_error(

@@ -109,9 +109,7 @@ def choose_backend(requested: str, streamed: bool, device_type: str, dali_instal
     return "pillow", f"streamed files, {missing}: Pillow workers"
 
 
-def plan_chunks(
-    cfg: Config, device: torch.device, bytes_per_patch: float, world: int = 1, free_bytes: int | None = None
-) -> tuple[int, int]:
+def plan_chunks(cfg: Config, device: torch.device, bytes_per_patch: float, world: int = 1) -> tuple[int, int]:
     """(gradient-cache chunks, BatchNorm groups per forward) for one step of cfg's n x batch/world patches.
     bn_groups 0: BatchNorm per chunk; k > 0: k groups normalised apart (ghost BN) in chunks of whole groups,
     grad_chunks 0 choosing them: on one CUDA device the fewest whose activations (x1.5) fit in 80% of the free
@@ -123,7 +121,7 @@ def plan_chunks(
     if grad_chunks == 0:
         grad_chunks = bn_groups
         if device.type == "cuda" and world == 1:
-            free = available_bytes(device) if free_bytes is None else free_bytes
+            free = available_bytes(device)
             fits = (
                 c
                 for c in range(1, bn_groups)
@@ -230,11 +228,11 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_memory_fits(parts: dict[str, int], device: torch.device, world: int = 1, available: int | None = None):
-    """Refuse, with the numbers, a step or an evaluation whose estimate (`parts`) cannot fit. `available` (default:
-    measured) models a machine. On the CPU every rank shares the host's memory."""
+def check_memory_fits(parts: dict[str, int], device: torch.device, world: int = 1) -> None:
+    """Refuse, with the numbers, a step or an evaluation whose estimate (`parts`) cannot fit in the memory
+    available now. On the CPU every rank shares the host's memory."""
     need = parts["total"] * SAFETY_MARGIN * (world if device.type == "cpu" else 1)
-    have = available_bytes(device) if available is None else available
+    have = available_bytes(device)
     if need <= have:
         return
     what = "GPU memory" if device.type == "cuda" else "RAM"

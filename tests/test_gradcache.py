@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastemp import runtime
 from fastemp.config import Config, ConfigError, TrainConfig
 from fastemp.gradcache import chunk_bounds
 from fastemp.model import BatchNorm2d
-from fastemp.runtime import plan_chunks
 
 
 def test_chunk_bounds_cover_whole_groups():
@@ -31,19 +31,20 @@ def test_ghost_batchnorm_keeps_bf16_and_evaluates_with_running_stats():
     assert torch.equal(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
-def test_plan_chunks_from_memory_and_the_rules():
+def test_plan_chunks_from_memory_and_the_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
-    def plan(grad_chunks, bn_groups, device, per_patch, world=1, **free):
+    def plan(grad_chunks, bn_groups, device, per_patch, world=1, free_gib=0):
+        monkeypatch.setattr(runtime, "available_bytes", lambda device: free_gib * 2**30)
         cfg = Config(train=TrainConfig(n_patches=200, batch_size=100, grad_chunks=grad_chunks, bn_groups=bn_groups))
-        return plan_chunks(cfg, device, per_patch, world, **free)
+        return runtime.plan_chunks(cfg, device, per_patch, world)
 
     assert plan(10, 0, cuda, 0.0) == (10, 1)  # bn_groups 0: BatchNorm per chunk, as before
     assert plan(0, 10, cpu, 0.0) == (10, 1)  # CPU: the gradient cache, as before
     mib = 2.0**20
-    assert plan(0, 10, cuda, 2.4 * mib, free_bytes=130 * 2**30) == (1, 10)  # one pass fits
-    assert plan(0, 10, cuda, 2.4 * mib, free_bytes=70 * 2**30) == (2, 5)  # 10 000 patches fit
-    assert plan(0, 10, cuda, 2.4 * mib, free_bytes=2**30) == (10, 1)  # nothing fits: smallest
+    assert plan(0, 10, cuda, 2.4 * mib, free_gib=130) == (1, 10)  # one pass fits
+    assert plan(0, 10, cuda, 2.4 * mib, free_gib=70) == (2, 5)  # 10 000 patches fit
+    assert plan(0, 10, cuda, 2.4 * mib, free_gib=1) == (10, 1)  # nothing fits: smallest
     assert plan(5, 10, cuda, 0.0) == (5, 2)  # the override
     assert plan(0, 10, cuda, 2.4 * mib, world=2) == (10, 1)  # torchrun (sync_bn): per chunk
     with pytest.raises(ConfigError, match="SyncBatchNorm"):
