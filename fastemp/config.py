@@ -208,19 +208,13 @@ EVAL_PROTOCOLS: dict[str, dict] = {
     "official": _OFFICIAL_EVAL,
     "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
 }
-EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
-
-
-def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
-    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top."""
-    cfg = dataclasses.replace(base) if base is not None else EvalConfig()
-    _use_protocol(cfg, protocol, "eval.protocol")
-    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
 class Config:
-    name: str = "run"
+    name: str = checked(
+        "run", ("a non-empty folder name without '/'", lambda v: v.strip() and "/" not in v and v not in (".", ".."))
+    )
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,9 +231,12 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first: keys beside it change it
-        _use_protocol(obj, str(values["protocol"]), f"{prefix}protocol")
-        values = {k: v for k, v in values.items() if k != "protocol"}
+    if isinstance(obj, EvalConfig) and "protocol" in values:
+        # eval.protocol=NAME first (keys beside it change it): every protocol key takes NAME's value; custom, as
+        # config files of earlier versions wrote it, keeps the values as they are
+        name, values = str(values["protocol"]), {k: v for k, v in values.items() if k != "protocol"}
+        check_choice(f"{prefix}protocol", name, (*EVAL_PROTOCOLS, "custom"))
+        vars(obj).update(EVAL_PROTOCOLS.get(name, {}))
     for key, value in values.items():
         where = f"{prefix}{key}"[:QUOTE_CHARS]
         if key not in hints:
@@ -256,14 +253,6 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             _apply(current, value, where + ".")
         else:
             setattr(obj, key, coerce(value, hints[key], where))
-
-
-def _use_protocol(cfg: EvalConfig, name: str, where: str) -> None:
-    """eval.protocol=NAME: every protocol key takes NAME's value (custom, as config files of earlier versions
-    wrote it, keeps the values as they are)."""
-    check_choice(where, name, EVAL_PROTOCOL_NAMES)
-    for key, value in EVAL_PROTOCOLS.get(name, {}).items():
-        setattr(cfg, key, value)
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:

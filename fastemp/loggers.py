@@ -5,6 +5,7 @@ values already on the host: the sinks add no device sync.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import os
@@ -85,7 +86,7 @@ def _wandb(run_dir: Path, cfg: Config, step: int):
 SINKS = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb}  # each opens as (write, close)
 
 
-class Records:
+class Records(contextlib.AbstractContextManager):
     """A run folder's records on rank 0. The sinks open at the first record this process writes (a resumed run's
     CSV is rewritten from metrics.jsonl); off a terminal each record is also printed (fastemp.progress.line)."""
 
@@ -104,9 +105,6 @@ class Records:
             write(record)
         if bars.lines:
             print(bars.line(record, self.total_steps, self.cfg.train.batch_size), flush=True)
-
-    def __enter__(self) -> Records:
-        return self
 
     def __exit__(self, *exc) -> None:
         for _, close in self.sinks or ():

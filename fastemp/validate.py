@@ -17,25 +17,22 @@ def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
         raise ConfigError(f"{key} must be {rule}{why}, got {shown(value)}; set {key} to a value that is {rule}")
 
 
+def _check_fields(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+        if "choices" in f.metadata:
+            check_choice(key, value, f.metadata["choices"])
+        if "rule" in f.metadata:
+            rule, test, *why = f.metadata["rule"]
+            _rule(key, value, bool(test(value)), rule, *why)
+
+
 def check_config(cfg: Config) -> None:
     """Every value of cfg passes the rule its field declares (fastemp.config.checked) and is one of its choices
     (one_of); then the rules between values."""
-    _rule(
-        "name",
-        cfg.name,
-        bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
-        "a non-empty folder name without '/'",
-    )
-    for name in (f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))):
-        section = getattr(cfg, name)
-        for f in dataclasses.fields(section):
-            key, value = f"{name}.{f.name}", getattr(section, f.name)
-            if "choices" in f.metadata:
-                check_choice(key, value, f.metadata["choices"])
-            if "rule" in f.metadata:
-                rule, test, *why = f.metadata["rule"]
-                _rule(key, value, bool(test(value)), rule, *why)
-
+    _check_fields(cfg)
     d, m, lo, o, t, e = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
     check_backend(d.backend, d.streamed, d.source)
     if d.source in ("imagefolder", "tinyimagenet") and not d.path.strip():
