@@ -274,13 +274,11 @@ def to_dict(cfg: Config) -> dict:
 
 def flat_dict(cfg_dict: dict) -> dict:
     """A `to_dict` result as one level of `section.key` entries (top-level values stay as they are)."""
-    out = {}
-    for key, value in cfg_dict.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
+    return {
+        f"{key}.{k}" if isinstance(value, dict) else key: v
+        for key, value in cfg_dict.items()
+        for k, v in (value.items() if isinstance(value, dict) else [(key, value)])
+    }
 
 
 def _builtin_dir() -> Path:
