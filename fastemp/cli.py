@@ -12,26 +12,15 @@ from . import distributed, watchdog
 from .config import load_config
 from .errors import UserError, one_line
 
+# what the CLI prints of summary.json: the run's length, speed, losses and accuracies
+SHOWN = ("steps", "train_seconds", "images_per_s", "final_loss", "final_loss_sim", "final_loss_tcr", "linear_top1")
+SHOWN += ("best_top1_on_test", "knn_top1", "random_init_linear_top1", "random_init_knn_top1")
+
 
 def _print_summary(run_dir, summary: dict) -> None:
-    if not distributed.is_main():
-        return
-    print(f"run folder: {run_dir}")
-    keys = [
-        "steps",
-        "train_seconds",
-        "images_per_s",
-        "final_loss",
-        "final_loss_sim",
-        "final_loss_tcr",
-        "linear_top1",
-        "best_top1_on_test",
-        "knn_top1",
-        "random_init_linear_top1",
-        "random_init_knn_top1",
-    ]
-    for key in keys:
-        if key in summary:
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        for key in (k for k in SHOWN if k in summary):
             value = summary[key]
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
@@ -70,8 +59,6 @@ def cmd_eval(args) -> int:
         overrides.append("eval.knn=true")
     if args.eval_patches is not None:
         overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
-    if args.plain:
-        overrides.append("eval.mode=plain")
     if args.weights:
         fmt, progress = args.format or "fastemp", not args.no_progress
         evaluate_weights(args.weights, fmt, args.config, overrides, out=args.out, progress=progress, echo=True)
@@ -125,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.probe_epochs=10")
     p.add_argument("--knn", action="store_true", help="also run the weighted kNN (k=20, T=0.07)")
     p.add_argument("--eval-patches", type=int, help="average h over K augmented patches per image")
-    p.add_argument("--plain", action="store_true", help="features of the whole un-augmented image")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_eval)
 
@@ -137,15 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     for register in (check_cli, bench_cli, export_cli):
         register(sub)
     return parser
-
-
-def user_error_message(err: BaseException) -> str | None:
-    """The one line to print for a user error; None for a bug (which keeps its traceback)."""
-    if isinstance(err, UserError):
-        return one_line(err)
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full writing {err.filename or 'a file'}; free space on that disk and run again"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init_from_env()  # under torchrun: join the process group; otherwise nothing
         return args.func(args)
     except Exception as err:
-        message = user_error_message(distributed.explain(err) or err)
+        known = distributed.explain(err) or err  # the one line to print for a user error; None for a bug
+        message = one_line(known) if isinstance(known, UserError) else None
+        if isinstance(known, OSError) and known.errno == errno.ENOSPC:
+            message = f"disk full writing {known.filename or 'a file'}; free space on that disk and run again"
         if message is None or debug:
             # under torchrun rank 0 names this rank's failure in one line; its traceback follows here
             watchdog.report_error(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import typing
@@ -24,9 +25,18 @@ def one_of(*choices: str, protocol: bool = False) -> typing.Any:
     return field(default=choices[0], metadata={"choices": choices, "protocol": protocol})
 
 
-def protocol_key(default) -> typing.Any:
-    """A key of the evaluation protocol (EVAL_PROTOCOLS), whose default is the official code's value."""
-    return field(default=default, metadata={"protocol": True})
+def checked(default, rule: tuple, protocol: bool = False) -> typing.Any:
+    """A field whose value must pass `rule` (fastemp.validate.check_config); protocol: a key of the evaluation
+    protocol (EVAL_PROTOCOLS), whose default is the official code's value."""
+    return field(default=default, metadata={"rule": rule, "protocol": protocol})
+
+
+# What a value must be: (the rule in words, its test[, why]), declared with the field, checked by check_config.
+POSITIVE = ("> 0", lambda v: v > 0)
+NOT_NEGATIVE = (">= 0", lambda v: v >= 0)
+PROBABILITY = ("a probability in [0, 1]", lambda v: 0 <= v <= 1)
+MOMENTUM = ("in [0, 1)", lambda v: 0 <= v < 1)
+INTERVAL = ("[lo, hi] with 0 < lo <= hi", lambda v: 0 < v[0] <= v[1])
 
 
 def choices(section: type, name: str) -> tuple[str, ...]:
@@ -46,13 +56,13 @@ class DataConfig:
     path: str = ""  # imagefolder: a folder or .tar[.gz] (train/, test/ or val/); tinyimagenet: tiny-imagenet-200/
     train_path: str = ""  # a folder of unlabelled images training reads instead of the train split (docs/data.md)
     download: bool = True
-    image_size: int = 32  # imagefolder images are resized to this square size once, at load
-    synthetic_train: int = 5000
-    synthetic_test: int = 1000
+    image_size: int = checked(32, POSITIVE)  # imagefolder images are resized to this square size once, at load
+    synthetic_train: int = checked(5000, POSITIVE)
+    synthetic_test: int = checked(1000, POSITIVE)
     synthetic_seed: int = 0
     backend: str = one_of("auto", "torch", "dali", "pillow")  # patch backend (docs/data-backends.md: what auto picks)
     streamed: bool = False  # imagefolder: read the full-size files every epoch (ImageNet) instead of decoding once
-    workers: int = 8  # streamed data on the pillow backend: decoding processes (0 = in the training process)
+    workers: int = checked(8, NOT_NEGATIVE)  # streamed, pillow backend: decoding processes (0: in this process)
     bad_files: str = one_of("stop", "skip")  # streamed: a file failing after listing ends the run, or is replaced
     patch_compile: str = one_of("auto", "on", "off")  # torch backend: the recipe through torch.compile (auto: on CUDA)
 
@@ -61,31 +71,34 @@ class DataConfig:
 class AugmentConfig:
     """Per-patch augmentation; defaults are the official EMP-SSL CIFAR recipe."""
 
-    crop_size: int = 32  # patch side S (224 for the official ImageNet-100 recipe)
-    crop_scale: tuple[float, float] = (0.25, 0.25)
-    crop_ratio: tuple[float, float] = (1.0, 1.0)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.2
-    grayscale_p: float = 0.2
-    blur_p: float = 0.1
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.1
-    solarize_threshold: int = 128  # on the 0..255 scale: pixels >= threshold are inverted
+    crop_size: int = checked(32, POSITIVE)  # patch side S (224 for the official ImageNet-100 recipe)
+    crop_scale: tuple[float, float] = checked(
+        (0.25, 0.25), ("[lo, hi] with 1e-06 <= lo <= hi <= 1.0", lambda v: 1e-6 <= v[0] <= v[1] <= 1)
+    )
+    crop_ratio: tuple[float, float] = checked((1.0, 1.0), INTERVAL)
+    flip_p: float = checked(0.5, PROBABILITY)
+    jitter_p: float = checked(0.8, PROBABILITY)
+    brightness: float = checked(0.4, NOT_NEGATIVE)
+    contrast: float = checked(0.4, NOT_NEGATIVE)
+    saturation: float = checked(0.4, NOT_NEGATIVE)
+    hue: float = checked(0.2, ("in [0, 0.5]", lambda v: 0 <= v <= 0.5))
+    grayscale_p: float = checked(0.2, PROBABILITY)
+    blur_p: float = checked(0.1, PROBABILITY)
+    blur_sigma: tuple[float, float] = checked((0.1, 2.0), INTERVAL)
+    solarize_p: float = checked(0.1, PROBABILITY)
+    # on the 0..255 scale: pixels >= threshold are inverted
+    solarize_threshold: int = checked(128, ("in 0..256", lambda v: 0 <= v <= 256))
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = checked((0.5, 0.5, 0.5), ("three numbers > 0", lambda v: min(v) > 0))
     interpolation: str = one_of("bilinear", "bicubic")  # crop resize of the streamed backends (resident: bilinear)
 
 
 @dataclass
 class ModelConfig:
-    width: int = 64  # ResNet-18 base width (64 = the standard network)
+    width: int = checked(64, POSITIVE)  # ResNet-18 base width (64 = the standard network)
     stem: str = one_of("cifar", "imagenet")  # cifar: 3x3 stride-1 conv, no maxpool; imagenet: torchvision's
-    hidden_dim: int = 4096  # projector hidden size; h (the evaluation feature) has this size
-    z_dim: int = 1024
+    hidden_dim: int = checked(4096, POSITIVE)  # projector hidden size; h (the evaluation feature) has this size
+    z_dim: int = checked(1024, POSITIVE)
     # auto: default mode on CUDA, none on CPU
     compile: str = one_of("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on CPU
@@ -98,45 +111,50 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    eps: float = 0.2
-    invariance_weight: float = 200.0
-    tcr_weight: float = 1.0
+    eps: float = checked(0.2, POSITIVE)
+    invariance_weight: float = checked(200.0, NOT_NEGATIVE)
+    tcr_weight: float = checked(1.0, NOT_NEGATIVE)
     uniformity: str = one_of("tcr", "vonmises")  # vonmises: log mean exp(-t |zbar_a - zbar_b|^2) over image pairs
-    vonmises_weight: float = 1.0
-    vonmises_t: float = 2.0
+    vonmises_weight: float = checked(1.0, NOT_NEGATIVE)
+    vonmises_t: float = checked(2.0, POSITIVE)
     fused: str = one_of("auto", "on", "off")  # auto: Triton kernel on CUDA; on: the CPU needs TRITON_INTERPRET=1
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.3
-    momentum: float = 0.9
+    lr: float = checked(0.3, POSITIVE)
+    momentum: float = checked(0.9, MOMENTUM)
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    lars_eta: float = 0.005
+    weight_decay: float = checked(1e-4, NOT_NEGATIVE)
+    lars_eta: float = checked(0.005, POSITIVE)
     lars_clip: bool = True
-    warmup_steps: int = 0  # the official code has none
+    warmup_steps: int = checked(0, NOT_NEGATIVE)  # the official code has none
     min_lr: float = 0.0
     fused_update: str = one_of("auto", "on", "off")  # LARS + SGD as one compiled pass per tensor (auto: when compiled)
 
 
 @dataclass
 class TrainConfig:
-    n_patches: int = 20
-    batch_size: int = 100
-    epochs: int = 1
-    max_steps: int = 0  # 0 = epochs * steps_per_epoch; the cosine schedule spans the whole run
-    grad_chunks: int = 1  # >1: two-pass gradient cache over this many chunks of patch groups; 0: from free memory
+    # one patch per image makes the invariance term a constant (every patch is its image's mean)
+    n_patches: int = checked(20, (">= 2", lambda v: v >= 2, "the invariance term needs two patches per image"))
+    batch_size: int = checked(100, POSITIVE)
+    epochs: int = checked(1, POSITIVE)
+    max_steps: int = checked(0, NOT_NEGATIVE)  # 0 = epochs * steps_per_epoch; the cosine schedule spans the run
+    grad_chunks: int = checked(1, NOT_NEGATIVE)  # >1: gradient cache over this many chunks; 0: from free memory
     bn_groups: int = 0  # BatchNorm statistics per group of n/bn_groups patch groups (ghost BN); 0: per grad chunk
     checkpoint_activations: bool = False  # recompute each ResNet stage in backward (full-batch BatchNorm)
-    seed: int = 0
+    seed: int = checked(0, NOT_NEGATIVE)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
+    log_every: int = checked(10, POSITIVE)
+    ckpt_every: int = checked(0, NOT_NEGATIVE)  # 0 = only at the end
     loggers: str = ""  # besides metrics.jsonl, comma-separated: tensorboard, csv, wandb (fastemp/loggers.py)
 
 
 EVAL_EVERY = re.compile(r"(\d+)|(\d*\.?\d+)ep")  # eval.every: steps, or a fraction of an epoch
+EVERY = (
+    "a number of steps such as 250 or of epochs such as 0.5ep (0: never)",
+    lambda v: EVAL_EVERY.fullmatch(v.strip()),
+)
 
 
 @dataclass
@@ -146,26 +164,30 @@ class EvalConfig:
 
     # patches: mean of h over `patches` augmented patches; plain: the whole image once
     mode: str = one_of("patches", "plain", protocol=True)
-    patches: int = protocol_key(128)
-    batch_size: int = 100  # images per feature-extraction batch
-    probe_epochs: int = protocol_key(100)
-    probe_lr: float = protocol_key(0.03)
-    probe_momentum: float = protocol_key(0.9)
-    probe_weight_decay: float = protocol_key(5e-5)
-    probe_batch_size: int = protocol_key(100)
+    patches: int = checked(128, POSITIVE, protocol=True)
+    batch_size: int = checked(100, POSITIVE)  # images per feature-extraction batch
+    probe_epochs: int = checked(100, POSITIVE, protocol=True)
+    probe_lr: float = checked(0.03, POSITIVE, protocol=True)
+    probe_momentum: float = checked(0.9, MOMENTUM, protocol=True)
+    probe_weight_decay: float = checked(5e-5, NOT_NEGATIVE, protocol=True)
+    probe_batch_size: int = checked(100, POSITIVE, protocol=True)
     knn: bool = False
-    knn_k: int = protocol_key(20)
-    knn_temperature: float = protocol_key(0.07)
+    knn_k: int = checked(20, POSITIVE, protocol=True)
+    knn_temperature: float = checked(0.07, POSITIVE, protocol=True)
     random_init: bool = False  # also probe a randomly initialised encoder, for scale
     at_end: bool = True  # evaluate when training finishes
     # features: h; proj: the unit projection z, pooled; backbone: the backbone's pooled output
     embedding: str = one_of("features", "proj", "backbone", protocol=True)
-    every: str = "0"  # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
-    stop_at: float = 0.0  # with `every`: training ends at the first evaluation whose linear_top1 reaches this
+    # also evaluate during training, every N steps (250) or epoch fraction (0.5ep); 0: never
+    every: str = checked("0", EVERY)
+    # with `every`: training ends at the first evaluation whose linear_top1 reaches this
+    stop_at: float = checked(0.0, ("a linear top-1 in [0, 1] (0: train to the end)", lambda v: 0 <= v <= 1))
 
     @property
     def protocol(self) -> str:
-        return eval_protocol_name(self)
+        """The protocol whose values these are (official, cheap), or custom."""
+        values = dataclasses.asdict(self).items()
+        return next((name for name, preset in EVAL_PROTOCOLS.items() if preset.items() <= values), "custom")
 
     @property
     def scheduled(self) -> bool:
@@ -186,27 +208,13 @@ EVAL_PROTOCOLS: dict[str, dict] = {
     "official": _OFFICIAL_EVAL,
     "cheap": {**_OFFICIAL_EVAL, "patches": 16, "probe_epochs": 20},
 }
-EVAL_PROTOCOL_NAMES = (*EVAL_PROTOCOLS, "custom")
-
-
-def eval_protocol_name(cfg: EvalConfig) -> str:
-    """The protocol whose values cfg has (official, cheap), or custom."""
-    for name, values in EVAL_PROTOCOLS.items():
-        if all(getattr(cfg, key) == value for key, value in values.items()):
-            return name
-    return "custom"
-
-
-def eval_config(protocol: str = "official", base: EvalConfig | None = None, **changes) -> EvalConfig:
-    """The EvalConfig of a named protocol (the other keys from `base`), with `changes` on top."""
-    cfg = dataclasses.replace(base) if base is not None else EvalConfig()
-    _use_protocol(cfg, protocol, "eval.protocol")
-    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
 class Config:
-    name: str = "run"
+    name: str = checked(
+        "run", ("a non-empty folder name without '/'", lambda v: v.strip() and "/" not in v and v not in (".", ".."))
+    )
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,9 +231,12 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    if isinstance(obj, EvalConfig) and "protocol" in values:  # the preset first: keys beside it change it
-        _use_protocol(obj, str(values["protocol"]), f"{prefix}protocol")
-        values = {k: v for k, v in values.items() if k != "protocol"}
+    if isinstance(obj, EvalConfig) and "protocol" in values:
+        # eval.protocol=NAME first (keys beside it change it): every protocol key takes NAME's value; custom, as
+        # config files of earlier versions wrote it, keeps the values as they are
+        name, values = str(values["protocol"]), {k: v for k, v in values.items() if k != "protocol"}
+        check_choice(f"{prefix}protocol", name, (*EVAL_PROTOCOLS, "custom"))
+        vars(obj).update(EVAL_PROTOCOLS.get(name, {}))
     for key, value in values.items():
         where = f"{prefix}{key}"[:QUOTE_CHARS]
         if key not in hints:
@@ -244,14 +255,6 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             setattr(obj, key, coerce(value, hints[key], where))
 
 
-def _use_protocol(cfg: EvalConfig, name: str, where: str) -> None:
-    """eval.protocol=NAME: every protocol key takes NAME's value (custom, as config files of earlier versions
-    wrote it, keeps the values as they are)."""
-    check_choice(where, name, EVAL_PROTOCOL_NAMES)
-    for key, value in EVAL_PROTOCOLS.get(name, {}).items():
-        setattr(cfg, key, value)
-
-
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     for item in overrides:
         if "=" not in item:
@@ -266,23 +269,16 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     """Sections as dicts of plain values (tuples as lists), as YAML and JSON write them."""
-    return {
-        name: {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
-        if isinstance(value, dict)
-        else value
-        for name, value in dataclasses.asdict(cfg).items()
-    }
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def flat_dict(cfg_dict: dict) -> dict:
     """A `to_dict` result as one level of `section.key` entries (top-level values stay as they are)."""
-    out = {}
-    for key, value in cfg_dict.items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
+    return {
+        f"{key}.{k}" if isinstance(value, dict) else key: v
+        for key, value in cfg_dict.items()
+        for k, v in (value.items() if isinstance(value, dict) else [(key, value)])
+    }
 
 
 def _builtin_dir() -> Path:

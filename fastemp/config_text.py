@@ -99,14 +99,13 @@ INT_LIMIT = 2**63  # torch and numpy take 64-bit integers
 TRUE_WORDS, FALSE_WORDS = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 
 
-def _parsed(value, *types):
-    """A string read as the first of `types` that takes it (unchanged when none does); other values as they are."""
-    if isinstance(value, str):
-        for tp in types:
-            try:
-                return tp(value.strip())
-            except ValueError:
-                pass
+def _number(value):
+    """A string read as an int, else a float (unchanged when neither takes it); other values as they are."""
+    for read in (int, float) if isinstance(value, str) else ():
+        try:
+            return read(value.strip())
+        except ValueError:
+            pass
     return value
 
 
@@ -133,7 +132,7 @@ def coerce(value, tp, where: str):
             return word in TRUE_WORDS
         raise ConfigError(f"{where}: expected true/false, got {shown(value)}; write true or false")
     if tp is int:
-        given, value = value, _parsed(value, int, float)
+        given, value = value, _number(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -144,7 +143,7 @@ def coerce(value, tp, where: str):
             )
         return value
     if tp is float:
-        value = _parsed(value, float)
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {shown(value)}; write a number such as 0.3 or 1e-3")
         if not math.isfinite(value):

@@ -16,46 +16,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from .config import ConfigError
 from .losses import LossTerms
-from .memory import available_bytes
 from .model import frozen_batchnorm_stats
-
-
-def plan_chunks(
-    n: int,
-    batch: int,
-    grad_chunks: int,
-    bn_groups: int,
-    device: torch.device,
-    bytes_per_patch: float,
-    world: int = 1,
-    sync_bn: bool = False,
-    free_bytes: int | None = None,
-) -> tuple[int, int]:
-    """(gradient-cache chunks, BatchNorm groups per forward) for one step of n*batch patches. bn_groups 0: BatchNorm
-    per chunk; k > 0: k groups normalised apart (ghost BN) in chunks of whole groups, grad_chunks 0 choosing them: on
-    one CUDA device the fewest whose activations (x1.5) fit in 80% of the free memory, elsewhere k."""
-    if bn_groups == 0:
-        return max(grad_chunks, 1), 1
-    if grad_chunks == 0:
-        grad_chunks = bn_groups
-        if device.type == "cuda" and world == 1:
-            free = available_bytes(device) if free_bytes is None else free_bytes
-            fits = (
-                c
-                for c in range(1, bn_groups)
-                if bn_groups % c == 0 and n * batch / c * bytes_per_patch * 1.5 <= 0.8 * free
-            )
-            grad_chunks = next(fits, bn_groups)
-    per_forward = bn_groups // grad_chunks
-    if world > 1 and sync_bn and per_forward > 1:
-        raise ConfigError(
-            f"train.bn_groups={bn_groups} with train.grad_chunks={grad_chunks} needs ghost BatchNorm, "
-            "which SyncBatchNorm does not have; under torchrun set train.grad_chunks to "
-            "train.bn_groups (or 0)"
-        )
-    return grad_chunks, per_forward
 
 
 def chunk_bounds(n: int, batch: int, chunks: int) -> list[tuple[int, int]]:

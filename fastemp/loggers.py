@@ -5,6 +5,7 @@ values already on the host: the sinks add no device sync.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import os
@@ -13,8 +14,6 @@ from pathlib import Path
 from . import distributed, runs
 from . import progress as bars
 from .config import Config, ConfigError, to_dict
-
-NAMES = ("tensorboard", "csv", "wandb")
 
 
 def logger_names(text: str) -> list[str]:
@@ -25,9 +24,9 @@ def logger_names(text: str) -> list[str]:
 def check_loggers(text: str) -> None:
     """Every name known and its package imported now, not on the clock at the first record."""
     for name in logger_names(text):
-        if name not in NAMES:
+        if name not in SINKS:
             raise ConfigError(
-                f"train.loggers: unknown logger {name!r}; use a comma-separated list of {', '.join(NAMES)}"
+                f"train.loggers: unknown logger {name!r}; use a comma-separated list of {', '.join(SINKS)}"
             )
         try:
             importlib.import_module({"tensorboard": "torch.utils.tensorboard", "csv": "csv"}.get(name, name))
@@ -84,7 +83,10 @@ def _wandb(run_dir: Path, cfg: Config, step: int):
     return lambda record: run.log(_scalars(record), step=record["step"]), run.finish
 
 
-class Records:
+SINKS = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb}  # each opens as (write, close)
+
+
+class Records(contextlib.AbstractContextManager):
     """A run folder's records on rank 0. The sinks open at the first record this process writes (a resumed run's
     CSV is rewritten from metrics.jsonl); off a terminal each record is also printed (fastemp.progress.line)."""
 
@@ -96,17 +98,13 @@ class Records:
         if self.run_dir is None:
             return
         if self.sinks is None:
-            opened = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb}
             names = logger_names(self.cfg.train.loggers)
-            self.sinks = [opened[name](self.run_dir, self.cfg, record["step"]) for name in names]
+            self.sinks = [SINKS[name](self.run_dir, self.cfg, record["step"]) for name in names]
         runs.append_metrics(self.run_dir, record)
         for write, _ in self.sinks:
             write(record)
         if bars.lines:
             print(bars.line(record, self.total_steps, self.cfg.train.batch_size), flush=True)
-
-    def __enter__(self) -> Records:
-        return self
 
     def __exit__(self, *exc) -> None:
         for _, close in self.sinks or ():

@@ -7,66 +7,40 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .config import EVAL_EVERY, Config, ConfigError, DataConfig, check_choice, choices, shown
+from .config import Config, ConfigError, check_choice, shown
 from .data.listing import LAYOUTS
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
     if not ok:
-        why = f" ({why})" if why else ""
+        why, value = f" ({why})" if why else "", list(value) if isinstance(value, tuple) else value  # as YAML writes it
         raise ConfigError(f"{key} must be {rule}{why}, got {shown(value)}; set {key} to a value that is {rule}")
 
 
-def _positive(section, prefix: str, *names: str, or_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(section, name)
-        _rule(f"{prefix}.{name}", value, value >= 0 if or_zero else value > 0, ">= 0" if or_zero else "> 0")
+def _check_fields(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+        if "choices" in f.metadata:
+            check_choice(key, value, f.metadata["choices"])
+        if "rule" in f.metadata:
+            rule, test, *why = f.metadata["rule"]
+            _rule(key, value, bool(test(value)), rule, *why)
 
 
 def check_config(cfg: Config) -> None:
-    """Every value of cfg is in range, and every enumerated option one of the choices its schema declares."""
-    _rule(
-        "name",
-        cfg.name,
-        bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
-        "a non-empty folder name without '/'",
-    )
-    d, a, m, lo, o, t, e = cfg.data, cfg.augment, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
-    for name in (f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))):
-        section = getattr(cfg, name)
-        for f in dataclasses.fields(section):
-            if "choices" in f.metadata:
-                check_choice(f"{name}.{f.name}", getattr(section, f.name), f.metadata["choices"])
-
-    _positive(d, "data", "image_size")
-    _positive(d, "data", "workers", or_zero=True)
+    """Every value of cfg passes the rule its field declares (fastemp.config.checked) and is one of its choices
+    (one_of); then the rules between values."""
+    _check_fields(cfg)
+    d, m, lo, o, t, e = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
     check_backend(d.backend, d.streamed, d.source)
-    if d.source == "synthetic":
-        _positive(d, "data", "synthetic_train", "synthetic_test")
     if d.source in ("imagefolder", "tinyimagenet") and not d.path.strip():
         raise ConfigError(f"data.source={d.source} needs data.path; set it to the dataset's folder ({LAYOUTS})")
-
-    _positive(a, "augment", "crop_size")
-    low, high = a.crop_scale
-    _rule("augment.crop_scale", [low, high], 1e-6 <= low <= high <= 1.0, "[lo, hi] with 1e-06 <= lo <= hi <= 1.0")
-    for name in ("crop_ratio", "blur_sigma"):
-        low, high = getattr(a, name)
-        _rule(f"augment.{name}", [low, high], 0 < low <= high, "[lo, hi] with 0 < lo <= hi")
-    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-        value = getattr(a, name)
-        _rule(f"augment.{name}", value, 0 <= value <= 1, "a probability in [0, 1]")
-    _positive(a, "augment", "brightness", "contrast", "saturation", or_zero=True)
-    _rule("augment.hue", a.hue, 0 <= a.hue <= 0.5, "in [0, 0.5]")
-    _rule("augment.solarize_threshold", a.solarize_threshold, 0 <= a.solarize_threshold <= 256, "in 0..256")
-    _rule("augment.std", list(a.std), all(s > 0 for s in a.std), "three numbers > 0")
-
-    _positive(m, "model", "width", "hidden_dim", "z_dim")
     if m.projector_init:
         from .export import read_projector
 
         read_projector(m.projector_init, m, load=False)
-
-    _positive(lo, "loss", "eps", "vonmises_t")
     _rule(
         "train.batch_size",
         t.batch_size,
@@ -74,17 +48,7 @@ def check_config(cfg: Config) -> None:
         ">= 2 under loss.uniformity=vonmises",
         "it averages over pairs of images",
     )
-    _positive(lo, "loss", "invariance_weight", "tcr_weight", "vonmises_weight", or_zero=True)
-
-    _positive(o, "optim", "lr", "lars_eta")
-    _rule("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)")
-    _positive(o, "optim", "weight_decay", "warmup_steps", or_zero=True)
     _rule("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, "in [0, optim.lr]")
-
-    # one patch per image makes the invariance term a constant (every patch is its image's mean)
-    _rule("train.n_patches", t.n_patches, t.n_patches >= 2, ">= 2", "the invariance term needs two patches per image")
-    _positive(t, "train", "batch_size", "epochs", "log_every")
-    _rule("train.grad_chunks", t.grad_chunks, t.grad_chunks >= 0, ">= 0 (0: chosen from free memory)")
     _rule(
         "train.bn_groups",
         t.bn_groups,
@@ -105,28 +69,17 @@ def check_config(cfg: Config) -> None:
         "0 or a divisor of train.bn_groups",
         "each chunk holds whole BatchNorm groups",
     )
-    _positive(t, "train", "max_steps", "ckpt_every", "seed", or_zero=True)
     _rule(
         "train.checkpoint_activations",
         t.checkpoint_activations,
         not (t.checkpoint_activations and t.grad_chunks != 1),
         "false unless train.grad_chunks is 1 (pick one)",
     )
-
-    _positive(
-        e, "eval", "patches", "batch_size", "probe_epochs", "probe_lr", "probe_batch_size", "knn_k", "knn_temperature"
-    )
-    _rule("eval.probe_momentum", e.probe_momentum, 0 <= e.probe_momentum < 1, "in [0, 1)")
-    _positive(e, "eval", "probe_weight_decay", or_zero=True)
-    every = "a number of steps such as 250 or of epochs such as 0.5ep (0: never)"
-    _rule("eval.every", e.every, EVAL_EVERY.fullmatch(e.every.strip()) is not None, every)
-    _rule("eval.stop_at", e.stop_at, 0 <= e.stop_at <= 1, "a linear top-1 in [0, 1] (0: train to the end)")
     _rule("eval.stop_at", e.stop_at, not e.stop_at or e.every_steps(1), "0 unless eval.every is set", "it stops there")
 
 
 def check_backend(backend: str, streamed: bool, source: str = "imagefolder") -> None:
-    """data.backend, data.streamed and data.source fit together (check_config and runtime.choose_backend)."""
-    check_choice("data.backend", backend, choices(DataConfig, "backend"))
+    """data.backend, data.streamed and data.source fit together (each one of its choices: check_config)."""
     if streamed and source not in ("imagefolder", "tinyimagenet"):
         raise ConfigError(
             f"data.streamed=true reads image files, but data.source={source}; "

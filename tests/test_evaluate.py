@@ -16,8 +16,6 @@ from fastemp.config import (
     EvalConfig,
     ModelConfig,
     apply_overrides,
-    eval_config,
-    eval_protocol_name,
     load_config,
     to_dict,
 )
@@ -148,7 +146,7 @@ def official_style_probe(train_x, train_y, test_x, test_y, classes, epochs, lr, 
 def test_linear_probe_equals_the_official_probe_on_fixed_features():
     x, y = blobs(500, classes=5, dim=12, spread=2.5)
     tx, ty = blobs(300, classes=5, dim=12, spread=2.5, seed=3)
-    cfg = eval_config("official", probe_epochs=6)
+    cfg = EvalConfig(probe_epochs=6)  # the official protocol's probe, 6 epochs
     curve = linear_probe(x, y, tx, ty, 5, cfg, seed=7)
     official, _ = official_style_probe(x, y, tx, ty, 5, epochs=6, lr=0.03, seed=7)
     assert curve == pytest.approx(official, abs=1e-6)  # test accuracies: equal (300 test points)
@@ -204,15 +202,15 @@ def documented_protocol_values() -> dict[str, dict[str, str]]:
 def test_protocol_presets_resolve_to_the_documented_values(name):
     documented = documented_protocol_values()[name]
     assert set(documented) == set(EVAL_PROTOCOLS[name])  # every preset key is documented, and only those
-    for source in (eval_config(name), apply_overrides(Config(), [f"eval.protocol={name}"]).eval):
-        assert source.protocol == name
-        for key, text in documented.items():
-            value = getattr(source, key)
-            assert (value == text) if isinstance(value, str) else value == pytest.approx(float(text), rel=0, abs=0)
+    source = apply_overrides(Config(), [f"eval.protocol={name}"]).eval
+    assert source.protocol == name
+    for key, text in documented.items():
+        value = getattr(source, key)
+        assert (value == text) if isinstance(value, str) else value == pytest.approx(float(text), rel=0, abs=0)
 
 
 def test_the_default_is_official_and_a_changed_value_is_relabelled():
-    assert Config().eval.protocol == "official" and eval_protocol_name(Config().eval) == "official"
+    assert Config().eval.protocol == "official"
     cfg = apply_overrides(Config(), ["eval.protocol=cheap", "eval.patches=32"])
     assert cfg.eval.protocol == "custom" and cfg.eval.patches == 32 and cfg.eval.probe_epochs == 20
     cfg = apply_overrides(cfg, ["eval.protocol=official"])

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastemp.config import ConfigError
-from fastemp.gradcache import chunk_bounds, plan_chunks
+from fastemp import runtime
+from fastemp.config import Config, ConfigError, TrainConfig
+from fastemp.gradcache import chunk_bounds
 from fastemp.model import BatchNorm2d
 
 
@@ -30,18 +31,24 @@ def test_ghost_batchnorm_keeps_bf16_and_evaluates_with_running_stats():
     assert torch.equal(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
-def test_plan_chunks_from_memory_and_the_rules():
+def test_plan_chunks_from_memory_and_the_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert plan_chunks(200, 100, 10, 0, cuda, 0.0) == (10, 1)  # bn_groups 0: BatchNorm per chunk, as before
-    assert plan_chunks(200, 100, 0, 10, cpu, 0.0) == (10, 1)  # CPU: the gradient cache, as before
+
+    def plan(grad_chunks, bn_groups, device, per_patch, world=1, free_gib=0):
+        monkeypatch.setattr(runtime, "available_bytes", lambda device: free_gib * 2**30)
+        cfg = Config(train=TrainConfig(n_patches=200, batch_size=100, grad_chunks=grad_chunks, bn_groups=bn_groups))
+        return runtime.plan_chunks(cfg, device, per_patch, world)
+
+    assert plan(10, 0, cuda, 0.0) == (10, 1)  # bn_groups 0: BatchNorm per chunk, as before
+    assert plan(0, 10, cpu, 0.0) == (10, 1)  # CPU: the gradient cache, as before
     mib = 2.0**20
-    assert plan_chunks(200, 100, 0, 10, cuda, 2.4 * mib, free_bytes=130 * 2**30) == (1, 10)  # one pass fits
-    assert plan_chunks(200, 100, 0, 10, cuda, 2.4 * mib, free_bytes=70 * 2**30) == (2, 5)  # 10 000 patches fit
-    assert plan_chunks(200, 100, 0, 10, cuda, 2.4 * mib, free_bytes=2**30) == (10, 1)  # nothing fits: smallest
-    assert plan_chunks(200, 100, 5, 10, cuda, 0.0) == (5, 2)  # the override
-    assert plan_chunks(200, 50, 0, 10, cuda, 2.4 * mib, world=2, sync_bn=True) == (10, 1)  # torchrun: per chunk
+    assert plan(0, 10, cuda, 2.4 * mib, free_gib=130) == (1, 10)  # one pass fits
+    assert plan(0, 10, cuda, 2.4 * mib, free_gib=70) == (2, 5)  # 10 000 patches fit
+    assert plan(0, 10, cuda, 2.4 * mib, free_gib=1) == (10, 1)  # nothing fits: smallest
+    assert plan(5, 10, cuda, 0.0) == (5, 2)  # the override
+    assert plan(0, 10, cuda, 2.4 * mib, world=2) == (10, 1)  # torchrun (sync_bn): per chunk
     with pytest.raises(ConfigError, match="SyncBatchNorm"):
-        plan_chunks(200, 50, 1, 10, cuda, 0.0, world=2, sync_bn=True)
+        plan(1, 10, cuda, 0.0, world=2)
 
 
 def test_trainer_resolves_chunks_and_config_rules():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastemp import memory
+from fastemp import runtime
 from fastemp.config import load_config
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -23,15 +23,18 @@ def chunks(cfg) -> int:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_shipped_config_fits_its_gpu(name):
+def test_every_shipped_config_fits_its_gpu(name, monkeypatch):
     gib = 80 if name.startswith(("imagenet", "tinyimagenet")) else 24  # 224-px patches: an 80 GB card (H100/A100-80)
+    monkeypatch.setattr(runtime, "available_bytes", lambda device: gib * GIB)
     cfg = load_config(name)
-    parts = memory.check_memory(cfg, torch.device("cuda"), "bf16", chunks(cfg), available=gib * GIB)
-    assert 0 < parts["total"] * memory.SAFETY_MARGIN <= gib * GIB
+    parts = runtime.estimate(cfg, "cuda", "bf16", chunks(cfg))
+    runtime.check_memory_fits(parts, torch.device("cuda"))
+    assert 0 < parts["total"] * runtime.SAFETY_MARGIN <= gib * GIB
 
 
-def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it():
-    memory.check_memory(load_config("quickstart"), torch.device("cpu"), world=2, available=4 * GIB)
+def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it(monkeypatch):
+    monkeypatch.setattr(runtime, "available_bytes", lambda device: 4 * GIB)
+    runtime.check_memory_fits(runtime.estimate(load_config("quickstart"), world=2), torch.device("cpu"), world=2)
 
 
 @pytest.mark.parametrize(
@@ -43,10 +46,12 @@ def test_quickstart_fits_a_4_gib_cpu_machine_and_two_ranks_share_it():
     ],
 )
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, device):
+def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, device, monkeypatch):
+    monkeypatch.setattr(runtime, "available_bytes", lambda device: 24 * GIB)
     cfg = load_config("cifar10_n20_1ep" if term != "dataset" else "quickstart", [override])
-    with pytest.raises(memory.MemoryEstimateError) as err:
-        memory.check_memory(cfg, torch.device(device), "bf16" if device == "cuda" else "fp32", available=24 * GIB)
+    with pytest.raises(runtime.MemoryEstimateError) as err:
+        parts = runtime.estimate(cfg, device, "bf16" if device == "cuda" else "fp32")
+        runtime.check_memory_fits(parts, torch.device(device))
     text = str(err.value)
     assert text.startswith("this run needs about ") and f"{term} " in text and advice in text and "\n" not in text
     assert ("GPU memory" if device == "cuda" else "RAM") in text and "but 24.0 GiB is available" in text
@@ -54,16 +59,16 @@ def test_an_absurd_value_is_refused_with_the_numbers(override, term, advice, dev
 
 def test_evaluation_only_needs_no_step_and_the_step_shrinks_with_chunks_and_ranks():
     cfg = load_config("cifar10_n20_1ep")
-    assert "step" not in memory.estimate(cfg, "cuda", "bf16", train=False)
-    one = memory.estimate(cfg, "cuda", "bf16")["step"]
-    assert memory.estimate(cfg, "cuda", "bf16", grad_chunks=4)["step"] < one / 3
-    assert memory.estimate(cfg, "cuda", "bf16", world=4)["step"] < one / 3
-    assert memory.estimate(cfg, "cuda", "fp32")["step"] > 1.5 * one
+    assert "step" not in runtime.estimate(cfg, "cuda", "bf16", train=False)
+    one = runtime.estimate(cfg, "cuda", "bf16")["step"]
+    assert runtime.estimate(cfg, "cuda", "bf16", grad_chunks=4)["step"] < one / 3
+    assert runtime.estimate(cfg, "cuda", "bf16", world=4)["step"] < one / 3
+    assert runtime.estimate(cfg, "cuda", "fp32")["step"] > 1.5 * one
 
 
 def test_available_memory_is_positive_and_below_the_machines():
     total = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
-    assert 0 < memory.available_bytes(torch.device("cpu")) <= total
+    assert 0 < runtime.available_bytes(torch.device("cpu")) <= total
 
 
 MEASURE = r"""
@@ -125,7 +130,7 @@ def test_the_estimate_is_within_a_factor_of_two_of_a_peak_measured_on_the_cpu():
             "eval.patches=16",
         ],
     )
-    step = memory.estimate(cfg, "cpu", evaluate=False)["step"]
-    forward = memory.estimate(cfg, "cpu", train=False)["evaluation"]
+    step = runtime.estimate(cfg, "cpu", evaluate=False)["step"]
+    forward = runtime.estimate(cfg, "cpu", train=False)["evaluation"]
     assert 0.5 <= measured["step"] / step <= 2.0, (measured, step)
     assert 0.5 <= measured["eval"] / forward <= 2.0, (measured, forward)
