@@ -20,7 +20,7 @@ from fastemp import distributed, runs
 from fastemp.clock import Clock
 from fastemp.data import load_split, load_train_images
 from fastemp.runtime import resolve, resolve_device
-from fastemp.validate import check_config, check_data, check_output_path, check_probe
+from fastemp.validate import check_data, check_output_path, check_probe
 
 from .report import device_label, environment_markdown
 
@@ -69,7 +69,6 @@ class Data:
     def check(self, cfg, evaluates: bool = False):
         """The start-up checks of `fastemp train` on cfg (values, machine, data, batch; the probe and the test
         split when it evaluates), one line each (UserError); returns its Runtime."""
-        check_config(cfg)
         runtime = resolve(cfg)
         check_data(cfg, len(self.load(cfg, "train", runtime.device)))
         if evaluates:

@@ -1,6 +1,6 @@
 """What the config's open choices ("auto") mean on this machine: `resolve(cfg)` decides them once per run, and
 checks that the machine has what the config asks; everything else reads the frozen Runtime it returns
-(docs/training.md#what-auto-means-here). `fastemp.validate.check_config` checks the values before this runs.
+(docs/training.md#what-auto-means-here). It checks the values first (`fastemp.validate.check_config`).
 
 The memory of a training step and of an evaluation is estimated here, before anything is allocated, so that a
 config that cannot fit is refused at start-up with the numbers. Per rank, in bytes (the terms are explained in
@@ -254,9 +254,13 @@ def resolve(
     cfg: Config, device: torch.device | None = None, training: bool = True, check_memory: bool = False
 ) -> Runtime:
     """The Runtime of cfg on this machine; training=False (evaluation only): no batch shard and no chunks;
-    check_memory: refuse a run that cannot fit."""
+    check_memory: refuse a run that cannot fit. The values are checked first: a Config made in Python gets the
+    command line's one-line errors too."""
     from fastemp.kernels.cosine_to_mean import triton_usable
 
+    from .validate import check_config
+
+    check_config(cfg)
     device = device or resolve_device(cfg.train.device)
     on_cuda = device.type == "cuda"
     m = cfg.model

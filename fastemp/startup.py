@@ -29,7 +29,7 @@ from .errors import UserError, one_line
 from .loggers import check_loggers
 from .runtime import Runtime, resolve
 from .train import Trainer
-from .validate import check_config, check_output_path, check_probe
+from .validate import check_output_path, check_probe
 from .weights import check_weights, load_weights, read_weights, weights_config
 
 
@@ -176,7 +176,6 @@ def _runtime(cfg: Config, training: bool) -> Runtime:
     """The config checked on every rank, then resolved (memory included) before any rank allocates a device
     buffer; said in one line on rank 0 when training (eval's output is its JSON alone)."""
     distributed.check_same_config(cfg)
-    check_config(cfg)
     if training:
         check_loggers(cfg.train.loggers)
     runtime = resolve(cfg, training=training, check_memory=True)

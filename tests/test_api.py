@@ -43,3 +43,16 @@ def test_a_run_from_python_trains_evaluates_and_fails_like_the_cli(tmp_path):
     with pytest.raises(fastemp.UserError, match="pass --force to replace it"):
         fastemp.run_training(cfg, run, progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_trainer_built_in_python_checks_its_config_like_the_cli():
+    """Trainer(cfg) resolves the config itself: a value the CLI refuses is refused here too, in one line,
+    before anything is loaded."""
+    cfg = fastemp.load_config("quickstart", TINY_CONFIG)
+    cfg.train.n_patches = 1  # a Config changed in Python, after load_config's checks
+    with pytest.raises(fastemp.ConfigError, match="train.n_patches") as err:
+        fastemp.Trainer(cfg, None)
+    assert "\n" not in str(err.value)
+    cfg.train.n_patches, cfg.data.backend, cfg.data.streamed = 4, "pillow", False  # pillow reads streamed files
+    with pytest.raises(fastemp.ConfigError, match="data.backend"):
+        fastemp.resolve(cfg)
