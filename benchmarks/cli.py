@@ -241,6 +241,7 @@ def register_cli(subparsers) -> None:
         p,
         ("--warmup", COUNT, 3, "untraced steps after the first (compile) step"),
         ("--steps", AT_LEAST_1, 5, "traced steps (default 5)"),
+        ("--trace", str, None, "also write the traced steps as a Chrome trace (chrome://tracing, Perfetto) to FILE"),
     )
     _output(p, "profile", command("profile", "profile"))
 

@@ -1,7 +1,7 @@
 """`fastemp bench profile`: where a training step's time goes, op by op (torch.profiler). The Trainer of a config
 runs its first step (compilation) and `warmup` steps untraced, then `steps` traced steps of its own train_until; the
 report: the ops with the most self time on the device (CUDA kernels on a GPU, CPU ops on the CPU) per step, each in
-a coarse category (convolution, matmul, Triton, BatchNorm, copy, other).
+a coarse category (convolution, matmul, Triton, BatchNorm, copy, other). `--trace FILE` writes the Chrome trace.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def run(args, cfg: Config, results: harness.Results, top: int = 25) -> dict:
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda) as prof:
         trainer.train_until(1 + warmup + steps)
         sync()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     # self time on the device that matters, in microseconds
     us = (lambda e: e.self_device_time_total) if on_cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(((e.key, e.count, float(us(e))) for e in prof.key_averages() if us(e) > 0), key=lambda e: -e[2])

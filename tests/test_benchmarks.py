@@ -199,9 +199,12 @@ def test_cli_kernels_profile_and_data(tmp_path):
     assert {s["vs"] for s in result["speedups"]} >= {"loop", "reference"}
 
     tiny = [*BENCH_CPU, *BENCH_TINY, "train.n_patches=2", "train.batch_size=8"]
-    assert main(["bench", "profile", *tiny, "--warmup", "0", "--steps", "1", "--out", str(tmp_path)]) == 0
+    trace = tmp_path / "trace.json"
+    argv = ["bench", "profile", *tiny, "--warmup", "0", "--steps", "1", "--out", str(tmp_path), "--trace", str(trace)]
+    assert main(argv) == 0
     profile = strict_json(tmp_path / "profile.json")
     assert profile["ms_per_step"] > 0 and "convolution" in profile["categories"] and profile["top"]
+    assert "traceEvents" in json.loads(trace.read_text())
 
     argv = ["bench", "data", "--device", "cpu", "--threads", "1", "--sources", "24", "--patch", "16", "--n", "2"]
     argv += ["--batch", "4", "--workers", "0", "--warmup", "0", "--steps", "1", "--classes", "2", "--per-class", "2"]
