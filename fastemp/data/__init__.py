@@ -75,7 +75,7 @@ def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> Ima
         elif layout in CIFAR_ARCHIVES:
             images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
         else:
-            images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, device, layout)
+            images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, layout)
         images = torch.as_tensor(images).to(device).contiguous()
         labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
         out = ImageSet(images, labels, list(classes), desc, fingerprint=prints, contents=folders)

@@ -1,5 +1,5 @@
 """Image folders (as listing.py lists them) or a .tar[.gz] (read in one pass, so a cache miss decodes and caches
-both splits) decoded once (DALI, else Pillow), resized to image_size squares and cached (docs/data.md): the
+both splits) decoded once (Pillow), resized to image_size squares and cached (docs/data.md): the
 resident imagefolder and tinyimagenet sources and an unlabelled data.train_path. A changed file re-decodes; an
 unwritable cache only costs a warning.
 """
@@ -13,6 +13,7 @@ import os
 import re
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from ..runs import atomic_path
 from . import listing
 
 SPLITS = ("train", "test")
-DECODE_BATCH = 512  # encoded files per DALI pipeline run
 _CACHE_VERSION = 4  # 2: a split passed the class checks; 3: DALI ignores EXIF rotation; 4: labels in the .json
 
 
@@ -63,67 +63,22 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     return found
 
 
-def _decoder_for(device: torch.device) -> str:
-    """dali-cpu | dali-mixed | pil, the decoder this process would use for `device`."""
-    if listing.dali_available():
-        return "dali-mixed" if device.type == "cuda" else "dali-cpu"
-    if listing._pillow():
-        return "pil"
-    raise DataError("imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow")
+def _decode(items: list[tuple[str, str, bytes]]) -> list[np.ndarray]:
+    """The RGB pixels of every encoded image, as Pillow (and the official torchvision ImageFolder) reads them: the
+    stored pixels, no EXIF rotation. Threads: Pillow decodes outside the GIL."""
+    Image = listing._pillow()
+    if Image is None:
+        raise DataError("imagefolder decodes images with Pillow; pip install pillow")
 
-
-def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_index: int) -> list[np.ndarray]:
-    from nvidia.dali import fn, pipeline_def, types
-
-    batch = min(DECODE_BATCH, max(1, len(blobs)))
-
-    @pipeline_def(
-        batch_size=batch,
-        num_threads=max(1, min(8, os.cpu_count() or 1)),
-        device_id=device_index if mixed else None,
-        prefetch_queue_depth=1,
-        exec_dynamic=True,
-    )
-    def pipe():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        # stored pixels, as Pillow (and the official torchvision ImageFolder) reads them: no EXIF rotation
-        return fn.decoders.image(
-            encoded, device="mixed" if mixed else "cpu", output_type=types.RGB, adjust_orientation=False
-        )
-
-    try:
-        p = pipe()
-        p.build()
-    except Exception as e:
-        raise DataError(
-            f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]}); install pillow and uninstall DALI to decode with Pillow"
-        ) from e
-    out: list[np.ndarray] = []
-    for start in bar(range(0, len(blobs), batch), desc="decoding images", unit="batch"):
-        chunk = blobs[start : start + batch]
-        p.feed_input("encoded", chunk)
+    def rgb(item: tuple[str, str, bytes]) -> np.ndarray:
         try:
-            (decoded,) = p.run()
+            with Image.open(io.BytesIO(item[2])) as im:
+                return np.asarray(im.convert("RGB"))
         except Exception as e:
-            bad = next((n for b, n in zip(chunk, names[start : start + batch]) if listing.undecodable(b)), None)
-            where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
-            raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
-        decoded = decoded.as_cpu() if mixed else decoded
-        out.extend(np.array(decoded[i]) for i in range(len(chunk)))
-    return out
+            raise DataError(f"cannot decode {item[1]} ({_one_line(e)[:200]}); remove or replace that file") from e
 
-
-def _decode_pil(blobs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
-    from PIL import Image
-
-    out = []
-    for blob, name in bar(zip(blobs, names), total=len(blobs), desc="decoding images", unit="image"):
-        try:
-            with Image.open(io.BytesIO(blob.tobytes())) as im:
-                out.append(np.asarray(im.convert("RGB")))
-        except Exception as e:
-            raise DataError(f"cannot decode {name} ({_one_line(e)[:200]}); remove or replace that file") from e
-    return out
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(bar(pool.map(rgb, items), total=len(items), desc="decoding images", unit="image"))
 
 
 def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
@@ -134,10 +89,8 @@ def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
-        if im.ndim == 2:
-            im = images[i] = np.repeat(im[:, :, None], 3, axis=2)
         if im.shape[:2] == (size, size):
-            out[i] = im[:, :, :3]
+            out[i] = im
         else:
             groups.setdefault(im.shape[:2], []).append(i)
     for (h, w), idx in groups.items():
@@ -145,7 +98,7 @@ def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         for start in range(0, len(idx), 256):
             part = idx[start : start + 256]
-            x = torch.from_numpy(np.stack([images[i][:, :, :3] for i in part])).permute(0, 3, 1, 2).float()
+            x = torch.from_numpy(np.stack([images[i] for i in part])).permute(0, 3, 1, 2).float()
             y = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
             top, left = (nh - size) // 2, (nw - size) // 2
             y = y[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
@@ -153,25 +106,10 @@ def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
-def _decode(
-    items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index.get(c, -1) for c, _, _ in items], dtype=np.int64)  # -1: unlabelled
-    blobs = [np.frombuffer(b, dtype=np.uint8) for _, _, b in items]
-    names = [n for _, n, _ in items]
-    if decoder == "pil":
-        decoded = _decode_pil(blobs, names)
-    else:
-        mixed = decoder == "dali-mixed"
-        index = device.index if device.index is not None else (torch.cuda.current_device() if mixed else 0)
-        decoded = _decode_dali(blobs, names, mixed=mixed, device_index=index)
-    return _resize_square(decoded, size), labels
-
-
-def _cache_paths(cfg: DataConfig, source: Path, split: str, key: object, decoder: str) -> tuple[Path, Path]:
+def _cache_paths(cfg: DataConfig, source: Path, split: str, key: object) -> tuple[Path, Path]:
+    # "pil": the decoder, in the key since DALI decoded too (the entries written by Pillow stay valid)
     digest = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, key]).encode()
+        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), "pil", split, key]).encode()
     ).hexdigest()[:16]
     name = re.sub(r"\.(tar\.gz|tgz|tar)$", "", source.name, flags=re.IGNORECASE)
     stem = Path(cfg.root).expanduser() / "cache" / f"imagefolder-{name}-{split}-{cfg.image_size}px-{digest}"
@@ -206,20 +144,18 @@ def _cache_save(paths: tuple[Path, Path], images: np.ndarray, labels: np.ndarray
         warnings.warn(f"could not write the dataset cache under {paths[0].parent} ({_one_line(e)})", stacklevel=3)
 
 
-def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder"):
+def load_imagefolder(cfg: DataConfig, split: str, layout: str = "imagefolder"):
     """(images, labels, classes, description, fingerprint, contents) of one split of the folder or archive that `cfg`
     names in `layout` (listing.list_folder; an archive is always the imagefolder layout)."""
     source = listing.source_path(cfg, layout)
-    decoder = _decoder_for(device)
-    how = f"decoded with {'Pillow' if decoder == 'pil' else 'DALI on ' + decoder.split('-')[1]}"
-    what = f"{layout} ({source}, {how}"
+    what = f"{layout} ({source}, decoded with Pillow"
     if source.is_dir():
         folder = listing.list_folder(source, layout, cfg.root, need=split)
         classes, key = folder.classes, [folder.classes, [item[1:] for item in folder.splits[split]]]
     else:
         st = source.stat()
         key = [st.st_size, st.st_mtime_ns]  # the archive's own
-    paths = {s: _cache_paths(cfg, source, s, key, decoder) for s in SPLITS}
+    paths = {s: _cache_paths(cfg, source, s, key) for s in SPLITS}
     hit = _cache_load(paths[split])
     if hit is not None:
         return (*hit[:3], f"{what}, from cache {paths[split][0]})", *hit[3:])
@@ -232,7 +168,9 @@ def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: 
     for s, encoded in found.items():
         sizes = [(c, n, len(b)) for c, n, b in encoded]
         meta = {"classes": classes, "fingerprint": listing.fingerprint(sizes), "contents": listing.contents(sizes)}
-        images, labels = _decode(encoded, classes, int(cfg.image_size), decoder, device)
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index.get(c, -1) for c, _, _ in encoded], dtype=np.int64)  # -1: unlabelled
+        images = _resize_square(_decode(encoded), int(cfg.image_size))
         found[s] = []  # free the encoded bytes
         _cache_save(paths[s], images, labels, meta)
         if s == split:
