@@ -5,18 +5,17 @@ a short hash of what it holds, equal wherever the same data lies.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import DataConfig, choices
+from ..config import DataConfig, check_choice, choices
 from ..errors import DataError
 from .cifar import CIFAR_ARCHIVES, load_cifar
 from .imagefolder import SPLITS, load_imagefolder
-from .listing import fingerprint
 from .streamed import StreamedSet, load_streamed
+from .synthetic import load_synthetic
 
 SOURCES = choices(DataConfig, "source")
 
@@ -49,12 +48,8 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
     (a StreamedSet of file paths when cfg.streamed)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' ; choose train or test")
-    source = cfg.source
-    if source not in SOURCES:
-        close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.3)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"unknown data.source '{source}'{hint} ; choose {', '.join(SOURCES)}")
-    return _load(cfg, split, torch.device(device), source)
+    check_choice("data.source", cfg.source, SOURCES)  # a DataConfig made in Python was not validated
+    return _load(cfg, split, torch.device(device), cfg.source)
 
 
 def load_train_images(cfg: DataConfig, device: torch.device | str = "cpu") -> ImageSet | StreamedSet:
@@ -71,7 +66,7 @@ def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> Ima
     else:
         folders: dict = {}  # listing.contents, of folders
         if layout == "synthetic":
-            images, labels, classes, desc, prints = _load_synthetic(cfg, split)
+            images, labels, classes, desc, prints = load_synthetic(cfg, split)
         elif layout in CIFAR_ARCHIVES:
             images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
         else:
@@ -82,23 +77,3 @@ def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> Ima
     name = "unlabelled" if layout == "unlabelled" else split
     out.description += f", {name}, {len(out)} images, {len(out.classes)} classes"
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# synthetic
-
-
-def synthetic_seed(cfg: DataConfig, split: str) -> int:
-    """The make_synthetic seed of a split: 2*seed for train, 2*seed+1 for test (no seed's test set is another
-    seed's training set)."""
-    return 2 * int(cfg.synthetic_seed) + (0 if split == "train" else 1)
-
-
-def _load_synthetic(cfg: DataConfig, split: str):
-    from .synthetic import CLASSES, make_synthetic
-
-    n = cfg.synthetic_train if split == "train" else cfg.synthetic_test  # > 0: fastemp.validate
-    seed = synthetic_seed(cfg, split)
-    images, labels = make_synthetic(n, seed, size=cfg.image_size)
-    desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
-    return images, labels, list(CLASSES), desc, fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])

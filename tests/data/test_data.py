@@ -20,6 +20,7 @@ import fastemp.data.cifar as cifar
 import fastemp.data.imagefolder as imagefolder
 from fastemp.config import DataConfig
 from fastemp.data import DataError, load_split
+from fastemp.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -529,10 +530,10 @@ def test_one_class_or_a_test_class_without_training_images_is_an_error(tmp_path)
 
 
 def test_unknown_source_and_split():
-    with pytest.raises(DataError, match="did you mean 'cifar10'") as e:
+    with pytest.raises(ConfigError, match="data.source must be one of .*; did you mean 'cifar10'") as e:
         load_split(DataConfig(source="cifar-10"), "train")
     assert "\n" not in str(e.value)
-    with pytest.raises(DataError, match="did you mean 'imagefolder'"):
+    with pytest.raises(ConfigError, match="did you mean 'imagefolder'"):
         load_split(DataConfig(source="image_folder"), "train")
     with pytest.raises(DataError, match="unknown split"):
         load_split(DataConfig(), "val")
