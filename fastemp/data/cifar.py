@@ -90,6 +90,11 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_md5(path: Path, expected: str, fix: str, name: str = "") -> None:
+    if (got := _md5(path)) != expected:
+        raise DataError(f"{name or path} is corrupt or incomplete (md5 {got}, expected {expected}); {fix}")
+
+
 def _download(url: str, dest: Path) -> None:
     """Fetch `url` into `dest` (tests replace this to simulate being offline)."""
     import urllib.request
@@ -106,12 +111,7 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
     spec = CIFAR_ARCHIVES[name]
     path = root / spec.filename
     if path.is_file():
-        got = _md5(path)
-        if got != spec.md5:
-            raise DataError(
-                f"{path} is corrupt or incomplete (md5 {got}, expected {spec.md5}); delete it and "
-                f"rerun with data.download=true, or replace it with {spec.url}"
-            )
+        _check_md5(path, spec.md5, f"delete it and rerun with data.download=true, or replace it with {spec.url}")
         return path
     if not download:
         raise DataError(f"{name}: {path} not found and data.download=false; download {spec.url} and put it at {path}")
@@ -124,12 +124,7 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
             raise DataError(
                 f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
             ) from e
-        got = _md5(tmp)
-        if got != spec.md5:
-            raise DataError(
-                f"{name}: the download of {spec.url} has md5 {got}, expected {spec.md5}; removed it, "
-                f"retry, or put a good copy at {path}"
-            )
+        _check_md5(tmp, spec.md5, f"removed it; retry, or put a good copy at {path}", f"the download of {spec.url}")
     return path
 
 
@@ -162,12 +157,7 @@ def _read_batches(path: Path, spec: CifarArchive, wanted: set[str]) -> dict[str,
     try:
         if path.is_dir():
             for member in sorted(wanted):
-                got = _md5(path / member)
-                if got != spec.member_md5[member]:
-                    raise DataError(
-                        f"{path / member} is corrupt or incomplete (md5 {got}, expected {spec.member_md5[member]}); "
-                        f"delete {path} to use the archive (downloaded when missing), or restore the file"
-                    )
+                _check_md5(path / member, spec.member_md5[member], f"delete {path} to use the archive, or restore it")
                 blobs[member] = (path / member).read_bytes()
         else:
             with tarfile.open(path, "r:gz") as tar:
