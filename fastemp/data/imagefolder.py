@@ -63,46 +63,36 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     return found
 
 
-def _decode(items: list[tuple[str, str, bytes]]) -> list[np.ndarray]:
-    """The RGB pixels of every encoded image, as Pillow (and the official torchvision ImageFolder) reads them: the
-    stored pixels, no EXIF rotation. Threads: Pillow decodes outside the GIL."""
+def _decode(items: list[tuple[str, str, bytes]], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: every encoded image as Pillow (and the official torchvision ImageFolder) reads it,
+    the stored pixels (no EXIF rotation), one of another size resized (shorter side to `size`, bilinear,
+    antialiased) and centre-cropped. Threads: Pillow and torch work outside the GIL."""
     Image = listing._pillow()
     if Image is None:
         raise DataError("imagefolder decodes images with Pillow; pip install pillow")
 
-    def rgb(item: tuple[str, str, bytes]) -> np.ndarray:
+    def square(item: tuple[str, str, bytes]) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(item[2])) as im:
-                return np.asarray(im.convert("RGB"))
+                pixels = np.array(im.convert("RGB"))
         except Exception as e:
             raise DataError(f"cannot decode {item[1]} ({_one_line(e)[:200]}); remove or replace that file") from e
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(bar(pool.map(rgb, items), total=len(items), desc="decoding images", unit="image"))
-
-
-def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
-    """Stack decoded HWC uint8 images into (N, size, size, 3), resizing those of another size:
-    shorter side to `size` (bilinear, antialiased), then a centre crop."""
-    import torch.nn.functional as F
-
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        if im.shape[:2] == (size, size):
-            out[i] = im
-        else:
-            groups.setdefault(im.shape[:2], []).append(i)
-    for (h, w), idx in groups.items():
+        h, w = pixels.shape[:2]
+        if (h, w) == (size, size):
+            return pixels
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        for start in range(0, len(idx), 256):
-            part = idx[start : start + 256]
-            x = torch.from_numpy(np.stack([images[i] for i in part])).permute(0, 3, 1, 2).float()
-            y = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            top, left = (nh - size) // 2, (nw - size) // 2
-            y = y[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
-            out[part] = y.permute(0, 2, 3, 1).numpy()
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+        y = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        y = y[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+        return y.permute(1, 2, 0).numpy()
+
+    out = np.empty((len(items), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        decoded = bar(pool.map(square, items), total=len(items), desc="decoding images", unit="image")
+        for i, pixels in enumerate(decoded):
+            out[i] = pixels
     return out
 
 
@@ -170,7 +160,7 @@ def load_imagefolder(cfg: DataConfig, split: str, layout: str = "imagefolder"):
         meta = {"classes": classes, "fingerprint": listing.fingerprint(sizes), "contents": listing.contents(sizes)}
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index.get(c, -1) for c, _, _ in encoded], dtype=np.int64)  # -1: unlabelled
-        images = _resize_square(_decode(encoded), int(cfg.image_size))
+        images = _decode(encoded, int(cfg.image_size))
         found[s] = []  # free the encoded bytes
         _cache_save(paths[s], images, labels, meta)
         if s == split:
