@@ -68,8 +68,6 @@ def _decode(items: list[tuple[str, str, bytes]], size: int) -> np.ndarray:
     the stored pixels (no EXIF rotation), one of another size resized (shorter side to `size`, bilinear,
     antialiased) and centre-cropped. Threads: Pillow and torch work outside the GIL."""
     Image = listing._pillow()
-    if Image is None:
-        raise DataError("imagefolder decodes images with Pillow; pip install pillow")
 
     def square(item: tuple[str, str, bytes]) -> np.ndarray:
         try:

@@ -108,10 +108,8 @@ def os_problem(err: OSError) -> str:
 def image_problem(f, size: int) -> str | None:
     """What is wrong with the encoded image in the binary file object `f` (`size` bytes, which passed
     size_problem), from its header (and a full decode only when a JPEG or PNG lacks its end marker); None when
-    nothing is, or without Pillow."""
+    nothing is."""
     Image = _pillow()
-    if Image is None:
-        return None
     try:
         with Image.open(f) as im:
             pixels, kind = im.size[0] * im.size[1], im.format
@@ -138,13 +136,10 @@ def image_problem(f, size: int) -> str | None:
 
 
 def undecodable(blob) -> str | None:
-    """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None (also without Pillow):
-    what names the file of a batch a decoder failed on."""
-    Image = _pillow()
-    if Image is None:
-        return None
+    """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None: what names the file of
+    a batch a decoder failed on."""
     try:
-        with Image.open(io.BytesIO(bytes(blob))) as im:
+        with _pillow().open(io.BytesIO(bytes(blob))) as im:
             im.load()
     except Exception as err:
         return f"cannot be decoded ({one_line(err)[:120]})"
@@ -153,7 +148,7 @@ def undecodable(blob) -> str | None:
 
 def file_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with one image file (unreadable, empty, too large, a looping link, not an image,
-    too many pixels, truncated), or None. Pillow checks the header; without Pillow only the file is."""
+    too many pixels, truncated), or None."""
     try:
         size = os.stat(path).st_size  # before opening: a pipe or device (size 0) would block open()
         if problem := size_problem(size):
@@ -165,7 +160,7 @@ def file_problem(path: str | os.PathLike) -> str | None:
 
 
 def dali_available() -> bool:
-    """Whether DALI imports here: the imagefolder decoder's choice, and the patch backends' (fastemp.runtime)."""
+    """Whether DALI imports here: the patch backends' choice (fastemp.runtime)."""
     try:
         import nvidia.dali.fn  # noqa: F401
     except Exception:  # ImportError, or a broken CUDA/driver underneath
@@ -175,12 +170,15 @@ def dali_available() -> bool:
 
 @functools.cache
 def _pillow():
-    """PIL.Image, or None without Pillow. Its decompression-bomb warning is silenced once, for the process
-    (catch_warnings is not thread-safe): every image past its limit is refused here as an error."""
+    """PIL.Image, which image folders need (their checks, decoding). Its decompression-bomb warning is silenced
+    once, for the process (catch_warnings is not thread-safe): every image past its limit is refused here as an
+    error."""
     try:
         from PIL import Image
-    except Exception:
-        return None
+    except Exception as err:  # ImportError, or a broken install
+        raise DataError(
+            f"image folders are read with Pillow, which does not import ({one_line(err)}); pip install pillow"
+        ) from err
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     return Image
 
@@ -208,8 +206,6 @@ def check_files(base: Path, items: list[Item], cache_root: str | os.PathLike, ba
     marker = Path(cache_root).expanduser() / "cache" / f"checked-{base.name}-{key}.json"
     if not bad and (key in _checked or marker.is_file()):
         return
-    if not _pillow():
-        warnings.warn("Pillow is not installed, so image headers are not checked; pip install pillow", stacklevel=3)
     paths = [str(base / rel) for _, rel, _, _ in items]
     chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
     bad = list(bad)

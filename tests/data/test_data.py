@@ -3,10 +3,12 @@
 shared CIFAR-10 JPEG archive when it is present. Nothing here touches the network."""
 
 import dataclasses
+import functools
 import io
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import urllib.error
 import zlib
@@ -333,11 +335,13 @@ def test_imagefolder_nested_directory(tmp_path):
     check_tree(load_split(folder_cfg(tmp_path / "outer", tmp_path), "train"), "train")
 
 
-def test_imagefolder_without_pillow(tmp_path, monkeypatch):
-    monkeypatch.setattr(imagefolder.listing, "_pillow", lambda: None)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_image_folders_without_pillow_are_one_line(tmp_path, monkeypatch, streamed):
     src = write_dir(tmp_path / "tree", tree_files())
-    with pytest.raises(DataError, match="pip install pillow"):
-        load_split(folder_cfg(src, tmp_path), "train")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` fails
+    monkeypatch.setattr(imagefolder.listing, "_pillow", functools.cache(imagefolder.listing._pillow.__wrapped__))
+    with pytest.raises(DataError, match=r"^image folders are read with Pillow, .*; pip install pillow$"):
+        load_split(folder_cfg(src, tmp_path, streamed=streamed), "train")
 
 
 def test_imagefolder_resize(tmp_path):
