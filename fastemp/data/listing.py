@@ -311,10 +311,6 @@ def labelled_splits(found: dict[str, list], where: str, need: str) -> dict[str, 
     return splits
 
 
-def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".tar", ".tar.gz", ".tgz"))
-
-
 def source_path(cfg, layout: str) -> Path:
     """The resolved folder (or, for imagefolder data decoded once, .tar[.gz]) that the DataConfig `cfg` names
     for `layout`; a missing or wrong one is a one-line error."""
@@ -324,10 +320,11 @@ def source_path(cfg, layout: str) -> Path:
     source = Path(given).expanduser().resolve()
     if not source.exists():
         raise DataError(f"{key} {source} does not exist; check the path ({LAYOUTS})")
-    if is_archive(source) and (cfg.streamed or layout != "imagefolder"):
+    archive = source.is_file() and source.name.lower().endswith((".tar", ".tar.gz", ".tgz"))
+    if archive and (cfg.streamed or layout != "imagefolder"):
         why = "data.streamed=true reads files one by one" if cfg.streamed else f"{key} is read as a folder"
         raise DataError(f"{source} is an archive, but {why}; extract it and point {key} at the folder")
-    if not (source.is_dir() or is_archive(source)):
+    if not (source.is_dir() or archive):
         raise DataError(f"{key} {source} is neither a folder nor a .tar/.tar.gz/.tgz archive; point {key} at one")
     return source
 

@@ -131,8 +131,7 @@ def make_synthetic(n_images: int, seed: int, size: int = 32) -> tuple[torch.Tens
     and shuffled."""
     if size < 4:
         raise ValueError(f"size must be >= 4, got {size}")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed))
     n = int(n_images)
     S = int(size)
 
