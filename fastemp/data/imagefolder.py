@@ -28,12 +28,13 @@ from . import listing
 
 SPLITS = ("train", "test")
 _CACHE_VERSION = 4  # 2: a split passed the class checks; 3: DALI ignores EXIF rotation; 4: labels in the .json
+Encoded = tuple[str, str, int, "bytes | Path"]  # (class, relative path, size, the encoded bytes or their file)
 
 
-def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
-    """{train, test and val folder: [(class, path from the split folder on, encoded bytes)]} of a .tar/.tar.gz,
-    in one streaming pass; every member is checked as listing.file_problem checks a file."""
-    found: dict[str, list[tuple[str, str, bytes]]] = {d: [] for d in ("train", *listing.TEST_DIRS)}
+def _read_archive(path: Path) -> dict[str, list[Encoded]]:
+    """{train, test and val folder: [(class, path from the split folder on, size, encoded bytes)]} of a
+    .tar/.tar.gz, in one streaming pass; every member is checked as listing.file_problem checks a file."""
+    found: dict[str, list[Encoded]] = {d: [] for d in ("train", *listing.TEST_DIRS)}
     prefixes: set[str] = set()
     bad: list[tuple[str, str]] = []
     try:
@@ -47,8 +48,8 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
                 prefixes.add("/".join(parts[:at]))
                 why = listing.size_problem(member.size)
                 if why is None:  # the checks of a listed file
-                    found[split].append((cls, rel, tar.extractfile(member).read()))
-                    why = listing.image_problem(io.BytesIO(found[split][-1][2]), member.size)
+                    found[split].append((cls, rel, member.size, tar.extractfile(member).read()))
+                    why = listing.image_problem(io.BytesIO(found[split][-1][3]), member.size)
                 if why:
                     bad.append((member.name, why))
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -63,18 +64,19 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     return found
 
 
-def _decode(items: list[tuple[str, str, bytes]], size: int) -> np.ndarray:
+def _decode(items: list[Encoded], size: int) -> np.ndarray:
     """(N, size, size, 3) uint8: every encoded image as Pillow (and the official torchvision ImageFolder) reads it,
     the stored pixels (no EXIF rotation), one of another size resized (shorter side to `size`, bilinear,
     antialiased) and centre-cropped. Threads: Pillow and torch work outside the GIL."""
     Image = listing._pillow()
 
-    def square(item: tuple[str, str, bytes]) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(item[2])) as im:
+    def square(item: Encoded) -> np.ndarray:
+        _, rel, _, data = item
+        try:  # a file is read here, in the thread
+            with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as im:
                 pixels = np.array(im.convert("RGB"))
         except Exception as e:
-            raise DataError(f"cannot decode {item[1]} ({_one_line(e)[:200]}); remove or replace that file") from e
+            raise DataError(f"cannot decode {rel} ({_one_line(e)[:200]}); remove or replace that file") from e
         h, w = pixels.shape[:2]
         if (h, w) == (size, size):
             return pixels
@@ -148,26 +150,18 @@ def load_imagefolder(cfg: DataConfig, split: str, layout: str = "imagefolder"):
     if hit is not None:
         return (*hit[:3], f"{what}, from cache {paths[split][0]})", *hit[3:])
     if source.is_dir():
-        found = {split: [(cls, rel, _read(folder.base / rel)) for cls, rel, _, _ in folder.splits[split]]}
+        found = {split: [(cls, rel, size, folder.base / rel) for cls, rel, size, _ in folder.splits[split]]}
     else:  # one pass reads both splits: decode and cache both
         found = listing.labelled_splits(_read_archive(source), str(source), split)
-        classes = sorted({c for items in found.values() for c, _, _ in items})
+        classes = sorted({c for items in found.values() for c, *_ in items})
         found = {s: items for s, items in found.items() if items and (s == split or not paths[s][1].is_file())}
     for s, encoded in found.items():
-        sizes = [(c, n, len(b)) for c, n, b in encoded]
-        meta = {"classes": classes, "fingerprint": listing.fingerprint(sizes), "contents": listing.contents(sizes)}
+        meta = {"classes": classes, "fingerprint": listing.fingerprint(encoded), "contents": listing.contents(encoded)}
         index = {c: i for i, c in enumerate(classes)}
-        labels = np.array([index.get(c, -1) for c, _, _ in encoded], dtype=np.int64)  # -1: unlabelled
+        labels = np.array([index.get(c, -1) for c, *_ in encoded], dtype=np.int64)  # -1: unlabelled
         images = _decode(encoded, int(cfg.image_size))
         found[s] = []  # free the encoded bytes
         _cache_save(paths[s], images, labels, meta)
         if s == split:
             result = images, labels, classes, f"{what})", meta["fingerprint"], meta["contents"]
     return result
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({_one_line(e)}); restore or remove it") from e

@@ -407,7 +407,7 @@ def test_imagefolder_ignores_exif_rotation_like_pil(tmp_path):
     exif[0x0112] = 6
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95, exif=exif)
-    (decoded,) = imagefolder._decode([("c", "r.jpg", buf.getvalue())], 24)
+    (decoded,) = imagefolder._decode([("c", "r.jpg", len(buf.getvalue()), buf.getvalue())], 24)
     assert np.abs(decoded.astype(int) - pixels[:, 8:32].astype(int)).mean() < 2
 
 
