@@ -63,14 +63,9 @@ def load_train_images(cfg: DataConfig, device: torch.device | str = "cpu") -> Im
 def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> ImageSet | StreamedSet:
     if cfg.streamed:  # on image folders only (fastemp.validate.check_backend)
         out = load_streamed(cfg, split, device, layout)
-    else:
-        folders: dict = {}  # listing.contents, of folders
-        if layout == "synthetic":
-            images, labels, classes, desc, prints = load_synthetic(cfg, split)
-        elif layout in CIFAR_ARCHIVES:
-            images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
-        else:
-            images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, layout)
+    else:  # every loader gives (images, labels, classes, description, fingerprint, listing.contents of a folder)
+        load = load_synthetic if layout == "synthetic" else load_cifar if layout in CIFAR_ARCHIVES else load_imagefolder
+        images, labels, classes, desc, prints, folders = load(cfg, split, layout)
         images = torch.as_tensor(images).to(device).contiguous()
         labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
         out = ImageSet(images, labels, list(classes), desc, fingerprint=prints, contents=folders)

@@ -170,7 +170,8 @@ def _read_batches(path: Path, spec: CifarArchive, wanted: set[str]) -> dict[str,
         raise DataError(f"cannot read {path} ({_one_line(e)}); {fix}") from e
 
 
-def load_cifar(cfg: DataConfig, name: str, split: str):
+def load_cifar(cfg: DataConfig, split: str, name: str):
+    """(images, labels, classes, description, fingerprint, {}) of a split of the CIFAR set `name`."""
     spec = CIFAR_ARCHIVES[name]
     root = Path(cfg.root).expanduser()
     members = spec.train_members if split == "train" else spec.test_members
@@ -185,4 +186,4 @@ def load_cifar(cfg: DataConfig, name: str, split: str):
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     prints = fingerprint((name, m, spec.member_md5[m]) for m in (*members, spec.meta_member))
     what = "python archive" if path.is_file() else "extracted folder"
-    return images, labels, classes, f"{name} ({what} {path})", prints
+    return images, labels, classes, f"{name} ({what} {path})", prints, {}

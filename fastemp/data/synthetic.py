@@ -216,13 +216,14 @@ def synthetic_seed(cfg: DataConfig, split: str) -> int:
     return 2 * int(cfg.synthetic_seed) + (0 if split == "train" else 1)
 
 
-def load_synthetic(cfg: DataConfig, split: str):
-    """(images, labels, classes, description, fingerprint) of a split of the synthetic set that `cfg` names."""
+def load_synthetic(cfg: DataConfig, split: str, layout: str = "synthetic"):
+    """(images, labels, classes, description, fingerprint, {}) of a split of the synthetic set that `cfg` names."""
     n = cfg.synthetic_train if split == "train" else cfg.synthetic_test  # > 0: fastemp.validate
     seed = synthetic_seed(cfg, split)
     images, labels = make_synthetic(n, seed, size=cfg.image_size)
     desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
-    return images, labels, list(CLASSES), desc, fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])
+    prints = fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])
+    return images, labels, list(CLASSES), desc, prints, {}
 
 
 # ------------------------- JPEG folders at any size: for tests and benchmarks of the data path, not for accuracy
