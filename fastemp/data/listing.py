@@ -206,13 +206,12 @@ def check_files(base: Path, items: list[Item], cache_root: str | os.PathLike, ba
     marker = Path(cache_root).expanduser() / "cache" / f"checked-{base.name}-{key}.json"
     if not bad and (key in _checked or marker.is_file()):
         return
-    paths = [str(base / rel) for _, rel, _, _ in items]
-    chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
+    chunks = [[rel for _, rel, _, _ in items[i : i + 256]] for i in range(0, len(items), 256)]
     bad = list(bad)
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        progress = bar(total=len(paths), desc=f"checking {base.name}", unit="file")
-        for chunk, problems in zip(chunks, pool.map(lambda c: [file_problem(p) for p in c], chunks)):
-            bad += [(os.path.relpath(p, base), why) for p, why in zip(chunk, problems) if why]
+        progress = bar(total=len(items), desc=f"checking {base.name}", unit="file")
+        for chunk, problems in zip(chunks, pool.map(lambda c: [file_problem(base / rel) for rel in c], chunks)):
+            bad += [(rel, why) for rel, why in zip(chunk, problems) if why]
             progress.update(len(chunk))
         progress.close()
     refuse(bad, str(base))
