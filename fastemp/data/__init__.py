@@ -17,8 +17,6 @@ from .imagefolder import SPLITS, load_imagefolder
 from .streamed import StreamedSet, load_streamed
 from .synthetic import load_synthetic
 
-SOURCES = choices(DataConfig, "source")
-
 
 @dataclass
 class ImageSet:
@@ -48,7 +46,7 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
     (a StreamedSet of file paths when cfg.streamed)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' ; choose train or test")
-    check_choice("data.source", cfg.source, SOURCES)  # a DataConfig made in Python was not validated
+    check_choice("data.source", cfg.source, choices(DataConfig, "source"))  # unchecked if made in Python
     return _load(cfg, split, torch.device(device), cfg.source)
 
 
