@@ -126,13 +126,12 @@ def _class_mask(
     return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
 
 
-def make_synthetic(n_images: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render `n_images` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU; labels balanced
+def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render `n` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU; labels balanced
     and shuffled."""
     if size < 4:
         raise ValueError(f"size must be >= 4, got {size}")
     gen = torch.Generator().manual_seed(int(seed))
-    n = int(n_images)
     S = int(size)
 
     # ---- per-image parameters (a fixed draw order defines the dataset) ----
