@@ -35,7 +35,6 @@ LAYOUTS = (
 )
 TEST_DIRS = ("test", "val")  # the folder of the test split, in order of preference
 _CHECK_VERSION = 1
-_checked: set[str] = set()  # listings checked by this process (also when the cache cannot be written)
 
 Item = tuple[str, str, int, int]  # (class, path relative to the base folder, size, mtime_ns)
 
@@ -202,9 +201,8 @@ def check_files(base: Path, items: list[Item], cache_root: str | os.PathLike, ba
     h = hashlib.sha256(json.dumps([_CHECK_VERSION, MAX_IMAGE_PIXELS, MAX_FILE_BYTES, str(base)]).encode())
     for _, rel, size, mtime in sorted(items, key=lambda t: t[1]):
         h.update(f"{rel}\t{size}\t{mtime}\n".encode())
-    key = h.hexdigest()[:20]
-    marker = Path(cache_root).expanduser() / "cache" / f"checked-{base.name}-{key}.json"
-    if not bad and (key in _checked or marker.is_file()):
+    marker = Path(cache_root).expanduser() / "cache" / f"checked-{base.name}-{h.hexdigest()[:20]}.json"
+    if not bad and marker.is_file():
         return
     chunks = [[rel for _, rel, _, _ in items[i : i + 256]] for i in range(0, len(items), 256)]
     bad = list(bad)
@@ -215,7 +213,6 @@ def check_files(base: Path, items: list[Item], cache_root: str | os.PathLike, ba
             progress.update(len(chunk))
         progress.close()
     refuse(bad, str(base))
-    _checked.add(key)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"files": len(items)}))

@@ -158,7 +158,6 @@ def test_a_folder_that_passed_is_not_checked_again_until_a_file_changes(tmp_path
     cfg = cfg_for(root, tmp_path, streamed=True)
     load_split(cfg, "train")
     assert len(list((tmp_path / "data_root" / "cache").glob("checked-tree-*.json"))) == 1
-    listing._checked.clear()  # a new process: only the cache on disk remembers
     calls = []
     monkeypatch.setattr(listing, "file_problem", lambda p: calls.append(p))
     load_split(cfg, "test")
