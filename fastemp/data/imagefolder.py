@@ -68,7 +68,7 @@ def _decode(items: list[Encoded], size: int) -> np.ndarray:
     """(N, size, size, 3) uint8: every encoded image as Pillow (and the official torchvision ImageFolder) reads it,
     the stored pixels (no EXIF rotation), one of another size resized (shorter side to `size`, bilinear,
     antialiased) and centre-cropped. Threads: Pillow and torch work outside the GIL."""
-    Image = listing._pillow()
+    Image = listing.pillow()
 
     def square(item: Encoded) -> np.ndarray:
         _, rel, _, data = item

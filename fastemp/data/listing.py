@@ -108,7 +108,7 @@ def image_problem(f, size: int) -> str | None:
     """What is wrong with the encoded image in the binary file object `f` (`size` bytes, which passed
     size_problem), from its header (and a full decode only when a JPEG or PNG lacks its end marker); None when
     nothing is."""
-    Image = _pillow()
+    Image = pillow()
     try:
         with Image.open(f) as im:
             pixels, kind = im.size[0] * im.size[1], im.format
@@ -138,7 +138,7 @@ def undecodable(blob) -> str | None:
     """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None: what names the file of
     a batch a decoder failed on."""
     try:
-        with _pillow().open(io.BytesIO(bytes(blob))) as im:
+        with pillow().open(io.BytesIO(bytes(blob))) as im:
             im.load()
     except Exception as err:
         return f"cannot be decoded ({one_line(err)[:120]})"
@@ -168,7 +168,7 @@ def dali_available() -> bool:
 
 
 @functools.cache
-def _pillow():
+def pillow():
     """PIL.Image, which image folders need (their checks, decoding). Its decompression-bomb warning is silenced
     once, for the process (catch_warnings is not thread-safe): every image past its limit is refused here as an
     error."""

@@ -339,7 +339,7 @@ def test_imagefolder_nested_directory(tmp_path):
 def test_image_folders_without_pillow_are_one_line(tmp_path, monkeypatch, streamed):
     src = write_dir(tmp_path / "tree", tree_files())
     monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` fails
-    monkeypatch.setattr(imagefolder.listing, "_pillow", functools.cache(imagefolder.listing._pillow.__wrapped__))
+    monkeypatch.setattr(imagefolder.listing, "pillow", functools.cache(imagefolder.listing.pillow.__wrapped__))
     with pytest.raises(DataError, match=r"^image folders are read with Pillow, .*; pip install pillow$"):
         load_split(folder_cfg(src, tmp_path, streamed=streamed), "train")
 
