@@ -158,15 +158,6 @@ def file_problem(path: str | os.PathLike) -> str | None:
         return os_problem(err)
 
 
-def dali_available() -> bool:
-    """Whether DALI imports here: the patch backends' choice (fastemp.runtime)."""
-    try:
-        import nvidia.dali.fn  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA/driver underneath
-        return False
-    return True
-
-
 @functools.cache
 def pillow():
     """PIL.Image, which image folders need (their checks, decoding). Its decompression-bomb warning is silenced
