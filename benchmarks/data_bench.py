@@ -17,7 +17,7 @@ import torch
 from fastemp.clock import cpu_seconds, time_calls
 from fastemp.config import load_config
 from fastemp.data import load_split
-from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.data.synthetic import make_folder
 from fastemp.patches import PatchBackend, dali_available, make_patch_backend
 from fastemp.patches.dali_images import READ_THREADS
 from fastemp.train import Trainer

@@ -143,7 +143,7 @@ def item_large_n(dry_run: bool, record: Path) -> tuple[str, dict]:
 
 def item_dali(dry_run: bool, record: Path) -> tuple[str, dict]:
     from fastemp.check import run_checks
-    from fastemp.data.synthetic_jpeg import make_folder
+    from fastemp.data.synthetic import make_folder
     from fastemp.patches import dali_available
 
     if not dali_available():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastemp.config import load_config
-from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.data.synthetic import make_folder
 from fastemp.train import Trainer
 
 

@@ -9,7 +9,7 @@ from tiny_run import BENCH_CPU, BENCH_TINY
 from fastemp.benchmarks import tune
 from fastemp.cli import main
 from fastemp.config import load_config
-from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.data.synthetic import make_folder
 from fastemp.patches import dali_available
 
 

@@ -5,20 +5,17 @@ a short hash of what it holds, equal wherever the same data lies.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import DataConfig, choices
+from ..config import DataConfig, check_choice, choices
 from ..errors import DataError
 from .cifar import CIFAR_ARCHIVES, load_cifar
 from .imagefolder import SPLITS, load_imagefolder
-from .listing import fingerprint
 from .streamed import StreamedSet, load_streamed
-
-SOURCES = choices(DataConfig, "source")
+from .synthetic import load_synthetic
 
 
 @dataclass
@@ -49,12 +46,8 @@ def load_split(cfg: DataConfig, split: str, device: torch.device | str = "cpu") 
     (a StreamedSet of file paths when cfg.streamed)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' ; choose train or test")
-    source = cfg.source
-    if source not in SOURCES:
-        close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.3)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"unknown data.source '{source}'{hint} ; choose {', '.join(SOURCES)}")
-    return _load(cfg, split, torch.device(device), source)
+    check_choice("data.source", cfg.source, choices(DataConfig, "source"))  # unchecked if made in Python
+    return _load(cfg, split, torch.device(device), cfg.source)
 
 
 def load_train_images(cfg: DataConfig, device: torch.device | str = "cpu") -> ImageSet | StreamedSet:
@@ -68,37 +61,12 @@ def load_train_images(cfg: DataConfig, device: torch.device | str = "cpu") -> Im
 def _load(cfg: DataConfig, split: str, device: torch.device, layout: str) -> ImageSet | StreamedSet:
     if cfg.streamed:  # on image folders only (fastemp.validate.check_backend)
         out = load_streamed(cfg, split, device, layout)
-    else:
-        folders: dict = {}  # listing.contents, of folders
-        if layout == "synthetic":
-            images, labels, classes, desc, prints = _load_synthetic(cfg, split)
-        elif layout in CIFAR_ARCHIVES:
-            images, labels, classes, desc, prints = load_cifar(cfg, layout, split)
-        else:
-            images, labels, classes, desc, prints, folders = load_imagefolder(cfg, split, device, layout)
+    else:  # every loader gives (images, labels, classes, description, fingerprint, listing.contents of a folder)
+        load = load_synthetic if layout == "synthetic" else load_cifar if layout in CIFAR_ARCHIVES else load_imagefolder
+        images, labels, classes, desc, prints, folders = load(cfg, split, layout)
         images = torch.as_tensor(images).to(device).contiguous()
         labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64).contiguous()
         out = ImageSet(images, labels, list(classes), desc, fingerprint=prints, contents=folders)
     name = "unlabelled" if layout == "unlabelled" else split
     out.description += f", {name}, {len(out)} images, {len(out.classes)} classes"
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# synthetic
-
-
-def synthetic_seed(cfg: DataConfig, split: str) -> int:
-    """The make_synthetic seed of a split: 2*seed for train, 2*seed+1 for test (no seed's test set is another
-    seed's training set)."""
-    return 2 * int(cfg.synthetic_seed) + (0 if split == "train" else 1)
-
-
-def _load_synthetic(cfg: DataConfig, split: str):
-    from .synthetic import CLASSES, make_synthetic
-
-    n = cfg.synthetic_train if split == "train" else cfg.synthetic_test  # > 0: fastemp.validate
-    seed = synthetic_seed(cfg, split)
-    images, labels = make_synthetic(n, seed, size=cfg.image_size)
-    desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
-    return images, labels, list(CLASSES), desc, fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])

@@ -90,6 +90,11 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_md5(path: Path, expected: str, fix: str, name: str = "") -> None:
+    if (got := _md5(path)) != expected:
+        raise DataError(f"{name or path} is corrupt or incomplete (md5 {got}, expected {expected}); {fix}")
+
+
 def _download(url: str, dest: Path) -> None:
     """Fetch `url` into `dest` (tests replace this to simulate being offline)."""
     import urllib.request
@@ -106,12 +111,7 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
     spec = CIFAR_ARCHIVES[name]
     path = root / spec.filename
     if path.is_file():
-        got = _md5(path)
-        if got != spec.md5:
-            raise DataError(
-                f"{path} is corrupt or incomplete (md5 {got}, expected {spec.md5}); delete it and "
-                f"rerun with data.download=true, or replace it with {spec.url}"
-            )
+        _check_md5(path, spec.md5, f"delete it and rerun with data.download=true, or replace it with {spec.url}")
         return path
     if not download:
         raise DataError(f"{name}: {path} not found and data.download=false; download {spec.url} and put it at {path}")
@@ -124,12 +124,7 @@ def _ensure_archive(name: str, root: Path, download: bool) -> Path:
             raise DataError(
                 f"{name}: could not download {spec.url} ({_one_line(e)}); put {spec.filename} from that URL at {path}"
             ) from e
-        got = _md5(tmp)
-        if got != spec.md5:
-            raise DataError(
-                f"{name}: the download of {spec.url} has md5 {got}, expected {spec.md5}; removed it, "
-                f"retry, or put a good copy at {path}"
-            )
+        _check_md5(tmp, spec.md5, f"removed it; retry, or put a good copy at {path}", f"the download of {spec.url}")
     return path
 
 
@@ -162,12 +157,7 @@ def _read_batches(path: Path, spec: CifarArchive, wanted: set[str]) -> dict[str,
     try:
         if path.is_dir():
             for member in sorted(wanted):
-                got = _md5(path / member)
-                if got != spec.member_md5[member]:
-                    raise DataError(
-                        f"{path / member} is corrupt or incomplete (md5 {got}, expected {spec.member_md5[member]}); "
-                        f"delete {path} to use the archive (downloaded when missing), or restore the file"
-                    )
+                _check_md5(path / member, spec.member_md5[member], f"delete {path} to use the archive, or restore it")
                 blobs[member] = (path / member).read_bytes()
         else:
             with tarfile.open(path, "r:gz") as tar:
@@ -180,7 +170,8 @@ def _read_batches(path: Path, spec: CifarArchive, wanted: set[str]) -> dict[str,
         raise DataError(f"cannot read {path} ({_one_line(e)}); {fix}") from e
 
 
-def load_cifar(cfg: DataConfig, name: str, split: str):
+def load_cifar(cfg: DataConfig, split: str, name: str):
+    """(images, labels, classes, description, fingerprint, {}) of a split of the CIFAR set `name`."""
     spec = CIFAR_ARCHIVES[name]
     root = Path(cfg.root).expanduser()
     members = spec.train_members if split == "train" else spec.test_members
@@ -195,4 +186,4 @@ def load_cifar(cfg: DataConfig, name: str, split: str):
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     prints = fingerprint((name, m, spec.member_md5[m]) for m in (*members, spec.meta_member))
     what = "python archive" if path.is_file() else "extracted folder"
-    return images, labels, classes, f"{name} ({what} {path})", prints
+    return images, labels, classes, f"{name} ({what} {path})", prints, {}

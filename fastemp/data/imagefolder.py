@@ -1,5 +1,5 @@
 """Image folders (as listing.py lists them) or a .tar[.gz] (read in one pass, so a cache miss decodes and caches
-both splits) decoded once (DALI, else Pillow), resized to image_size squares and cached (docs/data.md): the
+both splits) decoded once (Pillow), resized to image_size squares and cached (docs/data.md): the
 resident imagefolder and tinyimagenet sources and an unlabelled data.train_path. A changed file re-decodes; an
 unwritable cache only costs a warning.
 """
@@ -13,6 +13,7 @@ import os
 import re
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,14 @@ from ..runs import atomic_path
 from . import listing
 
 SPLITS = ("train", "test")
-DECODE_BATCH = 512  # encoded files per DALI pipeline run
 _CACHE_VERSION = 4  # 2: a split passed the class checks; 3: DALI ignores EXIF rotation; 4: labels in the .json
+Encoded = tuple[str, str, int, "bytes | Path"]  # (class, relative path, size, the encoded bytes or their file)
 
 
-def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
-    """{train, test and val folder: [(class, path from the split folder on, encoded bytes)]} of a .tar/.tar.gz,
-    in one streaming pass; every member is checked as listing.file_problem checks a file."""
-    found: dict[str, list[tuple[str, str, bytes]]] = {d: [] for d in ("train", *listing.TEST_DIRS)}
+def _read_archive(path: Path) -> dict[str, list[Encoded]]:
+    """{train, test and val folder: [(class, path from the split folder on, size, encoded bytes)]} of a
+    .tar/.tar.gz, in one streaming pass; every member is checked as listing.file_problem checks a file."""
+    found: dict[str, list[Encoded]] = {d: [] for d in ("train", *listing.TEST_DIRS)}
     prefixes: set[str] = set()
     bad: list[tuple[str, str]] = []
     try:
@@ -47,8 +48,8 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
                 prefixes.add("/".join(parts[:at]))
                 why = listing.size_problem(member.size)
                 if why is None:  # the checks of a listed file
-                    found[split].append((cls, rel, tar.extractfile(member).read()))
-                    why = listing.image_problem(io.BytesIO(found[split][-1][2]), member.size)
+                    found[split].append((cls, rel, member.size, tar.extractfile(member).read()))
+                    why = listing.image_problem(io.BytesIO(found[split][-1][3]), member.size)
                 if why:
                     bad.append((member.name, why))
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -63,115 +64,42 @@ def _read_archive(path: Path) -> dict[str, list[tuple[str, str, bytes]]]:
     return found
 
 
-def _decoder_for(device: torch.device) -> str:
-    """dali-cpu | dali-mixed | pil, the decoder this process would use for `device`."""
-    if listing.dali_available():
-        return "dali-mixed" if device.type == "cuda" else "dali-cpu"
-    if listing._pillow():
-        return "pil"
-    raise DataError("imagefolder needs an image decoder; install nvidia-dali-cuda130 (or -cuda120) or pillow")
+def _decode(items: list[Encoded], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: every encoded image as Pillow (and the official torchvision ImageFolder) reads it,
+    the stored pixels (no EXIF rotation), one of another size resized (shorter side to `size`, bilinear,
+    antialiased) and centre-cropped. Threads: Pillow and torch work outside the GIL."""
+    Image = listing.pillow()
 
-
-def _decode_dali(blobs: list[np.ndarray], names: list[str], mixed: bool, device_index: int) -> list[np.ndarray]:
-    from nvidia.dali import fn, pipeline_def, types
-
-    batch = min(DECODE_BATCH, max(1, len(blobs)))
-
-    @pipeline_def(
-        batch_size=batch,
-        num_threads=max(1, min(8, os.cpu_count() or 1)),
-        device_id=device_index if mixed else None,
-        prefetch_queue_depth=1,
-        exec_dynamic=True,
-    )
-    def pipe():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        # stored pixels, as Pillow (and the official torchvision ImageFolder) reads them: no EXIF rotation
-        return fn.decoders.image(
-            encoded, device="mixed" if mixed else "cpu", output_type=types.RGB, adjust_orientation=False
-        )
-
-    try:
-        p = pipe()
-        p.build()
-    except Exception as e:
-        raise DataError(
-            f"cannot build the DALI decoding pipeline ({_one_line(e)[:300]}); install pillow and uninstall DALI to decode with Pillow"
-        ) from e
-    out: list[np.ndarray] = []
-    for start in bar(range(0, len(blobs), batch), desc="decoding images", unit="batch"):
-        chunk = blobs[start : start + batch]
-        p.feed_input("encoded", chunk)
-        try:
-            (decoded,) = p.run()
+    def square(item: Encoded) -> np.ndarray:
+        _, rel, _, data = item
+        try:  # a file is read here, in the thread
+            with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as im:
+                pixels = np.array(im.convert("RGB"))
         except Exception as e:
-            bad = next((n for b, n in zip(chunk, names[start : start + batch]) if listing.undecodable(b)), None)
-            where = bad or f"one of {names[start]} .. {names[start + len(chunk) - 1]}"
-            raise DataError(f"cannot decode {where} ({_one_line(e)[:200]}); remove or replace that file") from e
-        decoded = decoded.as_cpu() if mixed else decoded
-        out.extend(np.array(decoded[i]) for i in range(len(chunk)))
-    return out
-
-
-def _decode_pil(blobs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
-    from PIL import Image
-
-    out = []
-    for blob, name in bar(zip(blobs, names), total=len(blobs), desc="decoding images", unit="image"):
-        try:
-            with Image.open(io.BytesIO(blob.tobytes())) as im:
-                out.append(np.asarray(im.convert("RGB")))
-        except Exception as e:
-            raise DataError(f"cannot decode {name} ({_one_line(e)[:200]}); remove or replace that file") from e
-    return out
-
-
-def _resize_square(images: list[np.ndarray], size: int) -> np.ndarray:
-    """Stack decoded HWC uint8 images into (N, size, size, 3), resizing those of another size:
-    shorter side to `size` (bilinear, antialiased), then a centre crop."""
-    import torch.nn.functional as F
-
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        if im.ndim == 2:
-            im = images[i] = np.repeat(im[:, :, None], 3, axis=2)
-        if im.shape[:2] == (size, size):
-            out[i] = im[:, :, :3]
-        else:
-            groups.setdefault(im.shape[:2], []).append(i)
-    for (h, w), idx in groups.items():
+            raise DataError(f"cannot decode {rel} ({_one_line(e)[:200]}); remove or replace that file") from e
+        h, w = pixels.shape[:2]
+        if (h, w) == (size, size):
+            return pixels
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        for start in range(0, len(idx), 256):
-            part = idx[start : start + 256]
-            x = torch.from_numpy(np.stack([images[i][:, :, :3] for i in part])).permute(0, 3, 1, 2).float()
-            y = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            top, left = (nh - size) // 2, (nw - size) // 2
-            y = y[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
-            out[part] = y.permute(0, 2, 3, 1).numpy()
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+        y = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        y = y[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+        return y.permute(1, 2, 0).numpy()
+
+    out = np.empty((len(items), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        decoded = bar(pool.map(square, items), total=len(items), desc="decoding images", unit="image")
+        for i, pixels in enumerate(decoded):
+            out[i] = pixels
     return out
 
 
-def _decode(
-    items: list[tuple[str, str, bytes]], classes: list[str], size: int, decoder: str, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index.get(c, -1) for c, _, _ in items], dtype=np.int64)  # -1: unlabelled
-    blobs = [np.frombuffer(b, dtype=np.uint8) for _, _, b in items]
-    names = [n for _, n, _ in items]
-    if decoder == "pil":
-        decoded = _decode_pil(blobs, names)
-    else:
-        mixed = decoder == "dali-mixed"
-        index = device.index if device.index is not None else (torch.cuda.current_device() if mixed else 0)
-        decoded = _decode_dali(blobs, names, mixed=mixed, device_index=index)
-    return _resize_square(decoded, size), labels
-
-
-def _cache_paths(cfg: DataConfig, source: Path, split: str, key: object, decoder: str) -> tuple[Path, Path]:
+def _cache_paths(cfg: DataConfig, source: Path, split: str, key: object) -> tuple[Path, Path]:
+    # "pil": the decoder, in the key since DALI decoded too (the entries written by Pillow stay valid)
     digest = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), decoder, split, key]).encode()
+        json.dumps([_CACHE_VERSION, str(source), int(cfg.image_size), "pil", split, key]).encode()
     ).hexdigest()[:16]
     name = re.sub(r"\.(tar\.gz|tgz|tar)$", "", source.name, flags=re.IGNORECASE)
     stem = Path(cfg.root).expanduser() / "cache" / f"imagefolder-{name}-{split}-{cfg.image_size}px-{digest}"
@@ -206,42 +134,34 @@ def _cache_save(paths: tuple[Path, Path], images: np.ndarray, labels: np.ndarray
         warnings.warn(f"could not write the dataset cache under {paths[0].parent} ({_one_line(e)})", stacklevel=3)
 
 
-def load_imagefolder(cfg: DataConfig, split: str, device: torch.device, layout: str = "imagefolder"):
+def load_imagefolder(cfg: DataConfig, split: str, layout: str = "imagefolder"):
     """(images, labels, classes, description, fingerprint, contents) of one split of the folder or archive that `cfg`
     names in `layout` (listing.list_folder; an archive is always the imagefolder layout)."""
     source = listing.source_path(cfg, layout)
-    decoder = _decoder_for(device)
-    how = f"decoded with {'Pillow' if decoder == 'pil' else 'DALI on ' + decoder.split('-')[1]}"
-    what = f"{layout} ({source}, {how}"
+    what = f"{layout} ({source}, decoded with Pillow"
     if source.is_dir():
         folder = listing.list_folder(source, layout, cfg.root, need=split)
         classes, key = folder.classes, [folder.classes, [item[1:] for item in folder.splits[split]]]
     else:
         st = source.stat()
         key = [st.st_size, st.st_mtime_ns]  # the archive's own
-    paths = {s: _cache_paths(cfg, source, s, key, decoder) for s in SPLITS}
+    paths = {s: _cache_paths(cfg, source, s, key) for s in SPLITS}
     hit = _cache_load(paths[split])
     if hit is not None:
         return (*hit[:3], f"{what}, from cache {paths[split][0]})", *hit[3:])
     if source.is_dir():
-        found = {split: [(cls, rel, _read(folder.base / rel)) for cls, rel, _, _ in folder.splits[split]]}
+        found = {split: [(cls, rel, size, folder.base / rel) for cls, rel, size, _ in folder.splits[split]]}
     else:  # one pass reads both splits: decode and cache both
         found = listing.labelled_splits(_read_archive(source), str(source), split)
-        classes = sorted({c for items in found.values() for c, _, _ in items})
+        classes = sorted({c for items in found.values() for c, *_ in items})
         found = {s: items for s, items in found.items() if items and (s == split or not paths[s][1].is_file())}
     for s, encoded in found.items():
-        sizes = [(c, n, len(b)) for c, n, b in encoded]
-        meta = {"classes": classes, "fingerprint": listing.fingerprint(sizes), "contents": listing.contents(sizes)}
-        images, labels = _decode(encoded, classes, int(cfg.image_size), decoder, device)
+        meta = {"classes": classes, "fingerprint": listing.fingerprint(encoded), "contents": listing.contents(encoded)}
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index.get(c, -1) for c, *_ in encoded], dtype=np.int64)  # -1: unlabelled
+        images = _decode(encoded, int(cfg.image_size))
         found[s] = []  # free the encoded bytes
         _cache_save(paths[s], images, labels, meta)
         if s == split:
             result = images, labels, classes, f"{what})", meta["fingerprint"], meta["contents"]
     return result
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({_one_line(e)}); restore or remove it") from e

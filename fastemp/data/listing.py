@@ -35,7 +35,6 @@ LAYOUTS = (
 )
 TEST_DIRS = ("test", "val")  # the folder of the test split, in order of preference
 _CHECK_VERSION = 1
-_checked: set[str] = set()  # listings checked by this process (also when the cache cannot be written)
 
 Item = tuple[str, str, int, int]  # (class, path relative to the base folder, size, mtime_ns)
 
@@ -108,10 +107,8 @@ def os_problem(err: OSError) -> str:
 def image_problem(f, size: int) -> str | None:
     """What is wrong with the encoded image in the binary file object `f` (`size` bytes, which passed
     size_problem), from its header (and a full decode only when a JPEG or PNG lacks its end marker); None when
-    nothing is, or without Pillow."""
-    Image = _pillow()
-    if Image is None:
-        return None
+    nothing is."""
+    Image = pillow()
     try:
         with Image.open(f) as im:
             pixels, kind = im.size[0] * im.size[1], im.format
@@ -138,13 +135,10 @@ def image_problem(f, size: int) -> str | None:
 
 
 def undecodable(blob) -> str | None:
-    """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None (also without Pillow):
-    what names the file of a batch a decoder failed on."""
-    Image = _pillow()
-    if Image is None:
-        return None
+    """Why Pillow cannot decode the encoded image `blob` (bytes or a uint8 array), or None: what names the file of
+    a batch a decoder failed on."""
     try:
-        with Image.open(io.BytesIO(bytes(blob))) as im:
+        with pillow().open(io.BytesIO(bytes(blob))) as im:
             im.load()
     except Exception as err:
         return f"cannot be decoded ({one_line(err)[:120]})"
@@ -153,7 +147,7 @@ def undecodable(blob) -> str | None:
 
 def file_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with one image file (unreadable, empty, too large, a looping link, not an image,
-    too many pixels, truncated), or None. Pillow checks the header; without Pillow only the file is."""
+    too many pixels, truncated), or None."""
     try:
         size = os.stat(path).st_size  # before opening: a pipe or device (size 0) would block open()
         if problem := size_problem(size):
@@ -164,23 +158,17 @@ def file_problem(path: str | os.PathLike) -> str | None:
         return os_problem(err)
 
 
-def dali_available() -> bool:
-    """Whether DALI imports here: the imagefolder decoder's choice, and the patch backends' (fastemp.runtime)."""
-    try:
-        import nvidia.dali.fn  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA/driver underneath
-        return False
-    return True
-
-
 @functools.cache
-def _pillow():
-    """PIL.Image, or None without Pillow. Its decompression-bomb warning is silenced once, for the process
-    (catch_warnings is not thread-safe): every image past its limit is refused here as an error."""
+def pillow():
+    """PIL.Image, which image folders need (their checks, decoding). Its decompression-bomb warning is silenced
+    once, for the process (catch_warnings is not thread-safe): every image past its limit is refused here as an
+    error."""
     try:
         from PIL import Image
-    except Exception:
-        return None
+    except Exception as err:  # ImportError, or a broken install
+        raise DataError(
+            f"image folders are read with Pillow, which does not import ({one_line(err)}); pip install pillow"
+        ) from err
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     return Image
 
@@ -204,23 +192,18 @@ def check_files(base: Path, items: list[Item], cache_root: str | os.PathLike, ba
     h = hashlib.sha256(json.dumps([_CHECK_VERSION, MAX_IMAGE_PIXELS, MAX_FILE_BYTES, str(base)]).encode())
     for _, rel, size, mtime in sorted(items, key=lambda t: t[1]):
         h.update(f"{rel}\t{size}\t{mtime}\n".encode())
-    key = h.hexdigest()[:20]
-    marker = Path(cache_root).expanduser() / "cache" / f"checked-{base.name}-{key}.json"
-    if not bad and (key in _checked or marker.is_file()):
+    marker = Path(cache_root).expanduser() / "cache" / f"checked-{base.name}-{h.hexdigest()[:20]}.json"
+    if not bad and marker.is_file():
         return
-    if not _pillow():
-        warnings.warn("Pillow is not installed, so image headers are not checked; pip install pillow", stacklevel=3)
-    paths = [str(base / rel) for _, rel, _, _ in items]
-    chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
+    chunks = [[rel for _, rel, _, _ in items[i : i + 256]] for i in range(0, len(items), 256)]
     bad = list(bad)
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        progress = bar(total=len(paths), desc=f"checking {base.name}", unit="file")
-        for chunk, problems in zip(chunks, pool.map(lambda c: [file_problem(p) for p in c], chunks)):
-            bad += [(os.path.relpath(p, base), why) for p, why in zip(chunk, problems) if why]
+        progress = bar(total=len(items), desc=f"checking {base.name}", unit="file")
+        for chunk, problems in zip(chunks, pool.map(lambda c: [file_problem(base / rel) for rel in c], chunks)):
+            bad += [(rel, why) for rel, why in zip(chunk, problems) if why]
             progress.update(len(chunk))
         progress.close()
     refuse(bad, str(base))
-    _checked.add(key)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"files": len(items)}))
@@ -315,10 +298,6 @@ def labelled_splits(found: dict[str, list], where: str, need: str) -> dict[str, 
     return splits
 
 
-def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".tar", ".tar.gz", ".tgz"))
-
-
 def source_path(cfg, layout: str) -> Path:
     """The resolved folder (or, for imagefolder data decoded once, .tar[.gz]) that the DataConfig `cfg` names
     for `layout`; a missing or wrong one is a one-line error."""
@@ -328,10 +307,11 @@ def source_path(cfg, layout: str) -> Path:
     source = Path(given).expanduser().resolve()
     if not source.exists():
         raise DataError(f"{key} {source} does not exist; check the path ({LAYOUTS})")
-    if is_archive(source) and (cfg.streamed or layout != "imagefolder"):
+    archive = source.is_file() and source.name.lower().endswith((".tar", ".tar.gz", ".tgz"))
+    if archive and (cfg.streamed or layout != "imagefolder"):
         why = "data.streamed=true reads files one by one" if cfg.streamed else f"{key} is read as a folder"
         raise DataError(f"{source} is an archive, but {why}; extract it and point {key} at the folder")
-    if not (source.is_dir() or is_archive(source)):
+    if not (source.is_dir() or archive):
         raise DataError(f"{key} {source} is neither a folder nor a .tar/.tar.gz/.tgz archive; point {key} at one")
     return source
 

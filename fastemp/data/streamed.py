@@ -14,7 +14,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError, one_line
-from .listing import MAX_FILE_BYTES, contents, file_problem, fingerprint, list_folder, source_path
+from .listing import MAX_FILE_BYTES, contents, file_problem, fingerprint, list_folder, pillow, source_path
 
 
 class BadFileError(DataError):
@@ -67,13 +67,11 @@ def checked_image(path: str, use):
     """use(encoded bytes, opened PIL image) of the file at path, after the listing's checks again (it may have
     changed since it was listed); BadFileError when one, the decode or `use` fails. Never more than
     MAX_FILE_BYTES are read: the size is checked first."""
-    from PIL import Image
-
     why = file_problem(path)
     if why is None:
         try:
             blob = np.fromfile(path, dtype=np.uint8, count=MAX_FILE_BYTES)
-            with Image.open(io.BytesIO(blob)) as im:
+            with pillow().open(io.BytesIO(blob)) as im:
                 return use(blob, im)
         except Exception as err:  # it changed again since, or whatever Pillow raises for a file it cannot decode
             why = f"cannot be decoded ({one_line(err)[:120]})"

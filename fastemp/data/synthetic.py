@@ -7,9 +7,15 @@ sums), edges are 2x2 supersampled binary masks, and compositing, gradient and no
 
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
+
+from ..config import DataConfig
+from .listing import fingerprint
 
 CLASSES: tuple[str, ...] = (
     "disc",
@@ -35,6 +41,8 @@ POSITION_SLACK = 0.06  # how far (a fraction of the side) the object may stick o
 PERIOD = (5.0, 8.0)  # stripe / checker period in pixels, before the aspect stretch
 MIN_CONTRAST = 48  # least luminance difference of foreground and background (0..255)
 FG_BRIGHTER_P = 0.8  # probability that the object is the brighter colour (0.5: no polarity cue)
+GRADIENT = 40  # peak-to-peak brightness change of a linear illumination gradient
+NOISE = 10  # per-pixel integer noise in [-NOISE, NOISE]
 
 # Shape constants chosen so that every class covers an expected area of 2 s^2, i.e. half of the
 # (2s x 2s) bounding square of the texture classes (s: the object's half-size in pixels).
@@ -118,17 +126,12 @@ def _class_mask(
     return inside & ((torch.floor(d).to(torch.int64) & 1) == 0)
 
 
-def make_synthetic(
-    n_images: int, seed: int, size: int = 32, *, gradient: int = 40, noise: int = 10
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render `n_images` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU; labels balanced
-    and shuffled. `gradient`: peak-to-peak brightness change of a linear illumination gradient; `noise`:
-    per-pixel integer noise in [-noise, noise]."""
+def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render `n` seeded images: ((N, size, size, 3) uint8, (N,) int64 labels), on CPU; labels balanced
+    and shuffled."""
     if size < 4:
         raise ValueError(f"size must be >= 4, got {size}")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
-    n = int(n_images)
+    gen = torch.Generator().manual_seed(int(seed))
     S = int(size)
 
     # ---- per-image parameters (a fixed draw order defines the dataset) ----
@@ -150,9 +153,8 @@ def make_synthetic(
     phase_v = _uniform(gen, n, 0.0, 1.0)
     flip = torch.rand(n, generator=gen) < 0.5
     fg, bg = _colour_pairs(gen, n)
-    g = int(gradient)
-    grad_x = torch.randint(-g, g + 1, (n,), generator=gen)
-    grad_y = torch.randint(-g, g + 1, (n,), generator=gen)
+    grad_x = torch.randint(-GRADIENT, GRADIENT + 1, (n,), generator=gen)
+    grad_y = torch.randint(-GRADIENT, GRADIENT + 1, (n,), generator=gen)
 
     # float32 per-image geometry, as (n, 1, 1) for broadcasting over the supersampled grid
     def col(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,7 @@ def make_synthetic(
     grid = (torch.arange(2 * S, dtype=torch.float32) * 2.0 + 1.0) / 4.0
     gy, gx = grid.view(1, -1, 1), grid.view(1, 1, -1)
 
-    # integer illumination gradient over pixel centres: in [-g/2, g/2] at the image edges
+    # integer illumination gradient over pixel centres: in [-GRADIENT/2, GRADIENT/2] at the image edges
     pos = torch.arange(S, dtype=torch.int64) * 2 + 1 - S  # 2 * (centre - S/2)
     illum = torch.div(
         grad_x.view(-1, 1, 1) * pos.view(1, 1, -1) + grad_y.view(-1, 1, 1) * pos.view(1, -1, 1),
@@ -202,7 +204,69 @@ def make_synthetic(
         b = bg[sl].to(torch.int32).view(-1, 1, 1, 3)
         val = torch.div(f * k + b * (4 - k) + 2, 4, rounding_mode="floor")
         val = val + illum[sl].to(torch.int32).unsqueeze(-1)
-        if noise > 0:
-            val = val + torch.randint(-int(noise), int(noise) + 1, val.shape, generator=gen, dtype=torch.int32)
+        val = val + torch.randint(-NOISE, NOISE + 1, val.shape, generator=gen, dtype=torch.int32)
         images[sl] = val.clamp_(0, 255).to(torch.uint8)
     return images, labels.to(torch.int64)
+
+
+def synthetic_seed(cfg: DataConfig, split: str) -> int:
+    """The make_synthetic seed of a split: 2*seed for train, 2*seed+1 for test (no seed's test set is another
+    seed's training set)."""
+    return 2 * int(cfg.synthetic_seed) + (0 if split == "train" else 1)
+
+
+def load_synthetic(cfg: DataConfig, split: str, layout: str = "synthetic"):
+    """(images, labels, classes, description, fingerprint, {}) of a split of the synthetic set that `cfg` names."""
+    n = cfg.synthetic_train if split == "train" else cfg.synthetic_test  # > 0: fastemp.validate
+    seed = synthetic_seed(cfg, split)
+    images, labels = make_synthetic(n, seed, size=cfg.image_size)
+    desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
+    prints = fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])
+    return images, labels, list(CLASSES), desc, prints, {}
+
+
+# ------------------------- JPEG folders at any size: for tests and benchmarks of the data path, not for accuracy
+
+RENDER_CHUNK = 64  # images rendered at once
+RENDER_MAX = 128  # larger images are rendered at this size and upscaled (rendering is the slow part)
+QUALITY = 90  # like typical camera JPEGs
+JPEG_NOISE = 16.0  # std of Gaussian pixel noise (0..255): as many bytes per pixel as photos, which decode slower
+
+
+def make_folder(
+    path: str | Path, classes: int, per_class: int, size: int, seed: int = 0, test_per_class: int = 0
+) -> Path:
+    """Write a JPEG ImageFolder (train/, and test/ when test_per_class > 0; class folders c000, c001, ...)
+    under `path`, overwriting, and return it. Every image keeps a random 75-100% of its width, so images
+    differ in size as ImageNet's do (the streamed backends must read each image's own size)."""
+    from PIL import Image
+
+    root = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    # an image of drawn label L goes to the first class L, L + 10, ... that still needs images: more than 10
+    # classes repeat the 10 shapes under new names
+    count, chunk = per_class + test_per_class, 0
+    rendered: list[list[np.ndarray]] = [[] for _ in range(classes)]
+    while any(len(k) < count for k in rendered):
+        images, labels = make_synthetic(RENDER_CHUNK, seed * 1_000_003 + chunk, size=min(size, RENDER_MAX))
+        chunk += 1
+        for image, label in zip(images.numpy(), labels.tolist()):
+            target = next((c for c in range(label, classes, len(CLASSES)) if len(rendered[c]) < count), None)
+            if target is not None:
+                rendered[target].append(image)
+    for c, images in enumerate(rendered):
+        widths = (size * (0.75 + 0.25 * torch.rand(len(images), generator=gen))).round().int().tolist()
+        for k, (image, width) in enumerate(zip(images, widths)):
+            split, number = ("train", k) if k < per_class else ("test", k - per_class)
+            picture = Image.fromarray(image)
+            if picture.width != size:
+                picture = picture.resize((size, size), Image.BICUBIC)
+            pixels = np.asarray(picture)[:, :width].astype(np.float32)
+            pixels = pixels + rng.normal(0.0, JPEG_NOISE, pixels.shape).astype(np.float32)
+            folder = root / split / f"c{c:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=QUALITY)
+            (folder / f"{split}_{number:05d}.jpg").write_bytes(buffer.getvalue())
+    return root

@@ -7,9 +7,17 @@ image, (n*b, 3, S, S), patch-major (docs/augmentation.md, docs/data-backends.md)
 from __future__ import annotations
 
 from ..config import AugmentConfig
-from ..data.listing import dali_available  # noqa: F401  (runtime.resolve's and the check's)
 from .prefetch import PatchBackend, PatchRequest, patch_major  # noqa: F401  (the backends' base, request, order)
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
+
+
+def dali_available() -> bool:
+    """Whether DALI imports here: runtime.resolve's choice of backend, and the check's."""
+    try:
+        import nvidia.dali.fn  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA/driver underneath
+        return False
+    return True
 
 
 def make_patch_backend(

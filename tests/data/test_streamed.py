@@ -8,7 +8,7 @@ import torch
 
 from fastemp.config import DataConfig
 from fastemp.data import DataError, StreamedSet, load_split
-from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.data.synthetic import make_folder
 
 
 def _digest(root):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastemp.config import DataConfig
-from fastemp.data import load_split, synthetic_seed
-from fastemp.data.synthetic import CLASSES, N_CLASSES, make_synthetic
+from fastemp.data import load_split
+from fastemp.data.synthetic import CLASSES, N_CLASSES, make_synthetic, synthetic_seed
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,14 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_nuisance_keywords_take_effect():
-    base = make_synthetic(50, seed=4, noise=0, gradient=0)[0]
-    noisy = make_synthetic(50, seed=4, noise=30, gradient=0)[0]
+def test_nuisance_strengths_take_effect(monkeypatch):
+    import fastemp.data.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "GRADIENT", 0)
+    monkeypatch.setattr(synthetic, "NOISE", 0)
+    base = make_synthetic(50, seed=4)[0]
+    monkeypatch.setattr(synthetic, "NOISE", 30)
+    noisy = make_synthetic(50, seed=4)[0]
     diff = (noisy.int() - base.int()).abs()
     assert diff.max() <= 30 and diff.float().mean() > 5
     # without noise or gradient an image holds only its two colours and their 2x2 mixtures

@@ -15,7 +15,7 @@ from augment_helpers import aug_off
 
 from fastemp.config import AugmentConfig, DataConfig
 from fastemp.data import load_split
-from fastemp.data.synthetic_jpeg import make_folder
+from fastemp.data.synthetic import make_folder
 from fastemp.errors import DataError
 from fastemp.patches import PatchRequest, make_patch_backend
 from fastemp.patches.draw import PatchParams, sharded_uniforms
