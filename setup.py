@@ -41,6 +41,7 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "pillow>=9.1",  # image folders: their checks and their one decode (docs/data.md); the pillow patch backend
         "safetensors>=0.4",  # fastemp export (docs/export.md)
         f"triton>=3.2; {LINUX_X86}",
         f"nvidia-dali-cuda130>=2.0; {LINUX_X86}",
