@@ -62,9 +62,9 @@ def check_config(cfg: Config) -> None:
 
     _positive(m, "model", "width", "hidden_dim", "z_dim")
     if m.projector_init:
-        from .export import read_projector
+        from .weights import read_projector
 
-        read_projector(m.projector_init, m, load=False)
+        read_projector(m.projector_init, m)
 
     _positive(lo, "loss", "eps", "vonmises_t")
     _rule(

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from .config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, load_config
 from .errors import one_line
 from .export import FORMAT as EXPORT_FORMAT
 from .model import build_model
@@ -83,15 +83,16 @@ def _load(path: Path, fix: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} {why}; {fix}") from None
 
 
-def read_weights(path: str | Path, format: str = "fastemp") -> Weights:
-    """The tensors of `path` under fastemp's names (CheckpointError, one line, when the file is not `format`)."""
-    path, fix = Path(path).expanduser(), FIXES.get(format, "")
+def read_weights(path: str | Path, format: str = "fastemp", fix: str = "") -> Weights:
+    """The tensors of `path` under fastemp's names (CheckpointError, one line starting with the path, when the file
+    is not `format`). fix: what to do instead, when the caller is not `fastemp eval --weights`."""
+    path, fix = Path(path).expanduser(), fix or FIXES.get(format, "")
     if format not in FORMATS:
         raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}; use one of them")
     if not path.is_file():
-        raise CheckpointError(f"--weights {path} is not a file; {fix}")
+        raise CheckpointError(f"{path} is not a file; {fix}")
     if format == "fastemp" and not _is_safetensors(path):
-        state = checkpoint.read(path)  # verified: checksum, finite weights
+        state = checkpoint.read(path, fix)  # verified: checksum, finite weights
         return Weights(path, format, state["model"], config=state["config"], step=state["step"])
     tensors, meta = _load(path, fix)
     if format == "fastemp":
@@ -117,22 +118,10 @@ def read_weights(path: str | Path, format: str = "fastemp") -> Weights:
 
 
 def check_weights(weights: Weights, model_cfg) -> None:
-    """The weights fit a model of model_cfg (weights_config's), checked without building it."""
+    """One line naming the missing, unexpected and misshaped keys, as the file names them, when the weights do not
+    fit a model of model_cfg (weights_config's); checked without building it."""
     with torch.device("meta"):
-        _check_fit(weights, build_model(model_cfg).state_dict())
-
-
-def load_weights(model: torch.nn.Module, weights: Weights) -> None:
-    """Copy `weights` into `model` (an EMPEncoder; its backbone alone for a backbone), strictly."""
-    _check_fit(weights, model.state_dict())
-    if weights.backbone_only:
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.tensors.items()})
-    else:
-        model.load_state_dict(weights.tensors)
-
-
-def _check_fit(weights: Weights, model_state: dict) -> None:
-    """One line naming the missing, unexpected and misshaped keys, as the file names them, when they do not fit."""
+        model_state = build_model(model_cfg).state_dict()
     expected = {k: v for k, v in model_state.items() if not weights.backbone_only or k.startswith("backbone.")}
     problems = checkpoint.misfit(expected, weights.tensors, weights.shown, dtypes=False)  # loading casts
     if problems:
@@ -141,6 +130,33 @@ def _check_fit(weights: Weights, model_state: dict) -> None:
             f"{weights.path} (--format {weights.format}) does not fit fastemp's encoder ({arch}): "
             f"{problems}; {FIXES[weights.format]}"
         )
+
+
+def load_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy `weights` (check_weights passed) into `model` (an EMPEncoder; its backbone alone for a backbone)."""
+    if weights.backbone_only:
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.tensors.items()})
+    else:
+        model.load_state_dict(weights.tensors)
+
+
+def read_projector(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """model.projector_init: the projection.* tensors of a fastemp encoder export (or a run's checkpoint.pt) of a
+    model of cfg's architecture; ConfigError, one line, otherwise."""
+    where, fix = "model.projector_init=", "give a file written by fastemp export RUN --part encoder"
+    try:
+        weights = read_weights(path, "fastemp", fix)
+    except CheckpointError as err:
+        raise ConfigError(f"{where}{err}") from None
+    if weights.backbone_only:
+        raise ConfigError(f"{where}{path} is a backbone export, without the projection layers; {fix}")
+    for key, value in weights.architecture().items():  # a fastemp file: its tensors' shapes follow from these
+        if getattr(cfg, key) != value:
+            raise ConfigError(
+                f"{where}{path} was exported from a model with model.{key}={value!r}, this run has "
+                f"{getattr(cfg, key)!r}; set model.{key}={value} or export a run of this architecture"
+            )
+    return {k: v for k, v in weights.tensors.items() if k.startswith("projection.")}
 
 
 def weights_config(weights: Weights, config: str | Path | Config | None = None, overrides: Sequence[str] = ()):
