@@ -234,19 +234,16 @@ def read(path: Path, fix: str = "") -> dict:
     return state
 
 
-def misfit(expected: dict, got: dict, shown=str, dtypes: bool = True) -> str:
-    """'' when `got` holds exactly `expected`'s tensors (names, shapes, and dtypes unless a load may cast them);
-    else the missing, unexpected and misshaped ones, the first few named (as `shown` writes a name)."""
-    shapes = {}
-    for k, v in expected.items():
-        if k in got and (got[k].shape != v.shape or dtypes and got[k].dtype != v.dtype):
-            a, b = (f"{t.dtype}" if dtypes and got[k].dtype != v.dtype else "" for t in (got[k], v))
-            shapes[k] = f" {tuple(got[k].shape)}{a and ' ' + a} (model {tuple(v.shape)}{b and ' ' + b})"
+def misfit(expected: dict, got: dict, shown=str) -> str:
+    """'' when `got` holds exactly `expected`'s tensors (names and shapes: loading casts the dtype); else the
+    missing, unexpected and misshaped ones, the first few named (as `shown` writes a name)."""
+    misshaped = [k for k, v in expected.items() if k in got and got[k].shape != v.shape]
+    shapes = {k: f" {tuple(got[k].shape)} (model {tuple(expected[k].shape)})" for k in misshaped}
     problems = []
     for what, keys in (
         ("missing", [k for k in expected if k not in got]),
         ("unexpected", [k for k in got if k not in expected]),
-        ("misshaped", list(shapes)),
+        ("misshaped", misshaped),
     ):
         named = [shown(k) + shapes.get(k, "") for k in keys[:3]]
         if keys:

@@ -32,8 +32,8 @@ from tiny_run import TINY
 from fastemp import checkpoint
 from fastemp.cli import main
 from fastemp.config import ModelConfig
-from fastemp.export import export_tensors
 from fastemp.model import ResNet18Cifar, build_model
+from fastemp.weights import export_tensors
 
 TORCHVISION_KEYS = json.loads((Path(__file__).parent / "torchvision_resnet18_keys.json").read_text())
 
