@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, save_config
 from .errors import UserError
+from .validate import check_output_path
 
 LOCK = ".lock"  # flock'ed for the life of the process that writes the folder; holds that process's pid and host
 REPLACED = "replaced-run"  # under --force: the old run, kept until the new run's first checkpoint
@@ -69,20 +70,11 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
             f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
             "a run needs a folder of its own, e.g. --out runs/NAME"
         )
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder; choose another --out")
+    check_output_path(path, "--out")  # not a file, not under one, in a writable folder
     if path.is_dir():
         check_files(path, "the command")
         probe_lock(path)
         _check_replaceable(path, force)
-    else:
-        parent = next(p for p in path.absolute().parents if p.exists())
-        if not parent.is_dir():
-            raise UserError(f"--out {path} lies under {parent}, which is a file; choose another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(
-                f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a writable folder"
-            )
     return path
 
 
@@ -280,18 +272,20 @@ def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
 
 
 def claim(run_dir: Path, command: str, writes: str = "") -> None:
-    """Before a run folder's config is read: the folder and its run files checked, then its lock taken (a folder another process
-    holds is refused at once; a read-only folder takes none unless the command writes there, `writes`: why), and
-    what an interrupted --force left settled; when that put an old run back, stop: the run this command was meant
-    for no longer exists."""
+    """Before a run folder's config is read: a folder that is not a run folder, or that another process holds, is
+    refused at once, and what an interrupted --force left is settled under the lock; when that put an old run
+    back, stop: the run this command was meant for no longer exists. writes: why the folder must be writable, if
+    it must. The command takes the lock itself once its checks pass (an eval that fails them blocks nobody)."""
     if not (run_dir / "config.yaml").is_file() and not (run_dir / REPLACED).is_dir():
         what = "does not exist" if not run_dir.is_dir() else "has no config.yaml, so it is not a run folder"
         raise ConfigError(f"{run_dir} {what}; give the --out folder of a fastemp train run")
     check_files(run_dir, f"{command} {run_dir}", f"{writes} there" if writes else "")
-    lock_run_dir(run_dir, command, read_only_ok=not writes)
-    if (run_dir / REPLACED).is_dir() and settle_replaced(run_dir):
-        raise UserError(
-            f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
-            f"stopped before its first checkpoint, so nothing of it was kept); run {command} {run_dir} again to "
-            "use that run, or rerun the fastemp train --force command to replace it"
-        )
+    probe_lock(run_dir)
+    if (run_dir / REPLACED).is_dir():
+        lock_run_dir(run_dir, command)
+        if settle_replaced(run_dir):
+            raise UserError(
+                f"{run_dir} again holds the run that an interrupted fastemp train --force was replacing (the new run "
+                f"stopped before its first checkpoint, so nothing of it was kept); run {command} {run_dir} again to "
+                "use that run, or rerun the fastemp train --force command to replace it"
+            )

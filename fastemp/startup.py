@@ -92,7 +92,7 @@ def evaluate_run(
 def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, resuming: bool):
     """The trainer restored from run_dir's checkpoint, read and verified once and checked against the config
     (resume: every key but the safe ones, and the world size; eval: the architecture) and the data; and, when
-    resuming, the run's metrics records. The folder is claimed (and locked, unless eval finds it read-only) first."""
+    resuming, the run's metrics records. The folder is claimed first, then locked (eval: unless read-only)."""
     command = "fastemp resume" if resuming else "fastemp eval"
     writes = "resume writes checkpoint.pt and metrics.jsonl" if resuming else ""
     distributed.run_on_main(lambda: run_folder.claim(run_dir, command, writes))
@@ -107,6 +107,8 @@ def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, re
         metrics = runs.read_metrics(run_dir)  # a corrupt metrics.jsonl is an error now, not after the run
     else:
         checkpoint.check_architecture(cfg, state, path)
+    # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
+    distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, command, read_only_ok=not resuming) and None)
     if note and distributed.is_main():
         print(note)
     trainer = _trainer(cfg, runtime, run_dir if resuming else None, progress)
