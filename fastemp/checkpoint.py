@@ -1,10 +1,11 @@
 """Checkpoints: what one holds, how it is written and read (once per command: plain data under
-`torch.load(weights_only=True)`, verified by its `sha256`), and whether it fits a config, a world size and a
-model, each mismatch one line (docs/reliability.md).
+`torch.load(weights_only=True)`, verified by its `sha256`), and whether it fits a config, a world size, a
+model and the data now loaded, each mismatch one line (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import math
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, run_data, runs
+from . import distributed, runs
 from .config import Config, ConfigError, flat_dict, to_dict
-from .errors import UserError, one_line
+from .data.listing import what_changed
+from .errors import DataError, UserError, one_line
 
 FORMAT = 2  # 2: weights_only plain data, with `sha256` and `layout`
 REQUIRED = ("model", "optimizer", "step", "clock", "config", "rng_cpu", "layout", "sha256")
@@ -46,6 +48,10 @@ RESUME_SAFE_KEYS = (
     "eval.*",
 )
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")
+# The data a run trained on is stored as each loaded split's fingerprint (what the data is, not where: the same
+# files at another path resume with a note) and compared on resume and eval and across torchrun ranks.
+DATA_PATHS = ("data.path", "data.train_path")
+HOW_READ = ("data.workers", "data.bad_files", "data.backend", "data.download", "data.patch_compile")  # not which images
 
 
 class CheckpointError(UserError):
@@ -152,22 +158,16 @@ def save(state: dict, path: Path) -> None:
             if had
             else ("no checkpoint of this run exists yet", "start the run again")
         )
-        if _disk_full(err, path.parent):
-            raise UserError(
-                f"disk full: could not write {path} ({kept}); free space on the disk holding "
-                f"{path.parent.resolve()}, then {then}"
-            ) from err
-        raise UserError(
-            f"could not write {path}: {one_line(err)[:160]} ({kept}); make {path.parent} writable, then {then}"
-        ) from err
-    try:  # the rename is durable only once the folder's entry is on disk
+        full = _disk_full(err, path.parent)
+        what = f"disk full: could not write {path}" if full else f"could not write {path}: {one_line(err)[:160]}"
+        fix = f"free space on the disk holding {path.parent.resolve()}" if full else f"make {path.parent} writable"
+        raise UserError(f"{what} ({kept}); {fix}, then {then}") from err
+    with contextlib.suppress(OSError):  # the rename is durable only once the folder's entry is on disk
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass
 
 
 # -------------------------------------------------------------------------------- reading
@@ -178,17 +178,19 @@ def _redo(path: Path) -> str:
     return f"start the run again with fastemp train --config {run / 'config.yaml'} --out {run} --force"
 
 
-def read(path: Path) -> dict:
-    """A verified checkpoint's state (on the CPU), or CheckpointError saying what is wrong with the file. Read
-    once per command: the comparisons with the config and the trainer's restore use this same state."""
+def read(path: Path, fix: str = "") -> dict:
+    """A verified checkpoint's state (on the CPU), or CheckpointError saying what is wrong with the file and then
+    `fix` (default: how to start its run again). Read once per command: the comparisons with the config and the
+    trainer's restore use this same state."""
     path = Path(path)
+    fix = fix or _redo(path)
     if not path.is_file():
         raise CheckpointError(
             f"{path} not found: the run stopped before its first checkpoint (or never started), "
-            f"so there is nothing to resume or evaluate; {_redo(path)}"
+            f"so there is nothing to resume or evaluate; {fix}"
         )
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); {_redo(path)}")
+        raise CheckpointError(f"{path} is empty (0 bytes); {fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it was run
@@ -196,10 +198,10 @@ def read(path: Path) -> dict:
         what = found.group(1).strip()[:120] if found else "an object weights_only refuses"
         raise CheckpointError(
             f"{path} holds Python objects that are not plain data ({what}) and was not loaded: "
-            f"fastemp never writes those and loading one could run code; {_redo(path)}"
+            f"fastemp never writes those and loading one could run code; {fix}"
         ) from None
     except Exception as err:  # truncated zip, not a checkpoint
-        raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {_redo(path)}") from None
+        raise CheckpointError(f"{path} is corrupt or truncated ({one_line(err)[:160]}); {fix}") from None
     version = state.get("format") if isinstance(state, dict) else None
     if isinstance(version, int) and version > FORMAT:
         raise CheckpointError(
@@ -213,7 +215,7 @@ def read(path: Path) -> dict:
             if isinstance(state, dict) and "model" in state
             else "not a fastemp checkpoint"
         )
-        raise CheckpointError(f"{path} lacks {', '.join(missing)} ({why}); {_redo(path)}")
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} ({why}); {fix}")
     try:
         ok = digest(state) == state["sha256"]
     except TypeError:
@@ -221,57 +223,32 @@ def read(path: Path) -> dict:
     if not ok:
         raise CheckpointError(
             f"{path} is corrupt: its sha256 does not match its contents (a changed byte on disk "
-            f"or in transit); use a good copy of the file, or {_redo(path)}"
+            f"or in transit); use a good copy of the file, or {fix}"
         )
     bad = [k for k, v in state["model"].items() if not isinstance(v, torch.Tensor)]
     if bad or not isinstance(state["step"], int) or state["step"] < 0:
-        raise CheckpointError(f"{path} has a malformed {'model entry ' + bad[0] if bad else 'step'}; {_redo(path)}")
+        raise CheckpointError(f"{path} has a malformed {'model entry ' + bad[0] if bad else 'step'}; {fix}")
     bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more); {_redo(path)}")
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more); {fix}")
     return state
 
 
-def misfit(expected: dict, got: dict, shown=str, dtypes: bool = True) -> str:
-    """'' when `got` holds exactly `expected`'s tensors (names, shapes, and dtypes unless a load may cast them);
-    else the missing, unexpected and misshaped ones, the first few named (as `shown` writes a name)."""
-    shapes = {}
-    for k, v in expected.items():
-        if k in got and (got[k].shape != v.shape or dtypes and got[k].dtype != v.dtype):
-            a, b = (f"{t.dtype}" if dtypes and got[k].dtype != v.dtype else "" for t in (got[k], v))
-            shapes[k] = f" {tuple(got[k].shape)}{a and ' ' + a} (model {tuple(v.shape)}{b and ' ' + b})"
+def misfit(expected: dict, got: dict, shown=str) -> str:
+    """'' when `got` holds exactly `expected`'s tensors (names and shapes: loading casts the dtype); else the
+    missing, unexpected and misshaped ones, the first few named (as `shown` writes a name)."""
+    misshaped = [k for k, v in expected.items() if k in got and got[k].shape != v.shape]
+    shapes = {k: f" {tuple(got[k].shape)} (model {tuple(expected[k].shape)})" for k in misshaped}
     problems = []
     for what, keys in (
         ("missing", [k for k in expected if k not in got]),
         ("unexpected", [k for k in got if k not in expected]),
-        ("misshaped", list(shapes)),
+        ("misshaped", misshaped),
     ):
         named = [shown(k) + shapes.get(k, "") for k in keys[:3]]
         if keys:
             problems.append(f"{what} {', '.join(named)}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
     return "; ".join(problems)
-
-
-def check_optimizer(params: list[torch.Tensor], state: dict, path: Path) -> None:
-    """Optimizer state for exactly these parameters (in the optimizer's group order), each buffer
-    shaped like its parameter."""
-    opt = state["optimizer"]
-    try:
-        indices = [i for g in opt["param_groups"] for i in g["params"]]
-        per_param = opt["state"]
-    except (TypeError, KeyError):
-        raise CheckpointError(f"{path} has a malformed optimizer state; {_redo(path)}") from None
-    if len(indices) != len(params):
-        raise CheckpointError(
-            f"{path} holds optimizer state for {len(indices)} parameters, the model has {len(params)}; {_redo(path)}"
-        )
-    for index, param in zip(indices, params):
-        for name, value in per_param.get(index, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                raise CheckpointError(
-                    f"{path} has optimizer {name} of shape {tuple(value.shape)} for a parameter of "
-                    f"shape {tuple(param.shape)}; {_redo(path)}"
-                )
 
 
 # -------------------------------------------------------------------------------- config comparison
@@ -297,8 +274,8 @@ def _safe(key: str) -> bool:
 
 def check_resume(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to resume when config.yaml changed a key that is not safe to change mid-run. The data paths may
-    change when the checkpoint has the data's fingerprints (run_data.check then compares the data itself)."""
-    changed = _changed(cfg, state, lambda k: not (_safe(k) or ("data" in state and k in run_data.DATA_PATHS)))
+    change when the checkpoint has the data's fingerprints (check_data then compares the data itself)."""
+    changed = _changed(cfg, state, lambda k: not (_safe(k) or ("data" in state and k in DATA_PATHS)))
     if changed:
         what = ", ".join(f"{k} ({then!r} -> {now!r})" for k, then, now in changed[:3])
         raise ConfigError(
@@ -316,6 +293,62 @@ def check_architecture(cfg: Config, state: dict, path: Path) -> None:
         raise ConfigError(f"{path} was trained with {what}; drop the override or restore those keys in config.yaml")
 
 
+# -------------------------------------------------------------------------------- the data
+
+
+def loaded_splits(trainer) -> dict:
+    """{split: data set} of every split the trainer has loaded: train (what training reads), and probe_train
+    (when it is another split) and test once loaded."""
+    loaded = vars(trainer)
+    sets = {"train": trainer.train_set, "probe_train": loaded.get("probe_train_set"), "test": loaded.get("test_set")}
+    return {split: s for split, s in sets.items() if s is not None and (split == "train" or s is not trainer.train_set)}
+
+
+def data_identity(trainer) -> dict:
+    """{split: {fingerprint, contents}} of the loaded splits (fastemp.data: what the data is, not where)."""
+    return {
+        split: {"fingerprint": s.fingerprint, "contents": s.contents} for split, s in loaded_splits(trainer).items()
+    }
+
+
+def skipped_files(trainer) -> dict:
+    """Every file skipped so far (data.bad_files=skip) on any rank, in training or evaluation: {path: why}."""
+    mine = {p: why for s in loaded_splits(trainer).values() for p, why in getattr(s, "skipped", {}).items()}
+    return dict(sorted({p: why for part in distributed.gather_objects(mine) for p, why in part.items()}.items()))
+
+
+def data_report(trainer) -> dict:
+    """What summary.json and eval.json say of the data: each split's fingerprint, and the files skipped if any."""
+    skipped = skipped_files(trainer)
+    report = {"data_fingerprints": {split: v["fingerprint"] for split, v in data_identity(trainer).items()}}
+    return {**report, "skipped_files": skipped} if skipped else report
+
+
+def check_data(trainer, state: dict, path: Path, resuming: bool = True) -> str | None:
+    """The data the trainer loaded is the checkpoint's, split by split: DataError saying what changed when not;
+    the same data at another path is a note. A checkpoint written before fingerprints passes, and so does an
+    evaluation whose config changes a data.* key that picks the images (another dataset or fewer images: on
+    purpose)."""
+    then = state.get("data") or {}
+    changed = _changed(trainer.cfg, state, lambda k: k.startswith("data.") and k not in HOW_READ)
+    if not then or not resuming and changed:
+        return None
+    for split, now in data_identity(trainer).items():
+        old = then.get(split)
+        if old and old["fingerprint"] != now["fingerprint"]:
+            raise DataError(
+                f"the {split} split of {data_location(trainer.cfg)} is not the data of {path}: "
+                f"{what_changed(old['contents'], now['contents'])} (fingerprint {now['fingerprint']}, "
+                f"then {old['fingerprint']}); restore that data, or point data.path in {path.parent / 'config.yaml'} at it"
+            )
+    moves = ", ".join(f"{k} {then_} -> {now_}" for k, then_, now_ in changed if k in DATA_PATHS)
+    return f"the data moved ({moves}): the same files, so the run goes on there" if moves else None
+
+
+def data_location(cfg: Config) -> str:
+    return cfg.data.train_path or cfg.data.path or f"data.source={cfg.data.source}"
+
+
 # -------------------------------------------------------------------------------- the trainer's state
 
 
@@ -330,33 +363,31 @@ def trainer_state(trainer) -> dict:
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "layout": layout(trainer.cfg, trainer.runtime.world_size),
-        "data": run_data.identity(trainer),
-        "skipped_files": run_data.skipped_files(trainer),
+        "data": data_identity(trainer),
+        "skipped_files": skipped_files(trainer),
     }
 
 
 def restore(trainer, state: dict, path: Path) -> None:
-    """Restore the trainer from the state `read` returned for path, after checking it fits the trainer's model
-    and optimizer (nothing changes on an error)."""
+    """Restore the trainer from the state `read` returned for path, or CheckpointError when it does not fit the
+    trainer's model or optimizer."""
     problems = misfit(trainer.model.state_dict(), state["model"])
     if problems:
         raise CheckpointError(f"{path} does not fit the model: {problems}; {_redo(path)}")
-    check_optimizer([p for group in trainer.optimizer.param_groups for p in group["params"]], state, path)
-    clock, rng = state["clock"], state["rng_cpu"]
-    clock_ok = isinstance(clock, (list, tuple)) and len(clock) == 3 and all(isinstance(c, (int, float)) for c in clock)
-    rng_ok = isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape
-    if not (clock_ok and rng_ok):
-        raise CheckpointError(f"{path} has a malformed clock or random state; {_redo(path)}")
     trainer.model.load_state_dict(state["model"])
-    try:
+    try:  # torch checks the parameter groups, not the shapes of the buffers: those are checked here, not at step 1
         trainer.optimizer.load_state_dict(state["optimizer"])
+        for param, buffers in trainer.optimizer.state.items():
+            for name, value in buffers.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise ValueError(f"{name} of shape {tuple(value.shape)} for a parameter of {tuple(param.shape)}")
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CheckpointError(
             f"{path} has optimizer state this optimizer cannot take ({one_line(err)[:120]}); {_redo(path)}"
         ) from None
     trainer.step = state["step"]
-    trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images = clock
-    torch.set_rng_state(rng)
+    trainer.warmup_seconds, trainer.train_seconds, trainer.timed_images = state["clock"]
+    torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     trainer.saved_step = trainer.step

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastemp.benchmarks.cli import register_cli as bench_cli  # subcommands beside their implementation
 
     from .check import register_cli as check_cli
-    from .export import register_cli as export_cli
+    from .weights import register_cli as export_cli
 
     for register in (check_cli, bench_cli, export_cli):
         register(sub)

@@ -109,7 +109,7 @@ def check_same_config(cfg) -> None:
 
 
 def check_same_data(identity: dict, where: str) -> None:
-    """Every rank loaded the same data: run_data.identity's fingerprints compared, the ranks that differ
+    """Every rank loaded the same data: checkpoint.data_identity's fingerprints compared, the ranks that differ
     named (a rank that sees other files would train on other images, or hang at the end of a shorter epoch)."""
     every = gather_objects(identity)
     differ = [r for r, other in enumerate(every) if other != every[0]]

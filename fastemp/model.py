@@ -176,7 +176,7 @@ def prepare_projector(model: EMPEncoder, cfg: ModelConfig) -> EMPEncoder:
     """model.projector_init (the projection layers from an encoder export) and model.freeze_projector (no
     gradient; BatchNorm still updates its running statistics), as kachayev/ssl-in-one-epoch (docs/training.md)."""
     if cfg.projector_init:
-        from .export import read_projector
+        from .weights import read_projector
 
         tensors = read_projector(cfg.projector_init, cfg)
         model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in tensors.items()})

@@ -18,8 +18,9 @@ import socket
 import time
 from pathlib import Path
 
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .errors import UserError
+from .validate import check_output_path
 
 LOCK = ".lock"  # flock'ed for the life of the process that writes the folder; holds that process's pid and host
 REPLACED = "replaced-run"  # under --force: the old run, kept until the new run's first checkpoint
@@ -69,20 +70,11 @@ def check_run_dir(path: str | Path, force: bool = False) -> Path:
             f"--out {path} is the working directory, an ancestor of it, the home folder or /; "
             "a run needs a folder of its own, e.g. --out runs/NAME"
         )
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder; choose another --out")
+    check_output_path(path, "--out")  # not a file, not under one, in a writable folder
     if path.is_dir():
         check_files(path, "the command")
         probe_lock(path)
         _check_replaceable(path, force)
-    else:
-        parent = next(p for p in path.absolute().parents if p.exists())
-        if not parent.is_dir():
-            raise UserError(f"--out {path} lies under {parent}, which is a file; choose another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(
-                f"cannot create the run folder {path}: {parent} is read-only; choose an --out in a writable folder"
-            )
     return path
 
 
@@ -157,32 +149,23 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
     key = run_dir.resolve()
     if key in _locks:
         return True
-    path = run_dir / LOCK
-    while True:
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if not (read_only_ok and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+            raise
+        probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
+        return False
+    for _ in range(5):  # for ~0.1 s: another command's probe_lock holds a shared flock for microseconds
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            if not (read_only_ok and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
-                raise
-            probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
-            return False
-        for _ in range(5):  # for ~0.1 s: another command's probe_lock holds a shared flock for microseconds
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.02)
-        else:
-            err = _in_use(run_dir, fd)
-            os.close(fd)
-            raise err
-        try:  # the file we locked must still be the one at `path` (not one its last holder just removed)
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
+        except BlockingIOError:
+            time.sleep(0.02)
+    else:
+        err = _in_use(run_dir, fd)
         os.close(fd)
+        raise err
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -198,15 +181,8 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
     return True
 
 
-def unlock(run_dir: Path | str) -> None:
-    """Release run_dir's lock if this process holds it (a command on it is over; the process may go on)."""
-    fd = _locks.pop(Path(run_dir).resolve(), None)
-    if fd is not None:
-        os.close(fd)
-
-
 def unlock_all() -> None:
-    """Release every run folder this process holds."""
+    """Release every run folder this process holds (its command is over; the process may go on)."""
     while _locks:
         os.close(_locks.popitem()[1])
 
@@ -296,11 +272,13 @@ def outcome_of_failed_run(run_dir: Path, retry: str) -> str:
 
 
 def claim(run_dir: Path, command: str, writes: str = "") -> None:
-    """Before a run folder's config is read: a folder another process holds is refused at once, and what an
-    interrupted --force left is settled under the lock; when that put an old run back, stop: the run this
-    command was meant for no longer exists. writes: why the folder must be writable, if it must."""
-    if not run_dir.is_dir():
-        return  # startup._from_checkpoint says so, in one line
+    """Before a run folder's config is read: a folder that is not a run folder, or that another process holds, is
+    refused at once, and what an interrupted --force left is settled under the lock; when that put an old run
+    back, stop: the run this command was meant for no longer exists. writes: why the folder must be writable, if
+    it must. The command takes the lock itself once its checks pass (an eval that fails them blocks nobody)."""
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / REPLACED).is_dir():
+        what = "does not exist" if not run_dir.is_dir() else "has no config.yaml, so it is not a run folder"
+        raise ConfigError(f"{run_dir} {what}; give the --out folder of a fastemp train run")
     check_files(run_dir, f"{command} {run_dir}", f"{writes} there" if writes else "")
     probe_lock(run_dir)
     if (run_dir / REPLACED).is_dir():

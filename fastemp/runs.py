@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -64,13 +63,7 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
 
 def finite_or_none(obj):
     """A copy of a JSON-ready structure with NaN/inf floats replaced by None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
+    return json.loads(json.dumps(obj), parse_constant=lambda _: None)  # NaN, Infinity, -Infinity
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -20,9 +20,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import checkpoint, distributed, run_data, run_folder, runs, stop
+from . import checkpoint, distributed, run_folder, runs, stop
 from . import progress as bars
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data import absolute_paths
 from .data.streamed import BadFileError
 from .errors import UserError, one_line
@@ -56,7 +56,7 @@ def run_training(
                     err.args = (f"{one_line(err)}; {outcome}",)
             raise
     finally:
-        run_folder.unlock(run_dir)
+        run_folder.unlock_all()
 
 
 def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
@@ -71,7 +71,7 @@ def resume_training(run_dir: str | Path, *, progress: bool = True) -> dict:
         trainer.evaluations = [r for r in metrics if "linear_top1" in r and r["step"] <= trainer.step]
         return _train(trainer)
     finally:
-        run_folder.unlock(run_dir)
+        run_folder.unlock_all()
 
 
 def evaluate_run(
@@ -86,19 +86,16 @@ def evaluate_run(
         trainer, _ = _from_checkpoint(run_dir, overrides, progress, resuming=False)
         return _score(trainer, trainer.step, {}, run_dir / "eval.json", echo)
     finally:
-        run_folder.unlock(run_dir)
+        run_folder.unlock_all()
 
 
 def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, resuming: bool):
     """The trainer restored from run_dir's checkpoint, read and verified once and checked against the config
     (resume: every key but the safe ones, and the world size; eval: the architecture) and the data; and, when
-    resuming, the run's metrics records. The folder is claimed, then locked (eval: unless read-only)."""
+    resuming, the run's metrics records. The folder is claimed first, then locked (eval: unless read-only)."""
     command = "fastemp resume" if resuming else "fastemp eval"
     writes = "resume writes checkpoint.pt and metrics.jsonl" if resuming else ""
     distributed.run_on_main(lambda: run_folder.claim(run_dir, command, writes))
-    if not (run_dir / "config.yaml").is_file():
-        what = "does not exist" if not run_dir.is_dir() else "has no config.yaml, so it is not a run folder"
-        raise ConfigError(f"{run_dir} {what}; give the --out folder of a fastemp train run")
     cfg = load_config(run_dir / "config.yaml", overrides)
     runtime = _runtime(cfg, training=resuming)
     path = run_dir / "checkpoint.pt"
@@ -115,7 +112,7 @@ def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, re
     if note and distributed.is_main():
         print(note)
     trainer = _trainer(cfg, runtime, run_dir if resuming else None, progress)
-    moved = run_data.check(trainer, state, path, resuming)
+    moved = checkpoint.check_data(trainer, state, path, resuming)
     if moved and resuming and distributed.is_main():
         print(f"resuming {path}: {moved}")
     checkpoint.restore(trainer, state, path)
@@ -157,7 +154,7 @@ def _score(trainer: Trainer, step: int | None, extra: dict, out: Path | None, ec
     result = {"step": step, "eval_mode": e.mode, "eval_patches": e.patches, "probe_epochs": e.probe_epochs}
     result.update(extra, precision=trainer.runtime.precision, backend=trainer.runtime.backend)
     result.update(trainer.evaluate())
-    result.update(run_data.data_report(trainer))
+    result.update(checkpoint.data_report(trainer))
     if distributed.is_main():
         if echo:
             print(json.dumps(result, indent=2))
@@ -192,7 +189,7 @@ def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool
     if run_dir is None or cfg.eval.scheduled:
         check_probe(cfg, len(trainer.probe_train_set))
         _ = trainer.test_set
-    distributed.check_same_data(run_data.identity(trainer), run_data.data_location(cfg))
+    distributed.check_same_data(checkpoint.data_identity(trainer), checkpoint.data_location(cfg))
     return trainer
 
 

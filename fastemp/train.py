@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, run_data, run_folder, runs, stop
+from . import checkpoint, distributed, run_folder, runs, stop
 from .clock import Clock
 from .config import Config
 from .data import ImageSet, load_split, load_train_images
@@ -320,7 +320,7 @@ class Trainer:
                 summary.update(self.evaluate(untrained, prefix="random_init_"))
             self.clock.mark("evaluation")
             summary["eval_seconds"] = self.clock.seconds("evaluation") + (last["eval_seconds"] if last else 0.0)
-        summary.update(run_data.data_report(self))
+        summary.update(checkpoint.data_report(self))
         if self.run_dir and distributed.is_main():
             runs.write_json(self.run_dir / "summary.json", summary)
             runs.plot_losses(self.run_dir)

@@ -38,9 +38,9 @@ def check_config(cfg: Config) -> None:
     if d.source in ("imagefolder", "tinyimagenet") and not d.path.strip():
         raise ConfigError(f"data.source={d.source} needs data.path; set it to the dataset's folder ({LAYOUTS})")
     if m.projector_init:
-        from .export import read_projector
+        from .weights import read_projector
 
-        read_projector(m.projector_init, m, load=False)
+        read_projector(m.projector_init, m)
     _rule(
         "train.batch_size",
         t.batch_size,

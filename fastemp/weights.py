@@ -1,4 +1,9 @@
-"""Weights from a file in a named format, mapped strictly onto fastemp's EMPEncoder (`fastemp eval --weights`).
+"""Weights in and out of fastemp's EMPEncoder.
+
+`fastemp export RUN [--part backbone|encoder]` writes a run's trained weights as one safetensors file, loadable
+without fastemp (the backbone under torchvision's names; the parts and metadata are in docs/export.md).
+`fastemp eval --weights FILE --format F` reads weights from a file in a named format, mapped strictly onto the
+encoder:
 
     fastemp      a run's checkpoint.pt (verified by fastemp.checkpoint.read) or a `fastemp export` file
     official     the official main.py's save, nn.DataParallel(encoder).state_dict(): fastemp's names under `module.`
@@ -17,13 +22,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, runs
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
-from .errors import one_line
-from .export import FORMAT as EXPORT_FORMAT
+from .config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, load_config
+from .errors import UserError, one_line
 from .model import build_model
 
+EXPORT_FORMAT = "fastemp-export-1"
+PARTS = ("backbone", "encoder")
+TORCHVISION_WIDTH = 64  # torchvision's resnet18 has no other width
 FORMATS = ("fastemp", "official", "torchvision")
 # format: (prefix of every name in the file, names dropped, prefix of fastemp's name)
 RENAMES = {"official": ("module.", (), ""), "torchvision": ("", ("fc.",), "backbone.")}
@@ -33,6 +40,70 @@ FIXES = {
     "torchvision": "give torchvision.models.resnet18()'s state_dict (fc is ignored) or another --format",
 }
 DEFAULT_CONFIG = "cifar10_n20_1ep"  # official and torchvision files carry no config: the paper's CIFAR-10 setting
+
+
+# -------------------------------------------------------------------------------- out: fastemp export
+
+
+def export_tensors(model_state: dict, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of `part` from a model state dict (EMPEncoder's names), contiguous and on the CPU."""
+    if part == "backbone":
+        model_state = {k.removeprefix("backbone."): v for k, v in model_state.items() if k.startswith("backbone.")}
+    return {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+
+
+def _json_file(path: Path) -> dict | None:
+    """path's JSON, or None when the run has none (or it is not JSON): metadata, the weights are exported anyway."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, force: bool = False) -> list[str]:
+    """Write RUN/checkpoint.pt's `part` as safetensors to `out` (default RUN/<part>.safetensors), atomically;
+    return the lines to print."""
+    from .validate import check_output_path
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
+    out = Path(out) if out else run_dir / f"{part}.safetensors"
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    check_output_path(out, "--out", is_file=True)
+    state = checkpoint.read(run_dir / "checkpoint.pt")
+    summary, evaluation = _json_file(run_dir / "summary.json"), _json_file(run_dir / "eval.json")
+    tensors = export_tensors(state["model"], part)
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "part": part,
+        "config": json.dumps(state["config"]),
+        "step": str(state["step"]),
+        "commit": str(((summary or {}).get("environment") or {}).get("commit", "unknown")),
+        "export_commit": runs.git_commit(),
+        "results": json.dumps({"summary": summary, "eval": evaluation}),
+    }
+    from safetensors.torch import save_file
+
+    with runs.atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    model = state["config"]["model"]
+    lines = [f"wrote {out}: {part}, {len(tensors)} tensors, step {state['step']}"]
+    if model["width"] != TORCHVISION_WIDTH:
+        lines.append(
+            f"note: model.width={model['width']}, and torchvision's resnet18 has width 64 only: load the backbone "
+            f"into a ResNet-18 of width {model['width']} (fastemp.model.ResNet18Cifar({model['width']}, "
+            f"{model['stem']!r}) has the same names)"
+        )
+    elif part == "backbone":
+        cifar = "conv1=nn.Conv2d(3, 64, 3, 1, 1, bias=False), maxpool=nn.Identity(), "
+        recipe = f"torchvision.models.resnet18() with {cifar if model['stem'] == 'cifar' else ''}fc=nn.Identity()"
+        lines.append(f"loads with strict=True into {recipe} (docs/export.md)")
+    return lines
+
+
+# -------------------------------------------------------------------------------- in: fastemp eval --weights
 
 
 @dataclass
@@ -83,15 +154,16 @@ def _load(path: Path, fix: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} {why}; {fix}") from None
 
 
-def read_weights(path: str | Path, format: str = "fastemp") -> Weights:
-    """The tensors of `path` under fastemp's names (CheckpointError, one line, when the file is not `format`)."""
-    path, fix = Path(path).expanduser(), FIXES.get(format, "")
+def read_weights(path: str | Path, format: str = "fastemp", fix: str = "") -> Weights:
+    """The tensors of `path` under fastemp's names (CheckpointError, one line starting with the path, when the file
+    is not `format`). fix: what to do instead, when the caller is not `fastemp eval --weights`."""
+    path, fix = Path(path).expanduser(), fix or FIXES.get(format, "")
     if format not in FORMATS:
         raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}; use one of them")
     if not path.is_file():
-        raise CheckpointError(f"--weights {path} is not a file; {fix}")
+        raise CheckpointError(f"{path} is not a file; {fix}")
     if format == "fastemp" and not _is_safetensors(path):
-        state = checkpoint.read(path)  # verified: checksum, finite weights
+        state = checkpoint.read(path, fix)  # verified: checksum, finite weights
         return Weights(path, format, state["model"], config=state["config"], step=state["step"])
     tensors, meta = _load(path, fix)
     if format == "fastemp":
@@ -117,30 +189,45 @@ def read_weights(path: str | Path, format: str = "fastemp") -> Weights:
 
 
 def check_weights(weights: Weights, model_cfg) -> None:
-    """The weights fit a model of model_cfg (weights_config's), checked without building it."""
+    """One line naming the missing, unexpected and misshaped keys, as the file names them, when the weights do not
+    fit a model of model_cfg (weights_config's); checked without building it."""
     with torch.device("meta"):
-        _check_fit(weights, build_model(model_cfg).state_dict())
-
-
-def load_weights(model: torch.nn.Module, weights: Weights) -> None:
-    """Copy `weights` into `model` (an EMPEncoder; its backbone alone for a backbone), strictly."""
-    _check_fit(weights, model.state_dict())
-    if weights.backbone_only:
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.tensors.items()})
-    else:
-        model.load_state_dict(weights.tensors)
-
-
-def _check_fit(weights: Weights, model_state: dict) -> None:
-    """One line naming the missing, unexpected and misshaped keys, as the file names them, when they do not fit."""
+        model_state = build_model(model_cfg).state_dict()
     expected = {k: v for k, v in model_state.items() if not weights.backbone_only or k.startswith("backbone.")}
-    problems = checkpoint.misfit(expected, weights.tensors, weights.shown, dtypes=False)  # loading casts
+    problems = checkpoint.misfit(expected, weights.tensors, weights.shown)
     if problems:
         arch = ", ".join(f"{k}={v}" for k, v in weights.architecture().items()) or "no backbone.conv1"
         raise CheckpointError(
             f"{weights.path} (--format {weights.format}) does not fit fastemp's encoder ({arch}): "
             f"{problems}; {FIXES[weights.format]}"
         )
+
+
+def load_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy `weights` (check_weights passed) into `model` (an EMPEncoder; its backbone alone for a backbone)."""
+    if weights.backbone_only:
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.tensors.items()})
+    else:
+        model.load_state_dict(weights.tensors)
+
+
+def read_projector(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """model.projector_init: the projection.* tensors of a fastemp encoder export (or a run's checkpoint.pt) of a
+    model of cfg's architecture; ConfigError, one line, otherwise."""
+    where, fix = "model.projector_init=", "give a file written by fastemp export RUN --part encoder"
+    try:
+        weights = read_weights(path, "fastemp", fix)
+    except CheckpointError as err:
+        raise ConfigError(f"{where}{err}") from None
+    if weights.backbone_only:
+        raise ConfigError(f"{where}{path} is a backbone export, without the projection layers; {fix}")
+    for key, value in weights.architecture().items():  # a fastemp file: its tensors' shapes follow from these
+        if getattr(cfg, key) != value:
+            raise ConfigError(
+                f"{where}{path} was exported from a model with model.{key}={value!r}, this run has "
+                f"{getattr(cfg, key)!r}; set model.{key}={value} or export a run of this architecture"
+            )
+    return {k: v for k, v in weights.tensors.items() if k.startswith("projection.")}
 
 
 def weights_config(weights: Weights, config: str | Path | Config | None = None, overrides: Sequence[str] = ()):
@@ -167,3 +254,24 @@ def weights_config(weights: Weights, config: str | Path | Config | None = None, 
             )
         cfg.eval.embedding = "backbone"
     return cfg
+
+
+def cmd_export(args) -> int:
+    for line in export_run(Path(args.run_dir), args.part, args.out and Path(args.out), args.force):
+        print(line)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add `export` to the fastemp command line (fastemp/cli.py)."""
+    p = subparsers.add_parser("export", help="write a run's backbone or encoder as safetensors (docs/export.md)")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--part",
+        choices=PARTS,
+        default="backbone",
+        help="backbone: torchvision's names; encoder: + pre_feature, projection",
+    )
+    p.add_argument("--out", help="the file to write (default: RUN/<part>.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    p.set_defaults(func=cmd_export)

@@ -462,7 +462,7 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
     read_only = all([_read_only(ro_parent), _read_only(ro_run)])  # both tried: the finally below undoes both
     if read_only:
         cases += [
-            (train + ["--out", str(ro_parent / "run")], "is read-only; choose an --out in a writable folder", None),
+            (train + ["--out", str(ro_parent / "run")], f"{ro_parent} is not writable; choose another --out", None),
             (["resume", str(ro_run)], "is read-only and resume writes", None),
             (["eval", str(ro_run)], "the evaluation is printed above", None),
         ]

@@ -32,8 +32,8 @@ from tiny_run import TINY
 from fastemp import checkpoint
 from fastemp.cli import main
 from fastemp.config import ModelConfig
-from fastemp.export import export_tensors
 from fastemp.model import ResNet18Cifar, build_model
+from fastemp.weights import export_tensors
 
 TORCHVISION_KEYS = json.loads((Path(__file__).parent / "torchvision_resnet18_keys.json").read_text())
 
@@ -277,7 +277,7 @@ def test_bad_projector_init_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     text.write_text("not a tensor file")
     cases = {
         tmp_path / "missing.safetensors": "is not a file; give a file written by fastemp export RUN --part encoder",
-        text: "cannot be read as a safetensors export",
+        text: "is corrupt or truncated",
         tiny_run / "backbone.safetensors": "is a backbone export, without the projection layers",
         tiny_run / "encoder.safetensors": "was exported from a model with model.hidden_dim=32, this run has 64",
     }
