@@ -1,7 +1,8 @@
 """Markdown for every benchmark, and the README's performance table generated from the committed results:
 `fastemp bench report [--results benchmarks/results] [--readme README.md] [--check]` reads
-benchmarks/results/<device>/*.json (not *_check.json: pipeline checks at toy sizes) and writes the tables between
-the README's markers (printed instead when it has none); --check exits 1 when the README's section differs.
+benchmarks/results/<device>/*.json (not *_check.json nor cpu-dry-run/: pipeline checks at toy sizes) and writes the
+tables between the README's markers (printed instead when it has none); --check exits 1 when the README's section
+differs.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def read_result(path: Path) -> dict | None:
 def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
     out = []
     for path in sorted(Path(results_dir).glob("*/*.json")):
-        data = read_result(path) if not path.stem.endswith("_check") else None
+        toy = path.stem.endswith("_check") or path.parent.name == "cpu-dry-run"  # the suite's SUITE_DRY_RUN=1 folder
+        data = read_result(path) if not toy else None
         if isinstance(data, dict) and "benchmark" in data:
             out.append((path, data))
     return out

@@ -264,7 +264,10 @@ def test_report_regenerates_the_readme_table(throughput_run, tmp_path, capsys):
     results = tmp_path / "benchmarks" / "results"
     (results / "cpu").mkdir(parents=True)
     (results / "cpu" / "throughput.json").write_text((out / "throughput.json").read_text())
+    (results / "cpu-dry-run").mkdir()  # what `SUITE_DRY_RUN=1 gpu_suite.sh` leaves in a checkout: never in the table
+    (results / "cpu-dry-run" / "throughput.json").write_text((out / "throughput.json").read_text())
     assert "| device |" in render_tables(results) and "benchmarks/results/cpu/throughput.json" in render_tables(results)
+    assert "cpu-dry-run" not in render_tables(results)
     readme = tmp_path / "README.md"
     readme.write_text(f"# project\n\n{START}\nstale\n{END}\n\nmore text\n")
     assert update_readme(results, readme, check=True) == 1
