@@ -274,7 +274,7 @@ def _safe(key: str) -> bool:
 
 def check_resume(cfg: Config, state: dict, path: Path) -> None:
     """Refuse to resume when config.yaml changed a key that is not safe to change mid-run. The data paths may
-    change when the checkpoint has the data's fingerprints (check_data then compares the data itself)."""
+    change when the checkpoint has the data's fingerprints (check_data_matches then compares the data itself)."""
     changed = _changed(cfg, state, lambda k: not (_safe(k) or ("data" in state and k in DATA_PATHS)))
     if changed:
         what = ", ".join(f"{k} ({then!r} -> {now!r})" for k, then, now in changed[:3])
@@ -324,7 +324,7 @@ def data_report(trainer) -> dict:
     return {**report, "skipped_files": skipped} if skipped else report
 
 
-def check_data(trainer, state: dict, path: Path, resuming: bool = True) -> str | None:
+def check_data_matches(trainer, state: dict, path: Path, resuming: bool = True) -> str | None:
     """The data the trainer loaded is the checkpoint's, split by split: DataError saying what changed when not;
     the same data at another path is a note. A checkpoint written before fingerprints passes, and so does an
     evaluation whose config changes a data.* key that picks the images (another dataset or fewer images: on

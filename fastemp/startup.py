@@ -112,7 +112,7 @@ def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, re
     if note and distributed.is_main():
         print(note)
     trainer = _trainer(cfg, runtime, run_dir if resuming else None, progress)
-    moved = checkpoint.check_data(trainer, state, path, resuming)
+    moved = checkpoint.check_data_matches(trainer, state, path, resuming)
     if moved and resuming and distributed.is_main():
         print(f"resuming {path}: {moved}")
     checkpoint.restore(trainer, state, path)
