@@ -81,6 +81,7 @@ class Trainer:
         module = self.ddp or self.model
         self.forward = module if rt.compile_mode == "none" else torch.compile(module, mode=rt.compile_mode)
         self.optimizer = build_lars(self.model, cfg.optim, fused_update=rt.fused_update)
+        self.loss_terms = functools.partial(projection_loss_terms, cfg=cfg.loss, fused=rt.fused_loss)
         self.steps_per_epoch = len(self.train_set) // cfg.train.batch_size
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.step, self._perm = 0, (-1, None)
@@ -122,7 +123,6 @@ class Trainer:
         mark("start")
         patches = self._begin_step(step)
         mark("data")
-        loss = functools.partial(projection_loss_terms, cfg=self.cfg.loss, fused=runtime.fused_loss)
         if runtime.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
         if runtime.grad_chunks > 1:
@@ -131,7 +131,7 @@ class Trainer:
                 patches,
                 t.n_patches,
                 runtime.grad_chunks,
-                loss,
+                self.loss_terms,
                 runtime.autocast(),
                 model=self.ddp or self.model,
                 mark=mark,
@@ -141,7 +141,7 @@ class Trainer:
                 p = self.forward(patches)
             mark("forward")
             leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
-            terms = loss(leaf.view(t.n_patches, -1, leaf.shape[-1]))
+            terms = self.loss_terms(leaf.view(t.n_patches, -1, leaf.shape[-1]))
             terms.total.backward()
             mark("loss")
             p.backward(leaf.grad)
