@@ -1,6 +1,6 @@
-"""The accuracy lease (issue 21) in three device calls, `benchmarks/lease.sh call1|call2|call3 OUT`: call 1 the smoke
-part and its gate, call 2 the accuracy part under the gate, call 3 profile and throughput20; each ends by itself
-within CALL_SECONDS. docs/benchmarks.md has the exact `run` commands."""
+"""The accuracy lease (issue 21) in three device calls, `benchmarks/gpu_suite.sh --lease call1|call2|call3 OUT`:
+call 1 the smoke part and its gate, call 2 the accuracy part under the gate, call 3 profile and throughput20; each
+ends by itself within CALL_SECONDS. docs/benchmarks.md has the exact `run` commands."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def lease(call: str, out: str) -> int:
         print(f"lease: call 1 {'passed' if status == 0 else 'had failures (smoke.json): the gate accounts for them'}")
         print(
             f"lease: next: LEASE_OVERRIDES='{' '.join(gate['overrides'])}' LEASE_PEER='{gate['peer']}' CALL_SECONDS="
-            '<min(550, budget_left_s - 40)> bash benchmarks/lease.sh call2 "$OUT"'
+            '<min(550, budget_left_s - 40)> bash benchmarks/gpu_suite.sh --lease call2 "$OUT"'
         )
         return status
     if "LEASE_OVERRIDES" in env or "LEASE_PEER" in env:  # the command line's, else call 1's on this machine
@@ -65,6 +65,6 @@ def lease(call: str, out: str) -> int:
         print((details / "accuracy.md").read_text())
     print(
         "lease: next: only if status shows >= 240 s of device time left: CALL_SECONDS=<budget_left_s - 40> bash "
-        'benchmarks/lease.sh call3 "$OUT"; else give the machine back and commit what came back (docs/benchmarks.md)'
+        'benchmarks/gpu_suite.sh --lease call3 "$OUT"; else give the machine back and commit what came back (docs/benchmarks.md)'
     )
     return status

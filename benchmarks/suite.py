@@ -1,5 +1,5 @@
-"""The GPU suite (benchmarks/gpu_suite.sh [all|PART,...] [OUT]) and the accuracy lease (benchmarks/lease.sh
-call1|call2|call3 OUT): `python -m fastemp.benchmarks.suite [all|PART,...] [OUT]` or `... --lease CALL OUT`.
+"""The GPU suite (benchmarks/gpu_suite.sh [all|PART,...] [OUT]) and the accuracy lease (benchmarks/gpu_suite.sh
+--lease call1|call2|call3 OUT): `python -m fastemp.benchmarks.suite [all|PART,...] [OUT]` or `... --lease CALL OUT`.
 
 A part is a list of commands, each in its own process group within the part's limit (LIMIT_<PART>, cut to what is
 left before SUITE_DEADLINE); a part cut at its limit is TIMEOUT and keeps what it wrote, and the next part runs. OUT
@@ -34,7 +34,6 @@ from .smoke import ITEMS as SMOKE_LIMITS
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
 LIMITS.update(kernels=240, tta=420, data=540)
-SMOKE_REPORT_SECONDS = 20  # kept for smoke's report and gate
 PUBLISHED = ("smoke", "accuracy", "official_peer", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels")
 RESULT = dict(throughput20="throughput_n20", tune="tuned_n20", tune_modes="tune_modes_n20", tta="time_to_85_n20")
 RESULT["throughput200"] = "throughput_n200"
@@ -42,17 +41,16 @@ TOY = "data.source=synthetic data.synthetic_train=96 data.synthetic_test=48 mode
 TOY += "model.z_dim=16"
 TUNE_TOY = "--batch 16 --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1 train.n_patches=4"
 # part: (its command on the GPU, what a dry run appends: a later option or key wins); {data}: 5,000 synthetic images
-# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY; the rest: DEFAULTS
+# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY
 COMMANDS = {
     "throughput20": (
-        "bench throughput --config cifar10_n20_1ep {data} --n 20 --batch 100 --backend {SUITE_BACKENDS} --baseline "
-        "--baseline-workers {BASELINE_WORKERS}",
+        "bench throughput --config cifar10_n20_1ep {data} --n 20 --batch 100 --backend torch --baseline",
         "--n 4 --batch 16 --compile none --steps 2 --warmup 0 --split-steps 1 --baseline-workers 0 --baseline-steps 2 "
         "--peak-size 64",
     ),
     "throughput200": (  # 0 chunks: one pass with ghost BatchNorm; 10: the gradient cache, the same groups, gradients
-        "bench throughput --config cifar10_n200_1ep {data} --n 200 --batch 100 --grad-chunks {N200_GRAD_CHUNKS} "
-        "--backend torch --steps 10 --split-steps 5",
+        "bench throughput --config cifar10_n200_1ep {data} --n 200 --batch 100 --grad-chunks 0,10 --backend torch "
+        "--steps 10 --split-steps 5",
         "--n 8 --batch 16 --grad-chunks 0,2 --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64 "
         "train.bn_groups=2",
     ),
@@ -71,34 +69,29 @@ COMMANDS = {
         TUNE_TOY,
     ),
     "kernels": (
-        "bench kernels --n {KERNELS_N} --batch {KERNELS_BATCH}",
+        "bench kernels",
         "--n 4 --batch 16 --dim 32 --width 4 --warmup 0 --iters 2 --no-compile --images 64 --baseline-aug-patches 4",
     ),
     "tta": (  # time to 85%; short of it, the best accuracy and the times to 70/75/80%
-        "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.epochs={TTA_EPOCHS} eval.knn=false --protocol "
-        "{TTA_PROTOCOL} --target 0.85 --milestones 0.70,0.75,0.80 --eval-every {TTA_EVAL_EVERY} --max-wall-seconds "
-        "{wall}",
+        "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.epochs=3 eval.knn=false --protocol cheap "
+        "--target 0.85 --milestones 0.70,0.75,0.80 --eval-every 250 --max-wall-seconds {wall}",
         "train.n_patches=4 train.batch_size=16 model.compile=none train.epochs=2 eval.patches=2 eval.probe_epochs=2 "
         "eval.probe_batch_size=16",
     ),
     "data": (
-        "bench data --sources {DATA_SOURCES} --n 20 --batch {DATA_BATCH} --workers {DATA_WORKERS} {overrides}",
+        "bench data {overrides}",  # its defaults: 32, 64 and 400 px sources, n=20, B=100, min(16, cores) workers
         "--sources 24 --patch 16 --n 2 --batch 4 --workers 0 --warmup 0 --steps 1 --classes 2 --per-class 2 "
         "model.width=8 model.hidden_dim=16 model.z_dim=8",
     ),
 }
-DEFAULTS = dict(SUITE_BACKENDS="torch", BASELINE_WORKERS=os.cpu_count() or 1, N200_GRAD_CHUNKS="0,10", TTA_EPOCHS=3)
-DEFAULTS.update(KERNELS_N="20,50,200", KERNELS_BATCH="100,256", TTA_PROTOCOL="cheap", TTA_EVAL_EVERY=250)
-DEFAULTS.update(DATA_SOURCES="32,64,400", DATA_BATCH=100, DATA_WORKERS=min(16, os.cpu_count() or 1))
 
 
 class Step(NamedTuple):
-    """A command of a part: its own limit (cut to what is left of the part), whether its failure fails the part,
-    and what to do when its own limit cuts it (then the part goes on)."""
+    """A command of a part: its own limit (cut to what is left of the part), and what to do when that limit cuts it
+    (then the part goes on)."""
 
     argv: list[str]
     limit: float | None = None
-    counts: bool = True
     cut: Callable | None = None
 
 
@@ -131,10 +124,9 @@ class Suite:
         self.failed = True
 
     def fastemp(self, command: str, *extra: str, **words) -> Step:
-        """`python -m fastemp COMMAND EXTRA...`, the command's {words} filled in (DEFAULTS: from the environment)."""
+        """`python -m fastemp COMMAND EXTRA...`, the command's {words} filled in."""
         data = TOY if self.dry else "data.source=synthetic data.synthetic_train=5000"
         jpeg = TOY if self.dry else f"data.source=imagefolder data.path={self.jpeg}"
-        words = {k: os.environ.get(k) or v for k, v in DEFAULTS.items()} | words
         words = dict(data=f"{data} {self.overrides}", jpeg=f"{jpeg} {self.overrides}", out=self.details) | words
         return Step(
             [sys.executable, "-m", "fastemp", *shlex.split(command.format(overrides=self.overrides, **words)), *extra]
@@ -154,7 +146,8 @@ class Suite:
 
     def smoke(self):
         """Every item in its own process under its own limit (LIMIT_SMOKE_<ITEM>), cut to what is left of the part
-        less SMOKE_REPORT_SECONDS; then the report and its gate, which always runs (an item left out is SKIP)."""
+        less 20 s; then the report and its gate, which always runs (an item left out is SKIP; a failed item fails the
+        part through the report)."""
         record, items = self.details / "smoke.jsonl", os.environ.get("SMOKE_ITEMS", ",".join(SMOKE_LIMITS)).split(",")
         record.unlink(missing_ok=True)
         module = [sys.executable, "-m", "fastemp.benchmarks.smoke"]
@@ -167,15 +160,14 @@ class Suite:
 
         for item in items:
             var = f"LIMIT_SMOKE_{item.upper()}"
-            limit = float(os.environ.get(var) or os.environ.get("LIMIT_SMOKE_ITEM") or SMOKE_LIMITS.get(item, 120))
-            left = self.left() - SMOKE_REPORT_SECONDS
+            limit, left = float(os.environ.get(var) or SMOKE_LIMITS.get(item, 120)), self.left() - 20
             if left < 10:
                 note(item, "SKIP", "no time left in the part")
                 continue
             var, limit = (var, limit) if limit <= left else ("what was left of the part", left)
             cut = functools.partial(note, item, "FAIL", f"timed out after {limit:.0f} s ({var})", limit)
             run = [*module, "run", item, "--record", str(record), *["--dry-run"] * self.dry]
-            yield Step(run, limit, counts=False, cut=cut)
+            yield Step(run, limit, cut)
         yield Step([*module, "report", "--record", str(record), "--out", str(self.details), "--items", ",".join(items)])
 
     def accuracy(self):
@@ -250,7 +242,7 @@ class Suite:
         child, end = subprocess.Popen(step.argv, **popen), time.monotonic() + limit
         while child.poll() is None and time.monotonic() < end:
             time.sleep(0.2)
-            if time.monotonic() - self.published > float(os.environ.get("PUBLISH_EVERY", "30")):
+            if time.monotonic() - self.published > 30:
                 self.publish()
         if child.poll() is not None:
             return child.returncode
@@ -271,7 +263,7 @@ class Suite:
                 rc = self.run_step(step, log) if self.left() > 1 else 124
                 if rc == 124:
                     return "TIMEOUT"
-                status = "FAIL" if rc and step.counts else status
+                status = "FAIL" if rc else status
         return "FAIL" if self.failed else status
 
     def run(self, parts: list[str]) -> int:
@@ -367,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--lease"]:
         if len(argv) != 3 or argv[1] not in ("call1", "call2", "call3"):
-            print("usage: benchmarks/lease.sh call1|call2|call3 OUT", file=sys.stderr)
+            print("usage: benchmarks/gpu_suite.sh --lease call1|call2|call3 OUT", file=sys.stderr)
             return 2
         from .lease import lease
 

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.sh and lease.sh end to end on the CPU (SUITE_DRY_RUN=1): offline, per-part limits, the result
+"""benchmarks/gpu_suite.sh and its --lease end to end on the CPU (SUITE_DRY_RUN=1): offline, per-part limits, the result
 folder, the smoke gate, the lease's three calls. The dry runs start together (the `dry` fixture): each is a chain of
 single-threaded processes, so on 2 cores they end in about half the time of one after the other."""
 
@@ -18,7 +18,6 @@ from official_stand_in import fake_jpeg_tar, stand_in_checkout
 from fastemp.benchmarks import smoke, suite
 
 GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
-LEASE = GPU_SUITE.with_name("lease.sh")
 
 
 def run(script: Path, *args, **env) -> subprocess.CompletedProcess:
@@ -73,7 +72,10 @@ def dry(tmp_path_factory):
     parts = "profile,throughput200,kernels,tta,data,tune,tune_modes"  # throughput20 and profile: call 3
     absent = {"FASTEMP_CIFAR10_JPEG": str(tmp / "absent.tar.gz")}
     with ThreadPoolExecutor(5) as pool:
-        jobs = {call: pool.submit(run, LEASE, call, tmp / f"out{call[-1]}", **env) for call, env in calls.items()}
+        jobs = {
+            call: pool.submit(run, GPU_SUITE, "--lease", call, tmp / f"out{call[-1]}", **env)
+            for call, env in calls.items()
+        }
         jobs["parts"] = pool.submit(run, GPU_SUITE, parts, tmp / "parts", LIMIT_PROFILE="1", **absent)
         jobs["accuracy"] = pool.submit(run, GPU_SUITE, "accuracy", tmp / "accuracy", **accuracy_env)
         yield tmp, {name: job.result for name, job in jobs.items()}
@@ -198,7 +200,7 @@ def test_smoke_reports_one_line_per_item_and_writes_smoke_json(dry):
 
 
 def test_the_lease_script_runs_its_three_calls(dry):
-    """benchmarks/lease.sh dry: call 1's gate and next line, call 2's overrides reaching fastemp and the official
+    """benchmarks/gpu_suite.sh --lease dry: call 1's gate and next line, call 2's overrides reaching fastemp and the official
     run's evaluation, fastemp - official in one accuracy.json, call 3; each call's OUT holds at most 8 files."""
     tmp, jobs = dry
     first, second, third = jobs["call1"](), jobs["call2"](), jobs["call3"]()
