@@ -23,9 +23,7 @@ def lease(call: str, out: str) -> int:
     env.update(SUITE_DEADLINE=str(time.time() + seconds), SUITE_DETAILS=str(details))
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state / "inductor"))  # call 2 reuses call 1's compilations
     if (details / "accuracy.json").exists():  # a call 2 again: what it measured is the history now
-        shutil.copy(details / "accuracy.json", state / "accuracy.json")
-    if call == "call2" and (state / "accuracy.json").exists():
-        env.setdefault("ACCURACY_HISTORY", str(state / "accuracy.json"))
+        env.setdefault("ACCURACY_HISTORY", str(shutil.copy(details / "accuracy.json", state / "accuracy.json")))
     shutil.rmtree(details, ignore_errors=True)
     print(f"lease: {call}: {seconds:.0f} s, results into {out} (details: {details})")
     if call == "call1":
@@ -65,6 +63,7 @@ def lease(call: str, out: str) -> int:
         print((details / "accuracy.md").read_text())
     print(
         "lease: next: only if status shows >= 240 s of device time left: CALL_SECONDS=<budget_left_s - 40> bash "
-        'benchmarks/gpu_suite.sh --lease call3 "$OUT"; else give the machine back and commit what came back (docs/benchmarks.md)'
+        'benchmarks/gpu_suite.sh --lease call3 "$OUT"; else give the machine back and commit what came back '
+        "(docs/benchmarks.md)"
     )
     return status

@@ -30,6 +30,7 @@ from fastemp import runs
 from .harness import now_iso
 from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
+from .smoke import write_record
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
@@ -133,11 +134,11 @@ class Suite:
         )
 
     def steps(self, part: str):
+        if part in ("tta", "accuracy") and not self.dry and not self.jpeg:
+            self.fail(f"{part} needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
+            return []
         if part in ("smoke", "accuracy"):
             return getattr(self, part)()
-        if part == "tta" and not self.dry and not self.jpeg:
-            self.fail("time to accuracy needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
-            return []
         name, (command, toy) = RESULT.get(part, part), COMMANDS[part]
         out = [f"{self.details}/{name}.yaml"] if part.startswith("tune") else [str(self.details), "--name", name]
         return [
@@ -153,10 +154,7 @@ class Suite:
         module = [sys.executable, "-m", "fastemp.benchmarks.smoke"]
 
         def note(item: str, status: str, reason: str, seconds: float = 0) -> None:  # a line the item could not write
-            with open(record, "a") as f:
-                line = {"item": item, "status": status, "reason": reason, "seconds": seconds, "details": {}}
-                f.write(json.dumps(line) + "\n")
-            print(f"smoke {item} {status} {reason}")
+            write_record(record, {"item": item, "status": status, "reason": reason, "seconds": seconds, "details": {}})
 
         for item in items:
             var = f"LIMIT_SMOKE_{item.upper()}"
@@ -180,8 +178,6 @@ class Suite:
         if not target.exists() and history.is_file():
             shutil.copy(history, target)
             print(f"gpu_suite: adding to {history}")
-        if not self.jpeg and not self.dry:
-            return self.fail("accuracy needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
         toy = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none eval.patches=2 eval.probe_epochs=2 "
         toy += "eval.probe_batch_size=16 eval.batch_size=16"
         data = (
