@@ -94,8 +94,8 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
     def measure(point) -> dict:
         (impl, shape), seeds, note = point, iter(range(10**9)), ""
         if impl.startswith("baseline"):
-            images, cpu_gen, count = pool[:1000].cpu(), torch.Generator().manual_seed(0), args.baseline_aug_patches
-            call = lambda: augment_one_patch(images, next(seeds) % len(images), AugmentConfig(), cpu_gen)  # noqa: E731
+            images, count = pool[:1000].cpu(), args.baseline_aug_patches
+            call = lambda: augment_one_patch(images, next(seeds) % len(images), AugmentConfig())  # noqa: E731
             seconds, note = sum(time_calls(call, "cpu", 1, count)) / count, f"{count} patches, one at a time"
         else:
             backend = TorchPatches(pool, AugmentConfig(), impl.endswith("compiled"))

@@ -160,13 +160,11 @@ def _short_of_target(r: dict) -> str:
     """'not reached (best 79.6% in 43 s of a 3-epoch schedule; 70% at 7.2 s, 75% at 14.3 s)'."""
     if r.get("best_linear_top1") is None:
         return "not reached"
-    last = r["evals"][-1] if r.get("evals") else None
-    best = f"best {r['best_linear_top1']:.1%}" + (f" in {last['train_seconds_excl_first_step']:.0f} s" if last else "")
-    if r.get("epochs_scheduled"):
-        best += f" of a {r['epochs_scheduled']:g}-epoch schedule"
+    seconds = r["evals"][-1]["train_seconds_excl_first_step"]
+    best = f"best {r['best_linear_top1']:.1%} in {seconds:.0f} s of a {r['epochs_scheduled']:g}-epoch schedule"
     reached = [
         f"{m['top1']:.0%} at {m['train_seconds']:.1f} s"
-        for m in r.get("milestones", [])
+        for m in r["milestones"]
         if m["train_seconds"] is not None and m["top1"] < r["target"]
     ]
     return f"not reached ({best}" + (f"; {', '.join(reached)})" if reached else ")")
@@ -207,8 +205,6 @@ def render_tables(results_dir: Path, root: Path | None = None) -> str:
     for caption, headers, rows in sections:
         if rows:
             lines += [caption, "", markdown_table(headers.split("|"), rows), ""]
-    if len(lines) == 2:
-        lines.append("No results yet.")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -3,8 +3,8 @@
 
 A part is a list of commands, each in its own process group within the part's limit (LIMIT_<PART>, cut to what is
 left before SUITE_DEADLINE); a part cut at its limit is TIMEOUT and keeps what it wrote, and the next part runs. OUT
-(default benchmarks/results/<device>) is published after every part and every PUBLISH_EVERY (30) s: up to 5 part
-JSONs, suite.json, suite.md, details.tar.gz. SUITE_DRY_RUN=1: the CPU at toy sizes. docs/benchmarks.md has the rest.
+(default benchmarks/results/<device>) is published after every part and every 30 s: up to 5 part JSONs, suite.json,
+suite.md, details.tar.gz. SUITE_DRY_RUN=1: the CPU at toy sizes. docs/benchmarks.md has the rest.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Suite:
             env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
         env.update(FASTEMP_OFFICIAL_DIR=self.official, FASTEMP_CIFAR10_JPEG=self.jpeg, PIP_NO_INDEX="1")
         env.update(FASTEMP_OFFICIAL_PYTHON=env.get("FASTEMP_OFFICIAL_PYTHON") or sys.executable, PYTHONUNBUFFERED="1")
-        self.part_end, self.failed, self.published = 0.0, False, time.monotonic()
+        self.part_end, self.failed = 0.0, False
 
     def left(self) -> float:
         return self.part_end - time.monotonic()
@@ -230,18 +230,16 @@ class Suite:
 
     def run_step(self, step: Step, log) -> int:
         """The command in its own process group until it ends or its limit (then TERM, 15 s later KILL: 124),
-        publishing every PUBLISH_EVERY seconds meanwhile."""
+        publishing every 30 s meanwhile."""
         limit = min(step.limit or self.left(), self.left())
         log.write(f"$ {shlex.join(step.argv)}\n")
         log.flush()
         popen = dict(stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         child, end = subprocess.Popen(step.argv, **popen), time.monotonic() + limit
-        while child.poll() is None and time.monotonic() < end:
-            time.sleep(0.2)
-            if time.monotonic() - self.published > 30:
-                self.publish()
-        if child.poll() is not None:
-            return child.returncode
+        while time.monotonic() < end:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=min(30, end - time.monotonic()))
+            self.publish()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if child.poll() is None:
                 os.killpg(child.pid, sig)
@@ -299,7 +297,6 @@ class Suite:
 
     def publish(self) -> None:
         """OUT: up to 5 part JSONs, suite.json, suite.md and details.tar.gz (at most 8 files), each replaced whole."""
-        self.published = time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
         present = [name for name in PUBLISHED if (self.details / f"{name}.json").exists()]
         for i, name in enumerate(present):
