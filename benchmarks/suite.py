@@ -30,7 +30,7 @@ from fastemp import runs
 from .harness import now_iso
 from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
-from .smoke import write_record
+from .smoke import lease, write_record
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
@@ -180,9 +180,8 @@ class Suite:
             print(f"gpu_suite: adding to {history}")
         toy = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none eval.patches=2 eval.probe_epochs=2 "
         toy += "eval.probe_batch_size=16 eval.batch_size=16"
-        data = (
-            f"--cifar10 {self.jpeg}" if self.jpeg else TOY
-        ) + f" train.n_patches=4 train.batch_size=16 {toy}" * self.dry
+        data = f"--cifar10 {self.jpeg}" if self.jpeg else TOY
+        data += f" train.n_patches=4 train.batch_size=16 {toy}" * self.dry
         count = os.environ.get("ACCURACY_SEEDS", "2")  # a count of new seeds, or a list ("3," is the seed 3)
         if "," in count:
             first, *later = [f"{s}," for s in count.split(",") if s]
@@ -219,11 +218,7 @@ class Suite:
         size = f"--cpu-dry-run --n 4 --train-images 200 --test-images 40 {toy}" if self.dry else "--n 20"
         words = dict(official=self.official, jpeg_file=self.jpeg, python=os.environ["FASTEMP_OFFICIAL_PYTHON"])
         yield self.fastemp(command, target=target, limit=int(self.left() - 20), size=size, **words)
-        if not peer.exists():
-            peer.write_text(
-                json.dumps({"benchmark": "official_peer", "status": "FAIL", "error": "exit before it started"})
-            )
-        if json.loads(peer.read_text()).get("status") != "PASS":
+        if (read_result(peer) or {}).get("status") != "PASS":  # none: it died before it could write one (its log)
             self.fail("official run FAILED: see official_peer.json/.log")
 
     # ------------------------------------------------------------------------------ running and publishing
@@ -296,24 +291,14 @@ class Suite:
         return int(failed)
 
     def publish(self) -> None:
-        """OUT: up to 5 part JSONs, suite.json, suite.md and details.tar.gz (at most 8 files), each replaced whole."""
+        """OUT: up to 5 part JSONs, suite.json (every part's status, limit, seconds, result), suite.md (the same, then
+        each part's own report) and details.tar.gz (at most 8 files), each replaced whole."""
         self.out.mkdir(parents=True, exist_ok=True)
         present = [name for name in PUBLISHED if (self.details / f"{name}.json").exists()]
         for i, name in enumerate(present):
             (self.out / f"{name}.json").unlink(missing_ok=True)
             if i < 5:
                 shutil.copy(self.details / f"{name}.json", self.out / f"{name}.json")
-        summary, markdown = self.summary()
-        runs.write_json(self.out / "suite.json", summary)
-        (self.out / "suite.md").write_text(markdown)
-        with tarfile.open(self.out / "details.tar.gz.tmp", "w:gz") as tar:
-            for path in sorted(self.details.iterdir()):
-                if path.name not in [f"{n}.json" for n in present[:5]]:
-                    tar.add(path, arcname=f"./{path.name}")
-        os.replace(self.out / "details.tar.gz.tmp", self.out / "details.tar.gz")
-
-    def summary(self) -> tuple[dict, str]:
-        """suite.json (every part's status, limit, seconds, result) and suite.md (then each part's own report)."""
         records = self.details / "parts.jsonl"
         parts = {r["part"]: r for r in map(json.loads, records.read_text().splitlines() if records.exists() else [])}
         sections, environment = [], {}
@@ -328,13 +313,19 @@ class Suite:
             if (self.details / f"{name}.md").exists():
                 sections.append(re.sub(r"^(#+) ", r"#\1 ", (self.details / f"{name}.md").read_text(), flags=re.M))
         summary = {"benchmark": "gpu_suite", "created": now_iso(), "environment": environment, "dry_run": self.dry}
+        runs.write_json(self.out / "suite.json", {**summary, "parts": list(parts.values())})
         lines = [f"# GPU suite: {device_label(environment) if environment else 'unknown device'}", ""]
         lines += ["Parts in the order they ran; TIMEOUT: cut at its limit, keeping what it had written (partial).", ""]
         lines += [
             table(parts.values(), "part status seconds limit_seconds result", "part|status|seconds|limit s|results")
         ]
         lines += ["", "**Dry run** (SUITE_DRY_RUN=1): CPU, toy sizes. These numbers measure nothing."] * self.dry
-        return {**summary, "parts": list(parts.values())}, "\n".join([*lines, "", *sections])
+        (self.out / "suite.md").write_text("\n".join([*lines, "", *sections]))
+        with tarfile.open(self.out / "details.tar.gz.tmp", "w:gz") as tar:
+            for path in sorted(self.details.iterdir()):
+                if path.name not in [f"{n}.json" for n in present[:5]]:
+                    tar.add(path, arcname=f"./{path.name}")
+        os.replace(self.out / "details.tar.gz.tmp", self.out / "details.tar.gz")
 
 
 def device_slug() -> str:
@@ -354,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) != 3 or argv[1] not in ("call1", "call2", "call3"):
             print("usage: benchmarks/gpu_suite.sh --lease call1|call2|call3 OUT", file=sys.stderr)
             return 2
-        from .lease import lease
-
         return lease(argv[1], str(Path(argv[2]).resolve()))
     parts = PARTS if argv[:1] in ([], ["all"]) else argv[0].split(",")
     if len(argv) > 2 or any(p not in PARTS for p in parts):
