@@ -120,11 +120,8 @@ def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def _memory(point: dict, env: dict) -> str:
-    nbytes = point.get("peak_memory_bytes")
-    if nbytes is None:
-        return "n/a"
-    on_cuda = str(env.get("device", "")).startswith("cuda")
-    return f"{nbytes / 2**30:.1f}" if on_cuda else f">= {nbytes / 2**30:.2f} (RSS)"  # RSS growth: a lower bound
+    gib = point["peak_memory_bytes"] / 2**30
+    return f"{gib:.1f}" if str(env["device"]).startswith("cuda") else f">= {gib:.2f} (RSS)"  # RSS growth: a lower bound
 
 
 def _short_data(description: str) -> str:

@@ -183,14 +183,16 @@ def run_item(name: str, dry_run: bool, record: Path) -> dict:
     return {"item": name, "status": status, "reason": reason, "seconds": round(wall.lap(), 2), "details": details}
 
 
-def write_record(path, record: dict) -> None:
+def write_record(path, item: str, status: str, reason: str, seconds: float = 0, details=None, **extra) -> None:
     """An item's record appended to the record file, and its one line printed."""
+    record = {"item": item, "status": status, "reason": reason, "seconds": seconds, "details": details or {}, **extra}
     with open(path, "a") as f:
         f.write(json.dumps(runs.finite_or_none(record)) + "\n")
-    print(f"smoke {record['item']} {record['status']} {record['seconds']:.1f} s: {record['reason']}", flush=True)
+    print(f"smoke {item} {status} {seconds:.1f} s: {reason}", flush=True)
 
 
-def _lines(path: Path) -> list[dict]:
+def read_lines(path: Path) -> list[dict]:
+    """A JSON-lines file's records (none when it is missing), less a line cut by a kill."""
     out = []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill at the limit
@@ -202,7 +204,7 @@ def lease_gate(records: list[dict], rows_file: Path) -> dict:
     """What an accuracy run after this smoke may use: the overrides that switch off each fast path it takes whose
     check rows failed or never passed (GATE), and why it must not run at all (a path without a switch). The official
     run is always tried ("peer": "run"; LEASE_PEER="skip: WHY" keeps it out by hand)."""
-    lines = _lines(rows_file)
+    lines = read_lines(rows_file)
     runtime, rows = (lines[0].get("runtime"), lines[1:]) if lines else (None, [])  # None: the check never started
     overrides, notes, stop = [], [], []
     for prefix, switch, field in GATE:
@@ -241,7 +243,7 @@ def markdown(result: dict) -> str:
 def report(record: Path, out: Path, items=ITEMS) -> int:
     """smoke.json and smoke.md from the item records (a later record of an item replaces an earlier one; an item
     without one FAILs); 1 on any FAIL."""
-    found = {r["item"]: r for r in _lines(record)}
+    found = {r["item"]: r for r in read_lines(record)}
     missing = {"status": "FAIL", "reason": "did not run (no record)", "seconds": 0.0, "details": {}}
     records = [found.get(name) or {"item": name, **missing} for name in ITEMS if name in found or name in items]
     counts = {s: sum(r["status"] == s for r in records) for s in ("PASS", "FAIL", "SKIP")}
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "report":
         return report(Path(args.record), Path(args.out), args.items.split(","))
-    write_record(args.record, {**run_item(args.item, args.dry_run, Path(args.record)), "dry_run": args.dry_run})
+    write_record(args.record, **run_item(args.item, args.dry_run, Path(args.record)), dry_run=args.dry_run)
     return 0  # the record says how it went: the report decides
 
 

@@ -30,7 +30,7 @@ from fastemp import runs
 from .harness import now_iso
 from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
-from .smoke import lease, write_record
+from .smoke import lease, read_lines, write_record
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
@@ -153,17 +153,14 @@ class Suite:
         record.unlink(missing_ok=True)
         module = [sys.executable, "-m", "fastemp.benchmarks.smoke"]
 
-        def note(item: str, status: str, reason: str, seconds: float = 0) -> None:  # a line the item could not write
-            write_record(record, {"item": item, "status": status, "reason": reason, "seconds": seconds, "details": {}})
-
         for item in items:
             var = f"LIMIT_SMOKE_{item.upper()}"
             limit, left = float(os.environ.get(var) or SMOKE_LIMITS.get(item, 120)), self.left() - 20
             if left < 10:
-                note(item, "SKIP", "no time left in the part")
+                write_record(record, item, "SKIP", "no time left in the part")
                 continue
             var, limit = (var, limit) if limit <= left else ("what was left of the part", left)
-            cut = functools.partial(note, item, "FAIL", f"timed out after {limit:.0f} s ({var})", limit)
+            cut = functools.partial(write_record, record, item, "FAIL", f"timed out after {limit:.0f} s ({var})", limit)
             run = [*module, "run", item, "--record", str(record), *["--dry-run"] * self.dry]
             yield Step(run, limit, cut)
         yield Step([*module, "report", "--record", str(record), "--out", str(self.details), "--items", ",".join(items)])
@@ -299,8 +296,7 @@ class Suite:
             (self.out / f"{name}.json").unlink(missing_ok=True)
             if i < 5:
                 shutil.copy(self.details / f"{name}.json", self.out / f"{name}.json")
-        records = self.details / "parts.jsonl"
-        parts = {r["part"]: r for r in map(json.loads, records.read_text().splitlines() if records.exists() else [])}
+        parts = {r["part"]: r for r in read_lines(self.details / "parts.jsonl")}
         sections, environment = [], {}
         for p in parts.values():
             name = RESULT.get(p["part"], p["part"])
