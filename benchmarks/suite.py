@@ -38,26 +38,25 @@ LIMITS.update(kernels=240, tta=420, data=540)
 PUBLISHED = ("smoke", "accuracy", "official_peer", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels")
 RESULT = dict(throughput20="throughput_n20", tune="tuned_n20", tune_modes="tune_modes_n20", tta="time_to_85_n20")
 RESULT["throughput200"] = "throughput_n200"
-TOY = "data.source=synthetic data.synthetic_train=96 data.synthetic_test=48 model.width=8 model.hidden_dim=32 "
-TOY += "model.z_dim=16"
-TUNE_TOY = "--batch 16 --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1 train.n_patches=4"
+TOY = "data.source=synthetic data.synthetic_train=96 data.synthetic_test=48"
+SIZES = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none train.n_patches=4 train.batch_size=16 "
+SIZES += "eval.patches=2 eval.probe_epochs=2 eval.probe_batch_size=16 eval.batch_size=16"  # a dry run's, everywhere
+TUNE_TOY = "--batch 16 --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1"
 # part: (its command on the GPU, what a dry run appends: a later option or key wins); {data}: 5,000 synthetic images
-# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY
+# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY (in a dry run, + SIZES)
 COMMANDS = {
     "throughput20": (
         "bench throughput --config cifar10_n20_1ep {data} --n 20 --batch 100 --backend torch --baseline",
-        "--n 4 --batch 16 --compile none --steps 2 --warmup 0 --split-steps 1 --baseline-workers 0 --baseline-steps 2 "
-        "--peak-size 64",
+        "--n 4 --batch 16 --steps 2 --warmup 0 --split-steps 1 --baseline-workers 0 --baseline-steps 2 --peak-size 64",
     ),
     "throughput200": (  # 0 chunks: one pass with ghost BatchNorm; 10: the gradient cache, the same groups, gradients
         "bench throughput --config cifar10_n200_1ep {data} --n 200 --batch 100 --grad-chunks 0,10 --backend torch "
         "--steps 10 --split-steps 5",
-        "--n 8 --batch 16 --grad-chunks 0,2 --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64 "
-        "train.bn_groups=2",
+        "--n 8 --batch 16 --grad-chunks 0,2 --steps 2 --warmup 0 --split-steps 1 --peak-size 64 train.bn_groups=2",
     ),
     "profile": (
         "bench profile --config cifar10_n20_1ep {data}",
-        "--warmup 0 --steps 2 train.n_patches=4 train.batch_size=16 model.compile=none",
+        "--warmup 0 --steps 2",
     ),
     "tune": (
         "tune --config cifar10_n20_1ep {data} --batch 100 --backend torch --warmup 3 --steps 10 --compile default "
@@ -76,8 +75,7 @@ COMMANDS = {
     "tta": (  # time to 85%; short of it, the best accuracy and the times to 70/75/80%
         "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.epochs=3 eval.knn=false --protocol cheap "
         "--target 0.85 --milestones 0.70,0.75,0.80 --eval-every 250 --max-wall-seconds {wall}",
-        "train.n_patches=4 train.batch_size=16 model.compile=none train.epochs=2 eval.patches=2 eval.probe_epochs=2 "
-        "eval.probe_batch_size=16",
+        "train.epochs=2",
     ),
     "data": (
         "bench data {overrides}",  # its defaults: 32, 64 and 400 px sources, n=20, B=100, min(16, cores) workers
@@ -126,8 +124,8 @@ class Suite:
 
     def fastemp(self, command: str, *extra: str, **words) -> Step:
         """`python -m fastemp COMMAND EXTRA...`, the command's {words} filled in."""
-        data = TOY if self.dry else "data.source=synthetic data.synthetic_train=5000"
-        jpeg = TOY if self.dry else f"data.source=imagefolder data.path={self.jpeg}"
+        data = f"{TOY} {SIZES}" if self.dry else "data.source=synthetic data.synthetic_train=5000"
+        jpeg = f"{TOY} {SIZES}" if self.dry else f"data.source=imagefolder data.path={self.jpeg}"
         words = dict(data=f"{data} {self.overrides}", jpeg=f"{jpeg} {self.overrides}", out=self.details) | words
         return Step(
             [sys.executable, "-m", "fastemp", *shlex.split(command.format(overrides=self.overrides, **words)), *extra]
@@ -175,10 +173,7 @@ class Suite:
         if not target.exists() and history.is_file():
             shutil.copy(history, target)
             print(f"gpu_suite: adding to {history}")
-        toy = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none eval.patches=2 eval.probe_epochs=2 "
-        toy += "eval.probe_batch_size=16 eval.batch_size=16"
-        data = f"--cifar10 {self.jpeg}" if self.jpeg else TOY
-        data += f" train.n_patches=4 train.batch_size=16 {toy}" * self.dry
+        data = (f"--cifar10 {self.jpeg}" if self.jpeg else TOY) + f" {SIZES}" * self.dry
         count = os.environ.get("ACCURACY_SEEDS", "2")  # a count of new seeds, or a list ("3," is the seed 3)
         if "," in count:
             first, *later = [f"{s}," for s in count.split(",") if s]
@@ -188,7 +183,7 @@ class Suite:
         passed = [r for r in (read_result(target) or {}).get("official_runs", []) if r.get("status") == "PASS"]
         for which in (first, "peer", later) if passed else ("peer", first, later):  # fastemp - official needs one
             if which == "peer":
-                yield from self.peer(target, toy)
+                yield from self.peer(target)
             elif which and self.left() < 80:
                 print(f"gpu_suite: seeds {which} not run: only {self.left():.0f} s left of the part")
             elif which:
@@ -196,7 +191,7 @@ class Suite:
                 command += "{overrides} --accumulate --out {out} --name accuracy"
                 yield self.fastemp(command, *self.tail, which=which, budget=int(self.left() - 20), data=data)
 
-    def peer(self, target: Path, toy: str):
+    def peer(self, target: Path):
         peer = self.details / "official_peer.json"
         peer.unlink(missing_ok=True)
         lease = os.environ.get("LEASE_PEER", "run")
@@ -212,7 +207,7 @@ class Suite:
             return
         command = "bench official-peer --official-dir {official} --data {jpeg_file} --python {python} --out {out} "
         command += "--accuracy {target} --time-limit {limit} {size} {overrides}"
-        size = f"--cpu-dry-run --n 4 --train-images 200 --test-images 40 {toy}" if self.dry else "--n 20"
+        size = f"--cpu-dry-run --n 4 --train-images 200 --test-images 40 {SIZES}" if self.dry else "--n 20"
         words = dict(official=self.official, jpeg_file=self.jpeg, python=os.environ["FASTEMP_OFFICIAL_PYTHON"])
         yield self.fastemp(command, target=target, limit=int(self.left() - 20), size=size, **words)
         if (read_result(peer) or {}).get("status") != "PASS":  # none: it died before it could write one (its log)
