@@ -5,8 +5,6 @@ an eager fp32 model, the loss in Python loops, fastemp.lars. Same loss as fastem
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -36,27 +34,25 @@ def baseline_loss_terms(z: torch.Tensor, loss: LossConfig) -> LossTerms:
     return LossTerms(loss.invariance_weight * sim + loss.tcr_weight * tcr, sim, tcr)
 
 
-def augment_one_patch(images: torch.Tensor, image: int, aug: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """One augmented patch of dataset image `image`: (3, S, S) float32, normalized."""
-    u = torch.rand(1, N_UNIFORMS, generator=generator)  # one row of the shared draw
+def augment_one_patch(images: torch.Tensor, image: int, aug: AugmentConfig) -> torch.Tensor:
+    """One augmented patch of dataset image `image`: (3, S, S) float32, normalized, drawn from the torch RNG."""
+    u = torch.rand(1, N_UNIFORMS)  # one row of the shared draw
     params = params_from_uniforms(u, torch.tensor([image]), images.shape[1], images.shape[2], aug)
     return augment(images, params, aug)[0].contiguous()
 
 
 class PerPatchDataset(torch.utils.data.Dataset):
-    """Image i -> its n augmented patches (n, 3, S, S), made one patch at a time on the CPU. Each process draws
-    from its own generator, seeded from its torch seed (the DataLoader's: distinct per worker and per epoch)."""
+    """Image i -> its n augmented patches (n, 3, S, S), made one patch at a time on the CPU from the process's torch
+    RNG (the DataLoader seeds each worker's apart, per epoch)."""
 
     def __init__(self, images: torch.Tensor, n_patches: int, aug: AugmentConfig):
-        self.images, self.n, self.aug, self.generator = images.cpu(), n_patches, aug, (None, None)
+        self.images, self.n, self.aug = images.cpu(), n_patches, aug
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self.generator[0] != os.getpid():
-            self.generator = (os.getpid(), torch.Generator().manual_seed(torch.initial_seed()))
-        return torch.stack([augment_one_patch(self.images, i, self.aug, self.generator[1]) for _ in range(self.n)])
+        return torch.stack([augment_one_patch(self.images, i, self.aug) for _ in range(self.n)])
 
 
 def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, workers: int, steps=None) -> dict:
@@ -70,10 +66,9 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
     warmup, steps = max(2, workers + 2), steps or max(20, 2 * workers)
     if (warmup + steps) * batch > images.shape[0]:  # cycle the images instead of re-creating the loader mid-window
         images = images.repeat(-(-(warmup + steps) * batch // images.shape[0]), 1, 1, 1)
-    memory, clock, b = PeakMemory(device), Clock(device), torch.backends
-    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark)
-    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = False, True, False  # PyTorch's defaults
-    try:
+    memory, clock = PeakMemory(device), Clock(device)
+    # PyTorch's cuDNN defaults (the Trainer sets cudnn.benchmark process-wide from model.cudnn_benchmark)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False):
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model).to(device)
         optimizer = build_lars(model, cfg.optim)
@@ -107,8 +102,6 @@ def measure_baseline(cfg: Config, images: torch.Tensor, device: torch.device, wo
             terms = step(batch_data)
             clock.mark("step")
         intervals = clock.intervals()
-    finally:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = saved
     seconds = sum(s for _, s in intervals)
     return {
         "workers": workers,

@@ -2,6 +2,7 @@
 # The GPU numbers from a plain checkout on an offline machine, in parts that each fit a 10-minute job.
 #
 #   benchmarks/gpu_suite.sh [all|PART,PART,...] [OUT_DIR]
+#   benchmarks/gpu_suite.sh --lease call1|call2|call3 OUT    (issue 21's accuracy lease: smoke.py's lease)
 #
 # The parts, their limits and the result folder (at most 8 files) are benchmarks/suite.py's; docs/benchmarks.md
 # lists them. This script only makes the checkout importable without installing anything: fastemp comes from this

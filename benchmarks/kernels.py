@@ -26,7 +26,6 @@ from . import harness
 from .baseline import augment_one_patch, loop_tcr
 from .report import table
 
-UNMEASURED = dict.fromkeys(("seconds", "loss_abs_diff", "grad_max_abs_diff"))
 REFERENCE = {"cosine_to_mean": "eager", "tcr": "loop", "augmentation": "torch eager", "lars": "reference"}
 
 
@@ -35,14 +34,15 @@ def unfused_invariance(p: torch.Tensor) -> torch.Tensor:
 
 
 def implementations(device: torch.device, compile_torch: bool) -> dict[str, list]:
-    """kernel -> [(impl, fn or None, timed, note)]; the first is the one the others are compared with."""
-    usable, on_cpu = triton_usable(device), device.type == "cpu"
+    """kernel -> [(impl, fn, timed, note)]; the first is the one the others are compared with. No Triton row where
+    Triton cannot run (the CPU without TRITON_INTERPRET=1)."""
+    on_cpu = device.type == "cpu"
     cosine = [("eager", unfused_invariance, True, "")]
     if compile_torch:
         cosine.append(("compiled", torch.compile(unfused_invariance, dynamic=False), True, "torch.compile default"))
-    note = "TRITON_INTERPRET=1 correctness smoke, never timed" if on_cpu else ""
-    note = note if usable else "Triton cannot run here (CPU without TRITON_INTERPRET=1)"
-    cosine.append(("triton", (lambda p: cosine_to_mean(p)[0]) if usable else None, not on_cpu, note))
+    if triton_usable(device):
+        note = "TRITON_INTERPRET=1 correctness smoke, never timed" if on_cpu else ""
+        cosine.append(("triton", lambda p: cosine_to_mean(p)[0], not on_cpu, note))
     tcr = [("cholesky", lambda z: -total_coding_rate(z, 0.2).mean(), True, "batched Cholesky, B x B side")]
     return {"cosine_to_mean": cosine, "tcr": [*tcr, ("loop", loop_tcr, True, "per-patch d x d torch.logdet")]}
 
@@ -68,8 +68,6 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
 
             def measure(impl, x=x, reference=reference) -> dict:
                 _, fn, timed, note = impl
-                if fn is None:
-                    return {"timed": False, "note": note, **UNMEASURED}
                 loss, grad = loss_and_grad(fn, x)
                 leaf = x.detach().requires_grad_(True)
 
@@ -96,8 +94,8 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
     def measure(point) -> dict:
         (impl, shape), seeds, note = point, iter(range(10**9)), ""
         if impl.startswith("baseline"):
-            images, cpu_gen, count = pool[:1000].cpu(), torch.Generator().manual_seed(0), args.baseline_aug_patches
-            call = lambda: augment_one_patch(images, next(seeds) % len(images), AugmentConfig(), cpu_gen)  # noqa: E731
+            images, count = pool[:1000].cpu(), args.baseline_aug_patches
+            call = lambda: augment_one_patch(images, next(seeds) % len(images), AugmentConfig())  # noqa: E731
             seconds, note = sum(time_calls(call, "cpu", 1, count)) / count, f"{count} patches, one at a time"
         else:
             backend = TorchPatches(pool, AugmentConfig(), impl.endswith("compiled"))

@@ -1,10 +1,10 @@
-"""The GPU suite (benchmarks/gpu_suite.sh [all|PART,...] [OUT]) and the accuracy lease (benchmarks/lease.sh
-call1|call2|call3 OUT): `python -m fastemp.benchmarks.suite [all|PART,...] [OUT]` or `... --lease CALL OUT`.
+"""The GPU suite (benchmarks/gpu_suite.sh [all|PART,...] [OUT]) and the accuracy lease (benchmarks/gpu_suite.sh
+--lease call1|call2|call3 OUT): `python -m fastemp.benchmarks.suite [all|PART,...] [OUT]` or `... --lease CALL OUT`.
 
 A part is a list of commands, each in its own process group within the part's limit (LIMIT_<PART>, cut to what is
 left before SUITE_DEADLINE); a part cut at its limit is TIMEOUT and keeps what it wrote, and the next part runs. OUT
-(default benchmarks/results/<device>) is published after every part and every PUBLISH_EVERY (30) s: up to 5 part
-JSONs, suite.json, suite.md, details.tar.gz. SUITE_DRY_RUN=1: the CPU at toy sizes. docs/benchmarks.md has the rest.
+(default benchmarks/results/<device>) is published after every part and every 30 s: up to 5 part JSONs, suite.json,
+suite.md, details.tar.gz. SUITE_DRY_RUN=1: the CPU at toy sizes. docs/benchmarks.md has the rest.
 """
 
 from __future__ import annotations
@@ -30,35 +30,33 @@ from fastemp import runs
 from .harness import now_iso
 from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
+from .smoke import lease, read_lines, write_record
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
 LIMITS.update(kernels=240, tta=420, data=540)
-SMOKE_REPORT_SECONDS = 20  # kept for smoke's report and gate
 PUBLISHED = ("smoke", "accuracy", "official_peer", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels")
 RESULT = dict(throughput20="throughput_n20", tune="tuned_n20", tune_modes="tune_modes_n20", tta="time_to_85_n20")
 RESULT["throughput200"] = "throughput_n200"
-TOY = "data.source=synthetic data.synthetic_train=96 data.synthetic_test=48 model.width=8 model.hidden_dim=32 "
-TOY += "model.z_dim=16"
-TUNE_TOY = "--batch 16 --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1 train.n_patches=4"
+TOY = "data.source=synthetic data.synthetic_train=96 data.synthetic_test=48"
+SIZES = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none train.n_patches=4 train.batch_size=16 "
+SIZES += "eval.patches=2 eval.probe_epochs=2 eval.probe_batch_size=16 eval.batch_size=16"  # a dry run's, everywhere
+TUNE_TOY = "--batch 16 --compile none --cudnn-benchmark off --patch-compile off --warmup 0 --steps 1"
 # part: (its command on the GPU, what a dry run appends: a later option or key wins); {data}: 5,000 synthetic images
-# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY; the rest: DEFAULTS
+# (throughput does not depend on image content) or TOY, {jpeg}: the CIFAR-10 JPEG copy or TOY (in a dry run, + SIZES)
 COMMANDS = {
     "throughput20": (
-        "bench throughput --config cifar10_n20_1ep {data} --n 20 --batch 100 --backend {SUITE_BACKENDS} --baseline "
-        "--baseline-workers {BASELINE_WORKERS}",
-        "--n 4 --batch 16 --compile none --steps 2 --warmup 0 --split-steps 1 --baseline-workers 0 --baseline-steps 2 "
-        "--peak-size 64",
+        "bench throughput --config cifar10_n20_1ep {data} --n 20 --batch 100 --backend torch --baseline",
+        "--n 4 --batch 16 --steps 2 --warmup 0 --split-steps 1 --baseline-workers 0 --baseline-steps 2 --peak-size 64",
     ),
     "throughput200": (  # 0 chunks: one pass with ghost BatchNorm; 10: the gradient cache, the same groups, gradients
-        "bench throughput --config cifar10_n200_1ep {data} --n 200 --batch 100 --grad-chunks {N200_GRAD_CHUNKS} "
-        "--backend torch --steps 10 --split-steps 5",
-        "--n 8 --batch 16 --grad-chunks 0,2 --compile none --steps 2 --warmup 0 --split-steps 1 --peak-size 64 "
-        "train.bn_groups=2",
+        "bench throughput --config cifar10_n200_1ep {data} --n 200 --batch 100 --grad-chunks 0,10 --backend torch "
+        "--steps 10 --split-steps 5",
+        "--n 8 --batch 16 --grad-chunks 0,2 --steps 2 --warmup 0 --split-steps 1 --peak-size 64 train.bn_groups=2",
     ),
     "profile": (
         "bench profile --config cifar10_n20_1ep {data}",
-        "--warmup 0 --steps 2 train.n_patches=4 train.batch_size=16 model.compile=none",
+        "--warmup 0 --steps 2",
     ),
     "tune": (
         "tune --config cifar10_n20_1ep {data} --batch 100 --backend torch --warmup 3 --steps 10 --compile default "
@@ -71,34 +69,28 @@ COMMANDS = {
         TUNE_TOY,
     ),
     "kernels": (
-        "bench kernels --n {KERNELS_N} --batch {KERNELS_BATCH}",
+        "bench kernels",
         "--n 4 --batch 16 --dim 32 --width 4 --warmup 0 --iters 2 --no-compile --images 64 --baseline-aug-patches 4",
     ),
     "tta": (  # time to 85%; short of it, the best accuracy and the times to 70/75/80%
-        "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.epochs={TTA_EPOCHS} eval.knn=false --protocol "
-        "{TTA_PROTOCOL} --target 0.85 --milestones 0.70,0.75,0.80 --eval-every {TTA_EVAL_EVERY} --max-wall-seconds "
-        "{wall}",
-        "train.n_patches=4 train.batch_size=16 model.compile=none train.epochs=2 eval.patches=2 eval.probe_epochs=2 "
-        "eval.probe_batch_size=16",
+        "bench time-to-accuracy --config cifar10_n20_10ep {jpeg} train.epochs=3 eval.knn=false --protocol cheap "
+        "--target 0.85 --milestones 0.70,0.75,0.80 --eval-every 250 --max-wall-seconds {wall}",
+        "train.epochs=2",
     ),
     "data": (
-        "bench data --sources {DATA_SOURCES} --n 20 --batch {DATA_BATCH} --workers {DATA_WORKERS} {overrides}",
+        "bench data {overrides}",  # its defaults: 32, 64 and 400 px sources, n=20, B=100, min(16, cores) workers
         "--sources 24 --patch 16 --n 2 --batch 4 --workers 0 --warmup 0 --steps 1 --classes 2 --per-class 2 "
         "model.width=8 model.hidden_dim=16 model.z_dim=8",
     ),
 }
-DEFAULTS = dict(SUITE_BACKENDS="torch", BASELINE_WORKERS=os.cpu_count() or 1, N200_GRAD_CHUNKS="0,10", TTA_EPOCHS=3)
-DEFAULTS.update(KERNELS_N="20,50,200", KERNELS_BATCH="100,256", TTA_PROTOCOL="cheap", TTA_EVAL_EVERY=250)
-DEFAULTS.update(DATA_SOURCES="32,64,400", DATA_BATCH=100, DATA_WORKERS=min(16, os.cpu_count() or 1))
 
 
 class Step(NamedTuple):
-    """A command of a part: its own limit (cut to what is left of the part), whether its failure fails the part,
-    and what to do when its own limit cuts it (then the part goes on)."""
+    """A command of a part: its own limit (cut to what is left of the part), and what to do when that limit cuts it
+    (then the part goes on)."""
 
     argv: list[str]
     limit: float | None = None
-    counts: bool = True
     cut: Callable | None = None
 
 
@@ -121,7 +113,7 @@ class Suite:
             env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
         env.update(FASTEMP_OFFICIAL_DIR=self.official, FASTEMP_CIFAR10_JPEG=self.jpeg, PIP_NO_INDEX="1")
         env.update(FASTEMP_OFFICIAL_PYTHON=env.get("FASTEMP_OFFICIAL_PYTHON") or sys.executable, PYTHONUNBUFFERED="1")
-        self.part_end, self.failed, self.published = 0.0, False, time.monotonic()
+        self.part_end, self.failed = 0.0, False
 
     def left(self) -> float:
         return self.part_end - time.monotonic()
@@ -131,21 +123,20 @@ class Suite:
         self.failed = True
 
     def fastemp(self, command: str, *extra: str, **words) -> Step:
-        """`python -m fastemp COMMAND EXTRA...`, the command's {words} filled in (DEFAULTS: from the environment)."""
-        data = TOY if self.dry else "data.source=synthetic data.synthetic_train=5000"
-        jpeg = TOY if self.dry else f"data.source=imagefolder data.path={self.jpeg}"
-        words = {k: os.environ.get(k) or v for k, v in DEFAULTS.items()} | words
+        """`python -m fastemp COMMAND EXTRA...`, the command's {words} filled in."""
+        data = f"{TOY} {SIZES}" if self.dry else "data.source=synthetic data.synthetic_train=5000"
+        jpeg = f"{TOY} {SIZES}" if self.dry else f"data.source=imagefolder data.path={self.jpeg}"
         words = dict(data=f"{data} {self.overrides}", jpeg=f"{jpeg} {self.overrides}", out=self.details) | words
         return Step(
             [sys.executable, "-m", "fastemp", *shlex.split(command.format(overrides=self.overrides, **words)), *extra]
         )
 
     def steps(self, part: str):
+        if part in ("tta", "accuracy") and not self.dry and not self.jpeg:
+            self.fail(f"{part} needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
+            return []
         if part in ("smoke", "accuracy"):
             return getattr(self, part)()
-        if part == "tta" and not self.dry and not self.jpeg:
-            self.fail("time to accuracy needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
-            return []
         name, (command, toy) = RESULT.get(part, part), COMMANDS[part]
         out = [f"{self.details}/{name}.yaml"] if part.startswith("tune") else [str(self.details), "--name", name]
         return [
@@ -154,28 +145,22 @@ class Suite:
 
     def smoke(self):
         """Every item in its own process under its own limit (LIMIT_SMOKE_<ITEM>), cut to what is left of the part
-        less SMOKE_REPORT_SECONDS; then the report and its gate, which always runs (an item left out is SKIP)."""
+        less 20 s; then the report and its gate, which always runs (an item left out is SKIP; a failed item fails the
+        part through the report)."""
         record, items = self.details / "smoke.jsonl", os.environ.get("SMOKE_ITEMS", ",".join(SMOKE_LIMITS)).split(",")
         record.unlink(missing_ok=True)
         module = [sys.executable, "-m", "fastemp.benchmarks.smoke"]
 
-        def note(item: str, status: str, reason: str, seconds: float = 0) -> None:  # a line the item could not write
-            with open(record, "a") as f:
-                line = {"item": item, "status": status, "reason": reason, "seconds": seconds, "details": {}}
-                f.write(json.dumps(line) + "\n")
-            print(f"smoke {item} {status} {reason}")
-
         for item in items:
             var = f"LIMIT_SMOKE_{item.upper()}"
-            limit = float(os.environ.get(var) or os.environ.get("LIMIT_SMOKE_ITEM") or SMOKE_LIMITS.get(item, 120))
-            left = self.left() - SMOKE_REPORT_SECONDS
+            limit, left = float(os.environ.get(var) or SMOKE_LIMITS.get(item, 120)), self.left() - 20
             if left < 10:
-                note(item, "SKIP", "no time left in the part")
+                write_record(record, item, "SKIP", "no time left in the part")
                 continue
             var, limit = (var, limit) if limit <= left else ("what was left of the part", left)
-            cut = functools.partial(note, item, "FAIL", f"timed out after {limit:.0f} s ({var})", limit)
+            cut = functools.partial(write_record, record, item, "FAIL", f"timed out after {limit:.0f} s ({var})", limit)
             run = [*module, "run", item, "--record", str(record), *["--dry-run"] * self.dry]
-            yield Step(run, limit, counts=False, cut=cut)
+            yield Step(run, limit, cut)
         yield Step([*module, "report", "--record", str(record), "--out", str(self.details), "--items", ",".join(items)])
 
     def accuracy(self):
@@ -188,13 +173,7 @@ class Suite:
         if not target.exists() and history.is_file():
             shutil.copy(history, target)
             print(f"gpu_suite: adding to {history}")
-        if not self.jpeg and not self.dry:
-            return self.fail("accuracy needs the CIFAR-10 JPEG archive (FASTEMP_CIFAR10_JPEG); none was found")
-        toy = "model.width=8 model.hidden_dim=32 model.z_dim=16 model.compile=none eval.patches=2 eval.probe_epochs=2 "
-        toy += "eval.probe_batch_size=16 eval.batch_size=16"
-        data = (
-            f"--cifar10 {self.jpeg}" if self.jpeg else TOY
-        ) + f" train.n_patches=4 train.batch_size=16 {toy}" * self.dry
+        data = (f"--cifar10 {self.jpeg}" if self.jpeg else TOY) + f" {SIZES}" * self.dry
         count = os.environ.get("ACCURACY_SEEDS", "2")  # a count of new seeds, or a list ("3," is the seed 3)
         if "," in count:
             first, *later = [f"{s}," for s in count.split(",") if s]
@@ -204,7 +183,7 @@ class Suite:
         passed = [r for r in (read_result(target) or {}).get("official_runs", []) if r.get("status") == "PASS"]
         for which in (first, "peer", later) if passed else ("peer", first, later):  # fastemp - official needs one
             if which == "peer":
-                yield from self.peer(target, toy)
+                yield from self.peer(target)
             elif which and self.left() < 80:
                 print(f"gpu_suite: seeds {which} not run: only {self.left():.0f} s left of the part")
             elif which:
@@ -212,7 +191,7 @@ class Suite:
                 command += "{overrides} --accumulate --out {out} --name accuracy"
                 yield self.fastemp(command, *self.tail, which=which, budget=int(self.left() - 20), data=data)
 
-    def peer(self, target: Path, toy: str):
+    def peer(self, target: Path):
         peer = self.details / "official_peer.json"
         peer.unlink(missing_ok=True)
         lease = os.environ.get("LEASE_PEER", "run")
@@ -228,32 +207,26 @@ class Suite:
             return
         command = "bench official-peer --official-dir {official} --data {jpeg_file} --python {python} --out {out} "
         command += "--accuracy {target} --time-limit {limit} {size} {overrides}"
-        size = f"--cpu-dry-run --n 4 --train-images 200 --test-images 40 {toy}" if self.dry else "--n 20"
+        size = f"--cpu-dry-run --n 4 --train-images 200 --test-images 40 {SIZES}" if self.dry else "--n 20"
         words = dict(official=self.official, jpeg_file=self.jpeg, python=os.environ["FASTEMP_OFFICIAL_PYTHON"])
         yield self.fastemp(command, target=target, limit=int(self.left() - 20), size=size, **words)
-        if not peer.exists():
-            peer.write_text(
-                json.dumps({"benchmark": "official_peer", "status": "FAIL", "error": "exit before it started"})
-            )
-        if json.loads(peer.read_text()).get("status") != "PASS":
+        if (read_result(peer) or {}).get("status") != "PASS":  # none: it died before it could write one (its log)
             self.fail("official run FAILED: see official_peer.json/.log")
 
     # ------------------------------------------------------------------------------ running and publishing
 
     def run_step(self, step: Step, log) -> int:
         """The command in its own process group until it ends or its limit (then TERM, 15 s later KILL: 124),
-        publishing every PUBLISH_EVERY seconds meanwhile."""
+        publishing every 30 s meanwhile."""
         limit = min(step.limit or self.left(), self.left())
         log.write(f"$ {shlex.join(step.argv)}\n")
         log.flush()
         popen = dict(stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         child, end = subprocess.Popen(step.argv, **popen), time.monotonic() + limit
-        while child.poll() is None and time.monotonic() < end:
-            time.sleep(0.2)
-            if time.monotonic() - self.published > float(os.environ.get("PUBLISH_EVERY", "30")):
-                self.publish()
-        if child.poll() is not None:
-            return child.returncode
+        while time.monotonic() < end:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=min(30, end - time.monotonic()))
+            self.publish()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if child.poll() is None:
                 os.killpg(child.pid, sig)
@@ -271,7 +244,7 @@ class Suite:
                 rc = self.run_step(step, log) if self.left() > 1 else 124
                 if rc == 124:
                     return "TIMEOUT"
-                status = "FAIL" if rc and step.counts else status
+                status = "FAIL" if rc else status
         return "FAIL" if self.failed else status
 
     def run(self, parts: list[str]) -> int:
@@ -310,27 +283,15 @@ class Suite:
         return int(failed)
 
     def publish(self) -> None:
-        """OUT: up to 5 part JSONs, suite.json, suite.md and details.tar.gz (at most 8 files), each replaced whole."""
-        self.published = time.monotonic()
+        """OUT: up to 5 part JSONs, suite.json (every part's status, limit, seconds, result), suite.md (the same, then
+        each part's own report) and details.tar.gz (at most 8 files), each replaced whole."""
         self.out.mkdir(parents=True, exist_ok=True)
         present = [name for name in PUBLISHED if (self.details / f"{name}.json").exists()]
         for i, name in enumerate(present):
             (self.out / f"{name}.json").unlink(missing_ok=True)
             if i < 5:
                 shutil.copy(self.details / f"{name}.json", self.out / f"{name}.json")
-        summary, markdown = self.summary()
-        runs.write_json(self.out / "suite.json", summary)
-        (self.out / "suite.md").write_text(markdown)
-        with tarfile.open(self.out / "details.tar.gz.tmp", "w:gz") as tar:
-            for path in sorted(self.details.iterdir()):
-                if path.name not in [f"{n}.json" for n in present[:5]]:
-                    tar.add(path, arcname=f"./{path.name}")
-        os.replace(self.out / "details.tar.gz.tmp", self.out / "details.tar.gz")
-
-    def summary(self) -> tuple[dict, str]:
-        """suite.json (every part's status, limit, seconds, result) and suite.md (then each part's own report)."""
-        records = self.details / "parts.jsonl"
-        parts = {r["part"]: r for r in map(json.loads, records.read_text().splitlines() if records.exists() else [])}
+        parts = {r["part"]: r for r in read_lines(self.details / "parts.jsonl")}
         sections, environment = [], {}
         for p in parts.values():
             name = RESULT.get(p["part"], p["part"])
@@ -343,13 +304,19 @@ class Suite:
             if (self.details / f"{name}.md").exists():
                 sections.append(re.sub(r"^(#+) ", r"#\1 ", (self.details / f"{name}.md").read_text(), flags=re.M))
         summary = {"benchmark": "gpu_suite", "created": now_iso(), "environment": environment, "dry_run": self.dry}
+        runs.write_json(self.out / "suite.json", {**summary, "parts": list(parts.values())})
         lines = [f"# GPU suite: {device_label(environment) if environment else 'unknown device'}", ""]
         lines += ["Parts in the order they ran; TIMEOUT: cut at its limit, keeping what it had written (partial).", ""]
         lines += [
             table(parts.values(), "part status seconds limit_seconds result", "part|status|seconds|limit s|results")
         ]
         lines += ["", "**Dry run** (SUITE_DRY_RUN=1): CPU, toy sizes. These numbers measure nothing."] * self.dry
-        return {**summary, "parts": list(parts.values())}, "\n".join([*lines, "", *sections])
+        (self.out / "suite.md").write_text("\n".join([*lines, "", *sections]))
+        with tarfile.open(self.out / "details.tar.gz.tmp", "w:gz") as tar:
+            for path in sorted(self.details.iterdir()):
+                if path.name not in [f"{n}.json" for n in present[:5]]:
+                    tar.add(path, arcname=f"./{path.name}")
+        os.replace(self.out / "details.tar.gz.tmp", self.out / "details.tar.gz")
 
 
 def device_slug() -> str:
@@ -367,10 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--lease"]:
         if len(argv) != 3 or argv[1] not in ("call1", "call2", "call3"):
-            print("usage: benchmarks/lease.sh call1|call2|call3 OUT", file=sys.stderr)
+            print("usage: benchmarks/gpu_suite.sh --lease call1|call2|call3 OUT", file=sys.stderr)
             return 2
-        from .lease import lease
-
         return lease(argv[1], str(Path(argv[2]).resolve()))
     parts = PARTS if argv[:1] in ([], ["all"]) else argv[0].split(",")
     if len(argv) > 2 or any(p not in PARTS for p in parts):

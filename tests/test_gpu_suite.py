@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.sh and lease.sh end to end on the CPU (SUITE_DRY_RUN=1): offline, per-part limits, the result
+"""benchmarks/gpu_suite.sh and its --lease end to end on the CPU (SUITE_DRY_RUN=1): offline, per-part limits, the result
 folder, the smoke gate, the lease's three calls. The dry runs start together (the `dry` fixture): each is a chain of
 single-threaded processes, so on 2 cores they end in about half the time of one after the other."""
 
@@ -18,7 +18,6 @@ from official_stand_in import fake_jpeg_tar, stand_in_checkout
 from fastemp.benchmarks import smoke, suite
 
 GPU_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
-LEASE = GPU_SUITE.with_name("lease.sh")
 
 
 def run(script: Path, *args, **env) -> subprocess.CompletedProcess:
@@ -73,7 +72,10 @@ def dry(tmp_path_factory):
     parts = "profile,throughput200,kernels,tta,data,tune,tune_modes"  # throughput20 and profile: call 3
     absent = {"FASTEMP_CIFAR10_JPEG": str(tmp / "absent.tar.gz")}
     with ThreadPoolExecutor(5) as pool:
-        jobs = {call: pool.submit(run, LEASE, call, tmp / f"out{call[-1]}", **env) for call, env in calls.items()}
+        jobs = {
+            call: pool.submit(run, GPU_SUITE, "--lease", call, tmp / f"out{call[-1]}", **env)
+            for call, env in calls.items()
+        }
         jobs["parts"] = pool.submit(run, GPU_SUITE, parts, tmp / "parts", LIMIT_PROFILE="1", **absent)
         jobs["accuracy"] = pool.submit(run, GPU_SUITE, "accuracy", tmp / "accuracy", **accuracy_env)
         yield tmp, {name: job.result for name, job in jobs.items()}
@@ -183,29 +185,21 @@ def test_the_official_run_goes_first_until_one_has_passed(tmp_path, monkeypatch,
     assert commands == [*first, "accuracy"]
 
 
-def test_smoke_reports_one_line_per_item_and_writes_smoke_json(dry):
-    tmp, jobs = dry
-    result = jobs["call1"]()
-    assert result.returncode == 0, result.stdout + result.stderr
-    found = json.loads((tmp / "out1" / "smoke.json").read_text())
-    assert found["benchmark"] == "smoke" and found["verdict"] == "PASS"
-    items = {i["item"]: i for i in found["items"]}
-    assert list(items) == ["environment", "check", "train", "large_n", "dali"]
-    assert all(i["status"] in ("PASS", "SKIP") for i in items.values())
-    assert math.isfinite(items["train"]["details"]["loss"]) and items["large_n"]["details"]["grad_chunks_used"] == 2
-    lines = [line for line in result.stdout.splitlines() if line.startswith("smoke ") and line.split()[1] in items]
-    assert len(lines) == 5 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
-
-
 def test_the_lease_script_runs_its_three_calls(dry):
-    """benchmarks/lease.sh dry: call 1's gate and next line, call 2's overrides reaching fastemp and the official
-    run's evaluation, fastemp - official in one accuracy.json, call 3; each call's OUT holds at most 8 files."""
+    """benchmarks/gpu_suite.sh --lease dry: call 1's smoke (one line and one record per item, smoke.json), its gate
+    and next line, call 2's overrides reaching fastemp and the official run's evaluation, fastemp - official in one
+    accuracy.json, call 3; each call's OUT holds at most 8 files."""
     tmp, jobs = dry
     first, second, third = jobs["call1"](), jobs["call2"](), jobs["call3"]()
     assert first.returncode == 0, first.stdout + first.stderr
     found = json.loads((tmp / "out1" / "smoke.json").read_text())
-    assert [i["item"] for i in found["items"]][:2] == ["environment", "check"]
-    assert all(i["status"] == "PASS" for i in found["items"][:3]), found["items"]
+    assert found["benchmark"] == "smoke" and found["verdict"] == "PASS"
+    items = {i["item"]: i for i in found["items"]}
+    assert list(items) == ["environment", "check", "train", "large_n", "dali"]
+    assert all(i["status"] == "PASS" for i in found["items"][:4]) and items["dali"]["status"] in ("PASS", "SKIP")
+    assert math.isfinite(items["train"]["details"]["loss"]) and items["large_n"]["details"]["grad_chunks_used"] == 2
+    lines = [line for line in first.stdout.splitlines() if line.startswith("smoke ") and line.split()[1] in items]
+    assert len(lines) == 5 and all(line.split()[2] in ("PASS", "SKIP") for line in lines)
     assert found["gate"] == {"overrides": [], "stop": None, "peer": "run", "notes": []}
     assert "lease: next: LEASE_OVERRIDES='' LEASE_PEER='run'" in first.stdout
     assert json.loads((tmp / "state" / "gate.json").read_text()) == found["gate"]  # for call 2 and 3 on this machine
