@@ -80,9 +80,8 @@ def cmd_tune(args) -> int:
     suffix = target.suffix or ".yaml"
     args.out, args.name = str(target.parent), target.stem
     results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
-    settings = {"cudnn_benchmark": args.cudnn_benchmark, "patch_compile": args.patch_compile}
-    axes, settings = default_axes(base, axes_of(args), settings, results.environment["device"].startswith("cuda"))
-    result = run_tune(base, axes, settings, args, results, harness.Data())
+    axes = {**axes_of(args), "cudnn_benchmark": args.cudnn_benchmark, "patch_compile": args.patch_compile}
+    result = run_tune(base, default_axes(base, axes, results.environment["device"].startswith("cuda")), args, results)
     return write_config(result, results.folder / f"{results.name}{suffix}")
 
 

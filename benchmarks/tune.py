@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -22,19 +21,16 @@ from . import harness
 from .report import device_label, table
 from .throughput import AXES, measure_point, point_config, points
 
-SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}  # speed only
 
-
-def default_axes(base, axes: dict, settings: dict, cuda: bool) -> tuple[dict, dict]:
+def default_axes(base, axes: dict, cuda: bool) -> dict:
     streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
-    axes = {
+    return {
         **axes,
         "batch_size": axes["batch_size"] or [base.train.batch_size, 2 * base.train.batch_size],
         "backend": axes["backend"] or (streamed if base.data.streamed else ["torch"]),
         "compile": axes["compile"] or (["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else None),
+        "cudnn_benchmark": axes["cudnn_benchmark"] or (["off", "on"] if cuda else None),
     }
-    settings = {**settings, "cudnn_benchmark": settings["cudnn_benchmark"] or (["off", "on"] if cuda else None)}
-    return axes, settings
 
 
 def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
@@ -48,16 +44,12 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
     return min(n, 2 * chunks) if chunks < n else None
 
 
-def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, data: harness.Data) -> dict:
-    """Every point of every settings combination (checked before anything is measured), each measured again with
-    more chunks while over the budget; the fastest that fits is `best`."""
-    variants = harness.grid({k: settings.get(k) or [attrgetter(key)(base)] for k, key in SETTINGS.items()})
-    steps = 1 + args.warmup + args.steps + 1
-    todo = []
-    for setting in variants:
-        variant = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={v}" for k, v in setting.items()])
-        todo += [(setting, point, point_config(variant, point, steps)) for point in points(variant, axes)]
-    device = [data.check(cfg) for *_, cfg in todo][0].device
+def run_tune(base, axes: dict, args, results: harness.Results) -> dict:
+    """Every point (checked before anything is measured), each measured again with more chunks while over the
+    budget; the fastest that fits is `best`."""
+    steps, data = 1 + args.warmup + args.steps + 1, harness.Data()
+    todo = [(point, point_config(base, point, steps)) for point in points(base, axes)]
+    device = [data.check(cfg) for _, cfg in todo][0].device
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
     if budget is None and device.type == "cuda":
         budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
@@ -72,16 +64,16 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
         return {
             "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
             "memory_budget_bytes": budget,
-            "axes": {k: v for k, v in {**axes, **settings}.items() if v},
+            "axes": {k: v for k, v in axes.items() if v},
             "settings": {"warmup_steps": args.warmup, "timed_steps": args.steps},
             "points": rows,
             "best": best,
             "config": to_dict(tuned_config(base, best)) if best else None,
         }
 
-    for setting, point, cfg in todo:
+    for point, cfg in todo:
         while True:
-            (row,) = harness.run_points([cfg], measure, lambda _, p=point, s=setting: {**p, **s})
+            (row,) = harness.run_points([cfg], measure, lambda _, p=point: {**p})
             over = row["status"] == "oom" or (row["status"] == "ok" and budget and row["peak_memory_bytes"] > budget)
             rows.append({**row, "fits_budget": row["status"] == "ok" and not over})
             results.write(result())
@@ -95,9 +87,8 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
 
 def tuned_config(base, best: dict):
     """The base config with the winning values, 'auto' resolved (device, schedule, the rest kept)."""
-    cfg = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={best[k]}" for k in SETTINGS])
     values = {**best, **{k: best["resolved"][k] for k in ("backend", "compile", "precision")}}
-    apply_overrides(cfg, [f"{key}={values[axis]}" for axis, key in AXES.items()])
+    cfg = apply_overrides(copy.deepcopy(base), [f"{key}={values[axis]}" for axis, key in AXES.items()])
     cfg.name = f"{base.name}_tuned"
     return cfg
 
@@ -110,7 +101,7 @@ def no_winner(points: list[dict]) -> str:
 
 
 def winner(best: dict) -> str:
-    what = [f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", *SETTINGS)]
+    what = [f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", "cudnn_benchmark", "patch_compile")]
     what += [f"{k}={best['resolved'][k]}" for k in ("backend", "compile")]
     return f"{best['images_per_s']:.1f} images/s with {', '.join(what)}"
 
