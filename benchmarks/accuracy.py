@@ -211,7 +211,7 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         wall.lap()
         return wall.total
 
-    for row in rows:  # every check before any training: one line each (UserError)
+    for row in rows:  # every check (variants included) before any training: one line each (UserError)
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))  # e.g. synthetic checks
         where = [] if chosen else data_overrides(dataset_of(row), paths.get(dataset_of(row)))
         cfg = row_config(row, 0, where, overrides) if where is not None else None
@@ -274,15 +274,13 @@ def run_time_to_accuracy(cfg, args, results: harness.Results) -> dict:
     its schedule, or --max-wall-seconds); the result, written after every evaluation."""
     cfg.eval.at_end, cfg.eval.stop_at = False, args.target
     cfg.eval.every = str(args.eval_every) if args.eval_every else "0.5ep"
-    data = harness.Data()
-    data.check(cfg, evaluates=True)
 
     def result(trainer, final: bool = False, cut: bool = False) -> dict:
         levels = sorted({*args.milestones, args.target})
         summary = tta_summary(cfg, trainer, args.target, levels, cut, results.environment)
         return results.write(summary, final)
 
-    trainer, _, cut = run_seed(cfg, data, budget=args.max_wall_seconds, seen=result)
+    trainer, _, cut = run_seed(cfg, harness.Data(), budget=args.max_wall_seconds, seen=result)  # checked first
     hit = first_reaching(trainer.evaluations, args.target)
     for e in trainer.evaluations[-1:]:
         print(f"step {e['step']}: linear top-1 {e['linear_top1']:.4f}; target {'reached' if hit else 'not reached'}")

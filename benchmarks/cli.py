@@ -95,8 +95,6 @@ def cmd_accuracy(args) -> int:
         return 0
     rows, seeds = select_rows(args.rows, args.variant or ()), parse_seeds(args.seeds)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
-    for _, changes in args.variant or ():  # a misspelt variant is one line now, not an error row after an hour
-        load_config("quickstart", [*overrides, *changes.split()])
     device = load_config("quickstart", overrides).train.device
     args.force = args.force or args.accumulate
     results = results_for(args, "accuracy", accuracy_markdown, device)
