@@ -160,9 +160,12 @@ def run_peer(args) -> dict:
             raise UserError(
                 f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; see {log}"
             )
-        if saved:  # after a training timeout: the latest epoch it saved
+        if saved:  # after a training timeout: the latest epoch it saved; scored as `fastemp eval --weights` would
+            from fastemp.startup import evaluate_weights
+
             (epoch, checkpoint), _ = saved[-1], wall.lap()
-            evaluation = {**evaluate_official(checkpoint, cfg, train, test), "eval_seconds": wall.lap()}
+            scores = evaluate_weights(checkpoint, "official", cfg, progress=False, train_set=train, test_set=test)
+            evaluation = {**scores, "eval_seconds": wall.lap()}
             evaluation.update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
             result["evaluation"] = {**evaluation, "eval_config": dataclasses.asdict(cfg.eval)}
         result["status"] = "PASS" if training["status"] == "ok" else "TIMEOUT"
@@ -181,13 +184,6 @@ def run_peer(args) -> dict:
         scratch.cleanup()
         if args.accuracy:
             add_official(Path(args.accuracy), out / f"{NAME}.json")
-
-
-def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = False) -> dict:
-    """`fastemp eval --weights CHECKPOINT --format official` on these splits."""
-    from fastemp.startup import evaluate_weights
-
-    return evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
 
 
 def markdown(result: dict) -> str:
