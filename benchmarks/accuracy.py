@@ -162,26 +162,22 @@ def run_seed(cfg, data: harness.Data, stop_epoch: float | None = None, budget: f
     seconds), stop before the next interval (training and its evaluation) would end past it. Returns (trainer,
     timing, stopped at the budget)."""
     wall, warm = harness.Wall(), _SEEDS_IN_THIS_PROCESS[0] > 0
-    try:
-        trainer = data.trainer(cfg, evaluates=True)
-        setup = wall.lap()
-        stop = round(stop_epoch * trainer.steps_per_epoch) if stop_epoch else trainer.total_steps
-        every, cut = trainer.eval_every, False
-        while trainer.step < stop and not trainer.stopped:
-            trainer.train_until(min(stop, (trainer.step // every + 1) * every))
-            if seen:
-                seen(trainer)
-            interval = wall.lap()  # the next one is predicted to take as long
-            if budget and wall.total + interval > budget and trainer.step < stop and not trainer.stopped:
-                cut = True
-                break
-        steps = trainer.step
-        timing = {"setup_seconds": setup, "first_step_seconds": trainer.warmup_seconds, "steps": steps}
-        timing.update(warm_step_seconds=trainer.train_seconds / max(1, steps - 1), warm_cache=warm)
-        timing.update(eval_seconds=sum(e["eval_seconds"] for e in trainer.evaluations), wall_seconds=wall.total)
-        return trainer, timing, cut
-    finally:
-        _SEEDS_IN_THIS_PROCESS[0] += 1
+    _SEEDS_IN_THIS_PROCESS[0] += 1  # the next seed's first step finds this one's compiled kernels, even if it fails
+    trainer = data.trainer(cfg, evaluates=True)
+    setup = wall.lap()
+    stop = round(stop_epoch * trainer.steps_per_epoch) if stop_epoch else trainer.total_steps
+    every, cut = trainer.eval_every, False
+    while trainer.step < stop and not trainer.stopped and not cut:
+        trainer.train_until(min(stop, (trainer.step // every + 1) * every))
+        if seen:
+            seen(trainer)
+        interval = wall.lap()  # the next one is predicted to take as long
+        cut = bool(budget) and wall.total + interval > budget and trainer.step < stop and not trainer.stopped
+    steps = trainer.step
+    timing = {"setup_seconds": setup, "first_step_seconds": trainer.warmup_seconds, "steps": steps}
+    timing.update(warm_step_seconds=trainer.train_seconds / max(1, steps - 1), warm_cache=warm)
+    timing.update(eval_seconds=sum(e["eval_seconds"] for e in trainer.evaluations), wall_seconds=wall.total)
+    return trainer, timing, cut
 
 
 def seed_records(row: Row, seed: int, key: str, cfg, trainer, timing: dict, overrides) -> list[dict]:
