@@ -73,16 +73,13 @@ def command(module: str, name: str, *rows: str):
 
 
 def cmd_tune(args) -> int:
-    from .throughput import axes_of
-    from .tune import default_axes, markdown, run_tune, write_config
+    from . import tune
 
     base, target = config_of(args), Path(args.out)
     suffix = target.suffix or ".yaml"
     args.out, args.name = str(target.parent), target.stem
-    results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
-    axes = {**axes_of(args), "cudnn_benchmark": args.cudnn_benchmark, "patch_compile": args.patch_compile}
-    result = run_tune(base, default_axes(base, axes, results.environment["device"].startswith("cuda")), args, results)
-    return write_config(result, results.folder / f"{results.name}{suffix}")
+    results = results_for(args, "tune", tune.markdown, base.train.device, (suffix, ".json", ".md"))
+    return tune.write_config(tune.run(args, base, results), results.folder / f"{results.name}{suffix}")
 
 
 def cmd_accuracy(args) -> int:

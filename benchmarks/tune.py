@@ -19,18 +19,7 @@ from fastemp.patches import dali_available
 
 from . import harness
 from .report import device_label, table
-from .throughput import AXES, measure_point, point_config, points
-
-
-def default_axes(base, axes: dict, cuda: bool) -> dict:
-    streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
-    return {
-        **axes,
-        "batch_size": axes["batch_size"] or [base.train.batch_size, 2 * base.train.batch_size],
-        "backend": axes["backend"] or (streamed if base.data.streamed else ["torch"]),
-        "compile": axes["compile"] or (["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else None),
-        "cudnn_benchmark": axes["cudnn_benchmark"] or (["off", "on"] if cuda else None),
-    }
+from .throughput import AXES, axes_of, measure_point, point_config, points
 
 
 def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
@@ -44,9 +33,16 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
     return min(n, 2 * chunks) if chunks < n else None
 
 
-def run_tune(base, axes: dict, args, results: harness.Results) -> dict:
-    """Every point (checked before anything is measured), each measured again with more chunks while over the
-    budget; the fastest that fits is `best`."""
+def run(args, base, results: harness.Results) -> dict:
+    """Every point of the axes given, or of the defaults (checked before anything is measured), each measured again
+    with more chunks while over the budget; the fastest that fits is `best`."""
+    cuda = results.environment["device"].startswith("cuda")
+    streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
+    axes = {**axes_of(args), "batch_size": args.batch or [base.train.batch_size, 2 * base.train.batch_size]}
+    axes["backend"] = args.backend or (streamed if base.data.streamed else ["torch"])
+    axes["compile"] = args.compile or (["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else None)
+    axes["cudnn_benchmark"] = args.cudnn_benchmark or (["off", "on"] if cuda else None)
+    axes["patch_compile"] = args.patch_compile
     steps, data = 1 + args.warmup + args.steps + 1, harness.Data()
     todo = [(point, point_config(base, point, steps)) for point in points(base, axes)]
     device = [data.check(cfg) for _, cfg in todo][0].device
