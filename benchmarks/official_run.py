@@ -185,7 +185,4 @@ def prepare_data(args, cfg, work: Path):
     write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
     info = {"path": str(Path(args.data).resolve()), "copy": data_names(cfg.data)[1], "train_images": len(train)}
     info.update(test_images=len(test), classes=train.classes, description=train.description)
-    info["official_reads"] = (
-        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check reduced to their presence"
-    )
     return train, test, info
