@@ -200,7 +200,7 @@ def seed_records(row: Row, seed: int, key: str, cfg, trainer, timing: dict, over
 def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.Results, previous: dict) -> dict:
     """Every seed of every row (seeds: a list, or K: the K lowest seeds a row has not measured in `previous`, the
     results file added to); every row's config and data checked before the first seed."""
-    history, new, notes, data = list(previous.get("runs", [])), [], {}, harness.Data()
+    records, notes, data = list(previous.get("runs", [])), {}, harness.Data()  # the file's seeds, then this run's
     wall, plans = harness.Wall(), []
 
     def elapsed() -> float:
@@ -216,7 +216,6 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         plans.append((row, where, config_key(cfg) if cfg else "-"))
 
     def result(final: bool = False) -> dict:
-        records = history + new
         out = {**previous, "schema_version": 2, "budget_seconds": budget, "wall_seconds": elapsed()}
         out.update(seeds=seeds if isinstance(seeds, list) else f"next:{seeds}", overrides=list(overrides), runs=records)
         out["rows"] = summarise_rows(records, notes)
@@ -234,13 +233,13 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         if where is None:
             note("skipped", f"no {dataset_of(row)} data given and no canonical archive under data.root")
             continue
-        done = {r["seed"] for r in history + new if r["row"] == last and r["config_key"] == key}
+        done = {r["seed"] for r in records if r["row"] == last and r["config_key"] == key}
         wanted = seeds if isinstance(seeds, list) else [s for s in range(len(done) + seeds) if s not in done]
         todo, status, reasons = [s for s in wanted if s not in done], "complete", []
         if len(todo) < len(wanted):
             reasons.append(f"seeds {sorted(set(wanted) - set(todo))} already measured, not run again")
         for seed in todo:
-            guess = predict(history + new, last, key)
+            guess = predict(records, last, key)
             if budget is not None and guess is not None and elapsed() + guess > budget:
                 status = "partial" if done else "skipped"
                 used = f"{wall.total:.0f} s used of --budget {budget:g} s"
@@ -253,11 +252,11 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
                 status = "error"
                 reasons.append(f"seed {seed}: {type(err).__name__}: {err}"[:300])
                 break
-            records = seed_records(row, seed, key, cfg, trainer, timing, overrides)
-            new.extend(records)
+            measured = seed_records(row, seed, key, cfg, trainer, timing, overrides)
+            records.extend(measured)
             done.add(seed)
             note("running", "")
-            found = ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in records)
+            found = ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in measured)
             print(f"accuracy {row.name} seed {seed}: {found} ({timing['wall_seconds']:.0f} s)", flush=True)
             result()
         note(status, "; ".join(reasons))
