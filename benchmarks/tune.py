@@ -8,7 +8,6 @@ gradient-cache chunks (the same gradients, less memory) while there are more; on
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 
 import torch
@@ -49,9 +48,7 @@ def run(args, base, results: harness.Results) -> dict:
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
     if budget is None and device.type == "cuda":
         budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-    measure = functools.partial(
-        measure_point, data=data, warmup=args.warmup, steps=args.steps, split_steps=0, peak=None
-    )
+    measure = lambda cfg: measure_point(cfg, data, args.warmup, args.steps, 0, None)  # noqa: E731
     rows: list[dict] = []
 
     def result() -> dict:
