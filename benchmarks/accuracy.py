@@ -15,7 +15,6 @@ from fastemp import runs
 from fastemp.config import flat_dict, load_config, to_dict
 from fastemp.data.cifar import CIFAR_ARCHIVES
 from fastemp.errors import UserError
-from fastemp.evaluate import first_reaching
 
 from . import harness
 from .accuracy_report import comparison, summarise_rows, tta_summary
@@ -276,7 +275,4 @@ def run_time_to_accuracy(cfg, args, results: harness.Results) -> dict:
         return results.write(summary, final)
 
     trainer, _, cut = run_seed(cfg, harness.Data(), budget=args.max_wall_seconds, seen=result)  # checked first
-    hit = first_reaching(trainer.evaluations, args.target)
-    for e in trainer.evaluations[-1:]:
-        print(f"step {e['step']}: linear top-1 {e['linear_top1']:.4f}; target {'reached' if hit else 'not reached'}")
     return result(trainer, final=True, cut=cut)
