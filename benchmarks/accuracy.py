@@ -15,7 +15,6 @@ from fastemp import runs
 from fastemp.config import flat_dict, load_config, to_dict
 from fastemp.data.cifar import CIFAR_ARCHIVES
 from fastemp.errors import UserError
-from fastemp.evaluate import first_reaching
 
 from . import harness
 from .accuracy_report import comparison, summarise_rows, tta_summary
@@ -162,26 +161,22 @@ def run_seed(cfg, data: harness.Data, stop_epoch: float | None = None, budget: f
     seconds), stop before the next interval (training and its evaluation) would end past it. Returns (trainer,
     timing, stopped at the budget)."""
     wall, warm = harness.Wall(), _SEEDS_IN_THIS_PROCESS[0] > 0
-    try:
-        trainer = data.trainer(cfg, evaluates=True)
-        setup = wall.lap()
-        stop = round(stop_epoch * trainer.steps_per_epoch) if stop_epoch else trainer.total_steps
-        every, cut = trainer.eval_every, False
-        while trainer.step < stop and not trainer.stopped:
-            trainer.train_until(min(stop, (trainer.step // every + 1) * every))
-            if seen:
-                seen(trainer)
-            interval = wall.lap()  # the next one is predicted to take as long
-            if budget and wall.total + interval > budget and trainer.step < stop and not trainer.stopped:
-                cut = True
-                break
-        steps = trainer.step
-        timing = {"setup_seconds": setup, "first_step_seconds": trainer.warmup_seconds, "steps": steps}
-        timing.update(warm_step_seconds=trainer.train_seconds / max(1, steps - 1), warm_cache=warm)
-        timing.update(eval_seconds=sum(e["eval_seconds"] for e in trainer.evaluations), wall_seconds=wall.total)
-        return trainer, timing, cut
-    finally:
-        _SEEDS_IN_THIS_PROCESS[0] += 1
+    _SEEDS_IN_THIS_PROCESS[0] += 1  # the next seed's first step finds this one's compiled kernels, even if it fails
+    trainer = data.trainer(cfg, evaluates=True)
+    setup = wall.lap()
+    stop = round(stop_epoch * trainer.steps_per_epoch) if stop_epoch else trainer.total_steps
+    every, cut = trainer.eval_every, False
+    while trainer.step < stop and not trainer.stopped and not cut:
+        trainer.train_until(min(stop, (trainer.step // every + 1) * every))
+        if seen:
+            seen(trainer)
+        interval = wall.lap()  # the next one is predicted to take as long
+        cut = bool(budget) and wall.total + interval > budget and trainer.step < stop and not trainer.stopped
+    steps = trainer.step
+    timing = {"setup_seconds": setup, "first_step_seconds": trainer.warmup_seconds, "steps": steps}
+    timing.update(warm_step_seconds=trainer.train_seconds / max(1, steps - 1), warm_cache=warm)
+    timing.update(eval_seconds=sum(e["eval_seconds"] for e in trainer.evaluations), wall_seconds=wall.total)
+    return trainer, timing, cut
 
 
 def seed_records(row: Row, seed: int, key: str, cfg, trainer, timing: dict, overrides) -> list[dict]:
@@ -204,14 +199,14 @@ def seed_records(row: Row, seed: int, key: str, cfg, trainer, timing: dict, over
 def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.Results, previous: dict) -> dict:
     """Every seed of every row (seeds: a list, or K: the K lowest seeds a row has not measured in `previous`, the
     results file added to); every row's config and data checked before the first seed."""
-    history, new, notes, data = list(previous.get("runs", [])), [], {}, harness.Data()
+    records, notes, data = list(previous.get("runs", [])), {}, harness.Data()  # the file's seeds, then this run's
     wall, plans = harness.Wall(), []
 
     def elapsed() -> float:
         wall.lap()
         return wall.total
 
-    for row in rows:  # every check before any training: one line each (UserError)
+    for row in rows:  # every check (variants included) before any training: one line each (UserError)
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))  # e.g. synthetic checks
         where = [] if chosen else data_overrides(dataset_of(row), paths.get(dataset_of(row)))
         cfg = row_config(row, 0, where, overrides) if where is not None else None
@@ -220,7 +215,6 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         plans.append((row, where, config_key(cfg) if cfg else "-"))
 
     def result(final: bool = False) -> dict:
-        records = history + new
         out = {**previous, "schema_version": 2, "budget_seconds": budget, "wall_seconds": elapsed()}
         out.update(seeds=seeds if isinstance(seeds, list) else f"next:{seeds}", overrides=list(overrides), runs=records)
         out["rows"] = summarise_rows(records, notes)
@@ -238,13 +232,13 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
         if where is None:
             note("skipped", f"no {dataset_of(row)} data given and no canonical archive under data.root")
             continue
-        done = {r["seed"] for r in history + new if r["row"] == last and r["config_key"] == key}
+        done = {r["seed"] for r in records if r["row"] == last and r["config_key"] == key}
         wanted = seeds if isinstance(seeds, list) else [s for s in range(len(done) + seeds) if s not in done]
         todo, status, reasons = [s for s in wanted if s not in done], "complete", []
         if len(todo) < len(wanted):
             reasons.append(f"seeds {sorted(set(wanted) - set(todo))} already measured, not run again")
         for seed in todo:
-            guess = predict(history + new, last, key)
+            guess = predict(records, last, key)
             if budget is not None and guess is not None and elapsed() + guess > budget:
                 status = "partial" if done else "skipped"
                 used = f"{wall.total:.0f} s used of --budget {budget:g} s"
@@ -257,11 +251,11 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
                 status = "error"
                 reasons.append(f"seed {seed}: {type(err).__name__}: {err}"[:300])
                 break
-            records = seed_records(row, seed, key, cfg, trainer, timing, overrides)
-            new.extend(records)
+            measured = seed_records(row, seed, key, cfg, trainer, timing, overrides)
+            records.extend(measured)
             done.add(seed)
             note("running", "")
-            found = ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in records)
+            found = ", ".join(f"epoch {r['epochs_trained']} linear {r['linear_top1']:.4f}" for r in measured)
             print(f"accuracy {row.name} seed {seed}: {found} ({timing['wall_seconds']:.0f} s)", flush=True)
             result()
         note(status, "; ".join(reasons))
@@ -274,16 +268,11 @@ def run_time_to_accuracy(cfg, args, results: harness.Results) -> dict:
     its schedule, or --max-wall-seconds); the result, written after every evaluation."""
     cfg.eval.at_end, cfg.eval.stop_at = False, args.target
     cfg.eval.every = str(args.eval_every) if args.eval_every else "0.5ep"
-    data = harness.Data()
-    data.check(cfg, evaluates=True)
 
     def result(trainer, final: bool = False, cut: bool = False) -> dict:
         levels = sorted({*args.milestones, args.target})
         summary = tta_summary(cfg, trainer, args.target, levels, cut, results.environment)
         return results.write(summary, final)
 
-    trainer, _, cut = run_seed(cfg, data, budget=args.max_wall_seconds, seen=result)
-    hit = first_reaching(trainer.evaluations, args.target)
-    for e in trainer.evaluations[-1:]:
-        print(f"step {e['step']}: linear top-1 {e['linear_top1']:.4f}; target {'reached' if hit else 'not reached'}")
+    trainer, _, cut = run_seed(cfg, harness.Data(), budget=args.max_wall_seconds, seen=result)  # checked first
     return result(trainer, final=True, cut=cut)

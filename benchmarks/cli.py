@@ -73,17 +73,13 @@ def command(module: str, name: str, *rows: str):
 
 
 def cmd_tune(args) -> int:
-    from .throughput import axes_of
-    from .tune import default_axes, markdown, run_tune, write_config
+    from . import tune
 
     base, target = config_of(args), Path(args.out)
     suffix = target.suffix or ".yaml"
     args.out, args.name = str(target.parent), target.stem
-    results = results_for(args, "tune", markdown, base.train.device, (suffix, ".json", ".md"))
-    settings = {"cudnn_benchmark": args.cudnn_benchmark, "patch_compile": args.patch_compile}
-    axes, settings = default_axes(base, axes_of(args), settings, results.environment["device"].startswith("cuda"))
-    result = run_tune(base, axes, settings, args, results, harness.Data())
-    return write_config(result, results.folder / f"{results.name}{suffix}")
+    results = results_for(args, "tune", tune.markdown, base.train.device, (suffix, ".json", ".md"))
+    return tune.write_config(tune.run(args, base, results), results.folder / f"{results.name}{suffix}")
 
 
 def cmd_accuracy(args) -> int:
@@ -96,8 +92,6 @@ def cmd_accuracy(args) -> int:
         return 0
     rows, seeds = select_rows(args.rows, args.variant or ()), parse_seeds(args.seeds)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
-    for _, changes in args.variant or ():  # a misspelt variant is one line now, not an error row after an hour
-        load_config("quickstart", [*overrides, *changes.split()])
     device = load_config("quickstart", overrides).train.device
     args.force = args.force or args.accumulate
     results = results_for(args, "accuracy", accuracy_markdown, device)

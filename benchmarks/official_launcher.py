@@ -18,7 +18,11 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import multiprocessing  # noqa: E402
 import runpy  # noqa: E402
+import signal  # noqa: E402
 
 
 def use_prepared_cifar() -> None:
@@ -39,33 +43,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("official_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     official_args = args.official_args[1:] if args.official_args[:1] == ["--"] else args.official_args
-    try:  # Linux: SIGTERM this process when its parent exits, so no official run outlives the benchmark
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM this process when its parent exits
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG: no orphaned run
     if sys.platform.startswith("linux"):  # main.py builds its dataset at module level: its workers must inherit it
-        import multiprocessing
-
         multiprocessing.set_start_method("fork", force=True)
     official_dir = os.path.abspath(args.official_dir)
     script = os.path.join(official_dir, "main.py")
     sys.path.insert(0, official_dir)  # main.py imports its siblings, as `python main.py` would find them
     use_prepared_cifar()
+    import random
+
+    import numpy
+    import torch
+
     if args.seed is not None:  # main.py seeds nothing: without --seed, torch's default seed as in the README
-        import random
-
-        import numpy
-        import torch
-
         random.seed(args.seed)
         numpy.random.seed(args.seed)
         torch.manual_seed(args.seed)
     if args.cpu_dry_run:  # never a peer result: .cuda() returns the object unchanged
-        import torch
-
         torch.nn.Module.cuda = lambda self, device=None: self
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
     sys.argv = [script, *official_args]

@@ -98,18 +98,12 @@ def peer_config(args):
     return load_config(args.config, [*keys, f"train.device={device}", f"train.seed={args.seed or 0}"])
 
 
-def launcher(args, *extra: str) -> list[str]:
-    command = [args.python, str(LAUNCHER), "--official-dir", str(Path(args.official_dir).resolve())]
-    command += ["--seed", str(args.seed)] if args.seed is not None else []
-    command += ["--cpu-dry-run"] * args.cpu_dry_run
-    return [*command, *extra, "--", *official_arguments(args.n, args.schedule_epochs)]
-
-
 def _stop(signum, frame):
     raise Stopped("--time-limit ran out" if signum == signal.SIGALRM else f"stopped by signal {signum}")
 
 
-def run_peer(args) -> dict:
+def run_peer(args) -> int:
+    """0 when the official run trained and was scored; 1 when it was stopped (what it measured is written)."""
     sums, versions = preflight(args)
     if args.accuracy:  # this run joins that file: its next seed and its measured evaluation time
         planned = plan(Path(args.accuracy))
@@ -142,14 +136,16 @@ def run_peer(args) -> dict:
                 f"no time to train: --time-limit {args.time_limit:g} s leaves none after {args.eval_seconds:g} s kept"
             )
         log = out / f"{NAME}.log"
-        command = launcher(args)
-        official.update(command=command, log=str(log))
+        seed = ["--seed", str(args.seed)] if args.seed is not None else []
+        command = [args.python, str(LAUNCHER), "--official-dir", official["dir"], *seed]
+        command += ["--cpu-dry-run"] * args.cpu_dry_run
+        official.update(command=[*command, "--", *official["arguments"]], log=str(log))
 
         def progress(report: dict) -> None:
             result["training"] = {**report, "epochs_requested": args.epochs}
             results.write(result)
 
-        training = run_official(command, work, args.epochs, limit, log, progress)
+        training = run_official(official["command"], work, args.epochs, limit, log, progress)
         progress(training)
         if training["status"] == "error":
             tail = training["output_tail"][-1] if training["output_tail"] else "no output"
@@ -160,20 +156,26 @@ def run_peer(args) -> dict:
             raise UserError(
                 f"the official run ended without save_models/{args.epochs - 1}.pt under {work}/logs; see {log}"
             )
-        if saved:  # after a training timeout: the latest epoch it saved
+        if saved:  # after a training timeout: the latest epoch it saved; scored as `fastemp eval --weights` would
+            from fastemp.startup import evaluate_weights
+
             (epoch, checkpoint), _ = saved[-1], wall.lap()
-            evaluation = {**evaluate_official(checkpoint, cfg, train, test), "eval_seconds": wall.lap()}
+            scores = evaluate_weights(checkpoint, "official", cfg, progress=False, train_set=train, test_set=test)
+            evaluation = {**scores, "eval_seconds": wall.lap()}
             evaluation.update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
             result["evaluation"] = {**evaluation, "eval_config": dataclasses.asdict(cfg.eval)}
         result["status"] = "PASS" if training["status"] == "ok" else "TIMEOUT"
         if training["status"] != "ok":
             result["error"] = f"training stopped {limit:.0f} s in, keeping {args.eval_seconds:g} s for the evaluation"
-        return results.write(result, final=result["status"] == "PASS")
+        return int(results.write(result, final=result["status"] == "PASS")["status"] != "PASS")
     except BaseException as err:  # the limit, SIGTERM, a one-line error, Ctrl-C or a crash: written down first
         result["status"] = "TIMEOUT" if isinstance(err, Stopped) else "FAIL"
         result["error"] = one_line(f"{type(err).__name__}: {err}")[:300]
         results.write(result)
-        raise
+        if not isinstance(err, (Stopped, KeyboardInterrupt)):
+            raise
+        print(f"fastemp: official-peer stopped ({err or 'interrupted'}); see {results.json}", file=sys.stderr)
+        return 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in handlers.items():
@@ -181,13 +183,6 @@ def run_peer(args) -> dict:
         scratch.cleanup()
         if args.accuracy:
             add_official(Path(args.accuracy), out / f"{NAME}.json")
-
-
-def evaluate_official(checkpoint: Path, cfg, train, test, progress: bool = False) -> dict:
-    """`fastemp eval --weights CHECKPOINT --format official` on these splits."""
-    from fastemp.startup import evaluate_weights
-
-    return evaluate_weights(checkpoint, "official", cfg, progress=progress, train_set=train, test_set=test)
 
 
 def markdown(result: dict) -> str:
@@ -232,14 +227,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=kind, default=default, help=text, required=required)
     p.add_argument("overrides", nargs="*", help="config overrides of the evaluation (the same ones fastemp's runs got)")
     p.add_argument("--cpu-dry-run", action="store_true", help="run the official code on the CPU (never a peer result)")
-    p.set_defaults(func=run_from_args)
-
-
-def run_from_args(args) -> int:
-    """0 when the official run trained and was scored."""
-    try:
-        return int(run_peer(args)["status"] != "PASS")
-    except (Stopped, KeyboardInterrupt) as why:  # what it measured is written
-        written = Path(args.out) / f"{NAME}.json"
-        print(f"fastemp: official-peer stopped ({why or 'interrupted'}); see {written}", file=sys.stderr)
-        return 1
+    p.set_defaults(func=run_peer)

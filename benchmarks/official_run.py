@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import queue
 import re
+import select
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -25,15 +24,9 @@ from . import harness
 from .accuracy import data_names
 
 PROGRESS = re.compile(r"^\s*(\d+)it \[")  # tqdm over enumerate(dataloader): "123it [00:05, 24.1it/s]"
+# main.py prints the losses' .item() and the learning rate: Python floats
 EPOCH_END = re.compile(r"At epoch: (\d+) loss similarity is (\S+) ,loss TCR is: (\S+) and learning rate is: (\S+)")
 BATCH = 100  # main.py's --bs default; the README's command keeps it
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
@@ -51,7 +44,7 @@ def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
                 epochs[-1]["first"] = (t, steps)
             epochs[-1].update(last=t, steps=steps)
         if end and epochs:
-            numbers = dict(zip(("loss_similarity", "loss_tcr", "lr_after"), map(_number, end.groups()[1:])))
+            numbers = dict(zip(("loss_similarity", "loss_tcr", "lr_after"), map(float, end.groups()[1:])))
             epochs[-1].update(done=True, checkpoint_epoch=int(end.group(1)), **numbers)
     out = {"startup_seconds": epochs[0]["start"] - launched if epochs else None, "epochs": list(map(_epoch, epochs))}
     done = [e for e in out["epochs"] if e["done"]]
@@ -84,53 +77,42 @@ def split_output(rest: str, rest_time: float, chunk: str, now: float) -> tuple[l
     return [(t, part) for t, part in stamped if part.strip()], parts[-1], now
 
 
-def _pump(stream, lines: queue.Queue) -> None:
-    """Reader thread: each output line with its arrival time; None at the end of the stream."""
-    rest, rest_time = "", time.perf_counter()
-    for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-        done, rest, rest_time = split_output(rest, rest_time, chunk.decode("utf-8", "replace"), time.perf_counter())
-        for item in done:
-            lines.put(item)
-    if rest.strip():
-        lines.put((rest_time, rest))
-    lines.put(None)
-
-
 def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float | None, log: Path, on_progress) -> dict:
     """Run the official training until `epochs` epochs have ended (then stop it), it exits, or the time limit;
     on_progress(report) at every epoch end, every 30 s and at the end. Every line goes to `log` as it arrives."""
     launched = time.perf_counter()
-    lines, stamped, tail, status = queue.Queue(), [], [], "running"
+    stamped, tail, status, pending = [], [], "running", ["", launched]  # pending: the unfinished line, its time
     deadline, reported = launched + time_limit if time_limit else None, launched
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w", buffering=1) as out:  # line by line: a kill keeps every line that arrived
 
-        def take(t: float, line: str) -> int | None:
-            """Log the line, keep it for the timings; the epoch it ends, if it ends one."""
+        def take(t: float, line: str) -> None:
+            """Log the line, keep it for the timings; an epoch's end is reported (and may end the run)."""
+            nonlocal status
             out.write(f"{t - launched:10.3f} {line}\n")
             progress, end = PROGRESS.match(line), EPOCH_END.search(line)
             if progress or end:
                 stamped.append((t, line))
             if not progress:
                 tail[:] = (tail + [line])[-20:]
-            return int(end.group(1)) if end else None
+            if end:
+                on_progress(timings(stamped, launched))
+                status = "ok" if status == "running" and int(end.group(1)) + 1 >= epochs else status
+
+        def read(wait: float) -> bool:
+            """Take the lines that arrive within `wait` seconds; False once the output has ended."""
+            if not select.select([child.stdout], [], [], wait)[0]:
+                return True
+            chunk = os.read(child.stdout.fileno(), 65536)
+            done, *pending[:] = split_output(*pending, chunk.decode("utf-8", "replace"), time.perf_counter())
+            for item in done:
+                take(*item)
+            return bool(chunk)
 
         popen = dict(cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         child = subprocess.Popen(command, **popen)
-        reader = threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True)
-        reader.start()
         try:
-            while status == "running":
-                try:
-                    item = lines.get(timeout=1.0)
-                except queue.Empty:
-                    item = ()
-                if item is None:
-                    break
-                ended = take(*item) if item else None
-                if ended is not None:
-                    on_progress(timings(stamped, launched))
-                    status = "ok" if ended + 1 >= epochs else status
+            while status == "running" and read(1.0):
                 now = time.perf_counter()
                 status = "timeout" if status == "running" and deadline and now > deadline else status
                 if now - reported > 30:
@@ -144,14 +126,15 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
-            reader.join(timeout=10)
-            while not lines.empty():  # what arrived while it was being stopped (tqdm's unfinished last line)
-                item = lines.get()
-                if item is not None:
-                    take(*item)
+            drained = time.perf_counter() + 10  # what arrives while it stops (tqdm's unfinished last line)
+            while time.perf_counter() < drained and read(1.0):
+                pass
+            if pending[0].strip():
+                take(*pending[::-1])
+            child.stdout.close()
             on_progress(timings(stamped, launched))  # also when a time limit or a signal ends it here
     report = timings(stamped, launched)
-    if status == "running":  # the stream ended: the run finished or failed
+    if status == "running":  # the output ended: the run finished or failed
         status = "ok" if child.returncode == 0 and report["epochs"] and report["epochs"][-1]["done"] else "error"
     report.update(status=status, exit_code=child.returncode, output_tail=tail[-5:])
     return {**report, "wall_seconds": time.perf_counter() - launched}
@@ -202,7 +185,4 @@ def prepare_data(args, cfg, work: Path):
     write_cifar_batches(train, test, work / "data" / "CIFAR10" / "cifar-10-batches-py")
     info = {"path": str(Path(args.data).resolve()), "copy": data_names(cfg.data)[1], "train_images": len(train)}
     info.update(test_images=len(test), classes=train.classes, description=train.description)
-    info["official_reads"] = (
-        "CIFAR-10 python batches of fastemp's decoded pixels; torchvision's md5 check reduced to their presence"
-    )
     return train, test, info

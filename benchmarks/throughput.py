@@ -21,8 +21,9 @@ from fastemp.model import flops_per_patch
 from . import harness
 from .report import on_h100, pct, table, target_row, targets_markdown
 
-# sweep axis -> the config key it sets
-AXES = {"n_patches": "train.n_patches", "batch_size": "train.batch_size", "backend": "data.backend"}
+# sweep axis -> the config key it sets; the first two only change speed (swept by `fastemp tune`)
+AXES = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}
+AXES.update({"n_patches": "train.n_patches", "batch_size": "train.batch_size", "backend": "data.backend"})
 AXES.update({"compile": "model.compile", "precision": "model.precision", "grad_chunks": "train.grad_chunks"})
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 

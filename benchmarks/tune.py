@@ -8,8 +8,6 @@ gradient-cache chunks (the same gradients, less memory) while there are more; on
 from __future__ import annotations
 
 import copy
-import functools
-from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -20,21 +18,7 @@ from fastemp.patches import dali_available
 
 from . import harness
 from .report import device_label, table
-from .throughput import AXES, measure_point, point_config, points
-
-SETTINGS = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}  # speed only
-
-
-def default_axes(base, axes: dict, settings: dict, cuda: bool) -> tuple[dict, dict]:
-    streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
-    axes = {
-        **axes,
-        "batch_size": axes["batch_size"] or [base.train.batch_size, 2 * base.train.batch_size],
-        "backend": axes["backend"] or (streamed if base.data.streamed else ["torch"]),
-        "compile": axes["compile"] or (["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else None),
-    }
-    settings = {**settings, "cudnn_benchmark": settings["cudnn_benchmark"] or (["off", "on"] if cuda else None)}
-    return axes, settings
+from .throughput import AXES, axes_of, measure_point, point_config, points
 
 
 def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
@@ -48,22 +32,23 @@ def more_chunks(chunks: int, n: int, bn_groups: int) -> int | None:
     return min(n, 2 * chunks) if chunks < n else None
 
 
-def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, data: harness.Data) -> dict:
-    """Every point of every settings combination (checked before anything is measured), each measured again with
-    more chunks while over the budget; the fastest that fits is `best`."""
-    variants = harness.grid({k: settings.get(k) or [attrgetter(key)(base)] for k, key in SETTINGS.items()})
-    steps = 1 + args.warmup + args.steps + 1
-    todo = []
-    for setting in variants:
-        variant = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={v}" for k, v in setting.items()])
-        todo += [(setting, point, point_config(variant, point, steps)) for point in points(variant, axes)]
-    device = [data.check(cfg) for *_, cfg in todo][0].device
+def run(args, base, results: harness.Results) -> dict:
+    """Every point of the axes given, or of the defaults (checked before anything is measured), each measured again
+    with more chunks while over the budget; the fastest that fits is `best`."""
+    cuda = results.environment["device"].startswith("cuda")
+    streamed = ["pillow", "dali"] if dali_available() else ["pillow"]
+    axes = {**axes_of(args), "batch_size": args.batch or [base.train.batch_size, 2 * base.train.batch_size]}
+    axes["backend"] = args.backend or (streamed if base.data.streamed else ["torch"])
+    axes["compile"] = args.compile or (["default", "max-autotune-no-cudagraphs", "reduce-overhead"] if cuda else None)
+    axes["cudnn_benchmark"] = args.cudnn_benchmark or (["off", "on"] if cuda else None)
+    axes["patch_compile"] = args.patch_compile
+    steps, data = 1 + args.warmup + args.steps + 1, harness.Data()
+    todo = [(point, point_config(base, point, steps)) for point in points(base, axes)]
+    device = [data.check(cfg) for _, cfg in todo][0].device
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
     if budget is None and device.type == "cuda":
         budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-    measure = functools.partial(
-        measure_point, data=data, warmup=args.warmup, steps=args.steps, split_steps=0, peak=None
-    )
+    measure = lambda cfg: measure_point(cfg, data, args.warmup, args.steps, 0, None)  # noqa: E731
     rows: list[dict] = []
 
     def result() -> dict:
@@ -72,16 +57,16 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
         return {
             "objective": "end-to-end images/s (median step) at the given n; n swept only on request",
             "memory_budget_bytes": budget,
-            "axes": {k: v for k, v in {**axes, **settings}.items() if v},
+            "axes": {k: v for k, v in axes.items() if v},
             "settings": {"warmup_steps": args.warmup, "timed_steps": args.steps},
             "points": rows,
             "best": best,
             "config": to_dict(tuned_config(base, best)) if best else None,
         }
 
-    for setting, point, cfg in todo:
+    for point, cfg in todo:
         while True:
-            (row,) = harness.run_points([cfg], measure, lambda _, p=point, s=setting: {**p, **s})
+            (row,) = harness.run_points([cfg], measure, lambda _, p=point: {**p})
             over = row["status"] == "oom" or (row["status"] == "ok" and budget and row["peak_memory_bytes"] > budget)
             rows.append({**row, "fits_budget": row["status"] == "ok" and not over})
             results.write(result())
@@ -95,9 +80,8 @@ def run_tune(base, axes: dict, settings: dict, args, results: harness.Results, d
 
 def tuned_config(base, best: dict):
     """The base config with the winning values, 'auto' resolved (device, schedule, the rest kept)."""
-    cfg = apply_overrides(copy.deepcopy(base), [f"{SETTINGS[k]}={best[k]}" for k in SETTINGS])
     values = {**best, **{k: best["resolved"][k] for k in ("backend", "compile", "precision")}}
-    apply_overrides(cfg, [f"{key}={values[axis]}" for axis, key in AXES.items()])
+    cfg = apply_overrides(copy.deepcopy(base), [f"{key}={values[axis]}" for axis, key in AXES.items()])
     cfg.name = f"{base.name}_tuned"
     return cfg
 
@@ -110,7 +94,7 @@ def no_winner(points: list[dict]) -> str:
 
 
 def winner(best: dict) -> str:
-    what = [f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", *SETTINGS)]
+    what = [f"{k}={best[k]}" for k in ("n_patches", "batch_size", "grad_chunks", "cudnn_benchmark", "patch_compile")]
     what += [f"{k}={best['resolved'][k]}" for k in ("backend", "compile")]
     return f"{best['images_per_s']:.1f} images/s with {', '.join(what)}"
 

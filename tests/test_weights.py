@@ -31,7 +31,6 @@ from tiny_run import TINY, TINY_CONFIG
 
 import fastemp.data.cifar as cifar
 from fastemp import checkpoint
-from fastemp.benchmarks.official_peer import evaluate_official
 from fastemp.checkpoint import CheckpointError
 from fastemp.cli import main
 from fastemp.config import AugmentConfig, EvalConfig, load_config
@@ -40,6 +39,7 @@ from fastemp.evaluate import extract_features
 from fastemp.model import EMPEncoder, ResNet18Cifar
 from fastemp.patches import normalize_images
 from fastemp.runtime import resolve
+from fastemp.startup import evaluate_weights
 from fastemp.weights import load_weights, read_weights
 
 OFFICIAL_KEYS = json.loads((Path(__file__).parent / "official_encoder_keys.json").read_text())
@@ -321,7 +321,7 @@ def test_the_official_peer_scores_as_eval_weights(source, tmp_path, capsys):
     )
     cfg = load_config("quickstart", [*TINY_CONFIG, *SMALL])  # the peer's config: its model.* give way to the weights'
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    peer = evaluate_official(path, cfg, train, test, progress=False)
+    peer = evaluate_weights(path, "official", cfg, progress=False, train_set=train, test_set=test)  # as the peer
     assert {k: peer[k] for k in cli} == cli and peer["tensors"] == len(state) == 136
 
 
@@ -329,4 +329,4 @@ def test_a_wrong_file_stops_the_peer_in_one_line(tmp_path):
     cfg = load_config("quickstart", [*TINY_CONFIG, *SMALL])
     path = saved(tmp_path / "0.pt", {k.removeprefix("module."): v for k, v in official_state().items()})
     with pytest.raises(CheckpointError, match="without the `module.` of main.py's nn.DataParallel"):
-        evaluate_official(path, cfg, load_split(cfg.data, "train"), load_split(cfg.data, "test"), progress=False)
+        evaluate_weights(path, "official", cfg)  # as the peer calls it; refused before its splits are read
