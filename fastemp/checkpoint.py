@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import math
 import os
 import pickle
 import re
@@ -254,18 +253,11 @@ def misfit(expected: dict, got: dict, shown=str) -> str:
 # -------------------------------------------------------------------------------- config comparison
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
-    return a == b
-
-
 def _changed(cfg: Config, state: dict, compared) -> list[tuple[str, object, object]]:
-    """(key, the checkpoint's value, the config's) for each key `compared(key)` selects whose value changed."""
+    """(key, the checkpoint's value, the config's) for each key `compared(key)` selects whose value changed (both
+    as to_dict writes them: a float read back from config.yaml is the float written, YAML keeping its repr)."""
     now, then = flat_dict(to_dict(cfg)), flat_dict(state["config"])
-    return [(k, then[k], now[k]) for k in now if k in then and compared(k) and not _same(now[k], then[k])]
+    return [(k, then[k], now[k]) for k in now if k in then and compared(k) and now[k] != then[k]]
 
 
 def _safe(key: str) -> bool:
