@@ -1,11 +1,6 @@
 """A run folder's safety: checked before it is used, held by one process at a time, replaced by --force only
-once the new run has a checkpoint.
-
-RUN/.lock            held (flock) by the process that writes the folder; names its pid and host
-RUN/replaced-run/    under --force: the old run, until the new run's first checkpoint
-
-What a run writes into its folder is fastemp.runs'; docs/reliability.md says what each message means.
-"""
+once the new run has a checkpoint (LOCK, REPLACED below). What a run writes into its folder is fastemp.runs';
+docs/reliability.md says what each message means."""
 
 from __future__ import annotations
 
