@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import checkpoint, runs
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, load_config
 from .errors import UserError, one_line
 from .model import build_model
+from .validate import check_output_path
 
 EXPORT_FORMAT = "fastemp-export-1"
 PARTS = ("backbone", "encoder")
@@ -63,8 +66,6 @@ def _json_file(path: Path) -> dict | None:
 def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, force: bool = False) -> list[str]:
     """Write RUN/checkpoint.pt's `part` as safetensors to `out` (default RUN/<part>.safetensors), atomically;
     return the lines to print."""
-    from .validate import check_output_path
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
@@ -84,8 +85,6 @@ def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, f
         "export_commit": runs.git_commit(),
         "results": json.dumps({"summary": summary, "eval": evaluation}),
     }
-    from safetensors.torch import save_file
-
     with runs.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     model = state["config"]["model"]
@@ -143,8 +142,6 @@ def _load(path: Path, fix: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, or of a torch file read with weights_only (no metadata)."""
     try:
         if _is_safetensors(path):
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         return torch.load(path, map_location="cpu", weights_only=True), {}
