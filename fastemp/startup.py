@@ -108,7 +108,7 @@ def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, re
     else:
         checkpoint.check_architecture(cfg, state, path)
     # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
-    distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, command, read_only_ok=not resuming) and None)
+    distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, command, read_only_ok=not resuming))
     if note and distributed.is_main():
         print(note)
     trainer = _trainer(cfg, runtime, run_dir if resuming else None, progress)
