@@ -20,7 +20,7 @@ from fastemp import distributed, runs
 from fastemp.clock import Clock
 from fastemp.data import load_split, load_train_images
 from fastemp.runtime import resolve, resolve_device
-from fastemp.validate import check_data, check_output_path, check_probe
+from fastemp.validate import check_data, check_output_path
 
 from .report import device_label, environment_markdown
 
@@ -72,7 +72,8 @@ class Data:
         runtime = resolve(cfg)
         check_data(cfg, len(self.load(cfg, "train", runtime.device)))
         if evaluates:
-            check_probe(cfg, len(self.load(cfg, "probe" if cfg.data.train_path else "train", runtime.device)))
+            probe = self.load(cfg, "probe" if cfg.data.train_path else "train", runtime.device)
+            check_data(cfg, len(probe), probe=True)
             self.load(cfg, "test", runtime.device)
         return runtime
 

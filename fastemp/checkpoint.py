@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import math
 import os
 import pickle
 import re
@@ -94,14 +93,11 @@ def digest(state: dict) -> str:
 
 def layout(cfg: Config, world: int) -> dict:
     """How a run's batch is split: what decides which images one BatchNorm call sees (all B images of a chunk
-    with model.sync_bn or one process, else each rank's B/K)."""
-    per_rank = cfg.train.batch_size // world
+    with model.sync_bn or one process, else each rank's B/K; the rest is in the checkpoint's config)."""
     return {
         "world_size": world,
         "sync_bn": bool(cfg.model.sync_bn),
-        "grad_chunks": cfg.train.grad_chunks,
-        "images_per_rank": per_rank,
-        "bn_images": cfg.train.batch_size if cfg.model.sync_bn or world == 1 else per_rank,
+        "bn_images": cfg.train.batch_size if cfg.model.sync_bn or world == 1 else cfg.train.batch_size // world,
     }
 
 
@@ -143,7 +139,6 @@ def _disk_full(err: BaseException, where: Path) -> bool:
 def save(state: dict, path: Path) -> None:
     """Write state (plus its format and digest) via a temp file, fsync and a rename (runs.atomic_path), so `path`
     is always the old or the new checkpoint."""
-    path = Path(path)
     state = {**state, "format": FORMAT}
     state["sha256"] = digest(state)
     had = path.is_file()
@@ -182,7 +177,6 @@ def read(path: Path, fix: str = "") -> dict:
     """A verified checkpoint's state (on the CPU), or CheckpointError saying what is wrong with the file and then
     `fix` (default: how to start its run again). Read once per command: the comparisons with the config and the
     trainer's restore use this same state."""
-    path = Path(path)
     fix = fix or _redo(path)
     if not path.is_file():
         raise CheckpointError(
@@ -254,18 +248,11 @@ def misfit(expected: dict, got: dict, shown=str) -> str:
 # -------------------------------------------------------------------------------- config comparison
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
-    return a == b
-
-
 def _changed(cfg: Config, state: dict, compared) -> list[tuple[str, object, object]]:
-    """(key, the checkpoint's value, the config's) for each key `compared(key)` selects whose value changed."""
+    """(key, the checkpoint's value, the config's) for each key `compared(key)` selects whose value changed (both
+    as to_dict writes them: a float read back from config.yaml is the float written, YAML keeping its repr)."""
     now, then = flat_dict(to_dict(cfg)), flat_dict(state["config"])
-    return [(k, then[k], now[k]) for k in now if k in then and compared(k) and not _same(now[k], then[k])]
+    return [(k, then[k], now[k]) for k in now if k in then and compared(k) and now[k] != then[k]]
 
 
 def _safe(key: str) -> bool:
@@ -375,12 +362,8 @@ def restore(trainer, state: dict, path: Path) -> None:
     if problems:
         raise CheckpointError(f"{path} does not fit the model: {problems}; {_redo(path)}")
     trainer.model.load_state_dict(state["model"])
-    try:  # torch checks the parameter groups, not the shapes of the buffers: those are checked here, not at step 1
+    try:  # the buffers' shapes are the parameters': the model fits, and the digest says fastemp wrote them together
         trainer.optimizer.load_state_dict(state["optimizer"])
-        for param, buffers in trainer.optimizer.state.items():
-            for name, value in buffers.items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                    raise ValueError(f"{name} of shape {tuple(value.shape)} for a parameter of {tuple(param.shape)}")
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CheckpointError(
             f"{path} has optimizer state this optimizer cannot take ({one_line(err)[:120]}); {_redo(path)}"

@@ -3,6 +3,7 @@ typed by the schema's declared types (`coerce`), and quoted in error messages by
 
 from __future__ import annotations
 
+import contextlib
 import math
 import reprlib
 import typing
@@ -102,10 +103,8 @@ TRUE_WORDS, FALSE_WORDS = ("true", "on", "yes", "1"), ("false", "off", "no", "0"
 def _number(value):
     """A string read as an int, else a float (unchanged when neither takes it); other values as they are."""
     for read in (int, float) if isinstance(value, str) else ():
-        try:
+        with contextlib.suppress(ValueError):
             return read(value.strip())
-        except ValueError:
-            pass
     return value
 
 

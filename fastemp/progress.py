@@ -16,12 +16,8 @@ def decide(requested: bool) -> bool:
     """Bars on iff requested and stderr is a terminal (a redirected log gets none), lines iff requested and
     stdout is not a terminal; sets the switches and returns the bars'."""
     global enabled, lines
-    enabled, lines = bool(requested and _terminal(sys.stderr)), bool(requested and not _terminal(sys.stdout))
+    enabled, lines = bool(requested and sys.stderr.isatty()), bool(requested and not sys.stdout.isatty())
     return enabled
-
-
-def _terminal(stream) -> bool:
-    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def line(record: dict, total: int, batch_size: int) -> str:

@@ -1,14 +1,10 @@
 """A run folder's safety: checked before it is used, held by one process at a time, replaced by --force only
-once the new run has a checkpoint.
-
-RUN/.lock            held (flock) by the process that writes the folder; names its pid and host
-RUN/replaced-run/    under --force: the old run, until the new run's first checkpoint
-
-What a run writes into its folder is fastemp.runs'; docs/reliability.md says what each message means.
-"""
+once the new run has a checkpoint (LOCK, REPLACED below). What a run writes into its folder is fastemp.runs';
+docs/reliability.md says what each message means."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -143,19 +139,19 @@ def probe_lock(run_dir: Path) -> None:
         os.close(fd)  # also drops the shared lock
 
 
-def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> bool:
+def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> None:
     """Hold run_dir's lock until this process exits (the kernel drops a flock when its holder dies: a killed
-    holder's lock is free at once). False (and no lock) when read_only_ok and the folder cannot be written."""
+    holder's lock is free at once); none when read_only_ok and the folder cannot be written."""
     key = run_dir.resolve()
     if key in _locks:
-        return True
+        return
     try:
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
         if not (read_only_ok and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
             raise
         probe_lock(run_dir)  # a read-only folder: nobody can write it, but a live holder is still named
-        return False
+        return
     for _ in range(5):  # for ~0.1 s: another command's probe_lock holds a shared flock for microseconds
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -172,13 +168,10 @@ def lock_run_dir(run_dir: Path, command: str, read_only_ok: bool = False) -> boo
         "command": command,
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    try:
+    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, the message just cannot name us
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-    except OSError:
-        pass  # a full disk: the lock holds all the same, the message just cannot name us
     _locks[key] = fd
-    return True
 
 
 def unlock_all() -> None:

@@ -121,18 +121,18 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def plot_losses(run_dir: Path) -> Path | None:
-    """losses.png from metrics.jsonl; None when matplotlib is not installed or nothing was logged."""
+def plot_losses(run_dir: Path) -> None:
+    """losses.png from metrics.jsonl; nothing when matplotlib is not installed or nothing was logged."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        return
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
     if not rows:
-        return None
+        return
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, key, title in zip(
@@ -143,7 +143,5 @@ def plot_losses(run_dir: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(run_dir) / "losses.png"
-    fig.savefig(out, dpi=110)
+    fig.savefig(Path(run_dir) / "losses.png", dpi=110)
     plt.close(fig)
-    return out

@@ -29,7 +29,7 @@ from .errors import UserError, one_line
 from .loggers import check_loggers
 from .runtime import Runtime, resolve
 from .train import Trainer
-from .validate import check_output_path, check_probe
+from .validate import check_data, check_output_path
 from .weights import check_weights, load_weights, read_weights, weights_config
 
 
@@ -108,7 +108,7 @@ def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, re
     else:
         checkpoint.check_architecture(cfg, state, path)
     # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)
-    distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, command, read_only_ok=not resuming) and None)
+    distributed.run_on_main(lambda: run_folder.lock_run_dir(run_dir, command, read_only_ok=not resuming))
     if note and distributed.is_main():
         print(note)
     trainer = _trainer(cfg, runtime, run_dir if resuming else None, progress)
@@ -187,7 +187,7 @@ def _trainer(cfg: Config, runtime: Runtime, run_dir: Path | None, progress: bool
     progress = bars.decide(progress and distributed.is_main())
     trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime, train_set=train, test_set=test)
     if run_dir is None or cfg.eval.scheduled:
-        check_probe(cfg, len(trainer.probe_train_set))
+        check_data(cfg, len(trainer.probe_train_set), probe=True)
         _ = trainer.test_set
     distributed.check_same_data(checkpoint.data_identity(trainer), checkpoint.data_location(cfg))
     return trainer

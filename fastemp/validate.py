@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 from .config import Config, ConfigError, check_choice, shown
-from .data.listing import LAYOUTS
 
 
 def _rule(key: str, value, ok: bool, rule: str, why: str = "") -> None:
@@ -35,8 +34,6 @@ def check_config(cfg: Config) -> None:
     _check_fields(cfg)
     d, m, lo, o, t, e = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.eval
     check_backend(d.backend, d.streamed, d.source)
-    if d.source in ("imagefolder", "tinyimagenet") and not d.path.strip():
-        raise ConfigError(f"data.source={d.source} needs data.path; set it to the dataset's folder ({LAYOUTS})")
     if m.projector_init:
         from .weights import read_projector
 
@@ -114,17 +111,12 @@ def check_output_path(path: str | Path, flag: str, is_file: bool = False) -> Non
             return
 
 
-def _fits_training_split(key: str, batch: int, train_images: int, why: str = "") -> None:
+def check_data(cfg: Config, train_images: int, probe: bool = False) -> None:
+    """train.batch_size (before any model is built), or with probe eval.probe_batch_size (the probe drops its last
+    partial batch), against the loaded training split."""
+    key, batch = (
+        ("eval.probe_batch_size", cfg.eval.probe_batch_size) if probe else ("train.batch_size", cfg.train.batch_size)
+    )
     if batch > train_images:
+        why = ", so the probe would never train" if probe else ""
         raise ConfigError(f"{key}={batch} exceeds the {train_images} training images{why}; set {key} <= {train_images}")
-
-
-def check_data(cfg: Config, train_images: int) -> None:
-    """The batch size against the loaded training split (before any model is built)."""
-    _fits_training_split("train.batch_size", cfg.train.batch_size, train_images)
-
-
-def check_probe(cfg: Config, train_images: int) -> None:
-    """The linear probe would never take a step (it drops the last partial batch)."""
-    why = ", so the probe would never train"
-    _fits_training_split("eval.probe_batch_size", cfg.eval.probe_batch_size, train_images, why)

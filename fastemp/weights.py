@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import checkpoint, runs
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, load_config
 from .errors import UserError, one_line
 from .model import build_model
+from .validate import check_output_path
 
 EXPORT_FORMAT = "fastemp-export-1"
 PARTS = ("backbone", "encoder")
@@ -60,16 +63,14 @@ def _json_file(path: Path) -> dict | None:
         return None
 
 
-def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, force: bool = False) -> list[str]:
-    """Write RUN/checkpoint.pt's `part` as safetensors to `out` (default RUN/<part>.safetensors), atomically;
-    return the lines to print."""
-    from .validate import check_output_path
-
-    run_dir = Path(run_dir)
+def cmd_export(args) -> int:
+    """`fastemp export RUN`: RUN/checkpoint.pt's --part as safetensors to --out (default RUN/<part>.safetensors),
+    written atomically."""
+    run_dir, part = Path(args.run_dir), args.part
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; give the --out folder of a fastemp train run")
-    out = Path(out) if out else run_dir / f"{part}.safetensors"
-    if out.exists() and not force:
+    out = Path(args.out) if args.out else run_dir / f"{part}.safetensors"
+    if out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to overwrite it, or choose another --out")
     check_output_path(out, "--out", is_file=True)
     state = checkpoint.read(run_dir / "checkpoint.pt")
@@ -84,14 +85,12 @@ def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, f
         "export_commit": runs.git_commit(),
         "results": json.dumps({"summary": summary, "eval": evaluation}),
     }
-    from safetensors.torch import save_file
-
     with runs.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     model = state["config"]["model"]
-    lines = [f"wrote {out}: {part}, {len(tensors)} tensors, step {state['step']}"]
+    print(f"wrote {out}: {part}, {len(tensors)} tensors, step {state['step']}")
     if model["width"] != TORCHVISION_WIDTH:
-        lines.append(
+        print(
             f"note: model.width={model['width']}, and torchvision's resnet18 has width 64 only: load the backbone "
             f"into a ResNet-18 of width {model['width']} (fastemp.model.ResNet18Cifar({model['width']}, "
             f"{model['stem']!r}) has the same names)"
@@ -99,8 +98,8 @@ def export_run(run_dir: Path, part: str = "backbone", out: Path | None = None, f
     elif part == "backbone":
         cifar = "conv1=nn.Conv2d(3, 64, 3, 1, 1, bias=False), maxpool=nn.Identity(), "
         recipe = f"torchvision.models.resnet18() with {cifar if model['stem'] == 'cifar' else ''}fc=nn.Identity()"
-        lines.append(f"loads with strict=True into {recipe} (docs/export.md)")
-    return lines
+        print(f"loads with strict=True into {recipe} (docs/export.md)")
+    return 0
 
 
 # -------------------------------------------------------------------------------- in: fastemp eval --weights
@@ -143,8 +142,6 @@ def _load(path: Path, fix: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, or of a torch file read with weights_only (no metadata)."""
     try:
         if _is_safetensors(path):
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         return torch.load(path, map_location="cpu", weights_only=True), {}
@@ -254,12 +251,6 @@ def weights_config(weights: Weights, config: str | Path | Config | None = None, 
             )
         cfg.eval.embedding = "backbone"
     return cfg
-
-
-def cmd_export(args) -> int:
-    for line in export_run(Path(args.run_dir), args.part, args.out and Path(args.out), args.force):
-        print(line)
-    return 0
 
 
 def register_cli(subparsers) -> None:

@@ -11,6 +11,7 @@ import os
 import pickle
 import sys
 import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,6 @@ def _check_md5(path: Path, expected: str, fix: str, name: str = "") -> None:
 
 def _download(url: str, dest: Path) -> None:
     """Fetch `url` into `dest` (tests replace this to simulate being offline)."""
-    import urllib.request
-
     with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with bar(total=total, desc=f"download {url.rsplit('/', 1)[-1]}", unit="B", unit_scale=True) as progress:

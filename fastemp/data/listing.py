@@ -6,6 +6,7 @@ relative to the base folder, size, mtime_ns), sorted by class then path; labels 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -204,11 +205,9 @@ def check_files(base: Path, items: list[Item], cache_root: str | os.PathLike, ba
             progress.update(len(chunk))
         progress.close()
     refuse(bad, str(base))
-    try:
+    with contextlib.suppress(OSError):  # else checked again next time
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"files": len(items)}))
-    except OSError:
-        pass  # checked again next time
 
 
 # ------------------------------------------------------------------------------------- folders

@@ -209,16 +209,10 @@ def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, tor
     return images, labels.to(torch.int64)
 
 
-def synthetic_seed(cfg: DataConfig, split: str) -> int:
-    """The make_synthetic seed of a split: 2*seed for train, 2*seed+1 for test (no seed's test set is another
-    seed's training set)."""
-    return 2 * int(cfg.synthetic_seed) + (0 if split == "train" else 1)
-
-
 def load_synthetic(cfg: DataConfig, split: str, layout: str = "synthetic"):
     """(images, labels, classes, description, fingerprint, {}) of a split of the synthetic set that `cfg` names."""
     n = cfg.synthetic_train if split == "train" else cfg.synthetic_test  # > 0: fastemp.validate
-    seed = synthetic_seed(cfg, split)
+    seed = 2 * cfg.synthetic_seed + (0 if split == "train" else 1)  # no seed's test set is another's training set
     images, labels = make_synthetic(n, seed, size=cfg.image_size)
     desc = f"synthetic (shapes and textures, {cfg.image_size}x{cfg.image_size}, seed {seed})"
     prints = fingerprint([("synthetic", f"{n} images, seed {seed}", cfg.image_size)])

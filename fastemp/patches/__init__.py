@@ -7,6 +7,8 @@ image, (n*b, 3, S, S), patch-major (docs/augmentation.md, docs/data-backends.md)
 from __future__ import annotations
 
 from ..config import AugmentConfig
+from .dali_images import DaliImagePatches
+from .pillow_images import PillowPatches
 from .prefetch import PatchBackend, PatchRequest, patch_major  # noqa: F401  (the backends' base, request, order)
 from .torch_backend import TorchPatches, normalize_images  # noqa: F401  (normalize_images: evaluation's input path)
 
@@ -27,11 +29,7 @@ def make_patch_backend(
     NHWC tensor (or an ImageSet of one) or a StreamedSet of files; compile_recipe: the torch backend's."""
     images = getattr(images, "images", images)  # an ImageSet: its tensor
     if name == "dali":
-        from .dali_images import DaliImagePatches
-
         return DaliImagePatches(images, aug)
     if name == "pillow":
-        from .pillow_images import PillowPatches
-
         return PillowPatches(images, aug, workers=workers)
     return TorchPatches(images, aug, compile_recipe)

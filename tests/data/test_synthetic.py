@@ -13,7 +13,8 @@ import torch
 
 from fastemp.config import DataConfig
 from fastemp.data import load_split
-from fastemp.data.synthetic import CLASSES, N_CLASSES, make_synthetic, synthetic_seed
+from fastemp.data.imagefolder import SPLITS
+from fastemp.data.synthetic import CLASSES, N_CLASSES, load_synthetic, make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +94,15 @@ def test_load_split_synthetic():
     te = load_split(cfg, "test")
     assert tr.images.shape == (120, 32, 32, 3) and te.images.shape == (40, 32, 32, 3)
     assert tr.classes == te.classes == list(CLASSES)
-    assert synthetic_seed(cfg, "train") != synthetic_seed(cfg, "test")
-    x, y = make_synthetic(120, synthetic_seed(cfg, "train"))
+    x, y = make_synthetic(120, 10)  # train: seed 2 * synthetic_seed, test: 2 * synthetic_seed + 1
     assert torch.equal(tr.images, x) and torch.equal(tr.labels, y)
-    assert not torch.equal(te.images, make_synthetic(40, synthetic_seed(cfg, "train"))[0])
+    assert torch.equal(te.images, make_synthetic(40, 11)[0])
     assert "synthetic" in tr.description and "120 images" in tr.description
     # no seed's test set is another seed's training set
-    seeds = {synthetic_seed(DataConfig(synthetic_seed=s), sp) for s in range(20) for sp in ("train", "test")}
+    one = {"synthetic_train": 1, "synthetic_test": 1}
+    seeds = {
+        load_synthetic(DataConfig(synthetic_seed=s, **one), sp, "synthetic")[3] for s in range(20) for sp in SPLITS
+    }
     assert len(seeds) == 40
 
 
