@@ -195,7 +195,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert (out / "summary.json").is_file()
 
-    assert main(["eval", str(out), "--eval-patches", "2", "--knn", "eval.probe_epochs=2"]) == 0
+    assert main(["eval", str(out), "eval.mode=patches", "eval.patches=2", "eval.knn=true", "eval.probe_epochs=2"]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["eval_mode"] == "patches" and result["eval_patches"] == 2
     assert 0 <= result["linear_top1"] <= 1 and 0 <= result["knn_top1"] <= 1
