@@ -47,8 +47,7 @@ def cmd_resume(args) -> int:
 def cmd_eval(args) -> int:
     from .startup import evaluate_run, evaluate_weights
 
-    overrides = list(args.overrides)
-    run_dir = args.run_dir
+    overrides, run_dir = args.overrides, args.run_dir
     if args.weights and run_dir and "=" in run_dir:  # argparse took the first override for the run folder
         overrides, run_dir = [run_dir, *overrides], None
     if bool(run_dir) == bool(args.weights):
