@@ -47,18 +47,13 @@ def cmd_resume(args) -> int:
 def cmd_eval(args) -> int:
     from .startup import evaluate_run, evaluate_weights
 
-    overrides = list(args.overrides)
-    run_dir = args.run_dir
+    overrides, run_dir = args.overrides, args.run_dir
     if args.weights and run_dir and "=" in run_dir:  # argparse took the first override for the run folder
         overrides, run_dir = [run_dir, *overrides], None
     if bool(run_dir) == bool(args.weights):
         raise UserError("fastemp eval takes a run folder or --weights FILE (one of them); see fastemp eval --help")
     if not args.weights and (args.format or args.config or args.out):
         raise UserError("--format, --config and --out go with --weights FILE; fastemp eval RUN writes RUN/eval.json")
-    if args.knn:
-        overrides.append("eval.knn=true")
-    if args.eval_patches is not None:
-        overrides += ["eval.mode=patches", f"eval.patches={args.eval_patches}"]
     if args.weights:
         fmt, progress = args.format or "fastemp", not args.no_progress
         evaluate_weights(args.weights, fmt, args.config, overrides, out=args.out, progress=progress, echo=True)
@@ -109,9 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="what wrote --weights (default: fastemp)")
     p.add_argument("--config", help="with --weights: data and evaluation (default: the file's, else cifar10_n20_1ep)")
     p.add_argument("--out", help="with --weights: also write the result (JSON) to this file")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.probe_epochs=10")
-    p.add_argument("--knn", action="store_true", help="also run the weighted kNN (k=20, T=0.07)")
-    p.add_argument("--eval-patches", type=int, help="average h over K augmented patches per image")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. eval.knn=true eval.patches=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
     p.set_defaults(func=cmd_eval)
 
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    # overrides may come after options (`eval RUN --knn eval.probe_epochs=10`): argparse leaves those over
+    # overrides may come after options (`eval RUN --no-progress eval.knn=true`): argparse leaves those over
     args, rest = parser.parse_known_args(argv)
     late = [a for a in rest if "=" in a and not a.startswith("-")]
     if len(late) < len(rest) or (late and not hasattr(args, "overrides")):
@@ -159,7 +152,4 @@ def main(argv: list[str] | None = None) -> int:
         print("fastemp: error: interrupted by SIGINT", file=sys.stderr)
         return 130
     finally:
-        from . import run_folder
-
-        run_folder.unlock_all()
         distributed.shutdown()

@@ -102,10 +102,9 @@ def linear_probe(
     """Train Linear(dim, C) on cached features; the test top-1 after every epoch (the last one is the headline)."""
     device = train_x.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    probe = nn.Linear(train_x.shape[1], num_classes).to(device)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the probe's initialisation from `seed`, the caller's stream untouched
         torch.manual_seed(seed)
-        probe.reset_parameters()
+        probe = nn.Linear(train_x.shape[1], num_classes).to(device)
     opt = torch.optim.SGD(
         probe.parameters(), lr=cfg.probe_lr, momentum=cfg.probe_momentum, weight_decay=cfg.probe_weight_decay
     )

@@ -36,27 +36,35 @@ def gradient_cache_step(
     model: nn.Module | None = None,
     mark: Callable[[str], None] = lambda phase: None,
 ) -> LossTerms:
-    """Loss terms of one step, parameter gradients accumulated as if all patches ran at once. `forward` may be the
-    compiled `model`; under DDP gradients are all-reduced once, after the last chunk. `mark`: as Trainer.train_step."""
+    """Loss terms of one step, parameter gradients accumulated as if all patches ran at once; one chunk is the plain
+    step (the forward keeps its graph: no second pass). `forward` may be the compiled `model`; under DDP gradients
+    are all-reduced once, after the last chunk. `mark`: as Trainer.train_step."""
     model = model if model is not None else forward
     no_sync = getattr(model, "no_sync", nullcontext)
     batch = patches.shape[0] // n
     bounds = chunk_bounds(n, batch, chunks)
-    with torch.no_grad(), frozen_batchnorm_stats(model):
-        outs = []
-        for lo, hi in bounds:
-            with amp:  # a copy: under CUDA graphs (compile mode reduce-overhead) the next replay reuses the output
-                outs.append(forward(patches[lo:hi]).clone())
-    p = torch.cat(outs).detach().requires_grad_(True)
+    if len(bounds) == 1:
+        with amp:
+            out = forward(patches)
+    else:
+        with torch.no_grad(), frozen_batchnorm_stats(model):
+            outs = []
+            for lo, hi in bounds:
+                with amp:  # a copy: under CUDA graphs (compile mode reduce-overhead) the next replay reuses the output
+                    outs.append(forward(patches[lo:hi]).clone())
+        out = torch.cat(outs)
+    p = out.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
     mark("forward")
     terms = loss_fn(p.view(n, batch, -1))
     terms.total.backward()
-    grad = p.grad
     mark("loss")
-    for k, (lo, hi) in enumerate(bounds):
-        with no_sync() if k < len(bounds) - 1 else nullcontext():
-            with amp:
-                p_chunk = forward(patches[lo:hi])
-            p_chunk.backward(grad[lo:hi].to(p_chunk.dtype))
+    if len(bounds) == 1:
+        out.backward(p.grad)
+    else:
+        for k, (lo, hi) in enumerate(bounds):
+            with no_sync() if k < len(bounds) - 1 else nullcontext():
+                with amp:
+                    p_chunk = forward(patches[lo:hi])
+                p_chunk.backward(p.grad[lo:hi].to(p_chunk.dtype))
     mark("backward")
     return LossTerms(terms.total.detach(), terms.invariance.detach(), terms.tcr.detach())

@@ -66,14 +66,13 @@ class LARS(torch.optim.SGD):
         weight_decay: float = 1e-4,
         eta: float = 0.005,
         clip: bool = True,
-        eps: float = 1e-8,
         fused_update: bool = False,
     ):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("lars", True)
             group.setdefault("lars_weight_decay", weight_decay)
-        self.eta, self.clip, self.eps = eta, clip, eps
+        self.eta, self.clip = eta, clip
         # whether every gradient of the last step was finite (0-d bool on the device; None before a step or without
         # gradients), from the norms LARS computes anyway
         self.gradients_finite: torch.Tensor | None = None
@@ -96,7 +95,7 @@ class LARS(torch.optim.SGD):
                 wd = group["lars_weight_decay"]
                 p_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm([p.grad for p in params]))
-                trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
+                trust = self.eta * p_norm / (g_norm + wd * p_norm + 1e-8)
                 if self.clip:
                     trust = torch.clamp(trust / group["lr"], max=1.0)
                 active = (p_norm != 0) & (g_norm != 0)

@@ -50,17 +50,10 @@ class Runtime:
         return {name.removesuffix("_mode"): getattr(self, name) for name in names}  # compile_mode as "compile"
 
     def describe(self) -> str:
-        """One line saying what "auto" chose, logged when a run starts."""
+        """One line saying what "auto" chose (the summary's fields), logged when a run starts."""
         where = f"{self.device}" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
-        chunks = f", gradient cache x{self.grad_chunks}" if self.grad_chunks > 1 else ""
-        ghost = f", {self.bn_groups_per_forward} BatchNorm groups per forward" if self.bn_groups_per_forward > 1 else ""
-        return (
-            f"{where}, {self.precision}, compile {self.compile_mode}, "
-            f"{'channels_last' if self.channels_last else 'NCHW'}, {self.backend} patches "
-            f"({self.backend_reason}{', compiled' if self.patch_compile else ''}), "
-            f"{'fused' if self.fused_loss else 'torch'} invariance loss"
-            f"{', fused LARS update' if self.fused_update else ''}{chunks}{ghost}"
-        )
+        chosen = ", ".join(f"{name} {value}" for name, value in self.resolved().items())
+        return f"{where}, {chosen} ({self.backend_reason})"
 
 
 def resolve_device(name: str) -> torch.device:

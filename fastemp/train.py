@@ -125,27 +125,16 @@ class Trainer:
         mark("data")
         if runtime.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step may reuse the last one's outputs
-        if runtime.grad_chunks > 1:
-            terms = gradient_cache_step(
-                self.forward,
-                patches,
-                t.n_patches,
-                runtime.grad_chunks,
-                self.loss_terms,
-                runtime.autocast(),
-                model=self.ddp or self.model,
-                mark=mark,
-            )
-        else:
-            with runtime.autocast():
-                p = self.forward(patches)
-            mark("forward")
-            leaf = p.detach().requires_grad_(True)  # the loss's backward apart from the model's, for the clock
-            terms = self.loss_terms(leaf.view(t.n_patches, -1, leaf.shape[-1]))
-            terms.total.backward()
-            mark("loss")
-            p.backward(leaf.grad)
-            mark("backward")
+        terms = gradient_cache_step(
+            self.forward,
+            patches,
+            t.n_patches,
+            runtime.grad_chunks,
+            self.loss_terms,
+            runtime.autocast(),
+            model=self.ddp or self.model,
+            mark=mark,
+        )
         self.optimizer.step()
         self._watch_finite(terms, step + 1)  # after the step: it reads the gradient norms LARS computed
         self.optimizer.zero_grad(set_to_none=True)

@@ -83,7 +83,7 @@ def test_fused_lars_update_has_its_own_switch():
         cfg = tiny_config(f"model.compile={compile_mode}", f"optim.fused_update={setting}")
         assert resolve(cfg).fused_update is fused and resolve(cfg).resolved()["fused_update"] is fused
     trainer = Trainer(tiny_config("optim.fused_update=on"), progress=False)  # compiles lazily: nothing runs here
-    assert trainer.optimizer._fused is not None and "fused LARS update" in trainer.runtime.describe()
+    assert trainer.optimizer._fused is not None and "fused_update True" in trainer.runtime.describe()
     assert Trainer(tiny_config(), progress=False).optimizer._fused is None
     assert _safe("optim.fused_update") and not _safe("optim.lr")
 
@@ -195,7 +195,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert (out / "summary.json").is_file()
 
-    assert main(["eval", str(out), "--eval-patches", "2", "--knn", "eval.probe_epochs=2"]) == 0
+    assert main(["eval", str(out), "eval.mode=patches", "eval.patches=2", "eval.knn=true", "eval.probe_epochs=2"]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["eval_mode"] == "patches" and result["eval_patches"] == 2
     assert 0 <= result["linear_top1"] <= 1 and 0 <= result["knn_top1"] <= 1

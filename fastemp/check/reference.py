@@ -49,12 +49,12 @@ class ReferenceLARS(torch.optim.SGD):
     """fastemp.lars.LARS before its fast paths (issue 17): the per-tensor rule with lists of 0-d factors, then
     torch's SGD step. Any dtype."""
 
-    def __init__(self, params, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True, eps=1e-8):
+    def __init__(self, params, lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, eta=0.005, clip=True):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("lars", True)
             group.setdefault("lars_weight_decay", weight_decay)
-        self.eta, self.clip, self.eps = eta, clip, eps
+        self.eta, self.clip = eta, clip
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,7 +66,7 @@ class ReferenceLARS(torch.optim.SGD):
             wd = group["lars_weight_decay"]
             p_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
-            trust = self.eta * p_norm / (g_norm + wd * p_norm + self.eps)
+            trust = self.eta * p_norm / (g_norm + wd * p_norm + 1e-8)
             if self.clip:
                 trust = torch.clamp(trust / group["lr"], max=1.0)
             active = (p_norm != 0) & (g_norm != 0)
