@@ -1,7 +1,8 @@
 """`fastemp bench data` (docs/data-backends.md#the-benchmark): the same training step fed by Pillow workers, DALI,
 resident images and fixed patches (step_only) at several synthetic JPEG source sizes. Per arm (a config of
 `fastemp train`): its step on the Trainer's clock, then its data path alone on the library's clock (the backend
-asked as the Trainer asks it) and the CPU cores kept busy. The step is not compiled by default (--compile): no compile time in a 10-minute job.
+asked as the Trainer asks it) and the CPU cores kept busy. The step is not compiled by default (--compile): no
+compile time in a 10-minute job.
 """
 
 from __future__ import annotations
@@ -10,31 +11,16 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
-
-import torch
+from types import SimpleNamespace
 
 from fastemp.clock import cpu_seconds, time_calls
 from fastemp.config import load_config
 from fastemp.data.synthetic import make_folder
-from fastemp.patches import PatchBackend, dali_available
+from fastemp.patches import dali_available
 from fastemp.patches.dali_images import READ_THREADS
 
 from . import harness
 from .report import table
-
-
-class FixedPatches(PatchBackend):
-    """The step_only arm: every step gets the same patches."""
-
-    def __init__(self, patches: torch.Tensor):
-        super().__init__()
-        self.patches = patches
-
-    def start(self, request):
-        return self.patches
-
-    def finish(self, handle):
-        return handle
 
 
 def arms(source_px: int, args, cache: Path) -> dict:
@@ -52,10 +38,9 @@ def arms(source_px: int, args, cache: Path) -> dict:
 def measure_arm(arm: str, trainer, workers: int, note: str, args) -> dict:
     """Warm-up and timed steps fed by the arm on the Trainer's clock, then its data path alone, asked as the
     Trainer asks it (with its prefetch), and the CPU cores it kept busy."""
-    if arm == "step_only":
+    if arm == "step_only":  # every step gets the same patches, made once: the step alone
         made = trainer.patches(trainer.batch_index(0), args.n, seed=1)
-        trainer.patches.close()
-        trainer.patches = FixedPatches(made)
+        trainer.patches = SimpleNamespace(take=lambda *_: made, prefetch=lambda *_: None, close=lambda: None)
     backend = trainer.patches
     try:
         trainer.train_until(max(1, args.warmup))
