@@ -1,89 +1,64 @@
 """`fastemp bench data` (docs/data-backends.md#the-benchmark): the same training step fed by Pillow workers, DALI,
-resident images and fixed patches (step_only) at several synthetic JPEG source sizes. Per arm: the data path alone
-on the library's clock (the backend asked as the Trainer asks it), a step fed by it on the Trainer's clock, and the
-CPU cores kept busy. The step is not compiled by default (--compile): no compile time in a 10-minute job.
+resident images and fixed patches (step_only) at several synthetic JPEG source sizes. Per arm (a config of
+`fastemp train`): its step on the Trainer's clock, then its data path alone on the library's clock (the backend
+asked as the Trainer asks it) and the CPU cores kept busy. The step is not compiled by default (--compile): no
+compile time in a 10-minute job.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import tempfile
 from pathlib import Path
-
-import torch
+from types import SimpleNamespace
 
 from fastemp.clock import cpu_seconds, time_calls
 from fastemp.config import load_config
-from fastemp.data import load_split
 from fastemp.data.synthetic import make_folder
-from fastemp.patches import PatchBackend, dali_available, make_patch_backend
+from fastemp.patches import dali_available
 from fastemp.patches.dali_images import READ_THREADS
-from fastemp.train import Trainer
 
 from . import harness
 from .report import table
 
-ARMS = ("step_only", "pillow", "dali", "resident")
 
-
-class FixedPatches(PatchBackend):
-    """The step_only arm: every step gets the same patches."""
-
-    name = "step_only"
-
-    def __init__(self, patches: torch.Tensor):
-        super().__init__()
-        self.patches = patches
-
-    def start(self, request):
-        return self.patches
-
-    def finish(self, handle):
-        return handle
-
-
-def build_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path):
-    """(backend, CPU workers, note) of an arm over the trainer's folder."""
-    cfg, device = trainer.cfg, trainer.device
-    if arm == "step_only":
-        return FixedPatches(trainer.patches(trainer.batch_index(0), args.n, seed=1).clone()), 0, "patches made once"
-    if arm == "resident":
-        data = dataclasses.replace(cfg.data, streamed=False, image_size=source_px, root=str(cache), backend="torch")
-        images = load_split(data, "train", device)
-        note = f"decoded once at {source_px} px (shorter side, centre crop), bilinear crops"
-        return make_patch_backend("torch", images, dataclasses.replace(cfg.augment, interpolation="bilinear")), 0, note
-    backend = make_patch_backend(arm, trainer.train_set, cfg.augment, workers=args.workers)
-    if arm == "pillow":
-        return backend, args.workers, ""
+def arms(source_px: int, args, cache: Path) -> dict:
+    """arm -> (config keys, CPU workers, note): each arm's step is that of `fastemp train` with its keys."""
     threads = max(1, min(8, os.cpu_count() or 1))  # DaliImagePatches' own choice
-    note = f"{threads} DALI threads + {READ_THREADS} file-reading threads"
-    return backend, threads, note + ("" if device.type == "cuda" else "; DALI CPU operators (no GPU)")
+    resident = ["data.streamed=false", "data.backend=torch", f"data.image_size={source_px}", f"data.root={cache}"]
+    return {
+        "step_only": (["data.backend=pillow", "data.workers=0"], 0, "patches made once"),
+        "pillow": (["data.backend=pillow", f"data.workers={args.workers}"], args.workers, ""),
+        "dali": (["data.backend=dali"], threads, f"{threads} DALI threads + {READ_THREADS} file-reading threads"),
+        "resident": (resident, 0, f"decoded once at {source_px} px (shorter side, centre crop), bilinear crops"),
+    }
 
 
-def measure_arm(arm: str, trainer: Trainer, source_px: int, args, cache: Path) -> dict:
-    backend, workers, note = build_arm(arm, trainer, source_px, args, cache)
+def measure_arm(arm: str, trainer, workers: int, note: str, args) -> dict:
+    """Warm-up and timed steps fed by the arm on the Trainer's clock, then its data path alone, asked as the
+    Trainer asks it (with its prefetch), and the CPU cores it kept busy."""
+    if arm == "step_only":  # every step gets the same patches, made once: the step alone
+        made = trainer.patches(trainer.batch_index(0), args.n, seed=1)
+        trainer.patches = SimpleNamespace(take=lambda *_: made, prefetch=lambda *_: None, close=lambda: None)
+    backend = trainer.patches
     try:
-        steps = itertools.count(trainer.step + 1)
+        trainer.train_until(max(1, args.warmup))
+        before = trainer.train_seconds
+        trainer.train_until(trainer.step + args.steps)  # ends in a logged step: the Trainer's clock is read there
+        steps = itertools.count(trainer.step)
 
-        def call():  # the backend asked as the Trainer asks it, with its prefetch
+        def call():
             step = next(steps)
             backend.take(step, trainer.patch_request(step))
             backend.prefetch(step + 1, trainer.patch_request(step + 1))
 
-        for _ in range(args.warmup):
-            call()
         pids = list(getattr(getattr(backend, "_pool", None), "_processes", None) or {})  # the Pillow workers
         busy = cpu_seconds(pids)
         data_s = sum(time_calls(call, trainer.device, 0, args.steps)) / args.steps
         busy = (cpu_seconds(pids) - busy) / (data_s * args.steps)
-        fed = Trainer(trainer.cfg, None, False, trainer.runtime, trainer.train_set, patches=backend)
-        fed.train_until(max(1, args.warmup))
-        before = fed.train_seconds
-        fed.train_until(fed.step + args.steps)  # ends in a logged step: the Trainer's clock is read there
         out = {"images_per_s": args.batch / data_s, "data_seconds": data_s}
-        out.update(step_seconds=(fed.train_seconds - before) / args.steps, cpu_workers=workers, cpu_cores_busy=busy)
+        out.update(step_seconds=(trainer.train_seconds - before) / args.steps, cpu_workers=workers, cpu_cores_busy=busy)
         return {**out, "note": note}
     finally:
         backend.close()
@@ -98,20 +73,22 @@ def measure_source(source_px: int, args, root: Path) -> list[dict]:
     files = list((folder / "train").rglob("*.jpg"))
     base = {"source_px": source_px, "patch_px": patch_px, "n_patches": args.n, "batch_size": args.batch}
     base.update(bytes_per_image=sum(p.stat().st_size for p in files) / len(files), images=len(files))
-    keys = [f"data.path={folder}", f"train.device={args.device}", "data.backend=pillow", "data.workers=0"]
-    keys += [f"augment.crop_size={patch_px}", f"model.stem={'cifar' if patch_px <= 64 else 'imagenet'}"]
+    keys = [f"data.path={folder}", f"train.device={args.device}", f"augment.crop_size={patch_px}"]
+    keys += [f"model.stem={'cifar' if patch_px <= 64 else 'imagenet'}", f"model.compile={args.compile}"]
     keys += [f"train.n_patches={args.n}", f"train.batch_size={args.batch}", "train.max_steps=1000000"]
-    keys += ["train.log_every=1000000", f"model.compile={args.compile}", "eval.at_end=false", *args.overrides]
-    trainer = harness.Data().trainer(load_config("imagenet100_n20", keys))  # the checks of `fastemp train`
-    arms = [a for a in ARMS if a != "dali" or dali_available()]
-    measure = lambda arm: measure_arm(arm, trainer, source_px, args, root / "cache")  # noqa: E731
-    rows = harness.run_points(arms, measure, lambda arm: {**base, "arm": arm})
+    keys += ["train.log_every=1000000", "eval.at_end=false"]
+    todo = {a: v for a, v in arms(source_px, args, root / "cache").items() if a != "dali" or dali_available()}
+    configs = {arm: load_config("imagenet100_n20", [*keys, *todo[arm][0], *args.overrides]) for arm in todo}
+    data = harness.Data()
+    [data.check(cfg) for cfg in configs.values()]  # every arm as `fastemp train` checks it, before any is measured
+    measure = lambda arm: measure_arm(arm, data.trainer(configs[arm]), *todo[arm][1:], args)  # noqa: E731
+    rows = harness.run_points(todo, measure, lambda arm: {**base, "arm": arm})
     reference = rows[0].get("step_seconds")
     for row in rows:
         added = 1 - reference / row["step_seconds"] if reference and row.get("step_seconds") else None
         row.update(step_only_seconds=reference, data_added_fraction=None if added is None else max(0.0, added))
     skipped = {**base, "arm": "dali", "status": "skipped", "note": "nvidia.dali does not import: not measured"}
-    return rows + ([] if "dali" in arms else [skipped])
+    return rows + ([] if "dali" in todo else [skipped])
 
 
 def run(args, _, results: harness.Results) -> dict:
