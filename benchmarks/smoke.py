@@ -269,7 +269,9 @@ def lease(call: str, out: str) -> int:
     env.update(SUITE_DEADLINE=str(time.time() + seconds), SUITE_DETAILS=str(details))
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state / "inductor"))  # call 2 reuses call 1's compilations
     if (details / "accuracy.json").exists():  # a call 2 again: what it measured is the history now
-        env.setdefault("ACCURACY_HISTORY", str(shutil.copy(details / "accuracy.json", state / "accuracy.json")))
+        shutil.copy(details / "accuracy.json", state / "accuracy.json")
+    if call == "call2" and (state / "accuracy.json").exists():  # also when the last call 2 stopped before measuring
+        env.setdefault("ACCURACY_HISTORY", str(state / "accuracy.json"))
     shutil.rmtree(details, ignore_errors=True)
     print(f"lease: {call}: {seconds:.0f} s, results into {out} (details: {details})")
     if call == "call1":

@@ -251,3 +251,16 @@ def test_the_smoke_gate_switches_failed_or_unverified_paths_off_or_stops(tmp_pat
     assert verdict["overrides"] == ["model.compile=none", "loss.fused=off"] and verdict["peer"] == "run"
     records = [{"item": "train", "status": "FAIL", "reason": "timed out after 240 s"}]
     assert gate(cuda, passing, records)["overrides"] == []  # too slow is not wrong
+
+
+def test_a_call_2_after_one_that_stopped_still_adds_to_the_seeds_of_the_one_before(tmp_path, monkeypatch):
+    """Call 2 keeps what an earlier call 2 measured (state/accuracy.json) as its history, also when the call in
+    between stopped before measuring (its details, where the history would have come from, hold none)."""
+    state = tmp_path / "state"
+    (state / "call2").mkdir(parents=True)
+    (state / "accuracy.json").write_text("{}")  # the first call 2's seeds, kept when the second one started
+    (state / "gate.json").write_text(json.dumps({"overrides": [], "peer": "run", "stop": "a failed check"}))
+    env = {"LEASE_STATE": str(state)}
+    monkeypatch.setattr(smoke.os, "environ", env)
+    assert smoke.lease("call2", str(tmp_path / "out")) == 3  # the third call: stopped by the gate
+    assert env["ACCURACY_HISTORY"] == str(state / "accuracy.json")
