@@ -145,9 +145,13 @@ def coerce(value, tp, where: str):
         value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {shown(value)}; write a number such as 0.3 or 1e-3")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past float's range
+            value = math.inf
         if not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {shown(value)}; write a finite number")
-        return float(value)
+        return value
     if tp is str:
         if isinstance(value, (dict, list, tuple)) or value is None:
             raise ConfigError(f"{where}: expected a string, got {shown(value)}; write plain text")

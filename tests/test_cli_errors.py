@@ -350,6 +350,7 @@ def test_catalog_of_bad_inputs(workspace, huge_png):
         ),
         (train + ["optim.lr=" + "9x" * 50_000, "--out", fresh], "optim.lr: expected a number, got '9x9x", None),
         (train + ["train.seed=1e30", "--out", fresh], "train.seed: '1e30' is out of range", None),
+        (train + ["optim.lr=" + "9" * 400, "--out", fresh], "optim.lr: expected a finite number, got inf", None),
         (train + ["data.synthetic_seed=-99999999999999999999", "--out", fresh], "is out of range", None),
         (train + folders["one_class"] + ["--out", fresh], "a linear probe needs at least 2 classes", None),
         (train + folders["test_only_class"] + ["--out", fresh], "test/ has classes with no training images: z", None),
