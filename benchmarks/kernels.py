@@ -13,11 +13,11 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from fastemp.check.reference import ReferenceLARS
+from fastemp.check.reference import reference_lars
 from fastemp.clock import time_calls
 from fastemp.config import AugmentConfig, ModelConfig, OptimConfig
 from fastemp.kernels.cosine_to_mean import cosine_to_mean, triton_usable
-from fastemp.lars import build_lars, lars_hyperparameters, lars_param_groups
+from fastemp.lars import build_lars
 from fastemp.losses import invariance_loss, total_coding_rate
 from fastemp.model import build_model
 from fastemp.patches.torch_backend import TorchPatches
@@ -110,7 +110,7 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
 def lars_rows(args, device: torch.device) -> list[dict]:
     """One optimizer step per path over the same random gradients (copied in again before every step)."""
     options = OptimConfig()
-    paths = [("reference", lambda m: ReferenceLARS(lars_param_groups(m), **lars_hyperparameters(options)))]
+    paths = [("reference", lambda m: reference_lars(m, options))]
     paths += [("eager", lambda m: build_lars(m, options))]
     paths += [("fused", lambda m: build_lars(m, options, fused_update=True))] if args.compile else []
 

@@ -75,3 +75,10 @@ class ReferenceLARS(torch.optim.SGD):
             torch._foreach_mul_(grads, list(scale.unbind()))
             torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
         return super().step(closure)
+
+
+def reference_lars(model: torch.nn.Module, optim) -> ReferenceLARS:
+    """ReferenceLARS over the model's LARS parameter groups with an OptimConfig's hyperparameters (as build_lars)."""
+    from ..lars import lars_hyperparameters, lars_param_groups
+
+    return ReferenceLARS(lars_param_groups(model), **lars_hyperparameters(optim))

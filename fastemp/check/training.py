@@ -192,13 +192,12 @@ def lars_rows(ctx: Context, seed: int, optim, fused: bool, dtype=torch.float32, 
     ReferenceLARS under an OptimConfig: 4 steps, random gradients over three decades, one LARS weight's gradient
     zero in the second step (left alone: no decay either). CUDA: the standard model; CPU: lars_net."""
     from ..config import ModelConfig
-    from ..lars import build_lars, lars_hyperparameters, lars_param_groups
+    from ..lars import build_lars
     from ..model import build_model
 
     make = (lambda: build_model(ModelConfig())) if ctx.cuda else lars_net
     models = [seeded(seed, make).to(ctx.device, dtype).to(memory_format=layout) for _ in range(2)]
-    plain = reference.ReferenceLARS(lars_param_groups(models[0]), **lars_hyperparameters(optim))  # as build_lars
-    opts = plain, build_lars(models[1], optim, fused_update=fused)
+    opts = reference.reference_lars(models[0], optim), build_lars(models[1], optim, fused_update=fused)
     zero = [k for k, q in enumerate(models[0].parameters()) if q.ndim > 1][1]
     for step, lr in enumerate((0.3, 0.25, 0.1, 0.05)):
         for opt in opts:
