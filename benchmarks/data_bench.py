@@ -80,7 +80,8 @@ def measure_source(source_px: int, args, root: Path) -> list[dict]:
     todo = {a: v for a, v in arms(source_px, args, root / "cache").items() if a != "dali" or dali_available()}
     configs = {arm: load_config("imagenet100_n20", [*keys, *todo[arm][0], *args.overrides]) for arm in todo}
     data = harness.Data()
-    [data.check(cfg) for cfg in configs.values()]  # every arm as `fastemp train` checks it, before any is measured
+    for cfg in configs.values():  # every arm as `fastemp train` checks it, before any is measured
+        data.check(cfg)
     measure = lambda arm: measure_arm(arm, data.trainer(configs[arm]), *todo[arm][1:], args)  # noqa: E731
     rows = harness.run_points(todo, measure, lambda arm: {**base, "arm": arm})
     reference = rows[0].get("step_seconds")

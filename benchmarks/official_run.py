@@ -81,7 +81,7 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
     """Run the official training until `epochs` epochs have ended (then stop it), it exits, or the time limit;
     on_progress(report) at every epoch end, every 30 s and at the end. Every line goes to `log` as it arrives."""
     launched = time.perf_counter()
-    stamped, tail, status, pending = [], [], "running", ["", launched]  # pending: the unfinished line, its time
+    stamped, tail, status, rest, rest_time = [], [], "running", "", launched  # rest: the unfinished line
     deadline, reported = launched + time_limit if time_limit else None, launched
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w", buffering=1) as out:  # line by line: a kill keeps every line that arrived
@@ -101,10 +101,11 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
 
         def read(wait: float) -> bool:
             """Take the lines that arrive within `wait` seconds; False once the output has ended."""
+            nonlocal rest, rest_time
             if not select.select([child.stdout], [], [], wait)[0]:
                 return True
             chunk = os.read(child.stdout.fileno(), 65536)
-            done, *pending[:] = split_output(*pending, chunk.decode("utf-8", "replace"), time.perf_counter())
+            done, rest, rest_time = split_output(rest, rest_time, chunk.decode("utf-8", "replace"), time.perf_counter())
             for item in done:
                 take(*item)
             return bool(chunk)
@@ -129,8 +130,8 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
             drained = time.perf_counter() + 10  # what arrives while it stops (tqdm's unfinished last line)
             while time.perf_counter() < drained and read(1.0):
                 pass
-            if pending[0].strip():
-                take(*pending[::-1])
+            if rest.strip():
+                take(rest_time, rest)
             child.stdout.close()
             on_progress(timings(stamped, launched))  # also when a time limit or a signal ends it here
     report = timings(stamped, launched)
@@ -151,7 +152,7 @@ def subset(images, count: int):
     return ImageSet(images.images[index].contiguous(), images.labels[index].contiguous(), images.classes, description)
 
 
-def write_cifar_batches(train, test, folder: Path) -> dict[str, str]:
+def write_cifar_batches(train, test, folder: Path) -> None:
     """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) of two ImageSets."""
     if tuple(train.images.shape[1:]) != (32, 32, 3) or tuple(test.images.shape[1:]) != (32, 32, 3):
         raise UserError("the official CIFAR loader needs 32x32x3 images; keep data.image_size=32")

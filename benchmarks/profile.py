@@ -24,13 +24,14 @@ CATEGORIES = (
     ("batchnorm", r"batch_norm|batchnorm|\bbn_"),
     ("copy", r"copy|memcpy|memset|fill|cat\b|clone|contiguous"),
 )
+TOP = 25  # the most expensive ops listed
 
 
 def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if re.search(pattern, name, flags=re.I)), "other")
 
 
-def run(args, cfg: Config, results: harness.Results, top: int = 25) -> dict:
+def run(args, cfg: Config, results: harness.Results) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     warmup, steps = args.warmup, args.steps
@@ -64,7 +65,7 @@ def run(args, cfg: Config, results: harness.Results, top: int = 25) -> dict:
         "steps": steps,
         "ms_per_step": total / steps / 1e3,
         "categories": {k: {"ms_per_step": v, "share": v * steps * 1e3 / total} for k, v in by_category.most_common()},
-        "top": rows[:top],
+        "top": rows[:TOP],
     }
     return results.write(result, final=True)
 
