@@ -43,7 +43,7 @@ RESUME_SAFE_KEYS = (
     "model.cudnn_benchmark",
     "data.patch_compile",
     "optim.fused_update",
-    "model.projector_init",  # read at model build only; a resumed run's projector comes from its checkpoint
+    "model.projector_init",  # read at start-up only; a resumed run's projector comes from its checkpoint
     "eval.*",
 )
 ARCHITECTURE_KEYS = ("model.width", "model.stem", "model.hidden_dim", "model.z_dim")

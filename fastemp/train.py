@@ -41,7 +41,7 @@ def mix_seed(seed: int, stream: int, index: int) -> int:
 class Trainer:
     """Builds everything from a Config, trains step by step, checkpoints, evaluates. Made from cfg unless given:
     runtime (resolve(cfg)), train_set and test_set (splits loaded on runtime.device: a sweep loads them once),
-    patches (a backend over train_set: a benchmark feeds the real step from the data path it measures)."""
+    patches (a backend over train_set: a test's stand-in)."""
 
     def __init__(
         self,

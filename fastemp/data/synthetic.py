@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .listing import fingerprint
+from .listing import fingerprint, pillow
 
 CLASSES: tuple[str, ...] = (
     "disc",
@@ -233,8 +233,7 @@ def make_folder(
     """Write a JPEG ImageFolder (train/, and test/ when test_per_class > 0; class folders c000, c001, ...)
     under `path`, overwriting, and return it. Every image keeps a random 75-100% of its width, so images
     differ in size as ImageNet's do (the streamed backends must read each image's own size)."""
-    from PIL import Image
-
+    Image = pillow()
     root = Path(path)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
