@@ -119,11 +119,6 @@ def device_slug(environment: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def cpu_model() -> str | None:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
-
-
 class Results:
     """<out>/<name>.json and .md of one benchmark. The names are decided before measuring: an existing result
     is never replaced without force (the new one goes to <name>-2, -3, ..., said on stderr); `write` rewrites
@@ -133,7 +128,7 @@ class Results:
         self, benchmark: str, markdown: Callable, out, name: str, device, force: bool, suffixes=(".json", ".md")
     ):
         self.environment = runs.environment(resolve_device(device))
-        self.environment.update(device_slug=device_slug(self.environment), cpu_model=cpu_model())
+        self.environment["device_slug"] = device_slug(self.environment)
         folder = Path(out) if out else Path("benchmarks") / "results" / self.environment["device_slug"]
         check_output_path(folder, "--out")
         stem, k = name, 2

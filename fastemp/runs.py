@@ -91,6 +91,8 @@ def git_commit() -> str:
 
 def environment(device: torch.device) -> dict:
     """Versions and hardware, recorded beside every absolute number."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -98,7 +100,8 @@ def environment(device: torch.device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "commit": git_commit(),
         "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
+        "device_name": cpu or platform.processor() or platform.machine(),
+        "cpu_model": cpu,  # the host's, beside a GPU's name too
     }
     for key, module in (("triton", "triton"), ("dali", "nvidia.dali")):
         try:
