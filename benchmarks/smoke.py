@@ -14,7 +14,6 @@ under its own limit and writes the FAIL record of one killed at it. --dry-run: t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -108,9 +107,8 @@ def item_check(dry_run: bool, record: Path) -> tuple[str, dict]:
     path.write_text(json.dumps({"runtime": runtime.resolved()}) + "\n")  # which paths the accuracy recipe takes
 
     def report(r) -> None:
-        with open(path, "a") as f:
-            row = {k: getattr(r, k) for k in ("op", "shape", "dtype", "err", "tol", "status", "note")}
-            f.write(json.dumps(runs.finite_or_none(row)) + "\n")
+        row = {k: getattr(r, k) for k in ("op", "shape", "dtype", "err", "tol", "status", "note")}
+        runs.append_line(path, runs.finite_or_none(row))
 
     groups = DRY_CHECK_GROUPS if dry_run else CHECK_GROUPS
     rows = [r for only, quick in groups for r in run_checks(device, quick=quick, only=only, report=report)]
@@ -186,25 +184,15 @@ def run_item(name: str, dry_run: bool, record: Path) -> dict:
 def write_record(path, item: str, status: str, reason: str, seconds: float = 0, details=None, **extra) -> None:
     """An item's record appended to the record file, and its one line printed."""
     record = {"item": item, "status": status, "reason": reason, "seconds": seconds, "details": details or {}, **extra}
-    with open(path, "a") as f:
-        f.write(json.dumps(runs.finite_or_none(record)) + "\n")
+    runs.append_line(path, runs.finite_or_none(record))
     print(f"smoke {item} {status} {seconds:.1f} s: {reason}", flush=True)
-
-
-def read_lines(path: Path) -> list[dict]:
-    """A JSON-lines file's records (none when it is missing), less a line cut by a kill."""
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill at the limit
-            out.append(json.loads(line))
-    return out
 
 
 def lease_gate(records: list[dict], rows_file: Path) -> dict:
     """What an accuracy run after this smoke may use: the overrides that switch off each fast path it takes whose
     check rows failed or never passed (GATE), and why it must not run at all (a path without a switch). The official
     run is always tried ("peer": "run"; LEASE_PEER="skip: WHY" keeps it out by hand)."""
-    lines = read_lines(rows_file)
+    lines = runs.read_lines(rows_file)
     runtime, rows = (lines[0].get("runtime"), lines[1:]) if lines else (None, [])  # None: the check never started
     overrides, notes, stop = [], [], []
     for prefix, switch, field in GATE:
@@ -243,7 +231,7 @@ def markdown(result: dict) -> str:
 def report(record: Path, out: Path, items=ITEMS) -> int:
     """smoke.json and smoke.md from the item records (a later record of an item replaces an earlier one; an item
     without one FAILs); 1 on any FAIL."""
-    found = {r["item"]: r for r in read_lines(record)}
+    found = {r["item"]: r for r in runs.read_lines(record)}
     missing = {"status": "FAIL", "reason": "did not run (no record)", "seconds": 0.0, "details": {}}
     records = [found.get(name) or {"item": name, **missing} for name in ITEMS if name in found or name in items]
     counts = {s: sum(r["status"] == s for r in records) for s in ("PASS", "FAIL", "SKIP")}

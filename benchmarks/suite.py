@@ -30,7 +30,7 @@ from fastemp import runs
 from .harness import now_iso
 from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
-from .smoke import lease, read_lines, write_record
+from .smoke import lease, write_record
 
 PARTS = tuple("smoke accuracy throughput20 profile tune tune_modes throughput200 kernels tta data".split())
 LIMITS = dict(smoke=540, accuracy=570, throughput20=420, profile=180, tune=540, tune_modes=600, throughput200=480)
@@ -291,7 +291,7 @@ class Suite:
             (self.out / f"{name}.json").unlink(missing_ok=True)
             if i < 5:
                 shutil.copy(self.details / f"{name}.json", self.out / f"{name}.json")
-        parts = {r["part"]: r for r in read_lines(self.details / "parts.jsonl")}
+        parts = {r["part"]: r for r in runs.read_lines(self.details / "parts.jsonl")}
         sections, environment = [], {}
         for p in parts.values():
             name = RESULT.get(p["part"], p["part"])

@@ -68,7 +68,9 @@ def _csv(run_dir: Path, cfg: Config, step: int):
         files[name][1].writerow(record)
         files[name][0].flush()
 
-    for record in runs.read_metrics(run_dir):  # the records metrics.jsonl already holds (a resumed run's)
+    for record in runs.read_lines(
+        run_dir / "metrics.jsonl"
+    ):  # the records metrics.jsonl already holds (a resumed run's)
         write(record)
     return write, lambda: [f.close() for f, _ in files.values()]
 
@@ -100,7 +102,7 @@ class Records(contextlib.AbstractContextManager):
         if self.sinks is None:
             names = logger_names(self.cfg.train.loggers)
             self.sinks = [SINKS[name](self.run_dir, self.cfg, record["step"]) for name in names]
-        runs.append_metrics(self.run_dir, record)
+        runs.append_line(self.run_dir / "metrics.jsonl", record)
         for write, _ in self.sinks:
             write(record)
         if bars.lines:

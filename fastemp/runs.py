@@ -30,14 +30,16 @@ def atomic_path(path: Path, suffix: str = ".tmp"):
         raise
 
 
-def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
+def append_line(path: Path, record: dict) -> None:
+    """One JSON line appended: metrics.jsonl, and the GPU suite's record files."""
+    with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The logged records; a partial last line (a run killed mid-write) is dropped."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_lines(path: Path) -> list[dict]:
+    """A JSON-lines file's records (none when it is missing); a partial last line (a process killed mid-write) is
+    dropped, any other line that is not JSON is an error."""
+    path = Path(path)
     if not path.exists():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -48,15 +50,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise UserError(
-                f"{path} line {i + 1} is not JSON; delete that line (or the file) and resume again"
-            ) from None
+            raise UserError(f"{path} line {i + 1} is not JSON; delete that line (or the file) and try again") from None
     return records
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop metric lines past `after_step` (a resumed run re-logs the steps it redoes)."""
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
+    kept = [r for r in read_lines(Path(run_dir) / "metrics.jsonl") if r.get("step", 0) <= after_step]
     with atomic_path(Path(run_dir) / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -133,7 +133,7 @@ def plot_losses(run_dir: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    rows = [r for r in read_lines(Path(run_dir) / "metrics.jsonl") if "loss" in r]
     if not rows:
         return
     steps = [r["step"] for r in rows]

@@ -135,7 +135,7 @@ def test_a_second_process_on_a_running_folder_is_refused_at_once_and_a_dead_hold
             assert len(lines) == 1 and f"is in use by fastemp train (pid {first.pid} on " in lines[0], lines
             assert time.perf_counter() - t0 < 5, "refused at once, not after loading data or waiting"
         assert first.poll() is None, "the running train must be untouched"
-        steps = [r["step"] for r in runs.read_metrics(run)]
+        steps = [r["step"] for r in runs.read_lines(run / "metrics.jsonl")]
         assert steps == sorted(set(steps))  # nobody else logged into it
     finally:
         first.kill()

@@ -530,7 +530,7 @@ def test_resume_with_a_partial_metrics_line_and_force_replaces_only_after_valida
     run = _variant(root, old, "partial", _partial_metrics)
     (run / "checkpoint.pt").write_bytes((old / "checkpoint.pt").read_bytes())
     assert main(["resume", str(run), "--no-progress"]) == 0
-    assert [r["step"] for r in runs.read_metrics(run)] == [1, 2, 4]
+    assert [r["step"] for r in runs.read_lines(run / "metrics.jsonl")] == [1, 2, 4]
 
     target = _variant(root, old, "replaced")
     (target / "eval.json").write_text("{}")

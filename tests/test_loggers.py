@@ -35,7 +35,7 @@ def _rows(path) -> list[dict]:
 
 
 def test_csv_holds_the_records_of_metrics_jsonl(logged_run):
-    steps, evaluations = _split(runs.read_metrics(logged_run))
+    steps, evaluations = _split(runs.read_lines(logged_run / "metrics.jsonl"))
     assert [r["step"] for r in steps] == [1, 2, 4, 6] and [r["step"] for r in evaluations] == [3, 6]
     for records, name in ((steps, "metrics.csv"), (evaluations, "evaluations.csv")):
         rows = _rows(logged_run / name)
@@ -50,7 +50,7 @@ def test_tensorboard_holds_the_records_of_metrics_jsonl(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(logged_run / "tensorboard")).Reload()
-    steps, evaluations = _split(runs.read_metrics(logged_run))
+    steps, evaluations = _split(runs.read_lines(logged_run / "metrics.jsonl"))
     for kind, records in (("train", steps), ("eval", evaluations)):
         for key in ("epoch", "loss", "loss_sim", "lr", "images_per_s") if kind == "train" else ("linear_top1",):
             scalars = events.Scalars(f"{kind}/{key}")
@@ -67,7 +67,7 @@ def test_a_run_folder_with_logger_outputs_is_replaced_under_force(logged_run):
 def test_csv_is_rewritten_from_metrics_jsonl_when_it_opens(tmp_path):
     """A resumed run: metrics.jsonl was cut back to the checkpoint's step, the csv still has the steps past it."""
     for step in (1, 2):
-        runs.append_metrics(tmp_path, {"step": step, "loss": -float(step)})
+        runs.append_line(tmp_path / "metrics.jsonl", {"step": step, "loss": -float(step)})
     (tmp_path / "metrics.csv").write_text("step,loss\n1,-1.0\n2,-2.0\n3,-3.0\n4,-4.0\n")
     with loggers.Records(load_config("quickstart", ["train.loggers=csv"]), tmp_path, total_steps=40) as records:
         records.write({"step": 3, "loss": -3.5})

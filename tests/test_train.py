@@ -273,7 +273,11 @@ def test_periodic_evaluation_changes_nothing_in_training(tmp_path):
         out.mkdir()
         summary = Trainer(tiny_config("train.max_steps=8", "eval.at_end=false", *extra), out, progress=False).run()
         state = torch.load(out / "checkpoint.pt", weights_only=True)
-        losses = [(r["step"], r["loss"], r["loss_sim"], r["loss_tcr"]) for r in runs.read_metrics(out) if "loss" in r]
+        losses = [
+            (r["step"], r["loss"], r["loss_sim"], r["loss_tcr"])
+            for r in runs.read_lines(out / "metrics.jsonl")
+            if "loss" in r
+        ]
         done[name] = ({k: state[k] for k in ("model", "optimizer", "rng_cpu", "step")}, losses, summary)
     assert_same_tree(done["evaluated"][0], done["plain"][0])
     assert done["evaluated"][1] == done["plain"][1]
@@ -282,7 +286,7 @@ def test_periodic_evaluation_changes_nothing_in_training(tmp_path):
     seconds = [r["train_seconds"] for r in evaluations]
     assert seconds == sorted(seconds) and seconds[-1] <= done["evaluated"][2]["train_seconds"]
     assert all(0 <= r["linear_top1"] <= 1 and r["eval_seconds"] > 0 for r in evaluations)
-    assert [r for r in runs.read_metrics(tmp_path / "evaluated") if "linear_top1" in r] == evaluations
+    assert [r for r in runs.read_lines(tmp_path / "evaluated" / "metrics.jsonl") if "linear_top1" in r] == evaluations
 
 
 def test_training_stops_at_the_first_evaluation_that_reaches_eval_stop_at(tmp_path):
