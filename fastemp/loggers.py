@@ -68,9 +68,7 @@ def _csv(run_dir: Path, cfg: Config, step: int):
         files[name][1].writerow(record)
         files[name][0].flush()
 
-    for record in runs.read_lines(
-        run_dir / "metrics.jsonl"
-    ):  # the records metrics.jsonl already holds (a resumed run's)
+    for record in runs.read_lines(run_dir / "metrics.jsonl"):  # what a resumed run logged before
         write(record)
     return write, lambda: [f.close() for f, _ in files.values()]
 

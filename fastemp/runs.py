@@ -31,14 +31,12 @@ def atomic_path(path: Path, suffix: str = ".tmp"):
 
 
 def append_line(path: Path, record: dict) -> None:
-    """One JSON line appended: metrics.jsonl, and the GPU suite's record files."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def read_lines(path: Path) -> list[dict]:
-    """A JSON-lines file's records (none when it is missing); a partial last line (a process killed mid-write) is
-    dropped, any other line that is not JSON is an error."""
+    """A JSON-lines file's records ([] when missing); a partial last line (a kill mid-write) is dropped."""
     path = Path(path)
     if not path.exists():
         return []
