@@ -158,12 +158,11 @@ def run(args, _, results: harness.Results) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    rows = [{**r, "ms": r.get("seconds") and r["seconds"] * 1e3} for r in result["rows"]]
     lines = [
         f"Median of {s['iters']} timed calls after {s['warmup']} warm-up calls; loss kernels forward + backward; "
         "'diff': max abs difference from the first implementation of that kernel and shape.",
         "",
-        table(rows, "kernel impl n B d dtype ms loss_abs_diff grad_max_abs_diff status note"),
+        table(result["rows"], "kernel impl n B d dtype seconds:ms loss_abs_diff grad_max_abs_diff status note"),
     ]
     keys, headers = "impl n B patches_per_s status note", "backend|n|B|patches/s|status|note"
     lines += ["", "## Augmentation", "", table(result["augmentation"], keys, headers)]

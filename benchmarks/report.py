@@ -45,17 +45,23 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
 
 
+UNITS = {"ms": lambda s: s * 1e3, "GiB": lambda b: b / 2**30, "kB": lambda b: b / 1e3, "%": pct}
+
+
 def table(items: Iterable[dict], keys: str, headers: str | None = None) -> str:
-    """A markdown table of `items` (dicts), one column per space-separated key (a.b: item["a"]["b"]); headers:
-    '|'-separated (default: the keys)."""
+    """A markdown table of `items` (dicts), one column per space-separated key (a.b: item["a"]["b"]; key:unit shows
+    seconds in ms, bytes in GiB or kB, a fraction in %); headers: '|'-separated (default: the keys; a key with a
+    unit: the unit)."""
 
     def cell(item: dict, key: str):
+        key, _, unit = key.partition(":")
         for part in key.split("."):
             item = item.get(part) if isinstance(item, dict) else None
-        return item
+        return UNITS[unit](item) if unit and item is not None else item
 
     columns = keys.split()
-    return markdown_table(headers.split("|") if headers else columns, [[cell(i, k) for k in columns] for i in items])
+    headers = headers.split("|") if headers else [key.partition(":")[2] or key for key in columns]
+    return markdown_table(headers, [[cell(i, k) for k in columns] for i in items])
 
 
 def device_label(environment: dict) -> str:
@@ -134,23 +140,27 @@ def _short_data(description: str) -> str:
     return f"{source}, {images.group(1)} images" if images else source
 
 
+POINT_HEADERS = "n|B|backend|compile|precision|large n|images/s|patches/s|TFLOP/s|MFU|peak GiB|x baseline"
+
+
+def point_cells(result: dict, p: dict) -> list:
+    """A measured throughput point of `result` as the README table and throughput.md show it (POINT_HEADERS)."""
+    chunks = p.get("grad_chunks_used", p["grad_chunks"])  # results before it was recorded: the request
+    ckpt = bool(result["config"]["train"].get("checkpoint_activations"))
+    resolved, mfu = p["resolved"], f"{pct(p['mfu']) or 'n/a'} of {fmt(result['peak']['measured_tflops'])}"
+    setting = [p["n_patches"], p["batch_size"], resolved["backend"], resolved["compile"], resolved["precision"]]
+    speed = [p["images_per_s"], p["patches_per_s"], p["achieved_tflops"], mfu]
+    large_n = large_n_option(chunks, p.get("bn_groups", 0), p["n_patches"], ckpt)
+    return [*setting, large_n, *speed, _memory(p, result["environment"]), p.get("speedup_vs_baseline")]
+
+
 def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
-    rows = []
-    for path, r in results:
-        for p in r["points"] if r["benchmark"] == "throughput" else []:
-            if p["status"] != "ok":
-                continue
-            chunks = p.get("grad_chunks_used", p["grad_chunks"])  # results before it was recorded: the request
-            ckpt = bool(r["config"]["train"].get("checkpoint_activations"))
-            large_n = large_n_option(chunks, p.get("bn_groups", 0), p["n_patches"], ckpt)
-            resolved, env = p["resolved"], r["environment"]
-            rows.append(
-                [device_label(env), _short_data(r["data"]), p["n_patches"], p["batch_size"], resolved["backend"]]
-                + [resolved["compile"], resolved["precision"], large_n, p["images_per_s"], p["patches_per_s"]]
-                + [p["achieved_tflops"], f"{pct(p['mfu']) or 'n/a'} of {fmt(r['peak']['measured_tflops'])}"]
-                + [_memory(p, env), fmt(p.get("speedup_vs_baseline")), os.path.relpath(path, root)]
-            )
-    return rows
+    return [
+        [device_label(r["environment"]), _short_data(r["data"]), *point_cells(r, p), os.path.relpath(path, root)]
+        for path, r in results
+        for p in (r["points"] if r["benchmark"] == "throughput" else [])
+        if p["status"] == "ok"
+    ]
 
 
 def _short_of_target(r: dict) -> str:
@@ -190,7 +200,7 @@ def render_tables(results_dir: Path, root: Path | None = None) -> str:
         (
             "Throughput (end to end, median step; MFU against a matmul measured in the same run, bf16 on GPU, fp32 on "
             "CPU; CPU numbers are noisy, shared cores):",
-            "device|data|n|B|backend|compile|precision|large n|images/s|patches/s|TFLOP/s|MFU|peak GiB|x baseline|source",
+            f"device|data|{POINT_HEADERS}|source",
             throughput_rows(results, root),
         ),
         (
