@@ -163,8 +163,11 @@ def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
     ]
 
 
-def _short_of_target(r: dict) -> str:
-    """'not reached (best 79.6% in 43 s of a 3-epoch schedule; 70% at 7.2 s, 75% at 14.3 s)'."""
+def time_to_target(r: dict) -> str:
+    """A time-to-accuracy result's training seconds to its target, or how far short it stayed: 'not reached (best
+    79.6% in 43 s of a 3-epoch schedule; 70% at 7.2 s, 75% at 14.3 s)'."""
+    if r["reached"]:
+        return fmt(r["train_seconds"])
     if r.get("best_linear_top1") is None:
         return "not reached"
     seconds = r["evals"][-1]["train_seconds_excl_first_step"]
@@ -174,13 +177,14 @@ def _short_of_target(r: dict) -> str:
         for m in r["milestones"]
         if m["train_seconds"] is not None and m["top1"] < r["target"]
     ]
-    return f"not reached ({best}" + (f"; {', '.join(reached)})" if reached else ")")
+    cut = ", stopped at the wall-clock limit" if r.get("stopped_at_wall_limit") else ""
+    return f"not reached ({best}{cut}" + (f"; {', '.join(reached)})" if reached else ")")
 
 
 def tta_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
     return [
         [device_label(r["environment"]), _short_data(r["data"]), r["n_patches"], f"{r['target']:.0%}"]
-        + [fmt(r["train_seconds"]) if r["reached"] else _short_of_target(r), fmt(r["epochs"])]
+        + [time_to_target(r), fmt(r["epochs"])]
         + [protocol_label(r["protocol"]), os.path.relpath(path, root)]
         for path, r in results
         if r["benchmark"] == "time_to_accuracy"
