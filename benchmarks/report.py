@@ -95,16 +95,6 @@ def targets_markdown(targets: list[dict]) -> str:
     return "## Targets\n\n" + table(rows, keys, "target|threshold|measured|status|on H100|note")
 
 
-def large_n_option(chunks: int, bn_groups: int, n: int, checkpoint_activations: bool) -> str:
-    """How a step ran its patch groups: the gradient cache's chunks, ghost BatchNorm, or neither."""
-    ghost = f"BatchNorm per {n // bn_groups} patch groups" if bn_groups > 1 else ""
-    if chunks > 1:
-        return f"grad cache x{chunks}" + (f", {ghost}" if ghost else "")
-    if checkpoint_activations:
-        return "act. checkpoint"
-    return f"one pass, {ghost}" if ghost else "-"
-
-
 # ------------------------------------------------------------------------------ the README table
 
 
@@ -125,11 +115,6 @@ def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
     return out
 
 
-def _memory(point: dict, env: dict) -> str:
-    gib = point["peak_memory_bytes"] / 2**30
-    return f"{gib:.1f}" if str(env["device"]).startswith("cuda") else f">= {gib:.2f} (RSS)"  # RSS growth: a lower bound
-
-
 def _short_data(description: str) -> str:
     """'imagefolder (/x/cifar10-jpeg.tar.gz, ...), train, 50000 images, ...' -> 'imagefolder cifar10-jpeg.tar.gz, 50000 images'."""
     source = description.split(" ", 1)[0]
@@ -144,14 +129,23 @@ POINT_HEADERS = "n|B|backend|compile|precision|large n|images/s|patches/s|TFLOP/
 
 
 def point_cells(result: dict, p: dict) -> list:
-    """A measured throughput point of `result` as the README table and throughput.md show it (POINT_HEADERS)."""
+    """A measured throughput point of `result` as the README table and throughput.md show it (POINT_HEADERS); large
+    n: how the step ran its patch groups (the gradient cache's chunks, ghost BatchNorm, activation checkpoints)."""
     chunks = p.get("grad_chunks_used", p["grad_chunks"])  # results before it was recorded: the request
-    ckpt = bool(result["config"]["train"].get("checkpoint_activations"))
+    groups = p.get("bn_groups", 0)
+    ghost = f"BatchNorm per {p['n_patches'] // groups} patch groups" if groups > 1 else ""
+    if chunks > 1:
+        large_n = f"grad cache x{chunks}" + (f", {ghost}" if ghost else "")
+    elif result["config"]["train"].get("checkpoint_activations"):
+        large_n = "act. checkpoint"
+    else:
+        large_n = f"one pass, {ghost}" if ghost else "-"
+    gib = p["peak_memory_bytes"] / 2**30  # on the CPU the growth of the RSS: a lower bound
+    memory = f"{gib:.1f}" if str(result["environment"]["device"]).startswith("cuda") else f">= {gib:.2f} (RSS)"
     resolved, mfu = p["resolved"], f"{pct(p['mfu']) or 'n/a'} of {fmt(result['peak']['measured_tflops'])}"
     setting = [p["n_patches"], p["batch_size"], resolved["backend"], resolved["compile"], resolved["precision"]]
     speed = [p["images_per_s"], p["patches_per_s"], p["achieved_tflops"], mfu]
-    large_n = large_n_option(chunks, p.get("bn_groups", 0), p["n_patches"], ckpt)
-    return [*setting, large_n, *speed, _memory(p, result["environment"]), p.get("speedup_vs_baseline")]
+    return [*setting, large_n, *speed, memory, p.get("speedup_vs_baseline")]
 
 
 def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
