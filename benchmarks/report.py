@@ -70,11 +70,6 @@ def device_label(environment: dict) -> str:
     return f"CPU: {environment.get('cpu_model') or environment.get('device_name') or 'unknown'}"
 
 
-def environment_markdown(environment: dict) -> str:
-    keys = "device_name device cpu_model driver cuda torch triton dali python cpu_threads commit".split()
-    return "## Environment\n\n" + "\n".join(f"- {k}: {environment.get(k)}" for k in keys if k in environment)
-
-
 def target_row(name: str, description: str, measured, higher_is_better: bool, hardware: bool, note: str = "") -> dict:
     """One line of 'where this run stands' against TARGETS[name]; met is None when not measured."""
     threshold = TARGETS[name]
