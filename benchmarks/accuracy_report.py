@@ -228,8 +228,7 @@ def tta_summary(cfg, trainer, target: float, levels, cut: bool, environment: dic
     if abs(target - 0.85) < 1e-9 and cfg.train.n_patches == 20:  # the project's target: time to 85% <= 30 s
         hardware = on_h100(environment) and batch == 100
         why = "first step (compile) excluded" if hit else time_to_target(result)
-        target = ("time_to_85_seconds", "training seconds to 85% linear probe (n=20)")
-        row = target_row(*target, result["train_seconds"], False, hardware, why)
+        row = target_row("time_to_85_seconds", result["train_seconds"], False, hardware, why)
         result["targets"] = [row if hit else {**row, "met": False}]
     return result
 

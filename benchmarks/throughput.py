@@ -112,18 +112,16 @@ def targets(rows: list[dict], environment: dict) -> list[dict]:
     n20, n200 = ([p for p in rows if (p["n_patches"], p["batch_size"]) == (n, 100)] for n in (20, 200))
     if n20:
         best = max((p["patches_per_s"] for p in n20 if p["status"] == "ok"), default=None)
-        description = "n=20 end to end patches/s (B=100)"
-        out.append(target_row("n20_patches_per_s", description, best, True, h100, "best point of this sweep"))
+        out.append(target_row("n20_patches_per_s", best, True, h100, "best point of this sweep"))
     if n200:
         ok = [p for p in n200 if p["status"] == "ok"]
         fits = [p["peak_memory_bytes"] / 2**30 for p in ok if p["peak_memory_bytes"]]
         note = "torch.cuda.max_memory_allocated" if fits else "no n=200 point ran"
-        row = target_row("n200_memory_gib", "n=200 peak memory (GiB)", min(fits, default=None), False, h100, note)
+        row = target_row("n200_memory_gib", min(fits, default=None), False, h100, note)
         if not fits and any(p["status"] == "oom" for p in n200):
             row.update(met=False, note="out of memory")
         epoch = 50_000 / max(p["images_per_s"] for p in ok) if ok else None
-        description = "one CIFAR-10 epoch at n=200 (s, 50,000 images)"
-        out += [row, target_row("n200_epoch_seconds", description, epoch, False, h100, "fastest point of this sweep")]
+        out += [row, target_row("n200_epoch_seconds", epoch, False, h100, "fastest point of this sweep")]
     return out
 
 
