@@ -1,9 +1,6 @@
-"""Markdown for every benchmark, and the README's performance table generated from the committed results:
-`fastemp bench report [--results benchmarks/results] [--readme README.md] [--check]` reads
-benchmarks/results/<device>/*.json (not *_check.json nor cpu-dry-run/: pipeline checks at toy sizes) and writes the
-tables between the README's markers (printed instead when it has none); --check exits 1 when the README's section
-differs.
-"""
+"""Markdown for every benchmark, and the README's performance table: `fastemp bench report` writes the tables made
+from benchmarks/results/<device>/*.json (not *_check.json nor cpu-dry-run/: pipeline checks at toy sizes) between
+the README's markers (printed instead when it has none); with --check it exits 1 when they differ."""
 
 from __future__ import annotations
 

@@ -106,8 +106,7 @@ def measure_scaling(cfg, data, warmup: int, steps: int, split_steps: int, peak: 
 
 
 def targets(rows: list[dict], environment: dict) -> list[dict]:
-    """Where the sweep stands on the n=20 speed and the n=200 memory and epoch time (B=100). The ratio to the
-    baseline is reported with each point but is no target: against 16 CPU workers 30x needs ~94% of the peak."""
+    """Where the sweep stands on the n=20 speed and the n=200 memory and epoch time (B=100; docs/benchmarks.md)."""
     h100, out = on_h100(environment), []
     n20, n200 = ([p for p in rows if (p["n_patches"], p["batch_size"]) == (n, 100)] for n in (20, 200))
     if n20:
