@@ -12,7 +12,7 @@ from fastemp.config import to_dict
 from fastemp.evaluate import first_reaching
 
 from .harness import page
-from .report import fmt, on_h100, read_result, table, target_row, targets_markdown
+from .report import fmt, on_h100, protocol_label, read_result, table, target_row, targets_markdown, time_to_target
 
 DEFAULT_EVAL_SECONDS = 150.0  # ESTIMATE (official protocol, H100/H200, with compilation) until one is measured
 MEASURED = ("linear_top1", "best_top1_on_test", "knn_top1", "train_seconds", "first_step_seconds", "eval_seconds")
@@ -227,33 +227,24 @@ def tta_summary(cfg, trainer, target: float, levels, cut: bool, environment: dic
     result.update(images_per_s=trainer.images_per_second(), evals=evals, targets=[])
     if abs(target - 0.85) < 1e-9 and cfg.train.n_patches == 20:  # the project's target: time to 85% <= 30 s
         hardware = on_h100(environment) and batch == 100
-        limit = "wall-clock limit" if cut else "schedule"
-        why = "first step (compile) excluded" if hit else f"not reached within the {limit}"
-        target = ("time_to_85_seconds", "training seconds to 85% linear probe (n=20)")
-        row = target_row(*target, result["train_seconds"], False, hardware, why)
+        why = "first step (compile) excluded" if hit else time_to_target(result)
+        row = target_row("time_to_85_seconds", result["train_seconds"], False, hardware, why)
         result["targets"] = [row if hit else {**row, "met": False}]
     return result
 
 
 def tta_markdown(result: dict) -> str:
     proto, target = result["protocol"], result["target"]
-    status = (
-        f"reached {target:.0%} after **{result['train_seconds']:.1f} s** of training ({result['epochs']:.2f} epochs, "
-        f"{result['images_seen']:,} images; first step {result['first_step_seconds']:.1f} s excluded)"
-        if result["reached"]
-        else f"did NOT reach {target:.0%} (best linear top-1 {fmt(result['best_linear_top1'])}"
-        + (", stopped at the wall-clock limit)" if result["stopped_at_wall_limit"] else ")")
-    )
     keys = "step epoch images_seen train_seconds_excl_first_step linear_top1 best_top1_on_test eval_seconds"
     lines = [
-        f"- result: {status}",
+        f"- training seconds to {target:.0%}: **{time_to_target(result)}** (first step "
+        f"{result['first_step_seconds']:.1f} s excluded)",
         f"- data: {result['data']}; test: {result['test_data']}",
         f"- schedule: {result['epochs_scheduled']:g} epochs (cosine over all of them)"
         + (" (partial: still running)" if result.get("partial") else ""),
         f"- n={result['n_patches']}, B={result['batch_size']}, {fmt(result['images_per_s'])} images/s while training",
-        f"- evaluation: **{proto['name']} protocol** ({proto['eval_mode']}, eval patches {proto['eval_patches']}, probe "
-        f"epochs {proto['probe_epochs']}), every {proto['eval_every_steps']} steps, off the training clock; linear "
-        "top-1 = the final probe epoch, best on test = the best (selected on test)",
+        f"- evaluation: **{proto['name']} protocol**: {protocol_label(proto)}, every {proto['eval_every_steps']} "
+        "steps, off the training clock; linear top-1 = the final probe epoch, best on test = the best (on test)",
         "",
         table(result["milestones"], "top1 train_seconds epoch step", "first reaching|train s|epoch|step"),
         "",

@@ -22,7 +22,7 @@ from fastemp.data import load_split, load_train_images
 from fastemp.runtime import resolve, resolve_device
 from fastemp.validate import check_data, check_output_path
 
-from .report import device_label, environment_markdown
+from .report import device_label
 
 
 def grid(axes: dict[str, Sequence]) -> list[dict]:
@@ -162,4 +162,6 @@ def page(result: dict, title: str, *body: str) -> str:
     """A result's markdown: the title on its device, the body, the environment and the notes."""
     env = result["environment"]
     head = [f"# {title}: {device_label(env)} ({env.get('device')})", ""]
-    return "\n".join([*head, *body, "", environment_markdown(env), *(f"- note: {n}" for n in result.get("notes", []))])
+    keys = "device_name device cpu_model driver cuda torch triton dali python cpu_threads commit".split()
+    facts = ["## Environment", "", *(f"- {k}: {env[k]}" for k in keys if k in env)]
+    return "\n".join([*head, *body, "", *facts, *(f"- note: {n}" for n in result.get("notes", []))])

@@ -47,10 +47,6 @@ def implementations(device: torch.device, compile_torch: bool) -> dict[str, list
     return {"cosine_to_mean": cosine, "tcr": [*tcr, ("loop", loop_tcr, True, "per-patch d x d torch.logdet")]}
 
 
-def median_seconds(call, device: torch.device, args) -> float:
-    return statistics.median(time_calls(call, device, args.warmup, args.iters))
-
-
 def loss_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     leaf = x.detach().requires_grad_(True)
     loss = fn(leaf)
@@ -75,7 +71,7 @@ def loss_rows(args, device: torch.device, gen: torch.Generator) -> list[dict]:
                     leaf.grad = None
                     fn(leaf).backward()
 
-                seconds = median_seconds(call, device, args) if timed else None
+                seconds = statistics.median(time_calls(call, device, args.warmup, args.iters)) if timed else None
                 diffs = {"loss_abs_diff": float((loss - reference[0]).abs())}
                 diffs["grad_max_abs_diff"] = float((grad - reference[1]).abs().max())
                 return {"timed": timed, "seconds": seconds, "note": note, **diffs}
@@ -101,7 +97,7 @@ def augmentation_rows(args, device: torch.device, gen: torch.Generator) -> list[
             backend = TorchPatches(pool, AugmentConfig(), impl.endswith("compiled"))
             index = torch.arange(shape["B"], device=device)
             call = lambda: backend(index, shape["n"], next(seeds))  # noqa: E731
-            seconds = median_seconds(call, device, args)
+            seconds = statistics.median(time_calls(call, device, args.warmup, args.iters))
         return {"seconds": seconds, "patches_per_s": shape["n"] * shape["B"] / seconds, "timed": True, "note": note}
 
     return harness.run_points(todo, measure, lambda p: {"kernel": "augmentation", "impl": p[0], **p[1]})
@@ -128,8 +124,9 @@ def lars_rows(args, device: torch.device) -> list[dict]:
             optimizer.step()
 
         first = time_calls(step, device, 0, 1)[0]  # a compiled path compiles here
+        seconds = statistics.median(time_calls(step, device, args.warmup, args.iters))
         out = {"params": sum(p.numel() for p in model.parameters()), "first_call_s": first, "timed": True}
-        return {**out, "seconds": median_seconds(step, device, args), "note": f"width {args.width}"}
+        return {**out, "seconds": seconds, "note": f"width {args.width}"}
 
     return harness.run_points(paths, measure, lambda path: {"kernel": "lars", "impl": path[0]})
 
@@ -158,12 +155,11 @@ def run(args, _, results: harness.Results) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    rows = [{**r, "ms": r.get("seconds") and r["seconds"] * 1e3} for r in result["rows"]]
     lines = [
         f"Median of {s['iters']} timed calls after {s['warmup']} warm-up calls; loss kernels forward + backward; "
         "'diff': max abs difference from the first implementation of that kernel and shape.",
         "",
-        table(rows, "kernel impl n B d dtype ms loss_abs_diff grad_max_abs_diff status note"),
+        table(result["rows"], "kernel impl n B d dtype seconds:ms loss_abs_diff grad_max_abs_diff status note"),
     ]
     keys, headers = "impl n B patches_per_s status note", "backend|n|B|patches/s|status|note"
     lines += ["", "## Augmentation", "", table(result["augmentation"], keys, headers)]

@@ -14,7 +14,7 @@ import torch
 from fastemp.config import Config, to_dict
 
 from . import harness
-from .report import pct, table
+from .report import table
 
 # first match wins; names are CUDA kernel names on a GPU, aten op names on the CPU
 CATEGORIES = (
@@ -72,8 +72,8 @@ def run(args, cfg: Config, results: harness.Results) -> dict:
 
 def markdown(result: dict) -> str:
     cfg, resolved = result["config"], result["resolved"]
-    categories = [{"name": k, **v, "share": pct(v["share"])} for k, v in result["categories"].items()]
-    top = [{**r, "name": r["name"][:90], "share": pct(r["share"])} for r in result["top"]]
+    categories = [{"name": k, **v} for k, v in result["categories"].items()]
+    top = [{**r, "name": r["name"][:90]} for r in result["top"]]
     return harness.page(
         result,
         "Profile",
@@ -82,7 +82,7 @@ def markdown(result: dict) -> str:
         f"- {result['steps']} traced steps after compilation and warm-up; {result['clock']}: "
         f"{result['ms_per_step']:.2f} ms per step in all",
         "",
-        table(categories, "name ms_per_step share", "category|ms per step|share"),
+        table(categories, "name ms_per_step share:%", "category|ms per step|share"),
         "",
-        table(top, "name category calls_per_step ms_per_step share", "op|category|calls per step|ms per step|share"),
+        table(top, "name category calls_per_step ms_per_step share:%", "op|category|calls per step|ms per step|share"),
     )

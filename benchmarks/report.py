@@ -1,9 +1,6 @@
-"""Markdown for every benchmark, and the README's performance table generated from the committed results:
-`fastemp bench report [--results benchmarks/results] [--readme README.md] [--check]` reads
-benchmarks/results/<device>/*.json (not *_check.json nor cpu-dry-run/: pipeline checks at toy sizes) and writes the
-tables between the README's markers (printed instead when it has none); --check exits 1 when the README's section
-differs.
-"""
+"""Markdown for every benchmark, and the README's performance table: `fastemp bench report` writes the tables made
+from benchmarks/results/<device>/*.json (not *_check.json nor cpu-dry-run/: pipeline checks at toy sizes) between
+the README's markers (printed instead when it has none); with --check it exits 1 when they differ."""
 
 from __future__ import annotations
 
@@ -16,10 +13,10 @@ from pathlib import Path
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 # What the project promises (H100 or H200, CIFAR-10, B=100); every report says where it stands on each.
 TARGETS = {
-    "n20_patches_per_s": 90_000.0,  # end to end, n=20, B=100 (~39% of a measured 798 TFLOP/s bf16 matmul)
-    "time_to_85_seconds": 30.0,  # training seconds to 85% linear-probe top-1 (official protocol, final epoch), n=20
-    "n200_epoch_seconds": 120.0,  # one CIFAR-10 epoch (50,000 images) at n=200
-    "n200_memory_gib": 78.0,  # n=200 fits on one 80 GB card
+    "n20_patches_per_s": (90_000.0, "n=20 end to end patches/s (B=100)"),  # ~39% of a measured 798 TFLOP/s matmul
+    "time_to_85_seconds": (30.0, "training seconds to 85% linear probe (n=20)"),  # official protocol, final epoch
+    "n200_epoch_seconds": (120.0, "one CIFAR-10 epoch at n=200 (s, 50,000 images)"),
+    "n200_memory_gib": (78.0, "n=200 peak memory (GiB)"),  # fits on one 80 GB card
 }
 
 
@@ -45,17 +42,23 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
 
 
+UNITS = {"ms": lambda s: s * 1e3, "GiB": lambda b: b / 2**30, "kB": lambda b: b / 1e3, "%": pct}
+
+
 def table(items: Iterable[dict], keys: str, headers: str | None = None) -> str:
-    """A markdown table of `items` (dicts), one column per space-separated key (a.b: item["a"]["b"]); headers:
-    '|'-separated (default: the keys)."""
+    """A markdown table of `items` (dicts), one column per space-separated key (a.b: item["a"]["b"]; key:unit shows
+    seconds in ms, bytes in GiB or kB, a fraction in %); headers: '|'-separated (default: the keys; a key with a
+    unit: the unit)."""
 
     def cell(item: dict, key: str):
+        key, _, unit = key.partition(":")
         for part in key.split("."):
             item = item.get(part) if isinstance(item, dict) else None
-        return item
+        return UNITS[unit](item) if unit and item is not None else item
 
     columns = keys.split()
-    return markdown_table(headers.split("|") if headers else columns, [[cell(i, k) for k in columns] for i in items])
+    headers = headers.split("|") if headers else [key.partition(":")[2] or key for key in columns]
+    return markdown_table(headers, [[cell(i, k) for k in columns] for i in items])
 
 
 def device_label(environment: dict) -> str:
@@ -64,14 +67,9 @@ def device_label(environment: dict) -> str:
     return f"CPU: {environment.get('cpu_model') or environment.get('device_name') or 'unknown'}"
 
 
-def environment_markdown(environment: dict) -> str:
-    keys = "device_name device cpu_model driver cuda torch triton dali python cpu_threads commit".split()
-    return "## Environment\n\n" + "\n".join(f"- {k}: {environment.get(k)}" for k in keys if k in environment)
-
-
-def target_row(name: str, description: str, measured, higher_is_better: bool, hardware: bool, note: str = "") -> dict:
+def target_row(name: str, measured, higher_is_better: bool, hardware: bool, note: str = "") -> dict:
     """One line of 'where this run stands' against TARGETS[name]; met is None when not measured."""
-    threshold = TARGETS[name]
+    threshold, description = TARGETS[name]
     met = None if measured is None else bool(measured >= threshold if higher_is_better else measured <= threshold)
     row = {"name": name, "description": description, "threshold": threshold, "measured": measured, "met": met}
     return {**row, "on_target_hardware": hardware, "note": note}
@@ -89,16 +87,6 @@ def targets_markdown(targets: list[dict]) -> str:
     return "## Targets\n\n" + table(rows, keys, "target|threshold|measured|status|on H100|note")
 
 
-def large_n_option(chunks: int, bn_groups: int, n: int, checkpoint_activations: bool) -> str:
-    """How a step ran its patch groups: the gradient cache's chunks, ghost BatchNorm, or neither."""
-    ghost = f"BatchNorm per {n // bn_groups} patch groups" if bn_groups > 1 else ""
-    if chunks > 1:
-        return f"grad cache x{chunks}" + (f", {ghost}" if ghost else "")
-    if checkpoint_activations:
-        return "act. checkpoint"
-    return f"one pass, {ghost}" if ghost else "-"
-
-
 # ------------------------------------------------------------------------------ the README table
 
 
@@ -107,21 +95,6 @@ def read_result(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-
-
-def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
-    out = []
-    for path in sorted(Path(results_dir).resolve().glob("*/*.json")):
-        toy = path.stem.endswith("_check") or path.parent.name == "cpu-dry-run"  # the suite's SUITE_DRY_RUN=1 folder
-        data = read_result(path) if not toy else None
-        if isinstance(data, dict) and "benchmark" in data:
-            out.append((path, data))
-    return out
-
-
-def _memory(point: dict, env: dict) -> str:
-    gib = point["peak_memory_bytes"] / 2**30
-    return f"{gib:.1f}" if str(env["device"]).startswith("cuda") else f">= {gib:.2f} (RSS)"  # RSS growth: a lower bound
 
 
 def _short_data(description: str) -> str:
@@ -134,27 +107,34 @@ def _short_data(description: str) -> str:
     return f"{source}, {images.group(1)} images" if images else source
 
 
-def throughput_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
-    rows = []
-    for path, r in results:
-        for p in r["points"] if r["benchmark"] == "throughput" else []:
-            if p["status"] != "ok":
-                continue
-            chunks = p.get("grad_chunks_used", p["grad_chunks"])  # results before it was recorded: the request
-            ckpt = bool(r["config"]["train"].get("checkpoint_activations"))
-            large_n = large_n_option(chunks, p.get("bn_groups", 0), p["n_patches"], ckpt)
-            resolved, env = p["resolved"], r["environment"]
-            rows.append(
-                [device_label(env), _short_data(r["data"]), p["n_patches"], p["batch_size"], resolved["backend"]]
-                + [resolved["compile"], resolved["precision"], large_n, p["images_per_s"], p["patches_per_s"]]
-                + [p["achieved_tflops"], f"{pct(p['mfu']) or 'n/a'} of {fmt(r['peak']['measured_tflops'])}"]
-                + [_memory(p, env), fmt(p.get("speedup_vs_baseline")), os.path.relpath(path, root)]
-            )
-    return rows
+POINT_HEADERS = "n|B|backend|compile|precision|large n|images/s|patches/s|TFLOP/s|MFU|peak GiB|x baseline"
 
 
-def _short_of_target(r: dict) -> str:
-    """'not reached (best 79.6% in 43 s of a 3-epoch schedule; 70% at 7.2 s, 75% at 14.3 s)'."""
+def point_cells(result: dict, p: dict) -> list:
+    """A measured throughput point of `result` as the README table and throughput.md show it (POINT_HEADERS); large
+    n: how the step ran its patch groups (the gradient cache's chunks, ghost BatchNorm, activation checkpoints)."""
+    chunks = p.get("grad_chunks_used", p["grad_chunks"])  # results before it was recorded: the request
+    groups = p.get("bn_groups", 0)
+    ghost = f"BatchNorm per {p['n_patches'] // groups} patch groups" if groups > 1 else ""
+    if chunks > 1:
+        large_n = f"grad cache x{chunks}" + (f", {ghost}" if ghost else "")
+    elif result["config"]["train"].get("checkpoint_activations"):
+        large_n = "act. checkpoint"
+    else:
+        large_n = f"one pass, {ghost}" if ghost else "-"
+    gib = p["peak_memory_bytes"] / 2**30  # on the CPU the growth of the RSS: a lower bound
+    memory = f"{gib:.1f}" if str(result["environment"]["device"]).startswith("cuda") else f">= {gib:.2f} (RSS)"
+    resolved, mfu = p["resolved"], f"{pct(p['mfu']) or 'n/a'} of {fmt(result['peak']['measured_tflops'])}"
+    setting = [p["n_patches"], p["batch_size"], resolved["backend"], resolved["compile"], resolved["precision"]]
+    speed = [p["images_per_s"], p["patches_per_s"], p["achieved_tflops"], mfu]
+    return [*setting, large_n, *speed, memory, p.get("speedup_vs_baseline")]
+
+
+def time_to_target(r: dict) -> str:
+    """A time-to-accuracy result's training seconds to its target, or how far short it stayed: 'not reached (best
+    79.6% in 43 s of a 3-epoch schedule; 70% at 7.2 s, 75% at 14.3 s)'."""
+    if r["reached"]:
+        return fmt(r["train_seconds"])
     if r.get("best_linear_top1") is None:
         return "not reached"
     seconds = r["evals"][-1]["train_seconds_excl_first_step"]
@@ -164,17 +144,8 @@ def _short_of_target(r: dict) -> str:
         for m in r["milestones"]
         if m["train_seconds"] is not None and m["top1"] < r["target"]
     ]
-    return f"not reached ({best}" + (f"; {', '.join(reached)})" if reached else ")")
-
-
-def tta_rows(results: list[tuple[Path, dict]], root: Path) -> list[list]:
-    return [
-        [device_label(r["environment"]), _short_data(r["data"]), r["n_patches"], f"{r['target']:.0%}"]
-        + [fmt(r["train_seconds"]) if r["reached"] else _short_of_target(r), fmt(r["epochs"])]
-        + [protocol_label(r["protocol"]), os.path.relpath(path, root)]
-        for path, r in results
-        if r["benchmark"] == "time_to_accuracy"
-    ]
+    cut = ", stopped at the wall-clock limit" if r.get("stopped_at_wall_limit") else ""
+    return f"not reached ({best}{cut}" + (f"; {', '.join(reached)})" if reached else ")")
 
 
 def protocol_label(proto: dict) -> str:
@@ -182,26 +153,40 @@ def protocol_label(proto: dict) -> str:
     return f"linear probe on h ({what}), {proto['probe_epochs']} probe epochs"
 
 
+SECTIONS = {  # benchmark -> the caption of its README table and its columns between device|data and source
+    "throughput": (
+        "Throughput (end to end, median step; MFU against a matmul measured in the same run, bf16 on GPU, fp32 on CPU; "
+        "CPU numbers are noisy, shared cores):",
+        POINT_HEADERS,
+    ),
+    "time_to_accuracy": (
+        "Time to accuracy (training seconds, first step/compile excluded, evaluation excluded):",
+        "n|target|train s|epochs|evaluation",
+    ),
+}
+
+
 def render_tables(results_dir: Path, root: Path | None = None) -> str:
-    results = load_results(results_dir)
+    """The README's tables: a row per throughput point and per time-to-accuracy result in results_dir/<device>/."""
     root = Path(root or Path(results_dir).resolve().parents[1]).resolve()
+    rows = {benchmark: [] for benchmark in SECTIONS}
+    for path in sorted(Path(results_dir).resolve().glob("*/*.json")):
+        toy = path.stem.endswith("_check") or path.parent.name == "cpu-dry-run"  # the suite's SUITE_DRY_RUN=1 folder
+        r = None if toy else read_result(path)
+        if not isinstance(r, dict) or r.get("benchmark") not in rows:
+            continue
+        if r["benchmark"] == "throughput":
+            cells = [point_cells(r, p) for p in r["points"] if p["status"] == "ok"]
+        else:
+            cells = [
+                [r["n_patches"], f"{r['target']:.0%}", time_to_target(r), r["epochs"], protocol_label(r["protocol"])]
+            ]
+        where = [device_label(r["environment"]), _short_data(r["data"])]
+        rows[r["benchmark"]] += [[*where, *c, os.path.relpath(path, root)] for c in cells]
     lines = ["_Generated by `fastemp bench report` from benchmarks/results/; do not edit by hand._", ""]
-    sections = (
-        (
-            "Throughput (end to end, median step; MFU against a matmul measured in the same run, bf16 on GPU, fp32 on "
-            "CPU; CPU numbers are noisy, shared cores):",
-            "device|data|n|B|backend|compile|precision|large n|images/s|patches/s|TFLOP/s|MFU|peak GiB|x baseline|source",
-            throughput_rows(results, root),
-        ),
-        (
-            "Time to accuracy (training seconds, first step/compile excluded, evaluation excluded):",
-            "device|data|n|target|train s|epochs|evaluation|source",
-            tta_rows(results, root),
-        ),
-    )
-    for caption, headers, rows in sections:
-        if rows:
-            lines += [caption, "", markdown_table(headers.split("|"), rows), ""]
+    for benchmark, (caption, headers) in SECTIONS.items():
+        if rows[benchmark]:
+            lines += [caption, "", markdown_table(f"device|data|{headers}|source".split("|"), rows[benchmark]), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

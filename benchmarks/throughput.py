@@ -19,7 +19,7 @@ from fastemp.config import apply_overrides, to_dict
 from fastemp.model import flops_per_patch
 
 from . import harness
-from .report import on_h100, pct, table, target_row, targets_markdown
+from .report import POINT_HEADERS, markdown_table, on_h100, pct, point_cells, table, target_row, targets_markdown
 
 # sweep axis -> the config key it sets; the first two only change speed (swept by `fastemp tune`)
 AXES = {"cudnn_benchmark": "model.cudnn_benchmark", "patch_compile": "data.patch_compile"}
@@ -106,24 +106,21 @@ def measure_scaling(cfg, data, warmup: int, steps: int, split_steps: int, peak: 
 
 
 def targets(rows: list[dict], environment: dict) -> list[dict]:
-    """Where the sweep stands on the n=20 speed and the n=200 memory and epoch time (B=100). The ratio to the
-    baseline is reported with each point but is no target: against 16 CPU workers 30x needs ~94% of the peak."""
+    """Where the sweep stands on the n=20 speed and the n=200 memory and epoch time (B=100; docs/benchmarks.md)."""
     h100, out = on_h100(environment), []
     n20, n200 = ([p for p in rows if (p["n_patches"], p["batch_size"]) == (n, 100)] for n in (20, 200))
     if n20:
         best = max((p["patches_per_s"] for p in n20 if p["status"] == "ok"), default=None)
-        description = "n=20 end to end patches/s (B=100)"
-        out.append(target_row("n20_patches_per_s", description, best, True, h100, "best point of this sweep"))
+        out.append(target_row("n20_patches_per_s", best, True, h100, "best point of this sweep"))
     if n200:
         ok = [p for p in n200 if p["status"] == "ok"]
         fits = [p["peak_memory_bytes"] / 2**30 for p in ok if p["peak_memory_bytes"]]
         note = "torch.cuda.max_memory_allocated" if fits else "no n=200 point ran"
-        row = target_row("n200_memory_gib", "n=200 peak memory (GiB)", min(fits, default=None), False, h100, note)
+        row = target_row("n200_memory_gib", min(fits, default=None), False, h100, note)
         if not fits and any(p["status"] == "oom" for p in n200):
             row.update(met=False, note="out of memory")
         epoch = 50_000 / max(p["images_per_s"] for p in ok) if ok else None
-        description = "one CIFAR-10 epoch at n=200 (s, 50,000 images)"
-        out += [row, target_row("n200_epoch_seconds", description, epoch, False, h100, "fastest point of this sweep")]
+        out += [row, target_row("n200_epoch_seconds", epoch, False, h100, "fastest point of this sweep")]
     return out
 
 
@@ -184,10 +181,8 @@ def run(args, base, results: harness.Results) -> dict:
 def markdown(result: dict) -> str:
     peak, settings = result["peak"], result["settings"]
     sheet = f"{peak['datasheet_tflops']:.0f} TFLOP/s ({peak['datasheet_label']})" if peak["datasheet_tflops"] else "n/a"
-    ok = [{**p, **p["resolved"]} for p in result["points"] if p["status"] == "ok"]
-    for p in ok:
-        p.update(mfu=pct(p["mfu"]), mfu_datasheet=pct(p["mfu_datasheet"]), gib=p["peak_memory_bytes"] / 2**30)
-    rss = "" if str(result["environment"].get("device")).startswith("cuda") else " (rss delta)"
+    ok = [p for p in result["points"] if p["status"] == "ok"]
+    rows = [[*point_cells(result, p), pct(p["mfu_datasheet"]), p["compile_seconds"]] for p in ok]
     lines = [
         f"- data: {result['data']}",
         f"- FLOPs per training patch: {result['flops_per_patch'] / 1e9:.3f} GFLOP (fastemp.model.flops_per_patch)",
@@ -196,25 +191,20 @@ def markdown(result: dict) -> str:
         f"- median over {settings['timed_steps']} timed steps after {settings['warmup_steps']} warm-up steps; the "
         "first step (compilation) apart",
         "",
-        table(
-            ok,
-            "n_patches batch_size backend compile precision grad_chunks_used images_per_s patches_per_s "
-            "achieved_tflops mfu mfu_datasheet gib compile_seconds speedup_vs_baseline",
-            "n|B|backend|compile|precision|chunks|images/s|patches/s|TFLOP/s|MFU (measured peak)|MFU (datasheet)|"
-            f"peak mem GiB{rss}|first-step extra s|x baseline",
-        ),
+        markdown_table(f"{POINT_HEADERS}|MFU (datasheet)|first-step extra s".split("|"), rows),
     ]
-    in_ms = lambda p: {k: v * 1e3 for k, v in p["split"].items() if isinstance(v, float)}  # noqa: E731
-    split = [{**p, **in_ms(p), "step": p["step_seconds_median"] * 1e3} for p in ok if p["split"]]
+    split = [p for p in ok if p["split"]]
     if split:
         lines += ["", f"## Step split (ms, medians, {split[0]['split']['clock']})", ""]
-        keys = "n_patches batch_size backend compile data forward_backward loss optimizer total step"
+        keys = "n_patches batch_size resolved.backend resolved.compile split.data:ms split.forward_backward:ms"
+        keys += " split.loss:ms split.optimizer:ms split.total:ms step_seconds_median:ms"
         lines.append(table(split, keys, "n|B|backend|compile|data|fwd+bwd|loss|optimizer|sum|end-to-end step"))
-    scaled = [p for p in ok if p.get("world_size")]
+    scaled = [
+        p | {"ranks": ", ".join(f"{x:.3g}" for x in p["per_rank_images_per_s"])} for p in ok if p.get("world_size")
+    ]
     if scaled:
-        for p in scaled:
-            p.update(ranks=", ".join(f"{x:.3g}" for x in p["per_rank_images_per_s"]), eff=pct(p["scaling_efficiency"]))
-        keys = "n_patches batch_size world_size single_process_images_per_s ranks total_images_per_s eff"
+        keys = "n_patches batch_size world_size single_process_images_per_s ranks total_images_per_s"
+        keys += " scaling_efficiency:%"
         headers = "n|B (global)|processes|1-process images/s|per-rank images/s|total images/s|scaling efficiency"
         lines += ["", "## Scaling under torchrun (1 process = rank 0 alone, same global batch)", ""]
         lines.append(table(scaled, keys, headers))
@@ -222,10 +212,9 @@ def markdown(result: dict) -> str:
     lines += ["", "## Points without numbers", ""] if failed else []
     lines += [f"- {', '.join(f'{k}={p[k]}' for k in AXES)}: {p['status']} ({p['reason']})" for p in failed]
     if result["baselines"]:
-        rows = [{**b, "wait": pct(b.get("data_wait_fraction"))} for b in result["baselines"]]
         lines += ["", "## Reference-style baseline (same run)", "", result["baseline_description"], ""]
-        keys = "n_patches batch_size status images_per_s patches_per_s workers wait"
-        lines.append(table(rows, keys, "n|B|status|images/s|patches/s|workers|data wait"))
+        keys = "n_patches batch_size status images_per_s patches_per_s workers data_wait_fraction:%"
+        lines.append(table(result["baselines"], keys, "n|B|status|images/s|patches/s|workers|data wait"))
     if result["targets"]:
         lines += ["", targets_markdown(result["targets"])]
     return harness.page(result, "Throughput", *lines)

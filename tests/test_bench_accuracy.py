@@ -182,4 +182,4 @@ def test_short_of_the_target_every_milestone_is_reported(tmp_path):
     assert not result["reached"] and result["train_seconds"] is None and [e["step"] for e in result["evals"]] == [2, 3]
     assert result["best_linear_top1"] == max(e["linear_top1"] for e in result["evals"])
     assert [m["top1"] for m in result["milestones"]] == [0.05, 0.98, 0.99] and result["milestones"][2]["step"] is None
-    assert "did NOT reach 99%" in (tmp_path / "time_to_accuracy.md").read_text()
+    assert "training seconds to 99%: **not reached (best " in (tmp_path / "time_to_accuracy.md").read_text()
