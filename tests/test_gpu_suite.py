@@ -55,8 +55,12 @@ def dry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dry")
     for name in ("lease_in", "accuracy_in"):
         (tmp / name).mkdir()
+    # the seeds' history: the lease's own (where it would look) and none, never an earlier local dry run's
+    # benchmarks/results/cpu-dry-run/accuracy.json
     lease_env = {**stand_in(tmp / "lease_in"), "LEASE_STATE": str(tmp / "state")}
+    lease_env["ACCURACY_HISTORY"] = str(tmp / "state" / "accuracy.json")
     accuracy_env = {**stand_in(tmp / "accuracy_in"), "STAND_IN_MODE": "fail", "ACCURACY_SEEDS": "1,2"}
+    accuracy_env["ACCURACY_HISTORY"] = str(tmp / "no-history.json")
     (tmp / "accuracy" / "details").mkdir(parents=True)
     for name in ("smoke", "throughput_n20", "throughput_n200", "time_to_85_n20", "kernels"):  # earlier parts' results
         (tmp / "accuracy" / "details" / f"{name}.json").write_text("{}")
