@@ -18,10 +18,10 @@ from fastemp.errors import UserError
 from . import harness, tune
 
 
-def _checked(kind, low: float, what: str, high: float | None = None, many: bool = False):
+def _checked(kind, low, what: str, high: float | None = None, many: bool = False):
     def parse(text: str):
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()] if many else [kind(text)]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()] if many else [kind(text)]
         except ValueError:
             values = []
         if not values or not all(low <= v <= (v if high is None else high) for v in values):
@@ -38,19 +38,15 @@ CHUNKS = _checked(int, 0, "comma-separated whole numbers >= 0 such as 0,10", man
 FRACTION = _checked(float, 1e-9, "a linear top-1 in (0, 1] such as 0.85", 1.0)
 FRACTIONS = _checked(float, 1e-9, "comma-separated accuracies in (0, 1] such as 0.7,0.8", 1.0, many=True)
 POSITIVE = _checked(float, 1e-9, "a number > 0")
-
-
-def names(text: str) -> list[str] | None:
-    """'torch, dali' -> ['torch', 'dali']; '' -> None (the config's value)."""
-    return [name.strip() for name in text.split(",") if name.strip()] or None
+NAMES = _checked(str, "", "comma-separated names", many=True)
 
 
 # The sweep of `bench throughput` and `fastemp tune` (tune's own defaults: its description, tune.py's docstring).
 SWEEP = (
     ("--n", INTS, None, "n_patches values, comma-separated (default: the config's)"),
     ("--batch", INTS, None, "batch sizes (default: the config's; tune: B and 2B)"),
-    ("--backend", names, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
-    ("--compile", names, None, "compile modes (none, default, max-autotune, ...)"),
+    ("--backend", NAMES, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
+    ("--compile", NAMES, None, "compile modes (none, default, max-autotune, ...)"),
     ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
     ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
     ("--steps", AT_LEAST_1, 20, "timed steps per point (median; default 20)"),
@@ -166,7 +162,7 @@ def register_cli(subparsers) -> None:
     _add(
         p,
         ("--device", str, None, "auto | cpu | cuda | cuda:N (default: the configs' train.device)"),
-        ("--rows", names, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
+        ("--rows", NAMES, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
         ("--list-rows", bool, None, "print the rows and what each reproduces, then exit"),
         ("--seeds", str, "3", "a count (seeds 0..N-1), a list, or next:K (K seeds not yet measured) (default 3)"),
         ("--accumulate", bool, None, "add to <out>/<name>.json (seeds already there are not run again)"),
@@ -247,8 +243,8 @@ def register_cli(subparsers) -> None:
     _add(
         p,
         *SWEEP,
-        ("--cudnn-benchmark", names, None, "model.cudnn_benchmark values, e.g. off,on"),
-        ("--patch-compile", names, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
+        ("--cudnn-benchmark", NAMES, None, "model.cudnn_benchmark values, e.g. off,on"),
+        ("--patch-compile", NAMES, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
         ("--memory-budget-gib", POSITIVE, None, "peak-memory budget (default: 90%% of the card)"),
         ("--out", str, "tuned.yaml", "the config to write (default: tuned.yaml; JSON and markdown beside it)"),
     )
