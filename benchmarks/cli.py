@@ -16,6 +16,8 @@ from fastemp.config import load_config
 from fastemp.errors import UserError
 
 from . import harness, tune
+from .accuracy import parse_seeds, run_accuracy, select_rows
+from .accuracy_report import accuracy_markdown, read_result
 
 
 def _checked(kind, low, what: str, high: float | None = None, many: bool = False):
@@ -91,9 +93,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_accuracy(args) -> int:
-    from .accuracy import parse_seeds, run_accuracy, select_rows
-    from .accuracy_report import accuracy_markdown, read_result
-
     if args.list_rows:
         for row in select_rows(None):
             print(f"{row.name}: {row.note}")
