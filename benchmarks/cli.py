@@ -140,9 +140,7 @@ def _output(p, name: str | None, func) -> None:
 
 def register_cli(subparsers) -> None:
     workers = min(16, os.cpu_count() or 1)
-    sub = subparsers.add_parser("bench", help="benchmarks (docs/benchmarks.md)").add_subparsers(
-        dest="bench_command", required=True
-    )
+    sub = subparsers.add_parser("bench", help="benchmarks (docs/benchmarks.md)").add_subparsers(required=True)
     p = sub.add_parser("throughput", help="images/s, MFU, peak memory and the step split over a grid (+ baseline)")
     _config_args(p, "cifar10_n20_1ep")
     _add(
