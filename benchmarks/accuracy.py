@@ -265,9 +265,8 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
 
 
 def run(args, cfg, results: harness.Results) -> dict:
-    """`bench time-to-accuracy` (its page: `markdown`): train cfg evaluating every --eval-every steps until the first
-    evaluation reaches --target (or the end of its schedule, or --max-wall-seconds); the result, written after every
-    evaluation."""
+    """`bench time-to-accuracy`: train cfg evaluating every --eval-every steps until the first evaluation reaches
+    --target (or the end of its schedule, or --max-wall-seconds); the result, written after every evaluation."""
     cfg.eval.at_end, cfg.eval.stop_at = False, args.target
     cfg.eval.every = str(args.eval_every) if args.eval_every else "0.5ep"
 
