@@ -167,10 +167,8 @@ def register_cli(subparsers) -> None:
         ("--cifar10", str, None, "CIFAR-10: the JPEG copy (.tar.gz or folder) or cifar-10-python.tar.gz"),
         ("--cifar100", str, None, "CIFAR-100, likewise (its rows are skipped when there is none)"),
     )
-    variant = 'run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 "model.precision=fp32"'
-    p.add_argument(
-        "--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"), help=variant + " (repeatable)"
-    )
+    text = 'rerun every row with these overrides as ROW+LABEL (repeatable), e.g. --variant fp32 "model.precision=fp32"'
+    p.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"), help=text)
     _output(p, "accuracy", cmd_accuracy)
 
     p = sub.add_parser("time-to-accuracy", help="training seconds until the linear probe reaches --target")
