@@ -18,6 +18,7 @@ from fastemp.errors import UserError
 
 from . import harness
 from .accuracy_report import comparison, summarise_rows, tta_summary
+from .accuracy_report import tta_markdown as markdown  # noqa: F401 (time-to-accuracy's page, for cli.command)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,9 +264,9 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
     return result(final=True)
 
 
-def run_time_to_accuracy(cfg, args, results: harness.Results) -> dict:
-    """Train cfg evaluating every --eval-every steps until the first evaluation reaches --target (or the end of
-    its schedule, or --max-wall-seconds); the result, written after every evaluation."""
+def run(args, cfg, results: harness.Results) -> dict:
+    """`bench time-to-accuracy`: train cfg evaluating every --eval-every steps until the first evaluation reaches
+    --target (or the end of its schedule, or --max-wall-seconds); the result, written after every evaluation."""
     cfg.eval.at_end, cfg.eval.stop_at = False, args.target
     cfg.eval.every = str(args.eval_every) if args.eval_every else "0.5ep"
 

@@ -15,13 +15,15 @@ import torch
 from fastemp.config import load_config
 from fastemp.errors import UserError
 
-from . import harness
+from . import harness, tune
+from .accuracy import parse_seeds, run_accuracy, select_rows
+from .accuracy_report import accuracy_markdown, read_result
 
 
-def _checked(kind, low: float, what: str, high: float | None = None, many: bool = False):
+def _checked(kind, low, what: str, high: float | None = None, many: bool = False):
     def parse(text: str):
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()] if many else [kind(text)]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()] if many else [kind(text)]
         except ValueError:
             values = []
         if not values or not all(low <= v <= (v if high is None else high) for v in values):
@@ -37,16 +39,26 @@ INTS = _checked(int, 1, "comma-separated whole numbers >= 1 such as 20,200", man
 CHUNKS = _checked(int, 0, "comma-separated whole numbers >= 0 such as 0,10", many=True)
 FRACTION = _checked(float, 1e-9, "a linear top-1 in (0, 1] such as 0.85", 1.0)
 FRACTIONS = _checked(float, 1e-9, "comma-separated accuracies in (0, 1] such as 0.7,0.8", 1.0, many=True)
-SECONDS = _checked(float, 1e-9, "a number > 0")
+POSITIVE = _checked(float, 1e-9, "a number > 0")
+NAMES = _checked(str, "", "comma-separated names", many=True)
 
 
-def names(text: str) -> list[str] | None:
-    """'torch, dali' -> ['torch', 'dali']; '' -> None (the config's value)."""
-    return [name.strip() for name in text.split(",") if name.strip()] or None
+# The sweep of `bench throughput` and `fastemp tune` (tune's own defaults: its description, tune.py's docstring).
+SWEEP = (
+    ("--n", INTS, None, "n_patches values, comma-separated (default: the config's)"),
+    ("--batch", INTS, None, "batch sizes (default: the config's; tune: B and 2B)"),
+    ("--backend", NAMES, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
+    ("--compile", NAMES, None, "compile modes (none, default, max-autotune, ...)"),
+    ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
+    ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
+    ("--steps", AT_LEAST_1, 20, "timed steps per point (median; default 20)"),
+)
 
 
-def config_of(args):
-    return load_config(args.config, [*args.overrides, *([f"train.device={args.device}"] if args.device else [])])
+def overrides_of(args) -> list[str]:
+    """The command line's overrides, then --device; time-to-accuracy's --protocol first (explicit eval keys win)."""
+    protocol = [f"eval.protocol={args.protocol}"] if "protocol" in args else []
+    return [*protocol, *args.overrides, *([f"train.device={args.device}"] if args.device else [])]
 
 
 def results_for(args, benchmark: str, markdown, device: str, suffixes=(".json", ".md")) -> harness.Results:
@@ -64,7 +76,7 @@ def command(module: str, name: str, *rows: str):
 
     def run(args) -> int:
         benchmark = importlib.import_module(f"{__package__}.{module}")
-        cfg = config_of(args) if "config" in args else None
+        cfg = load_config(args.config, overrides_of(args)) if "config" in args else None
         device = cfg.train.device if cfg else args.device
         result = benchmark.run(args, cfg, results_for(args, name, benchmark.markdown, device))
         return int(any(r["status"] == "error" for key in rows for r in result[key]))
@@ -73,9 +85,7 @@ def command(module: str, name: str, *rows: str):
 
 
 def cmd_tune(args) -> int:
-    from . import tune
-
-    base, target = config_of(args), Path(args.out)
+    base, target = load_config(args.config, overrides_of(args)), Path(args.out)
     suffix = target.suffix or ".yaml"
     args.out, args.name = str(target.parent), target.stem
     results = results_for(args, "tune", tune.markdown, base.train.device, (suffix, ".json", ".md"))
@@ -83,15 +93,12 @@ def cmd_tune(args) -> int:
 
 
 def cmd_accuracy(args) -> int:
-    from .accuracy import parse_seeds, run_accuracy, select_rows
-    from .accuracy_report import accuracy_markdown, read_result
-
     if args.list_rows:
         for row in select_rows(None):
             print(f"{row.name}: {row.note}")
         return 0
     rows, seeds = select_rows(args.rows, args.variant or ()), parse_seeds(args.seeds)
-    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    overrides = overrides_of(args)
     device = load_config("quickstart", overrides).train.device
     args.force = args.force or args.accumulate
     results = results_for(args, "accuracy", accuracy_markdown, device)
@@ -101,16 +108,6 @@ def cmd_accuracy(args) -> int:
     paths = {"cifar10": args.cifar10, "cifar100": args.cifar100}
     result = run_accuracy(rows, seeds, overrides, paths, args.budget, results, previous)
     return int(any(r["status"] == "error" for r in result["rows"]))
-
-
-def cmd_time_to_accuracy(args) -> int:
-    from .accuracy import run_time_to_accuracy
-    from .accuracy_report import tta_markdown
-
-    args.overrides = [f"eval.protocol={args.protocol}", *args.overrides]  # explicit eval keys still win
-    cfg = config_of(args)
-    run_time_to_accuracy(cfg, args, results_for(args, "time_to_accuracy", tta_markdown, cfg.train.device))
-    return 0
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -131,31 +128,24 @@ def _add(p, *specs) -> None:
             p.add_argument(flag, type=kind, default=default, help=text)
 
 
-def _output(p, name: str, func) -> None:
-    """The result-file options every benchmark shares, and the command that runs it."""
+def _output(p, name: str | None, func) -> None:
+    """The result-file options every benchmark shares (tune, no name: its --out is a file), and the command to run."""
     p.set_defaults(func=func)
     _add(p, ("--threads", AT_LEAST_1, None, "torch CPU threads (e.g. 1 on a busy shared machine)"))
-    _add(p, ("--out", str, None, "output folder (default: benchmarks/results/<device>)"))
-    _add(p, ("--name", str, name, f"file name stem (default: {name})"))
+    if name:
+        _add(p, ("--out", str, None, "output folder (default: benchmarks/results/<device>)"))
+        _add(p, ("--name", str, name, f"file name stem (default: {name})"))
     _add(p, ("--force", bool, None, "replace existing result files (default: write <name>-2, -3, ... beside them)"))
 
 
 def register_cli(subparsers) -> None:
     workers = min(16, os.cpu_count() or 1)
-    sub = subparsers.add_parser("bench", help="benchmarks (docs/benchmarks.md)").add_subparsers(
-        dest="bench_command", required=True
-    )
+    sub = subparsers.add_parser("bench", help="benchmarks (docs/benchmarks.md)").add_subparsers(required=True)
     p = sub.add_parser("throughput", help="images/s, MFU, peak memory and the step split over a grid (+ baseline)")
     _config_args(p, "cifar10_n20_1ep")
     _add(
         p,
-        ("--n", INTS, None, "n_patches values, comma-separated (default: the config's)"),
-        ("--batch", INTS, None, "batch sizes (default: the config's)"),
-        ("--backend", names, None, "patch backends: torch for resident images, pillow/dali for streamed ones"),
-        ("--compile", names, None, "compile modes (none, default, max-autotune, ...)"),
-        ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (0: from free memory)"),
-        ("--warmup", COUNT, 3, "untimed steps after the first (compilation) step"),
-        ("--steps", AT_LEAST_1, 20, "timed steps (median; default 20)"),
+        *SWEEP,
         ("--split-steps", COUNT, 20, "instrumented steps of the step split (0: none)"),
         ("--baseline", bool, None, "also measure the reference-style baseline"),
         ("--baseline-workers", COUNT, workers, "DataLoader workers of the baseline (default: min(16, cores))"),
@@ -169,18 +159,16 @@ def register_cli(subparsers) -> None:
     _add(
         p,
         ("--device", str, None, "auto | cpu | cuda | cuda:N (default: the configs' train.device)"),
-        ("--rows", names, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
+        ("--rows", NAMES, None, "comma-separated row names (default: all; ROW@E: one evaluated epoch)"),
         ("--list-rows", bool, None, "print the rows and what each reproduces, then exit"),
         ("--seeds", str, "3", "a count (seeds 0..N-1), a list, or next:K (K seeds not yet measured) (default 3)"),
         ("--accumulate", bool, None, "add to <out>/<name>.json (seeds already there are not run again)"),
-        ("--budget", SECONDS, None, "wall seconds: seeds predicted (from warm steps) to end past it are skipped"),
+        ("--budget", POSITIVE, None, "wall seconds: seeds predicted (from warm steps) to end past it are skipped"),
         ("--cifar10", str, None, "CIFAR-10: the JPEG copy (.tar.gz or folder) or cifar-10-python.tar.gz"),
         ("--cifar100", str, None, "CIFAR-100, likewise (its rows are skipped when there is none)"),
     )
-    variant = 'run every row again with these overrides as ROW+LABEL, e.g. --variant fp32 "model.precision=fp32"'
-    p.add_argument(
-        "--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"), help=variant + " (repeatable)"
-    )
+    text = 'rerun every row with these overrides as ROW+LABEL (repeatable), e.g. --variant fp32 "model.precision=fp32"'
+    p.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"), help=text)
     _output(p, "accuracy", cmd_accuracy)
 
     p = sub.add_parser("time-to-accuracy", help="training seconds until the linear probe reaches --target")
@@ -189,11 +177,11 @@ def register_cli(subparsers) -> None:
         p,
         ("--target", FRACTION, 0.85, "linear-probe top-1 to reach (default 0.85)"),
         ("--eval-every", AT_LEAST_1, None, "training steps between evaluations (default: half an epoch)"),
-        ("--max-wall-seconds", SECONDS, None, "stop before the next evaluation interval would end past this"),
+        ("--max-wall-seconds", POSITIVE, None, "stop before the next evaluation interval would end past this"),
         ("--milestones", FRACTIONS, [], "lower accuracies whose first times are reported too, e.g. 0.7,0.75,0.8"),
     )
     p.add_argument("--protocol", choices=("official", "cheap"), default="official", help="evaluation protocol")
-    _output(p, "time_to_accuracy", cmd_time_to_accuracy)
+    _output(p, "time_to_accuracy", command("accuracy", "time_to_accuracy"))
 
     p = sub.add_parser("kernels", help="cosine-to-mean, TCR, the patch recipe and LARS, each beside its reference")
     _add(
@@ -245,22 +233,14 @@ def register_cli(subparsers) -> None:
     report_arguments(sub.add_parser("report", help="regenerate the README performance table from benchmarks/results"))
     peer_arguments(sub.add_parser("official-peer", help="the official code on this GPU and data, scored by fastemp"))
 
-    p = subparsers.add_parser("tune", help="the fastest settings for this card, written as a config")
+    p = subparsers.add_parser("tune", help="the fastest settings for this card, as a config", description=tune.__doc__)
     _config_args(p, "cifar10_n20_1ep")
     _add(
         p,
-        ("--batch", INTS, None, "batch sizes (default: the config's B and 2B; B changes the method too)"),
-        ("--n", INTS, None, "n_patches to try (opt-in; default: the config's only)"),
-        ("--backend", names, None, "patch backends (default: those the data allows: torch, or pillow and dali)"),
-        ("--compile", names, None, "compile modes (CUDA default: default,max-autotune-no-cudagraphs,reduce-overhead)"),
-        ("--cudnn-benchmark", names, None, "model.cudnn_benchmark values (default: off,on on CUDA)"),
-        ("--patch-compile", names, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
-        ("--grad-chunks", CHUNKS, None, "gradient-cache chunks (default: the config's; more when over budget)"),
-        ("--memory-budget-gib", SECONDS, None, "peak-memory budget (default: 90%% of the card)"),
-        ("--warmup", COUNT, 3, "untimed steps after the first"),
-        ("--steps", AT_LEAST_1, 20, "timed steps per point"),
-        ("--threads", AT_LEAST_1, None, "torch CPU threads"),
+        *SWEEP,
+        ("--cudnn-benchmark", NAMES, None, "model.cudnn_benchmark values, e.g. off,on"),
+        ("--patch-compile", NAMES, None, "data.patch_compile values, e.g. off,on (default: the config's)"),
+        ("--memory-budget-gib", POSITIVE, None, "peak-memory budget (default: 90%% of the card)"),
         ("--out", str, "tuned.yaml", "the config to write (default: tuned.yaml; JSON and markdown beside it)"),
-        ("--force", bool, None, "replace an existing config (default: write tuned-2.yaml, ... beside it)"),
     )
-    p.set_defaults(func=cmd_tune)
+    _output(p, None, cmd_tune)

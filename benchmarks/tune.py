@@ -1,8 +1,10 @@
 """`fastemp tune`: the fastest settings for this card (end-to-end images/s of a throughput point at YOUR n_patches),
-written as a config to train with. n is swept only with --n; the batch size (B and 2B by default) changes the method
-too (TCR and BatchNorm see B images; the learning rate is not rescaled): pass one --batch to keep yours. A point over
-the memory budget (default 90% of the card; none on the CPU) or out of memory is measured again with more
-gradient-cache chunks (the same gradients, less memory) while there are more; one that fails otherwise says so.
+written as a config to train with. By default it tries n as configured (swept only with --n); batch sizes B and 2B
+(B changes the method too: TCR and BatchNorm see B images, the learning rate is not rescaled; pass one --batch to keep
+yours); the backends the data allows (torch, or pillow and dali); on CUDA the compile modes default,
+max-autotune-no-cudagraphs and reduce-overhead, each with cudnn_benchmark off and on. A point over the memory budget
+(default 90% of the card; none on the CPU) or out of memory is measured again with more gradient-cache chunks (the
+same gradients, less memory) while there are more; one that fails otherwise says so.
 """
 
 from __future__ import annotations

@@ -169,7 +169,9 @@ def tta(tmp_path, *argv: str) -> dict:
 
 
 def test_time_to_accuracy_is_the_first_evaluation_reaching_the_target(tmp_path):
-    result = tta(tmp_path, "train.epochs=2", "--target", "0.01", "--eval-every", "1", "--milestones", "0.005")
+    argv = ["--target", "0.01", "--eval-every", "1", "--milestones", "0.005", "--protocol", "cheap"]
+    result = tta(tmp_path, "train.epochs=2", *argv)
+    assert result["config"]["eval"]["patches"] == 16 and result["protocol"]["probe_epochs"] == 1  # explicit keys win
     assert result["reached"] and len(result["evals"]) == 1  # training stopped at the first evaluation (eval.stop_at)
     assert result["steps"] == 1 and result["images_seen"] == 20 and result["epochs"] == pytest.approx(1 / 3)
     assert result["train_seconds"] == result["evals"][0]["train_seconds_excl_first_step"] == 0
@@ -179,6 +181,7 @@ def test_time_to_accuracy_is_the_first_evaluation_reaching_the_target(tmp_path):
 
 def test_short_of_the_target_every_milestone_is_reported(tmp_path):
     result = tta(tmp_path, "train.epochs=1", "--target", "0.99", "--milestones", "0.05,0.98", "--eval-every", "2")
+    assert result["config"]["eval"]["patches"] == 128 and result["protocol"]["probe_epochs"] == 1  # official, then ours
     assert not result["reached"] and result["train_seconds"] is None and [e["step"] for e in result["evals"]] == [2, 3]
     assert result["best_linear_top1"] == max(e["linear_top1"] for e in result["evals"])
     assert [m["top1"] for m in result["milestones"]] == [0.05, 0.98, 0.99] and result["milestones"][2]["step"] is None

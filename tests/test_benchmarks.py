@@ -13,7 +13,7 @@ from tiny_run import BENCH_CPU, BENCH_TINY
 
 from fastemp.benchmarks import harness
 from fastemp.benchmarks.baseline import PerPatchDataset, baseline_loss_terms, loop_tcr
-from fastemp.benchmarks.cli import names
+from fastemp.benchmarks.cli import NAMES
 from fastemp.benchmarks.profile import category
 from fastemp.benchmarks.report import END, START, _short_data, render_tables, update_readme
 from fastemp.benchmarks.throughput import PHASES, points, targets
@@ -52,7 +52,7 @@ def strict_json(path: Path) -> dict:
 
 def test_harness_grid_points_and_result_names(tmp_path, capsys):
     assert harness.grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
-    assert names(" torch, dali") == ["torch", "dali"] and names("") is None  # a comma-separated option
+    assert NAMES(" torch, dali") == ["torch", "dali"]  # a comma-separated option
     assert len(time_calls(lambda: None, torch.device("cpu"), 2, 5)) == 5  # the library's clock, 5 calls
     cfg = load_config("quickstart")
     grid = points(cfg, {"n_patches": [2, 4], "backend": ["torch"]})
@@ -231,6 +231,7 @@ def test_profile_categories_name_the_kind_of_work():
     [
         (["bench", "throughput", "--steps", "0"], "--steps: expected a whole number >= 1, got '0'"),
         (["bench", "throughput", "--n", "20,x"], "--n: expected comma-separated whole numbers"),
+        (["tune", "--backend", " , "], "--backend: expected comma-separated names, got ' , '"),
         (["bench", "kernels", "--iters", "-1"], "--iters: expected a whole number >= 1"),
         (["bench", "time-to-accuracy", "--target", "1.5"], "--target: expected a linear top-1 in (0, 1]"),
         (["bench", "accuracy", "--seeds", "x"], "--seeds must be a count >= 1"),
