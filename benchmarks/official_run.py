@@ -33,37 +33,30 @@ def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
     """The official run's timings from its stamped progress and epoch-end lines. Per epoch the loop starts at tqdm's
     first line (0 steps: printed before the first batch is asked for); the steady window runs from the first line
     with steps done to the last line seen, so worker start-up and the first step stay out of it."""
-    epochs = []
+    epochs, bars = [], []  # per epoch: what main.py printed at its end; its progress lines as (time, steps done)
     for t, line in stamped:
         progress, end = PROGRESS.match(line), EPOCH_END.search(line)  # an end may be glued to tqdm's text
         if progress:
             steps = int(progress.group(1))
-            if not epochs or epochs[-1]["done"] or steps < epochs[-1]["steps"]:
-                epochs.append({"epoch": len(epochs), "done": False, "start": t, "first": None})
-            if steps > 0 and epochs[-1]["first"] is None:
-                epochs[-1]["first"] = (t, steps)
-            epochs[-1].update(last=t, steps=steps)
+            if not epochs or epochs[-1]["done"] or steps < bars[-1][-1][1]:
+                epochs.append({"epoch": len(epochs), "done": False})
+                bars.append([])
+            bars[-1].append((t, steps))
         if end and epochs:
             numbers = dict(zip(("loss_similarity", "loss_tcr", "lr_after"), map(float, end.groups()[1:])))
-            epochs[-1].update(done=True, checkpoint_epoch=int(end.group(1)), **numbers)
-    out = {"startup_seconds": epochs[0]["start"] - launched if epochs else None, "epochs": list(map(_epoch, epochs))}
-    done = [e for e in out["epochs"] if e["done"]]
-    headline = (done or out["epochs"] or [{}])[-1]  # the last epoch that ended, else the one running
-    out.update(epochs_trained=len(done), images_per_s=headline.get("images_per_s"))
-    return out | {"images_per_s_whole_loop": headline.get("images_per_s_whole_loop")}
-
-
-def _epoch(epoch: dict) -> dict:
-    start, first, last, steps = epoch["start"], epoch["first"], epoch["last"], epoch["steps"]
-    epoch = {k: v for k, v in epoch.items() if k not in ("start", "first", "last")}
-    epoch.update(
-        loop_seconds=last - start, images_per_s_whole_loop=steps * BATCH / (last - start) if last > start else None
-    )
-    steady = first is not None and steps > first[1] and last > first[0]
-    epoch.update(steady_steps=steps - first[1] if steady else 0, steady_seconds=last - first[0] if steady else None)
-    epoch["images_per_s"] = (steps - first[1]) * BATCH / (last - first[0]) if steady else None
-    epoch["first_steps_seconds"] = first[0] - start if steady else None
-    return epoch
+            epochs[-1].update(done=True, **numbers)
+    for epoch, bar in zip(epochs, bars):
+        (start, _), (last, steps) = bar[0], bar[-1]
+        first, before = next((line for line in bar if line[1] > 0), bar[-1])  # the first line with steps done
+        steady = steps > before and last > first
+        whole_loop = steps * BATCH / (last - start) if last > start else None
+        epoch.update(steps=steps, loop_seconds=last - start, images_per_s_whole_loop=whole_loop)
+        epoch.update(steady_steps=steps - before if steady else 0, steady_seconds=last - first if steady else None)
+        epoch["images_per_s"] = (steps - before) * BATCH / (last - first) if steady else None
+    done = [e for e in epochs if e["done"]]
+    headline = (done or epochs or [{}])[-1]  # the last epoch that ended, else the one running
+    out = {"startup_seconds": bars[0][0][0] - launched if bars else None, "epochs": epochs, "epochs_trained": len(done)}
+    return out | {key: headline.get(key) for key in ("images_per_s", "images_per_s_whole_loop")}
 
 
 def split_output(rest: str, rest_time: float, chunk: str, now: float) -> tuple[list[tuple[float, str]], str, float]:
