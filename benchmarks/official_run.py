@@ -87,7 +87,7 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
             if progress or end:
                 stamped.append((t, line))
             if not progress:
-                tail[:] = (tail + [line])[-20:]
+                tail[:] = [*tail[-4:], line]
             if end:
                 on_progress(timings(stamped, launched))
                 status = "ok" if status == "running" and int(end.group(1)) + 1 >= epochs else status
@@ -104,33 +104,30 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
             return bool(chunk)
 
         popen = dict(cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        child = subprocess.Popen(command, **popen)
-        try:
-            while status == "running" and read(1.0):
-                now = time.perf_counter()
-                status = "timeout" if status == "running" and deadline and now > deadline else status
-                if now - reported > 30:
-                    on_progress(timings(stamped, launched))
-                    reported = now
-        finally:  # stop it: its DataLoader workers notice their parent is gone and exit
-            if child.poll() is None:
+        with subprocess.Popen(command, **popen) as child:  # its exit closes the pipe and reaps the process
+            try:
+                while status == "running" and read(1.0):
+                    now = time.perf_counter()
+                    status = "timeout" if status == "running" and deadline and now > deadline else status
+                    if now - reported > 30:
+                        on_progress(timings(stamped, launched))
+                        reported = now
+            finally:  # stop it (a no-op once it has exited): its DataLoader workers notice their parent is gone
                 child.terminate()
                 try:
                     child.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     child.kill()
-                    child.wait()
-            drained = time.perf_counter() + 10  # what arrives while it stops (tqdm's unfinished last line)
-            while time.perf_counter() < drained and read(1.0):
-                pass
-            if rest.strip():
-                take(rest_time, rest)
-            child.stdout.close()
-            on_progress(timings(stamped, launched))  # also when a time limit or a signal ends it here
+                drained = time.perf_counter() + 10  # what arrives while it stops (tqdm's unfinished last line)
+                while time.perf_counter() < drained and read(1.0):
+                    pass
+                if rest.strip():
+                    take(rest_time, rest)
+                on_progress(timings(stamped, launched))  # also when a time limit or a signal ends it here
     report = timings(stamped, launched)
     if status == "running":  # the output ended: the run finished or failed
         status = "ok" if child.returncode == 0 and report["epochs"] and report["epochs"][-1]["done"] else "error"
-    report.update(status=status, exit_code=child.returncode, output_tail=tail[-5:])
+    report.update(status=status, exit_code=child.returncode, output_tail=tail)
     return {**report, "wall_seconds": time.perf_counter() - launched}
 
 
