@@ -149,19 +149,16 @@ def write_cifar_batches(train, test, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
     def rows(images) -> np.ndarray:  # (N, 32, 32, 3) uint8 -> CIFAR's (N, 3072): the R, G, B planes, row-major
-        images = images.cpu().numpy()
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1))
+        return images.permute(0, 3, 1, 2).reshape(len(images), -1).cpu().numpy()
 
-    x, y, contents = rows(train.images), train.labels.cpu().tolist(), {}
+    def dump(name: str, **contents) -> None:
+        (folder / name).write_bytes(pickle.dumps(contents, protocol=2))
+
+    x, y = rows(train.images), train.labels.cpu().tolist()
     for i, idx in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
-        contents[f"data_batch_{i}"] = {"batch_label": f"training batch {i} of 5", "data": x[idx]}
-        contents[f"data_batch_{i}"]["labels"] = [y[j] for j in idx]
-    contents["test_batch"] = {"batch_label": "testing batch 1 of 1", "data": rows(test.images)}
-    contents["test_batch"]["labels"] = test.labels.cpu().tolist()
-    contents["batches.meta"] = {"label_names": list(train.classes), "num_vis": 3072}
-    contents["batches.meta"]["num_cases_per_batch"] = -(-len(y) // 5)
-    for name, value in contents.items():
-        (folder / name).write_bytes(pickle.dumps(value, protocol=2))
+        dump(f"data_batch_{i}", batch_label=f"training batch {i} of 5", data=x[idx], labels=[y[j] for j in idx])
+    dump("test_batch", batch_label="testing batch 1 of 1", data=rows(test.images), labels=test.labels.cpu().tolist())
+    dump("batches.meta", label_names=list(train.classes), num_vis=3072, num_cases_per_batch=-(-len(y) // 5))
 
 
 def prepare_data(args, cfg, work: Path):
