@@ -62,12 +62,10 @@ def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
 def split_output(rest: str, rest_time: float, chunk: str, now: float) -> tuple[list[tuple[float, str]], str, float]:
     """Complete lines of a stream chunk, each stamped when its text arrived, and the unfinished rest. tqdm starts a
     line with \\r and ends it only with its next write, so text carried over keeps the time it arrived."""
-    parts = re.split(r"[\r\n]", rest + chunk)
-    if len(parts) == 1:
-        return [], parts[0], now if chunk else rest_time
+    *lines, rest = re.split(r"[\r\n]", rest + chunk)
     first = now if chunk[:1] not in ("\r", "\n") else rest_time  # did this chunk add text to the pending line?
-    stamped = [(first, parts[0])] + [(now, part) for part in parts[1:-1]]
-    return [(t, part) for t, part in stamped if part.strip()], parts[-1], now
+    stamped = [(first if i == 0 else now, line) for i, line in enumerate(lines) if line.strip()]
+    return stamped, rest, now if chunk else rest_time
 
 
 def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float | None, log: Path, on_progress) -> dict:
