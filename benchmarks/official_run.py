@@ -72,7 +72,7 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
     """Run the official training until `epochs` epochs have ended (then stop it), it exits, or the time limit;
     on_progress(report) at every epoch end, every 30 s and at the end. Every line goes to `log` as it arrives."""
     launched = time.perf_counter()
-    stamped, tail, status, rest, rest_time = [], [], "running", "", launched  # rest: the unfinished line
+    stamped, status, rest, rest_time = [], "running", "", launched  # rest: the unfinished line
     deadline, reported = launched + time_limit if time_limit else None, launched
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w", buffering=1) as out:  # line by line: a kill keeps every line that arrived
@@ -81,11 +81,8 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
             """Log the line, keep it for the timings; an epoch's end is reported (and may end the run)."""
             nonlocal status
             out.write(f"{t - launched:10.3f} {line}\n")
-            progress, end = PROGRESS.match(line), EPOCH_END.search(line)
-            if progress or end:
-                stamped.append((t, line))
-            if not progress:
-                tail[:] = [*tail[-4:], line]
+            stamped.append((t, line))
+            end = EPOCH_END.search(line)
             if end:
                 on_progress(timings(stamped, launched))
                 status = "ok" if status == "running" and int(end.group(1)) + 1 >= epochs else status
@@ -125,6 +122,7 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
     report = timings(stamped, launched)
     if status == "running":  # the output ended: the run finished or failed
         status = "ok" if child.returncode == 0 and report["epochs"] and report["epochs"][-1]["done"] else "error"
+    tail = [line for _, line in stamped if not PROGRESS.match(line)][-5:]  # the last lines other than tqdm's
     report.update(status=status, exit_code=child.returncode, output_tail=tail)
     return {**report, "wall_seconds": time.perf_counter() - launched}
 
