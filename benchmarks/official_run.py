@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastemp.data import ImageSet
 from fastemp.errors import UserError
 from fastemp.runtime import resolve_device
 
@@ -129,8 +130,6 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
 
 def subset(images, count: int):
     """`count` evenly spaced images of an ImageSet (every class of a class-sorted folder keeps its share); 0: all."""
-    from fastemp.data import ImageSet
-
     if not count or count >= len(images):
         return images
     index = torch.linspace(0, len(images) - 1, count).round().long().to(images.labels.device)
