@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastemp.data import ImageSet
+from fastemp.data import ImageSet, load_split, load_train_images
 from fastemp.errors import UserError
 from fastemp.runtime import resolve_device
 
-from . import harness
 from .accuracy import data_names
 
 PROGRESS = re.compile(r"^\s*(\d+)it \[")  # tqdm over enumerate(dataloader): "123it [00:05, 24.1it/s]"
@@ -158,9 +157,9 @@ def write_cifar_batches(train, test, folder: Path) -> None:
 
 def prepare_data(args, cfg, work: Path):
     """Both splits through fastemp's loader, laid out for main.py under <work>/data/CIFAR10/: (train, test, info)."""
-    data, device = harness.Data(), resolve_device(cfg.train.device)  # auto: CUDA when present
-    train = subset(data.load(cfg, "train", device), args.train_images)
-    test = subset(data.load(cfg, "test", device), args.test_images)
+    device = resolve_device(cfg.train.device)  # auto: CUDA when present
+    train = subset(load_train_images(cfg.data, device), args.train_images)  # what fastemp trains on
+    test = subset(load_split(cfg.data, "test", device), args.test_images)
     if len(train) < BATCH:
         raise UserError(
             f"{len(train)} training images are fewer than main.py's batch of {BATCH}; use --train-images >= {BATCH}"
