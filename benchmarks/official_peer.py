@@ -113,7 +113,6 @@ def run_peer(args) -> int:
     official = {"repo": REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums}
     official.update(python=args.python, versions=versions, n_patches=args.n, schedule_epochs=args.schedule_epochs)
     official.update(arguments=ARGUMENTS.format(epochs=args.schedule_epochs, n=args.n).split(), seed=args.seed)
-    official["epochs_requested"] = args.epochs
     result = {"status": "RUNNING", "dry_run": bool(args.cpu_dry_run), "time_limit": args.time_limit, "data": {}}
     result.update(eval_seconds_reserved=args.eval_seconds, overrides=args.overrides)
     result["official"] = official
@@ -157,9 +156,8 @@ def run_peer(args) -> int:
 
             (epoch, checkpoint), _ = saved[-1], wall.lap()
             scores = evaluate_weights(checkpoint, "official", cfg, progress=False, train_set=train, test_set=test)
-            evaluation = {**scores, "eval_seconds": wall.lap()}
-            evaluation.update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
-            result["evaluation"] = {**evaluation, "eval_config": dataclasses.asdict(cfg.eval)}
+            result["evaluation"] = {**scores, "eval_seconds": wall.lap(), "eval_config": dataclasses.asdict(cfg.eval)}
+            result["evaluation"].update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
         result["status"] = "PASS" if training["status"] == "ok" else "TIMEOUT"
         if training["status"] != "ok":
             result["error"] = f"training stopped {limit:.0f} s in, keeping {args.eval_seconds:g} s for the evaluation"
