@@ -77,25 +77,24 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w", buffering=1) as out:  # line by line: a kill keeps every line that arrived
 
-        def take(t: float, line: str) -> None:
-            """Log the line, keep it for the timings; an epoch's end is reported (and may end the run)."""
-            nonlocal status
-            out.write(f"{t - launched:10.3f} {line}\n")
-            stamped.append((t, line))
-            end = EPOCH_END.search(line)
-            if end:
-                on_progress(timings(stamped, launched))
-                status = "ok" if status == "running" and int(end.group(1)) + 1 >= epochs else status
+        def feed(chunk: str, now: float) -> None:
+            """Log and keep each line the chunk completes; an epoch's end is reported (and may end the run)."""
+            nonlocal status, rest, rest_time
+            lines, rest, rest_time = split_output(rest, rest_time, chunk, now)
+            for t, line in lines:
+                out.write(f"{t - launched:10.3f} {line}\n")
+                stamped.append((t, line))
+                end = EPOCH_END.search(line)
+                if end:
+                    on_progress(timings(stamped, launched))
+                    status = "ok" if status == "running" and int(end.group(1)) + 1 >= epochs else status
 
         def read(wait: float) -> bool:
             """Take the lines that arrive within `wait` seconds; False once the output has ended."""
-            nonlocal rest, rest_time
             if not select.select([child.stdout], [], [], wait)[0]:
                 return True
             chunk = os.read(child.stdout.fileno(), 65536)
-            done, rest, rest_time = split_output(rest, rest_time, chunk.decode("utf-8", "replace"), time.perf_counter())
-            for item in done:
-                take(*item)
+            feed(chunk.decode("utf-8", "replace"), time.perf_counter())
             return bool(chunk)
 
         popen = dict(cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -116,8 +115,7 @@ def run_official(command: list[str], cwd: Path, epochs: int, time_limit: float |
                 drained = time.perf_counter() + 10  # what arrives while it stops (tqdm's unfinished last line)
                 while time.perf_counter() < drained and read(1.0):
                     pass
-                if rest.strip():
-                    take(rest_time, rest)
+                feed("\n", time.perf_counter())  # the unfinished line, stamped when its text arrived
                 on_progress(timings(stamped, launched))  # also when a time limit or a signal ends it here
     report = timings(stamped, launched)
     if status == "running":  # the output ended: the run finished or failed
