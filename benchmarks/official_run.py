@@ -30,9 +30,9 @@ BATCH = 100  # main.py's --bs default; the README's command keeps it
 
 
 def timings(stamped: list[tuple[float, str]], launched: float) -> dict:
-    """The official run's timings from its stamped progress and epoch-end lines. Per epoch the loop starts at tqdm's
-    first line (0 steps: printed before the first batch is asked for); the steady window runs from the first line
-    with steps done to the last line seen, so worker start-up and the first step stay out of it."""
+    """The official run's timings from tqdm's and the epoch ends' lines among its stamped lines. Per epoch the loop
+    starts at tqdm's first line (0 steps: printed before the first batch is asked for); the steady window runs from
+    the first line with steps done to the last line seen, so worker start-up and the first step stay out of it."""
     epochs, bars = [], []  # per epoch: what main.py printed at its end; its progress lines as (time, steps done)
     for t, line in stamped:
         progress, end = PROGRESS.match(line), EPOCH_END.search(line)  # an end may be glued to tqdm's text
