@@ -25,16 +25,6 @@ import runpy  # noqa: E402
 import signal  # noqa: E402
 
 
-def use_prepared_cifar() -> None:
-    """torchvision's CIFAR10 checks that the prepared batch files exist, not that they have the canonical md5 sums
-    (they differ: it would download the archive)."""
-    from torchvision.datasets import CIFAR10
-
-    CIFAR10.train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    CIFAR10.test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    CIFAR10.meta = {**CIFAR10.meta, "md5": None}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-dir", required=True)
@@ -47,15 +37,19 @@ def main(argv: list[str] | None = None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG: no orphaned run
     if sys.platform.startswith("linux"):  # main.py builds its dataset at module level: its workers must inherit it
         multiprocessing.set_start_method("fork", force=True)
-    official_dir = os.path.abspath(args.official_dir)
-    script = os.path.join(official_dir, "main.py")
-    sys.path.insert(0, official_dir)  # main.py imports its siblings, as `python main.py` would find them
-    use_prepared_cifar()
+    script = os.path.join(args.official_dir, "main.py")  # official_peer.py passes the checkout's absolute path
+    sys.path.insert(0, args.official_dir)  # main.py imports its siblings, as `python main.py` would find them
     import random
 
     import numpy
     import torch
+    from torchvision.datasets import CIFAR10
 
+    # torchvision's CIFAR10 checks that the prepared batch files exist, not that they have the canonical md5 sums
+    # (they differ: it would download the archive)
+    CIFAR10.train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    CIFAR10.test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    CIFAR10.meta = {**CIFAR10.meta, "md5": None}
     if args.seed is not None:  # main.py seeds nothing: without --seed, torch's default seed as in the README
         random.seed(args.seed)
         numpy.random.seed(args.seed)

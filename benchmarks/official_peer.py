@@ -29,6 +29,8 @@ from .report import fmt, table
 NAME, REPO = "official_peer", "tsb0601/EMP-SSL"
 REQUIREMENTS = ("torch", "torchvision", "torchmetrics", "sklearn", "tqdm", "matplotlib", "PIL", "numpy")  # main.py's
 FILES = ("main.py", "model/model.py", "dataset/datasets.py", "dataset/aug.py", "lars.py", "loss.py", "func.py")
+# main.py's arguments: the README's CIFAR-10 command with its patch count and schedule length
+ARGUMENTS = "--data cifar10 --epoch {epochs} --patch_sim 200 --arch resnet18-cifar --num_patches {n} --lr 0.3"
 LAUNCHER = Path(__file__).with_name("official_launcher.py")
 IMPORT_PROBE = """import importlib, json, sys
 missing, versions = [], {}
@@ -42,11 +44,6 @@ print(json.dumps({"missing": missing, "versions": versions}))"""
 
 class Stopped(Exception):
     """--time-limit ran out, or a SIGTERM (a watchdog, `timeout`, a scheduler) arrived."""
-
-
-def official_arguments(n: int, schedule_epochs: int) -> list[str]:
-    """main.py's arguments: the README's CIFAR-10 command with its patch count and schedule length."""
-    return f"--data cifar10 --epoch {schedule_epochs} --patch_sim 200 --arch resnet18-cifar --num_patches {n} --lr 0.3".split()
 
 
 def probe_imports(python: str) -> dict:
@@ -114,10 +111,8 @@ def run_peer(args) -> int:
     check_config(cfg)
     results = harness.Results(NAME, markdown, str(out), NAME, cfg.train.device, force=True)
     official = {"repo": REPO, "dir": str(Path(args.official_dir).resolve()), "files_sha256": sums}
-    official.update(python=args.python, versions=versions, arguments=official_arguments(args.n, args.schedule_epochs))
-    official.update(
-        n_patches=args.n, schedule_epochs=args.schedule_epochs, epochs_requested=args.epochs, seed=args.seed
-    )
+    official.update(python=args.python, versions=versions, n_patches=args.n, schedule_epochs=args.schedule_epochs)
+    official.update(arguments=ARGUMENTS.format(epochs=args.schedule_epochs, n=args.n).split(), seed=args.seed)
     result = {"status": "RUNNING", "dry_run": bool(args.cpu_dry_run), "time_limit": args.time_limit, "data": {}}
     result.update(eval_seconds_reserved=args.eval_seconds, overrides=args.overrides)
     result["official"] = official
@@ -161,9 +156,8 @@ def run_peer(args) -> int:
 
             (epoch, checkpoint), _ = saved[-1], wall.lap()
             scores = evaluate_weights(checkpoint, "official", cfg, progress=False, train_set=train, test_set=test)
-            evaluation = {**scores, "eval_seconds": wall.lap()}
-            evaluation.update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
-            result["evaluation"] = {**evaluation, "eval_config": dataclasses.asdict(cfg.eval)}
+            result["evaluation"] = {**scores, "eval_seconds": wall.lap(), "eval_config": dataclasses.asdict(cfg.eval)}
+            result["evaluation"].update(checkpoint=str(checkpoint), epochs_trained=epoch + 1, config=args.config)
         result["status"] = "PASS" if training["status"] == "ok" else "TIMEOUT"
         if training["status"] != "ok":
             result["error"] = f"training stopped {limit:.0f} s in, keeping {args.eval_seconds:g} s for the evaluation"
