@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from fastemp import runs
 
-from .harness import now_iso
+from .harness import Wall, now_iso
 from .report import device_label, read_result, table
 from .smoke import ITEMS as SMOKE_LIMITS
 from .smoke import lease, write_record
@@ -266,10 +266,10 @@ class Suite:
             limit = float(os.environ.get(f"LIMIT_{part.upper()}") or (240 if self.dry else LIMITS[part]))
             left = float(os.environ.get("SUITE_DEADLINE") or "inf") - time.time() - 25  # 25 s to stop and publish
             limit, runs = min(limit, left), left >= 10
-            start, self.part_end, self.failed = time.monotonic(), time.monotonic() + limit, False
+            wall, self.part_end, self.failed = Wall(), time.monotonic() + limit, False
             say(f"part {part}: " + (f"start (limit {limit:.0f} s)" if runs else "no time left before SUITE_DEADLINE"))
             verdict = self.run_part(part) if runs else "SKIP"
-            seconds = round(time.monotonic() - start)
+            seconds = round(wall.lap())
             log = (self.details / f"{part}.log").read_text().splitlines() if runs else []
             shown = [line for line in log if re.match(r"(smoke|gpu_suite:|step |accuracy |fastemp|wrote )", line)]
             print("\n".join(shown[-40:] + log[-5:] * (verdict == "FAIL")))
