@@ -68,7 +68,7 @@ def _csv(run_dir: Path, cfg: Config, step: int):
         files[name][1].writerow(record)
         files[name][0].flush()
 
-    for record in runs.read_lines(run_dir / "metrics.jsonl"):  # what a resumed run logged before
+    for record in runs.read_lines(run_dir / runs.METRICS):  # what a resumed run logged before
         write(record)
     return write, lambda: [f.close() for f, _ in files.values()]
 
@@ -100,7 +100,7 @@ class Records(contextlib.AbstractContextManager):
         if self.sinks is None:
             names = logger_names(self.cfg.train.loggers)
             self.sinks = [SINKS[name](self.run_dir, self.cfg, record["step"]) for name in names]
-        runs.append_line(self.run_dir / "metrics.jsonl", record)
+        runs.append_line(self.run_dir / runs.METRICS, record)
         for write, _ in self.sinks:
             write(record)
         if bars.lines:

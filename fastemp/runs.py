@@ -16,6 +16,8 @@ import torch
 
 from .errors import UserError
 
+METRICS = "metrics.jsonl"  # a run's records, one JSON line each (fastemp.loggers writes them)
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = ".tmp"):
@@ -54,8 +56,8 @@ def read_lines(path: Path) -> list[dict]:
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop metric lines past `after_step` (a resumed run re-logs the steps it redoes)."""
-    kept = [r for r in read_lines(Path(run_dir) / "metrics.jsonl") if r.get("step", 0) <= after_step]
-    with atomic_path(Path(run_dir) / "metrics.jsonl") as tmp:
+    kept = [r for r in read_lines(Path(run_dir) / METRICS) if r.get("step", 0) <= after_step]
+    with atomic_path(Path(run_dir) / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -131,7 +133,7 @@ def plot_losses(run_dir: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in read_lines(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in read_lines(Path(run_dir) / METRICS) if "loss" in r]
     if not rows:
         return
     steps = [r["step"] for r in rows]

@@ -104,7 +104,7 @@ def _from_checkpoint(run_dir: Path, overrides: Sequence[str], progress: bool, re
     if resuming:
         checkpoint.check_resume(cfg, state, run_dir)
         note = checkpoint.check_layout(cfg, state, runtime.world_size, path)
-        metrics = runs.read_lines(run_dir / "metrics.jsonl")  # corrupt: an error now, not after the run
+        metrics = runs.read_lines(run_dir / runs.METRICS)  # corrupt: an error now, not after the run
     else:
         checkpoint.check_architecture(cfg, state, path)
     # eval writes eval.json: it holds the folder's lock, unless the folder is read-only (then nobody writes it)

@@ -276,7 +276,7 @@ class Trainer:
             self.train_until()
         if self.run_dir:
             self.save_checkpoint()
-        last = self.last_record or [r for r in runs.read_lines(self.run_dir / "metrics.jsonl") if "loss" in r][-1]
+        last = self.last_record or [r for r in runs.read_lines(self.run_dir / runs.METRICS) if "loss" in r][-1]
         summary = {
             "name": cfg.name,
             "steps": self.step,
