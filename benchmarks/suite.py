@@ -265,18 +265,17 @@ class Suite:
         for part in parts:
             limit = float(os.environ.get(f"LIMIT_{part.upper()}") or (240 if self.dry else LIMITS[part]))
             left = float(os.environ.get("SUITE_DEADLINE") or "inf") - time.time() - 25  # 25 s to stop and publish
-            limit, runs = min(limit, left), left >= 10
+            limit, starts = min(limit, left), left >= 10
             wall, self.part_end, self.failed = Wall(), time.monotonic() + limit, False
-            say(f"part {part}: " + (f"start (limit {limit:.0f} s)" if runs else "no time left before SUITE_DEADLINE"))
-            verdict = self.run_part(part) if runs else "SKIP"
+            say(f"part {part}: " + (f"start (limit {limit:.0f} s)" if starts else "no time left before SUITE_DEADLINE"))
+            verdict = self.run_part(part) if starts else "SKIP"
             seconds = round(wall.lap())
-            log = (self.details / f"{part}.log").read_text().splitlines() if runs else []
+            log = (self.details / f"{part}.log").read_text().splitlines() if starts else []
             shown = [line for line in log if re.match(r"(smoke|gpu_suite:|step |accuracy |fastemp|wrote )", line)]
             print("\n".join(shown[-40:] + log[-5:] * (verdict == "FAIL")))
             say(f"part {part}: {verdict} in {seconds} s of {max(0, limit):.0f} s")
             record = {"part": part, "status": verdict, "seconds": seconds, "limit_seconds": round(max(0, limit))}
-            with open(self.details / "parts.jsonl", "a") as f:
-                f.write(json.dumps({**record, "dry_run": self.dry}) + "\n")
+            runs.append_line(self.details / "parts.jsonl", {**record, "dry_run": self.dry})
             failed |= verdict != "PASS"
             self.publish()
         say(f"done: {' '.join(sorted(p.name for p in self.out.iterdir()))}")
