@@ -274,11 +274,10 @@ def to_dict(cfg: Config) -> dict:
 
 def flat_dict(cfg_dict: dict) -> dict:
     """A `to_dict` result as one level of `section.key` entries (top-level values stay as they are)."""
-    return {
-        f"{key}.{k}" if isinstance(value, dict) else key: v
-        for key, value in cfg_dict.items()
-        for k, v in (value.items() if isinstance(value, dict) else [(key, value)])
-    }
+    out = {}
+    for key, value in cfg_dict.items():
+        out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out
 
 
 def _builtin_dir() -> Path:
