@@ -119,8 +119,7 @@ def write_config(result: dict, path: Path) -> int:
 
 def markdown(result: dict) -> str:
     budget, best = result["memory_budget_bytes"], result["best"]
-    rows = [{**r, "gib": r.get("peak_memory_bytes") and r["peak_memory_bytes"] / 2**30} for r in result["points"]]
-    keys = "n_patches batch_size backend compile grad_chunks cudnn_benchmark patch_compile status images_per_s gib"
+    keys = "n_patches batch_size backend compile grad_chunks cudnn_benchmark patch_compile status images_per_s"
     headers = "n|B|backend|compile|chunks|cudnn bench|patch compile|status|images/s|peak GiB|fits|reason"
     return harness.page(
         result,
@@ -129,5 +128,5 @@ def markdown(result: dict) -> str:
         f"- memory budget: {budget / 2**30:.1f} GiB" if budget else "- memory budget: none (CPU)",
         f"- winner: {winner(best) if best else 'none: ' + no_winner(result['points'])}",
         "",
-        table(rows, f"{keys} fits_budget reason", headers),
+        table(result["points"], f"{keys} peak_memory_bytes:GiB fits_budget reason", headers),
     )
