@@ -210,10 +210,10 @@ def run_accuracy(rows, seeds, overrides, paths: dict, budget, results: harness.R
     for row in rows:  # every check (variants included) before any training: one line each (UserError)
         chosen = any(o.startswith("data.source=") for o in (*overrides, *row.overrides))  # e.g. synthetic checks
         where = [] if chosen else data_overrides(dataset_of(row), paths.get(dataset_of(row)))
-        cfg = row_config(row, 0, where, overrides) if where is not None else None
-        if cfg is not None:
+        cfg = row_config(row, 0, where or [], overrides)  # its keys checked also when the row has no data
+        if where is not None:
             data.check(cfg, evaluates=True)
-        plans.append((row, where, config_key(cfg) if cfg else "-"))
+        plans.append((row, where, "-" if where is None else config_key(cfg)))
 
     def result(final: bool = False) -> dict:
         out = {**previous, "schema_version": 2, "budget_seconds": budget, "wall_seconds": elapsed()}

@@ -236,6 +236,8 @@ def test_profile_categories_name_the_kind_of_work():
         (["bench", "time-to-accuracy", "--target", "1.5"], "--target: expected a linear top-1 in (0, 1]"),
         (["bench", "accuracy", "--seeds", "x"], "--seeds must be a count >= 1"),
         (["bench", "accuracy", "--rows", "c10_n21"], "unknown rows c10_n21"),
+        # a row without data (no CIFAR-100 given) still has its variant's keys checked
+        (["bench", "accuracy", "--rows", "c100_n20_official_1ep", "--variant", "v", "train.nope=1"], "'train.nope'"),
         (["bench", "throughput", *BENCH_CPU, "train.n_pathces=2"], "did you mean 'n_patches'"),
         (["bench", "throughput", *BENCH_CPU, "--backend", "dali"], "data.backend=dali reads image files"),
         (["bench", "throughput", *BENCH_CPU, "--batch", "5000"], "exceeds the 2000 training images"),
