@@ -291,14 +291,15 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         sums = sum_across_ranks(torch.stack([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]))
         mean = sums[0] / count
         var = (sums[1] / count - mean * mean).clamp(min=0)  # biased, in float64
-        xhat = (x - mean.to(x.dtype).view(shape)) * (var + self.eps).rsqrt().to(x.dtype).view(shape)
+        # one scale (rstd x weight) for the centred x: autograd keeps x and x - mean, not xhat as well
+        scale = (var + self.eps).rsqrt().to(x.dtype) * self.weight
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.to(x.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_((var * count / max(count - 1, 1)).to(x.dtype), alpha=m)
-        return xhat * self.weight.view(shape) + self.bias.view(shape)
+        return (x - mean.to(x.dtype).view(shape)) * scale.view(shape) + self.bias.view(shape)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
